@@ -1,0 +1,543 @@
+# runtime.s - the guest runtime: boot, descriptor tables, page tables, exceptions, ucall.
+#
+# Assembled after every guest. Entered at _start in 64-bit mode on the firmware's boot page
+# tables (an identity map built by the VMM, testbed/vmm/boot.py). It:
+#   1. detects the memory-encryption technology at run time, as Linux's sme_enable() does:
+#      CPUID 0x8000001F (SEV bit, C-bit position) and the SEV_STATUS MSR - never hard-coded;
+#   2. builds its own GDT (kernel + user segments, TSS), IDT (handlers for vectors 0-31 and a
+#      CPL-3 return gate) and 4 KiB page tables identity-mapping all guest memory, private
+#      (C-bit set) except the ucall page, which stays shared so the host can read it;
+#   3. picks the native hypercall instruction from the CPU vendor (Linux's alternatives);
+#   4. calls guest_main and reports GUEST_DONE when it returns.
+#
+# Host-provided defines: GUEST_MEM_SIZE UCALL_GPA UCALL_PORT RT_GDT RT_IDT RT_TSS RT_DATA
+# RT_PT_BASE KSTACK_TOP TRAPSTACK_TOP ISTSTACK_TOP USTACK_TOP.
+#
+# Keystone notes: comments use '#', ';' separates statements, no numeric local labels, and an
+# absolute memory operand is encoded RIP-relative, so addresses go through a register.
+
+.equ RT_HANDLERS, RT_DATA              # 256 qwords: per-vector exception handlers
+.equ RT_CBIT_MASK, RT_DATA + 0x800     # C-bit mask for PTEs (0 when not SEV)
+.equ RT_SEV_STATUS, RT_DATA + 0x808    # SEV_STATUS MSR as read at boot
+.equ RT_SAVED_KSP, RT_DATA + 0x810     # kernel RSP saved across GUEST_RUN_USER
+.equ RT_VENDOR_AMD, RT_DATA + 0x818    # 1 on AMD/Hygon, 0 on Intel
+.equ RT_USER_RET_VECTOR, 0x81
+
+.equ SEL_KCODE, 0x08
+.equ SEL_KDATA, 0x10
+.equ SEL_UDATA, 0x1b
+.equ SEL_UCODE, 0x23
+.equ SEL_TSS, 0x28
+
+.equ PTE_FLAGS, 0x7                    # present | writable | user
+.equ MSR_AMD64_SEV, 0xC0010131
+
+_start:
+    mov rsp, KSTACK_TOP
+    call rt_detect_sev
+    call rt_setup_gdt
+    call rt_setup_idt
+    call rt_setup_paging
+    call rt_setup_hypercall
+    call guest_main
+    call rt_ucall_done
+
+# --- technology detection -------------------------------------------------------------------
+rt_detect_sev:
+    mov rdi, RT_DATA
+    mov qword ptr [rdi + 0x800], 0
+    mov qword ptr [rdi + 0x808], 0
+    mov eax, 0x80000000
+    cpuid
+    cmp eax, 0x8000001f
+    jb rt_detect_sev_done
+    mov eax, 0x8000001f
+    cpuid
+    bt eax, 1                          # SEV supported by the CPU?
+    jnc rt_detect_sev_done
+    mov r8d, ebx
+    mov ecx, MSR_AMD64_SEV
+    rdmsr
+    mov rdi, RT_DATA
+    mov dword ptr [rdi + 0x808], eax
+    bt eax, 0                          # SEV enabled for this guest?
+    jnc rt_detect_sev_done
+    mov ecx, r8d
+    and ecx, 0x3f                      # C-bit position from CPUID 0x8000001F EBX[5:0]
+    mov rax, 1
+    shl rax, cl
+    mov qword ptr [rdi + 0x800], rax
+rt_detect_sev_done:
+    ret
+
+# --- GDT and TSS ---------------------------------------------------------------------------
+rt_setup_gdt:
+    mov rdi, RT_GDT
+    mov qword ptr [rdi + 0x00], 0
+    movabs rax, 0x00af9b000000ffff     # 0x08 kernel code, 64-bit
+    mov qword ptr [rdi + 0x08], rax
+    movabs rax, 0x00cf93000000ffff     # 0x10 kernel data
+    mov qword ptr [rdi + 0x10], rax
+    movabs rax, 0x00cff3000000ffff     # 0x18 user data (DPL 3)
+    mov qword ptr [rdi + 0x18], rax
+    movabs rax, 0x00affb000000ffff     # 0x20 user code, 64-bit (DPL 3)
+    mov qword ptr [rdi + 0x20], rax
+    # 0x28: 64-bit available TSS, base RT_TSS, limit 0x67
+    mov rax, RT_TSS
+    mov rbx, rax
+    and rbx, 0xffffff
+    shl rbx, 16
+    or rbx, 0x67
+    mov rcx, 0x89
+    shl rcx, 40
+    or rbx, rcx
+    mov rcx, rax
+    shr rcx, 24
+    and rcx, 0xff
+    shl rcx, 56
+    or rbx, rcx
+    mov qword ptr [rdi + 0x28], rbx
+    mov rcx, rax
+    shr rcx, 32
+    mov qword ptr [rdi + 0x30], rcx
+    # TSS: RSP0 (CPL 3 -> 0 transitions) and IST1 (#DF, #VC)
+    mov rsi, RT_TSS
+    mov rax, TRAPSTACK_TOP
+    mov qword ptr [rsi + 4], rax
+    mov rax, ISTSTACK_TOP
+    mov qword ptr [rsi + 0x24], rax
+    # lgdt with a descriptor built on the stack
+    sub rsp, 16
+    mov word ptr [rsp], 0x37
+    mov qword ptr [rsp + 2], rdi
+    lgdt [rsp]
+    add rsp, 16
+    mov ax, SEL_KDATA
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    # reload CS with a far return
+    pop rdx                            # our return address
+    push SEL_KCODE
+    lea rax, [rip + rt_setup_gdt_cs]
+    push rax
+    retfq
+rt_setup_gdt_cs:
+    push rdx
+    mov ax, SEL_TSS
+    ltr ax
+    ret
+
+# --- IDT -------------------------------------------------------------------------------------
+# rdi = vector, rsi = handler address, rdx = type/attributes byte, rcx = IST index
+rt_set_gate:
+    push rax
+    push rbx
+    mov rax, RT_IDT
+    mov rbx, rdi
+    shl rbx, 4
+    add rax, rbx
+    mov rbx, rsi
+    and rbx, 0xffff
+    push rcx
+    mov rcx, SEL_KCODE
+    shl rcx, 16
+    or rbx, rcx
+    pop rcx
+    push rcx
+    and rcx, 7
+    shl rcx, 32
+    or rbx, rcx
+    mov rcx, rdx
+    and rcx, 0xff
+    shl rcx, 40
+    or rbx, rcx
+    mov rcx, rsi
+    shr rcx, 16
+    and rcx, 0xffff
+    shl rcx, 48
+    or rbx, rcx
+    pop rcx
+    mov qword ptr [rax], rbx
+    mov rbx, rsi
+    shr rbx, 32
+    mov qword ptr [rax + 8], rbx
+    pop rbx
+    pop rax
+    ret
+
+rt_setup_idt:
+    # clear the handler table
+    mov rdi, RT_HANDLERS
+    xor eax, eax
+    mov rcx, 256
+    rep stosq
+    # vectors 0-31 from the stub table; #DF (8) and #VC (29) on IST1
+    xor r8, r8
+rt_setup_idt_loop:
+    lea r9, [rip + rt_exc_stub_table]
+    mov rsi, qword ptr [r9 + r8 * 8]
+    mov rdi, r8
+    mov rdx, 0x8e
+    xor ecx, ecx
+    cmp r8, 8
+    jne rt_setup_idt_not_df
+    mov ecx, 1
+rt_setup_idt_not_df:
+    cmp r8, 29
+    jne rt_setup_idt_not_vc
+    mov ecx, 1
+rt_setup_idt_not_vc:
+    call rt_set_gate
+    inc r8
+    cmp r8, 32
+    jb rt_setup_idt_loop
+    # the CPL-3 return gate: DPL 3 interrupt gate
+    mov rdi, RT_USER_RET_VECTOR
+    lea rsi, [rip + rt_user_return]
+    mov rdx, 0xee
+    xor ecx, ecx
+    call rt_set_gate
+    sub rsp, 16
+    mov word ptr [rsp], 0xfff
+    mov rax, RT_IDT
+    mov qword ptr [rsp + 2], rax
+    lidt [rsp]
+    add rsp, 16
+    ret
+
+# --- page tables -----------------------------------------------------------------------------
+# 4 KiB pages identity-mapping [0, GUEST_MEM_SIZE): PML4 at RT_PT_BASE, PDPT next, then the
+# page directories, then the page tables. Frame 0 stays unmapped (null-pointer guard).
+.equ RT_NFRAMES, GUEST_MEM_SIZE / 4096
+.equ RT_NPT, (RT_NFRAMES + 511) / 512
+.equ RT_NPD, (RT_NPT + 511) / 512
+.equ RT_PML4, RT_PT_BASE
+.equ RT_PDPT, RT_PT_BASE + 0x1000
+.equ RT_PD, RT_PT_BASE + 0x2000
+.equ RT_PT, RT_PD + RT_NPD * 0x1000
+# Keystone reads an operand that starts with '(' as a memory reference: keep such
+# expressions in .equ lines.
+.equ RT_PT_ZERO_QWORDS, (2 + RT_NPD) * 512
+
+rt_setup_paging:
+    mov rdi, RT_DATA
+    mov r10, qword ptr [rdi + 0x800]   # C-bit mask
+    # zero PML4, PDPT and the PDs
+    mov rdi, RT_PML4
+    xor eax, eax
+    mov rcx, RT_PT_ZERO_QWORDS
+    rep stosq
+    # PTEs
+    mov rdi, RT_PT
+    xor r8, r8                         # frame
+rt_pt_loop:
+    mov rax, r8
+    shl rax, 12
+    or rax, PTE_FLAGS
+    or rax, r10
+    test r8, r8
+    jnz rt_pt_store
+    xor eax, eax                       # frame 0: not present
+rt_pt_store:
+    mov qword ptr [rdi + r8 * 8], rax
+    inc r8
+    cmp r8, RT_NFRAMES
+    jb rt_pt_loop
+    # pad the last page table with not-present entries
+rt_pt_pad:
+    test r8, 511
+    jz rt_pt_padded
+    mov qword ptr [rdi + r8 * 8], 0
+    inc r8
+    jmp rt_pt_pad
+rt_pt_padded:
+    # the ucall page is shared with the host: no C-bit
+    mov rax, UCALL_GPA
+    shr rax, 12
+    mov rcx, UCALL_GPA
+    or rcx, PTE_FLAGS
+    mov qword ptr [rdi + rax * 8], rcx
+    # PDEs
+    mov rdi, RT_PD
+    xor r8, r8
+rt_pd_loop:
+    mov rax, r8
+    shl rax, 12
+    add rax, RT_PT
+    or rax, PTE_FLAGS
+    or rax, r10
+    mov qword ptr [rdi + r8 * 8], rax
+    inc r8
+    cmp r8, RT_NPT
+    jb rt_pd_loop
+    # PDPTEs
+    mov rdi, RT_PDPT
+    xor r8, r8
+rt_pdpt_loop:
+    mov rax, r8
+    shl rax, 12
+    add rax, RT_PD
+    or rax, PTE_FLAGS
+    or rax, r10
+    mov qword ptr [rdi + r8 * 8], rax
+    inc r8
+    cmp r8, RT_NPD
+    jb rt_pdpt_loop
+    # PML4E
+    mov rdi, RT_PML4
+    mov rax, RT_PDPT
+    or rax, PTE_FLAGS
+    or rax, r10
+    mov qword ptr [rdi], rax
+    mov rax, RT_PML4
+    or rax, r10
+    mov cr3, rax
+    ret
+
+# rdi = gpa -> rax = address of the PTE mapping it (4 KiB pages, identity map)
+rt_pte_address:
+    mov rax, rdi
+    shr rax, 12
+    shl rax, 3
+    push rcx
+    mov rcx, RT_PT
+    add rax, rcx
+    pop rcx
+    ret
+
+# --- hypercall instruction (Linux's alternatives: patched once at boot) -----------------------
+rt_setup_hypercall:
+    xor eax, eax
+    cpuid
+    mov rdi, RT_DATA
+    mov qword ptr [rdi + 0x818], 0
+    cmp ebx, 0x68747541                # "Auth"enticAMD
+    je rt_setup_hypercall_amd
+    cmp ebx, 0x6f677948                # "Hygo"nGenuine
+    je rt_setup_hypercall_amd
+    ret
+rt_setup_hypercall_amd:
+    mov qword ptr [rdi + 0x818], 1
+    lea rax, [rip + rt_kvm_hypercall]
+    mov byte ptr [rax + 2], 0xd9       # 0f 01 c1 (vmcall) -> 0f 01 d9 (vmmcall)
+    ret
+
+# KVM_HYPERCALL lands here. The default is VMCALL, as in Linux before alternatives run.
+rt_kvm_hypercall:
+    vmcall
+    ret
+
+# --- ucall -----------------------------------------------------------------------------------
+# The message goes into the shared ucall page; OUT to UCALL_PORT with its address signals it.
+# rdi = cmd, rsi = nargs, rdx, rcx, r8 = args 0..2
+rt_ucall:
+    push rax
+    push rdx
+    push r9
+    mov r9, UCALL_GPA
+    mov qword ptr [r9], rdi
+    mov qword ptr [r9 + 8], rsi
+    mov qword ptr [r9 + 16], rdx
+    mov qword ptr [r9 + 24], rcx
+    mov qword ptr [r9 + 32], r8
+    mov dx, UCALL_PORT
+    mov eax, UCALL_GPA
+    out dx, eax
+    pop r9
+    pop rdx
+    pop rax
+    ret
+
+# rdi = value
+rt_ucall_sync:
+    push rsi
+    push rdx
+    push rcx
+    push r8
+    mov rdx, rdi
+    mov rdi, UCALL_SYNC
+    mov rsi, 1
+    xor ecx, ecx
+    xor r8, r8
+    call rt_ucall
+    pop r8
+    pop rcx
+    pop rdx
+    pop rsi
+    ret
+
+rt_ucall_done:
+    mov rdi, UCALL_DONE
+    xor esi, esi
+    xor edx, edx
+    xor ecx, ecx
+    xor r8, r8
+    call rt_ucall
+    jmp rt_halt_forever
+
+# rdi = a, rsi = b, rdx = assert site id
+rt_guest_assert_fail:
+    mov rcx, rdi
+    mov r8, rsi
+    mov rdi, UCALL_ABORT
+    mov rsi, 3
+    call rt_ucall
+    jmp rt_halt_forever
+
+rt_halt_forever:
+    cli
+    hlt
+    jmp rt_halt_forever
+
+# --- CPL 3 -----------------------------------------------------------------------------------
+# rdi = routine; runs it at CPL 3 on the user stack; returns its RAX.
+rt_run_user:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rax, RT_DATA
+    mov qword ptr [rax + 0x810], rsp
+    mov rax, USTACK_TOP
+    lea rcx, [rip + rt_user_trampoline]
+    sub rax, 8
+    push SEL_UDATA                     # ss
+    push rax                           # rsp
+    pushfq                             # rflags
+    push SEL_UCODE                     # cs
+    push rcx                           # rip
+    mov rax, rdi
+    iretq
+
+rt_user_trampoline:
+    call rax                           # the routine runs at CPL 3
+    int RT_USER_RET_VECTOR             # back to CPL 0 through the DPL-3 gate
+
+rt_user_return:
+    mov rcx, RT_DATA
+    mov rsp, qword ptr [rcx + 0x810]
+    mov cx, SEL_KDATA
+    mov ds, cx
+    mov es, cx
+    mov ss, cx
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+
+# --- exceptions ------------------------------------------------------------------------------
+# rdi = vector, rsi = handler (0 removes it)
+rt_set_handler:
+    push rax
+    mov rax, RT_HANDLERS
+    mov qword ptr [rax + rdi * 8], rsi
+    pop rax
+    ret
+
+.macro EXC_NOERR n
+rt_exc_\n:
+    push 0
+    push \n
+    jmp rt_exc_common
+.endm
+
+.macro EXC_ERR n
+rt_exc_\n:
+    push \n
+    jmp rt_exc_common
+.endm
+
+EXC_NOERR 0
+EXC_NOERR 1
+EXC_NOERR 2
+EXC_NOERR 3
+EXC_NOERR 4
+EXC_NOERR 5
+EXC_NOERR 6
+EXC_NOERR 7
+EXC_ERR 8
+EXC_NOERR 9
+EXC_ERR 10
+EXC_ERR 11
+EXC_ERR 12
+EXC_ERR 13
+EXC_ERR 14
+EXC_NOERR 15
+EXC_NOERR 16
+EXC_ERR 17
+EXC_NOERR 18
+EXC_NOERR 19
+EXC_NOERR 20
+EXC_ERR 21
+EXC_NOERR 22
+EXC_NOERR 23
+EXC_NOERR 24
+EXC_NOERR 25
+EXC_NOERR 26
+EXC_NOERR 27
+EXC_NOERR 28
+EXC_ERR 29
+EXC_ERR 30
+EXC_NOERR 31
+
+rt_exc_common:
+    push r15
+    push r14
+    push r13
+    push r12
+    push r11
+    push r10
+    push r9
+    push r8
+    push rbp
+    push rdi
+    push rsi
+    push rdx
+    push rcx
+    push rbx
+    push rax
+    mov rbx, qword ptr [rsp + 120]     # vector
+    mov rax, RT_HANDLERS
+    mov rax, qword ptr [rax + rbx * 8]
+    test rax, rax
+    jz rt_exc_unhandled
+    mov rdi, rsp                       # struct ex_regs *
+    call rax
+    pop rax
+    pop rbx
+    pop rcx
+    pop rdx
+    pop rsi
+    pop rdi
+    pop rbp
+    pop r8
+    pop r9
+    pop r10
+    pop r11
+    pop r12
+    pop r13
+    pop r14
+    pop r15
+    add rsp, 16                        # vector, error code
+    iretq
+
+rt_exc_unhandled:
+    mov rdx, rbx                       # vector
+    mov rcx, qword ptr [rsp + 128]     # error code
+    mov r8, qword ptr [rsp + 136]      # rip
+    mov rdi, UCALL_UNHANDLED
+    mov rsi, 3
+    call rt_ucall
+    jmp rt_halt_forever
+
+rt_exc_stub_table:
+    .quad rt_exc_0, rt_exc_1, rt_exc_2, rt_exc_3, rt_exc_4, rt_exc_5, rt_exc_6, rt_exc_7
+    .quad rt_exc_8, rt_exc_9, rt_exc_10, rt_exc_11, rt_exc_12, rt_exc_13, rt_exc_14, rt_exc_15
+    .quad rt_exc_16, rt_exc_17, rt_exc_18, rt_exc_19, rt_exc_20, rt_exc_21, rt_exc_22, rt_exc_23
+    .quad rt_exc_24, rt_exc_25, rt_exc_26, rt_exc_27, rt_exc_28, rt_exc_29, rt_exc_30, rt_exc_31

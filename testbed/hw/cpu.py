@@ -1,0 +1,801 @@
+"""The vCPU: Unicorn as the silicon, plus what real hardware adds that Unicorn lacks.
+
+This is the only module that imports Unicorn. It provides:
+
+* the MMU: every TLB fill goes through `_on_tlb_fill`, which walks the guest's own page
+  tables (testbed.x86.paging), strips the encryption bit, sends the access to the private or
+  DRAM alias of the frame (GuestMemory), and turns walk failures into #PF with CR2 and the
+  architectural error code;
+* exception delivery through the guest's IDT (Unicorn never delivers exceptions itself);
+* instruction interception: VMCALL/VMMCALL/VMGEXIT/PVALIDATE/TDCALL raise Unicorn's
+  invalid-instruction hook, and the vendor's rules decide between a VM exit to the hypervisor
+  and an exception into the guest; CPUID, IN/OUT and HLT exit to the hypervisor.
+
+The hardware decides nothing that KVM decides: it reports exits through `Hypervisor.vmexit`
+and lets the hypervisor read and write state through the `VcpuHardware` methods.
+
+Hot-path notes (UNICORN.md, "Speed"): the Python binding's reg_read costs ~1.6 us while a
+direct ctypes call into libunicorn costs ~0.44 us, and a hook registered straight through
+uc_hook_add skips the binding's wrapper, so hooks and register access here use ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import unicorn
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as ux
+from unicorn.unicorn_py3 import unicorn as ucpy
+
+from testbed.errors import TestbedError
+from testbed.hw.exits import (
+    SVM_IOIO_PORT_SHIFT,
+    SVM_IOIO_SIZE_SHIFT,
+    SVM_IOIO_TYPE_IN,
+    VMX_INTR_INFO_VALID,
+    VMX_INTR_TYPE_HARD_EXCEPTION,
+    VMX_IO_IN,
+    VMX_IO_PORT_SHIFT,
+    Hypervisor,
+    RunStop,
+    StopReason,
+    SvmExitCode,
+    Vendor,
+    VmxExitReason,
+)
+from testbed.hw.memory import OWNER_PRIVATE, GuestMemory, HostMemory
+from testbed.trace import Tracer
+from testbed.x86 import (
+    CONTRIBUTORY_VECTORS,
+    CR0_WP,
+    ERROR_CODE_VECTORS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RFLAGS_IF,
+    RFLAGS_RF,
+    RFLAGS_TF,
+    RFLAGS_VM,
+    TDCALL_BYTES,
+    U64,
+    VMCALL_BYTES,
+    VMGEXIT_BYTES,
+    VMMCALL_BYTES,
+    Reg,
+    Vector,
+    vector_name,
+)
+from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
+
+#: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
+PRIVATE_ALIAS_BASE = 1 << 44
+
+_UC_REG = {
+    Reg.RAX: ux.UC_X86_REG_RAX,
+    Reg.RBX: ux.UC_X86_REG_RBX,
+    Reg.RCX: ux.UC_X86_REG_RCX,
+    Reg.RDX: ux.UC_X86_REG_RDX,
+    Reg.RSI: ux.UC_X86_REG_RSI,
+    Reg.RDI: ux.UC_X86_REG_RDI,
+    Reg.RBP: ux.UC_X86_REG_RBP,
+    Reg.RSP: ux.UC_X86_REG_RSP,
+    Reg.R8: ux.UC_X86_REG_R8,
+    Reg.R9: ux.UC_X86_REG_R9,
+    Reg.R10: ux.UC_X86_REG_R10,
+    Reg.R11: ux.UC_X86_REG_R11,
+    Reg.R12: ux.UC_X86_REG_R12,
+    Reg.R13: ux.UC_X86_REG_R13,
+    Reg.R14: ux.UC_X86_REG_R14,
+    Reg.R15: ux.UC_X86_REG_R15,
+    Reg.RIP: ux.UC_X86_REG_RIP,
+    Reg.RFLAGS: ux.UC_X86_REG_RFLAGS,
+    Reg.CS: ux.UC_X86_REG_CS,
+    Reg.SS: ux.UC_X86_REG_SS,
+    Reg.DS: ux.UC_X86_REG_DS,
+    Reg.ES: ux.UC_X86_REG_ES,
+    Reg.FS: ux.UC_X86_REG_FS,
+    Reg.GS: ux.UC_X86_REG_GS,
+    Reg.CR0: ux.UC_X86_REG_CR0,
+    Reg.CR2: ux.UC_X86_REG_CR2,
+    Reg.CR3: ux.UC_X86_REG_CR3,
+    Reg.CR4: ux.UC_X86_REG_CR4,
+}
+
+_RIP = ux.UC_X86_REG_RIP
+_CS = ux.UC_X86_REG_CS
+_CR0 = ux.UC_X86_REG_CR0
+_CR3 = ux.UC_X86_REG_CR3
+_PROT_RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
+_ACCESS_FROM_UC = {ucc.UC_MEM_READ: ACCESS_READ, ucc.UC_MEM_WRITE: ACCESS_WRITE, ucc.UC_MEM_FETCH: ACCESS_FETCH}
+_U64S = struct.Struct("<Q")
+
+# Contexts in which the hypervisor runs (they decide how RIP and injections take effect).
+_CTX_NONE = 0
+_CTX_INVALID = 1  # UC_HOOK_INSN_INVALID: RIP writes take effect, returning True resumes
+_CTX_CPUID = 2  # UC_HOOK_INSN(CPUID): RIP writes ignored; returning 1 skips the instruction
+_CTX_IO = 3  # UC_HOOK_INSN(IN/OUT): RIP writes ignored; the instruction completes natively
+
+_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+_TLB_CFUNC = ctypes.CFUNCTYPE(
+    ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ucpy.uc_tlb_entry), ctypes.c_void_p
+)
+_INTR_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+_OUT_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
+_IN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
+_CPUID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+class HardwareError(TestbedError):
+    """The emulator did something the model cannot continue from (a testbed bug)."""
+
+
+class _TripleFault(Exception):
+    """Raised inside delivery when a fault occurs while delivering #DF."""
+
+
+class _DeliveryFault(Exception):
+    """A fault raised while delivering an exception (becomes #DF)."""
+
+    def __init__(self, vector: int, error_code: int, cr2: int | None = None) -> None:
+        super().__init__(vector_name(vector))
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+@dataclass
+class _PendingFault:
+    vector: int
+    error_code: int | None
+    cr2: int | None = None
+
+
+_OLD_EXCEPTION_OFFSET: int | None = None
+
+
+def old_exception_offset() -> int:
+    """Offset of QEMU's `env->old_exception` inside a saved Unicorn context.
+
+    Unicorn never resets this field after a UC_HOOK_INTR callback, so the second #DE/#GP/#PF
+    would arrive as #DF and the third as a silent triple fault (UNICORN.md, "Exceptions").
+    The offset is build-specific, so it is measured once per process: the field reads -1 in a
+    fresh context and the vector after an exception. Canary: tests/test_unicorn_canary.py.
+    """
+    global _OLD_EXCEPTION_OFFSET
+    if _OLD_EXCEPTION_OFFSET is not None:
+        return _OLD_EXCEPTION_OFFSET
+    candidates: set[int] | None = None
+    # (#DE) xor ecx, ecx; div ecx   and   (#GP) mov ax, 0x1234; mov ds, ax (no such selector).
+    for vector, code in ((0, b"\x31\xc9\xf7\xf1"), (13, b"\x66\xb8\x34\x12\x8e\xd8")):
+        uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        uc.mem_map(0x1000, 0x1000)
+        uc.reg_write(ux.UC_X86_REG_RBX, 0x8000_0000_0000_0000)
+        uc.mem_write(0x1000, code + b"\xf4")
+        fresh = bytes(uc.context_save())
+        seen: list[bytes] = []
+
+        def hook(u: Any, intno: int, _ud: Any, seen: list[bytes] = seen) -> None:
+            seen.append(bytes(u.context_save()))
+            u.emu_stop()
+
+        uc.hook_add(ucc.UC_HOOK_INTR, hook)
+        try:
+            uc.emu_start(0x1000, 0x1000 + len(code))
+        except unicorn.UcError:
+            pass
+        if not seen:
+            raise HardwareError("calibration of Unicorn's old_exception field failed: no exception seen")
+        after = seen[0]
+        found = {
+            off
+            for off in range(0, min(len(fresh), len(after)) - 4, 4)
+            if struct.unpack_from("<i", fresh, off)[0] == -1 and struct.unpack_from("<i", after, off)[0] == vector
+        }
+        candidates = found if candidates is None else candidates & found
+    if not candidates or len(candidates) != 1:
+        raise HardwareError(f"cannot locate Unicorn's old_exception field (candidates: {candidates})")
+    _OLD_EXCEPTION_OFFSET = candidates.pop()
+    return _OLD_EXCEPTION_OFFSET
+
+
+class UnicornVcpu:
+    """One x86-64 vCPU of vendor `vendor` running over `memory`, reporting to `hypervisor`."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        vendor: Vendor,
+        paging: PagingMode,
+        tracer: Tracer | None = None,
+        *,
+        sev_es: bool = False,
+    ) -> None:
+        self.vendor = vendor
+        self._mem = memory
+        self._paging = paging
+        self._tracer = tracer if tracer is not None else Tracer.disabled()
+        self._sev_es = sev_es
+        self.hypervisor: Hypervisor | None = None
+        self._intercept_ud = False
+        self._uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        self._uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        self._uc.mem_map_ptr(0, memory.size, ucc.UC_PROT_ALL, memory.dram_address())
+        if memory.encrypted:
+            self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.size, ucc.UC_PROT_ALL, memory.private_address())
+        memory.on_ownership_change = self._on_ownership_change
+        memory.on_host_write = self._on_host_write
+        self._h = self._uc._uch
+        self._lib = ucpy.uclib
+        self._val = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._val)
+        self._ctx = _CTX_NONE
+        self._cur_rip = 0
+        self._cur_len = 0
+        self._cpuid_skip = False
+        self._io_in_value = 0
+        self._stop_requested = False
+        self._pending_fault: _PendingFault | None = None
+        self._pending_npf: tuple[int, int] | None = None
+        self._pending_events: list[_PendingFault] = []
+        self._hook_error: BaseException | None = None
+        self._shutdown = False
+        self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last fill)
+        self._exec_frames: set[int] = set()  # frames code has been fetched from
+        self._cs64_cache: dict[int, bool] = {}
+        self._old_exc_off = old_exception_offset()
+        self._uc_ctx = self._uc.context_save()
+        self.exceptions_delivered = 0
+        self.tlb_fills = 0
+        self._callbacks: list[Any] = []
+        self._install_hooks()
+
+    # ---------------------------------------------------------------- hooks (ctypes, raw)
+    def _add_hook(self, htype: int, cfunc: Any, fn: Callable[..., Any], *extra: int) -> None:
+        cb = cfunc(fn)
+        self._callbacks.append(cb)  # keep the trampoline alive as long as the vCPU
+        hh = ucpy.uc_hook_h()
+        args: list[Any] = [ctypes.c_uint64(1), ctypes.c_uint64(0)]
+        args += [ctypes.c_int(x) for x in extra]
+        status = self._lib.uc_hook_add(self._h, ctypes.byref(hh), htype, ctypes.cast(cb, ctypes.c_void_p), None, *args)
+        if status != ucc.UC_ERR_OK:
+            raise HardwareError(f"uc_hook_add({htype}) failed: {unicorn.UcError(status)}")
+
+    def _install_hooks(self) -> None:
+        self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill, False))
+        self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._guard(self._on_invalid, False))
+        self._add_hook(ucc.UC_HOOK_INTR, _INTR_CFUNC, self._guard(self._on_intr, None))
+        self._add_hook(ucc.UC_HOOK_INSN, _OUT_CFUNC, self._guard(self._on_out, None), ux.UC_X86_INS_OUT)
+        self._add_hook(ucc.UC_HOOK_INSN, _IN_CFUNC, self._guard(self._on_in, 0), ux.UC_X86_INS_IN)
+        self._add_hook(ucc.UC_HOOK_INSN, _CPUID_CFUNC, self._guard(self._on_cpuid, 0), ux.UC_X86_INS_CPUID)
+
+    def _guard(self, fn: Callable[..., Any], on_error: Any) -> Callable[..., Any]:
+        """Wrap a hook so a Python exception stops emulation and is re-raised by run()."""
+
+        def wrapper(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except BaseException as exc:  # re-raised from run(); must not unwind through C
+                if self._hook_error is None:
+                    self._hook_error = exc
+                self._uc.emu_stop()
+                return on_error
+
+        return wrapper
+
+    # ------------------------------------------------------------ registers (VMCB/VMCS)
+    def read_reg(self, reg: Reg) -> int:
+        """Read a register (fast path for GPRs, RIP, CRs and selectors)."""
+        self._lib.uc_reg_read(self._h, _UC_REG[reg], self._ref)
+        return int(self._val.value)
+
+    def write_reg(self, reg: Reg, value: int) -> None:
+        """Write a register; RIP writes made inside the CPUID/IO hooks are not honoured."""
+        if reg in (Reg.CS, Reg.SS, Reg.DS, Reg.ES, Reg.FS, Reg.GS):
+            # Segment loads go through the binding so the descriptor is loaded from the GDT.
+            self._uc.reg_write(_UC_REG[reg], value)
+            return
+        self._val.value = value & U64
+        self._lib.uc_reg_write(self._h, _UC_REG[reg], self._ref)
+
+    def _rd(self, ucreg: int) -> int:
+        self._lib.uc_reg_read(self._h, ucreg, self._ref)
+        return int(self._val.value)
+
+    def _wr(self, ucreg: int, value: int) -> None:
+        self._val.value = value & U64
+        self._lib.uc_reg_write(self._h, ucreg, self._ref)
+
+    def cpl(self) -> int:
+        """Current privilege level (CS.RPL, which equals CS.DPL for code the CPU runs)."""
+        return self._rd(_CS) & 3
+
+    def is_64bit_mode(self) -> bool:
+        """CS.L with EFER.LMA: whether the guest runs 64-bit code (is_64_bit_mode()).
+
+        Unicorn exposes only the CS selector, so the descriptor is read from the GDT and cached
+        per selector until the next TLB flush (a guest that rewrites the descriptor of the CS
+        it is running on without reloading CS is not modelled).
+        """
+        sel = self._rd(_CS)
+        cached = self._cs64_cache.get(sel)
+        if cached is not None:
+            return cached
+        _, base, _limit, _ = self._uc.reg_read(ux.UC_X86_REG_GDTR)
+        desc = self.read_virtual(base + (sel & ~7), 8, supervisor=True)
+        value = bool(_U64S.unpack(desc)[0] & (1 << 53))
+        self._cs64_cache[sel] = value
+        return value
+
+    def set_msr(self, msr: int, value: int) -> None:
+        """Set an MSR the emulator models (EFER at reset)."""
+        self._uc.msr_write(msr, value)
+
+    def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
+        """Load GDTR or IDTR (KVM_SET_SREGS)."""
+        reg = ux.UC_X86_REG_GDTR if which == "gdt" else ux.UC_X86_REG_IDTR
+        self._uc.reg_write(reg, (0, base, limit, 0))
+
+    def set_tr(self, selector: int, base: int, limit: int) -> None:
+        """Load the task register (KVM_SET_SREGS)."""
+        self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, 0x8B))
+
+    def next_rip(self) -> int:
+        """RIP after the intercepted instruction (the VMCB's nRIP)."""
+        return self._cur_rip + self._cur_len
+
+    def skip_instruction(self) -> None:
+        """Advance past the intercepted instruction (kvm_skip_emulated_instruction)."""
+        if self._ctx == _CTX_CPUID:
+            self._cpuid_skip = True
+        elif self._ctx == _CTX_IO:
+            pass  # IN/OUT complete natively after the hook
+        else:
+            self._wr(_RIP, self._cur_rip + self._cur_len)
+
+    def set_io_in_result(self, value: int) -> None:
+        """The value an intercepted IN instruction returns."""
+        self._io_in_value = value
+
+    def set_intercept_ud(self, enabled: bool) -> None:
+        """Whether #UD exits to the hypervisor (the VMCB/VMCS exception intercept)."""
+        self._intercept_ud = enabled
+
+    def request_stop(self) -> None:
+        """End the current run as soon as the current instruction completes."""
+        self._stop_requested = True
+        self._uc.emu_stop()
+
+    @property
+    def memory(self) -> HostMemory:
+        """The host's view of guest memory."""
+        return self._mem.host_view()
+
+    @property
+    def guest_memory(self) -> GuestMemory:
+        """The memory controller (hardware-internal; not for the kvm or vmm layers)."""
+        return self._mem
+
+    # ------------------------------------------------------------------------- MMU
+    def _paging_walk(self, va: int, access: int, user: bool) -> Translation | PageFault:
+        cr3 = self._rd(_CR3)
+        wp = bool(self._rd(_CR0) & CR0_WP)
+        mem = self._mem
+        private = mem.encrypted  # SEV: the CPU always walks page tables as private
+        return walk(lambda pa: mem.cpu_read_u64(pa, private), cr3, va, access, user, self._paging, wp=wp)
+
+    def translate(self, va: int, access: int = ACCESS_READ, supervisor: bool = True) -> Translation:
+        """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure."""
+        try:
+            result = self._paging_walk(va, access, user=not supervisor)
+        except TestbedError:
+            raise _DeliveryFault(Vector.PF, 0, va) from None
+        if isinstance(result, PageFault):
+            raise _DeliveryFault(Vector.PF, result.error_code, va)
+        if result.gpa >= self._mem.size:
+            raise _DeliveryFault(Vector.PF, 0, va)
+        return result
+
+    def read_virtual(self, va: int, length: int, supervisor: bool = True) -> bytes:
+        """Read guest-virtual memory as the CPU sees it (plaintext)."""
+        out = bytearray()
+        while length:
+            n = min(length, PAGE_SIZE - (va & 0xFFF))
+            tr = self.translate(va, ACCESS_READ, supervisor)
+            out += self._mem.cpu_read(tr.gpa | (va & 0xFFF), n, tr.encrypted)
+            va += n
+            length -= n
+        return bytes(out)
+
+    def write_virtual(self, va: int, data: bytes, supervisor: bool = True) -> None:
+        """Write guest-virtual memory as the CPU does."""
+        pos = 0
+        while pos < len(data):
+            cur = va + pos
+            n = min(len(data) - pos, PAGE_SIZE - (cur & 0xFFF))
+            tr = self.translate(cur, ACCESS_WRITE, supervisor)
+            self._mem.cpu_write(tr.gpa | (cur & 0xFFF), data[pos : pos + n], tr.encrypted)
+            pos += n
+
+    def fetch_bytes(self, va: int, length: int) -> bytes:
+        """Instruction bytes at `va` as the CPU fetches them (always decrypted on SEV)."""
+        out = bytearray()
+        while length:
+            n = min(length, PAGE_SIZE - (va & 0xFFF))
+            tr = self.translate(va, ACCESS_READ, supervisor=True)
+            out += self._mem.cpu_read(tr.gpa | (va & 0xFFF), n, private=self._mem.encrypted)
+            va += n
+            length -= n
+        return bytes(out)
+
+    def gva_to_gpa(self, va: int) -> int:
+        """The guest-physical address the CPU uses for `va` (raises on a failed walk)."""
+        return self.translate(va).gpa | (va & 0xFFF)
+
+    def _on_tlb_fill(self, _h: Any, vaddr: int, uc_access: int, entry: Any, _ud: Any) -> bool:
+        self.tlb_fills += 1
+        access = _ACCESS_FROM_UC.get(uc_access, ACCESS_READ)
+        user = (self._rd(_CS) & 3) == 3
+        result = self._paging_walk(vaddr, access, user)
+        if isinstance(result, PageFault):
+            self._pending_fault = _PendingFault(Vector.PF, result.error_code, vaddr)
+            return False
+        mem = self._mem
+        gpa = result.gpa
+        if gpa >= mem.size:
+            self._pending_npf = (gpa | (vaddr & 0xFFF), access)
+            return False
+        frame = gpa >> PAGE_SHIFT
+        perms = ucc.UC_PROT_READ
+        if result.writable:
+            perms |= ucc.UC_PROT_WRITE
+        if not mem.encrypted:
+            if result.executable:
+                perms |= ucc.UC_PROT_EXEC
+            upa = gpa
+        elif access == ACCESS_FETCH or result.encrypted:
+            # Instruction fetches are always private on SEV (APM 15.34.5), whatever the C-bit.
+            mem.make_private(frame)
+            upa = PRIVATE_ALIAS_BASE + gpa
+            if result.encrypted:
+                if result.executable:
+                    perms |= ucc.UC_PROT_EXEC
+            else:
+                perms = ucc.UC_PROT_EXEC  # data accesses through this C=0 mapping use DRAM
+        else:
+            mem.make_dram(frame)
+            upa = gpa
+            # no EXEC: a fetch through this C=0 mapping must refill towards the private alias
+        if access == ACCESS_FETCH:
+            self._exec_frames.add(frame)
+        self._xlat[vaddr >> PAGE_SHIFT] = upa
+        e = entry.contents
+        e.paddr = upa
+        e.perms = perms
+        return True
+
+    def _on_ownership_change(self, frame: int) -> None:
+        # A translation to the alias that lost the frame must not survive (DESIGN.md).
+        self.flush_tlb()
+
+    def flush_tlb(self) -> None:
+        """Drop every cached translation (UC_CTL_TLB_FLUSH)."""
+        self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_NONE)
+        self._xlat.clear()
+        self._cs64_cache.clear()
+
+    def _on_host_write(self, gpa: int, length: int) -> None:
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + max(length, 1) - 1) >> PAGE_SHIFT
+        if any(f in self._exec_frames for f in range(first, last + 1)):
+            self.flush_code()
+
+    def flush_code(self) -> None:
+        """Drop translated code: needed after the host rewrites guest instructions."""
+        self._uc.ctl_flush_tb()
+
+    # ----------------------------------------------------------- instruction intercepts
+    def _fetch_at_rip(self, rip: int, n: int) -> bytes:
+        upa = self._xlat.get(rip >> PAGE_SHIFT)
+        off = rip & 0xFFF
+        if upa is not None and off + n <= PAGE_SIZE:
+            mem = self._mem
+            if upa >= PRIVATE_ALIAS_BASE:
+                buf = mem.private
+                base = upa - PRIVATE_ALIAS_BASE
+            else:
+                buf = mem.dram
+                base = upa
+            assert buf is not None
+            return bytes(buf[base + off : base + off + n])
+        try:
+            return self.fetch_bytes(rip, n)
+        except _DeliveryFault:
+            return self.fetch_bytes(rip, PAGE_SIZE - off)
+
+    def _on_invalid(self, _h: Any, _ud: Any) -> bool:
+        rip = self._rd(_RIP)
+        insn = self._fetch_at_rip(rip, 4)
+        self._cur_rip = rip
+        self._ctx = _CTX_INVALID
+        try:
+            head = insn[:3]
+            if self.vendor is Vendor.AMD:
+                if head == VMMCALL_BYTES:
+                    self._cur_len = 3
+                    if self._sev_es:
+                        self._deliver_now(Vector.VC, SvmExitCode.SVM_EXIT_VMMCALL)
+                    else:
+                        self._exit(SvmExitCode.SVM_EXIT_VMMCALL, 0, 0)
+                    return self._resume()
+                if insn == VMGEXIT_BYTES and self._sev_es:
+                    self._cur_len = 4
+                    self._exit(SvmExitCode.SVM_EXIT_VMGEXIT, 0, 0)
+                    return self._resume()
+            elif head == VMCALL_BYTES:
+                self._cur_len = 3
+                self._exit(VmxExitReason.EXIT_REASON_VMCALL, 0, 0)
+                return self._resume()
+            # Everything else Unicorn cannot execute is #UD on this CPU (VMCALL on AMD,
+            # VMMCALL on Intel, UD2, TDCALL outside a TD, ...).
+            self._cur_len = 3 if head in (VMCALL_BYTES, VMMCALL_BYTES) else 0
+            if insn == TDCALL_BYTES:
+                self._cur_len = 4
+            self._raise_ud(rip, insn)
+            return self._resume()
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _raise_ud(self, rip: int, insn: bytes) -> None:
+        if self._intercept_ud:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_UD, 0, 0)
+            else:
+                info = VMX_INTR_INFO_VALID | VMX_INTR_TYPE_HARD_EXCEPTION | Vector.UD
+                self._exit(VmxExitReason.EXIT_REASON_EXCEPTION_NMI, info, 0)
+            return
+        self._tracer.emit("hw", "exception", vector=int(Vector.UD), rip=rip, bytes=insn.hex(), intercepted=False)
+        if self.on_guest_ud is not None:
+            self.on_guest_ud(rip, insn)
+        self._deliver_now(Vector.UD, None)
+
+    #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
+    on_guest_ud: Callable[[int, bytes], None] | None = None
+
+    def _resume(self) -> bool:
+        # Returning True resumes at the RIP we left; a stop request ends the run after it.
+        return True
+
+    def _exit(self, code: int, info1: int, info2: int) -> None:
+        if self.hypervisor is None:
+            raise HardwareError("VM exit with no hypervisor attached")
+        self.hypervisor.vmexit(code, info1, info2)
+
+    def _on_cpuid(self, _h: Any, _ud: Any) -> int:
+        self._cur_rip = self._rd(_RIP)
+        self._cur_len = 2
+        self._ctx = _CTX_CPUID
+        self._cpuid_skip = False
+        try:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_CPUID, 0, 0)
+            else:
+                self._exit(VmxExitReason.EXIT_REASON_CPUID, 0, 0)
+        finally:
+            self._ctx = _CTX_NONE
+        return 1 if self._cpuid_skip else 0
+
+    def _io_exit(self, port: int, size: int, is_in: bool) -> None:
+        self._cur_rip = self._rd(_RIP)
+        self._cur_len = 1  # not used: IN/OUT complete natively
+        self._ctx = _CTX_IO
+        try:
+            if self.vendor is Vendor.AMD:
+                info1 = (port << SVM_IOIO_PORT_SHIFT) | ((size & 7) << SVM_IOIO_SIZE_SHIFT)
+                if is_in:
+                    info1 |= SVM_IOIO_TYPE_IN
+                self._exit(SvmExitCode.SVM_EXIT_IOIO, info1, 0)
+            else:
+                qual = (port << VMX_IO_PORT_SHIFT) | (size - 1)
+                if is_in:
+                    qual |= VMX_IO_IN
+                self._exit(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, qual, 0)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _on_out(self, _h: Any, port: int, size: int, value: int, _ud: Any) -> None:
+        self._io_exit(port, size, False)
+
+    def _on_in(self, _h: Any, port: int, size: int, _ud: Any) -> int:
+        self._io_in_value = 0xFFFFFFFF
+        self._io_exit(port, size, True)
+        return self._io_in_value & ((1 << (8 * size)) - 1)
+
+    # ---------------------------------------------------------------- exceptions
+    def _on_intr(self, _h: Any, intno: int, _ud: Any) -> None:
+        self._reset_old_exception()
+        rip = self._rd(_RIP)
+        software = intno >= 32 or intno in (Vector.BP, Vector.OF)
+        error = 0 if intno in ERROR_CODE_VECTORS else None  # Unicorn does not expose it
+        self._tracer.emit("hw", "exception", vector=intno, rip=rip, software=software)
+        self._deliver_now(intno, error, software=software)
+
+    def _reset_old_exception(self) -> None:
+        ctx = self._uc_ctx
+        self._uc.context_update(ctx)
+        addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
+        assert addr is not None
+        ctypes.c_int32.from_address(addr + self._old_exc_off).value = -1
+        self._uc.context_restore(ctx)
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Inject an exception (the VMCB EVENTINJ / VMCS entry-interruption field)."""
+        if self._ctx == _CTX_INVALID or self._ctx == _CTX_NONE and not self._running:
+            self._deliver_now(vector, error_code)
+        else:
+            self._pending_events.append(_PendingFault(vector, error_code))
+            self.request_stop()
+
+    _running = False
+
+    def _deliver_now(self, vector: int, error_code: int | None, software: bool = False, cr2: int | None = None) -> None:
+        if cr2 is not None:
+            self._wr(_UC_REG[Reg.CR2], cr2)
+        try:
+            self._deliver(vector, error_code, software)
+        except _DeliveryFault as fault:
+            if fault.cr2 is not None:
+                self._wr(_UC_REG[Reg.CR2], fault.cr2)
+            # SDM table 6-5, simplified: a fault while delivering becomes #DF when either is
+            # contributory or a #PF; a fault while delivering #DF is a triple fault.
+            if vector == Vector.DF:
+                self._triple_fault()
+                return
+            benign = vector not in CONTRIBUTORY_VECTORS and vector != Vector.PF
+            if benign and fault.vector != Vector.PF and fault.vector not in CONTRIBUTORY_VECTORS:
+                self._deliver_now(fault.vector, fault.error_code)
+                return
+            try:
+                self._deliver(Vector.DF, 0, False)
+            except _DeliveryFault:
+                self._triple_fault()
+
+    def _triple_fault(self) -> None:
+        self._tracer.emit("hw", "triple_fault", rip=self._rd(_RIP))
+        self._shutdown = True
+        self._stop_requested = True
+        self._uc.emu_stop()
+
+    def _deliver(self, vector: int, error_code: int | None, software: bool) -> None:
+        """Deliver through the 64-bit IDT (SDM vol. 3 6.14): push the frame, load the gate."""
+        _, idt_base, idt_limit, _ = self._uc.reg_read(ux.UC_X86_REG_IDTR)
+        ext = 0 if software else 1
+        if vector * 16 + 15 > idt_limit:
+            raise _DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        gate = self.read_virtual(idt_base + vector * 16, 16)
+        lo, hi = struct.unpack("<QQ", gate)
+        attrs = (lo >> 40) & 0xFF
+        if not attrs & 0x80 or (attrs & 0xF) not in (0xE, 0xF):
+            raise _DeliveryFault(Vector.NP if not attrs & 0x80 else Vector.GP, vector * 8 + 2 + ext)
+        cpl = self.cpl()
+        if software and ((attrs >> 5) & 3) < cpl:
+            raise _DeliveryFault(Vector.GP, vector * 8 + 2)
+        selector = (lo >> 16) & 0xFFFF
+        target = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFFFFFF) << 32)
+        ist = (lo >> 32) & 7
+        new_cpl = selector & 3
+        rsp = self._rd(_UC_REG[Reg.RSP])
+        ss = self._rd(_UC_REG[Reg.SS])
+        rflags = self._rd(_UC_REG[Reg.RFLAGS])
+        cs = self._rd(_CS)
+        rip = self._rd(_RIP)
+        if ist or new_cpl < cpl:
+            _, tss_base, _, _ = self._uc.reg_read(ux.UC_X86_REG_TR)
+            off = 0x24 + (ist - 1) * 8 if ist else 4 + new_cpl * 8
+            new_rsp = _U64S.unpack(self.read_virtual(tss_base + off, 8))[0]
+        else:
+            new_rsp = rsp
+        new_rsp &= ~0xF
+        frame = [ss, rsp, rflags, cs, rip]
+        if error_code is not None:
+            frame.append(error_code)
+        data = b"".join(_U64S.pack(v & U64) for v in reversed(frame))
+        new_rsp -= len(data)
+        self.write_virtual(new_rsp, data)
+        if new_cpl < cpl:
+            self._uc.reg_write(ux.UC_X86_REG_SS, new_cpl)  # NULL selector with RPL = new CPL
+        self._uc.reg_write(ux.UC_X86_REG_CS, selector)
+        self._wr(_UC_REG[Reg.RSP], new_rsp)
+        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM | (1 << 14))
+        if (attrs & 0xF) == 0xE:
+            new_flags &= ~RFLAGS_IF
+        self._wr(_UC_REG[Reg.RFLAGS], new_flags)
+        self._wr(_RIP, target)
+        self.exceptions_delivered += 1
+        self._tracer.emit(
+            "hw", "deliver", vector=vector, error_code=error_code, rip=rip, handler=target, name=vector_name(vector)
+        )
+
+    # ------------------------------------------------------------------------ run
+    def run(self, timeout_s: float) -> RunStop:
+        """Run the guest until the hypervisor asks to stop, a timeout, or an emulator error."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._pending_events:
+                ev = self._pending_events.pop(0)
+                self._deliver_now(ev.vector, ev.error_code)
+            if self._shutdown:
+                self._shutdown = False
+                code = SvmExitCode.SVM_EXIT_SHUTDOWN if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_TRIPLE_FAULT
+                self._stop_requested = False
+                self._exit(code, 0, 0)
+                if self._stop_requested:
+                    return RunStop(StopReason.REQUESTED)
+                return RunStop(StopReason.EMULATOR_ERROR, "vCPU resumed after a triple fault")
+            if self._stop_requested:
+                self._stop_requested = False
+                return RunStop(StopReason.REQUESTED)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return RunStop(StopReason.TIMEOUT)
+            rip = self._rd(_RIP)
+            self._pending_fault = None
+            self._pending_npf = None
+            error: unicorn.UcError | None = None
+            self._running = True
+            try:
+                self._uc.emu_start(rip, U64, timeout=max(1, int(remaining * 1e6)))
+            except unicorn.UcError as exc:
+                error = exc
+            finally:
+                self._running = False
+            if self._hook_error is not None:
+                exc2, self._hook_error = self._hook_error, None
+                raise exc2
+            if self._stop_requested and not self._shutdown:
+                self._stop_requested = False
+                return RunStop(StopReason.REQUESTED)
+            if error is not None:
+                if self._pending_fault is not None:
+                    pf = self._pending_fault
+                    self._pending_fault = None
+                    self._tracer.emit("hw", "page_fault", cr2=pf.cr2, error_code=pf.error_code, rip=self._rd(_RIP))
+                    self._deliver_now(pf.vector, pf.error_code, cr2=pf.cr2)
+                    continue
+                if self._pending_npf is not None:
+                    gpa, access = self._pending_npf
+                    self._pending_npf = None
+                    code = SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
+                    self._cur_rip = self._rd(_RIP)
+                    self._exit(code, access, gpa)
+                    continue
+                if self._shutdown:
+                    continue
+                return RunStop(StopReason.EMULATOR_ERROR, f"{error} at rip 0x{self._rd(_RIP):x}")
+            if self._shutdown:
+                continue
+            if self._uc.query(ucc.UC_QUERY_TIMEOUT):
+                return RunStop(StopReason.TIMEOUT)
+            # emu_start returned on its own: Unicorn ends a run at HLT with RIP after it.
+            rip = self._rd(_RIP)
+            try:
+                prev = self.fetch_bytes(rip - 1, 1)
+            except _DeliveryFault:
+                prev = b""
+            if prev == b"\xf4":
+                self._cur_rip = rip - 1
+                self._cur_len = 1
+                code = SvmExitCode.SVM_EXIT_HLT if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_HLT
+                # RIP already points after HLT, as after KVM's kvm_emulate_halt().
+                self._exit(code, 0, 0)
+                continue
+            return RunStop(StopReason.EMULATOR_ERROR, f"emulation ended unexpectedly at rip 0x{rip:x}")
+
+    def page_is_private(self, gpa: int) -> bool:
+        """Whether the frame holding `gpa` is currently owned by the private alias."""
+        return self._mem.encrypted and self._mem.owner[gpa >> PAGE_SHIFT] == OWNER_PRIVATE

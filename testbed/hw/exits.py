@@ -1,0 +1,130 @@
+"""What the hardware model hands the hypervisor: VM-exit codes and the seams between layers.
+
+The hardware model emits the vendor's own exit code (an SVM exit code on AMD, a VMX basic exit
+reason on Intel) with the vendor's exit information words, exactly as the VMCB/VMCS would
+carry them; the kvm layer's svm/vmx front ends decode them, as KVM's svm.c and vmx.c do.
+Member names are the kernel's (arch/x86/include/uapi/asm/svm.h, vmx.h) so they can be grepped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Protocol
+
+from testbed.hw.memory import HostMemory
+from testbed.x86 import Reg
+
+
+class Vendor(str, Enum):
+    """CPU vendor: decides the native hypercall instruction and the exit-code flavour."""
+
+    AMD = "amd"
+    INTEL = "intel"
+
+
+class SvmExitCode(IntEnum):
+    """SVM exit codes (arch/x86/include/uapi/asm/svm.h)."""
+
+    SVM_EXIT_EXCP_BASE = 0x040
+    SVM_EXIT_UD = 0x046  # SVM_EXIT_EXCP_BASE + UD_VECTOR
+    SVM_EXIT_CPUID = 0x072
+    SVM_EXIT_HLT = 0x078
+    SVM_EXIT_IOIO = 0x07B
+    SVM_EXIT_MSR = 0x07C
+    SVM_EXIT_SHUTDOWN = 0x07F
+    SVM_EXIT_VMMCALL = 0x081
+    SVM_EXIT_NPF = 0x400
+    SVM_EXIT_VMGEXIT = 0x403
+
+
+class VmxExitReason(IntEnum):
+    """VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h)."""
+
+    EXIT_REASON_EXCEPTION_NMI = 0
+    EXIT_REASON_TRIPLE_FAULT = 2
+    EXIT_REASON_CPUID = 10
+    EXIT_REASON_HLT = 12
+    EXIT_REASON_VMCALL = 18
+    EXIT_REASON_IO_INSTRUCTION = 30
+    EXIT_REASON_MSR_READ = 31
+    EXIT_REASON_MSR_WRITE = 32
+    EXIT_REASON_EPT_VIOLATION = 48
+    EXIT_REASON_TDCALL = 77
+
+
+# SVM IOIO exit-info-1 encoding (APM vol. 2, 15.10.2).
+SVM_IOIO_TYPE_IN = 1 << 0
+SVM_IOIO_STR = 1 << 2
+SVM_IOIO_REP = 1 << 3
+SVM_IOIO_SIZE_SHIFT = 4  # bits 4..6: SZ8, SZ16, SZ32 one-hot
+SVM_IOIO_PORT_SHIFT = 16
+
+# VMX I/O exit qualification (SDM vol. 3 table 28-5).
+VMX_IO_SIZE_MASK = 0x7  # size - 1
+VMX_IO_IN = 1 << 3
+VMX_IO_STRING = 1 << 4
+VMX_IO_REP = 1 << 5
+VMX_IO_PORT_SHIFT = 16
+
+# VMX VM-exit interruption information (SDM vol. 3 24.9.2).
+VMX_INTR_INFO_VALID = 1 << 31
+VMX_INTR_TYPE_HARD_EXCEPTION = 3 << 8
+
+
+class StopReason(str, Enum):
+    """Why the vCPU's run ended without a VM exit the hypervisor asked to leave on."""
+
+    REQUESTED = "requested"  # the hypervisor (or VMM through it) asked to stop
+    TIMEOUT = "timeout"
+    EMULATOR_ERROR = "emulator_error"
+
+
+@dataclass(frozen=True)
+class RunStop:
+    """The end of one hardware run."""
+
+    reason: StopReason
+    detail: str = ""
+
+
+class Hypervisor(Protocol):
+    """What the hardware calls on a VM exit (the kvm layer implements it).
+
+    `vmexit` is called synchronously from inside the emulator hooks: the hypervisor reads and
+    writes guest state through `VcpuHardware`, may inject an event, and returns; the guest
+    then resumes. Returning to userspace is likewise synchronous (see kvm/vcpu.py).
+    """
+
+    def vmexit(self, code: int, info1: int, info2: int) -> None: ...
+
+
+class VcpuHardware(Protocol):
+    """The part of the hardware the kvm layer may use: the VMCB/VMCS, not the emulator."""
+
+    vendor: Vendor
+
+    def read_reg(self, reg: Reg) -> int: ...
+
+    def write_reg(self, reg: Reg, value: int) -> None: ...
+
+    def cpl(self) -> int: ...
+
+    def is_64bit_mode(self) -> bool: ...
+
+    def next_rip(self) -> int: ...
+
+    def skip_instruction(self) -> None: ...
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None: ...
+
+    def set_io_in_result(self, value: int) -> None: ...
+
+    def set_intercept_ud(self, enabled: bool) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def flush_code(self) -> None: ...
+
+    @property
+    def memory(self) -> HostMemory: ...

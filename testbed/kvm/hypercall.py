@@ -1,0 +1,121 @@
+"""KVM's hypercall dispatch: ____kvm_emulate_hypercall() of arch/x86/kvm/x86.c.
+
+Pure logic over plain values, so it can be tested without a CPU. The caller (kvm/vcpu.py)
+reads the registers, calls `emulate_hypercall`, and either completes at once (RAX = ret,
+RIP past the instruction) or exits to userspace with the returned HypercallExit and completes
+when userspace answers (complete_hypercall_exit()).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testbed.kvm.uapi import (
+    KVM_EINVAL,
+    KVM_ENOSYS,
+    KVM_EOPNOTSUPP,
+    KVM_EPERM,
+    KVM_EXIT_HYPERCALL_LONG_MODE,
+    KVM_FEATURE_PV_SCHED_YIELD,
+    KVM_FEATURE_PV_SEND_IPI,
+    KVM_FEATURE_PV_UNHALT,
+    KVM_HC_CLOCK_PAIRING,
+    KVM_HC_KICK_CPU,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_HC_SCHED_YIELD,
+    KVM_HC_SEND_IPI,
+    KVM_HC_VAPIC_POLL_IRQ,
+    HypercallExit,
+)
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U32, U64
+
+
+@dataclass(frozen=True, slots=True)
+class PvCpuid:
+    """The guest's KVM PV features (CPUID 0x40000001.EAX) and whether KVM enforces them.
+
+    guest_pv_has() is true for every feature unless userspace enabled
+    KVM_CAP_ENFORCE_PV_FEATURE_CPUID on the vCPU (arch/x86/kvm/cpuid.h).
+    """
+
+    features: int = 0
+    enforce: bool = False
+
+    def has(self, feature: int) -> bool:
+        """guest_pv_has(vcpu, feature)."""
+        return not self.enforce or bool(self.features & (1 << feature))
+
+
+@dataclass(frozen=True, slots=True)
+class HypercallOutcome:
+    """Either an in-kernel result (`ret`) or a user exit to complete later."""
+
+    ret: int
+    user_exit: HypercallExit | None = None
+
+
+def neg(errno: int) -> int:
+    """-errno as the unsigned long KVM stores in RAX."""
+    return (-errno) & U64
+
+
+def emulate_hypercall(
+    nr: int,
+    a0: int,
+    a1: int,
+    a2: int,
+    a3: int,
+    *,
+    cpl: int,
+    op_64_bit: bool,
+    pv: PvCpuid,
+    exit_mask: int,
+) -> HypercallOutcome:
+    """Dispatch hypercall `nr` as ____kvm_emulate_hypercall() does.
+
+    `exit_mask` is the VM's KVM_CAP_EXIT_HYPERCALL bitmask. The returned `ret` is not yet
+    truncated for 32-bit callers: the completion does that (as KVM's does).
+    """
+    if not op_64_bit:
+        nr &= U32
+        a0 &= U32
+        a1 &= U32
+        a2 &= U32
+        a3 &= U32
+    # The CPL check comes before the switch, for every hypercall number.
+    if cpl != 0:
+        return HypercallOutcome(neg(KVM_EPERM))
+    ret = neg(KVM_ENOSYS)
+    if nr == KVM_HC_VAPIC_POLL_IRQ:
+        ret = 0
+    elif nr == KVM_HC_KICK_CPU:
+        if pv.has(KVM_FEATURE_PV_UNHALT):
+            ret = 0  # kvm_pv_kick_cpu_op() + kvm_sched_yield(): nothing to wake in a 1-vCPU VM
+    elif nr == KVM_HC_CLOCK_PAIRING:
+        # kvm_pv_clock_pairing(): a clock type other than KVM_CLOCK_PAIRING_WALLCLOCK, or a
+        # host clocksource that is not TSC-based (the testbed's never is), -> -KVM_EOPNOTSUPP.
+        ret = neg(KVM_EOPNOTSUPP)
+    elif nr == KVM_HC_SEND_IPI:
+        if pv.has(KVM_FEATURE_PV_SEND_IPI):
+            # kvm_pv_send_ipi() needs the in-kernel APIC map; the testbed has no in-kernel
+            # local APIC, for which KVM returns -EOPNOTSUPP (count stays -EOPNOTSUPP).
+            ret = neg(KVM_EOPNOTSUPP)
+    elif nr == KVM_HC_SCHED_YIELD:
+        if pv.has(KVM_FEATURE_PV_SCHED_YIELD):
+            ret = 0
+    elif nr == KVM_HC_MAP_GPA_RANGE:
+        gpa, npages, attrs = a0, a1, a2
+        if not exit_mask & (1 << KVM_HC_MAP_GPA_RANGE):
+            return HypercallOutcome(neg(KVM_ENOSYS))
+        gfn = gpa >> PAGE_SHIFT
+        if gpa & (PAGE_SIZE - 1) or not npages or ((gfn + npages) & U64) <= gfn:
+            return HypercallOutcome(neg(KVM_EINVAL))
+        flags = KVM_EXIT_HYPERCALL_LONG_MODE if op_64_bit else 0
+        # run->hypercall.ret is pre-set to 0: QEMU <= 9.2 assumed KVM never changes it.
+        return HypercallOutcome(0, HypercallExit(nr=KVM_HC_MAP_GPA_RANGE, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=flags))
+    return HypercallOutcome(ret)
+
+
+def complete_ret(ret: int, op_64_bit: bool) -> int:
+    """The value written to RAX: truncated to u32 for a 32-bit caller."""
+    return ret & U32 if not op_64_bit else ret & U64

@@ -1,0 +1,140 @@
+"""The VM as KVM keeps it: VM type, capabilities userspace enabled, quirks, CPUID, encryption.
+
+Userspace (the vmm layer) configures it through the same verbs as the real ioctls
+(`enable_cap`, `check_extension`, `set_cpuid`); invalid arguments raise KvmIoctlError with the
+errno the ioctl would return.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from testbed.errors import TestbedError
+from testbed.hw.exits import Vendor
+from testbed.hw.memory import HostMemory
+from testbed.kvm.uapi import (
+    KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+    KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_VM_TYPES,
+    KVM_EXIT_HYPERCALL_VALID_MASK,
+    KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
+    KvmVmType,
+)
+
+#: Quirks KVM_CAP_DISABLE_QUIRKS2 accepts (the subset the testbed models).
+KVM_X86_VALID_QUIRKS = KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+
+
+class KvmIoctlError(TestbedError):
+    """An ioctl failed; `errno` is what the real ioctl returns."""
+
+    def __init__(self, ioctl: str, err: int, detail: str) -> None:
+        self.ioctl = ioctl
+        self.errno = err
+        super().__init__(f"{ioctl}: {errno.errorcode.get(err, str(err))}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuidEntry:
+    """One kvm_cpuid_entry2: the registers the guest reads for (function, index)."""
+
+    function: int
+    index: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass
+class CpuidTable:
+    """KVM_SET_CPUID2: the guest's CPUID, as userspace set it."""
+
+    entries: dict[tuple[int, int], CpuidEntry] = field(default_factory=dict)
+    #: functions whose result depends on ECX (the others ignore the subleaf)
+    indexed: set[int] = field(default_factory=set)
+
+    def set(self, entry: CpuidEntry, indexed: bool = False) -> None:
+        """Add or replace an entry."""
+        self.entries[(entry.function, entry.index if indexed else 0)] = entry
+        if indexed:
+            self.indexed.add(entry.function)
+
+    def lookup(self, function: int, index: int) -> tuple[int, int, int, int]:
+        """kvm_cpuid(): the entry's registers, or zeros for a leaf userspace did not set.
+
+        (KVM's out-of-range rule for Intel, returning the highest basic leaf, is not modelled:
+        every leaf the testbed's guests read is set explicitly.)
+        """
+        key = (function, index if function in self.indexed else 0)
+        e = self.entries.get(key)
+        if e is None:
+            return (0, 0, 0, 0)
+        return (e.eax, e.ebx, e.ecx, e.edx)
+
+    def eax(self, function: int) -> int:
+        """EAX of a leaf (e.g. the PV feature word)."""
+        return self.lookup(function, 0)[0]
+
+
+class KvmVm:
+    """One VM: what KVM_CREATE_VM returns and its VM-wide state."""
+
+    def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory) -> None:
+        self.type = vm_type
+        self.vendor = vendor
+        self.memory = memory
+        self.hypercall_exit_mask = 0
+        self.disabled_quirks = 0
+        self.cpuid = CpuidTable()
+        self.enforce_pv_feature_cpuid = False
+
+    # -- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP --------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM."""
+        if cap == KVM_CAP_EXIT_HYPERCALL:
+            return KVM_EXIT_HYPERCALL_VALID_MASK
+        if cap == KVM_CAP_DISABLE_QUIRKS2:
+            return KVM_X86_VALID_QUIRKS
+        if cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
+            return 1
+        if cap == KVM_CAP_VM_TYPES:
+            return sum(1 << t for t in KvmVmType if t != KvmVmType.KVM_X86_TDX_VM)
+        return 0
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP; raises KvmIoctlError(EINVAL) exactly where KVM does."""
+        arg0 = args[0] if args else 0
+        if cap == KVM_CAP_EXIT_HYPERCALL:
+            if arg0 & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+                raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", errno.EINVAL, f"mask 0x{arg0:x}")
+            self.hypercall_exit_mask = arg0
+        elif cap == KVM_CAP_DISABLE_QUIRKS2:
+            if arg0 & ~KVM_X86_VALID_QUIRKS:
+                raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2)", errno.EINVAL, f"quirks 0x{arg0:x}")
+            self.disabled_quirks |= arg0
+        elif cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
+            # A vCPU capability in KVM; the testbed has one vCPU, so it lives here.
+            self.enforce_pv_feature_cpuid = bool(arg0)
+        else:
+            raise KvmIoctlError("KVM_ENABLE_CAP", errno.EINVAL, f"capability {cap} not supported")
+
+    def quirk_enabled(self, quirk: int) -> bool:
+        """kvm_check_has_quirk()."""
+        return not self.disabled_quirks & quirk
+
+    def set_cpuid(self, table: CpuidTable) -> None:
+        """KVM_SET_CPUID2."""
+        self.cpuid = table
+
+    @property
+    def protected_state(self) -> bool:
+        """Guest register state is encrypted (SEV-ES, SNP, TDX): KVM cannot read it."""
+        return self.type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM, KvmVmType.KVM_X86_TDX_VM)
+
+    @property
+    def sev(self) -> bool:
+        """Any SEV flavour."""
+        return self.type in (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)

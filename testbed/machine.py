@@ -1,0 +1,163 @@
+"""Assembling a machine: hardware, KVM and the VMM wired together for one guest run.
+
+This is the composition root (and the Python API most tests use): it is the one place that
+knows every layer, so the layers themselves only know their neighbours' narrow interfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from testbed.asm import Program, assemble_files, assemble_source
+from testbed.errors import UsageError
+from testbed.hw.cipher import FrameCipher
+from testbed.hw.cpu import UnicornVcpu
+from testbed.hw.exits import Vendor
+from testbed.hw.memory import GuestMemory
+from testbed.kvm.uapi import (
+    KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+    KVM_CAP_EXIT_HYPERCALL,
+    KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
+    KvmVmType,
+)
+from testbed.kvm.vcpu import KvmVcpu
+from testbed.kvm.vm import KvmVm
+from testbed.layout import IMAGE_GPA, Layout
+from testbed.trace import Tracer
+from testbed.tracker import DEFAULT_TRACKER, make_tracker
+from testbed.vmm import boot
+from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, build_cpuid
+from testbed.vmm.map_gpa import MapGpaHandler
+from testbed.vmm.vmm import RunReport, SourceRef, Vmm
+from testbed.x86 import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, MSR_EFER, Reg
+from testbed.x86.paging import PagingMode
+
+GUESTS_DIR = Path(__file__).resolve().parent.parent / "guests"
+LIB_DIR = GUESTS_DIR / "lib"
+
+VM_TYPES: dict[str, KvmVmType] = {
+    "default": KvmVmType.KVM_X86_DEFAULT_VM,
+}
+
+
+@dataclass
+class VmOptions:
+    """Everything a run can be configured with (the `testbed run` flags)."""
+
+    vendor: Vendor = Vendor.AMD
+    vm_type: str = "default"
+    memory: int = 64 << 20
+    fix_hypercall: bool = True
+    map_gpa_exit: bool = True
+    pv_features: int | None = None
+    enforce_pv_cpuid: bool = True
+    timeout: float = 10.0
+    seed: int | None = None
+    c_bit: int = 51
+    tracker: str = DEFAULT_TRACKER
+    defines: dict[str, int | str] = field(default_factory=dict)
+    trace: IO[str] | None = None
+    record_exits: bool = True
+
+    def validate(self) -> None:
+        """Raise UsageError for combinations that do not exist."""
+        if self.vm_type not in VM_TYPES:
+            raise UsageError(f"unknown VM type {self.vm_type!r}: expected one of {', '.join(VM_TYPES)}")
+        Layout(self.memory)
+        if self.timeout <= 0:
+            raise UsageError(f"timeout must be positive, not {self.timeout}")
+
+
+def guest_defines(options: VmOptions) -> dict[str, int | str]:
+    """Layout defines plus the user's (-D NAME=VALUE); user values win."""
+    defines: dict[str, int | str] = dict(Layout(options.memory).defines())
+    defines.update(options.defines)
+    return defines
+
+
+def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
+    """Assemble prelude + guest + runtime at IMAGE_GPA."""
+    defines = guest_defines(options)
+    if text is not None:
+        prelude = (LIB_DIR / "prelude.s").read_text()
+        runtime = (LIB_DIR / "runtime.s").read_text()
+        # The text variant is for tests: the guest text sits between the two library files.
+        return assemble_source(prelude + "\n" + text + "\n" + runtime, filename=str(source), base=IMAGE_GPA,
+                               defines=defines, include_dirs=[LIB_DIR, GUESTS_DIR])
+    return assemble_files([LIB_DIR / "prelude.s", Path(source), LIB_DIR / "runtime.s"], base=IMAGE_GPA,
+                          defines=defines, include_dirs=[LIB_DIR, GUESTS_DIR])
+
+
+class Machine:
+    """One VM ready to run `program`."""
+
+    def __init__(self, program: Program, options: VmOptions) -> None:
+        options.validate()
+        self.options = options
+        self.program = program
+        self.tracer = Tracer(options.trace) if options.trace is not None else Tracer.disabled()
+        self.layout = Layout(options.memory)
+        vm_type = VM_TYPES[options.vm_type]
+        self.paging = PagingMode()
+        cipher = None
+        self.memory = GuestMemory(options.memory, cipher)
+        self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer)
+        host = self.memory.host_view()
+        self.kvm_vm = KvmVm(vm_type, options.vendor, host)
+        self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
+        self.cpu.hypervisor = self.kvm_vcpu
+        self._configure_kvm()
+        tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes)
+        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes)
+        asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
+        self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits)
+        self._boot()
+
+    def _configure_kvm(self) -> None:
+        o = self.options
+        vm = self.kvm_vm
+        if o.map_gpa_exit:
+            vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+        if not o.fix_hypercall:
+            vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_FIX_HYPERCALL_INSN)
+        vm.enable_cap(KVM_CAP_ENFORCE_PV_FEATURE_CPUID, 1 if o.enforce_pv_cpuid else 0)
+        pv = o.pv_features if o.pv_features is not None else DEFAULT_PV_FEATURES
+        if o.pv_features is None and o.map_gpa_exit:
+            # hypercalls.rst: advertise HC_MAP_GPA_RANGE only once the exit is enabled.
+            pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
+        vm.set_cpuid(build_cpuid(o.vendor, pv))
+
+    def _boot(self) -> None:
+        host = self.memory.host_view()
+        state = boot.prepare(host, self.program.code, 0)
+        cpu = self.cpu
+        cpu.set_descriptor_table("gdt", state.gdt_base, state.gdt_limit)
+        cpu.write_reg(Reg.CS, 0x08)
+        cpu.write_reg(Reg.SS, 0x10)
+        cpu.write_reg(Reg.DS, 0x10)
+        cpu.write_reg(Reg.ES, 0x10)
+        cpu.write_reg(Reg.CR3, state.cr3)
+        cpu.write_reg(Reg.CR4, CR4_PAE)
+        cpu.set_msr(MSR_EFER, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)
+        cpu.write_reg(Reg.CR0, CR0_PE | CR0_PG | (1 << 4))
+        entry = self.program.symbols.get("_start", IMAGE_GPA)
+        cpu.write_reg(Reg.RIP, entry)
+        cpu.write_reg(Reg.RSP, state.rsp)
+        cpu.write_reg(Reg.RFLAGS, 0x2)
+
+    def run(self) -> RunReport:
+        """Run to completion; the report says how it ended."""
+        return self.vmm.run(self.options.timeout)
+
+
+def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None) -> RunReport:
+    """Assemble and run a guest; the one-call API."""
+    options = options or VmOptions()
+    options.validate()
+    program = build_program(source, options, text=text)
+    return Machine(program, options).run()

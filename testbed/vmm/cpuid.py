@@ -1,0 +1,59 @@
+"""The CPUID the VMM gives the guest (KVM_SET_CPUID2), as QEMU builds it for each VM type."""
+
+from __future__ import annotations
+
+from testbed.hw.exits import Vendor
+from testbed.kvm.uapi import (
+    KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
+    KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_PV_SCHED_YIELD,
+    KVM_FEATURE_PV_SEND_IPI,
+    KVM_FEATURE_PV_UNHALT,
+)
+from testbed.kvm.vm import CpuidEntry, CpuidTable
+
+#: PV features advertised unless the user chooses: the ones the hypercall model implements.
+DEFAULT_PV_FEATURES = (1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD)
+
+PV_FEATURE_NAMES = {
+    "pv_unhalt": KVM_FEATURE_PV_UNHALT,
+    "pv_send_ipi": KVM_FEATURE_PV_SEND_IPI,
+    "pv_sched_yield": KVM_FEATURE_PV_SCHED_YIELD,
+    "hc_map_gpa_range": KVM_FEATURE_HC_MAP_GPA_RANGE,
+}
+
+# CPUID 0x8000001F.EAX bits (ABI.md section 6).
+SEV_BIT = 1 << 1
+SEV_ES_BIT = 1 << 3
+SEV_SNP_BIT = 1 << 4
+PHYS_ADDR_REDUCTION = 5
+
+
+def _regs(text: str) -> tuple[int, int, int]:
+    raw = text.encode()
+    return tuple(int.from_bytes(raw[i : i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+
+def build_cpuid(
+    vendor: Vendor,
+    pv_features: int,
+    sev_features: int = 0,
+    c_bit: int = 51,
+) -> CpuidTable:
+    """Leaves 0, 1, 0x40000000/1 (KVM signature and PV features), 0x80000000, 0x8000001F."""
+    table = CpuidTable()
+    vendor_text = "AuthenticAMD" if vendor is Vendor.AMD else "GenuineIntel"
+    ebx, edx, ecx = _regs(vendor_text)
+    table.set(CpuidEntry(0, 0, 0xD, ebx, ecx, edx))
+    family = 0x00A00F11 if vendor is Vendor.AMD else 0x000806F8  # Genoa / Sapphire Rapids
+    table.set(CpuidEntry(1, 0, family, 0, 1 << 31, 0))  # ECX[31]: hypervisor present
+    kb, kc, kd = _regs("KVMKVMKVM\0\0\0")
+    table.set(CpuidEntry(KVM_CPUID_SIGNATURE, 0, KVM_CPUID_FEATURES, kb, kc, kd))
+    table.set(CpuidEntry(KVM_CPUID_FEATURES, 0, pv_features, 0, 0, 0))
+    max_ext = 0x8000001F if vendor is Vendor.AMD else 0x80000008
+    table.set(CpuidEntry(0x80000000, 0, max_ext, 0, 0, 0))
+    if vendor is Vendor.AMD:
+        sev_ebx = (c_bit & 0x3F) | (PHYS_ADDR_REDUCTION << 6) if sev_features else 0
+        table.set(CpuidEntry(0x8000001F, 0, sev_features, sev_ebx, 0, 0))
+    return table

@@ -1,0 +1,78 @@
+"""The VMM's KVM_HC_MAP_GPA_RANGE handler: what userspace must check that KVM does not.
+
+KVM validates only alignment, npages != 0 and wrap-around (ABI.md 1.4); the attributes
+word, memslot membership and any size bound are left to userspace. This handler rejects
+reserved attribute bits (63:5) and an unknown page-size hint, refuses ranges outside guest
+memory, and bounds the number of pages one call may convert. Errors go back to the guest
+in `ret` as -KVM_EINVAL (the testbed's choice: QEMU also answers malformed requests with an
+error rather than killing the VM). Accepted calls update the shared-page tracker and notify
+`on_convert` (the memory-attribute update in kvm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from testbed.kvm.hypercall import neg
+from testbed.kvm.uapi import (
+    KVM_EINVAL,
+    KVM_MAP_GPA_RANGE_ENC_STAT_MASK,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+    KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
+)
+from testbed.tracker import SharedTracker
+from testbed.x86 import PAGE_SHIFT
+
+MAP_GPA_RANGE_VALID_ATTRS = KVM_MAP_GPA_RANGE_PAGE_SZ_MASK | KVM_MAP_GPA_RANGE_ENC_STAT_MASK
+_VALID_PAGE_SIZES = (KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_1G)
+
+
+class MapGpaHandler:
+    """Validates MAP_GPA_RANGE exits and applies them to the tracker."""
+
+    def __init__(
+        self,
+        tracker: SharedTracker,
+        guest_pages: int,
+        max_pages_per_call: int | None = None,
+        on_convert: Callable[[int, int, bool], int] | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.guest_pages = guest_pages
+        self.max_pages_per_call = max_pages_per_call if max_pages_per_call is not None else guest_pages
+        self.on_convert = on_convert
+        self.rejected = 0
+
+    def check(self, gpa: int, npages: int, attrs: int) -> str | None:
+        """Why the request is refused, or None."""
+        if attrs & ~MAP_GPA_RANGE_VALID_ATTRS:
+            return f"attrs 0x{attrs:x}: reserved bits 63:5 set"
+        if attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK not in _VALID_PAGE_SIZES:
+            return f"attrs 0x{attrs:x}: page-size hint {attrs & 0xF} is not 4K, 2M or 1G"
+        gfn = gpa >> PAGE_SHIFT
+        if gpa & 0xFFF or npages == 0:
+            return f"gpa 0x{gpa:x} / npages {npages}: misaligned or empty"
+        if npages > self.max_pages_per_call:
+            return f"npages {npages} exceeds the per-call bound {self.max_pages_per_call}"
+        if gfn + npages > self.guest_pages:
+            return f"gpa 0x{gpa:x} + {npages} pages is outside guest memory ({self.guest_pages} pages)"
+        return None
+
+    def handle(self, gpa: int, npages: int, attrs: int) -> int:
+        """Returns the value for run->hypercall.ret (0 or -errno as u64)."""
+        if self.check(gpa, npages, attrs) is not None:
+            self.rejected += 1
+            return neg(KVM_EINVAL)
+        gfn = gpa >> PAGE_SHIFT
+        private = bool(attrs & KVM_MAP_GPA_RANGE_ENC_STAT_MASK)
+        if self.on_convert is not None:
+            err = self.on_convert(gfn, npages, private)
+            if err:
+                return neg(err)
+        if private:
+            self.tracker.set_private(gfn, npages)
+        else:
+            self.tracker.set_shared(gfn, npages)
+        return 0

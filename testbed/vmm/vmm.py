@@ -1,0 +1,237 @@
+"""The userspace VMM: what QEMU does around KVM_RUN.
+
+It configures the VM through KVM's verbs (capabilities, CPUID), handles every user exit —
+ucalls over port I/O, KVM_HC_MAP_GPA_RANGE into the shared-page tracker — and turns the run
+into a `RunReport`. It sees only what real userspace sees: kvm_run exits and the host's view
+of guest memory (ciphertext where a page is private); it never reads guest registers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.hw.exits import RunStop, StopReason
+from testbed.hw.memory import HostMemory
+from testbed.kvm.uapi import (
+    KVM_EXIT_IO_OUT,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_SYSTEM_EVENT_SEV_TERM,
+    HltExit,
+    HypercallExit,
+    InternalErrorExit,
+    IoExit,
+    KvmExit,
+    MemoryFaultExit,
+    ShutdownExit,
+    SystemEventExit,
+    exit_name,
+)
+from testbed.kvm.vcpu import KvmVcpu
+from testbed.layout import UCALL_PORT
+from testbed.trace import Tracer
+from testbed.vmm.map_gpa import MapGpaHandler
+from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
+
+OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "internal_error")
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a guest assert is written (file, line)."""
+
+    file: str
+    line: int
+
+
+@dataclass
+class RunReport:
+    """Everything a run produced, in the shape of `testbed run --json`."""
+
+    outcome: str = "timeout"
+    detail: str = ""
+    ucalls: list[dict[str, Any]] = field(default_factory=list)
+    exception: dict[str, int] | None = None
+    user_exits: list[dict[str, Any]] = field(default_factory=list)
+    shared_ranges: list[list[int]] = field(default_factory=list)
+    exit_counts: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+    termination: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """The guest reached GUEST_DONE."""
+        return self.outcome == "done"
+
+    def syncs(self) -> list[int]:
+        """The values of every GUEST_SYNC, in order."""
+        return [u["args"][0] for u in self.ucalls if u["cmd"] == "sync"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` object."""
+        out: dict[str, Any] = {
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "ucalls": self.ucalls,
+            "exception": self.exception,
+            "user_exits": self.user_exits,
+            "shared_ranges": self.shared_ranges,
+            "stats": {"exits": dict(self.exit_counts), "wall_s": round(self.wall_s, 6)},
+        }
+        if self.termination is not None:
+            out["termination"] = self.termination
+        out.update(self.extra)
+        return out
+
+
+class Vmm:
+    """Runs one vCPU to completion and records what userspace saw."""
+
+    def __init__(
+        self,
+        vcpu: KvmVcpu,
+        memory: HostMemory,
+        map_gpa: MapGpaHandler,
+        asserts: dict[int, SourceRef] | None = None,
+        tracer: Tracer | None = None,
+        record_exits: bool = True,
+    ) -> None:
+        self.vcpu = vcpu
+        self.memory = memory
+        self.map_gpa = map_gpa
+        self.asserts = asserts or {}
+        self.tracer = tracer if tracer is not None else Tracer.disabled()
+        self.record_exits = record_exits
+        self.report = RunReport()
+        self._final: tuple[str, str] | None = None
+
+    # ---------------------------------------------------------------- the run loop
+    def run(self, timeout_s: float) -> RunReport:
+        """Call KVM_RUN until the guest finishes, fails, or the time runs out."""
+        start = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        while self._final is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._finish("timeout", f"guest did not finish within {timeout_s:g} s")
+                break
+            stop = self.vcpu.run(self, remaining)
+            self._on_stop(stop, timeout_s)
+        self.report.wall_s = time.perf_counter() - start
+        assert self._final is not None
+        self.report.outcome, self.report.detail = self._final
+        self.report.shared_ranges = [[gfn, n] for gfn, n in self.map_gpa.tracker.shared_ranges()]
+        if self.map_gpa.tracker.poisoned:
+            self.report.extra["tracker_poisoned"] = True
+        self.tracer.emit("vmm", "end", outcome=self.report.outcome, detail=self.report.detail)
+        return self.report
+
+    def _on_stop(self, stop: RunStop, timeout_s: float) -> None:
+        if stop.reason is StopReason.TIMEOUT:
+            self._finish("timeout", f"guest did not finish within {timeout_s:g} s")
+        elif stop.reason is StopReason.EMULATOR_ERROR:
+            self._finish("internal_error", f"emulator: {stop.detail}")
+
+    def _finish(self, outcome: str, detail: str = "") -> None:
+        if self._final is None:
+            self._final = (outcome, detail)
+
+    # ------------------------------------------------------------------- exits
+    def handle_exit(self, run: KvmExit) -> bool:
+        """Userspace's half of KVM_RUN: True re-enters the guest, False stops."""
+        name = exit_name(run.reason)
+        self.report.exit_counts[name] += 1
+        if isinstance(run, IoExit):
+            return self._handle_io(run)
+        if isinstance(run, HypercallExit):
+            if run.nr == KVM_HC_MAP_GPA_RANGE:
+                run.ret = self.map_gpa.handle(run.args[0], run.args[1], run.args[2])
+            self._record({"reason": "hypercall", "nr": run.nr, "args": list(run.args), "ret": run.ret,
+                          "flags": run.flags})
+            return True
+        if isinstance(run, HltExit):
+            self._record({"reason": "hlt"})
+            self._finish("timeout", "vCPU halted with nothing to wake it (no interrupts are modelled)")
+            return False
+        if isinstance(run, ShutdownExit):
+            self._record({"reason": "shutdown"})
+            self._finish("shutdown", "triple fault")
+            return False
+        if isinstance(run, SystemEventExit):
+            self._record({"reason": "system_event", "type": run.type, "data": list(run.data)})
+            if run.type == KVM_SYSTEM_EVENT_SEV_TERM and run.data:
+                value = run.data[0]
+                self.report.termination = {"reason_set": (value >> 12) & 0xF, "reason_code": (value >> 16) & 0xFF}
+                self._finish("terminated", f"guest requested termination (GHCB MSR 0x{value:x})")
+            else:
+                self._finish("terminated", f"system event {run.type}")
+            return False
+        if isinstance(run, MemoryFaultExit):
+            self._record({"reason": "memory_fault", "flags": run.flags, "gpa": run.gpa, "size": run.size})
+            self._finish("internal_error", f"memory fault at gpa 0x{run.gpa:x}")
+            return False
+        if isinstance(run, InternalErrorExit):
+            self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail})
+            self._finish("internal_error", run.detail)
+            return False
+        self._finish("internal_error", f"unexpected exit {name}")
+        return False
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self.record_exits:
+            self.report.user_exits.append(entry)
+        if self.tracer.enabled:
+            self.tracer.emit("vmm", "exit", **entry)
+
+    def _handle_io(self, run: IoExit) -> bool:
+        value = int.from_bytes(run.data[: run.size], "little")
+        self._record({"reason": "io", "direction": "out" if run.direction == KVM_EXIT_IO_OUT else "in",
+                      "port": run.port, "size": run.size, "value": value})
+        if run.direction != KVM_EXIT_IO_OUT:
+            run.data[:] = b"\xff" * run.size  # no device: reads float high
+            return True
+        if run.port != UCALL_PORT:
+            return True  # no device: writes are dropped
+        try:
+            ucall = read_ucall(self.memory, value)
+        except UcallError as exc:
+            self._finish("internal_error", f"bad ucall: {exc}")
+            return False
+        return self._handle_ucall(ucall)
+
+    def _handle_ucall(self, ucall: Ucall) -> bool:
+        entry: dict[str, Any] = {"cmd": ucall.name, "args": list(ucall.args)}
+        if self.tracer.enabled:
+            self.tracer.emit("guest", "ucall", cmd=ucall.name, args=list(ucall.args))
+        if ucall.cmd == UcallCmd.UCALL_SYNC:
+            self.report.ucalls.append(entry)
+            return True
+        if ucall.cmd == UcallCmd.UCALL_DONE:
+            self.report.ucalls.append(entry)
+            self._finish("done")
+            return False
+        if ucall.cmd == UcallCmd.UCALL_ABORT:
+            site, a, b = (list(ucall.args) + [0, 0, 0])[:3]
+            where = self.asserts.get(site)
+            entry = {"cmd": "abort", "args": [a, b]}
+            if where is not None:
+                entry["file"], entry["line"] = where.file, where.line
+                loc = f"{where.file}:{where.line}"
+            else:
+                loc = f"unknown assert site {site}"
+            self.report.ucalls.append(entry)
+            self._finish("guest_assert", f"{loc}: GUEST_ASSERT_EQ failed: 0x{a:x} != 0x{b:x}")
+            return False
+        if ucall.cmd == UcallCmd.UCALL_UNHANDLED:
+            vector, error, rip = (list(ucall.args) + [0, 0, 0])[:3]
+            self.report.exception = {"vector": vector, "error_code": error, "rip": rip}
+            from testbed.x86 import vector_name
+
+            self._finish("unhandled_exception",
+                         f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}")
+            return False
+        self._finish("internal_error", f"unknown ucall command {ucall.cmd}")
+        return False

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from testbed.asm import Program, assemble_files, assemble_source
+from testbed.decode import describe
 from testbed.errors import UsageError
 from testbed.hw.cipher import FrameCipher
 from testbed.hw.cpu import UnicornVcpu
@@ -31,10 +32,25 @@ from testbed.layout import IMAGE_GPA, Layout
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
 from testbed.vmm import boot
-from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, build_cpuid
+from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, build_cpuid
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.vmm import RunReport, SourceRef, Vmm
-from testbed.x86 import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE, MSR_EFER, Reg
+from testbed.x86 import (
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    EFER_SCE,
+    MSR_AMD64_SEV,
+    MSR_EFER,
+    Reg,
+)
+
+SEV_STATUS_SEV = 1 << 0
+SEV_STATUS_SEV_ES = 1 << 1
+SEV_STATUS_SNP = 1 << 2
 from testbed.x86.paging import PagingMode
 
 GUESTS_DIR = Path(__file__).resolve().parent.parent / "guests"
@@ -42,7 +58,9 @@ LIB_DIR = GUESTS_DIR / "lib"
 
 VM_TYPES: dict[str, KvmVmType] = {
     "default": KvmVmType.KVM_X86_DEFAULT_VM,
+    "sev": KvmVmType.KVM_X86_SEV_VM,
 }
+AMD_ONLY_VM_TYPES = ("sev", "sev-es", "sev-snp")
 
 
 @dataclass
@@ -68,6 +86,10 @@ class VmOptions:
         """Raise UsageError for combinations that do not exist."""
         if self.vm_type not in VM_TYPES:
             raise UsageError(f"unknown VM type {self.vm_type!r}: expected one of {', '.join(VM_TYPES)}")
+        if self.vm_type in AMD_ONLY_VM_TYPES and self.vendor is not Vendor.AMD:
+            raise UsageError(f"VM type {self.vm_type} needs an AMD vCPU (--vendor amd), not {self.vendor.value}")
+        if not 32 <= self.c_bit <= 51:
+            raise UsageError(f"C-bit position must be between 32 and 51, not {self.c_bit}")
         Layout(self.memory)
         if self.timeout <= 0:
             raise UsageError(f"timeout must be positive, not {self.timeout}")
@@ -103,10 +125,18 @@ class Machine:
         self.tracer = Tracer(options.trace) if options.trace is not None else Tracer.disabled()
         self.layout = Layout(options.memory)
         vm_type = VM_TYPES[options.vm_type]
-        self.paging = PagingMode()
-        cipher = None
+        self.sev = vm_type in (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
+        self.c_bit_mask = (1 << options.c_bit) if self.sev else 0
+        self.paging = PagingMode(enc_mask=self.c_bit_mask)
+        cipher = FrameCipher.from_seed(options.seed) if self.sev else None
         self.memory = GuestMemory(options.memory, cipher)
         self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer)
+        if self.sev:
+            # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
+            status = SEV_STATUS_SEV
+            self.cpu.hw_msrs[MSR_AMD64_SEV] = (lambda: status, None)
+        self.ud_explanations: list[dict[str, object]] = []
+        self.cpu.on_guest_ud = self._explain_guest_ud
         host = self.memory.host_view()
         self.kvm_vm = KvmVm(vm_type, options.vendor, host)
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
@@ -130,11 +160,16 @@ class Machine:
         if o.pv_features is None and o.map_gpa_exit:
             # hypercalls.rst: advertise HC_MAP_GPA_RANGE only once the exit is enabled.
             pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
-        vm.set_cpuid(build_cpuid(o.vendor, pv))
+        sev_features = SEV_BIT if self.sev else 0
+        vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
 
     def _boot(self) -> None:
         host = self.memory.host_view()
-        state = boot.prepare(host, self.program.code, 0)
+        state = boot.prepare(host, self.program.code, self.c_bit_mask)
+        if self.sev:
+            # KVM_SEV_LAUNCH_UPDATE_DATA: what the VMM prepared is encrypted in place.
+            for gpa, length in boot.launch_regions(len(self.program.code)):
+                self.memory.launch_encrypt(gpa, length)
         cpu = self.cpu
         cpu.set_descriptor_table("gdt", state.gdt_base, state.gdt_limit)
         cpu.write_reg(Reg.CS, 0x08)
@@ -150,9 +185,36 @@ class Machine:
         cpu.write_reg(Reg.RSP, state.rsp)
         cpu.write_reg(Reg.RFLAGS, 0x2)
 
+    def _explain_guest_ud(self, rip: int, guest_bytes: bytes) -> None:
+        """Explanation, not a model of KVM: what the host would read at a #UD's RIP.
+
+        Today's KVM does not intercept #UD for SEV guests, so it never looks; this records
+        what it *would* read and decode if it tried - ciphertext - beside the guest's view.
+        """
+        try:
+            gpa = self.cpu.gva_to_gpa(rip)
+        except Exception:
+            return
+        host_bytes = self.memory.host_read(gpa, len(guest_bytes))
+        entry: dict[str, object] = {
+            "label": "explanation: what the host would read if it decoded this #UD",
+            "rip": rip,
+            "gpa": gpa,
+            "guest_bytes": guest_bytes.hex(),
+            "guest_decode": describe(guest_bytes),
+            "host_bytes": host_bytes.hex(),
+            "host_decode": describe(host_bytes),
+            "kvm_intercepts_ud": not self.sev,
+        }
+        self.ud_explanations.append(entry)
+        self.tracer.emit("hw", "ud_host_view", **entry)
+
     def run(self) -> RunReport:
         """Run to completion; the report says how it ended."""
-        return self.vmm.run(self.options.timeout)
+        report = self.vmm.run(self.options.timeout)
+        if self.ud_explanations:
+            report.extra["ud_host_view"] = self.ud_explanations
+        return report
 
 
 def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None) -> RunReport:

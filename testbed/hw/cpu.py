@@ -247,6 +247,10 @@ class UnicornVcpu:
         self._shutdown = False
         self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last fill)
         self._exec_frames: set[int] = set()  # frames code has been fetched from
+        self._scanned_frames: set[int] = set()  # exec frames whose MSR sites are hooked
+        self._msr_sites: set[int] = set()  # guest-virtual addresses with an MSR-site hook
+        #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)
+        self.hw_msrs: dict[int, tuple[Callable[[], int], Callable[[int], bool] | None]] = {}
         self._cs64_cache: dict[int, bool] = {}
         self._old_exc_off = old_exception_offset()
         self._uc_ctx = self._uc.context_save()
@@ -451,11 +455,23 @@ class UnicornVcpu:
             self._pending_npf = (gpa | (vaddr & 0xFFF), access)
             return False
         frame = gpa >> PAGE_SHIFT
+        # W^X at the TLB for code frames: EXEC is granted only by fetch fills (which scan the
+        # frame for MSR instructions first) and WRITE only while the frame is not known code,
+        # so guest self-modifying code is rescanned before it runs (the canary tests pin it).
+        if access == ACCESS_FETCH:
+            if frame not in self._scanned_frames:
+                self._scan_msr_sites(frame, vaddr & ~0xFFF, result.encrypted or mem.encrypted)
+            self._exec_frames.add(frame)
+        elif access == ACCESS_WRITE and frame in self._exec_frames:
+            self._exec_frames.discard(frame)
+            self._scanned_frames.discard(frame)
+        code_frame = frame in self._exec_frames
         perms = ucc.UC_PROT_READ
-        if result.writable:
+        if result.writable and not code_frame:
             perms |= ucc.UC_PROT_WRITE
+        exec_ok = result.executable and code_frame
         if not mem.encrypted:
-            if result.executable:
+            if exec_ok:
                 perms |= ucc.UC_PROT_EXEC
             upa = gpa
         elif access == ACCESS_FETCH or result.encrypted:
@@ -463,7 +479,7 @@ class UnicornVcpu:
             mem.make_private(frame)
             upa = PRIVATE_ALIAS_BASE + gpa
             if result.encrypted:
-                if result.executable:
+                if exec_ok:
                     perms |= ucc.UC_PROT_EXEC
             else:
                 perms = ucc.UC_PROT_EXEC  # data accesses through this C=0 mapping use DRAM
@@ -471,8 +487,6 @@ class UnicornVcpu:
             mem.make_dram(frame)
             upa = gpa
             # no EXEC: a fetch through this C=0 mapping must refill towards the private alias
-        if access == ACCESS_FETCH:
-            self._exec_frames.add(frame)
         self._xlat[vaddr >> PAGE_SHIFT] = upa
         e = entry.contents
         e.paddr = upa
@@ -485,19 +499,81 @@ class UnicornVcpu:
 
     def flush_tlb(self) -> None:
         """Drop every cached translation (UC_CTL_TLB_FLUSH)."""
-        self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_NONE)
+        self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
         self._xlat.clear()
         self._cs64_cache.clear()
 
     def _on_host_write(self, gpa: int, length: int) -> None:
         first = gpa >> PAGE_SHIFT
         last = (gpa + max(length, 1) - 1) >> PAGE_SHIFT
-        if any(f in self._exec_frames for f in range(first, last + 1)):
+        hit = [f for f in range(first, last + 1) if f in self._exec_frames]
+        if hit:
+            for f in hit:
+                self._exec_frames.discard(f)
+                self._scanned_frames.discard(f)
+            self.flush_tlb()
             self.flush_code()
 
     def flush_code(self) -> None:
         """Drop translated code: needed after the host rewrites guest instructions."""
         self._uc.ctl_flush_tb()
+
+    # ------------------------------------------------------------- MSR instruction sites
+    def _scan_msr_sites(self, frame: int, va_page: int, private: bool) -> None:
+        """Hook every RDMSR/WRMSR byte pattern on a code page before Unicorn translates it.
+
+        Unicorn offers no RDMSR/WRMSR hook and silently drops MSRs QEMU does not model
+        (UNICORN.md), so MSRs the hardware owns (SEV_STATUS, the GHCB MSR) need a per-address
+        code hook at each instruction. A hook on bytes that are not an instruction start never
+        fires, so matching the byte patterns over the whole page is exact enough.
+        """
+        self._scanned_frames.add(frame)
+        page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
+        for pattern in (b"\x0f\x30", b"\x0f\x32"):
+            start = 0
+            while (off := page.find(pattern, start)) >= 0:
+                start = off + 1
+                va = va_page + off
+                if va not in self._msr_sites:
+                    self._msr_sites.add(va)
+                    self._add_code_hook(va)
+
+    def _add_code_hook(self, va: int) -> None:
+        cb = _CODE_CFUNC(self._guard(self._on_msr_site, None))
+        self._callbacks.append(cb)
+        hh = ucpy.uc_hook_h()
+        status = self._lib.uc_hook_add(
+            self._h, ctypes.byref(hh), ucc.UC_HOOK_CODE, ctypes.cast(cb, ctypes.c_void_p), None,
+            ctypes.c_uint64(va), ctypes.c_uint64(va),
+        )
+        if status != ucc.UC_ERR_OK:
+            raise HardwareError(f"uc_hook_add(code @0x{va:x}) failed: {unicorn.UcError(status)}")
+
+    def _on_msr_site(self, _h: Any, address: int, _size: int, _ud: Any) -> None:
+        insn = self._fetch_at_rip(address, 2)
+        if insn not in (b"\x0f\x30", b"\x0f\x32"):
+            return  # the page changed since the scan; the rescan hooks the new sites
+        index = self._rd(_UC_REG[Reg.RCX]) & 0xFFFFFFFF
+        handler = self.hw_msrs.get(index)
+        if handler is None:
+            return  # not a hardware-owned MSR: Unicorn's own MSR emulation runs
+        read, write = handler
+        self._cur_rip = address
+        self._cur_len = 2
+        if insn == b"\x0f\x32":
+            value = read()
+            self._wr(_UC_REG[Reg.RAX], value & 0xFFFFFFFF)
+            self._wr(_UC_REG[Reg.RDX], (value >> 32) & 0xFFFFFFFF)
+        else:
+            value = (self._rd(_UC_REG[Reg.RAX]) & 0xFFFFFFFF) | ((self._rd(_UC_REG[Reg.RDX]) & 0xFFFFFFFF) << 32)
+            if write is None or not write(value):
+                self._ctx = _CTX_INVALID
+                try:
+                    self._deliver_now(Vector.GP, 0)
+                finally:
+                    self._ctx = _CTX_NONE
+                return
+        self._wr(_RIP, address + 2)
 
     # ----------------------------------------------------------- instruction intercepts
     def _fetch_at_rip(self, rip: int, n: int) -> bytes:

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated KVM PV features to advertise (pv_unhalt, pv_send_ipi, pv_sched_yield, "
                           "hc_map_gpa_range) or 'none'; default: all modelled")
     run.add_argument("--tracker", default=None, help="shared-page tracker: bitmap, ranges or tree")
+    run.add_argument("--max-ranges", type=int, default=None, help="tracker bound (records) before it is poisoned")
+    run.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
+                     help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "
+                          "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
+    run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
+                     help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
     run.add_argument("--timeout", type=float, default=10.0, help="seconds before the run ends as 'timeout' (default 10)")
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON Lines to this file")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -152,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.timeout = args.timeout
     if args.tracker:
         options.tracker = args.tracker
+    options.max_ranges = args.max_ranges
+    options.hc_protocol = args.hc_protocol
+    options.implicit_conversion = args.implicit_conversion
     if args.pv_features is not None:
         options.pv_features = _parse_pv_features(args.pv_features)
     if not args.guest.is_file():

@@ -21,13 +21,16 @@ from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_EINVAL,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_HC_MAP_GPA_RANGE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
 from testbed.kvm.vcpu import KvmVcpu
-from testbed.kvm.vm import KvmVm
+from testbed.kvm.vm import KvmIoctlError, KvmVm
 from testbed.layout import IMAGE_GPA, Layout
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
@@ -58,8 +61,11 @@ LIB_DIR = GUESTS_DIR / "lib"
 
 VM_TYPES: dict[str, KvmVmType] = {
     "default": KvmVmType.KVM_X86_DEFAULT_VM,
+    "sw-protected": KvmVmType.KVM_X86_SW_PROTECTED_VM,
     "sev": KvmVmType.KVM_X86_SEV_VM,
 }
+HC_PROTOCOLS = ("map-gpa-range", "page-enc-status")
+IMPLICIT_CONVERSION_POLICIES = ("convert", "refuse")
 AMD_ONLY_VM_TYPES = ("sev", "sev-es", "sev-snp")
 
 
@@ -81,6 +87,9 @@ class VmOptions:
     defines: dict[str, int | str] = field(default_factory=dict)
     trace: IO[str] | None = None
     record_exits: bool = True
+    hc_protocol: str = "map-gpa-range"
+    implicit_conversion: str = "convert"
+    max_ranges: int | None = None
 
     def validate(self) -> None:
         """Raise UsageError for combinations that do not exist."""
@@ -91,6 +100,11 @@ class VmOptions:
         if not 32 <= self.c_bit <= 51:
             raise UsageError(f"C-bit position must be between 32 and 51, not {self.c_bit}")
         Layout(self.memory)
+        if self.hc_protocol not in HC_PROTOCOLS:
+            raise UsageError(f"unknown hypercall protocol {self.hc_protocol!r}: expected {', '.join(HC_PROTOCOLS)}")
+        if self.implicit_conversion not in IMPLICIT_CONVERSION_POLICIES:
+            raise UsageError(f"unknown implicit-conversion policy {self.implicit_conversion!r}: expected "
+                             f"{', '.join(IMPLICIT_CONVERSION_POLICIES)}")
         if self.timeout <= 0:
             raise UsageError(f"timeout must be positive, not {self.timeout}")
 
@@ -98,6 +112,8 @@ class VmOptions:
 def guest_defines(options: VmOptions) -> dict[str, int | str]:
     """Layout defines plus the user's (-D NAME=VALUE); user values win."""
     defines: dict[str, int | str] = dict(Layout(options.memory).defines())
+    if options.hc_protocol == "page-enc-status":
+        defines["HC_PROTOCOL_PAGE_ENC_STATUS"] = 1
     defines.update(options.defines)
     return defines
 
@@ -142,10 +158,20 @@ class Machine:
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
         self.cpu.hypervisor = self.kvm_vcpu
         self._configure_kvm()
-        tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes)
-        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes)
+        if self.kvm_vm.mem_attrs is not None:
+            # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
+            self.cpu.stage2_private = self.kvm_vm.mem_attrs.private
+            self.kvm_vm.on_attributes_changed = self.cpu.flush_tlb
+        extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
+        tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
+        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, on_convert=self._set_attributes)
         asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
-        self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits)
+        self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits,
+                       implicit_conversion=options.implicit_conversion)
+        if options.hc_protocol == "page-enc-status":
+            self.kvm_vm.page_enc_status_protocol = True
+            # KVM_GET_PAGE_ENC_BITMAP: the state lives in KVM, the VMM reads it at the end.
+            self.vmm.shared_source = self.kvm_vm.page_enc_bitmap
         self._boot()
 
     def _configure_kvm(self) -> None:
@@ -162,6 +188,19 @@ class Machine:
             pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
         sev_features = SEV_BIT if self.sev else 0
         vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
+
+    def _set_attributes(self, gfn: int, npages: int, private: bool) -> int:
+        """The VMM's KVM_SET_MEMORY_ATTRIBUTES call for a conversion; 0 or a KVM error number.
+
+        Only VMs whose KVM reports KVM_CAP_MEMORY_ATTRIBUTES have attributes to set; for the
+        others the conversion is bookkeeping in the VMM's tracker alone."""
+        if not self.kvm_vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            return 0
+        try:
+            self.kvm_vm.set_memory_attributes(gfn << 12, npages << 12, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+        except KvmIoctlError:
+            return KVM_EINVAL
+        return 0
 
     def _boot(self) -> None:
         host = self.memory.host_view()
@@ -208,6 +247,16 @@ class Machine:
         }
         self.ud_explanations.append(entry)
         self.tracer.emit("hw", "ud_host_view", **entry)
+
+    def boot_to(self, address: int) -> None:
+        """Run the guest until RIP reaches `address` (e.g. guest_main, after the runtime booted)."""
+        self.cpu.breakpoint = address
+        try:
+            stop = self.kvm_vcpu.run(self.vmm, self.options.timeout)
+        finally:
+            self.cpu.breakpoint = (1 << 64) - 1
+        if stop.detail != "breakpoint":
+            raise UsageError(f"the guest did not reach 0x{address:x} ({stop.reason.value} {stop.detail}".strip() + ")")
 
     def run(self) -> RunReport:
         """Run to completion; the report says how it ended."""

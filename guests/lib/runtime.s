@@ -39,8 +39,22 @@ _start:
     call rt_setup_idt
     call rt_setup_paging
     call rt_setup_hypercall
+    call rt_share_ucall_page
     call guest_main
     call rt_ucall_done
+
+# On SEV the ucall page is mapped without the C-bit; tell the host it is shared, as Linux
+# does for every page it decrypts (set_memory_decrypted).
+rt_share_ucall_page:
+    mov rdi, RT_DATA
+    mov rax, qword ptr [rdi + 0x800]
+    test rax, rax
+    jz rt_share_ucall_done
+    mov rdi, UCALL_GPA
+    mov rsi, 1
+    call set_memory_shared
+rt_share_ucall_done:
+    ret
 
 # --- technology detection -------------------------------------------------------------------
 rt_detect_sev:
@@ -304,6 +318,120 @@ rt_pte_address:
     mov rcx, RT_PT
     add rax, rcx
     pop rcx
+    ret
+
+# --- private <-> shared conversions ----------------------------------------------------------
+# set_memory_shared / set_memory_private: rdi = gpa (identity-mapped), rsi = npages (4 KiB).
+# rax = 0 on success, the negative error otherwise. As Linux's __set_memory_enc_pgtable() with
+# kvm_sev_hc_page_enc_status(): on SEV flip the C-bit in our own PTEs and flush them, then
+# tell the host with KVM_HC_MAP_GPA_RANGE (ENC_STAT(enc) | PAGE_SZ_4K) - through VMMCALL on
+# SEV (kvm_sev_hypercall3), through the native instruction elsewhere. The host is told only if
+# it advertises KVM_FEATURE_HC_MAP_GPA_RANGE (CPUID 0x40000001 bit 16), as Linux checks; with
+# HC_PROTOCOL_PAGE_ENC_STATUS defined, the seed-era KVM_HC_PAGE_ENC_STATUS (same number 12,
+# a2 = enc as 0/1) is used instead.
+.ifndef HC_PROTOCOL_PAGE_ENC_STATUS
+.equ HC_PROTOCOL_PAGE_ENC_STATUS, 0
+.endif
+
+set_memory_shared:
+    push rdx
+    xor edx, edx
+    call rt_set_memory_enc
+    pop rdx
+    ret
+
+set_memory_private:
+    push rdx
+    mov edx, 1
+    call rt_set_memory_enc
+    pop rdx
+    ret
+
+# rdi = gpa, rsi = npages, rdx = enc (1 private, 0 shared)
+rt_set_memory_enc:
+    push rbx
+    push rcx
+    push r8
+    push r9
+    push r10
+    push r11
+    mov r11, rdx
+    mov rax, -22                       # -EINVAL for a misaligned or empty request
+    test rdi, 0xfff
+    jnz rt_sme_out
+    test rsi, rsi
+    jz rt_sme_out
+    mov rax, GUEST_MEM_SIZE
+    shr rax, 12
+    mov rcx, rdi
+    shr rcx, 12
+    add rcx, rsi
+    cmp rcx, rax
+    mov rax, -22
+    ja rt_sme_out
+    # 1. our own page tables (SEV only): C-bit on for private, off for shared
+    mov r8, RT_DATA
+    mov r10, qword ptr [r8 + 0x800]    # C-bit mask
+    test r10, r10
+    jz rt_sme_notify
+    mov r8, rdi
+    mov r9, rsi
+rt_sme_pte_loop:
+    push rdi
+    mov rdi, r8
+    call rt_pte_address
+    pop rdi
+    mov rcx, qword ptr [rax]
+    test r11, r11
+    jz rt_sme_clear
+    or rcx, r10
+    jmp rt_sme_store
+rt_sme_clear:
+    mov rbx, r10
+    not rbx
+    and rcx, rbx
+rt_sme_store:
+    mov qword ptr [rax], rcx
+    invlpg [r8]
+    add r8, 4096
+    dec r9
+    jnz rt_sme_pte_loop
+rt_sme_notify:
+    # 2. tell the host, if it offers the hypercall
+    mov r8, rdi
+    mov r9, rsi
+    push rdx
+    mov eax, KVM_CPUID_FEATURES
+    xor ecx, ecx
+    cpuid
+    pop rdx
+    bt eax, KVM_FEATURE_HC_MAP_GPA_RANGE
+    mov rax, 0
+    jnc rt_sme_out
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, r8
+    mov rcx, r9
+.if HC_PROTOCOL_PAGE_ENC_STATUS
+    mov rdx, r11                       # seed-era ABI: a2 = enc (1 encrypted, 0 decrypted)
+.else
+    mov rdx, r11
+    shl rdx, 4                         # KVM_MAP_GPA_RANGE_ENC_STAT(enc) | PAGE_SZ_4K
+.endif
+    mov r10, RT_DATA
+    mov r10, qword ptr [r10 + 0x800]
+    test r10, r10
+    jz rt_sme_native
+    vmmcall                            # kvm_sev_hypercall3: never VMCALL on SEV
+    jmp rt_sme_out
+rt_sme_native:
+    call rt_kvm_hypercall
+rt_sme_out:
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rcx
+    pop rbx
     ret
 
 # --- hypercall instruction (Linux's alternatives: patched once at boot) -----------------------

@@ -106,6 +106,9 @@ _UC_REG = {
     Reg.CR4: ux.UC_X86_REG_CR4,
 }
 
+#: Reg -> Unicorn register id, indexable by the IntEnum (list indexing avoids Enum hashing).
+_UC_REG_BY_INDEX = tuple(_UC_REG[Reg(i)] for i in range(len(Reg)))
+
 _RIP = ux.UC_X86_REG_RIP
 _CS = ux.UC_X86_REG_CS
 _CR0 = ux.UC_X86_REG_CR0
@@ -129,6 +132,17 @@ _OUT_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_i
 _IN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
 _CPUID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+#: Nested-page-fault error-code bits the hardware reports (PFERR_* in KVM's mmu.h).
+NPF_WRITE = 1 << 1
+NPF_FETCH = 1 << 4
+NPF_GUEST_ENC = 1 << 34  # PFERR_GUEST_ENC_MASK: the access had the C-bit set
+
+
+def _npf_error(access: int, private: bool) -> int:
+    err = NPF_WRITE if access == ACCESS_WRITE else NPF_FETCH if access == ACCESS_FETCH else 0
+    return err | (NPF_GUEST_ENC if private else 0)
 
 
 class HardwareError(TestbedError):
@@ -234,6 +248,8 @@ class UnicornVcpu:
         self._lib = ucpy.uclib
         self._val = ctypes.c_uint64()
         self._ref = ctypes.byref(self._val)
+        self._reg_read = self._lib.uc_reg_read
+        self._reg_write = self._lib.uc_reg_write
         self._ctx = _CTX_NONE
         self._cur_rip = 0
         self._cur_len = 0
@@ -295,7 +311,7 @@ class UnicornVcpu:
     # ------------------------------------------------------------ registers (VMCB/VMCS)
     def read_reg(self, reg: Reg) -> int:
         """Read a register (fast path for GPRs, RIP, CRs and selectors)."""
-        self._lib.uc_reg_read(self._h, _UC_REG[reg], self._ref)
+        self._reg_read(self._h, _UC_REG_BY_INDEX[reg], self._ref)
         return int(self._val.value)
 
     def write_reg(self, reg: Reg, value: int) -> None:
@@ -305,19 +321,25 @@ class UnicornVcpu:
             self._uc.reg_write(_UC_REG[reg], value)
             return
         self._val.value = value & U64
-        self._lib.uc_reg_write(self._h, _UC_REG[reg], self._ref)
+        self._reg_write(self._h, _UC_REG_BY_INDEX[reg], self._ref)
 
     def _rd(self, ucreg: int) -> int:
-        self._lib.uc_reg_read(self._h, ucreg, self._ref)
+        self._reg_read(self._h, ucreg, self._ref)
         return int(self._val.value)
 
     def _wr(self, ucreg: int, value: int) -> None:
         self._val.value = value & U64
-        self._lib.uc_reg_write(self._h, ucreg, self._ref)
+        self._reg_write(self._h, ucreg, self._ref)
 
     def cpl(self) -> int:
         """Current privilege level (CS.RPL, which equals CS.DPL for code the CPU runs)."""
         return self._rd(_CS) & 3
+
+    def cpl_and_mode(self) -> tuple[int, bool]:
+        """(CPL, is_64bit_mode()) with one register read: the hypercall hot path."""
+        sel = self._rd(_CS)
+        cached = self._cs64_cache.get(sel)
+        return sel & 3, cached if cached is not None else self.is_64bit_mode()
 
     def is_64bit_mode(self) -> bool:
         """CS.L with EFER.LMA: whether the guest runs 64-bit code (is_64_bit_mode()).
@@ -452,9 +474,18 @@ class UnicornVcpu:
         mem = self._mem
         gpa = result.gpa
         if gpa >= mem.size:
-            self._pending_npf = (gpa | (vaddr & 0xFFF), access)
+            self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, False))
             return False
         frame = gpa >> PAGE_SHIFT
+        expect = self.stage2_private
+        if expect is not None and mem.encrypted:
+            # The stage-2 tables KVM built from the memory attributes map each GFN either
+            # private or shared; an access with the other C-bit value is a nested page fault
+            # (fetches count as private on SEV).
+            access_private = result.encrypted or access == ACCESS_FETCH
+            if bool(expect[frame]) != access_private:
+                self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, access_private))
+                return False
         # W^X at the TLB for code frames: EXEC is granted only by fetch fills (which scan the
         # frame for MSR instructions first) and WRITE only while the frame is not known code,
         # so guest self-modifying code is rescanned before it runs (the canary tests pin it).
@@ -718,6 +749,10 @@ class UnicornVcpu:
             self.request_stop()
 
     _running = False
+    #: Per-GFN "mapped private" bytes of the stage-2 tables (None: no private memory).
+    stage2_private: bytearray | None = None
+    #: emu_start's `until`: the run stops when RIP reaches it (used to boot a guest partway).
+    breakpoint = U64
 
     def _deliver_now(self, vector: int, error_code: int | None, software: bool = False, cr2: int | None = None) -> None:
         if cr2 is not None:
@@ -825,7 +860,7 @@ class UnicornVcpu:
             error: unicorn.UcError | None = None
             self._running = True
             try:
-                self._uc.emu_start(rip, U64, timeout=max(1, int(remaining * 1e6)))
+                self._uc.emu_start(rip, self.breakpoint, timeout=max(1, int(remaining * 1e6)))
             except unicorn.UcError as exc:
                 error = exc
             finally:
@@ -844,11 +879,11 @@ class UnicornVcpu:
                     self._deliver_now(pf.vector, pf.error_code, cr2=pf.cr2)
                     continue
                 if self._pending_npf is not None:
-                    gpa, access = self._pending_npf
+                    gpa, npf_error = self._pending_npf
                     self._pending_npf = None
                     code = SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
                     self._cur_rip = self._rd(_RIP)
-                    self._exit(code, access, gpa)
+                    self._exit(code, npf_error, gpa)
                     continue
                 if self._shutdown:
                     continue
@@ -857,6 +892,8 @@ class UnicornVcpu:
                 continue
             if self._uc.query(ucc.UC_QUERY_TIMEOUT):
                 return RunStop(StopReason.TIMEOUT)
+            if self._rd(_RIP) == self.breakpoint:
+                return RunStop(StopReason.REQUESTED, "breakpoint")
             # emu_start returned on its own: Unicorn ends a run at HLT with RIP after it.
             rip = self._rd(_RIP)
             try:

@@ -9,6 +9,7 @@ when userspace answers (complete_hypercall_exit()).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from testbed.kvm.uapi import (
     KVM_EINVAL,
@@ -27,6 +28,7 @@ from testbed.kvm.uapi import (
     KVM_HC_VAPIC_POLL_IRQ,
     HypercallExit,
 )
+from testbed.tracker import SharedTracker
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U32, U64
 
 
@@ -119,3 +121,33 @@ def emulate_hypercall(
 def complete_ret(ret: int, op_64_bit: bool) -> int:
     """The value written to RAX: truncated to u32 for a 32-bit caller."""
     return ret & U32 if not op_64_bit else ret & U64
+
+
+#: The seed-era number: the same 12 that KVM_HC_MAP_GPA_RANGE later took.
+KVM_HC_PAGE_ENC_STATUS = 12
+
+
+class PageEncStatusVm(Protocol):
+    """What the seed-era handler needs from the VM: its guest size and bitmap."""
+
+    @property
+    def page_enc_bitmap(self) -> SharedTracker: ...
+
+
+def page_enc_status_hc(vm: PageEncStatusVm, gpa: int, npages: int, enc: int) -> HypercallOutcome:
+    """svm_page_enc_status_hc() of the 2020 SEV live-migration series (v6, patch 08/14).
+
+    Handled inside KVM: the page-encryption bitmap KVM keeps (one bit per guest page, sized
+    from the memslots, so a guest cannot grow it) is updated and 0 returned; userspace
+    fetches the bitmap later (KVM_GET_PAGE_ENC_BITMAP). An unaligned GPA, zero pages or a
+    range beyond the bitmap returns -KVM_EINVAL.
+    """
+    bitmap = vm.page_enc_bitmap
+    gfn = gpa >> PAGE_SHIFT
+    if gpa & (PAGE_SIZE - 1) or not npages or gfn + npages > bitmap.guest_pages:
+        return HypercallOutcome(neg(KVM_EINVAL))
+    if enc:
+        bitmap.set_private(gfn, npages)
+    else:
+        bitmap.set_shared(gfn, npages)
+    return HypercallOutcome(0)

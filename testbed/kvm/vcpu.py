@@ -38,24 +38,42 @@ from testbed.hw.exits import (
     Vendor,
     VmxExitReason,
 )
-from testbed.kvm.hypercall import PvCpuid, complete_ret, emulate_hypercall
+from testbed.kvm.hypercall import (
+    KVM_HC_PAGE_ENC_STATUS,
+    PvCpuid,
+    complete_ret,
+    emulate_hypercall,
+    page_enc_status_hc,
+)
 from testbed.kvm.uapi import (
     KVM_CPUID_FEATURES,
+    KVM_HC_CLOCK_PAIRING,
+    KVM_HC_KICK_CPU,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_HC_SCHED_YIELD,
+    KVM_HC_SEND_IPI,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     HltExit,
     HypercallExit,
     InternalErrorExit,
     IoExit,
     KvmExit,
+    MemoryFaultExit,
     ShutdownExit,
 )
 from testbed.kvm.vm import KvmIoctlError, KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE, PageFault, PagingMode, walk
+
+
+#: Hypercalls whose result depends on a0..a3.
+_HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
+                                   KVM_HC_MAP_GPA_RANGE})
 
 
 class Userspace(Protocol):
@@ -165,15 +183,22 @@ class KvmVcpu:
         """kvm_emulate_hypercall(): dispatch, then complete or exit to userspace."""
         hw = self.hw
         nr = hw.read_reg(Reg.RAX)
-        op_64_bit = hw.is_64bit_mode()
-        cpl = hw.cpl()
-        a0 = hw.read_reg(Reg.RBX)
-        a1 = hw.read_reg(Reg.RCX)
-        a2 = hw.read_reg(Reg.RDX)
-        a3 = hw.read_reg(Reg.RSI)
-        outcome = emulate_hypercall(
-            nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv, exit_mask=self.vm.hypercall_exit_mask
-        )
+        cpl, op_64_bit = hw.cpl_and_mode()
+        if cpl == 0 and ((nr if op_64_bit else nr & U32) in _HYPERCALLS_WITH_ARGS or self.tracer.enabled):
+            a0 = hw.read_reg(Reg.RBX)
+            a1 = hw.read_reg(Reg.RCX)
+            a2 = hw.read_reg(Reg.RDX)
+            a3 = hw.read_reg(Reg.RSI)
+        else:
+            # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
+            # change the outcome is unobservable and halves the register traffic per exit.
+            a0 = a1 = a2 = a3 = 0
+        if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
+            outcome = page_enc_status_hc(self.vm, a0, a1, a2)
+        else:
+            outcome = emulate_hypercall(
+                nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv, exit_mask=self.vm.hypercall_exit_mask
+            )
         if self.tracer.enabled:
             self.tracer.emit("kvm", "hypercall", nr=nr, args=[a0, a1, a2, a3], cpl=cpl, ret=outcome.ret,
                              user_exit=outcome.user_exit is not None)
@@ -310,21 +335,25 @@ class KvmVcpu:
         """shutdown_interception() / handle_triple_fault(): KVM_EXIT_SHUTDOWN."""
         self._exit_to_userspace(ShutdownExit(), None)
 
-    def handle_npf(self, _error: int, gpa: int) -> None:
-        """A nested page fault on a GPA outside every memslot: MMIO that no device claims.
+    def handle_npf(self, error: int, gpa: int) -> None:
+        """A nested page fault: a private/shared mismatch, or a GPA outside guest memory.
 
-        KVM would emulate the access and exit with KVM_EXIT_MMIO; the testbed models no MMIO
-        devices, so it reports an internal error naming the address instead.
+        kvm_mmu_page_fault(): when the access's private-ness (the C-bit, PFERR_GUEST_ENC)
+        disagrees with the GFN's memory attribute, KVM exits with KVM_EXIT_MEMORY_FAULT
+        (kvm_mmu_prepare_memory_fault_exit) and retries the access when KVM_RUN is called
+        again. Outside guest memory it is MMIO: KVM would emulate it and exit with
+        KVM_EXIT_MMIO; the testbed models no MMIO devices and reports an internal error.
         """
+        attrs = self.vm.mem_attrs
+        if gpa < self.vm.memory.size and attrs is not None:
+            is_private = bool(error & (1 << 34))
+            if is_private != attrs.is_private(gpa >> 12):
+                flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if is_private else 0
+                if self.tracer.enabled:
+                    self.tracer.emit("kvm", "memory_fault", gpa=gpa, private=is_private)
+                self._exit_to_userspace(MemoryFaultExit(flags=flags, gpa=gpa & ~0xFFF, size=PAGE_SIZE), None)
+                return
         self._exit_to_userspace(
             InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"guest access to gpa 0x{gpa:x} outside guest memory"),
             None,
         )
-
-
-def stop_is_timeout(stop: RunStop) -> bool:
-    """Whether a run ended because its time ran out."""
-    return stop.reason is StopReason.TIMEOUT
-
-
-__all__ = ["KvmIoctlError", "KvmVcpu", "Userspace", "errno", "stop_is_timeout"]

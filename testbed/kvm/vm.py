@@ -8,32 +8,30 @@ errno the ioctl would return.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from testbed.errors import TestbedError
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import HostMemory
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.memattr import MemoryAttributes
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_CAP_VM_TYPES,
     KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
+from testbed.tracker.bitmap import BitmapTracker
+
+__all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
 
 #: Quirks KVM_CAP_DISABLE_QUIRKS2 accepts (the subset the testbed models).
 KVM_X86_VALID_QUIRKS = KVM_X86_QUIRK_FIX_HYPERCALL_INSN
-
-
-class KvmIoctlError(TestbedError):
-    """An ioctl failed; `errno` is what the real ioctl returns."""
-
-    def __init__(self, ioctl: str, err: int, detail: str) -> None:
-        self.ioctl = ioctl
-        self.errno = err
-        super().__init__(f"{ioctl}: {errno.errorcode.get(err, str(err))}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +88,17 @@ class KvmVm:
         self.disabled_quirks = 0
         self.cpuid = CpuidTable()
         self.enforce_pv_feature_cpuid = False
+        guest_pages = memory.size >> 12
+        # VMs with private memory keep attributes; they start private where the VMM's
+        # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).
+        self.mem_attrs: MemoryAttributes | None = None
+        if self.has_private_mem:
+            self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev)
+        #: seed-era protocol: KVM_HC_PAGE_ENC_STATUS handled in the kernel into a bitmap
+        self.page_enc_status_protocol = False
+        self.page_enc_bitmap = BitmapTracker(guest_pages, 1)
+        #: called after attributes change (stage-2 mappings are zapped)
+        self.on_attributes_changed: Callable[[], None] | None = None
 
     # -- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP --------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -100,6 +109,8 @@ class KvmVm:
             return KVM_X86_VALID_QUIRKS
         if cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
             return 1
+        if cap == KVM_CAP_MEMORY_ATTRIBUTES:
+            return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
         if cap == KVM_CAP_VM_TYPES:
             return sum(1 << t for t in KvmVmType if t != KvmVmType.KVM_X86_TDX_VM)
         return 0
@@ -121,6 +132,30 @@ class KvmVm:
         else:
             raise KvmIoctlError("KVM_ENABLE_CAP", errno.EINVAL, f"capability {cap} not supported")
 
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES."""
+        if self.mem_attrs is None:
+            if attributes:
+                raise KvmIoctlError("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
+                                    f"VM type {self.type.name} supports no memory attributes")
+            return
+        before = self.mem_attrs.updates
+        self.mem_attrs.set(address, size, attributes, flags)
+        if self.mem_attrs.updates != before and self.on_attributes_changed is not None:
+            self.on_attributes_changed()
+
+    @property
+    def has_private_mem(self) -> bool:
+        """kvm_arch_has_private_mem(): the VM types with memory attributes.
+
+        Testbed extension: the legacy KVM_X86_SEV_VM has no attributes in KVM; the testbed
+        gives it the same attribute tracking as SNP, so a guest whose C-bit disagrees with
+        what it told the host is caught (as KVM_EXIT_MEMORY_FAULT) instead of silently
+        desynchronising the host's view (the live-migration hazard of the seed threads).
+        """
+        return self.type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SNP_VM,
+                             KvmVmType.KVM_X86_TDX_VM)
+
     def quirk_enabled(self, quirk: int) -> bool:
         """kvm_check_has_quirk()."""
         return not self.disabled_quirks & quirk
@@ -138,3 +173,4 @@ class KvmVm:
     def sev(self) -> bool:
         """Any SEV flavour."""
         return self.type in (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
+

@@ -65,12 +65,19 @@ class MapGpaHandler:
         if self.check(gpa, npages, attrs) is not None:
             self.rejected += 1
             return neg(KVM_EINVAL)
-        gfn = gpa >> PAGE_SHIFT
-        private = bool(attrs & KVM_MAP_GPA_RANGE_ENC_STAT_MASK)
+        err = self.convert(gpa >> PAGE_SHIFT, npages, bool(attrs & KVM_MAP_GPA_RANGE_ENC_STAT_MASK))
+        return neg(err) if err else 0
+
+    def convert(self, gfn: int, npages: int, private: bool) -> int:
+        """Apply a conversion (explicit or implicit): attributes first, then the tracker.
+
+        Returns 0 or a positive KVM error number."""
+        if gfn + npages > self.guest_pages:
+            return KVM_EINVAL
         if self.on_convert is not None:
             err = self.on_convert(gfn, npages, private)
             if err:
-                return neg(err)
+                return err
         if private:
             self.tracker.set_private(gfn, npages)
         else:

@@ -18,6 +18,7 @@ from testbed.hw.memory import HostMemory
 from testbed.kvm.uapi import (
     KVM_EXIT_IO_OUT,
     KVM_HC_MAP_GPA_RANGE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_SYSTEM_EVENT_SEV_TERM,
     HltExit,
     HypercallExit,
@@ -35,7 +36,8 @@ from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
 
-OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "internal_error")
+OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "memory_fault",
+            "internal_error")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Vmm:
         asserts: dict[int, SourceRef] | None = None,
         tracer: Tracer | None = None,
         record_exits: bool = True,
+        implicit_conversion: str = "convert",
     ) -> None:
         self.vcpu = vcpu
         self.memory = memory
@@ -105,6 +108,9 @@ class Vmm:
         self.asserts = asserts or {}
         self.tracer = tracer if tracer is not None else Tracer.disabled()
         self.record_exits = record_exits
+        self.implicit_conversion = implicit_conversion
+        #: where the final shared ranges come from (the VMM's tracker unless KVM keeps them)
+        self.shared_source = map_gpa.tracker
         self.report = RunReport()
         self._final: tuple[str, str] | None = None
 
@@ -123,8 +129,8 @@ class Vmm:
         self.report.wall_s = time.perf_counter() - start
         assert self._final is not None
         self.report.outcome, self.report.detail = self._final
-        self.report.shared_ranges = [[gfn, n] for gfn, n in self.map_gpa.tracker.shared_ranges()]
-        if self.map_gpa.tracker.poisoned:
+        self.report.shared_ranges = [[gfn, n] for gfn, n in self.shared_source.shared_ranges()]
+        if self.shared_source.poisoned:
             self.report.extra["tracker_poisoned"] = True
         self.tracer.emit("vmm", "end", outcome=self.report.outcome, detail=self.report.detail)
         return self.report
@@ -170,8 +176,15 @@ class Vmm:
                 self._finish("terminated", f"system event {run.type}")
             return False
         if isinstance(run, MemoryFaultExit):
+            private = bool(run.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
             self._record({"reason": "memory_fault", "flags": run.flags, "gpa": run.gpa, "size": run.size})
-            self._finish("internal_error", f"memory fault at gpa 0x{run.gpa:x}")
+            if self.implicit_conversion == "convert":
+                # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
+                if self.map_gpa.convert(run.gpa >> 12, max(1, run.size >> 12), private) == 0:
+                    return True
+            kind = "private" if private else "shared"
+            self._finish("memory_fault", f"guest made a {kind} access to gpa 0x{run.gpa:x}, which the host holds as "
+                         f"{'shared' if private else 'private'}; implicit conversions are refused")
             return False
         if isinstance(run, InternalErrorExit):
             self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail})

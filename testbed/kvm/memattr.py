@@ -1,0 +1,58 @@
+"""KVM memory attributes: KVM_SET_MEMORY_ATTRIBUTES and the private/shared state per GFN.
+
+virt/kvm/kvm_main.c keeps an xarray of attributes per GFN; the only attribute x86 defines is
+KVM_MEMORY_ATTRIBUTE_PRIVATE. The ioctl validates flags, attribute bits, size, alignment and
+wrap-around, and is all-or-nothing. The per-GFN state is also what the stage-2 page tables
+are built from, so the hardware model consults the same array (`private`) to decide whether a
+guest access agrees with it (a disagreement is an NPF that KVM turns into
+KVM_EXIT_MEMORY_FAULT).
+"""
+
+from __future__ import annotations
+
+import errno
+
+from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64
+
+SUPPORTED_ATTRIBUTES = KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+class MemoryAttributes:
+    """The attribute array of one VM (one byte per GFN: 1 = private)."""
+
+    def __init__(self, guest_pages: int, initially_private: bool = False) -> None:
+        self.guest_pages = guest_pages
+        self.private = bytearray(b"\x01" * guest_pages if initially_private else guest_pages)
+        self.updates = 0
+
+    def set(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""
+        name = "KVM_SET_MEMORY_ATTRIBUTES"
+        if flags:
+            raise KvmIoctlError(name, errno.EINVAL, f"flags 0x{flags:x} must be 0")
+        if attributes & ~SUPPORTED_ATTRIBUTES:
+            raise KvmIoctlError(name, errno.EINVAL, f"attributes 0x{attributes:x} not supported")
+        if size == 0 or address + size > U64 or address + size < address:
+            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: empty or wrapping")
+        if address % PAGE_SIZE or size % PAGE_SIZE:
+            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: not page aligned")
+        start = address >> PAGE_SHIFT
+        end = (address + size) >> PAGE_SHIFT
+        value = 1 if attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE else 0
+        # KVM stores attributes for any GFN (no memslot check); the array covers guest RAM,
+        # and GFNs beyond it have no backing to convert, so they are recorded as a no-op.
+        end_in = min(end, self.guest_pages)
+        if start >= end_in:
+            return
+        # kvm_vm_set_mem_attributes() reserves before it changes anything: all-or-nothing,
+        # and an update that changes nothing returns early.
+        if all(b == value for b in self.private[start:end_in]):
+            return
+        self.private[start:end_in] = bytes([value]) * (end_in - start)
+        self.updates += 1
+
+    def is_private(self, gfn: int) -> bool:
+        """kvm_mem_is_private()."""
+        return 0 <= gfn < self.guest_pages and self.private[gfn] == 1

@@ -158,6 +158,9 @@ class Machine:
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
         self.cpu.hypervisor = self.kvm_vcpu
         self._configure_kvm()
+        if options.hc_protocol == "page-enc-status":
+            # The seed-era KVM had no memory attributes: the in-kernel bitmap was all it kept.
+            self.kvm_vm.mem_attrs = None
         if self.kvm_vm.mem_attrs is not None:
             # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
             self.cpu.stage2_private = self.kvm_vm.mem_attrs.private

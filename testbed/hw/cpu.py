@@ -464,6 +464,10 @@ class UnicornVcpu:
         return self.translate(va).gpa | (va & 0xFFF)
 
     def _on_tlb_fill(self, _h: Any, vaddr: int, uc_access: int, entry: Any, _ud: Any) -> bool:
+        if self._pending_fault is not None or self._pending_npf is not None:
+            # After a failed fill QEMU still probes (a fetch at 0xfffffffffffff000 was seen)
+            # before the run stops: only the first failure of a run is the guest's fault.
+            return False
         self.tlb_fills += 1
         access = _ACCESS_FROM_UC.get(uc_access, ACCESS_READ)
         user = (self._rd(_CS) & 3) == 3

@@ -1,0 +1,70 @@
+"""Host-side trackers of which guest pages are shared, behind one interface.
+
+The VMM's MAP_GPA_RANGE handler records every conversion here, and live migration exports the
+result. Three structures, compared in tools/bench_trackers.py:
+
+==========  ==========================================  ==================================
+kind        memory                                      bound against a hostile guest
+==========  ==========================================  ==================================
+bitmap      guest_pages / 8 bytes (2 MiB per 64 GiB)    its fixed size; never poisons
+ranges      ~100 bytes per shared range                 max_ranges records, then poisoned
+tree        ~100 bytes per shared range + nodes         max_ranges records, then poisoned
+==========  ==========================================  ==================================
+
+`DEFAULT_TRACKER` is "ranges": on the seed workloads (a boot's ~20 static ranges plus DMA
+pages flipped back and forth) it is the fastest of the bounded structures and uses a few KB
+whatever the guest size. The tree keeps O(log n) updates at the bound; the bitmap is the
+fastest per conversion but costs memory with the guest's size.
+"""
+
+from __future__ import annotations
+
+from testbed.errors import UsageError
+from testbed.tracker.base import (
+    DEFAULT_MAX_RANGES,
+    Conversion,
+    InvalidRangeError,
+    SharedTracker,
+    check_range,
+)
+from testbed.tracker.bitmap import BitmapTracker
+from testbed.tracker.export import RECORD, RECORD_SIZE, ExportResult, decode_export, export_ranges
+from testbed.tracker.ranges import RangesTracker
+from testbed.tracker.tree import TreeTracker
+
+_KINDS: dict[str, type[SharedTracker]] = {
+    BitmapTracker.name: BitmapTracker,
+    RangesTracker.name: RangesTracker,
+    TreeTracker.name: TreeTracker,
+}
+
+TRACKER_KINDS: tuple[str, ...] = tuple(_KINDS)
+DEFAULT_TRACKER = RangesTracker.name
+
+
+def make_tracker(kind: str, *, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> SharedTracker:
+    """A new, empty tracker of `kind` (one of TRACKER_KINDS) for a guest of `guest_pages` pages."""
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise UsageError(f"unknown tracker kind {kind!r}: expected one of {', '.join(TRACKER_KINDS)}")
+    return cls(guest_pages, max_ranges)
+
+
+__all__ = [
+    "DEFAULT_MAX_RANGES",
+    "DEFAULT_TRACKER",
+    "RECORD",
+    "RECORD_SIZE",
+    "TRACKER_KINDS",
+    "BitmapTracker",
+    "Conversion",
+    "ExportResult",
+    "InvalidRangeError",
+    "RangesTracker",
+    "SharedTracker",
+    "TreeTracker",
+    "check_range",
+    "decode_export",
+    "export_ranges",
+    "make_tracker",
+]

@@ -1,0 +1,888 @@
+"""Assembler front end: turns guest assembly sources into a loadable `Program`.
+
+This is the only module that imports Keystone. It assembles Intel-syntax x86-64 sources with
+Keystone 0.9.2 and adds what Keystone lacks or gets wrong, all by rewriting text before
+Keystone sees it:
+
+* `.include "file"` is resolved here (Keystone silently ignores it), relative to the including
+  file first, then the include directories.
+* `-D NAME=VALUE` defines become `.equ NAME, VALUE` lines at the top of the unit.
+* Every `GUEST_ASSERT*` statement gets a unique call-site id appended as its last macro argument;
+  `Program.asserts` maps the id back to the file and line the assert is written at.
+* Keystone has no symbol table API: a hidden `.quad` table appended to the unit reads each
+  label's address back out of the encoding (see `_render`).
+* Keystone reports errors without a location: they are located by bisection over statements
+  (see `_locate_error`) and raised as `AsmError("file:line: message")`.
+* Inputs known to hang, crash or be silently dropped by Keystone 0.9.2 are rejected with a
+  located `AsmError` before assembling (see `_bad_character` and `_UNSUPPORTED`).
+
+Keystone 0.9.2 facts this module relies on are pinned in tests/test_keystone_canary.py.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import functools
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from keystone import (
+    KS_ARCH_X86,
+    KS_ERR_ASM_SYMBOL_MISSING,
+    KS_ERR_ASM_SYMBOL_REDEFINED,
+    KS_MODE_64,
+    Ks,
+    KsError,
+)
+
+from testbed.errors import AsmError, TestbedError, UsageError
+
+__all__ = ["Program", "SourceLocation", "assemble_files", "assemble_source", "parse_define"]
+
+
+# --------------------------------------------------------------------------------------------
+# Public value types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """A line in a guest source file, as shown to users."""
+
+    file: str
+    line: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Program:
+    """Encoded guest code, loaded at `base`, with the source information the host needs."""
+
+    code: bytes
+    base: int
+    # Every label defined (and actually emitted) in the sources -> absolute address.
+    symbols: Mapping[str, int]
+    # GUEST_ASSERT* call-site id -> where that assert is written.
+    asserts: Mapping[int, SourceLocation]
+    # (address, location) of each top-level statement that emits bytes, by ascending address.
+    # Statements inside .macro/.rept/.irp bodies are attributed to the invoking line.
+    lines: Sequence[tuple[int, SourceLocation]] = ()
+
+    @property
+    def end(self) -> int:
+        """The address just past the code."""
+        return self.base + len(self.code)
+
+    def symbol(self, name: str) -> int:
+        """The address of label `name`; TestbedError naming it if the sources do not define it."""
+        try:
+            return self.symbols[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self.symbols), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TestbedError(f"symbol {name!r} is not defined in the guest program{hint}") from None
+
+    def location(self, address: int) -> SourceLocation | None:
+        """The statement that emitted the byte at `address`, if `lines` covers it."""
+        if not self.base <= address < self.end:
+            return None
+        i = bisect.bisect_right(self.lines, address, key=lambda entry: entry[0]) - 1
+        return self.lines[i][1] if i >= 0 else None
+
+
+_NO_DEFINES: Mapping[str, int | str] = MappingProxyType({})
+
+
+def parse_define(text: str) -> tuple[str, str]:
+    """Split a command-line define `NAME=VALUE`; UsageError if it is not of that form."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+        raise UsageError(f"bad define {text!r}: expected NAME=VALUE, e.g. PAGES=4")
+    _check_define(name, value)
+    return name, value
+
+
+def assemble_source(
+    text: str,
+    *,
+    filename: str = "<string>",
+    base: int,
+    defines: Mapping[str, int | str] = _NO_DEFINES,
+    include_dirs: Sequence[Path] = (),
+) -> Program:
+    """Assemble one source text; `filename` is used in locations and to resolve includes."""
+    return _assemble([(filename, text)], base, defines, include_dirs)
+
+
+def assemble_files(
+    paths: Sequence[Path],
+    *,
+    base: int,
+    defines: Mapping[str, int | str] = _NO_DEFINES,
+    include_dirs: Sequence[Path] = (),
+) -> Program:
+    """Assemble the files in order as one unit; each keeps its own file:line locations."""
+    sources = []
+    for path in paths:
+        try:
+            sources.append((str(path), path.read_text(encoding="utf-8")))
+        except OSError as e:
+            raise UsageError(f"cannot read guest source {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"guest source {path} is not UTF-8 text: {e.reason}") from None
+    return _assemble(sources, base, defines, include_dirs)
+
+
+# --------------------------------------------------------------------------------------------
+# The Keystone seam
+# --------------------------------------------------------------------------------------------
+
+
+class _KeystoneError(Exception):
+    """A Keystone error: its code and its message made readable."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+
+@functools.cache
+def _engine() -> Ks:
+    # One engine per process: creating one costs more than assembling a small unit, and the
+    # engine keeps no state between ks_asm calls that could leak from one unit into the next.
+    return Ks(KS_ARCH_X86, KS_MODE_64)
+
+
+def _ks_asm(text: str, base: int) -> bytes:
+    """Encode `text` at `base`, or raise _KeystoneError."""
+    try:
+        # bytes, not str: the binding would encode str as ASCII and raise on UTF-8 string
+        # literals, which Keystone itself handles.
+        encoding, _count = _engine().asm(text.encode("utf-8"), base, as_bytes=True)
+    except KsError as e:
+        # Keystone's text is e.g. "Invalid operand (KS_ERR_ASM_INVALIDOPERAND)".
+        # e.get_asm_count() does not locate the error (see _locate_error), so it is not used.
+        message = re.sub(r"\s*\(KS_ERR_\w+\)\s*$", "", str(e)) or "error"
+        message = message[0].lower() + message[1:]
+        raise _KeystoneError(int(e.errno), message) from None
+    return bytes(encoding or b"")
+
+
+# --------------------------------------------------------------------------------------------
+# Lexing: sources -> statements
+# --------------------------------------------------------------------------------------------
+
+# Keystone's statements end at a newline or `;`; comments are `#` or `//` to the end of the
+# line and `/* ... */` (which may span lines and does not end the statement). Strings and
+# character literals may contain any of these characters.
+_TOKEN = re.compile(
+    r"""
+    (?P<newline>\n)
+  | (?P<sep>;)
+  | (?P<line_comment>(?:\#|//)[^\n]*)
+  | (?P<block_comment>/\*.*?\*/)
+  | (?P<open_comment>/\*)
+  | (?P<string>"(?:[^"\\\n]|\\[^\n])*")
+  | (?P<open_string>")
+  | (?P<char>'(?:\\[^\n]|[^\\'\n])')
+  | (?P<open_char>')
+  | (?P<text>[A-Za-z0-9_.$@+\-*%~!&|^<>=()\[\]{},:\\ \t\r]+|/)
+  | (?P<bad>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def _bad_character(char: str, file: str, line: int) -> AsmError:
+    """Hazard: a character Keystone's lexer cannot lex (a backtick, `?`, a control character,
+    any non-ASCII character outside a string) makes ks_asm loop forever, so it is refused."""
+    what = "non-ASCII character" if ord(char) > 0x7F else "character"
+    return AsmError(file, line, f"{what} {char!r} is not allowed outside a string literal")
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """One statement as written: text without comments, and where it starts."""
+
+    text: str
+    line: int
+
+
+def _split_statements(source: str, file: str) -> list[_Raw]:
+    """Split a source into statements the way Keystone's lexer does, minus comments.
+
+    Unterminated strings and block comments are refused here: Keystone hangs on them.
+    """
+    statements: list[_Raw] = []
+    parts: list[str] = []
+    line = 1
+    start = 0  # line of the statement being collected, 0 while it is still blank
+
+    def flush() -> None:
+        nonlocal start
+        text = "".join(parts).strip()
+        if text:
+            statements.append(_Raw(text, start))
+        parts.clear()
+        start = 0
+
+    for m in _TOKEN.finditer(source):
+        kind, token = m.lastgroup, m.group()
+        if kind == "newline":
+            flush()
+            line += 1
+            continue
+        if kind == "sep":
+            flush()
+            continue
+        if kind == "line_comment":
+            continue
+        if kind == "block_comment":
+            parts.append(" ")
+            line += token.count("\n")
+            continue
+        if kind == "open_comment":
+            raise AsmError(file, line, "unterminated /* comment")
+        if kind == "open_string":
+            raise AsmError(file, line, "unterminated string literal")
+        if kind == "open_char":
+            raise AsmError(file, line, "malformed character literal (expected e.g. 'a' or '\\n')")
+        if kind == "bad":
+            raise _bad_character(token, file, line)
+        if kind in ("string", "char") and "\0" in token:
+            raise AsmError(file, line, "NUL character in a literal: use .byte 0")
+        if not start and token.strip():
+            start = line
+        parts.append(token.replace("\r", " "))
+    flush()
+    return statements
+
+
+# --------------------------------------------------------------------------------------------
+# Statement analysis
+# --------------------------------------------------------------------------------------------
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# A label at the start of a statement; a `\` in it means it is built from macro arguments.
+_LABEL = re.compile(r"([A-Za-z_.$\\][\w.$@\\()]*)\s*:(?![:=])\s*")
+_NUMERIC_LABEL = re.compile(r"\d+\s*:")
+_BAD_EXPONENT = re.compile(r"\b\d+(?:\.\d*)?[eE](?=\W|$)(?![+-]?\d)")
+_REAL_NUMBER = re.compile(r"\b\d+(?:\.\d*[eE][+-]?\d+|\.\d*|[eE][+-]?\d*)(?=\W|$)")
+_ASSIGNMENT = re.compile(r"([A-Za-z_.$][\w.$@]*)\s*=(?!=)")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LITERAL = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:\\.|[^\\'])'""")
+# Identifiers in an expression; macro parameter references and numbers are matched only so
+# that they are skipped.
+_REFERENCE = re.compile(r"\\[\w$.]*|\\\(\)|\d[\w.]*|[A-Za-z_.$][\w.$@]*")
+_MACRO_PARAM_REF = re.compile(r"\\([\w$.]*)(\(\))?|\\(.)")
+_REGISTER = re.compile(
+    r"""[re]?[abcd]x|[abcd][lh]|[re]?(?:si|di|sp|bp|ip)|(?:si|di|sp|bp)l|r(?:[89]|1[0-5])[dwb]?
+      |[c-gs]s|cr\d+|dr\d+|st\d?|mm\d|[xyz]mm\d+|k[0-7]|bnd[0-3]|[re]?flags""",
+    re.VERBOSE,
+)
+_OPERAND_KEYWORDS = _words(
+    "ptr byte word dword qword tbyte xword oword fword mmword xmmword ymmword zmmword offset short "
+    "near far and or xor not shl shr mod rel z sae rn rd ru rz"
+)
+_PREFIXES = _words("rep repe repz repne repnz lock xacquire xrelease notrack bnd data16 addr32")
+
+_BLOCK_OPENERS = {
+    ".macro": ".endm",
+    ".rept": ".endr",
+    ".irp": ".endr",
+    ".irpc": ".endr",
+    **dict.fromkeys(
+        _words(".if .ifeq .ifne .ifgt .ifge .iflt .ifle .ifdef .ifndef .ifnotdef .ifb .ifnb .ifc .ifnc")
+        | {".ifeqs", ".ifnes"},
+        ".endif",
+    ),
+}
+_BLOCK_CLOSERS = {".endm": ".endm", ".endmacro": ".endm", ".endr": ".endr", ".endif": ".endif"}
+_DATA_DIRECTIVES = _words(
+    ".byte .short .word .value .2byte .int .long .4byte .quad .8byte .octa .uleb128 .sleb128 .ascii "
+    ".asciz .string .single .float .double .align .balign .p2align .org .fill .zero .skip .space"
+)
+# Directives whose operands are expressions that may reference symbols.
+_EXPRESSION_DIRECTIVES = (_DATA_DIRECTIVES - {".ascii", ".asciz", ".string"}) | _words(
+    ".equ .set .equiv .rept .if .elseif .ifeq .ifne .ifgt .ifge .iflt .ifle"
+)
+_SUPPORTED_DIRECTIVES = (
+    _DATA_DIRECTIVES
+    | _BLOCK_OPENERS.keys()
+    | _BLOCK_CLOSERS.keys()
+    | _words(".equ .set .equiv .else .elseif .exitm .purgem .intel_syntax .code64")
+)
+# Why the directives Keystone 0.9.2 mishandles are rejected. Any other directive not in
+# _SUPPORTED_DIRECTIVES is rejected too: Keystone silently ignores unknown directives.
+_SECTIONS = "sections are not supported: the program is one flat image at its base address"
+_UNSUPPORTED = {
+    ".text": f"{_SECTIONS} (.text crashes Keystone 0.9.2)",
+    ".data": f"{_SECTIONS} (.data crashes Keystone 0.9.2)",
+    ".bss": _SECTIONS,
+    ".section": f"{_SECTIONS} (Keystone 0.9.2 returns no code at all after .section)",
+    ".pushsection": _SECTIONS,
+    ".popsection": _SECTIONS,
+    ".previous": _SECTIONS,
+    ".att_syntax": "only Intel syntax is supported",
+    ".globl": "a flat image needs no .globl, and with it Keystone 0.9.2 encodes absolute references to "
+    "the symbol (.quad sym, mov rax, sym) as 0",
+    ".global": "a flat image needs no .global, and with it Keystone 0.9.2 encodes absolute references to "
+    "the symbol (.quad sym, mov rax, sym) as 0",
+    ".end": "Keystone 0.9.2 silently drops everything after .end, including later files",
+    ".err": "Keystone 0.9.2 silently ignores .err",
+    ".error": "Keystone 0.9.2 silently ignores .error",
+    ".warning": "Keystone 0.9.2 ignores .warning",
+    ".incbin": "use .include for sources; .incbin is not supported",
+    ".balignw": "Keystone 0.9.2 aborts the process on .balignw; use .balign",
+    ".balignl": "Keystone 0.9.2 aborts the process on .balignl; use .balign",
+    ".p2alignw": "Keystone 0.9.2 aborts the process on .p2alignw; use .p2align",
+    ".p2alignl": "Keystone 0.9.2 aborts the process on .p2alignl; use .p2align",
+    ".align32": "Keystone 0.9.2 aborts the process on .align32; use .balign",
+}
+# Mnemonics Keystone 0.9.2 lacks, with the bytes to emit instead.
+_MISSING_MNEMONICS = {
+    "tdcall": ".byte 0x66, 0x0f, 0x01, 0xcc",
+    "pvalidate": ".byte 0xf2, 0x0f, 0x01, 0xff",
+    "rmpadjust": ".byte 0xf3, 0x0f, 0x01, 0xfe",
+    "vmgexit": "rep vmmcall",
+    "sysretq": ".byte 0x48, 0x0f, 0x07",
+}
+_RESERVED_PREFIX = "__tb_"  # hidden labels this module adds to the unit
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    required: bool  # no default value
+    vararg: bool
+
+
+@dataclass
+class _Macro:
+    name: str
+    params: tuple[_Param, ...]
+    loc: SourceLocation
+    body_refs: set[str] = field(default_factory=set)
+    body_labels: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One unit of the text handed to Keystone, and what it means to error reporting."""
+
+    text: str  # one or more lines
+    loc: SourceLocation
+    mnemonic: str = ""
+    labels: tuple[str, ...] = ()  # plain labels this statement defines
+    refs: frozenset[str] = frozenset()  # identifiers it may reference as symbols
+    closers: tuple[str, ...] = ()  # directives that close the blocks still open after it
+    define: tuple[str, str] | None = None  # set for the .equ lines made from defines
+
+
+@dataclass(frozen=True)
+class _Label:
+    name: str
+    loc: SourceLocation
+    conditional: bool  # inside a block: may be defined zero times
+
+
+def _strip_literals(text: str) -> str:
+    """`text` with string and character literals emptied, for analysis only."""
+    return _LITERAL.sub(lambda m: '""' if m.group().startswith('"') else "0", text)
+
+
+def _split_labels(text: str) -> tuple[list[str], str]:
+    """Labels at the start of a statement, and the rest of it."""
+    labels = []
+    while m := _LABEL.match(text):
+        labels.append(m.group(1))
+        text = text[m.end() :]
+    return labels, text
+
+
+def _top_level_commas(text: str) -> int:
+    depth = commas = 0
+    for c in _strip_literals(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            commas += 1
+    return commas
+
+
+def _references(operands: str) -> set[str]:
+    """Identifiers in `operands` that could name a symbol."""
+    text = _strip_literals(operands)
+    names = set()
+    for m in _REFERENCE.finditer(text):
+        token = m.group()
+        if token[0] == "\\" or token[0].isdigit() or token in (".", "$"):
+            continue
+        # Part of a name pasted together from macro arguments (`isr_\n`): not a name itself.
+        if (m.end() < len(text) and text[m.end()] == "\\") or (m.start() > 0 and text[m.start() - 1] == ")"):
+            continue
+        lower = token.lower()
+        if _REGISTER.fullmatch(lower) or lower in _OPERAND_KEYWORDS:
+            continue
+        names.add(token)
+    return names
+
+
+def _parse_macro_params(text: str, file: str, line: int) -> tuple[str, tuple[_Param, ...]]:
+    """Name and parameters of a `.macro NAME p1, p2=default, p3:req, rest:vararg` line."""
+    m = re.match(r"\s*([A-Za-z_.$][\w.$@]*)\s*,?", text)
+    if not m:
+        raise AsmError(file, line, ".macro needs a name")
+    params = []
+    rest = text[m.end() :]
+    param = re.compile(r"\s*,?\s*([A-Za-z_$][\w$.]*)(?:\s*:\s*(\w+))?(?:\s*=\s*(\"[^\"]*\"|[^,\s]*))?")
+    pos = 0
+    while pos < len(rest) and rest[pos:].strip():
+        pm = param.match(rest, pos)
+        if not pm or pm.end() == pos:
+            raise AsmError(file, line, f"cannot parse macro parameters {rest.strip()!r}")
+        qualifier = (pm.group(2) or "").lower()
+        params.append(_Param(pm.group(1), qualifier == "req" or pm.group(3) is None, qualifier == "vararg"))
+        pos = pm.end()
+    return m.group(1), tuple(params)
+
+
+@dataclass
+class _Block:
+    closer: str  # .endm, .endr or .endif
+    loc: SourceLocation
+    params: frozenset[str] = frozenset()  # macro / .irp parameters usable inside
+    macro: _Macro | None = None
+
+
+class _Preprocessor:
+    """Walks the sources (following includes) and builds the items of one assembly unit."""
+
+    def __init__(self, include_dirs: Sequence[Path]) -> None:
+        self.include_dirs = [Path(d) for d in include_dirs]
+        self.items: list[_Item] = []
+        self.asserts: dict[int, SourceLocation] = {}
+        self.labels: dict[str, _Label] = {}
+        self.macros: dict[str, _Macro] = {}
+        self.blocks: list[_Block] = []
+        self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
+        self.include_stack: list[Path] = []
+
+    # -- files ---------------------------------------------------------------------------
+
+    def add_source(self, file: str, text: str, resolved: Path | None) -> None:
+        if resolved is not None:
+            self.include_stack.append(resolved)
+        for raw in _split_statements(text, file):
+            self.add_statement(raw.text, SourceLocation(file, raw.line))
+        if resolved is not None:
+            self.include_stack.pop()
+
+    def finish(self) -> None:
+        if self.blocks:
+            block = self.blocks[-1]
+            raise AsmError(block.loc.file, block.loc.line, f"block is not closed: missing {block.closer}")
+
+    def include(self, operands: str, loc: SourceLocation) -> None:
+        m = re.fullmatch(r'"([^"]+)"', operands.strip())
+        if not m:
+            raise AsmError(loc.file, loc.line, '.include expects a quoted file name: .include "file.s"')
+        name = m.group(1)
+        here = [] if loc.file.startswith("<") else [Path(loc.file).parent]
+        candidates = [d / name for d in [*here, *self.include_dirs]]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            searched = ", ".join(str(p.parent) for p in candidates) or "no directories"
+            raise AsmError(loc.file, loc.line, f"include file {name!r} not found (searched: {searched})")
+        resolved = found.resolve()
+        if resolved in self.include_stack:
+            cycle = [*self.include_stack[self.include_stack.index(resolved) :], resolved]
+            raise AsmError(loc.file, loc.line, "include cycle: " + " -> ".join(p.name for p in cycle))
+        try:
+            text = found.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {reason}") from None
+        self.add_source(str(found), text, resolved)
+
+    # -- statements ----------------------------------------------------------------------
+
+    def add_statement(self, text: str, loc: SourceLocation) -> None:
+        file, line = loc.file, loc.line
+        if text.startswith("%"):
+            # Hazard: NASM directives (%define, %macro) make ks_asm loop forever.
+            raise AsmError(file, line, f"NASM-style directive {text.split(maxsplit=1)[0]!r} is not supported")
+        if re.search(r"%[A-Za-z]", _strip_literals(text)):
+            # Hazard: Keystone silently drops a statement with an AT&T register like %eax.
+            raise AsmError(file, line, "AT&T-style %register is not supported (Intel syntax only)")
+        if _BAD_EXPONENT.search(_strip_literals(text)):
+            # Hazard: Keystone hangs on `.double 1.5e` (and encodes `mov rax, 1e` as a double).
+            raise AsmError(file, line, "malformed number: an exponent without digits")
+        if _NUMERIC_LABEL.match(text):
+            raise AsmError(file, line, "numeric local labels (1:, 1b, 1f) are not supported by Keystone")
+        labels, rest = _split_labels(text)
+        mnemonic = rest.split(None, 1)[0] if rest else ""
+        operands = rest[len(mnemonic) :].strip()
+        directive = mnemonic.lower() if mnemonic.startswith(".") else ""
+        in_macro = any(b.closer == ".endm" for b in self.blocks)
+        params = frozenset(p for b in self.blocks for p in b.params)
+
+        if rest and not (rest[0].isalpha() or rest[0] in "_." or (rest[0] == "\\" and params)):
+            # Hazard: a statement starting with an operator or bracket makes ks_asm loop forever.
+            raise AsmError(file, line, f"a statement must start with a mnemonic, directive or label: {rest}")
+        if directive == ".include":
+            if labels:
+                self.add_statement(" ".join(f"{name}:" for name in labels), loc)
+            self.include(operands, loc)
+            return
+        if directive and directive not in _SUPPORTED_DIRECTIVES and mnemonic not in self.macros:
+            reason = _UNSUPPORTED.get(directive, "Keystone 0.9.2 would silently ignore or mishandle it")
+            raise AsmError(file, line, f"unsupported directive {mnemonic}: {reason}")
+        self.check_backslashes(text, params, loc)
+        if rest.rstrip().endswith(",") and not directive:
+            # Hazard: Keystone silently drops e.g. `mov rbx,` instead of reporting it.
+            raise AsmError(file, line, "statement ends with a comma (an operand is missing)")
+        for name in labels:
+            if name.startswith(_RESERVED_PREFIX):
+                raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+
+        if mnemonic.startswith("GUEST_ASSERT") and not in_macro:
+            # The call-site id becomes the assert macro's last argument. Inside a macro body an
+            # assert has no single call site: the macro must forward its own site argument.
+            site = len(self.asserts) + 1
+            self.asserts[site] = loc
+            operands = f"{operands}, {site}" if operands else str(site)
+            text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        if not directive and mnemonic not in self.macros and _REAL_NUMBER.search(_strip_literals(operands)):
+            # Hazard: Keystone silently encodes `mov rax, 2.5` as the bits of a double.
+            raise AsmError(file, line, "floating-point number in an instruction operand")
+        if mnemonic in self.macros and not in_macro:
+            self.check_macro_arguments(self.macros[mnemonic], operands, loc)
+
+        refs = self.references(mnemonic, directive, rest, operands)
+        plain_labels = tuple(name for name in labels if "\\" not in name)
+        defines_here = set(plain_labels)
+        if directive in (".equ", ".set", ".equiv"):
+            defines_here.add(operands.split(",", 1)[0].strip())
+        elif m := _ASSIGNMENT.match(rest):
+            defines_here.add(m.group(1))
+        for block in self.blocks:
+            if block.macro is not None:
+                block.macro.body_refs |= refs
+                block.macro.body_labels |= set(plain_labels)
+        for name in plain_labels:
+            self.labels.setdefault(name, _Label(name, loc, conditional=bool(self.blocks)))
+
+        # A hidden position label before each top-level statement that can emit bytes gives
+        # Program.lines; bodies of .macro/.rept/.irp are expanded elsewhere (or repeatedly)
+        # and are attributed to the statement that expands them.
+        position = ""
+        emits = directive in _DATA_DIRECTIVES or directive in (".rept", ".irp", ".irpc") or (
+            not directive and rest and not _ASSIGNMENT.match(rest)
+        )
+        if emits and all(b.closer == ".endif" for b in self.blocks):
+            position = f"{_RESERVED_PREFIX}line_{len(self.positions)}"
+            self.positions.append((position, loc, bool(self.blocks)))
+
+        self.update_blocks(directive, operands, loc)
+        self.items.append(
+            _Item(
+                text=f"{position}:\n{text}" if position else text,
+                loc=loc,
+                mnemonic=mnemonic,
+                labels=plain_labels,
+                refs=frozenset(refs - defines_here),
+                closers=tuple(b.closer for b in reversed(self.blocks)),
+            )
+        )
+
+    def references(self, mnemonic: str, directive: str, rest: str, operands: str) -> set[str]:
+        """Identifiers a statement may use as symbols, for stubbing and naming missing ones."""
+        if m := _ASSIGNMENT.match(rest):
+            return _references(rest[m.end() :])
+        if directive:
+            if directive in (".equ", ".set", ".equiv"):
+                return _references(operands.partition(",")[2])
+            return _references(operands) if directive in _EXPRESSION_DIRECTIVES else set()
+        if mnemonic.lower() in _PREFIXES:
+            operands = operands.split(None, 1)[1] if " " in operands else ""
+        return _references(operands)
+
+    def check_backslashes(self, text: str, params: frozenset[str], loc: SourceLocation) -> None:
+        """`\\name` must name a parameter of an enclosing .macro/.irp/.irpc.
+
+        Hazard: Keystone silently drops a statement with an unknown `\\name`, and a `\\`
+        outside any macro can make it hang.
+        """
+        for m in _MACRO_PARAM_REF.finditer(_strip_literals(text)):
+            if not params:
+                raise AsmError(loc.file, loc.line, "'\\' outside a macro body (macro parameters only)")
+            name = m.group(1)
+            if m.group(3) == "@":
+                raise AsmError(loc.file, loc.line, "\\@ is not supported by Keystone 0.9.2")
+            if name == "" and m.group(2):
+                continue  # \() separates a parameter from the text after it
+            if name not in params:
+                known = ", ".join(f"\\{p}" for p in sorted(params))
+                raise AsmError(loc.file, loc.line, f"unknown macro parameter \\{name} (known: {known})")
+
+    def check_macro_arguments(self, macro: _Macro, operands: str, loc: SourceLocation) -> None:
+        """Hazard: Keystone substitutes nothing for a missing argument and then silently drops
+        the statements that used it, so arity is checked here."""
+        given = _top_level_commas(operands) + 1 if operands else 0
+        required = sum(1 for p in macro.params if p.required and not p.vararg)
+        vararg = any(p.vararg for p in macro.params)
+        if given < required or (given > len(macro.params) and not vararg):
+            names = ", ".join(p.name for p in macro.params)
+            raise AsmError(
+                loc.file,
+                loc.line,
+                f"macro {macro.name} ({names}, defined at {macro.loc}) takes "
+                f"{required if required == len(macro.params) else f'{required} to {len(macro.params)}'}"
+                f" comma-separated arguments, {given} given",
+            )
+
+    def update_blocks(self, directive: str, operands: str, loc: SourceLocation) -> None:
+        if directive in _BLOCK_OPENERS:
+            params: frozenset[str] = frozenset()
+            macro = None
+            if directive == ".macro":
+                name, macro_params = _parse_macro_params(operands, loc.file, loc.line)
+                macro = _Macro(name, macro_params, loc)
+                if not any(b.closer == ".endm" for b in self.blocks):
+                    self.macros[name] = macro
+                params = frozenset(p.name for p in macro_params)
+            elif directive in (".irp", ".irpc"):
+                params = frozenset([operands.split(",", 1)[0].strip()])
+            self.blocks.append(_Block(_BLOCK_OPENERS[directive], loc, params, macro))
+        elif directive in _BLOCK_CLOSERS:
+            closer = _BLOCK_CLOSERS[directive]
+            if not self.blocks or self.blocks[-1].closer != closer:
+                expected = f"expected {self.blocks[-1].closer}" if self.blocks else "no block is open"
+                raise AsmError(loc.file, loc.line, f"{directive} does not match ({expected})")
+            self.blocks.pop()
+        elif directive in (".else", ".elseif") and (not self.blocks or self.blocks[-1].closer != ".endif"):
+            raise AsmError(loc.file, loc.line, f"{directive} outside an .if block")
+        elif directive == ".purgem" and not any(b.closer == ".endm" for b in self.blocks):
+            self.macros.pop(operands.strip(), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Defines
+# --------------------------------------------------------------------------------------------
+
+_DEFINE_VALUE = re.compile(r"[A-Za-z0-9_.$@+\-*/%~!&|^<>=() ]+")
+
+
+def _check_define(name: str, value: str) -> None:
+    if not _IDENTIFIER.fullmatch(name):
+        raise UsageError(f"define {name!r}: the name must be an identifier (letters, digits, _)")
+    if name.startswith(_RESERVED_PREFIX):
+        raise UsageError(f"define {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+    if not _DEFINE_VALUE.fullmatch(value) or "//" in value or "/*" in value:
+        raise UsageError(f"define {name}={value!r}: the value must be a number or an expression")
+    # Hazard: Keystone silently drops `.equ X, 1+` when more statements follow, so each value
+    # is checked alone, where Keystone does report it.
+    try:
+        _ks_asm(f".equ {name}, {value}\n", 0)
+    except _KeystoneError as e:
+        raise UsageError(f"define {name}={value}: not a valid expression ({e.message})") from None
+
+
+def _define_items(defines: Mapping[str, int | str]) -> list[_Item]:
+    items = []
+    for name, raw in defines.items():
+        if isinstance(raw, int):
+            if not -(2**63) <= raw < 2**64:
+                raise UsageError(f"define {name}={raw}: the value does not fit in 64 bits")
+            value = str(int(raw))
+        else:
+            value = str(raw).strip()
+        _check_define(name, value)
+        loc = SourceLocation(f"<define {name}>", 1)
+        items.append(_Item(f".equ {name}, {value}", loc, define=(name, value)))
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly
+# --------------------------------------------------------------------------------------------
+
+
+def _table_item(name: str, loc: SourceLocation, conditional: bool) -> _Item:
+    """One 8-byte entry of the hidden symbol table: the address of `name`, or all-ones."""
+    if not conditional:
+        return _Item(f".quad {name}", loc)
+    # A label inside a block may never be defined (an .if branch not taken, a macro never
+    # expanded): .ifdef keeps the entry 8 bytes long either way.
+    return _Item(f".ifdef {name}\n.quad {name}\n.else\n.quad -1\n.endif", loc)
+
+
+def _render(items: Sequence[_Item], extra: Sequence[str] = ()) -> str:
+    return "\n".join([*(item.text for item in items), *extra]) + "\n"
+
+
+def _assemble(
+    sources: Sequence[tuple[str, str]],
+    base: int,
+    defines: Mapping[str, int | str],
+    include_dirs: Sequence[Path],
+) -> Program:
+    if not 0 <= base < 2**64:
+        raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
+    pre = _Preprocessor(include_dirs)
+    pre.items.extend(_define_items(defines))
+    for file, text in sources:
+        pre.add_source(file, text, None if file.startswith("<") else Path(file).resolve())
+    pre.finish()
+
+    # The symbol-table trick. Keystone returns only bytes, so for every label found in the
+    # text (plus the hidden per-statement position labels) a `.quad label` is appended after
+    # the program. The last 8 * len(table) bytes of the encoding are then the absolute
+    # addresses of those labels; they are read back and cut off before the code is returned.
+    # The table comes after all code, so it cannot change the encoding of anything before it.
+    table_names = [label.name for label in pre.labels.values()]
+    table = [_table_item(label.name, label.loc, label.conditional) for label in pre.labels.values()]
+    table_names += [name for name, _loc, _cond in pre.positions]
+    table += [_table_item(name, loc, cond) for name, loc, cond in pre.positions]
+    items = [*pre.items, *table]
+
+    try:
+        encoding = _ks_asm(_render(items), base)
+    except _KeystoneError as failure:
+        raise _locate_error(items, pre, base, failure) from None
+
+    size = len(encoding) - 8 * len(table)
+    if size < 0:
+        raise TestbedError(f"internal error: {len(encoding)} bytes cannot hold {len(table)} table entries")
+    values = struct.unpack_from(f"<{len(table)}Q", encoding, size)
+    addresses = {name: value for name, value in zip(table_names, values, strict=True) if value != 2**64 - 1}
+
+    symbols = {label: addresses[label] for label in pre.labels if label in addresses}
+    end = base + size
+    placed = sorted(
+        (addresses[name], i, loc) for i, (name, loc, _cond) in enumerate(pre.positions) if name in addresses
+    )
+    lines = []
+    for j, (address, _i, loc) in enumerate(placed):
+        following = placed[j + 1][0] if j + 1 < len(placed) else end
+        if following > address:  # emitted at least one byte
+            lines.append((address, loc))
+    return Program(
+        code=encoding[:size],
+        base=base,
+        symbols=MappingProxyType(symbols),
+        asserts=MappingProxyType(dict(pre.asserts)),
+        lines=tuple(lines),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Error location
+# --------------------------------------------------------------------------------------------
+
+
+def _stub_lines(names: Sequence[str]) -> list[str]:
+    """Define each name not defined so far as a label: forward references from a prefix of
+    the unit then resolve, as they would in the whole unit."""
+    return [f".ifndef {name}\n{name}:\n.endif" for name in names]
+
+
+def _missing_symbols(items: Sequence[_Item], base: int, candidates: Sequence[str]) -> set[str] | None:
+    """Which candidates the whole unit references but never defines, or None if unknown.
+
+    `.ifndef` is true for a name that is referenced but undefined; each probe emits one byte
+    saying so and defines the name, so the unit assembles and the bytes can be read back.
+    """
+    probes = [f".ifndef {name}\n.byte 1\n{name}:\n.else\n.byte 0\n.endif" for name in candidates]
+    try:
+        encoding = _ks_asm(_render(items, probes), base)
+    except _KeystoneError:
+        return None
+    flags = encoding[len(encoding) - len(candidates) :]
+    return {name for name, flag in zip(candidates, flags, strict=True) if flag == 1}
+
+
+def _locate_error(
+    items: Sequence[_Item], pre: _Preprocessor, base: int, failure: _KeystoneError
+) -> TestbedError:
+    """Find the statement that makes Keystone fail and describe the error there.
+
+    Why bisection: Keystone 0.9.2 gives no line. KsError.get_asm_count() is 0 for most parse
+    errors (bad mnemonic, bad operand), the number of statements before the error for a few
+    (bad expression token), and the count of all statements for errors found at the end
+    (missing symbol, invalid fixup); its statements include blank lines, empty `;` statements,
+    comment lines (twice) and every statement of every macro and .rept expansion. So instead
+    the unit is cut after item k: the items before it, closers for blocks left open, and stubs
+    for names defined later. The first k whose prefix fails is the failing item. Stubs matter:
+    without them a forward reference (`jmp later`) fails every prefix that cuts it off.
+    """
+    names = sorted({name for item in items for name in item.refs} | set(pre.labels))
+    missing: set[str] | None = set()
+    if failure.errno == KS_ERR_ASM_SYMBOL_MISSING:
+        # Stubbing every name would also define the one really missing: find those first.
+        missing = _missing_symbols(items, base, names)
+
+    def prefix_fails(k: int, stubs: Sequence[str]) -> _KeystoneError | None:
+        closers = items[k - 1].closers if k else ()
+        try:
+            _ks_asm(_render(items[:k], [*closers, *_stub_lines(stubs)]), base)
+        except _KeystoneError as e:
+            return e
+        return None
+
+    # Fall back to weaker stubs if the probe failed or the stubs themselves break assembly.
+    attempts = [] if missing is None else [[n for n in names if n not in missing]]
+    attempts += [sorted(pre.labels), []]
+    for stubs in attempts:
+        if prefix_fails(0, stubs) is None and prefix_fails(len(items), stubs) is not None:
+            break
+    low, high = 1, len(items)  # invariant: prefix `high` fails, prefix `low - 1` does not
+    while low < high:
+        mid = (low + high) // 2
+        if prefix_fails(mid, stubs) is not None:
+            high = mid
+        else:
+            low = mid + 1
+    error = prefix_fails(high, stubs) or failure
+    item = items[high - 1] if items else _Item("", SourceLocation("<unit>", 1))
+    message = _describe(error, item, pre, missing or set())
+    if item.define is not None:
+        name, value = item.define
+        return UsageError(f"define {name}={value}: {message}")
+    return AsmError(item.loc.file, item.loc.line, message)
+
+
+def _describe(error: _KeystoneError, item: _Item, pre: _Preprocessor, missing: set[str]) -> str:
+    """Keystone's error made specific to the statement it happened at."""
+    macro = pre.macros.get(item.mnemonic)
+    refs = set(item.refs) | (macro.body_refs if macro else set())
+    message = error.message
+    if error.errno == KS_ERR_ASM_SYMBOL_MISSING:
+        names = sorted(refs & missing)
+        message = f"symbol missing: {', '.join(names)}" if names else "symbol missing"
+    elif error.errno == KS_ERR_ASM_SYMBOL_REDEFINED:
+        names = sorted(set(item.labels) | (macro.body_labels if macro else set()))
+        message = f"symbol redefined: {', '.join(names)}" if names else "symbol redefined"
+    elif message == "invalid mnemonic" and not macro and item.mnemonic:
+        message = f"invalid mnemonic: {item.mnemonic}"
+        if (instead := _MISSING_MNEMONICS.get(item.mnemonic.lower())) is not None:
+            message += f" (Keystone 0.9.2 lacks it; write `{instead}`)"
+    if macro:
+        message += f" (in expansion of macro {macro.name} defined at {macro.loc})"
+    return message
+

@@ -48,7 +48,7 @@ def parse_size(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the exit status."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise UsageError(f"{self.prog}: {message}")
 
 
@@ -64,7 +64,7 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar."""
     parser = _Parser(prog="testbed", description="Confidential-VM guest/host ABI testbed on an emulated x86-64 CPU.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub: Any = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     run = sub.add_parser("run", help="assemble and run a guest program")
     run.add_argument("guest", type=Path, help="guest source (.s)")
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
     run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
                      help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
-    run.add_argument("--timeout", type=float, default=10.0, help="seconds before the run ends as 'timeout' (default 10)")
+    run.add_argument("--timeout", type=float, default=10.0,
+                     help="seconds before the run ends as 'timeout' (default 10)")
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON Lines to this file")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     run.set_defaults(func=cmd_run)

@@ -23,9 +23,9 @@ from testbed.kvm.uapi import (
     KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_EINVAL,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_HC_MAP_GPA_RANGE,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
@@ -50,11 +50,11 @@ from testbed.x86 import (
     MSR_EFER,
     Reg,
 )
+from testbed.x86.paging import PagingMode
 
 SEV_STATUS_SEV = 1 << 0
 SEV_STATUS_SEV_ES = 1 << 1
 SEV_STATUS_SNP = 1 << 2
-from testbed.x86.paging import PagingMode
 
 GUESTS_DIR = Path(__file__).resolve().parent.parent / "guests"
 LIB_DIR = GUESTS_DIR / "lib"

@@ -16,7 +16,10 @@ from testbed.kvm.uapi import (
 EXIT12 = 1 << KVM_HC_MAP_GPA_RANGE
 
 
-def call(nr: int, *args: int, cpl: int = 0, op64: bool = True, pv: PvCpuid = PvCpuid(), mask: int = EXIT12) -> int:
+NO_PV = PvCpuid()
+
+
+def call(nr: int, *args: int, cpl: int = 0, op64: bool = True, pv: PvCpuid = NO_PV, mask: int = EXIT12) -> int:
     a = [*args, 0, 0, 0, 0][:4]
     return emulate_hypercall(nr, *a, cpl=cpl, op_64_bit=op64, pv=pv, exit_mask=mask).ret
 

@@ -21,6 +21,7 @@ uc_hook_add skips the binding's wrapper, so hooks and register access here use c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import time
@@ -149,11 +150,7 @@ class HardwareError(TestbedError):
     """The emulator did something the model cannot continue from (a testbed bug)."""
 
 
-class _TripleFault(Exception):
-    """Raised inside delivery when a fault occurs while delivering #DF."""
-
-
-class _DeliveryFault(Exception):
+class _DeliveryFault(Exception):  # noqa: N818 - a control-flow signal, not an error report
     """A fault raised while delivering an exception (becomes #DF)."""
 
     def __init__(self, vector: int, error_code: int, cr2: int | None = None) -> None:
@@ -170,7 +167,7 @@ class _PendingFault:
     cr2: int | None = None
 
 
-_OLD_EXCEPTION_OFFSET: int | None = None
+_CALIBRATION: dict[str, int] = {}
 
 
 def old_exception_offset() -> int:
@@ -181,9 +178,8 @@ def old_exception_offset() -> int:
     The offset is build-specific, so it is measured once per process: the field reads -1 in a
     fresh context and the vector after an exception. Canary: tests/test_unicorn_canary.py.
     """
-    global _OLD_EXCEPTION_OFFSET
-    if _OLD_EXCEPTION_OFFSET is not None:
-        return _OLD_EXCEPTION_OFFSET
+    if "old_exception" in _CALIBRATION:
+        return _CALIBRATION["old_exception"]
     candidates: set[int] | None = None
     # (#DE) xor ecx, ecx; div ecx   and   (#GP) mov ax, 0x1234; mov ds, ax (no such selector).
     for vector, code in ((0, b"\x31\xc9\xf7\xf1"), (13, b"\x66\xb8\x34\x12\x8e\xd8")):
@@ -199,10 +195,8 @@ def old_exception_offset() -> int:
             u.emu_stop()
 
         uc.hook_add(ucc.UC_HOOK_INTR, hook)
-        try:
+        with contextlib.suppress(unicorn.UcError):
             uc.emu_start(0x1000, 0x1000 + len(code))
-        except unicorn.UcError:
-            pass
         if not seen:
             raise HardwareError("calibration of Unicorn's old_exception field failed: no exception seen")
         after = seen[0]
@@ -214,8 +208,8 @@ def old_exception_offset() -> int:
         candidates = found if candidates is None else candidates & found
     if not candidates or len(candidates) != 1:
         raise HardwareError(f"cannot locate Unicorn's old_exception field (candidates: {candidates})")
-    _OLD_EXCEPTION_OFFSET = candidates.pop()
-    return _OLD_EXCEPTION_OFFSET
+    _CALIBRATION["old_exception"] = candidates.pop()
+    return _CALIBRATION["old_exception"]
 
 
 class UnicornVcpu:
@@ -746,7 +740,7 @@ class UnicornVcpu:
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Inject an exception (the VMCB EVENTINJ / VMCS entry-interruption field)."""
-        if self._ctx == _CTX_INVALID or self._ctx == _CTX_NONE and not self._running:
+        if self._ctx == _CTX_INVALID or (self._ctx == _CTX_NONE and not self._running):
             self._deliver_now(vector, error_code)
         else:
             self._pending_events.append(_PendingFault(vector, error_code))
@@ -846,7 +840,8 @@ class UnicornVcpu:
                 self._deliver_now(ev.vector, ev.error_code)
             if self._shutdown:
                 self._shutdown = False
-                code = SvmExitCode.SVM_EXIT_SHUTDOWN if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_TRIPLE_FAULT
+                code = (SvmExitCode.SVM_EXIT_SHUTDOWN if self.vendor is Vendor.AMD
+                        else VmxExitReason.EXIT_REASON_TRIPLE_FAULT)
                 self._stop_requested = False
                 self._exit(code, 0, 0)
                 if self._stop_requested:
@@ -885,7 +880,8 @@ class UnicornVcpu:
                 if self._pending_npf is not None:
                     gpa, npf_error = self._pending_npf
                     self._pending_npf = None
-                    code = SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
+                    code = (SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD
+                            else VmxExitReason.EXIT_REASON_EPT_VIOLATION)
                     self._cur_rip = self._rd(_RIP)
                     self._exit(code, npf_error, gpa)
                     continue

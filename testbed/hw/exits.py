@@ -9,14 +9,14 @@ Member names are the kernel's (arch/x86/include/uapi/asm/svm.h, vmx.h) so they c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Protocol
 
 from testbed.hw.memory import HostMemory
 from testbed.x86 import Reg
 
 
-class Vendor(str, Enum):
+class Vendor(StrEnum):
     """CPU vendor: decides the native hypercall instruction and the exit-code flavour."""
 
     AMD = "amd"
@@ -72,7 +72,7 @@ VMX_INTR_INFO_VALID = 1 << 31
 VMX_INTR_TYPE_HARD_EXCEPTION = 3 << 8
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     """Why the vCPU's run ended without a VM exit the hypervisor asked to leave on."""
 
     REQUESTED = "requested"  # the hypervisor (or VMM through it) asked to stop
@@ -127,6 +127,8 @@ class VcpuHardware(Protocol):
     def request_stop(self) -> None: ...
 
     def flush_code(self) -> None: ...
+
+    def run(self, timeout_s: float) -> RunStop: ...
 
     @property
     def memory(self) -> HostMemory: ...

@@ -114,7 +114,8 @@ def emulate_hypercall(
             return HypercallOutcome(neg(KVM_EINVAL))
         flags = KVM_EXIT_HYPERCALL_LONG_MODE if op_64_bit else 0
         # run->hypercall.ret is pre-set to 0: QEMU <= 9.2 assumed KVM never changes it.
-        return HypercallOutcome(0, HypercallExit(nr=KVM_HC_MAP_GPA_RANGE, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=flags))
+        run = HypercallExit(nr=KVM_HC_MAP_GPA_RANGE, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=flags)
+        return HypercallOutcome(0, run)
     return HypercallOutcome(ret)
 
 

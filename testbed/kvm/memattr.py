@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import errno
 
-from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64
 
 SUPPORTED_ATTRIBUTES = KVM_MEMORY_ATTRIBUTE_PRIVATE

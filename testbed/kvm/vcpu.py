@@ -14,7 +14,6 @@ the emulator per exit (UNICORN.md: a restart per exit caps at ~70-90 k exits/s).
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
@@ -32,7 +31,6 @@ from testbed.hw.exits import (
     VMX_IO_SIZE_MASK,
     VMX_IO_STRING,
     RunStop,
-    StopReason,
     SvmExitCode,
     VcpuHardware,
     Vendor,
@@ -47,13 +45,13 @@ from testbed.kvm.hypercall import (
 )
 from testbed.kvm.uapi import (
     KVM_CPUID_FEATURES,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
     KVM_HC_CLOCK_PAIRING,
     KVM_HC_KICK_CPU,
     KVM_HC_MAP_GPA_RANGE,
     KVM_HC_SCHED_YIELD,
     KVM_HC_SEND_IPI,
-    KVM_EXIT_IO_IN,
-    KVM_EXIT_IO_OUT,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
@@ -65,11 +63,10 @@ from testbed.kvm.uapi import (
     MemoryFaultExit,
     ShutdownExit,
 )
-from testbed.kvm.vm import KvmIoctlError, KvmVm
+from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE, PageFault, PagingMode, walk
-
 
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
@@ -85,7 +82,9 @@ class Userspace(Protocol):
 class KvmVcpu:
     """One vCPU of `vm`, running on `hw` (the hardware model's VMCB/VMCS view)."""
 
-    def __init__(self, vm: KvmVm, hw: VcpuHardware, tracer: Tracer | None = None, paging: PagingMode | None = None) -> None:
+    def __init__(
+        self, vm: KvmVm, hw: VcpuHardware, tracer: Tracer | None = None, paging: PagingMode | None = None
+    ) -> None:
         self.vm = vm
         self.hw = hw
         self.tracer = tracer if tracer is not None else Tracer.disabled()
@@ -311,7 +310,8 @@ class KvmVcpu:
             self._exit_to_userspace(run, complete_fast_pio_in)
         else:
             value = hw.read_reg(Reg.RAX) & ((1 << (8 * size)) - 1)
-            run = IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=1, data=bytearray(value.to_bytes(size, "little")))
+            data = bytearray(value.to_bytes(size, "little"))
+            run = IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=1, data=data)
             self._exit_to_userspace(run, None)
 
     # -------------------------------------------------------------------- misc

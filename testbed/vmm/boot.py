@@ -12,9 +12,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from testbed.errors import UsageError
 from testbed.hw.memory import HostMemory
 from testbed.layout import BOOT_GDT_GPA, BOOT_PT_GPA, IMAGE_GPA, IMAGE_MAX, KSTACK_TOP
-from testbed.errors import UsageError
 
 BOOT_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)  # null, 64-bit code (0x08), data (0x10)
 BOOT_PTE = 0x7  # present | writable | user

@@ -35,6 +35,7 @@ from testbed.layout import UCALL_PORT
 from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
+from testbed.x86 import vector_name
 
 OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "memory_fault",
             "internal_error")
@@ -178,10 +179,11 @@ class Vmm:
         if isinstance(run, MemoryFaultExit):
             private = bool(run.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
             self._record({"reason": "memory_fault", "flags": run.flags, "gpa": run.gpa, "size": run.size})
-            if self.implicit_conversion == "convert":
-                # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
-                if self.map_gpa.convert(run.gpa >> 12, max(1, run.size >> 12), private) == 0:
-                    return True
+            # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
+            if self.implicit_conversion == "convert" and self.map_gpa.convert(
+                run.gpa >> 12, max(1, run.size >> 12), private
+            ) == 0:
+                return True
             kind = "private" if private else "shared"
             self._finish("memory_fault", f"guest made a {kind} access to gpa 0x{run.gpa:x}, which the host holds as "
                          f"{'shared' if private else 'private'}; implicit conversions are refused")
@@ -227,7 +229,7 @@ class Vmm:
             self._finish("done")
             return False
         if ucall.cmd == UcallCmd.UCALL_ABORT:
-            site, a, b = (list(ucall.args) + [0, 0, 0])[:3]
+            site, a, b = [*ucall.args, 0, 0, 0][:3]
             where = self.asserts.get(site)
             entry = {"cmd": "abort", "args": [a, b]}
             if where is not None:
@@ -239,10 +241,8 @@ class Vmm:
             self._finish("guest_assert", f"{loc}: GUEST_ASSERT_EQ failed: 0x{a:x} != 0x{b:x}")
             return False
         if ucall.cmd == UcallCmd.UCALL_UNHANDLED:
-            vector, error, rip = (list(ucall.args) + [0, 0, 0])[:3]
+            vector, error, rip = [*ucall.args, 0, 0, 0][:3]
             self.report.exception = {"vector": vector, "error_code": error, "rip": rip}
-            from testbed.x86 import vector_name
-
             self._finish("unhandled_exception",
                          f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}")
             return False

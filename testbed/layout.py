@@ -31,6 +31,8 @@ RT_GDT = 0x200000
 RT_IDT = 0x201000
 RT_TSS = 0x202000
 RT_DATA = 0x203000
+RT_GHCB = 0x205000
+RT_REGION_END = 0x240000  # runtime tables, data, GHCB and stacks end here
 KSTACK_TOP = 0x220000
 TRAPSTACK_TOP = 0x228000
 ISTSTACK_TOP = 0x230000
@@ -82,6 +84,8 @@ class Layout:
             "RT_IDT": RT_IDT,
             "RT_TSS": RT_TSS,
             "RT_DATA": RT_DATA,
+            "RT_GHCB": RT_GHCB,
+            "RT_VALIDATE_START": RT_REGION_END,
             "RT_PT_BASE": RT_PT_BASE,
             "KSTACK_TOP": KSTACK_TOP,
             "TRAPSTACK_TOP": TRAPSTACK_TOP,

@@ -31,11 +31,11 @@ from testbed.kvm.uapi import (
 )
 from testbed.kvm.vcpu import KvmVcpu
 from testbed.kvm.vm import KvmIoctlError, KvmVm
-from testbed.layout import IMAGE_GPA, Layout
+from testbed.layout import IMAGE_GPA, RT_GDT, RT_REGION_END, Layout
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
 from testbed.vmm import boot
-from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, build_cpuid
+from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.vmm import RunReport, SourceRef, Vmm
 from testbed.x86 import (
@@ -63,6 +63,8 @@ VM_TYPES: dict[str, KvmVmType] = {
     "default": KvmVmType.KVM_X86_DEFAULT_VM,
     "sw-protected": KvmVmType.KVM_X86_SW_PROTECTED_VM,
     "sev": KvmVmType.KVM_X86_SEV_VM,
+    "sev-es": KvmVmType.KVM_X86_SEV_ES_VM,
+    "sev-snp": KvmVmType.KVM_X86_SNP_VM,
 }
 HC_PROTOCOLS = ("map-gpa-range", "page-enc-status")
 IMPLICIT_CONVERSION_POLICIES = ("convert", "refuse")
@@ -146,15 +148,18 @@ class Machine:
         self.paging = PagingMode(enc_mask=self.c_bit_mask)
         cipher = FrameCipher.from_seed(options.seed) if self.sev else None
         self.memory = GuestMemory(options.memory, cipher)
-        self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer)
+        self.sev_es = vm_type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
+        self.snp = vm_type == KvmVmType.KVM_X86_SNP_VM
+        self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer, sev_es=self.sev_es,
+                               snp=self.snp)
         if self.sev:
             # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
-            status = SEV_STATUS_SEV
+            status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
             self.cpu.hw_msrs[MSR_AMD64_SEV] = (lambda: status, None)
         self.ud_explanations: list[dict[str, object]] = []
         self.cpu.on_guest_ud = self._explain_guest_ud
         host = self.memory.host_view()
-        self.kvm_vm = KvmVm(vm_type, options.vendor, host)
+        self.kvm_vm = KvmVm(vm_type, options.vendor, host, c_bit=options.c_bit)
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
         self.cpu.hypervisor = self.kvm_vcpu
         self._configure_kvm()
@@ -165,6 +170,10 @@ class Machine:
             # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
             self.cpu.stage2_private = self.kvm_vm.mem_attrs.private
             self.kvm_vm.on_attributes_changed = self.cpu.flush_tlb
+            rmp = self.cpu.rmp
+            if rmp is not None:
+                rmp.assign(0, self.layout.nframes, True)  # all RAM starts private (guest_memfd)
+                self.kvm_vm.on_attributes_range = rmp.assign
         extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
         self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, on_convert=self._set_attributes)
@@ -189,7 +198,7 @@ class Machine:
         if o.pv_features is None and o.map_gpa_exit:
             # hypercalls.rst: advertise HC_MAP_GPA_RANGE only once the exit is enabled.
             pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
-        sev_features = SEV_BIT if self.sev else 0
+        sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0) | (SEV_SNP_BIT if self.snp else 0)
         vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
 
     def _set_attributes(self, gfn: int, npages: int, private: bool) -> int:
@@ -210,8 +219,16 @@ class Machine:
         state = boot.prepare(host, self.program.code, self.c_bit_mask)
         if self.sev:
             # KVM_SEV_LAUNCH_UPDATE_DATA: what the VMM prepared is encrypted in place.
-            for gpa, length in boot.launch_regions(len(self.program.code)):
+            regions = boot.launch_regions(len(self.program.code))
+            if self.snp:
+                # SNP_LAUNCH_UPDATE also pre-validates the runtime's region (its tables,
+                # data, GHCB and stacks: used before the runtime can PVALIDATE anything).
+                regions.append((RT_GDT, RT_REGION_END - RT_GDT))
+            for gpa, length in regions:
                 self.memory.launch_encrypt(gpa, length)
+                if self.cpu.rmp is not None:
+                    self.cpu.rmp.launch_validate(gpa >> 12, (gpa + length + 0xFFF) >> 12)
+        self.kvm_vcpu.reset()
         cpu = self.cpu
         cpu.set_descriptor_table("gdt", state.gdt_base, state.gdt_limit)
         cpu.write_reg(Reg.CS, 0x08)

@@ -68,6 +68,19 @@
 .equ EX_RSP, 160
 .equ EX_SS, 168
 
+# SEV-ES/SNP: ask the hypervisor to terminate the guest (GHCB MSR protocol, request 0x100,
+# reason set and code) - how an SEV-ES guest signals its end without any port I/O
+# (tools/testing/selftests/kvm/x86/sev_smoke_test.c).
+.equ MSR_AMD64_SEV_ES_GHCB, 0xC0010130
+.equ GHCB_MSR_TERM_REQ, 0x100
+.macro GUEST_TERMINATE set, code
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    mov eax, GHCB_MSR_TERM_REQ | (\set << 12) | (\code << 16)
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+.endm
+
 .macro VMCALL
     vmcall
 .endm

@@ -34,10 +34,17 @@
 
 _start:
     mov rsp, KSTACK_TOP
-    call rt_detect_sev
+    # Zero the runtime's data page first: on SEV, memory nobody wrote reads as garbage.
+    mov rdi, RT_DATA
+    xor eax, eax
+    mov rcx, 512
+    rep stosq
     call rt_setup_gdt
-    call rt_setup_idt
+    call rt_setup_idt                  # first: on SEV-ES even CPUID raises #VC
+    call rt_detect_sev
+    call rt_snp_validate_memory        # SNP: PVALIDATE before the first private write
     call rt_setup_paging
+    call rt_setup_ghcb                 # SEV-ES/SNP: the shared GHCB page
     call rt_setup_hypercall
     call rt_share_ucall_page
     call guest_main
@@ -76,6 +83,7 @@ rt_detect_sev:
     mov dword ptr [rdi + 0x808], eax
     bt eax, 0                          # SEV enabled for this guest?
     jnc rt_detect_sev_done
+
     mov ecx, r8d
     and ecx, 0x3f                      # C-bit position from CPUID 0x8000001F EBX[5:0]
     mov rax, 1
@@ -206,6 +214,11 @@ rt_setup_idt_not_vc:
     inc r8
     cmp r8, 32
     jb rt_setup_idt_loop
+    # #VC is handled by the runtime from the start: on SEV-ES the very first CPUID raises it
+    # (only SEV-ES/SNP guests ever see vector 29)
+    mov rdi, RT_HANDLERS
+    lea rax, [rip + rt_vc_handler]
+    mov qword ptr [rdi + 29 * 8], rax
     # the CPL-3 return gate: DPL 3 interrupt gate
     mov rdi, RT_USER_RET_VECTOR
     lea rsi, [rip + rt_user_return]
@@ -266,10 +279,15 @@ rt_pt_pad:
     inc r8
     jmp rt_pt_pad
 rt_pt_padded:
-    # the ucall page is shared with the host: no C-bit
+    # the ucall page and the GHCB are shared with the host: no C-bit
     mov rax, UCALL_GPA
     shr rax, 12
     mov rcx, UCALL_GPA
+    or rcx, PTE_FLAGS
+    mov qword ptr [rdi + rax * 8], rcx
+    mov rax, RT_GHCB
+    shr rax, 12
+    mov rcx, RT_GHCB
     or rcx, PTE_FLAGS
     mov qword ptr [rdi + rax * 8], rcx
     # PDEs
@@ -369,11 +387,49 @@ rt_set_memory_enc:
     cmp rcx, rax
     mov rax, -22
     ja rt_sme_out
-    # 1. our own page tables (SEV only): C-bit on for private, off for shared
+    # SNP: page-state changes and validation instead of the hypercall
+    mov r8, RT_DATA
+    mov r8, qword ptr [r8 + 0x808]
+    test r8, 4
+    jz rt_sme_pte
+    test r11, r11
+    jnz rt_sme_snp_private
+    xor edx, edx                       # shared: rescind, PSC, then the PTEs
+    call rt_snp_pvalidate_range
+    test rax, rax
+    jnz rt_sme_out
+    mov rdx, 2
+    call rt_snp_psc
+    test rax, rax
+    jnz rt_sme_out
+    call rt_sme_flip_ptes
+    xor eax, eax
+    jmp rt_sme_out
+rt_sme_snp_private:                    # private: the PTEs, PSC, then validate
+    call rt_sme_flip_ptes
+    mov rdx, 1
+    call rt_snp_psc
+    test rax, rax
+    jnz rt_sme_out
+    mov edx, 1
+    call rt_snp_pvalidate_range
+    jmp rt_sme_out
+rt_sme_pte:
+    call rt_sme_flip_ptes
+    jmp rt_sme_notify
+
+# rdi = gpa, rsi = npages, r11 = enc: C-bit on (private) or off (shared) in our PTEs (SEV).
+rt_sme_flip_ptes:
+    push rax
+    push rbx
+    push rcx
+    push r8
+    push r9
+    push r10
     mov r8, RT_DATA
     mov r10, qword ptr [r8 + 0x800]    # C-bit mask
     test r10, r10
-    jz rt_sme_notify
+    jz rt_sme_flip_done
     mov r8, rdi
     mov r9, rsi
 rt_sme_pte_loop:
@@ -396,6 +452,15 @@ rt_sme_store:
     add r8, 4096
     dec r9
     jnz rt_sme_pte_loop
+rt_sme_flip_done:
+    pop r10
+    pop r9
+    pop r8
+    pop rcx
+    pop rbx
+    pop rax
+    ret
+
 rt_sme_notify:
     # 2. tell the host, if it offers the hypercall
     mov r8, rdi
@@ -469,6 +534,15 @@ rt_ucall:
     mov qword ptr [r9 + 16], rdx
     mov qword ptr [r9 + 24], rcx
     mov qword ptr [r9 + 32], r8
+    mov r9, RT_DATA
+    cmp qword ptr [r9 + 0x820], 0      # GHCB ready: the IOIO exit directly, no #VC
+    je rt_ucall_out
+    call rt_ucall_ghcb
+    pop r9
+    pop rdx
+    pop rax
+    ret
+rt_ucall_out:
     mov dx, UCALL_PORT
     mov eax, UCALL_GPA
     out dx, eax
@@ -669,3 +743,5 @@ rt_exc_stub_table:
     .quad rt_exc_8, rt_exc_9, rt_exc_10, rt_exc_11, rt_exc_12, rt_exc_13, rt_exc_14, rt_exc_15
     .quad rt_exc_16, rt_exc_17, rt_exc_18, rt_exc_19, rt_exc_20, rt_exc_21, rt_exc_22, rt_exc_23
     .quad rt_exc_24, rt_exc_25, rt_exc_26, rt_exc_27, rt_exc_28, rt_exc_29, rt_exc_30, rt_exc_31
+
+.include "sev.s"

@@ -51,13 +51,17 @@ from testbed.hw.exits import (
     VmxExitReason,
 )
 from testbed.hw.memory import OWNER_PRIVATE, GuestMemory, HostMemory
+from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult, Rmp
 from testbed.trace import Tracer
 from testbed.x86 import (
     CONTRIBUTORY_VECTORS,
     CR0_WP,
     ERROR_CODE_VECTORS,
     PAGE_SHIFT,
+    MSR_AMD64_SEV_ES_GHCB,
     PAGE_SIZE,
+    PVALIDATE_BYTES,
+    RFLAGS_CF,
     RFLAGS_IF,
     RFLAGS_RF,
     RFLAGS_TF,
@@ -118,6 +122,16 @@ _PROT_RW = ucc.UC_PROT_READ | ucc.UC_PROT_WRITE
 _ACCESS_FROM_UC = {ucc.UC_MEM_READ: ACCESS_READ, ucc.UC_MEM_WRITE: ACCESS_WRITE, ucc.UC_MEM_FETCH: ACCESS_FETCH}
 _U64S = struct.Struct("<Q")
 
+# Opcode byte patterns of the instruction sites the hardware intercepts by code hooks.
+_SITE_PATTERNS = (b"\x0f\x30", b"\x0f\x32")  # WRMSR, RDMSR
+_IO_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF})
+_ES_SITE_PATTERNS = (
+    *_SITE_PATTERNS,
+    b"\x0f\xa2",  # CPUID
+    *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT
+    *(bytes([0x66, op]) for op in (0xE5, 0xE7, 0xED, 0xEF)),  # 16-bit IN/OUT
+)
+
 # Contexts in which the hypervisor runs (they decide how RIP and injections take effect).
 _CTX_NONE = 0
 _CTX_INVALID = 1  # UC_HOOK_INSN_INVALID: RIP writes take effect, returning True resumes
@@ -134,6 +148,9 @@ _IN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, 
 _CPUID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
 
+
+#: #VC error code for a private access to an unvalidated page (AMD APM 15.36.10).
+SVM_EXIT_PAGE_NOT_VALIDATED = 0x404
 
 #: Nested-page-fault error-code bits the hardware reports (PFERR_* in KVM's mmu.h).
 NPF_WRITE = 1 << 1
@@ -223,12 +240,14 @@ class UnicornVcpu:
         tracer: Tracer | None = None,
         *,
         sev_es: bool = False,
+        snp: bool = False,
     ) -> None:
         self.vendor = vendor
         self._mem = memory
         self._paging = paging
         self._tracer = tracer if tracer is not None else Tracer.disabled()
-        self._sev_es = sev_es
+        self._sev_es = sev_es or snp
+        self._snp = snp
         self.hypervisor: Hypervisor | None = None
         self._intercept_ud = False
         self._uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
@@ -258,9 +277,14 @@ class UnicornVcpu:
         self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last fill)
         self._exec_frames: set[int] = set()  # frames code has been fetched from
         self._scanned_frames: set[int] = set()  # exec frames whose MSR sites are hooked
-        self._msr_sites: set[int] = set()  # guest-virtual addresses with an MSR-site hook
         #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)
         self.hw_msrs: dict[int, tuple[Callable[[], int], Callable[[int], bool] | None]] = {}
+        #: the GHCB MSR (MSR_AMD64_SEV_ES_GHCB): hardware state the hypervisor reads at VMGEXIT
+        self.ghcb_msr = 0
+        self.rmp: Rmp | None = Rmp(memory.nframes) if snp else None
+        if self._sev_es:
+            self.hw_msrs[MSR_AMD64_SEV_ES_GHCB] = (lambda: self.ghcb_msr, self._write_ghcb_msr)
+        self._msr_sites: set[int] = set()  # guest-virtual addresses with an MSR-site hook
         self._cs64_cache: dict[int, bool] = {}
         self._old_exc_off = old_exception_offset()
         self._uc_ctx = self._uc.context_save()
@@ -484,6 +508,11 @@ class UnicornVcpu:
             if bool(expect[frame]) != access_private:
                 self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, access_private))
                 return False
+            rmp = self.rmp
+            if rmp is not None and access_private and not rmp.validated[frame]:
+                # SNP: a private access to an assigned page the guest has not validated.
+                self._pending_fault = _PendingFault(Vector.VC, SVM_EXIT_PAGE_NOT_VALIDATED, vaddr)
+                return False
         # W^X at the TLB for code frames: EXEC is granted only by fetch fills (which scan the
         # frame for MSR instructions first) and WRITE only while the frame is not known code,
         # so guest self-modifying code is rescanned before it runs (the canary tests pin it).
@@ -549,16 +578,19 @@ class UnicornVcpu:
 
     # ------------------------------------------------------------- MSR instruction sites
     def _scan_msr_sites(self, frame: int, va_page: int, private: bool) -> None:
-        """Hook every RDMSR/WRMSR byte pattern on a code page before Unicorn translates it.
+        """Hook every instruction site the hardware must intercept before Unicorn translates it.
 
         Unicorn offers no RDMSR/WRMSR hook and silently drops MSRs QEMU does not model
         (UNICORN.md), so MSRs the hardware owns (SEV_STATUS, the GHCB MSR) need a per-address
-        code hook at each instruction. A hook on bytes that are not an instruction start never
-        fires, so matching the byte patterns over the whole page is exact enough.
+        code hook at each instruction; on SEV-ES/SNP so do CPUID and IN/OUT, which must raise
+        #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
+        bytes that are not an instruction start never fires, so matching the opcode bytes over
+        the whole page is exact.
         """
         self._scanned_frames.add(frame)
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
-        for pattern in (b"\x0f\x30", b"\x0f\x32"):
+        patterns = _ES_SITE_PATTERNS if self._sev_es else _SITE_PATTERNS
+        for pattern in patterns:
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
@@ -580,16 +612,37 @@ class UnicornVcpu:
 
     def _on_msr_site(self, _h: Any, address: int, _size: int, _ud: Any) -> None:
         insn = self._fetch_at_rip(address, 2)
-        if insn not in (b"\x0f\x30", b"\x0f\x32"):
-            return  # the page changed since the scan; the rescan hooks the new sites
+        if insn in (b"\x0f\x30", b"\x0f\x32"):
+            self._msr_instruction(address, insn == b"\x0f\x32")
+        elif not self._sev_es:
+            return
+        elif insn == b"\x0f\xa2":
+            self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
+        elif insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES):
+            self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
+        # else: the page changed since the scan; the rescan hooks the new sites
+
+    def _vc_at(self, address: int, exit_code: int) -> None:
+        """#VC for an intercepted instruction of an SEV-ES guest, before it executes."""
+        self._cur_rip = address
+        self._ctx = _CTX_INVALID
+        try:
+            self._tracer.emit("hw", "vc", error_code=exit_code, rip=address)
+            self._deliver_now(Vector.VC, exit_code)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _msr_instruction(self, address: int, is_read: bool) -> None:
         index = self._rd(_UC_REG[Reg.RCX]) & 0xFFFFFFFF
         handler = self.hw_msrs.get(index)
         if handler is None:
+            if self._sev_es:
+                self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
             return  # not a hardware-owned MSR: Unicorn's own MSR emulation runs
         read, write = handler
         self._cur_rip = address
         self._cur_len = 2
-        if insn == b"\x0f\x32":
+        if is_read:
             value = read()
             self._wr(_UC_REG[Reg.RAX], value & 0xFFFFFFFF)
             self._wr(_UC_REG[Reg.RDX], (value >> 32) & 0xFFFFFFFF)
@@ -603,6 +656,18 @@ class UnicornVcpu:
                     self._ctx = _CTX_NONE
                 return
         self._wr(_RIP, address + 2)
+
+    def ghcb_msr_value(self) -> int:
+        """The GHCB MSR as the guest last wrote it (the VMCB's GHCB GPA field)."""
+        return self.ghcb_msr
+
+    def set_ghcb_msr(self, value: int) -> None:
+        """The hypervisor's reply through the GHCB MSR."""
+        self.ghcb_msr = value & U64
+
+    def _write_ghcb_msr(self, value: int) -> bool:
+        self.ghcb_msr = value & U64
+        return True
 
     # ----------------------------------------------------------- instruction intercepts
     def _fetch_at_rip(self, rip: int, n: int) -> bytes:
@@ -638,9 +703,21 @@ class UnicornVcpu:
                     else:
                         self._exit(SvmExitCode.SVM_EXIT_VMMCALL, 0, 0)
                     return self._resume()
-                if insn == VMGEXIT_BYTES and self._sev_es:
+                if insn == VMGEXIT_BYTES:
                     self._cur_len = 4
+                    if not self._sev_es:
+                        # Outside an SEV-ES guest the REP prefix is ignored: it is VMMCALL.
+                        self._exit(SvmExitCode.SVM_EXIT_VMMCALL, 0, 0)
+                        return self._resume()
                     self._exit(SvmExitCode.SVM_EXIT_VMGEXIT, 0, 0)
+                    if not self._stop_requested:
+                        # The hardware resumes an SEV-ES guest after VMGEXIT; KVM cannot (and
+                        # need not) move the encrypted RIP.
+                        self._wr(_RIP, rip + 4)
+                    return self._resume()
+                if insn == PVALIDATE_BYTES and self._snp:
+                    self._cur_len = 4
+                    self._pvalidate(rip)
                     return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3
@@ -655,6 +732,33 @@ class UnicornVcpu:
             return self._resume()
         finally:
             self._ctx = _CTX_NONE
+
+    def _pvalidate(self, rip: int) -> None:
+        """PVALIDATE (F2 0F 01 FF): RAX = VA, ECX = size, EDX = validate (APM vol. 3)."""
+        assert self.rmp is not None
+        va = self._rd(_UC_REG[Reg.RAX])
+        size = self._rd(_UC_REG[Reg.RCX]) & 0xFFFFFFFF
+        validate = bool(self._rd(_UC_REG[Reg.RDX]) & 1)
+        try:
+            tr = self.translate(va & ~0xFFF, ACCESS_READ, supervisor=True)
+        except _DeliveryFault as fault:
+            self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
+            return
+        frame = tr.gpa >> PAGE_SHIFT
+        if va & 0xFFF or (size == 1 and va & 0x1FFFFF):
+            result = PvalidateResult(PVALIDATE_FAIL_INPUT, False)
+        elif self.stage2_private is not None and not self.stage2_private[frame]:
+            # PVALIDATE is a private access: against a shared (unassigned) GFN the stage-2
+            # walk faults, and KVM sees KVM_EXIT_MEMORY_FAULT (sev.c, sev_handle_rmp_fault).
+            self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, tr.gpa)
+            return  # RIP unchanged: retried if the VMM converted the page
+        else:
+            result = self.rmp.pvalidate(frame, size, validate)
+        self._tracer.emit("hw", "pvalidate", gpa=tr.gpa, size=size, validate=validate, eax=result.eax, cf=result.cf)
+        self._wr(_UC_REG[Reg.RAX], result.eax)
+        flags = self._rd(_UC_REG[Reg.RFLAGS]) & ~RFLAGS_CF
+        self._wr(_UC_REG[Reg.RFLAGS], flags | (RFLAGS_CF if result.cf else 0))
+        self._wr(_RIP, rip + 4)
 
     def _raise_ud(self, rip: int, insn: bytes) -> None:
         if self._intercept_ud:
@@ -673,8 +777,10 @@ class UnicornVcpu:
     on_guest_ud: Callable[[int, bytes], None] | None = None
 
     def _resume(self) -> bool:
-        # Returning True resumes at the RIP we left; a stop request ends the run after it.
-        return True
+        # True resumes at the RIP we left. After a stop request, False ends the run right here
+        # (Unicorn stops with UC_ERR_INSN_INVALID, RIP unchanged), so an instruction whose
+        # completion is still pending (a user exit the VMM has not answered) is not re-run.
+        return not self._stop_requested
 
     def _exit(self, code: int, info1: int, info2: int) -> None:
         if self.hypervisor is None:

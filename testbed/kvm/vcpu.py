@@ -61,8 +61,11 @@ from testbed.kvm.uapi import (
     IoExit,
     KvmExit,
     MemoryFaultExit,
+    KvmVmType,
     ShutdownExit,
 )
+from testbed.hw.memory import HostMemory
+from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
@@ -97,6 +100,82 @@ class KvmVcpu:
         # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
         hw.set_intercept_ud(not vm.sev)
         self._handlers: dict[int, Callable[[int, int], None]] = self._exit_table()
+        self.sev_state: SevState | None = None
+        self.sev_es: SevEsHandler | None = None
+        if vm.type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM):
+            self.sev_state = SevState(
+                snp=vm.type == KvmVmType.KVM_X86_SNP_VM,
+                c_bit=vm.c_bit,
+                hypercall_exit_enabled=lambda: bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE)),
+            )
+            self.sev_es = SevEsHandler(self.sev_state, self, self.tracer)
+            self._handlers[SvmExitCode.SVM_EXIT_VMGEXIT] = lambda i1, i2: self.handle_vmgexit()
+
+    def reset(self) -> None:
+        """vCPU RESET: for SEV-ES/SNP the GHCB MSR is preloaded with the SEV-information
+        response (sev_es_init_vmcb)."""
+        if self.sev_es is not None and self.sev_state is not None:
+            self.sev_es.reset()
+            self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
+
+    # ------------------------------------------------------------ SEV-ES / SNP
+    def handle_vmgexit(self) -> None:
+        """SVM_EXIT_VMGEXIT: the GHCB MSR or page protocol (kvm/sev.py), KVM's only channel
+        to a guest whose registers are encrypted."""
+        assert self.sev_es is not None and self.sev_state is not None
+        self.sev_state.ghcb_msr = self.hw.ghcb_msr_value()
+        try:
+            self.sev_es.handle_vmgexit()
+        except SevFatalError as exc:
+            # sev_handle_vmgexit() returned an error: KVM_RUN fails, the VM is dead.
+            self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"VMGEXIT: {exc}"), None)
+        finally:
+            self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
+
+    @property
+    def memory(self) -> HostMemory:
+        """SevVcpuOps: the host's view of guest memory."""
+        return self.vm.memory
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        """SevVcpuOps: kvm_cpuid()."""
+        return self.vm.cpuid.lookup(function, index)
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
+                  complete: Callable[[int], None]) -> None:
+        """SevVcpuOps: KVM's hypercall dispatch for a protected guest (always a 64-bit call)."""
+        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=True, pv=self._pv,
+                                    exit_mask=self.vm.hypercall_exit_mask)
+        if outcome.user_exit is None:
+            self.stat_hypercalls += 1
+            complete(outcome.ret)
+            return
+        run = outcome.user_exit
+
+        def done(run: HypercallExit = run) -> None:
+            self.stat_hypercalls += 1
+            complete(run.ret)
+
+        self._exit_to_userspace(run, done)
+
+    def exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
+        """SevVcpuOps: a user exit with its completion."""
+        self._exit_to_userspace(run, complete)
+
+    def pio(self, port: int, size: int, is_in: bool, value: int, complete: Callable[[int], None]) -> None:
+        """SevVcpuOps: port I/O through the GHCB: every port exits to userspace."""
+        if is_in:
+            run = IoExit(direction=KVM_EXIT_IO_IN, size=size, port=port, count=1, data=bytearray(size))
+            self._exit_to_userspace(run, lambda: complete(int.from_bytes(run.data[:size], "little")))
+        else:
+            data = bytearray((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            self._exit_to_userspace(IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=1, data=data),
+                                    lambda: complete(0))
+
+    def msr(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
+        """SevVcpuOps: RDMSR/WRMSR through the GHCB. The testbed models no guest MSRs in KVM,
+        so each access fails as kvm_get_msr()/kvm_set_msr() do for an unknown MSR (#GP)."""
+        complete(False, 0)
 
     # ---------------------------------------------------------------- KVM_RUN
     def run(self, userspace: Userspace, timeout_s: float) -> RunStop:
@@ -106,6 +185,8 @@ class KvmVcpu:
         if self._pending_completion is not None:
             done, self._pending_completion = self._pending_completion, None
             done()
+            if self.sev_state is not None:
+                self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
         return self.hw.run(timeout_s)
 
     def _exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:

@@ -80,8 +80,9 @@ class CpuidTable:
 class KvmVm:
     """One VM: what KVM_CREATE_VM returns and its VM-wide state."""
 
-    def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory) -> None:
+    def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51) -> None:
         self.type = vm_type
+        self.c_bit = c_bit
         self.vendor = vendor
         self.memory = memory
         self.hypercall_exit_mask = 0
@@ -94,6 +95,8 @@ class KvmVm:
         self.mem_attrs: MemoryAttributes | None = None
         if self.has_private_mem:
             self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev)
+        #: called with (first_gfn, end_gfn, private) for every attribute change (the RMP follows)
+        self.on_attributes_range: Callable[[int, int, bool], None] | None = None
         #: seed-era protocol: KVM_HC_PAGE_ENC_STATUS handled in the kernel into a bitmap
         self.page_enc_status_protocol = False
         self.page_enc_bitmap = BitmapTracker(guest_pages, 1)
@@ -141,8 +144,14 @@ class KvmVm:
             return
         before = self.mem_attrs.updates
         self.mem_attrs.set(address, size, attributes, flags)
-        if self.mem_attrs.updates != before and self.on_attributes_changed is not None:
-            self.on_attributes_changed()
+        if self.mem_attrs.updates != before:
+            if self.on_attributes_range is not None:
+                # KVM makes gmem pages private in the RMP when it maps them, and shared again
+                # when they are freed (sev_gmem_prepare / sev_gmem_invalidate).
+                self.on_attributes_range(address >> 12, (address + size) >> 12,
+                                         bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+            if self.on_attributes_changed is not None:
+                self.on_attributes_changed()
 
     @property
     def has_private_mem(self) -> bool:
@@ -155,6 +164,11 @@ class KvmVm:
         """
         return self.type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SNP_VM,
                              KvmVmType.KVM_X86_TDX_VM)
+
+    @property
+    def snp(self) -> bool:
+        """An SEV-SNP VM."""
+        return self.type == KvmVmType.KVM_X86_SNP_VM
 
     def quirk_enabled(self, quirk: int) -> bool:
         """kvm_check_has_quirk()."""

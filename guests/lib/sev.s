@@ -1,0 +1,552 @@
+# sev.s - the runtime's SEV-ES / SEV-SNP half: the GHCB, the #VC handler, PVALIDATE, PSC.
+#
+# Included by runtime.s. With SEV-ES the hypervisor cannot read our registers, so every
+# intercepted instruction (CPUID, IN/OUT, RDMSR/WRMSR, VMMCALL) raises #VC in the guest and
+# this handler forwards it through the GHCB, a page shared with the host (the GHCB page
+# protocol: fill the fields, set their valid bits, write the GHCB's GPA to the GHCB MSR and
+# VMGEXIT). Before the GHCB is set up, CPUID goes through the GHCB MSR protocol. On SNP the
+# runtime also validates its memory (PVALIDATE) and converts pages with Page State Change
+# requests, as Linux's arch/x86/coco/sev does.
+
+.equ RT_GHCB_READY, RT_DATA + 0x820
+
+# GHCB layout (arch/x86/include/asm/svm.h, struct ghcb; valid bit = offset / 8)
+.equ GHCB_CPL, 0x0cb
+.equ GHCB_RAX, 0x1f8
+.equ GHCB_RCX, 0x308
+.equ GHCB_RDX, 0x310
+.equ GHCB_RBX, 0x318
+.equ GHCB_RSI, 0x330
+.equ GHCB_SW_EXITCODE, 0x390
+.equ GHCB_SW_EXITINFO1, 0x398
+.equ GHCB_SW_EXITINFO2, 0x3a0
+.equ GHCB_SW_SCRATCH, 0x3a8
+.equ GHCB_VALID, 0x3f0
+.equ GHCB_SHARED_BUF, 0x800
+.equ GHCB_VERSION, 0xffa
+.equ GHCB_USAGE, 0xffc
+
+# GHCB MSR protocol (arch/x86/include/asm/sev-common.h)
+.equ GHCB_MSR_CPUID_REQ, 0x004
+.equ GHCB_MSR_CPUID_RESP, 0x005
+.equ GHCB_MSR_REG_GPA_REQ, 0x012
+.equ GHCB_MSR_REG_GPA_RESP, 0x013
+.equ GHCB_MSR_PSC_REQ, 0x014
+.equ GHCB_MSR_PSC_RESP, 0x015
+
+.equ SVM_EXIT_CPUID, 0x72
+.equ SVM_EXIT_IOIO, 0x7b
+.equ SVM_EXIT_MSR, 0x7c
+.equ SVM_EXIT_VMMCALL, 0x81
+.equ SVM_VMGEXIT_PSC, 0x80000010
+
+.equ SNP_PAGE_STATE_PRIVATE, 1
+.equ SNP_PAGE_STATE_SHARED, 2
+.equ VMGEXIT_PSC_MAX_ENTRY, 253
+
+# Termination reason codes (set 1 = Linux's)
+.equ SEV_TERM_SET_LINUX, 1
+.equ GHCB_TERM_REGISTER, 0
+.equ GHCB_TERM_PSC, 1
+.equ GHCB_TERM_PVALIDATE, 2
+
+# rdi = GHCB MSR value to send; returns the GHCB MSR value the hypervisor left in rax
+rt_ghcb_msr_call:
+    push rcx
+    push rdx
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    mov rax, rdi
+    mov rdx, rdi
+    shr rdx, 32
+    wrmsr
+    rep vmmcall
+    rdmsr
+    shl rdx, 32
+    or rax, rdx
+    pop rdx
+    pop rcx
+    ret
+
+rt_sev_terminate:
+    GUEST_TERMINATE 1, 0
+    jmp rt_sev_terminate
+
+# VMGEXIT with the GHCB page: the GHCB MSR gets the GHCB's GPA first (Linux re-writes it
+# before every exit, since the MSR protocol may have left another value in it).
+rt_ghcb_vmgexit:
+    push rax
+    push rcx
+    push rdx
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    mov eax, RT_GHCB
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    pop rdx
+    pop rcx
+    pop rax
+    ret
+
+# Clear the valid bitmap and set the usage/version fields.
+rt_ghcb_clear:
+    push rax
+    mov rax, RT_GHCB
+    mov qword ptr [rax + GHCB_VALID], 0
+    mov qword ptr [rax + GHCB_VALID + 8], 0
+    mov word ptr [rax + GHCB_VERSION], 2
+    mov dword ptr [rax + GHCB_USAGE], 0
+    pop rax
+    ret
+
+# rdi = field offset: set its valid bit (bit offset/8 of the 128-bit bitmap)
+rt_ghcb_valid:
+    push rax
+    push rcx
+    mov rcx, rdi
+    shr rcx, 3
+    mov rax, RT_GHCB
+    bts qword ptr [rax + GHCB_VALID], rcx
+    pop rcx
+    pop rax
+    ret
+
+.macro GHCB_SET field, value
+    mov rax, RT_GHCB
+    mov qword ptr [rax + \field], \value
+    mov rdi, \field
+    call rt_ghcb_valid
+.endm
+
+# Fill SW_EXITCODE/INFO1/INFO2 (valid), VMGEXIT, return EXITINFO1's low 32 bits in rax.
+# rdi = exit code, rsi = info1, rdx = info2
+rt_ghcb_exit:
+    push rbx
+    mov rbx, rdi
+    GHCB_SET GHCB_SW_EXITCODE, rbx
+    GHCB_SET GHCB_SW_EXITINFO1, rsi
+    GHCB_SET GHCB_SW_EXITINFO2, rdx
+    call rt_ghcb_vmgexit
+    mov rax, RT_GHCB
+    mov eax, dword ptr [rax + GHCB_SW_EXITINFO1]
+    pop rbx
+    ret
+
+# ---------------------------------------------------------------------------------------------
+# The #VC handler: rdi = struct ex_regs * (error code = the SVM exit code)
+rt_vc_handler:
+    mov r15, rdi
+    mov r14, qword ptr [r15 + EX_ERROR_CODE]
+    mov rax, RT_GHCB_READY
+    cmp qword ptr [rax], 0
+    je rt_vc_early
+    call rt_ghcb_clear
+    cmp r14, SVM_EXIT_CPUID
+    je rt_vc_cpuid
+    cmp r14, SVM_EXIT_VMMCALL
+    je rt_vc_vmmcall
+    cmp r14, SVM_EXIT_IOIO
+    je rt_vc_ioio
+    cmp r14, SVM_EXIT_MSR
+    je rt_vc_msr
+    jmp rt_vc_unhandled
+
+rt_vc_cpuid:
+    mov rbx, qword ptr [r15 + EX_RAX]
+    GHCB_SET GHCB_RAX, rbx
+    mov rbx, qword ptr [r15 + EX_RCX]
+    GHCB_SET GHCB_RCX, rbx
+    mov rdi, SVM_EXIT_CPUID
+    xor esi, esi
+    xor edx, edx
+    call rt_ghcb_exit
+    test eax, eax
+    jnz rt_vc_unhandled
+    mov rax, RT_GHCB
+    mov rbx, qword ptr [rax + GHCB_RAX]
+    mov qword ptr [r15 + EX_RAX], rbx
+    mov rbx, qword ptr [rax + GHCB_RBX]
+    mov qword ptr [r15 + EX_RBX], rbx
+    mov rbx, qword ptr [rax + GHCB_RCX]
+    mov qword ptr [r15 + EX_RCX], rbx
+    mov rbx, qword ptr [rax + GHCB_RDX]
+    mov qword ptr [r15 + EX_RDX], rbx
+    add qword ptr [r15 + EX_RIP], 2
+    ret
+
+rt_vc_vmmcall:
+    mov rbx, qword ptr [r15 + EX_RAX]
+    GHCB_SET GHCB_RAX, rbx
+    mov rbx, qword ptr [r15 + EX_RBX]
+    GHCB_SET GHCB_RBX, rbx
+    mov rbx, qword ptr [r15 + EX_RCX]
+    GHCB_SET GHCB_RCX, rbx
+    mov rbx, qword ptr [r15 + EX_RDX]
+    GHCB_SET GHCB_RDX, rbx
+    mov rbx, qword ptr [r15 + EX_RSI]
+    GHCB_SET GHCB_RSI, rbx
+    # CPL: KVM takes it from the GHCB (sev_es_validate_vmgexit requires it valid)
+    mov rbx, qword ptr [r15 + EX_CS]
+    and rbx, 3
+    mov rax, RT_GHCB
+    mov byte ptr [rax + GHCB_CPL], bl
+    mov rdi, GHCB_CPL
+    call rt_ghcb_valid
+    mov rdi, SVM_EXIT_VMMCALL
+    xor esi, esi
+    xor edx, edx
+    call rt_ghcb_exit
+    test eax, eax
+    jnz rt_vc_unhandled
+    mov rax, RT_GHCB
+    mov rbx, qword ptr [rax + GHCB_RAX]
+    mov qword ptr [r15 + EX_RAX], rbx
+    add qword ptr [r15 + EX_RIP], 3
+    ret
+
+# IN/OUT: decode the instruction at RIP (no string forms), as vc_ioio_exitinfo() does.
+rt_vc_ioio:
+    mov r13, qword ptr [r15 + EX_RIP]
+    movzx r12, byte ptr [r13]
+    mov r11, 4                         # operand size
+    mov r10, 1                         # instruction length
+    cmp r12, 0x66
+    jne rt_vc_ioio_noprefix
+    mov r11, 2
+    mov r10, 2
+    movzx r12, byte ptr [r13 + 1]
+rt_vc_ioio_noprefix:
+    mov r9, r12                        # low bit: 0 = byte size
+    test r9, 1
+    jnz rt_vc_ioio_wide
+    mov r11, 1
+rt_vc_ioio_wide:
+    # port: imm8 for E4-E7, DX for EC-EF
+    cmp r12, 0xec
+    jae rt_vc_ioio_dx
+    movzx r8, byte ptr [r13 + r10]
+    inc r10
+    jmp rt_vc_ioio_port
+rt_vc_ioio_dx:
+    mov r8, qword ptr [r15 + EX_RDX]
+    and r8, 0xffff
+rt_vc_ioio_port:
+    # exitinfo1 = port << 16 | size (SZ8 1<<4, SZ16 1<<5, SZ32 1<<6) | IN
+    mov rsi, r8
+    shl rsi, 16
+    mov rax, r11
+    shl rax, 4
+    or rsi, rax
+    mov rax, r12
+    and rax, 2                         # E6/E7/EE/EF have bit 1 set: OUT
+    jnz rt_vc_ioio_out
+    or rsi, 1
+    jmp rt_vc_ioio_go
+rt_vc_ioio_out:
+    mov rbx, qword ptr [r15 + EX_RAX]
+    GHCB_SET GHCB_RAX, rbx
+rt_vc_ioio_go:
+    mov rdi, SVM_EXIT_IOIO
+    xor edx, edx
+    push rsi
+    call rt_ghcb_exit
+    pop rsi
+    test eax, eax
+    jnz rt_vc_unhandled
+    test rsi, 1
+    jz rt_vc_ioio_done
+    # IN: merge the low `size` bytes of the GHCB's RAX into the saved RAX
+    mov rcx, r11
+    shl rcx, 3
+    mov rax, 1
+    shl rax, cl
+    dec rax                            # mask
+    mov rbx, RT_GHCB
+    mov rbx, qword ptr [rbx + GHCB_RAX]
+    and rbx, rax
+    not rax
+    and qword ptr [r15 + EX_RAX], rax
+    or qword ptr [r15 + EX_RAX], rbx
+rt_vc_ioio_done:
+    add qword ptr [r15 + EX_RIP], r10
+    ret
+
+rt_vc_msr:
+    mov r13, qword ptr [r15 + EX_RIP]
+    movzx r12, byte ptr [r13 + 1]      # 0x30 WRMSR, 0x32 RDMSR
+    mov rbx, qword ptr [r15 + EX_RCX]
+    GHCB_SET GHCB_RCX, rbx
+    xor esi, esi
+    cmp r12, 0x30
+    jne rt_vc_msr_go
+    mov rbx, qword ptr [r15 + EX_RAX]
+    GHCB_SET GHCB_RAX, rbx
+    mov rbx, qword ptr [r15 + EX_RDX]
+    GHCB_SET GHCB_RDX, rbx
+    mov esi, 1
+rt_vc_msr_go:
+    mov rdi, SVM_EXIT_MSR
+    xor edx, edx
+    call rt_ghcb_exit
+    test eax, eax
+    jnz rt_vc_unhandled
+    cmp r12, 0x30
+    je rt_vc_msr_done
+    mov rax, RT_GHCB
+    mov ebx, dword ptr [rax + GHCB_RAX]
+    mov qword ptr [r15 + EX_RAX], rbx
+    mov ebx, dword ptr [rax + GHCB_RDX]
+    mov qword ptr [r15 + EX_RDX], rbx
+rt_vc_msr_done:
+    add qword ptr [r15 + EX_RIP], 2
+    ret
+
+# Before the GHCB exists only CPUID is possible, through the MSR protocol.
+rt_vc_early:
+    cmp r14, SVM_EXIT_CPUID
+    jne rt_vc_unhandled
+    mov r13d, dword ptr [r15 + EX_RAX] # zero-extends
+    shl r13, 32                        # CPUID function in bits 63:32
+    xor r12, r12                       # register index: 0 EAX, 1 EBX, 2 ECX, 3 EDX
+rt_vc_early_loop:
+    mov rdi, r12
+    shl rdi, 30
+    or rdi, r13
+    or rdi, GHCB_MSR_CPUID_REQ
+    call rt_ghcb_msr_call
+    mov rbx, rax
+    and rbx, 0xfff
+    cmp rbx, GHCB_MSR_CPUID_RESP
+    jne rt_sev_terminate
+    shr rax, 32
+    lea rbx, [rip + rt_vc_early_slots]
+    mov rbx, qword ptr [rbx + r12 * 8]
+    mov qword ptr [r15 + rbx], rax
+    inc r12
+    cmp r12, 4
+    jb rt_vc_early_loop
+    add qword ptr [r15 + EX_RIP], 2
+    ret
+rt_vc_early_slots:
+    .quad EX_RAX, EX_RBX, EX_RCX, EX_RDX
+
+# Anything else is reported like an unexpected exception: vector 29, error code, RIP.
+rt_vc_unhandled:
+    mov rax, RT_GHCB_READY
+    cmp qword ptr [rax], 0
+    je rt_sev_terminate
+    mov rdx, 29
+    mov rcx, r14
+    mov r8, qword ptr [r15 + EX_RIP]
+    mov rdi, UCALL_UNHANDLED
+    mov rsi, 3
+    call rt_ucall
+    jmp rt_halt_forever
+
+# ---------------------------------------------------------------------------------------------
+# ucall without OUT: the GHCB IOIO exit an OUT to UCALL_PORT would have become (no nested #VC).
+rt_ucall_ghcb:
+    push rax
+    push rbx
+    push rsi
+    push rdi
+    push rdx
+    call rt_ghcb_clear
+    mov rbx, UCALL_GPA
+    GHCB_SET GHCB_RAX, rbx
+    mov rsi, UCALL_PORT
+    shl rsi, 16
+    or rsi, 0x40                       # 32-bit OUT
+    mov rdi, SVM_EXIT_IOIO
+    xor edx, edx
+    call rt_ghcb_exit
+    pop rdx
+    pop rdi
+    pop rsi
+    pop rbx
+    pop rax
+    ret
+
+# ---------------------------------------------------------------------------------------------
+# Boot: the GHCB page (shared), and on SNP its registration and the validation of memory.
+rt_setup_ghcb:
+    mov rdi, RT_DATA
+    mov rax, qword ptr [rdi + 0x808]   # SEV_STATUS
+    test rax, 2                        # SEV-ES?
+    jz rt_setup_ghcb_done
+    mov qword ptr [rdi + 0x820], 0
+    test rax, 4                        # SNP?
+    jz rt_setup_ghcb_es
+    # SNP: register the GHCB GPA (GHCB_MSR_REG_GPA_REQ), then make its page shared: rescind
+    # our validation and change its state with an MSR-protocol PSC (Linux does the same in
+    # snp_register_ghcb_early / early_set_pages_state).
+    mov rdi, RT_GHCB | GHCB_MSR_REG_GPA_REQ
+    call rt_ghcb_msr_call
+    mov rbx, RT_GHCB | GHCB_MSR_REG_GPA_RESP
+    cmp rax, rbx
+    jne rt_sev_terminate
+    mov rax, RT_GHCB
+    xor ecx, ecx
+    xor edx, edx                       # rescind
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    jc rt_setup_ghcb_psc               # CF: already in that state, nothing changed
+    test eax, eax
+    jnz rt_sev_terminate
+rt_setup_ghcb_psc:
+    mov rdi, RT_GHCB                   # gfn << 12 is the GPA itself
+    mov rax, SNP_PAGE_STATE_SHARED
+    shl rax, 52
+    or rdi, rax
+    or rdi, GHCB_MSR_PSC_REQ
+    call rt_ghcb_msr_call
+    cmp rax, GHCB_MSR_PSC_RESP
+    jne rt_sev_terminate
+rt_setup_ghcb_es:
+    mov rdi, RT_GHCB
+    xor eax, eax
+    mov rcx, 512
+    rep stosq
+    mov rdi, RT_DATA
+    mov qword ptr [rdi + 0x820], 1
+rt_setup_ghcb_done:
+    ret
+
+# SNP: PVALIDATE every frame from RT_VALIDATE_START to the end of memory (4 KiB at a time;
+# the frames below were validated at launch, the ucall page is made shared later).
+rt_snp_validate_memory:
+    mov rdi, RT_DATA
+    mov rax, qword ptr [rdi + 0x808]
+    test rax, 4
+    jz rt_snp_validate_done
+    mov r8, RT_VALIDATE_START
+rt_snp_validate_loop:
+    mov rax, r8
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    test eax, eax
+    jnz rt_snp_validate_fail
+    add r8, 4096
+    mov rax, GUEST_MEM_SIZE
+    cmp r8, rax
+    jb rt_snp_validate_loop
+rt_snp_validate_done:
+    ret
+rt_snp_validate_fail:
+    GUEST_TERMINATE 1, 2
+    jmp rt_snp_validate_fail
+
+# ---------------------------------------------------------------------------------------------
+# SNP page-state changes. rdi = gpa, rsi = npages, rdx = op (1 private, 2 shared).
+# One GHCB PSC request per 253 pages, as vmgexit_psc(): retried while cur_entry <= end_entry;
+# any non-zero SW_EXITINFO2 fails; rax = 0 or -EINVAL.
+rt_snp_psc:
+    push rdi
+    push rsi
+    push rdx
+    push rbx
+    push rcx
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    mov r8, rdi
+    mov r9, rsi
+    mov r12, rdx
+rt_snp_psc_chunk:
+    mov r10, r9
+    cmp r10, VMGEXIT_PSC_MAX_ENTRY
+    jbe rt_snp_psc_fill
+    mov r10, VMGEXIT_PSC_MAX_ENTRY
+rt_snp_psc_fill:
+    call rt_ghcb_clear
+    mov rbx, RT_GHCB + GHCB_SHARED_BUF
+    mov word ptr [rbx], 0              # cur_entry
+    mov rax, r10
+    dec rax
+    mov word ptr [rbx + 2], ax         # end_entry (inclusive)
+    mov dword ptr [rbx + 4], 0         # reserved
+    xor r11, r11
+rt_snp_psc_entry:
+    mov rax, r11
+    shl rax, 12
+    add rax, r8                        # gpa of this page: gfn << 12 is the GFN field
+    mov rcx, r12
+    shl rcx, 52
+    or rax, rcx
+    mov qword ptr [rbx + 8 + r11 * 8], rax
+    inc r11
+    cmp r11, r10
+    jb rt_snp_psc_entry
+rt_snp_psc_again:
+    call rt_ghcb_clear
+    mov rbx, RT_GHCB + GHCB_SHARED_BUF
+    GHCB_SET GHCB_SW_SCRATCH, rbx
+    mov rdi, SVM_VMGEXIT_PSC
+    xor esi, esi
+    xor edx, edx
+    call rt_ghcb_exit
+    mov rax, RT_GHCB
+    mov rax, qword ptr [rax + GHCB_SW_EXITINFO2]
+    test rax, rax
+    jnz rt_snp_psc_fail
+    mov rbx, RT_GHCB + GHCB_SHARED_BUF
+    cmp dword ptr [rbx + 4], 0         # the hypervisor must not touch reserved
+    jne rt_snp_psc_fail
+    movzx rax, word ptr [rbx]
+    movzx rcx, word ptr [rbx + 2]
+    cmp rax, rcx
+    jbe rt_snp_psc_again               # not all entries processed yet
+    mov rax, r10
+    shl rax, 12
+    add r8, rax
+    sub r9, r10
+    jnz rt_snp_psc_chunk
+    xor eax, eax
+    jmp rt_snp_psc_out
+rt_snp_psc_fail:
+    mov rax, -22
+rt_snp_psc_out:
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rcx
+    pop rbx
+    pop rdx
+    pop rsi
+    pop rdi
+    ret
+
+# rdi = gpa, rsi = npages, rdx = 1 validate / 0 rescind. rax = 0 or -EINVAL.
+rt_snp_pvalidate_range:
+    push rcx
+    push rdx
+    push r8
+    push r9
+    push r10
+    mov r8, rdi
+    mov r9, rsi
+    mov r10, rdx
+rt_snp_pv_loop:
+    mov rax, r8
+    xor ecx, ecx
+    mov rdx, r10
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    test eax, eax
+    jnz rt_snp_pv_fail
+    add r8, 4096
+    dec r9
+    jnz rt_snp_pv_loop
+    xor eax, eax
+    jmp rt_snp_pv_out
+rt_snp_pv_fail:
+    mov rax, -22
+rt_snp_pv_out:
+    pop r10
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    ret

@@ -1,0 +1,63 @@
+"""The SNP Reverse Map Table: who owns each 4 KiB frame, and whether the guest validated it.
+
+One entry per frame (AMD APM vol. 2, 15.36): `assigned` (the frame belongs to the guest as
+private memory: in KVM it is assigned when guest_memfd maps it private, and made shared again
+when it is freed) and `validated` (set and cleared only by the guest's PVALIDATE). A private
+access to an assigned but unvalidated frame raises #VC 0x404; the host cannot write an
+assigned frame. Entries are 4 KiB only: a 2 MiB PVALIDATE reports FAIL_SIZEMISMATCH, as the
+hardware does against 4 KiB entries, and the guest falls back to 4 KiB (as Linux does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PVALIDATE_SUCCESS = 0
+PVALIDATE_FAIL_INPUT = 1
+PVALIDATE_FAIL_SIZEMISMATCH = 6
+
+RMP_PG_SIZE_4K = 0
+RMP_PG_SIZE_2M = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PvalidateResult:
+    """EAX and CF of one PVALIDATE."""
+
+    eax: int
+    cf: bool
+
+
+class Rmp:
+    """The RMP entries of one SNP guest's frames (the guest's GPA is the frame's own)."""
+
+    def __init__(self, nframes: int) -> None:
+        self.nframes = nframes
+        self.assigned = bytearray(nframes)
+        self.validated = bytearray(nframes)
+
+    def assign(self, first: int, end: int, assigned: bool) -> None:
+        """RMPUPDATE by the host: (un)assign frames [first, end); either way Validated clears."""
+        end = min(end, self.nframes)
+        if first >= end:
+            return
+        self.assigned[first:end] = (b"\x01" if assigned else b"\x00") * (end - first)
+        self.validated[first:end] = bytes(end - first)
+
+    def launch_validate(self, first: int, end: int) -> None:
+        """SNP_LAUNCH_UPDATE: measured pages enter the guest assigned and validated."""
+        end = min(end, self.nframes)
+        self.assigned[first:end] = b"\x01" * (end - first)
+        self.validated[first:end] = b"\x01" * (end - first)
+
+    def pvalidate(self, frame: int, size: int, validate: bool) -> PvalidateResult:
+        """PVALIDATE on an assigned frame (the caller handled translation and assignment)."""
+        if size == RMP_PG_SIZE_2M:
+            return PvalidateResult(PVALIDATE_FAIL_SIZEMISMATCH, False)
+        if size != RMP_PG_SIZE_4K or not 0 <= frame < self.nframes:
+            return PvalidateResult(PVALIDATE_FAIL_INPUT, False)
+        want = 1 if validate else 0
+        if self.validated[frame] == want:
+            return PvalidateResult(PVALIDATE_SUCCESS, True)  # no RMP update: CF=1
+        self.validated[frame] = want
+        return PvalidateResult(PVALIDATE_SUCCESS, False)

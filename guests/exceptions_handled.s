@@ -25,7 +25,7 @@ site_de1:
 site_de2:
     div ecx
     GUEST_SYNC 0x600d1
-    mov ax, 0x1234
+    mov ax, 0x1230
     mov r15, 3
 site_gp:
     mov ds, ax

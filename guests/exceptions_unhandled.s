@@ -2,7 +2,7 @@
 #
 #   FAULT=0  #DE  div by zero
 #   FAULT=1  #UD  ud2
-#   FAULT=2  #GP  load of a selector beyond the GDT limit (error code = the selector)
+#   FAULT=2  #GP  load of GDT selector 0x1230, beyond the GDT limit (error code = the selector)
 #   FAULT=3  #PF  read of frame 0 (not mapped by the runtime)
 #   FAULT=4  #PF  write to frame 0
 #   FAULT=5  #BP  int3 (a trap: the saved RIP is the next instruction)
@@ -28,7 +28,7 @@ fault_site:
     ud2
 .endif
 .if FAULT == 2
-    mov ax, 0x1234
+    mov ax, 0x1230
 fault_site:
     mov ds, ax
 .endif

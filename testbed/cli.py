@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
                      help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "
                           "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
+    run.add_argument("--refuse-conversion", action="append", default=[], metavar="GPA[:NPAGES[:private|shared]]",
+                     help="VMM fault injection: refuse conversions of this range, both ways or to one "
+                          "state only (repeatable)")
     run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
                      help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
     run.add_argument("--timeout", type=float, default=10.0,
@@ -136,6 +139,21 @@ def vm_options_from_args(args: argparse.Namespace) -> Any:
     return options
 
 
+def _parse_range(text: str) -> tuple[int, int, bool | None]:
+    """'0x600000:4:private' -> (0x600000, 4, True); NPAGES defaults to 1, direction to both."""
+    parts = text.split(":")
+    directions: dict[str, bool | None] = {"private": True, "shared": False, "both": None}
+    try:
+        gpa = int(parts[0], 0)
+        npages = int(parts[1], 0) if len(parts) > 1 and parts[1] else 1
+        to = directions[parts[2].lower()] if len(parts) > 2 else None
+    except (ValueError, KeyError):
+        raise UsageError(f"--refuse-conversion {text!r}: expected GPA[:NPAGES[:private|shared]]") from None
+    if len(parts) > 3 or gpa < 0 or gpa & 0xFFF or npages < 1:
+        raise UsageError(f"--refuse-conversion {text!r}: GPA must be page aligned and NPAGES >= 1")
+    return gpa, npages, to
+
+
 def _parse_pv_features(text: str) -> int:
     from testbed.vmm.cpuid import PV_FEATURE_NAMES
 
@@ -162,6 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.max_ranges = args.max_ranges
     options.hc_protocol = args.hc_protocol
     options.implicit_conversion = args.implicit_conversion
+    options.refuse_conversions = [_parse_range(r) for r in args.refuse_conversion]
     if args.pv_features is not None:
         options.pv_features = _parse_pv_features(args.pv_features)
     if not args.guest.is_file():

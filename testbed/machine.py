@@ -92,6 +92,9 @@ class VmOptions:
     hc_protocol: str = "map-gpa-range"
     implicit_conversion: str = "convert"
     max_ranges: int | None = None
+    #: VMM fault injection: (gpa, npages, to_private: True/False/None for both) ranges whose
+    #: conversions the VMM refuses
+    refuse_conversions: list[tuple[int, int, bool | None]] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise UsageError for combinations that do not exist."""
@@ -170,13 +173,12 @@ class Machine:
             # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
             self.cpu.stage2_private = self.kvm_vm.mem_attrs.private
             self.kvm_vm.on_attributes_changed = self.cpu.flush_tlb
-            rmp = self.cpu.rmp
-            if rmp is not None:
-                rmp.assign(0, self.layout.nframes, True)  # all RAM starts private (guest_memfd)
-                self.kvm_vm.on_attributes_range = rmp.assign
+            if self.cpu.rmp is not None:
+                self.kvm_vm.on_attributes_range = self.cpu.rmp.assign
         extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
         self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, on_convert=self._set_attributes)
+        self.map_gpa.refused = [(gpa >> 12, (gpa >> 12) + n, to) for gpa, n, to in options.refuse_conversions]
         asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
         self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits,
                        implicit_conversion=options.implicit_conversion)
@@ -224,6 +226,10 @@ class Machine:
                 # SNP_LAUNCH_UPDATE also pre-validates the runtime's region (its tables,
                 # data, GHCB and stacks: used before the runtime can PVALIDATE anything).
                 regions.append((RT_GDT, RT_REGION_END - RT_GDT))
+            if self.cpu.rmp is not None:
+                # All RAM starts private (guest_memfd, attributes PRIVATE): assigned in the RMP,
+                # not validated, but for what the launch measured.
+                self.cpu.rmp.assign(0, self.layout.nframes, True)
             for gpa, length in regions:
                 self.memory.launch_encrypt(gpa, length)
                 if self.cpu.rmp is not None:

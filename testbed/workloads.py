@@ -28,9 +28,8 @@ from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from testbed.errors import UsageError
+from testbed.replay import format_log_line
 from testbed.tracker import Conversion
-
-PAGE_SHIFT = 12  # GFN -> GPA for the log format; the kernel's PAGE_SHIFT on x86
 
 #: The smallest guest the layouts fit in (64 MiB).
 MIN_GUEST_PAGES = 1 << 14
@@ -51,7 +50,7 @@ class _Layout:
 
     def __init__(self, guest_pages: int, seed: int) -> None:
         if guest_pages < MIN_GUEST_PAGES:
-            raise UsageError(f"workload guest_pages = 0x{guest_pages:x}: need >= 0x{MIN_GUEST_PAGES:x} (64 MiB)")
+            raise UsageError(f"workload guest_pages = 0x{guest_pages:x}: need >= 0x{MIN_GUEST_PAGES:x}")
         rng = random.Random(seed)
         # Firmware, SWIOTLB and the pools live below 4 GiB, as on a real guest; keep the top
         # quarter of that low memory for the kernel's own use.
@@ -191,14 +190,6 @@ def make_workload(
     raise UsageError(f"unknown workload {name!r}: expected one of {', '.join(WORKLOAD_NAMES)}")
 
 
-def format_log_line(usecs: int, gfn: int, npages: int, shared: bool) -> str:
-    """One line as the SEV guest-support series printed it (printk time stamp, %lx fields)."""
-    return (
-        f"[{usecs // 1_000_000:5d}.{usecs % 1_000_000:06d}] page_enc_status_hc invoked, "
-        f"gpa = {gfn << PAGE_SHIFT:x}, npages = {npages:x}, enc = {0 if shared else 1}"
-    )
-
-
 def write_log(
     conversions: Iterable[tuple[int, int, bool]],
     out: TextIO,
@@ -206,7 +197,11 @@ def write_log(
     start_usecs: int = 56_146_336,
     step_usecs: int = 11,
 ) -> int:
-    """Write conversions to `out` in the kernel log format, one line each; return the count."""
+    """Write conversions to `out` in the kernel log format, one line each; return the count.
+
+    Time stamps start at `start_usecs` and advance `step_usecs` per line, so the output is
+    deterministic and `testbed replay` (or replay.parse_log) reads it back exactly.
+    """
     n = 0
     for n, (gfn, npages, shared) in enumerate(conversions, 1):
         out.write(format_log_line(start_usecs + (n - 1) * step_usecs, gfn, npages, shared))

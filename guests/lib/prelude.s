@@ -144,3 +144,56 @@ __guest_assert_ok_\site:
     pop rsi
     pop rdi
 .endm
+
+# ---------------------------------------------------------------------------------------------
+# The GHCB, for guests that speak the protocol themselves (the runtime's #VC handler does it
+# for everything else). The runtime's GHCB page is RT_GHCB; rt_ghcb_clear, rt_ghcb_valid,
+# rt_ghcb_exit and rt_ghcb_vmgexit are its helpers (guests/lib/sev.s).
+
+# GHCB layout (arch/x86/include/asm/svm.h, struct ghcb; valid bit = offset / 8)
+.equ GHCB_CPL, 0x0cb
+.equ GHCB_RAX, 0x1f8
+.equ GHCB_RCX, 0x308
+.equ GHCB_RDX, 0x310
+.equ GHCB_RBX, 0x318
+.equ GHCB_RSI, 0x330
+.equ GHCB_SW_EXITCODE, 0x390
+.equ GHCB_SW_EXITINFO1, 0x398
+.equ GHCB_SW_EXITINFO2, 0x3a0
+.equ GHCB_SW_SCRATCH, 0x3a8
+.equ GHCB_VALID, 0x3f0
+.equ GHCB_SHARED_BUF, 0x800
+.equ GHCB_VERSION, 0xffa
+.equ GHCB_USAGE, 0xffc
+
+# GHCB MSR protocol (arch/x86/include/asm/sev-common.h)
+.equ GHCB_MSR_CPUID_REQ, 0x004
+.equ GHCB_MSR_CPUID_RESP, 0x005
+.equ GHCB_MSR_REG_GPA_REQ, 0x012
+.equ GHCB_MSR_REG_GPA_RESP, 0x013
+.equ GHCB_MSR_PSC_REQ, 0x014
+.equ GHCB_MSR_PSC_RESP, 0x015
+
+.equ SVM_EXIT_CPUID, 0x72
+.equ SVM_EXIT_IOIO, 0x7b
+.equ SVM_EXIT_MSR, 0x7c
+.equ SVM_EXIT_VMMCALL, 0x81
+.equ SVM_VMGEXIT_PSC, 0x80000010
+
+.equ SNP_PAGE_STATE_PRIVATE, 1
+.equ SNP_PAGE_STATE_SHARED, 2
+.equ VMGEXIT_PSC_MAX_ENTRY, 253
+
+# Termination reason codes (set 1 = Linux's)
+.equ SEV_TERM_SET_LINUX, 1
+.equ GHCB_TERM_REGISTER, 0
+.equ GHCB_TERM_PSC, 1
+.equ GHCB_TERM_PVALIDATE, 2
+
+# Store `value` (a register) into GHCB field `field` and mark it valid. Clobbers rax, rdi.
+.macro GHCB_SET field, value
+    mov rax, RT_GHCB
+    mov qword ptr [rax + \field], \value
+    mov rdi, \field
+    call rt_ghcb_valid
+.endm

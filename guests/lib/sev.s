@@ -10,46 +10,6 @@
 
 .equ RT_GHCB_READY, RT_DATA + 0x820
 
-# GHCB layout (arch/x86/include/asm/svm.h, struct ghcb; valid bit = offset / 8)
-.equ GHCB_CPL, 0x0cb
-.equ GHCB_RAX, 0x1f8
-.equ GHCB_RCX, 0x308
-.equ GHCB_RDX, 0x310
-.equ GHCB_RBX, 0x318
-.equ GHCB_RSI, 0x330
-.equ GHCB_SW_EXITCODE, 0x390
-.equ GHCB_SW_EXITINFO1, 0x398
-.equ GHCB_SW_EXITINFO2, 0x3a0
-.equ GHCB_SW_SCRATCH, 0x3a8
-.equ GHCB_VALID, 0x3f0
-.equ GHCB_SHARED_BUF, 0x800
-.equ GHCB_VERSION, 0xffa
-.equ GHCB_USAGE, 0xffc
-
-# GHCB MSR protocol (arch/x86/include/asm/sev-common.h)
-.equ GHCB_MSR_CPUID_REQ, 0x004
-.equ GHCB_MSR_CPUID_RESP, 0x005
-.equ GHCB_MSR_REG_GPA_REQ, 0x012
-.equ GHCB_MSR_REG_GPA_RESP, 0x013
-.equ GHCB_MSR_PSC_REQ, 0x014
-.equ GHCB_MSR_PSC_RESP, 0x015
-
-.equ SVM_EXIT_CPUID, 0x72
-.equ SVM_EXIT_IOIO, 0x7b
-.equ SVM_EXIT_MSR, 0x7c
-.equ SVM_EXIT_VMMCALL, 0x81
-.equ SVM_VMGEXIT_PSC, 0x80000010
-
-.equ SNP_PAGE_STATE_PRIVATE, 1
-.equ SNP_PAGE_STATE_SHARED, 2
-.equ VMGEXIT_PSC_MAX_ENTRY, 253
-
-# Termination reason codes (set 1 = Linux's)
-.equ SEV_TERM_SET_LINUX, 1
-.equ GHCB_TERM_REGISTER, 0
-.equ GHCB_TERM_PSC, 1
-.equ GHCB_TERM_PVALIDATE, 2
-
 # rdi = GHCB MSR value to send; returns the GHCB MSR value the hypervisor left in rax
 rt_ghcb_msr_call:
     push rcx
@@ -110,12 +70,6 @@ rt_ghcb_valid:
     pop rax
     ret
 
-.macro GHCB_SET field, value
-    mov rax, RT_GHCB
-    mov qword ptr [rax + \field], \value
-    mov rdi, \field
-    call rt_ghcb_valid
-.endm
 
 # Fill SW_EXITCODE/INFO1/INFO2 (valid), VMGEXIT, return EXITINFO1's low 32 bits in rax.
 # rdi = exit code, rsi = info1, rdx = info2

@@ -34,7 +34,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ux
 from unicorn.unicorn_py3 import unicorn as ucpy
 
-from testbed.errors import TestbedError
+from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import (
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_SIZE_SHIFT,
@@ -256,6 +256,8 @@ class UnicornVcpu:
         if memory.encrypted:
             self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.size, ucc.UC_PROT_ALL, memory.private_address())
         memory.on_ownership_change = self._on_ownership_change
+        if snp:
+            memory.host_write_guard = self._rmp_host_write_check
         memory.on_host_write = self._on_host_write
         self._h = self._uc._uch
         self._lib = ucpy.uclib
@@ -656,6 +658,15 @@ class UnicornVcpu:
                     self._ctx = _CTX_NONE
                 return
         self._wr(_RIP, address + 2)
+
+    def _rmp_host_write_check(self, gpa: int, length: int) -> None:
+        """SNP: the RMP refuses host writes to frames assigned to the guest (an RMP #PF on the
+        host side); nothing is written, so nothing of the guest's is corrupted."""
+        assert self.rmp is not None
+        for frame in range(gpa >> PAGE_SHIFT, ((gpa + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
+            if self.rmp.assigned[frame]:
+                raise GuestMemoryError("RMP violation: host write to a page assigned to the SNP guest",
+                                       frame << PAGE_SHIFT)
 
     def ghcb_msr_value(self) -> int:
         """The GHCB MSR as the guest last wrote it (the VMCB's GHCB GPA field)."""

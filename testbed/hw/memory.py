@@ -65,6 +65,8 @@ class GuestMemory:
         self.on_ownership_change: Callable[[int], None] | None = None
         #: Called with (gpa, length) after a host write (the vCPU drops translated code).
         self.on_host_write: Callable[[int, int], None] | None = None
+        #: Called with (gpa, length) before a host write; raises to refuse it (the SNP RMP).
+        self.host_write_guard: Callable[[int, int], None] | None = None
 
     # -- addresses ------------------------------------------------------------------------
     @property
@@ -180,6 +182,9 @@ class GuestMemory:
     def host_write(self, gpa: int, data: bytes) -> None:
         """A host write lands in DRAM; a private frame is first moved there (so the guest's
         next C=1 read decrypts the host's bytes into garbage)."""
+        self.check_range(gpa, len(data), "host write")
+        if self.host_write_guard is not None:
+            self.host_write_guard(gpa, len(data))
         self.cpu_write(gpa, data, private=False)
         if self.on_host_write is not None:
             self.on_host_write(gpa, len(data))

@@ -44,6 +44,10 @@ class MapGpaHandler:
         self.max_pages_per_call = max_pages_per_call if max_pages_per_call is not None else guest_pages
         self.on_convert = on_convert
         self.rejected = 0
+        #: Fault injection: GFN ranges [start, end) whose conversion this VMM refuses (to
+        #: private if the flag is True, to shared if False, both if None), so that guests'
+        #: handling of a refused page-state change can be tested.
+        self.refused: list[tuple[int, int, bool | None]] = []
 
     def check(self, gpa: int, npages: int, attrs: int) -> str | None:
         """Why the request is refused, or None."""
@@ -73,6 +77,9 @@ class MapGpaHandler:
 
         Returns 0 or a positive KVM error number."""
         if gfn + npages > self.guest_pages:
+            return KVM_EINVAL
+        if any(gfn < end and start < gfn + npages and to in (None, private) for start, end, to in self.refused):
+            self.rejected += 1
             return KVM_EINVAL
         if self.on_convert is not None:
             err = self.on_convert(gfn, npages, private)

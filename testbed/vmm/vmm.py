@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from testbed.errors import TestbedError
 from testbed.hw.exits import RunStop, StopReason
 from testbed.hw.memory import HostMemory
 from testbed.kvm.uapi import (
@@ -36,6 +37,9 @@ from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
 from testbed.x86 import vector_name
+
+GHCB_MSR_TERM_REQ = 0x100
+GHCB_SW_EXITINFO1_OFFSET = 0x398
 
 OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "memory_fault",
             "internal_error")
@@ -171,8 +175,21 @@ class Vmm:
             self._record({"reason": "system_event", "type": run.type, "data": list(run.data)})
             if run.type == KVM_SYSTEM_EVENT_SEV_TERM and run.data:
                 value = run.data[0]
-                self.report.termination = {"reason_set": (value >> 12) & 0xF, "reason_code": (value >> 16) & 0xFF}
-                self._finish("terminated", f"guest requested termination (GHCB MSR 0x{value:x})")
+                if value & 0xFFF == GHCB_MSR_TERM_REQ:
+                    # MSR protocol: data[0] is the MSR value, reason in bits 15:12 and 23:16.
+                    term = {"reason_set": (value >> 12) & 0xF, "reason_code": (value >> 16) & 0xFF}
+                    how = f"GHCB MSR 0x{value:x}"
+                else:
+                    # GHCB page protocol: data[0] is the GHCB's GPA; the reason is in its
+                    # SW_EXITINFO1 (bits 3:0 set, 11:4 code), readable because the GHCB is shared.
+                    try:
+                        info1 = int.from_bytes(self.memory.read(value + GHCB_SW_EXITINFO1_OFFSET, 8), "little")
+                    except TestbedError:
+                        info1 = 0
+                    term = {"reason_set": info1 & 0xF, "reason_code": (info1 >> 4) & 0xFF}
+                    how = f"GHCB at 0x{value:x}"
+                self.report.termination = term
+                self._finish("terminated", f"guest requested termination ({how})")
             else:
                 self._finish("terminated", f"system event {run.type}")
             return False
@@ -185,8 +202,10 @@ class Vmm:
             ) == 0:
                 return True
             kind = "private" if private else "shared"
+            why = ("the VMM refused to convert it" if self.implicit_conversion == "convert"
+                   else "implicit conversions are refused")
             self._finish("memory_fault", f"guest made a {kind} access to gpa 0x{run.gpa:x}, which the host holds as "
-                         f"{'shared' if private else 'private'}; implicit conversions are refused")
+                         f"{'shared' if private else 'private'}; {why}")
             return False
         if isinstance(run, InternalErrorExit):
             self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail})

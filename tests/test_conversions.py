@@ -11,10 +11,10 @@ import struct
 
 import pytest
 
-from testbed.layout import UCALL_GPA, Layout
+from testbed.layout import RT_GHCB, UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 
-MEM = 64 << 20
+MEM = 32 << 20
 FREE = Layout(MEM).free_gpa
 CONVERSIONS = GUESTS_DIR / "conversions.s"
 
@@ -67,15 +67,17 @@ def run(shape: int, vm_type: str, **kw: object) -> tuple[Machine, object]:
     return machine, machine.run()
 
 
-@pytest.mark.parametrize("vm_type", ["default", "sw-protected", "sev"])
+@pytest.mark.parametrize("vm_type", ["default", "sw-protected", "sev", "sev-es", "sev-snp"])
 @pytest.mark.parametrize("shape", [0, 1, 2, 3])
 def test_tracker_equals_what_the_guest_converted(vm_type: str, shape: int) -> None:
-    """The VMM's shared ranges are exactly the guest's conversions (plus the ucall page on SEV)."""
+    """The VMM's shared ranges are exactly the guest's conversions (plus the runtime's shared pages)."""
     _, report = run(shape, vm_type)
     assert report.outcome == "done", report.detail  # type: ignore[attr-defined]
     pages = expected_pages(shape)
-    if vm_type == "sev":
+    if vm_type.startswith("sev"):
         pages.add(UCALL_GPA >> 12)  # the runtime shares its ucall page, as Linux would
+    if vm_type == "sev-snp":
+        pages.add(RT_GHCB >> 12)  # and on SNP its GHCB, by PSC
     assert report.shared_ranges == to_ranges(pages)  # type: ignore[attr-defined]
 
 

@@ -290,6 +290,16 @@ rt_vc_unhandled:
     je rt_sev_terminate
     mov rdx, 29
     mov rcx, r14
+    # KVM asked us to raise an exception (SW_EXITINFO1 = 1, SW_EXITINFO2 = the event, e.g.
+    # #GP for an MSR it refused): report that exception, as Linux's vc_forward_exception would
+    # deliver it.
+    mov rax, RT_GHCB
+    cmp dword ptr [rax + GHCB_SW_EXITINFO1], 1
+    jne rt_vc_unhandled_report
+    mov rdx, qword ptr [rax + GHCB_SW_EXITINFO2]
+    and rdx, 0xff
+    xor ecx, ecx
+rt_vc_unhandled_report:
     mov r8, qword ptr [r15 + EX_RIP]
     mov rdi, UCALL_UNHANDLED
     mov rsi, 3

@@ -1,0 +1,200 @@
+"""SEV-ES and SEV-SNP end to end: #VC, the GHCB protocols, PSC, the RMP and PVALIDATE.
+
+Guests run with the real runtime (guests/lib/sev.s): CPUID, port I/O, MSRs and VMMCALL go
+through #VC and the GHCB; SNP guests validate their memory and convert pages with Page State
+Change requests that KVM turns into KVM_HC_MAP_GPA_RANGE user exits.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.errors import GuestMemoryError
+from testbed.layout import RT_GHCB, UCALL_GPA, Layout
+from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
+from testbed.vmm.vmm import RunReport
+
+MEM = 16 << 20
+FREE = Layout(MEM).free_gpa
+ES_TYPES = ["sev-es", "sev-snp"]
+
+
+def run_file(name: str, vm_type: str, **kw: object) -> RunReport:
+    options = VmOptions(vm_type=vm_type, memory=MEM, seed=5, **kw)  # type: ignore[arg-type]
+    return Machine(build_program(GUESTS_DIR / name, options), options).run()
+
+
+def run_text(text: str, vm_type: str, **kw: object) -> tuple[Machine, RunReport]:
+    options = VmOptions(vm_type=vm_type, memory=MEM, seed=5, **kw)  # type: ignore[arg-type]
+    machine = Machine(build_program("<test>", options, text=text), options)
+    return machine, machine.run()
+
+
+DETECT = """
+guest_main:
+    mov eax, 0x8000001f
+    cpuid
+    GUEST_SYNC rax
+    GUEST_SYNC rbx
+    mov ecx, 0xc0010131
+    rdmsr
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "eax_bits", "status"),
+    [("sev", 0b00010, 0b001), ("sev-es", 0b01010, 0b011), ("sev-snp", 0b11010, 0b111)],
+)
+def test_cpuid_and_sev_status_report_the_vm_type(vm_type: str, eax_bits: int, status: int) -> None:
+    """CPUID 0x8000001F (via #VC on SEV-ES/SNP) and SEV_STATUS show SEV, SEV-ES, SNP as the hardware does."""
+    _, report = run_text(DETECT, vm_type)
+    assert report.outcome == "done", report.detail
+    eax, ebx, sev_status = report.syncs()
+    assert eax & 0b11010 == eax_bits, hex(eax)
+    assert ebx & 0x3F == 51
+    assert sev_status == status
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+@pytest.mark.parametrize(("insn", "outcome"), [(0, "unhandled_exception"), (1, "done"), (2, "done")])
+def test_hypercall_guests_pass_through_vc_and_the_ghcb(vm_type: str, insn: int, outcome: str) -> None:
+    """VMMCALL and KVM_HYPERCALL work through #VC + GHCB; VMCALL is #UD on AMD, as under plain SEV."""
+    report = run_file("hypercall_insn.s", vm_type, defines={"INSN": insn})
+    assert report.outcome == outcome, report.detail
+    if outcome == "done":
+        assert report.syncs() == [0]
+    else:
+        assert report.exception is not None and report.exception["vector"] == 6
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+def test_termination_request_ends_the_run(vm_type: str) -> None:
+    """sev_smoke_test's pattern: GHCB_MSR_TERM_REQ -> KVM_SYSTEM_EVENT_SEV_TERM -> outcome terminated."""
+    report = run_file("sev_terminate.s", vm_type, defines={"SET": 1, "CODE": 5})
+    assert report.outcome == "terminated"
+    assert report.termination == {"reason_set": 1, "reason_code": 5}
+    assert report.syncs() == []  # nothing after the request ran
+    events = [e for e in report.user_exits if e["reason"] == "system_event"]
+    assert events == [{"reason": "system_event", "type": 6, "data": [0x51100]}]
+
+
+def test_ghcb_msr_is_preloaded_with_sev_information_at_reset() -> None:
+    """sev_es_init_vmcb(): GHCB MSR = SEV info response (max 2, min 1, C-bit 51, code 0x001)."""
+    options = VmOptions(vm_type="sev-es", memory=MEM)
+    machine = Machine(build_program(GUESTS_DIR / "hypercall_insn.s", options), options)
+    assert machine.cpu.ghcb_msr == (2 << 48) | (1 << 32) | (51 << 24) | 0x001
+
+
+def test_snp_registers_and_shares_its_ghcb() -> None:
+    """The SNP runtime registers its GHCB and converts it (and the ucall page) to shared by PSC."""
+    report = run_file("hypercall_insn.s", "sev-snp")
+    assert report.outcome == "done", report.detail
+    assert report.shared_ranges == [[UCALL_GPA >> 12, 1], [RT_GHCB >> 12, 1]]
+    psc = [e for e in report.user_exits if e["reason"] == "hypercall"]
+    assert [e["args"][:3] for e in psc] == [[RT_GHCB, 1, 0], [UCALL_GPA, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "info1", "info2"),
+    [
+        (0, 2, 2),  # usage != 0 -> INVALID_USAGE
+        (1, 2, 4),  # missing RAX/RCX -> MISSING_INPUT
+        (2, 2, 6),  # unknown exit code -> INVALID_EVENT
+        (3, 0, 0x1_0000_0001),  # PSC end_entry >= max -> INVALID_HDR
+        (4, 0, 0x1_0000_0002),  # PSC misaligned 2M GFN -> INVALID_ENTRY
+        (5, 0, 0),  # cur_entry > end_entry: nothing to do
+        (6, 2, 3),  # scratch outside the shared buffer -> INVALID_SCRATCH_AREA
+        (7, 0x600D, 0x600D),  # GHCB outside memory: KVM resumes the guest untouched
+    ],
+)
+def test_hostile_ghcb_requests_are_answered_as_kvm_does(scenario: int, info1: int, info2: int) -> None:
+    """Malformed GHCB requests get KVM's malformed-input or PSC error answers, never a host crash."""
+    report = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": scenario})
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [info1, info2]
+
+
+@pytest.mark.parametrize(("op", "direction", "private_access"), [(2, False, False), (1, True, True)])
+def test_guest_checking_only_exitinfo1_is_caught(op: int, direction: bool, private_access: bool) -> None:
+    """A refused PSC reported in SW_EXITINFO2 only: the buggy guest is caught at its next access or PVALIDATE."""
+    report = run_file("psc_exitinfo1_only.s", "sev-snp", defines={"OP": op},
+                      refuse_conversions=[(FREE, 1, direction)])
+    assert report.outcome == "memory_fault", report.detail
+    assert report.syncs() == [0x100_0000_0000]  # VMGEXIT_PSC_ERROR_GENERIC, which it ignored
+    fault = report.user_exits[-1]
+    assert fault["reason"] == "memory_fault" and fault["gpa"] == FREE
+    assert bool(fault["flags"] & 8) is private_access
+
+
+def test_correct_runtime_reports_a_refused_psc() -> None:
+    """set_memory_shared checks SW_EXITINFO2 and returns -EINVAL when the VMM refuses."""
+    text = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA
+    mov rsi, 1
+    call set_memory_shared
+    GUEST_SYNC rax
+    ret
+"""
+    _, report = run_text(text, "sev-snp", refuse_conversions=[(FREE, 1, None)])
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [(-22) & (2**64 - 1)]
+
+
+PVALIDATE = """
+.macro PVALIDATE_AT gpa, size, validate
+    mov rax, \\gpa
+    mov ecx, \\size
+    mov edx, \\validate
+    .byte 0xf2, 0x0f, 0x01, 0xff
+    setc bl
+    movzx rbx, bl
+    GUEST_SYNC rax
+    GUEST_SYNC rbx
+.endm
+guest_main:
+    PVALIDATE_AT GUEST_FREE_GPA, 0, 1          # already validated at boot: EAX 0, CF 1
+    PVALIDATE_AT GUEST_FREE_GPA, 0, 0          # rescind: EAX 0, CF 0
+    PVALIDATE_AT GUEST_FREE_GPA, 0, 0          # again: EAX 0, CF 1
+    PVALIDATE_AT GUEST_FREE_GPA, 1, 1          # 2M against 4K RMP entries: FAIL_SIZEMISMATCH
+    PVALIDATE_AT GUEST_FREE_GPA + 0x1000, 1, 1 # 2M on a misaligned address: FAIL_INPUT
+    mov rdi, GUEST_FREE_GPA
+    mov rax, qword ptr [rdi]                   # private access to an unvalidated page: #VC 0x404
+    ret
+"""
+
+
+def test_pvalidate_results_and_vc_404() -> None:
+    """PVALIDATE's EAX/CF per APM; a private access to an unvalidated page raises #VC 0x404."""
+    _, report = run_text(PVALIDATE, "sev-snp")
+    assert report.syncs() == [0, 1, 0, 0, 0, 1, 6, 0, 1, 0]
+    assert report.outcome == "unhandled_exception"
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+
+
+def test_rmp_refuses_host_writes_to_guest_private_pages() -> None:
+    """A host write into an assigned page is refused and the guest's data is intact."""
+    text = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA
+    mov qword ptr [rdi], 0x1234
+    ret
+"""
+    machine, report = run_text(text, "sev-snp")
+    assert report.outcome == "done", report.detail
+    before = machine.memory.cpu_read(FREE, 8, private=True)
+    with pytest.raises(GuestMemoryError, match="RMP"):
+        machine.memory.host_write(FREE, b"\xff" * 8)
+    assert machine.memory.cpu_read(FREE, 8, private=True) == before == (0x1234).to_bytes(8, "little")
+    # A shared page (the ucall page) is the host's to write.
+    machine.memory.host_write(UCALL_GPA, b"\x00" * 8)
+
+
+def test_unknown_msr_through_ghcb_is_gp() -> None:
+    """RDMSR of an MSR KVM does not know: #VC, GHCB MSR exit, KVM answers #GP, which the guest reports."""
+    _, report = run_text("guest_main:\n    mov ecx, 0x12345\n    rdmsr\n    ret\n", "sev-es")
+    assert report.outcome == "unhandled_exception"
+    assert report.exception is not None and report.exception["vector"] == 13

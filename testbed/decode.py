@@ -8,11 +8,17 @@ host's view of an SEV guest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import capstone
 
 _CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_CS_DETAIL = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_CS_DETAIL.detail = True
+
+_PUSHES = {"push", "pushfq", "call"}
+_POPS = {"pop", "popfq", "ret", "iretq", "leave"}
 
 
 @dataclass(frozen=True)
@@ -57,3 +63,32 @@ def describe(code: bytes, address: int = 0) -> str:
     """One-line decode of the first instruction, or "undecodable"."""
     insn = decode_one(code, address)
     return "undecodable" if insn is None else insn.text
+
+
+def effective_addresses(code: bytes, address: int, read_reg: Callable[[str], int]) -> list[int]:
+    """Linear addresses the first instruction of `code` accesses in memory, in operand order.
+
+    `read_reg` gives a register's value by capstone's name ("rax", "rip" is handled here).
+    Explicit memory operands come from the decode; the stack accesses of push/pop/call/ret
+    are implicit. Segment bases are taken as 0 (flat 64-bit mode).
+    """
+    mask = (1 << 64) - 1
+    for insn in _CS_DETAIL.disasm(code, address, 1):
+        out: list[int] = []
+        for op in insn.operands:
+            if op.type != capstone.x86.X86_OP_MEM:
+                continue
+            mem = op.mem
+            value = mem.disp
+            if mem.base:
+                base = insn.reg_name(mem.base)
+                value += address + insn.size if base == "rip" else read_reg(base)
+            if mem.index:
+                value += read_reg(insn.reg_name(mem.index)) * mem.scale
+            out.append(value & mask)
+        if insn.mnemonic in _PUSHES:
+            out.append((read_reg("rsp") - 8) & mask)
+        elif insn.mnemonic in _POPS:
+            out.append(read_reg("rsp") & mask)
+        return out
+    return []

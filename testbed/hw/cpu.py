@@ -34,6 +34,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ux
 from unicorn.unicorn_py3 import unicorn as ucpy
 
+from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import (
     SVM_IOIO_PORT_SHIFT,
@@ -60,6 +61,7 @@ from testbed.x86 import (
     PAGE_SHIFT,
     MSR_AMD64_SEV_ES_GHCB,
     PAGE_SIZE,
+    PFERR_FETCH,
     PVALIDATE_BYTES,
     RFLAGS_CF,
     RFLAGS_IF,
@@ -110,6 +112,14 @@ _UC_REG = {
     Reg.CR3: ux.UC_X86_REG_CR3,
     Reg.CR4: ux.UC_X86_REG_CR4,
 }
+
+#: capstone register names -> Unicorn ids, for effective-address computation.
+_REG_NAMES = {r.name.lower(): uc for r, uc in _UC_REG.items()}
+_REG_NAMES.update({
+    name: getattr(ux, f"UC_X86_REG_{name.upper()}")
+    for name in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "r8d", "r9d", "r10d", "r11d", "r12d",
+                 "r13d", "r14d", "r15d")
+})
 
 #: Reg -> Unicorn register id, indexable by the IntEnum (list indexing avoids Enum hashing).
 _UC_REG_BY_INDEX = tuple(_UC_REG[Reg(i)] for i in range(len(Reg)))
@@ -186,6 +196,48 @@ class _PendingFault:
 
 _CALIBRATION: dict[str, int] = {}
 
+# Flat 64-bit test machine for the calibrations: GDT with kernel and user segments at 0x1000.
+_CAL_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+
+
+def _context_fields(before: bytes, after: bytes, match: Callable[[int, int], bool]) -> set[int]:
+    return {
+        off
+        for off in range(0, min(len(before), len(after)) - 4, 4)
+        if match(struct.unpack_from("<i", before, off)[0], struct.unpack_from("<i", after, off)[0])
+    }
+
+
+def _run_to_exception(code: bytes, setup: Callable[[Any], None] | None = None) -> tuple[bytes, bytes]:
+    """(context before, context in the UC_HOOK_INTR callback) for `code` at 0x2000."""
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, struct.pack("<5Q", *_CAL_GDT))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_CAL_GDT) - 1, 0))
+    if setup is not None:
+        setup(uc)
+    uc.mem_write(0x2000, code + b"\xf4")
+    before = bytes(uc.context_save())
+    seen: list[bytes] = []
+
+    def hook(u: Any, intno: int, _ud: Any) -> None:
+        seen.append(bytes(u.context_save()))
+        u.emu_stop()
+
+    uc.hook_add(ucc.UC_HOOK_INTR, hook)
+    with contextlib.suppress(unicorn.UcError):
+        uc.emu_start(0x2000, 0x2000 + len(code))
+    if not seen:
+        raise HardwareError("calibration of Unicorn's saved context failed: no exception seen")
+    return before, seen[0]
+
+
+def _unique(name: str, candidates: set[int]) -> int:
+    if len(candidates) != 1:
+        raise HardwareError(f"cannot locate Unicorn's {name} field in a saved context (candidates: {candidates})")
+    _CALIBRATION[name] = candidates.pop()
+    return _CALIBRATION[name]
+
 
 def old_exception_offset() -> int:
     """Offset of QEMU's `env->old_exception` inside a saved Unicorn context.
@@ -197,36 +249,61 @@ def old_exception_offset() -> int:
     """
     if "old_exception" in _CALIBRATION:
         return _CALIBRATION["old_exception"]
-    candidates: set[int] | None = None
     # (#DE) xor ecx, ecx; div ecx   and   (#GP) mov ax, 0x1234; mov ds, ax (no such selector).
+    candidates: set[int] | None = None
     for vector, code in ((0, b"\x31\xc9\xf7\xf1"), (13, b"\x66\xb8\x34\x12\x8e\xd8")):
-        uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
-        uc.mem_map(0x1000, 0x1000)
-        uc.reg_write(ux.UC_X86_REG_RBX, 0x8000_0000_0000_0000)
-        uc.mem_write(0x1000, code + b"\xf4")
-        fresh = bytes(uc.context_save())
-        seen: list[bytes] = []
-
-        def hook(u: Any, intno: int, _ud: Any, seen: list[bytes] = seen) -> None:
-            seen.append(bytes(u.context_save()))
-            u.emu_stop()
-
-        uc.hook_add(ucc.UC_HOOK_INTR, hook)
-        with contextlib.suppress(unicorn.UcError):
-            uc.emu_start(0x1000, 0x1000 + len(code))
-        if not seen:
-            raise HardwareError("calibration of Unicorn's old_exception field failed: no exception seen")
-        after = seen[0]
-        found = {
-            off
-            for off in range(0, min(len(fresh), len(after)) - 4, 4)
-            if struct.unpack_from("<i", fresh, off)[0] == -1 and struct.unpack_from("<i", after, off)[0] == vector
-        }
+        before, after = _run_to_exception(code)
+        found = _context_fields(before, after, lambda a, b, v=vector: a == -1 and b == v)
         candidates = found if candidates is None else candidates & found
-    if not candidates or len(candidates) != 1:
-        raise HardwareError(f"cannot locate Unicorn's old_exception field (candidates: {candidates})")
-    _CALIBRATION["old_exception"] = candidates.pop()
-    return _CALIBRATION["old_exception"]
+    return _unique("old_exception", candidates or set())
+
+
+def error_code_offset() -> int:
+    """Offset of QEMU's `env->error_code`: the error code of the exception being raised.
+
+    Unicorn's UC_HOOK_INTR gets only the vector; the error code (e.g. the selector of a #GP)
+    is read from the saved context instead. Measured with two #GPs on different selectors.
+    """
+    if "error_code" in _CALIBRATION:
+        return _CALIBRATION["error_code"]
+    candidates: set[int] | None = None
+    # mov ax, 0x1230; mov ds, ax   and   mov cx, 0x2340; mov ds, cx (two registers, so the
+    # register slots that also hold the selector drop out of the intersection)
+    for selector, mov, load in ((0x1230, b"\x66\xb8", b"\x8e\xd8"), (0x2340, b"\x66\xb9", b"\x8e\xd9")):
+        code = mov + selector.to_bytes(2, "little") + load
+        before, after = _run_to_exception(code)
+        found = _context_fields(before, after, lambda a, b, s=selector: b == s and a != s)
+        candidates = found if candidates is None else candidates & found
+    return _unique("error_code", candidates or set())
+
+
+def hflags_offset() -> int:
+    """Offset of QEMU's `env->hflags`, whose bits 1:0 are the CPL.
+
+    Unicorn's segment-register writes do not change the CPL (canary in
+    tests/test_unicorn_canary.py), so delivering an exception from CPL 3 to a CPL-0 handler
+    sets the CPL bits in the saved context. Measured by an IRETQ from CPL 0 to CPL 3.
+    """
+    if "hflags" in _CALIBRATION:
+        return _CALIBRATION["hflags"]
+
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, struct.pack("<5Q", *_CAL_GDT))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_CAL_GDT) - 1, 0))
+    uc.reg_write(ux.UC_X86_REG_CS, 0x08)
+    uc.reg_write(ux.UC_X86_REG_SS, 0x10)
+    frame = struct.pack("<5Q", 0x2002, 0x23, 0x2, 0x7000, 0x1B)  # rip cs rflags rsp ss
+    uc.mem_write(0x8000 - len(frame), frame)
+    uc.reg_write(ux.UC_X86_REG_RSP, 0x8000 - len(frame))
+    uc.mem_write(0x2000, b"\x48\xcf\xf4")  # iretq to CPL 3 at 0x2002, where the run stops
+    before = bytes(uc.context_save())
+    uc.emu_start(0x2000, 0x2002)
+    if uc.reg_read(ux.UC_X86_REG_CS) != 0x23:
+        raise HardwareError("calibration of Unicorn's hflags failed: IRETQ did not reach CPL 3")
+    after = bytes(uc.context_save())
+    candidates = _context_fields(before, after, lambda a, b: a & 3 == 0 and b & 3 == 3 and (a ^ b) == 3)
+    return _unique("hflags", candidates)
 
 
 class UnicornVcpu:
@@ -289,6 +366,8 @@ class UnicornVcpu:
         self._msr_sites: set[int] = set()  # guest-virtual addresses with an MSR-site hook
         self._cs64_cache: dict[int, bool] = {}
         self._old_exc_off = old_exception_offset()
+        self._error_code_off = error_code_offset()
+        self._hflags_off = hflags_offset()
         self._uc_ctx = self._uc.context_save()
         self.exceptions_delivered = 0
         self.tlb_fills = 0
@@ -490,6 +569,10 @@ class UnicornVcpu:
             return False
         self.tlb_fills += 1
         access = _ACCESS_FROM_UC.get(uc_access, ACCESS_READ)
+        if not -(1 << 47) <= (vaddr if vaddr < (1 << 63) else vaddr - (1 << 64)) < (1 << 47):
+            # A non-canonical address is #GP(0), not a page fault (SDM vol. 1 3.3.7.1).
+            self._pending_fault = _PendingFault(Vector.GP, 0, None)
+            return False
         user = (self._rd(_CS) & 3) == 3
         result = self._paging_walk(vaddr, access, user)
         if isinstance(result, PageFault):
@@ -552,6 +635,34 @@ class UnicornVcpu:
         e.paddr = upa
         e.perms = perms
         return True
+
+    def _fault_address(self, page: int, error_code: int) -> int:
+        """The faulting linear address within `page` (Unicorn's fill hook sees only the page).
+
+        A fetch faults at RIP when RIP is on the page (else the instruction crossed into it);
+        a data access at the effective address of the faulting instruction's memory operand,
+        computed from its decode and the registers (implicit stack and string operands too).
+        """
+        rip = self._rd(_RIP)
+        page &= ~0xFFF
+        if error_code & PFERR_FETCH:
+            return rip if rip & ~0xFFF == page else page
+        try:
+            code = self.fetch_bytes(rip, 15)
+        except _DeliveryFault:
+            return page
+        for address in effective_addresses(code, rip, self._reg_by_name):
+            if address & ~0xFFF == page:
+                return address
+            if (address + 7) & ~0xFFF == page:  # an access that crosses into the page
+                return page
+        return page
+
+    def _reg_by_name(self, name: str) -> int:
+        reg = _REG_NAMES.get(name)
+        if reg is None:
+            return 0  # segment bases and other registers not modelled: contribute 0
+        return self._rd(reg)
 
     def _on_ownership_change(self, frame: int) -> None:
         # A translation to the alias that lost the frame must not survive (DESIGN.md).
@@ -840,19 +951,32 @@ class UnicornVcpu:
 
     # ---------------------------------------------------------------- exceptions
     def _on_intr(self, _h: Any, intno: int, _ud: Any) -> None:
-        self._reset_old_exception()
+        error_code = self._reset_old_exception()
         rip = self._rd(_RIP)
         software = intno >= 32 or intno in (Vector.BP, Vector.OF)
-        error = 0 if intno in ERROR_CODE_VECTORS else None  # Unicorn does not expose it
+        error = error_code if intno in ERROR_CODE_VECTORS and not software else None
         self._tracer.emit("hw", "exception", vector=intno, rip=rip, software=software)
         self._deliver_now(intno, error, software=software)
 
-    def _reset_old_exception(self) -> None:
+    def _reset_old_exception(self) -> int:
+        """Reset QEMU's old_exception (see old_exception_offset); returns env->error_code."""
         ctx = self._uc_ctx
         self._uc.context_update(ctx)
         addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
         assert addr is not None
         ctypes.c_int32.from_address(addr + self._old_exc_off).value = -1
+        error_code = ctypes.c_uint32.from_address(addr + self._error_code_off).value
+        self._uc.context_restore(ctx)
+        return int(error_code)
+
+    def _set_cpl(self, cpl: int) -> None:
+        """Set the CPL bits of QEMU's hflags (see hflags_offset): a CS load does not."""
+        ctx = self._uc_ctx
+        self._uc.context_update(ctx)
+        addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
+        assert addr is not None
+        field = ctypes.c_uint32.from_address(addr + self._hflags_off)
+        field.value = (field.value & ~3) | (cpl & 3)
         self._uc.context_restore(ctx)
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
@@ -934,6 +1058,7 @@ class UnicornVcpu:
         new_rsp -= len(data)
         self.write_virtual(new_rsp, data)
         if new_cpl < cpl:
+            self._set_cpl(new_cpl)
             self._uc.reg_write(ux.UC_X86_REG_SS, new_cpl)  # NULL selector with RPL = new CPL
         self._uc.reg_write(ux.UC_X86_REG_CS, selector)
         self._wr(_UC_REG[Reg.RSP], new_rsp)
@@ -991,8 +1116,10 @@ class UnicornVcpu:
                 if self._pending_fault is not None:
                     pf = self._pending_fault
                     self._pending_fault = None
-                    self._tracer.emit("hw", "page_fault", cr2=pf.cr2, error_code=pf.error_code, rip=self._rd(_RIP))
-                    self._deliver_now(pf.vector, pf.error_code, cr2=pf.cr2)
+                    cr2 = None if pf.cr2 is None else self._fault_address(pf.cr2, pf.error_code)
+                    self._tracer.emit("hw", "fault", vector=pf.vector, cr2=cr2, error_code=pf.error_code,
+                                      rip=self._rd(_RIP))
+                    self._deliver_now(pf.vector, pf.error_code, cr2=cr2)
                     continue
                 if self._pending_npf is not None:
                     gpa, npf_error = self._pending_npf

@@ -1,0 +1,310 @@
+"""The KVM hypercall ABI as real guests see it: kvm/hypercall.py behind the hw and vmm layers.
+
+Scenarios, each a guest in guests/ and a host half here (KVM selftests' shape):
+1. Unknown numbers return -KVM_ENOSYS, KVM_HC_VAPIC_POLL_IRQ returns 0, and no GPR other than
+   RAX changes across a hypercall (guests/hypercall_abi_gprs.s asserts each one), on both
+   vendors.
+2. A hypercall at CPL 3 returns -KVM_EPERM whatever its number: the CPL check in
+   ____kvm_emulate_hypercall() (arch/x86/kvm/x86.c) precedes the switch.
+3. KVM_HC_KICK_CPU and KVM_HC_SCHED_YIELD follow their PV bits in CPUID 0x40000001.EAX when
+   KVM_CAP_ENFORCE_PV_FEATURE_CPUID is on (tools/testing/selftests/kvm/x86/kvm_pv_test.c),
+   and ignore them when it is off.
+4. KVM_HC_MAP_GPA_RANGE: -KVM_ENOSYS without KVM_CAP_EXIT_HYPERCALL, -KVM_EINVAL for the
+   three argument errors KVM checks (no user exit), otherwise exactly one KVM_EXIT_HYPERCALL
+   whose ret lands in RAX; the VMM's own refusals (reserved attrs, outside memory) come back
+   through that exit's ret.
+5. The guest API's constants work as documented immediates in GUEST_ASSERT_EQ, negated too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from testbed.errors import AsmError
+from testbed.hw.exits import Vendor
+from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program, run_guest
+from testbed.vmm.vmm import RunReport
+
+MEMORY = 16 << 20
+TIMEOUT = 5.0
+
+# include/uapi/linux/kvm_para.h, as the guest sees them in RAX (u64)
+KVM_HC_VAPIC_POLL_IRQ = 1
+KVM_HC_KICK_CPU = 5
+KVM_HC_SCHED_YIELD = 11
+KVM_HC_MAP_GPA_RANGE = 12
+ENOSYS_RET = 0xFFFF_FFFF_FFFF_FC18  # -KVM_ENOSYS (1000)
+EPERM_RET = 0xFFFF_FFFF_FFFF_FFFF  # -KVM_EPERM (1)
+EINVAL_RET = 0xFFFF_FFFF_FFFF_FFEA  # -KVM_EINVAL (22)
+UNKNOWN_NR = 0x999
+
+# CPUID 0x40000001.EAX bits (arch/x86/include/uapi/asm/kvm_para.h)
+KVM_FEATURE_PV_UNHALT = 7
+KVM_FEATURE_PV_SCHED_YIELD = 13
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+
+CALL_GUEST = GUESTS_DIR / "hypercall_abi_call.s"
+GPRS_GUEST = GUESTS_DIR / "hypercall_abi_gprs.s"
+
+VENDORS = pytest.mark.parametrize("vendor", list(Vendor), ids=[v.value for v in Vendor])
+
+
+def hypercall(nr: int, *args: int, vendor: Vendor = Vendor.AMD, user: bool = False, **options: Any) -> RunReport:
+    """Run guests/hypercall_abi_call.s: hypercall `nr` with a0..a3 = `args`, RAX synced."""
+    defines: dict[str, int | str] = {"HC_NR": nr, "USER": int(user)}
+    for i, value in enumerate(args):
+        defines[f"HC_A{i}"] = value
+    report = run_guest(
+        CALL_GUEST, VmOptions(vendor=vendor, memory=MEMORY, timeout=TIMEOUT, defines=defines, **options)
+    )
+    assert report.outcome == "done", f"guest did not finish: {report.outcome} {report.detail}"
+    return report
+
+
+def rax_of(report: RunReport) -> int:
+    """The single value the guest synced: RAX after the hypercall."""
+    syncs = report.syncs()
+    assert len(syncs) == 1, f"expected one GUEST_SYNC, got {[hex(s) for s in syncs]}"
+    return syncs[0]
+
+
+def hypercall_exits(report: RunReport) -> list[dict[str, Any]]:
+    """The KVM_EXIT_HYPERCALL user exits of a run, in order."""
+    return [e for e in report.user_exits if e["reason"] == "hypercall"]
+
+
+# ------------------------------------------------------------------------ numbers, registers
+
+
+@VENDORS
+def test_unknown_nr_returns_enosys(vendor: Vendor) -> None:
+    """An unknown hypercall number returns -KVM_ENOSYS in RAX (x86.c: `ret = -KVM_ENOSYS` default)."""
+    rax = rax_of(hypercall(UNKNOWN_NR, vendor=vendor))
+    assert rax == ENOSYS_RET, f"RAX = 0x{rax:x}, expected -KVM_ENOSYS 0x{ENOSYS_RET:x}"
+
+
+@VENDORS
+def test_vapic_poll_irq_returns_zero(vendor: Vendor) -> None:
+    """KVM_HC_VAPIC_POLL_IRQ returns 0 (Documentation/virt/kvm/x86/hypercalls.rst, x86.c)."""
+    rax = rax_of(hypercall(KVM_HC_VAPIC_POLL_IRQ, vendor=vendor))
+    assert rax == 0, f"RAX = 0x{rax:x}, expected 0"
+
+
+@VENDORS
+@pytest.mark.parametrize("nr", [KVM_HC_VAPIC_POLL_IRQ, UNKNOWN_NR, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD],
+                         ids=["vapic_poll_irq", "unknown", "kick_cpu", "sched_yield"])
+def test_hypercall_clobbers_only_rax(vendor: Vendor, nr: int) -> None:
+    """A hypercall changes RAX only: every other GPR keeps its value (hypercalls.rst)."""
+    report = run_guest(GPRS_GUEST, VmOptions(vendor=vendor, memory=MEMORY, timeout=TIMEOUT, defines={"HC_NR": nr}))
+    aborts = [u for u in report.ucalls if u["cmd"] == "abort"]
+    assert report.outcome == "done", (
+        f"{report.detail}; "
+        + "; ".join(f"{u.get('file')}:{u.get('line')} 0x{u['args'][0]:x} != 0x{u['args'][1]:x}" for u in aborts)
+    )
+    expected = 0 if nr != UNKNOWN_NR else ENOSYS_RET
+    assert rax_of(report) == expected, f"RAX = 0x{rax_of(report):x}, expected 0x{expected:x}"
+
+
+# ------------------------------------------------------------------------------- CPL 3
+
+
+@VENDORS
+@pytest.mark.parametrize("nr", [UNKNOWN_NR, KVM_HC_VAPIC_POLL_IRQ, KVM_HC_MAP_GPA_RANGE],
+                         ids=["unknown", "vapic_poll_irq", "map_gpa_range"])
+def test_cpl3_hypercall_returns_eperm(vendor: Vendor, nr: int) -> None:
+    """At CPL 3 every hypercall returns -KVM_EPERM and none exits: x86.c checks CPL before the switch."""
+    report = hypercall(nr, 0x800000, 1, 0, vendor=vendor, user=True)
+    rax = rax_of(report)
+    assert rax == EPERM_RET, f"RAX = 0x{rax:x} at CPL 3, expected -KVM_EPERM 0x{EPERM_RET:x}"
+    assert hypercall_exits(report) == [], f"a CPL-3 hypercall exited to userspace: {hypercall_exits(report)}"
+
+
+# ---------------------------------------------------------------------- PV feature gating
+
+
+PV_CASES = [
+    (KVM_HC_KICK_CPU, KVM_FEATURE_PV_UNHALT),
+    (KVM_HC_SCHED_YIELD, KVM_FEATURE_PV_SCHED_YIELD),
+]
+PV_IDS = ["kick_cpu", "sched_yield"]
+
+
+@pytest.mark.parametrize(("nr", "feature"), PV_CASES, ids=PV_IDS)
+def test_pv_hypercall_succeeds_with_its_feature_bit(nr: int, feature: int) -> None:
+    """With enforcement on, KICK_CPU/SCHED_YIELD return 0 when their PV bit is set (kvm_pv_test.c)."""
+    rax = rax_of(hypercall(nr, 0, 0, pv_features=1 << feature))
+    assert rax == 0, f"nr {nr} with PV bit {feature} set: RAX = 0x{rax:x}, expected 0"
+
+
+@pytest.mark.parametrize(("nr", "feature"), PV_CASES, ids=PV_IDS)
+def test_pv_hypercall_enosys_without_its_feature_bit(nr: int, feature: int) -> None:
+    """With enforcement on, KICK_CPU/SCHED_YIELD return -KVM_ENOSYS when their PV bit is clear (kvm_pv_test.c)."""
+    all_but = 0xFFFF_FFFF & ~(1 << feature)
+    for pv in (0, all_but):
+        rax = rax_of(hypercall(nr, 0, 0, pv_features=pv))
+        assert rax == ENOSYS_RET, (
+            f"nr {nr} with CPUID 0x40000001.EAX = 0x{pv:x}: RAX = 0x{rax:x}, expected 0x{ENOSYS_RET:x}"
+        )
+
+
+def test_pv_gating_is_on_by_default() -> None:
+    """VmOptions enables KVM_CAP_ENFORCE_PV_FEATURE_CPUID unless told otherwise."""
+    assert VmOptions().enforce_pv_cpuid is True
+    rax = rax_of(hypercall(KVM_HC_SCHED_YIELD, 0, pv_features=0))
+    assert rax == ENOSYS_RET, f"RAX = 0x{rax:x}, expected 0x{ENOSYS_RET:x}"
+
+
+@pytest.mark.parametrize(("nr", "feature"), PV_CASES, ids=PV_IDS)
+@pytest.mark.parametrize("pv_set", [False, True], ids=["bit_clear", "bit_set"])
+def test_pv_hypercall_ungated_without_enforcement(nr: int, feature: int, pv_set: bool) -> None:
+    """Without KVM_CAP_ENFORCE_PV_FEATURE_CPUID, guest_pv_has() is always true: both return 0."""
+    pv = (1 << feature) if pv_set else 0
+    rax = rax_of(hypercall(nr, 0, 0, pv_features=pv, enforce_pv_cpuid=False))
+    assert rax == 0, f"nr {nr}, PV 0x{pv:x}, not enforced: RAX = 0x{rax:x}, expected 0"
+
+
+# ----------------------------------------------------------------------- MAP_GPA_RANGE
+
+
+GPA = 0x800000  # inside 16 MiB, above the runtime's page tables
+NPAGES = 4
+
+
+@VENDORS
+def test_map_gpa_range_enosys_without_exit_cap(vendor: Vendor) -> None:
+    """Without KVM_CAP_EXIT_HYPERCALL bit 12, MAP_GPA_RANGE returns -KVM_ENOSYS and never exits (x86.c)."""
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor, map_gpa_exit=False)
+    rax = rax_of(report)
+    assert rax == ENOSYS_RET, f"RAX = 0x{rax:x}, expected 0x{ENOSYS_RET:x}"
+    assert hypercall_exits(report) == []
+    assert report.shared_ranges == []
+
+
+@VENDORS
+@pytest.mark.parametrize(
+    ("gpa", "npages"),
+    [(GPA + 0x10, NPAGES), (GPA, 0), (0x1000, 0xFFFF_FFFF_FFFF_FFFF), (GPA, (1 << 64) - (GPA >> 12))],
+    ids=["unaligned_gpa", "zero_pages", "gfn_plus_npages_wraps", "gfn_plus_npages_is_2_64"],
+)
+def test_map_gpa_range_einval_for_bad_arguments(vendor: Vendor, gpa: int, npages: int) -> None:
+    """Unaligned gpa, npages 0 or a wrapping gfn+npages give -KVM_EINVAL with no user exit (x86.c)."""
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, 0, vendor=vendor)
+    rax = rax_of(report)
+    assert rax == EINVAL_RET, f"gpa 0x{gpa:x} npages 0x{npages:x}: RAX = 0x{rax:x}, expected 0x{EINVAL_RET:x}"
+    assert hypercall_exits(report) == [], f"KVM exited for a call it must reject: {hypercall_exits(report)}"
+    assert report.shared_ranges == []
+
+
+@VENDORS
+def test_map_gpa_range_exits_once_and_ret_lands_in_rax(vendor: Vendor) -> None:
+    """A valid MAP_GPA_RANGE makes one KVM_EXIT_HYPERCALL (nr 12, args, LONG_MODE flag); its ret is RAX."""
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor)
+    exits = hypercall_exits(report)
+    assert len(exits) == 1, f"expected exactly one hypercall exit, got {exits}"
+    run = exits[0]
+    shape = {k: run[k] for k in ("reason", "nr", "args", "flags")}
+    assert shape == {
+        "reason": "hypercall",
+        "nr": KVM_HC_MAP_GPA_RANGE,
+        "args": [GPA, NPAGES, 0, 0, 0, 0],
+        "flags": KVM_EXIT_HYPERCALL_LONG_MODE,
+    }, f"exit {run}"
+    rax = rax_of(report)
+    assert rax == 0, f"RAX = 0x{rax:x}, expected the VMM's ret 0"
+    assert run.get("ret", rax) == rax, f"exit ret 0x{run['ret']:x} != RAX 0x{rax:x}"
+
+
+SHARED_THEN_PRIVATE = f"""
+guest_main:
+    push rbx
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, {GPA:#x}
+    mov rcx, {NPAGES}
+    mov rdx, KVM_MAP_GPA_RANGE_DECRYPTED
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, {GPA:#x}
+    mov rcx, 1
+    mov rdx, KVM_MAP_GPA_RANGE_ENCRYPTED
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    pop rbx
+    ret
+"""
+
+
+def test_map_gpa_range_updates_shared_ranges() -> None:
+    """A DECRYPTED call adds [gfn, npages] to shared_ranges; an ENCRYPTED call takes pages out again."""
+    report = run_guest("map_gpa_shared_then_private.s", VmOptions(memory=MEMORY, timeout=TIMEOUT),
+                       text=SHARED_THEN_PRIVATE)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0, 0], f"RAX values {[hex(s) for s in report.syncs()]}"
+    assert [e["args"][:3] for e in hypercall_exits(report)] == [
+        [GPA, NPAGES, 0],
+        [GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED],
+    ]
+    gfn = GPA >> 12
+    assert report.shared_ranges == [[gfn + 1, NPAGES - 1]], (
+        f"shared_ranges {report.shared_ranges}, expected [[0x{gfn + 1:x}, {NPAGES - 1}]]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("gpa", "npages", "attrs"),
+    [
+        (GPA, NPAGES, 1 << 5),  # reserved attrs bit 5
+        (GPA, NPAGES, 1 << 63),  # reserved attrs bit 63
+        (GPA, NPAGES, 3),  # page-size hint 3: neither 4K, 2M nor 1G
+        ((16 << 20) - 0x1000, 2, 0),  # last page + one beyond guest memory
+        (1 << 40, 1, 0),  # far outside guest memory
+    ],
+    ids=["attrs_bit5", "attrs_bit63", "page_size_3", "straddles_end", "outside_memory"],
+)
+def test_vmm_refuses_what_kvm_forwards(gpa: int, npages: int, attrs: int) -> None:
+    """KVM forwards attrs/ranges unchecked (the user exit happens); the VMM's policy answers -KVM_EINVAL.
+
+    KVM checks only alignment, npages != 0 and wrap-around (x86.c; private_mem_conversions_test.c
+    passes arbitrary attrs). Refusing reserved attribute bits and ranges outside guest memory is
+    testbed/vmm/map_gpa.py's policy, not KVM's.
+    """
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs)
+    exits = hypercall_exits(report)
+    assert len(exits) == 1, f"KVM must forward gpa 0x{gpa:x} npages 0x{npages:x} attrs 0x{attrs:x}: {exits}"
+    assert exits[0]["args"][:3] == [gpa, npages, attrs]
+    rax = rax_of(report)
+    assert rax == EINVAL_RET, f"RAX = 0x{rax:x}, expected the VMM's -KVM_EINVAL 0x{EINVAL_RET:x}"
+    assert exits[0].get("ret", rax) == rax
+    assert report.shared_ranges == []
+
+
+# ------------------------------------------------------------------ guest API: constants
+
+
+NEGATED_CONSTANT_GUEST = """
+guest_main:
+    mov rax, UNKNOWN_NR
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    GUEST_ASSERT_EQ rax, -KVM_ENOSYS
+    ret
+"""
+
+
+def test_assert_against_negated_prelude_constant() -> None:
+    """GUEST_ASSERT_EQ rax, -KVM_ENOSYS compares with the immediate -1000, or is refused at assembly time.
+
+    The prelude documents the operands as registers or imm32; Keystone 0.9.2 encodes `push -SYMBOL`
+    as a memory load, so a silent acceptance makes the assert compare RAX with whatever memory holds.
+    """
+    options = VmOptions(memory=MEMORY, timeout=TIMEOUT, defines={"UNKNOWN_NR": UNKNOWN_NR})
+    try:
+        program = build_program("negated_constant.s", options, text=NEGATED_CONSTANT_GUEST)
+    except AsmError:
+        return  # refused with a location: acceptable
+    report = Machine(program, options).run()
+    assert report.syncs()[:1] == [ENOSYS_RET], f"syncs {[hex(s) for s in report.syncs()]}"
+    assert report.outcome == "done", f"{report.outcome}: {report.detail} (the assert did not compare with -1000)"

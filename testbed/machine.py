@@ -208,7 +208,7 @@ class Machine:
 
         Only VMs whose KVM reports KVM_CAP_MEMORY_ATTRIBUTES have attributes to set; for the
         others the conversion is bookkeeping in the VMM's tracker alone."""
-        if not self.kvm_vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+        if self.kvm_vm.mem_attrs is None:  # KVM_CAP_MEMORY_ATTRIBUTES reports no PRIVATE
             return 0
         try:
             self.kvm_vm.set_memory_attributes(gfn << 12, npages << 12, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)

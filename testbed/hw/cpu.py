@@ -340,6 +340,7 @@ class UnicornVcpu:
         self._lib = ucpy.uclib
         self._val = ctypes.c_uint64()
         self._ref = ctypes.byref(self._val)
+        self._batches: dict[tuple[Reg, ...], Any] = {}
         self._reg_read = self._lib.uc_reg_read
         self._reg_write = self._lib.uc_reg_write
         self._ctx = _CTX_NONE
@@ -421,6 +422,20 @@ class UnicornVcpu:
             return
         self._val.value = value & U64
         self._reg_write(self._h, _UC_REG_BY_INDEX[reg], self._ref)
+
+    def read_regs(self, regs: tuple[Reg, ...]) -> tuple[int, ...]:
+        """Several registers in one uc_reg_read_batch call (KVM's hypercall arguments)."""
+        batch = self._batches.get(regs)
+        if batch is None:
+            n = len(regs)
+            values = (ctypes.c_uint64 * n)()
+            ids = (ctypes.c_int * n)(*(_UC_REG_BY_INDEX[r] for r in regs))
+            ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(values) + 8 * i for i in range(n)))
+            batch = (ids, ptrs, values, n)
+            self._batches[regs] = batch
+        ids, ptrs, values, n = batch
+        self._lib.uc_reg_read_batch(self._h, ids, ptrs, n)
+        return tuple(values)
 
     def _rd(self, ucreg: int) -> int:
         self._reg_read(self._h, ucreg, self._ref)
@@ -907,6 +922,8 @@ class UnicornVcpu:
     def _exit(self, code: int, info1: int, info2: int) -> None:
         if self.hypervisor is None:
             raise HardwareError("VM exit with no hypervisor attached")
+        if self._tracer.enabled:
+            self._tracer.emit("hw", "vmexit", code=code, info1=info1, info2=info2, rip=self._cur_rip)
         self.hypervisor.vmexit(code, info1, info2)
 
     def _on_cpuid(self, _h: Any, _ud: Any) -> int:

@@ -181,9 +181,10 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 KvmExit = HypercallExit | IoExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit | InternalErrorExit
 
 
+_EXIT_NAMES = {int(r): r.name.removeprefix("KVM_EXIT_").lower() for r in KvmExitReason}
+
+
 def exit_name(reason: int) -> str:
     """'hypercall' for KVM_EXIT_HYPERCALL etc.: the short names used in reports."""
-    try:
-        return KvmExitReason(reason).name.removeprefix("KVM_EXIT_").lower()
-    except ValueError:
-        return f"exit_{reason}"
+    name = _EXIT_NAMES.get(reason)
+    return name if name is not None else f"exit_{reason}"

@@ -63,6 +63,7 @@ from testbed.kvm.uapi import (
     MemoryFaultExit,
     KvmVmType,
     ShutdownExit,
+    exit_name,
 )
 from testbed.hw.memory import HostMemory
 from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
@@ -74,6 +75,10 @@ from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE, PageFault, PagingMode
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
                                    KVM_HC_MAP_GPA_RANGE})
+
+
+#: a0..a3 of the KVM hypercall ABI.
+_ARG_REGS = (Reg.RBX, Reg.RCX, Reg.RDX, Reg.RSI)
 
 
 class Userspace(Protocol):
@@ -94,7 +99,7 @@ class KvmVcpu:
         self._paging = paging if paging is not None else PagingMode()
         self._userspace: Userspace | None = None
         self._pending_completion: Callable[[], None] | None = None
-        self.stat_exits: Counter[str] = Counter()
+        self.stat_exits: Counter[int] = Counter()
         self.stat_hypercalls = 0
         self._pv = PvCpuid()
         # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
@@ -190,9 +195,10 @@ class KvmVcpu:
         return self.hw.run(timeout_s)
 
     def _exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
-        self.stat_exits[type(run).__name__] += 1
+        self.stat_exits[run.reason] += 1
         if self.tracer.enabled:
-            self.tracer.emit("kvm", "user_exit", exit=run)
+            fields = {f: getattr(run, f) for f in run.__dataclass_fields__ if f != "reason"}
+            self.tracer.emit("kvm", "user_exit", reason=exit_name(run.reason), **fields)
         assert self._userspace is not None
         if self._userspace.handle_exit(run):
             if complete is not None:
@@ -227,7 +233,9 @@ class KvmVcpu:
         """Called by the hardware on every VM exit."""
         handler = self._handlers.get(code)
         if self.tracer.enabled:
-            self.tracer.emit("kvm", "vmexit", code=code, info1=info1, info2=info2)
+            codes = SvmExitCode if self.hw.vendor is Vendor.AMD else VmxExitReason
+            name = codes(code).name if code in codes._value2member_map_ else f"0x{code:x}"
+            self.tracer.emit("kvm", "handle_exit", code=code, name=name)
         if handler is None:
             self._exit_to_userspace(
                 InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"unhandled exit code 0x{code:x}"), None
@@ -265,10 +273,7 @@ class KvmVcpu:
         nr = hw.read_reg(Reg.RAX)
         cpl, op_64_bit = hw.cpl_and_mode()
         if cpl == 0 and ((nr if op_64_bit else nr & U32) in _HYPERCALLS_WITH_ARGS or self.tracer.enabled):
-            a0 = hw.read_reg(Reg.RBX)
-            a1 = hw.read_reg(Reg.RCX)
-            a2 = hw.read_reg(Reg.RDX)
-            a3 = hw.read_reg(Reg.RSI)
+            a0, a1, a2, a3 = hw.read_regs(_ARG_REGS)
         else:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.

@@ -155,14 +155,15 @@ class Vmm:
         """Userspace's half of KVM_RUN: True re-enters the guest, False stops."""
         name = exit_name(run.reason)
         self.report.exit_counts[name] += 1
-        if isinstance(run, IoExit):
-            return self._handle_io(run)
-        if isinstance(run, HypercallExit):
+        if type(run) is HypercallExit:  # the hot path first
             if run.nr == KVM_HC_MAP_GPA_RANGE:
                 run.ret = self.map_gpa.handle(run.args[0], run.args[1], run.args[2])
-            self._record({"reason": "hypercall", "nr": run.nr, "args": list(run.args), "ret": run.ret,
-                          "flags": run.flags})
+            if self.record_exits or self.tracer.enabled:
+                self._record({"reason": "hypercall", "nr": run.nr, "args": list(run.args), "ret": run.ret,
+                              "flags": run.flags})
             return True
+        if isinstance(run, IoExit):
+            return self._handle_io(run)
         if isinstance(run, HltExit):
             self._record({"reason": "hlt"})
             self._finish("timeout", "vCPU halted with nothing to wake it (no interrupts are modelled)")

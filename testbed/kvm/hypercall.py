@@ -9,7 +9,7 @@ when userspace answers (complete_hypercall_exit()).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from testbed.kvm.uapi import (
     KVM_EINVAL,
@@ -48,9 +48,10 @@ class PvCpuid:
         return not self.enforce or bool(self.features & (1 << feature))
 
 
-@dataclass(frozen=True, slots=True)
-class HypercallOutcome:
-    """Either an in-kernel result (`ret`) or a user exit to complete later."""
+class HypercallOutcome(NamedTuple):
+    """Either an in-kernel result (`ret`) or a user exit to complete later.
+
+    A NamedTuple rather than a frozen dataclass: it is built on every hypercall."""
 
     ret: int
     user_exit: HypercallExit | None = None

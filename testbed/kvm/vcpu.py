@@ -114,7 +114,7 @@ class KvmVcpu:
                 hypercall_exit_enabled=lambda: bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE)),
             )
             self.sev_es = SevEsHandler(self.sev_state, self, self.tracer)
-            self._handlers[SvmExitCode.SVM_EXIT_VMGEXIT] = lambda i1, i2: self.handle_vmgexit()
+            self._handlers[int(SvmExitCode.SVM_EXIT_VMGEXIT)] = lambda i1, i2: self.handle_vmgexit()
 
     def reset(self) -> None:
         """vCPU RESET: for SEV-ES/SNP the GHCB MSR is preloaded with the SEV-information
@@ -209,25 +209,29 @@ class KvmVcpu:
 
     # ------------------------------------------------------------ exit dispatch
     def _exit_table(self) -> dict[int, Callable[[int, int], None]]:
+        # Plain ints as keys: looking up an IntEnum member hashes in Python on every exit.
         if self.hw.vendor is Vendor.AMD:
             return {
-                SvmExitCode.SVM_EXIT_VMMCALL: lambda i1, i2: self.handle_hypercall(),
-                SvmExitCode.SVM_EXIT_UD: lambda i1, i2: self.handle_ud(),
-                SvmExitCode.SVM_EXIT_IOIO: self._svm_io,
-                SvmExitCode.SVM_EXIT_CPUID: lambda i1, i2: self.handle_cpuid(),
-                SvmExitCode.SVM_EXIT_HLT: lambda i1, i2: self.handle_halt(),
-                SvmExitCode.SVM_EXIT_SHUTDOWN: lambda i1, i2: self.handle_shutdown(),
-                SvmExitCode.SVM_EXIT_NPF: self.handle_npf,
+                int(SvmExitCode.SVM_EXIT_VMMCALL): self._exit_hypercall,
+                int(SvmExitCode.SVM_EXIT_UD): lambda i1, i2: self.handle_ud(),
+                int(SvmExitCode.SVM_EXIT_IOIO): self._svm_io,
+                int(SvmExitCode.SVM_EXIT_CPUID): lambda i1, i2: self.handle_cpuid(),
+                int(SvmExitCode.SVM_EXIT_HLT): lambda i1, i2: self.handle_halt(),
+                int(SvmExitCode.SVM_EXIT_SHUTDOWN): lambda i1, i2: self.handle_shutdown(),
+                int(SvmExitCode.SVM_EXIT_NPF): self.handle_npf,
             }
         return {
-            VmxExitReason.EXIT_REASON_VMCALL: lambda i1, i2: self.handle_hypercall(),
-            VmxExitReason.EXIT_REASON_EXCEPTION_NMI: self._vmx_exception,
-            VmxExitReason.EXIT_REASON_IO_INSTRUCTION: self._vmx_io,
-            VmxExitReason.EXIT_REASON_CPUID: lambda i1, i2: self.handle_cpuid(),
-            VmxExitReason.EXIT_REASON_HLT: lambda i1, i2: self.handle_halt(),
-            VmxExitReason.EXIT_REASON_TRIPLE_FAULT: lambda i1, i2: self.handle_shutdown(),
-            VmxExitReason.EXIT_REASON_EPT_VIOLATION: self.handle_npf,
+            int(VmxExitReason.EXIT_REASON_VMCALL): self._exit_hypercall,
+            int(VmxExitReason.EXIT_REASON_EXCEPTION_NMI): self._vmx_exception,
+            int(VmxExitReason.EXIT_REASON_IO_INSTRUCTION): self._vmx_io,
+            int(VmxExitReason.EXIT_REASON_CPUID): lambda i1, i2: self.handle_cpuid(),
+            int(VmxExitReason.EXIT_REASON_HLT): lambda i1, i2: self.handle_halt(),
+            int(VmxExitReason.EXIT_REASON_TRIPLE_FAULT): lambda i1, i2: self.handle_shutdown(),
+            int(VmxExitReason.EXIT_REASON_EPT_VIOLATION): self.handle_npf,
         }
+
+    def _exit_hypercall(self, _info1: int, _info2: int) -> None:
+        self.handle_hypercall()
 
     def vmexit(self, code: int, info1: int, info2: int) -> None:
         """Called by the hardware on every VM exit."""

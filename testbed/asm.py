@@ -1,44 +1,43 @@
 """Assembler front end: turns guest assembly sources into a loadable `Program`.
 
-This is the only module that imports Keystone. It assembles Intel-syntax x86-64 sources with
-Keystone 0.9.2 and adds what Keystone lacks or gets wrong, all by rewriting text before
-Keystone sees it:
+This is the only module that uses Keystone. It assembles Intel-syntax x86-64 sources with
+Keystone 0.9.2 and adds what Keystone lacks or gets wrong, by rewriting text before Keystone
+sees it and by asking Keystone more than once when something fails:
 
 * `.include "file"` is resolved here (Keystone silently ignores it), relative to the including
   file first, then the include directories.
-* `-D NAME=VALUE` defines become `.equ NAME, VALUE` lines at the top of the unit.
-* Every `GUEST_ASSERT*` statement gets a unique call-site id appended as its last macro argument;
-  `Program.asserts` maps the id back to the file and line the assert is written at.
+* Defines (`-D NAME=VALUE`) become `.equ NAME, VALUE` lines at the top of the unit.
+* Every `GUEST_ASSERT*` statement gets a unique call-site id appended as its last macro
+  argument; `Program.asserts` maps the id back to the file and line the assert is written at.
 * Keystone has no symbol table API: a hidden `.quad` table appended to the unit reads each
-  label's address back out of the encoding (see `_render`).
+  label's address back out of the encoding (see `_assemble`).
 * Keystone reports errors without a location: they are located by bisection over statements
-  (see `_locate_error`) and raised as `AsmError("file:line: message")`.
-* Inputs known to hang, crash or be silently dropped by Keystone 0.9.2 are rejected with a
-  located `AsmError` before assembling (see `_bad_character` and `_UNSUPPORTED`).
+  (see `_locate_error`) and raised as `AsmError` "file:line: message".
+* Keystone 0.9.2 hangs, aborts the process, or silently assembles something else on many
+  malformed inputs. Known cases are rejected before assembling (`_Preprocessor`,
+  `_check_operands`, `_UNSUPPORTED`); Keystone itself runs in a worker process with a timeout
+  (`_Worker`), so a case nobody knew about becomes a located error rather than a hang.
 
 Keystone 0.9.2 facts this module relies on are pinned in tests/test_keystone_canary.py.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import difflib
-import functools
+import os
 import re
+import select
 import struct
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-
-from keystone import (
-    KS_ARCH_X86,
-    KS_ERR_ASM_SYMBOL_MISSING,
-    KS_ERR_ASM_SYMBOL_REDEFINED,
-    KS_MODE_64,
-    Ks,
-    KsError,
-)
 
 from testbed.errors import AsmError, TestbedError, UsageError
 
@@ -147,34 +146,163 @@ def assemble_files(
 
 
 class _KeystoneError(Exception):
-    """A Keystone error: its code and its message made readable."""
+    """Keystone refused a unit (or hung or crashed on it)."""
 
-    def __init__(self, errno: int, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.errno = errno
+        self.code = code  # "KS_ERR_ASM_..." from Keystone, or _HANG / _CRASH
         self.message = message
 
 
-@functools.cache
-def _engine() -> Ks:
-    # One engine per process: creating one costs more than assembling a small unit, and the
-    # engine keeps no state between ks_asm calls that could leak from one unit into the next.
-    return Ks(KS_ARCH_X86, KS_MODE_64)
+_HANG = "HANG"
+_CRASH = "CRASH"
+_KS_SYMBOL_MISSING = "KS_ERR_ASM_SYMBOL_MISSING"
+_KS_SYMBOL_REDEFINED = "KS_ERR_ASM_SYMBOL_REDEFINED"
+_KS_MNEMONIC = "KS_ERR_ASM_MNEMONICFAIL"
 
+# Seconds Keystone may take before it is taken to hang: a floor plus a generous rate (it
+# assembles about 3 us per statement). Bisection probes after a hang use the shorter floor,
+# since several of them may hang in turn. Tests lower these.
+_TIMEOUT_FLOOR = 3.0
+_PROBE_TIMEOUT_FLOOR = 0.5
+_TIMEOUT_PER_BYTE = 2e-6
+_STARTUP_TIMEOUT = 60.0
 
-def _ks_asm(text: str, base: int) -> bytes:
-    """Encode `text` at `base`, or raise _KeystoneError."""
+# The worker: runs in its own process with a single Keystone engine, reads requests
+# (base, length, text) on stdin and answers (length, status, payload) on a private copy of
+# stdout. fd 1 itself goes to /dev/null so that nothing Keystone prints can corrupt replies.
+_WORKER_SOURCE = r"""
+import os, struct, sys
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks, KsError
+replies = os.fdopen(os.dup(1), "wb")
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+requests = sys.stdin.buffer
+ks = Ks(KS_ARCH_X86, KS_MODE_64)
+replies.write(b"R")
+replies.flush()
+while True:
+    header = requests.read(12)
+    if len(header) < 12:
+        break
+    base, size = struct.unpack("<QI", header)
+    text = requests.read(size)
     try:
-        # bytes, not str: the binding would encode str as ASCII and raise on UTF-8 string
-        # literals, which Keystone itself handles.
-        encoding, _count = _engine().asm(text.encode("utf-8"), base, as_bytes=True)
+        encoding, _count = ks.asm(text, base, as_bytes=True)
+        reply = b"\0" + (encoding or b"")
     except KsError as e:
-        # Keystone's text is e.g. "Invalid operand (KS_ERR_ASM_INVALIDOPERAND)".
-        # e.get_asm_count() does not locate the error (see _locate_error), so it is not used.
-        message = re.sub(r"\s*\(KS_ERR_\w+\)\s*$", "", str(e)) or "error"
-        message = message[0].lower() + message[1:]
-        raise _KeystoneError(int(e.errno), message) from None
-    return bytes(encoding or b"")
+        reply = b"\1" + str(e).encode()
+    replies.write(struct.pack("<I", len(reply)) + reply)
+    replies.flush()
+"""
+
+
+class _StalledError(Exception):
+    """The worker did not answer in time."""
+
+
+class _Worker:
+    """Keystone in a child process, so that its hangs and crashes cannot take the testbed along.
+
+    Hazard: Keystone 0.9.2 loops forever on many malformed statements (`.equ X = 5`,
+    `.byte 1,,2`, a statement starting with an operator, an unterminated string) and aborts
+    the process on others (`.text` after `.data`, `.cfi_startproc`). The checks in
+    _Preprocessor reject the known cases with a better message; the worker catches the rest.
+    """
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the worker process, if this process started one."""
+        process, self._process = self._process, None
+        if process is not None and self._owner == os.getpid():
+            process.kill()
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    stream.close()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_SOURCE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._process = process
+        assert process.stdout is not None
+        # Start-up (importing Keystone) does not count against a request's timeout.
+        try:
+            ready = _read_exactly(process.stdout.fileno(), 1, time.monotonic() + _STARTUP_TIMEOUT)
+        except (_StalledError, OSError, EOFError):
+            ready = b""
+        if ready != b"R":
+            self.close()
+            raise TestbedError("cannot start the Keystone worker process (is keystone-engine installed?)")
+        return process
+
+    def assemble(self, text: bytes, base: int, timeout: float) -> tuple[bool, bytes]:
+        """(True, encoding) or (False, Keystone's error text); _KeystoneError on hang or crash."""
+        with self._lock:
+            if self._owner != os.getpid():  # forked: the worker and its pipes are the parent's
+                self._process, self._owner = None, os.getpid()
+            process = self._process or self._start()
+            assert process.stdin is not None and process.stdout is not None
+            deadline = time.monotonic() + timeout
+            try:
+                process.stdin.write(struct.pack("<QI", base, len(text)) + text)
+                process.stdin.flush()
+                fd = process.stdout.fileno()
+                (size,) = struct.unpack("<I", _read_exactly(fd, 4, deadline))
+                reply = _read_exactly(fd, size, deadline)
+            except _StalledError:
+                self.close()
+                raise _KeystoneError(_HANG, f"Keystone did not finish within {timeout:g} s") from None
+            except (OSError, EOFError):
+                try:
+                    status = process.wait(timeout=5)
+                    how = f"signal {-status}" if status < 0 else f"exit status {status}"
+                except subprocess.TimeoutExpired:
+                    how = "closed its output"
+                self.close()
+                raise _KeystoneError(_CRASH, f"Keystone crashed ({how})") from None
+        return reply[0] == 0, reply[1:]
+
+
+def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
+    chunks = []
+    while size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise _StalledError
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+_worker = _Worker()
+
+
+def _ks_asm(text: str, base: int, timeout_floor: float | None = None) -> bytes:
+    """Encode `text` at `base`, or raise _KeystoneError."""
+    # bytes: Keystone takes UTF-8 string literals through unchanged.
+    data = text.encode("utf-8")
+    floor = _TIMEOUT_FLOOR if timeout_floor is None else timeout_floor
+    ok, payload = _worker.assemble(data, base, floor + len(data) * _TIMEOUT_PER_BYTE)
+    if ok:
+        return payload
+    # Keystone's text is e.g. "Invalid operand (KS_ERR_ASM_INVALIDOPERAND)". KsError's
+    # get_asm_count() does not locate the error (see _locate_error), so it is not used.
+    raw = payload.decode("utf-8", "replace")
+    code = m.group(1) if (m := re.search(r"\((KS_ERR_\w+)\)", raw)) else "KS_ERR"
+    message = re.sub(r"\s*\(KS_ERR_\w+\)\s*$", "", raw) or "error"
+    raise _KeystoneError(code, message[0].lower() + message[1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +487,8 @@ _MISSING_MNEMONICS = {
     "vmgexit": "rep vmmcall",
     "sysretq": ".byte 0x48, 0x0f, 0x07",
 }
+# Directives whose operands are names or raw text rather than expressions.
+_FREE_FORM_DIRECTIVES = _words(".macro .irp .irpc .purgem .ifc .ifnc .ifb .ifnb .ifeqs .ifnes .ifdef .ifndef")
 _RESERVED_PREFIX = "__tb_"  # hidden labels this module adds to the unit
 
 
@@ -412,18 +542,6 @@ def _split_labels(text: str) -> tuple[list[str], str]:
     return labels, text
 
 
-def _top_level_commas(text: str) -> int:
-    depth = commas = 0
-    for c in _strip_literals(text):
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif c == "," and depth == 0:
-            commas += 1
-    return commas
-
-
 def _references(operands: str) -> set[str]:
     """Identifiers in `operands` that could name a symbol."""
     text = _strip_literals(operands)
@@ -459,6 +577,58 @@ def _parse_macro_params(text: str, file: str, line: int) -> tuple[str, tuple[_Pa
         params.append(_Param(pm.group(1), qualifier == "req" or pm.group(3) is None, qualifier == "vararg"))
         pos = pm.end()
     return m.group(1), tuple(params)
+
+
+_BINARY_OPERATOR_START = re.compile(r"(?:[*/%&|^<>=]|!=)")
+_OPERATOR_END = re.compile(r"[-+*/%&|^~!<>=(]$")
+_EQU_OPERANDS = re.compile(r"[A-Za-z_.$\\][\w.$@\\()]*\s*,\s*\S")
+
+
+def _check_operands(directive: str, operands: str, macro_call: bool, loc: SourceLocation) -> None:
+    """Reject malformed operands before Keystone sees them.
+
+    Hazard: on these Keystone 0.9.2 either loops forever (`.equ X = 5`, `.byte 1,,2`,
+    `.quad [1]`, `.byte &`) or silently assembles something else (`mov rax, [rbx` becomes
+    `movabs rax, [0]`; `.byte 1 +` and `mov rax, &` vanish).
+    """
+    text = _strip_literals(operands)
+    depth: list[str] = []
+    for c in text:
+        if c in "([{":
+            depth.append(c)
+        elif c in ")]}" and (not depth or "([{"[")]}".index(c)] != depth.pop()):
+            raise AsmError(loc.file, loc.line, f"unbalanced {c!r} in {operands!r}")
+    if depth:
+        raise AsmError(loc.file, loc.line, f"unclosed {depth[-1]!r} in {operands!r}")
+    if directive in (".equ", ".set", ".equiv") and not _EQU_OPERANDS.match(operands):
+        raise AsmError(loc.file, loc.line, f"{directive} expects NAME, VALUE")
+    if directive in _DATA_DIRECTIVES and ("[" in text or "{" in text):
+        raise AsmError(loc.file, loc.line, f"brackets are not allowed in {directive} operands")
+    if not text.strip() or macro_call:
+        return  # macro arguments may be empty or partial expressions
+    pieces = _split_top_level(text)
+    if directive in (".align", ".balign", ".p2align", ".fill") and len(pieces) > 1:
+        pieces = [p for p in pieces if p.strip()]  # `.balign 8, , 3` omits the fill value
+    for piece in (p.strip() for p in pieces):
+        if not piece:
+            raise AsmError(loc.file, loc.line, f"empty operand in {operands!r}")
+        if _BINARY_OPERATOR_START.match(piece) or _OPERATOR_END.search(piece):
+            raise AsmError(loc.file, loc.line, f"incomplete expression {piece!r}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets."""
+    pieces, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 @dataclass
@@ -553,9 +723,11 @@ class _Preprocessor:
             reason = _UNSUPPORTED.get(directive, "Keystone 0.9.2 would silently ignore or mishandle it")
             raise AsmError(file, line, f"unsupported directive {mnemonic}: {reason}")
         self.check_backslashes(text, params, loc)
-        if rest.rstrip().endswith(",") and not directive:
-            # Hazard: Keystone silently drops e.g. `mov rbx,` instead of reporting it.
-            raise AsmError(file, line, "statement ends with a comma (an operand is missing)")
+        assignment = None if directive else _ASSIGNMENT.match(rest)
+        if assignment:
+            _check_operands("", rest[assignment.end() :], False, loc)
+        elif directive not in _FREE_FORM_DIRECTIVES:
+            _check_operands(directive, operands, mnemonic in self.macros, loc)
         for name in labels:
             if name.startswith(_RESERVED_PREFIX):
                 raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
@@ -567,7 +739,8 @@ class _Preprocessor:
             self.asserts[site] = loc
             operands = f"{operands}, {site}" if operands else str(site)
             text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
-        if not directive and mnemonic not in self.macros and _REAL_NUMBER.search(_strip_literals(operands)):
+        instruction = not directive and not assignment and mnemonic not in self.macros
+        if instruction and _REAL_NUMBER.search(_strip_literals(operands)):
             # Hazard: Keystone silently encodes `mov rax, 2.5` as the bits of a double.
             raise AsmError(file, line, "floating-point number in an instruction operand")
         if mnemonic in self.macros and not in_macro:
@@ -578,8 +751,8 @@ class _Preprocessor:
         defines_here = set(plain_labels)
         if directive in (".equ", ".set", ".equiv"):
             defines_here.add(operands.split(",", 1)[0].strip())
-        elif m := _ASSIGNMENT.match(rest):
-            defines_here.add(m.group(1))
+        elif assignment:
+            defines_here.add(assignment.group(1))
         for block in self.blocks:
             if block.macro is not None:
                 block.macro.body_refs |= refs
@@ -592,7 +765,7 @@ class _Preprocessor:
         # and are attributed to the statement that expands them.
         position = ""
         emits = directive in _DATA_DIRECTIVES or directive in (".rept", ".irp", ".irpc") or (
-            not directive and rest and not _ASSIGNMENT.match(rest)
+            not directive and rest and not assignment
         )
         if emits and all(b.closer == ".endif" for b in self.blocks):
             position = f"{_RESERVED_PREFIX}line_{len(self.positions)}"
@@ -643,7 +816,7 @@ class _Preprocessor:
     def check_macro_arguments(self, macro: _Macro, operands: str, loc: SourceLocation) -> None:
         """Hazard: Keystone substitutes nothing for a missing argument and then silently drops
         the statements that used it, so arity is checked here."""
-        given = _top_level_commas(operands) + 1 if operands else 0
+        given = len(_split_top_level(_strip_literals(operands))) if operands else 0
         required = sum(1 for p in macro.params if p.required and not p.vararg)
         vararg = any(p.vararg for p in macro.params)
         if given < required or (given > len(macro.params) and not vararg):
@@ -761,6 +934,8 @@ def _assemble(
     table += [_table_item(name, loc, cond) for name, loc, cond in pre.positions]
     items = [*pre.items, *table]
 
+    if not items:
+        return Program(code=b"", base=base, symbols=MappingProxyType({}), asserts=MappingProxyType({}))
     try:
         encoding = _ks_asm(_render(items), base)
     except _KeystoneError as failure:
@@ -833,33 +1008,45 @@ def _locate_error(
     """
     names = sorted({name for item in items for name in item.refs} | set(pre.labels))
     missing: set[str] | None = set()
-    if failure.errno == KS_ERR_ASM_SYMBOL_MISSING:
+    if failure.code == _KS_SYMBOL_MISSING:
         # Stubbing every name would also define the one really missing: find those first.
         missing = _missing_symbols(items, base, names)
 
-    def prefix_fails(k: int, stubs: Sequence[str]) -> _KeystoneError | None:
-        closers = items[k - 1].closers if k else ()
-        try:
-            _ks_asm(_render(items[:k], [*closers, *_stub_lines(stubs)]), base)
-        except _KeystoneError as e:
-            return e
-        return None
+    results: dict[tuple[int, int], _KeystoneError | None] = {}
+
+    def prefix_error(k: int, attempt: int) -> _KeystoneError | None:
+        if (k, attempt) not in results:
+            closers = items[k - 1].closers if k else ()
+            text = _render(items[:k], [*closers, *_stub_lines(attempts[attempt])])
+            try:
+                _ks_asm(text, base, timeout_floor=_PROBE_TIMEOUT_FLOOR)
+                results[k, attempt] = None
+            except _KeystoneError as e:
+                results[k, attempt] = e
+        return results[k, attempt]
 
     # Fall back to weaker stubs if the probe failed or the stubs themselves break assembly.
+    # (A unit that hangs is not run again whole: that would only cost another timeout.)
     attempts = [] if missing is None else [[n for n in names if n not in missing]]
     attempts += [sorted(pre.labels), []]
-    for stubs in attempts:
-        if prefix_fails(0, stubs) is None and prefix_fails(len(items), stubs) is not None:
-            break
+    attempt = next(
+        (
+            i
+            for i in range(len(attempts))
+            if prefix_error(0, i) is None
+            and (failure.code in (_HANG, _CRASH) or prefix_error(len(items), i) is not None)
+        ),
+        len(attempts) - 1,
+    )
     low, high = 1, len(items)  # invariant: prefix `high` fails, prefix `low - 1` does not
     while low < high:
         mid = (low + high) // 2
-        if prefix_fails(mid, stubs) is not None:
+        if prefix_error(mid, attempt) is not None:
             high = mid
         else:
             low = mid + 1
-    error = prefix_fails(high, stubs) or failure
-    item = items[high - 1] if items else _Item("", SourceLocation("<unit>", 1))
+    error = prefix_error(high, attempt) or failure
+    item = items[high - 1]
     message = _describe(error, item, pre, missing or set())
     if item.define is not None:
         name, value = item.define
@@ -872,13 +1059,17 @@ def _describe(error: _KeystoneError, item: _Item, pre: _Preprocessor, missing: s
     macro = pre.macros.get(item.mnemonic)
     refs = set(item.refs) | (macro.body_refs if macro else set())
     message = error.message
-    if error.errno == KS_ERR_ASM_SYMBOL_MISSING:
+    if error.code == _HANG:
+        message = "Keystone 0.9.2 hangs on this statement (it loops forever on some malformed operands)"
+    elif error.code == _CRASH:
+        message = f"{error.message} on this statement"
+    elif error.code == _KS_SYMBOL_MISSING:
         names = sorted(refs & missing)
         message = f"symbol missing: {', '.join(names)}" if names else "symbol missing"
-    elif error.errno == KS_ERR_ASM_SYMBOL_REDEFINED:
+    elif error.code == _KS_SYMBOL_REDEFINED:
         names = sorted(set(item.labels) | (macro.body_labels if macro else set()))
         message = f"symbol redefined: {', '.join(names)}" if names else "symbol redefined"
-    elif message == "invalid mnemonic" and not macro and item.mnemonic:
+    elif error.code == _KS_MNEMONIC and not macro and item.mnemonic:
         message = f"invalid mnemonic: {item.mnemonic}"
         if (instead := _MISSING_MNEMONICS.get(item.mnemonic.lower())) is not None:
             message += f" (Keystone 0.9.2 lacks it; write `{instead}`)"

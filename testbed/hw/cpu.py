@@ -80,7 +80,7 @@ from testbed.x86 import (
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
 
 #: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
-PRIVATE_ALIAS_BASE = 1 << 44
+PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
 
 _UC_REG = {
     Reg.RAX: ux.UC_X86_REG_RAX,

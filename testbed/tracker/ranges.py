@@ -114,7 +114,10 @@ class RangesTracker(SharedTracker):
             cap = self._max_ranges
             for gfn, npages, shared in it:
                 if type(gfn) is not int or npages != 1 or not 0 <= gfn < limit:
-                    self.convert(gfn, npages, shared)
+                    if shared:
+                        self._set_shared_any(gfn, npages)
+                    else:
+                        self._set_private_any(gfn, npages)
                     if self._poisoned:
                         break
                     continue

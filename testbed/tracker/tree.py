@@ -343,16 +343,15 @@ class TreeTracker(SharedTracker):
     def apply(self, conversions: Iterable[tuple[int, int, bool]]) -> int:
         # A tree step is several node visits, so the call overhead matters less than for the
         # list: bind the two methods once and dispatch.
+        ops = conversions if isinstance(conversions, list | tuple) else list(conversions)
         set_shared = self.set_shared
         set_private = self.set_private
-        n = 0
-        for gfn, npages, shared in conversions:
+        for gfn, npages, shared in ops:
             if shared:
                 set_shared(gfn, npages)
             else:
                 set_private(gfn, npages)
-            n += 1
-        return n
+        return len(ops)
 
     def _set_shared_any(self, gfn: int, npages: int) -> None:
         """set_shared for any valid range, through the rebalancing primitives."""

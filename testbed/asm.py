@@ -205,8 +205,9 @@ class _Worker:
 
     Hazard: Keystone 0.9.2 loops forever on many malformed statements (`.equ X = 5`,
     `.byte 1,,2`, a statement starting with an operator, an unterminated string) and aborts
-    the process on others (`.text` after `.data`, `.cfi_startproc`). The checks in
-    _Preprocessor reject the known cases with a better message; the worker catches the rest.
+    the process on others (`.text`, `.cfi_startproc`). The checks in _Preprocessor reject the
+    known cases with a better message; the worker catches the rest. Canaries:
+    test_statement_starting_with_an_operator_hangs, test_text_directive_crashes_the_process.
     """
 
     def __init__(self) -> None:
@@ -399,6 +400,7 @@ def _split_statements(source: str, file: str) -> list[_Raw]:
 # Statement analysis
 # --------------------------------------------------------------------------------------------
 
+
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
@@ -454,6 +456,8 @@ _SUPPORTED_DIRECTIVES = (
 )
 # Why the directives Keystone 0.9.2 mishandles are rejected. Any other directive not in
 # _SUPPORTED_DIRECTIVES is rejected too: Keystone silently ignores unknown directives.
+# Canaries: test_unknown_directive_is_silently_ignored, test_section_directive_empties_the_output,
+# test_globl_zeroes_absolute_references, test_text_directive_crashes_the_process.
 _SECTIONS = "sections are not supported: the program is one flat image at its base address"
 _UNSUPPORTED = {
     ".text": f"{_SECTIONS} (.text crashes Keystone 0.9.2)",
@@ -479,7 +483,8 @@ _UNSUPPORTED = {
     ".p2alignl": "Keystone 0.9.2 aborts the process on .p2alignl; use .p2align",
     ".align32": "Keystone 0.9.2 aborts the process on .align32; use .balign",
 }
-# Mnemonics Keystone 0.9.2 lacks, with the bytes to emit instead.
+# Mnemonics Keystone 0.9.2 lacks, with the bytes to emit instead (Intel TDX module spec, AMD
+# APM vol. 3). Canary: test_confidential_vm_mnemonics_are_missing.
 _MISSING_MNEMONICS = {
     "tdcall": ".byte 0x66, 0x0f, 0x01, 0xcc",
     "pvalidate": ".byte 0xf2, 0x0f, 0x01, 0xff",
@@ -489,6 +494,22 @@ _MISSING_MNEMONICS = {
 }
 # Directives whose operands are names or raw text rather than expressions.
 _FREE_FORM_DIRECTIVES = _words(".macro .irp .irpc .purgem .ifc .ifnc .ifb .ifnb .ifeqs .ifnes .ifdef .ifndef")
+_NAME = r"(?:[A-Za-z_.$][\w.$@]*|\\[\w$.]+)"
+_NAME_OPERAND = {
+    ".purgem": re.compile(_NAME),
+    ".ifdef": re.compile(_NAME),
+    ".ifndef": re.compile(_NAME),
+    ".irp": re.compile(rf"{_NAME}\s*(?:,.*)?", re.DOTALL),
+    ".irpc": re.compile(rf"{_NAME}\s*(?:,.*)?", re.DOTALL),
+}
+_NAME_DIRECTIVES = _NAME_OPERAND.keys()
+_NAME_OPERAND_HELP = {
+    ".purgem": "a macro name",
+    ".ifdef": "a symbol name",
+    ".ifndef": "a symbol name",
+    ".irp": "a parameter name and values: .irp reg, rax, rbx",
+    ".irpc": "a parameter name and characters: .irpc c, 123",
+}
 _RESERVED_PREFIX = "__tb_"  # hidden labels this module adds to the unit
 
 
@@ -530,6 +551,8 @@ class _Label:
 
 def _strip_literals(text: str) -> str:
     """`text` with string and character literals emptied, for analysis only."""
+    if '"' not in text and "'" not in text:
+        return text
     return _LITERAL.sub(lambda m: '""' if m.group().startswith('"') else "0", text)
 
 
@@ -560,6 +583,10 @@ def _references(operands: str) -> set[str]:
     return names
 
 
+# One `.macro` parameter: `name`, `name:req`, `name:vararg` or `name=default`.
+_MACRO_PARAM = re.compile(r"\s*,?\s*([A-Za-z_$][\w$.]*)(?:\s*:\s*(\w+))?(?:\s*=\s*(\"[^\"]*\"|[^,\s]*))?")
+
+
 def _parse_macro_params(text: str, file: str, line: int) -> tuple[str, tuple[_Param, ...]]:
     """Name and parameters of a `.macro NAME p1, p2=default, p3:req, rest:vararg` line."""
     m = re.match(r"\s*([A-Za-z_.$][\w.$@]*)\s*,?", text)
@@ -567,10 +594,9 @@ def _parse_macro_params(text: str, file: str, line: int) -> tuple[str, tuple[_Pa
         raise AsmError(file, line, ".macro needs a name")
     params = []
     rest = text[m.end() :]
-    param = re.compile(r"\s*,?\s*([A-Za-z_$][\w$.]*)(?:\s*:\s*(\w+))?(?:\s*=\s*(\"[^\"]*\"|[^,\s]*))?")
     pos = 0
     while pos < len(rest) and rest[pos:].strip():
-        pm = param.match(rest, pos)
+        pm = _MACRO_PARAM.match(rest, pos)
         if not pm or pm.end() == pos:
             raise AsmError(file, line, f"cannot parse macro parameters {rest.strip()!r}")
         qualifier = (pm.group(2) or "").lower()
@@ -589,7 +615,8 @@ def _check_operands(directive: str, operands: str, macro_call: bool, loc: Source
 
     Hazard: on these Keystone 0.9.2 either loops forever (`.equ X = 5`, `.byte 1,,2`,
     `.quad [1]`, `.byte &`) or silently assembles something else (`mov rax, [rbx` becomes
-    `movabs rax, [0]`; `.byte 1 +` and `mov rax, &` vanish).
+    `movabs rax, [0]`; `.byte 1 +` and `mov rax, &` vanish). Canaries:
+    test_unclosed_bracket_becomes_absolute_zero, test_empty_operand_drops_the_statement.
     """
     text = _strip_literals(operands)
     depth: list[str] = []
@@ -695,6 +722,7 @@ class _Preprocessor:
         file, line = loc.file, loc.line
         if text.startswith("%"):
             # Hazard: NASM directives (%define, %macro) make ks_asm loop forever.
+            # Canary: test_statement_starting_with_an_operator_hangs.
             raise AsmError(file, line, f"NASM-style directive {text.split(maxsplit=1)[0]!r} is not supported")
         if re.search(r"%[A-Za-z]", _strip_literals(text)):
             # Hazard: Keystone silently drops a statement with an AT&T register like %eax.
@@ -702,7 +730,7 @@ class _Preprocessor:
         if _BAD_EXPONENT.search(_strip_literals(text)):
             # Hazard: Keystone hangs on `.double 1.5e` (and encodes `mov rax, 1e` as a double).
             raise AsmError(file, line, "malformed number: an exponent without digits")
-        if _NUMERIC_LABEL.match(text):
+        if _NUMERIC_LABEL.match(text):  # test_numeric_local_labels_are_rejected
             raise AsmError(file, line, "numeric local labels (1:, 1b, 1f) are not supported by Keystone")
         labels, rest = _split_labels(text)
         mnemonic = rest.split(None, 1)[0] if rest else ""
@@ -713,6 +741,7 @@ class _Preprocessor:
 
         if rest and not (rest[0].isalpha() or rest[0] in "_." or (rest[0] == "\\" and params)):
             # Hazard: a statement starting with an operator or bracket makes ks_asm loop forever.
+            # Canary: test_statement_starting_with_an_operator_hangs.
             raise AsmError(file, line, f"a statement must start with a mnemonic, directive or label: {rest}")
         if directive == ".include":
             if labels:
@@ -728,6 +757,9 @@ class _Preprocessor:
             _check_operands("", rest[assignment.end() :], False, loc)
         elif directive not in _FREE_FORM_DIRECTIVES:
             _check_operands(directive, operands, mnemonic in self.macros, loc)
+        elif directive in _NAME_DIRECTIVES and not _NAME_OPERAND[directive].fullmatch(operands):
+            # Hazard: Keystone hangs on e.g. `.purgem foo: x`.
+            raise AsmError(file, line, f"{directive} expects {_NAME_OPERAND_HELP[directive]}")
         for name in labels:
             if name.startswith(_RESERVED_PREFIX):
                 raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
@@ -735,6 +767,7 @@ class _Preprocessor:
         if mnemonic.startswith("GUEST_ASSERT") and not in_macro:
             # The call-site id becomes the assert macro's last argument. Inside a macro body an
             # assert has no single call site: the macro must forward its own site argument.
+            # Case-sensitive, like Keystone's macro names (test_macro_names_are_case_sensitive).
             site = len(self.asserts) + 1
             self.asserts[site] = loc
             operands = f"{operands}, {site}" if operands else str(site)
@@ -742,6 +775,7 @@ class _Preprocessor:
         instruction = not directive and not assignment and mnemonic not in self.macros
         if instruction and _REAL_NUMBER.search(_strip_literals(operands)):
             # Hazard: Keystone silently encodes `mov rax, 2.5` as the bits of a double.
+            # Canary: test_float_literal_is_encoded_as_double_bits.
             raise AsmError(file, line, "floating-point number in an instruction operand")
         if mnemonic in self.macros and not in_macro:
             self.check_macro_arguments(self.macros[mnemonic], operands, loc)
@@ -764,8 +798,10 @@ class _Preprocessor:
         # Program.lines; bodies of .macro/.rept/.irp are expanded elsewhere (or repeatedly)
         # and are attributed to the statement that expands them.
         position = ""
-        emits = directive in _DATA_DIRECTIVES or directive in (".rept", ".irp", ".irpc") or (
-            not directive and rest and not assignment
+        emits = (
+            directive in _DATA_DIRECTIVES
+            or directive in (".rept", ".irp", ".irpc")
+            or (not directive and rest and not assignment)
         )
         if emits and all(b.closer == ".endif" for b in self.blocks):
             position = f"{_RESERVED_PREFIX}line_{len(self.positions)}"
@@ -799,7 +835,7 @@ class _Preprocessor:
         """`\\name` must name a parameter of an enclosing .macro/.irp/.irpc.
 
         Hazard: Keystone silently drops a statement with an unknown `\\name`, and a `\\`
-        outside any macro can make it hang.
+        outside any macro can make it hang. Canary: test_unknown_macro_parameter_drops_the_statement.
         """
         for m in _MACRO_PARAM_REF.finditer(_strip_literals(text)):
             if not params:
@@ -815,7 +851,8 @@ class _Preprocessor:
 
     def check_macro_arguments(self, macro: _Macro, operands: str, loc: SourceLocation) -> None:
         """Hazard: Keystone substitutes nothing for a missing argument and then silently drops
-        the statements that used it, so arity is checked here."""
+        the statements that used it, so arity is checked here.
+        Canary: test_missing_macro_argument_drops_the_statement."""
         given = len(_split_top_level(_strip_literals(operands))) if operands else 0
         required = sum(1 for p in macro.params if p.required and not p.vararg)
         vararg = any(p.vararg for p in macro.params)
@@ -868,8 +905,13 @@ def _check_define(name: str, value: str) -> None:
         raise UsageError(f"define {name!r}: names starting {_RESERVED_PREFIX} are reserved")
     if not _DEFINE_VALUE.fullmatch(value) or "//" in value or "/*" in value:
         raise UsageError(f"define {name}={value!r}: the value must be a number or an expression")
+    try:
+        _check_operands(".equ", f"{name}, {value}", False, SourceLocation("<define>", 1))
+    except AsmError as e:
+        raise UsageError(f"define {name}={value}: {e.message}") from None
     # Hazard: Keystone silently drops `.equ X, 1+` when more statements follow, so each value
     # is checked alone, where Keystone does report it.
+    # Canary: test_directive_error_followed_by_statements_is_lost.
     try:
         _ks_asm(f".equ {name}, {value}\n", 0)
     except _KeystoneError as e:
@@ -887,7 +929,8 @@ def _define_items(defines: Mapping[str, int | str]) -> list[_Item]:
             value = str(raw).strip()
         _check_define(name, value)
         loc = SourceLocation(f"<define {name}>", 1)
-        items.append(_Item(f".equ {name}, {value}", loc, define=(name, value)))
+        refs = frozenset(_references(value) - {name})
+        items.append(_Item(f".equ {name}, {value}", loc, refs=refs, define=(name, value)))
     return items
 
 
@@ -977,11 +1020,12 @@ def _stub_lines(names: Sequence[str]) -> list[str]:
     return [f".ifndef {name}\n{name}:\n.endif" for name in names]
 
 
-def _missing_symbols(items: Sequence[_Item], base: int, candidates: Sequence[str]) -> set[str] | None:
-    """Which candidates the whole unit references but never defines, or None if unknown.
+def _undefined_names(items: Sequence[_Item], base: int, candidates: Sequence[str]) -> set[str] | None:
+    """The candidates the whole unit does not define, or None if that does not make it assemble.
 
-    `.ifndef` is true for a name that is referenced but undefined; each probe emits one byte
-    saying so and defines the name, so the unit assembles and the bytes can be read back.
+    `.ifndef` is true for a name that is referenced but undefined (and for one never mentioned);
+    each probe emits one byte saying so and defines the name, so the unit assembles and the
+    bytes can be read back. Canary: test_ifndef_is_true_for_a_referenced_undefined_name.
     """
     probes = [f".ifndef {name}\n.byte 1\n{name}:\n.else\n.byte 0\n.endif" for name in candidates]
     try:
@@ -992,25 +1036,70 @@ def _missing_symbols(items: Sequence[_Item], base: int, candidates: Sequence[str
     return {name for name, flag in zip(candidates, flags, strict=True) if flag == 1}
 
 
-def _locate_error(
-    items: Sequence[_Item], pre: _Preprocessor, base: int, failure: _KeystoneError
-) -> TestbedError:
+def _missing_symbols(items: Sequence[_Item], base: int, undefined: set[str]) -> list[str]:
+    """The names in `undefined` that the unit really uses: without a definition it fails.
+
+    Group testing: the unit with all undefined names except those in a group defined still
+    fails exactly when the group holds a name in use. Usually one name is missing, so this
+    takes about log2(len(undefined)) assemblies.
+    """
+
+    def uses_one_of(group: list[str]) -> bool:
+        others = [name for name in sorted(undefined) if name not in group]
+        try:
+            _ks_asm(_render(items, _stub_lines(others)), base)
+        except _KeystoneError as e:
+            return e.code == _KS_SYMBOL_MISSING
+        return False
+
+    def search(group: list[str], known_used: bool) -> list[str]:
+        if not (known_used or uses_one_of(group)):
+            return []
+        if len(group) == 1:
+            return group
+        half = len(group) // 2
+        first = search(group[:half], False)
+        return first + search(group[half:], not first)
+
+    return search(sorted(undefined), False)
+
+
+def _locate_error(items: Sequence[_Item], pre: _Preprocessor, base: int, failure: _KeystoneError) -> TestbedError:
     """Find the statement that makes Keystone fail and describe the error there.
 
-    Why bisection: Keystone 0.9.2 gives no line. KsError.get_asm_count() is 0 for most parse
-    errors (bad mnemonic, bad operand), the number of statements before the error for a few
-    (bad expression token), and the count of all statements for errors found at the end
-    (missing symbol, invalid fixup); its statements include blank lines, empty `;` statements,
-    comment lines (twice) and every statement of every macro and .rept expansion. So instead
-    the unit is cut after item k: the items before it, closers for blocks left open, and stubs
-    for names defined later. The first k whose prefix fails is the failing item. Stubs matter:
-    without them a forward reference (`jmp later`) fails every prefix that cuts it off.
+    Why not KsError.get_asm_count(): it is 0 for most parse errors (bad mnemonic, bad operand),
+    the number of statements before the error for a few (bad expression token), and the count
+    of all statements for errors found at the end (missing symbol, invalid fixup); and its
+    statements include blank lines, empty `;` statements, comment lines (twice) and every
+    statement of every macro and .rept expansion. Canary: test_error_count_*.
+
+    A missing symbol is found at the end of assembly, so it is located by name: the names
+    really missing are found by probing, and the first statement using one is reported.
+    Everything else is located by bisection: the unit is cut after item k (closing the blocks
+    left open) and the first k whose prefix fails is the failing item. Keystone stops at the
+    first parse error and reports missing symbols only after parsing everything, so a prefix
+    that fails only because it cuts off the definition of a forward reference (`jmp later`,
+    or a label that a macro builds from its arguments, which no text scan can find) is not
+    counted as failing; stubs defining the names a text scan can find keep such prefixes
+    from failing in the first place.
     """
     names = sorted({name for item in items for name in item.refs} | set(pre.labels))
-    missing: set[str] | None = set()
+    missing: list[str] = []
     if failure.code == _KS_SYMBOL_MISSING:
-        # Stubbing every name would also define the one really missing: find those first.
-        missing = _missing_symbols(items, base, names)
+        undefined = _undefined_names(items, base, names)
+        if undefined is not None:
+            missing = _missing_symbols(items, base, undefined)
+            user = next((item for item in items if item.refs & set(missing)), None)
+            if user is not None:
+                return _error_at(user, failure, pre, missing)
+        # Not found by name (e.g. a name built from macro arguments): bisect; stubs must not
+        # define the missing name, but names the probe found defined are safe to stub.
+        names = [] if undefined is None else [name for name in names if name not in undefined]
+
+    def counts(error: _KeystoneError | None) -> bool:
+        if error is None:
+            return False
+        return error.code != _KS_SYMBOL_MISSING or failure.code == _KS_SYMBOL_MISSING
 
     results: dict[tuple[int, int], _KeystoneError | None] = {}
 
@@ -1025,29 +1114,31 @@ def _locate_error(
                 results[k, attempt] = e
         return results[k, attempt]
 
-    # Fall back to weaker stubs if the probe failed or the stubs themselves break assembly.
-    # (A unit that hangs is not run again whole: that would only cost another timeout.)
-    attempts = [] if missing is None else [[n for n in names if n not in missing]]
-    attempts += [sorted(pre.labels), []]
+    # Fall back to fewer stubs if the stubs themselves break assembly. (A unit that hangs or
+    # crashes is not run again whole: that would only cost another timeout.)
+    attempts = [names, sorted(set(names) & set(pre.labels)), []]
     attempt = next(
         (
             i
             for i in range(len(attempts))
-            if prefix_error(0, i) is None
-            and (failure.code in (_HANG, _CRASH) or prefix_error(len(items), i) is not None)
+            if not counts(prefix_error(0, i))
+            and (failure.code in (_HANG, _CRASH) or counts(prefix_error(len(items), i)))
         ),
         len(attempts) - 1,
     )
     low, high = 1, len(items)  # invariant: prefix `high` fails, prefix `low - 1` does not
     while low < high:
         mid = (low + high) // 2
-        if prefix_error(mid, attempt) is not None:
+        if counts(prefix_error(mid, attempt)):
             high = mid
         else:
             low = mid + 1
-    error = prefix_error(high, attempt) or failure
-    item = items[high - 1]
-    message = _describe(error, item, pre, missing or set())
+    error = prefix_error(high, attempt)
+    return _error_at(items[high - 1], error if counts(error) and error else failure, pre, missing)
+
+
+def _error_at(item: _Item, error: _KeystoneError, pre: _Preprocessor, missing: Sequence[str]) -> TestbedError:
+    message = _describe(error, item, pre, set(missing))
     if item.define is not None:
         name, value = item.define
         return UsageError(f"define {name}={value}: {message}")
@@ -1064,7 +1155,7 @@ def _describe(error: _KeystoneError, item: _Item, pre: _Preprocessor, missing: s
     elif error.code == _CRASH:
         message = f"{error.message} on this statement"
     elif error.code == _KS_SYMBOL_MISSING:
-        names = sorted(refs & missing)
+        names = sorted(refs & missing) or sorted(missing)
         message = f"symbol missing: {', '.join(names)}" if names else "symbol missing"
     elif error.code == _KS_SYMBOL_REDEFINED:
         names = sorted(set(item.labels) | (macro.body_labels if macro else set()))
@@ -1076,4 +1167,3 @@ def _describe(error: _KeystoneError, item: _Item, pre: _Preprocessor, missing: s
     if macro:
         message += f" (in expansion of macro {macro.name} defined at {macro.loc})"
     return message
-

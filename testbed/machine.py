@@ -21,7 +21,6 @@ from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
-    KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_EINVAL,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_HC_MAP_GPA_RANGE,
@@ -200,7 +199,8 @@ class Machine:
         if o.pv_features is None and o.map_gpa_exit:
             # hypercalls.rst: advertise HC_MAP_GPA_RANGE only once the exit is enabled.
             pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
-        sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0) | (SEV_SNP_BIT if self.snp else 0)
+        sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0)
+        sev_features |= SEV_SNP_BIT if self.snp else 0
         vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
 
     def _set_attributes(self, gfn: int, npages: int, private: bool) -> int:

@@ -58,8 +58,8 @@ from testbed.x86 import (
     CONTRIBUTORY_VECTORS,
     CR0_WP,
     ERROR_CODE_VECTORS,
-    PAGE_SHIFT,
     MSR_AMD64_SEV_ES_GHCB,
+    PAGE_SHIFT,
     PAGE_SIZE,
     PFERR_FETCH,
     PVALIDATE_BYTES,
@@ -232,6 +232,14 @@ def _run_to_exception(code: bytes, setup: Callable[[Any], None] | None = None) -
     return before, seen[0]
 
 
+def _equals_after(old: int, new: int) -> Callable[[int, int], bool]:
+    return lambda a, b: a == old and b == new
+
+
+def _changes_to(new: int) -> Callable[[int, int], bool]:
+    return lambda a, b: b == new and a != new
+
+
 def _unique(name: str, candidates: set[int]) -> int:
     if len(candidates) != 1:
         raise HardwareError(f"cannot locate Unicorn's {name} field in a saved context (candidates: {candidates})")
@@ -253,7 +261,7 @@ def old_exception_offset() -> int:
     candidates: set[int] | None = None
     for vector, code in ((0, b"\x31\xc9\xf7\xf1"), (13, b"\x66\xb8\x34\x12\x8e\xd8")):
         before, after = _run_to_exception(code)
-        found = _context_fields(before, after, lambda a, b, v=vector: a == -1 and b == v)
+        found = _context_fields(before, after, _equals_after(-1, vector))
         candidates = found if candidates is None else candidates & found
     return _unique("old_exception", candidates or set())
 
@@ -272,7 +280,7 @@ def error_code_offset() -> int:
     for selector, mov, load in ((0x1230, b"\x66\xb8", b"\x8e\xd8"), (0x2340, b"\x66\xb9", b"\x8e\xd9")):
         code = mov + selector.to_bytes(2, "little") + load
         before, after = _run_to_exception(code)
-        found = _context_fields(before, after, lambda a, b, s=selector: b == s and a != s)
+        found = _context_fields(before, after, _changes_to(selector))
         candidates = found if candidates is None else candidates & found
     return _unique("error_code", candidates or set())
 

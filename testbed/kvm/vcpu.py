@@ -36,6 +36,7 @@ from testbed.hw.exits import (
     Vendor,
     VmxExitReason,
 )
+from testbed.hw.memory import HostMemory
 from testbed.kvm.hypercall import (
     KVM_HC_PAGE_ENC_STATUS,
     PvCpuid,
@@ -43,6 +44,7 @@ from testbed.kvm.hypercall import (
     emulate_hypercall,
     page_enc_status_hc,
 )
+from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
     KVM_CPUID_FEATURES,
     KVM_EXIT_IO_IN,
@@ -60,13 +62,11 @@ from testbed.kvm.uapi import (
     InternalErrorExit,
     IoExit,
     KvmExit,
-    MemoryFaultExit,
     KvmVmType,
+    MemoryFaultExit,
     ShutdownExit,
     exit_name,
 )
-from testbed.hw.memory import HostMemory
-from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector

@@ -3,13 +3,12 @@
 The VMM's MAP_GPA_RANGE handler records every conversion here, and live migration exports the
 result. Three structures, compared in tools/bench_trackers.py:
 
-==========  ==========================================  ==================================
-kind        memory                                      bound against a hostile guest
-==========  ==========================================  ==================================
-bitmap      guest_pages / 8 bytes (2 MiB per 64 GiB)    its fixed size; never poisons
-ranges      ~100 bytes per shared range                 max_ranges records, then poisoned
-tree        ~100 bytes per shared range + nodes         max_ranges records, then poisoned
-==========  ==========================================  ==================================
+* bitmap -- guest_pages / 8 bytes (2 MiB per 64 GiB guest, 32 MiB per 1 TiB); bounded by its
+  fixed size, never poisons. The fastest per conversion.
+* ranges -- ~75 bytes per shared range (2 KB under DMA churn, whatever the guest size); at most
+  max_ranges records (~300 KB at the default 4096), then poisoned.
+* tree -- ~80 bytes per shared range; bounded and poisoned like ranges (~1 MB bound at 4096).
+  Slower than the list on short lists, faster when a hostile guest fills it to the bound.
 
 `DEFAULT_TRACKER` is "ranges": on the seed workloads (a boot's ~20 static ranges plus DMA
 pages flipped back and forth) it is the fastest of the bounded structures and uses a few KB

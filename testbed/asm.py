@@ -9,6 +9,9 @@ sees it and by asking Keystone more than once when something fails:
 * Defines (`-D NAME=VALUE`) become `.equ NAME, VALUE` lines at the top of the unit.
 * Every `GUEST_ASSERT*` statement gets a unique call-site id appended as its last macro
   argument; `Program.asserts` maps the id back to the file and line the assert is written at.
+* Keystone mis-encodes a symbol after an operator in an instruction operand (`mov rax, -K`
+  loads from memory at K, `[rbx - K]` adds K): such expressions are moved into hidden `.equ`
+  lines, which it parses right (see `_hoist_operands`).
 * Keystone has no symbol table API: a hidden `.quad` table appended to the unit reads each
   label's address back out of the encoding (see `_assemble`).
 * Keystone reports errors without a location: they are located by bisection over statements
@@ -34,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -350,6 +353,8 @@ def _split_statements(source: str, file: str) -> list[_Raw]:
     """Split a source into statements the way Keystone's lexer does, minus comments.
 
     Unterminated strings and block comments are refused here: Keystone hangs on them.
+    Canaries: test_semicolon_separates_statements, test_hash_starts_a_comment,
+    test_block_comment_does_not_end_a_statement.
     """
     statements: list[_Raw] = []
     parts: list[str] = []
@@ -525,6 +530,7 @@ class _Macro:
     name: str
     params: tuple[_Param, ...]
     loc: SourceLocation
+    index: int  # of its .macro item: Keystone knows a macro only after its definition
     body_refs: set[str] = field(default_factory=set)
     body_labels: set[str] = field(default_factory=set)
 
@@ -550,10 +556,16 @@ class _Label:
 
 
 def _strip_literals(text: str) -> str:
-    """`text` with string and character literals emptied, for analysis only."""
+    """`text` with the insides of string literals blanked and character literals made numbers,
+    for analysis only; lengths are kept, so positions found in it are positions in `text`."""
     if '"' not in text and "'" not in text:
         return text
-    return _LITERAL.sub(lambda m: '""' if m.group().startswith('"') else "0", text)
+
+    def mask(m: re.Match[str]) -> str:
+        literal = m.group()
+        return '"' + " " * (len(literal) - 2) + '"' if literal[0] == '"' else "0" * len(literal)
+
+    return _LITERAL.sub(mask, text)
 
 
 def _split_labels(text: str) -> tuple[list[str], str]:
@@ -644,9 +656,9 @@ def _check_operands(directive: str, operands: str, macro_call: bool, loc: Source
 
 
 def _split_top_level(text: str) -> list[str]:
-    """`text` split at the commas outside brackets."""
+    """`text` split at the commas outside brackets and literals."""
     pieces, depth, start = [], 0, 0
-    for i, c in enumerate(text):
+    for i, c in enumerate(_strip_literals(text)):
         if c in "([{":
             depth += 1
         elif c in ")]}":
@@ -656,6 +668,88 @@ def _split_top_level(text: str) -> list[str]:
             start = i + 1
     pieces.append(text[start:])
     return pieces
+
+
+# Hazard: in instruction operands Keystone's Intel-syntax parser handles a symbol only as the
+# first token of an immediate, and only as one added term of an address: `mov rax, -K` and
+# `cmp rax, 1+K` load from memory at K, `[rbx - K]` becomes `[rbx + K]`, `[rbx + K*8]` becomes
+# `[rbx + K]`, silently. Directive expressions are parsed right, so such an expression is moved
+# into a hidden `.equ` just before the statement (`.equ` may be redefined, so this works in
+# macro bodies too). Canaries: test_symbol_after_an_operator_becomes_a_memory_operand,
+# test_negated_symbol_in_an_address_loses_its_sign.
+_BARE_NAME = re.compile(r"[A-Za-z_.$][\w.$@]*")
+_PARAM_TOKEN = re.compile(r"\\[\w$.]")
+_SYMBOL_FIRST = re.compile(r"\s*(?:\\[\w$.]|[A-Za-z_.$])")
+_ADDRESS = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _symbolic(text: str) -> bool:
+    """Whether (literal-free) `text` names a symbol or a macro parameter that may be one."""
+    return bool(_references(text) or _PARAM_TOKEN.search(text))
+
+
+def _signed_terms(text: str) -> list[tuple[str, int, int]]:
+    """The terms of a (literal-free) sum as (sign, start, end), split at `+`/`-` outside parentheses."""
+    terms, depth, sign, start = [], 0, "+", 0
+    for i, c in enumerate(text):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in "+-" and depth == 0:
+            if text[start:i].strip():
+                terms.append((sign, start, i))
+                sign = c
+            elif c == "-":  # a unary minus at the start of a term
+                sign = "-" if sign == "+" else "+"
+            start = i + 1
+    if text[start:].strip():
+        terms.append((sign, start, len(text)))
+    return terms
+
+
+def _hoist_operands(operands: str, new_name: Callable[[], str]) -> tuple[str, list[str]]:
+    """Operands with every expression Keystone would mis-encode replaced by a hidden `.equ` name,
+    and the `.equ` lines defining those names."""
+    hoisted: list[str] = []
+
+    def hoist(expression: str) -> str:
+        name = new_name()
+        hoisted.append(f".equ {name}, {expression}")
+        return name
+
+    def address(content: str) -> str:
+        plain = _strip_literals(content)
+        if not _symbolic(plain):
+            return content
+        base, displacement, symbols = [], [], []
+        for sign, start, end in _signed_terms(plain):
+            term, original = plain[start:end].strip(), content[start:end].strip()
+            words = re.findall(r"[A-Za-z_][\w]*", term)
+            if "\\" in term or any(_REGISTER.fullmatch(w.lower()) for w in words):
+                base.append((sign, original))  # a register (or a parameter that may be one)
+            else:
+                displacement.append((sign, original))
+                if _references(term):
+                    symbols.append((sign, term))
+        if len(symbols) <= 1 and all(sign == "+" and _BARE_NAME.fullmatch(t) for sign, t in symbols):
+            return content
+        kept = " ".join(f"{sign} {term}" for sign, term in base)
+        name = hoist(" ".join(f"{sign} ({term})" for sign, term in displacement))
+        return f"{kept.removeprefix('+ ')} + {name}" if kept else name
+
+    pieces = []
+    for piece in _split_top_level(operands):
+        if "[" in piece:
+            pieces.append(_ADDRESS.sub(lambda m: f"[{address(m.group(1))}]", piece))
+            continue
+        plain = _strip_literals(piece)
+        if _symbolic(plain) and not _SYMBOL_FIRST.match(plain):
+            lead = len(piece) - len(piece.lstrip())
+            pieces.append(piece[:lead] + hoist(piece.strip()))
+        else:
+            pieces.append(piece)
+    return ",".join(pieces), hoisted
 
 
 @dataclass
@@ -678,6 +772,11 @@ class _Preprocessor:
         self.blocks: list[_Block] = []
         self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
         self.include_stack: list[Path] = []
+        self.hoisted = 0
+
+    def new_hoisted_name(self) -> str:
+        self.hoisted += 1
+        return f"{_RESERVED_PREFIX}expr_{self.hoisted}"
 
     # -- files ---------------------------------------------------------------------------
 
@@ -781,6 +880,16 @@ class _Preprocessor:
             self.check_macro_arguments(self.macros[mnemonic], operands, loc)
 
         refs = self.references(mnemonic, directive, rest, operands)
+        hoisted: list[str] = []
+        if not directive and not assignment and operands:
+            inner = ""
+            if mnemonic.lower() in _PREFIXES:  # `lock add [rbx - K], 1`: operands follow the instruction
+                inner, _, operands = operands.partition(" ")
+                inner += " "
+            operands, hoisted = _hoist_operands(operands, self.new_hoisted_name)
+            operands = inner + operands.strip()
+            if hoisted:
+                text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
         plain_labels = tuple(name for name in labels if "\\" not in name)
         defines_here = set(plain_labels)
         if directive in (".equ", ".set", ".equiv"):
@@ -810,7 +919,7 @@ class _Preprocessor:
         self.update_blocks(directive, operands, loc)
         self.items.append(
             _Item(
-                text=f"{position}:\n{text}" if position else text,
+                text="\n".join([*([f"{position}:"] if position else []), *hoisted, text]),
                 loc=loc,
                 mnemonic=mnemonic,
                 labels=plain_labels,
@@ -872,7 +981,7 @@ class _Preprocessor:
             macro = None
             if directive == ".macro":
                 name, macro_params = _parse_macro_params(operands, loc.file, loc.line)
-                macro = _Macro(name, macro_params, loc)
+                macro = _Macro(name, macro_params, loc, len(self.items))
                 if not any(b.closer == ".endm" for b in self.blocks):
                     self.macros[name] = macro
                 params = frozenset(p.name for p in macro_params)
@@ -908,7 +1017,7 @@ def _check_define(name: str, value: str) -> None:
     try:
         _check_operands(".equ", f"{name}, {value}", False, SourceLocation("<define>", 1))
     except AsmError as e:
-        raise UsageError(f"define {name}={value}: {e.message}") from None
+        raise UsageError(f"define {name}={value}: not a valid expression ({e.message})") from None
     # Hazard: Keystone silently drops `.equ X, 1+` when more statements follow, so each value
     # is checked alone, where Keystone does report it.
     # Canary: test_directive_error_followed_by_statements_is_lost.
@@ -971,6 +1080,9 @@ def _assemble(
     # the program. The last 8 * len(table) bytes of the encoding are then the absolute
     # addresses of those labels; they are read back and cut off before the code is returned.
     # The table comes after all code, so it cannot change the encoding of anything before it.
+    # Labels inside blocks get `.ifdef` entries (all-ones when not defined), so the table is
+    # 8 bytes per entry whatever is assembled. Canaries: test_quad_of_a_label_is_its_absolute_address,
+    # test_ifdef_is_false_for_a_label_never_assembled.
     table_names = [label.name for label in pre.labels.values()]
     table = [_table_item(label.name, label.loc, label.conditional) for label in pre.labels.values()]
     table_names += [name for name, _loc, _cond in pre.positions]
@@ -1089,9 +1201,9 @@ def _locate_error(items: Sequence[_Item], pre: _Preprocessor, base: int, failure
         undefined = _undefined_names(items, base, names)
         if undefined is not None:
             missing = _missing_symbols(items, base, undefined)
-            user = next((item for item in items if item.refs & set(missing)), None)
+            user = next((i for i, item in enumerate(items) if item.refs & set(missing)), None)
             if user is not None:
-                return _error_at(user, failure, pre, missing)
+                return _error_at(items, user, failure, pre, missing)
         # Not found by name (e.g. a name built from macro arguments): bisect; stubs must not
         # define the missing name, but names the probe found defined are safe to stub.
         names = [] if undefined is None else [name for name in names if name not in undefined]
@@ -1134,20 +1246,28 @@ def _locate_error(items: Sequence[_Item], pre: _Preprocessor, base: int, failure
         else:
             low = mid + 1
     error = prefix_error(high, attempt)
-    return _error_at(items[high - 1], error if counts(error) and error else failure, pre, missing)
+    return _error_at(items, high - 1, error if counts(error) and error else failure, pre, missing)
 
 
-def _error_at(item: _Item, error: _KeystoneError, pre: _Preprocessor, missing: Sequence[str]) -> TestbedError:
-    message = _describe(error, item, pre, set(missing))
+def _error_at(
+    items: Sequence[_Item], index: int, error: _KeystoneError, pre: _Preprocessor, missing: Sequence[str]
+) -> TestbedError:
+    item = items[index]
+    message = _describe(error, item, index, pre, set(missing))
     if item.define is not None:
         name, value = item.define
         return UsageError(f"define {name}={value}: {message}")
     return AsmError(item.loc.file, item.loc.line, message)
 
 
-def _describe(error: _KeystoneError, item: _Item, pre: _Preprocessor, missing: set[str]) -> str:
-    """Keystone's error made specific to the statement it happened at."""
+def _describe(error: _KeystoneError, item: _Item, index: int, pre: _Preprocessor, missing: set[str]) -> str:
+    """Keystone's error made specific to the statement (items[index]) it happened at."""
     macro = pre.macros.get(item.mnemonic)
+    if macro is not None and macro.index > index:
+        return (
+            f"invalid mnemonic: {item.mnemonic} (a macro defined later, at {macro.loc}; "
+            "Keystone needs a macro defined before its first use)"
+        )
     refs = set(item.refs) | (macro.body_refs if macro else set())
     message = error.message
     if error.code == _HANG:

@@ -40,6 +40,7 @@ from testbed.vmm.vmm import RunReport, SourceRef, Vmm
 from testbed.x86 import (
     CR0_PE,
     CR0_PG,
+    CR0_WP,
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
@@ -147,7 +148,8 @@ class Machine:
         vm_type = VM_TYPES[options.vm_type]
         self.sev = vm_type in (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
         self.c_bit_mask = (1 << options.c_bit) if self.sev else 0
-        self.paging = PagingMode(enc_mask=self.c_bit_mask)
+        # MAXPHYADDR 48 (bits 51:48 of an entry are reserved), the C-bit excepted.
+        self.paging = PagingMode(phys_bits=48 if options.c_bit >= 48 else 52, enc_mask=self.c_bit_mask)
         cipher = FrameCipher.from_seed(options.seed) if self.sev else None
         self.memory = GuestMemory(options.memory, cipher)
         self.sev_es = vm_type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
@@ -244,7 +246,7 @@ class Machine:
         cpu.write_reg(Reg.CR3, state.cr3)
         cpu.write_reg(Reg.CR4, CR4_PAE)
         cpu.set_msr(MSR_EFER, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE)
-        cpu.write_reg(Reg.CR0, CR0_PE | CR0_PG | (1 << 4))
+        cpu.write_reg(Reg.CR0, CR0_PE | CR0_PG | CR0_WP | (1 << 4))  # WP: as every OS sets it
         entry = self.program.symbols.get("_start", IMAGE_GPA)
         cpu.write_reg(Reg.RIP, entry)
         cpu.write_reg(Reg.RSP, state.rsp)

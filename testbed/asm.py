@@ -124,6 +124,17 @@ def assemble_source(
     return _assemble([(filename, text)], base, defines, include_dirs)
 
 
+def assemble_sources(
+    sources: Sequence[tuple[str, str]],
+    *,
+    base: int,
+    defines: Mapping[str, int | str] = _NO_DEFINES,
+    include_dirs: Sequence[Path] = (),
+) -> Program:
+    """Assemble (filename, text) pairs in order as one unit; each keeps its own locations."""
+    return _assemble(list(sources), base, defines, include_dirs)
+
+
 def assemble_files(
     paths: Sequence[Path],
     *,

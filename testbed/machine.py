@@ -6,11 +6,12 @@ knows every layer, so the layers themselves only know their neighbours' narrow i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from testbed.asm import Program, assemble_files, assemble_source
+from testbed.asm import Program, assemble_sources
 from testbed.decode import describe
 from testbed.errors import UsageError
 from testbed.hw.cipher import FrameCipher
@@ -124,16 +125,29 @@ def guest_defines(options: VmOptions) -> dict[str, int | str]:
 
 
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
-    """Assemble prelude + guest + runtime at IMAGE_GPA."""
+    """Assemble prelude + guest + runtime at IMAGE_GPA (`text` instead of reading `source`).
+
+    Results are cached per process on the sources' contents and the defines: a test matrix
+    assembles the same guest for many VM types."""
     defines = guest_defines(options)
-    if text is not None:
-        prelude = (LIB_DIR / "prelude.s").read_text()
-        runtime = (LIB_DIR / "runtime.s").read_text()
-        # The text variant is for tests: the guest text sits between the two library files.
-        return assemble_source(prelude + "\n" + text + "\n" + runtime, filename=str(source), base=IMAGE_GPA,
-                               defines=defines, include_dirs=[LIB_DIR, GUESTS_DIR])
-    return assemble_files([LIB_DIR / "prelude.s", Path(source), LIB_DIR / "runtime.s"], base=IMAGE_GPA,
-                          defines=defines, include_dirs=[LIB_DIR, GUESTS_DIR])
+    if text is None:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"{source}: no such guest source file")
+        text = path.read_text(encoding="utf-8")
+    sources = (
+        (str(LIB_DIR / "prelude.s"), (LIB_DIR / "prelude.s").read_text(encoding="utf-8")),
+        (str(source), text),
+        (str(LIB_DIR / "runtime.s"), (LIB_DIR / "runtime.s").read_text(encoding="utf-8")),
+        (str(LIB_DIR / "sev.s"), (LIB_DIR / "sev.s").read_text(encoding="utf-8")),  # included by runtime.s
+    )
+    return _assemble_cached(sources, tuple(sorted((k, str(v)) for k, v in defines.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _assemble_cached(sources: tuple[tuple[str, str], ...], defines: tuple[tuple[str, str], ...]) -> Program:
+    # The last entry (sev.s) is in the key only so an edit to it invalidates the cache.
+    return assemble_sources(sources[:3], base=IMAGE_GPA, defines=dict(defines), include_dirs=[LIB_DIR, GUESTS_DIR])
 
 
 class Machine:

@@ -349,6 +349,19 @@ class UnicornVcpu:
         self._val = ctypes.c_uint64()
         self._ref = ctypes.byref(self._val)
         self._batches: dict[tuple[Reg, ...], Any] = {}
+        self._reg_read_batch = self._lib.uc_reg_read_batch
+        self._reg_write_batch = self._lib.uc_reg_write_batch
+        self._arg_vals = (ctypes.c_uint64 * 4)()
+        self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
+        self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
+        self._hc_vals = (ctypes.c_uint64 * 2)()
+        self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
+        self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
+        self._hc_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self._hc_vals), ctypes.addressof(self._hc_vals) + 8)
+        #: The hypervisor's handler for the native hypercall instruction's VM exit (set by KVM
+        #: for plain VMs: it is vmexit(SVM_EXIT_VMMCALL / EXIT_REASON_VMCALL) without dispatch).
+        self._fast_hypercall: Callable[[], None] | None = None
+        self._native_hypercall = VMMCALL_BYTES if vendor is Vendor.AMD else VMCALL_BYTES
         self._reg_read = self._lib.uc_reg_read
         self._reg_write = self._lib.uc_reg_write
         self._ctx = _CTX_NONE
@@ -396,7 +409,7 @@ class UnicornVcpu:
 
     def _install_hooks(self) -> None:
         self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill, False))
-        self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._guard(self._on_invalid, False))
+        self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_fast)
         self._add_hook(ucc.UC_HOOK_INTR, _INTR_CFUNC, self._guard(self._on_intr, None))
         self._add_hook(ucc.UC_HOOK_INSN, _OUT_CFUNC, self._guard(self._on_out, None), ux.UC_X86_INS_OUT)
         self._add_hook(ucc.UC_HOOK_INSN, _IN_CFUNC, self._guard(self._on_in, 0), ux.UC_X86_INS_IN)
@@ -431,8 +444,14 @@ class UnicornVcpu:
         self._val.value = value & U64
         self._reg_write(self._h, _UC_REG_BY_INDEX[reg], self._ref)
 
+    def hypercall_args(self) -> tuple[int, int, int, int]:
+        """RBX, RCX, RDX, RSI (a0..a3 of the KVM hypercall ABI) in one batched read."""
+        self._reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
+        v = self._arg_vals
+        return v[0], v[1], v[2], v[3]
+
     def read_regs(self, regs: tuple[Reg, ...]) -> tuple[int, ...]:
-        """Several registers in one uc_reg_read_batch call (KVM's hypercall arguments)."""
+        """Several registers in one uc_reg_read_batch call."""
         batch = self._batches.get(regs)
         if batch is None:
             n = len(regs)
@@ -456,6 +475,15 @@ class UnicornVcpu:
     def cpl(self) -> int:
         """Current privilege level (CS.RPL, which equals CS.DPL for code the CPU runs)."""
         return self._rd(_CS) & 3
+
+    def set_hypercall_handler(self, handler: Callable[[], None] | None) -> None:
+        """Let the hypervisor take the native hypercall's VM exit on the short path."""
+        self._fast_hypercall = None if self._sev_es else handler
+
+    def mode_of(self, cs_selector: int) -> bool:
+        """is_64bit_mode() for a CS selector already read."""
+        cached = self._cs64_cache.get(cs_selector)
+        return cached if cached is not None else self.is_64bit_mode()
 
     def cpl_and_mode(self) -> tuple[int, bool]:
         """(CPL, is_64bit_mode()) with one register read: the hypercall hot path."""
@@ -833,8 +861,43 @@ class UnicornVcpu:
         except _DeliveryFault:
             return self.fetch_bytes(rip, PAGE_SIZE - off)
 
-    def _on_invalid(self, _h: Any, _ud: Any) -> bool:
-        rip = self._rd(_RIP)
+    def _on_invalid_fast(self, _h: Any, _ud: Any) -> bool:
+        """The INSN_INVALID hook. The native hypercall of a plain VM, by far the most frequent
+        exit, takes a short path (no guard frame, no generic dispatch); everything else goes
+        through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
+        try:
+            self._reg_read(self._h, _RIP, self._ref)
+            rip = int(self._val.value)
+            if self._fast_hypercall is not None and self._fetch_at_rip(rip, 3) == self._native_hypercall:
+                self._cur_rip = rip
+                self._cur_len = 3
+                self._ctx = _CTX_INVALID
+                try:
+                    self._fast_hypercall()
+                finally:
+                    self._ctx = _CTX_NONE
+                return not self._stop_requested
+            return self._on_invalid(rip)
+        except BaseException as exc:  # re-raised from run(); must not unwind through C
+            if self._hook_error is None:
+                self._hook_error = exc
+            self._uc.emu_stop()
+            return False
+
+    def hypercall_regs(self) -> tuple[int, int]:
+        """(RAX, CS selector) in one batched read: what KVM needs first on a hypercall."""
+        self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
+        values = self._hc_vals
+        return int(values[0]), int(values[1])
+
+    def complete_hypercall(self, rax: int) -> None:
+        """RAX = the result and RIP past the instruction, in one batched write."""
+        values = self._hc_vals
+        values[0] = rax & U64
+        values[1] = self._cur_rip + self._cur_len
+        self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
+
+    def _on_invalid(self, rip: int) -> bool:
         insn = self._fetch_at_rip(rip, 4)
         self._cur_rip = rip
         self._ctx = _CTX_INVALID

@@ -77,10 +77,6 @@ _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC
                                    KVM_HC_MAP_GPA_RANGE})
 
 
-#: a0..a3 of the KVM hypercall ABI.
-_ARG_REGS = (Reg.RBX, Reg.RCX, Reg.RDX, Reg.RSI)
-
-
 class Userspace(Protocol):
     """The VMM's side of KVM_RUN: handle one exit; return True to re-enter the guest."""
 
@@ -104,6 +100,8 @@ class KvmVcpu:
         self._pv = PvCpuid()
         # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
         hw.set_intercept_ud(not vm.sev)
+        # The native hypercall's exit (SVM_EXIT_VMMCALL / EXIT_REASON_VMCALL) on the short path.
+        hw.set_hypercall_handler(self.handle_hypercall)
         self._handlers: dict[int, Callable[[int, int], None]] = self._exit_table()
         self.sev_state: SevState | None = None
         self.sev_es: SevEsHandler | None = None
@@ -274,10 +272,11 @@ class KvmVcpu:
     def handle_hypercall(self) -> None:
         """kvm_emulate_hypercall(): dispatch, then complete or exit to userspace."""
         hw = self.hw
-        nr = hw.read_reg(Reg.RAX)
-        cpl, op_64_bit = hw.cpl_and_mode()
+        nr, cs = hw.hypercall_regs()
+        cpl = cs & 3
+        op_64_bit = hw.mode_of(cs)
         if cpl == 0 and ((nr if op_64_bit else nr & U32) in _HYPERCALLS_WITH_ARGS or self.tracer.enabled):
-            a0, a1, a2, a3 = hw.read_regs(_ARG_REGS)
+            a0, a1, a2, a3 = hw.hypercall_args()
         else:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.
@@ -293,16 +292,14 @@ class KvmVcpu:
                              user_exit=outcome.user_exit is not None)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
-            hw.write_reg(Reg.RAX, complete_ret(outcome.ret, op_64_bit))
-            hw.skip_instruction()
+            hw.complete_hypercall(complete_ret(outcome.ret, op_64_bit))
             return
         run = outcome.user_exit
 
         def complete_hypercall_exit(run: HypercallExit = run) -> None:
             # complete_hypercall_exit(): ret is written raw, KVM does not interpret it.
             self.stat_hypercalls += 1
-            hw.write_reg(Reg.RAX, complete_ret(run.ret, op_64_bit))
-            hw.skip_instruction()
+            hw.complete_hypercall(complete_ret(run.ret, op_64_bit))
 
         self._exit_to_userspace(run, complete_hypercall_exit)
 

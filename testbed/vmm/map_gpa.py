@@ -78,7 +78,9 @@ class MapGpaHandler:
         Returns 0 or a positive KVM error number."""
         if gfn + npages > self.guest_pages:
             return KVM_EINVAL
-        if any(gfn < end and start < gfn + npages and to in (None, private) for start, end, to in self.refused):
+        if self.refused and any(
+            gfn < end and start < gfn + npages and to in (None, private) for start, end, to in self.refused
+        ):
             self.rejected += 1
             return KVM_EINVAL
         if self.on_convert is not None:

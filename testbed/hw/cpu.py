@@ -432,6 +432,7 @@ class UnicornVcpu:
     # ------------------------------------------------------------ registers (VMCB/VMCS)
     def read_reg(self, reg: Reg) -> int:
         """Read a register (fast path for GPRs, RIP, CRs and selectors)."""
+        self._val.value = 0  # a segment register fills only the low bytes of the scratch
         self._reg_read(self._h, _UC_REG_BY_INDEX[reg], self._ref)
         return int(self._val.value)
 
@@ -465,6 +466,7 @@ class UnicornVcpu:
         return tuple(values)
 
     def _rd(self, ucreg: int) -> int:
+        self._val.value = 0  # a segment register fills only the low bytes of the scratch
         self._reg_read(self._h, ucreg, self._ref)
         return int(self._val.value)
 
@@ -886,9 +888,10 @@ class UnicornVcpu:
 
     def hypercall_regs(self) -> tuple[int, int]:
         """(RAX, CS selector) in one batched read: what KVM needs first on a hypercall."""
-        self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
         values = self._hc_vals
-        return int(values[0]), int(values[1])
+        values[1] = 0  # Unicorn writes only the selector's low bytes into this slot
+        self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
+        return int(values[0]), int(values[1]) & 0xFFFF
 
     def complete_hypercall(self, rax: int) -> None:
         """RAX = the result and RIP past the instruction, in one batched write."""

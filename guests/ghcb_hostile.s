@@ -12,6 +12,9 @@
 #   6  PSC scratch outside the shared buffer     -> 2, 3 (INVALID_SCRATCH_AREA)
 #   7  GHCB MSR pointing outside guest memory    -> KVM cannot map it and resumes the guest;
 #                                                   the guest reports 0x600d, 0x600d
+#   8  GHCB MSR pointing at a private page       -> SNP: not the registered GHCB, VM-fatal;
+#                                                   SEV-ES: KVM reads ciphertext, answers into
+#                                                   it; the guest survives and reports 0x8888
 .ifndef SCENARIO
 .equ SCENARIO, 0
 .endif
@@ -102,6 +105,17 @@ guest_main:
     shr rdx, 32
     wrmsr
     rep vmmcall
+.endif
+.if SCENARIO == 8
+    mov rdi, GUEST_FREE_GPA
+    mov qword ptr [rdi], 0                 # the private page exists and holds our data
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    mov eax, GUEST_FREE_GPA
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    GUEST_SYNC 0x8888
+    ret
 .endif
     call report
     ret

@@ -198,3 +198,34 @@ def test_unknown_msr_through_ghcb_is_gp() -> None:
     _, report = run_text("guest_main:\n    mov ecx, 0x12345\n    rdmsr\n    ret\n", "sev-es")
     assert report.outcome == "unhandled_exception"
     assert report.exception is not None and report.exception["vector"] == 13
+
+
+ENOSYS = (-1000) & (2**64 - 1)
+EPERM = (-1) & (2**64 - 1)
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+@pytest.mark.parametrize(("nr", "user", "expected"), [(1, 0, 0), (0x999, 0, ENOSYS), (1, 1, EPERM), (0x999, 1, EPERM)])
+def test_hypercall_abi_through_the_ghcb(vm_type: str, nr: int, user: int, expected: int) -> None:
+    """The foundation's hypercall ABI holds through #VC + GHCB, the CPL rule included (CPL from the GHCB)."""
+    report = run_file("hypercall_abi_call.s", vm_type, defines={"HC_NR": nr, "USER": user})
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [expected]
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+def test_hypercall_through_the_ghcb_clobbers_only_rax(vm_type: str) -> None:
+    """The #VC handler copies only RAX back: every other GPR survives the hypercall."""
+    report = run_file("hypercall_abi_gprs.s", vm_type, defines={"HC_NR": 1})
+    assert report.outcome == "done", report.detail
+
+
+def test_ghcb_on_a_private_page() -> None:
+    """A GHCB GPA on a private page: VM-fatal on SNP (not the registered GHCB); on SEV-ES KVM
+    reads ciphertext and the guest survives - the host is never the one that crashes."""
+    snp = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 8})
+    assert snp.outcome == "internal_error"
+    assert "VMGEXIT" in snp.detail
+    es = run_file("ghcb_hostile.s", "sev-es", defines={"SCENARIO": 8})
+    assert es.outcome == "done", es.detail
+    assert es.syncs() == [0x8888]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from testbed.decode import decode_one, describe
+from testbed.errors import GuestMemoryError
 from testbed.hw.exits import (
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_REP,
@@ -31,6 +32,7 @@ from testbed.hw.exits import (
     VMX_IO_SIZE_MASK,
     VMX_IO_STRING,
     RunStop,
+    StopReason,
     SvmExitCode,
     VcpuHardware,
     Vendor,
@@ -132,6 +134,12 @@ class KvmVcpu:
         except SevFatalError as exc:
             # sev_handle_vmgexit() returned an error: KVM_RUN fails, the VM is dead.
             self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"VMGEXIT: {exc}"), None)
+        except GuestMemoryError as exc:
+            # The GHCB (or scratch area) the guest named is a page the host may not touch: on
+            # SNP an RMP-assigned private page. The model's single frame per GFN makes KVM's
+            # access fault where real KVM would first reject the unregistered GHCB: VM-fatal
+            # either way, never a host crash.
+            self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"VMGEXIT: {exc}"), None)
         finally:
             self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
 
@@ -187,7 +195,11 @@ class KvmVcpu:
         self._pv = PvCpuid(self.vm.cpuid.eax(KVM_CPUID_FEATURES), self.vm.enforce_pv_feature_cpuid)
         if self._pending_completion is not None:
             done, self._pending_completion = self._pending_completion, None
-            done()
+            try:
+                done()
+            except GuestMemoryError as exc:
+                self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, str(exc)), None)
+                return RunStop(StopReason.REQUESTED, "completion failed")
             if self.sev_state is not None:
                 self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
         return self.hw.run(timeout_s)
@@ -243,7 +255,12 @@ class KvmVcpu:
                 InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"unhandled exit code 0x{code:x}"), None
             )
             return
-        handler(info1, info2)
+        try:
+            handler(info1, info2)
+        except GuestMemoryError as exc:
+            # A guest-named address the host may not access (outside memory, RMP-protected):
+            # KVM_RUN fails for this VM; the host carries on.
+            self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, str(exc)), None)
 
     def _svm_io(self, info1: int, _info2: int) -> None:
         size = ((info1 >> SVM_IOIO_SIZE_SHIFT) & 7) or 1

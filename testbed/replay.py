@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 
@@ -68,6 +68,7 @@ class PageEncEvent:
     gpa: int
     npages: int
     enc: int
+    text: str = field(default="", compare=False, repr=False)  # the line as logged
 
     @property
     def gfn(self) -> int:
@@ -113,6 +114,7 @@ def parse_line(text: str, line: int) -> PageEncEvent | SkippedLine | None:
         gpa=int(body["gpa"], 16),
         npages=int(body["npages"], 16),
         enc=int(body["enc"]),
+        text=text.rstrip("\n"),
     )
 
 
@@ -150,7 +152,8 @@ def prepare(events: Iterable[PageEncEvent], guest_pages: int) -> tuple[list[Conv
         try:
             check_range(ev.gfn, ev.npages, guest_pages)
         except InvalidRangeError as err:
-            rejected.append(SkippedLine(ev.line, format_log_line(0, ev.gfn, ev.npages, ev.shared), str(err)))
+            text = ev.text or format_log_line(0, ev.gfn, ev.npages, ev.shared)
+            rejected.append(SkippedLine(ev.line, text, str(err)))
             continue
         conversions.append(ev.conversion())
     return conversions, rejected

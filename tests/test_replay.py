@@ -110,6 +110,7 @@ def test_calls_kvm_refuses_are_rejected_not_applied() -> None:
     tracker = make_tracker("ranges", guest_pages=0x1000)
     rejected = replay(parse_log(lines).events, tracker)
     assert [(r.line, r.reason.split(" =")[0]) for r in rejected] == [(1, "npages"), (2, "gfn+npages")]
+    assert rejected[0].text == lines[0]
     assert tracker.shared_ranges() == [(5, 1)]
 
 

@@ -1,0 +1,703 @@
+"""Benchmarks the shared-page trackers against the intervaltree and portion packages, with plots.
+
+For every tracker (bitmap, ranges, tree from testbed.tracker, and thin adapters over the
+`intervaltree` and `portion` PyPI packages as peers), every workload of testbed.workloads and
+guest sizes of 1 GiB, 64 GiB and 1 TiB, in one run:
+
+* conversions/s -- "batch" through SharedTracker.apply (the PSC-request / log-replay path;
+  the peers have no batch API, so theirs is the per-call loop) and "per call" through a loop
+  of set_shared/set_private calls, the same driver for every tracker;
+* is_shared ns per lookup (loop included), export time, and bytes used: memory_bytes() for
+  ours, a deep sys.getsizeof walk of the peer's object graph for the peers.
+
+Every figure is the median of several repeats on fresh trackers, with the GC off while timing
+(as timeit does); the repeats go round-robin over the trackers so that a burst of load from
+elsewhere hits them all. Results are compared within the run (ratios), printed as tables with
+the targets' pass/fail, written to OUT/results.json, and plotted to OUT/throughput.png and
+OUT/memory.png (matplotlib, Agg). The seed workload `boot` has 20 conversions -- too few to
+time -- so it reports memory, lookups and export only.
+
+Absolute rates on a shared machine swing by 1.5x from one second to the next. So the
+dma_churn round also times two bare loops (a raw bitarray store loop, a plain coalescing
+bisect list), and the rate targets are judged twice: on the raw medians, and on "normalised"
+medians, where each repeat of a tracker is divided by the speed factor of a raw bitarray loop
+timed just before it (its rate against the 16 M/s it reaches on the project's idle build
+machine). A target met only after normalising is reported as such, not as a plain pass.
+
+    python tools/bench_trackers.py [--out bench-out] [--quick] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+try:
+    import testbed  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bitarray import bitarray
+
+from testbed.tracker import (
+    DEFAULT_MAX_RANGES,
+    TRACKER_KINDS,
+    SharedTracker,
+    export_ranges,
+    make_tracker,
+)
+from testbed.workloads import WORKLOAD_NAMES, make_workload
+
+GIB_PAGES = 1 << 18
+SIZES = {"1G": GIB_PAGES, "64G": 64 * GIB_PAGES, "1T": 1024 * GIB_PAGES}
+PEERS = ("intervaltree", "portion")
+TIMED_WORKLOADS = ("dma_churn", "discontiguous", "hostile")
+
+# Targets (see the module docstring of testbed/tracker/__init__.py for the trade-offs).
+RANGES_MIN_RATE = 2.5e6
+BITMAP_MIN_RATE = 10e6
+TREE_MIN_RATIO = 10.0
+SEED_MEMORY_MAX = 16 * 1024
+# Reference speeds of the bare loops, measured on the project's build machine when idle: a run
+# divides its rates by how fast the same raw bitarray loop ran in it, so that a busy machine can
+# be told from a slow tracker.
+CALIBRATION_RAW_BITARRAY = 16e6
+CALIBRATION_RAW_BISECT = 2.9e6
+
+
+class Tracker(Protocol):
+    """What the benchmark drives: SharedTracker, or a peer adapter."""
+
+    def set_shared(self, gfn: int, npages: int) -> None: ...
+    def set_private(self, gfn: int, npages: int) -> None: ...
+    def is_shared(self, gfn: int) -> bool: ...
+    def shared_ranges(self) -> list[tuple[int, int]]: ...
+
+
+# -- peers: thin adapters, written as a user of each package would -------------------------
+
+
+class IntervalTreePeer:
+    """The `intervaltree` package (an augmented AVL tree of possibly overlapping intervals)."""
+
+    name = "intervaltree"
+
+    def __init__(self, guest_pages: int) -> None:
+        from intervaltree import IntervalTree
+
+        self.guest_pages = guest_pages
+        self.tree = IntervalTree()
+
+    def set_shared(self, gfn: int, npages: int) -> None:
+        end = gfn + npages
+        # Coalesce as our trackers do: absorb every interval overlapping or touching [gfn, end).
+        touching = self.tree.overlap(gfn - 1, end + 1)
+        if touching:
+            for iv in touching:
+                self.tree.remove(iv)
+            gfn = min(gfn, *(iv.begin for iv in touching))
+            end = max(end, *(iv.end for iv in touching))
+        self.tree.addi(gfn, end)
+
+    def set_private(self, gfn: int, npages: int) -> None:
+        self.tree.chop(gfn, gfn + npages)
+
+    def is_shared(self, gfn: int) -> bool:
+        return bool(self.tree.at(gfn))
+
+    def shared_ranges(self) -> list[tuple[int, int]]:
+        return [(iv.begin, iv.end - iv.begin) for iv in sorted(self.tree)]
+
+    def footprint(self) -> object:
+        return self.tree
+
+
+class PortionPeer:
+    """The `portion` package (immutable unions of atomic intervals, merged on every operation)."""
+
+    name = "portion"
+
+    def __init__(self, guest_pages: int) -> None:
+        import portion
+
+        self.guest_pages = guest_pages
+        self.p = portion
+        self.iv = portion.empty()
+
+    def set_shared(self, gfn: int, npages: int) -> None:
+        self.iv = self.iv | self.p.closedopen(gfn, gfn + npages)
+
+    def set_private(self, gfn: int, npages: int) -> None:
+        self.iv = self.iv - self.p.closedopen(gfn, gfn + npages)
+
+    def is_shared(self, gfn: int) -> bool:
+        return gfn in self.iv
+
+    def shared_ranges(self) -> list[tuple[int, int]]:
+        return [(a.lower, a.upper - a.lower) for a in self.iv if not a.empty]
+
+    def footprint(self) -> object:
+        return self.iv
+
+
+def deep_sizeof(root: object) -> int:
+    """sys.getsizeof summed over every object reachable from `root` (types and code excluded)."""
+    import types
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    seen: set[int] = set()
+    stack = [root]
+    total = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total
+
+
+def make(name: str, guest_pages: int) -> Tracker:
+    if name == "intervaltree":
+        return IntervalTreePeer(guest_pages)
+    if name == "portion":
+        return PortionPeer(guest_pages)
+    return make_tracker(name, guest_pages=guest_pages, max_ranges=DEFAULT_MAX_RANGES)
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+
+def drive(tracker: Tracker, ops: Sequence[tuple[int, int, bool]]) -> None:
+    """The per-call driver, identical for every tracker."""
+    set_shared = tracker.set_shared
+    set_private = tracker.set_private
+    for gfn, npages, shared in ops:
+        if shared:
+            set_shared(gfn, npages)
+        else:
+            set_private(gfn, npages)
+
+
+def time_calls(tracker: Tracker, ops: Sequence[tuple[int, int, bool]]) -> float:
+    return timed(lambda: drive(tracker, ops))
+
+
+def time_batch(tracker: SharedTracker, ops: Sequence[tuple[int, int, bool]]) -> float:
+    return timed(lambda: tracker.apply(ops))
+
+
+def time_export(tracker: Tracker, buf: bytearray) -> float:
+    """One export into a pre-sized buffer; a peer pays for listing its ranges in the format."""
+    if isinstance(tracker, SharedTracker):
+        return timed(lambda: tracker.export(buf))
+    return timed(lambda: export_ranges(tracker.shared_ranges(), buf, poisoned=False))
+
+
+def raw_bitarray(ops: Sequence[tuple[int, int, bool]], bits: Any) -> None:
+    """Calibration: bare bitarray stores, no validation, no call (16 M/s on an idle build machine)."""
+    for gfn, npages, shared in ops:
+        if npages == 1:
+            bits[gfn] = shared
+        else:
+            bits[gfn : gfn + npages] = shared
+
+
+def time_raw_bitarray(ops: Sequence[tuple[int, int, bool]], guest_pages: int) -> float:
+    bits = bitarray(guest_pages)  # allocated and zeroed outside the timed region, as a tracker is
+    bits.setall(0)
+    return timed(lambda: raw_bitarray(ops, bits))
+
+
+def raw_bisect(ops: Sequence[tuple[int, int, bool]]) -> None:
+    """Calibration: a plain coalescing starts/ends list, no validation, bound or fast path."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for gfn, npages, shared in ops:
+        end = gfn + npages
+        if shared:
+            i = bisect_left(ends, gfn)
+            j = bisect_right(starts, end, i)
+            if i == j:
+                starts.insert(i, gfn)
+                ends.insert(i, end)
+            else:
+                starts[i] = min(starts[i], gfn)
+                ends[i] = max(ends[j - 1], end)
+                del starts[i + 1 : j], ends[i + 1 : j]
+        else:
+            i = bisect_right(ends, gfn)
+            j = bisect_left(starts, end, i)
+            if i < j:
+                first, last = starts[i], ends[j - 1]
+                keep_s = [first] if first < gfn else []
+                keep_e = [gfn] if first < gfn else []
+                if last > end:
+                    keep_s.append(end)
+                    keep_e.append(last)
+                starts[i:j] = keep_s
+                ends[i:j] = keep_e
+
+
+def timed(fn: Callable[[], object]) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+@dataclass
+class Result:
+    workload: str
+    size: str
+    guest_pages: int
+    tracker: str
+    conversions: int
+    batch_per_s: float | None
+    call_per_s: float | None
+    is_shared_ns: float
+    export_us: float
+    bytes: int
+    bound_bytes: int | None
+    ranges: int
+    poisoned: bool
+    error: str | None = None
+    #: dma_churn only: the batch rate with each repeat divided by the speed factor of a raw
+    #: bitarray loop timed just before it (median of those), see the module docstring.
+    batch_normalised_per_s: float | None = None
+
+
+#: portion rebuilds its immutable union on every operation -- O(n) each, O(n^2) for the hostile
+#: workload -- so it runs a prefix of each workload: its rate on a steady workload is still its
+#: rate, and the table shows how many conversions it ran.
+PEER_PREFIX: dict[tuple[str, str | None], int] = {("portion", "hostile"): 1000, ("portion", None): 2000}
+#: The peers are 30-1000x slower; three repeats of them keep a full run near two minutes.
+PEER_REPEATS = 3
+
+
+def measure(
+    workload: str,
+    size: str,
+    all_ops: list[tuple[int, int, bool]],
+    trackers: Sequence[str],
+    repeats: int,
+    prefixes: dict[tuple[str, str | None], int],
+) -> tuple[list[Result], dict[str, float]]:
+    """Every tracker on one workload and guest size.
+
+    The repeats go round-robin over the trackers (repeat 1 of each, then repeat 2 of each...)
+    so that load from other processes, which comes and goes over seconds, falls on all of them
+    alike and the ratios within the run stay fair. On dma_churn the two calibration loops join
+    the round; their rates (conversions/s) are returned beside the results.
+    """
+    guest_pages = SIZES[size]
+    ops: dict[str, list[tuple[int, int, bool]]] = {}
+    for name in trackers:
+        prefix = prefixes.get((name, workload), prefixes.get((name, None)))
+        ops[name] = all_ops if prefix is None else all_ops[:prefix]
+    calls: dict[str, list[float]] = {name: [] for name in trackers}
+    batches: dict[str, list[float]] = {name: [] for name in trackers}
+    normalised: dict[str, list[float]] = {name: [] for name in trackers}
+    final: dict[str, Tracker] = {}
+    errors: dict[str, str] = {}
+    timed_workload = workload in TIMED_WORKLOADS
+    calibration: dict[str, list[float]] = {"raw bitarray": [], "raw bisect list": []}
+    for r in range(repeats if timed_workload else 1):
+        if workload == "dma_churn":
+            calibration["raw bitarray"].append(time_raw_bitarray(all_ops, guest_pages))
+            calibration["raw bisect list"].append(timed(lambda: raw_bisect(all_ops)))
+        for name in trackers:
+            if name in errors or (name in PEERS and r >= PEER_REPEATS):
+                continue
+            try:
+                tracker = make(name, guest_pages)
+                if timed_workload:
+                    calls[name].append(time_calls(tracker, ops[name]))
+                    if name in TRACKER_KINDS:
+                        fresh = make_tracker(name, guest_pages=guest_pages)
+                        # The machine's speed swings within seconds: calibrate right next to
+                        # the measurement it normalises.
+                        raw = time_raw_bitarray(all_ops, guest_pages) if workload == "dma_churn" else 0.0
+                        seconds = time_batch(fresh, ops[name])
+                        batches[name].append(seconds)
+                        if raw:
+                            factor = len(all_ops) / raw / CALIBRATION_RAW_BITARRAY
+                            normalised[name].append(len(ops[name]) / seconds / factor)
+                else:
+                    drive(tracker, ops[name])
+                final[name] = tracker
+            except Exception as err:  # a crash is a result to report (the hostile target), not an abort
+                errors[name] = repr(err)
+    results = []
+    for name in trackers:
+        n = len(ops[name])
+        if name in errors:
+            failure = errors[name]
+            results.append(Result(workload, size, guest_pages, name, n, None, None, 0, 0, 0, None, 0, False, failure))
+            continue
+        rate_call = n / statistics.median(calls[name]) if calls[name] else None
+        rate_batch = n / statistics.median(batches[name]) if batches[name] else rate_call
+        result = state_figures(final[name], workload, size, n, rate_batch, rate_call, repeats)
+        if normalised[name]:
+            result.batch_normalised_per_s = statistics.median(normalised[name])
+        results.append(result)
+    return results, {k: len(all_ops) / statistics.median(v) for k, v in calibration.items() if v}
+
+
+def state_figures(
+    tracker: Tracker, workload: str, size: str, n: int, rate_batch: float | None, rate_call: float | None,
+    repeats: int,
+) -> Result:
+    """Lookups, export and bytes of a tracker holding a workload's final state."""
+    guest_pages = SIZES[size]
+    ranges = tracker.shared_ranges()
+    # Lookups: half anywhere, half inside shared ranges; fewer for the peers (portion's are O(n)).
+    rng = random.Random(7)
+    ours = isinstance(tracker, SharedTracker)
+    n_lookups = 20_000 if ours else 2_000
+    probes = [rng.randrange(guest_pages) for _ in range(n_lookups // 2)]
+    if ranges:
+        picks = [ranges[rng.randrange(len(ranges))] for _ in range(n_lookups // 2)]
+        probes += [g + rng.randrange(npages) for g, npages in picks]
+    is_shared = tracker.is_shared
+    lookup = statistics.median(timed(lambda: [is_shared(g) for g in probes]) for _ in range(3))
+    if isinstance(tracker, SharedTracker):
+        buf = bytearray(tracker.export(bytearray()).size_needed_bytes)
+        export = statistics.median(time_export(tracker, buf) for _ in range(repeats))
+        nbytes = tracker.memory_bytes()
+        bound: int | None = tracker.memory_bound_bytes()
+        poisoned = tracker.poisoned
+        name = tracker.name
+    else:
+        assert isinstance(tracker, IntervalTreePeer | PortionPeer)
+        buf = bytearray(len(ranges) * 16)
+        export = statistics.median(time_export(tracker, buf) for _ in range(repeats))
+        nbytes = deep_sizeof(tracker.footprint())
+        bound = None
+        poisoned = False
+        name = tracker.name
+    return Result(
+        workload, size, guest_pages, name, n, rate_batch, rate_call,
+        lookup / len(probes) * 1e9, export * 1e6, nbytes, bound, len(ranges), poisoned,
+    )
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def _rate(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e6:.2f} M/s" if v >= 1e6 else f"{v / 1e3:.1f} k/s"
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def find(results: list[Result], workload: str, size: str, tracker: str) -> Result:
+    return next(r for r in results if (r.workload, r.size, r.tracker) == (workload, size, tracker))
+
+
+@dataclass
+class Check:
+    """One target: its verdict on the raw figures and, for rates, on speed-normalised ones."""
+
+    target: str
+    ok: bool
+    detail: str
+    normalised_ok: bool | None = None  # None: not a rate, nothing to normalise
+
+    @property
+    def passed(self) -> bool:
+        return self.ok or bool(self.normalised_ok)
+
+
+def speed_factor(calibration: dict[str, dict[str, float]], size: str) -> float:
+    """How fast this machine ran the raw bitarray loop in this run against its reference (16 M/s)."""
+    raw = calibration.get(size, {}).get("raw bitarray")
+    return raw / CALIBRATION_RAW_BITARRAY if raw else 1.0
+
+
+def rate_check(label: str, sizes: list[str], rows: list[Result], floor: float) -> Check:
+    rates = [r.batch_per_s or 0.0 for r in rows]
+    normalised = [r.batch_normalised_per_s or 0.0 for r in rows]
+    detail = ", ".join(
+        f"{s}: {_rate(r)} (normalised {_rate(n)})" for s, r, n in zip(sizes, rates, normalised, strict=True)
+    )
+    return Check(label, min(rates) >= floor, detail, min(normalised) >= floor)
+
+
+def targets(results: list[Result], sizes: list[str]) -> list[Check]:
+    checks: list[Check] = []
+    churn = {s: {r.tracker: r for r in results if r.workload == "dma_churn" and r.size == s} for s in sizes}
+    checks.append(rate_check(
+        f"ranges >= {RANGES_MIN_RATE / 1e6:.1f} M conversions/s on dma_churn (batch)", sizes,
+        [churn[s]["ranges"] for s in sizes], RANGES_MIN_RATE,
+    ))
+    for workload in ("boot", "dma_churn", "discontiguous"):
+        mem = [find(results, workload, s, "ranges").bytes for s in sizes]
+        checks.append(Check(
+            f"ranges memory on {workload} <= 16 KB and independent of guest size",
+            max(mem) <= SEED_MEMORY_MAX and max(mem) <= 1.1 * min(mem),
+            ", ".join(f"{s}: {m} B" for s, m in zip(sizes, mem, strict=True)),
+        ))
+    checks.append(rate_check(
+        f"bitmap >= {BITMAP_MIN_RATE / 1e6:.0f} M conversions/s on dma_churn (batch)", sizes,
+        [churn[s]["bitmap"] for s in sizes], BITMAP_MIN_RATE,
+    ))
+    ratios = []
+    for s in sizes:
+        peer = churn[s]["intervaltree"].call_per_s
+        ratios.append((churn[s]["tree"].call_per_s or 0.0) / peer if peer else 0.0)
+    checks.append(Check(
+        f"tree >= {TREE_MIN_RATIO:.0f}x intervaltree on dma_churn (per call, same driver)",
+        min(ratios) >= TREE_MIN_RATIO, ", ".join(f"{s}: {r:.1f}x" for s, r in zip(sizes, ratios, strict=True)),
+    ))
+    hostile = [r for r in results if r.workload == "hostile" and r.tracker in TRACKER_KINDS]
+    ok = all(
+        r.error is None
+        and r.bound_bytes is not None
+        and r.bytes <= r.bound_bytes
+        and (r.poisoned == (r.tracker != "bitmap"))
+        for r in hostile
+    )
+    detail = ", ".join(
+        f"{r.tracker}@{r.size}: {_bytes(r.bytes)} of {_bytes(r.bound_bytes or 0)}"
+        f"{' poisoned' if r.poisoned else ''}{' ERROR ' + r.error if r.error else ''}"
+        for r in hostile
+    )
+    checks.append(Check("hostile: no crash, memory under the bound, list and tree poisoned", ok, detail))
+    return checks
+
+
+def print_report(
+    results: list[Result], sizes: list[str], checks: list[Check], calibration: dict[str, dict[str, float]]
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Wide enough for the table when stdout is a file or a pipe (rich assumes 80 columns there).
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="shared-page trackers (medians)")
+    for col in ("workload", "guest", "tracker", "conversions", "conv/s batch", "conv/s per call", "is_shared",
+                "export", "bytes", "ranges", "poisoned"):
+        table.add_column(col, justify="right")
+    last = None
+    for r in results:
+        if last is not None and (r.workload, r.size) != last:
+            table.add_section()
+        last = (r.workload, r.size)
+        table.add_row(
+            r.workload, r.size, r.tracker, str(r.conversions), _rate(r.batch_per_s), _rate(r.call_per_s),
+            f"{r.is_shared_ns:.0f} ns", f"{r.export_us:.1f} µs", _bytes(r.bytes), str(r.ranges),
+            "ERROR" if r.error else ("yes" if r.poisoned else ""),
+        )
+    console.print(table)
+
+    ratios = Table(title="ratios within this run (dma_churn)")
+    ratios.add_column("ratio")
+    for s in sizes:
+        ratios.add_column(s, justify="right")
+    pairs = [
+        ("tree / intervaltree (per call)", "tree", "intervaltree", "call_per_s"),
+        ("tree / intervaltree (tree batch)", "tree", "intervaltree", "batch_per_s"),
+        ("ranges / intervaltree (batch)", "ranges", "intervaltree", "batch_per_s"),
+        ("ranges / portion (batch)", "ranges", "portion", "batch_per_s"),
+        ("bitmap / ranges (batch)", "bitmap", "ranges", "batch_per_s"),
+        ("ranges / tree (batch)", "ranges", "tree", "batch_per_s"),
+        ("ranges batch / per call", "ranges", "ranges", None),
+    ]
+    for label, a, b, field in pairs:
+        row = [label]
+        for s in sizes:
+            ra, rb = find(results, "dma_churn", s, a), find(results, "dma_churn", s, b)
+            if field is None:
+                x, y = ra.batch_per_s, rb.call_per_s
+            else:
+                x, y = getattr(ra, field), getattr(rb, field)
+            row.append(f"{x / y:.1f}x" if x and y else "-")
+        ratios.add_row(*row)
+    row = ["bitmap bytes / ranges bytes"]
+    for s in sizes:
+        bitmap, ranges = find(results, "dma_churn", s, "bitmap"), find(results, "dma_churn", s, "ranges")
+        row.append(f"{bitmap.bytes / ranges.bytes:.0f}x")
+    ratios.add_row(*row)
+    console.print(ratios)
+
+    calib = Table(title="calibration: bare loops on dma_churn, this machine, this run")
+    calib.add_column("loop")
+    for s in sizes:
+        calib.add_column(s, justify="right")
+    for loop, reference in (("raw bitarray", CALIBRATION_RAW_BITARRAY), ("raw bisect list", CALIBRATION_RAW_BISECT)):
+        figures = (_rate(calibration.get(s, {}).get(loop)) for s in sizes)
+        calib.add_row(f"{loop} (reference {_rate(reference)})", *figures)
+    calib.add_row("speed factor (raw bitarray / 16 M/s)", *(f"{speed_factor(calibration, s):.2f}" for s in sizes))
+    calib.add_row(
+        "ranges / raw bisect list",
+        *(f"{(find(results, 'dma_churn', s, 'ranges').batch_per_s or 0) / calibration[s]['raw bisect list']:.2f}x"
+          if s in calibration else "-" for s in sizes),
+    )
+    calib.add_row(
+        "bitmap / raw bitarray",
+        *(f"{(find(results, 'dma_churn', s, 'bitmap').batch_per_s or 0) / calibration[s]['raw bitarray']:.2f}x"
+          if s in calibration else "-" for s in sizes),
+    )
+    console.print(calib)
+
+    for check in checks:
+        if check.ok:
+            mark = "[green]PASS[/green]"
+        elif check.normalised_ok:
+            mark = "[yellow]PASS at normalised speed (this machine is slow right now)[/yellow]"
+        else:
+            mark = "[red]FAIL[/red]"
+        console.print(f"{mark} {check.target}: {check.detail}", highlight=False)
+
+
+def plot(results: list[Result], sizes: list[str], trackers: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [SIZES[s] * 4096 for s in sizes]
+    paths = []
+    # Distinct markers and dashes: ranges and tree overlap on the memory plots.
+    style = {
+        "bitmap": ("o", "-"), "ranges": ("s", "-"), "tree": ("^", "--"),
+        "intervaltree": ("D", "-."), "portion": ("v", ":"),
+    }
+
+    def label(name: str) -> str:
+        return f"{name} (prefix*)" if name == "portion" else name
+
+    note = (
+        "* portion rebuilds its union on every operation (O(n) each), so it runs only a prefix of "
+        "each workload (see the conversions column of the table)."
+    )
+
+    fig, axes = plt.subplots(1, len(TIMED_WORKLOADS), figsize=(5 * len(TIMED_WORKLOADS), 4.2), sharey=True)
+    for ax, workload in zip(axes, TIMED_WORKLOADS, strict=True):
+        for name in trackers:
+            ys = [find(results, workload, s, name).batch_per_s or float("nan") for s in sizes]
+            ax.plot(x, ys, marker=style[name][0], ls=style[name][1], label=label(name))
+        if workload == "dma_churn":
+            ax.axhline(RANGES_MIN_RATE, color="grey", ls="--", lw=0.8)
+            ax.axhline(BITMAP_MIN_RATE, color="grey", ls=":", lw=0.8)
+            ax.text(x[0], RANGES_MIN_RATE * 1.1, "ranges target", fontsize=7, color="grey")
+            ax.text(x[0], BITMAP_MIN_RATE * 1.1, "bitmap target", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(x, sizes)
+        ax.set_title(workload)
+        ax.set_xlabel("guest size")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("conversions/s (batch; peers per call)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=len(trackers), fontsize=8)
+    fig.suptitle("Tracker throughput against guest size (medians)", x=0.3)
+    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    paths.append(out / "throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(WORKLOAD_NAMES), figsize=(4.4 * len(WORKLOAD_NAMES), 4.2), sharey=True)
+    for ax, workload in zip(axes, WORKLOAD_NAMES, strict=True):
+        for name in trackers:
+            ys = [find(results, workload, s, name).bytes or float("nan") for s in sizes]
+            ax.plot(x, ys, marker=style[name][0], ls=style[name][1], label=label(name))
+        if workload != "hostile":
+            ax.axhline(SEED_MEMORY_MAX, color="grey", ls="--", lw=0.8)
+            ax.text(x[0], SEED_MEMORY_MAX * 1.15, "16 KB", fontsize=7, color="grey")
+        else:
+            bound = find(results, workload, sizes[0], "ranges").bound_bytes
+            if bound:
+                ax.axhline(bound, color="grey", ls="--", lw=0.8)
+                ax.text(x[0], bound * 1.15, f"ranges bound ({DEFAULT_MAX_RANGES} records)", fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(x, sizes)
+        ax.set_title(workload)
+        ax.set_xlabel("guest size")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("bytes used")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=len(trackers), fontsize=8)
+    fig.suptitle("Tracker memory against guest size", x=0.3)
+    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    paths.append(out / "memory.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default bench-out/)")
+    parser.add_argument("--quick", action="store_true", help="fewer conversions and repeats (~35 s)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 7, quick 3)")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="guest sizes, from 1G,64G,1T")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target fails")
+    args = parser.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    if not sizes or any(s not in SIZES for s in sizes):
+        parser.error(f"--sizes: choose from {','.join(SIZES)}")
+    repeats = args.repeats or (3 if args.quick else 7)
+    conversions = 10_000 if args.quick else 40_000
+    prefixes = {k: v // 2 for k, v in PEER_PREFIX.items()} if args.quick else PEER_PREFIX
+    trackers = [*TRACKER_KINDS, *PEERS]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    results: list[Result] = []
+    calibration: dict[str, dict[str, float]] = {}
+    for workload in WORKLOAD_NAMES:
+        for size in sizes:
+            ops = list(make_workload(workload, SIZES[size], seed=1, conversions=conversions))
+            case, calib = measure(workload, size, ops, trackers, repeats, prefixes)
+            results.extend(case)
+            if calib:
+                calibration[size] = calib
+            print(f"  {workload:<13} {size:>3}: {len(ops)} conversions", file=sys.stderr)
+    checks = targets(results, sizes)
+    print_report(results, sizes, checks, calibration)
+    paths = plot(results, sizes, trackers, args.out)
+    doc: dict[str, Any] = {
+        "results": [asdict(r) for r in results],
+        "targets": [asdict(c) for c in checks],
+        "calibration": calibration,
+        "loadavg": {"before": load_before, "after": os.getloadavg()},
+        "conversions": conversions,
+        "repeats": repeats,
+        "python": sys.version.split()[0],
+        "seconds": time.perf_counter() - started,
+    }
+    (args.out / "results.json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {', '.join(str(p) for p in [*paths, args.out / 'results.json'])} "
+          f"in {doc['seconds']:.0f} s", file=sys.stderr)
+    return 1 if args.check and not all(c.passed for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

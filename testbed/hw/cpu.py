@@ -173,6 +173,16 @@ def _npf_error(access: int, private: bool) -> int:
     return err | (NPF_GUEST_ENC if private else 0)
 
 
+def _raw_function(name: str) -> Any:
+    """A libunicorn entry point without argtypes: ctypes then passes the prepared pointers and
+    ints as they are, which halves the cost of a register access on the hot path (the binding's
+    prototypes convert every argument on every call)."""
+    fn = getattr(ctypes.CDLL(ucpy.uclib._name), name)
+    fn.argtypes = None
+    fn.restype = ctypes.c_int
+    return fn
+
+
 class HardwareError(TestbedError):
     """The emulator did something the model cannot continue from (a testbed bug)."""
 
@@ -344,13 +354,13 @@ class UnicornVcpu:
         if snp:
             memory.host_write_guard = self._rmp_host_write_check
         memory.on_host_write = self._on_host_write
-        self._h = self._uc._uch
+        self._h = ctypes.c_void_p(self._uc._uch.value)  # a plain pointer: no argtypes conversion
         self._lib = ucpy.uclib
         self._val = ctypes.c_uint64()
         self._ref = ctypes.byref(self._val)
         self._batches: dict[tuple[Reg, ...], Any] = {}
-        self._reg_read_batch = self._lib.uc_reg_read_batch
-        self._reg_write_batch = self._lib.uc_reg_write_batch
+        self._reg_read_batch = _raw_function("uc_reg_read_batch")
+        self._reg_write_batch = _raw_function("uc_reg_write_batch")
         self._arg_vals = (ctypes.c_uint64 * 4)()
         self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
         self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
@@ -362,8 +372,8 @@ class UnicornVcpu:
         #: for plain VMs: it is vmexit(SVM_EXIT_VMMCALL / EXIT_REASON_VMCALL) without dispatch).
         self._fast_hypercall: Callable[[], None] | None = None
         self._native_hypercall = VMMCALL_BYTES if vendor is Vendor.AMD else VMCALL_BYTES
-        self._reg_read = self._lib.uc_reg_read
-        self._reg_write = self._lib.uc_reg_write
+        self._reg_read = _raw_function("uc_reg_read")
+        self._reg_write = _raw_function("uc_reg_write")
         self._ctx = _CTX_NONE
         self._cur_rip = 0
         self._cur_len = 0

@@ -117,6 +117,7 @@ class Vmm:
         #: where the final shared ranges come from (the VMM's tracker unless KVM keeps them)
         self.shared_source = map_gpa.tracker
         self.report = RunReport()
+        self._reason_counts: dict[int, int] = {}  # per exit reason; named in the report at the end
         self._final: tuple[str, str] | None = None
 
     # ---------------------------------------------------------------- the run loop
@@ -132,6 +133,8 @@ class Vmm:
             stop = self.vcpu.run(self, remaining)
             self._on_stop(stop, timeout_s)
         self.report.wall_s = time.perf_counter() - start
+        for reason, count in self._reason_counts.items():
+            self.report.exit_counts[exit_name(reason)] += count
         assert self._final is not None
         self.report.outcome, self.report.detail = self._final
         self.report.shared_ranges = [[gfn, n] for gfn, n in self.shared_source.shared_ranges()]
@@ -153,8 +156,9 @@ class Vmm:
     # ------------------------------------------------------------------- exits
     def handle_exit(self, run: KvmExit) -> bool:
         """Userspace's half of KVM_RUN: True re-enters the guest, False stops."""
-        name = exit_name(run.reason)
-        self.report.exit_counts[name] += 1
+        reason = run.reason
+        counts = self._reason_counts
+        counts[reason] = counts.get(reason, 0) + 1
         if type(run) is HypercallExit:  # the hot path first
             if run.nr == KVM_HC_MAP_GPA_RANGE:
                 run.ret = self.map_gpa.handle(run.args[0], run.args[1], run.args[2])
@@ -212,7 +216,7 @@ class Vmm:
             self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail})
             self._finish("internal_error", run.detail)
             return False
-        self._finish("internal_error", f"unexpected exit {name}")
+        self._finish("internal_error", f"unexpected exit {exit_name(run.reason)}")
         return False
 
     def _record(self, entry: dict[str, Any]) -> None:

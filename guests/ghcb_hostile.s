@@ -15,6 +15,10 @@
 #   8  GHCB MSR pointing at a private page       -> SNP: not the registered GHCB, VM-fatal;
 #                                                   SEV-ES: KVM reads ciphertext, answers into
 #                                                   it; the guest survives and reports 0x8888
+#   9  SNP: a shared page that is not the        -> VM-fatal (sev_handle_vmgexit: "GHCB GPA
+#      registered GHCB used as GHCB                 is not registered")
+#  10  PSC for a GFN beyond guest memory         -> forwarded by KVM, refused by the VMM:
+#                                                   0, 0x10000000000 (VMGEXIT_PSC_ERROR_GENERIC)
 .ifndef SCENARIO
 .equ SCENARIO, 0
 .endif
@@ -105,6 +109,23 @@ guest_main:
     shr rdx, 32
     wrmsr
     rep vmmcall
+.endif
+.if SCENARIO == 9
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    mov eax, UCALL_GPA                     # shared, but not the GHCB the guest registered
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    GUEST_SYNC 0xbad
+    ret
+.endif
+.if SCENARIO == 10
+    mov rbx, 0
+    mov rcx, GUEST_MEM_SIZE + 0x100000
+    mov rax, 2 << 52
+    or rcx, rax
+    xor edx, edx
+    call psc_request
 .endif
 .if SCENARIO == 8
     mov rdi, GUEST_FREE_GPA

@@ -107,6 +107,7 @@ def test_snp_registers_and_shares_its_ghcb() -> None:
         (5, 0, 0),  # cur_entry > end_entry: nothing to do
         (6, 2, 3),  # scratch outside the shared buffer -> INVALID_SCRATCH_AREA
         (7, 0x600D, 0x600D),  # GHCB outside memory: KVM resumes the guest untouched
+        (10, 0, 0x100_0000_0000),  # PSC beyond guest memory: the VMM refuses -> GENERIC
     ],
 )
 def test_hostile_ghcb_requests_are_answered_as_kvm_does(scenario: int, info1: int, info2: int) -> None:
@@ -229,3 +230,44 @@ def test_ghcb_on_a_private_page() -> None:
     es = run_file("ghcb_hostile.s", "sev-es", defines={"SCENARIO": 8})
     assert es.outcome == "done", es.detail
     assert es.syncs() == [0x8888]
+
+
+def test_unregistered_ghcb_is_fatal_on_snp() -> None:
+    """SNP: a full-GHCB VMGEXIT from a GPA other than the registered GHCB fails KVM_RUN (sev.c)."""
+    report = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 9})
+    assert report.outcome == "internal_error"
+    assert "not registered" in report.detail
+    assert report.syncs() == []
+
+
+RUNTIME_CODE = """
+.equ CODE_PAGE, GUEST_FREE_GPA + 0x3000
+guest_main:
+    # write `mov ecx, 0xc0010130; rdmsr; shl rdx, 32; or rax, rdx; ret` at run time, call it
+    mov rdi, CODE_PAGE
+    mov byte ptr [rdi], 0xb9
+    mov dword ptr [rdi + 1], 0xc0010130
+    mov word ptr [rdi + 5], 0x320f
+    mov dword ptr [rdi + 7], 0x20e2c148
+    mov word ptr [rdi + 11], 0x0948
+    mov byte ptr [rdi + 13], 0xd0
+    mov byte ptr [rdi + 14], 0xc3
+    call rdi
+    GUEST_SYNC rax
+    # rewrite the same, already executed page: rdmsr -> a harmless `xor eax, eax` + nop
+    mov rdi, CODE_PAGE
+    mov word ptr [rdi + 5], 0xc031
+    call rdi
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+def test_ghcb_msr_read_by_code_written_at_run_time(vm_type: str) -> None:
+    """RDMSR of the GHCB MSR in code the guest wrote at run time is intercepted; rewriting it is seen."""
+    machine, report = run_text(RUNTIME_CODE, vm_type)
+    assert report.outcome == "done", report.detail
+    first, second = report.syncs()
+    assert first == RT_GHCB  # the runtime wrote its GHCB's GPA before its last VMGEXIT
+    assert second == 0

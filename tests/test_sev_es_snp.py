@@ -266,7 +266,7 @@ guest_main:
 @pytest.mark.parametrize("vm_type", ES_TYPES)
 def test_ghcb_msr_read_by_code_written_at_run_time(vm_type: str) -> None:
     """RDMSR of the GHCB MSR in code the guest wrote at run time is intercepted; rewriting it is seen."""
-    machine, report = run_text(RUNTIME_CODE, vm_type)
+    _, report = run_text(RUNTIME_CODE, vm_type)
     assert report.outcome == "done", report.detail
     first, second = report.syncs()
     assert first == RT_GHCB  # the runtime wrote its GHCB's GPA before its last VMGEXIT

@@ -364,6 +364,13 @@ class UnicornVcpu:
         self._arg_vals = (ctypes.c_uint64 * 4)()
         self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
         self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
+        self._snap = (ctypes.c_uint64 * 7)()
+        self._snap_ids = (ctypes.c_int * 7)(
+            ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
+            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
+        )
+        self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
+        self._snap_valid = False
         self._hc_vals = (ctypes.c_uint64 * 2)()
         self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
         self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
@@ -457,6 +464,9 @@ class UnicornVcpu:
 
     def hypercall_args(self) -> tuple[int, int, int, int]:
         """RBX, RCX, RDX, RSI (a0..a3 of the KVM hypercall ABI) in one batched read."""
+        if self._snap_valid:
+            s = self._snap
+            return s[3], s[4], s[5], s[6]
         self._reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
         v = self._arg_vals
         return v[0], v[1], v[2], v[3]
@@ -878,16 +888,23 @@ class UnicornVcpu:
         exit, takes a short path (no guard frame, no generic dispatch); everything else goes
         through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
         try:
-            self._reg_read(self._h, _RIP, self._ref)
-            rip = int(self._val.value)
+            # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
+            # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
+            # then reads from there (hypercall_regs / hypercall_args).
+            snap = self._snap
+            snap[2] = 0  # CS fills only the low bytes of its slot
+            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
+            rip = snap[0]
             if self._fast_hypercall is not None and self._fetch_at_rip(rip, 3) == self._native_hypercall:
                 self._cur_rip = rip
                 self._cur_len = 3
                 self._ctx = _CTX_INVALID
+                self._snap_valid = True
                 try:
                     self._fast_hypercall()
                 finally:
                     self._ctx = _CTX_NONE
+                    self._snap_valid = False
                 return not self._stop_requested
             return self._on_invalid(rip)
         except BaseException as exc:  # re-raised from run(); must not unwind through C
@@ -897,7 +914,9 @@ class UnicornVcpu:
             return False
 
     def hypercall_regs(self) -> tuple[int, int]:
-        """(RAX, CS selector) in one batched read: what KVM needs first on a hypercall."""
+        """(RAX, CS selector): what KVM needs first on a hypercall."""
+        if self._snap_valid:
+            return self._snap[1], self._snap[2] & 0xFFFF
         values = self._hc_vals
         values[1] = 0  # Unicorn writes only the selector's low bytes into this slot
         self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)

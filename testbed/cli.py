@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="assemble and run a guest program")
     run.add_argument("guest", type=Path, help="guest source (.s)")
     _add_vm_options(run)
+    run.add_argument("--ghcb-version", type=int, default=2,
+                     help="GHCB protocol version KVM offers to SEV-ES/SNP guests (1 or 2; default 2)")
     run.add_argument("--no-fix-hypercall", action="store_true", help="disable KVM_X86_QUIRK_FIX_HYPERCALL_INSN")
     run.add_argument("--no-map-gpa-exit", action="store_true", help="do not enable the KVM_HC_MAP_GPA_RANGE user exit")
     run.add_argument("--pv-features", default=None,
@@ -173,6 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     options = vm_options_from_args(args)
     options.fix_hypercall = not args.no_fix_hypercall
+    options.ghcb_version = args.ghcb_version
     options.map_gpa_exit = not args.no_map_gpa_exit
     options.timeout = args.timeout
     if args.tracker:

@@ -91,6 +91,8 @@ class VmOptions:
     trace: IO[str] | None = None
     record_exits: bool = True
     hc_protocol: str = "map-gpa-range"
+    #: the GHCB protocol version KVM offers (KVM_SEV_INIT2's ghcb_version; 1 = legacy KVM_SEV_INIT)
+    ghcb_version: int = 2
     implicit_conversion: str = "convert"
     max_ranges: int | None = None
     #: VMM fault injection: (gpa, npages, to_private: True/False/None for both) ranges whose
@@ -178,6 +180,7 @@ class Machine:
         self.cpu.on_guest_ud = self._explain_guest_ud
         host = self.memory.host_view()
         self.kvm_vm = KvmVm(vm_type, options.vendor, host, c_bit=options.c_bit)
+        self.kvm_vm.ghcb_version = options.ghcb_version
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
         self.cpu.hypervisor = self.kvm_vcpu
         self._configure_kvm()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.errors import GuestMemoryError
+from testbed.errors import GuestMemoryError, UsageError
 from testbed.layout import RT_GHCB, UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 from testbed.vmm.vmm import RunReport
@@ -271,3 +271,13 @@ def test_ghcb_msr_read_by_code_written_at_run_time(vm_type: str) -> None:
     first, second = report.syncs()
     assert first == RT_GHCB  # the runtime wrote its GHCB's GPA before its last VMGEXIT
     assert second == 0
+
+
+def test_runtime_negotiates_the_ghcb_protocol() -> None:
+    """KVM offering only GHCB v1 makes the runtime (speaking v2) terminate with reason 0/1, as
+    Linux's sev_es_negotiate_protocol() does; SNP with v1 is refused by KVM itself."""
+    report = run_file("hypercall_insn.s", "sev-es", ghcb_version=1)
+    assert report.outcome == "terminated"
+    assert report.termination == {"reason_set": 0, "reason_code": 1}
+    with pytest.raises(UsageError):
+        run_file("hypercall_insn.s", "sev-snp", ghcb_version=1)

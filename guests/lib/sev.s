@@ -338,8 +338,36 @@ rt_setup_ghcb:
     test rax, 2                        # SEV-ES?
     jz rt_setup_ghcb_done
     mov qword ptr [rdi + 0x820], 0
+    # Negotiate the GHCB protocol as sev_es_negotiate_protocol(): SEV information request;
+    # the answer carries [63:48] max and [47:32] min version. We speak version 2.
+    mov rdi, 0x002
+    call rt_ghcb_msr_call
+    mov rbx, rax
+    and rbx, 0xfff
+    cmp rbx, 0x001
+    jne rt_setup_ghcb_badproto
+    mov rbx, rax
+    shr rbx, 48                        # max
+    cmp rbx, 2
+    jb rt_setup_ghcb_badproto
+    mov rbx, rax
+    shr rbx, 32
+    and rbx, 0xffff                    # min
+    cmp rbx, 2
+    ja rt_setup_ghcb_badproto
+    mov rdi, RT_DATA
+    mov rax, qword ptr [rdi + 0x808]
     test rax, 4                        # SNP?
     jz rt_setup_ghcb_es
+    # SNP: the hypervisor must offer SNP (GHCB_MSR_HV_FT_REQ, bit 0), as Linux checks
+    mov rdi, 0x080
+    call rt_ghcb_msr_call
+    mov rbx, rax
+    and rbx, 0xfff
+    cmp rbx, 0x081
+    jne rt_sev_terminate
+    bt rax, 12                         # feature bit 0 is bit 12 of the MSR value
+    jnc rt_setup_ghcb_nosnp
     # SNP: register the GHCB GPA (GHCB_MSR_REG_GPA_REQ), then make its page shared: rescind
     # our validation and change its state with an MSR-protocol PSC (Linux does the same in
     # snp_register_ghcb_early / early_set_pages_state).
@@ -373,6 +401,12 @@ rt_setup_ghcb_es:
     mov qword ptr [rdi + 0x820], 1
 rt_setup_ghcb_done:
     ret
+rt_setup_ghcb_badproto:
+    GUEST_TERMINATE 0, 1               # GHCB_SEV_ES_PROT_UNSUPPORTED
+    jmp rt_setup_ghcb_badproto
+rt_setup_ghcb_nosnp:
+    GUEST_TERMINATE 0, 2               # GHCB_SNP_UNSUPPORTED
+    jmp rt_setup_ghcb_nosnp
 
 # SNP: PVALIDATE every frame from RT_VALIDATE_START to the end of memory (4 KiB at a time;
 # the frames below were validated at launch, the ucall page is made shared later).

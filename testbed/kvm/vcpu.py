@@ -110,6 +110,7 @@ class KvmVcpu:
         if vm.type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM):
             self.sev_state = SevState(
                 snp=vm.type == KvmVmType.KVM_X86_SNP_VM,
+                ghcb_version=vm.ghcb_version,
                 c_bit=vm.c_bit,
                 hypercall_exit_enabled=lambda: bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE)),
             )

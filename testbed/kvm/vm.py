@@ -83,6 +83,8 @@ class KvmVm:
     def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51) -> None:
         self.type = vm_type
         self.c_bit = c_bit
+        #: GHCB protocol version for SEV-ES/SNP (KVM_SEV_INIT2's ghcb_version, default 2)
+        self.ghcb_version = 2
         self.vendor = vendor
         self.memory = memory
         self.hypercall_exit_mask = 0

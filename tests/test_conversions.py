@@ -144,3 +144,22 @@ def test_hostile_guest_poisons_a_bounded_tracker_without_crashing() -> None:
     assert report.outcome == "done", report.detail  # type: ignore[attr-defined]
     assert report.extra.get("tracker_poisoned") is True  # type: ignore[attr-defined]
     assert len(report.shared_ranges) <= 16  # type: ignore[attr-defined]
+
+
+def test_no_hypercall_when_the_feature_is_not_advertised() -> None:
+    """Without the exit the VMM does not advertise KVM_FEATURE_HC_MAP_GPA_RANGE, and the guest
+    (checking CPUID 0x40000001 bit 16 as Linux does) converts without telling the host."""
+    _, report = run(0, "default", map_gpa_exit=False)
+    assert report.outcome == "done", report.detail  # type: ignore[attr-defined]
+    assert "hypercall" not in report.exit_counts  # type: ignore[attr-defined]
+    assert report.shared_ranges == []  # type: ignore[attr-defined]
+
+
+def test_advertised_feature_without_the_exit_gives_enosys() -> None:
+    """A VMM that advertises the feature but never enabled the exit: KVM answers -KVM_ENOSYS."""
+    from testbed.kvm.uapi import KVM_FEATURE_HC_MAP_GPA_RANGE
+
+    _, report = run(0, "default", map_gpa_exit=False, pv_features=1 << KVM_FEATURE_HC_MAP_GPA_RANGE)
+    assert report.outcome == "guest_assert"  # type: ignore[attr-defined]
+    abort = report.ucalls[-1]  # type: ignore[attr-defined]
+    assert abort["args"][0] == (-1000) & (2**64 - 1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -78,6 +79,12 @@ from testbed.x86 import (
     vector_name,
 )
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
+
+_fastexit: Any
+try:  # the optional C fast path for exits (testbed/hw/_fastexit.c, built by setup.py)
+    import testbed.hw._fastexit as _fastexit
+except ImportError:  # pragma: no cover - depends on the build
+    _fastexit = None
 
 #: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
 PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
@@ -370,7 +377,7 @@ class UnicornVcpu:
             ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
         )
         self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
-        self._snap_valid = False
+        self._snapshot: tuple[int, int, int, int, int, int] | None = None
         self._hc_vals = (ctypes.c_uint64 * 2)()
         self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
         self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
@@ -426,7 +433,20 @@ class UnicornVcpu:
 
     def _install_hooks(self) -> None:
         self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill, False))
-        self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_fast)
+        self._fastexit: Any = None
+        if _fastexit is not None and not os.environ.get("TESTBED_NO_FASTEXIT"):
+            lib = ctypes.CDLL(ucpy.uclib._name)
+
+            def address(name: str) -> int:
+                return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+
+            self._fastexit = _fastexit.FastExit(
+                self._h.value, address("uc_hook_add"), address("uc_reg_read_batch"),
+                address("uc_reg_write_batch"), list(self._snap_ids), 2,
+                [ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP], self._on_invalid_exit,
+            )
+        else:
+            self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_ctypes)
         self._add_hook(ucc.UC_HOOK_INTR, _INTR_CFUNC, self._guard(self._on_intr, None))
         self._add_hook(ucc.UC_HOOK_INSN, _OUT_CFUNC, self._guard(self._on_out, None), ux.UC_X86_INS_OUT)
         self._add_hook(ucc.UC_HOOK_INSN, _IN_CFUNC, self._guard(self._on_in, 0), ux.UC_X86_INS_IN)
@@ -464,9 +484,9 @@ class UnicornVcpu:
 
     def hypercall_args(self) -> tuple[int, int, int, int]:
         """RBX, RCX, RDX, RSI (a0..a3 of the KVM hypercall ABI) in one batched read."""
-        if self._snap_valid:
-            s = self._snap
-            return s[3], s[4], s[5], s[6]
+        snap = self._snapshot
+        if snap is not None:
+            return snap[2], snap[3], snap[4], snap[5]
         self._reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
         v = self._arg_vals
         return v[0], v[1], v[2], v[3]
@@ -883,40 +903,53 @@ class UnicornVcpu:
         except _DeliveryFault:
             return self.fetch_bytes(rip, PAGE_SIZE - off)
 
-    def _on_invalid_fast(self, _h: Any, _ud: Any) -> bool:
-        """The INSN_INVALID hook. The native hypercall of a plain VM, by far the most frequent
-        exit, takes a short path (no guard frame, no generic dispatch); everything else goes
-        through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
+    def _on_invalid_ctypes(self, _h: Any, _ud: Any) -> bool:
+        """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
         try:
             # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
             # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
             # then reads from there (hypercall_regs / hypercall_args).
-            snap = self._snap
-            snap[2] = 0  # CS fills only the low bytes of its slot
+            s = self._snap
+            s[2] = 0  # CS fills only the low bytes of its slot
             self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
-            rip = snap[0]
+        except BaseException as exc:  # re-raised from run(); must not unwind through C
+            return self._hook_failed(exc)
+        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6])
+
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+        """An instruction Unicorn cannot execute, with the exit's register snapshot.
+
+        The native hypercall of a plain VM, by far the most frequent exit, takes a short path
+        (no guard frame, no generic dispatch); everything else goes through `_on_invalid`.
+        Exceptions are caught here as `_guard` would catch them."""
+        try:
             if self._fast_hypercall is not None and self._fetch_at_rip(rip, 3) == self._native_hypercall:
                 self._cur_rip = rip
                 self._cur_len = 3
                 self._ctx = _CTX_INVALID
-                self._snap_valid = True
+                self._snapshot = (rax, cs & 0xFFFF, rbx, rcx, rdx, rsi)
                 try:
                     self._fast_hypercall()
                 finally:
                     self._ctx = _CTX_NONE
-                    self._snap_valid = False
+                    self._snapshot = None
                 return not self._stop_requested
             return self._on_invalid(rip)
-        except BaseException as exc:  # re-raised from run(); must not unwind through C
-            if self._hook_error is None:
-                self._hook_error = exc
-            self._uc.emu_stop()
-            return False
+        except BaseException as exc:
+            return self._hook_failed(exc)
+
+    def _hook_failed(self, exc: BaseException) -> bool:
+        # Re-raised from run(); an exception must not unwind through Unicorn's C frames.
+        if self._hook_error is None:
+            self._hook_error = exc
+        self._uc.emu_stop()
+        return False
 
     def hypercall_regs(self) -> tuple[int, int]:
         """(RAX, CS selector): what KVM needs first on a hypercall."""
-        if self._snap_valid:
-            return self._snap[1], self._snap[2] & 0xFFFF
+        snap = self._snapshot
+        if snap is not None:
+            return snap[0], snap[1]
         values = self._hc_vals
         values[1] = 0  # Unicorn writes only the selector's low bytes into this slot
         self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
@@ -924,6 +957,9 @@ class UnicornVcpu:
 
     def complete_hypercall(self, rax: int) -> None:
         """RAX = the result and RIP past the instruction, in one batched write."""
+        if self._fastexit is not None:
+            self._fastexit.write2(rax & U64, self._cur_rip + self._cur_len)
+            return
         values = self._hc_vals
         values[0] = rax & U64
         values[1] = self._cur_rip + self._cur_len

@@ -1,0 +1,182 @@
+/*
+ * _fastexit: the hardware model's hot exit path, in C.
+ *
+ * A hypercall exit costs two Python<->C crossings per register access through ctypes plus a
+ * ctypes callback trampoline; on the testbed's machines those crossings, not the model's
+ * logic, dominated an exit (docs/emulator-facts.md). This module removes them and nothing
+ * else: it registers Unicorn's UC_HOOK_INSN_INVALID hook with a C callback that reads the
+ * exit's register snapshot (the VMCB save area KVM reads) in one uc_reg_read_batch and calls
+ * the Python hardware model with the values; and it offers one call to write RAX and RIP back.
+ * Every decision stays in Python (testbed/hw/cpu.py).
+ *
+ * It does not link against libunicorn: the Python side passes the addresses of
+ * uc_hook_add, uc_reg_read_batch and uc_reg_write_batch it got from ctypes. Optional: if it
+ * cannot be built, cpu.py uses the same path through ctypes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef int (*reg_batch_fn)(void *uc, int *ids, void **vals, int count);
+typedef int (*hook_add_fn)(void *uc, size_t *hh, int type, void *callback, void *user_data, uint64_t begin,
+                           uint64_t end, ...);
+
+#define UC_HOOK_INSN_INVALID (1 << 14)
+#define NSNAP 7
+
+typedef struct {
+    PyObject_HEAD
+    void *uc;
+    reg_batch_fn read_batch;
+    reg_batch_fn write_batch;
+    int snap_ids[NSNAP];
+    uint64_t snap[NSNAP];
+    void *snap_ptrs[NSNAP];
+    int cs_index;
+    int wr_ids[2];
+    uint64_t wr[2];
+    void *wr_ptrs[2];
+    PyObject *handler;
+    size_t hook;
+} FastExit;
+
+static bool on_invalid(void *uc, void *user_data)
+{
+    FastExit *fe = (FastExit *)user_data;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    bool resume = false;
+    PyObject *args[NSNAP];
+    int i;
+
+    fe->snap[fe->cs_index] = 0; /* a segment register fills only the low bytes of its slot */
+    if (fe->read_batch(uc, fe->snap_ids, fe->snap_ptrs, NSNAP) == 0) {
+        for (i = 0; i < NSNAP; i++)
+            args[i] = PyLong_FromUnsignedLongLong(fe->snap[i]);
+        PyObject *result = PyObject_Vectorcall(fe->handler, args, NSNAP, NULL);
+        for (i = 0; i < NSNAP; i++)
+            Py_XDECREF(args[i]);
+        if (result != NULL) {
+            resume = PyObject_IsTrue(result) == 1;
+            Py_DECREF(result);
+        } else {
+            /* The Python handler records its own exceptions; anything escaping it is a bug
+             * that must not unwind through Unicorn: stop emulation, print it. */
+            PyErr_Print();
+        }
+    }
+    PyGILState_Release(gil);
+    return resume;
+}
+
+static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
+{
+    unsigned long long uc, hook_add, read_batch, write_batch;
+    PyObject *ids, *wids, *handler;
+    int cs_index;
+    if (!PyArg_ParseTuple(args, "KKKKOiOO", &uc, &hook_add, &read_batch, &write_batch, &ids, &cs_index, &wids,
+                          &handler))
+        return -1;
+    if (!PyCallable_Check(handler)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable");
+        return -1;
+    }
+    if (!PySequence_Check(ids) || PySequence_Size(ids) != NSNAP || !PySequence_Check(wids) ||
+        PySequence_Size(wids) != 2 || cs_index < 0 || cs_index >= NSNAP) {
+        PyErr_SetString(PyExc_ValueError, "expected 7 snapshot register ids, the CS index and 2 write ids");
+        return -1;
+    }
+    for (int i = 0; i < NSNAP; i++) {
+        PyObject *item = PySequence_GetItem(ids, i);
+        if (item == NULL)
+            return -1;
+        self->snap_ids[i] = (int)PyLong_AsLong(item);
+        Py_DECREF(item);
+        self->snap_ptrs[i] = &self->snap[i];
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *item = PySequence_GetItem(wids, i);
+        if (item == NULL)
+            return -1;
+        self->wr_ids[i] = (int)PyLong_AsLong(item);
+        Py_DECREF(item);
+        self->wr_ptrs[i] = &self->wr[i];
+    }
+    if (PyErr_Occurred())
+        return -1;
+    self->uc = (void *)(uintptr_t)uc;
+    self->read_batch = (reg_batch_fn)(uintptr_t)read_batch;
+    self->write_batch = (reg_batch_fn)(uintptr_t)write_batch;
+    self->cs_index = cs_index;
+    Py_INCREF(handler);
+    Py_XSETREF(self->handler, handler);
+    int err = ((hook_add_fn)(uintptr_t)hook_add)(self->uc, &self->hook, UC_HOOK_INSN_INVALID, (void *)on_invalid,
+                                                 self, (uint64_t)1, (uint64_t)0);
+    if (err != 0) {
+        PyErr_Format(PyExc_RuntimeError, "uc_hook_add(UC_HOOK_INSN_INVALID) failed: %d", err);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write2(value0, value1)");
+        return NULL;
+    }
+    self->wr[0] = PyLong_AsUnsignedLongLongMask(args[0]);
+    self->wr[1] = PyLong_AsUnsignedLongLongMask(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->write_batch(self->uc, self->wr_ids, self->wr_ptrs, 2) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "uc_reg_write_batch failed");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void FastExit_dealloc(FastExit *self)
+{
+    /* The hook stays registered as long as the Uc lives; cpu.py keeps this object alive as
+     * long as the vCPU, so the user_data pointer never dangles while emulation can run. */
+    Py_XDECREF(self->handler);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef FastExit_methods[] = {
+    {"write2", (PyCFunction)(void (*)(void))FastExit_write2, METH_FASTCALL,
+     "Write the two registers given at construction (RAX, RIP) in one uc_reg_write_batch."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastExitType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "testbed.hw._fastexit.FastExit",
+    .tp_basicsize = sizeof(FastExit),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "UC_HOOK_INSN_INVALID in C with a batched register snapshot, calling a Python handler.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FastExit_init,
+    .tp_dealloc = (destructor)FastExit_dealloc,
+    .tp_methods = FastExit_methods,
+};
+
+static struct PyModuleDef fastexit_module = {
+    PyModuleDef_HEAD_INIT, "_fastexit", "The hardware model's hot exit path (see the file's comment).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastexit(void)
+{
+    if (PyType_Ready(&FastExitType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastexit_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FastExitType);
+    if (PyModule_AddObject(m, "FastExit", (PyObject *)&FastExitType) < 0) {
+        Py_DECREF(&FastExitType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,18 @@
+"""Type stub of the optional C fast path (testbed/hw/_fastexit.c)."""
+
+from collections.abc import Callable, Sequence
+
+class FastExit:
+    def __init__(
+        self,
+        uc: int,
+        hook_add: int,
+        read_batch: int,
+        write_batch: int,
+        snapshot_ids: Sequence[int],
+        cs_index: int,
+        write_ids: Sequence[int],
+        handler: Callable[[int, int, int, int, int, int, int], bool],
+        /,
+    ) -> None: ...
+    def write2(self, value0: int, value1: int, /) -> None: ...

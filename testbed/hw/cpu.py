@@ -82,7 +82,7 @@ from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFaul
 
 _fastexit: Any
 try:  # the optional C fast path for exits (testbed/hw/_fastexit.c, built by setup.py)
-    import testbed.hw._fastexit as _fastexit
+    from testbed.hw import _fastexit
 except ImportError:  # pragma: no cover - depends on the build
     _fastexit = None
 

@@ -371,6 +371,19 @@ class UnicornVcpu:
         self._arg_vals = (ctypes.c_uint64 * 4)()
         self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
         self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
+        self._fill_regs = (ctypes.c_uint64 * 3)()
+        self._fill_ids = (ctypes.c_int * 3)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0)
+        self._fill_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)))
+        dram = memory.dram
+        size = memory.size
+
+        def plain_pte(pa: int) -> int:
+            if pa + 8 > size:
+                raise GuestMemoryError("page-table read outside guest memory", pa)
+            return int(_U64S.unpack_from(dram, pa)[0])
+
+        self._pte_reader_plain = plain_pte
+        self._pte_reader_private: Callable[[int], int] = lambda pa: memory.cpu_read_u64(pa, True)
         self._snap = (ctypes.c_uint64 * 7)()
         self._snap_ids = (ctypes.c_int * 7)(
             ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
@@ -600,12 +613,16 @@ class UnicornVcpu:
         return self._mem
 
     # ------------------------------------------------------------------------- MMU
-    def _paging_walk(self, va: int, access: int, user: bool) -> Translation | PageFault:
-        cr3 = self._rd(_CR3)
-        wp = bool(self._rd(_CR0) & CR0_WP)
+    def _paging_walk(self, va: int, access: int, user: bool, cr3: int | None = None,
+                     cr0: int | None = None) -> Translation | PageFault:
+        if cr3 is None or cr0 is None:
+            cr3 = self._rd(_CR3)
+            cr0 = self._rd(_CR0)
         mem = self._mem
-        private = mem.encrypted  # SEV: the CPU always walks page tables as private
-        return walk(lambda pa: mem.cpu_read_u64(pa, private), cr3, va, access, user, self._paging, wp=wp)
+        # SEV: the CPU always walks page tables as private. Unencrypted memory: read the
+        # entries straight from the buffer (the walk's hot loop).
+        reader = self._pte_reader_plain if not mem.encrypted else self._pte_reader_private
+        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP))
 
     def translate(self, va: int, access: int = ACCESS_READ, supervisor: bool = True) -> Translation:
         """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure."""
@@ -666,8 +683,12 @@ class UnicornVcpu:
             # A non-canonical address is #GP(0), not a page fault (SDM vol. 1 3.3.7.1).
             self._pending_fault = _PendingFault(Vector.GP, 0, None)
             return False
-        user = (self._rd(_CS) & 3) == 3
-        result = self._paging_walk(vaddr, access, user)
+        # CS (for the CPL), CR3 and CR0 in one batched read.
+        s = self._fill_regs
+        s[0] = 0  # CS fills only the low bytes of its slot
+        self._reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 3)
+        user = (s[0] & 3) == 3
+        result = self._paging_walk(vaddr, access, user, s[1], s[2])
         if isinstance(result, PageFault):
             self._pending_fault = _PendingFault(Vector.PF, result.error_code, vaddr)
             return False

@@ -11,6 +11,7 @@ guests never consult them; a deliberate simplification).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class PageFault:
     error_code: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PagingMode:
     """What the MMU needs to know about the VM: address width and the encryption bit.
 
@@ -58,12 +59,12 @@ class PagingMode:
     enc_mask: int = 0
     enc_means_private: bool = True
 
-    @property
+    @functools.cached_property
     def address_mask(self) -> int:
         """Bits of an entry that hold the next-level physical address (12 .. phys_bits-1)."""
         return ((1 << self.phys_bits) - 1) & ~0xFFF & ~self.enc_mask
 
-    @property
+    @functools.cached_property
     def reserved_mask(self) -> int:
         """Bits 51:phys_bits that must be zero in an entry (the encryption bit excepted)."""
         return (((1 << 52) - 1) & ~((1 << self.phys_bits) - 1)) & ~self.enc_mask

@@ -1,6 +1,6 @@
 """Canaries: the Keystone 0.9.2 behaviour testbed.asm is designed around.
 
-Each test pins one fact (see /work/shared/UNICORN.md, "Keystone 0.9.2"). If an upgrade changes
+Each test pins one fact (see ../shared/UNICORN.md, "Keystone 0.9.2"). If an upgrade changes
 one, the test fails here instead of testbed.asm silently misbehaving; the docstring of the
 workaround in testbed/asm.py names the fact it relies on. These tests call Keystone directly.
 """

@@ -1,6 +1,6 @@
 """Canaries: the Unicorn 2.1.4 facts the hardware model (testbed/hw/cpu.py) is built on.
 
-Each test pins one measured fact of /work/shared/UNICORN.md (or one hazard the model works
+Each test pins one measured fact of ../shared/UNICORN.md (or one hazard the model works
 around) on bare Unicorn with hand-encoded bytes - no Keystone, no testbed layer - so that an
 Unicorn upgrade that changes the fact fails here, by name, instead of silently breaking the
 model. A failing canary means: re-measure, then fix the model and UNICORN.md together.

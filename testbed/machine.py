@@ -132,6 +132,9 @@ def build_program(source: Path | str, options: VmOptions, *, text: str | None = 
     Results are cached per process on the sources' contents and the defines: a test matrix
     assembles the same guest for many VM types."""
     defines = guest_defines(options)
+    if not LIB_DIR.is_dir():
+        raise UsageError(f"the guest runtime is not at {LIB_DIR}: testbed runs from its source checkout "
+                         "(install it with `pip install -e .`, as the README says)")
     if text is None:
         path = Path(source)
         if not path.is_file():

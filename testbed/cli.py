@@ -102,23 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
-    try:
-        from testbed.replay import add_replay_subparser
+    # Commands whose code lives in their own modules.
+    from testbed.disasm import add_disasm_subparser
+    from testbed.replay import add_replay_subparser
 
-        add_replay_subparser(sub)
-    except ImportError:  # pragma: no cover - replay ships with the package
-        pass
-    _add_more_subparsers(sub)
-    return parser
-
-
-def _add_more_subparsers(sub: Any) -> None:
-    """Hook for commands defined in other modules (disasm)."""
-    try:
-        from testbed.disasm import add_disasm_subparser
-    except ImportError:
-        return
+    add_replay_subparser(sub)
     add_disasm_subparser(sub)
+    return parser
 
 
 def vm_options_from_args(args: argparse.Namespace) -> Any:

@@ -52,7 +52,7 @@ from testbed.hw.exits import (
     Vendor,
     VmxExitReason,
 )
-from testbed.hw.memory import OWNER_PRIVATE, GuestMemory, HostMemory
+from testbed.hw.memory import GuestMemory, HostMemory
 from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult, Rmp
 from testbed.trace import Tracer
 from testbed.x86 import (
@@ -365,7 +365,6 @@ class UnicornVcpu:
         self._lib = ucpy.uclib
         self._val = ctypes.c_uint64()
         self._ref = ctypes.byref(self._val)
-        self._batches: dict[tuple[Reg, ...], Any] = {}
         self._reg_read_batch = _raw_function("uc_reg_read_batch")
         self._reg_write_batch = _raw_function("uc_reg_write_batch")
         self._arg_vals = (ctypes.c_uint64 * 4)()
@@ -428,6 +427,13 @@ class UnicornVcpu:
         self._error_code_off = error_code_offset()
         self._hflags_off = hflags_offset()
         self._uc_ctx = self._uc.context_save()
+        self._running = False
+        #: Per-GFN "mapped private" bytes of the stage-2 tables (None: no private memory).
+        self.stage2_private: bytearray | None = None
+        #: emu_start's `until`: the run stops when RIP reaches it (used to boot a guest partway).
+        self.breakpoint = U64
+        #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
+        self.on_guest_ud: Callable[[int, bytes], None] | None = None
         self.exceptions_delivered = 0
         self.tlb_fills = 0
         self._callbacks: list[Any] = []
@@ -504,20 +510,6 @@ class UnicornVcpu:
         v = self._arg_vals
         return v[0], v[1], v[2], v[3]
 
-    def read_regs(self, regs: tuple[Reg, ...]) -> tuple[int, ...]:
-        """Several registers in one uc_reg_read_batch call."""
-        batch = self._batches.get(regs)
-        if batch is None:
-            n = len(regs)
-            values = (ctypes.c_uint64 * n)()
-            ids = (ctypes.c_int * n)(*(_UC_REG_BY_INDEX[r] for r in regs))
-            ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(values) + 8 * i for i in range(n)))
-            batch = (ids, ptrs, values, n)
-            self._batches[regs] = batch
-        ids, ptrs, values, n = batch
-        self._lib.uc_reg_read_batch(self._h, ids, ptrs, n)
-        return tuple(values)
-
     def _rd(self, ucreg: int) -> int:
         self._val.value = 0  # a segment register fills only the low bytes of the scratch
         self._reg_read(self._h, ucreg, self._ref)
@@ -539,12 +531,6 @@ class UnicornVcpu:
         """is_64bit_mode() for a CS selector already read."""
         cached = self._cs64_cache.get(cs_selector)
         return cached if cached is not None else self.is_64bit_mode()
-
-    def cpl_and_mode(self) -> tuple[int, bool]:
-        """(CPL, is_64bit_mode()) with one register read: the hypercall hot path."""
-        sel = self._rd(_CS)
-        cached = self._cs64_cache.get(sel)
-        return sel & 3, cached if cached is not None else self.is_64bit_mode()
 
     def is_64bit_mode(self) -> bool:
         """CS.L with EFER.LMA: whether the guest runs 64-bit code (is_64_bit_mode()).
@@ -575,10 +561,6 @@ class UnicornVcpu:
     def set_tr(self, selector: int, base: int, limit: int) -> None:
         """Load the task register (KVM_SET_SREGS)."""
         self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, 0x8B))
-
-    def next_rip(self) -> int:
-        """RIP after the intercepted instruction (the VMCB's nRIP)."""
-        return self._cur_rip + self._cur_len
 
     def skip_instruction(self) -> None:
         """Advance past the intercepted instruction (kvm_skip_emulated_instruction)."""
@@ -1070,9 +1052,6 @@ class UnicornVcpu:
             self.on_guest_ud(rip, insn)
         self._deliver_now(Vector.UD, None)
 
-    #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
-    on_guest_ud: Callable[[int, bytes], None] | None = None
-
     def _resume(self) -> bool:
         # True resumes at the RIP we left. After a stop request, False ends the run right here
         # (Unicorn stops with UC_ERR_INSN_INVALID, RIP unchanged), so an instruction whose
@@ -1164,11 +1143,6 @@ class UnicornVcpu:
             self._pending_events.append(_PendingFault(vector, error_code))
             self.request_stop()
 
-    _running = False
-    #: Per-GFN "mapped private" bytes of the stage-2 tables (None: no private memory).
-    stage2_private: bytearray | None = None
-    #: emu_start's `until`: the run stops when RIP reaches it (used to boot a guest partway).
-    breakpoint = U64
 
     def _deliver_now(self, vector: int, error_code: int | None, software: bool = False, cr2: int | None = None) -> None:
         if cr2 is not None:
@@ -1329,7 +1303,3 @@ class UnicornVcpu:
                 self._exit(code, 0, 0)
                 continue
             return RunStop(StopReason.EMULATOR_ERROR, f"emulation ended unexpectedly at rip 0x{rip:x}")
-
-    def page_is_private(self, gpa: int) -> bool:
-        """Whether the frame holding `gpa` is currently owned by the private alias."""
-        return self._mem.encrypted and self._mem.owner[gpa >> PAGE_SHIFT] == OWNER_PRIVATE

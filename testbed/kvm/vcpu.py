@@ -14,7 +14,6 @@ the emulator per exit (UNICORN.md: a restart per exit caps at ~70-90 k exits/s).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -97,7 +96,6 @@ class KvmVcpu:
         self._paging = paging if paging is not None else PagingMode()
         self._userspace: Userspace | None = None
         self._pending_completion: Callable[[], None] | None = None
-        self.stat_exits: Counter[int] = Counter()
         self.stat_hypercalls = 0
         self._pv = PvCpuid()
         # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
@@ -206,7 +204,6 @@ class KvmVcpu:
         return self.hw.run(timeout_s)
 
     def _exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
-        self.stat_exits[run.reason] += 1
         if self.tracer.enabled:
             fields = {f: getattr(run, f) for f in run.__dataclass_fields__ if f != "reason"}
             self.tracer.emit("kvm", "user_exit", reason=exit_name(run.reason), **fields)

@@ -22,15 +22,13 @@ from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
-    KVM_EINVAL,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_HC_MAP_GPA_RANGE,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
 from testbed.kvm.vcpu import KvmVcpu
-from testbed.kvm.vm import KvmIoctlError, KvmVm
+from testbed.kvm.vm import KvmVm
 from testbed.layout import IMAGE_GPA, RT_GDT, RT_REGION_END, Layout
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
@@ -198,7 +196,7 @@ class Machine:
                 self.kvm_vm.on_attributes_range = self.cpu.rmp.assign
         extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
-        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, on_convert=self._set_attributes)
+        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm)
         self.map_gpa.refused = [(gpa >> 12, (gpa >> 12) + n, to) for gpa, n, to in options.refuse_conversions]
         asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
         self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits,
@@ -224,19 +222,6 @@ class Machine:
         sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0)
         sev_features |= SEV_SNP_BIT if self.snp else 0
         vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
-
-    def _set_attributes(self, gfn: int, npages: int, private: bool) -> int:
-        """The VMM's KVM_SET_MEMORY_ATTRIBUTES call for a conversion; 0 or a KVM error number.
-
-        Only VMs whose KVM reports KVM_CAP_MEMORY_ATTRIBUTES have attributes to set; for the
-        others the conversion is bookkeeping in the VMM's tracker alone."""
-        if self.kvm_vm.mem_attrs is None:  # KVM_CAP_MEMORY_ATTRIBUTES reports no PRIVATE
-            return 0
-        try:
-            self.kvm_vm.set_memory_attributes(gfn << 12, npages << 12, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
-        except KvmIoctlError:
-            return KVM_EINVAL
-        return 0
 
     def _boot(self) -> None:
         host = self.memory.host_view()

@@ -38,6 +38,9 @@ from unicorn.unicorn_py3 import unicorn as ucpy
 from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import (
+    NPF_FETCH,
+    NPF_GUEST_ENC,
+    NPF_WRITE,
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_SIZE_SHIFT,
     SVM_IOIO_TYPE_IN,
@@ -169,10 +172,6 @@ _CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_
 #: #VC error code for a private access to an unvalidated page (AMD APM 15.36.10).
 SVM_EXIT_PAGE_NOT_VALIDATED = 0x404
 
-#: Nested-page-fault error-code bits the hardware reports (PFERR_* in KVM's mmu.h).
-NPF_WRITE = 1 << 1
-NPF_FETCH = 1 << 4
-NPF_GUEST_ENC = 1 << 34  # PFERR_GUEST_ENC_MASK: the access had the C-bit set
 
 
 def _npf_error(access: int, private: bool) -> int:

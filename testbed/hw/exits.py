@@ -68,6 +68,12 @@ VMX_IO_STRING = 1 << 4
 VMX_IO_REP = 1 << 5
 VMX_IO_PORT_SHIFT = 16
 
+# Nested-page-fault error-code bits the hardware reports with an NPF exit (PFERR_* in KVM's
+# mmu.h), on both vendors in the testbed.
+NPF_WRITE = 1 << 1
+NPF_FETCH = 1 << 4
+NPF_GUEST_ENC = 1 << 34  # PFERR_GUEST_ENC_MASK: the access had the C-bit set
+
 # VMX VM-exit interruption information (SDM vol. 3 24.9.2).
 VMX_INTR_INFO_VALID = 1 << 31
 VMX_INTR_TYPE_HARD_EXCEPTION = 3 << 8

@@ -20,6 +20,7 @@ from typing import Protocol
 from testbed.decode import decode_one, describe
 from testbed.errors import GuestMemoryError
 from testbed.hw.exits import (
+    NPF_GUEST_ENC,
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_REP,
     SVM_IOIO_SIZE_SHIFT,
@@ -70,7 +71,7 @@ from testbed.kvm.uapi import (
 )
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
-from testbed.x86 import PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
+from testbed.x86 import CR0_WP, PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE, PageFault, PagingMode, walk
 
 #: Hypercalls whose result depends on a0..a3.
@@ -354,7 +355,7 @@ class KvmVcpu:
         hw = self.hw
         mem = self.vm.memory
         cr3 = hw.read_reg(Reg.CR3)
-        wp = bool(hw.read_reg(Reg.CR0) & (1 << 16))
+        wp = bool(hw.read_reg(Reg.CR0) & CR0_WP)
 
         def read_u64(pa: int) -> int:
             return int.from_bytes(mem.read(pa, 8), "little")
@@ -448,7 +449,7 @@ class KvmVcpu:
         """
         attrs = self.vm.mem_attrs
         if gpa < self.vm.memory.size and attrs is not None:
-            is_private = bool(error & (1 << 34))
+            is_private = bool(error & NPF_GUEST_ENC)
             if is_private != attrs.is_private(gpa >> 12):
                 flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if is_private else 0
                 if self.tracer.enabled:

@@ -115,7 +115,7 @@ class KvmVm:
         if cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
             return 1
         if cap == KVM_CAP_MEMORY_ATTRIBUTES:
-            return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+            return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.mem_attrs is not None else 0
         if cap == KVM_CAP_VM_TYPES:
             return sum(1 << t for t in KvmVmType if t != KvmVmType.KVM_X86_TDX_VM)
         return 0

@@ -5,28 +5,41 @@ word, memslot membership and any size bound are left to userspace. This handler 
 reserved attribute bits (63:5) and an unknown page-size hint, refuses ranges outside guest
 memory, and bounds the number of pages one call may convert. Errors go back to the guest
 in `ret` as -KVM_EINVAL (the testbed's choice: QEMU also answers malformed requests with an
-error rather than killing the VM). Accepted calls update the shared-page tracker and notify
-`on_convert` (the memory-attribute update in kvm).
+error rather than killing the VM). An accepted conversion - explicit, or implicit after a
+KVM_EXIT_MEMORY_FAULT - first sets KVM's memory attributes (KVM_SET_MEMORY_ATTRIBUTES, where
+KVM_CAP_MEMORY_ATTRIBUTES offers them, as QEMU's kvm_convert_memory() does) and then
+updates the shared-page tracker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from testbed.kvm.hypercall import neg
+from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import (
+    KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_EINVAL,
     KVM_MAP_GPA_RANGE_ENC_STAT_MASK,
     KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
     KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
     KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
 )
 from testbed.tracker import SharedTracker
 from testbed.x86 import PAGE_SHIFT
 
 MAP_GPA_RANGE_VALID_ATTRS = KVM_MAP_GPA_RANGE_PAGE_SZ_MASK | KVM_MAP_GPA_RANGE_ENC_STAT_MASK
 _VALID_PAGE_SIZES = (KVM_MAP_GPA_RANGE_PAGE_SZ_4K, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MAP_GPA_RANGE_PAGE_SZ_1G)
+
+
+class MemoryAttributesIoctls(Protocol):
+    """The two VM ioctls the handler needs (KvmVm provides them)."""
+
+    def check_extension(self, cap: int) -> int: ...
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None: ...
 
 
 class MapGpaHandler:
@@ -37,12 +50,15 @@ class MapGpaHandler:
         tracker: SharedTracker,
         guest_pages: int,
         max_pages_per_call: int | None = None,
-        on_convert: Callable[[int, int, bool], int] | None = None,
+        vm: MemoryAttributesIoctls | None = None,
     ) -> None:
         self.tracker = tracker
         self.guest_pages = guest_pages
         self.max_pages_per_call = max_pages_per_call if max_pages_per_call is not None else guest_pages
-        self.on_convert = on_convert
+        # Attributes exist only where KVM offers KVM_MEMORY_ATTRIBUTE_PRIVATE; elsewhere a
+        # conversion is bookkeeping in the tracker alone.
+        offered = vm is not None and bool(vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        self._vm = vm if offered else None
         self.rejected = 0
         #: Fault injection: GFN ranges [start, end) whose conversion this VMM refuses (to
         #: private if the flag is True, to shared if False, both if None), so that guests'
@@ -83,10 +99,12 @@ class MapGpaHandler:
         ):
             self.rejected += 1
             return KVM_EINVAL
-        if self.on_convert is not None:
-            err = self.on_convert(gfn, npages, private)
-            if err:
-                return err
+        if self._vm is not None:
+            attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+            try:
+                self._vm.set_memory_attributes(gfn << PAGE_SHIFT, npages << PAGE_SHIFT, attributes)
+            except KvmIoctlError:
+                return KVM_EINVAL
         if private:
             self.tracker.set_private(gfn, npages)
         else:

@@ -574,6 +574,30 @@ def print_report(
         console.print(f"{mark} {check.target}: {check.detail}", highlight=False)
 
 
+def _style_axis(ax: Any, x: list[int], sizes: list[str], workload: str) -> None:
+    """Log-log axes against guest size, titled by workload."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(x, sizes)
+    ax.set_title(workload)
+    ax.set_xlabel("guest size")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _finish_figure(fig: Any, axes: Any, ncol: int, ylabel: str, title: str, note: str, path: Path) -> Path:
+    """Label, legend, footnote; write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    axes[0].set_ylabel(ylabel)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=ncol, fontsize=8)
+    fig.suptitle(title, x=0.3)
+    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: list[Result], sizes: list[str], trackers: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -606,20 +630,9 @@ def plot(results: list[Result], sizes: list[str], trackers: list[str], out: Path
             ax.axhline(BITMAP_MIN_RATE, color="grey", ls=":", lw=0.8)
             ax.text(x[0], RANGES_MIN_RATE * 1.1, "ranges target", fontsize=7, color="grey")
             ax.text(x[0], BITMAP_MIN_RATE * 1.1, "bitmap target", fontsize=7, color="grey")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(x, sizes)
-        ax.set_title(workload)
-        ax.set_xlabel("guest size")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("conversions/s (batch; peers per call)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=len(trackers), fontsize=8)
-    fig.suptitle("Tracker throughput against guest size (medians)", x=0.3)
-    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _style_axis(ax, x, sizes, workload)
+    paths.append(_finish_figure(fig, axes, len(trackers), "conversions/s (batch; peers per call)",
+                                "Tracker throughput against guest size (medians)", note, out / "throughput.png"))
 
     fig, axes = plt.subplots(1, len(WORKLOAD_NAMES), figsize=(4.4 * len(WORKLOAD_NAMES), 4.2), sharey=True)
     for ax, workload in zip(axes, WORKLOAD_NAMES, strict=True):
@@ -634,20 +647,9 @@ def plot(results: list[Result], sizes: list[str], trackers: list[str], out: Path
             if bound:
                 ax.axhline(bound, color="grey", ls="--", lw=0.8)
                 ax.text(x[0], bound * 1.15, f"ranges bound ({DEFAULT_MAX_RANGES} records)", fontsize=7, color="grey")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(x, sizes)
-        ax.set_title(workload)
-        ax.set_xlabel("guest size")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("bytes used")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", ncol=len(trackers), fontsize=8)
-    fig.suptitle("Tracker memory against guest size", x=0.3)
-    fig.text(0.01, 0.01, note, fontsize=7, color="grey")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    paths.append(out / "memory.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _style_axis(ax, x, sizes, workload)
+    paths.append(_finish_figure(fig, axes, len(trackers), "bytes used", "Tracker memory against guest size", note,
+                                out / "memory.png"))
     return paths
 
 

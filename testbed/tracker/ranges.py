@@ -95,12 +95,6 @@ class RangesTracker(SharedTracker):
             starts.insert(i + 1, gfn + 1)
             ends.insert(i + 1, e)
 
-    def convert(self, gfn: int, npages: int, shared: bool) -> None:
-        if shared:
-            self.set_shared(gfn, npages)
-        else:
-            self.set_private(gfn, npages)
-
     def apply(self, conversions: Iterable[tuple[int, int, bool]]) -> int:
         # The two single-page paths above, inlined: a Python call costs about as much as the
         # work, and a PSC request or a replayed log arrives as a batch. Bound methods and

@@ -236,11 +236,7 @@ class TreeTracker(SharedTracker):
         if type(gfn) is not int or npages != 1 or not 0 <= gfn < self._guest_pages or self._poisoned:
             self._set_shared_any(gfn, npages)
             return
-        node = self._root
-        h = self._height
-        while h:
-            node = node.children[bisect_right(node.starts, gfn) - 1]
-            h -= 1
+        node = self._leaf(gfn)
         starts = node.starts
         ends = node.ends
         k = bisect_right(starts, gfn) - 1
@@ -294,11 +290,7 @@ class TreeTracker(SharedTracker):
         if type(gfn) is not int or npages != 1 or not 0 <= gfn < self._guest_pages or self._poisoned:
             self._set_private_any(gfn, npages)
             return
-        node = self._root
-        h = self._height
-        while h:
-            node = node.children[bisect_right(node.starts, gfn) - 1]
-            h -= 1
+        node = self._leaf(gfn)
         starts = node.starts
         k = bisect_right(starts, gfn) - 1
         if k < 0:
@@ -333,12 +325,6 @@ class TreeTracker(SharedTracker):
         starts.insert(k + 1, gfn + 1)
         ends.insert(k + 1, e)
         self._count += 1
-
-    def convert(self, gfn: int, npages: int, shared: bool) -> None:
-        if shared:
-            self.set_shared(gfn, npages)
-        else:
-            self.set_private(gfn, npages)
 
     def apply(self, conversions: Iterable[tuple[int, int, bool]]) -> int:
         # A tree step is several node visits, so the call overhead matters less than for the

@@ -85,6 +85,31 @@ rt_ghcb_exit:
     pop rbx
     ret
 
+# #VC handler helpers (r15 = struct ex_regs *).
+# Copy a saved register into a GHCB field and mark it valid. Clobbers rax, rbx, rdi.
+.macro VC_TO_GHCB ex_field, ghcb_field
+    mov rbx, qword ptr [r15 + \ex_field]
+    GHCB_SET \ghcb_field, rbx
+.endm
+
+# Copy a GHCB field back into the saved registers. Clobbers rax, rbx.
+.macro VC_FROM_GHCB ghcb_field, ex_field
+    mov rax, RT_GHCB
+    mov rbx, qword ptr [rax + \ghcb_field]
+    mov qword ptr [r15 + \ex_field], rbx
+.endm
+
+# VMGEXIT with exit code `code` and EXITINFO1 `info1` (a register or an immediate); any
+# answer other than success is reported by rt_vc_unhandled.
+.macro VC_EXIT code, info1
+    mov rdi, \code
+    mov rsi, \info1
+    xor edx, edx
+    call rt_ghcb_exit
+    test eax, eax
+    jnz rt_vc_unhandled
+.endm
+
 # ---------------------------------------------------------------------------------------------
 # The #VC handler: rdi = struct ex_regs * (error code = the SVM exit code)
 rt_vc_handler:
@@ -105,39 +130,22 @@ rt_vc_handler:
     jmp rt_vc_unhandled
 
 rt_vc_cpuid:
-    mov rbx, qword ptr [r15 + EX_RAX]
-    GHCB_SET GHCB_RAX, rbx
-    mov rbx, qword ptr [r15 + EX_RCX]
-    GHCB_SET GHCB_RCX, rbx
-    mov rdi, SVM_EXIT_CPUID
-    xor esi, esi
-    xor edx, edx
-    call rt_ghcb_exit
-    test eax, eax
-    jnz rt_vc_unhandled
-    mov rax, RT_GHCB
-    mov rbx, qword ptr [rax + GHCB_RAX]
-    mov qword ptr [r15 + EX_RAX], rbx
-    mov rbx, qword ptr [rax + GHCB_RBX]
-    mov qword ptr [r15 + EX_RBX], rbx
-    mov rbx, qword ptr [rax + GHCB_RCX]
-    mov qword ptr [r15 + EX_RCX], rbx
-    mov rbx, qword ptr [rax + GHCB_RDX]
-    mov qword ptr [r15 + EX_RDX], rbx
+    VC_TO_GHCB EX_RAX, GHCB_RAX
+    VC_TO_GHCB EX_RCX, GHCB_RCX
+    VC_EXIT SVM_EXIT_CPUID, 0
+    VC_FROM_GHCB GHCB_RAX, EX_RAX
+    VC_FROM_GHCB GHCB_RBX, EX_RBX
+    VC_FROM_GHCB GHCB_RCX, EX_RCX
+    VC_FROM_GHCB GHCB_RDX, EX_RDX
     add qword ptr [r15 + EX_RIP], 2
     ret
 
 rt_vc_vmmcall:
-    mov rbx, qword ptr [r15 + EX_RAX]
-    GHCB_SET GHCB_RAX, rbx
-    mov rbx, qword ptr [r15 + EX_RBX]
-    GHCB_SET GHCB_RBX, rbx
-    mov rbx, qword ptr [r15 + EX_RCX]
-    GHCB_SET GHCB_RCX, rbx
-    mov rbx, qword ptr [r15 + EX_RDX]
-    GHCB_SET GHCB_RDX, rbx
-    mov rbx, qword ptr [r15 + EX_RSI]
-    GHCB_SET GHCB_RSI, rbx
+    VC_TO_GHCB EX_RAX, GHCB_RAX
+    VC_TO_GHCB EX_RBX, GHCB_RBX
+    VC_TO_GHCB EX_RCX, GHCB_RCX
+    VC_TO_GHCB EX_RDX, GHCB_RDX
+    VC_TO_GHCB EX_RSI, GHCB_RSI
     # CPL: KVM takes it from the GHCB (sev_es_validate_vmgexit requires it valid)
     mov rbx, qword ptr [r15 + EX_CS]
     and rbx, 3
@@ -145,15 +153,8 @@ rt_vc_vmmcall:
     mov byte ptr [rax + GHCB_CPL], bl
     mov rdi, GHCB_CPL
     call rt_ghcb_valid
-    mov rdi, SVM_EXIT_VMMCALL
-    xor esi, esi
-    xor edx, edx
-    call rt_ghcb_exit
-    test eax, eax
-    jnz rt_vc_unhandled
-    mov rax, RT_GHCB
-    mov rbx, qword ptr [rax + GHCB_RAX]
-    mov qword ptr [r15 + EX_RAX], rbx
+    VC_EXIT SVM_EXIT_VMMCALL, 0
+    VC_FROM_GHCB GHCB_RAX, EX_RAX          # the hypercall ABI returns RAX only
     add qword ptr [r15 + EX_RIP], 3
     ret
 
@@ -196,8 +197,7 @@ rt_vc_ioio_port:
     or rsi, 1
     jmp rt_vc_ioio_go
 rt_vc_ioio_out:
-    mov rbx, qword ptr [r15 + EX_RAX]
-    GHCB_SET GHCB_RAX, rbx
+    VC_TO_GHCB EX_RAX, GHCB_RAX
 rt_vc_ioio_go:
     mov rdi, SVM_EXIT_IOIO
     xor edx, edx
@@ -227,22 +227,15 @@ rt_vc_ioio_done:
 rt_vc_msr:
     mov r13, qword ptr [r15 + EX_RIP]
     movzx r12, byte ptr [r13 + 1]      # 0x30 WRMSR, 0x32 RDMSR
-    mov rbx, qword ptr [r15 + EX_RCX]
-    GHCB_SET GHCB_RCX, rbx
-    xor esi, esi
+    VC_TO_GHCB EX_RCX, GHCB_RCX
+    xor r11, r11                           # EXITINFO1: 0 read, 1 write
     cmp r12, 0x30
     jne rt_vc_msr_go
-    mov rbx, qword ptr [r15 + EX_RAX]
-    GHCB_SET GHCB_RAX, rbx
-    mov rbx, qword ptr [r15 + EX_RDX]
-    GHCB_SET GHCB_RDX, rbx
-    mov esi, 1
+    VC_TO_GHCB EX_RAX, GHCB_RAX
+    VC_TO_GHCB EX_RDX, GHCB_RDX
+    mov r11, 1
 rt_vc_msr_go:
-    mov rdi, SVM_EXIT_MSR
-    xor edx, edx
-    call rt_ghcb_exit
-    test eax, eax
-    jnz rt_vc_unhandled
+    VC_EXIT SVM_EXIT_MSR, r11
     cmp r12, 0x30
     je rt_vc_msr_done
     mov rax, RT_GHCB

@@ -12,11 +12,14 @@
 #   6  PSC scratch outside the shared buffer     -> 2, 3 (INVALID_SCRATCH_AREA)
 #   7  GHCB MSR pointing outside guest memory    -> KVM cannot map it and resumes the guest;
 #                                                   the guest reports 0x600d, 0x600d
-#   8  GHCB MSR pointing at a private page       -> SNP: not the registered GHCB, VM-fatal;
+#   8  GHCB MSR pointing at a private page       -> SNP: not the registered GHCB: answered
+#                                                   NOT_REGISTERED in the page KVM maps, the guest
+#                                                   runs on (7.1: KVM_RUN fails, -EINVAL);
 #                                                   SEV-ES: KVM reads ciphertext, answers into
 #                                                   it; the guest survives and reports 0x8888
-#   9  SNP: a shared page that is not the        -> VM-fatal (sev_handle_vmgexit: "GHCB GPA
-#      registered GHCB used as GHCB                 is not registered")
+#   9  SNP: a shared page that is not the        -> answered 2/1 (GHCB_ERR_NOT_REGISTERED) in
+#      registered GHCB used as GHCB                 that page, the guest runs on and reports
+#                                                   0xbad (7.1: KVM_RUN fails with -EINVAL)
 #  10  PSC for a GFN beyond guest memory         -> forwarded by KVM, refused by the VMM:
 #                                                   0, 0x10000000000 (VMGEXIT_PSC_ERROR_GENERIC)
 .ifndef SCENARIO

@@ -15,7 +15,14 @@ sees it and by asking Keystone more than once when something fails:
 * Keystone has no symbol table API: a hidden `.quad` table appended to the unit reads each
   label's address back out of the encoding (see `_assemble`).
 * Keystone reports errors without a location: they are located by bisection over statements
-  (see `_locate_error`) and raised as `AsmError` "file:line: message".
+  (see `_locate_error`) and raised as `AsmError` "file:line: message". `.error "text"`, which
+  Keystone ignores, is supported the same way (a reference to a symbol never defined).
+* The guest API's value operands (GUEST_SYNC, GUEST_ASSERT_EQ, ...) are checked where they
+  are written: no memory operands, no non-GPR registers, plain constants in range
+  (`_guest_api_operands`); integer literals must fit 64 bits (`_check_literals`); `.if` and
+  `.rept` may use only constants defined before them (`_ABSOLUTE_DIRECTIVES`).
+* `Program.locate` maps any address of the code back to file:line and symbol+offset (for
+  reports of unhandled exceptions).
 * Keystone 0.9.2 hangs, aborts the process, or silently assembles something else on many
   malformed inputs. Known cases are rejected before assembling (`_Preprocessor`,
   `_check_operands`, `_UNSUPPORTED`); Keystone itself runs in a worker process with a timeout
@@ -44,7 +51,15 @@ from types import MappingProxyType
 
 from testbed.errors import AsmError, TestbedError, UsageError
 
-__all__ = ["Program", "SourceLocation", "assemble_files", "assemble_source", "parse_define"]
+__all__ = [
+    "CodeLocation",
+    "Program",
+    "SourceLocation",
+    "assemble_files",
+    "assemble_source",
+    "parse_define",
+    "read_source",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +76,21 @@ class SourceLocation:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class CodeLocation:
+    """Where an address in a program comes from: the statement's file:line, and the nearest
+    label at or below the address with the offset from it (symbol None if there is none)."""
+
+    file: str
+    line: int  # 1-based
+    symbol: str | None
+    offset: int
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}"
+        return f"{where} ({self.symbol}+0x{self.offset:x})" if self.symbol is not None else where
 
 
 @dataclass(frozen=True)
@@ -97,6 +127,23 @@ class Program:
             return None
         i = bisect.bisect_right(self.lines, address, key=lambda entry: entry[0]) - 1
         return self.lines[i][1] if i >= 0 else None
+
+    def locate(self, address: int) -> CodeLocation | None:
+        """Map an address in the code (e.g. a faulting RIP) back to its source line and symbol;
+        None if no statement emitted a byte there. Inside a macro expansion the line is the
+        one that invoked the macro."""
+        where = self.location(address)
+        if where is None:
+            return None
+        symbol, start = None, self.base
+        # Of several labels at one address the last defined is nearest the code (`fault_site`
+        # after `guest_main`); sorted() is stable, so definition order breaks ties.
+        for name, value in sorted(self.symbols.items(), key=lambda item: item[1]):
+            if value > address:
+                break
+            if self.base <= value:
+                symbol, start = name, value
+        return CodeLocation(where.file, where.line, symbol, address - start if symbol is not None else 0)
 
 
 _NO_DEFINES: Mapping[str, int | str] = MappingProxyType({})
@@ -143,15 +190,32 @@ def assemble_files(
     include_dirs: Sequence[Path] = (),
 ) -> Program:
     """Assemble the files in order as one unit; each keeps its own file:line locations."""
-    sources = []
-    for path in paths:
-        try:
-            sources.append((str(path), path.read_text(encoding="utf-8")))
-        except OSError as e:
-            raise UsageError(f"cannot read guest source {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"guest source {path} is not UTF-8 text: {e.reason}") from None
+    sources = [(str(path), read_source(path)) for path in paths]
     return _assemble(sources, base, defines, include_dirs)
+
+
+def read_source(path: Path | str) -> str:
+    """The text of a guest source file: UsageError if it cannot be read, AsmError naming the
+    line if it is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read guest source {path}: {e.strerror or e}") from None
+    except ValueError as e:  # e.g. a NUL character in the path
+        raise UsageError(f"cannot read guest source {path!r}: {e}") from None
+    return _decode_source(data, str(path), None)
+
+
+def _decode_source(data: bytes, file: str, included_at: SourceLocation | None) -> str:
+    """`data` decoded as UTF-8, or AsmError at the line of the first byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f" (included at {included_at})" if included_at is not None else ""
+        raise AsmError(
+            file, line, f"not UTF-8 text: byte 0x{data[e.start]:02x} ({e.reason}){where}; guest sources are UTF-8"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +532,7 @@ _SUPPORTED_DIRECTIVES = (
     _DATA_DIRECTIVES
     | _BLOCK_OPENERS.keys()
     | _BLOCK_CLOSERS.keys()
-    | _words(".equ .set .equiv .else .elseif .exitm .purgem .intel_syntax .code64")
+    | _words(".equ .set .equiv .else .elseif .exitm .purgem .intel_syntax .code64 .error")
 )
 # Why the directives Keystone 0.9.2 mishandles are rejected. Any other directive not in
 # _SUPPORTED_DIRECTIVES is rejected too: Keystone silently ignores unknown directives.
@@ -489,8 +553,7 @@ _UNSUPPORTED = {
     ".global": "a flat image needs no .global, and with it Keystone 0.9.2 encodes absolute references to "
     "the symbol (.quad sym, mov rax, sym) as 0",
     ".end": "Keystone 0.9.2 silently drops everything after .end, including later files",
-    ".err": "Keystone 0.9.2 silently ignores .err",
-    ".error": "Keystone 0.9.2 silently ignores .error",
+    ".err": 'Keystone 0.9.2 silently ignores .err; use .error "message"',
     ".warning": "Keystone 0.9.2 ignores .warning",
     ".incbin": "use .include for sources; .incbin is not supported",
     ".balignw": "Keystone 0.9.2 aborts the process on .balignw; use .balign",
@@ -508,6 +571,13 @@ _MISSING_MNEMONICS = {
     "vmgexit": "rep vmmcall",
     "sysretq": ".byte 0x48, 0x0f, 0x07",
 }
+# Hazard: Keystone 0.9.2 silently drops an .if whose expression it cannot evaluate yet (a
+# label, even one defined before; a symbol defined later): the body is assembled and the
+# .else/.endif then act on the enclosing block. `.rept LATER` repeats once. So these
+# directives may use only names defined before them from constants (testbed/asm.py tracks
+# which; inside macro bodies it cannot, and the prelude looks at no value there).
+# Canary: tests/test_guest_api_immediates.py::test_if_on_a_symbol_defined_later_is_dropped.
+_ABSOLUTE_DIRECTIVES = _words(".if .elseif .ifeq .ifne .ifgt .ifge .iflt .ifle .rept")
 # Directives whose operands are names or raw text rather than expressions.
 _FREE_FORM_DIRECTIVES = _words(".macro .irp .irpc .purgem .ifc .ifnc .ifb .ifnb .ifeqs .ifnes .ifdef .ifndef")
 _NAME = r"(?:[A-Za-z_.$][\w.$@]*|\\[\w$.]+)"
@@ -527,6 +597,102 @@ _NAME_OPERAND_HELP = {
     ".irpc": "a parameter name and characters: .irpc c, 123",
 }
 _RESERVED_PREFIX = "__tb_"  # hidden labels this module adds to the unit
+# How deep `.include`s may nest: deeper is almost surely a mistake, and each level costs
+# Python stack frames (329 levels used to end in RecursionError).
+_MAX_INCLUDE_DEPTH = 100
+
+
+# The guest API's macros that take values (guests/lib/prelude.s): their operands are
+# general-purpose registers, matched by name in lower case by the prelude's __guest_kind, or
+# immediates, loaded with movabs. Anything else is refused here, where it is written.
+_GUEST_API_VALUE_MACROS = _words("GUEST_SYNC GUEST_ASSERT_EQ GUEST_RUN_USER GUEST_SET_HANDLER GHCB_SET GUEST_TERMINATE")
+# Operands (by position) that must be constants, not registers.
+_GUEST_API_CONSTANTS = {"GUEST_TERMINATE": ("reason set", "reason code"), "GHCB_SET": ("field offset",)}
+# The ranges the prelude checks at run time (a ud2 at the caller's line), checked here too
+# where the operand is a plain constant: (operand position, name, lowest, highest).
+_GUEST_API_RANGES = {
+    "GUEST_TERMINATE": ((0, "reason set", 0, 15), (1, "reason code", 0, 255)),
+    "GHCB_SET": ((0, "field offset", 0, 0xFF8),),
+    "GUEST_SET_HANDLER": ((0, "vector", 0, 31),),
+}
+_GPR = re.compile(
+    r"r(?:[abcd]x|[sd]i|[sb]p|[89]|1[0-5])|e(?:[abcd]x|[sd]i|[sb]p)|r(?:[89]|1[0-5])[dwb]|[abcd]x|[sd]i|[sb]p"
+    r"|[abcd][lh]|(?:[sd]i|[sb]p)l"
+)
+
+
+def _gpr_width(name: str) -> int:
+    """The width of general-purpose register `name` (lower case)."""
+    if re.fullmatch(r"r(?:[abcd]x|[sd]i|[sb]p|[89]|1[0-5])", name):
+        return 64
+    if name[0] == "e" or re.fullmatch(r"r\d+d", name):
+        return 32
+    return 16 if re.fullmatch(r"[abcd]x|[sd]i|[sb]p|r\d+w", name) else 8
+
+
+def _constant(text: str, constants: Mapping[str, int]) -> int | None:
+    """The value of `text` if it is an integer literal or a known constant, maybe negated."""
+    m = re.fullmatch(r"(-\s*)?([\w.$]+)", text.strip())
+    if not m:
+        return None
+    token = m.group(2)
+    value = constants.get(token) if not token[0].isdigit() else _integer_value(token)
+    if value is None:
+        return None
+    return -value if m.group(1) else value
+
+
+def _check_guest_api_ranges(
+    mnemonic: str, words: Sequence[str], constants: Mapping[str, int], loc: SourceLocation
+) -> None:
+    """Refuse a plain constant the prelude would refuse at run time, or that cannot equal the
+    narrow register it is compared with."""
+    for position, what, low, high in _GUEST_API_RANGES.get(mnemonic, ()):
+        value = _constant(words[position], constants) if position < len(words) else None
+        if value is not None and not low <= value <= high:
+            limit = f"{high:#x}" if high > 255 else str(high)
+            message = f"{mnemonic}: the {what} must be {low} to {limit}, not {words[position]}"
+            raise AsmError(loc.file, loc.line, message)
+    if mnemonic == "GUEST_ASSERT_EQ" and len(words) >= 2:
+        for register, other in ((words[0], words[1]), (words[1], words[0])):
+            value = _constant(other, constants)
+            if value is None or not _GPR.fullmatch(register.lower()):
+                continue
+            width = _gpr_width(register.lower())
+            if width < 64 and not -(1 << (width - 1)) <= value < (1 << width):
+                raise AsmError(
+                    loc.file, loc.line, f"GUEST_ASSERT_EQ: {other} does not fit the {width}-bit register {register} "
+                    "(signed or unsigned), so the assert could never pass"
+                )
+
+
+def _guest_api_operands(mnemonic: str, operands: str, constants: Mapping[str, int], loc: SourceLocation) -> str:
+    """The operands of a guest-API macro call with register names in lower case; AsmError for
+    an operand the prelude cannot load (a memory operand, a register that is not a GPR) or a
+    constant out of range."""
+    _check_guest_api_ranges(mnemonic, [w.strip() for w in _split_top_level(operands)], constants, loc)
+    pieces = []
+    constants_only = _GUEST_API_CONSTANTS.get(mnemonic, ())
+    for i, piece in enumerate(_split_top_level(operands)):
+        word = piece.strip()
+        plain = _strip_literals(word)
+        if "[" in plain:
+            raise AsmError(
+                loc.file, loc.line, f"{mnemonic} takes registers and immediates, not memory operands ({word}): "
+                "load the value into a register first"
+            )
+        lower = word.lower()
+        if i < len(constants_only) and _REGISTER.fullmatch(lower):
+            raise AsmError(
+                loc.file, loc.line, f"{mnemonic}: the {constants_only[i]} must be a constant, not register {word}"
+            )
+        if _REGISTER.fullmatch(lower) and not _GPR.fullmatch(lower):
+            raise AsmError(
+                loc.file, loc.line, f"{mnemonic} takes general-purpose registers and immediates, not {word}: "
+                "move the value into a general-purpose register first"
+            )
+        pieces.append(piece.replace(word, lower) if _GPR.fullmatch(lower) else piece)
+    return ",".join(pieces)
 
 
 @dataclass(frozen=True)
@@ -666,6 +832,51 @@ def _check_operands(directive: str, operands: str, macro_call: bool, loc: Source
             raise AsmError(loc.file, loc.line, f"incomplete expression {piece!r}")
 
 
+# Integer literals as Keystone reads them: 0x hex, 0b binary, h-suffixed hex, 0-prefixed
+# octal, decimal. A `-` counts as unary after the start, an opening bracket, a comma or an
+# operator.
+_INTEGER = re.compile(
+    r"(?P<minus>(?:^|(?<=[(\[,+\-*/%&|^~!<>=]))\s*-\s*)?"
+    r"\b(?P<number>0[xX][0-9a-fA-F]+|0[bB][01]+|[0-9][0-9a-fA-F]*[hH]|[0-9]+)\b"
+)
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def _integer_value(token: str) -> int | None:
+    lower = token.lower()
+    try:
+        if lower.startswith(("0x", "0b")):
+            return int(lower, 0)
+        if lower.endswith("h"):
+            return int(lower[:-1], 16)
+        return int(lower, 8) if len(lower) > 1 and lower[0] == "0" else int(lower)
+    except ValueError:
+        return None  # e.g. 09: Keystone reports it
+
+
+def _check_literals(text: str, loc: SourceLocation) -> None:
+    """Refuse an integer literal outside [-2^63, 2^64).
+
+    Hazard: Keystone 0.9.2 hangs on one in a directive (`.quad 0x10000000000000000`),
+    silently drops a macro call that passes one (`GUEST_SYNC 0x10000000000000000` assembles
+    without its `movabs`), and silently wraps `-0x8000000000000001` to 0x7fffffffffffffff.
+    Canaries: tests/test_guest_api_immediates.py (test_oversized_literal_*).
+    """
+    plain = _strip_literals(text)
+    if not _DIGIT.search(plain):
+        return
+    for m in _INTEGER.finditer(plain):
+        value = _integer_value(m.group("number"))
+        if value is None:
+            continue
+        limit = 2**63 if m.group("minus") else 2**64 - 1
+        if value > limit:
+            number = m.group(0).strip().replace(" ", "")
+            raise AsmError(loc.file, loc.line, f"the number {number} does not fit in 64 bits")
+
+
 def _split_top_level(text: str) -> list[str]:
     """`text` split at the commas outside brackets and literals."""
     pieces, depth, start = [], 0, 0
@@ -784,6 +995,14 @@ class _Preprocessor:
         self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
         self.include_stack: list[Path] = []
         self.hoisted = 0
+        # `.error "message"` statements: the hidden symbol each one references -> its message.
+        self.errors: dict[str, str] = {}
+        # Names whose value is a plain integer at this point of the unit (from defines and
+        # top-level `.equ NAME, 5`), for the guest API's range checks.
+        self.constants: dict[str, int] = {}
+        # Names defined so far by .equ/.set/.equiv/= (or -D) from constants only: what an
+        # .if or .rept may use (see _ABSOLUTE_DIRECTIVES).
+        self.absolute: set[str] = set()
 
     def new_hoisted_name(self) -> str:
         self.hoisted += 1
@@ -791,8 +1010,14 @@ class _Preprocessor:
 
     # -- files ---------------------------------------------------------------------------
 
-    def add_source(self, file: str, text: str, resolved: Path | None) -> None:
+    def add_source(
+        self, file: str, text: str, resolved: Path | None, include_loc: SourceLocation | None = None
+    ) -> None:
         if resolved is not None:
+            if len(self.include_stack) > _MAX_INCLUDE_DEPTH and include_loc is not None:
+                raise AsmError(
+                    include_loc.file, include_loc.line, f"include nesting deeper than {_MAX_INCLUDE_DEPTH} files"
+                )
             self.include_stack.append(resolved)
         for raw in _split_statements(text, file):
             self.add_statement(raw.text, SourceLocation(file, raw.line))
@@ -820,11 +1045,11 @@ class _Preprocessor:
             cycle = [*self.include_stack[self.include_stack.index(resolved) :], resolved]
             raise AsmError(loc.file, loc.line, "include cycle: " + " -> ".join(p.name for p in cycle))
         try:
-            text = found.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {reason}") from None
-        self.add_source(str(found), text, resolved)
+            data = found.read_bytes()
+        except OSError as e:
+            raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {e.strerror or e}") from None
+        text = _decode_source(data, str(found), loc)
+        self.add_source(str(found), text, resolved, loc)
 
     # -- statements ----------------------------------------------------------------------
 
@@ -840,6 +1065,7 @@ class _Preprocessor:
         if _BAD_EXPONENT.search(_strip_literals(text)):
             # Hazard: Keystone hangs on `.double 1.5e` (and encodes `mov rax, 1e` as a double).
             raise AsmError(file, line, "malformed number: an exponent without digits")
+        _check_literals(text, loc)
         if _NUMERIC_LABEL.match(text):  # test_numeric_local_labels_are_rejected
             raise AsmError(file, line, "numeric local labels (1:, 1b, 1f) are not supported by Keystone")
         labels, rest = _split_labels(text)
@@ -858,6 +1084,19 @@ class _Preprocessor:
                 self.add_statement(" ".join(f"{name}:" for name in labels), loc)
             self.include(operands, loc)
             return
+        error_symbol = ""
+        if directive == ".error" and mnemonic not in self.macros:
+            # Hazard: Keystone 0.9.2 silently ignores `.error`. It becomes a reference to a
+            # symbol that is never defined, so assembly fails exactly when the statement is
+            # assembled (an .if branch taken, a macro expanded); _locate_error finds the
+            # statement that expanded it and reports the message there.
+            # Canary: tests/test_guest_api_immediates.py::test_error_directive_is_silently_ignored.
+            m = re.fullmatch(r'"((?:[^"\\\n]|\\.)*)"', operands)
+            if not m:
+                raise AsmError(file, line, '.error expects a quoted message: .error "what went wrong"')
+            error_symbol = f"{_RESERVED_PREFIX}error_{len(self.errors)}"
+            self.errors[error_symbol] = m.group(1).replace('\\"', '"') or ".error"
+            text = "".join(f"{name}: " for name in labels) + f".quad {error_symbol}"
         if directive and directive not in _SUPPORTED_DIRECTIVES and mnemonic not in self.macros:
             reason = _UNSUPPORTED.get(directive, "Keystone 0.9.2 would silently ignore or mishandle it")
             raise AsmError(file, line, f"unsupported directive {mnemonic}: {reason}")
@@ -874,6 +1113,11 @@ class _Preprocessor:
             if name.startswith(_RESERVED_PREFIX):
                 raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
 
+        if mnemonic in _GUEST_API_VALUE_MACROS and mnemonic in self.macros and not in_macro and operands:
+            checked = _guest_api_operands(mnemonic, operands, self.constants, loc)
+            if checked != operands:
+                operands = checked
+                text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
         if mnemonic.startswith("GUEST_ASSERT") and not in_macro:
             # The call-site id becomes the assert macro's last argument. Inside a macro body an
             # assert has no single call site: the macro must forward its own site argument.
@@ -891,6 +1135,8 @@ class _Preprocessor:
             self.check_macro_arguments(self.macros[mnemonic], operands, loc)
 
         refs = self.references(mnemonic, directive, rest, operands)
+        if error_symbol:
+            refs.add(error_symbol)
         hoisted: list[str] = []
         if not directive and not assignment and operands:
             inner = ""
@@ -907,6 +1153,29 @@ class _Preprocessor:
             defines_here.add(operands.split(",", 1)[0].strip())
         elif assignment:
             defines_here.add(assignment.group(1))
+        if directive in _ABSOLUTE_DIRECTIVES and not in_macro and "\\" not in operands:
+            unknown = sorted(_references(operands) - self.absolute)
+            if unknown:
+                raise AsmError(
+                    file, line, f"{directive} needs constants defined before it, not {', '.join(unknown)} "
+                    f"(Keystone 0.9.2 silently drops an {directive} on a label or a symbol defined later)"
+                )
+        for name in defines_here:
+            self.constants.pop(name, None)
+            self.absolute.discard(name)
+        if not self.blocks and (directive in (".equ", ".set", ".equiv") or assignment):
+            name, value_text = (
+                (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
+            )
+            value = _constant(value_text, self.constants)
+            if value is not None:
+                self.constants[name.strip()] = value
+        if directive in (".equ", ".set", ".equiv") or assignment:
+            name, value_text = (
+                (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
+            )
+            if "\\" not in name and not _references(value_text) - self.absolute:
+                self.absolute.add(name.strip())
         for block in self.blocks:
             if block.macro is not None:
                 block.macro.body_refs |= refs
@@ -1082,6 +1351,11 @@ def _assemble(
         raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
     pre = _Preprocessor(include_dirs)
     pre.items.extend(_define_items(defines))
+    for item in pre.items:
+        if item.define is not None:
+            pre.absolute.add(item.define[0])
+            if (value := _constant(item.define[1], pre.constants)) is not None:
+                pre.constants[item.define[0]] = value
     for file, text in sources:
         pre.add_source(file, text, None if file.startswith("<") else Path(file).resolve())
     pre.finish()
@@ -1212,8 +1486,10 @@ def _locate_error(items: Sequence[_Item], pre: _Preprocessor, base: int, failure
         undefined = _undefined_names(items, base, names)
         if undefined is not None:
             missing = _missing_symbols(items, base, undefined)
+            # An `.error` is reported where it is assembled: for one in a macro body that is
+            # the statement expanding the macro, which only bisection finds.
             user = next((i for i, item in enumerate(items) if item.refs & set(missing)), None)
-            if user is not None:
+            if user is not None and not any(name in pre.errors for name in missing):
                 return _error_at(items, user, failure, pre, missing)
         # Not found by name (e.g. a name built from macro arguments): bisect; stubs must not
         # define the missing name, but names the probe found defined are safe to stub.
@@ -1257,7 +1533,38 @@ def _locate_error(items: Sequence[_Item], pre: _Preprocessor, base: int, failure
         else:
             low = mid + 1
     error = prefix_error(high, attempt)
+    if error is not None and error.code == _KS_SYMBOL_MISSING:
+        raised = [name for name in missing if name in pre.errors]
+        directive_error = _error_directive_at(items, high, base, pre, raised, attempts[attempt]) if raised else None
+        if directive_error is not None:
+            return directive_error
     return _error_at(items, high - 1, error if counts(error) and error else failure, pre, missing)
+
+
+def _error_directive_at(
+    items: Sequence[_Item], k: int, base: int, pre: _Preprocessor, raised: Sequence[str], stubs: Sequence[str]
+) -> TestbedError | None:
+    """The error of the `.error` that items[k - 1] assembles (of those in `raised`, the first
+    written: the prefix of k items fails with every other one stubbed); None if the prefix
+    fails for another reason too."""
+
+    def fails_with(defined: Sequence[str]) -> bool:
+        text = _render(items[:k], [*items[k - 1].closers, *_stub_lines([*stubs, *defined])])
+        try:
+            _ks_asm(text, base, timeout_floor=_PROBE_TIMEOUT_FLOOR)
+        except _KeystoneError:
+            return True
+        return False
+
+    order = sorted(raised, key=lambda name: int(name.rsplit("_", 1)[1]))
+    if fails_with(order):
+        return None
+    chosen = next((name for name in order if fails_with([other for other in order if other != name])), order[0])
+    item = items[k - 1]
+    if item.define is not None:
+        name, value = item.define
+        return UsageError(f"define {name}={value}: {pre.errors[chosen]}")
+    return AsmError(item.loc.file, item.loc.line, pre.errors[chosen])
 
 
 def _error_at(

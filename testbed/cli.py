@@ -17,33 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
-from rich.table import Table
-
 from testbed.errors import TestbedError, UsageError
 from testbed.hw.exits import Vendor
+from testbed.textout import plain_console, plain_table, styled
 
 EXIT_OK = 0
 EXIT_GUEST_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
-
-_SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'64M' -> 67108864; accepts K, M, G, T suffixes (optionally followed by 'iB' or 'B')."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = t[-1:] if t[-1:] in _SIZE_SUFFIX else ""
-    number = t[: len(t) - len(suffix)] if suffix else t
-    try:
-        value = int(number, 0) * _SIZE_SUFFIX[suffix]
-    except ValueError:
-        raise UsageError(f"invalid size {text!r}: expected e.g. 64M, 1G or a byte count") from None
-    if value <= 0:
-        raise UsageError(f"invalid size {text!r}: must be positive")
-    return value
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the exit status."""
@@ -57,8 +38,13 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vm-type", default="default", help="default, sw-protected, sev, sev-es, sev-snp")
     p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
     p.add_argument("--define", "-D", action="append", default=[], metavar="NAME=VALUE", help="assembler define")
-    p.add_argument("--c-bit", type=int, default=51, help="SEV C-bit position reported in CPUID 0x8000001F (default 51)")
-    p.add_argument("--seed", type=int, default=None, help="seed for the VM's memory-encryption key")
+    # Numbers are parsed by VmOptions (testbed/options.py), as from Python: one set of rules
+    # and messages, and a 5,000-digit value is refused without being echoed in full.
+    p.add_argument("--c-bit", default="51", help="SEV C-bit position reported in CPUID 0x8000001F (default 51)")
+    p.add_argument("--seed", default=None, help="seed for the VM's memory-encryption key (0 .. 2^64-1)")
+    p.add_argument("--kvm-version", default="kvm-x86", choices=("kvm-x86", "7.1"),
+                   help="KVM modelled where the kvm-x86 tree (default) and the 7.1 release differ "
+                        "(README: Modelled KVM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated KVM PV features to advertise (pv_unhalt, pv_send_ipi, pv_sched_yield, "
                           "hc_map_gpa_range) or 'none'; default: all modelled")
     run.add_argument("--tracker", default=None, help="shared-page tracker: bitmap, ranges or tree")
-    run.add_argument("--max-ranges", type=int, default=None, help="tracker bound (records) before it is poisoned")
+    run.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
     run.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
                      help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "
                           "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
@@ -86,15 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "state only (repeatable)")
     run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
                      help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
-    run.add_argument("--timeout", type=float, default=10.0,
-                     help="seconds before the run ends as 'timeout' (default 10)")
+    run.add_argument("--timeout", default="10",
+                     help="seconds before the run ends as 'timeout' (default 10; positive, finite)")
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON Lines to this file")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    run.add_argument("--expect", default=None, metavar="OUTCOME",
+                     help="exit 0 exactly when the run ends with this outcome (done, guest_assert, "
+                          "unhandled_exception, ...; see README), 1 otherwise")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="hypercalls under both vendors (and SEV): the VMCALL decode failure")
     demo.add_argument("--json", action="store_true")
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--seed", default="1", help="seed for the SEV VM's memory-encryption key (default 1)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure exit rates and compute speed against bare Unicorn")
@@ -111,91 +100,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def vm_options_from_args(args: argparse.Namespace) -> Any:
-    """VmOptions from the shared VM flags."""
+def vm_options_from_args(args: argparse.Namespace, **more: Any) -> Any:
+    """VmOptions from the shared VM flags (and `more` fields); VmOptions checks every value."""
     from testbed.asm import parse_define
     from testbed.machine import VmOptions
 
     defines: dict[str, int | str] = {}
-    for d in args.define:
-        name, value = parse_define(d)
+    for text in args.define:
+        name, value = parse_define(text)
         defines[name] = value
-    options = VmOptions(
-        vendor=Vendor(args.vendor),
+    return VmOptions(
+        vendor=args.vendor,
         vm_type=args.vm_type,
-        memory=parse_size(args.memory),
+        memory=args.memory,
         defines=defines,
         seed=args.seed,
         c_bit=args.c_bit,
+        kvm_version=args.kvm_version,
+        **more,
     )
-    return options
 
 
-def _parse_range(text: str) -> tuple[int, int, bool | None]:
-    """'0x600000:4:private' -> (0x600000, 4, True); NPAGES defaults to 1, direction to both."""
-    parts = text.split(":")
-    directions: dict[str, bool | None] = {"private": True, "shared": False, "both": None}
-    try:
-        gpa = int(parts[0], 0)
-        npages = int(parts[1], 0) if len(parts) > 1 and parts[1] else 1
-        to = directions[parts[2].lower()] if len(parts) > 2 else None
-    except (ValueError, KeyError):
-        raise UsageError(f"--refuse-conversion {text!r}: expected GPA[:NPAGES[:private|shared]]") from None
-    if len(parts) > 3 or gpa < 0 or gpa & 0xFFF or npages < 1:
-        raise UsageError(f"--refuse-conversion {text!r}: GPA must be page aligned and NPAGES >= 1")
-    return gpa, npages, to
+class _TraceFile:
+    """The --trace file: a write error (ENOSPC on /dev/full, EIO, ...) is remembered and
+    raised as a UsageError naming the file, whichever layer's emit() hit it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: UsageError | None = None
+        try:
+            self._file: IO[str] = path.open("w", encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot write trace file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def _failed(self, exc: OSError) -> UsageError:
+        if self.error is None:
+            self.error = UsageError(f"cannot write trace file {self.path}: {exc.strerror or exc}")
+        return self.error
+
+    def write(self, text: str) -> int:
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._file.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def flush(self) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:
+            self._failed(exc)
 
 
-def _parse_pv_features(text: str) -> int:
-    from testbed.vmm.cpuid import PV_FEATURE_NAMES
+def _check_expect(text: str | None) -> str | None:
+    from testbed.vmm.vmm import OUTCOMES
 
-    if text.strip().lower() == "none":
-        return 0
-    mask = 0
-    for name in filter(None, (t.strip().lower() for t in text.split(","))):
-        if name not in PV_FEATURE_NAMES:
-            raise UsageError(f"unknown PV feature {name!r}: expected {', '.join(PV_FEATURE_NAMES)} or none")
-        mask |= 1 << PV_FEATURE_NAMES[name]
-    return mask
+    if text is None or text in OUTCOMES:
+        return text
+    raise UsageError(f"--expect {text!r}: not an outcome; expected one of {', '.join(OUTCOMES)}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`testbed run`."""
     from testbed.machine import Machine, build_program
 
-    options = vm_options_from_args(args)
-    options.fix_hypercall = not args.no_fix_hypercall
-    options.ghcb_version = args.ghcb_version
-    options.map_gpa_exit = not args.no_map_gpa_exit
-    options.timeout = args.timeout
-    if args.tracker:
-        options.tracker = args.tracker
-    options.max_ranges = args.max_ranges
-    options.hc_protocol = args.hc_protocol
-    options.implicit_conversion = args.implicit_conversion
-    options.refuse_conversions = [_parse_range(r) for r in args.refuse_conversion]
-    if args.pv_features is not None:
-        options.pv_features = _parse_pv_features(args.pv_features)
-    if not args.guest.is_file():
-        raise UsageError(f"{args.guest}: no such guest source file")
+    expect = _check_expect(args.expect)
+    options = vm_options_from_args(
+        args,
+        fix_hypercall=not args.no_fix_hypercall,
+        ghcb_version=args.ghcb_version,
+        map_gpa_exit=not args.no_map_gpa_exit,
+        timeout=args.timeout,
+        max_ranges=args.max_ranges,
+        hc_protocol=args.hc_protocol,
+        implicit_conversion=args.implicit_conversion,
+        refuse_conversions=list(args.refuse_conversion),
+        pv_features=args.pv_features,
+        **({"tracker": args.tracker} if args.tracker else {}),
+    )
     options.validate()
-    trace_file = None
+    program = build_program(args.guest, options)
+    trace = _TraceFile(args.trace) if args.trace is not None else None
     try:
-        if args.trace is not None:
-            try:
-                trace_file = args.trace.open("w")
-            except OSError as exc:
-                raise UsageError(f"cannot write trace file {args.trace}: {exc.strerror}") from None
-            options.trace = trace_file
-        program = build_program(args.guest, options)
-        report = Machine(program, options).run()
+        options.trace = trace
+        with Machine(program, options) as machine:
+            report = machine.run()
+    except Exception:
+        if trace is not None and trace.error is not None:
+            raise trace.error from None
+        raise
     finally:
-        if trace_file is not None:
-            trace_file.close()
+        if trace is not None:
+            trace.close()
+    if trace is not None and trace.error is not None:
+        raise trace.error
     if args.json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:
-        _print_report(report, args, sys.stdout)
+        _print_report(report, args, sys.stdout, expect)
+    if expect is not None:
+        return EXIT_OK if report.outcome == expect else EXIT_GUEST_FAILURE
     if report.outcome == "done":
         return EXIT_OK
     if report.outcome == "timeout":
@@ -203,21 +216,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_GUEST_FAILURE
 
 
-def _print_report(report: Any, args: argparse.Namespace, out: IO[str]) -> None:
-    console = Console(file=out, highlight=False)
-    table = Table(title=f"{args.guest} on {args.vendor} / {args.vm_type}")
-    table.add_column("what")
-    table.add_column("value", overflow="fold")
-    style = "green" if report.outcome == "done" else "red"
-    table.add_row("outcome", f"[{style}]{report.outcome}[/]")
+def _print_report(report: Any, args: argparse.Namespace, out: IO[str], expect: str | None = None) -> None:
+    # Every string here may come from the guest or the user (paths, details): printed literally.
+    console = plain_console(out)
+    table = plain_table(f"{args.guest} on {args.vendor} / {args.vm_type}", "what", "value")
+    good = report.outcome == (expect or "done")
+    table.add_row("outcome", styled(report.outcome, "green" if good else "red"))
+    if expect is not None:
+        table.add_row("expected", styled(expect, "green" if good else "red"))
     if report.detail:
         table.add_row("detail", report.detail)
     for u in report.ucalls:
         where = f" at {u['file']}:{u['line']}" if "file" in u else ""
         table.add_row(f"ucall {u['cmd']}", ", ".join(f"0x{a:x}" for a in u["args"]) + where)
+    if report.ucalls_dropped:
+        table.add_row("ucalls left out", f"{report.ucalls_dropped} between the first and the last "
+                      f"{len(report.ucalls) // 2} (--trace has every one)")
     if report.exception:
         e = report.exception
-        table.add_row("exception", f"vector {e['vector']} error 0x{e['error_code']:x} rip 0x{e['rip']:x}")
+        text = f"vector {e['vector']} error 0x{e['error_code']:x} rip 0x{e['rip']:x}"
+        if "cr2" in e:
+            text += f" cr2 0x{e['cr2']:x}"
+        if "file" in e:
+            text += f" at {e['file']}:{e['line']}"
+            if e.get("symbol"):
+                text += f" ({e['symbol']}+0x{e['offset']:x})"
+        table.add_row("exception", text)
     if report.termination:
         table.add_row("termination", f"set {report.termination['reason_set']} code {report.termination['reason_code']}")
     table.add_row("user exits", ", ".join(f"{k}={v}" for k, v in sorted(report.exit_counts.items())) or "none")
@@ -229,8 +253,9 @@ def _print_report(report: Any, args: argparse.Namespace, out: IO[str]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`testbed demo`."""
     from testbed.demo import run_demo
+    from testbed.options import SEED_RANGE, parse_int
 
-    return run_demo(sys.stdout, as_json=args.json, seed=args.seed)
+    return run_demo(sys.stdout, as_json=args.json, seed=parse_int(args.seed, "seed", SEED_RANGE))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -238,6 +263,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from testbed.bench import run_bench
 
     return run_bench(sys.stdout, quick=args.quick, as_json=args.json)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line: control characters (a newline in a file name) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,14 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return int(args.func(args))
     except TestbedError as exc:
-        print(f"testbed: {exc}", file=sys.stderr)
+        print(f"testbed: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as exc:  # the host could not back what was asked (options.check_host_memory)
+        print(f"testbed: out of host memory: {_one_line(str(exc)) or 'an allocation failed'}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a testbed bug: still one line, never a traceback
-        print(f"testbed: internal error (a testbed bug, please report it): {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(f"testbed: internal error (a testbed bug, please report it): {type(exc).__name__}: "
+              f"{_one_line(str(exc))}", file=sys.stderr)
         return EXIT_GUEST_FAILURE
 
 

@@ -14,11 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from rich.console import Console
-from rich.table import Table
-
 from testbed.hw.exits import Vendor
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
+from testbed.textout import plain_console, plain_table, styled
 
 INSNS = {0: "VMCALL", 1: "VMMCALL", 2: "KVM_HYPERCALL"}
 CELLS: tuple[tuple[Vendor, str], ...] = ((Vendor.AMD, "default"), (Vendor.INTEL, "default"), (Vendor.AMD, "sev"))
@@ -43,8 +41,8 @@ def run_cell(vendor: Vendor, vm_type: str, insn: int, seed: int = 1) -> DemoCell
     """Run the demo guest in one configuration."""
     options = VmOptions(vendor=vendor, vm_type=vm_type, defines={"INSN": insn}, seed=seed, timeout=10.0)
     program = build_program(GUESTS_DIR / "hypercall_insn.s", options)
-    machine = Machine(program, options)
-    report = machine.run()
+    with Machine(program, options) as machine:  # sev and ud_explanations stay readable after close
+        report = machine.run()
     syncs = report.syncs()
     native = "VMMCALL" if vendor is Vendor.AMD else "VMCALL"
     if report.exception and report.exception.get("vector") == 6:
@@ -62,30 +60,42 @@ def run_cell(vendor: Vendor, vm_type: str, insn: int, seed: int = 1) -> DemoCell
 def run_demo(out: IO[str], as_json: bool = False, seed: int = 1) -> int:
     """Run every cell and print the table (or JSON); 0 when every cell behaved as KVM does."""
     cells = [run_cell(v, t, i, seed) for v, t in CELLS for i in INSNS]
-    expected_failures = [c for c in cells if c.vm_type == "sev" and c.insn == "VMCALL"]
-    ok = all(c.outcome == "done" for c in cells if c not in expected_failures) and all(
-        c.outcome == "unhandled_exception" for c in expected_failures
-    )
+    ok = as_expected(cells)
     if as_json:
         out.write(json.dumps({"cells": [c.__dict__ for c in cells], "as_expected": ok}) + "\n")
-        return 0 if ok else 1
-    console = Console(file=out, highlight=False)
-    table = Table(title="KVM hypercall instructions by vendor and VM type (KVM_HC_VAPIC_POLL_IRQ, expect RAX=0)")
-    for col in ("vendor", "VM type", "instruction", "outcome", "RAX", "what KVM did"):
-        table.add_column(col)
+    else:
+        print_demo(out, cells)
+    return 0 if ok else 1
+
+
+def _expected_failure(c: DemoCell) -> bool:
+    return c.vm_type == "sev" and c.insn == "VMCALL"
+
+
+def as_expected(cells: list[DemoCell]) -> bool:
+    """Every cell passed but SEV's VMCALL, which ends in the guest's unhandled #UD."""
+    return all((c.outcome == "unhandled_exception") if _expected_failure(c) else (c.outcome == "done")
+               for c in cells)
+
+
+def print_demo(out: IO[str], cells: list[DemoCell]) -> None:
+    """The demo's tables. Every string is printed literally (textout.py): capstone's text of
+    ciphertext holds `[...]` that rich would otherwise take for markup."""
+    console = plain_console(out)
+    table = plain_table("KVM hypercall instructions by vendor and VM type (KVM_HC_VAPIC_POLL_IRQ, expect RAX=0)",
+                        "vendor", "VM type", "instruction", "outcome", "RAX", "what KVM did")
     for c in cells:
-        style = "green" if c.outcome == "done" else "red"
+        good = (c.outcome == "unhandled_exception") if _expected_failure(c) else (c.outcome == "done")
         rax = "-" if c.result is None else f"0x{c.result:x}"
-        table.add_row(c.vendor, c.vm_type, c.insn, f"[{style}]{c.outcome}[/]", rax, c.kvm_action)
+        table.add_row(c.vendor, c.vm_type, c.insn, styled(c.outcome, "green" if good else "red"), rax,
+                      c.kvm_action)
     console.print(table)
-    for c in expected_failures:
+    for c in cells:
         hv = c.host_view
-        if hv is None:
+        if not _expected_failure(c) or hv is None:
             continue
-        view = Table(title=f"{c.vendor}/{c.vm_type} {c.insn} at rip 0x{hv['rip']:x} (gpa 0x{hv['gpa']:x})")
-        view.add_column("view")
-        view.add_column("bytes")
-        view.add_column("decodes as")
+        view = plain_table(f"{c.vendor}/{c.vm_type} {c.insn} at rip 0x{hv['rip']:x} (gpa 0x{hv['gpa']:x})",
+                           "view", "bytes", "decodes as")
         view.add_row("guest (plaintext, C=1)", str(hv["guest_bytes"]), str(hv["guest_decode"]))
         view.add_row("host (ciphertext)", str(hv["host_bytes"]), str(hv["host_decode"]))
         console.print(view)
@@ -95,4 +105,3 @@ def run_demo(out: IO[str], as_json: bool = False, seed: int = 1) -> int:
             "decodes them as VMCALL, so nothing can patch them. Hence the SEV-specific hypercall that "
             "always uses VMMCALL (kvm_sev_hypercall3)."
         )
-    return 0 if ok else 1

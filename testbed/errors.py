@@ -18,6 +18,15 @@ class UsageError(TestbedError):
     """Options that do not fit together (e.g. an SEV VM type on an Intel vCPU)."""
 
 
+class MachineClosedError(UsageError):
+    """A machine (or its vCPU or memory) used after close(): its emulator and guest memory are released."""
+
+
+class GuestBootError(TestbedError):
+    """The guest stopped before the address it was booted to (Machine.boot_to); the message
+    names why: the run's outcome (an exception's vector, error code and RIP) and the stop."""
+
+
 class AsmError(TestbedError):
     """A guest source failed to assemble; the message is `file:line: message`."""
 

@@ -9,32 +9,40 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from testbed import options as opt
 from testbed.asm import Program, assemble_sources
 from testbed.decode import describe
-from testbed.errors import UsageError
+from testbed.errors import GuestBootError, MachineClosedError, UsageError
 from testbed.hw.cipher import FrameCipher
 from testbed.hw.cpu import UnicornVcpu
-from testbed.hw.exits import Vendor
-from testbed.hw.memory import GuestMemory
+from testbed.hw.exits import StopReason, Vendor
+from testbed.hw.memory import GuestMemory, UnmappableMemoryError
+from testbed.kvm.hypercall import neg
+from testbed.kvm.msr import KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
+    KVM_EINVAL,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_MIGRATION_CONTROL,
     KVM_HC_MAP_GPA_RANGE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
 from testbed.kvm.vcpu import KvmVcpu
+from testbed.kvm.version import REFERENCE, KvmVersion
 from testbed.kvm.vm import KvmVm
 from testbed.layout import IMAGE_GPA, RT_GDT, RT_REGION_END, Layout
+from testbed.options import AMD_ONLY_VM_TYPES, VM_TYPES
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
 from testbed.vmm import boot
 from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
 from testbed.vmm.map_gpa import MapGpaHandler
+from testbed.vmm.msr import MsrHandler
 from testbed.vmm.vmm import RunReport, SourceRef, Vmm
 from testbed.x86 import (
     CR0_PE,
@@ -58,21 +66,20 @@ SEV_STATUS_SNP = 1 << 2
 GUESTS_DIR = Path(__file__).resolve().parent.parent / "guests"
 LIB_DIR = GUESTS_DIR / "lib"
 
-VM_TYPES: dict[str, KvmVmType] = {
-    "default": KvmVmType.KVM_X86_DEFAULT_VM,
-    "sw-protected": KvmVmType.KVM_X86_SW_PROTECTED_VM,
-    "sev": KvmVmType.KVM_X86_SEV_VM,
-    "sev-es": KvmVmType.KVM_X86_SEV_ES_VM,
-    "sev-snp": KvmVmType.KVM_X86_SNP_VM,
-}
-HC_PROTOCOLS = ("map-gpa-range", "page-enc-status")
-IMPLICIT_CONVERSION_POLICIES = ("convert", "refuse")
-AMD_ONLY_VM_TYPES = ("sev", "sev-es", "sev-snp")
 
 
 @dataclass
 class VmOptions:
-    """Everything a run can be configured with (the `testbed run` flags)."""
+    """Everything a run can be configured with (the `testbed run` flags).
+
+    Fields take the CLI's spellings as well as the Python values: `vendor="amd"` or
+    `Vendor.AMD`, `vm_type="sev-es"` or `KvmVmType.KVM_X86_SEV_ES_VM`, `memory="64M"` or a
+    byte count, `pv_features="pv_unhalt,pv_send_ipi"` or a mask, `refuse_conversions=
+    ["0x600000:4:private"]` or tuples. `__post_init__` normalises each to the type annotated
+    here (testbed/options.py) and raises UsageError naming the field and the value for
+    anything else; `validate()` does it again (fields may be assigned after construction)
+    and checks the combinations.
+    """
 
     vendor: Vendor = Vendor.AMD
     vm_type: str = "default"
@@ -96,23 +103,47 @@ class VmOptions:
     #: VMM fault injection: (gpa, npages, to_private: True/False/None for both) ranges whose
     #: conversions the VMM refuses
     refuse_conversions: list[tuple[int, int, bool | None]] = field(default_factory=list)
+    #: the KVM modelled where the reference tree and the release differ: "kvm-x86" (default) or
+    #: "7.1" (testbed/kvm/version.py, `--kvm-version`)
+    kvm_version: KvmVersion = REFERENCE
+    #: where the VMM puts KVM's CPUID leaves ("KVMKVMKVM" and the PV features): 0x40000000,
+    #: 0x40000100, ...; None leaves the signature out (KVM then sees no PV features)
+    kvm_cpuid_base: int | None = 0x40000000
+
+    def __post_init__(self) -> None:
+        self.normalise()
+
+    def normalise(self) -> None:
+        """Turn every field into its canonical value; UsageError naming the field otherwise."""
+        self.vendor = opt.parse_vendor(self.vendor)
+        self.vm_type = opt.parse_vm_type(self.vm_type)
+        self.memory = opt.parse_size(self.memory, "memory size")
+        for name in ("fix_hypercall", "map_gpa_exit", "enforce_pv_cpuid", "record_exits"):
+            setattr(self, name, opt.parse_bool(getattr(self, name), name))
+        self.pv_features = opt.parse_pv_features(self.pv_features)
+        self.timeout = opt.parse_timeout(self.timeout)
+        self.seed = opt.parse_seed(self.seed)
+        self.c_bit = opt.parse_int(self.c_bit, "C-bit position", opt.C_BIT_RANGE)
+        self.tracker = opt.parse_tracker(self.tracker)
+        self.defines = opt.parse_defines(self.defines)
+        if self.trace is not None and not callable(getattr(self.trace, "write", None)):
+            raise UsageError(f"trace {self.trace!r}: expected a text file open for writing, or None")
+        self.hc_protocol = opt.parse_choice(self.hc_protocol, "hypercall protocol", opt.HC_PROTOCOLS)
+        self.ghcb_version = opt.parse_int(self.ghcb_version, "GHCB version", range(1, 3))
+        self.implicit_conversion = opt.parse_choice(
+            self.implicit_conversion, "implicit-conversion policy", opt.IMPLICIT_CONVERSION_POLICIES)
+        self.max_ranges = opt.parse_max_ranges(self.max_ranges)
+        self.refuse_conversions = opt.parse_refuse_conversions(self.refuse_conversions)
+        self.kvm_version = KvmVersion.parse(self.kvm_version)
+        self.kvm_cpuid_base = opt.parse_kvm_cpuid_base(self.kvm_cpuid_base)
 
     def validate(self) -> None:
-        """Raise UsageError for combinations that do not exist."""
-        if self.vm_type not in VM_TYPES:
-            raise UsageError(f"unknown VM type {self.vm_type!r}: expected one of {', '.join(VM_TYPES)}")
+        """Raise UsageError for values and combinations that do not exist."""
+        self.normalise()
         if self.vm_type in AMD_ONLY_VM_TYPES and self.vendor is not Vendor.AMD:
             raise UsageError(f"VM type {self.vm_type} needs an AMD vCPU (--vendor amd), not {self.vendor.value}")
-        if not 32 <= self.c_bit <= 51:
-            raise UsageError(f"C-bit position must be between 32 and 51, not {self.c_bit}")
         Layout(self.memory)
-        if self.hc_protocol not in HC_PROTOCOLS:
-            raise UsageError(f"unknown hypercall protocol {self.hc_protocol!r}: expected {', '.join(HC_PROTOCOLS)}")
-        if self.implicit_conversion not in IMPLICIT_CONVERSION_POLICIES:
-            raise UsageError(f"unknown implicit-conversion policy {self.implicit_conversion!r}: expected "
-                             f"{', '.join(IMPLICIT_CONVERSION_POLICIES)}")
-        if self.timeout <= 0:
-            raise UsageError(f"timeout must be positive, not {self.timeout}")
+        opt.check_host_memory(self.memory, self.vm_type)
 
 
 def guest_defines(options: VmOptions) -> dict[str, int | str]:
@@ -134,10 +165,7 @@ def build_program(source: Path | str, options: VmOptions, *, text: str | None = 
         raise UsageError(f"the guest runtime is not at {LIB_DIR}: testbed runs from its source checkout "
                          "(install it with `pip install -e .`, as the README says)")
     if text is None:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"{source}: no such guest source file")
-        text = path.read_text(encoding="utf-8")
+        text = opt.read_source_file(source)
     sources = (
         (str(LIB_DIR / "prelude.s"), (LIB_DIR / "prelude.s").read_text(encoding="utf-8")),
         (str(source), text),
@@ -153,10 +181,65 @@ def _assemble_cached(sources: tuple[tuple[str, str], ...], defines: tuple[tuple[
     return assemble_sources(sources[:3], base=IMAGE_GPA, defines=dict(defines), include_dirs=[LIB_DIR, GUESTS_DIR])
 
 
+def _locate(program: Program, address: int) -> dict[str, Any] | None:
+    """file, line, symbol, offset of `address` in `program` (for the report), or None."""
+    where = program.locate(address)
+    if where is None:
+        return None
+    return {"file": where.file, "line": where.line, "symbol": where.symbol, "offset": where.offset}
+
+
 class Machine:
-    """One VM ready to run `program`."""
+    """One VM ready to run `program`.
+
+    A context manager: `with Machine(program, options) as machine:` releases the emulator and
+    all guest memory at the end (close()). Without close() they are released when the machine
+    is garbage-collected (no reference cycle escapes the collector), but a process running
+    many machines should not wait for that: each holds its whole guest memory.
+    """
 
     def __init__(self, program: Program, options: VmOptions) -> None:
+        self._closed = False
+        try:
+            self._build(program, options)
+        except BaseException:
+            self.close()  # a half-built machine releases what it already holds
+            raise
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() released the machine."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release the emulator (Unicorn engine, hooks, mappings) and every guest memory buffer,
+        and break the references between the layers. Idempotent; reports already returned stay
+        valid; running the machine afterwards raises MachineClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        cpu: UnicornVcpu | None = getattr(self, "cpu", None)
+        if cpu is not None:
+            cpu.close()  # first: the engine maps the memory released next
+        memory: GuestMemory | None = getattr(self, "memory", None)
+        if memory is not None:
+            memory.close()
+        kvm_vm: KvmVm | None = getattr(self, "kvm_vm", None)
+        if kvm_vm is not None:
+            kvm_vm.on_attributes_changed = None
+            kvm_vm.on_attributes_range = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MachineClosedError("this machine is closed: its emulator and guest memory were released")
+
+    def _build(self, program: Program, options: VmOptions) -> None:
         options.validate()
         self.options = options
         self.program = program
@@ -167,8 +250,14 @@ class Machine:
         self.c_bit_mask = (1 << options.c_bit) if self.sev else 0
         # MAXPHYADDR 48 (bits 51:48 of an entry are reserved), the C-bit excepted.
         self.paging = PagingMode(phys_bits=48 if options.c_bit >= 48 else 52, enc_mask=self.c_bit_mask)
-        cipher = FrameCipher.from_seed(options.seed) if self.sev else None
-        self.memory = GuestMemory(options.memory, cipher)
+        # The guest_memfd VM types keep private pages in a backing the host cannot map, shared
+        # ones in the VMM's memory (hw/memory.py); legacy SEV has one frame per page, read by
+        # the host as ciphertext. Without memory attributes (the seed-era page-enc-status
+        # protocol) there is no guest_memfd: such runs keep the legacy model.
+        guest_memfd = (vm_type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SNP_VM)
+                       and options.hc_protocol != "page-enc-status")
+        cipher = FrameCipher.from_seed(options.seed) if self.sev and not guest_memfd else None
+        self.memory = GuestMemory(options.memory, cipher, guest_memfd=guest_memfd)
         self.sev_es = vm_type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
         self.snp = vm_type == KvmVmType.KVM_X86_SNP_VM
         self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer, sev_es=self.sev_es,
@@ -180,7 +269,10 @@ class Machine:
         self.ud_explanations: list[dict[str, object]] = []
         self.cpu.on_guest_ud = self._explain_guest_ud
         host = self.memory.host_view()
-        self.kvm_vm = KvmVm(vm_type, options.vendor, host, c_bit=options.c_bit)
+        # KVM reads guest memory through the memslot's userspace mapping (kvm_read_guest,
+        # kvm_vcpu_map): on a guest_memfd VM that is the VMM's page, never guest_memfd.
+        self.kvm_vm = KvmVm(vm_type, options.vendor, self.memory.userspace_view(), c_bit=options.c_bit,
+                            kvm_version=options.kvm_version)
         self.kvm_vm.ghcb_version = options.ghcb_version
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
         self.cpu.hypervisor = self.kvm_vcpu
@@ -191,16 +283,23 @@ class Machine:
         if self.kvm_vm.mem_attrs is not None:
             # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
             self.cpu.stage2_private = self.kvm_vm.mem_attrs.private
+            if self.memory.guest_memfd:
+                self.memory.attach_attributes(self.kvm_vm.mem_attrs.private)
             self.kvm_vm.on_attributes_changed = self.cpu.flush_tlb
             if self.cpu.rmp is not None:
                 self.kvm_vm.on_attributes_range = self.cpu.rmp.assign
         extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
-        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm)
+        # The refusal the completion path accepts: positive EINVAL for SNP's PSC completions,
+        # the hypercall ABI's -KVM_EINVAL where the guest's own hypercall reads it (map_gpa.py).
+        self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm,
+                                     ram=self.memory if self.memory.guest_memfd else None,
+                                     refusal=KVM_EINVAL if self.snp else neg(KVM_EINVAL))
         self.map_gpa.refused = [(gpa >> 12, (gpa >> 12) + n, to) for gpa, n, to in options.refuse_conversions]
         asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
         self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits,
-                       implicit_conversion=options.implicit_conversion)
+                       implicit_conversion=options.implicit_conversion, msr=self.msr,
+                       locate=functools.partial(_locate, program))
         if options.hc_protocol == "page-enc-status":
             self.kvm_vm.page_enc_status_protocol = True
             # KVM_GET_PAGE_ENC_BITMAP: the state lives in KVM, the VMM reads it at the end.
@@ -221,10 +320,19 @@ class Machine:
             pv |= 1 << KVM_FEATURE_HC_MAP_GPA_RANGE
         sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0)
         sev_features |= SEV_SNP_BIT if self.snp else 0
-        vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit))
+        vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit,
+                                 kvm_base=o.kvm_cpuid_base))
+        self.msr = MsrHandler()
+        if pv & (1 << KVM_FEATURE_MIGRATION_CONTROL):
+            # hypercalls.rst: advertising MIGRATION_CONTROL obliges userspace to handle the MSR
+            # through a filter, which KVM turns into KVM_EXIT_X86_RDMSR/WRMSR exits.
+            vm.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)
+            vm.set_msr_filter(self.msr.msr_filter())
 
     def _boot(self) -> None:
-        host = self.memory.host_view()
+        # The VMM loads the image into its own memory (on SNP it is then copied into
+        # guest_memfd by the launch; sw-protected has no populate: its RAM starts shared).
+        host = self.memory.userspace_view()
         state = boot.prepare(host, self.program.code, self.c_bit_mask)
         if self.sev:
             # KVM_SEV_LAUNCH_UPDATE_DATA: what the VMM prepared is encrypted in place.
@@ -238,7 +346,11 @@ class Machine:
                 # not validated, but for what the launch measured.
                 self.cpu.rmp.assign(0, self.layout.nframes, True)
             for gpa, length in regions:
-                self.memory.launch_encrypt(gpa, length)
+                if self.memory.guest_memfd:
+                    # KVM_SEV_SNP_LAUNCH_UPDATE: from the VMM's pages into guest_memfd.
+                    self.memory.populate_private(gpa, length)
+                else:
+                    self.memory.launch_encrypt(gpa, length)
                 if self.cpu.rmp is not None:
                     self.cpu.rmp.launch_validate(gpa >> 12, (gpa + length + 0xFFF) >> 12)
         self.kvm_vcpu.reset()
@@ -261,38 +373,62 @@ class Machine:
         """Explanation, not a model of KVM: what the host would read at a #UD's RIP.
 
         Today's KVM does not intercept #UD for SEV guests, so it never looks; this records
-        what it *would* read and decode if it tried - ciphertext - beside the guest's view.
+        what it *would* read and decode if it tried - ciphertext on legacy SEV, nothing on
+        SNP (guest_memfd is not mappable: `host_view` "unmappable") - beside the guest's view.
         """
         try:
             gpa = self.cpu.gva_to_gpa(rip)
         except Exception:
             return
-        host_bytes = self.memory.host_read(gpa, len(guest_bytes))
+        host_view = self.memory.host_view_kind(gpa)
+        try:
+            host_bytes: bytes | None = self.memory.host_read(gpa, len(guest_bytes))
+        except UnmappableMemoryError:
+            host_bytes, host_view = None, "unmappable"
         entry: dict[str, object] = {
             "label": "explanation: what the host would read if it decoded this #UD",
             "rip": rip,
             "gpa": gpa,
             "guest_bytes": guest_bytes.hex(),
             "guest_decode": describe(guest_bytes),
-            "host_bytes": host_bytes.hex(),
-            "host_decode": describe(host_bytes),
+            "host_view": host_view,
+            "host_bytes": None if host_bytes is None else host_bytes.hex(),
+            "host_decode": "not mappable by the host" if host_bytes is None else describe(host_bytes),
             "kvm_intercepts_ud": not self.sev,
         }
         self.ud_explanations.append(entry)
         self.tracer.emit("hw", "ud_host_view", **entry)
 
     def boot_to(self, address: int) -> None:
-        """Run the guest until RIP reaches `address` (e.g. guest_main, after the runtime booted)."""
+        """Run the guest until RIP reaches `address` (e.g. guest_main, after the runtime booted).
+
+        GuestBootError if it stops anywhere else, naming the real cause: how the run ended
+        (an unhandled exception with its vector, error code and RIP; a failed assert; a
+        termination), the vCPU's stop reason, and where RIP is."""
+        self._check_open()
         self.cpu.breakpoint = address
         try:
             stop = self.kvm_vcpu.run(self.vmm, self.options.timeout)
         finally:
             self.cpu.breakpoint = (1 << 64) - 1
-        if stop.detail != "breakpoint":
-            raise UsageError(f"the guest did not reach 0x{address:x} ({stop.reason.value} {stop.detail}".strip() + ")")
+        if stop.reason is StopReason.REQUESTED and stop.detail == "breakpoint":
+            return
+        names = [name for name, value in self.program.symbols.items() if value == address]
+        target = f"0x{address:x}" + (f" ({names[0]})" if names else "")
+        ended = self.vmm.ended
+        if ended is not None:
+            cause = f"{ended[0]}: {ended[1]}" if ended[1] else ended[0]
+        elif stop.reason is StopReason.TIMEOUT:
+            cause = f"timeout: not reached within {self.options.timeout:g} s"
+        else:
+            cause = stop.reason.value + (f": {stop.detail}" if stop.detail else "")
+        how = stop.reason.value + (f" {stop.detail}" if stop.detail else "")
+        raise GuestBootError(f"the guest did not reach {target}: {cause} "
+                             f"(vCPU stopped: {how}; rip 0x{self.cpu.read_reg(Reg.RIP):x})")
 
     def run(self) -> RunReport:
         """Run to completion; the report says how it ended."""
+        self._check_open()
         report = self.vmm.run(self.options.timeout)
         if self.ud_explanations:
             report.extra["ud_host_view"] = self.ud_explanations
@@ -304,4 +440,5 @@ def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str
     options = options or VmOptions()
     options.validate()
     program = build_program(source, options, text=text)
-    return Machine(program, options).run()
+    with Machine(program, options) as machine:
+        return machine.run()

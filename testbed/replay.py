@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 
+from testbed import options
 from testbed.errors import TestbedError, UsageError
 from testbed.tracker import (
     DEFAULT_MAX_RANGES,
@@ -107,10 +108,22 @@ def parse_line(text: str, line: int) -> PageEncEvent | SkippedLine | None:
     body = _BODY.match(text, at)
     if body is None:
         return SkippedLine(line, text.rstrip("\n"), "malformed page_enc_status_hc line")
+    for name, digits in (("gpa", 16), ("npages", 16), ("enc", 20)):
+        # The kernel printed 64-bit values (%lx of an unsigned long; enc by %d); a longer
+        # field is corrupt, and int() refuses over 4,300 decimal digits anyway.
+        significant = body[name].lstrip("0")
+        if len(significant) > digits or (name == "enc" and int(significant or "0") >= 1 << 64):
+            return SkippedLine(line, text.rstrip("\n"),
+                               f"malformed page_enc_status_hc line: {name} has {len(significant)} significant "
+                               "digits, more than the 64-bit value the kernel printed")
     stamps = _STAMP.findall(text, 0, at)
+    try:
+        timestamp = float(stamps[-1]) if stamps else None
+    except ValueError:  # pragma: no cover - the pattern admits only digits and a dot
+        timestamp = None
     return PageEncEvent(
         line=line,
-        timestamp=float(stamps[-1]) if stamps else None,
+        timestamp=timestamp,
         gpa=int(body["gpa"], 16),
         npages=int(body["npages"], 16),
         enc=int(body["enc"]),
@@ -175,16 +188,11 @@ def inferred_guest_pages(events: Iterable[PageEncEvent]) -> int:
     return pages
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
-    """Bytes from '1G', '64G', '1T', '512M', '4096' (binary units); UsageError otherwise."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise UsageError(f"guest size {text!r}: expected a number with an optional K/M/G/T/P suffix")
-    size = int(m[1]) << (10 * " kmgtp".index(m[2].lower() or " "))
-    if size <= 0 or size % (1 << PAGE_SHIFT):
+    """Bytes from '1G', '64G', '1T', '512M', '4096' (binary units, as testbed.options parses
+    every size); UsageError unless a positive multiple of 4 KiB up to 64 TiB."""
+    size = options.parse_size(text, "guest size")
+    if size % (1 << PAGE_SHIFT):
         raise UsageError(f"guest size {text!r}: must be a positive multiple of 4 KiB")
     if size > MAX_GUEST_BYTES:
         raise UsageError(f"guest size {text!r}: at most 64T")
@@ -276,8 +284,7 @@ def _read_lines(path: str) -> list[str]:
 def run_replay(args: argparse.Namespace) -> int:
     """The `testbed replay` handler: 0 ok, 1 trackers disagree, 2 usage error."""
     try:
-        if args.max_ranges < 1:
-            raise UsageError(f"--max-ranges {args.max_ranges}: must be >= 1")
+        max_ranges = options.parse_int(args.max_ranges, "--max-ranges", range(1, options.MAX_MAX_RANGES + 1))
         parsed = parse_log(_read_lines(args.log))
         if args.guest_size is not None:
             guest_pages = parse_size(args.guest_size) >> PAGE_SHIFT
@@ -285,7 +292,7 @@ def run_replay(args: argparse.Namespace) -> int:
             guest_pages = inferred_guest_pages(parsed.events)
         kinds = list(TRACKER_KINDS) if args.tracker == "all" else [args.tracker]
         conversions, rejected = prepare(parsed.events, guest_pages)
-        runs = run_trackers(conversions, kinds, guest_pages, args.max_ranges)
+        runs = run_trackers(conversions, kinds, guest_pages, max_ranges)
     except TestbedError as err:
         print(f"testbed replay: error: {err}", file=sys.stderr)
         return 2
@@ -333,17 +340,17 @@ def _print_tables(
     reference: TrackerRun,
     guest_pages: int,
 ) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from testbed.textout import plain_console, plain_table
 
-    console = Console()
-    ranges = Table(
-        title=f"shared ranges after {len(parsed.events)} events",
+    # The source path and the log's own lines are printed literally (textout.py).
+    console = plain_console(sys.stdout)
+    ranges = plain_table(
+        f"shared ranges after {len(parsed.events)} events",
+        "gfn", "npages", "gpa range",
         caption=f"{source}, guest {_human(guest_pages << PAGE_SHIFT)}, from {reference.name}"
         f"{' (POISONED: a stale snapshot)' if reference.poisoned else ''}",
+        right=("gfn", "npages", "gpa range"),
     )
-    for col in ("gfn", "npages", "gpa range"):
-        ranges.add_column(col, justify="right")
     shown = reference.shared_ranges[:50]
     for gfn, npages in shown:
         ranges.add_row(
@@ -352,9 +359,8 @@ def _print_tables(
     if len(reference.shared_ranges) > len(shown):
         ranges.add_row("...", f"{len(reference.shared_ranges) - len(shown)} more", "")
     console.print(ranges)
-    table = Table(title="trackers")
-    for col in ("tracker", "replay time", "memory", "poisoned", "ranges"):
-        table.add_column(col, justify="right")
+    columns = ("tracker", "replay time", "memory", "poisoned", "ranges")
+    table = plain_table("trackers", *columns, right=columns)
     for r in runs:
         table.add_row(
             r.name, f"{r.seconds * 1e6:.1f} µs", _human(r.memory_bytes), "yes" if r.poisoned else "no",
@@ -362,7 +368,14 @@ def _print_tables(
         )
     console.print(table)
     for item in [*parsed.malformed, *rejected]:
-        console.print(f"line {item.line}: {item.reason}: {item.text}", markup=False, highlight=False)
+        console.print(f"{source}:{item.line}: {item.reason}: {_clip(item.text)}", soft_wrap=True)
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """A log line for a message: cut in the middle when longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...({len(text) - limit} characters)...{text[-(limit // 2):]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

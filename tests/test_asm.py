@@ -184,7 +184,14 @@ def test_unreadable_top_level_file_is_a_usage_error(tmp_path: Path) -> None:
         (".section .data", "sections are not supported"),
         (".globl start", "a flat image needs no .globl"),
         (".att_syntax", "only Intel syntax"),
-        ('.error "x"', "silently ignores .error"),
+        (".err", "silently ignores .err"),
+        (".error x", ".error expects a quoted message"),
+        (".quad 0x10000000000000000", "the number 0x10000000000000000 does not fit in 64 bits"),
+        ("mov rax, -0x8000000000000001", "the number -0x8000000000000001 does not fit in 64 bits"),
+        ("mov rax, 18446744073709551616", "does not fit in 64 bits"),
+        (".if LATER\nnop\n.endif\n.equ LATER, 1", ".if needs constants defined before it, not LATER"),
+        (".rept LATER\nnop\n.endr\n.equ LATER, 3", ".rept needs constants defined before it"),
+        ("here: .if here == 0\n.endif", ".if needs constants defined before it, not here"),
         (".bogus 1", "unsupported directive .bogus"),
         ('.ascii "abc', "unterminated string literal"),
         ("nop /* open", "unterminated /* comment"),
@@ -705,3 +712,83 @@ def test_program_is_a_frozen_value() -> None:
         program.base = 0  # type: ignore[misc]
     with pytest.raises(TypeError):
         program.symbols["x"] = 1  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------------------------
+# Input the CLI used to end as "internal error": each is a located error, status 2
+# --------------------------------------------------------------------------------------------
+
+
+def _cli_usage_error(capsys: pytest.CaptureFixture[str], guest: Path) -> str:
+    """Run `testbed run guest`; assert status 2 and return the one-line error."""
+    from testbed.cli import EXIT_USAGE, main
+
+    status = main(["run", str(guest), "--memory", "8M"])
+    err = capsys.readouterr().err.strip()
+    assert status == EXIT_USAGE == 2, f"status {status}: {err}"
+    assert "internal error" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_non_utf8_guest_source_is_a_located_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A guest source with a byte that is not UTF-8 is refused naming the file and line (API and CLI)."""
+    guest = tmp_path / "g.s"
+    guest.write_bytes(b"guest_main:\n    nop\n    ret # caf\xe9\n")
+    with pytest.raises(AsmError) as excinfo:
+        assemble_files([guest], base=BASE)
+    assert (excinfo.value.file, excinfo.value.line) == (str(guest), 3)
+    assert "not UTF-8 text: byte 0xe9" in excinfo.value.message
+    err = _cli_usage_error(capsys, guest)
+    assert f"{guest}:3" in err and "not UTF-8" in err
+
+
+def test_non_utf8_included_file_is_located_in_that_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A non-UTF-8 include is refused at its own bad line, naming where it was included."""
+    write(tmp_path, "bad.s", "").write_bytes(b"nop\nnop\n\xff\n")
+    guest = write(tmp_path, "g.s", 'guest_main:\n.include "bad.s"\n    ret\n')
+    with pytest.raises(AsmError) as excinfo:
+        assemble_files([guest], base=BASE)
+    assert (Path(excinfo.value.file).name, excinfo.value.line) == ("bad.s", 3)
+    assert f"included at {guest}:2" in excinfo.value.message
+    assert "bad.s:3: not UTF-8 text" in _cli_usage_error(capsys, guest)
+
+
+def test_deep_include_nesting_is_refused_at_the_include(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """329 nested .includes (each file including the next) stop at a clear depth limit, not a RecursionError."""
+    for i in range(329):
+        write(tmp_path, f"f{i}.s", f'.include "f{i + 1}.s"\n')
+    write(tmp_path, "f329.s", "nop\n")
+    guest = write(tmp_path, "g.s", 'guest_main:\n.include "f0.s"\n    ret\n')
+    with pytest.raises(AsmError) as excinfo:
+        assemble_files([guest], base=BASE)
+    assert excinfo.value.message == f"include nesting deeper than {asm._MAX_INCLUDE_DEPTH} files"
+    assert excinfo.value.line == 1 and Path(excinfo.value.file).name.startswith("f")
+    assert "include nesting deeper than" in _cli_usage_error(capsys, guest)
+    # the limit itself is allowed
+    write(tmp_path, f"f{asm._MAX_INCLUDE_DEPTH - 10}.s", "nop\n")
+    assert assemble_files([guest], base=BASE).code == b"\x90\xc3"
+
+
+def test_include_cycle_is_a_located_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """a.s including b.s including a.s is refused at the include that closes the cycle."""
+    write(tmp_path, "a.s", '.include "b.s"\n')
+    write(tmp_path, "b.s", 'nop\n.include "a.s"\n')
+    guest = write(tmp_path, "g.s", 'guest_main:\n.include "a.s"\n')
+    with pytest.raises(AsmError) as excinfo:
+        assemble_files([guest], base=BASE)
+    assert (Path(excinfo.value.file).name, excinfo.value.line) == ("b.s", 2)
+    assert excinfo.value.message == "include cycle: a.s -> b.s -> a.s"
+    assert "include cycle" in _cli_usage_error(capsys, guest)
+
+
+def test_error_directive_reports_its_message_where_it_is_assembled() -> None:
+    """`.error "text"` fails assembly with its text at the line that assembles it: its own line at top
+    level, the invoking line for one in a macro body; an .error in a branch not taken is silent."""
+    assert assemble_source('.if 0\n.error "never"\n.endif\nnop', base=BASE).code == b"\x90"
+    with pytest.raises(AsmError) as excinfo:
+        assemble_source('nop\n.if 1\n.error "boom"\n.endif\n', filename="g.s", base=BASE)
+    assert asm_error(excinfo) == ("g.s", 3, "boom")
+    source = '.macro M x\n.if \\x > 3\n.error "too big"\n.endif\n.byte \\x\n.endm\nM 1\nnop\nM 9\n'
+    with pytest.raises(AsmError) as excinfo:
+        assemble_source(source, filename="g.s", base=BASE)
+    assert asm_error(excinfo) == ("g.s", 9, "too big")

@@ -12,6 +12,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,14 @@ def test_status_1_for_a_failed_guest_assert(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_status_1_for_an_unhandled_exception(capsys: pytest.CaptureFixture[str]) -> None:
-    """An unhandled guest exception exits with status 1 and reports vector, error code and rip."""
+    """An unhandled guest exception exits with status 1 and reports vector, error code, rip and
+    the rip's source line and symbol."""
     status, report = run_json(capsys, str(GUESTS_DIR / "exceptions_unhandled.s"), "-D", "FAULT=1", *SMALL)
     assert status == EXIT_GUEST_FAILURE == 1, f"status {status}"
     assert report["outcome"] == "unhandled_exception"
     assert report["exception"]["vector"] == 6, f"exception {report['exception']}"
-    assert set(report["exception"]) == {"vector", "error_code", "rip"}
+    assert set(report["exception"]) == {"vector", "error_code", "rip", "file", "line", "symbol", "offset"}
+    assert (report["exception"]["symbol"], report["exception"]["offset"]) == ("fault_site", 0)
 
 
 def test_status_3_for_a_timeout(capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,7 +82,7 @@ def test_status_3_for_a_timeout(capsys: pytest.CaptureFixture[str]) -> None:
     ("args", "message"),
     [
         (["{missing}"], "no such guest source file"),
-        (["{guest}", "--memory", "lots"], "invalid size"),
+        (["{guest}", "--memory", "lots"], "invalid memory size"),
         (["{guest}", "--memory", "3M"], "multiple of 2 MiB"),
         (["{guest}", "--vendor", "intel", "--vm-type", "sev"], "AMD"),
         (["{guest}", "--vm-type", "nonsense"], "unknown VM type"),
@@ -177,3 +180,172 @@ def test_unwritable_trace_is_a_usage_error(capsys: pytest.CaptureFixture[str], t
                              "--trace", str(tmp_path / "no" / "such" / "dir" / "t.jsonl"))
     assert status == EXIT_USAGE, f"status {status}; stderr {err}"
     assert err.startswith("testbed: ")
+
+
+# ---------------------------------------------------------------------------------- --expect
+
+
+@pytest.mark.parametrize(
+    ("guest", "defines", "expect", "status"),
+    [
+        ("exceptions_unhandled.s", ["-D", "FAULT=1"], "unhandled_exception", EXIT_OK),
+        ("cli_assert.s", [], "guest_assert", EXIT_OK),
+        ("hypercall_insn.s", [], "done", EXIT_OK),
+        ("hypercall_insn.s", [], "unhandled_exception", EXIT_GUEST_FAILURE),
+        ("cli_assert.s", [], "done", EXIT_GUEST_FAILURE),
+        ("cli_spin.s", [], "done", EXIT_GUEST_FAILURE),
+    ],
+    ids=["fault_expected", "assert_expected", "done_expected", "done_not_fault", "assert_not_done",
+         "timeout_not_done"],
+)
+def test_expect_exits_0_exactly_when_the_outcome_matches(
+    capsys: pytest.CaptureFixture[str], guest: str, defines: list[str], expect: str, status: int
+) -> None:
+    """--expect OUTCOME exits 0 when the run ends with OUTCOME and 1 for any other outcome (a timeout too)."""
+    got, report = run_json(capsys, str(GUESTS_DIR / guest), *defines, "--memory", "8M", "--timeout", "1",
+                           "--expect", expect)
+    assert got == status, f"status {got} for outcome {report['outcome']} with --expect {expect}"
+    assert (report["outcome"] == expect) == (status == EXIT_OK)
+
+
+def test_expect_rejects_an_unknown_outcome(capsys: pytest.CaptureFixture[str]) -> None:
+    """--expect with a name not in the outcomes list is a usage error (2) listing the outcomes."""
+    status, out, err = run_cli(capsys, str(GUESTS_DIR / "hypercall_insn.s"), "--expect", "crashed")
+    assert status == EXIT_USAGE and out == ""
+    assert "--expect 'crashed': not an outcome" in err and "unhandled_exception" in err, err
+
+
+def test_expect_is_shown_in_the_human_report(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The human report of an --expect run shows the expected outcome beside the actual one."""
+    monkeypatch.setenv("COLUMNS", "200")
+    status, out, _ = run_cli(capsys, str(GUESTS_DIR / "exceptions_unhandled.s"), "-D", "FAULT=1", "--memory", "8M",
+                             "--expect", "unhandled_exception")
+    assert status == EXIT_OK
+    assert any("expected" in line and "unhandled_exception" in line for line in out.splitlines()), out
+
+
+# ------------------------------------------------------------------ input that used to crash
+
+
+@pytest.fixture
+def host_24g(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host as a 24 GiB machine without swap under heuristic overcommit."""
+    gib = 1 << 30
+    monkeypatch.setattr("testbed.options.read_meminfo", lambda: {
+        "MemTotal": 24 * gib, "SwapTotal": 0, "MemAvailable": 22 * gib})
+    monkeypatch.setattr("testbed.options.read_overcommit_mode", lambda: 0)
+
+
+BAD_INPUT = [
+    (["{guest}", "--timeout", "nan"], "timeout must be positive and finite, not nan"),
+    (["{guest}", "--timeout", "inf"], "timeout must be positive and finite, not inf"),
+    (["{guest}", "--timeout", "-1"], "timeout must be positive and finite, not -1"),
+    (["{guest}", "--timeout", "1e400"], "timeout must be positive and finite"),
+    (["{guest}", "--timeout", "1e9"], "at most 86400 s"),
+    (["{guest}", "--timeout", "soon"], "timeout 'soon'"),
+    (["{guest}", "--memory", "64G"], "the kernel refuses a mapping larger than RAM + swap (24.0 GiB"),
+    (["{guest}", "--memory", "65G"], "between 8 MiB and 64 GiB"),
+    (["{guest}", "--memory", "9" * 5000], "invalid memory size"),
+    (["{tmp}"], "is a directory"),
+    (["{tmp}/" + "g" * 300 + ".s"], "File name too long"),
+    (["{tmp}/nul\0byte.s"], "not a usable file name"),
+    (["{nonutf8}"], ":2:5: not UTF-8 text (byte 0xff)"),
+    (["{guest}", "--trace", "/dev/full"], "cannot write trace file /dev/full: No space left on device"),
+    (["{guest}", "--trace", "{tmp}"], "cannot write trace file"),
+    (["{guest}", "--c-bit", "99"], "C-bit position 99: must be between 32 and 51"),
+    (["{guest}", "--c-bit", "-1"], "C-bit position -1"),
+    (["{guest}", "--c-bit", "9" * 5000], "C-bit position"),
+    (["{guest}", "--seed", "-1"], "seed -1"),
+    (["{guest}", "--seed", str(1 << 64)], "seed 18446744073709551616"),
+    (["{guest}", "--seed", "9" * 5000], "seed"),
+    (["{guest}", "--max-ranges", "0"], "max_ranges 0"),
+    (["{guest}", "--max-ranges", "9" * 40], "max_ranges"),
+    (["{guest}", "--max-ranges", "many"], "max_ranges 'many'"),
+    (["{guest}", "--ghcb-version", "3"], "GHCB version 3"),
+    (["{guest}", "--refuse-conversion", "9" * 5000], "--refuse-conversion"),
+    (["{guest}", "--pv-features", "pv_everything"], "unknown PV feature 'pv_everything'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[
+    "timeout_nan", "timeout_inf", "timeout_negative", "timeout_overflow", "timeout_huge", "timeout_word",
+    "memory_beyond_host", "memory_beyond_layout", "memory_5000_digits", "guest_is_a_directory",
+    "guest_name_too_long", "guest_name_with_nul", "guest_not_utf8", "trace_dev_full", "trace_is_a_directory",
+    "c_bit_99", "c_bit_negative", "c_bit_5000_digits", "seed_negative", "seed_2_64", "seed_5000_digits",
+    "max_ranges_0", "max_ranges_huge", "max_ranges_word", "ghcb_version_3", "refuse_5000_digits",
+    "pv_feature_unknown"])
+def test_bad_input_is_one_clear_line_with_status_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, host_24g: None, args: list[str], message: str
+) -> None:
+    """Input that once ended as 'internal error' exits 2 with one 'testbed: ...' line naming the problem."""
+    if "/dev/full" in args and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this host")
+    nonutf8 = tmp_path / "latin1.s"
+    nonutf8.write_bytes(b"guest_main:\n    \xff\xfe\n    ret\n")
+    argv = [a.format(guest=GUESTS_DIR / "hypercall_insn.s", tmp=tmp_path, nonutf8=nonutf8) for a in args]
+    status, out, err = run_cli(capsys, *argv, "--memory" if "--memory" not in argv else "--json",
+                               *(["8M"] if "--memory" not in argv else []))
+    assert status == EXIT_USAGE, f"status {status}; stderr {err[:500]!r}"
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: "), f"stderr {err[:500]!r}"
+    assert "internal error" not in err
+    assert message in err, f"stderr {err[:500]!r} does not mention {message!r}"
+    assert len(err) < 1000, f"a {len(err)}-character message echoes the input instead of naming it"
+
+
+def test_a_trace_write_error_mid_run_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace file that fails after some events (EIO) ends the run with status 2 naming the file."""
+    class FailingFile(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            FailingFile.writes += 1
+            if FailingFile.writes > 5:
+                raise OSError(5, "Input/output error")
+            return super().write(text)
+
+    trace = tmp_path / "t.jsonl"
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open",
+                        lambda self, *a, **k: FailingFile() if self == trace else real_open(self, *a, **k))
+    status, _, err = run_cli(capsys, str(GUESTS_DIR / "hypercall_insn.s"), *SMALL, "--trace", str(trace))
+    assert status == EXIT_USAGE, f"status {status}; stderr {err!r}"
+    assert err.strip() == f"testbed: cannot write trace file {trace}: Input/output error", err
+
+
+# ------------------------------------------------------------------------------ human output
+
+
+def test_human_report_prints_bracketed_paths_and_details_literally(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest named bad[rax].s (and :smile:) appears whole in the title, the detail and the abort's location."""
+    monkeypatch.setenv("COLUMNS", "400")
+    guest = tmp_path / "bad[rax]:smile:[b].s"
+    guest.write_text("guest_main:\n    mov rax, 1\n    GUEST_ASSERT_EQ rax, 2\n    ret\n")
+    status, out, err = run_cli(capsys, str(guest), *SMALL)
+    assert status == EXIT_GUEST_FAILURE, err
+    assert out.count(f"{guest}") >= 3, out  # title, detail, ucall abort location
+    assert f"{guest}:3" in out, out
+
+
+def test_print_report_does_not_interpret_markup_in_any_field(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every report field a guest controls (detail, exit names) prints literally, brackets and colons kept."""
+    import argparse
+
+    from testbed.cli import _print_report
+    from testbed.vmm.vmm import RunReport
+
+    monkeypatch.setenv("COLUMNS", "300")
+    report = RunReport(outcome="internal_error", detail="bad ucall [red]x[/red] at :smile: [link=y]z[/link]")
+    report.exit_counts["io[/]"] = 2
+    args = argparse.Namespace(guest=Path("g[b].s"), vendor="amd", vm_type="default")
+    out = io.StringIO()
+    _print_report(report, args, out)
+    text = out.getvalue()
+    for literal in ("bad ucall [red]x[/red] at :smile: [link=y]z[/link]", "io[/]=2", "g[b].s"):
+        assert literal in text, f"{literal!r} missing from:\n{text}"

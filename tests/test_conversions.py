@@ -134,8 +134,11 @@ def test_implicit_conversion_refused_ends_the_run() -> None:
     """With the refuse policy a mismatched access ends the run with outcome memory_fault."""
     options = VmOptions(vm_type="sev", memory=MEM, map_gpa_exit=False, seed=1, implicit_conversion="refuse")
     report = Machine(build_program(GUESTS_DIR / "hypercall_insn.s", options), options).run()
-    assert report.outcome == "memory_fault"
-    assert "0x1000" in report.detail
+    assert report.outcome == "memory_fault", report.detail
+    assert report.detail == (f"guest made a shared access to gpa {UCALL_GPA:#x}, which the host holds as private; "
+                             "implicit conversions are refused")
+    assert report.user_exits[-1] == {"reason": "memory_fault", "flags": 0, "gpa": UCALL_GPA, "size": 4096}
+    assert report.shared_ranges == []
 
 
 def test_hostile_guest_poisons_a_bounded_tracker_without_crashing() -> None:
@@ -143,7 +146,9 @@ def test_hostile_guest_poisons_a_bounded_tracker_without_crashing() -> None:
     _, report = run(3, "default", max_ranges=16, tracker="ranges")
     assert report.outcome == "done", report.detail  # type: ignore[attr-defined]
     assert report.extra.get("tracker_poisoned") is True  # type: ignore[attr-defined]
-    assert len(report.shared_ranges) <= 16  # type: ignore[attr-defined]
+    # The bounded list keeps the first 16 ranges the guest shared, every one of them true.
+    assert report.shared_ranges == to_ranges(expected_pages(3))[:16]  # type: ignore[attr-defined]
+    assert len(to_ranges(expected_pages(3))) > 16  # the guest did overflow it
 
 
 def test_no_hypercall_when_the_feature_is_not_advertised() -> None:

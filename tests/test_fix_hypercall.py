@@ -106,3 +106,162 @@ def test_cli_no_fix_hypercall_flag(flag: bool, capsys: pytest.CaptureFixture[str
         assert syncs == [EFAULT_RET, 1, as_u24(VMCALL)], f"syncs {[hex(s) for s in syncs]}"
     else:
         assert syncs == [0, 0, as_u24(VMMCALL)], f"syncs {[hex(s) for s in syncs]}"
+
+
+# ------------------------------------------------------------ the foreign instruction at CPL 3
+
+CPL3_GUEST = """
+guest_main:
+    push rbx
+    mov rax, GUEST_FREE_GPA
+    mov qword ptr [rax], 0
+    mov qword ptr [rax + 8], 0
+    mov qword ptr [rax + 16], 0xff
+    GUEST_SET_HANDLER GP_VECTOR, guest_gp
+    GUEST_SET_HANDLER UD_VECTOR, guest_ud
+    GUEST_RUN_USER guest_user
+    GUEST_SYNC rax
+    mov rax, GUEST_FREE_GPA
+    mov rbx, qword ptr [rax]
+    GUEST_SYNC rbx
+    mov rbx, qword ptr [rax + 8]
+    GUEST_SYNC rbx
+    mov rbx, qword ptr [rax + 16]
+    GUEST_SYNC rbx
+    lea rbx, [rip + hypercall_site]
+    mov eax, dword ptr [rbx]
+    and eax, 0xffffff
+    GUEST_SYNC rax
+    pop rbx
+    ret
+
+guest_user:
+    mov rax, KVM_HC_VAPIC_POLL_IRQ
+hypercall_site:
+    INSN_MACRO
+    ret
+
+guest_gp:
+    mov rax, GUEST_FREE_GPA
+    inc qword ptr [rax]
+    mov rcx, qword ptr [rdi + EX_ERROR_CODE]
+    mov qword ptr [rax + 16], rcx
+    mov qword ptr [rdi + EX_RAX], 0x777
+    add qword ptr [rdi + EX_RIP], 3
+    ret
+
+guest_ud:
+    mov rax, GUEST_FREE_GPA
+    inc qword ptr [rax + 8]
+    mov qword ptr [rdi + EX_RAX], 0x666
+    add qword ptr [rdi + EX_RIP], 3
+    ret
+"""
+EPERM_RET = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def run_cpl3(vendor: Vendor, insn: bytes, fix_hypercall: bool) -> tuple[list[int], bytes]:
+    """Run CPL3_GUEST: syncs (RAX, #GP count, #UD count, #GP error code, bytes) and the host's bytes."""
+    text = CPL3_GUEST.replace("INSN_MACRO", "VMCALL" if insn == VMCALL else "VMMCALL")
+    options = VmOptions(vendor=vendor, memory=8 << 20, timeout=5.0, fix_hypercall=fix_hypercall)
+    program = build_program("fix_hypercall_cpl3.s", options, text=text)
+    machine = Machine(program, options)
+    report = machine.run()
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    return report.syncs(), machine.memory.host_read(program.symbols["hypercall_site"], 3)
+
+
+@pytest.mark.parametrize("fix_hypercall", [True, False], ids=["quirk_on", "quirk_off"])
+def test_vmcall_at_cpl3_on_amd_is_gp(fix_hypercall: bool) -> None:
+    """AMD, VMCALL at CPL 3: #GP(0) and nothing patched, quirk on or off — VMCALL is `Priv` in
+    emulate.c's group7_rm0 and x86_emulate_insn() checks privilege before em_hypercall()."""
+    syncs, host_bytes = run_cpl3(Vendor.AMD, VMCALL, fix_hypercall)
+    assert syncs == [0x777, 1, 0, 0, as_u24(VMCALL)], f"syncs {[hex(s) for s in syncs]}"
+    assert host_bytes == VMCALL
+
+
+def test_vmmcall_at_cpl3_on_intel_is_patched_and_eperm() -> None:
+    """Intel, VMMCALL at CPL 3: only `Prot` in group7_rm3, so it is patched to VMCALL and the
+    re-executed hypercall returns -KVM_EPERM (the CPL check of ____kvm_emulate_hypercall())."""
+    syncs, host_bytes = run_cpl3(Vendor.INTEL, VMMCALL, True)
+    assert syncs == [EPERM_RET, 0, 0, 0xFF, as_u24(VMCALL)], f"syncs {[hex(s) for s in syncs]}"
+    assert host_bytes == VMCALL
+
+
+# ---------------------------------------------------------------- a fix-up write that faults
+
+RO_SITE_GUEST = """
+guest_main:
+    push rbx
+    mov rax, GUEST_FREE_GPA
+    mov qword ptr [rax], 0
+    mov qword ptr [rax + 8], 0
+    GUEST_SET_HANDLER PF_VECTOR, guest_pf
+    # Clear R/W in the PTE of hypercall_site's page (the runtime's 4 KiB identity tables).
+    lea rdi, [rip + hypercall_site]
+    call guest_pte_of
+    and qword ptr [rax], -3
+    lea rdi, [rip + hypercall_site]
+    invlpg [rdi]
+    mov rax, KVM_HC_VAPIC_POLL_IRQ
+hypercall_site:
+    VMCALL
+    GUEST_SYNC rax
+    mov rax, GUEST_FREE_GPA
+    mov rbx, qword ptr [rax]
+    GUEST_SYNC rbx
+    mov rbx, qword ptr [rax + 8]
+    GUEST_SYNC rbx
+    lea rbx, [rip + hypercall_site]
+    mov rax, GUEST_FREE_GPA
+    mov rcx, qword ptr [rax + 16]
+    sub rcx, rbx
+    GUEST_SYNC rcx
+    pop rbx
+    ret
+
+# rax = address of the PTE mapping rdi (walks CR3's 4-level tables; identity-mapped). Clobbers
+# rcx, rdx, r8.
+guest_pte_of:
+    mov rax, cr3
+    mov rcx, 39
+    movabs r8, 0x000ffffffffff000
+guest_pte_loop:
+    and rax, r8
+    mov rdx, rdi
+    shr rdx, cl
+    and rdx, 0x1ff
+    lea rax, [rax + rdx * 8]
+    cmp rcx, 12
+    je guest_pte_done
+    mov rax, qword ptr [rax]
+    sub rcx, 9
+    jmp guest_pte_loop
+guest_pte_done:
+    ret
+
+# #PF: count it, record the error code and CR2, and skip the instruction (its bytes stay).
+guest_pf:
+    mov rax, GUEST_FREE_GPA
+    inc qword ptr [rax]
+    mov rcx, qword ptr [rdi + EX_ERROR_CODE]
+    mov qword ptr [rax + 8], rcx
+    mov rcx, cr2
+    mov qword ptr [rax + 16], rcx
+    mov qword ptr [rdi + EX_RAX], 0x555
+    add qword ptr [rdi + EX_RIP], 3
+    ret
+"""
+
+
+def test_fix_up_write_to_read_only_page_injects_pf() -> None:
+    """AMD, quirk on, VMCALL on a read-only page: emulator_fix_hypercall()'s
+    emulator_write_emulated() faults, so the guest gets #PF (error code P|W = 3, CR2 = the
+    instruction) and the bytes stay VMCALL."""
+    options = VmOptions(vendor=Vendor.AMD, memory=8 << 20, timeout=5.0)
+    program = build_program("fix_hypercall_ro.s", options, text=RO_SITE_GUEST)
+    machine = Machine(program, options)
+    report = machine.run()
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    assert report.syncs() == [0x555, 1, 3, 0], f"syncs {[hex(s) for s in report.syncs()]}"
+    assert machine.memory.host_read(program.symbols["hypercall_site"], 3) == VMCALL

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from testbed.errors import AsmError
 from testbed.hw.exits import Vendor
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
@@ -214,7 +213,7 @@ def test_map_gpa_range_exits_once_and_ret_lands_in_rax(vendor: Vendor) -> None:
     }, f"exit {run}"
     rax = rax_of(report)
     assert rax == 0, f"RAX = 0x{rax:x}, expected the VMM's ret 0"
-    assert run.get("ret", rax) == rax, f"exit ret 0x{run['ret']:x} != RAX 0x{rax:x}"
+    assert run["ret"] == rax, f"exit ret 0x{run['ret']:x} != RAX 0x{rax:x}"
 
 
 SHARED_THEN_PRIVATE = f"""
@@ -265,19 +264,20 @@ def test_map_gpa_range_updates_shared_ranges() -> None:
     ids=["attrs_bit5", "attrs_bit63", "page_size_3", "straddles_end", "outside_memory"],
 )
 def test_vmm_refuses_what_kvm_forwards(gpa: int, npages: int, attrs: int) -> None:
-    """KVM forwards attrs/ranges unchecked (the user exit happens); the VMM's policy answers -KVM_EINVAL.
+    """KVM forwards attrs/ranges unchecked (the user exit happens); the VMM's policy answers EINVAL.
 
     KVM checks only alignment, npages != 0 and wrap-around (x86.c; private_mem_conversions_test.c
     passes arbitrary attrs). Refusing reserved attribute bits and ranges outside guest memory is
-    testbed/vmm/map_gpa.py's policy, not KVM's.
+    testbed/vmm/map_gpa.py's policy, not KVM's. On a non-SNP VM the VMM answers -KVM_EINVAL, the
+    hypercall ABI's error (hypercalls.rst), which complete_hypercall_exit() writes into RAX raw.
     """
     report = hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs)
     exits = hypercall_exits(report)
     assert len(exits) == 1, f"KVM must forward gpa 0x{gpa:x} npages 0x{npages:x} attrs 0x{attrs:x}: {exits}"
     assert exits[0]["args"][:3] == [gpa, npages, attrs]
     rax = rax_of(report)
-    assert rax == EINVAL_RET, f"RAX = 0x{rax:x}, expected the VMM's -KVM_EINVAL 0x{EINVAL_RET:x}"
-    assert exits[0].get("ret", rax) == rax
+    assert rax == EINVAL_RET, f"RAX = 0x{rax:x}, expected the VMM's -KVM_EINVAL, written raw"
+    assert exits[0]["ret"] == rax
     assert report.shared_ranges == []
 
 
@@ -295,16 +295,216 @@ guest_main:
 
 
 def test_assert_against_negated_prelude_constant() -> None:
-    """GUEST_ASSERT_EQ rax, -KVM_ENOSYS compares with the immediate -1000, or is refused at assembly time.
+    """GUEST_ASSERT_EQ rax, -KVM_ENOSYS compares with the immediate -1000: it holds for -1000, fails for -1.
 
-    The prelude documents the operands as registers or imm32; Keystone 0.9.2 encodes `push -SYMBOL`
-    as a memory load, so a silent acceptance makes the assert compare RAX with whatever memory holds.
+    Keystone 0.9.2 encodes `push -SYMBOL` as a memory load; a silent acceptance would compare RAX
+    with whatever memory holds, so both the passing and the failing compare are pinned.
     """
     options = VmOptions(memory=MEMORY, timeout=TIMEOUT, defines={"UNKNOWN_NR": UNKNOWN_NR})
-    try:
-        program = build_program("negated_constant.s", options, text=NEGATED_CONSTANT_GUEST)
-    except AsmError:
-        return  # refused with a location: acceptable
+    program = build_program("negated_constant.s", options, text=NEGATED_CONSTANT_GUEST)
     report = Machine(program, options).run()
-    assert report.syncs()[:1] == [ENOSYS_RET], f"syncs {[hex(s) for s in report.syncs()]}"
+    assert report.syncs() == [ENOSYS_RET], f"syncs {[hex(s) for s in report.syncs()]}"
     assert report.outcome == "done", f"{report.outcome}: {report.detail} (the assert did not compare with -1000)"
+    program = build_program("negated_constant.s", options, text=NEGATED_CONSTANT_GUEST.replace("ENOSYS", "EPERM"))
+    report = Machine(program, options).run()
+    assert report.outcome == "guest_assert", report.detail
+    assert report.detail == ("negated_constant.s:6: GUEST_ASSERT_EQ failed: "
+                             f"0x{ENOSYS_RET:x} != 0x{EPERM_RET:x}")
+
+
+# ------------------------------------------------------------------ 32-bit callers, end to end
+
+# Copy the runtime's GDT (0x38 bytes) to GUEST_FREE_GPA, add a 32-bit code segment at 0x38,
+# load it, far-return into compatibility mode at `compat`, make one hypercall there with RAX,
+# RBX, RCX, RDX, RSI as loaded in 64-bit mode (their upper halves untouched), far-return to
+# 64-bit mode and sync RAX exactly as KVM left it.
+COMPAT_GUEST = """
+guest_main:
+    push rbx
+    mov rsi, RT_GDT
+    mov rdi, GUEST_FREE_GPA
+    mov rcx, 7
+guest_copy:
+    mov rax, qword ptr [rsi]
+    mov qword ptr [rdi], rax
+    add rsi, 8
+    add rdi, 8
+    dec rcx
+    jnz guest_copy
+    movabs rax, 0x00cf9b000000ffff
+    mov qword ptr [rdi], rax
+    sub rsp, 16
+    mov word ptr [rsp], 0x3f
+    mov rax, GUEST_FREE_GPA
+    mov qword ptr [rsp + 2], rax
+    lgdt [rsp]
+    add rsp, 16
+    movabs rax, HC_NR
+    movabs rbx, HC_A0
+    movabs rcx, HC_A1
+    movabs rdx, HC_A2
+    movabs rsi, HC_A3
+    lea rdi, [rip + compat]
+    push 0x38
+    push rdi
+    .byte 0x48, 0xcb
+compat:
+    .byte INSN_BYTES
+    .byte 0x6a, 0x08
+    .byte 0x68
+    .long back64
+    .byte 0xcb
+back64:
+    GUEST_SYNC rax
+    pop rbx
+    ret
+"""
+INSN_BYTES = {Vendor.AMD: "0x0f, 0x01, 0xd9", Vendor.INTEL: "0x0f, 0x01, 0xc1"}
+
+
+def compat_hypercall(vendor: Vendor, nr: int, *args: int) -> RunReport:
+    """COMPAT_GUEST with the vendor's native instruction: one hypercall from a 32-bit code segment."""
+    defines: dict[str, int | str] = {"HC_NR": nr}
+    for i in range(4):
+        defines[f"HC_A{i}"] = args[i] if i < len(args) else 0
+    text = COMPAT_GUEST.replace("INSN_BYTES", INSN_BYTES[vendor])
+    report = run_guest("compat_hypercall.s", VmOptions(vendor=vendor, memory=MEMORY, timeout=TIMEOUT,
+                                                       defines=defines), text=text)
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    return report
+
+
+@VENDORS
+def test_32bit_caller_unknown_nr_gets_u32_enosys(vendor: Vendor) -> None:
+    """From a compatibility-mode segment, nr is truncated (upper bits ignored) and RAX =
+    (u32)-KVM_ENOSYS = 0xfffffc18: is_64_bit_hypercall() is false (CS.L = 0), x86.c."""
+    report = compat_hypercall(vendor, (0xDEAD << 32) | UNKNOWN_NR)
+    assert rax_of(report) == 0xFFFF_FC18, f"RAX = 0x{rax_of(report):x}"
+
+
+@VENDORS
+def test_32bit_caller_nr_truncated_to_a_known_call(vendor: Vendor) -> None:
+    """nr = (1 << 32) | KVM_HC_VAPIC_POLL_IRQ from 32-bit code is VAPIC_POLL_IRQ: RAX = 0."""
+    assert rax_of(compat_hypercall(vendor, (1 << 32) | KVM_HC_VAPIC_POLL_IRQ)) == 0
+
+
+@VENDORS
+def test_32bit_caller_map_gpa_range_exit(vendor: Vendor) -> None:
+    """MAP_GPA_RANGE from 32-bit code: the exit's args are the low 32 bits, flags = 0 (no
+    KVM_EXIT_HYPERCALL_LONG_MODE), and the VMM's ret reaches RAX as u32."""
+    report = compat_hypercall(vendor, (7 << 32) | KVM_HC_MAP_GPA_RANGE, (5 << 32) | GPA, (1 << 40) | 2,
+                              (1 << 33) | KVM_MAP_GPA_RANGE_ENCRYPTED)
+    exits = hypercall_exits(report)
+    assert [(e["nr"], e["args"][:3], e["flags"]) for e in exits] == [
+        (KVM_HC_MAP_GPA_RANGE, [GPA, 2, KVM_MAP_GPA_RANGE_ENCRYPTED], 0)], exits
+    assert rax_of(report) == 0
+
+
+# ------------------------------------------------------------------------- SEND_IPI, e2e
+
+KVM_HC_SEND_IPI = 10
+KVM_FEATURE_PV_SEND_IPI = 11
+EOPNOTSUPP_RET = 0xFFFF_FFFF_FFFF_FFA1  # -95
+
+
+@VENDORS
+@pytest.mark.parametrize(("pv", "icr", "expected"), [
+    (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD, EOPNOTSUPP_RET),
+    (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD | 0x800, EINVAL_RET),
+    (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD | 0xC0000, EINVAL_RET),
+    (0, 0xFD | 0x800, ENOSYS_RET),
+], ids=["no_apic_map", "dest_logical", "shorthand", "no_pv_feature"])
+def test_send_ipi_answers(vendor: Vendor, pv: int, icr: int, expected: int) -> None:
+    """KVM_HC_SEND_IPI end to end: -KVM_ENOSYS without PV_SEND_IPI (x86.c guest_pv_has), -KVM_EINVAL
+    for destination-mode/shorthand ICR bits before the APIC map, -EOPNOTSUPP with no in-kernel
+    APIC map (lapic.c kvm_pv_send_ipi; a3 is the ICR)."""
+    rax = rax_of(hypercall(KVM_HC_SEND_IPI, 1, 0, 0, icr, vendor=vendor, pv_features=pv))
+    assert rax == expected, f"RAX = 0x{rax:x}, expected 0x{expected:x}"
+
+
+def test_clock_pairing_end_to_end() -> None:
+    """KVM_HC_CLOCK_PAIRING (wallclock) returns -KVM_EOPNOTSUPP: the modelled host's clocksource is
+    not TSC based (x86.c kvm_pv_clock_pairing(), kvm_get_walltime_and_clockread())."""
+    assert rax_of(hypercall(9, GPA, 0)) == EOPNOTSUPP_RET
+
+
+# ---------------------------------------------------------------- the KVM signature leaf
+
+
+@pytest.mark.parametrize(("base", "expected"), [(0x40000000, 0), (0x40000100, 0), (None, ENOSYS_RET)],
+                         ids=["base_0x40000000", "base_0x40000100", "no_signature"])
+def test_pv_features_found_through_the_signature(base: int | None, expected: int) -> None:
+    """KVM finds the PV features at the base where "KVMKVMKVM" is (kvm_get_hypervisor_cpuid(),
+    kvm_apply_cpuid_pv_features_quirk() in cpuid.c); without the signature there are none, so the
+    enforced SCHED_YIELD is -KVM_ENOSYS although its bit is in the leaf userspace set."""
+    rax = rax_of(hypercall(KVM_HC_SCHED_YIELD, 0, pv_features=1 << KVM_FEATURE_PV_SCHED_YIELD,
+                           kvm_cpuid_base=base))
+    assert rax == expected, f"RAX = 0x{rax:x}, expected 0x{expected:x}"
+
+
+def test_signature_lookup_unit() -> None:
+    """CpuidTable.pv_features(): the first base with the signature wins; a features leaf at a base
+    without the signature is ignored."""
+    from testbed.kvm.vm import CpuidEntry
+    from testbed.vmm.cpuid import build_cpuid
+
+    table = build_cpuid(Vendor.AMD, 0x1234, kvm_base=0x40000200)
+    assert table.kvm_cpuid_base() == 0x40000200 and table.pv_features() == 0x1234
+    table.set(CpuidEntry(0x40000001, 0, 0xFFFF, 0, 0, 0))  # no signature at 0x40000000
+    assert table.pv_features() == 0x1234
+    assert build_cpuid(Vendor.AMD, 0x1234, kvm_base=None).pv_features() == 0
+
+
+# ----------------------------------------------- one guest, one answer: PAGE_ENC_STATUS paths
+
+
+def test_page_enc_status_same_ranges_on_sev_and_sev_es() -> None:
+    """The seed-era KVM_HC_PAGE_ENC_STATUS reaches the in-kernel bitmap through VMMCALL (sev) and
+    through the GHCB (sev-es) alike, and matches what MAP_GPA_RANGE records (guests/conversions.s)."""
+    answers = {}
+    for vm_type in ("sev", "sev-es"):
+        for proto in ("page-enc-status", "map-gpa-range"):
+            report = run_guest(GUESTS_DIR / "conversions.s", VmOptions(vm_type=vm_type, hc_protocol=proto,
+                                                                       memory=MEMORY, timeout=TIMEOUT))
+            assert report.outcome == "done", f"{vm_type} {proto}: {report.outcome} {report.detail}"
+            answers[(vm_type, proto)] = report.shared_ranges
+    reference = answers[("sev", "map-gpa-range")]
+    assert reference, "the guest converted nothing"
+    for key, ranges in answers.items():
+        assert ranges == reference, f"{key}: {ranges} != {reference}"
+
+
+# -------------------------------------------- sw-protected: a private access after MAP_GPA_RANGE
+
+PRIVATE_ACCESS_GUEST = f"""
+guest_main:
+    push rbx
+    mov rdi, {GPA:#x}
+    mov rsi, 1
+    call set_memory_shared
+    GUEST_SYNC rax
+    mov rax, {GPA:#x}
+    mov qword ptr [rax], 0x1234
+    mov rdi, {GPA:#x}
+    mov rsi, 1
+    call set_memory_private
+    GUEST_SYNC rax
+    mov rax, {GPA:#x}
+    mov rbx, qword ptr [rax]
+    GUEST_SYNC rbx
+    pop rbx
+    ret
+"""
+
+
+def test_sw_protected_private_access_after_map_gpa_private() -> None:
+    """sw-protected: after MAP_GPA_RANGE(private) the page is private in KVM's attributes, so the
+    guest's access is served from the private backing without a memory fault (it does not see the
+    value it wrote while the page was shared: the VMM discards the other side on conversion)."""
+    report = run_guest("private_after_map.s", VmOptions(vm_type="sw-protected", memory=MEMORY, timeout=TIMEOUT),
+                       text=PRIVATE_ACCESS_GUEST)
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    syncs = report.syncs()
+    assert syncs[:2] == [0, 0], f"conversions returned {[hex(s) for s in syncs[:2]]}"
+    assert [e["reason"] for e in report.user_exits if e["reason"] == "memory_fault"] == []
+    assert report.shared_ranges == []

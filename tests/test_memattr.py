@@ -1,4 +1,4 @@
-"""KVM_SET_MEMORY_ATTRIBUTES validation and semantics (virt/kvm/kvm_main.c)."""
+"""KVM_SET_MEMORY_ATTRIBUTES validation and semantics (virt/kvm/kvm_main.c), KVM_CAP_DISABLE_QUIRKS2."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import errno
 
 import pytest
 
+from testbed.hw.exits import Vendor
+from testbed.hw.memory import GuestMemory
 from testbed.kvm.memattr import MemoryAttributes
-from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
-from testbed.kvm.vm import KvmIoctlError
+from testbed.kvm.uapi import KVM_CAP_DISABLE_QUIRKS2, KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmVmType
+from testbed.kvm.vm import KVM_X86_VALID_QUIRKS, KvmIoctlError, KvmVm
 
 P = KVM_MEMORY_ATTRIBUTE_PRIVATE
 
@@ -49,3 +51,67 @@ def test_unchanged_range_is_not_an_update() -> None:
     assert attrs.updates == 0
     attrs.set(0, 0x1000, 0)
     assert attrs.updates == 1
+
+
+# -------------------------------------------------- every VM type, and KVM_CAP_DISABLE_QUIRKS2
+
+VM_TYPES = [KvmVmType.KVM_X86_DEFAULT_VM, KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SEV_VM,
+            KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM]
+
+
+def make_vm(vm_type: KvmVmType, vendor: Vendor = Vendor.AMD) -> KvmVm:
+    """A 16-page VM of `vm_type` (the kvm layer alone, no CPU)."""
+    return KvmVm(vm_type, vendor, GuestMemory(16 << 12).host_view())
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES, ids=[t.name for t in VM_TYPES])
+@pytest.mark.parametrize(
+    ("address", "size", "flags"),
+    [(0, 0x1000, 1), (0, 0, 0), (0xFFFF_FFFF_FFFF_F000, 0x2000, 0), (0x800, 0x1000, 0), (0x1000, 0x800, 0)],
+    ids=["flags", "size_0", "wraps", "address_unaligned", "size_unaligned"],
+)
+def test_every_vm_validates_memory_attributes(vm_type: KvmVmType, address: int, size: int, flags: int) -> None:
+    """kvm_vm_ioctl_set_mem_attributes() checks flags, size, wrap-around and alignment on every VM,
+    with or without private memory (attributes 0 here, valid everywhere): EINVAL."""
+    with pytest.raises(KvmIoctlError) as info:
+        make_vm(vm_type).set_memory_attributes(address, size, 0, flags)
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES, ids=[t.name for t in VM_TYPES])
+def test_private_attribute_only_where_supported(vm_type: KvmVmType) -> None:
+    """kvm_supported_mem_attributes() is PRIVATE for VMs with private memory and 0 otherwise:
+    PRIVATE is EINVAL on the others, a valid 0 is accepted everywhere, and
+    KVM_CHECK_EXTENSION(KVM_CAP_MEMORY_ATTRIBUTES) reports the same set."""
+    vm = make_vm(vm_type)
+    vm.set_memory_attributes(0x1000, 0x1000, 0)
+    supported = vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES)
+    if vm.has_private_mem:
+        assert supported == P
+        vm.set_memory_attributes(0x1000, 0x1000, P)
+    else:
+        assert supported == 0
+        with pytest.raises(KvmIoctlError) as info:
+            vm.set_memory_attributes(0x1000, 0x1000, P)
+        assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("vendor", list(Vendor), ids=[v.value for v in Vendor])
+def test_disable_quirks2_accepts_any_supported_subset(vendor: Vendor) -> None:
+    """KVM_CAP_DISABLE_QUIRKS2 takes any subset of kvm_caps.supported_quirks (what CHECK_EXTENSION
+    returns) and EINVAL for anything else (x86.c kvm_vm_ioctl_enable_cap); IGNORE_GUEST_PAT (bit 9)
+    is not supported without EPT (AMD)."""
+    vm = make_vm(KvmVmType.KVM_X86_DEFAULT_VM, vendor)
+    supported = vm.check_extension(KVM_CAP_DISABLE_QUIRKS2)
+    assert supported == (KVM_X86_VALID_QUIRKS if vendor is Vendor.INTEL else KVM_X86_VALID_QUIRKS & ~(1 << 9))
+    for bit in range(10):
+        if supported & (1 << bit):
+            vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, 1 << bit)
+    assert vm.disabled_quirks == supported
+    for bad in (1 << 10, 1 << 63, supported | (1 << 12)):
+        with pytest.raises(KvmIoctlError) as info:
+            vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, bad)
+        assert info.value.errno == errno.EINVAL
+    if vendor is Vendor.AMD:
+        with pytest.raises(KvmIoctlError):
+            vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, 1 << 9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from testbed.layout import Layout
 from testbed.machine import VmOptions, run_guest
 from testbed.vmm.vmm import RunReport
 from testbed.x86 import PFERR_FETCH, PFERR_PRESENT, PFERR_RSVD, PFERR_USER, PFERR_WRITE
@@ -70,6 +71,8 @@ def test_page_fault_error_code_and_cr2(access: int, andmask: int, ormask: int, e
     assert report.exception is not None
     assert report.exception["vector"] == 14
     assert report.exception["error_code"] == error, hex(report.exception["error_code"])
+    fault_address = int(Layout(16 << 20).defines()["GUEST_FREE_GPA"]) + offset
+    assert report.exception["cr2"] == fault_address, f"CR2 0x{report.exception['cr2']:x}, expected 0x{fault_address:x}"
 
 
 def test_user_access_to_supervisor_page() -> None:
@@ -78,6 +81,8 @@ def test_user_access_to_supervisor_page() -> None:
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None and report.exception["vector"] == 14
     assert report.exception["error_code"] == PFERR_PRESENT | PFERR_USER
+    fault_address = int(Layout(16 << 20).defines()["GUEST_FREE_GPA"]) + 0x8  # user_read's load
+    assert report.exception["cr2"] == fault_address, f"CR2 0x{report.exception['cr2']:x}, expected 0x{fault_address:x}"
 
 
 def test_unchanged_pte_does_not_fault() -> None:
@@ -85,6 +90,7 @@ def test_unchanged_pte_does_not_fault() -> None:
     for access in (0, 1, 2, 3):
         report = run(access)
         assert report.outcome == "done", (access, report.detail)
+        assert report.syncs() == [0x600D], access  # the access returned and the guest went on
 
 
 def _tables(entries: dict[int, int]) -> dict[int, int]:
@@ -106,10 +112,12 @@ def test_walk_strips_the_c_bit_and_reports_encryption() -> None:
 def test_walk_large_pages_and_reserved_ps_in_pml4() -> None:
     """2 MiB and 1 GiB leaves translate; PS in a PML4E is a reserved-bit fault."""
     mode = PagingMode(phys_bits=48)
-    mem = {0x1000: 0x2000 | 7, 0x2000: 0x3000 | 7 | (1 << 7) if False else 0x3000 | 7,
-           0x3000: 0x40000000 | 7 | (1 << 7)}
+    mem = {0x1000: 0x2000 | 7, 0x2000: 0x3000 | 7, 0x3000: 0x40000000 | 7 | (1 << 7)}  # PDE with PS: 2 MiB
     res = walk(lambda pa: mem.get(pa, 0), 0x1000, 0x12345, ACCESS_FETCH, False, mode)
     assert isinstance(res, Translation) and res.gpa == 0x40012000
+    huge = {0x1000: 0x2000 | 7, 0x2000: 0x40000000 | 7 | (1 << 7)}  # PDPTE with PS: 1 GiB
+    res = walk(lambda pa: huge.get(pa, 0), 0x1000, 0x12345678, ACCESS_FETCH, False, mode)
+    assert isinstance(res, Translation) and res.gpa == 0x52345000
     bad = {0x1000: 0x2000 | 7 | (1 << 7)}
     fault = walk(lambda pa: bad.get(pa, 0), 0x1000, 0x12345, ACCESS_READ, False, mode)
     assert isinstance(fault, PageFault) and fault.error_code == PFERR_PRESENT | PFERR_RSVD

@@ -23,3 +23,17 @@ def test_ruff_is_clean() -> None:
     """ruff (the project's rule set in pyproject.toml) reports nothing in testbed/, tests/ and tools/."""
     result = run("ruff", "check", "testbed", "tests", "tools")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_test_states_the_behaviour_it_pins() -> None:
+    """Every test function in tests/ has a docstring whose summary (first paragraph) is a sentence ending in '.'."""
+    import ast
+
+    missing = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+                summary = (ast.get_docstring(node) or "").split("\n\n")[0].strip()
+                if not summary.endswith((".", '."', ".)", ".`")):
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert missing == [], "tests without a one-sentence docstring: " + ", ".join(missing)

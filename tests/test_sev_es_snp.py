@@ -176,8 +176,10 @@ def test_pvalidate_results_and_vc_404() -> None:
     assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
 
 
-def test_rmp_refuses_host_writes_to_guest_private_pages() -> None:
-    """A host write into an assigned page is refused and the guest's data is intact."""
+def test_host_cannot_write_a_guest_private_page() -> None:
+    """SNP private memory is guest_memfd: a host write is refused (not mappable), KVM's write
+    through the memslot's userspace mapping (kvm_write_guest) lands in the VMM's own page,
+    and the guest's data is intact either way."""
     text = """
 guest_main:
     mov rdi, GUEST_FREE_GPA
@@ -187,18 +189,24 @@ guest_main:
     machine, report = run_text(text, "sev-snp")
     assert report.outcome == "done", report.detail
     before = machine.memory.cpu_read(FREE, 8, private=True)
-    with pytest.raises(GuestMemoryError, match="RMP"):
+    with pytest.raises(GuestMemoryError, match="not mappable by the host"):
         machine.memory.host_write(FREE, b"\xff" * 8)
+    machine.memory.userspace_view().write(FREE, b"\xee" * 8)
+    assert machine.memory.userspace_view().read(FREE, 8) == b"\xee" * 8
     assert machine.memory.cpu_read(FREE, 8, private=True) == before == (0x1234).to_bytes(8, "little")
     # A shared page (the ucall page) is the host's to write.
     machine.memory.host_write(UCALL_GPA, b"\x00" * 8)
 
 
 def test_unknown_msr_through_ghcb_is_gp() -> None:
-    """RDMSR of an MSR KVM does not know: #VC, GHCB MSR exit, KVM answers #GP, which the guest reports."""
+    """RDMSR of an MSR KVM does not know: #VC, GHCB MSR exit, KVM answers #GP(0) (svm.c
+    svm_complete_emulated_msr), which the guest reports at the RDMSR."""
     _, report = run_text("guest_main:\n    mov ecx, 0x12345\n    rdmsr\n    ret\n", "sev-es")
-    assert report.outcome == "unhandled_exception"
-    assert report.exception is not None and report.exception["vector"] == 13
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    # #GP(0) at the RDMSR itself (line 3), not after it: svm_complete_emulated_msr() injects it.
+    assert ({k: report.exception[k] for k in ("vector", "error_code", "line")}) == {"vector": 13, "error_code": 0,
+                                                                                   "line": 3}
 
 
 ENOSYS = (-1000) & (2**64 - 1)
@@ -216,28 +224,38 @@ def test_hypercall_abi_through_the_ghcb(vm_type: str, nr: int, user: int, expect
 
 @pytest.mark.parametrize("vm_type", ES_TYPES)
 def test_hypercall_through_the_ghcb_clobbers_only_rax(vm_type: str) -> None:
-    """The #VC handler copies only RAX back: every other GPR survives the hypercall."""
+    """The #VC handler copies only RAX back: every other GPR survives the hypercall, RAX holds its result
+    (Documentation/virt/kvm/x86/hypercalls.rst; sev.c sev_es_sync_to_ghcb)."""
     report = run_file("hypercall_abi_gprs.s", vm_type, defines={"HC_NR": 1})
-    assert report.outcome == "done", report.detail
+    assert report.outcome == "done", report.detail  # every GUEST_ASSERT_EQ on the other GPRs held
+    assert report.syncs() == [0]  # RAX = KVM_HC_VAPIC_POLL_IRQ's 0 (x86.c kvm_emulate_hypercall)
 
 
 def test_ghcb_on_a_private_page() -> None:
-    """A GHCB GPA on a private page: VM-fatal on SNP (not the registered GHCB); on SEV-ES KVM
-    reads ciphertext and the guest survives - the host is never the one that crashes."""
+    """A GHCB GPA on a private page: on SNP it is not the registered GHCB, answered NOT_REGISTERED in the
+    page KVM maps (the VMM's shared side, which the guest does not see) and the guest runs on, or, with
+    --kvm-version 7.1, KVM_RUN fails with -EINVAL (sev.c sev_handle_vmgexit); on SEV-ES KVM reads
+    ciphertext and the guest survives - the host is never the one that crashes."""
     snp = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 8})
-    assert snp.outcome == "internal_error"
-    assert "VMGEXIT" in snp.detail
+    assert snp.outcome == "done", snp.detail
+    assert snp.syncs() == [0x8888]
+    old = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 8}, kvm_version="7.1")
+    assert (old.outcome, old.errno) == ("kvm_run_error", 22), old.detail
     es = run_file("ghcb_hostile.s", "sev-es", defines={"SCENARIO": 8})
     assert es.outcome == "done", es.detail
     assert es.syncs() == [0x8888]
 
 
-def test_unregistered_ghcb_is_fatal_on_snp() -> None:
-    """SNP: a full-GHCB VMGEXIT from a GPA other than the registered GHCB fails KVM_RUN (sev.c)."""
+def test_unregistered_ghcb_runs_on_snp() -> None:
+    """SNP: a full-GHCB VMGEXIT from a GPA other than the registered GHCB is answered as bad input and the
+    guest runs on (sev.c sev_handle_vmgexit; commit 1797e00bf802); 7.1 fails KVM_RUN with -EINVAL."""
     report = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 9})
-    assert report.outcome == "internal_error"
-    assert "not registered" in report.detail
-    assert report.syncs() == []
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0xBAD]
+    old = run_file("ghcb_hostile.s", "sev-snp", defines={"SCENARIO": 9}, kvm_version="7.1")
+    assert (old.outcome, old.errno) == ("kvm_run_error", 22)
+    assert "not registered" in old.detail
+    assert old.syncs() == []
 
 
 RUNTIME_CODE = """

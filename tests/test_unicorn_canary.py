@@ -118,9 +118,18 @@ def test_insn_hook_cannot_hook_msr_or_vmcall(insn: int) -> None:
 
 
 def test_insn_hook_accepts_cpuid() -> None:
-    """UC_HOOK_INSN does accept CPUID (the control for the test above)."""
+    """UC_HOOK_INSN does accept CPUID and calls the hook for it (the control for the test above)."""
     uc = new_uc()
-    uc.hook_add(ucc.UC_HOOK_INSN, lambda *a: 0, None, 1, 0, ux.UC_X86_INS_CPUID)
+    seen: list[int] = []
+
+    def on_cpuid(u: unicorn.Uc, _ud: Any) -> int:
+        seen.append(u.reg_read(ux.UC_X86_REG_RIP))
+        return 1  # handled: skip the instruction
+
+    uc.hook_add(ucc.UC_HOOK_INSN, on_cpuid, None, 1, 0, ux.UC_X86_INS_CPUID)
+    error = start(uc, b"\x0f\xa2" + HLT)  # cpuid; hlt
+    assert error is None, f"emu_start raised {error!r}"
+    assert len(seen) == 1, f"CPUID hook calls at {seen}"
 
 
 def test_unknown_msr_write_is_dropped_and_reads_zero() -> None:

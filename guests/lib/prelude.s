@@ -4,10 +4,13 @@
 # GUEST_MEM_SIZE, ...) arrive from the host as defines, never by editing this file.
 #
 # Public API (later issues and external tests use these names exactly):
-#   GUEST_SYNC value          report a sync carrying one 64-bit value (register or imm32)
+#   GUEST_SYNC value          report a sync carrying one 64-bit value
 #   GUEST_DONE                the guest passed (returning from guest_main does the same)
-#   GUEST_ASSERT_EQ a, b      a and b: registers or imm32 (sign-extended); on mismatch report
-#                             an abort with both values and the assert's file:line
+#   GUEST_ASSERT_EQ a, b      compare a and b; on mismatch report an abort with both values
+#                             and the assert's file:line. With a register of 32, 16 or 8 bits
+#                             the comparison is at that width (an immediate must fit it,
+#                             signed or unsigned, or it never compares equal); two registers
+#                             must have the same width.
 #   VMCALL, VMMCALL           the raw instructions
 #   KVM_HYPERCALL             the CPU's native hypercall instruction, chosen once at boot
 #                             (nr in RAX, args in RBX, RCX, RDX, RSI; result in RAX; nothing
@@ -17,6 +20,15 @@
 #                             with RDI = struct ex_regs * (EX_* offsets below) and may change
 #                             the saved registers, e.g. add to EX_RIP to skip an instruction
 #   set_memory_shared / set_memory_private   (rdi = gpa, rsi = npages; rax = 0 or -errno)
+#
+# Operands. Where a macro takes a value (GUEST_SYNC, GUEST_ASSERT_EQ, GUEST_RUN_USER,
+# GUEST_SET_HANDLER, GHCB_SET's value) it is a general-purpose register of any width (a
+# narrow one zero-extended; rsp/esp/sp/spl as they were before the macro) or an immediate:
+# any 64-bit value, a label, or an expression of constants. Memory operands are not
+# accepted: load the value into a register first. Values are loaded with `movabs`, never
+# `push imm` (Keystone 0.9.2 encodes `push 0x80000000` as a 16-bit push; docs/emulator-facts.md).
+# A value that cannot be right is refused at assembly time at the line of the call where it
+# is a plain constant (testbed/asm.py), and is a #UD at that line at run time otherwise.
 
 # ucall commands (the host's testbed/vmm/ucall.py uses the same numbers)
 .equ UCALL_SYNC, 1
@@ -74,8 +86,19 @@
 .equ MSR_AMD64_SEV_ES_GHCB, 0xC0010130
 .equ GHCB_MSR_TERM_REQ, 0x100
 .macro GUEST_TERMINATE set, code
+    movabs rax, \set
+    cmp rax, 15
+    .byte 0x76, 0x02                   # jbe over the ud2 (Keystone drops `jbe $ + 4`)
+    ud2                                # reason set above 15: #UD at this line
+    movabs rdx, \code
+    cmp rdx, 255
+    .byte 0x76, 0x02
+    ud2                                # reason code above 255: #UD at this line
+    shl rax, 12
+    shl rdx, 16
+    or rax, rdx
+    or rax, GHCB_MSR_TERM_REQ
     mov ecx, MSR_AMD64_SEV_ES_GHCB
-    mov eax, GHCB_MSR_TERM_REQ | (\set << 12) | (\code << 16)
     xor edx, edx
     wrmsr
     rep vmmcall
@@ -93,10 +116,137 @@
     call rt_kvm_hypercall
 .endm
 
+# -- operand loading (internal) ---------------------------------------------------------------
+# __guest_kind SYM, x: set SYM to the width of x if it is a general-purpose register (64, 32,
+# 16 or 8), that width + 1 for the stack pointer (rsp, esp, sp, spl), 0 for anything else.
+# Register names are matched in lower or upper case (testbed/asm.py lower-cases register
+# operands of these macros where it sees them; mixed case reaches here only through another
+# macro). Memory operands count as 0 and are then refused by `movabs` (testbed/asm.py says
+# so where it sees them).
+.macro __guest_kind sym, x
+    .set \sym, 0
+    .irp r, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15
+    .ifc \x, \r
+    .set \sym, 64
+    .endif
+    .endr
+    .irp r, RAX, RBX, RCX, RDX, RSI, RDI, RBP, R8, R9, R10, R11, R12, R13, R14, R15
+    .ifc \x, \r
+    .set \sym, 64
+    .endif
+    .endr
+    .irp r, eax, ebx, ecx, edx, esi, edi, ebp, r8d, r9d, r10d, r11d, r12d, r13d, r14d, r15d
+    .ifc \x, \r
+    .set \sym, 32
+    .endif
+    .endr
+    .irp r, EAX, EBX, ECX, EDX, ESI, EDI, EBP, R8D, R9D, R10D, R11D, R12D, R13D, R14D, R15D
+    .ifc \x, \r
+    .set \sym, 32
+    .endif
+    .endr
+    .irp r, ax, bx, cx, dx, si, di, bp, r8w, r9w, r10w, r11w, r12w, r13w, r14w, r15w
+    .ifc \x, \r
+    .set \sym, 16
+    .endif
+    .endr
+    .irp r, AX, BX, CX, DX, SI, DI, BP, R8W, R9W, R10W, R11W, R12W, R13W, R14W, R15W
+    .ifc \x, \r
+    .set \sym, 16
+    .endif
+    .endr
+    .irp r, al, bl, cl, dl, sil, dil, bpl, r8b, r9b, r10b, r11b, r12b, r13b, r14b, r15b, ah, bh, ch, dh
+    .ifc \x, \r
+    .set \sym, 8
+    .endif
+    .endr
+    .irp r, AL, BL, CL, DL, SIL, DIL, BPL, R8B, R9B, R10B, R11B, R12B, R13B, R14B, R15B, AH, BH, CH, DH
+    .ifc \x, \r
+    .set \sym, 8
+    .endif
+    .endr
+    .irp r, rsp
+    .ifc \x, \r
+    .set \sym, 65
+    .endif
+    .endr
+    .irp r, RSP
+    .ifc \x, \r
+    .set \sym, 65
+    .endif
+    .endr
+    .irp r, esp
+    .ifc \x, \r
+    .set \sym, 33
+    .endif
+    .endr
+    .irp r, ESP
+    .ifc \x, \r
+    .set \sym, 33
+    .endif
+    .endr
+    .irp r, sp
+    .ifc \x, \r
+    .set \sym, 17
+    .endif
+    .endr
+    .irp r, SP
+    .ifc \x, \r
+    .set \sym, 17
+    .endif
+    .endr
+    .irp r, spl
+    .ifc \x, \r
+    .set \sym, 9
+    .endif
+    .endr
+    .irp r, SPL
+    .ifc \x, \r
+    .set \sym, 9
+    .endif
+    .endr
+.endm
+
+# __guest_load d64, d32, x, kind, depth: d64 = x; `kind` is x's __guest_kind. A register is
+# zero-extended from its width, an immediate loaded whole with movabs (64 bits, whatever the
+# value; `mov` would sign-extend a 32-bit encoding of a symbol defined later). `depth` is how
+# far rsp is below its value at the macro call. d64/d32 must be rdi/edi or rsi/esi (movzx
+# from ah..dh cannot take a REX prefix).
+#
+# Hazard: Keystone 0.9.2 silently drops an .if whose expression it cannot evaluate yet (a
+# label, a symbol defined later) and applies its .else/.endif to the enclosing block, so no
+# .if here looks at a value: values are checked at run time (a ud2 at the caller's line) and,
+# where they are plain constants, by testbed/asm.py at assembly time.
+.macro __guest_load d64, d32, x, kind, depth
+    .if (\kind) == 64
+    mov \d64, \x
+    .elseif (\kind) == 32
+    mov \d32, \x
+    .elseif ((\kind) == 16) || ((\kind) == 8)
+    movzx \d32, \x
+    .elseif (\kind) & 1
+    lea \d64, [rsp + \depth]
+    __guest_truncate \d64, \d32, (\kind) - 1
+    .else
+    movabs \d64, \x
+    .endif
+.endm
+
+.macro __guest_truncate d64, d32, width
+    .if (\width) == 32
+    mov \d32, \d32
+    .elseif (\width) == 16
+    and \d64, 0xffff
+    .elseif (\width) == 8
+    and \d64, 0xff
+    .endif
+.endm
+
 .macro GUEST_SYNC val
     push rax
     push rdi
-    mov rdi, \val
+    __guest_kind __guest_ka, \val
+    __guest_load rdi, edi, \val, __guest_ka, 16
     call rt_ucall_sync
     pop rdi
     pop rax
@@ -109,14 +259,48 @@
 # The third argument is the call-site id that testbed/asm.py appends to every GUEST_ASSERT*
 # statement; the host maps it back to the file:line where the assert is written.
 .macro GUEST_ASSERT_EQ a, b, site
+    __guest_kind __guest_ka, \a
+    __guest_kind __guest_kb, \b
+    # the width of the comparison: the register operands' (which must agree), else 64
+    .set __guest_wa, (__guest_ka) - ((__guest_ka) & 1)
+    .set __guest_wb, (__guest_kb) - ((__guest_kb) & 1)
+    .if __guest_wa && __guest_wb && (__guest_wa != __guest_wb)
+    .error "GUEST_ASSERT_EQ: the two registers have different widths"
+    .endif
+    .set __guest_w, 64
+    .if __guest_wa
+    .set __guest_w, __guest_wa
+    .elseif __guest_wb
+    .set __guest_w, __guest_wb
+    .endif
     pushfq
     push rdi
     push rsi
     push rdx
-    push \a
-    push \b
-    pop rsi
+    __guest_load rdi, edi, \a, __guest_ka, 32
+    push rdi
+    mov rdi, qword ptr [rsp + 24]      # the caller's rdi again, in case \b names it
+    __guest_load rsi, esi, \b, __guest_kb, 40
     pop rdi
+    .if __guest_w < 64
+    # an immediate against a narrow register: reduced to that width if it fits it
+    # (rt_narrow_imm); a value that does not fit is kept whole and so never compares equal
+    .if __guest_w == 32
+    mov edx, 32
+    .elseif __guest_w == 16
+    mov edx, 16
+    .else
+    mov edx, 8
+    .endif
+    .if __guest_kb == 0
+    call rt_narrow_imm
+    .endif
+    .if __guest_ka == 0
+    xchg rdi, rsi
+    call rt_narrow_imm
+    xchg rdi, rsi
+    .endif
+    .endif
     cmp rdi, rsi
     je __guest_assert_ok_\site
     mov rdx, \site
@@ -130,16 +314,26 @@ __guest_assert_ok_\site:
 
 .macro GUEST_RUN_USER fn
     push rdi
-    mov rdi, \fn
+    __guest_kind __guest_ka, \fn
+    __guest_load rdi, edi, \fn, __guest_ka, 8
     call rt_run_user
     pop rdi
 .endm
 
+# vec: 0 to 31 (the runtime dispatches exception vectors only); above that #UD at this line.
 .macro GUEST_SET_HANDLER vec, fn
+    __guest_kind __guest_ka, \vec
+    __guest_kind __guest_kb, \fn
     push rdi
     push rsi
-    mov rdi, \vec
-    mov rsi, \fn
+    __guest_load rdi, edi, \vec, __guest_ka, 16
+    cmp rdi, 31
+    .byte 0x76, 0x02                   # jbe over the ud2 (Keystone drops `jbe $ + 4`)
+    ud2                                # vector above 31: #UD at this line
+    push rdi
+    mov rdi, qword ptr [rsp + 16]      # the caller's rdi again, in case \fn names it
+    __guest_load rsi, esi, \fn, __guest_kb, 24
+    pop rdi
     call rt_set_handler
     pop rsi
     pop rdi
@@ -190,10 +384,19 @@ __guest_assert_ok_\site:
 .equ GHCB_TERM_PSC, 1
 .equ GHCB_TERM_PVALIDATE, 2
 
-# Store `value` (a register) into GHCB field `field` and mark it valid. Clobbers rax, rdi.
+# Store `value` (a register or an immediate, 8 bytes) into GHCB field `field` (an offset,
+# 0 to 0xff8; beyond that #UD at this line) and mark it valid. Clobbers rax, rdi.
 .macro GHCB_SET field, value
+    __guest_kind __guest_ka, \value
+    __guest_load rdi, edi, \value, __guest_ka, 0
+    movabs rax, \field
+    cmp rax, 0xff8
+    .byte 0x76, 0x02                   # jbe over the ud2 (Keystone drops `jbe $ + 4`)
+    ud2                                # field beyond the GHCB page: #UD at this line
+    push rdi
+    mov rdi, rax
     mov rax, RT_GHCB
-    mov qword ptr [rax + \field], \value
-    mov rdi, \field
+    add rax, rdi
+    pop qword ptr [rax]
     call rt_ghcb_valid
 .endm

@@ -587,6 +587,33 @@ rt_guest_assert_fail:
     call rt_ucall
     jmp rt_halt_forever
 
+# GUEST_ASSERT_EQ of an immediate against a narrow register: rsi = the immediate, rdx = the
+# width (8, 16 or 32). rsi is reduced to that width if it fits it as a signed or an unsigned
+# number (-1 and 0xffffffff both match eax = 0xffffffff), and kept whole if it does not, so
+# that it equals no zero-extended register of that width. Preserves everything but flags.
+rt_narrow_imm:
+    push rax
+    push rcx
+    mov rcx, rdx
+    mov rax, rsi
+    shr rax, cl                        # unsigned fit: no bit at or above the width
+    jz rt_narrow_imm_fits
+    mov rax, rsi
+    dec cl
+    sar rax, cl                        # signed fit: bits width-1..63 all ones
+    cmp rax, -1
+    jne rt_narrow_imm_done
+rt_narrow_imm_fits:
+    mov rcx, rdx
+    mov eax, 1
+    shl rax, cl
+    dec rax
+    and rsi, rax
+rt_narrow_imm_done:
+    pop rcx
+    pop rax
+    ret
+
 rt_halt_forever:
     cli
     hlt
@@ -634,7 +661,7 @@ rt_user_return:
     ret
 
 # --- exceptions ------------------------------------------------------------------------------
-# rdi = vector, rsi = handler (0 removes it)
+# rdi = vector (0-31: GUEST_SET_HANDLER checks), rsi = handler (0 removes it)
 rt_set_handler:
     push rax
     mov rax, RT_HANDLERS
@@ -733,8 +760,11 @@ rt_exc_unhandled:
     mov rdx, rbx                       # vector
     mov rcx, qword ptr [rsp + 128]     # error code
     mov r8, qword ptr [rsp + 136]      # rip
+    mov rax, cr2                       # the 4th argument, beyond rt_ucall's three
+    mov r9, UCALL_GPA
+    mov qword ptr [r9 + 40], rax
     mov rdi, UCALL_UNHANDLED
-    mov rsi, 3
+    mov rsi, 4
     call rt_ucall
     jmp rt_halt_forever
 

@@ -50,7 +50,9 @@ static bool on_invalid(void *uc, void *user_data)
     int i;
 
     fe->snap[fe->cs_index] = 0; /* a segment register fills only the low bytes of its slot */
-    if (fe->read_batch(uc, fe->snap_ids, fe->snap_ptrs, NSNAP) == 0) {
+    /* After close() (or a GC clear) there is no handler: stop emulation, as an unhandled
+     * invalid instruction does. */
+    if (fe->handler != NULL && fe->read_batch(uc, fe->snap_ids, fe->snap_ptrs, NSNAP) == 0) {
         for (i = 0; i < NSNAP; i++)
             args[i] = PyLong_FromUnsignedLongLong(fe->snap[i]);
         PyObject *result = PyObject_Vectorcall(fe->handler, args, NSNAP, NULL);
@@ -129,6 +131,10 @@ static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize
     self->wr[1] = PyLong_AsUnsignedLongLongMask(args[1]);
     if (PyErr_Occurred())
         return NULL;
+    if (self->uc == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "FastExit.write2 after close(): the emulator is released");
+        return NULL;
+    }
     if (self->write_batch(self->uc, self->wr_ids, self->wr_ptrs, 2) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "uc_reg_write_batch failed");
         return NULL;
@@ -136,28 +142,60 @@ static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+/*
+ * The handler is a bound method of the vCPU, and the vCPU holds this object: a reference cycle.
+ * The type takes part in garbage collection (tp_traverse/tp_clear) so that cycle is collected
+ * when the machine is dropped without close(); close() breaks it explicitly.
+ */
+static int FastExit_traverse(FastExit *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->handler);
+    return 0;
+}
+
+static int FastExit_clear(FastExit *self)
+{
+    Py_CLEAR(self->handler);
+    return 0;
+}
+
 static void FastExit_dealloc(FastExit *self)
 {
-    /* The hook stays registered as long as the Uc lives; cpu.py keeps this object alive as
-     * long as the vCPU, so the user_data pointer never dangles while emulation can run. */
-    Py_XDECREF(self->handler);
+    /* The hook stays registered as long as the Uc lives; the vCPU keeps this object alive as
+     * long as the Uc can run (it closes the Uc first), so user_data never dangles while
+     * emulation can run. Garbage-collected together, neither can run again. */
+    PyObject_GC_UnTrack(self);
+    FastExit_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *FastExit_close(FastExit *self, PyObject *Py_UNUSED(ignored))
+{
+    /* Called after uc_close (which drops the hook): forget the engine and the handler. */
+    self->uc = NULL;
+    Py_CLEAR(self->handler);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef FastExit_methods[] = {
     {"write2", (PyCFunction)(void (*)(void))FastExit_write2, METH_FASTCALL,
      "Write the two registers given at construction (RAX, RIP) in one uc_reg_write_batch."},
+    {"close", (PyCFunction)FastExit_close, METH_NOARGS,
+     "Drop the handler and the engine pointer (after uc_close); idempotent."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyTypeObject FastExitType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "testbed.hw._fastexit.FastExit",
     .tp_basicsize = sizeof(FastExit),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "UC_HOOK_INSN_INVALID in C with a batched register snapshot, calling a Python handler.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)FastExit_init,
     .tp_dealloc = (destructor)FastExit_dealloc,
+    .tp_traverse = (traverseproc)FastExit_traverse,
+    .tp_clear = (inquiry)FastExit_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_methods = FastExit_methods,
 };
 

@@ -4,7 +4,8 @@ This is the only module that imports Unicorn. It provides:
 
 * the MMU: every TLB fill goes through `_on_tlb_fill`, which walks the guest's own page
   tables (testbed.x86.paging), strips the encryption bit, sends the access to the private or
-  DRAM alias of the frame (GuestMemory), and turns walk failures into #PF with CR2 and the
+  DRAM alias of the frame (legacy SEV) or to the guest_memfd or shared backing its memory
+  attribute selects (guest_memfd VM types; GuestMemory), and turns walk failures into #PF with CR2 and the
   architectural error code;
 * exception delivery through the guest's IDT (Unicorn never delivers exceptions itself);
 * instruction interception: VMCALL/VMMCALL/VMGEXIT/PVALIDATE/TDCALL raise Unicorn's
@@ -28,7 +29,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import unicorn
 from unicorn import unicorn_const as ucc
@@ -36,10 +37,16 @@ from unicorn import x86_const as ux
 from unicorn.unicorn_py3 import unicorn as ucpy
 
 from testbed.decode import effective_addresses
-from testbed.errors import GuestMemoryError, TestbedError
+from testbed.errors import GuestMemoryError, MachineClosedError, TestbedError
 from testbed.hw.exits import (
+    EXITINTINFO_ERROR_VALID,
+    EXITINTINFO_TYPE_EXCEPTION,
+    EXITINTINFO_TYPE_SOFT_INT,
+    EXITINTINFO_VALID,
     NPF_FETCH,
     NPF_GUEST_ENC,
+    NPF_GUEST_FINAL,
+    NPF_GUEST_PAGE,
     NPF_WRITE,
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_SIZE_SHIFT,
@@ -189,6 +196,29 @@ def _raw_function(name: str) -> Any:
     return fn
 
 
+class _ReleasedEngine:
+    """Stands in for the Unicorn engine and its entry points after `UnicornVcpu.close()`:
+    uc_close freed the engine, so every later use raises a clear error instead of passing a
+    dangling handle to libunicorn (which would crash the process)."""
+
+    def _refuse(self) -> NoReturn:
+        raise MachineClosedError("the vCPU is closed: Machine.close() released its emulator and guest memory")
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+    def __call__(self, *args: Any) -> NoReturn:
+        self._refuse()
+
+
+_RELEASED = _ReleasedEngine()
+
+#: Bound on the per-address code hooks of intercepted-instruction sites (see _scan_msr_sites).
+#: Every UC_HOOK_CODE is visited at each translated instruction and for each translated block
+#: (Unicorn's HOOK_EXISTS_BOUNDED, hooked_regions_check), so their number must stay small.
+MAX_SITE_HOOKS = 4096
+
+
 class HardwareError(TestbedError):
     """The emulator did something the model cannot continue from (a testbed bug)."""
 
@@ -201,6 +231,24 @@ class _DeliveryFault(Exception):  # noqa: N818 - a control-flow signal, not an e
         self.vector = vector
         self.error_code = error_code
         self.cr2 = cr2
+
+
+class _NestedFault(_DeliveryFault):
+    """An access that reached a GPA outside guest memory: a nested page fault (NPF/EPT
+    violation) on `gpa`, not a #PF. `npf_error` carries NPF_GUEST_PAGE when the GPA is a
+    paging-structure entry of the walk for `va` and NPF_GUEST_FINAL when it is the final
+    access. Callers that only need "did the access work" treat it as any delivery fault."""
+
+    def __init__(self, va: int, gpa: int, npf_error: int) -> None:
+        super().__init__(Vector.PF, npf_error & 0x1F, va)
+        self.gpa = gpa
+        self.npf_error = npf_error
+
+
+#: QEMU's hflags bit HF_CS64: the CPU runs 64-bit code (CS.L with EFER.LMA), from the hidden
+#: part of CS that a GDT rewrite does not change (measured: set at CPL 0 in 64-bit code, clear
+#: after a far transfer to a 32-bit code segment).
+_HF_CS64 = 1 << 15
 
 
 @dataclass
@@ -301,6 +349,39 @@ def error_code_offset() -> int:
     return _unique("error_code", candidates or set())
 
 
+def cs_base_offset() -> int:
+    """Offset of QEMU's `env->segs[R_CS].base` inside a saved Unicorn context.
+
+    A CS write through uc_reg_write in 64-bit mode changes only the selector (neither the base
+    nor HF_CS64: canary in tests/test_hostile_guests.py), so delivering an exception from
+    32-bit code with a non-zero CS base to a 64-bit handler patches the base here. Measured by
+    a far return to a 32-bit code segment whose base is 0x12345000.
+    """
+    if "cs_base" in _CALIBRATION:
+        return _CALIBRATION["cs_base"]
+    base = 0x12345000
+    desc = 0x00CF9B000000FFFF | ((base & 0xFFFFFF) << 16) | ((base >> 24) << 56)
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    gdt = (*_CAL_GDT, desc)
+    uc.mem_write(0x1000, struct.pack(f"<{len(gdt)}Q", *gdt))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(gdt) - 1, 0))
+    uc.reg_write(ux.UC_X86_REG_CS, 0x08)
+    uc.mem_map(base, 0x1000)
+    uc.mem_write(base + 0x10, b"\x90\xf4")
+    uc.mem_write(0x8000 - 16, struct.pack("<2Q", 0x10, 8 * (len(gdt) - 1)))
+    uc.reg_write(ux.UC_X86_REG_RSP, 0x8000 - 16)
+    uc.mem_write(0x2000, b"\x48\xcb")  # retfq to the 32-bit segment at offset 0x10
+    before = bytes(uc.context_save())
+    uc.emu_start(0x2000, 0x11)
+    after = bytes(uc.context_save())
+    candidates = {
+        off for off in range(0, min(len(before), len(after)) - 8, 4)
+        if struct.unpack_from("<Q", before, off)[0] == 0 and struct.unpack_from("<Q", after, off)[0] == base
+    }
+    return _unique("cs_base", candidates)
+
+
 def hflags_offset() -> int:
     """Offset of QEMU's `env->hflags`, whose bits 1:0 are the CPL.
 
@@ -353,8 +434,17 @@ class UnicornVcpu:
         self._intercept_ud = False
         self._uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
         self._uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        # Exits enabled and none set: emu_start's `until` is ignored, so a run ends only by a
+        # stop, an error or HLT. Otherwise Unicorn invalidates the code at `until` - 1 after
+        # every run (cpus.c resume_all_vcpus) through a fetch fill of page 0xfffffffffffff000;
+        # that fill fails, so every clean end of a run - HLT, the timeout, a hook's stop - came
+        # back as UC_ERR_EXCEPTION with a spurious #PF (CR2 0xfffffffffffff000) pending, and a
+        # guest's HLT was reported as that #PF. Canary: tests/test_resources.py
+        # (test_clean_end_of_a_run_raises_no_spurious_fault).
+        self._uc.ctl_exits_enabled(True)
         self._uc.mem_map_ptr(0, memory.size, ucc.UC_PROT_ALL, memory.dram_address())
-        if memory.encrypted:
+        if memory.private is not None:
+            # The private alias (legacy SEV) or the guest_memfd backing (hw/memory.py).
             self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.size, ucc.UC_PROT_ALL, memory.private_address())
         memory.on_ownership_change = self._on_ownership_change
         if snp:
@@ -380,7 +470,8 @@ class UnicornVcpu:
                 raise GuestMemoryError("page-table read outside guest memory", pa)
             return int(_U64S.unpack_from(dram, pa)[0])
 
-        self._pte_reader_plain = plain_pte
+        # guest_memfd: a table entry is read from the backing stage 2 maps its GFN to.
+        self._pte_reader_plain = memory.gmem_read_u64 if memory.guest_memfd else plain_pte
         self._pte_reader_private: Callable[[int], int] = lambda pa: memory.cpu_read_u64(pa, True)
         self._snap = (ctypes.c_uint64 * 7)()
         self._snap_ids = (ctypes.c_int * 7)(
@@ -407,6 +498,11 @@ class UnicornVcpu:
         self._stop_requested = False
         self._pending_fault: _PendingFault | None = None
         self._pending_npf: tuple[int, int] | None = None
+        #: the guest linear address of the access behind the last NPF (see npf_linear_address)
+        self._npf_linear = 0
+        #: EXITINTINFO of the exit being taken: the event being delivered, 0 if none
+        self._exit_int_info = 0
+        self._cs_bases: dict[int, int] = {}  # CS selector -> CS.base (0 for 64-bit code)
         self._pending_events: list[_PendingFault] = []
         self._hook_error: BaseException | None = None
         self._shutdown = False
@@ -420,17 +516,32 @@ class UnicornVcpu:
         self.rmp: Rmp | None = Rmp(memory.nframes) if snp else None
         if self._sev_es:
             self.hw_msrs[MSR_AMD64_SEV_ES_GHCB] = (lambda: self.ghcb_msr, self._write_ghcb_msr)
-        self._msr_sites: set[int] = set()  # guest-virtual addresses with an MSR-site hook
+        #: intercepted-instruction sites: guest-virtual address -> its UC_HOOK_CODE handle
+        #: (one hook per address, all sharing one callback; bounded, see _scan_msr_sites)
+        self._site_hooks: dict[int, int] = {}
+        self._site_cb: Any = None
+        self._stop_cb: Any = None
+        self._stop_hook: int | None = None  # one-shot UC_HOOK_BLOCK that ends the run for a reset
+        self._site_reset_pending = False
+        self._quiesced = False  # deleting hooks between runs: TLB fills must not scan
+        self.site_hooks_peak = 0
+        self.site_hook_resets = 0
+        self._closed = False
+        #: MSRs the hypervisor does not intercept (its MSR permission bitmap); all others exit
+        self._msr_passthrough: frozenset[int] = frozenset()
         self._cs64_cache: dict[int, bool] = {}
         self._old_exc_off = old_exception_offset()
         self._error_code_off = error_code_offset()
         self._hflags_off = hflags_offset()
+        self._cs_base_off = cs_base_offset()
         self._uc_ctx = self._uc.context_save()
         self._running = False
         #: Per-GFN "mapped private" bytes of the stage-2 tables (None: no private memory).
         self.stage2_private: bytearray | None = None
-        #: emu_start's `until`: the run stops when RIP reaches it (used to boot a guest partway).
-        self.breakpoint = U64
+        self._breakpoint = U64  # see the `breakpoint` property
+        self._bp_hook: int | None = None
+        self._bp_cb: Any = None
+        self._at_breakpoint = False
         #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
         self.on_guest_ud: Callable[[int, bytes], None] | None = None
         self.exceptions_delivered = 0
@@ -483,6 +594,53 @@ class UnicornVcpu:
                 return on_error
 
         return wrapper
+
+    # --------------------------------------------------------------------------- release
+    @property
+    def closed(self) -> bool:
+        """Whether close() released the emulator."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release the emulator (idempotent): uc_close frees the engine with its hooks and its
+        mappings of guest memory, then the references that tie the vCPU to the rest of the
+        machine (hypervisor, memory callbacks, the C exit object) are dropped. Close the
+        vCPU before the guest memory it maps. Every later use raises MachineClosedError."""
+        if self._closed:
+            return
+        if self._running:
+            raise HardwareError("close() called from inside a run (a hook): the emulator is still executing")
+        self._closed = True
+        # The binding closes the engine in a weakref.finalize; calling it runs uc_close once and
+        # disarms it (a second uc_close would free the engine twice). Canary:
+        # tests/test_resources.py pins that the binding still has it.
+        release = getattr(self._uc, "_Uc__finalizer", None)
+        if release is not None:
+            release()
+        fastexit, self._fastexit = self._fastexit, None
+        if fastexit is not None and hasattr(fastexit, "close"):  # (an extension built before close())
+            fastexit.close()  # its hook died with the engine; drop its handler (the vCPU)
+        released = cast(Any, _RELEASED)
+        self._uc = released
+        self._lib = released
+        self._reg_read = self._reg_write = released
+        self._reg_read_batch = self._reg_write_batch = released
+        self._pte_reader_plain = self._pte_reader_private = released
+        self._callbacks.clear()
+        self._site_hooks.clear()
+        self._site_cb = self._stop_cb = None
+        self._stop_hook = None
+        self._bp_cb = self._bp_hook = None
+        self.hypervisor = None
+        self._fast_hypercall = None
+        self.on_guest_ud = None
+        self.hw_msrs.clear()
+        self._pending_events.clear()
+        self._hook_error = None
+        mem = self._mem
+        mem.on_ownership_change = None
+        mem.on_host_write = None
+        mem.host_write_guard = None
 
     # ------------------------------------------------------------ registers (VMCB/VMCS)
     def read_reg(self, reg: Reg) -> int:
@@ -543,10 +701,51 @@ class UnicornVcpu:
         if cached is not None:
             return cached
         _, base, _limit, _ = self._uc.reg_read(ux.UC_X86_REG_GDTR)
-        desc = self.read_virtual(base + (sel & ~7), 8, supervisor=True)
-        value = bool(_U64S.unpack(desc)[0] & (1 << 53))
+        try:
+            desc = self.read_virtual(base + (sel & ~7), 8, supervisor=True)
+            value = bool(_U64S.unpack(desc)[0] & (1 << 53))
+        except _DeliveryFault:
+            # The GDT is no longer readable (a hostile guest moved it): the CPU still runs on
+            # the descriptor cached in CS, which QEMU keeps as HF_CS64 in hflags.
+            value = bool(self._hflags() & _HF_CS64)
         self._cs64_cache[sel] = value
         return value
+
+    def _hflags(self) -> int:
+        ctx = self._uc_ctx
+        self._uc.context_update(ctx)
+        addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
+        assert addr is not None
+        return int(ctypes.c_uint32.from_address(addr + self._hflags_off).value)
+
+    def _code_base(self, cs: int) -> int:
+        """CS.base of the code segment `cs` (the current one): an instruction's linear address
+        is CS.base + RIP. 0 in 64-bit mode, where the base is ignored; otherwise read from the
+        descriptor in the GDT (0 if the GDT is unreadable) and cached like CS.L."""
+        cs &= 0xFFFF
+        base = self._cs_bases.get(cs)
+        if base is None:
+            base = 0
+            if not self.mode_of(cs):
+                _, gdt, _limit, _ = self._uc.reg_read(ux.UC_X86_REG_GDTR)
+                try:
+                    lo = _U64S.unpack(self.read_virtual(gdt + (cs & ~7), 8, supervisor=True))[0]
+                    base = ((lo >> 16) & 0xFFFFFF) | (((lo >> 56) & 0xFF) << 24)
+                except _DeliveryFault:
+                    base = 0
+            self._cs_bases[cs] = base
+        return base
+
+    def exit_int_info(self) -> int:
+        """EXITINTINFO (SVM) / IDT-vectoring information (VMX) of the current exit: the event
+        the CPU was delivering when it exited (EXITINTINFO_*), 0 when it was not delivering."""
+        return self._exit_int_info
+
+    def npf_linear_address(self) -> int:
+        """The guest linear address whose access caused the current NPF/EPT violation (VMX
+        reports it as GUEST_LINEAR_ADDRESS; KVM on SVM re-derives it by decoding the
+        instruction, which the testbed's kvm layer is spared)."""
+        return self._npf_linear
 
     def set_msr(self, msr: int, value: int) -> None:
         """Set an MSR the emulator models (EFER at reset)."""
@@ -603,18 +802,23 @@ class UnicornVcpu:
         # SEV: the CPU always walks page tables as private. Unencrypted memory: read the
         # entries straight from the buffer (the walk's hot loop).
         reader = self._pte_reader_plain if not mem.encrypted else self._pte_reader_private
-        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP))
+        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP), mem_size=mem.size)
 
     def translate(self, va: int, access: int = ACCESS_READ, supervisor: bool = True) -> Translation:
-        """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure."""
+        """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure,
+        _NestedFault when the walk or the access reaches a GPA outside guest memory."""
         try:
             result = self._paging_walk(va, access, user=not supervisor)
         except TestbedError:
             raise _DeliveryFault(Vector.PF, 0, va) from None
         if isinstance(result, PageFault):
+            if result.table_gpa is not None:
+                raise _NestedFault(va, result.table_gpa,
+                                   _npf_error(access, self._mem.encrypted) | NPF_GUEST_PAGE)
             raise _DeliveryFault(Vector.PF, result.error_code, va)
         if result.gpa >= self._mem.size:
-            raise _DeliveryFault(Vector.PF, 0, va)
+            raise _NestedFault(va, result.gpa | (va & 0xFFF),
+                               _npf_error(access, result.encrypted) | NPF_GUEST_FINAL)
         return result
 
     def read_virtual(self, va: int, length: int, supervisor: bool = True) -> bytes:
@@ -654,6 +858,13 @@ class UnicornVcpu:
         return self.translate(va).gpa | (va & 0xFFF)
 
     def _on_tlb_fill(self, _h: Any, vaddr: int, uc_access: int, entry: Any, _ud: Any) -> bool:
+        if self._quiesced:
+            # Deleting hooks between runs (_reset_site_hooks): a host-side lookup, flushed
+            # right after; a failed fill here would leave Unicorn's error pending.
+            e = entry.contents
+            e.paddr = 0
+            e.perms = ucc.UC_PROT_ALL
+            return True
         if self._pending_fault is not None or self._pending_npf is not None:
             # After a failed fill QEMU still probes (a fetch at 0xfffffffffffff000 was seen)
             # before the run stops: only the first failure of a run is the guest's fault.
@@ -671,16 +882,23 @@ class UnicornVcpu:
         user = (s[0] & 3) == 3
         result = self._paging_walk(vaddr, access, user, s[1], s[2])
         if isinstance(result, PageFault):
+            if result.table_gpa is not None:
+                # The walk itself reads a GPA outside guest memory: on hardware with nested
+                # paging that access takes the NPF (a guest page-table access), not a #PF.
+                self._pending_npf = (result.table_gpa, _npf_error(access, self._mem.encrypted) | NPF_GUEST_PAGE)
+                self._npf_linear = vaddr
+                return False
             self._pending_fault = _PendingFault(Vector.PF, result.error_code, vaddr)
             return False
         mem = self._mem
         gpa = result.gpa
         if gpa >= mem.size:
-            self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, False))
+            self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, False) | NPF_GUEST_FINAL)
+            self._npf_linear = vaddr
             return False
         frame = gpa >> PAGE_SHIFT
         expect = self.stage2_private
-        if expect is not None and mem.encrypted:
+        if expect is not None and (mem.encrypted or self._snp):
             # The stage-2 tables KVM built from the memory attributes map each GFN either
             # private or shared; an access with the other C-bit value is a nested page fault
             # (fetches count as private on SEV).
@@ -708,7 +926,13 @@ class UnicornVcpu:
         if result.writable and not code_frame:
             perms |= ucc.UC_PROT_WRITE
         exec_ok = result.executable and code_frame
-        if not mem.encrypted:
+        if mem.guest_memfd:
+            # KVM's fault path maps a private GFN to its guest_memfd page and a shared one to
+            # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.
+            if exec_ok:
+                perms |= ucc.UC_PROT_EXEC
+            upa = PRIVATE_ALIAS_BASE + gpa if mem.private_gfns[frame] else gpa
+        elif not mem.encrypted:
             if exec_ok:
                 perms |= ucc.UC_PROT_EXEC
             upa = gpa
@@ -739,6 +963,7 @@ class UnicornVcpu:
         computed from its decode and the registers (implicit stack and string operands too).
         """
         rip = self._rd(_RIP)
+        rip += self._code_base(self._rd(_CS))
         page &= ~0xFFF
         if error_code & PFERR_FETCH:
             return rip if rip & ~0xFFF == page else page
@@ -768,6 +993,7 @@ class UnicornVcpu:
         self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
         self._xlat.clear()
         self._cs64_cache.clear()
+        self._cs_bases.clear()
 
     def _on_host_write(self, gpa: int, length: int) -> None:
         first = gpa >> PAGE_SHIFT
@@ -794,29 +1020,120 @@ class UnicornVcpu:
         #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
         bytes that are not an instruction start never fires, so matching the opcode bytes over
         the whole page is exact.
+
+        One hook per address, shared by every frame mapped there, all with one callback. Hooks
+        are bounded: once more than MAX_SITE_HOOKS exist (a guest that keeps generating code,
+        or whose rewritten pages left stale sites behind), the run stops before the block being
+        translated executes and `_reset_site_hooks` drops them all; the code the guest runs
+        next is rescanned as it is fetched. Unicorn visits every code hook at each translated
+        instruction, and a 30 s hostile run used to reach 1.3 M hooks and 2.4 GiB.
         """
         self._scanned_frames.add(frame)
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
         patterns = _ES_SITE_PATTERNS if self._sev_es else _SITE_PATTERNS
+        hooks = self._site_hooks
+        before = len(hooks)
         for pattern in patterns:
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
                 va = va_page + off
-                if va not in self._msr_sites:
-                    self._msr_sites.add(va)
-                    self._add_code_hook(va)
+                if va not in hooks:
+                    hooks[va] = self._add_code_hook(va)
+        self.site_hooks_peak = max(self.site_hooks_peak, len(hooks))
+        if len(hooks) > MAX_SITE_HOOKS and before > 0 and self._stop_hook is None:
+            # Not from here: uc_hook_del re-translates through get_page_addr_code, which would
+            # re-enter this TLB fill. A one-shot block hook stops the run at the start of the
+            # next block; until then every hook stays, so no site runs unhooked. run() then
+            # resets. `before > 0`: a page that alone exceeds the bound still gets to run.
+            self._site_reset_pending = True
+            self._stop_hook = self._add_range_hook(ucc.UC_HOOK_BLOCK, self._stop_cb, 1, 0)
 
-    def _add_code_hook(self, va: int) -> None:
-        cb = _CODE_CFUNC(self._guard(self._on_msr_site, None))
-        self._callbacks.append(cb)
+    def _on_stop_block(self, _h: Any, _address: int, _size: int, _ud: Any) -> None:
+        self._uc.emu_stop()
+
+    @property
+    def breakpoint(self) -> int:
+        """Runs stop when RIP reaches this address, before the instruction there executes
+        (used to boot a guest partway); U64 for none."""
+        return self._breakpoint
+
+    @breakpoint.setter
+    def breakpoint(self, va: int) -> None:
+        # A code hook on the one address, not emu_start's `until`: Unicorn ends a run at
+        # `until` with an empty translation block, and for a page-aligned `until` (guest_main,
+        # the image's first byte) QEMU's tb_gen_code takes that block's last byte as
+        # `until` - 1 and fetch-fills the page before it. On SNP that page is not validated,
+        # so the probe raised #VC 0x404 into the guest and `disasm --vm-type sev-snp` never
+        # booted. Canary: tests/test_disasm.py::test_unicorn_until_at_a_page_start_fills_the_page_before.
+        if self._bp_hook is not None:
+            # uc_hook_del re-translates the hooked block through a TLB fill: map anything, flush.
+            self._quiesced = True
+            try:
+                self._lib.uc_hook_del(self._h, ucpy.uc_hook_h(self._bp_hook))
+            finally:
+                self._quiesced = False
+            self._bp_hook = None
+            self.flush_tlb()
+        self._breakpoint = va & U64
+        if self._breakpoint != U64:
+            if self._bp_cb is None:
+                self._bp_cb = _CODE_CFUNC(self._guard(self._on_breakpoint, None))
+            self._bp_hook = self._add_range_hook(ucc.UC_HOOK_CODE, self._bp_cb, va, va)
+            self.flush_code()  # a block translated before the hook existed would not call it
+
+    def _on_breakpoint(self, _h: Any, _address: int, _size: int, _ud: Any) -> None:
+        # From a code hook, RIP stays at the instruction, not executed. After the stop Unicorn
+        # probes a fetch at 0xfffffffffffff000 (see _on_stop_block): quiesced, so the probe
+        # maps anything instead of raising a spurious #PF; run() flushes it.
+        self._at_breakpoint = True
+        self._quiesced = True
+        self._uc.emu_stop()
+
+    def _add_code_hook(self, va: int) -> int:
+        if self._site_cb is None:
+            self._site_cb = _CODE_CFUNC(self._guard(self._on_msr_site, None))
+            self._stop_cb = _CODE_CFUNC(self._guard(self._on_stop_block, None))
+        return self._add_range_hook(ucc.UC_HOOK_CODE, self._site_cb, va, va)
+
+    def _add_range_hook(self, htype: int, cb: Any, begin: int, end: int) -> int:
         hh = ucpy.uc_hook_h()
         status = self._lib.uc_hook_add(
-            self._h, ctypes.byref(hh), ucc.UC_HOOK_CODE, ctypes.cast(cb, ctypes.c_void_p), None,
-            ctypes.c_uint64(va), ctypes.c_uint64(va),
+            self._h, ctypes.byref(hh), htype, ctypes.cast(cb, ctypes.c_void_p), None,
+            ctypes.c_uint64(begin), ctypes.c_uint64(end),
         )
         if status != ucc.UC_ERR_OK:
-            raise HardwareError(f"uc_hook_add(code @0x{va:x}) failed: {unicorn.UcError(status)}")
+            raise HardwareError(f"uc_hook_add({htype} @0x{begin:x}) failed: {unicorn.UcError(status)}")
+        return int(hh.value)
+
+    @property
+    def site_hook_count(self) -> int:
+        """Code hooks currently installed at intercepted-instruction sites."""
+        return len(self._site_hooks)
+
+    def _reset_site_hooks(self) -> None:
+        """Delete every site hook, forget which frames were scanned, and drop the TLB and the
+        translated code, so whatever the guest runs next is fetched, rescanned and hooked
+        again before it executes. Only between runs (see _scan_msr_sites)."""
+        self._site_reset_pending = False
+        self.site_hook_resets += 1
+        # uc_hook_del invalidates the blocks each hook instrumented, translating their
+        # addresses through a TLB fill: let those fills map anything (the TLB and all
+        # translated code are flushed right after) and scan nothing.
+        self._quiesced = True
+        try:
+            for handle in self._site_hooks.values():
+                self._lib.uc_hook_del(self._h, ucpy.uc_hook_h(handle))
+            if self._stop_hook is not None:
+                self._lib.uc_hook_del(self._h, ucpy.uc_hook_h(self._stop_hook))
+                self._stop_hook = None
+        finally:
+            self._quiesced = False
+        self._site_hooks.clear()
+        self._scanned_frames.clear()
+        self._exec_frames.clear()
+        self.flush_tlb()
+        self.flush_code()
 
     def _on_msr_site(self, _h: Any, address: int, _size: int, _ud: Any) -> None:
         insn = self._fetch_at_rip(address, 2)
@@ -840,13 +1157,22 @@ class UnicornVcpu:
         finally:
             self._ctx = _CTX_NONE
 
+    def set_msr_passthrough(self, indices: frozenset[int]) -> None:
+        """The MSRs the hypervisor lets the guest access without an exit (the VMCB's MSRPM /
+        the VMCS MSR bitmaps); they run on the emulator's own MSR implementation."""
+        self._msr_passthrough = frozenset(indices)
+
     def _msr_instruction(self, address: int, is_read: bool) -> None:
         index = self._rd(_UC_REG[Reg.RCX]) & 0xFFFFFFFF
         handler = self.hw_msrs.get(index)
         if handler is None:
+            if index in self._msr_passthrough:
+                return  # not intercepted: Unicorn's own MSR emulation runs
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
-            return  # not a hardware-owned MSR: Unicorn's own MSR emulation runs
+                return
+            self._msr_exit(address, is_read)
+            return
         read, write = handler
         self._cur_rip = address
         self._cur_len = 2
@@ -864,6 +1190,27 @@ class UnicornVcpu:
                     self._ctx = _CTX_NONE
                 return
         self._wr(_RIP, address + 2)
+
+    def _msr_exit(self, address: int, is_read: bool) -> None:
+        """An intercepted RDMSR/WRMSR: SVM_EXIT_MSR (EXITINFO1 0 read, 1 write) or
+        EXIT_REASON_MSR_READ/WRITE. The hypervisor skips it, injects #GP, or leaves it pending
+        (a user exit the VMM has not answered): then RIP is rewritten to the instruction so
+        that it does not run natively, and the run stops there."""
+        self._cur_rip = address
+        self._cur_len = 2
+        self._ctx = _CTX_INVALID
+        try:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_MSR, 0 if is_read else 1, 0)
+            else:
+                self._exit(VmxExitReason.EXIT_REASON_MSR_READ if is_read else VmxExitReason.EXIT_REASON_MSR_WRITE,
+                           0, 0)
+        finally:
+            self._ctx = _CTX_NONE
+        if self._rd(_RIP) == address:
+            # Neither completed nor faulted: a single RIP write in a code hook stops the
+            # instruction (UNICORN.md); it re-runs, and exits again, only if not completed.
+            self._wr(_RIP, address)
 
     def _rmp_host_write_check(self, gpa: int, length: int) -> None:
         """SNP: the RMP refuses host writes to frames assigned to the guest (an RMP #PF on the
@@ -903,7 +1250,11 @@ class UnicornVcpu:
         try:
             return self.fetch_bytes(rip, n)
         except _DeliveryFault:
-            return self.fetch_bytes(rip, PAGE_SIZE - off)
+            pass
+        try:  # the instruction's bytes up to the end of its first page
+            return self.fetch_bytes(rip, min(n, PAGE_SIZE - off))
+        except _DeliveryFault:
+            return b""  # unreadable from here: decoded as no known instruction (#UD)
 
     def _on_invalid_ctypes(self, _h: Any, _ud: Any) -> bool:
         """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
@@ -925,7 +1276,8 @@ class UnicornVcpu:
         (no guard frame, no generic dispatch); everything else goes through `_on_invalid`.
         Exceptions are caught here as `_guard` would catch them."""
         try:
-            if self._fast_hypercall is not None and self._fetch_at_rip(rip, 3) == self._native_hypercall:
+            if (self._fast_hypercall is not None
+                    and self._fetch_at_rip(rip + self._code_base(cs), 3) == self._native_hypercall):
                 self._cur_rip = rip
                 self._cur_len = 3
                 self._ctx = _CTX_INVALID
@@ -968,7 +1320,8 @@ class UnicornVcpu:
         self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
 
     def _on_invalid(self, rip: int) -> bool:
-        insn = self._fetch_at_rip(rip, 4)
+        # RIP is CS-relative: outside 64-bit mode the bytes are at CS.base + RIP.
+        insn = self._fetch_at_rip(rip + self._code_base(self._rd(_CS)), 4)
         self._cur_rip = rip
         self._ctx = _CTX_INVALID
         try:
@@ -1134,6 +1487,18 @@ class UnicornVcpu:
         field.value = (field.value & ~3) | (cpl & 3)
         self._uc.context_restore(ctx)
 
+    def _enter_64bit_code(self) -> None:
+        """Set QEMU's HF_CS64 and CS.base = 0 (see cs_base_offset) for a 64-bit handler."""
+        ctx = self._uc_ctx
+        self._uc.context_update(ctx)
+        addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
+        assert addr is not None
+        field = ctypes.c_uint32.from_address(addr + self._hflags_off)
+        field.value |= _HF_CS64
+        ctypes.c_uint64.from_address(addr + self._cs_base_off).value = 0
+        self._uc.context_restore(ctx)
+        self._cs_bases.clear()
+
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Inject an exception (the VMCB EVENTINJ / VMCS entry-interruption field)."""
         if self._ctx == _CTX_INVALID or (self._ctx == _CTX_NONE and not self._running):
@@ -1148,6 +1513,8 @@ class UnicornVcpu:
             self._wr(_UC_REG[Reg.CR2], cr2)
         try:
             self._deliver(vector, error_code, software)
+        except _NestedFault as nested:
+            self._vectoring_npf(vector, error_code, software, nested)
         except _DeliveryFault as fault:
             if fault.cr2 is not None:
                 self._wr(_UC_REG[Reg.CR2], fault.cr2)
@@ -1162,8 +1529,26 @@ class UnicornVcpu:
                 return
             try:
                 self._deliver(Vector.DF, 0, False)
+            except _NestedFault as nested:
+                self._vectoring_npf(Vector.DF, 0, False, nested)
             except _DeliveryFault:
                 self._triple_fault()
+
+    def _vectoring_npf(self, vector: int, error_code: int | None, software: bool, nested: _NestedFault) -> None:
+        """Delivering `vector` touched a GPA outside guest memory (the IDT, the TSS or the stack,
+        or a page table on the way to one): the NPF exit carries the event in EXITINTINFO."""
+        info = EXITINTINFO_VALID | vector | (EXITINTINFO_TYPE_SOFT_INT if software else EXITINTINFO_TYPE_EXCEPTION)
+        if error_code is not None:
+            info |= EXITINTINFO_ERROR_VALID | ((error_code & 0xFFFFFFFF) << 32)
+        self._tracer.emit("hw", "npf_vectoring", vector=vector, gpa=nested.gpa, error=nested.npf_error)
+        self._exit_int_info = info
+        self._npf_linear = nested.cr2 if nested.cr2 is not None else 0
+        self._cur_rip = self._rd(_RIP)
+        code = SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
+        try:
+            self._exit(code, nested.npf_error, nested.gpa)
+        finally:
+            self._exit_int_info = 0
 
     def _triple_fault(self) -> None:
         self._tracer.emit("hw", "triple_fault", rip=self._rd(_RIP))
@@ -1210,7 +1595,13 @@ class UnicornVcpu:
         if new_cpl < cpl:
             self._set_cpl(new_cpl)
             self._uc.reg_write(ux.UC_X86_REG_SS, new_cpl)  # NULL selector with RPL = new CPL
+        from_compat = not self.mode_of(cs & 0xFFFF)
         self._uc.reg_write(ux.UC_X86_REG_CS, selector)
+        if from_compat:
+            # Unicorn's CS write changes only the selector: QEMU's HF_CS64 and CS.base stay
+            # those of the 32-bit code, so the 64-bit handler would run as 32-bit code at
+            # base + RIP (canary in tests/test_hostile_guests.py). Load both as the gate does.
+            self._enter_64bit_code()
         self._wr(_UC_REG[Reg.RSP], new_rsp)
         new_flags = rflags & ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM | (1 << 14))
         if (attrs & 0xF) == 0xE:
@@ -1245,23 +1636,33 @@ class UnicornVcpu:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return RunStop(StopReason.TIMEOUT)
+            if self._site_reset_pending:
+                self._reset_site_hooks()
             rip = self._rd(_RIP)
             self._pending_fault = None
             self._pending_npf = None
             error: unicorn.UcError | None = None
             self._running = True
             try:
-                self._uc.emu_start(rip, self.breakpoint, timeout=max(1, int(remaining * 1e6)))
+                self._uc.emu_start(rip, U64, timeout=max(1, int(remaining * 1e6)))
             except unicorn.UcError as exc:
                 error = exc
             finally:
                 self._running = False
+            if self._at_breakpoint:
+                self._at_breakpoint = False
+                self._quiesced = False  # see _on_breakpoint
+                self.flush_tlb()
+                if self._hook_error is None and not self._stop_requested:
+                    return RunStop(StopReason.REQUESTED, "breakpoint")
             if self._hook_error is not None:
                 exc2, self._hook_error = self._hook_error, None
                 raise exc2
             if self._stop_requested and not self._shutdown:
                 self._stop_requested = False
                 return RunStop(StopReason.REQUESTED)
+            if error is None and self._site_reset_pending and not self._shutdown:
+                continue  # _scan_msr_sites stopped the run before the block ran: reset, resume
             if error is not None:
                 if self._pending_fault is not None:
                     pf = self._pending_fault
@@ -1277,6 +1678,7 @@ class UnicornVcpu:
                     code = (SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD
                             else VmxExitReason.EXIT_REASON_EPT_VIOLATION)
                     self._cur_rip = self._rd(_RIP)
+                    self._npf_linear = self._fault_address(self._npf_linear, npf_error & PFERR_FETCH)
                     self._exit(code, npf_error, gpa)
                     continue
                 if self._shutdown:

@@ -73,6 +73,15 @@ VMX_IO_PORT_SHIFT = 16
 NPF_WRITE = 1 << 1
 NPF_FETCH = 1 << 4
 NPF_GUEST_ENC = 1 << 34  # PFERR_GUEST_ENC_MASK: the access had the C-bit set
+NPF_GUEST_FINAL = 1 << 32  # PFERR_GUEST_FINAL_MASK: the access to the final guest-physical address
+NPF_GUEST_PAGE = 1 << 33  # PFERR_GUEST_PAGE_MASK: an access to a guest paging-structure entry
+
+# SVM EXITINTINFO (APM vol. 2 15.7.2) / VMX IDT-vectoring information (SDM vol. 3 24.9.3): the
+# event the CPU was delivering when the exit happened. Same layout on both vendors.
+EXITINTINFO_VALID = 1 << 31
+EXITINTINFO_TYPE_EXCEPTION = 3 << 8
+EXITINTINFO_TYPE_SOFT_INT = 4 << 8
+EXITINTINFO_ERROR_VALID = 1 << 11
 
 # VMX VM-exit interruption information (SDM vol. 3 24.9.2).
 VMX_INTR_INFO_VALID = 1 << 31
@@ -137,11 +146,17 @@ class VcpuHardware(Protocol):
 
     def set_intercept_ud(self, enabled: bool) -> None: ...
 
+    def set_msr_passthrough(self, indices: frozenset[int]) -> None: ...
+
     def request_stop(self) -> None: ...
 
     def flush_code(self) -> None: ...
 
     def run(self, timeout_s: float) -> RunStop: ...
+
+    def exit_int_info(self) -> int: ...
+
+    def npf_linear_address(self) -> int: ...
 
     def ghcb_msr_value(self) -> int: ...
 

@@ -1,36 +1,72 @@
-"""Guest physical memory: host buffers, the two physical aliases, and frame ownership.
+"""Guest physical memory: the host buffers behind it, and the three memory models.
 
-Guest RAM lives in ctypes buffers that the vCPU maps into Unicorn with mem_map_ptr, so the host
-side reads and writes them without copies. With memory encryption there are two aliases:
+Guest RAM lives in anonymous private mappings (mmap) that the vCPU maps into Unicorn with
+mem_map_ptr, so the host side reads and writes them without copies. The kernel fills them
+with zeros lazily, so a large guest costs what it touches, and `close()` returns them.
 
-* the DRAM alias holds the raw bytes that C=0 accesses and the host see;
-* the private alias holds the plaintext the CPU sees through C=1 mappings.
+Which model a VM gets follows KVM (DESIGN.md, "Memory, encryption, MMU"):
 
-Each 4 KiB frame is owned by exactly one alias. An access through the other alias transcodes
-the frame with the VM's key (tweak = the frame's physical address) and moves ownership; the
-vCPU then flushes its TLB so no stale translation to the old alias survives (DESIGN.md,
-"Memory, encryption, MMU"). So the host reads ciphertext of private frames, a guest that
-reads a private frame through a C=0 mapping reads ciphertext, and a host write into a private
-frame makes the guest decrypt garbage.
+* plain (the default VM type): one buffer; every view reads the same bytes.
+* legacy encrypted (`sev`, `sev-es`): one frame per guest page, seen through two physical
+  aliases - the DRAM alias holds the raw bytes that C=0 accesses and the host see, the
+  private alias the plaintext the CPU sees through C=1 mappings. Each 4 KiB frame is owned by
+  one alias; an access through the other one transcodes the frame with the VM's key (tweak =
+  the frame's physical address) and moves ownership, and the vCPU flushes its TLB. So the
+  host reads ciphertext of private frames, a guest that reads a private frame through a C=0
+  mapping reads ciphertext, and a host write into a private frame makes the guest decrypt
+  garbage.
+* guest_memfd (`sw-protected`, `sev-snp`; later `tdx`): two *different* host pages per GFN.
+  The shared backing is the VMM's own memory (the memslot's userspace_addr); the private
+  backing is the guest_memfd, which the host cannot map. KVM's fault path picks the backing
+  from the GFN's memory attribute: kvm_mmu_faultin_pfn_gmem() for a private GFN, the
+  userspace page otherwise (arch/x86/kvm/mmu/mmu.c, __kvm_mmu_faultin_pfn; for sw-protected
+  VMs kvm_mmu_page_fault() takes PFERR_PRIVATE_ACCESS from the attribute itself). The private
+  backing holds what the guest sees (on SNP the hardware keeps it encrypted; nothing outside
+  the guest can read it in any form, so the testbed keeps no ciphertext of it). A conversion
+  does not carry contents across: the VMM discards the side the page leaves, as QEMU's
+  kvm_convert_memory() does (accel/kvm/kvm-all.c: ram_block_discard_range() of the shared
+  side on to-private, ram_block_discard_guest_memfd_range() - a guest_memfd punch-hole - on
+  to-shared), so the guest finds zeros on the new side.
 
-This module never imports Unicorn: `HostMemory` is the narrow view the kvm and vmm layers get.
+Two host-side views (this module never imports Unicorn; the kvm and vmm layers get views):
+
+* `userspace_view()`: the memslot's userspace mapping, which is what KVM itself reads and
+  writes - kvm_read_guest(), kvm_write_guest() and kvm_vcpu_map() all go through
+  gfn_to_hva() and copy_{from,to}_user() / hva_to_pfn() (virt/kvm/kvm_main.c,
+  __kvm_read_guest_page, __kvm_write_guest_page, __kvm_vcpu_map), never through guest_memfd,
+  whatever the GFN's attribute. On a guest_memfd VM it is the shared backing for every GFN
+  (for a private GFN: the VMM's discarded page, zeros - never the guest's data).
+* `host_view()`: the VMM's and the user's view of guest memory. On a guest_memfd VM a
+  private GFN is refused (`UnmappableMemoryError`), never shown as bytes. Elsewhere it equals
+  the userspace view.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
-from testbed.errors import GuestMemoryError
+from testbed.errors import GuestMemoryError, MachineClosedError
 from testbed.hw.cipher import FrameCipher
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
 
 OWNER_DRAM = 0
 OWNER_PRIVATE = 1
 
+#: What the host sees at a guest-physical address (`GuestMemory.host_view_kind`).
+HostViewKind = Literal["plaintext", "ciphertext", "unmappable"]
+
+UNMAPPABLE_MESSAGE = "private memory of a guest_memfd VM is not mappable by the host"
+
 _U64 = struct.Struct("<Q")
+
+
+class UnmappableMemoryError(GuestMemoryError):
+    """A host access to a private GFN of a guest_memfd VM: the page lives in guest_memfd,
+    which the host cannot map, so there are no bytes to give."""
 
 
 class HostMemory(Protocol):
@@ -44,54 +80,126 @@ class HostMemory(Protocol):
     def write(self, gpa: int, data: bytes) -> None: ...
 
 
-class GuestMemory:
-    """The physical memory of one VM, with optional memory encryption."""
+class _Backing:
+    """One lazily zero-filled anonymous private mapping, closeable."""
 
-    def __init__(self, size: int, cipher: FrameCipher | None = None) -> None:
+    def __init__(self, size: int, what: str) -> None:
+        try:
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise MemoryError(f"cannot reserve {size} bytes for the {what}: {exc.strerror}") from None
+        holder = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(holder)
+        del holder  # releases the export; the mapping does not move while it is open
+        self.view = memoryview(self.map)
+
+    def discard(self, offset: int, length: int) -> None:
+        """madvise(MADV_DONTNEED): the pages go back to the kernel and read as zeros."""
+        self.map.madvise(mmap.MADV_DONTNEED, offset, length)
+
+    def close(self) -> bool:
+        """Release the mapping; False if a view of it is still alive elsewhere (then the
+        garbage collector unmaps it when that view dies)."""
+        try:
+            self.view.release()
+            self.map.close()
+        except BufferError:  # an export of the view or a slice of it is still alive
+            return False
+        return True
+
+
+class GuestMemory:
+    """The physical memory of one VM: plain, legacy encrypted (`cipher`) or guest_memfd."""
+
+    def __init__(self, size: int, cipher: FrameCipher | None = None, *, guest_memfd: bool = False) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
+        if guest_memfd and cipher is not None:
+            raise ValueError("a guest_memfd VM has no memory-controller cipher the host could observe")
         self.size = size
         self.nframes = size >> PAGE_SHIFT
         self.cipher = cipher
-        self._dram_buf = ctypes.create_string_buffer(size)
-        self.dram = memoryview(self._dram_buf).cast("B")
-        self._priv_buf: ctypes.Array[ctypes.c_char] | None = None
+        self.guest_memfd = guest_memfd
+        self._backings: list[_Backing] = []
+        self._shared = self._new_backing("guest memory" if not guest_memfd else "shared (VMM) memory")
+        #: The DRAM alias (legacy) or the shared backing (guest_memfd): mapped at Unicorn 0.
+        self.dram = self._shared.view
+        self._priv: _Backing | None = None
+        #: The private alias (legacy) or the guest_memfd backing: mapped at PRIVATE_ALIAS_BASE.
         self.private: memoryview | None = None
-        self.owner = bytearray(self.nframes)  # OWNER_* per frame; all DRAM at power-on
-        if cipher is not None:
-            self._priv_buf = ctypes.create_string_buffer(size)
-            self.private = memoryview(self._priv_buf).cast("B")
+        if cipher is not None or guest_memfd:
+            self._priv = self._new_backing("private (guest_memfd) memory" if guest_memfd else "private alias")
+            self.private = self._priv.view
+        self.owner = bytearray(self.nframes)  # legacy: OWNER_* per frame; all DRAM at power-on
+        #: guest_memfd: the stage-2 view of KVM's PRIVATE attribute per GFN (attach_attributes)
+        self.private_gfns = bytearray(self.nframes)
+        self.closed = False
         #: Called with the frame number after ownership moved (the vCPU flushes its TLB).
         self.on_ownership_change: Callable[[int], None] | None = None
-        #: Called with (gpa, length) after a host write (the vCPU drops translated code).
+        #: Called with (gpa, length) after the host changed memory under the guest (a write or
+        #: a discard): the vCPU drops translated code.
         self.on_host_write: Callable[[int, int], None] | None = None
         #: Called with (gpa, length) before a host write; raises to refuse it (the SNP RMP).
         self.host_write_guard: Callable[[int, int], None] | None = None
 
+    def _new_backing(self, what: str) -> _Backing:
+        backing = _Backing(self.size, what)
+        self._backings.append(backing)
+        return backing
+
+    def close(self) -> None:
+        """Release every backing (idempotent). Close the vCPU that maps them first."""
+        if self.closed:
+            return
+        self.closed = True
+        for backing in self._backings:
+            backing.close()
+        self._backings.clear()
+
     # -- addresses ------------------------------------------------------------------------
     @property
     def encrypted(self) -> bool:
-        """Whether this VM's memory controller encrypts C=1 accesses."""
+        """Legacy SEV: the memory controller encrypts C=1 accesses and the host sees ciphertext."""
         return self.cipher is not None
 
+    @property
+    def model(self) -> str:
+        """"plain", "legacy" (one frame per page, ciphertext to the host) or "guest_memfd"."""
+        if self.guest_memfd:
+            return "guest_memfd"
+        return "legacy" if self.cipher is not None else "plain"
+
     def dram_address(self) -> int:
-        """Host address of the DRAM alias buffer (for mem_map_ptr)."""
-        return ctypes.addressof(self._dram_buf)
+        """Host address of the DRAM alias / shared backing (for mem_map_ptr)."""
+        self.check_range(0, 0, "mapping")  # never hand out the address of a released mapping
+        return self._shared.address
 
     def private_address(self) -> int:
-        """Host address of the private alias buffer (for mem_map_ptr)."""
-        if self._priv_buf is None:
-            raise GuestMemoryError("this VM has no private alias (memory is not encrypted)")
-        return ctypes.addressof(self._priv_buf)
+        """Host address of the private alias / guest_memfd backing (for mem_map_ptr)."""
+        self.check_range(0, 0, "mapping")
+        if self._priv is None:
+            raise GuestMemoryError("this VM has no private memory (neither encrypted nor guest_memfd)")
+        return self._priv.address
+
+    def attach_attributes(self, private_gfns: bytearray) -> None:
+        """guest_memfd: follow KVM's attribute array (one byte per GFN, 1 = private), the
+        table the stage-2 mappings are built from. Until then every GFN is shared."""
+        if len(private_gfns) != self.nframes:
+            raise ValueError(f"attribute array of {len(private_gfns)} GFNs for {self.nframes} frames")
+        self.private_gfns = private_gfns
 
     def check_range(self, gpa: int, length: int, what: str = "access") -> None:
-        """Raise GuestMemoryError unless [gpa, gpa+length) lies inside guest memory."""
+        """Raise GuestMemoryError unless [gpa, gpa+length) lies inside guest memory (and
+        MachineClosedError once close() released it)."""
+        if self.closed:
+            raise MachineClosedError(f"{what} of guest memory after close(): the machine released it")
         if gpa < 0 or length < 0 or gpa + length > self.size:
             raise GuestMemoryError(f"{what} of {length} bytes outside guest memory (size 0x{self.size:x})", gpa)
 
-    # -- ownership ------------------------------------------------------------------------
+    # -- ownership (legacy) ---------------------------------------------------------------
     def make_private(self, frame: int) -> bool:
-        """Move `frame` to the private alias (decrypting DRAM); True if ownership moved."""
+        """Legacy: move `frame` to the private alias (decrypting DRAM); True if ownership moved."""
         if self.cipher is None or self.owner[frame] == OWNER_PRIVATE:
             return False
         assert self.private is not None
@@ -103,7 +211,7 @@ class GuestMemory:
         return True
 
     def make_dram(self, frame: int) -> bool:
-        """Move `frame` to the DRAM alias (encrypting the plaintext); True if ownership moved."""
+        """Legacy: move `frame` to the DRAM alias (encrypting the plaintext); True if ownership moved."""
         if self.cipher is None or self.owner[frame] == OWNER_DRAM:
             return False
         assert self.private is not None
@@ -115,11 +223,18 @@ class GuestMemory:
         return True
 
     # -- the CPU's view ------------------------------------------------------------------
+    def _gmem_buf(self, frame: int) -> memoryview:
+        """guest_memfd: the backing stage 2 maps `frame` to (the attribute decides)."""
+        if self.private_gfns[frame]:
+            assert self.private is not None
+            return self.private
+        return self.dram
+
     def cpu_read(self, gpa: int, length: int, private: bool) -> bytes:
         """Bytes the CPU reads at `gpa` with C=`private`, without moving ownership.
 
-        Used for page-table walks (always private on SEV) and instruction decoding.
-        """
+        Used for page-table walks and instruction decoding. On a guest_memfd VM the GFN's
+        attribute picks the backing (a C-bit mismatch is an NPF the TLB fill reports)."""
         self.check_range(gpa, length, "CPU read")
         out = bytearray()
         while length:
@@ -133,23 +248,37 @@ class GuestMemory:
 
     def cpu_read_u64(self, gpa: int, private: bool) -> int:
         """One little-endian u64 as the CPU reads it (page-table walks)."""
-        if self.cipher is None or (self.owner[gpa >> PAGE_SHIFT] == OWNER_PRIVATE) == private:
+        if gpa + 8 > self.size or gpa < 0:
+            raise GuestMemoryError("page-table read outside guest memory", gpa)
+        if self.guest_memfd:
+            if (gpa & (PAGE_SIZE - 1)) <= PAGE_SIZE - 8:
+                return int(_U64.unpack_from(self._gmem_buf(gpa >> PAGE_SHIFT), gpa)[0])
+        elif self.cipher is None or (self.owner[gpa >> PAGE_SHIFT] == OWNER_PRIVATE) == private:
             buf = self.private if (private and self.cipher is not None) else self.dram
             assert buf is not None
-            if gpa + 8 > self.size or gpa < 0:
-                raise GuestMemoryError("page-table read outside guest memory", gpa)
             return int(_U64.unpack_from(buf, gpa)[0])
         return int(_U64.unpack(self.cpu_read(gpa, 8, private))[0])
 
+    def gmem_read_u64(self, gpa: int) -> int:
+        """guest_memfd: a page-table entry read through stage 2 (the walk's hot path)."""
+        if gpa + 8 > self.size or gpa < 0:
+            raise GuestMemoryError("page-table read outside guest memory", gpa)
+        buf = self.private if self.private_gfns[gpa >> PAGE_SHIFT] else self.dram
+        assert buf is not None
+        return int(_U64.unpack_from(buf, gpa)[0])
+
     def cpu_write(self, gpa: int, data: bytes, private: bool) -> None:
-        """Write as the CPU does through a mapping with C=`private` (moves ownership)."""
+        """Write as the CPU does through a mapping with C=`private` (legacy: moves ownership)."""
         self.check_range(gpa, len(data), "CPU write")
         pos = 0
         while pos < len(data):
             frame = (gpa + pos) >> PAGE_SHIFT
             off = (gpa + pos) & (PAGE_SIZE - 1)
             n = min(len(data) - pos, PAGE_SIZE - off)
-            if private:
+            buf: memoryview | None
+            if self.guest_memfd:
+                buf = self._gmem_buf(frame)
+            elif private:
                 self.make_private(frame)
                 buf = self.private if self.cipher is not None else self.dram
             else:
@@ -162,6 +291,8 @@ class GuestMemory:
 
     def _frame_view(self, frame: int, private: bool) -> bytes | memoryview:
         off = frame << PAGE_SHIFT
+        if self.guest_memfd:
+            return self._gmem_buf(frame)[off : off + PAGE_SIZE]
         if self.cipher is None:
             return self.dram[off : off + PAGE_SIZE]
         assert self.private is not None
@@ -174,24 +305,89 @@ class GuestMemory:
             return self.cipher.encrypt(off, self.private[off : off + PAGE_SIZE])
         return self.dram[off : off + PAGE_SIZE]
 
-    # -- the host's view -------------------------------------------------------------------
+    # -- the host's views -------------------------------------------------------------------
+    def host_view_kind(self, gpa: int) -> HostViewKind:
+        """What the host sees of the page at `gpa`: its plaintext, its ciphertext (legacy SEV,
+        a private frame) or nothing ("unmappable": a private GFN of a guest_memfd VM)."""
+        self.check_range(gpa, 1, "host view")
+        frame = gpa >> PAGE_SHIFT
+        if self.guest_memfd:
+            return "unmappable" if self.private_gfns[frame] else "plaintext"
+        if self.cipher is not None and self.owner[frame] == OWNER_PRIVATE:
+            return "ciphertext"
+        return "plaintext"
+
+    def _refuse_private(self, gpa: int, length: int) -> None:
+        """guest_memfd: a host access touching a private GFN is refused, whole."""
+        if not self.guest_memfd:
+            return
+        for frame in range(gpa >> PAGE_SHIFT, ((gpa + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
+            if self.private_gfns[frame]:
+                raise UnmappableMemoryError(UNMAPPABLE_MESSAGE, max(gpa, frame << PAGE_SHIFT))
+
     def host_read(self, gpa: int, length: int) -> bytes:
-        """What the host (KVM, the VMM) reads: ciphertext wherever a frame is private."""
-        return self.cpu_read(gpa, length, private=False)
+        """The host's view: ciphertext where a legacy frame is private; on a guest_memfd VM
+        a private GFN is refused (UnmappableMemoryError)."""
+        self.check_range(gpa, length, "host read")
+        self._refuse_private(gpa, length)
+        return self.userspace_read(gpa, length)
 
     def host_write(self, gpa: int, data: bytes) -> None:
-        """A host write lands in DRAM; a private frame is first moved there (so the guest's
-        next C=1 read decrypts the host's bytes into garbage)."""
+        """A host write. Legacy: lands in DRAM, a private frame first moved there (so the
+        guest's next C=1 read decrypts the host's bytes into garbage). guest_memfd: refused
+        on a private GFN, nothing written."""
         self.check_range(gpa, len(data), "host write")
-        if self.host_write_guard is not None:
-            self.host_write_guard(gpa, len(data))
-        self.cpu_write(gpa, data, private=False)
+        self._refuse_private(gpa, len(data))
+        self.userspace_write(gpa, data)
+
+    def userspace_read(self, gpa: int, length: int) -> bytes:
+        """What KVM reads through the memslot's userspace mapping (kvm_read_guest): on a
+        guest_memfd VM the shared backing, whatever the GFN's attribute."""
+        self.check_range(gpa, length, "host read")
+        if self.guest_memfd:
+            return bytes(self.dram[gpa : gpa + length])
+        return self.cpu_read(gpa, length, private=False)
+
+    def userspace_write(self, gpa: int, data: bytes) -> None:
+        """What KVM writes through the memslot's userspace mapping (kvm_write_guest); on a
+        guest_memfd VM the shared backing (never an RMP-assigned page)."""
+        self.check_range(gpa, len(data), "host write")
+        if self.guest_memfd:
+            self.dram[gpa : gpa + len(data)] = data
+        else:
+            if self.host_write_guard is not None:
+                self.host_write_guard(gpa, len(data))
+            self.cpu_write(gpa, data, private=False)
         if self.on_host_write is not None:
             self.on_host_write(gpa, len(data))
 
     def host_view(self) -> HostView:
-        """The narrow view handed to the kvm and vmm layers."""
-        return HostView(self)
+        """The VMM's and the user's view (refuses private GFNs of a guest_memfd VM)."""
+        return HostView(self, userspace=False)
+
+    def userspace_view(self) -> HostView:
+        """The memslot's userspace mapping: the view KVM's guest accessors use."""
+        return HostView(self, userspace=True)
+
+    # -- conversions (guest_memfd) ------------------------------------------------------------
+    def _discard(self, backing: _Backing | None, first_gfn: int, npages: int) -> None:
+        end = min(first_gfn + npages, self.nframes)
+        if not self.guest_memfd or backing is None or first_gfn >= end or first_gfn < 0:
+            return
+        backing.discard(first_gfn << PAGE_SHIFT, (end - first_gfn) << PAGE_SHIFT)
+        if self.on_host_write is not None:
+            self.on_host_write(first_gfn << PAGE_SHIFT, (end - first_gfn) << PAGE_SHIFT)
+
+    def discard_shared(self, first_gfn: int, npages: int) -> None:
+        """QEMU's ram_block_discard_range() on a to-private conversion: the VMM's pages of
+        these GFNs are freed and read as zeros. A no-op outside guest_memfd VMs."""
+        self._discard(self._shared, first_gfn, npages)
+
+    def discard_private(self, first_gfn: int, npages: int) -> None:
+        """QEMU's ram_block_discard_guest_memfd_range() on a to-shared conversion
+        (fallocate(PUNCH_HOLE) on the guest_memfd): the private pages are freed; a later
+        private fault gets a fresh zeroed page. A no-op outside guest_memfd VMs."""
+        self._discard(self._priv, first_gfn, npages)
 
     # -- launch -----------------------------------------------------------------------------
     def launch_encrypt(self, gpa: int, length: int) -> None:
@@ -209,12 +405,27 @@ class GuestMemory:
                 self.dram[off : off + PAGE_SIZE] = self.cipher.encrypt(off, self.private[off : off + PAGE_SIZE])
                 self.owner[frame] = OWNER_PRIVATE
 
+    def populate_private(self, gpa: int, length: int) -> None:
+        """guest_memfd population from the VMM's copy (KVM_SEV_SNP_LAUNCH_UPDATE: kvm_gmem_populate()
+        -> sev_gmem_post_populate() copies each source page into the guest_memfd page, which
+        the firmware then encrypts in place). The VMM's source pages stay as they are."""
+        self.check_range(gpa, length, "launch update")
+        if not self.guest_memfd or self.private is None or length <= 0:
+            return
+        first = gpa & ~(PAGE_SIZE - 1)
+        end = (gpa + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        self.private[first:end] = self.dram[first:end]
+
 
 class HostView:
-    """`HostMemory` over a GuestMemory: the host's reads and writes, bounds-checked."""
+    """`HostMemory` over a GuestMemory: the host's reads and writes, bounds-checked.
 
-    def __init__(self, memory: GuestMemory) -> None:
+    `userspace=True` is KVM's view (the memslot's userspace mapping); False is the VMM's and
+    the user's, which refuses private GFNs of guest_memfd VMs."""
+
+    def __init__(self, memory: GuestMemory, userspace: bool = False) -> None:
         self._memory = memory
+        self._userspace = userspace
 
     @property
     def size(self) -> int:
@@ -222,16 +433,25 @@ class HostView:
         return self._memory.size
 
     def read(self, gpa: int, length: int) -> bytes:
-        """Read as the host: ciphertext of private frames."""
+        """Read as the host: ciphertext of legacy private frames; never guest_memfd memory."""
+        if self._userspace:
+            return self._memory.userspace_read(gpa, length)
         return self._memory.host_read(gpa, length)
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Write as the host (into DRAM)."""
-        self._memory.host_write(gpa, data)
+        """Write as the host (DRAM / the shared backing)."""
+        if self._userspace:
+            self._memory.userspace_write(gpa, data)
+        else:
+            self._memory.host_write(gpa, data)
 
     def read_u64(self, gpa: int) -> int:
         """One little-endian u64 as the host reads it."""
-        return int(_U64.unpack(self._memory.host_read(gpa, 8))[0])
+        return int(_U64.unpack(self.read(gpa, 8))[0])
+
+    def kind(self, gpa: int) -> HostViewKind:
+        """`GuestMemory.host_view_kind`: "plaintext", "ciphertext" or "unmappable"."""
+        return self._memory.host_view_kind(gpa)
 
 
 class BytesMemory:

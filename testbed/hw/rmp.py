@@ -4,8 +4,10 @@ One entry per frame (AMD APM vol. 2, 15.36): `assigned` (the frame belongs to th
 private memory: in KVM it is assigned when guest_memfd maps it private, and made shared again
 when it is freed) and `validated` (set and cleared only by the guest's PVALIDATE). A private
 access to an assigned but unvalidated frame raises #VC 0x404; the host cannot write an
-assigned frame. Entries are 4 KiB only: a 2 MiB PVALIDATE reports FAIL_SIZEMISMATCH, as the
-hardware does against 4 KiB entries, and the guest falls back to 4 KiB (as Linux does).
+assigned frame (with guest_memfd the host cannot even map one - hw/memory.py - so that
+check guards the legacy one-frame model only). Entries are 4 KiB only: a 2 MiB PVALIDATE
+reports FAIL_SIZEMISMATCH, as the hardware does against 4 KiB entries, and the guest falls
+back to 4 KiB (as Linux does).
 """
 
 from __future__ import annotations

@@ -245,6 +245,16 @@ SVM_VMGEXIT_AP_CREATE_ON_INIT = 0
 SVM_VMGEXIT_AP_CREATE = 1
 SVM_VMGEXIT_AP_DESTROY = 2
 
+#: SEV_FEATURES bit 0 (asm/svm.h SVM_SEV_FEAT_SNP_ACTIVE): __sev_guest_init() sets it in an SNP
+#: VM's vmsa_features, which an AP creation request must repeat in RAX (sev_snp_ap_creation).
+SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
+
+#: The exit codes only an SNP guest may use (sev.c is_snp_only_vmgexit).
+SNP_ONLY_VMGEXITS = frozenset({
+    SwExitCode.SVM_VMGEXIT_AP_CREATION, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST,
+    SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST, SwExitCode.SVM_VMGEXIT_PSC,
+})
+
 
 def svm_vmgexit_term_reason(reason_set: int, reason_code: int) -> int:
     """SVM_VMGEXIT_TERM_REASON(): SW_EXITINFO1[3:0] = set, [11:4] = code."""

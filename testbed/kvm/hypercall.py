@@ -31,6 +31,11 @@ from testbed.kvm.uapi import (
 from testbed.tracker import SharedTracker
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U32, U64
 
+#: ICR bits kvm_pv_send_ipi() refuses (arch/x86/include/asm/apicdef.h): logical destination
+#: mode and the destination shorthand field.
+APIC_DEST_MASK = 0x800
+APIC_SHORT_MASK = 0xC0000
+
 
 @dataclass(frozen=True, slots=True)
 class PvCpuid:
@@ -100,9 +105,11 @@ def emulate_hypercall(
         ret = neg(KVM_EOPNOTSUPP)
     elif nr == KVM_HC_SEND_IPI:
         if pv.has(KVM_FEATURE_PV_SEND_IPI):
-            # kvm_pv_send_ipi() needs the in-kernel APIC map; the testbed has no in-kernel
-            # local APIC, for which KVM returns -EOPNOTSUPP (count stays -EOPNOTSUPP).
-            ret = neg(KVM_EOPNOTSUPP)
+            # kvm_pv_send_ipi(kvm, a0 = ipi_bitmap_low, a1 = ipi_bitmap_high, a2 = min, a3 = icr)
+            # (arch/x86/kvm/lapic.c): an ICR with destination-mode or shorthand bits is
+            # -KVM_EINVAL, checked before the APIC map; the testbed has no in-kernel local APIC,
+            # so the map is NULL and the count stays -EOPNOTSUPP.
+            ret = neg(KVM_EINVAL) if a3 & (APIC_DEST_MASK | APIC_SHORT_MASK) else neg(KVM_EOPNOTSUPP)
     elif nr == KVM_HC_SCHED_YIELD:
         if pv.has(KVM_FEATURE_PV_SCHED_YIELD):
             ret = 0

@@ -19,6 +19,23 @@ from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64
 SUPPORTED_ATTRIBUTES = KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 
+def validate_attributes(address: int, size: int, attributes: int, flags: int, supported: int) -> None:
+    """The checks of kvm_vm_ioctl_set_mem_attributes() (virt/kvm/kvm_main.c), in its order:
+    flags must be 0, attributes within kvm_supported_mem_attributes() (`supported`: PRIVATE for
+    a VM with private memory, 0 otherwise), size non-zero without wrapping, address and size
+    page aligned. Each failure is EINVAL."""
+    name = "KVM_SET_MEMORY_ATTRIBUTES"
+    if flags:
+        raise KvmIoctlError(name, errno.EINVAL, f"flags 0x{flags:x} must be 0")
+    if attributes & ~supported:
+        raise KvmIoctlError(name, errno.EINVAL,
+                            f"attributes 0x{attributes:x} not supported (supported: 0x{supported:x})")
+    if size == 0 or address + size > U64 or address + size < address:
+        raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: empty or wrapping")
+    if address % PAGE_SIZE or size % PAGE_SIZE:
+        raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: not page aligned")
+
+
 class MemoryAttributes:
     """The attribute array of one VM (one byte per GFN: 1 = private)."""
 
@@ -29,15 +46,7 @@ class MemoryAttributes:
 
     def set(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""
-        name = "KVM_SET_MEMORY_ATTRIBUTES"
-        if flags:
-            raise KvmIoctlError(name, errno.EINVAL, f"flags 0x{flags:x} must be 0")
-        if attributes & ~SUPPORTED_ATTRIBUTES:
-            raise KvmIoctlError(name, errno.EINVAL, f"attributes 0x{attributes:x} not supported")
-        if size == 0 or address + size > U64 or address + size < address:
-            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: empty or wrapping")
-        if address % PAGE_SIZE or size % PAGE_SIZE:
-            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: not page aligned")
+        validate_attributes(address, size, attributes, flags, SUPPORTED_ATTRIBUTES)
         start = address >> PAGE_SHIFT
         end = (address + size) >> PAGE_SHIFT
         value = 1 if attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE else 0

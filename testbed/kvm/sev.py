@@ -21,7 +21,10 @@ where it left off. "Resume the guest" in KVM (a handler returning 1) is `_finish
 sev_es_unmap_ghcb() does before the next VMRUN.
 
 A guest can write anything: nothing it writes raises a Python exception, except the cases
-where KVM itself fails KVM_RUN, which raise SevFatalError.
+where KVM itself fails KVM_RUN, which raise SevFatalError (the errno KVM_RUN fails with).
+
+The reference is the kvm-x86 tree (sev.c @1a27afa0); `SevState.kvm_version` selects the 7.1
+behaviour where the two differ (testbed/kvm/version.py lists each difference and its commit).
 """
 
 from __future__ import annotations
@@ -64,10 +67,14 @@ from testbed.kvm.ghcb import (
     PSC_HDR_CUR_ENTRY_OFFSET,
     PSC_HDR_END_ENTRY_OFFSET,
     PSC_HDR_SIZE,
+    SNP_ONLY_VMGEXITS,
     SVM_EVTINJ_TYPE_EXEPT,
     SVM_EVTINJ_VALID,
     SVM_IOIO_SIZE_MASK,
     SVM_IOIO_SIZE_SHIFT,
+    SVM_SEV_FEAT_SNP_ACTIVE,
+    SVM_VMGEXIT_AP_CREATE,
+    SVM_VMGEXIT_AP_CREATE_ON_INIT,
     SVM_VMGEXIT_AP_DESTROY,
     VMGEXIT_PSC_MAX_COUNT,
     Ghcb,
@@ -95,13 +102,14 @@ from testbed.kvm.uapi import (
     KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
     KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     KVM_SYSTEM_EVENT_SEV_TERM,
-    HltExit,
+    ApResetHoldExit,
     HypercallExit,
     InternalErrorExit,
     IoExit,
     KvmExit,
     SystemEventExit,
 )
+from testbed.kvm.version import REFERENCE, KvmVersion
 from testbed.trace import Tracer
 from testbed.x86 import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, U32, U64, Vector
 
@@ -124,12 +132,26 @@ _NO_INPUT_EXITS = frozenset({
     SwExitCode.SVM_VMGEXIT_TERM_REQUEST,
 })
 
+#: The exit codes sev_handle_vmgexit()'s switch handles; any other is INVALID_EVENT.
+_KNOWN_EXITS = _NO_INPUT_EXITS | frozenset({
+    SwExitCode.SVM_EXIT_WRITE_DR7, SwExitCode.SVM_EXIT_RDPMC, SwExitCode.SVM_EXIT_CPUID, SwExitCode.SVM_EXIT_IOIO,
+    SwExitCode.SVM_EXIT_MSR, SwExitCode.SVM_EXIT_VMMCALL, SwExitCode.SVM_EXIT_MONITOR, SwExitCode.SVM_EXIT_MWAIT,
+    SwExitCode.SVM_VMGEXIT_MMIO_READ, SwExitCode.SVM_VMGEXIT_MMIO_WRITE,
+}) | SNP_ONLY_VMGEXITS
+
+#: The values kvm_is_valid_map_gpa_range_ret() (x86.h) accepts from userspace for the PSC paths.
+_VALID_MAP_GPA_RANGE_RETS = frozenset({0, errno.EINVAL, errno.EAGAIN})
+
+#: cpuid_maxphyaddr() when the guest's CPUID has no leaf 0x80000008.
+_DEFAULT_MAXPHYADDR = 36
+
 
 class SevFatalError(TestbedError):
-    """The VMGEXIT handler failed, so KVM_RUN fails (-EINVAL / -EFAULT): the VM is dead.
+    """The VMGEXIT handler (or a completion) failed, so KVM_RUN fails with `errno` (EINVAL,
+    EFAULT) and no exit reason: the VM cannot run on.
 
-    Raised only where sev.c returns a negative errno from the exit handler; everything else a
-    guest can write is answered in the GHCB or the MSR.
+    Raised only where sev.c returns a negative errno; everything else a guest can write is
+    answered in the GHCB or the MSR.
     """
 
     def __init__(self, message: str, gpa: int | None = None, err: int = errno.EINVAL) -> None:
@@ -197,6 +219,8 @@ class SevState:
     #: depends on XCR0. __kvm_set_xcr()'s validity checks are not modelled.
     xcr0: int = 1
     xss: int = 0
+    #: the KVM whose behaviour is modelled where the reference tree and 7.1 differ
+    kvm_version: KvmVersion = REFERENCE
 
     def __post_init__(self) -> None:
         # __sev_guest_init(): ghcb_version <= GHCB_VERSION_MAX, and SNP needs >= 2. Version 0 is
@@ -211,6 +235,12 @@ class SevState:
         """user_exit_on_hypercall(kvm, KVM_HC_MAP_GPA_RANGE)."""
         enabled = self.hypercall_exit_enabled
         return bool(enabled() if callable(enabled) else enabled)
+
+    @property
+    def vmsa_features(self) -> int:
+        """sev->vmsa_features: the testbed's VMM asks for none (KVM_SEV_INIT2 vmsa_features = 0),
+        and __sev_guest_init() adds SVM_SEV_FEAT_SNP_ACTIVE for an SNP VM."""
+        return SVM_SEV_FEAT_SNP_ACTIVE if self.snp else 0
 
 
 @dataclass
@@ -268,7 +298,8 @@ class _Vmgexit:
     cpl: int
     regs: _Regs = field(default_factory=_Regs)
     scratch: _Scratch | None = None
-    psc_cur_idx: int = 0  # svm->sev_es.psc
+    psc_cur_idx: int = 0  # svm->sev_es.psc: cur_idx, end_idx (snapshotted once), batch_size
+    psc_end_idx: int = 0
     psc_batch_size: int = 0
 
     def valid(self, f: GhcbSave) -> bool:
@@ -330,13 +361,21 @@ class SevEsHandler:
             self._trace("vmgexit_unmappable_ghcb", gpa=gpa)
             return
         ctx = self._sync_from_ghcb(Ghcb(self.ops.memory, gpa))
-        # Checked after the snapshot (which already cleared the guest's valid bitmap), as KVM does.
-        if self.state.snp and self.state.registered_ghcb_gpa != gpa:
-            raise SevFatalError("vmgexit: SNP GHCB GPA is not registered", gpa)
         if self.tracer.enabled:
             self.tracer.emit("kvm", "vmgexit", gpa=gpa, exit_code=ctx.exit_code, info1=ctx.exit_info_1,
                              info2=ctx.exit_info_2, valid_bitmap=ctx.valid_bitmap)
-        if not self._validate(ctx):
+        # Checked after the snapshot (which already cleared the guest's valid bitmap), as KVM does.
+        if self.state.snp and self.state.registered_ghcb_gpa != gpa:
+            if not self.state.kvm_version.is_reference:
+                # 7.1: "return -EINVAL" - KVM_RUN fails (fixed by 1797e00bf802).
+                raise SevFatalError("vmgexit: SNP GHCB GPA is not registered", gpa)
+            # "KVM: SEV: Don't terminate SNP VMs on #VMGEXIT without a registered GHCB": the
+            # answer goes into the page the guest named, and the guest runs on.
+            self._bad_input(ctx, GhcbErr.GHCB_ERR_NOT_REGISTERED)
+            self._finish(ctx)
+            return
+        valid = self._validate(ctx) if self.state.kvm_version.is_reference else self._validate_7_1(ctx)
+        if not valid:
             self._finish(ctx)
             return
         self._set_return(ctx, GhcbHvResp.GHCB_HV_RESP_NO_ACTION, 0)
@@ -420,18 +459,26 @@ class SevEsHandler:
         run = _map_gpa_range_exit(gpa, 1, attrs)
 
         def snp_complete_psc_msr() -> None:
-            self.state.ghcb_msr = GHCB_MSR_PSC_RESP_ERROR if run.ret & U64 else GhcbMsrCode.GHCB_MSR_PSC_RESP
+            ret = run.ret & U64
+            self._check_map_gpa_range_ret(ret, None)
+            self.state.ghcb_msr = GHCB_MSR_PSC_RESP_ERROR if ret else GhcbMsrCode.GHCB_MSR_PSC_RESP
 
         self.ops.exit_to_userspace(run, snp_complete_psc_msr)
 
     def _ap_reset_hold(self, ctx: _Vmgexit | None) -> None:
-        """kvm_emulate_ap_reset_hold(): __kvm_emulate_halt(.., KVM_EXIT_AP_RESET_HOLD).
+        """kvm_emulate_ap_reset_hold(): __kvm_emulate_halt(.., KVM_MP_STATE_AP_RESET_HOLD,
+        KVM_EXIT_AP_RESET_HOLD). The testbed's KVM has no in-kernel local APIC, so the vCPU
+        exits to userspace with KVM_EXIT_AP_RESET_HOLD (32), not KVM_EXIT_HLT."""
+        self.ops.exit_to_userspace(ApResetHoldExit(), None if ctx is None else (lambda: self._finish(ctx)))
 
-        The testbed's KVM has no in-kernel local APIC, so the halt exits to userspace; uapi.py
-        has no KVM_EXIT_AP_RESET_HOLD (32) yet, so the exit is the testbed's HltExit, which is
-        also what a plain HLT gives here.
-        """
-        self.ops.exit_to_userspace(HltExit(), None if ctx is None else (lambda: self._finish(ctx)))
+    def _check_map_gpa_range_ret(self, ret: int, ctx: _Vmgexit | None) -> None:
+        """snp_complete_one_psc() / snp_complete_psc_msr(): the reference KVM accepts only 0,
+        EINVAL and EAGAIN from userspace (kvm_is_valid_map_gpa_range_ret) and fails KVM_RUN with
+        -EINVAL otherwise; 7.1 takes any non-zero value as an error (5d40e5b49442)."""
+        if self.state.kvm_version.is_reference and ret not in _VALID_MAP_GPA_RANGE_RETS:
+            raise SevFatalError(f"PSC completion: userspace set hypercall.ret 0x{ret:x}; KVM accepts only 0, "
+                                f"EINVAL ({errno.EINVAL}) or EAGAIN ({errno.EAGAIN})",
+                                None if ctx is None else ctx.ghcb.gpa)
 
     # ------------------------------------------------------------------- GHCB snapshot
     def _sync_from_ghcb(self, ghcb: Ghcb) -> _Vmgexit:
@@ -497,7 +544,60 @@ class SevEsHandler:
 
     # ------------------------------------------------------------------------ front door
     def _validate(self, ctx: _Vmgexit) -> bool:
-        """sev_es_validate_vmgexit(): False after answering MALFORMED_INPUT."""
+        """The checks sev_handle_vmgexit() makes before its switch (reference tree): usage, then
+        SNP-only events from a non-SNP guest (INVALID_EVENT, 95d8c59cdf6d), then
+        sev_es_are_required_ghcb_fields_valid() (MISSING_INPUT), then the switch's default
+        (INVALID_EVENT for a code it does not handle). False after answering MALFORMED_INPUT."""
+        if ctx.ghcb.ghcb_usage:
+            self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_USAGE)
+            return False
+        code = ctx.exit_code
+        if code in SNP_ONLY_VMGEXITS and not self.state.snp:
+            # is_snp_only_vmgexit() reads the exit code whether or not it is marked valid.
+            self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_EVENT)
+            return False
+        if not self._required_fields_valid(ctx):
+            self._bad_input(ctx, GhcbErr.GHCB_ERR_MISSING_INPUT)
+            return False
+        if code not in _KNOWN_EXITS:
+            self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_EVENT)
+            return False
+        return True
+
+    def _required_fields_valid(self, ctx: _Vmgexit) -> bool:
+        """sev_es_are_required_ghcb_fields_valid(): SW_EXITCODE/INFO1/INFO2, then per exit code
+        (any code it does not list needs nothing more)."""
+        v = ctx.valid
+        if not (v(GhcbSave.sw_exit_code) and v(GhcbSave.sw_exit_info_1) and v(GhcbSave.sw_exit_info_2)):
+            return False
+        code = ctx.exit_code
+        if code == SwExitCode.SVM_EXIT_WRITE_DR7:
+            return v(GhcbSave.rax)
+        if code == SwExitCode.SVM_EXIT_RDPMC:
+            return v(GhcbSave.rcx)
+        if code == SwExitCode.SVM_EXIT_CPUID:
+            return v(GhcbSave.rax) and v(GhcbSave.rcx) and (ctx.regs.rax != 0xD or v(GhcbSave.xcr0))
+        if code == SwExitCode.SVM_EXIT_IOIO:
+            if ctx.exit_info_1 & SVM_IOIO_STR:
+                return v(GhcbSave.sw_scratch)
+            return bool(ctx.exit_info_1 & SVM_IOIO_TYPE_IN) or v(GhcbSave.rax)
+        if code == SwExitCode.SVM_EXIT_MSR:
+            return v(GhcbSave.rcx) and (not ctx.exit_info_1 or (v(GhcbSave.rax) and v(GhcbSave.rdx)))
+        if code == SwExitCode.SVM_EXIT_VMMCALL:
+            return v(GhcbSave.rax) and v(GhcbSave.cpl)
+        if code == SwExitCode.SVM_EXIT_MONITOR:
+            return v(GhcbSave.rax) and v(GhcbSave.rcx) and v(GhcbSave.rdx)
+        if code == SwExitCode.SVM_EXIT_MWAIT:
+            return v(GhcbSave.rax) and v(GhcbSave.rcx)
+        if code == SwExitCode.SVM_VMGEXIT_AP_CREATION:
+            return v(GhcbSave.rax) or (ctx.exit_info_1 & U32) == SVM_VMGEXIT_AP_DESTROY
+        if code in (SwExitCode.SVM_VMGEXIT_MMIO_READ, SwExitCode.SVM_VMGEXIT_MMIO_WRITE, SwExitCode.SVM_VMGEXIT_PSC):
+            return v(GhcbSave.sw_scratch)
+        return True
+
+    def _validate_7_1(self, ctx: _Vmgexit) -> bool:
+        """sev_es_validate_vmgexit() as in 7.1 (gregkh/linux @00b9744a): SNP-only events from an
+        SEV-ES guest and bad guest-request GPAs are MISSING_INPUT. False after answering."""
         if ctx.ghcb.ghcb_usage:
             self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_USAGE)
             return False
@@ -573,12 +673,20 @@ class SevEsHandler:
             if ctx.scratch is None:
                 self._finish(ctx)
                 return
-            self._drive(lambda: self._snp_begin_psc(ctx), lambda: self._finish(ctx))
-        elif code in (SwExitCode.SVM_VMGEXIT_AP_CREATION, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST,
-                      SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST):
-            # AP creation replaces another vCPU's VMSA; guest requests go to the PSP firmware.
+            self._snp_begin_psc(ctx)
+        elif code == SwExitCode.SVM_VMGEXIT_AP_CREATION:
+            self._snp_ap_creation(ctx)
+        elif code in (SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST):
+            if (ctx.exit_info_1 & (PAGE_SIZE - 1) or ctx.exit_info_2 & (PAGE_SIZE - 1)
+                    or ctx.exit_info_1 == ctx.exit_info_2):
+                # Reference tree (5eb5d5d123a8); 7.1 answered MISSING_INPUT in _validate_7_1().
+                self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_INPUT)
+                self._finish(ctx)
+                return
+            # snp_handle_guest_req(): the request goes to the PSP firmware, which the testbed lacks.
             self._not_modelled(ctx)
         elif code == SwExitCode.SVM_VMGEXIT_UNSUPPORTED_EVENT:
+            # "the _guest_ is reporting an unsupported #VC": the handler returns -EINVAL.
             raise SevFatalError(f"vmgexit: unsupported event - exit_info_1={ctx.exit_info_1:#x}, "
                                 f"exit_info_2={ctx.exit_info_2:#x}", ctx.ghcb.gpa)
         elif code == SwExitCode.SVM_EXIT_IOIO:
@@ -621,6 +729,41 @@ class SevEsHandler:
                               f"SEV-ES VMGEXIT {name} (0x{ctx.exit_code:x}) is not modelled by the testbed"),
             lambda: self._finish(ctx),
         )
+
+    def _snp_ap_creation(self, ctx: _Vmgexit) -> None:
+        """SVM_VMGEXIT_AP_CREATION: sev_snp_ap_creation() failing with -EINVAL is answered
+        INVALID_INPUT and the guest resumes (both versions). The testbed has one vCPU, APIC ID 0,
+        so every other APIC ID is unknown to kvm_get_vcpu_by_id(); a request KVM accepts would
+        (re)load a VMSA, which is not modelled."""
+        request = ctx.exit_info_1 & U32
+        apic_id = ctx.exit_info_1 >> 32
+        why: str | None = None
+        if apic_id != 0:
+            why = f"invalid AP APIC ID [{apic_id:#x}]"
+        elif request in (SVM_VMGEXIT_AP_CREATE_ON_INIT, SVM_VMGEXIT_AP_CREATE):
+            vmsa = ctx.exit_info_2
+            if ctx.regs.rax != self.state.vmsa_features:
+                why = f"mismatched AP sev_features [{ctx.regs.rax:#x}] != [{self.state.vmsa_features:#x}]"
+            elif not self._page_address_valid(vmsa):
+                why = f"invalid AP VMSA address [{vmsa:#x}]"
+            elif vmsa % (2 << 20) == 0:
+                why = f"AP VMSA address [{vmsa:#x}] is unsafe as it is 2M aligned"
+        elif request != SVM_VMGEXIT_AP_DESTROY:
+            why = f"invalid AP creation request [{request:#x}]"
+        if why is None:
+            self._not_modelled(ctx)
+            return
+        self._trace("ap_creation_rejected", why=why)
+        self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_INPUT)
+        self._finish(ctx)
+
+    def _page_address_valid(self, gpa: int) -> bool:
+        """page_address_valid(): page aligned and a legal GPA, i.e. no bit at or above
+        cpuid_maxphyaddr() set except the C-bit (sev_vcpu_after_set_cpuid() un-reserves it)."""
+        max_ext = self.ops.cpuid(0x80000000, 0)[0] & U32
+        maxphyaddr = (self.ops.cpuid(0x80000008, 0)[0] & 0xFF) if max_ext >= 0x80000008 else _DEFAULT_MAXPHYADDR
+        reserved = (U64 & ~((1 << maxphyaddr) - 1)) & ~(1 << self.state.c_bit)
+        return not gpa & (PAGE_SIZE - 1) and not gpa & reserved
 
     def _ap_jump_table(self, ctx: _Vmgexit) -> None:
         """SVM_VMGEXIT_AP_JUMP_TABLE: 0 sets the VM's table address, 1 gets it."""
@@ -708,6 +851,7 @@ class SevEsHandler:
     def _snp_complete_psc(self, ctx: _Vmgexit, psc_ret: int) -> None:
         """snp_complete_psc(): always "no action" in EXITINFO1, the PSC status in EXITINFO2."""
         ctx.psc_cur_idx = 0
+        ctx.psc_end_idx = 0
         ctx.psc_batch_size = 0
         self._trace("psc_done", status=psc_ret)
         self._set_return(ctx, GhcbHvResp.GHCB_HV_RESP_NO_ACTION, psc_ret)
@@ -726,30 +870,43 @@ class SevEsHandler:
             sa.write(off, ((entry & ~PSC_ENTRY_CUR_PAGE_MASK) | cur_page).to_bytes(8, "little"))
             ctx.psc_batch_size -= 1
             idx += 1
+        ctx.psc_cur_idx = idx
         sa.write(PSC_HDR_CUR_ENTRY_OFFSET, (idx & 0xFFFF).to_bytes(2, "little"))
 
-    def _snp_begin_psc(self, ctx: _Vmgexit) -> tuple[KvmExit, Callable[[], bool]] | None:
-        """snp_begin_psc(): answer and return None, or return the next MAP_GPA_RANGE exit."""
+    def _snp_begin_psc(self, ctx: _Vmgexit) -> None:
+        """snp_begin_psc(): the exit gate, the buffer bound and the header's indices, which are
+        read exactly once per VMGEXIT (ce6ea7b33e00, in 7.1 too): a guest that rewrites its
+        header while the VMM handles an exit changes nothing. Then snp_do_psc()'s loop."""
         sa = ctx.scratch
         assert sa is not None
         if not self.state.map_gpa_range_exits():
             self._snp_complete_psc(ctx, PscError.VMGEXIT_PSC_ERROR_GENERIC)
-            return None
+            self._finish(ctx)
+            return
         # With the GHCB v2 scratch rule this is at most 253; the check is KVM's WARN_ON_ONCE.
         max_nr_entries = (sa.length - PSC_HDR_SIZE) // PSC_ENTRY_SIZE
         if max_nr_entries > VMGEXIT_PSC_MAX_COUNT:
             self._snp_complete_psc(ctx, PscError.VMGEXIT_PSC_ERROR_GENERIC)
-            return None
+            self._finish(ctx)
+            return
+        # The buffer is guest memory the guest may change at any time: only validated copies
+        # index it.
+        ctx.psc_cur_idx = sa.read_u16(PSC_HDR_CUR_ENTRY_OFFSET)
+        ctx.psc_end_idx = sa.read_u16(PSC_HDR_END_ENTRY_OFFSET)
+        if ctx.psc_end_idx >= max_nr_entries:
+            self._snp_complete_psc(ctx, PscError.VMGEXIT_PSC_ERROR_INVALID_HDR)
+            self._finish(ctx)
+            return
+        self._drive(lambda: self._snp_do_psc(ctx), lambda: self._finish(ctx))
+
+    def _snp_do_psc(self, ctx: _Vmgexit) -> tuple[KvmExit, Callable[[], bool]] | None:
+        """snp_do_psc(): answer and return None, or return the next MAP_GPA_RANGE exit."""
+        sa = ctx.scratch
+        assert sa is not None
         while True:  # next_range
-            # The buffer is guest memory the guest may change at any time: read each field once
-            # and index only with the validated copies.
-            idx_start = sa.read_u16(PSC_HDR_CUR_ENTRY_OFFSET)
-            idx_end = sa.read_u16(PSC_HDR_END_ENTRY_OFFSET)
-            if idx_end >= max_nr_entries:
-                self._snp_complete_psc(ctx, PscError.VMGEXIT_PSC_ERROR_INVALID_HDR)
-                return None
             # Find the start of the next range which needs processing.
-            idx = idx_start
+            idx = ctx.psc_cur_idx
+            idx_end = ctx.psc_end_idx
             entry_start = PscEntry(0, 0, 0, 0)
             gfn = npages = 0
             huge = False
@@ -805,8 +962,11 @@ class SevEsHandler:
             self._snp_mark_batch_done(ctx)
 
     def _snp_complete_one_psc(self, ctx: _Vmgexit, run: HypercallExit) -> bool:
-        """snp_complete_one_psc(): False (stop) after a VMM error, else mark the batch done."""
-        if run.ret & U64:
+        """snp_complete_one_psc(): the ret check (reference tree), then False (stop) after a VMM
+        error, else mark the batch done and go on with the next range."""
+        ret = run.ret & U64
+        self._check_map_gpa_range_ret(ret, ctx)
+        if ret:
             self._snp_complete_psc(ctx, PscError.VMGEXIT_PSC_ERROR_GENERIC)
             return False
         self._snp_mark_batch_done(ctx)

@@ -91,7 +91,10 @@ class KvmExitReason(IntEnum):
     KVM_EXIT_SHUTDOWN = 8
     KVM_EXIT_FAIL_ENTRY = 9
     KVM_EXIT_INTERNAL_ERROR = 17
+    KVM_EXIT_X86_RDMSR = 29
+    KVM_EXIT_X86_WRMSR = 30
     KVM_EXIT_SYSTEM_EVENT = 24
+    KVM_EXIT_AP_RESET_HOLD = 32
     KVM_EXIT_MEMORY_FAULT = 39
 
 
@@ -142,6 +145,14 @@ class HltExit:
 
 
 @dataclass(frozen=True, slots=True)
+class ApResetHoldExit:
+    """Corresponds to KVM_EXIT_AP_RESET_HOLD: an SEV-ES AP parked until a SIPI, with no in-kernel
+    local APIC to wait on (x86.c kvm_emulate_ap_reset_hold -> __kvm_emulate_halt)."""
+
+    reason: KvmExitReason = KvmExitReason.KVM_EXIT_AP_RESET_HOLD
+
+
+@dataclass(frozen=True, slots=True)
 class ShutdownExit:
     """Corresponds to KVM_EXIT_SHUTDOWN (triple fault)."""
 
@@ -173,12 +184,30 @@ class InternalErrorExit:
 
     suberror: int
     detail: str
+    data: tuple[int, ...] = ()  # run->internal.data[ndata]
     reason: KvmExitReason = KvmExitReason.KVM_EXIT_INTERNAL_ERROR
 
 
-KVM_INTERNAL_ERROR_EMULATION = 1
+@dataclass(slots=True)
+class MsrExit:
+    """Corresponds to KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: `run->msr`.
 
-KvmExit = HypercallExit | IoExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit | InternalErrorExit
+    Userspace answers in `data` (a read) and `error` (non-zero: KVM injects #GP)."""
+
+    reason: KvmExitReason
+    index: int
+    msr_reason: int
+    data: int = 0
+    error: int = 0
+
+
+KVM_INTERNAL_ERROR_EMULATION = 1
+#: the exit happened while the CPU was delivering an event that KVM cannot emulate
+#: (x86.c kvm_prepare_event_vectoring_exit)
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+
+KvmExit = (HypercallExit | IoExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit | InternalErrorExit
+           | MsrExit | ApResetHoldExit)
 
 
 _EXIT_NAMES = {int(r): r.name.removeprefix("KVM_EXIT_").lower() for r in KvmExitReason}

@@ -20,7 +20,11 @@ from typing import Protocol
 from testbed.decode import decode_one, describe
 from testbed.errors import GuestMemoryError
 from testbed.hw.exits import (
+    EXITINTINFO_VALID,
+    NPF_FETCH,
     NPF_GUEST_ENC,
+    NPF_GUEST_PAGE,
+    NPF_WRITE,
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_REP,
     SVM_IOIO_SIZE_SHIFT,
@@ -41,14 +45,26 @@ from testbed.hw.exits import (
 from testbed.hw.memory import HostMemory
 from testbed.kvm.hypercall import (
     KVM_HC_PAGE_ENC_STATUS,
+    HypercallOutcome,
     PvCpuid,
     complete_ret,
     emulate_hypercall,
     page_enc_status_hc,
 )
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.msr import (
+    KVM_MSR_FILTER_READ,
+    KVM_MSR_FILTER_WRITE,
+    KVM_MSR_RET_FILTERED,
+    MSR_OK,
+    PASSTHROUGH_MSRS,
+    PV_MSR_FEATURES,
+    PvMsrState,
+    kvm_msr_reason,
+    msr_value,
+)
 from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
-    KVM_CPUID_FEATURES,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_HC_CLOCK_PAIRING,
@@ -56,6 +72,7 @@ from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_HC_SCHED_YIELD,
     KVM_HC_SEND_IPI,
+    KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
@@ -64,15 +81,17 @@ from testbed.kvm.uapi import (
     InternalErrorExit,
     IoExit,
     KvmExit,
+    KvmExitReason,
     KvmVmType,
     MemoryFaultExit,
+    MsrExit,
     ShutdownExit,
     exit_name,
 )
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import CR0_WP, PAGE_SIZE, U32, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
-from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE, PageFault, PagingMode, walk
+from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, walk
 
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
@@ -97,10 +116,15 @@ class KvmVcpu:
         self._paging = paging if paging is not None else PagingMode()
         self._userspace: Userspace | None = None
         self._pending_completion: Callable[[], None] | None = None
+        #: set when an exit handler fails: KVM_RUN returns this error, with no exit reason
+        self._run_error: KvmIoctlError | None = None
         self.stat_hypercalls = 0
         self._pv = PvCpuid()
+        self.pv_msrs = PvMsrState()
         # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
         hw.set_intercept_ud(not vm.sev)
+        # The MSR permission bitmap: every MSR exits except those the emulator holds (kvm/msr.py).
+        hw.set_msr_passthrough(PASSTHROUGH_MSRS)
         # The native hypercall's exit (SVM_EXIT_VMMCALL / EXIT_REASON_VMCALL) on the short path.
         hw.set_hypercall_handler(self.handle_hypercall)
         self._handlers: dict[int, Callable[[int, int], None]] = self._exit_table()
@@ -112,6 +136,7 @@ class KvmVcpu:
                 ghcb_version=vm.ghcb_version,
                 c_bit=vm.c_bit,
                 hypercall_exit_enabled=lambda: bool(vm.hypercall_exit_mask & (1 << KVM_HC_MAP_GPA_RANGE)),
+                kvm_version=vm.kvm_version,
             )
             self.sev_es = SevEsHandler(self.sev_state, self, self.tracer)
             self._handlers[int(SvmExitCode.SVM_EXIT_VMGEXIT)] = lambda i1, i2: self.handle_vmgexit()
@@ -132,8 +157,8 @@ class KvmVcpu:
         try:
             self.sev_es.handle_vmgexit()
         except SevFatalError as exc:
-            # sev_handle_vmgexit() returned an error: KVM_RUN fails, the VM is dead.
-            self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"VMGEXIT: {exc}"), None)
+            # sev_handle_vmgexit() returned -errno: KVM_RUN itself fails, no exit reason is set.
+            self.fail_run(exc.errno, f"VMGEXIT: {exc}")
         except GuestMemoryError as exc:
             # The GHCB (or scratch area) the guest named is a page the host may not touch: on
             # SNP an RMP-assigned private page. The model's single frame per GFN makes KVM's
@@ -155,8 +180,7 @@ class KvmVcpu:
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
         """SevVcpuOps: KVM's hypercall dispatch for a protected guest (always a 64-bit call)."""
-        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=True, pv=self._pv,
-                                    exit_mask=self.vm.hypercall_exit_mask)
+        outcome = self._dispatch_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit=True)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
             complete(outcome.ret)
@@ -184,15 +208,70 @@ class KvmVcpu:
                                     lambda: complete(0))
 
     def msr(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
-        """SevVcpuOps: RDMSR/WRMSR through the GHCB. The testbed models no guest MSRs in KVM,
-        so each access fails as kvm_get_msr()/kvm_set_msr() do for an unknown MSR (#GP)."""
-        complete(False, 0)
+        """SevVcpuOps: RDMSR/WRMSR through the GHCB: msr_interception() runs the same
+        kvm_emulate_rdmsr()/kvm_emulate_wrmsr() as for any other guest."""
+        self.msr_access(index, write, value, complete)
+
+    # -------------------------------------------------------------------- MSRs
+    def msr_access(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
+        """kvm_emulate_rdmsr()/kvm_emulate_wrmsr() (arch/x86/kvm/x86.c): the filter, then
+        kvm_get_msr_common()/kvm_set_msr_common(); a failure exits to userspace if it enabled
+        that reason (kvm_msr_user_space()), else complete(False, 0) injects #GP."""
+        index &= U32
+        value &= (1 << 64) - 1
+        msr_filter = self.vm.msr_filter
+        access = KVM_MSR_FILTER_WRITE if write else KVM_MSR_FILTER_READ
+        data = 0
+        if msr_filter is not None and not msr_filter.allowed(index, access):
+            ret = KVM_MSR_RET_FILTERED  # kvm_get_msr_with_filter() / kvm_set_msr_with_filter()
+        else:
+            feature = PV_MSR_FEATURES.get(index)
+            has = feature is not None and self._pv.has(feature)
+            if write:
+                ret = self.pv_msrs.set(index, value, has)
+            else:
+                ret, data = self.pv_msrs.get(index, has)
+        if self.tracer.enabled:
+            self.tracer.emit("kvm", "msr", index=index, write=write, value=value if write else data, ret=ret)
+        if ret == MSR_OK:
+            complete(True, data)
+            return
+        reason = kvm_msr_reason(ret)
+        if not self.vm.user_space_msr_mask & reason:
+            complete(False, 0)
+            return
+        exit_reason = KvmExitReason.KVM_EXIT_X86_WRMSR if write else KvmExitReason.KVM_EXIT_X86_RDMSR
+        run = MsrExit(exit_reason, index, reason, data=value if write else 0)
+
+        def complete_msr(run: MsrExit = run) -> None:
+            # complete_fast_rdmsr() / complete_fast_msr_access(): run->msr.error != 0 is #GP.
+            complete(not run.error, run.data & ((1 << 64) - 1))
+
+        self._exit_to_userspace(run, complete_msr)
+
+    def handle_msr(self, write: bool) -> None:
+        """SVM_EXIT_MSR / EXIT_REASON_MSR_READ|WRITE: RCX is the index, EDX:EAX the value."""
+        hw = self.hw
+        index = hw.read_reg(Reg.RCX) & U32
+        value = msr_value(hw.read_reg(Reg.RAX), hw.read_reg(Reg.RDX)) if write else 0
+
+        def complete(ok: bool, data: int) -> None:
+            # kvm_complete_insn_gp(): #GP(0) on error, else skip the instruction.
+            if not ok:
+                hw.inject_exception(Vector.GP, 0)
+                return
+            if not write:
+                hw.write_reg(Reg.RAX, data & U32)
+                hw.write_reg(Reg.RDX, (data >> 32) & U32)
+            hw.skip_instruction()
+
+        self.msr_access(index, write, value, complete)
 
     # ---------------------------------------------------------------- KVM_RUN
     def run(self, userspace: Userspace, timeout_s: float) -> RunStop:
         """KVM_RUN: complete what userspace answered, then run until userspace stops."""
         self._userspace = userspace
-        self._pv = PvCpuid(self.vm.cpuid.eax(KVM_CPUID_FEATURES), self.vm.enforce_pv_feature_cpuid)
+        self._pv = PvCpuid(self.vm.pv_features, self.vm.enforce_pv_feature_cpuid)
         if self._pending_completion is not None:
             done, self._pending_completion = self._pending_completion, None
             try:
@@ -200,9 +279,26 @@ class KvmVcpu:
             except GuestMemoryError as exc:
                 self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, str(exc)), None)
                 return RunStop(StopReason.REQUESTED, "completion failed")
+            except SevFatalError as exc:
+                # complete_userspace_io returned -errno (e.g. snp_complete_one_psc): KVM_RUN fails
+                # before entering the guest.
+                raise KvmIoctlError("KVM_RUN", exc.errno, f"completion: {exc}") from None
             if self.sev_state is not None:
                 self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
-        return self.hw.run(timeout_s)
+        stop = self.hw.run(timeout_s)
+        if self._run_error is not None:
+            error, self._run_error = self._run_error, None
+            raise error
+        return stop
+
+    def fail_run(self, err: int, detail: str) -> None:
+        """An exit handler returned -err: stop the vCPU and make KVM_RUN fail with err
+        (KvmIoctlError from run()). Userspace gets no exit reason and no completion runs."""
+        if self.tracer.enabled:
+            self.tracer.emit("kvm", "kvm_run_error", errno=err, detail=detail)
+        self._run_error = KvmIoctlError("KVM_RUN", err, detail)
+        self._pending_completion = None
+        self.hw.request_stop()
 
     def _exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
         if self.tracer.enabled:
@@ -228,6 +324,7 @@ class KvmVcpu:
                 int(SvmExitCode.SVM_EXIT_HLT): lambda i1, i2: self.handle_halt(),
                 int(SvmExitCode.SVM_EXIT_SHUTDOWN): lambda i1, i2: self.handle_shutdown(),
                 int(SvmExitCode.SVM_EXIT_NPF): self.handle_npf,
+                int(SvmExitCode.SVM_EXIT_MSR): lambda i1, i2: self.handle_msr(bool(i1)),
             }
         return {
             int(VmxExitReason.EXIT_REASON_VMCALL): self._exit_hypercall,
@@ -237,6 +334,8 @@ class KvmVcpu:
             int(VmxExitReason.EXIT_REASON_HLT): lambda i1, i2: self.handle_halt(),
             int(VmxExitReason.EXIT_REASON_TRIPLE_FAULT): lambda i1, i2: self.handle_shutdown(),
             int(VmxExitReason.EXIT_REASON_EPT_VIOLATION): self.handle_npf,
+            int(VmxExitReason.EXIT_REASON_MSR_READ): lambda i1, i2: self.handle_msr(False),
+            int(VmxExitReason.EXIT_REASON_MSR_WRITE): lambda i1, i2: self.handle_msr(True),
         }
 
     def _exit_hypercall(self, _info1: int, _info2: int) -> None:
@@ -297,12 +396,7 @@ class KvmVcpu:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.
             a0 = a1 = a2 = a3 = 0
-        if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
-            outcome = page_enc_status_hc(self.vm, a0, a1, a2)
-        else:
-            outcome = emulate_hypercall(
-                nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv, exit_mask=self.vm.hypercall_exit_mask
-            )
+        outcome = self._dispatch_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit)
         if self.tracer.enabled:
             self.tracer.emit("kvm", "hypercall", nr=nr, args=[a0, a1, a2, a3], cpl=cpl, ret=outcome.ret,
                              user_exit=outcome.user_exit is not None)
@@ -318,6 +412,16 @@ class KvmVcpu:
             hw.complete_hypercall(complete_ret(run.ret, op_64_bit))
 
         self._exit_to_userspace(run, complete_hypercall_exit)
+
+    def _dispatch_hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
+                            op_64_bit: bool) -> HypercallOutcome:
+        """The one dispatch every path uses (VMCALL/VMMCALL exits, the GHCB's VMMCALL): the
+        seed-era in-kernel KVM_HC_PAGE_ENC_STATUS when that protocol is chosen, else
+        ____kvm_emulate_hypercall()."""
+        if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
+            return page_enc_status_hc(self.vm, a0, a1, a2)
+        return emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv,
+                                 exit_mask=self.vm.hypercall_exit_mask)
 
     # ---------------------------------------------------------------------- #UD
     def handle_ud(self) -> None:
@@ -338,6 +442,12 @@ class KvmVcpu:
                              decode=describe(code) if code else "unreadable")
         if insn is None or insn.mnemonic not in ("vmcall", "vmmcall"):
             hw.inject_exception(Vector.UD)
+            return
+        if insn.mnemonic == "vmcall" and hw.cpl() != 0:
+            # emulate.c: VMCALL is `Priv` in group7_rm0 (VMMCALL in group7_rm3 only `Prot`), and
+            # x86_emulate_insn() checks privilege before em_hypercall() runs: #GP(0), nothing
+            # patched, whatever KVM_X86_QUIRK_FIX_HYPERCALL_INSN says.
+            hw.inject_exception(Vector.GP, 0)
             return
         if not self.vm.quirk_enabled(KVM_X86_QUIRK_FIX_HYPERCALL_INSN):
             # The quirk is off: the emulator synthesises #UD and patches nothing.
@@ -361,7 +471,9 @@ class KvmVcpu:
             return int.from_bytes(mem.read(pa, 8), "little")
 
         try:
-            result = walk(read_u64, cr3, gva, access, hw.cpl() == 3, self._paging, wp=wp)
+            # A table outside guest memory fails the walk as not present, as in
+            # paging_tmpl.h FNAME(walk_addr_generic) (no visible memslot -> goto error).
+            result = walk(read_u64, cr3, gva, access, hw.cpl() == 3, self._paging, wp=wp, mem_size=mem.size)
         except Exception:  # a table outside memory: treat as not present
             return PageFault(gva, 0)
         if isinstance(result, PageFault):
@@ -444,8 +556,23 @@ class KvmVcpu:
         kvm_mmu_page_fault(): when the access's private-ness (the C-bit, PFERR_GUEST_ENC)
         disagrees with the GFN's memory attribute, KVM exits with KVM_EXIT_MEMORY_FAULT
         (kvm_mmu_prepare_memory_fault_exit) and retries the access when KVM_RUN is called
-        again. Outside guest memory it is MMIO: KVM would emulate it and exit with
-        KVM_EXIT_MMIO; the testbed models no MMIO devices and reports an internal error.
+        again. A GPA outside guest memory has no memslot: kvm_handle_noslot_fault() makes it
+        emulated MMIO (RET_PF_EMULATE), and x86_emulate_instruction() then decides:
+
+        * the CPU was delivering an event (EXITINTINFO valid): kvm_check_emulate_insn() ->
+          svm/vmx_check_emulate_instruction() refuse emulation on #PF during vectoring
+          (kvm_can_emulate_event_vectoring), and kvm_prepare_event_vectoring_exit() ends
+          KVM_RUN with KVM_EXIT_INTERNAL_ERROR, suberror KVM_INTERNAL_ERROR_DELIVERY_EV;
+        * the GPA is a guest page-table entry (PFERR_GUEST_PAGE): for a guest whose memory
+          KVM can read, the emulator walks the guest's tables itself, fails at the entry with
+          no memslot (paging_tmpl.h FNAME(walk_addr_generic) -> error) and injects that #PF
+          (x86_emulate_instruction: ctxt->have_exception -> inject_emulated_exception). For
+          SEV guests svm_check_emulate_instruction() returns X86EMUL_RETRY_INSTR (SEV-ES/SNP:
+          no emulation at all; SEV: no instruction bytes for a faulting fetch, and a #NPF
+          on a guest page-table access skips the erratum-1096 path), so the vCPU re-enters,
+          faults again, and never leaves KVM_RUN: the run ends at its timeout;
+        * the final access: KVM would emulate it and exit with KVM_EXIT_MMIO; the testbed
+          models no MMIO devices and ends with KVM_EXIT_INTERNAL_ERROR (emulation) instead.
         """
         attrs = self.vm.mem_attrs
         if gpa < self.vm.memory.size and attrs is not None:
@@ -455,6 +582,31 @@ class KvmVcpu:
                 if self.tracer.enabled:
                     self.tracer.emit("kvm", "memory_fault", gpa=gpa, private=is_private)
                 self._exit_to_userspace(MemoryFaultExit(flags=flags, gpa=gpa & ~0xFFF, size=PAGE_SIZE), None)
+                return
+        vectoring = self.hw.exit_int_info()
+        if vectoring & EXITINTINFO_VALID:
+            vector = vectoring & 0xFF
+            code = SvmExitCode.SVM_EXIT_NPF if self.hw.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
+            # run->internal.data as kvm_prepare_event_vectoring_exit() fills it: exit info 2,
+            # exit reason, exit info 1, the GPA, last_vmentry_cpu (0: one pCPU).
+            self._exit_to_userspace(InternalErrorExit(
+                KVM_INTERNAL_ERROR_DELIVERY_EV,
+                f"delivering vector {vector} touched gpa 0x{gpa:x} outside guest memory",
+                (gpa, int(code), error, gpa, 0)), None)
+            return
+        if error & NPF_GUEST_PAGE:
+            if self.vm.sev:
+                if self.tracer.enabled:
+                    self.tracer.emit("kvm", "npf_retry", gpa=gpa, reason="SEV guest: no emulation")
+                return  # X86EMUL_RETRY_INSTR: re-enter the guest, which faults again
+            gva = self.hw.npf_linear_address()
+            access = ACCESS_WRITE if error & NPF_WRITE else ACCESS_FETCH if error & NPF_FETCH else ACCESS_READ
+            fault = self._walk(gva, access)
+            if isinstance(fault, PageFault):
+                if self.tracer.enabled:
+                    self.tracer.emit("kvm", "inject_pf", gva=gva, error_code=fault.error_code, table_gpa=gpa)
+                self.hw.write_reg(Reg.CR2, gva)
+                self.hw.inject_exception(Vector.PF, fault.error_code)
                 return
         self._exit_to_userspace(
             InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"guest access to gpa 0x{gpa:x} outside guest memory"),

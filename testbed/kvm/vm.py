@@ -14,24 +14,46 @@ from dataclasses import dataclass, field
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import HostMemory
 from testbed.kvm.ioctl import KvmIoctlError
-from testbed.kvm.memattr import MemoryAttributes
+from testbed.kvm.memattr import MemoryAttributes, validate_attributes
+from testbed.kvm.msr import (
+    KVM_CAP_X86_MSR_FILTER,
+    KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MSR_EXIT_REASON_VALID_MASK,
+    MsrFilter,
+)
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
     KVM_CAP_EXIT_HYPERCALL,
     KVM_CAP_MEMORY_ATTRIBUTES,
     KVM_CAP_VM_TYPES,
+    KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE,
     KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
+from testbed.kvm.version import REFERENCE, KvmVersion
 from testbed.tracker.bitmap import BitmapTracker
 
 __all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
 
-#: Quirks KVM_CAP_DISABLE_QUIRKS2 accepts (the subset the testbed models).
-KVM_X86_VALID_QUIRKS = KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+#: KVM_X86_VALID_QUIRKS (arch/x86/kvm/x86.h): KVM_X86_QUIRK_LINT0_REENABLED (bit 0) through
+#: KVM_X86_QUIRK_IGNORE_GUEST_PAT (bit 9), as arch/x86/include/uapi/asm/kvm.h defines them. The
+#: testbed models the effect of FIX_HYPERCALL_INSN only; the others are accepted and recorded.
+KVM_X86_VALID_QUIRKS = (1 << 10) - 1
+KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9
+#: "KVMKVMKVM\0\0\0" as EBX, ECX, EDX of the signature leaf (KVM_SIGNATURE)
+KVM_SIGNATURE_REGS = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i : i + 4], "little") for i in (0, 4, 8))
+
+
+def supported_quirks(vendor: Vendor) -> int:
+    """kvm_caps.supported_quirks: KVM_X86_VALID_QUIRKS less IGNORE_GUEST_PAT where KVM cannot
+    ignore guest PAT (kvm_mmu_may_ignore_guest_pat() is false without EPT, i.e. on AMD)."""
+    quirks = KVM_X86_VALID_QUIRKS
+    if vendor is Vendor.AMD:
+        quirks &= ~KVM_X86_QUIRK_IGNORE_GUEST_PAT
+    return quirks
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +98,35 @@ class CpuidTable:
         """EAX of a leaf (e.g. the PV feature word)."""
         return self.lookup(function, 0)[0]
 
+    def kvm_cpuid_base(self) -> int:
+        """kvm_get_hypervisor_cpuid(vcpu, KVM_SIGNATURE) (arch/x86/kvm/cpuid.c): the first base
+        0x40000000, 0x40000100, ... 0x4000ff00 whose leaf holds "KVMKVMKVM\0\0\0" in EBX/ECX/EDX
+        (for_each_possible_cpuid_base_hypervisor); 0 if none does."""
+        for base in range(KVM_CPUID_SIGNATURE, 0x40010000, 0x100):
+            e = self.entries.get((base, 0))
+            if e is not None and (e.ebx, e.ecx, e.edx) == KVM_SIGNATURE_REGS:
+                return base
+        return 0
+
+    def pv_features(self) -> int:
+        """kvm_apply_cpuid_pv_features_quirk() (cpuid.c): EAX of base | KVM_CPUID_FEATURES at the
+        KVM signature's base; no signature, or no features leaf there, means no PV features."""
+        base = self.kvm_cpuid_base()
+        if not base:
+            return 0
+        e = self.entries.get((base | (KVM_CPUID_FEATURES & 0xFF), 0))
+        return e.eax if e is not None else 0
+
 
 class KvmVm:
     """One VM: what KVM_CREATE_VM returns and its VM-wide state."""
 
-    def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51) -> None:
+    def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51,
+                 kvm_version: KvmVersion = REFERENCE) -> None:
         self.type = vm_type
         self.c_bit = c_bit
+        #: which KVM is modelled where the reference tree and the release differ (kvm/version.py)
+        self.kvm_version = kvm_version
         #: GHCB protocol version for SEV-ES/SNP (KVM_SEV_INIT2's ghcb_version, default 2)
         self.ghcb_version = 2
         self.vendor = vendor
@@ -90,7 +134,13 @@ class KvmVm:
         self.hypercall_exit_mask = 0
         self.disabled_quirks = 0
         self.cpuid = CpuidTable()
+        #: vcpu->arch.pv_cpuid.features, computed at KVM_SET_CPUID2 (kvm_vcpu_after_set_cpuid)
+        self.pv_features = 0
         self.enforce_pv_feature_cpuid = False
+        #: KVM_CAP_X86_USER_SPACE_MSR's reasons (kvm->arch.user_space_msr_mask)
+        self.user_space_msr_mask = 0
+        #: KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter); None = no filter (allow all)
+        self.msr_filter: MsrFilter | None = None
         guest_pages = memory.size >> 12
         # VMs with private memory keep attributes; they start private where the VMM's
         # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).
@@ -111,7 +161,11 @@ class KvmVm:
         if cap == KVM_CAP_EXIT_HYPERCALL:
             return KVM_EXIT_HYPERCALL_VALID_MASK
         if cap == KVM_CAP_DISABLE_QUIRKS2:
-            return KVM_X86_VALID_QUIRKS
+            return supported_quirks(self.vendor)
+        if cap == KVM_CAP_X86_USER_SPACE_MSR:
+            return 1
+        if cap == KVM_CAP_X86_MSR_FILTER:
+            return 1
         if cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
             return 1
         if cap == KVM_CAP_MEMORY_ATTRIBUTES:
@@ -128,21 +182,34 @@ class KvmVm:
                 raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", errno.EINVAL, f"mask 0x{arg0:x}")
             self.hypercall_exit_mask = arg0
         elif cap == KVM_CAP_DISABLE_QUIRKS2:
-            if arg0 & ~KVM_X86_VALID_QUIRKS:
+            # kvm_vm_ioctl_enable_cap(): any subset of kvm_caps.supported_quirks, else -EINVAL.
+            if arg0 & ~supported_quirks(self.vendor):
                 raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2)", errno.EINVAL, f"quirks 0x{arg0:x}")
             self.disabled_quirks |= arg0
+        elif cap == KVM_CAP_X86_USER_SPACE_MSR:
+            # kvm_vm_ioctl_enable_cap(): reasons outside KVM_MSR_EXIT_REASON_VALID_MASK -> -EINVAL.
+            if arg0 & ~KVM_MSR_EXIT_REASON_VALID_MASK:
+                raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)", errno.EINVAL, f"reasons 0x{arg0:x}")
+            self.user_space_msr_mask = arg0
         elif cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
             # A vCPU capability in KVM; the testbed has one vCPU, so it lives here.
             self.enforce_pv_feature_cpuid = bool(arg0)
         else:
             raise KvmIoctlError("KVM_ENABLE_CAP", errno.EINVAL, f"capability {cap} not supported")
 
+    def set_msr_filter(self, msr_filter: MsrFilter | None) -> None:
+        """KVM_X86_SET_MSR_FILTER (None removes the filter); EINVAL for a malformed filter."""
+        if msr_filter is not None:
+            msr_filter.validate()
+        self.msr_filter = msr_filter
+
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        """KVM_SET_MEMORY_ATTRIBUTES."""
+        """KVM_SET_MEMORY_ATTRIBUTES: kvm_vm_ioctl_set_mem_attributes() validates flags,
+        attributes (against kvm_supported_mem_attributes(): PRIVATE on VMs with private memory,
+        nothing on the others), size, wrap-around and alignment on every VM."""
         if self.mem_attrs is None:
-            if attributes:
-                raise KvmIoctlError("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
-                                    f"VM type {self.type.name} supports no memory attributes")
+            # Valid (attributes 0) on a VM without private memory: nothing to change.
+            validate_attributes(address, size, attributes, flags, supported=0)
             return
         before = self.mem_attrs.updates
         self.mem_attrs.set(address, size, attributes, flags)
@@ -177,8 +244,10 @@ class KvmVm:
         return not self.disabled_quirks & quirk
 
     def set_cpuid(self, table: CpuidTable) -> None:
-        """KVM_SET_CPUID2."""
+        """KVM_SET_CPUID2; kvm_vcpu_after_set_cpuid() caches the PV features found through the
+        KVM signature leaf."""
         self.cpuid = table
+        self.pv_features = table.pv_features()
 
     @property
     def protected_state(self) -> bool:

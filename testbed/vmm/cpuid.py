@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from testbed.errors import UsageError
 from testbed.hw.exits import Vendor
+from testbed.kvm.msr import (
+    KVM_FEATURE_ASYNC_PF,
+    KVM_FEATURE_ASYNC_PF_INT,
+    KVM_FEATURE_CLOCKSOURCE,
+    KVM_FEATURE_CLOCKSOURCE2,
+    KVM_FEATURE_POLL_CONTROL,
+    KVM_FEATURE_PV_EOI,
+    KVM_FEATURE_STEAL_TIME,
+)
 from testbed.kvm.uapi import (
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
     KVM_FEATURE_HC_MAP_GPA_RANGE,
+    KVM_FEATURE_MIGRATION_CONTROL,
     KVM_FEATURE_PV_SCHED_YIELD,
     KVM_FEATURE_PV_SEND_IPI,
     KVM_FEATURE_PV_UNHALT,
@@ -21,7 +32,18 @@ PV_FEATURE_NAMES = {
     "pv_send_ipi": KVM_FEATURE_PV_SEND_IPI,
     "pv_sched_yield": KVM_FEATURE_PV_SCHED_YIELD,
     "hc_map_gpa_range": KVM_FEATURE_HC_MAP_GPA_RANGE,
+    "migration_control": KVM_FEATURE_MIGRATION_CONTROL,
+    "clocksource": KVM_FEATURE_CLOCKSOURCE,
+    "clocksource2": KVM_FEATURE_CLOCKSOURCE2,
+    "async_pf": KVM_FEATURE_ASYNC_PF,
+    "steal_time": KVM_FEATURE_STEAL_TIME,
+    "pv_eoi": KVM_FEATURE_PV_EOI,
+    "poll_control": KVM_FEATURE_POLL_CONTROL,
+    "async_pf_int": KVM_FEATURE_ASYNC_PF_INT,
 }
+
+#: Where KVM looks for its signature (kvm_get_hypervisor_cpuid(): 0x40000000 + n * 0x100)
+KVM_CPUID_BASES = range(KVM_CPUID_SIGNATURE, 0x40010000, 0x100)
 
 # CPUID 0x8000001F.EAX bits (ABI.md section 6).
 SEV_BIT = 1 << 1
@@ -40,17 +62,26 @@ def build_cpuid(
     pv_features: int,
     sev_features: int = 0,
     c_bit: int = 51,
+    kvm_base: int | None = KVM_CPUID_SIGNATURE,
 ) -> CpuidTable:
-    """Leaves 0, 1, 0x40000000/1 (KVM signature and PV features), 0x80000000, 0x8000001F."""
+    """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x8000001F.
+
+    `kvm_base` places the KVM leaves (QEMU moves them to 0x40000100 when it also exposes
+    Hyper-V at 0x40000000); None leaves the signature out, so KVM finds no PV features.
+    """
+    if kvm_base is not None and kvm_base not in KVM_CPUID_BASES:
+        raise UsageError(f"KVM CPUID base 0x{kvm_base:x}: expected 0x40000000 + n * 0x100 up to 0x4000ff00, "
+                         "or none")
     table = CpuidTable()
     vendor_text = "AuthenticAMD" if vendor is Vendor.AMD else "GenuineIntel"
     ebx, edx, ecx = _regs(vendor_text)
     table.set(CpuidEntry(0, 0, 0xD, ebx, ecx, edx))
     family = 0x00A00F11 if vendor is Vendor.AMD else 0x000806F8  # Genoa / Sapphire Rapids
     table.set(CpuidEntry(1, 0, family, 0, 1 << 31, 0))  # ECX[31]: hypervisor present
-    kb, kc, kd = _regs("KVMKVMKVM\0\0\0")
-    table.set(CpuidEntry(KVM_CPUID_SIGNATURE, 0, KVM_CPUID_FEATURES, kb, kc, kd))
-    table.set(CpuidEntry(KVM_CPUID_FEATURES, 0, pv_features, 0, 0, 0))
+    if kvm_base is not None:
+        kb, kc, kd = _regs("KVMKVMKVM\0\0\0")
+        table.set(CpuidEntry(kvm_base, 0, kvm_base | (KVM_CPUID_FEATURES & 0xFF), kb, kc, kd))
+        table.set(CpuidEntry(kvm_base | (KVM_CPUID_FEATURES & 0xFF), 0, pv_features, 0, 0, 0))
     max_ext = 0x8000001F if vendor is Vendor.AMD else 0x80000008
     table.set(CpuidEntry(0x80000000, 0, max_ext, 0, 0, 0))
     if vendor is Vendor.AMD:

@@ -4,18 +4,27 @@ KVM validates only alignment, npages != 0 and wrap-around (ABI.md 1.4); the attr
 word, memslot membership and any size bound are left to userspace. This handler rejects
 reserved attribute bits (63:5) and an unknown page-size hint, refuses ranges outside guest
 memory, and bounds the number of pages one call may convert. Errors go back to the guest
-in `ret` as -KVM_EINVAL (the testbed's choice: QEMU also answers malformed requests with an
-error rather than killing the VM). An accepted conversion - explicit, or implicit after a
+in `ret`, and which value depends on who reads it (the testbed's choice to answer rather than stop
+the VM; QEMU never sets ret and stops the vCPU instead):
+* on SEV-SNP the exits come from Page State Change requests, whose completions accept only 0,
+  EINVAL or EAGAIN from userspace (kvm_is_valid_map_gpa_range_ret() in x86.h; any other value
+  fails KVM_RUN with -EINVAL): the VMM answers EINVAL (22, positive);
+* elsewhere the exit comes from the guest's own KVM_HC_MAP_GPA_RANGE, whose completion
+  (complete_hypercall_exit()) writes ret raw into RAX: the VMM answers -KVM_EINVAL, the hypercall
+  ABI's error (hypercalls.rst), so the guest reads the value it expects.
+An accepted conversion - explicit, or implicit after a
 KVM_EXIT_MEMORY_FAULT - first sets KVM's memory attributes (KVM_SET_MEMORY_ATTRIBUTES, where
-KVM_CAP_MEMORY_ATTRIBUTES offers them, as QEMU's kvm_convert_memory() does) and then
-updates the shared-page tracker.
+KVM_CAP_MEMORY_ATTRIBUTES offers them, as QEMU's kvm_convert_memory() does), then - on a
+guest_memfd VM - discards the side the pages leave, as kvm_convert_memory() does
+(accel/kvm/kvm-all.c: ram_block_discard_range() of the VMM's own pages on to-private,
+ram_block_discard_guest_memfd_range(), a guest_memfd punch-hole, on to-shared), so contents
+never cross a conversion; and then updates the shared-page tracker.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from testbed.kvm.hypercall import neg
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import (
     KVM_CAP_MEMORY_ATTRIBUTES,
@@ -42,6 +51,14 @@ class MemoryAttributesIoctls(Protocol):
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None: ...
 
 
+class RamDiscard(Protocol):
+    """The VMM's hold on guest RAM that a conversion needs (GuestMemory provides it)."""
+
+    def discard_shared(self, first_gfn: int, npages: int) -> None: ...
+
+    def discard_private(self, first_gfn: int, npages: int) -> None: ...
+
+
 class MapGpaHandler:
     """Validates MAP_GPA_RANGE exits and applies them to the tracker."""
 
@@ -51,14 +68,20 @@ class MapGpaHandler:
         guest_pages: int,
         max_pages_per_call: int | None = None,
         vm: MemoryAttributesIoctls | None = None,
+        ram: RamDiscard | None = None,
+        refusal: int = KVM_EINVAL,
     ) -> None:
         self.tracker = tracker
+        #: run->hypercall.ret for a refused request (see the module docstring)
+        self.refusal = refusal
         self.guest_pages = guest_pages
         self.max_pages_per_call = max_pages_per_call if max_pages_per_call is not None else guest_pages
         # Attributes exist only where KVM offers KVM_MEMORY_ATTRIBUTE_PRIVATE; elsewhere a
         # conversion is bookkeeping in the tracker alone.
         offered = vm is not None and bool(vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
         self._vm = vm if offered else None
+        #: guest_memfd RAM whose other side a conversion discards (None: legacy memory)
+        self._ram = ram
         self.rejected = 0
         #: Fault injection: GFN ranges [start, end) whose conversion this VMM refuses (to
         #: private if the flag is True, to shared if False, both if None), so that guests'
@@ -81,12 +104,13 @@ class MapGpaHandler:
         return None
 
     def handle(self, gpa: int, npages: int, attrs: int) -> int:
-        """Returns the value for run->hypercall.ret (0 or -errno as u64)."""
+        """Returns the value for run->hypercall.ret: 0, or `self.refusal` when refused (see the
+        module docstring)."""
         if self.check(gpa, npages, attrs) is not None:
             self.rejected += 1
-            return neg(KVM_EINVAL)
+            return self.refusal
         err = self.convert(gpa >> PAGE_SHIFT, npages, bool(attrs & KVM_MAP_GPA_RANGE_ENC_STAT_MASK))
-        return neg(err) if err else 0
+        return self.refusal if err else 0
 
     def convert(self, gfn: int, npages: int, private: bool) -> int:
         """Apply a conversion (explicit or implicit): attributes first, then the tracker.
@@ -105,6 +129,12 @@ class MapGpaHandler:
                 self._vm.set_memory_attributes(gfn << PAGE_SHIFT, npages << PAGE_SHIFT, attributes)
             except KvmIoctlError:
                 return KVM_EINVAL
+            if self._ram is not None:
+                # kvm_convert_memory(): after the attributes, discard the side left behind.
+                if private:
+                    self._ram.discard_shared(gfn, npages)
+                else:
+                    self._ram.discard_private(gfn, npages)
         if private:
             self.tracker.set_private(gfn, npages)
         else:

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from testbed.errors import GuestMemoryError
 from testbed.hw.memory import HostMemory
 
 UCALL_SIZE = 8 * 8
@@ -52,10 +53,20 @@ class UcallError(ValueError):
 
 
 def read_ucall(memory: HostMemory, gpa: int) -> Ucall:
-    """Decode the ucall at `gpa` through the host's view of memory."""
+    """Decode the ucall at `gpa` through the host's view of memory.
+
+    Raises UcallError for a message the host cannot take: one that does not lie wholly inside
+    guest memory, claims more than UCALL_MAX_ARGS arguments, or sits where the host may not
+    read. An unknown command decodes (`Ucall.name` is "cmd_<n>"); the VMM rejects it. Either
+    way the run ends with outcome `bad_ucall` (vmm.py).
+    """
     if gpa < 0 or gpa + UCALL_SIZE > memory.size:
         raise UcallError(f"ucall address 0x{gpa:x} is outside guest memory")
-    cmd, nargs, *args = _LAYOUT.unpack(memory.read(gpa, UCALL_SIZE))
+    try:
+        raw = memory.read(gpa, UCALL_SIZE)
+    except GuestMemoryError as exc:  # e.g. a private page of a guest_memfd VM: not mappable
+        raise UcallError(f"ucall at 0x{gpa:x}: {exc}") from None
+    cmd, nargs, *args = _LAYOUT.unpack(raw)
     if nargs > UCALL_MAX_ARGS:
         raise UcallError(f"ucall at 0x{gpa:x} claims {nargs} arguments (at most {UCALL_MAX_ARGS}); cmd 0x{cmd:x}")
     return Ucall(cmd=cmd, args=tuple(args[:nargs]), gpa=gpa)

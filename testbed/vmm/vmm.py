@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.errors import TestbedError
 from testbed.hw.exits import RunStop, StopReason
 from testbed.hw.memory import HostMemory
+from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import (
     KVM_EXIT_IO_OUT,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_SYSTEM_EVENT_SEV_TERM,
+    ApResetHoldExit,
     HltExit,
     HypercallExit,
     InternalErrorExit,
     IoExit,
     KvmExit,
     MemoryFaultExit,
+    MsrExit,
     ShutdownExit,
     SystemEventExit,
     exit_name,
@@ -35,6 +39,7 @@ from testbed.kvm.vcpu import KvmVcpu
 from testbed.layout import UCALL_PORT
 from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
+from testbed.vmm.msr import MsrHandler
 from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
 from testbed.x86 import vector_name
 
@@ -42,7 +47,42 @@ GHCB_MSR_TERM_REQ = 0x100
 GHCB_SW_EXITINFO1_OFFSET = 0x398
 
 OUTCOMES = ("done", "guest_assert", "unhandled_exception", "shutdown", "terminated", "timeout", "memory_fault",
-            "internal_error")
+            "internal_error", "kvm_run_error", "bad_ucall")
+
+
+#: Entries a report keeps at each end of `user_exits` and of `ucalls`; what falls between is
+#: counted (`user_exits_dropped`, `ucalls_dropped`), and `--trace` still has every one. A guest
+#: in an exit loop used to grow the report until the timeout (1.4 GiB and 300 MB of JSON in 60 s).
+REPORT_WINDOW = 1000
+
+_T = TypeVar("_T")
+
+
+class ReportWindow(list[_T]):
+    """A list that keeps its first `keep` and its last `keep` entries: appending beyond
+    2 * `keep` drops the oldest entry after the first `keep` and counts it in `dropped`.
+    Everything else behaves as a list (indexing, iteration, JSON)."""
+
+    def __init__(self, keep: int | None = None) -> None:
+        super().__init__()
+        self.keep = REPORT_WINDOW if keep is None else keep
+        self.dropped = 0
+
+    def append(self, entry: _T) -> None:
+        """Add `entry` at the end, dropping the oldest entry of the tail if the window is full."""
+        if len(self) >= 2 * self.keep:
+            del self[self.keep]
+            self.dropped += 1
+        super().append(entry)
+
+    def extend(self, entries: Iterable[_T]) -> None:
+        """Append each of `entries` (bounded as append)."""
+        for entry in entries:
+            self.append(entry)
+
+
+def _exit_window() -> ReportWindow[dict[str, Any]]:
+    return ReportWindow()
 
 
 @dataclass(frozen=True)
@@ -59,14 +99,30 @@ class RunReport:
 
     outcome: str = "timeout"
     detail: str = ""
-    ucalls: list[dict[str, Any]] = field(default_factory=list)
-    exception: dict[str, int] | None = None
-    user_exits: list[dict[str, Any]] = field(default_factory=list)
+    #: the first and last REPORT_WINDOW ucalls (`ucalls_dropped` counts the others)
+    ucalls: list[dict[str, Any]] = field(default_factory=_exit_window)
+    #: vector, error_code, rip; cr2 for a #PF; file, line, symbol, offset where rip is in the program
+    exception: dict[str, Any] | None = None
+    #: the first and last REPORT_WINDOW user exits (`user_exits_dropped` counts the others;
+    #: `exit_counts` counts every exit)
+    user_exits: list[dict[str, Any]] = field(default_factory=_exit_window)
     shared_ranges: list[list[int]] = field(default_factory=list)
     exit_counts: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
     termination: dict[str, int] | None = None
+    #: outcome kvm_run_error: the errno KVM_RUN failed with (an exit handler returned -errno)
+    errno: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_exits_dropped(self) -> int:
+        """User exits left out of `user_exits` (between its first and last REPORT_WINDOW)."""
+        return getattr(self.user_exits, "dropped", 0)
+
+    @property
+    def ucalls_dropped(self) -> int:
+        """Ucalls left out of `ucalls` (between its first and last REPORT_WINDOW)."""
+        return getattr(self.ucalls, "dropped", 0)
 
     @property
     def passed(self) -> bool:
@@ -85,11 +141,15 @@ class RunReport:
             "ucalls": self.ucalls,
             "exception": self.exception,
             "user_exits": self.user_exits,
+            "user_exits_dropped": self.user_exits_dropped,
+            "ucalls_dropped": self.ucalls_dropped,
             "shared_ranges": self.shared_ranges,
             "stats": {"exits": dict(self.exit_counts), "wall_s": round(self.wall_s, 6)},
         }
         if self.termination is not None:
             out["termination"] = self.termination
+        if self.errno is not None:
+            out["errno"] = self.errno
         out.update(self.extra)
         return out
 
@@ -106,14 +166,20 @@ class Vmm:
         tracer: Tracer | None = None,
         record_exits: bool = True,
         implicit_conversion: str = "convert",
+        msr: MsrHandler | None = None,
+        locate: Callable[[int], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.vcpu = vcpu
+        #: maps a guest address to its source (file, line, symbol, offset): host tooling, as a
+        #: debugger with the guest's symbols would be; it reads no guest state
+        self.locate = locate
         self.memory = memory
         self.map_gpa = map_gpa
         self.asserts = asserts or {}
         self.tracer = tracer if tracer is not None else Tracer.disabled()
         self.record_exits = record_exits
         self.implicit_conversion = implicit_conversion
+        self.msr = msr if msr is not None else MsrHandler()
         #: where the final shared ranges come from (the VMM's tracker unless KVM keeps them)
         self.shared_source = map_gpa.tracker
         self.report = RunReport()
@@ -130,7 +196,15 @@ class Vmm:
             if remaining <= 0:
                 self._finish("timeout", f"guest did not finish within {timeout_s:g} s")
                 break
-            stop = self.vcpu.run(self, remaining)
+            try:
+                stop = self.vcpu.run(self, remaining)
+            except KvmIoctlError as exc:
+                # KVM_RUN returned -1/errno with no exit reason: the VM cannot run on. A host-side
+                # failure the guest caused (e.g. an SEV-ES VMGEXIT handler returning -EINVAL).
+                if self._final is None:
+                    self.report.errno = exc.errno
+                self._finish("kvm_run_error", str(exc))
+                break
             self._on_stop(stop, timeout_s)
         self.report.wall_s = time.perf_counter() - start
         for reason, count in self._reason_counts.items():
@@ -153,6 +227,11 @@ class Vmm:
         if self._final is None:
             self._final = (outcome, detail)
 
+    @property
+    def ended(self) -> tuple[str, str] | None:
+        """(outcome, detail) once the guest has finished or failed; None while it can run on."""
+        return self._final
+
     # ------------------------------------------------------------------- exits
     def handle_exit(self, run: KvmExit) -> bool:
         """Userspace's half of KVM_RUN: True re-enters the guest, False stops."""
@@ -168,6 +247,11 @@ class Vmm:
             return True
         if isinstance(run, IoExit):
             return self._handle_io(run)
+        if isinstance(run, ApResetHoldExit):
+            # KVM_EXIT_AP_RESET_HOLD: the AP waits for a SIPI that nothing in the testbed sends.
+            self._record({"reason": "ap_reset_hold"})
+            self._finish("timeout", "vCPU parked in AP reset hold with nothing to wake it (no SIPI is modelled)")
+            return False
         if isinstance(run, HltExit):
             self._record({"reason": "hlt"})
             self._finish("timeout", "vCPU halted with nothing to wake it (no interrupts are modelled)")
@@ -212,8 +296,17 @@ class Vmm:
             self._finish("memory_fault", f"guest made a {kind} access to gpa 0x{run.gpa:x}, which the host holds as "
                          f"{'shared' if private else 'private'}; {why}")
             return False
+        if isinstance(run, MsrExit):
+            # KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: userspace answers, KVM completes.
+            self.msr.handle(run)
+            self._record({"reason": exit_name(run.reason), "index": run.index, "msr_reason": run.msr_reason,
+                          "data": run.data, "error": run.error})
+            return True
         if isinstance(run, InternalErrorExit):
-            self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail})
+            self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail,
+                          "data": list(run.data)})
+            # run->internal as userspace reads it: the suberror says which KVM path gave up.
+            self.report.extra["internal"] = {"suberror": run.suberror, "data": list(run.data)}
             self._finish("internal_error", run.detail)
             return False
         self._finish("internal_error", f"unexpected exit {exit_name(run.reason)}")
@@ -237,7 +330,9 @@ class Vmm:
         try:
             ucall = read_ucall(self.memory, value)
         except UcallError as exc:
-            self._finish("internal_error", f"bad ucall: {exc}")
+            # The guest's message is malformed: the guest's failure, not the host's.
+            self.report.extra["bad_ucall"] = {"gpa": value, "reason": str(exc)}
+            self._finish("bad_ucall", str(exc))
             return False
         return self._handle_ucall(ucall)
 
@@ -265,10 +360,21 @@ class Vmm:
             self._finish("guest_assert", f"{loc}: GUEST_ASSERT_EQ failed: 0x{a:x} != 0x{b:x}")
             return False
         if ucall.cmd == UcallCmd.UCALL_UNHANDLED:
-            vector, error, rip = [*ucall.args, 0, 0, 0][:3]
-            self.report.exception = {"vector": vector, "error_code": error, "rip": rip}
-            self._finish("unhandled_exception",
-                         f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}")
+            vector, error, rip, cr2 = [*ucall.args, 0, 0, 0, 0][:4]
+            exception: dict[str, Any] = {"vector": vector, "error_code": error, "rip": rip}
+            detail = f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}"
+            if vector == 14:  # the runtime passes CR2 as the 4th argument
+                exception["cr2"] = cr2
+                detail += f", cr2 0x{cr2:x}"
+            source = self.locate(rip) if self.locate is not None else None
+            if source:
+                exception.update(source)
+                symbol = f" ({source['symbol']}+0x{source['offset']:x})" if source.get("symbol") else ""
+                detail = f"{source['file']}:{source['line']}{symbol}: {detail}"
+            self.report.exception = exception
+            self._finish("unhandled_exception", detail)
             return False
-        self._finish("internal_error", f"unknown ucall command {ucall.cmd}")
+        self.report.ucalls.append(entry)
+        self.report.extra["bad_ucall"] = {"gpa": ucall.gpa, "reason": f"unknown command {ucall.cmd}"}
+        self._finish("bad_ucall", f"ucall at 0x{ucall.gpa:x}: unknown command {ucall.cmd} (known: 1-4)")
         return False

@@ -41,10 +41,17 @@ class Translation:
 
 @dataclass(frozen=True, slots=True)
 class PageFault:
-    """A failed walk: the #PF error code the hardware would push."""
+    """A failed walk: the #PF error code the hardware would push.
+
+    `table_gpa` is set when the walk failed because a paging-structure entry lies outside
+    guest memory (no memslot): the CPU's walk then takes a nested page fault on that GPA
+    instead, and KVM's own walker fails it as not present (paging_tmpl.h
+    FNAME(walk_addr_generic): no visible memslot -> `goto error`, error code = the access bits).
+    """
 
     va: int
     error_code: int
+    table_gpa: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +86,14 @@ def walk(
     mode: PagingMode,
     wp: bool = False,
     nxe: bool = True,
+    mem_size: int | None = None,
 ) -> Translation | PageFault:
     """Walk the 4-level tables at `cr3` for `va` and check `access` (ACCESS_*) at CPL `user`.
 
     Supports 1 GiB and 2 MiB leaves. Rules follow SDM vol. 3 4.5-4.6: a non-present entry, a
-    reserved bit, or a permission violation faults with the matching error code bits.
+    reserved bit, or a permission violation faults with the matching error code bits. With
+    `mem_size`, an entry outside [0, mem_size) is never read: the walk fails with the access
+    bits as error code and `table_gpa` naming the entry (see PageFault).
     """
     err_base = (PFERR_WRITE if access == ACCESS_WRITE else 0) | (PFERR_USER if user else 0)
     if access == ACCESS_FETCH and nxe:
@@ -100,7 +110,10 @@ def walk(
     while True:
         shift = 12 + 9 * (level - 1)
         index = (va >> shift) & 0x1FF
-        entry = read_u64(table + index * 8)
+        entry_gpa = table + index * 8
+        if mem_size is not None and entry_gpa + 8 > mem_size:
+            return PageFault(va, err_base, table_gpa=entry_gpa)
+        entry = read_u64(entry_gpa)
         if not entry & PTE_P:
             return PageFault(va, err_base)
         leaf = level == 1 or (level in (2, 3) and bool(entry & PTE_PS))

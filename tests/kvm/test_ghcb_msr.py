@@ -6,11 +6,13 @@
 4. SNP-only requests (preferred / registered GHCB GPA, page state change) answer an SNP guest and
    terminate an SEV-ES guest.
 5. The PSC request becomes a one-page KVM_HC_MAP_GPA_RANGE exit whose completion sets the MSR,
-   immediately or after the VMM resumes the vCPU.
+   immediately or after the VMM resumes the vCPU; the reference tree accepts only 0, EINVAL and
+   EAGAIN from the VMM, 7.1 any value (testbed/kvm/version.py).
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 import pytest
@@ -32,18 +34,21 @@ from testbed.kvm.ghcb import (
     ghcb_msr_reg_gpa_req_val,
     ghcb_sev_term_reason,
 )
-from testbed.kvm.sev import SevEsHandler, SevState
+from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
     KVM_SYSTEM_EVENT_SEV_TERM,
-    HltExit,
+    ApResetHoldExit,
     HypercallExit,
     KvmExit,
+    KvmExitReason,
     SystemEventExit,
+    exit_name,
 )
+from testbed.kvm.version import KvmVersion
 
 C_BIT = 47
 
@@ -92,9 +97,10 @@ class FakeOps:
             complete()
 
 
-def make(snp: bool = False, exits: bool = True, version: int = 2) -> tuple[SevEsHandler, SevState, FakeOps]:
+def make(snp: bool = False, exits: bool = True, version: int = 2,
+         kvm: KvmVersion = KvmVersion.KVM_X86) -> tuple[SevEsHandler, SevState, FakeOps]:
     ops = FakeOps()
-    state = SevState(snp=snp, ghcb_version=version, c_bit=C_BIT, hypercall_exit_enabled=exits)
+    state = SevState(snp=snp, ghcb_version=version, c_bit=C_BIT, hypercall_exit_enabled=exits, kvm_version=kvm)
     return SevEsHandler(state, ops), state, ops
 
 
@@ -167,12 +173,15 @@ def test_hv_features(snp: bool) -> None:
     assert vmgexit(handler, GhcbMsrCode.GHCB_MSR_HV_FT_REQ) == (GHCB_HV_FT_SUPPORTED << 12) | 0x081 == 0x3081
 
 
-def test_ap_reset_hold_parks_with_result_zero() -> None:
-    """AP reset hold presets result 0 and halts to userspace (sev.c, kvm_emulate_ap_reset_hold)."""
-    handler, _, ops = make()
+@pytest.mark.parametrize("kvm", list(KvmVersion))
+def test_ap_reset_hold_parks_with_result_zero(kvm: KvmVersion) -> None:
+    """AP reset hold presets result 0 and exits KVM_EXIT_AP_RESET_HOLD (32), not HLT, without an
+    in-kernel LAPIC (sev.c sev_handle_vmgexit_msr_protocol; x86.c kvm_emulate_ap_reset_hold)."""
+    handler, _, ops = make(kvm=kvm)
     assert vmgexit(handler, 0xFFFF_F000 | GhcbMsrCode.GHCB_MSR_AP_RESET_HOLD_REQ) == 0x007
-    assert len(ops.exits) == 1
-    assert isinstance(ops.exits[0], HltExit)
+    assert ops.exits == [ApResetHoldExit()]
+    assert ops.exits[0].reason == KvmExitReason.KVM_EXIT_AP_RESET_HOLD == 32
+    assert exit_name(ops.exits[0].reason) == "ap_reset_hold"
 
 
 def test_termination_request() -> None:
@@ -234,11 +243,36 @@ def test_psc_request_exits_one_page(op: int, enc: int) -> None:
                                                                      0, 0, 0), ret=0)]
 
 
-def test_psc_request_vmm_error() -> None:
-    """A non-zero VMM return answers bit 63 | 0x015 (sev.c, snp_complete_psc_msr)."""
-    handler, _, ops = make(snp=True)
-    ops.vmm_ret = 22
+@pytest.mark.parametrize("kvm", list(KvmVersion))
+@pytest.mark.parametrize("ret", [errno.EINVAL, errno.EAGAIN])
+def test_psc_request_vmm_error(kvm: KvmVersion, ret: int) -> None:
+    """A VMM error (EINVAL, EAGAIN) answers bit 63 | 0x015 in both versions (sev.c, snp_complete_psc_msr)."""
+    handler, _, ops = make(snp=True, kvm=kvm)
+    ops.vmm_ret = ret
     assert vmgexit(handler, ghcb_msr_psc_req_gfn(5, 1)) == GHCB_MSR_PSC_RESP_ERROR == (1 << 63) | 0x015
+
+
+@pytest.mark.parametrize("ret", [1, (-errno.EINVAL) & ((1 << 64) - 1), 1 << 32 | errno.EINVAL, errno.EIO])
+def test_psc_request_other_vmm_ret_fails_kvm_run(ret: int) -> None:
+    """Reference tree: a ret other than 0/EINVAL/EAGAIN fails KVM_RUN with -EINVAL, the MSR keeps the
+    request (sev.c snp_complete_psc_msr, kvm_is_valid_map_gpa_range_ret; commit 5d40e5b49442)."""
+    handler, state, ops = make(snp=True)
+    ops.vmm_ret = ret
+    req = ghcb_msr_psc_req_gfn(5, 1)
+    state.ghcb_msr = req
+    with pytest.raises(SevFatalError, match=r"hypercall\.ret") as err:
+        handler.handle_vmgexit()
+    assert err.value.errno == errno.EINVAL
+    assert state.ghcb_msr == req
+    assert len(ops.exits) == 1
+
+
+@pytest.mark.parametrize("ret", [1, (-errno.EINVAL) & ((1 << 64) - 1), errno.EIO])
+def test_psc_request_any_vmm_ret_is_an_error_in_7_1(ret: int) -> None:
+    """7.1: any non-zero ret is answered GHCB_MSR_PSC_RESP_ERROR (sev.c @00b9744a, snp_complete_psc_msr)."""
+    handler, _, ops = make(snp=True, kvm=KvmVersion.RELEASED)
+    ops.vmm_ret = ret
+    assert vmgexit(handler, ghcb_msr_psc_req_gfn(5, 1)) == GHCB_MSR_PSC_RESP_ERROR
 
 
 @pytest.mark.parametrize("op", [0, 3, 4, 15])

@@ -1,16 +1,22 @@
 """Tests of the full-GHCB protocol in testbed/kvm/sev.py (sev.c, sev_handle_vmgexit).
 
-1. Mapping: no GHCB, a GHCB outside memory, an unregistered GHCB on SNP (VM-fatal).
+1. Mapping: no GHCB, a GHCB outside memory, an unregistered GHCB on SNP (bad input in the
+   reference tree, VM-fatal in 7.1).
 2. The snapshot: the valid bitmap is copied then cleared, registers are read only when valid
    and RAX/RBX/RCX/RDX are written back unconditionally.
 3. The front door: usage, missing SW_EXIT* fields, per-exit-code required fields, unknown codes.
 4. Each exit code: VMMCALL, IOIO (plain and string, scratch-area rules), MSR, CPUID, AP jump
    table, HV features, termination, unsupported event, the no-op ones and the unmodelled ones.
-5. Hostile input (Hypothesis): whatever the guest writes, only SevFatalError escapes.
+5. Hostile input (Hypothesis): whatever the guest writes, KVM's front-door answer is the one a
+   plain re-statement of sev_handle_vmgexit() predicts, and only KVM's own failures raise.
+
+Where the reference tree (kvm-x86, sev.c @1a27afa0) and 7.1 (sev.c @00b9744a) differ, a test
+runs both (testbed/kvm/version.py lists the differences and their commits).
 """
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +28,7 @@ from hypothesis import strategies as st
 from testbed.hw.memory import BytesMemory
 from testbed.kvm.ghcb import (
     GHCB_SHARED_BUFFER_OFFSET,
+    SNP_ONLY_VMGEXITS,
     Ghcb,
     GhcbErr,
     GhcbHvResp,
@@ -36,12 +43,13 @@ from testbed.kvm.uapi import (
     KVM_EXIT_IO_OUT,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_SYSTEM_EVENT_SEV_TERM,
-    HltExit,
+    ApResetHoldExit,
     InternalErrorExit,
     IoExit,
     KvmExit,
     SystemEventExit,
 )
+from testbed.kvm.version import KvmVersion
 from testbed.trace import Tracer
 
 MEM_SIZE = 0x20000
@@ -105,10 +113,15 @@ class FakeOps:
         self._complete(lambda: complete(self.msr_ok, self.msr_value))
 
 
-def make(snp: bool = False, version: int = 2, register: bool = True) -> tuple[SevEsHandler, FakeOps, Ghcb]:
+KVM = list(KvmVersion)
+REF, V7_1 = KvmVersion.KVM_X86, KvmVersion.RELEASED
+
+
+def make(snp: bool = False, version: int = 2, register: bool = True,
+         kvm: KvmVersion = REF) -> tuple[SevEsHandler, FakeOps, Ghcb]:
     ops = FakeOps()
     state = SevState(snp=snp, ghcb_version=version, hypercall_exit_enabled=True, ghcb_msr=GHCB_GPA,
-                     registered_ghcb_gpa=GHCB_GPA if (snp and register) else None)
+                     registered_ghcb_gpa=GHCB_GPA if (snp and register) else None, kvm_version=kvm)
     return SevEsHandler(state, ops), ops, Ghcb(ops.memory, GHCB_GPA)
 
 
@@ -151,17 +164,33 @@ def test_ghcb_outside_memory_returns_to_guest() -> None:
     assert ops.exits == [] and ops.calls == []
 
 
-def test_unregistered_ghcb_is_fatal_on_snp() -> None:
-    """An SNP VMGEXIT from an unregistered GHCB GPA fails KVM_RUN (sev.c, sev_handle_vmgexit ghcb_gpa_is_registered)."""
-    handler, _, ghcb = make(snp=True, register=False)
+@pytest.mark.parametrize("registered", [None, GHCB_GPA + 0x1000])
+def test_unregistered_ghcb_is_bad_input_on_snp(registered: int | None) -> None:
+    """Reference tree: an SNP VMGEXIT from a GPA that is not the registered GHCB is answered
+    NOT_REGISTERED (2, 1) in that page and the guest runs on (sev.c sev_handle_vmgexit,
+    ghcb_gpa_is_registered -> svm_vmgexit_bad_input; commit 1797e00bf802)."""
+    handler, ops, ghcb = make(snp=True, register=False)
+    handler.state.registered_ghcb_gpa = registered
+    request(ghcb, SwExitCode.SVM_EXIT_VMMCALL, rax=12, cpl=0)  # would be a user exit if handled
+    handler.handle_vmgexit()
+    assert answer(ghcb) == bad_input(GhcbErr.GHCB_ERR_NOT_REGISTERED) == (2, 1)
+    assert ops.calls == [] and ops.exits == []
+    # sev_es_unmap_ghcb() -> sev_es_sync_to_ghcb(): RAX-RDX written back from the snapshot.
+    assert ghcb.get(GhcbSave.rax) == 12 and ghcb.is_valid(GhcbSave.rdx)
+
+
+@pytest.mark.parametrize("registered", [None, GHCB_GPA + 0x1000])
+def test_unregistered_ghcb_is_fatal_on_snp_in_7_1(registered: int | None) -> None:
+    """7.1: an SNP VMGEXIT from an unregistered GHCB GPA fails KVM_RUN with -EINVAL
+    (sev.c @00b9744a, sev_handle_vmgexit ghcb_gpa_is_registered)."""
+    handler, ops, ghcb = make(snp=True, register=False, kvm=V7_1)
+    handler.state.registered_ghcb_gpa = registered
     request(ghcb, SwExitCode.SVM_VMGEXIT_HV_FEATURES)
     with pytest.raises(SevFatalError, match="0x3000") as err:
         handler.handle_vmgexit()
-    assert err.value.gpa == GHCB_GPA
+    assert err.value.gpa == GHCB_GPA and err.value.errno == errno.EINVAL
     assert ghcb.valid_bitmap == 0  # the snapshot (which clears the bitmap) came first
-    handler.state.registered_ghcb_gpa = GHCB_GPA + 0x1000
-    with pytest.raises(SevFatalError):
-        handler.handle_vmgexit()
+    assert answer(ghcb) == (0, 0) and ops.exits == []
 
 
 def test_registered_ghcb_works_on_snp() -> None:
@@ -213,18 +242,22 @@ def test_snapshot_is_taken_at_vmgexit() -> None:
 
 
 # ----------------------------------------------------------------------------- front door
-def test_usage_nonzero_is_invalid_usage() -> None:
-    """A GHCB usage other than 0 is INVALID_USAGE, checked first (sev.c, sev_es_validate_vmgexit)."""
-    handler, _, ghcb = make()
+@pytest.mark.parametrize("kvm", KVM)
+def test_usage_nonzero_is_invalid_usage(kvm: KvmVersion) -> None:
+    """A GHCB usage other than 0 is INVALID_USAGE, checked before any other input (sev.c sev_handle_vmgexit;
+    7.1: sev_es_validate_vmgexit)."""
+    handler, _, ghcb = make(kvm=kvm)
     ghcb.ghcb_usage = 1  # and nothing valid at all
     handler.handle_vmgexit()
     assert answer(ghcb) == bad_input(GhcbErr.GHCB_ERR_INVALID_USAGE)
 
 
+@pytest.mark.parametrize("kvm", KVM)
 @pytest.mark.parametrize("missing", [GhcbSave.sw_exit_code, GhcbSave.sw_exit_info_1, GhcbSave.sw_exit_info_2])
-def test_sw_exit_fields_must_be_valid(missing: GhcbSave) -> None:
-    """SW_EXITCODE and SW_EXITINFO1/2 must all be valid, else MISSING_INPUT (sev.c, sev_es_validate_vmgexit)."""
-    handler, _, ghcb = make()
+def test_sw_exit_fields_must_be_valid(missing: GhcbSave, kvm: KvmVersion) -> None:
+    """SW_EXITCODE and SW_EXITINFO1/2 must all be valid, else MISSING_INPUT (sev.c,
+    sev_es_are_required_ghcb_fields_valid; 7.1: sev_es_validate_vmgexit)."""
+    handler, _, ghcb = make(kvm=kvm)
     request(ghcb, SwExitCode.SVM_VMGEXIT_HV_FEATURES)
     ghcb.valid_bitmap &= ~(1 << ghcb_bitmap_idx(missing))
     handler.handle_vmgexit()
@@ -233,9 +266,11 @@ def test_sw_exit_fields_must_be_valid(missing: GhcbSave) -> None:
 
 @pytest.mark.parametrize("code", [0x078, 0x7F, SwExitCode.SVM_VMGEXIT_SNP_RUN_VMPL, SwExitCode.SVM_VMGEXIT_SAVIC,
                                   (1 << 32) | SwExitCode.SVM_EXIT_CPUID, 1 << 63])
-def test_unknown_exit_code_is_invalid_event(code: int) -> None:
-    """An exit code KVM does not list is INVALID_EVENT (sev.c, sev_es_validate_vmgexit default)."""
-    handler, ops, ghcb = make(snp=True)
+@pytest.mark.parametrize("kvm", KVM)
+def test_unknown_exit_code_is_invalid_event(code: int, kvm: KvmVersion) -> None:
+    """An exit code KVM does not list is INVALID_EVENT (sev.c, sev_handle_vmgexit default; 7.1:
+    sev_es_validate_vmgexit default)."""
+    handler, ops, ghcb = make(snp=True, kvm=kvm)
     request(ghcb, code, rax=1, rcx=1, rdx=1, cpl=0, sw_scratch=SHARED)
     handler.handle_vmgexit()
     assert answer(ghcb) == bad_input(GhcbErr.GHCB_ERR_INVALID_EVENT)
@@ -259,25 +294,110 @@ MISSING_CASES: list[tuple[str, bool, int, int, int, dict[str, int]]] = [
     ("monitor_no_rdx", False, SwExitCode.SVM_EXIT_MONITOR, 0, 0, {"rax": 0, "rcx": 0}),
     ("mwait_no_rcx", False, SwExitCode.SVM_EXIT_MWAIT, 0, 0, {"rax": 0}),
     ("mmio_no_scratch", False, SwExitCode.SVM_VMGEXIT_MMIO_READ, 0, 8, {}),
-    ("psc_on_sev_es", False, SwExitCode.SVM_VMGEXIT_PSC, 0, 0, {"sw_scratch": SHARED}),
     ("psc_no_scratch", True, SwExitCode.SVM_VMGEXIT_PSC, 0, 0, {}),
-    ("ap_creation_on_sev_es", False, SwExitCode.SVM_VMGEXIT_AP_CREATION, 2, 0, {}),
     ("ap_create_no_rax", True, SwExitCode.SVM_VMGEXIT_AP_CREATION, 1, 0x5000, {}),
-    ("guest_req_on_sev_es", False, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, 0x5000, 0x6000, {}),
-    ("guest_req_unaligned", True, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, 0x5008, 0x6000, {}),
-    ("guest_req_same_page", True, SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST, 0x5000, 0x5000, {}),
 ]
 
 
+@pytest.mark.parametrize("kvm", KVM)
 @pytest.mark.parametrize(("snp", "code", "info1", "info2", "fields"), [c[1:] for c in MISSING_CASES],
                          ids=[c[0] for c in MISSING_CASES])
-def test_per_exit_required_fields(snp: bool, code: int, info1: int, info2: int, fields: dict[str, int]) -> None:
-    """Missing per-exit inputs and SNP-only events on SEV-ES are MISSING_INPUT (sev.c, sev_es_validate_vmgexit)."""
-    handler, ops, ghcb = make(snp=snp)
+def test_per_exit_required_fields(snp: bool, code: int, info1: int, info2: int, fields: dict[str, int],
+                                  kvm: KvmVersion) -> None:
+    """Missing per-exit inputs are MISSING_INPUT in both versions (sev.c, sev_es_are_required_ghcb_fields_valid;
+    7.1: sev_es_validate_vmgexit)."""
+    handler, ops, ghcb = make(snp=snp, kvm=kvm)
     request(ghcb, code, info1, info2, **fields)
     handler.handle_vmgexit()
     assert answer(ghcb) == bad_input(GhcbErr.GHCB_ERR_MISSING_INPUT)
     assert ops.calls == [] and ops.exits == []
+
+
+INVALID_EVENT, INVALID_INPUT, MISSING_INPUT = (GhcbErr.GHCB_ERR_INVALID_EVENT, GhcbErr.GHCB_ERR_INVALID_INPUT,
+                                               GhcbErr.GHCB_ERR_MISSING_INPUT)
+VERSION_CASES: list[tuple[str, bool, int, int, int, dict[str, int], GhcbErr, GhcbErr]] = [
+    # (id, snp, code, info1, info2, valid fields, reference answer, 7.1 answer)
+    ("psc_on_sev_es", False, SwExitCode.SVM_VMGEXIT_PSC, 0, 0, {"sw_scratch": SHARED}, INVALID_EVENT, MISSING_INPUT),
+    ("ap_creation_on_sev_es", False, SwExitCode.SVM_VMGEXIT_AP_CREATION, 2, 0, {}, INVALID_EVENT, MISSING_INPUT),
+    ("guest_req_on_sev_es", False, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, 0x5000, 0x6000, {}, INVALID_EVENT,
+     MISSING_INPUT),
+    ("ext_guest_req_on_sev_es", False, SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST, 0x5000, 0x6000,
+     {"rax": 0x7000, "rbx": 1}, INVALID_EVENT, MISSING_INPUT),
+    ("guest_req_unaligned_req", True, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, 0x5008, 0x6000, {}, INVALID_INPUT,
+     MISSING_INPUT),
+    ("guest_req_unaligned_resp", True, SwExitCode.SVM_VMGEXIT_GUEST_REQUEST, 0x5000, 0x6FFF, {}, INVALID_INPUT,
+     MISSING_INPUT),
+    ("ext_guest_req_same_page", True, SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST, 0x5000, 0x5000, {}, INVALID_INPUT,
+     MISSING_INPUT),
+]
+
+
+@pytest.mark.parametrize("kvm", KVM)
+@pytest.mark.parametrize(("snp", "code", "info1", "info2", "fields", "reference", "older"),
+                         [c[1:] for c in VERSION_CASES], ids=[c[0] for c in VERSION_CASES])
+def test_snp_only_events_and_guest_request_gpas(snp: bool, code: int, info1: int, info2: int, fields: dict[str, int],
+                                                reference: GhcbErr, older: GhcbErr, kvm: KvmVersion) -> None:
+    """SNP-only events from SEV-ES are INVALID_EVENT and bad guest-request GPAs INVALID_INPUT in the reference
+    tree (sev.c is_snp_only_vmgexit, sev_handle_vmgexit GUEST_REQUEST case; commits 95d8c59cdf6d,
+    5eb5d5d123a8); 7.1 answers MISSING_INPUT for both (sev_es_validate_vmgexit). The guest runs on."""
+    handler, ops, ghcb = make(snp=snp, kvm=kvm)
+    request(ghcb, code, info1, info2, **fields)
+    handler.handle_vmgexit()
+    assert answer(ghcb) == bad_input(reference if kvm is REF else older)
+    assert ops.calls == [] and ops.exits == []
+
+
+@pytest.mark.parametrize("kvm", KVM)
+@pytest.mark.parametrize("code", sorted(SNP_ONLY_VMGEXITS))
+def test_snp_only_check_precedes_required_fields(code: int, kvm: KvmVersion) -> None:
+    """An SNP-only exit code from SEV-ES with no field marked valid: INVALID_EVENT in the reference tree, which
+    reads the exit code before the required-field check (sev.c sev_handle_vmgexit, is_snp_only_vmgexit);
+    MISSING_INPUT in 7.1 (sev_es_validate_vmgexit)."""
+    handler, ops, ghcb = make(kvm=kvm)
+    ghcb.memory.write(GHCB_GPA + GhcbSave.sw_exit_code, code.to_bytes(8, "little"))  # value present, not valid
+    handler.handle_vmgexit()
+    assert answer(ghcb) == bad_input(INVALID_EVENT if kvm is REF else MISSING_INPUT)
+    assert ops.exits == []
+
+
+# ------------------------------------------------------------------------- AP creation
+AP_REJECTED: list[tuple[str, int, int, dict[str, int]]] = [
+    # (id, info1 = apic_id << 32 | request, info2 = VMSA GPA, valid fields)
+    ("unknown_apic_id", (1 << 32) | 1, 0x5000, {"rax": 1}),
+    ("unknown_apic_id_destroy", (0xFF << 32) | 2, 0, {}),
+    ("bad_request_type", 3, 0x5000, {"rax": 1}),
+    ("bad_request_type_high", 0xFFFF_FFFF, 0x5000, {"rax": 1}),
+    ("sev_features_mismatch", 1, 0x5000, {"rax": 0}),
+    ("vmsa_unaligned", 0, 0x5008, {"rax": 1}),
+    ("vmsa_beyond_maxphyaddr", 1, 1 << 40, {"rax": 1}),
+    ("vmsa_2m_aligned", 1, 0x20_0000, {"rax": 1}),
+]
+
+
+@pytest.mark.parametrize("kvm", KVM)
+@pytest.mark.parametrize(("info1", "info2", "fields"), [c[1:] for c in AP_REJECTED], ids=[c[0] for c in AP_REJECTED])
+def test_ap_creation_rejected_is_invalid_input(info1: int, info2: int, fields: dict[str, int], kvm: KvmVersion) -> None:
+    """An AP creation request sev_snp_ap_creation() rejects with -EINVAL (unknown APIC ID: the VM has only vCPU 0;
+    bad request type; RAX != vmsa_features; bad or 2M-aligned VMSA) is INVALID_INPUT and the guest runs on
+    (sev.c, sev_handle_vmgexit SVM_VMGEXIT_AP_CREATION)."""
+    handler, ops, ghcb = make(snp=True, kvm=kvm)
+    request(ghcb, SwExitCode.SVM_VMGEXIT_AP_CREATION, info1, info2, **fields)
+    handler.handle_vmgexit()
+    assert answer(ghcb) == bad_input(INVALID_INPUT) == (2, 5)
+    assert ops.exits == []
+
+
+@pytest.mark.parametrize(("info1", "info2", "fields"), [(1, 0x5000, {"rax": 1}), (0, 0x20_1000, {"rax": 1}),
+                                                         (2, 0, {})])
+def test_ap_creation_kvm_accepts_is_not_modelled(info1: int, info2: int, fields: dict[str, int]) -> None:
+    """A request KVM accepts (vCPU 0, SNP_ACTIVE in RAX, a usable VMSA; or DESTROY) would replace a VMSA: not
+    modelled, an internal error naming it (sev.c, sev_snp_ap_creation)."""
+    handler, ops, ghcb = make(snp=True)
+    request(ghcb, SwExitCode.SVM_VMGEXIT_AP_CREATION, info1, info2, **fields)
+    handler.handle_vmgexit()
+    assert len(ops.exits) == 1
+    exit_ = ops.exits[0]
+    assert isinstance(exit_, InternalErrorExit) and "SVM_VMGEXIT_AP_CREATION" in exit_.detail
 
 
 # ------------------------------------------------------------------------------- VMMCALL
@@ -447,8 +567,9 @@ def test_v1_scratch_outside_memory_is_fatal() -> None:
     """A v1 scratch area KVM cannot read fails KVM_RUN with -EFAULT (sev.c, setup_vmgexit_scratch)."""
     handler, _, ghcb = make(version=1)
     request(ghcb, SwExitCode.SVM_EXIT_IOIO, (0x60 << 16) | SZ8 | IOIO_STR, 16, sw_scratch=MEM_SIZE - 8)
-    with pytest.raises(SevFatalError):
+    with pytest.raises(SevFatalError) as err:
         handler.handle_vmgexit()
+    assert err.value.errno == errno.EFAULT
 
 
 def test_string_io_huge_count_is_fatal() -> None:
@@ -458,8 +579,9 @@ def test_string_io_huge_count_is_fatal() -> None:
     with pytest.raises(SevFatalError):
         handler.handle_vmgexit()
     request(ghcb, SwExitCode.SVM_EXIT_IOIO, (0x60 << 16) | SZ32 | IOIO_STR, 1 << 30, sw_scratch=SHARED)
-    with pytest.raises(SevFatalError):
+    with pytest.raises(SevFatalError) as err:
         handler.handle_vmgexit()
+    assert err.value.errno == errno.EINVAL
 
 
 # ----------------------------------------------------------------------------------- MSR
@@ -548,12 +670,14 @@ def test_term_request() -> None:
     assert ops.exits == [SystemEventExit(KVM_SYSTEM_EVENT_SEV_TERM, (GHCB_GPA,))]
 
 
-def test_unsupported_event_is_fatal() -> None:
-    """UNSUPPORTED_EVENT fails KVM_RUN (sev.c, SVM_VMGEXIT_UNSUPPORTED_EVENT)."""
-    handler, _, ghcb = make()
+@pytest.mark.parametrize("kvm", KVM)
+def test_unsupported_event_is_fatal(kvm: KvmVersion) -> None:
+    """UNSUPPORTED_EVENT fails KVM_RUN with -EINVAL (sev.c, sev_handle_vmgexit SVM_VMGEXIT_UNSUPPORTED_EVENT)."""
+    handler, ops, ghcb = make(kvm=kvm)
     request(ghcb, SwExitCode.SVM_VMGEXIT_UNSUPPORTED_EVENT, 0x41, 0)
-    with pytest.raises(SevFatalError, match="unsupported event"):
+    with pytest.raises(SevFatalError, match="unsupported event") as err:
         handler.handle_vmgexit()
+    assert err.value.errno == errno.EINVAL and ops.exits == []
 
 
 @pytest.mark.parametrize(("code", "fields"), [
@@ -611,12 +735,14 @@ def test_mmio_checks_before_the_exit() -> None:
     assert ops.exits == []
 
 
-def test_ap_hlt_loop_halts() -> None:
-    """AP_HLT_LOOP parks the vCPU, which exits without an in-kernel LAPIC (x86.c, kvm_emulate_ap_reset_hold)."""
-    handler, ops, ghcb = make()
+@pytest.mark.parametrize("kvm", KVM)
+def test_ap_hlt_loop_exits_ap_reset_hold(kvm: KvmVersion) -> None:
+    """AP_HLT_LOOP parks the vCPU: KVM_EXIT_AP_RESET_HOLD (32), not HLT, without an in-kernel LAPIC
+    (sev.c sev_handle_vmgexit; x86.c kvm_emulate_ap_reset_hold)."""
+    handler, ops, ghcb = make(kvm=kvm)
     request(ghcb, SwExitCode.SVM_VMGEXIT_AP_HLT_LOOP)
     handler.handle_vmgexit()
-    assert ops.exits == [HltExit()]
+    assert ops.exits == [ApResetHoldExit()]
     assert answer(ghcb) == OK
 
 
@@ -637,16 +763,48 @@ def _guest_value(rng: random.Random) -> int:
                        rng.randrange(MEM_SIZE)])
 
 
+SW_BITS = sum(1 << ghcb_bitmap_idx(f) for f in (GhcbSave.sw_exit_code, GhcbSave.sw_exit_info_1,
+                                                 GhcbSave.sw_exit_info_2))
+#: The exit codes sev_handle_vmgexit()'s switch handles (the same set 7.1's sev_es_validate_vmgexit lists).
+KNOWN_CODES = frozenset(SwExitCode) - {SwExitCode.SVM_EXIT_NPF, SwExitCode.SVM_EXIT_VMGEXIT,
+                                       SwExitCode.SVM_VMGEXIT_SNP_RUN_VMPL, SwExitCode.SVM_VMGEXIT_SAVIC}
+#: The exit codes whose handler can return -errno (KVM_RUN fails): sev_handle_vmgexit's UNSUPPORTED_EVENT,
+#: sev_es_string_io (count > INT_MAX, v1 scratch unreadable), MMIO's v1 scratch read.
+FATAL_CODES = frozenset({SwExitCode.SVM_VMGEXIT_UNSUPPORTED_EVENT, SwExitCode.SVM_EXIT_IOIO,
+                         SwExitCode.SVM_VMGEXIT_MMIO_READ, SwExitCode.SVM_VMGEXIT_MMIO_WRITE})
+
+
+def front_door(snp: bool, registered: bool, kvm: KvmVersion, usage: int, bitmap: int,
+               code: int) -> tuple[int, int] | None:
+    """KVM's answer before the exit code's own handler runs, re-stated from sev.c sev_handle_vmgexit (reference)
+    and sev_es_validate_vmgexit (7.1): (SW_EXITINFO1, SW_EXITINFO2), or None when the handler runs."""
+    if snp and not registered:
+        return (2, GhcbErr.GHCB_ERR_NOT_REGISTERED)  # 7.1 raises instead (checked by the caller)
+    if usage:
+        return (2, GhcbErr.GHCB_ERR_INVALID_USAGE)
+    if kvm is REF and code in SNP_ONLY_VMGEXITS and not snp:
+        return (2, GhcbErr.GHCB_ERR_INVALID_EVENT)
+    if bitmap & SW_BITS != SW_BITS:
+        return (2, GhcbErr.GHCB_ERR_MISSING_INPUT)
+    if code not in KNOWN_CODES:
+        return (2, GhcbErr.GHCB_ERR_INVALID_EVENT)
+    return None
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(snp=st.booleans(), v1=st.booleans(), defer=st.booleans(), seed=st.integers(0, 2**32),
-       code=st.one_of(st.sampled_from(list(SwExitCode)), st.integers(0, (1 << 64) - 1)),
-       bitmap=st.integers(0, (1 << 128) - 1), usage=st.sampled_from([0, 0, 0, 1, 0xFFFF]),
-       msr=st.one_of(st.just(GHCB_GPA), st.integers(0, (1 << 64) - 1)))
-def test_hostile_ghcb_never_raises(snp: bool, v1: bool, defer: bool, seed: int, code: int, bitmap: int,
-                                   usage: int, msr: int) -> None:
-    """Whatever the guest writes in the GHCB or MSR, only KVM's own fatal cases raise (sev.c, sev_handle_vmgexit)."""
+       code=st.one_of(*[st.sampled_from(list(SwExitCode))] * 4, st.integers(0, (1 << 64) - 1)),
+       bitmap=st.integers(0, (1 << 128) - 1), sw_valid=st.sampled_from([True, True, False]),
+       usage=st.sampled_from([0] * 8 + [1, 0xFFFF]),
+       msr=st.one_of(*[st.just(GHCB_GPA)] * 3, st.integers(0, (1 << 64) - 1)),
+       registered=st.sampled_from([True] * 5 + [False]), kvm=st.sampled_from(KVM))
+def test_hostile_ghcb_is_answered_as_kvm_answers(snp: bool, v1: bool, defer: bool, seed: int, code: int,
+                                                 bitmap: int, sw_valid: bool, usage: int, msr: int,
+                                                 registered: bool, kvm: KvmVersion) -> None:
+    """Whatever the guest writes in the GHCB or MSR, KVM's front-door answer is as sev_handle_vmgexit() gives it,
+    any other answer is a well-formed return status, and only KVM's own failures raise (sev.c)."""
     rng = random.Random(seed)
-    handler, ops, ghcb = make(snp=snp, version=1 if v1 and not snp else 2)
+    handler, ops, ghcb = make(snp=snp, version=1 if v1 and not snp else 2, register=registered, kvm=kvm)
     ops.defer = defer
     ops.hypercall_ret, ops.pio_in_value, ops.msr_value = (rng.getrandbits(64) for _ in range(3))
     ops.msr_ok = rng.random() < 0.5
@@ -654,12 +812,33 @@ def test_hostile_ghcb_never_raises(snp: bool, v1: bool, defer: bool, seed: int, 
     for f in GhcbSave:
         ghcb.set(f, _guest_value(rng))
     ghcb.set(GhcbSave.sw_exit_code, code)
-    ghcb.valid_bitmap = bitmap
+    ghcb.valid_bitmap = bitmap | (SW_BITS if sw_valid else 0)
     ghcb.ghcb_usage = usage
     ops.memory.write(SHARED, rng.randbytes(rng.randrange(256)))  # e.g. a PSC buffer
     handler.state.ghcb_msr = msr
+    before = bytes(ops.memory.data)
+    page_protocol = not msr & 0xFFF and msr and msr + 0x1000 <= MEM_SIZE
+    expected = (front_door(snp, registered, kvm, usage, ghcb.valid_bitmap, code) if page_protocol else None)
     try:
         handler.handle_vmgexit()
         ops.resume()
-    except SevFatalError:
-        pass
+    except SevFatalError as err:
+        # KVM_RUN fails only where sev.c returns -errno.
+        assert page_protocol, f"MSR protocol 0x{msr:x} must not fail KVM_RUN"
+        if snp and not registered:
+            assert kvm is V7_1 and err.errno == errno.EINVAL
+        else:
+            assert expected is None and code in FATAL_CODES, f"code 0x{code:x}: {err}"
+        return
+    if not page_protocol:  # the MSR protocol, no GHCB, or one KVM cannot map: no memory is touched
+        assert bytes(ops.memory.data) == before
+        return
+    assert not (snp and not registered and kvm is V7_1), "7.1 fails KVM_RUN for an unregistered GHCB"
+    info1, info2 = answer(ghcb)
+    if expected is not None:
+        assert (info1, info2) == expected
+        assert ops.exits == [] and ops.calls == []
+    else:
+        assert info1 in (0, 1, 2), f"code 0x{code:x}: SW_EXITINFO1 0x{info1:x}"
+        if info1 == 2:
+            assert info2 in {int(e) for e in GhcbErr}, f"code 0x{code:x}: SW_EXITINFO2 0x{info2:x}"

@@ -6,11 +6,14 @@
 3. Malformed headers and entries, other operations, a VMM error and disabled user exits are
    answered in SW_EXITINFO2 as KVM answers them.
 4. One VMGEXIT drives many exits, whether the VMM answers at once or after stopping the vCPU, and
-   a guest that rewrites its buffer between two exits is handled as KVM handles it.
+   a guest that rewrites its buffer between two exits is handled as KVM handles it: the header's
+   indices are read once per VMGEXIT (ce6ea7b33e00, in the reference tree and in 7.1).
+5. The VMM's ret: the reference tree accepts only 0, EINVAL and EAGAIN (5d40e5b49442), 7.1 any.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -30,7 +33,7 @@ from testbed.kvm.ghcb import (
     SwExitCode,
     psc_entry_offset,
 )
-from testbed.kvm.sev import SevEsHandler, SevState
+from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -40,6 +43,7 @@ from testbed.kvm.uapi import (
     HypercallExit,
     KvmExit,
 )
+from testbed.kvm.version import KvmVersion
 
 GHCB_GPA = 0x2000
 BUF = GHCB_GPA + GHCB_SHARED_BUFFER_OFFSET
@@ -97,10 +101,10 @@ class Psc:
     """An SNP vCPU with a registered GHCB and a PSC buffer in its shared buffer."""
 
     def __init__(self, entries: list[PscEntry], cur: int = 0, end: int | None = None, scratch: int = BUF,
-                 exits: bool = True) -> None:
+                 exits: bool = True, kvm: KvmVersion = KvmVersion.KVM_X86) -> None:
         self.ops = FakeOps()
         self.state = SevState(snp=True, ghcb_msr=GHCB_GPA, registered_ghcb_gpa=GHCB_GPA,
-                              hypercall_exit_enabled=exits)
+                              hypercall_exit_enabled=exits, kvm_version=kvm)
         self.handler = SevEsHandler(self.state, self.ops)
         self.ghcb = Ghcb(self.ops.memory, GHCB_GPA)
         self.scratch = scratch
@@ -279,14 +283,55 @@ def test_other_ops_complete_without_exit(op: int) -> None:
     assert p.status() == 0 and p.hdr().cur_entry == 3
 
 
-def test_vmm_error_is_generic() -> None:
-    """A non-zero VMM return stops with GENERIC, the failed batch not marked (sev.c, snp_complete_one_psc)."""
-    p = Psc([e4k(0x10), e4k(0x20), e4k(0x21)])
-    p.ops.vmm = lambda run: setattr(run, "ret", 22 if run.args[0] == 0x20000 else 0)
+@pytest.mark.parametrize("kvm", list(KvmVersion))
+@pytest.mark.parametrize("ret", [errno.EINVAL, errno.EAGAIN])
+def test_vmm_error_is_generic(kvm: KvmVersion, ret: int) -> None:
+    """A VMM error (EINVAL, EAGAIN) stops with GENERIC, the failed batch not marked (sev.c, snp_complete_one_psc)."""
+    p = Psc([e4k(0x10), e4k(0x20), e4k(0x21)], kvm=kvm)
+    p.ops.vmm = lambda run: setattr(run, "ret", ret if run.args[0] == 0x20000 else 0)
     p.vmgexit()
     assert p.ops.ranges() == [(0x10000, 1, ENC_4K), (0x20000, 2, ENC_4K)]
     assert p.status() == GENERIC
     assert p.hdr().cur_entry == 1 and p.entry(1).cur_page == 0
+
+
+BAD_RETS = [1, (-errno.EINVAL) & ((1 << 64) - 1), errno.EIO, 1 << 63]
+
+
+@pytest.mark.parametrize("ret", BAD_RETS)
+def test_other_vmm_ret_fails_kvm_run(ret: int) -> None:
+    """Reference tree: a ret other than 0/EINVAL/EAGAIN fails KVM_RUN with -EINVAL and nothing is marked done
+    (sev.c snp_complete_one_psc, x86.h kvm_is_valid_map_gpa_range_ret; commit 5d40e5b49442)."""
+    p = Psc([e4k(0x10), e4k(0x20)])
+    p.ops.vmm = lambda run: setattr(run, "ret", ret)
+    with pytest.raises(SevFatalError, match="EAGAIN") as err:
+        p.vmgexit()
+    assert err.value.errno == errno.EINVAL
+    assert len(p.ops.exits) == 1
+    assert p.hdr().cur_entry == 0 and p.entry(0).cur_page == 0
+    assert p.ghcb.get(GhcbSave.sw_exit_info_2) == 0  # svm_vmgexit_success(0) only: no PSC status
+
+
+def test_other_vmm_ret_fails_kvm_run_when_resumed_later() -> None:
+    """A bad ret seen only when the stopped vCPU resumes fails that KVM_RUN (sev.c, snp_complete_one_psc)."""
+    p = Psc([e4k(0x10), e4k(0x20)])
+    p.ops.defer = True
+    p.vmgexit()
+    run = p.ops.exits[0]
+    assert isinstance(run, HypercallExit)
+    run.ret = 2
+    with pytest.raises(SevFatalError):
+        p.ops.resume_one()
+    assert len(p.ops.exits) == 1
+
+
+@pytest.mark.parametrize("ret", BAD_RETS)
+def test_any_vmm_ret_is_generic_in_7_1(ret: int) -> None:
+    """7.1: any non-zero ret stops the request with GENERIC (sev.c @00b9744a, snp_complete_one_psc)."""
+    p = Psc([e4k(0x10), e4k(0x20)], kvm=KvmVersion.RELEASED)
+    p.ops.vmm = lambda run: setattr(run, "ret", ret)
+    p.vmgexit()
+    assert len(p.ops.exits) == 1 and p.status() == GENERIC
 
 
 def test_user_exits_disabled_is_generic() -> None:
@@ -329,23 +374,35 @@ def test_deferred_completions_continue_the_loop() -> None:
     assert p.status() == 0 and not p.ops.pending
 
 
-def test_header_grown_between_exits_is_invalid_hdr() -> None:
-    """A guest moving end_entry out of bounds between two exits gets INVALID_HDR (sev.c, snp_begin_psc)."""
-    p = Psc([e4k(0x10), e4k(0x20)])
+@pytest.mark.parametrize("kvm", list(KvmVersion))
+def test_header_grown_between_exits_is_ignored(kvm: KvmVersion) -> None:
+    """end_entry moved out of bounds during an exit changes nothing: the indices were read once per
+    VMGEXIT (sev.c snp_begin_psc; commit ce6ea7b33e00, in 7.1 too)."""
+    p = Psc([e4k(0x10), e4k(0x20)], kvm=kvm)
     p.ops.vmm = lambda run: p.write_hdr(PscHdr(0, 300))
     p.vmgexit()
-    assert len(p.ops.exits) == 1
-    assert p.status() == INVALID_HDR
-    assert p.hdr() == PscHdr(1, 300)  # the completed batch was still recorded
+    assert p.ops.ranges() == [(0x10000, 1, ENC_4K), (0x20000, 1, ENC_4K)]
+    assert p.status() == 0
+    assert p.hdr() == PscHdr(2, 300)  # KVM writes cur_entry; end_entry is the guest's
 
 
-def test_header_shrunk_between_exits_ends_early() -> None:
-    """The header is re-read after each exit: a smaller end_entry ends the request (sev.c, snp_begin_psc)."""
-    p = Psc([e4k(0x10), e4k(0x20), e4k(0x30)])
+@pytest.mark.parametrize("kvm", list(KvmVersion))
+def test_header_shrunk_between_exits_is_ignored(kvm: KvmVersion) -> None:
+    """A smaller end_entry written during an exit does not end the request early (sev.c, snp_begin_psc/snp_do_psc)."""
+    p = Psc([e4k(0x10), e4k(0x20), e4k(0x30)], kvm=kvm)
     p.ops.vmm = lambda run: p.write_hdr(PscHdr(0, 0))
     p.vmgexit()
-    assert p.ops.ranges() == [(0x10000, 1, ENC_4K)]
-    assert p.status() == 0 and p.hdr() == PscHdr(1, 0)
+    assert p.ops.ranges() == [(0x10000, 1, ENC_4K), (0x20000, 1, ENC_4K), (0x30000, 1, ENC_4K)]
+    assert p.status() == 0 and p.hdr() == PscHdr(3, 0)
+
+
+def test_cur_entry_moved_forward_during_exit_is_ignored() -> None:
+    """KVM scans from its own cur_idx, not the guest's cur_entry, after each exit (sev.c, snp_do_psc)."""
+    p = Psc([e4k(0x10), e4k(0x20), e4k(0x30)])
+    p.ops.vmm = lambda run: p.write_hdr(PscHdr(2, 2)) if run.args[0] == 0x10000 else None
+    p.vmgexit()
+    assert p.ops.ranges() == [(0x10000, 1, ENC_4K), (0x20000, 1, ENC_4K), (0x30000, 1, ENC_4K)]
+    assert p.status() == 0 and p.hdr().cur_entry == 3
 
 
 def test_cur_entry_rewound_during_exit_is_overwritten() -> None:

@@ -170,8 +170,9 @@ def _check_expect(text: str | None) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`testbed run`."""
-    from testbed.machine import Machine, build_program
+    """`testbed run`: the host API's run_guest (a Vm, load, the run loop) and its report."""
+    from testbed.api import run_guest
+    from testbed.machine import build_program
 
     expect = _check_expect(args.expect)
     options = vm_options_from_args(
@@ -188,12 +189,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         **({"tracker": args.tracker} if args.tracker else {}),
     )
     options.validate()
-    program = build_program(args.guest, options)
+    build_program(args.guest, options)  # assembly errors before the trace file is created (cached)
     trace = _TraceFile(args.trace) if args.trace is not None else None
     try:
         options.trace = trace
-        with Machine(program, options) as machine:
-            report = machine.run()
+        report = run_guest(args.guest, options)
     except Exception:
         if trace is not None and trace.error is not None:
             raise trace.error from None

@@ -33,6 +33,7 @@ RT_TSS = 0x202000
 RT_DATA = 0x203000
 RT_GHCB = 0x205000
 RT_REGION_END = 0x240000  # runtime tables, data, GHCB and stacks end here
+RT_STACKS_START = 0x210000  # the runtime's stacks: kernel, trap, IST, user (to RT_REGION_END)
 KSTACK_TOP = 0x220000
 TRAPSTACK_TOP = 0x228000
 ISTSTACK_TOP = 0x230000
@@ -91,4 +92,6 @@ class Layout:
             "TRAPSTACK_TOP": TRAPSTACK_TOP,
             "ISTSTACK_TOP": ISTSTACK_TOP,
             "USTACK_TOP": USTACK_TOP,
+            "RT_STACKS_START": RT_STACKS_START,
+            "RT_STACKS_END": RT_REGION_END,
         }

@@ -7,6 +7,7 @@ knows every layer, so the layers themselves only know their neighbours' narrow i
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -17,9 +18,10 @@ from testbed.decode import describe
 from testbed.errors import GuestBootError, MachineClosedError, UsageError
 from testbed.hw.cipher import FrameCipher
 from testbed.hw.cpu import UnicornVcpu
-from testbed.hw.exits import StopReason, Vendor
+from testbed.hw.exits import RunStop, StopReason, Vendor
 from testbed.hw.memory import GuestMemory, UnmappableMemoryError
 from testbed.kvm.hypercall import neg
+from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.msr import KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
@@ -36,14 +38,14 @@ from testbed.kvm.vcpu import KvmVcpu
 from testbed.kvm.version import REFERENCE, KvmVersion
 from testbed.kvm.vm import KvmVm
 from testbed.layout import IMAGE_GPA, RT_GDT, RT_REGION_END, Layout
-from testbed.options import AMD_ONLY_VM_TYPES, VM_TYPES
+from testbed.options import AMD_ONLY_VM_TYPES, GUEST_MEMFD_VM_TYPES, VM_TYPES
 from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, make_tracker
 from testbed.vmm import boot
 from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
-from testbed.vmm.vmm import RunReport, SourceRef, Vmm
+from testbed.vmm.vmm import RunReport, VmEnd, Vmm
 from testbed.x86 import (
     CR0_PE,
     CR0_PG,
@@ -53,10 +55,10 @@ from testbed.x86 import (
     EFER_LME,
     EFER_NXE,
     EFER_SCE,
-    MSR_AMD64_SEV,
     MSR_EFER,
     Reg,
 )
+from testbed.x86.addr import Gpa, Gva
 from testbed.x86.paging import PagingMode
 
 SEV_STATUS_SEV = 1 << 0
@@ -142,6 +144,11 @@ class VmOptions:
         self.normalise()
         if self.vm_type in AMD_ONLY_VM_TYPES and self.vendor is not Vendor.AMD:
             raise UsageError(f"VM type {self.vm_type} needs an AMD vCPU (--vendor amd), not {self.vendor.value}")
+        if self.hc_protocol == "page-enc-status" and self.vm_type in GUEST_MEMFD_VM_TYPES:
+            # The seed-era protocol kept an in-kernel bitmap and no memory attributes; the
+            # guest_memfd VM types exist only with attributes (KVM_SET_MEMORY_ATTRIBUTES).
+            raise UsageError(f"hypercall protocol page-enc-status is the seed-era SEV protocol, without memory "
+                             f"attributes; VM type {self.vm_type} needs them (use map-gpa-range)")
         Layout(self.memory)
         opt.check_host_memory(self.memory, self.vm_type)
 
@@ -230,10 +237,6 @@ class Machine:
         memory: GuestMemory | None = getattr(self, "memory", None)
         if memory is not None:
             memory.close()
-        kvm_vm: KvmVm | None = getattr(self, "kvm_vm", None)
-        if kvm_vm is not None:
-            kvm_vm.on_attributes_changed = None
-            kvm_vm.on_attributes_range = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -260,34 +263,23 @@ class Machine:
         self.memory = GuestMemory(options.memory, cipher, guest_memfd=guest_memfd)
         self.sev_es = vm_type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
         self.snp = vm_type == KvmVmType.KVM_X86_SNP_VM
-        self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer, sev_es=self.sev_es,
-                               snp=self.snp)
-        if self.sev:
-            # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
-            status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
-            self.cpu.hw_msrs[MSR_AMD64_SEV] = (lambda: status, None)
-        self.ud_explanations: list[dict[str, object]] = []
-        self.cpu.on_guest_ud = self._explain_guest_ud
-        host = self.memory.host_view()
         # KVM reads guest memory through the memslot's userspace mapping (kvm_read_guest,
-        # kvm_vcpu_map): on a guest_memfd VM that is the VMM's page, never guest_memfd.
+        # kvm_vcpu_map): on a guest_memfd VM that is the VMM's page, never guest_memfd. The
+        # seed-era page-enc-status protocol means a KVM without memory attributes.
         self.kvm_vm = KvmVm(vm_type, options.vendor, self.memory.userspace_view(), c_bit=options.c_bit,
-                            kvm_version=options.kvm_version)
-        self.kvm_vm.ghcb_version = options.ghcb_version
+                            kvm_version=options.kvm_version, ghcb_version=options.ghcb_version,
+                            page_enc_status_protocol=options.hc_protocol == "page-enc-status")
+        # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
+        status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
+        self.ud_explanations: list[dict[str, object]] = []
+        # The hardware asks KVM's memory attributes (stage 2) whether a GFN is private.
+        self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer, sev_es=self.sev_es,
+                               snp=self.snp, stage2=self.kvm_vm.stage2(), sev_status=status if self.sev else None,
+                               on_guest_ud=self._explain_guest_ud)
+        host = self.memory.host_view()
+        # KVM_CREATE_VCPU: the vCPU attaches itself to the hardware's exits and the VM.
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
-        self.cpu.hypervisor = self.kvm_vcpu
         self._configure_kvm()
-        if options.hc_protocol == "page-enc-status":
-            # The seed-era KVM had no memory attributes: the in-kernel bitmap was all it kept.
-            self.kvm_vm.mem_attrs = None
-        if self.kvm_vm.mem_attrs is not None:
-            # The hardware's stage-2 view is KVM's attribute array; an update zaps mappings.
-            self.cpu.stage2_private = self.kvm_vm.mem_attrs.private
-            if self.memory.guest_memfd:
-                self.memory.attach_attributes(self.kvm_vm.mem_attrs.private)
-            self.kvm_vm.on_attributes_changed = self.cpu.flush_tlb
-            if self.cpu.rmp is not None:
-                self.kvm_vm.on_attributes_range = self.cpu.rmp.assign
         extra = {} if options.max_ranges is None else {"max_ranges": options.max_ranges}
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
         # The refusal the completion path accepts: positive EINVAL for SNP's PSC completions,
@@ -296,12 +288,10 @@ class Machine:
                                      ram=self.memory if self.memory.guest_memfd else None,
                                      refusal=KVM_EINVAL if self.snp else neg(KVM_EINVAL))
         self.map_gpa.refused = [(gpa >> 12, (gpa >> 12) + n, to) for gpa, n, to in options.refuse_conversions]
-        asserts = {k: SourceRef(v.file, v.line) for k, v in program.asserts.items()}
-        self.vmm = Vmm(self.kvm_vcpu, host, self.map_gpa, asserts, self.tracer, options.record_exits,
+        self.vmm = Vmm(host, self.map_gpa, self.tracer, options.record_exits,
                        implicit_conversion=options.implicit_conversion, msr=self.msr,
-                       locate=functools.partial(_locate, program))
+                       locate=functools.partial(_locate, program), program=program)
         if options.hc_protocol == "page-enc-status":
-            self.kvm_vm.page_enc_status_protocol = True
             # KVM_GET_PAGE_ENC_BITMAP: the state lives in KVM, the VMM reads it at the end.
             self.vmm.shared_source = self.kvm_vm.page_enc_bitmap
         self._boot()
@@ -341,18 +331,14 @@ class Machine:
                 # SNP_LAUNCH_UPDATE also pre-validates the runtime's region (its tables,
                 # data, GHCB and stacks: used before the runtime can PVALIDATE anything).
                 regions.append((RT_GDT, RT_REGION_END - RT_GDT))
-            if self.cpu.rmp is not None:
-                # All RAM starts private (guest_memfd, attributes PRIVATE): assigned in the RMP,
-                # not validated, but for what the launch measured.
-                self.cpu.rmp.assign(0, self.layout.nframes, True)
+                # KVM_SEV_SNP_LAUNCH_START: all RAM private, assigned in the RMP, not validated.
+                self.kvm_vm.sev_snp_launch_start()
             for gpa, length in regions:
-                if self.memory.guest_memfd:
-                    # KVM_SEV_SNP_LAUNCH_UPDATE: from the VMM's pages into guest_memfd.
-                    self.memory.populate_private(gpa, length)
+                if self.snp:
+                    # KVM_SEV_SNP_LAUNCH_UPDATE: into guest_memfd, validated.
+                    self.kvm_vm.sev_snp_launch_update(Gpa(gpa), length)
                 else:
-                    self.memory.launch_encrypt(gpa, length)
-                if self.cpu.rmp is not None:
-                    self.cpu.rmp.launch_validate(gpa >> 12, (gpa + length + 0xFFF) >> 12)
+                    self.kvm_vm.sev_launch_update_data(Gpa(gpa), length)
         self.kvm_vcpu.reset()
         cpu = self.cpu
         cpu.set_descriptor_table("gdt", state.gdt_base, state.gdt_limit)
@@ -377,7 +363,7 @@ class Machine:
         SNP (guest_memfd is not mappable: `host_view` "unmappable") - beside the guest's view.
         """
         try:
-            gpa = self.cpu.gva_to_gpa(rip)
+            gpa = self.cpu.gva_to_gpa(Gva(rip))
         except Exception:
             return
         host_view = self.memory.host_view_kind(gpa)
@@ -407,8 +393,20 @@ class Machine:
         termination), the vCPU's stop reason, and where RIP is."""
         self._check_open()
         self.cpu.breakpoint = address
+        deadline = time.monotonic() + self.options.timeout
+        stop = RunStop(StopReason.REQUESTED)
         try:
-            stop = self.kvm_vcpu.run(self.vmm, self.options.timeout)
+            # KVM_RUN, each exit answered by the default VMM, until the breakpoint or the end.
+            while self.vmm.ended is None:
+                try:
+                    result = self.kvm_vcpu.run(max(deadline - time.monotonic(), 1e-6))
+                except KvmIoctlError as exc:
+                    self.vmm.finish(VmEnd("kvm_run_error", str(exc), {"errno": exc.errno}))
+                    break
+                if isinstance(result, RunStop):
+                    stop = result
+                    break
+                self.vmm.handle(result)
         finally:
             self.cpu.breakpoint = (1 << 64) - 1
         if stop.reason is StopReason.REQUESTED and stop.detail == "breakpoint":
@@ -417,7 +415,7 @@ class Machine:
         target = f"0x{address:x}" + (f" ({names[0]})" if names else "")
         ended = self.vmm.ended
         if ended is not None:
-            cause = f"{ended[0]}: {ended[1]}" if ended[1] else ended[0]
+            cause = f"{ended.outcome}: {ended.detail}" if ended.detail else ended.outcome
         elif stop.reason is StopReason.TIMEOUT:
             cause = f"timeout: not reached within {self.options.timeout:g} s"
         else:
@@ -427,18 +425,17 @@ class Machine:
                              f"(vCPU stopped: {how}; rip 0x{self.cpu.read_reg(Reg.RIP):x})")
 
     def run(self) -> RunReport:
-        """Run to completion; the report says how it ended."""
+        """Run to completion from where the vCPU stands (the host API's loop, testbed/api.py
+        run_report); the report says how it ended."""
+        from testbed.api import Vm, run_report
+
         self._check_open()
-        report = self.vmm.run(self.options.timeout)
-        if self.ud_explanations:
-            report.extra["ud_host_view"] = self.ud_explanations
-        return report
+        vm, vcpu = Vm.attach(self)
+        return run_report(vm, vcpu, self.options.timeout)
 
 
 def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None) -> RunReport:
-    """Assemble and run a guest; the one-call API."""
-    options = options or VmOptions()
-    options.validate()
-    program = build_program(source, options, text=text)
-    with Machine(program, options) as machine:
-        return machine.run()
+    """Assemble and run a guest; the one-call API (testbed/api.py: a Vm, load, the run loop)."""
+    from testbed import api
+
+    return api.run_guest(source, options, text=text)

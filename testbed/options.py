@@ -32,6 +32,8 @@ VM_TYPES: dict[str, KvmVmType] = {
 HC_PROTOCOLS = ("map-gpa-range", "page-enc-status")
 IMPLICIT_CONVERSION_POLICIES = ("convert", "refuse")
 AMD_ONLY_VM_TYPES = ("sev", "sev-es", "sev-snp")
+#: VM types whose private memory is a guest_memfd (they need KVM memory attributes)
+GUEST_MEMFD_VM_TYPES = ("sw-protected", "sev-snp")
 GHCB_VERSIONS = (1, 2)
 C_BIT_RANGE = range(32, 52)
 #: A run's wall-clock budget: positive and finite, at most a day (Unicorn takes microseconds

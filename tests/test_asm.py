@@ -10,8 +10,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed import asm
-from testbed.asm import Program, SourceLocation, assemble_files, assemble_source, parse_define
+from testbed.asm import Program, SourceLocation, assemble_files, assemble_source, engine, parse_define, syntax
 from testbed.errors import AsmError, TestbedError, UsageError
 
 BASE = 0x40_0000
@@ -199,7 +198,6 @@ def test_unreadable_top_level_file_is_a_usage_error(tmp_path: Path) -> None:
         ("nop `x`", "character '`' is not allowed"),
         ("nop ?", "character '?' is not allowed"),
         ("nop é", "non-ASCII character 'é'"),
-        ("1: nop", "numeric local labels"),
         ("mov rax, [rbx", "unclosed '['"),
         ("jmp )", "unbalanced ')'"),
         (".byte 1,,2", "empty operand"),
@@ -245,8 +243,8 @@ def test_stray_block_closer_is_reported() -> None:
 
 def test_keystone_hang_becomes_a_located_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A statement Keystone loops forever on is reported at its line, not waited on forever."""
-    monkeypatch.setattr(asm, "_TIMEOUT_FLOOR", 0.15)
-    monkeypatch.setattr(asm, "_PROBE_TIMEOUT_FLOOR", 0.15)
+    monkeypatch.setattr(engine, "_TIMEOUT_FLOOR", 0.15)
+    monkeypatch.setattr(engine, "_PROBE_TIMEOUT_FLOOR", 0.15)
     with pytest.raises(AsmError) as excinfo:
         assemble_source("nop\nrep .equ X<1", filename="g.s", base=BASE)
     file, line, message = asm_error(excinfo)
@@ -373,11 +371,13 @@ def test_assert_sites_get_ids_in_order_across_files(tmp_path: Path) -> None:
     guest = write(tmp_path, "guest.s", "nop\nGUEST_ASSERT_EQ rax, 5\n# c\ncheck: GUEST_ASSERT_EQ rbx, rcx\n")
     runtime = write(tmp_path, "runtime.s", "GUEST_ASSERT_EQ rdx, 0\n")
     program = assemble_files([prelude, guest, runtime], base=BASE)
-    assert dict(program.asserts) == {
+    assert {site: where.location for site, where in program.asserts.items()} == {
         1: SourceLocation(str(guest), 2),
         2: SourceLocation(str(guest), 4),
         3: SourceLocation(str(runtime), 1),
     }
+    assert [(where.kind, where.message) for where in program.asserts.values()] == [
+        ("GUEST_ASSERT_EQ", "rax == 5"), ("GUEST_ASSERT_EQ", "rbx == rcx"), ("GUEST_ASSERT_EQ", "rdx == 0")]
     sites = [program.code[i + 1] for i in range(len(program.code) - 1) if program.code[i] == 0xCC]
     assert sites == [1, 2, 3]
 
@@ -386,7 +386,7 @@ def test_assert_without_arguments_gets_the_id_as_only_argument() -> None:
     """An assert macro called without arguments receives the id as its single argument."""
     program = assemble_source(".macro GUEST_ASSERT_FAIL site\n.byte \\site\n.endm\nGUEST_ASSERT_FAIL", base=BASE)
     assert program.code == bytes([1])
-    assert dict(program.asserts) == {1: SourceLocation("<string>", 4)}
+    assert {site: where.location for site, where in program.asserts.items()} == {1: SourceLocation("<string>", 4)}
 
 
 def test_assert_inside_a_macro_body_is_not_rewritten() -> None:
@@ -403,7 +403,7 @@ def test_assert_with_too_few_arguments_is_reported_at_its_line() -> None:
         assemble_source(ASSERT_MACRO + "nop\nGUEST_ASSERT_EQ rax\n", filename="g.s", base=BASE)
     file, line, message = asm_error(excinfo)
     assert (file, line) == ("g.s", 6)
-    assert "takes 3 comma-separated arguments, 2 given" in message
+    assert "GUEST_ASSERT_EQ takes 2 values, 1 given" in message
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,11 +761,11 @@ def test_deep_include_nesting_is_refused_at_the_include(capsys: pytest.CaptureFi
     guest = write(tmp_path, "g.s", 'guest_main:\n.include "f0.s"\n    ret\n')
     with pytest.raises(AsmError) as excinfo:
         assemble_files([guest], base=BASE)
-    assert excinfo.value.message == f"include nesting deeper than {asm._MAX_INCLUDE_DEPTH} files"
+    assert excinfo.value.message == f"include nesting deeper than {syntax._MAX_INCLUDE_DEPTH} files"
     assert excinfo.value.line == 1 and Path(excinfo.value.file).name.startswith("f")
     assert "include nesting deeper than" in _cli_usage_error(capsys, guest)
     # the limit itself is allowed
-    write(tmp_path, f"f{asm._MAX_INCLUDE_DEPTH - 10}.s", "nop\n")
+    write(tmp_path, f"f{syntax._MAX_INCLUDE_DEPTH - 10}.s", "nop\n")
     assert assemble_files([guest], base=BASE).code == b"\x90\xc3"
 
 
@@ -792,3 +792,49 @@ def test_error_directive_reports_its_message_where_it_is_assembled() -> None:
     with pytest.raises(AsmError) as excinfo:
         assemble_source(source, filename="g.s", base=BASE)
     assert asm_error(excinfo) == ("g.s", 9, "too big")
+
+
+# ------------------------------------------------------------------------ numeric local labels
+
+
+def test_numeric_local_labels_resolve_backward_and_forward() -> None:
+    """`1b` jumps to the nearest `1:` before it, `1f` to the nearest after it, as in GNU as."""
+    source = "1: nop\njmp 1b\njmp 1f\n1: int3\njmp 1b\n2: jmp 2f\n2: hlt\n"
+    program = assemble_source(source, base=BASE)
+    expected = assemble_source(
+        "a: nop\njmp a\njmp b\nb: int3\njmp b\nc: jmp d\nd: hlt\n", base=BASE
+    )
+    assert program.code == expected.code, disassemble(program)
+    assert not any(name.startswith("__tb_") for name in program.symbols), program.symbols
+
+
+def test_numeric_local_label_mixed_with_a_named_label_on_one_line() -> None:
+    """A statement may carry named and numeric labels together; only the named one is a symbol."""
+    program = assemble_source("start: 1: nop\njmp 1b\n", base=BASE)
+    assert program.symbols == {"start": BASE}
+    assert disassemble(program)[1] == f"jmp {BASE:#x}"
+
+
+def test_hex_and_binary_literals_are_not_local_label_references() -> None:
+    """0x1b, 1bh and 0b1 stay numbers: only a bare `Nb`/`Nf` names a local label."""
+    program = assemble_source("1: mov rax, 0x1b\nmov rbx, 1bh\nmov rcx, 0b1\n", base=BASE)
+    assert disassemble(program) == ["mov rax, 0x1b", "mov rbx, 0x1b", "mov rcx, 1"]
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "message"),
+    [
+        ("nop\njmp 1b\n1: nop", 2, "1b: no local label 1: before it"),
+        ("nop\njmp 3f\n3: nop\njmp 3f\n", 4, "3f: no local label 3: after it"),
+        (".macro M\n1: nop\n.endm\n", 2, "numeric local label 1: inside a .macro, .rept or .irp body"),
+        (".rept 2\n4: nop\n.endr\n", 2, "numeric local label 4: inside a .macro, .rept or .irp body"),
+    ],
+)
+def test_numeric_local_label_errors_are_located(source: str, line: int, message: str) -> None:
+    """A `1b` with no `1:` before it, a `1f` with none after it, or a `1:` in a body that is
+    expanded more than once is refused at its line."""
+    with pytest.raises(AsmError) as excinfo:
+        assemble_source(source, filename="g.s", base=BASE)
+    file, at, text = asm_error(excinfo)
+    assert (file, at) == ("g.s", line)
+    assert message in text

@@ -1,4 +1,4 @@
-"""Exception delivery by the hardware model (testbed/hw/cpu.py) through the guest's IDT.
+"""Exception delivery by the hardware model (testbed/hw/events.py) through the guest's IDT.
 
 Scenarios (guests/exceptions_*.s):
 1. Unhandled faults (#DE, #UD, #GP, #PF read/write, #BP) reach the runtime's default handler,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from testbed.hw import cpu
+from testbed.hw.exits import Vendor
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,34 @@ def test_ctypes_fallback_gives_the_same_results() -> None:
         results.append((report["outcome"], report["ucalls"]))
     assert results[0] == results[1]
     assert results[0][1][0]["args"] == [(-1000) & (2**64 - 1)]
+
+
+NATIVE_HYPERCALL = """
+guest_main:
+    mov rax, 0x999
+    KVM_HYPERCALL
+    GUEST_ASSERT_EQ rax, -1000
+    ret
+"""
+
+
+def _trace_of_native_hypercall(vendor: Vendor, tmp_path: Path) -> list[dict[str, object]]:
+    trace = tmp_path / f"{vendor}.jsonl"
+    with trace.open("w") as sink:
+        options = VmOptions(memory=8 << 20, vendor=vendor, trace=sink)
+        with Machine(build_program("<hc>", options, text=NATIVE_HYPERCALL), options) as machine:
+            assert machine.run().outcome == "done"
+    return [json.loads(line) for line in trace.read_text().splitlines()]
+
+
+def test_native_hypercall_is_a_traced_hardware_exit(tmp_path: Path) -> None:
+    """The native hypercall leaves the guest as every exit does: `--trace` records the hardware's
+    vmexit (SVM_EXIT_VMMCALL 0x81 / EXIT_REASON_VMCALL 18), then KVM's handle_exit and hypercall
+    (svm.c vmmcall_interception / vmx.c handle_vmcall -> x86.c kvm_emulate_hypercall)."""
+    for vendor, code in ((Vendor.AMD, 0x81), (Vendor.INTEL, 18)):
+        events = _trace_of_native_hypercall(vendor, tmp_path)
+        hc = next(i for i, e in enumerate(events) if e["event"] == "hypercall" and e.get("nr") == 0x999)
+        hw = [e for e in events[:hc] if e["layer"] == "hw" and e["event"] == "vmexit"]
+        assert hw and hw[-1]["code"] == code, (vendor, hw[-1:])
+        kvm = [e for e in events[:hc] if e["layer"] == "kvm" and e["event"] == "handle_exit"]
+        assert kvm and kvm[-1]["code"] == code

@@ -308,7 +308,7 @@ def test_assert_against_negated_prelude_constant() -> None:
     program = build_program("negated_constant.s", options, text=NEGATED_CONSTANT_GUEST.replace("ENOSYS", "EPERM"))
     report = Machine(program, options).run()
     assert report.outcome == "guest_assert", report.detail
-    assert report.detail == ("negated_constant.s:6: GUEST_ASSERT_EQ failed: "
+    assert report.detail == ("negated_constant.s:6: rax == -KVM_EPERM failed: "
                              f"0x{ENOSYS_RET:x} != 0x{EPERM_RET:x}")
 
 

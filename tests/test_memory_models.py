@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.errors import UsageError
 from testbed.hw.cipher import FrameCipher
 from testbed.hw.memory import UNMAPPABLE_MESSAGE, GuestMemory, UnmappableMemoryError
+from testbed.kvm.memattr import MemoryAttributes
 from testbed.layout import UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 from testbed.vmm.vmm import RunReport
@@ -238,15 +240,20 @@ def test_fixup_of_shared_code_on_sw_protected_patches() -> None:
 
 # ------------------------------------------------------------------ GuestMemory, no CPU
 def test_models_per_vm_type() -> None:
-    """default is plain, sev/sev-es legacy, sw-protected/sev-snp guest_memfd; page-enc-status keeps legacy."""
+    """default is plain, sev/sev-es legacy, sw-protected/sev-snp guest_memfd."""
     models = {}
     for vm_type in ("default", "sw-protected", "sev", "sev-es", "sev-snp"):
         options = VmOptions(vm_type=vm_type, memory=MEM)
         models[vm_type] = Machine(build_program("<t>", options, text="guest_main:\n    ret\n"), options).memory.model
     assert models == {"default": "plain", "sw-protected": "guest_memfd", "sev": "legacy", "sev-es": "legacy",
                       "sev-snp": "guest_memfd"}
-    options = VmOptions(vm_type="sev-snp", memory=MEM, hc_protocol="page-enc-status")
-    assert Machine(build_program("<t>", options, text="guest_main:\n    ret\n"), options).memory.model == "legacy"
+
+
+@pytest.mark.parametrize("vm_type", ["sw-protected", "sev-snp"])
+def test_page_enc_status_protocol_is_refused_on_guest_memfd_types(vm_type: str) -> None:
+    """The seed-era page-enc-status protocol has no memory attributes, so a guest_memfd VM type refuses it."""
+    with pytest.raises(UsageError, match=f"page-enc-status .* VM type {vm_type} needs them"):
+        VmOptions(vm_type=vm_type, memory=MEM, hc_protocol="page-enc-status").validate()
 
 
 def test_snp_launch_populates_guest_memfd_from_the_vmm_copy() -> None:
@@ -266,11 +273,11 @@ def test_snp_launch_populates_guest_memfd_from_the_vmm_copy() -> None:
 def test_discard_and_populate_unit() -> None:
     """discard_* zero exactly the named GFNs of one backing; populate copies shared -> private."""
     mem = GuestMemory(16 * PAGE, guest_memfd=True)
-    attrs = bytearray(16)
+    attrs = MemoryAttributes(16)
     mem.attach_attributes(attrs)
     mem.dram[0 : 4 * PAGE] = b"\x11" * 4 * PAGE
     mem.populate_private(PAGE, 2 * PAGE)
-    attrs[1:3] = b"\x01\x01"
+    attrs.private[1:3] = b"\x01\x01"
     assert mem.cpu_read(PAGE, 2 * PAGE, private=True) == b"\x11" * 2 * PAGE
     mem.discard_private(2, 1)
     assert mem.cpu_read(PAGE, 2 * PAGE, private=True) == b"\x11" * PAGE + bytes(PAGE)

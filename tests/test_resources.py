@@ -224,7 +224,7 @@ def test_clean_end_of_a_run_raises_no_spurious_fault(vm_type: str) -> None:
     """HLT ends the run as KVM_EXIT_HLT (no in-kernel LAPIC: x86.c __kvm_emulate_halt), and a timeout delivers nothing.
 
     Canary for the hardware model: Unicorn probes a fetch of `until` - 1 after every run unless
-    exits are enabled with none set (hw/cpu.py); that probe used to come back as a #PF at
+    exits are enabled with none set (hw/unicorn_binding.py); that probe used to come back as a #PF at
     0xfffffffffffff000 that replaced the HLT exit and was delivered into a timed-out guest."""
     report = run_guest("<hlt>", VmOptions(vm_type=vm_type, memory=8 << 20, timeout=5),
                        text="guest_main:\n    hlt\n    GUEST_DONE\n")

@@ -1,4 +1,4 @@
-"""Canaries: the Unicorn 2.1.4 facts the hardware model (testbed/hw/cpu.py) is built on.
+"""Canaries: the Unicorn 2.1.4 facts the hardware model (testbed/hw/unicorn_binding.py and up) is built on.
 
 Each test pins one measured fact of ../shared/UNICORN.md (or one hazard the model works
 around) on bare Unicorn with hand-encoded bytes - no Keystone, no testbed layer - so that an

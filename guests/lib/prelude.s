@@ -4,13 +4,43 @@
 # GUEST_MEM_SIZE, ...) arrive from the host as defines, never by editing this file.
 #
 # Public API (later issues and external tests use these names exactly):
-#   GUEST_SYNC value          report a sync carrying one 64-bit value
+#   GUEST_SYNC a[, b, c, d, e, f]
+#                             report a sync carrying one to six 64-bit values (the ucall's
+#                             args, as KVM selftests' GUEST_SYNC_ARGS)
 #   GUEST_DONE                the guest passed (returning from guest_main does the same)
+#   GUEST_ASSERT cond         abort unless cond (a register or immediate) is non-zero
 #   GUEST_ASSERT_EQ a, b      compare a and b; on mismatch report an abort with both values
 #                             and the assert's file:line. With a register of 32, 16 or 8 bits
 #                             the comparison is at that width (an immediate must fit it,
 #                             signed or unsigned, or it never compares equal); two registers
 #                             must have the same width.
+#   GUEST_ASSERT_NE a, b      the same, asserting a != b (at the same width as _EQ)
+#   GUEST_ASSERT_LT/LE/GT/GE a, b
+#                             a < b, a <= b, a > b, a >= b as UNSIGNED 64-bit numbers (a
+#                             narrow register zero-extended) - what a u64 compares as in C
+#   GUEST_ASSERT_SLT/SLE/SGT/SGE a, b
+#                             the same as SIGNED 64-bit numbers (s64 in C); 64-bit registers
+#                             or immediates only (movsx a narrow value first)
+#   GUEST_FAIL "message"      abort with this message. The message is never in guest memory:
+#                             testbed/asm.py keeps it in the program's assert-site table and
+#                             the guest sends only the site's id, so it reaches the host with
+#                             memory encrypted too.
+#   GUEST_HELPER_ENTER, GUEST_HELPER_RET
+#                             the frame of a helper routine (push rbp; mov rbp, rsp ... leave;
+#                             ret). An assert that fails inside a helper entered so (called
+#                             with `call`, rbp left alone) also reports the caller's file:line:
+#                             the runtime sends [rbp + 8], the return address, and the host
+#                             maps it back. The innermost such frame is reported; the runtime
+#                             enters guest_main with rbp = 0 (no caller).
+#   guest_memset (rdi = dst, rsi = byte, rdx = n; rax = dst)
+#   guest_memcpy (rdi = dst, rsi = src, rdx = n; rax = dst; the ranges must not overlap)
+#   guest_memcmp (rdi = a, rsi = b, rdx = n; rax = 0 if equal, else a[i] - b[i] at the first
+#                 differing byte, as a signed number)
+#                             SysV-like string helpers (guests/lib/runtime.s): arguments in
+#                             rdi, rsi, rdx; every register but rax (and flags) preserved
+#   1:, 1b, 1f                numeric local labels, as in GNU as (testbed/asm.py renames them
+#                             for Keystone). Not inside .macro/.rept/.irp bodies; the library
+#                             itself uses none, so a guest's `1b` never binds to one of ours.
 #   VMCALL, VMMCALL           the raw instructions
 #   KVM_HYPERCALL             the CPU's native hypercall instruction, chosen once at boot
 #                             (nr in RAX, args in RBX, RCX, RDX, RSI; result in RAX; nothing
@@ -30,11 +60,18 @@
 # A value that cannot be right is refused at assembly time at the line of the call where it
 # is a plain constant (testbed/asm.py), and is a #UD at that line at run time otherwise.
 
-# ucall commands (the host's testbed/vmm/ucall.py uses the same numbers)
+# ucall commands, numbered as KVM selftests' lib/ucall_common.h (the host's UcallCmd in
+# testbed/vmm/ucall.py; tests/test_constants.py checks they agree)
+.equ UCALL_NONE, 0
 .equ UCALL_SYNC, 1
-.equ UCALL_DONE, 2
-.equ UCALL_ABORT, 3
+.equ UCALL_ABORT, 2
+.equ UCALL_DONE, 3
 .equ UCALL_UNHANDLED, 4
+# struct ucall in the ucall page: cmd, nargs, args[UCALL_MAX_ARGS]
+.equ UCALL_CMD, 0
+.equ UCALL_NARGS, 8
+.equ UCALL_ARGS, 16
+.equ UCALL_MAX_ARGS, 6
 
 # KVM hypercall ABI (include/uapi/linux/kvm_para.h)
 .equ KVM_HC_VAPIC_POLL_IRQ, 1
@@ -242,36 +279,89 @@
     .endif
 .endm
 
-.macro GUEST_SYNC val
-    push rax
+# The values go into six slots on the stack, then rt_ucall_sync(rdi = slots, rsi = count)
+# copies them into the ucall page. Every register but flags is preserved.
+.macro GUEST_SYNC a, b=, c=, d=, e=, f=
     push rdi
-    __guest_kind __guest_ka, \val
-    __guest_load rdi, edi, \val, __guest_ka, 16
+    push rsi
+    sub rsp, 48
+    __guest_sync_value 0, \a
+    .ifnb \b
+    __guest_sync_value 8, \b
+    .endif
+    .ifnb \c
+    __guest_sync_value 16, \c
+    .endif
+    .ifnb \d
+    __guest_sync_value 24, \d
+    .endif
+    .ifnb \e
+    __guest_sync_value 32, \e
+    .endif
+    .ifnb \f
+    __guest_sync_value 40, \f
+    .endif
+    mov esi, 1
+    .ifnb \b
+    mov esi, 2
+    .endif
+    .ifnb \c
+    mov esi, 3
+    .endif
+    .ifnb \d
+    mov esi, 4
+    .endif
+    .ifnb \e
+    mov esi, 5
+    .endif
+    .ifnb \f
+    mov esi, 6
+    .endif
+    mov rdi, rsp
     call rt_ucall_sync
+    add rsp, 48
+    pop rsi
     pop rdi
-    pop rax
+.endm
+
+# one GUEST_SYNC value into its slot at [rsp + offset] (rsp is 64 below the caller's)
+.macro __guest_sync_value offset, x
+    mov rdi, qword ptr [rsp + 56]      # the caller's rdi and rsi again, in case \x names one
+    mov rsi, qword ptr [rsp + 48]
+    __guest_kind __guest_ka, \x
+    __guest_load rdi, edi, \x, __guest_ka, 64
+    mov qword ptr [rsp + \offset], rdi
 .endm
 
 .macro GUEST_DONE
     call rt_ucall_done
 .endm
 
-# The third argument is the call-site id that testbed/asm.py appends to every GUEST_ASSERT*
-# statement; the host maps it back to the file:line where the assert is written.
-.macro GUEST_ASSERT_EQ a, b, site
+# The last argument of every assert is the call-site id that testbed/asm.py appends to each
+# GUEST_ASSERT*/GUEST_FAIL statement; the host maps it back to the file:line where the assert
+# is written and to its text. A failed assert calls rt_guest_assert_fail (rdi, rsi = values,
+# ecx = how many, rdx = site), which sends UCALL_ABORT and never returns. An assert that
+# holds changes no register and no flag.
+
+# __guest_assert2 a, b, site, jpass, narrow: compare a with b (cmp a, b) and jump over the
+# failure with `jpass`. narrow = 1: with a register of 32, 16 or 8 bits the comparison is at
+# that width (EQ, NE); narrow = 0: zero-extended 64-bit values.
+.macro __guest_assert2 a, b, site, jpass, narrow
     __guest_kind __guest_ka, \a
     __guest_kind __guest_kb, \b
+    .set __guest_w, 64
+    .if \narrow
     # the width of the comparison: the register operands' (which must agree), else 64
     .set __guest_wa, (__guest_ka) - ((__guest_ka) & 1)
     .set __guest_wb, (__guest_kb) - ((__guest_kb) & 1)
     .if __guest_wa && __guest_wb && (__guest_wa != __guest_wb)
-    .error "GUEST_ASSERT_EQ: the two registers have different widths"
+    .error "GUEST_ASSERT_EQ/NE: the two registers have different widths"
     .endif
-    .set __guest_w, 64
     .if __guest_wa
     .set __guest_w, __guest_wa
     .elseif __guest_wb
     .set __guest_w, __guest_wb
+    .endif
     .endif
     pushfq
     push rdi
@@ -302,14 +392,92 @@
     .endif
     .endif
     cmp rdi, rsi
-    je __guest_assert_ok_\site
+    \jpass __guest_assert_ok_\site
     mov rdx, \site
+    mov ecx, 2
     call rt_guest_assert_fail
 __guest_assert_ok_\site:
     pop rdx
     pop rsi
     pop rdi
     popfq
+.endm
+
+.macro GUEST_ASSERT_EQ a, b, site
+    __guest_assert2 \a, \b, \site, je, 1
+.endm
+
+.macro GUEST_ASSERT_NE a, b, site
+    __guest_assert2 \a, \b, \site, jne, 1
+.endm
+
+.macro GUEST_ASSERT_LT a, b, site
+    __guest_assert2 \a, \b, \site, jb, 0
+.endm
+
+.macro GUEST_ASSERT_LE a, b, site
+    __guest_assert2 \a, \b, \site, jbe, 0
+.endm
+
+.macro GUEST_ASSERT_GT a, b, site
+    __guest_assert2 \a, \b, \site, ja, 0
+.endm
+
+.macro GUEST_ASSERT_GE a, b, site
+    __guest_assert2 \a, \b, \site, jae, 0
+.endm
+
+.macro GUEST_ASSERT_SLT a, b, site
+    __guest_assert2 \a, \b, \site, jl, 0
+.endm
+
+.macro GUEST_ASSERT_SLE a, b, site
+    __guest_assert2 \a, \b, \site, jle, 0
+.endm
+
+.macro GUEST_ASSERT_SGT a, b, site
+    __guest_assert2 \a, \b, \site, jg, 0
+.endm
+
+.macro GUEST_ASSERT_SGE a, b, site
+    __guest_assert2 \a, \b, \site, jge, 0
+.endm
+
+.macro GUEST_ASSERT cond, site
+    pushfq
+    push rdi
+    push rsi
+    push rdx
+    __guest_kind __guest_ka, \cond
+    __guest_load rdi, edi, \cond, __guest_ka, 32
+    test rdi, rdi
+    jnz __guest_assert_ok_\site
+    xor esi, esi
+    mov rdx, \site
+    mov ecx, 1
+    call rt_guest_assert_fail
+__guest_assert_ok_\site:
+    pop rdx
+    pop rsi
+    pop rdi
+    popfq
+.endm
+
+# `msg` is what testbed/asm.py leaves of the message (0): the text is in the site table.
+.macro GUEST_FAIL msg, site
+    mov rdx, \site
+    xor ecx, ecx
+    call rt_guest_assert_fail
+.endm
+
+.macro GUEST_HELPER_ENTER
+    push rbp
+    mov rbp, rsp
+.endm
+
+.macro GUEST_HELPER_RET
+    leave
+    ret
 .endm
 
 .macro GUEST_RUN_USER fn
@@ -376,7 +544,9 @@ __guest_assert_ok_\site:
 
 .equ SNP_PAGE_STATE_PRIVATE, 1
 .equ SNP_PAGE_STATE_SHARED, 2
-.equ VMGEXIT_PSC_MAX_ENTRY, 253
+# sev-common.h: the entries a Linux guest builds at most, and the most one GHCB holds
+.equ VMGEXIT_PSC_MAX_ENTRY, 64
+.equ VMGEXIT_PSC_MAX_COUNT, 253
 
 # Termination reason codes (set 1 = Linux's)
 .equ SEV_TERM_SET_LINUX, 1

@@ -11,10 +11,11 @@
 #   4. calls guest_main and reports GUEST_DONE when it returns.
 #
 # Host-provided defines: GUEST_MEM_SIZE UCALL_GPA UCALL_PORT RT_GDT RT_IDT RT_TSS RT_DATA
-# RT_PT_BASE KSTACK_TOP TRAPSTACK_TOP ISTSTACK_TOP USTACK_TOP.
+# RT_PT_BASE KSTACK_TOP TRAPSTACK_TOP ISTSTACK_TOP USTACK_TOP RT_STACKS_START RT_STACKS_END.
 #
-# Keystone notes: comments use '#', ';' separates statements, no numeric local labels, and an
-# absolute memory operand is encoded RIP-relative, so addresses go through a register.
+# Keystone notes: comments use '#', ';' separates statements, and an absolute memory operand
+# is encoded RIP-relative, so addresses go through a register. The library uses no numeric
+# local labels (testbed/asm.py supports them), so a guest's `1b`/`1f` never binds to one here.
 
 .equ RT_HANDLERS, RT_DATA              # 256 qwords: per-vector exception handlers
 .equ RT_CBIT_MASK, RT_DATA + 0x800     # C-bit mask for PTEs (0 when not SEV)
@@ -47,6 +48,7 @@ _start:
     call rt_setup_ghcb                 # SEV-ES/SNP: the shared GHCB page
     call rt_setup_hypercall
     call rt_share_ucall_page
+    xor ebp, ebp                       # the end of the frame chain (GUEST_HELPER_ENTER)
     call guest_main
     call rt_ucall_done
 
@@ -522,70 +524,142 @@ rt_kvm_hypercall:
     ret
 
 # --- ucall -----------------------------------------------------------------------------------
-# The message goes into the shared ucall page; OUT to UCALL_PORT with its address signals it.
-# rdi = cmd, rsi = nargs, rdx, rcx, r8 = args 0..2
+# The message goes into the shared ucall page (struct ucall: UCALL_CMD, UCALL_NARGS, UCALL_ARGS);
+# OUT to UCALL_PORT with its address signals it.
+# rdi = cmd, rsi = nargs (0 to UCALL_MAX_ARGS), rdx = the args (nargs qwords). Preserves all
+# registers but flags.
 rt_ucall:
     push rax
+    push rcx
     push rdx
     push r9
+    push r10
     mov r9, UCALL_GPA
-    mov qword ptr [r9], rdi
-    mov qword ptr [r9 + 8], rsi
-    mov qword ptr [r9 + 16], rdx
-    mov qword ptr [r9 + 24], rcx
-    mov qword ptr [r9 + 32], r8
+    mov qword ptr [r9 + UCALL_CMD], rdi
+    mov qword ptr [r9 + UCALL_NARGS], rsi
+    xor ecx, ecx
+rt_ucall_copy:
+    cmp rcx, rsi
+    jae rt_ucall_copied
+    mov r10, qword ptr [rdx + rcx * 8]
+    mov qword ptr [r9 + rcx * 8 + UCALL_ARGS], r10
+    inc rcx
+    jmp rt_ucall_copy
+rt_ucall_copied:
     mov r9, RT_DATA
     cmp qword ptr [r9 + 0x820], 0      # GHCB ready: the IOIO exit directly, no #VC
     je rt_ucall_out
     call rt_ucall_ghcb
-    pop r9
-    pop rdx
-    pop rax
-    ret
+    jmp rt_ucall_sent
 rt_ucall_out:
     mov dx, UCALL_PORT
     mov eax, UCALL_GPA
     out dx, eax
+rt_ucall_sent:
+    pop r10
     pop r9
     pop rdx
+    pop rcx
     pop rax
     ret
 
-# rdi = value
+# rdi = the values, rsi = how many (GUEST_SYNC)
 rt_ucall_sync:
-    push rsi
+    push rdi
     push rdx
-    push rcx
-    push r8
     mov rdx, rdi
     mov rdi, UCALL_SYNC
-    mov rsi, 1
-    xor ecx, ecx
-    xor r8, r8
     call rt_ucall
-    pop r8
-    pop rcx
     pop rdx
-    pop rsi
+    pop rdi
     ret
 
 rt_ucall_done:
     mov rdi, UCALL_DONE
     xor esi, esi
-    xor edx, edx
-    xor ecx, ecx
-    xor r8, r8
+    mov rdx, rsp
     call rt_ucall
     jmp rt_halt_forever
 
-# rdi = a, rsi = b, rdx = assert site id
+# A failed assert: rdi, rsi = its values, rcx = how many (0 to 2), rdx = the call-site id.
+# Sends UCALL_ABORT with args [site, assert address, caller, values...] and never returns.
+# The assert address is our return address; the caller is [rbp + 8] when rbp points into the
+# runtime's stacks (a GUEST_HELPER_ENTER frame), else 0. The host checks the caller against
+# the program before it names it (testbed/vmm/ucall.py, resolve_failure).
+.equ RT_STACKS_LAST_FRAME, RT_STACKS_END - 16
 rt_guest_assert_fail:
-    mov rcx, rdi
-    mov r8, rsi
+    mov rax, qword ptr [rsp]
+    push rsi
+    push rdi
+    xor r8d, r8d
+    test rbp, 7
+    jnz rt_guest_assert_no_frame
+    mov r9, RT_STACKS_START
+    cmp rbp, r9
+    jb rt_guest_assert_no_frame
+    mov r9, RT_STACKS_LAST_FRAME
+    cmp rbp, r9
+    ja rt_guest_assert_no_frame
+    mov r8, qword ptr [rbp + 8]
+rt_guest_assert_no_frame:
+    push r8
+    push rax
+    push rdx
+    mov rdx, rsp
+    lea rsi, [rcx + 3]
     mov rdi, UCALL_ABORT
-    mov rsi, 3
     call rt_ucall
     jmp rt_halt_forever
+
+# --- string helpers (public: guests call them; prelude.s documents them) --------------------
+# guest_memset: rdi = dst, rsi = the byte, rdx = n; rax = dst.
+guest_memset:
+    push rdi
+    push rcx
+    mov rax, rsi
+    mov rcx, rdx
+    cld
+    rep stosb
+    pop rcx
+    pop rdi
+    mov rax, rdi
+    ret
+
+# guest_memcpy: rdi = dst, rsi = src, rdx = n; rax = dst.
+guest_memcpy:
+    push rdi
+    push rsi
+    push rcx
+    mov rcx, rdx
+    cld
+    rep movsb
+    pop rcx
+    pop rsi
+    pop rdi
+    mov rax, rdi
+    ret
+
+# guest_memcmp: rdi = a, rsi = b, rdx = n; rax = 0 if the n bytes are equal, else
+# a[i] - b[i] at the first i where they differ (negative, as a signed number, if a[i] < b[i]).
+guest_memcmp:
+    push rdi
+    push rsi
+    push rcx
+    xor eax, eax
+    mov rcx, rdx
+    test rcx, rcx
+    jz guest_memcmp_done
+    cld
+    repe cmpsb
+    je guest_memcmp_done
+    movzx eax, byte ptr [rdi - 1]
+    movzx ecx, byte ptr [rsi - 1]
+    sub rax, rcx
+guest_memcmp_done:
+    pop rcx
+    pop rsi
+    pop rdi
+    ret
 
 # GUEST_ASSERT_EQ of an immediate against a narrow register: rsi = the immediate, rdx = the
 # width (8, 16 or 32). rsi is reduced to that width if it fits it as a signed or an unsigned
@@ -757,12 +831,12 @@ rt_exc_common:
     iretq
 
 rt_exc_unhandled:
-    mov rdx, rbx                       # vector
-    mov rcx, qword ptr [rsp + 128]     # error code
-    mov r8, qword ptr [rsp + 136]      # rip
-    mov rax, cr2                       # the 4th argument, beyond rt_ucall's three
-    mov r9, UCALL_GPA
-    mov qword ptr [r9 + 40], rax
+    mov rax, cr2
+    push rax                           # args[3]: cr2
+    push qword ptr [rsp + 144]         # args[2]: rip
+    push qword ptr [rsp + 144]         # args[1]: the error code
+    push rbx                           # args[0]: the vector
+    mov rdx, rsp
     mov rdi, UCALL_UNHANDLED
     mov rsi, 4
     call rt_ucall

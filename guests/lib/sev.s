@@ -293,7 +293,10 @@ rt_vc_unhandled:
     and rdx, 0xff
     xor ecx, ecx
 rt_vc_unhandled_report:
-    mov r8, qword ptr [r15 + EX_RIP]
+    push qword ptr [r15 + EX_RIP]      # args[2]: rip
+    push rcx                           # args[1]: the error code
+    push rdx                           # args[0]: the vector
+    mov rdx, rsp
     mov rdi, UCALL_UNHANDLED
     mov rsi, 3
     call rt_ucall
@@ -446,9 +449,9 @@ rt_snp_psc:
     mov r12, rdx
 rt_snp_psc_chunk:
     mov r10, r9
-    cmp r10, VMGEXIT_PSC_MAX_ENTRY
+    cmp r10, VMGEXIT_PSC_MAX_COUNT
     jbe rt_snp_psc_fill
-    mov r10, VMGEXIT_PSC_MAX_ENTRY
+    mov r10, VMGEXIT_PSC_MAX_COUNT
 rt_snp_psc_fill:
     call rt_ghcb_clear
     mov rbx, RT_GHCB + GHCB_SHARED_BUF

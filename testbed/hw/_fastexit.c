@@ -7,7 +7,8 @@
  * else: it registers Unicorn's UC_HOOK_INSN_INVALID hook with a C callback that reads the
  * exit's register snapshot (the VMCB save area KVM reads) in one uc_reg_read_batch and calls
  * the Python hardware model with the values; and it offers one call to write RAX and RIP back.
- * Every decision stays in Python (testbed/hw/cpu.py).
+ * Every decision stays in Python (testbed/hw/intercepts.py, `_on_invalid_exit`, which delivers every
+ * exit through the one entry into the hypervisor).
  *
  * It does not link against libunicorn: the Python side passes the addresses of
  * uc_hook_add, uc_reg_read_batch and uc_reg_write_batch it got from ctypes. Optional: if it

@@ -8,13 +8,13 @@ Member names are the kernel's (arch/x86/include/uapi/asm/svm.h, vmx.h) so they c
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Protocol
 
 from testbed.hw.memory import HostMemory
-from testbed.x86 import Reg
+from testbed.x86 import U64, Reg
+from testbed.x86.addr import Gfn, Gpa
 
 
 class Vendor(StrEnum):
@@ -115,6 +115,31 @@ class Hypervisor(Protocol):
     def vmexit(self, code: int, info1: int, info2: int) -> None: ...
 
 
+class GhcbMsr(Protocol):
+    """The GHCB MSR (MSR_AMD64_SEV_ES_GHCB) as KVM reaches it: the VMCB's GHCB GPA field,
+    hardware state that KVM reads and writes through the hardware (VcpuHardware has both)."""
+
+    def ghcb_msr_value(self) -> int: ...
+
+    def set_ghcb_msr(self, value: int) -> None: ...
+
+
+class GhcbMsrRegister:
+    """The GHCB MSR's storage: the hardware keeps one per vCPU; a unit test of KVM's GHCB code
+    without a vCPU can hand KVM one of its own."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = value & U64
+
+    def ghcb_msr_value(self) -> int:
+        """The MSR's value."""
+        return self._value
+
+    def set_ghcb_msr(self, value: int) -> None:
+        """Set the MSR (64 bits)."""
+        self._value = value & U64
+
+
 class VcpuHardware(Protocol):
     """The part of the hardware the kvm layer may use: the VMCB/VMCS, not the emulator."""
 
@@ -136,8 +161,6 @@ class VcpuHardware(Protocol):
 
     def mode_of(self, cs_selector: int) -> bool: ...
 
-    def set_hypercall_handler(self, handler: Callable[[], None] | None) -> None: ...
-
     def skip_instruction(self) -> None: ...
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None: ...
@@ -149,6 +172,14 @@ class VcpuHardware(Protocol):
     def set_msr_passthrough(self, indices: frozenset[int]) -> None: ...
 
     def request_stop(self) -> None: ...
+
+    def attach_hypervisor(self, hypervisor: Hypervisor) -> None: ...
+
+    def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None: ...
+
+    def launch_update_data(self, gpa: Gpa, length: int) -> None: ...
+
+    def snp_launch_update(self, gpa: Gpa, length: int) -> None: ...
 
     def flush_code(self) -> None: ...
 

@@ -52,6 +52,7 @@ from typing import Literal, Protocol
 from testbed.errors import GuestMemoryError, MachineClosedError
 from testbed.hw.cipher import FrameCipher
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
+from testbed.x86.addr import Gfn
 
 OWNER_DRAM = 0
 OWNER_PRIVATE = 1
@@ -109,6 +110,22 @@ class _Backing:
         return True
 
 
+class StagePrivacy(Protocol):
+    """The one question the hardware asks KVM about memory: is `gfn` mapped private in the
+    stage-2 tables (the NPT/EPT KVM builds from its memory attributes, kvm_mem_is_private())?
+    KVM owns the attributes (kvm/memattr.py); the hardware never holds a copy."""
+
+    def is_private(self, gfn: Gfn) -> bool: ...
+
+
+class _AllShared:
+    def is_private(self, gfn: Gfn) -> bool:
+        return False
+
+
+_ALL_SHARED = _AllShared()
+
+
 class GuestMemory:
     """The physical memory of one VM: plain, legacy encrypted (`cipher`) or guest_memfd."""
 
@@ -132,8 +149,9 @@ class GuestMemory:
             self._priv = self._new_backing("private (guest_memfd) memory" if guest_memfd else "private alias")
             self.private = self._priv.view
         self.owner = bytearray(self.nframes)  # legacy: OWNER_* per frame; all DRAM at power-on
-        #: guest_memfd: the stage-2 view of KVM's PRIVATE attribute per GFN (attach_attributes)
-        self.private_gfns = bytearray(self.nframes)
+        #: guest_memfd: KVM's answer to "is this GFN private?" (attach_attributes); KVM owns
+        #: the attributes, the memory controller only asks
+        self._stage2: StagePrivacy = _ALL_SHARED
         self.closed = False
         #: Called with the frame number after ownership moved (the vCPU flushes its TLB).
         self.on_ownership_change: Callable[[int], None] | None = None
@@ -182,12 +200,10 @@ class GuestMemory:
             raise GuestMemoryError("this VM has no private memory (neither encrypted nor guest_memfd)")
         return self._priv.address
 
-    def attach_attributes(self, private_gfns: bytearray) -> None:
-        """guest_memfd: follow KVM's attribute array (one byte per GFN, 1 = private), the
-        table the stage-2 mappings are built from. Until then every GFN is shared."""
-        if len(private_gfns) != self.nframes:
-            raise ValueError(f"attribute array of {len(private_gfns)} GFNs for {self.nframes} frames")
-        self.private_gfns = private_gfns
+    def attach_attributes(self, stage2: StagePrivacy) -> None:
+        """guest_memfd: follow KVM's memory attributes (the table the stage-2 mappings are
+        built from) through `stage2.is_private(gfn)`. Until then every GFN is shared."""
+        self._stage2 = stage2
 
     def check_range(self, gpa: int, length: int, what: str = "access") -> None:
         """Raise GuestMemoryError unless [gpa, gpa+length) lies inside guest memory (and
@@ -225,7 +241,7 @@ class GuestMemory:
     # -- the CPU's view ------------------------------------------------------------------
     def _gmem_buf(self, frame: int) -> memoryview:
         """guest_memfd: the backing stage 2 maps `frame` to (the attribute decides)."""
-        if self.private_gfns[frame]:
+        if self._stage2.is_private(Gfn(frame)):
             assert self.private is not None
             return self.private
         return self.dram
@@ -263,7 +279,7 @@ class GuestMemory:
         """guest_memfd: a page-table entry read through stage 2 (the walk's hot path)."""
         if gpa + 8 > self.size or gpa < 0:
             raise GuestMemoryError("page-table read outside guest memory", gpa)
-        buf = self.private if self.private_gfns[gpa >> PAGE_SHIFT] else self.dram
+        buf = self.private if self._stage2.is_private(Gfn(gpa >> PAGE_SHIFT)) else self.dram
         assert buf is not None
         return int(_U64.unpack_from(buf, gpa)[0])
 
@@ -312,7 +328,7 @@ class GuestMemory:
         self.check_range(gpa, 1, "host view")
         frame = gpa >> PAGE_SHIFT
         if self.guest_memfd:
-            return "unmappable" if self.private_gfns[frame] else "plaintext"
+            return "unmappable" if self._stage2.is_private(Gfn(frame)) else "plaintext"
         if self.cipher is not None and self.owner[frame] == OWNER_PRIVATE:
             return "ciphertext"
         return "plaintext"
@@ -322,7 +338,7 @@ class GuestMemory:
         if not self.guest_memfd:
             return
         for frame in range(gpa >> PAGE_SHIFT, ((gpa + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
-            if self.private_gfns[frame]:
+            if self._stage2.is_private(Gfn(frame)):
                 raise UnmappableMemoryError(UNMAPPABLE_MESSAGE, max(gpa, frame << PAGE_SHIFT))
 
     def host_read(self, gpa: int, length: int) -> bytes:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from testbed.errors import TestbedError, UsageError
-from testbed.hw.exits import SVM_IOIO_STR, SVM_IOIO_TYPE_IN
+from testbed.hw.exits import SVM_IOIO_STR, SVM_IOIO_TYPE_IN, GhcbMsr, GhcbMsrRegister
 from testbed.hw.memory import HostMemory
 from testbed.kvm.ghcb import (
     GHCB_HV_FT_SUPPORTED,
@@ -93,8 +93,6 @@ from testbed.kvm.ghcb import (
     psc_entry_offset,
 )
 from testbed.kvm.uapi import (
-    KVM_EXIT_IO_IN,
-    KVM_EXIT_IO_OUT,
     KVM_HC_MAP_GPA_RANGE,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MAP_GPA_RANGE_DECRYPTED,
@@ -105,7 +103,8 @@ from testbed.kvm.uapi import (
     ApResetHoldExit,
     HypercallExit,
     InternalErrorExit,
-    IoExit,
+    IoInExit,
+    IoOutExit,
     KvmExit,
     SystemEventExit,
 )
@@ -203,7 +202,9 @@ class SevState:
     """Per-VM / per-vCPU SEV-ES state KVM keeps (struct kvm_sev_info, struct vcpu_sev_es_state).
 
     `ghcb_msr` is the VMCB's ghcb_gpa field: the guest-visible value of MSR 0xC0010130, which the
-    hardware context-switches (guest RDMSR/WRMSR never exit). `hypercall_exit_enabled` answers
+    hardware context-switches (guest RDMSR/WRMSR never exit). It is hardware state: KVM reads and
+    writes it through `msr` (the vCPU's hardware; a bare GhcbMsrRegister in unit tests) and
+    keeps no copy. `hypercall_exit_enabled` answers
     user_exit_on_hypercall(kvm, KVM_HC_MAP_GPA_RANGE), i.e. bit 12 of KVM_CAP_EXIT_HYPERCALL;
     give a callable so a later KVM_ENABLE_CAP is seen.
     """
@@ -211,7 +212,7 @@ class SevState:
     snp: bool = False
     ghcb_version: int = GHCB_VERSION_MAX
     c_bit: int = 51  # sev_enc_bit: CPUID 0x8000001F EBX[5:0] of the host
-    ghcb_msr: int = 0
+    msr: GhcbMsr = field(default_factory=GhcbMsrRegister)
     registered_ghcb_gpa: int | None = None  # GHCB_MSR_REG_GPA_REQ (SNP); KVM compares it on every VMGEXIT
     ap_jump_table: int = 0  # per VM in KVM (kvm_sev_info.ap_jump_table)
     hypercall_exit_enabled: Callable[[], bool] | bool = False
@@ -230,6 +231,15 @@ class SevState:
                 f"GHCB version {self.ghcb_version} not in {GHCB_VERSION_MIN}..{GHCB_VERSION_MAX}")
         if self.snp and self.ghcb_version < 2:
             raise UsageError("an SEV-SNP VM needs GHCB version 2")
+
+    @property
+    def ghcb_msr(self) -> int:
+        """The GHCB MSR, read from the hardware (svm->vmcb->control.ghcb_gpa)."""
+        return self.msr.ghcb_msr_value()
+
+    @ghcb_msr.setter
+    def ghcb_msr(self, value: int) -> None:
+        self.msr.set_ghcb_msr(value)
 
     def map_gpa_range_exits(self) -> bool:
         """user_exit_on_hypercall(kvm, KVM_HC_MAP_GPA_RANGE)."""
@@ -1055,25 +1065,22 @@ class SevEsHandler:
             n = min(PAGE_SIZE // size, left[0])
             off = left[1]
             if is_in:
-                run = IoExit(direction=KVM_EXIT_IO_IN, size=size, port=port, count=n,
-                             data=bytearray(n * size))
+                run = IoInExit(size=size, port=port, count=n, data=bytearray(n * size))
 
                 def complete_sev_es_emulated_ins() -> bool:
                     # complete_emulator_pio_in(): n * size bytes from the data area (zero where
                     # the VMM filled in less).
-                    data = bytes(run.data[: n * size]).ljust(n * size, b"\0")
-                    sa.write(off, data)
+                    sa.write(off, run.reply(n * size))
                     left[0] -= n
                     left[1] += n * size
                     return True
 
                 return run, complete_sev_es_emulated_ins
-            run = IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=n,
-                         data=bytearray(sa.read(off, n * size)))
+            out = IoOutExit(size=size, port=port, count=n, data=bytes(sa.read(off, n * size)))
             # kvm_sev_es_outs() advances as soon as the data is copied into the exit.
             left[0] -= n
             left[1] += n * size
-            return run, lambda: True
+            return out, lambda: True
 
         self._drive(step, lambda: self._finish(ctx))
 

@@ -2,14 +2,18 @@
 
 Names follow include/uapi/linux/kvm.h, include/uapi/linux/kvm_para.h and
 arch/x86/include/uapi/asm/kvm*.h so they can be grepped; values are from ../shared/ABI.md.
-One exit type per KVM_EXIT_*; an exit that userspace answers carries its reply slot (the
-hypercall exit holds `ret`, an IN exit holds `data`).
+One exit type per KVM_EXIT_* (KVM_EXIT_IO split into an IN and an OUT type), each a dataclass
+that is read-only but for the reply slots userspace fills as in kvm_run (the hypercall's `ret`,
+an IN's `data`, an MSR read's `data`/`error`, an MSR write's `error`); `reason` is the short name
+the report's user_exits use ("hypercall", "io", ...), `exit_reason` the KVM_EXIT_* value, and
+`to_json()` the one serialisation the report and --trace share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from enum import IntEnum
+from typing import Any, ClassVar
 
 # -- hypercall numbers (include/uapi/linux/kvm_para.h) ------------------------------------
 KVM_HC_VAPIC_POLL_IRQ = 1
@@ -109,96 +113,244 @@ class KvmVmType(IntEnum):
     KVM_X86_TDX_VM = 5
 
 
+class _Replies:
+    """Base of the exits userspace answers: every field is read-only once constructed except
+    the reply slots named in `_REPLY` (kvm_run's fields KVM reads back on the next KVM_RUN),
+    as a frozen dataclass would be. Assigning another field raises FrozenInstanceError."""
+
+    __slots__ = ()
+    _REPLY: ClassVar[frozenset[str]] = frozenset()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name not in self._REPLY:
+            try:
+                object.__getattribute__(self, name)
+            except AttributeError:
+                pass  # the first assignment, from __init__
+            else:
+                replies = ", ".join(sorted(self._REPLY))
+                raise FrozenInstanceError(f"cannot assign to field {name!r} of {type(self).__name__}: "
+                                          f"only the reply slot ({replies}) is writable")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r} of {type(self).__name__}")
+
+
 @dataclass(slots=True)
-class HypercallExit:
-    """Corresponds to KVM_EXIT_HYPERCALL: `run->hypercall`; userspace writes `ret`."""
+class HypercallExit(_Replies):
+    """KVM_EXIT_HYPERCALL: `run->hypercall`; userspace writes `ret`, which KVM copies into the
+    guest's RAX unchecked (x86.c complete_hypercall_exit)."""
+
+    _REPLY: ClassVar[frozenset[str]] = frozenset({"ret"})
+    reason: ClassVar[str] = "hypercall"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_HYPERCALL
 
     nr: int
     args: tuple[int, int, int, int, int, int]
-    ret: int = 0
+    ret: int = field(default=0, hash=False)
     flags: int = 0
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_HYPERCALL
 
     @property
     def longmode(self) -> bool:
         """The legacy `longmode` view of flags bit 0."""
         return bool(self.flags & KVM_EXIT_HYPERCALL_LONG_MODE)
 
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "hypercall", "nr": self.nr, "args": list(self.args), "ret": self.ret, "flags": self.flags}
+
 
 @dataclass(slots=True)
-class IoExit:
-    """Corresponds to KVM_EXIT_IO: `run->io` plus the data area; an IN exit is answered in `data`."""
+class IoInExit(_Replies):
+    """KVM_EXIT_IO, direction KVM_EXIT_IO_IN: `run->io` plus the data area, which userspace
+    fills with `count` * `size` bytes (assign `data`, or write into it); KVM copies them into
+    the guest on the next KVM_RUN (x86.c complete_fast_pio_in / complete_emulator_pio_in)."""
 
-    direction: int
+    _REPLY: ClassVar[frozenset[str]] = frozenset({"data"})
+    reason: ClassVar[str] = "io"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_IO
+    direction: ClassVar[int] = KVM_EXIT_IO_IN
+
     size: int
     port: int
-    count: int
-    data: bytearray = field(default_factory=bytearray)
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_IO
+    count: int = 1
+    data: bytearray | bytes | int = field(default_factory=bytearray, hash=False)
+
+    @property
+    def value(self) -> int:
+        """The first element of `data`, little-endian (what the guest's IN gets)."""
+        return int.from_bytes(self.reply(self.size), "little")
+
+    def reply(self, length: int) -> bytes:
+        """`data` as KVM reads it back: `length` bytes, zero-padded or cut (an int is taken
+        as the little-endian value of the first element)."""
+        data = self.data
+        if isinstance(data, int):
+            raw = (data & ((1 << 64) - 1)).to_bytes(8, "little")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            raw = bytes(data[:length])
+        else:
+            raise TypeError(f"IoInExit.data must be bytes or an int, not {type(data).__name__}")
+        return raw[:length].ljust(length, b"\0")
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it (`value`: the answer so far)."""
+        return {"reason": "io", "direction": "in", "port": self.port, "size": self.size, "count": self.count,
+                "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class IoOutExit:
+    """KVM_EXIT_IO, direction KVM_EXIT_IO_OUT: `run->io` plus the `count` * `size` bytes written."""
+
+    reason: ClassVar[str] = "io"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_IO
+    direction: ClassVar[int] = KVM_EXIT_IO_OUT
+
+    size: int
+    port: int
+    count: int = 1
+    data: bytes = b""
+
+    @property
+    def value(self) -> int:
+        """The first element written, little-endian."""
+        return int.from_bytes(self.data[: self.size], "little")
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "io", "direction": "out", "port": self.port, "size": self.size, "count": self.count,
+                "value": self.value}
 
 
 @dataclass(frozen=True, slots=True)
 class HltExit:
-    """Corresponds to KVM_EXIT_HLT (no in-kernel local APIC to wait on)."""
+    """KVM_EXIT_HLT (no in-kernel local APIC to wait on)."""
 
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_HLT
+    reason: ClassVar[str] = "hlt"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_HLT
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "hlt"}
 
 
 @dataclass(frozen=True, slots=True)
 class ApResetHoldExit:
-    """Corresponds to KVM_EXIT_AP_RESET_HOLD: an SEV-ES AP parked until a SIPI, with no in-kernel
-    local APIC to wait on (x86.c kvm_emulate_ap_reset_hold -> __kvm_emulate_halt)."""
+    """KVM_EXIT_AP_RESET_HOLD: an SEV-ES AP parked until a SIPI, with no in-kernel local APIC to
+    wait on (x86.c kvm_emulate_ap_reset_hold -> __kvm_emulate_halt)."""
 
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_AP_RESET_HOLD
+    reason: ClassVar[str] = "ap_reset_hold"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_AP_RESET_HOLD
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "ap_reset_hold"}
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownExit:
-    """Corresponds to KVM_EXIT_SHUTDOWN (triple fault)."""
+    """KVM_EXIT_SHUTDOWN (triple fault)."""
 
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_SHUTDOWN
+    reason: ClassVar[str] = "shutdown"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_SHUTDOWN
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "shutdown"}
 
 
 @dataclass(frozen=True, slots=True)
 class SystemEventExit:
-    """Corresponds to KVM_EXIT_SYSTEM_EVENT: `run->system_event` (type, data[])."""
+    """KVM_EXIT_SYSTEM_EVENT: `run->system_event` (type, data[])."""
+
+    reason: ClassVar[str] = "system_event"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_SYSTEM_EVENT
 
     type: int
     data: tuple[int, ...] = ()
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_SYSTEM_EVENT
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "system_event", "type": self.type, "data": list(self.data)}
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryFaultExit:
-    """Corresponds to KVM_EXIT_MEMORY_FAULT: `run->memory_fault` (flags, gpa, size)."""
+    """KVM_EXIT_MEMORY_FAULT: `run->memory_fault` (flags, gpa, size)."""
+
+    reason: ClassVar[str] = "memory_fault"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_MEMORY_FAULT
 
     flags: int
     gpa: int
     size: int
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_MEMORY_FAULT
+
+    @property
+    def private(self) -> bool:
+        """The faulting access was private (KVM_MEMORY_EXIT_FLAG_PRIVATE)."""
+        return bool(self.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "memory_fault", "flags": self.flags, "gpa": self.gpa, "size": self.size}
 
 
 @dataclass(frozen=True, slots=True)
 class InternalErrorExit:
-    """Corresponds to KVM_EXIT_INTERNAL_ERROR: KVM could not handle what the guest did."""
+    """KVM_EXIT_INTERNAL_ERROR: KVM could not handle what the guest did."""
+
+    reason: ClassVar[str] = "internal_error"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_INTERNAL_ERROR
 
     suberror: int
     detail: str
     data: tuple[int, ...] = ()  # run->internal.data[ndata]
-    reason: KvmExitReason = KvmExitReason.KVM_EXIT_INTERNAL_ERROR
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "internal_error", "suberror": self.suberror, "detail": self.detail, "data": list(self.data)}
 
 
 @dataclass(slots=True)
-class MsrExit:
-    """Corresponds to KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: `run->msr`.
+class RdmsrExit(_Replies):
+    """KVM_EXIT_X86_RDMSR: `run->msr`; userspace answers in `data`, or sets `error` (non-zero:
+    KVM injects #GP; x86.c complete_fast_rdmsr)."""
 
-    Userspace answers in `data` (a read) and `error` (non-zero: KVM injects #GP)."""
+    _REPLY: ClassVar[frozenset[str]] = frozenset({"data", "error"})
+    reason: ClassVar[str] = "x86_rdmsr"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_X86_RDMSR
 
-    reason: KvmExitReason
+    index: int
+    msr_reason: int
+    data: int = field(default=0, hash=False)
+    error: int = field(default=0, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "x86_rdmsr", "index": self.index, "msr_reason": self.msr_reason, "data": self.data,
+                "error": self.error}
+
+
+@dataclass(slots=True)
+class WrmsrExit(_Replies):
+    """KVM_EXIT_X86_WRMSR: `run->msr` with the value written; userspace sets `error` (non-zero:
+    KVM injects #GP; x86.c complete_fast_msr_access)."""
+
+    _REPLY: ClassVar[frozenset[str]] = frozenset({"error"})
+    reason: ClassVar[str] = "x86_wrmsr"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_X86_WRMSR
+
     index: int
     msr_reason: int
     data: int = 0
-    error: int = 0
+    error: int = field(default=0, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "x86_wrmsr", "index": self.index, "msr_reason": self.msr_reason, "data": self.data,
+                "error": self.error}
 
 
 KVM_INTERNAL_ERROR_EMULATION = 1
@@ -206,8 +358,17 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 #: (x86.c kvm_prepare_event_vectoring_exit)
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 
-KvmExit = (HypercallExit | IoExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit | InternalErrorExit
-           | MsrExit | ApResetHoldExit)
+#: KVM_EXIT_IO in either direction (isinstance works with it)
+IoExit = IoInExit | IoOutExit
+#: KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR
+MsrExit = RdmsrExit | WrmsrExit
+#: every exit KVM_RUN returns to userspace: one type per KVM_EXIT_* (an IN and an OUT apart)
+KvmExit = (HypercallExit | IoInExit | IoOutExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit
+           | InternalErrorExit | RdmsrExit | WrmsrExit | ApResetHoldExit)
+#: the exit types, in KVM_EXIT_* order
+EXIT_TYPES: tuple[type[KvmExit], ...] = (
+    IoInExit, IoOutExit, HypercallExit, HltExit, ShutdownExit, InternalErrorExit, SystemEventExit, RdmsrExit,
+    WrmsrExit, ApResetHoldExit, MemoryFaultExit)
 
 
 _EXIT_NAMES = {int(r): r.name.removeprefix("KVM_EXIT_").lower() for r in KvmExitReason}

@@ -4,18 +4,16 @@
 vendor's exit code and information words (as svm.c's svm_exit_handlers[] and vmx.c's
 kvm_vmx_exit_handlers[] do) into common handlers shared by both vendors (x86.c).
 
-Deliberate deviation, for speed: in real KVM a user exit makes KVM_RUN return and userspace
-calls KVM_RUN again, which first runs `complete_userspace_io`. Here the return to userspace is
-a synchronous call of the VMM's `handle_exit` from inside the exit handler; if the VMM asks
-to continue, the completion runs at once, otherwise the vCPU stops and the completion runs
-at the start of the next `run()` — the same order of effects, without stopping and restarting
-the emulator per exit (UNICORN.md: a restart per exit caps at ~70-90 k exits/s).
+KVM_RUN (`run`) returns to its caller at every user exit, as in KVM: the exit handler stores
+the exit and its completion (vcpu->arch.complete_userspace_io), the hardware stops, `run`
+returns the exit, userspace writes its answer into the exit's reply slot, and the next `run`
+first runs the completion with that answer (x86.c kvm_arch_vcpu_ioctl_run ->
+complete_userspace_io) before re-entering the guest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 from testbed.decode import decode_one, describe
 from testbed.errors import GuestMemoryError
@@ -36,7 +34,6 @@ from testbed.hw.exits import (
     VMX_IO_SIZE_MASK,
     VMX_IO_STRING,
     RunStop,
-    StopReason,
     SvmExitCode,
     VcpuHardware,
     Vendor,
@@ -65,8 +62,6 @@ from testbed.kvm.msr import (
 )
 from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
-    KVM_EXIT_IO_IN,
-    KVM_EXIT_IO_OUT,
     KVM_HC_CLOCK_PAIRING,
     KVM_HC_KICK_CPU,
     KVM_HC_MAP_GPA_RANGE,
@@ -79,14 +74,15 @@ from testbed.kvm.uapi import (
     HltExit,
     HypercallExit,
     InternalErrorExit,
-    IoExit,
+    IoInExit,
+    IoOutExit,
     KvmExit,
-    KvmExitReason,
     KvmVmType,
     MemoryFaultExit,
     MsrExit,
+    RdmsrExit,
     ShutdownExit,
-    exit_name,
+    WrmsrExit,
 )
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
@@ -96,12 +92,6 @@ from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFaul
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
                                    KVM_HC_MAP_GPA_RANGE})
-
-
-class Userspace(Protocol):
-    """The VMM's side of KVM_RUN: handle one exit; return True to re-enter the guest."""
-
-    def handle_exit(self, run: KvmExit) -> bool: ...
 
 
 class KvmVcpu:
@@ -114,7 +104,12 @@ class KvmVcpu:
         self.hw = hw
         self.tracer = tracer if tracer is not None else Tracer.disabled()
         self._paging = paging if paging is not None else PagingMode()
-        self._userspace: Userspace | None = None
+        #: the user exit KVM_RUN returns next, set by an exit handler (run->exit_reason and its union)
+        self._exit: KvmExit | None = None
+        #: the hardware is running inside run(): an exit stops it
+        self._running = False
+        #: run()'s internal fast path (see run)
+        self._handled: Callable[[KvmExit], bool] | None = None
         self._pending_completion: Callable[[], None] | None = None
         #: set when an exit handler fails: KVM_RUN returns this error, with no exit reason
         self._run_error: KvmIoctlError | None = None
@@ -125,13 +120,15 @@ class KvmVcpu:
         hw.set_intercept_ud(not vm.sev)
         # The MSR permission bitmap: every MSR exits except those the emulator holds (kvm/msr.py).
         hw.set_msr_passthrough(PASSTHROUGH_MSRS)
-        # The native hypercall's exit (SVM_EXIT_VMMCALL / EXIT_REASON_VMCALL) on the short path.
-        hw.set_hypercall_handler(self.handle_hypercall)
         self._handlers: dict[int, Callable[[int, int], None]] = self._exit_table()
+        #: the exit code tested before the table (svm_invoke_exit_handler's hot codes)
+        self._hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if hw.vendor is Vendor.AMD
+                                   else VmxExitReason.EXIT_REASON_VMCALL)
         self.sev_state: SevState | None = None
         self.sev_es: SevEsHandler | None = None
         if vm.type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM):
             self.sev_state = SevState(
+                msr=hw,  # the GHCB MSR stays the hardware's: KVM reads and writes it there
                 snp=vm.type == KvmVmType.KVM_X86_SNP_VM,
                 ghcb_version=vm.ghcb_version,
                 c_bit=vm.c_bit,
@@ -140,20 +137,21 @@ class KvmVcpu:
             )
             self.sev_es = SevEsHandler(self.sev_state, self, self.tracer)
             self._handlers[int(SvmExitCode.SVM_EXIT_VMGEXIT)] = lambda i1, i2: self.handle_vmgexit()
+        # The VMCB/VMCS is set up: the hardware delivers this vCPU's exits to vmexit().
+        hw.attach_hypervisor(self)
+        vm.add_vcpu(hw)
 
     def reset(self) -> None:
         """vCPU RESET: for SEV-ES/SNP the GHCB MSR is preloaded with the SEV-information
         response (sev_es_init_vmcb)."""
-        if self.sev_es is not None and self.sev_state is not None:
+        if self.sev_es is not None:
             self.sev_es.reset()
-            self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
 
     # ------------------------------------------------------------ SEV-ES / SNP
     def handle_vmgexit(self) -> None:
         """SVM_EXIT_VMGEXIT: the GHCB MSR or page protocol (kvm/sev.py), KVM's only channel
         to a guest whose registers are encrypted."""
-        assert self.sev_es is not None and self.sev_state is not None
-        self.sev_state.ghcb_msr = self.hw.ghcb_msr_value()
+        assert self.sev_es is not None
         try:
             self.sev_es.handle_vmgexit()
         except SevFatalError as exc:
@@ -165,8 +163,6 @@ class KvmVcpu:
             # access fault where real KVM would first reject the unregistered GHCB: VM-fatal
             # either way, never a host crash.
             self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, f"VMGEXIT: {exc}"), None)
-        finally:
-            self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
 
     @property
     def memory(self) -> HostMemory:
@@ -179,19 +175,9 @@ class KvmVcpu:
 
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
-        """SevVcpuOps: KVM's hypercall dispatch for a protected guest (always a 64-bit call)."""
-        outcome = self._dispatch_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit=True)
-        if outcome.user_exit is None:
-            self.stat_hypercalls += 1
-            complete(outcome.ret)
-            return
-        run = outcome.user_exit
-
-        def done(run: HypercallExit = run) -> None:
-            self.stat_hypercalls += 1
-            complete(run.ret)
-
-        self._exit_to_userspace(run, done)
+        """SevVcpuOps: the GHCB's VMMCALL, through the one hypercall dispatcher (always a
+        64-bit call for a protected guest)."""
+        self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, True, complete)
 
     def exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
         """SevVcpuOps: a user exit with its completion."""
@@ -200,12 +186,11 @@ class KvmVcpu:
     def pio(self, port: int, size: int, is_in: bool, value: int, complete: Callable[[int], None]) -> None:
         """SevVcpuOps: port I/O through the GHCB: every port exits to userspace."""
         if is_in:
-            run = IoExit(direction=KVM_EXIT_IO_IN, size=size, port=port, count=1, data=bytearray(size))
-            self._exit_to_userspace(run, lambda: complete(int.from_bytes(run.data[:size], "little")))
+            run = IoInExit(size=size, port=port, count=1, data=bytearray(size))
+            self._exit_to_userspace(run, lambda: complete(int.from_bytes(run.reply(size), "little")))
         else:
-            data = bytearray((value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
-            self._exit_to_userspace(IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=1, data=data),
-                                    lambda: complete(0))
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            self._exit_to_userspace(IoOutExit(size=size, port=port, count=1, data=data), lambda: complete(0))
 
     def msr(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
         """SevVcpuOps: RDMSR/WRMSR through the GHCB: msr_interception() runs the same
@@ -240,8 +225,7 @@ class KvmVcpu:
         if not self.vm.user_space_msr_mask & reason:
             complete(False, 0)
             return
-        exit_reason = KvmExitReason.KVM_EXIT_X86_WRMSR if write else KvmExitReason.KVM_EXIT_X86_RDMSR
-        run = MsrExit(exit_reason, index, reason, data=value if write else 0)
+        run: MsrExit = WrmsrExit(index, reason, data=value) if write else RdmsrExit(index, reason)
 
         def complete_msr(run: MsrExit = run) -> None:
             # complete_fast_rdmsr() / complete_fast_msr_access(): run->msr.error != 0 is #GP.
@@ -268,9 +252,20 @@ class KvmVcpu:
         self.msr_access(index, write, value, complete)
 
     # ---------------------------------------------------------------- KVM_RUN
-    def run(self, userspace: Userspace, timeout_s: float) -> RunStop:
-        """KVM_RUN: complete what userspace answered, then run until userspace stops."""
-        self._userspace = userspace
+    def run(self, timeout_s: float, handled: Callable[[KvmExit], bool] | None = None) -> KvmExit | RunStop:
+        """KVM_RUN: run the completion of the previous user exit with what userspace wrote into
+        its reply slot, then the guest until the next user exit, which is returned.
+
+        A RunStop instead when the hardware stopped without an exit: the time ran out (where
+        KVM_RUN would return -EINTR to a signal), a breakpoint, or an emulator error. Raises
+        KvmIoctlError when an exit handler or a completion failed with -errno (KVM_RUN returns
+        -1 with no exit reason).
+
+        `handled` is the testbed's internal fast path (README, Deliberate deviations): called
+        at each user exit from inside the exit handler; True means userspace already answered
+        it and the guest runs on at once (the completion runs now), without the emulator's
+        stop and restart (~300 us each, Unicorn's timeout thread). False returns the exit,
+        already answered, as usual."""
         self._pv = PvCpuid(self.vm.pv_features, self.vm.enforce_pv_feature_cpuid)
         if self._pending_completion is not None:
             done, self._pending_completion = self._pending_completion, None
@@ -278,17 +273,32 @@ class KvmVcpu:
                 done()
             except GuestMemoryError as exc:
                 self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, str(exc)), None)
-                return RunStop(StopReason.REQUESTED, "completion failed")
             except SevFatalError as exc:
                 # complete_userspace_io returned -errno (e.g. snp_complete_one_psc): KVM_RUN fails
                 # before entering the guest.
                 raise KvmIoctlError("KVM_RUN", exc.errno, f"completion: {exc}") from None
-            if self.sev_state is not None:
-                self.hw.set_ghcb_msr(self.sev_state.ghcb_msr)
-        stop = self.hw.run(timeout_s)
+            if self._run_error is not None:
+                error, self._run_error = self._run_error, None
+                raise error
+            if self._exit is not None:
+                # The completion itself exits again (the next page of a string I/O, a failed
+                # copy): KVM_RUN returns without entering the guest.
+                run, self._exit = self._exit, None
+                return run
+        self._running = True
+        self._handled = handled
+        try:
+            stop = self.hw.run(timeout_s)
+        finally:
+            self._running = False
+            self._handled = None
         if self._run_error is not None:
             error, self._run_error = self._run_error, None
+            self._exit = None
             raise error
+        if self._exit is not None:
+            run, self._exit = self._exit, None
+            return run
         return stop
 
     def fail_run(self, err: int, detail: str) -> None:
@@ -298,18 +308,29 @@ class KvmVcpu:
             self.tracer.emit("kvm", "kvm_run_error", errno=err, detail=detail)
         self._run_error = KvmIoctlError("KVM_RUN", err, detail)
         self._pending_completion = None
-        self.hw.request_stop()
+        if self._running:
+            self.hw.request_stop()
 
     def _exit_to_userspace(self, run: KvmExit, complete: Callable[[], None] | None) -> None:
+        """Return to userspace: KVM_RUN returns `run` (the hardware stops at the end of this
+        exit), and `complete` runs at the start of the next KVM_RUN, after userspace has written
+        its answer into the exit's reply slot."""
         if self.tracer.enabled:
-            fields = {f: getattr(run, f) for f in run.__dataclass_fields__ if f != "reason"}
-            self.tracer.emit("kvm", "user_exit", reason=exit_name(run.reason), **fields)
-        assert self._userspace is not None
-        if self._userspace.handle_exit(run):
+            self.tracer.emit("kvm", "user_exit", **run.to_json())
+        if self._exit is not None:
+            # One exit per KVM_RUN: the first one stands (a handler exiting twice is a testbed bug,
+            # which must not crash the host).
+            if self.tracer.enabled:
+                self.tracer.emit("kvm", "dropped_user_exit", **run.to_json())
+            return
+        handled = self._handled
+        if handled is not None and self._running and handled(run):
             if complete is not None:
                 complete()
-        else:
-            self._pending_completion = complete
+            return
+        self._exit = run
+        self._pending_completion = complete
+        if self._running:
             self.hw.request_stop()
 
     # ------------------------------------------------------------ exit dispatch
@@ -342,7 +363,14 @@ class KvmVcpu:
         self.handle_hypercall()
 
     def vmexit(self, code: int, info1: int, info2: int) -> None:
-        """Called by the hardware on every VM exit."""
+        """The hardware's one entry into KVM: every VM exit, the native hypercall included.
+
+        As svm_invoke_exit_handler() (svm.c) and __vmx_handle_exit() (vmx.c) test the hot
+        exit codes before the handler table, the native hypercall is taken first when no
+        tracer asks for the generic path's record."""
+        if code == self._hypercall_exit and not self.tracer.enabled:
+            self.handle_hypercall()
+            return
         handler = self._handlers.get(code)
         if self.tracer.enabled:
             codes = SvmExitCode if self.hw.vendor is Vendor.AMD else VmxExitReason
@@ -385,7 +413,8 @@ class KvmVcpu:
 
     # --------------------------------------------------------------- hypercalls
     def handle_hypercall(self) -> None:
-        """kvm_emulate_hypercall(): dispatch, then complete or exit to userspace."""
+        """The native VMCALL/VMMCALL exit: kvm_emulate_hypercall() on the registers, completed
+        by writing RAX and skipping the instruction (complete_hypercall)."""
         hw = self.hw
         nr, cs = hw.hypercall_regs()
         cpl = cs & 3
@@ -396,20 +425,29 @@ class KvmVcpu:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.
             a0 = a1 = a2 = a3 = 0
+        self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, hw.complete_hypercall)
+
+    def kvm_emulate_hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool,
+                              complete: Callable[[int], None]) -> None:
+        """The one hypercall dispatcher (x86.c kvm_emulate_hypercall /
+        ____kvm_emulate_hypercall) for every way a guest makes a hypercall: the native
+        VMCALL/VMMCALL exit, the GHCB's VMMCALL (sev.c) and, next, a TD's TDVMCALL.
+        `complete(ret)` writes the result where the caller's ABI wants it (RAX, the GHCB's
+        RAX): at once for in-kernel hypercalls, after userspace answered for a user exit."""
         outcome = self._dispatch_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit)
         if self.tracer.enabled:
             self.tracer.emit("kvm", "hypercall", nr=nr, args=[a0, a1, a2, a3], cpl=cpl, ret=outcome.ret,
                              user_exit=outcome.user_exit is not None)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
-            hw.complete_hypercall(complete_ret(outcome.ret, op_64_bit))
+            complete(complete_ret(outcome.ret, op_64_bit))
             return
         run = outcome.user_exit
 
         def complete_hypercall_exit(run: HypercallExit = run) -> None:
             # complete_hypercall_exit(): ret is written raw, KVM does not interpret it.
             self.stat_hypercalls += 1
-            hw.complete_hypercall(complete_ret(run.ret, op_64_bit))
+            complete(complete_ret(run.ret, op_64_bit))
 
         self._exit_to_userspace(run, complete_hypercall_exit)
 
@@ -513,21 +551,24 @@ class KvmVcpu:
         """kvm_fast_pio(): no in-kernel device on any port, so every access exits to userspace."""
         hw = self.hw
         if is_in:
-            run = IoExit(direction=KVM_EXIT_IO_IN, size=size, port=port, count=1, data=bytearray(size))
+            run = IoInExit(size=size, port=port, count=1, data=bytearray(size))
 
-            def complete_fast_pio_in(run: IoExit = run) -> None:
-                value = int.from_bytes(run.data[:size], "little")
-                hw.set_io_in_result(value)
+            def complete_fast_pio_in(run: IoInExit = run) -> None:
+                # complete_fast_pio_in(): RAX from the data area (below 32 bits merged, a 32-bit
+                # IN zero-extends), then kvm_skip_emulated_instruction().
+                value = int.from_bytes(run.reply(size), "little")
+                rax = 0 if size == 4 else hw.read_reg(Reg.RAX) & ~((1 << (8 * size)) - 1)
+                hw.write_reg(Reg.RAX, rax | value)
+                hw.skip_instruction()
 
-            # The IN completes natively right after the exit: offer the default first, so a
-            # VMM that stops on an IN still leaves a defined value (all ones, like no device).
+            # An IN the hardware let complete natively (no site hook) returns all ones (no device).
             hw.set_io_in_result((1 << (8 * size)) - 1)
             self._exit_to_userspace(run, complete_fast_pio_in)
         else:
             value = hw.read_reg(Reg.RAX) & ((1 << (8 * size)) - 1)
-            data = bytearray(value.to_bytes(size, "little"))
-            run = IoExit(direction=KVM_EXIT_IO_OUT, size=size, port=port, count=1, data=data)
-            self._exit_to_userspace(run, None)
+            # kvm_fast_pio_out() -> complete_fast_pio_out(): the OUT is skipped on the next KVM_RUN.
+            self._exit_to_userspace(IoOutExit(size=size, port=port, count=1, data=value.to_bytes(size, "little")),
+                                    hw.skip_instruction)
 
     # -------------------------------------------------------------------- misc
     def handle_cpuid(self) -> None:

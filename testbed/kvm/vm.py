@@ -8,11 +8,10 @@ errno the ioctl would return.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from testbed.hw.exits import Vendor
-from testbed.hw.memory import HostMemory
+from testbed.hw.exits import VcpuHardware, Vendor
+from testbed.hw.memory import HostMemory, StagePrivacy
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.memattr import MemoryAttributes, validate_attributes
 from testbed.kvm.msr import (
@@ -35,6 +34,7 @@ from testbed.kvm.uapi import (
 )
 from testbed.kvm.version import REFERENCE, KvmVersion
 from testbed.tracker.bitmap import BitmapTracker
+from testbed.x86.addr import Gfn, Gpa
 
 __all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
 
@@ -122,13 +122,14 @@ class KvmVm:
     """One VM: what KVM_CREATE_VM returns and its VM-wide state."""
 
     def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51,
-                 kvm_version: KvmVersion = REFERENCE) -> None:
+                 kvm_version: KvmVersion = REFERENCE, *, ghcb_version: int = 2,
+                 page_enc_status_protocol: bool = False) -> None:
         self.type = vm_type
         self.c_bit = c_bit
         #: which KVM is modelled where the reference tree and the release differ (kvm/version.py)
         self.kvm_version = kvm_version
         #: GHCB protocol version for SEV-ES/SNP (KVM_SEV_INIT2's ghcb_version, default 2)
-        self.ghcb_version = 2
+        self.ghcb_version = ghcb_version
         self.vendor = vendor
         self.memory = memory
         self.hypercall_exit_mask = 0
@@ -144,16 +145,17 @@ class KvmVm:
         guest_pages = memory.size >> 12
         # VMs with private memory keep attributes; they start private where the VMM's
         # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).
+        # The seed-era KVM (page_enc_status_protocol) had no memory attributes: the in-kernel
+        # bitmap was all it kept.
         self.mem_attrs: MemoryAttributes | None = None
-        if self.has_private_mem:
+        if self.has_private_mem and not page_enc_status_protocol:
             self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev)
-        #: called with (first_gfn, end_gfn, private) for every attribute change (the RMP follows)
-        self.on_attributes_range: Callable[[int, int, bool], None] | None = None
         #: seed-era protocol: KVM_HC_PAGE_ENC_STATUS handled in the kernel into a bitmap
-        self.page_enc_status_protocol = False
+        self.page_enc_status_protocol = page_enc_status_protocol
         self.page_enc_bitmap = BitmapTracker(guest_pages, 1)
-        #: called after attributes change (stage-2 mappings are zapped)
-        self.on_attributes_changed: Callable[[], None] | None = None
+        #: the hardware of each vCPU (KVM_CREATE_VCPU): told when stage-2 mappings change,
+        #: and driven by the launch commands
+        self._vcpu_hw: list[VcpuHardware] = []
 
     # -- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP --------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -214,13 +216,47 @@ class KvmVm:
         before = self.mem_attrs.updates
         self.mem_attrs.set(address, size, attributes, flags)
         if self.mem_attrs.updates != before:
-            if self.on_attributes_range is not None:
-                # KVM makes gmem pages private in the RMP when it maps them, and shared again
-                # when they are freed (sev_gmem_prepare / sev_gmem_invalidate).
-                self.on_attributes_range(address >> 12, (address + size) >> 12,
-                                         bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
-            if self.on_attributes_changed is not None:
-                self.on_attributes_changed()
+            # kvm_vm_set_mem_attributes() zaps the range's stage-2 mappings; on SNP KVM makes
+            # gmem pages private in the RMP when it maps them and shared again when they are
+            # freed (sev_gmem_prepare / sev_gmem_invalidate): the hardware does both.
+            for hw in self._vcpu_hw:
+                hw.stage2_changed(Gfn(address >> 12), Gfn((address + size) >> 12),
+                                  bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+
+    # -- vCPUs and the stage-2 view ------------------------------------------------------
+    def add_vcpu(self, hw: VcpuHardware) -> None:
+        """KVM_CREATE_VCPU's VM side: the vCPU's hardware follows this VM's stage-2 changes."""
+        self._vcpu_hw.append(hw)
+
+    def stage2(self) -> StagePrivacy | None:
+        """What the hardware asks about a GFN (kvm_mem_is_private()); None on a VM without
+        private memory, whose stage 2 maps every GFN one way."""
+        return self.mem_attrs
+
+    # -- launch (KVM_MEMORY_ENCRYPT_OP) --------------------------------------------------
+    def _platform(self, command: str) -> VcpuHardware:
+        if not self.sev:
+            raise KvmIoctlError(command, errno.ENOTTY, "not an SEV VM")
+        if not self._vcpu_hw:
+            raise KvmIoctlError(command, errno.EINVAL, "no vCPU: the testbed's firmware runs on its hardware")
+        return self._vcpu_hw[0]
+
+    def sev_launch_update_data(self, gpa: Gpa, length: int) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_DATA (sev.c sev_launch_update_data): the firmware encrypts
+        [gpa, gpa + length) in place and adds it to the measurement."""
+        self._platform("KVM_SEV_LAUNCH_UPDATE_DATA").launch_update_data(gpa, length)
+
+    def sev_snp_launch_start(self) -> None:
+        """KVM_SEV_SNP_LAUNCH_START: all RAM starts private (guest_memfd, attributes PRIVATE),
+        so every GFN is assigned in the RMP, not validated (the testbed assigns at launch what
+        KVM assigns at each gmem fault, sev_gmem_prepare)."""
+        hw = self._platform("KVM_SEV_SNP_LAUNCH_START")
+        hw.stage2_changed(Gfn(0), Gfn(self.memory.size >> 12), True)
+
+    def sev_snp_launch_update(self, gpa: Gpa, length: int) -> None:
+        """KVM_SEV_SNP_LAUNCH_UPDATE (sev.c snp_launch_update): the VMM's pages are copied into
+        guest_memfd (or encrypted in place without it) and enter the guest validated."""
+        self._platform("KVM_SEV_SNP_LAUNCH_UPDATE").snp_launch_update(gpa, length)
 
     @property
     def has_private_mem(self) -> bool:

@@ -12,7 +12,7 @@ is defined; a write of any other bit fails (#GP), as does any other MSR that rea
 from __future__ import annotations
 
 from testbed.kvm.msr import KVM_MIGRATION_READY, MSR_KVM_MIGRATION_CONTROL, MsrFilter
-from testbed.kvm.uapi import KvmExitReason, MsrExit
+from testbed.kvm.uapi import MsrExit, RdmsrExit
 
 
 class MsrHandler:
@@ -28,11 +28,10 @@ class MsrHandler:
 
     def handle(self, run: MsrExit) -> None:
         """Answer one MSR exit in place (run.data for a read, run.error for #GP)."""
-        write = run.reason == KvmExitReason.KVM_EXIT_X86_WRMSR
         if run.index != MSR_KVM_MIGRATION_CONTROL:
             run.error = 1
             return
-        if not write:
+        if isinstance(run, RdmsrExit):
             run.data = self.migration_control
         elif run.data & ~KVM_MIGRATION_READY:
             run.error = 1

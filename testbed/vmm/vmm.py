@@ -1,47 +1,47 @@
-"""The userspace VMM: what QEMU does around KVM_RUN.
+"""The userspace VMM: what QEMU does with each exit KVM_RUN returns.
 
-It configures the VM through KVM's verbs (capabilities, CPUID), handles every user exit —
-ucalls over port I/O, KVM_HC_MAP_GPA_RANGE into the shared-page tracker — and turns the run
-into a `RunReport`. It sees only what real userspace sees: kvm_run exits and the host's view
-of guest memory (ciphertext where a page is private); it never reads guest registers.
+`handle_exit` is the default VMM: one `match` over the exit types (kvm/uapi.py) that answers
+each as QEMU would — ucalls over port I/O, KVM_HC_MAP_GPA_RANGE into the shared-page tracker,
+implicit conversions on KVM_EXIT_MEMORY_FAULT, the filtered MSR — and says whether the run
+goes on. `Vmm` holds its state and records the run into a `RunReport`. The loop calling
+KVM_RUN is the host API's (testbed/api.py). The VMM sees only what real userspace sees:
+kvm_run exits and the host's view of guest memory; it never reads guest registers.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 from testbed.errors import TestbedError
-from testbed.hw.exits import RunStop, StopReason
 from testbed.hw.memory import HostMemory
-from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import (
-    KVM_EXIT_IO_OUT,
     KVM_HC_MAP_GPA_RANGE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_SYSTEM_EVENT_SEV_TERM,
     ApResetHoldExit,
     HltExit,
     HypercallExit,
     InternalErrorExit,
-    IoExit,
+    IoInExit,
+    IoOutExit,
     KvmExit,
     MemoryFaultExit,
-    MsrExit,
+    RdmsrExit,
     ShutdownExit,
     SystemEventExit,
-    exit_name,
+    WrmsrExit,
 )
-from testbed.kvm.vcpu import KvmVcpu
 from testbed.layout import UCALL_PORT
 from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
-from testbed.vmm.ucall import Ucall, UcallCmd, UcallError, read_ucall
+from testbed.vmm.ucall import Ucall, UcallError, read_ucall, resolve_failure
 from testbed.x86 import vector_name
+
+if TYPE_CHECKING:
+    from testbed.asm import Program
 
 GHCB_MSR_TERM_REQ = 0x100
 GHCB_SW_EXITINFO1_OFFSET = 0x398
@@ -154,28 +154,49 @@ class RunReport:
         return out
 
 
+@dataclass(frozen=True)
+class VmEnd:
+    """How the default VMM ends a run: the report's `outcome` and `detail`, the report keys that
+    go with it (`termination`, `exception`, `internal`, `bad_ucall`), and the exit it answered."""
+
+    outcome: str
+    detail: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    exit: KvmExit | None = None
+
+
+def _ucall_name(ucall: Ucall) -> str:
+    """"sync", "done", "abort", "unhandled", "cmd_<n>": the command's name, whichever form the
+    ucall carries (a name or a number)."""
+    cmd = ucall.cmd
+    return cmd if isinstance(cmd, str) else ucall.name
+
+
 class Vmm:
-    """Runs one vCPU to completion and records what userspace saw."""
+    """The default VMM: its state (the shared-page tracker and conversion policy, the MSR it
+    handles, the host's view of memory) and the record of one run (`report`).
+
+    `handle(exit)` answers one exit as QEMU would (`handle_exit` below) and records it; KVM_RUN
+    is called by the run loop (testbed/api.py), not here."""
 
     def __init__(
         self,
-        vcpu: KvmVcpu,
         memory: HostMemory,
         map_gpa: MapGpaHandler,
-        asserts: dict[int, SourceRef] | None = None,
         tracer: Tracer | None = None,
         record_exits: bool = True,
         implicit_conversion: str = "convert",
         msr: MsrHandler | None = None,
         locate: Callable[[int], Mapping[str, Any] | None] | None = None,
+        program: Program | None = None,
     ) -> None:
-        self.vcpu = vcpu
         #: maps a guest address to its source (file, line, symbol, offset): host tooling, as a
         #: debugger with the guest's symbols would be; it reads no guest state
         self.locate = locate
         self.memory = memory
         self.map_gpa = map_gpa
-        self.asserts = asserts or {}
+        #: the guest program: resolves an abort's call-site id to its file:line and text (H10)
+        self.program = program
         self.tracer = tracer if tracer is not None else Tracer.disabled()
         self.record_exits = record_exits
         self.implicit_conversion = implicit_conversion
@@ -183,183 +204,94 @@ class Vmm:
         #: where the final shared ranges come from (the VMM's tracker unless KVM keeps them)
         self.shared_source = map_gpa.tracker
         self.report = RunReport()
-        self._reason_counts: dict[int, int] = {}  # per exit reason; named in the report at the end
-        self._final: tuple[str, str] | None = None
-
-    # ---------------------------------------------------------------- the run loop
-    def run(self, timeout_s: float) -> RunReport:
-        """Call KVM_RUN until the guest finishes, fails, or the time runs out."""
-        start = time.perf_counter()
-        deadline = time.monotonic() + timeout_s
-        while self._final is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._finish("timeout", f"guest did not finish within {timeout_s:g} s")
-                break
-            try:
-                stop = self.vcpu.run(self, remaining)
-            except KvmIoctlError as exc:
-                # KVM_RUN returned -1/errno with no exit reason: the VM cannot run on. A host-side
-                # failure the guest caused (e.g. an SEV-ES VMGEXIT handler returning -EINVAL).
-                if self._final is None:
-                    self.report.errno = exc.errno
-                self._finish("kvm_run_error", str(exc))
-                break
-            self._on_stop(stop, timeout_s)
-        self.report.wall_s = time.perf_counter() - start
-        for reason, count in self._reason_counts.items():
-            self.report.exit_counts[exit_name(reason)] += count
-        assert self._final is not None
-        self.report.outcome, self.report.detail = self._final
-        self.report.shared_ranges = [[gfn, n] for gfn, n in self.shared_source.shared_ranges()]
-        if self.shared_source.poisoned:
-            self.report.extra["tracker_poisoned"] = True
-        self.tracer.emit("vmm", "end", outcome=self.report.outcome, detail=self.report.detail)
-        return self.report
-
-    def _on_stop(self, stop: RunStop, timeout_s: float) -> None:
-        if stop.reason is StopReason.TIMEOUT:
-            self._finish("timeout", f"guest did not finish within {timeout_s:g} s")
-        elif stop.reason is StopReason.EMULATOR_ERROR:
-            self._finish("internal_error", f"emulator: {stop.detail}")
-
-    def _finish(self, outcome: str, detail: str = "") -> None:
-        if self._final is None:
-            self._final = (outcome, detail)
+        self._reason_counts: dict[str, int] = {}  # per exit reason; into the report at the end
+        self._end: VmEnd | None = None
 
     @property
-    def ended(self) -> tuple[str, str] | None:
-        """(outcome, detail) once the guest has finished or failed; None while it can run on."""
-        return self._final
+    def ended(self) -> VmEnd | None:
+        """How the run ended once the guest finished or failed; None while it can run on."""
+        return self._end
 
-    # ------------------------------------------------------------------- exits
-    def handle_exit(self, run: KvmExit) -> bool:
-        """Userspace's half of KVM_RUN: True re-enters the guest, False stops."""
-        reason = run.reason
+    def finish(self, end: VmEnd) -> VmEnd:
+        """Record the end of the run (the first end stands) and return the one that stands."""
+        if self._end is None:
+            self._end = end
+            self.report.outcome, self.report.detail = end.outcome, end.detail
+            for key, value in end.info.items():
+                if key == "termination":
+                    self.report.termination = value
+                elif key == "exception":
+                    self.report.exception = value
+                elif key == "errno":
+                    self.report.errno = value
+                elif key != "ucall":
+                    self.report.extra[key] = value
+        return self._end
+
+    def handle(self, exit: KvmExit) -> Ucall | VmEnd | None:
+        """Answer one exit (its reply slot filled in place), record it, and say what it meant:
+        the ucall it carried, the end of the run, or None (KVM_RUN may simply be called again)."""
+        reason = exit.reason
         counts = self._reason_counts
         counts[reason] = counts.get(reason, 0) + 1
-        if type(run) is HypercallExit:  # the hot path first
-            if run.nr == KVM_HC_MAP_GPA_RANGE:
-                run.ret = self.map_gpa.handle(run.args[0], run.args[1], run.args[2])
-            if self.record_exits or self.tracer.enabled:
-                self._record({"reason": "hypercall", "nr": run.nr, "args": list(run.args), "ret": run.ret,
-                              "flags": run.flags})
-            return True
-        if isinstance(run, IoExit):
-            return self._handle_io(run)
-        if isinstance(run, ApResetHoldExit):
-            # KVM_EXIT_AP_RESET_HOLD: the AP waits for a SIPI that nothing in the testbed sends.
-            self._record({"reason": "ap_reset_hold"})
-            self._finish("timeout", "vCPU parked in AP reset hold with nothing to wake it (no SIPI is modelled)")
-            return False
-        if isinstance(run, HltExit):
-            self._record({"reason": "hlt"})
-            self._finish("timeout", "vCPU halted with nothing to wake it (no interrupts are modelled)")
-            return False
-        if isinstance(run, ShutdownExit):
-            self._record({"reason": "shutdown"})
-            self._finish("shutdown", "triple fault")
-            return False
-        if isinstance(run, SystemEventExit):
-            self._record({"reason": "system_event", "type": run.type, "data": list(run.data)})
-            if run.type == KVM_SYSTEM_EVENT_SEV_TERM and run.data:
-                value = run.data[0]
-                if value & 0xFFF == GHCB_MSR_TERM_REQ:
-                    # MSR protocol: data[0] is the MSR value, reason in bits 15:12 and 23:16.
-                    term = {"reason_set": (value >> 12) & 0xF, "reason_code": (value >> 16) & 0xFF}
-                    how = f"GHCB MSR 0x{value:x}"
-                else:
-                    # GHCB page protocol: data[0] is the GHCB's GPA; the reason is in its
-                    # SW_EXITINFO1 (bits 3:0 set, 11:4 code), readable because the GHCB is shared.
-                    try:
-                        info1 = int.from_bytes(self.memory.read(value + GHCB_SW_EXITINFO1_OFFSET, 8), "little")
-                    except TestbedError:
-                        info1 = 0
-                    term = {"reason_set": info1 & 0xF, "reason_code": (info1 >> 4) & 0xFF}
-                    how = f"GHCB at 0x{value:x}"
-                self.report.termination = term
-                self._finish("terminated", f"guest requested termination ({how})")
-            else:
-                self._finish("terminated", f"system event {run.type}")
-            return False
-        if isinstance(run, MemoryFaultExit):
-            private = bool(run.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
-            self._record({"reason": "memory_fault", "flags": run.flags, "gpa": run.gpa, "size": run.size})
-            # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
-            if self.implicit_conversion == "convert" and self.map_gpa.convert(
-                run.gpa >> 12, max(1, run.size >> 12), private
-            ) == 0:
-                return True
-            kind = "private" if private else "shared"
-            why = ("the VMM refused to convert it" if self.implicit_conversion == "convert"
-                   else "implicit conversions are refused")
-            self._finish("memory_fault", f"guest made a {kind} access to gpa 0x{run.gpa:x}, which the host holds as "
-                         f"{'shared' if private else 'private'}; {why}")
-            return False
-        if isinstance(run, MsrExit):
-            # KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: userspace answers, KVM completes.
-            self.msr.handle(run)
-            self._record({"reason": exit_name(run.reason), "index": run.index, "msr_reason": run.msr_reason,
-                          "data": run.data, "error": run.error})
-            return True
-        if isinstance(run, InternalErrorExit):
-            self._record({"reason": "internal_error", "suberror": run.suberror, "detail": run.detail,
-                          "data": list(run.data)})
-            # run->internal as userspace reads it: the suberror says which KVM path gave up.
-            self.report.extra["internal"] = {"suberror": run.suberror, "data": list(run.data)}
-            self._finish("internal_error", run.detail)
-            return False
-        self._finish("internal_error", f"unexpected exit {exit_name(run.reason)}")
-        return False
+        result = handle_exit(self, exit)
+        if self.record_exits or self.tracer.enabled:
+            entry = exit.to_json()
+            if self.record_exits:
+                self.report.user_exits.append(entry)
+            if self.tracer.enabled:
+                self.tracer.emit("vmm", "exit", **entry)
+        if isinstance(result, VmEnd):
+            result = self.finish(result)
+        return result
 
-    def _record(self, entry: dict[str, Any]) -> None:
-        if self.record_exits:
-            self.report.user_exits.append(entry)
-        if self.tracer.enabled:
-            self.tracer.emit("vmm", "exit", **entry)
+    def finalize(self, wall_s: float) -> RunReport:
+        """The report of the run as it stands: exit counts, final shared ranges, wall time."""
+        report = self.report
+        report.wall_s = wall_s
+        report.exit_counts.clear()
+        report.exit_counts.update(self._reason_counts)
+        report.shared_ranges = [[gfn, n] for gfn, n in self.shared_source.shared_ranges()]
+        if self.shared_source.poisoned:
+            report.extra["tracker_poisoned"] = True
+        self.tracer.emit("vmm", "end", outcome=report.outcome, detail=report.detail)
+        return report
 
-    def _handle_io(self, run: IoExit) -> bool:
-        value = int.from_bytes(run.data[: run.size], "little")
-        self._record({"reason": "io", "direction": "out" if run.direction == KVM_EXIT_IO_OUT else "in",
-                      "port": run.port, "size": run.size, "value": value})
-        if run.direction != KVM_EXIT_IO_OUT:
-            run.data[:] = b"\xff" * run.size  # no device: reads float high
-            return True
-        if run.port != UCALL_PORT:
-            return True  # no device: writes are dropped
+    # ------------------------------------------------------------------- ucalls
+    def read_ucall(self, gpa: int) -> Ucall | VmEnd:
+        """The ucall at `gpa`, or the end of the run for a message the VMM cannot take."""
         try:
-            ucall = read_ucall(self.memory, value)
+            return read_ucall(self.memory, gpa)
         except UcallError as exc:
             # The guest's message is malformed: the guest's failure, not the host's.
-            self.report.extra["bad_ucall"] = {"gpa": value, "reason": str(exc)}
-            self._finish("bad_ucall", str(exc))
-            return False
-        return self._handle_ucall(ucall)
+            return VmEnd("bad_ucall", str(exc), {"bad_ucall": {"gpa": gpa, "reason": str(exc)}})
 
-    def _handle_ucall(self, ucall: Ucall) -> bool:
-        entry: dict[str, Any] = {"cmd": ucall.name, "args": list(ucall.args)}
+    def handle_ucall(self, ucall: Ucall) -> Ucall | VmEnd:
+        """Record a ucall; sync and done go back to the caller, the others end the run."""
+        name = _ucall_name(ucall)
+        entry: dict[str, Any] = {"cmd": name, "args": list(ucall.args)}
         if self.tracer.enabled:
-            self.tracer.emit("guest", "ucall", cmd=ucall.name, args=list(ucall.args))
-        if ucall.cmd == UcallCmd.UCALL_SYNC:
+            self.tracer.emit("guest", "ucall", cmd=name, args=list(ucall.args))
+        if name == "sync":
             self.report.ucalls.append(entry)
-            return True
-        if ucall.cmd == UcallCmd.UCALL_DONE:
+            return ucall
+        if name == "done":
             self.report.ucalls.append(entry)
-            self._finish("done")
-            return False
-        if ucall.cmd == UcallCmd.UCALL_ABORT:
-            site, a, b = [*ucall.args, 0, 0, 0][:3]
-            where = self.asserts.get(site)
-            entry = {"cmd": "abort", "args": [a, b]}
-            if where is not None:
-                entry["file"], entry["line"] = where.file, where.line
-                loc = f"{where.file}:{where.line}"
-            else:
-                loc = f"unknown assert site {site}"
+            self.finish(VmEnd("done"))
+            return ucall
+        if name == "abort":
+            # The call-site id resolved against the program's assert table (ucall.py).
+            failure = resolve_failure(ucall.args, self.program)
+            ucall = Ucall(cmd=ucall.cmd, args=ucall.args, gpa=ucall.gpa, failure=failure, number=ucall.number)
+            entry = {"cmd": "abort", "args": list(failure.values)}
+            if failure.line:
+                entry["file"], entry["line"] = failure.file, failure.line
+                entry["message"] = failure.message  # GUEST_FAIL's text, or the assert's (H10)
+            if failure.caller is not None:  # the assert failed in a helper called from here
+                entry["caller"] = {"file": failure.caller[0], "line": failure.caller[1]}
             self.report.ucalls.append(entry)
-            self._finish("guest_assert", f"{loc}: GUEST_ASSERT_EQ failed: 0x{a:x} != 0x{b:x}")
-            return False
-        if ucall.cmd == UcallCmd.UCALL_UNHANDLED:
+            return VmEnd("guest_assert", str(failure), {"ucall": ucall})
+        if name == "unhandled":
             vector, error, rip, cr2 = [*ucall.args, 0, 0, 0, 0][:4]
             exception: dict[str, Any] = {"vector": vector, "error_code": error, "rip": rip}
             detail = f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}"
@@ -371,10 +303,78 @@ class Vmm:
                 exception.update(source)
                 symbol = f" ({source['symbol']}+0x{source['offset']:x})" if source.get("symbol") else ""
                 detail = f"{source['file']}:{source['line']}{symbol}: {detail}"
-            self.report.exception = exception
-            self._finish("unhandled_exception", detail)
-            return False
+            return VmEnd("unhandled_exception", detail, {"exception": exception})
         self.report.ucalls.append(entry)
-        self.report.extra["bad_ucall"] = {"gpa": ucall.gpa, "reason": f"unknown command {ucall.cmd}"}
-        self._finish("bad_ucall", f"ucall at 0x{ucall.gpa:x}: unknown command {ucall.cmd} (known: 1-4)")
-        return False
+        return VmEnd("bad_ucall", f"ucall at 0x{ucall.gpa:x}: unknown command {name.removeprefix('cmd_')} "
+                     "(known: 1-4)", {"bad_ucall": {"gpa": ucall.gpa, "reason": f"unknown command {ucall.number}"}})
+
+    def _termination(self, exit: SystemEventExit) -> VmEnd:
+        if exit.type != KVM_SYSTEM_EVENT_SEV_TERM or not exit.data:
+            return VmEnd("terminated", f"system event {exit.type}", exit=exit)
+        value = exit.data[0]
+        if value & 0xFFF == GHCB_MSR_TERM_REQ:
+            # MSR protocol: data[0] is the MSR value, reason in bits 15:12 and 23:16.
+            term = {"reason_set": (value >> 12) & 0xF, "reason_code": (value >> 16) & 0xFF}
+            how = f"GHCB MSR 0x{value:x}"
+        else:
+            # GHCB page protocol: data[0] is the GHCB's GPA; the reason is in its SW_EXITINFO1
+            # (bits 3:0 set, 11:4 code), readable because the GHCB is shared.
+            try:
+                info1 = int.from_bytes(self.memory.read(value + GHCB_SW_EXITINFO1_OFFSET, 8), "little")
+            except TestbedError:
+                info1 = 0
+            term = {"reason_set": info1 & 0xF, "reason_code": (info1 >> 4) & 0xFF}
+            how = f"GHCB at 0x{value:x}"
+        return VmEnd("terminated", f"guest requested termination ({how})", {"termination": term}, exit)
+
+    def _memory_fault(self, exit: MemoryFaultExit) -> VmEnd | None:
+        # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
+        private = exit.private
+        if self.implicit_conversion == "convert" and self.map_gpa.convert(
+            exit.gpa >> 12, max(1, exit.size >> 12), private
+        ) == 0:
+            return None
+        kind = "private" if private else "shared"
+        why = ("the VMM refused to convert it" if self.implicit_conversion == "convert"
+               else "implicit conversions are refused")
+        return VmEnd("memory_fault", f"guest made a {kind} access to gpa 0x{exit.gpa:x}, which the host holds as "
+                     f"{'shared' if private else 'private'}; {why}", exit=exit)
+
+
+def handle_exit(vmm: Vmm, exit: KvmExit) -> Ucall | VmEnd | None:
+    """The default VMM's answer to one exit, as QEMU's kvm_cpu_exec() would give it: writes the
+    reply slot in place and returns the ucall the exit carried, the end of the run, or None."""
+    match exit:
+        case HypercallExit(nr=nr, args=args):
+            if nr == KVM_HC_MAP_GPA_RANGE:
+                exit.ret = vmm.map_gpa.handle(args[0], args[1], args[2])
+            return None
+        case IoOutExit(port=port):
+            if port != UCALL_PORT:
+                return None  # no device: writes are dropped
+            ucall = vmm.read_ucall(exit.value)
+            return ucall if isinstance(ucall, VmEnd) else vmm.handle_ucall(ucall)
+        case IoInExit(size=size, count=count):
+            exit.data = b"\xff" * (size * count)  # no device: reads float high
+            return None
+        case MemoryFaultExit():
+            return vmm._memory_fault(exit)
+        case RdmsrExit() | WrmsrExit():
+            # KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: userspace answers, KVM completes.
+            vmm.msr.handle(exit)
+            return None
+        case HltExit():
+            return VmEnd("timeout", "vCPU halted with nothing to wake it (no interrupts are modelled)", exit=exit)
+        case ApResetHoldExit():
+            # KVM_EXIT_AP_RESET_HOLD: the AP waits for a SIPI that nothing in the testbed sends.
+            return VmEnd("timeout", "vCPU parked in AP reset hold with nothing to wake it (no SIPI is modelled)",
+                         exit=exit)
+        case ShutdownExit():
+            return VmEnd("shutdown", "triple fault", exit=exit)
+        case SystemEventExit():
+            return vmm._termination(exit)
+        case InternalErrorExit(suberror=suberror, detail=detail, data=data):
+            # run->internal as userspace reads it: the suberror says which KVM path gave up.
+            return VmEnd("internal_error", detail, {"internal": {"suberror": suberror, "data": list(data)}}, exit)
+        case _:
+            assert_never(exit)

@@ -180,8 +180,8 @@ def test_ap_reset_hold_parks_with_result_zero(kvm: KvmVersion) -> None:
     handler, _, ops = make(kvm=kvm)
     assert vmgexit(handler, 0xFFFF_F000 | GhcbMsrCode.GHCB_MSR_AP_RESET_HOLD_REQ) == 0x007
     assert ops.exits == [ApResetHoldExit()]
-    assert ops.exits[0].reason == KvmExitReason.KVM_EXIT_AP_RESET_HOLD == 32
-    assert exit_name(ops.exits[0].reason) == "ap_reset_hold"
+    assert ops.exits[0].exit_reason == KvmExitReason.KVM_EXIT_AP_RESET_HOLD == 32
+    assert ops.exits[0].reason == exit_name(32) == "ap_reset_hold"
 
 
 def test_termination_request() -> None:

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from testbed.hw.exits import GhcbMsrRegister
 from testbed.hw.memory import BytesMemory
 from testbed.kvm.ghcb import (
     GHCB_SHARED_BUFFER_OFFSET,
@@ -40,12 +41,12 @@ from testbed.kvm.ghcb import (
 from testbed.kvm.sev import KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, SevEsHandler, SevFatalError, SevState
 from testbed.kvm.uapi import (
     KVM_EXIT_IO_IN,
-    KVM_EXIT_IO_OUT,
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_SYSTEM_EVENT_SEV_TERM,
     ApResetHoldExit,
     InternalErrorExit,
     IoExit,
+    IoOutExit,
     KvmExit,
     SystemEventExit,
 )
@@ -120,7 +121,7 @@ REF, V7_1 = KvmVersion.KVM_X86, KvmVersion.RELEASED
 def make(snp: bool = False, version: int = 2, register: bool = True,
          kvm: KvmVersion = REF) -> tuple[SevEsHandler, FakeOps, Ghcb]:
     ops = FakeOps()
-    state = SevState(snp=snp, ghcb_version=version, hypercall_exit_enabled=True, ghcb_msr=GHCB_GPA,
+    state = SevState(snp=snp, ghcb_version=version, hypercall_exit_enabled=True, msr=GhcbMsrRegister(GHCB_GPA),
                      registered_ghcb_gpa=GHCB_GPA if (snp and register) else None, kvm_version=kvm)
     return SevEsHandler(state, ops), ops, Ghcb(ops.memory, GHCB_GPA)
 
@@ -488,7 +489,7 @@ def test_string_out_from_shared_buffer() -> None:
     ops.memory.write(SHARED + 0x10, bytes(range(1, 9)))
     request(ghcb, SwExitCode.SVM_EXIT_IOIO, (0x3F8 << 16) | SZ16 | IOIO_STR, 4, sw_scratch=SHARED + 0x10)
     handler.handle_vmgexit()
-    assert ops.exits == [IoExit(KVM_EXIT_IO_OUT, 2, 0x3F8, 4, bytearray(range(1, 9)))]
+    assert ops.exits == [IoOutExit(2, 0x3F8, 4, bytes(range(1, 9)))]
     assert answer(ghcb) == OK
 
 
@@ -552,7 +553,7 @@ def test_v1_scratch_out_reads_guest_memory() -> None:
     ops.memory.write(0x9000, b"hello")
     request(ghcb, SwExitCode.SVM_EXIT_IOIO, (0x3F8 << 16) | SZ8 | IOIO_STR, 5, sw_scratch=0x9000)
     handler.handle_vmgexit()
-    assert ops.exits == [IoExit(KVM_EXIT_IO_OUT, 1, 0x3F8, 5, bytearray(b"hello"))]
+    assert ops.exits == [IoOutExit(1, 0x3F8, 5, b"hello")]
 
 
 def test_v1_scratch_limit() -> None:
@@ -750,7 +751,7 @@ def test_tracer_records_vmgexit() -> None:
     """With tracing on, the VMGEXIT and its answer are traced as kvm events (testbed/trace.py)."""
     events: list[dict[str, Any]] = []
     ops = FakeOps()
-    handler = SevEsHandler(SevState(ghcb_msr=GHCB_GPA), ops, Tracer(sink=events.append))
+    handler = SevEsHandler(SevState(msr=GhcbMsrRegister(GHCB_GPA)), ops, Tracer(sink=events.append))
     request(Ghcb(ops.memory, GHCB_GPA), SwExitCode.SVM_VMGEXIT_HV_FEATURES)
     handler.handle_vmgexit()
     assert [e["event"] for e in events] == ["vmgexit", "vmgexit_done"]

@@ -356,31 +356,26 @@ def test_msr_filter_first_range_decides() -> None:
 
 
 def test_msr_exit_left_pending_completes_on_the_next_run() -> None:
-    """A VMM that stops on a KVM_EXIT_X86_RDMSR (KVM_RUN returns) completes it on the next KVM_RUN
-    (complete_userspace_io): the instruction neither runs natively nor is skipped twice."""
+    """KVM_RUN returns at each KVM_EXIT_X86_RDMSR/WRMSR and the next KVM_RUN completes it with what
+    userspace wrote (x86.c complete_fast_rdmsr / complete_fast_msr_access via
+    complete_userspace_io): the instruction neither runs natively nor is skipped twice."""
+    from testbed.api import Vm
+    from testbed.kvm.uapi import RdmsrExit, WrmsrExit
+
     options = VmOptions(memory=MEMORY, pv_features=MIGRATION_CONTROL_FEATURE,
                         defines={"MSR_KVM_MIGRATION_CONTROL": MSR_KVM_MIGRATION_CONTROL})
-    machine = Machine(build_program("migration.s", options, text=MIGRATION_GUEST), options)
-    vmm = machine.vmm
-    stops: list[str] = []
-    original = vmm.handle_exit
-
-    def handle_exit(run: Any) -> bool:
-        resume = original(run)
-        if run.reason in (kmsr_exit_reasons()) and len(stops) < 3:
-            stops.append(str(run.reason))
-            return False
-        return resume
-
-    vmm.handle_exit = handle_exit  # type: ignore[method-assign]
-    report = machine.run()
-    assert len(stops) == 3, stops
-    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
-    assert report.syncs() == [1, 1], f"syncs {report.syncs()}"
-
-
-def kmsr_exit_reasons() -> tuple[int, int]:
-    """KVM_EXIT_X86_RDMSR and KVM_EXIT_X86_WRMSR."""
-    from testbed.kvm.uapi import KvmExitReason
-
-    return (KvmExitReason.KVM_EXIT_X86_RDMSR, KvmExitReason.KVM_EXIT_X86_WRMSR)
+    msr_exits: list[str] = []
+    syncs: list[int] = []
+    with Vm(options) as vm:
+        vcpu = vm.load("migration.s", text=MIGRATION_GUEST)
+        while True:
+            exit_ = vcpu.run()
+            if isinstance(exit_, RdmsrExit | WrmsrExit):
+                msr_exits.append(exit_.reason)
+            uc = vm.handle(exit_)
+            if uc is not None and uc.cmd == "done":
+                break
+            if uc is not None:
+                syncs.append(uc.args[0])
+    assert msr_exits == ["x86_wrmsr", "x86_rdmsr", "x86_wrmsr"], msr_exits
+    assert syncs == [1, 1], f"syncs {syncs}"

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
+from testbed.hw.exits import GhcbMsrRegister
 from testbed.hw.memory import BytesMemory
 from testbed.kvm.ghcb import (
     GHCB_SHARED_BUFFER_OFFSET,
@@ -103,7 +104,7 @@ class Psc:
     def __init__(self, entries: list[PscEntry], cur: int = 0, end: int | None = None, scratch: int = BUF,
                  exits: bool = True, kvm: KvmVersion = KvmVersion.KVM_X86) -> None:
         self.ops = FakeOps()
-        self.state = SevState(snp=True, ghcb_msr=GHCB_GPA, registered_ghcb_gpa=GHCB_GPA,
+        self.state = SevState(snp=True, msr=GhcbMsrRegister(GHCB_GPA), registered_ghcb_gpa=GHCB_GPA,
                               hypercall_exit_enabled=exits, kvm_version=kvm)
         self.handler = SevEsHandler(self.state, self.ops)
         self.ghcb = Ghcb(self.ops.memory, GHCB_GPA)

@@ -1,0 +1,419 @@
+"""The host API: a KVM-selftests-style Vm and Vcpu over the testbed's layers.
+
+    import testbed
+    with testbed.Vm(vm_type="sev-snp", memory="16M") as vm:
+        vcpu = vm.load("guest.s", defines={"N": 4})   # assembled, booted to guest_main
+        uc = vcpu.run_to_ucall()                     # Ucall(cmd="sync", args=[...])
+        exit = vcpu.run()                            # one user exit, unanswered
+        uc = vm.handle(exit)                         # the default VMM's answer
+
+`Vcpu.run` is KVM_RUN: it returns each user exit (kvm/uapi.py types) to the caller, which
+answers in the exit's reply slot (or passes it to `Vm.handle`, the default VMM); the next run
+completes the exit with that answer. A run that ends — a failed GUEST_ASSERT, an unhandled
+guest exception, a shutdown, a termination request, KVM_RUN failing, the time running out —
+raises a `VmExitError` subclass carrying the outcome `testbed run --json` reports.
+
+`run_guest` and `testbed run` are this loop plus the report (`run_report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from testbed.errors import TestbedError, UsageError
+from testbed.hw.exits import RunStop, StopReason
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmExit
+from testbed.vmm.ucall import GuestFailure, Ucall
+from testbed.vmm.vmm import RunReport, VmEnd
+
+if TYPE_CHECKING:
+    from testbed.machine import Machine, VmOptions
+
+__all__ = [
+    "GuestAssertionError",
+    "GuestExceptionError",
+    "KvmRunError",
+    "Vcpu",
+    "Vm",
+    "VmExitError",
+    "VmTimeoutError",
+    "run_guest",
+    "run_report",
+]
+
+
+# ----------------------------------------------------------------------------- errors
+class VmExitError(TestbedError):
+    """The guest's run ended: `outcome` and `detail` as `testbed run --json` reports them
+    ("shutdown", "terminated", "internal_error", "memory_fault", "bad_ucall", ...), `exit` the
+    exit that ended it (None when none did), `info` the report's keys for it (`termination`,
+    `internal`, `bad_ucall`, ...). str() is the detail."""
+
+    def __init__(self, outcome: str, detail: str, exit: KvmExit | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{outcome}: {detail}" if detail else outcome)
+        self.outcome = outcome
+        self.detail = detail
+        self.exit = exit
+        self.info = dict(info or {})
+
+
+class GuestAssertionError(VmExitError):
+    """A GUEST_ASSERT* or GUEST_FAIL failed in the guest (outcome guest_assert).
+
+    `file`, `line`: where the assert is written; `values`: the values it compared; `failure`
+    the whole GuestFailure (message, caller). str() is "file:line: ..." as the selftests'
+    REPORT_GUEST_ASSERT prints it."""
+
+    def __init__(self, failure: GuestFailure, ucall: Ucall | None = None) -> None:
+        super().__init__("guest_assert", str(failure))
+        self.failure = failure
+        self.file = failure.file
+        self.line = failure.line
+        self.values = failure.values
+        self.ucall = ucall
+
+    def __str__(self) -> str:
+        return str(self.failure)
+
+
+class GuestExceptionError(VmExitError):
+    """The guest took an exception it had no handler for (outcome unhandled_exception);
+    `exception` holds vector, error_code, rip (cr2 for a #PF; file, line, symbol, offset where
+    rip is in the program), also as `vector`, `error_code`, `rip`."""
+
+    def __init__(self, detail: str, exception: dict[str, Any]) -> None:
+        super().__init__("unhandled_exception", detail, info={"exception": exception})
+        self.exception = exception
+        self.vector: int = exception.get("vector", -1)
+        self.error_code: int = exception.get("error_code", 0)
+        self.rip: int = exception.get("rip", 0)
+
+
+class VmTimeoutError(VmExitError):
+    """The vCPU did not exit to userspace within the timeout (outcome timeout)."""
+
+
+class KvmRunError(VmExitError):
+    """KVM_RUN failed with -1/`errno` and no exit reason (outcome kvm_run_error): an exit
+    handler returned -errno, e.g. an SEV-ES VMGEXIT KVM rejects. The VM cannot run on."""
+
+    def __init__(self, errno: int, detail: str) -> None:
+        super().__init__("kvm_run_error", detail, info={"errno": errno})
+        self.errno = errno
+
+
+def _raise_for(end: VmEnd) -> VmExitError:
+    """The error for a run the default VMM ended."""
+    info = dict(end.info)
+    if end.outcome == "guest_assert":
+        ucall = info.get("ucall")
+        failure = ucall.failure if isinstance(ucall, Ucall) else None
+        if failure is None:
+            failure = GuestFailure(file="<guest>", line=0, values=(), message=end.detail)
+        return GuestAssertionError(failure, ucall if isinstance(ucall, Ucall) else None)
+    if end.outcome == "unhandled_exception":
+        return GuestExceptionError(end.detail, info.get("exception", {}))
+    if end.outcome == "kvm_run_error":
+        return KvmRunError(info.get("errno", 0), end.detail)
+    if end.outcome == "timeout":
+        return VmTimeoutError(end.outcome, end.detail, end.exit, info)
+    return VmExitError(end.outcome, end.detail, end.exit, info)
+
+
+def _timeout(value: float | None, default: float) -> float:
+    from testbed.options import parse_timeout
+
+    return default if value is None else parse_timeout(value)
+
+
+# ------------------------------------------------------------------------------- Vm
+class Vm:
+    """One VM: `Vm(vm_type="sev-snp", memory="16M", ...)` takes VmOptions' fields with the
+    same spellings (or a VmOptions as its one positional argument). A context manager: the
+    end of the `with` (or close()) releases the emulator and all guest memory.
+
+    The machine is built by `load`, which assembles the guest and boots it; the memory
+    accessors need a loaded guest."""
+
+    def __init__(self, options: VmOptions | None = None, /, **fields: Any) -> None:
+        from testbed.machine import VmOptions
+
+        if options is not None:
+            if fields:
+                raise UsageError("Vm(): pass a VmOptions or keyword options, not both")
+            if not isinstance(options, VmOptions):
+                raise UsageError(f"Vm(): expected a VmOptions, not {type(options).__name__}")
+            self.options = dataclasses.replace(options, defines=dict(options.defines))
+        else:
+            known = {f.name for f in dataclasses.fields(VmOptions)}
+            unknown = sorted(set(fields) - known)
+            if unknown:
+                raise UsageError(f"Vm(): unknown option {unknown[0]!r}; the options are {', '.join(sorted(known))}")
+            self.options = VmOptions(**fields)
+        self.options.validate()
+        self._machine: Machine | None = None
+        self._vcpu: Vcpu | None = None
+        self._closed = False
+
+    @classmethod
+    def attach(cls, machine: Machine) -> tuple[Vm, Vcpu]:
+        """A Vm and its Vcpu over a machine built (and maybe booted) already: the run picks up
+        where the vCPU stands. Closing this Vm closes the machine."""
+        vm = cls.__new__(cls)
+        vm.options = machine.options
+        vm._machine = machine
+        vm._closed = False
+        vm._vcpu = Vcpu(vm, machine)
+        return vm, vm._vcpu
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the machine (emulator, hooks, guest memory). Idempotent."""
+        self._closed = True
+        if self._machine is not None:
+            self._machine.close()
+
+    @property
+    def machine(self) -> Machine:
+        """The composition root under this VM (hardware, KVM, VMM objects), for inspection."""
+        if self._closed:
+            from testbed.errors import MachineClosedError
+
+            raise MachineClosedError("this VM is closed: its emulator and guest memory were released")
+        if self._machine is None:
+            raise UsageError("this VM has no guest yet: call vm.load(path) first")
+        return self._machine
+
+    # ------------------------------------------------------------------- loading
+    def load(self, path: str | Path | None = None, *, text: str | None = None,
+             defines: dict[str, int | str] | None = None, timeout: float | None = None) -> Vcpu:
+        """Assemble the guest (`path`, relative to the current directory, or `text`, which `path`
+        then only names) with the
+        runtime, build the machine, boot the runtime to guest_main, and return the one vCPU,
+        stopped there: the first run continues at guest_main. `defines` add to the options'.
+
+        Exits during the boot are answered by the default VMM; a boot that ends raises the
+        VmExitError for it. One guest per Vm: a second load is a UsageError."""
+        from testbed.machine import Machine, build_program
+        from testbed.options import parse_defines
+
+        if self._closed:
+            raise UsageError("this VM is closed")
+        if self._machine is not None:
+            raise UsageError("this VM already holds a guest: one load per Vm (use a new Vm)")
+        if path is None and text is None:
+            raise UsageError("vm.load(): give a guest source path, or text= (path then only names it)")
+        options = self.options
+        if defines:
+            options = dataclasses.replace(options, defines={**options.defines, **parse_defines(defines)})
+        source = "<text>" if path is None else path
+        program = build_program(source, options, text=text)
+        if "guest_main" not in program.symbols:
+            raise UsageError(f"{source}: the guest defines no guest_main")
+        self._machine = Machine(program, options)
+        self._vcpu = Vcpu(self, self._machine)
+        self._vcpu._boot(program.symbols["guest_main"], _timeout(timeout, options.timeout))
+        return self._vcpu
+
+    # ------------------------------------------------------------- host's view
+    def read(self, gpa: int, n: int) -> bytes:
+        """`n` bytes at `gpa` as the VMM sees them: plaintext of shared pages, ciphertext of a
+        legacy SEV private page, and for a private page of a guest_memfd VM (sw-protected,
+        sev-snp) an UnmappableMemoryError (README: Memory)."""
+        return self.machine.memory.host_read(gpa, n)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write through the VMM's view (refused on a guest_memfd VM's private page and on an
+        SNP guest-assigned page; on legacy SEV the guest then decrypts garbage)."""
+        self.machine.memory.host_write(gpa, bytes(data))
+
+    def is_private(self, gpa: int) -> bool:
+        """KVM's memory attribute of the page holding `gpa` (KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        False on VMs without memory attributes (default, sev-es)."""
+        machine = self.machine
+        self._check_gpa(gpa, 1)
+        attrs = machine.kvm_vm.mem_attrs
+        return attrs is not None and attrs.is_private(gpa >> 12)
+
+    def set_memory_attributes(self, gpa: int, size: int, private: bool = True) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES on [gpa, gpa + size): the attribute only, as the selftests'
+        vm_set_memory_attributes(); the VMM's tracker and memory are untouched. KvmIoctlError
+        (EINVAL) for what KVM rejects (unaligned, wrapping, attributes the VM does not have)."""
+        self.machine.kvm_vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+
+    def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool) -> None:
+        """The selftests' vm_guest_mem_fallocate(): with `punch_hole`, fallocate(PUNCH_HOLE)
+        on the guest_memfd pages of [gpa, gpa + size) (a later private access finds zeros);
+        allocating is a no-op (backings are allocated lazily). Nothing on other VM types."""
+        self._check_gpa(gpa, size)
+        if punch_hole:
+            self.machine.memory.discard_private(gpa >> 12, (size + 0xFFF) >> 12)
+
+    def shared_ranges(self) -> list[tuple[int, int]]:
+        """The VMM's shared-page tracker, exported as merged (gfn, npages) ranges."""
+        vmm = self.machine.vmm
+        return [(gfn, n) for gfn, n in vmm.shared_source.shared_ranges()]
+
+    def _check_gpa(self, gpa: int, size: int) -> None:
+        mem = self.machine.memory
+        if not isinstance(gpa, int) or not isinstance(size, int) or gpa < 0 or size < 0 or gpa + size > mem.size:
+            raise UsageError(f"gpa 0x{gpa:x} + 0x{size:x} is outside guest memory (0x{mem.size:x} bytes)")
+
+    # ---------------------------------------------------------- the default VMM
+    def handle(self, exit: KvmExit) -> Ucall | None:
+        """The default VMM's handling of `exit` (vmm/vmm.py handle_exit): fills the reply slot
+        and returns the Ucall when the exit was one (sync or done), else None. An exit that ends
+        the run raises its VmExitError (GuestAssertionError for a failed assert, ...)."""
+        result = self.machine.vmm.handle(exit)
+        if isinstance(result, VmEnd):
+            raise _raise_for(result)
+        return result
+
+
+# ----------------------------------------------------------------------------- Vcpu
+class Vcpu:
+    """The VM's one vCPU (KVM_CREATE_VCPU 0)."""
+
+    def __init__(self, vm: Vm, machine: Machine) -> None:
+        self.vm = vm
+        self._machine = machine
+
+    def _boot(self, address: int, timeout: float) -> None:
+        machine = self._machine
+        machine.cpu.breakpoint = address
+        try:
+            if self._run_default(time.monotonic() + timeout, timeout, boot=True):
+                return  # at the breakpoint
+            end = machine.vmm.ended
+            assert end is not None
+            raise _raise_for(end)
+        finally:
+            machine.cpu.breakpoint = (1 << 64) - 1
+
+    def _run_default(self, deadline: float, timeout: float, boot: bool = False) -> bool:
+        """Run with every exit answered by the default VMM until the run ends (False) or, when
+        booting, the breakpoint is reached (True). Internal fast path: the VMM answers inside
+        KVM_RUN (KvmVcpu.run's `handled`), so the emulator is not stopped per exit."""
+        vmm = self._machine.vmm
+
+        def handled(exit: KvmExit) -> bool:
+            vmm.handle(exit)
+            return vmm.ended is None
+
+        while vmm.ended is None:
+            result = self._kvm_run(deadline, timeout, boot=boot, handled=handled)
+            if isinstance(result, RunStop):
+                return True
+            if vmm.ended is None:
+                vmm.handle(result)  # an exit KVM_RUN returned before the guest ran
+        return False
+
+    def _kvm_run(self, deadline: float, timeout: float, boot: bool = False,
+                 handled: Callable[[KvmExit], bool] | None = None) -> KvmExit | RunStop:
+        machine = self._machine
+        machine._check_open()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VmTimeoutError("timeout", f"no exit within {timeout:g} s")
+        try:
+            result = machine.kvm_vcpu.run(remaining, handled)
+        except KvmIoctlError as exc:
+            # KVM_RUN returned -1/errno with no exit reason: the VM cannot run on.
+            error = KvmRunError(exc.errno, str(exc))
+            machine.vmm.finish(VmEnd(error.outcome, error.detail, {"errno": exc.errno}))
+            raise error from None
+        if isinstance(result, RunStop):
+            if result.reason is StopReason.TIMEOUT:
+                raise VmTimeoutError("timeout", f"no exit within {timeout:g} s")
+            if result.reason is StopReason.EMULATOR_ERROR:
+                end = machine.vmm.finish(VmEnd("internal_error", f"emulator: {result.detail}"))
+                raise VmExitError(end.outcome, end.detail)
+            if boot and result.detail == "breakpoint":
+                return result
+            end = machine.vmm.finish(VmEnd("internal_error", f"vCPU stopped without an exit: "
+                                           f"{result.reason.value} {result.detail}".rstrip()))
+            raise VmExitError(end.outcome, end.detail)
+        return result
+
+    def run(self, timeout: float | None = None) -> KvmExit:
+        """KVM_RUN: complete the previous exit with what was written into its reply slot, run
+        the guest to its next user exit and return it, unanswered (pass it to `vm.handle`, or
+        answer it yourself). VmTimeoutError when no exit comes within `timeout` seconds (default
+        the Vm's timeout); KvmRunError when KVM_RUN fails."""
+        limit = _timeout(timeout, self._machine.options.timeout)
+        result = self._kvm_run(time.monotonic() + limit, limit)
+        assert not isinstance(result, RunStop)
+        return result
+
+    def run_to_ucall(self, timeout: float | None = None) -> Ucall:
+        """Run, answering every exit with the default VMM, until the guest makes a ucall;
+        return it (cmd "sync" or "done"). A failed assert raises GuestAssertionError, an
+        unhandled exception GuestExceptionError, any other end VmExitError; VmTimeoutError if no
+        ucall comes within `timeout` seconds (default the Vm's timeout)."""
+        limit = _timeout(timeout, self._machine.options.timeout)
+        deadline = time.monotonic() + limit
+        while True:
+            result = self._kvm_run(deadline, limit)
+            assert not isinstance(result, RunStop)
+            ucall = self.vm.handle(result)
+            if ucall is not None:
+                return ucall
+
+
+# --------------------------------------------------------------------- the report
+def run_report(vm: Vm, vcpu: Vcpu, timeout: float, started: float | None = None,
+               budget: float | None = None) -> RunReport:
+    """Run to the end with the default VMM and return the report (`testbed run --json`): the
+    loop of vcpu.run() / vm.handle() until the guest is done or the run ends, within `timeout`
+    seconds (`budget`: the whole run's, named in the timeout detail; `started`: its start)."""
+    start = time.perf_counter() if started is None else started
+    budget = timeout if budget is None else budget
+    vmm = vm.machine.vmm
+    try:
+        # vcpu.run() / vm.handle() until the end, on the internal fast path (Vcpu._run_default).
+        vcpu._run_default(time.monotonic() + timeout, timeout)
+    except VmTimeoutError:
+        vmm.finish(VmEnd("timeout", f"guest did not finish within {budget:g} s"))
+    except VmExitError:
+        pass  # the VMM recorded the end
+    report = vmm.finalize(time.perf_counter() - start)
+    if vm.machine.ud_explanations:
+        report.extra["ud_host_view"] = vm.machine.ud_explanations
+    return report
+
+
+def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None) -> RunReport:
+    """Assemble and run a guest to its end; the report says how it ended (the one-call API,
+    built on Vm: load, then run_report)."""
+    from testbed.machine import VmOptions
+
+    start = time.perf_counter()
+    with Vm(options if options is not None else VmOptions()) as vm:
+        opts = vm.options
+        deadline = time.monotonic() + opts.timeout
+        try:
+            vcpu = vm.load(source, text=text)
+        except VmTimeoutError:
+            vm.machine.vmm.finish(VmEnd("timeout", f"guest did not finish within {opts.timeout:g} s"))
+            return _final(vm, start)
+        except VmExitError:
+            return _final(vm, start)  # the boot ended the run: the VMM recorded how
+        return run_report(vm, vcpu, max(deadline - time.monotonic(), 1e-6), start, opts.timeout)
+
+
+def _final(vm: Vm, start: float) -> RunReport:
+    report = vm.machine.vmm.finalize(time.perf_counter() - start)
+    if vm.machine.ud_explanations:
+        report.extra["ud_host_view"] = vm.machine.ud_explanations
+    return report

@@ -1,0 +1,471 @@
+"""The source front end: includes, defines, assert sites, local labels; builds one assembly unit."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.asm.engine import _KeystoneError, _ks_asm
+from testbed.asm.guards import _check_literals, _check_operands, _hoist_operands
+from testbed.asm.guest_api import (
+    _GUEST_API_VALUE_MACROS,
+    _assert_message,
+    _constant,
+    _guest_api_operands,
+    _guest_fail_message,
+)
+from testbed.asm.lexer import _decode_source, _split_statements
+from testbed.asm.program import AssertSite, SourceLocation
+from testbed.asm.syntax import (
+    _ABSOLUTE_DIRECTIVES,
+    _ASSIGNMENT,
+    _BAD_EXPONENT,
+    _BLOCK_CLOSERS,
+    _BLOCK_OPENERS,
+    _DATA_DIRECTIVES,
+    _EXPRESSION_DIRECTIVES,
+    _FREE_FORM_DIRECTIVES,
+    _IDENTIFIER,
+    _LABEL,
+    _MACRO_PARAM_REF,
+    _MAX_INCLUDE_DEPTH,
+    _NAME_DIRECTIVES,
+    _NAME_OPERAND,
+    _NAME_OPERAND_HELP,
+    _PREFIXES,
+    _REAL_NUMBER,
+    _RESERVED_PREFIX,
+    _SUPPORTED_DIRECTIVES,
+    _UNSUPPORTED,
+    _Item,
+    _Label,
+    _Macro,
+    _parse_macro_params,
+    _references,
+    _split_labels,
+    _split_top_level,
+    _strip_literals,
+)
+from testbed.errors import AsmError, UsageError
+
+
+@dataclass
+class _Block:
+    closer: str  # .endm, .endr or .endif
+    loc: SourceLocation
+    params: frozenset[str] = frozenset()  # macro / .irp parameters usable inside
+    macro: _Macro | None = None
+
+
+# Numeric local labels as GNU as has them: `N:` may be defined any number of times; `Nb` is the
+# nearest definition before the reference, `Nf` the nearest after it.
+_LOCAL_DEFINITION = re.compile(r"(\d+)\s*:(?![:=])\s*")
+_LOCAL_REFERENCE = re.compile(r"(?<![\w.$@\\])(\d+)([bf])(?![\w.$@])")
+
+
+class _LocalLabels:
+    """Numeric local labels (`1:`, `1b`, `1f`) rewritten to hidden unique names, which
+    Keystone takes: the k-th definition of `N:` is `__tb_local_N_k`."""
+
+    def __init__(self) -> None:
+        self.defined: dict[int, int] = {}  # N -> definitions so far
+        self.pending: dict[str, tuple[str, SourceLocation]] = {}  # hidden name of an `Nf` -> (as written, where)
+
+    @staticmethod
+    def name(number: int, k: int) -> str:
+        return f"{_RESERVED_PREFIX}local_{number}_{k}"
+
+    def rewrite(self, text: str, loc: SourceLocation, in_body: bool) -> str:
+        """`text` with its numeric label definitions and references renamed."""
+        if not any(c.isdigit() for c in text):
+            return text
+        head, rest = [], text
+        while True:  # leading labels, named or numeric, in order
+            if m := _LOCAL_DEFINITION.match(rest):
+                number = int(m.group(1))
+                if in_body:
+                    # Each expansion would define the same hidden name again.
+                    raise AsmError(loc.file, loc.line, f"numeric local label {m.group(1)}: inside a .macro, "
+                                   ".rept or .irp body is not supported: use a named label built from an argument")
+                self.defined[number] = self.defined.get(number, 0) + 1
+                hidden = self.name(number, self.defined[number])
+                self.pending.pop(hidden, None)
+                head.append(f"{hidden}: ")
+            elif m := _LABEL.match(rest):
+                head.append(rest[: m.end()])
+            else:
+                break
+            rest = rest[m.end() :]
+        pieces, pos = [], 0
+        for m in _LOCAL_REFERENCE.finditer(_strip_literals(rest)):
+            number, seen = int(m.group(1)), self.defined.get(int(m.group(1)), 0)
+            if m.group(2) == "b":
+                if not seen:
+                    raise AsmError(loc.file, loc.line, f"{m.group()}: no local label {m.group(1)}: before it")
+                hidden = self.name(number, seen)
+            else:
+                hidden = self.name(number, seen + 1)
+                self.pending.setdefault(hidden, (m.group(), loc))
+            pieces.append(rest[pos : m.start()] + hidden)
+            pos = m.end()
+        return "".join(head) + "".join(pieces) + rest[pos:]
+
+    def finish(self) -> None:
+        """AsmError at the first `Nf` that no later `N:` resolves."""
+        for written, loc in self.pending.values():
+            raise AsmError(loc.file, loc.line, f"{written}: no local label {written[:-1]}: after it")
+
+
+class _Preprocessor:
+    """Walks the sources (following includes) and builds the items of one assembly unit."""
+
+    def __init__(self, include_dirs: Sequence[Path]) -> None:
+        self.include_dirs = [Path(d) for d in include_dirs]
+        self.items: list[_Item] = []
+        self.asserts: dict[int, AssertSite] = {}
+        self.local_labels = _LocalLabels()
+        self.labels: dict[str, _Label] = {}
+        self.macros: dict[str, _Macro] = {}
+        self.blocks: list[_Block] = []
+        self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
+        self.include_stack: list[Path] = []
+        self.hoisted = 0
+        # `.error "message"` statements: the hidden symbol each one references -> its message.
+        self.errors: dict[str, str] = {}
+        # Names whose value is a plain integer at this point of the unit (from defines and
+        # top-level `.equ NAME, 5`), for the guest API's range checks.
+        self.constants: dict[str, int] = {}
+        # Names defined so far by .equ/.set/.equiv/= (or -D) from constants only: what an
+        # .if or .rept may use (see _ABSOLUTE_DIRECTIVES).
+        self.absolute: set[str] = set()
+
+    def new_hoisted_name(self) -> str:
+        self.hoisted += 1
+        return f"{_RESERVED_PREFIX}expr_{self.hoisted}"
+
+    # -- files ---------------------------------------------------------------------------
+
+    def add_source(
+        self, file: str, text: str, resolved: Path | None, include_loc: SourceLocation | None = None
+    ) -> None:
+        if resolved is not None:
+            if len(self.include_stack) > _MAX_INCLUDE_DEPTH and include_loc is not None:
+                raise AsmError(
+                    include_loc.file, include_loc.line, f"include nesting deeper than {_MAX_INCLUDE_DEPTH} files"
+                )
+            self.include_stack.append(resolved)
+        for raw in _split_statements(text, file):
+            self.add_statement(raw.text, SourceLocation(file, raw.line))
+        if resolved is not None:
+            self.include_stack.pop()
+
+    def finish(self) -> None:
+        self.local_labels.finish()
+        if self.blocks:
+            block = self.blocks[-1]
+            raise AsmError(block.loc.file, block.loc.line, f"block is not closed: missing {block.closer}")
+
+    def include(self, operands: str, loc: SourceLocation) -> None:
+        m = re.fullmatch(r'"([^"]+)"', operands.strip())
+        if not m:
+            raise AsmError(loc.file, loc.line, '.include expects a quoted file name: .include "file.s"')
+        name = m.group(1)
+        here = [] if loc.file.startswith("<") else [Path(loc.file).parent]
+        candidates = [d / name for d in [*here, *self.include_dirs]]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            searched = ", ".join(str(p.parent) for p in candidates) or "no directories"
+            raise AsmError(loc.file, loc.line, f"include file {name!r} not found (searched: {searched})")
+        resolved = found.resolve()
+        if resolved in self.include_stack:
+            cycle = [*self.include_stack[self.include_stack.index(resolved) :], resolved]
+            raise AsmError(loc.file, loc.line, "include cycle: " + " -> ".join(p.name for p in cycle))
+        try:
+            data = found.read_bytes()
+        except OSError as e:
+            raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {e.strerror or e}") from None
+        text = _decode_source(data, str(found), loc)
+        self.add_source(str(found), text, resolved, loc)
+
+    # -- statements ----------------------------------------------------------------------
+
+    def add_statement(self, text: str, loc: SourceLocation) -> None:
+        file, line = loc.file, loc.line
+        if text.startswith("%"):
+            # Hazard: NASM directives (%define, %macro) make ks_asm loop forever.
+            # Canary: test_statement_starting_with_an_operator_hangs.
+            raise AsmError(file, line, f"NASM-style directive {text.split(maxsplit=1)[0]!r} is not supported")
+        if re.search(r"%[A-Za-z]", _strip_literals(text)):
+            # Hazard: Keystone silently drops a statement with an AT&T register like %eax.
+            raise AsmError(file, line, "AT&T-style %register is not supported (Intel syntax only)")
+        if _BAD_EXPONENT.search(_strip_literals(text)):
+            # Hazard: Keystone hangs on `.double 1.5e` (and encodes `mov rax, 1e` as a double).
+            raise AsmError(file, line, "malformed number: an exponent without digits")
+        _check_literals(text, loc)
+        written_labels = _split_labels(text)[0]
+        # Keystone rejects numeric local labels (test_numeric_local_labels_are_rejected): they
+        # become hidden unique names here.
+        text = self.local_labels.rewrite(text, loc, any(b.closer in (".endm", ".endr") for b in self.blocks))
+        labels, rest = _split_labels(text)
+        mnemonic = rest.split(None, 1)[0] if rest else ""
+        operands = rest[len(mnemonic) :].strip()
+        directive = mnemonic.lower() if mnemonic.startswith(".") else ""
+        in_macro = any(b.closer == ".endm" for b in self.blocks)
+        params = frozenset(p for b in self.blocks for p in b.params)
+
+        if rest and not (rest[0].isalpha() or rest[0] in "_." or (rest[0] == "\\" and params)):
+            # Hazard: a statement starting with an operator or bracket makes ks_asm loop forever.
+            # Canary: test_statement_starting_with_an_operator_hangs.
+            raise AsmError(file, line, f"a statement must start with a mnemonic, directive or label: {rest}")
+        if directive == ".include":
+            if labels:
+                self.add_statement(" ".join(f"{name}:" for name in labels), loc)
+            self.include(operands, loc)
+            return
+        error_symbol = ""
+        if directive == ".error" and mnemonic not in self.macros:
+            # Hazard: Keystone 0.9.2 silently ignores `.error`. It becomes a reference to a
+            # symbol that is never defined, so assembly fails exactly when the statement is
+            # assembled (an .if branch taken, a macro expanded); _locate_error finds the
+            # statement that expanded it and reports the message there.
+            # Canary: tests/test_guest_api_immediates.py::test_error_directive_is_silently_ignored.
+            m = re.fullmatch(r'"((?:[^"\\\n]|\\.)*)"', operands)
+            if not m:
+                raise AsmError(file, line, '.error expects a quoted message: .error "what went wrong"')
+            error_symbol = f"{_RESERVED_PREFIX}error_{len(self.errors)}"
+            self.errors[error_symbol] = m.group(1).replace('\\"', '"') or ".error"
+            text = "".join(f"{name}: " for name in labels) + f".quad {error_symbol}"
+        if directive and directive not in _SUPPORTED_DIRECTIVES and mnemonic not in self.macros:
+            reason = _UNSUPPORTED.get(directive, "Keystone 0.9.2 would silently ignore or mishandle it")
+            raise AsmError(file, line, f"unsupported directive {mnemonic}: {reason}")
+        self.check_backslashes(text, params, loc)
+        assignment = None if directive else _ASSIGNMENT.match(rest)
+        if assignment:
+            _check_operands("", rest[assignment.end() :], False, loc)
+        elif directive not in _FREE_FORM_DIRECTIVES:
+            _check_operands(directive, operands, mnemonic in self.macros, loc)
+        elif directive in _NAME_DIRECTIVES and not _NAME_OPERAND[directive].fullmatch(operands):
+            # Hazard: Keystone hangs on e.g. `.purgem foo: x`.
+            raise AsmError(file, line, f"{directive} expects {_NAME_OPERAND_HELP[directive]}")
+        for name in written_labels:
+            if name.startswith(_RESERVED_PREFIX):
+                raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+
+        if mnemonic in _GUEST_API_VALUE_MACROS and mnemonic in self.macros and not in_macro and operands:
+            checked = _guest_api_operands(mnemonic, operands, self.constants, loc)
+            if checked != operands:
+                operands = checked
+                text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        if mnemonic == "GUEST_FAIL":
+            # The message stays on the host (the site table): never a byte of guest memory.
+            message, operands = _guest_fail_message(operands, loc), "0"
+            text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        if (mnemonic.startswith("GUEST_ASSERT") or mnemonic == "GUEST_FAIL") and not in_macro:
+            # The call-site id becomes the assert macro's last argument. Inside a macro body an
+            # assert has no single call site: the macro must forward its own site argument.
+            # Case-sensitive, like Keystone's macro names (test_macro_names_are_case_sensitive).
+            site = len(self.asserts) + 1
+            if mnemonic != "GUEST_FAIL":
+                message = _assert_message(mnemonic, operands)
+            self.asserts[site] = AssertSite(loc.file, loc.line, mnemonic, message)
+            operands = f"{operands}, {site}" if operands else str(site)
+            text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        instruction = not directive and not assignment and mnemonic not in self.macros
+        if instruction and _REAL_NUMBER.search(_strip_literals(operands)):
+            # Hazard: Keystone silently encodes `mov rax, 2.5` as the bits of a double.
+            # Canary: test_float_literal_is_encoded_as_double_bits.
+            raise AsmError(file, line, "floating-point number in an instruction operand")
+        if mnemonic in self.macros and not in_macro:
+            self.check_macro_arguments(self.macros[mnemonic], operands, loc)
+
+        refs = self.references(mnemonic, directive, rest, operands)
+        if error_symbol:
+            refs.add(error_symbol)
+        hoisted: list[str] = []
+        if not directive and not assignment and operands:
+            inner = ""
+            if mnemonic.lower() in _PREFIXES:  # `lock add [rbx - K], 1`: operands follow the instruction
+                inner, _, operands = operands.partition(" ")
+                inner += " "
+            operands, hoisted = _hoist_operands(operands, self.new_hoisted_name)
+            operands = inner + operands.strip()
+            if hoisted:
+                text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        plain_labels = tuple(name for name in labels if "\\" not in name)
+        defines_here = set(plain_labels)
+        if directive in (".equ", ".set", ".equiv"):
+            defines_here.add(operands.split(",", 1)[0].strip())
+        elif assignment:
+            defines_here.add(assignment.group(1))
+        if directive in _ABSOLUTE_DIRECTIVES and not in_macro and "\\" not in operands:
+            unknown = sorted(_references(operands) - self.absolute)
+            if unknown:
+                raise AsmError(
+                    file, line, f"{directive} needs constants defined before it, not {', '.join(unknown)} "
+                    f"(Keystone 0.9.2 silently drops an {directive} on a label or a symbol defined later)"
+                )
+        for name in defines_here:
+            self.constants.pop(name, None)
+            self.absolute.discard(name)
+        if not self.blocks and (directive in (".equ", ".set", ".equiv") or assignment):
+            name, value_text = (
+                (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
+            )
+            value = _constant(value_text, self.constants)
+            if value is not None:
+                self.constants[name.strip()] = value
+        if directive in (".equ", ".set", ".equiv") or assignment:
+            name, value_text = (
+                (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
+            )
+            if "\\" not in name and not _references(value_text) - self.absolute:
+                self.absolute.add(name.strip())
+        for block in self.blocks:
+            if block.macro is not None:
+                block.macro.body_refs |= refs
+                block.macro.body_labels |= set(plain_labels)
+        for name in plain_labels:
+            self.labels.setdefault(name, _Label(name, loc, conditional=bool(self.blocks)))
+
+        # A hidden position label before each top-level statement that can emit bytes gives
+        # Program.lines; bodies of .macro/.rept/.irp are expanded elsewhere (or repeatedly)
+        # and are attributed to the statement that expands them.
+        position = ""
+        emits = (
+            directive in _DATA_DIRECTIVES
+            or directive in (".rept", ".irp", ".irpc")
+            or (not directive and rest and not assignment)
+        )
+        if emits and all(b.closer == ".endif" for b in self.blocks):
+            position = f"{_RESERVED_PREFIX}line_{len(self.positions)}"
+            self.positions.append((position, loc, bool(self.blocks)))
+
+        self.update_blocks(directive, operands, loc)
+        self.items.append(
+            _Item(
+                text="\n".join([*([f"{position}:"] if position else []), *hoisted, text]),
+                loc=loc,
+                mnemonic=mnemonic,
+                labels=plain_labels,
+                refs=frozenset(refs - defines_here),
+                closers=tuple(b.closer for b in reversed(self.blocks)),
+            )
+        )
+
+    def references(self, mnemonic: str, directive: str, rest: str, operands: str) -> set[str]:
+        """Identifiers a statement may use as symbols, for stubbing and naming missing ones."""
+        if m := _ASSIGNMENT.match(rest):
+            return _references(rest[m.end() :])
+        if directive:
+            if directive in (".equ", ".set", ".equiv"):
+                return _references(operands.partition(",")[2])
+            return _references(operands) if directive in _EXPRESSION_DIRECTIVES else set()
+        if mnemonic.lower() in _PREFIXES:
+            operands = operands.split(None, 1)[1] if " " in operands else ""
+        return _references(operands)
+
+    def check_backslashes(self, text: str, params: frozenset[str], loc: SourceLocation) -> None:
+        """`\\name` must name a parameter of an enclosing .macro/.irp/.irpc.
+
+        Hazard: Keystone silently drops a statement with an unknown `\\name`, and a `\\`
+        outside any macro can make it hang. Canary: test_unknown_macro_parameter_drops_the_statement.
+        """
+        for m in _MACRO_PARAM_REF.finditer(_strip_literals(text)):
+            if not params:
+                raise AsmError(loc.file, loc.line, "'\\' outside a macro body (macro parameters only)")
+            name = m.group(1)
+            if m.group(3) == "@":
+                raise AsmError(loc.file, loc.line, "\\@ is not supported by Keystone 0.9.2")
+            if name == "" and m.group(2):
+                continue  # \() separates a parameter from the text after it
+            if name not in params:
+                known = ", ".join(f"\\{p}" for p in sorted(params))
+                raise AsmError(loc.file, loc.line, f"unknown macro parameter \\{name} (known: {known})")
+
+    def check_macro_arguments(self, macro: _Macro, operands: str, loc: SourceLocation) -> None:
+        """Hazard: Keystone substitutes nothing for a missing argument and then silently drops
+        the statements that used it, so arity is checked here.
+        Canary: test_missing_macro_argument_drops_the_statement."""
+        given = len(_split_top_level(_strip_literals(operands))) if operands else 0
+        required = sum(1 for p in macro.params if p.required and not p.vararg)
+        vararg = any(p.vararg for p in macro.params)
+        if given < required or (given > len(macro.params) and not vararg):
+            names = ", ".join(p.name for p in macro.params)
+            raise AsmError(
+                loc.file,
+                loc.line,
+                f"macro {macro.name} ({names}, defined at {macro.loc}) takes "
+                f"{required if required == len(macro.params) else f'{required} to {len(macro.params)}'}"
+                f" comma-separated arguments, {given} given",
+            )
+
+    def update_blocks(self, directive: str, operands: str, loc: SourceLocation) -> None:
+        if directive in _BLOCK_OPENERS:
+            params: frozenset[str] = frozenset()
+            macro = None
+            if directive == ".macro":
+                name, macro_params = _parse_macro_params(operands, loc.file, loc.line)
+                macro = _Macro(name, macro_params, loc, len(self.items))
+                if not any(b.closer == ".endm" for b in self.blocks):
+                    self.macros[name] = macro
+                params = frozenset(p.name for p in macro_params)
+            elif directive in (".irp", ".irpc"):
+                params = frozenset([operands.split(",", 1)[0].strip()])
+            self.blocks.append(_Block(_BLOCK_OPENERS[directive], loc, params, macro))
+        elif directive in _BLOCK_CLOSERS:
+            closer = _BLOCK_CLOSERS[directive]
+            if not self.blocks or self.blocks[-1].closer != closer:
+                expected = f"expected {self.blocks[-1].closer}" if self.blocks else "no block is open"
+                raise AsmError(loc.file, loc.line, f"{directive} does not match ({expected})")
+            self.blocks.pop()
+        elif directive in (".else", ".elseif") and (not self.blocks or self.blocks[-1].closer != ".endif"):
+            raise AsmError(loc.file, loc.line, f"{directive} outside an .if block")
+        elif directive == ".purgem" and not any(b.closer == ".endm" for b in self.blocks):
+            self.macros.pop(operands.strip(), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Defines
+# --------------------------------------------------------------------------------------------
+
+_DEFINE_VALUE = re.compile(r"[A-Za-z0-9_.$@+\-*/%~!&|^<>=() ]+")
+
+
+def _check_define(name: str, value: str) -> None:
+    if not _IDENTIFIER.fullmatch(name):
+        raise UsageError(f"define {name!r}: the name must be an identifier (letters, digits, _)")
+    if name.startswith(_RESERVED_PREFIX):
+        raise UsageError(f"define {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+    if not _DEFINE_VALUE.fullmatch(value) or "//" in value or "/*" in value:
+        raise UsageError(f"define {name}={value!r}: the value must be a number or an expression")
+    try:
+        _check_operands(".equ", f"{name}, {value}", False, SourceLocation("<define>", 1))
+    except AsmError as e:
+        raise UsageError(f"define {name}={value}: not a valid expression ({e.message})") from None
+    # Hazard: Keystone silently drops `.equ X, 1+` when more statements follow, so each value
+    # is checked alone, where Keystone does report it.
+    # Canary: test_directive_error_followed_by_statements_is_lost.
+    try:
+        _ks_asm(f".equ {name}, {value}\n", 0)
+    except _KeystoneError as e:
+        raise UsageError(f"define {name}={value}: not a valid expression ({e.message})") from None
+
+
+def _define_items(defines: Mapping[str, int | str]) -> list[_Item]:
+    items = []
+    for name, raw in defines.items():
+        if isinstance(raw, int):
+            if not -(2**63) <= raw < 2**64:
+                raise UsageError(f"define {name}={raw}: the value does not fit in 64 bits")
+            value = str(int(raw))
+        else:
+            value = str(raw).strip()
+        _check_define(name, value)
+        loc = SourceLocation(f"<define {name}>", 1)
+        refs = frozenset(_references(value) - {name})
+        items.append(_Item(f".equ {name}, {value}", loc, refs=refs, define=(name, value)))
+    return items
+
+

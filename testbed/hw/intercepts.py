@@ -1,0 +1,485 @@
+"""Instruction intercepts: which instructions leave the guest, and how.
+
+VMCALL/VMMCALL/VMGEXIT/PVALIDATE/TDCALL raise Unicorn's invalid-instruction hook, and the
+vendor's rules decide between a VM exit to the hypervisor and an exception into the guest;
+CPUID, IN/OUT and HLT exit to the hypervisor. Unicorn has no RDMSR/WRMSR hook, so MSR
+instructions (and, on SEV-ES/SNP, CPUID and IN/OUT, which must raise #VC before they run) are
+found by scanning each code frame as it is first fetched and hooking each site
+(`_scan_sites`). The MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR) live here.
+
+Every exit goes through `_exit` (testbed/hw/events.py), the native hypercall included: the
+snapshot of RAX, CS, RBX, RCX, RDX and RSI taken at the invalid-instruction hook (the VMCB
+save area) only spares KVM register reads, it is not a second way in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from testbed.hw.events import _CTX_CPUID, _CTX_INVALID, _CTX_IO, _CTX_NONE, EventDelivery
+from testbed.hw.exits import (
+    NPF_GUEST_ENC,
+    SVM_IOIO_PORT_SHIFT,
+    SVM_IOIO_SIZE_SHIFT,
+    SVM_IOIO_TYPE_IN,
+    VMX_INTR_INFO_VALID,
+    VMX_INTR_TYPE_HARD_EXCEPTION,
+    VMX_IO_IN,
+    VMX_IO_PORT_SHIFT,
+    GhcbMsrRegister,
+    SvmExitCode,
+    Vendor,
+    VmxExitReason,
+)
+from testbed.hw.mmu import _DeliveryFault
+from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult
+from testbed.x86 import (
+    MSR_AMD64_SEV_ES_GHCB,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PVALIDATE_BYTES,
+    RFLAGS_CF,
+    TDCALL_BYTES,
+    U64,
+    VMCALL_BYTES,
+    VMGEXIT_BYTES,
+    VMMCALL_BYTES,
+    Reg,
+    Vector,
+)
+from testbed.x86.addr import Gfn, Gva
+from testbed.x86.paging import ACCESS_READ
+
+#: Bound on the per-address code hooks of intercepted-instruction sites (see _scan_sites).
+#: Every UC_HOOK_CODE is visited at each translated instruction and for each translated block
+#: (Unicorn's HOOK_EXISTS_BOUNDED, hooked_regions_check), so their number must stay small.
+MAX_SITE_HOOKS = 4096
+
+# Opcode byte patterns of the instruction sites the hardware intercepts by code hooks.
+_IO_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF})
+_IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
+_IMM8_PORT_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
+_BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
+# IN/OUT are intercepted at their address on every VM: Unicorn's IN/OUT hooks can neither move
+# RIP nor stop before the end of the block (UNICORN.md), and KVM_RUN returns at each one.
+_SITE_PATTERNS = (
+    b"\x0f\x30", b"\x0f\x32",  # WRMSR, RDMSR
+    *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT
+    *(bytes([0x66, op]) for op in (0xE5, 0xE7, 0xED, 0xEF)),  # 16-bit IN/OUT
+)
+_ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
+
+
+class Intercepts(EventDelivery):
+    """The instructions the hardware intercepts, and the MSRs it implements itself."""
+
+    def _init_intercepts(self, sev_es: bool) -> None:
+        self._sev_es = sev_es
+        self._intercept_ud = False
+        self._cpuid_skip = False
+        self._io_in_value = 0
+        #: the last IN/OUT exit came from Unicorn's IN/OUT hook (an instruction the site scan
+        #: did not hook, e.g. with a REX prefix): it completed natively, nothing to skip
+        self._native_io = False
+        self._native_hypercall = VMMCALL_BYTES if self.vendor is Vendor.AMD else VMCALL_BYTES
+        self._native_hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if self.vendor is Vendor.AMD
+                                          else VmxExitReason.EXIT_REASON_VMCALL)
+        #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)
+        self.hw_msrs: dict[int, tuple[Callable[[], int], Callable[[int], bool] | None]] = {}
+        #: the GHCB MSR (MSR_AMD64_SEV_ES_GHCB): hardware state, the VMCB's GHCB GPA field
+        self._ghcb = GhcbMsrRegister()
+        if sev_es:
+            self.hw_msrs[MSR_AMD64_SEV_ES_GHCB] = (self._ghcb.ghcb_msr_value, self._write_ghcb_msr)
+        #: MSRs the hypervisor does not intercept (its MSR permission bitmap); all others exit
+        self._msr_passthrough: frozenset[int] = frozenset()
+        #: intercepted-instruction sites: guest-virtual address -> its UC_HOOK_CODE handle
+        #: (one hook per address, all sharing one callback; bounded, see _scan_sites)
+        self._site_hooks: dict[int, int] = {}
+        self._stop_hook: int | None = None  # one-shot UC_HOOK_BLOCK that ends the run for a reset
+        self._site_reset_pending = False
+        self.site_hooks_peak = 0
+        self.site_hook_resets = 0
+        #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
+        self.on_guest_ud: Callable[[int, bytes], None] | None = None
+
+    # -------------------------------------------------- what the hypervisor may set
+    def skip_instruction(self) -> None:
+        """Advance past the intercepted instruction (kvm_skip_emulated_instruction)."""
+        if self._ctx == _CTX_CPUID:
+            self._cpuid_skip = True
+        elif self._ctx == _CTX_IO or self._native_io:
+            self._native_io = False  # IN/OUT completed natively after the hook
+        else:
+            self.write_reg(Reg.RIP, self._cur_rip + self._cur_len)
+
+    def set_io_in_result(self, value: int) -> None:
+        """The value an intercepted IN instruction returns."""
+        self._io_in_value = value
+
+    def set_intercept_ud(self, enabled: bool) -> None:
+        """Whether #UD exits to the hypervisor (the VMCB/VMCS exception intercept)."""
+        self._intercept_ud = enabled
+
+    def set_msr_passthrough(self, indices: frozenset[int]) -> None:
+        """The MSRs the hypervisor lets the guest access without an exit (the VMCB's MSRPM /
+        the VMCS MSR bitmaps); they run on the emulator's own MSR implementation."""
+        self._msr_passthrough = frozenset(indices)
+
+    @property
+    def ghcb_msr(self) -> int:
+        """The GHCB MSR as the guest last wrote it (the VMCB's GHCB GPA field)."""
+        return self._ghcb.ghcb_msr_value()
+
+    def ghcb_msr_value(self) -> int:
+        """The GHCB MSR (read by the hypervisor at VMGEXIT through the VMCB)."""
+        return self._ghcb.ghcb_msr_value()
+
+    def set_ghcb_msr(self, value: int) -> None:
+        """The hypervisor's write of the GHCB MSR (its replies of the MSR protocol)."""
+        self._ghcb.set_ghcb_msr(value)
+
+    def _write_ghcb_msr(self, value: int) -> bool:
+        self._ghcb.set_ghcb_msr(value)
+        return True
+
+    # ------------------------------------------------------------- MSR instruction sites
+    def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:
+        """Hook every instruction site the hardware must intercept before Unicorn translates it.
+
+        Unicorn offers no RDMSR/WRMSR hook and silently drops MSRs QEMU does not model
+        (UNICORN.md), so MSRs the hardware owns (SEV_STATUS, the GHCB MSR) need a per-address
+        code hook at each instruction; on SEV-ES/SNP so do CPUID and IN/OUT, which must raise
+        #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
+        bytes that are not an instruction start never fires, so matching the opcode bytes over
+        the whole page is exact.
+
+        One hook per address, shared by every frame mapped there, all with one callback. Hooks
+        are bounded: once more than MAX_SITE_HOOKS exist (a guest that keeps generating code,
+        or whose rewritten pages left stale sites behind), the run stops before the block being
+        translated executes and `_reset_site_hooks` drops them all; the code the guest runs
+        next is rescanned as it is fetched. Unicorn visits every code hook at each translated
+        instruction, and a 30 s hostile run used to reach 1.3 M hooks and 2.4 GiB.
+        """
+        self._scanned_frames.add(frame)
+        page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
+        patterns = _ES_SITE_PATTERNS if self._sev_es else _SITE_PATTERNS
+        hooks = self._site_hooks
+        before = len(hooks)
+        for pattern in patterns:
+            start = 0
+            while (off := page.find(pattern, start)) >= 0:
+                start = off + 1
+                va = va_page + off
+                if va not in hooks:
+                    hooks[va] = self._add_code_hook(self._on_site, va, va)
+        self.site_hooks_peak = max(self.site_hooks_peak, len(hooks))
+        if len(hooks) > MAX_SITE_HOOKS and before > 0 and self._stop_hook is None:
+            # Not from here: uc_hook_del re-translates through get_page_addr_code, which would
+            # re-enter this TLB fill. A one-shot block hook stops the run at the start of the
+            # next block; until then every hook stays, so no site runs unhooked. run() then
+            # resets. `before > 0`: a page that alone exceeds the bound still gets to run.
+            self._site_reset_pending = True
+            self._stop_hook = self._add_block_hook(self._on_stop_block)
+
+    def _on_stop_block(self, _address: int) -> None:
+        self._emu_stop()
+
+    @property
+    def site_hook_count(self) -> int:
+        """Code hooks currently installed at intercepted-instruction sites."""
+        return len(self._site_hooks)
+
+    def _reset_site_hooks(self) -> None:
+        """Delete every site hook, forget which frames were scanned, and drop the TLB and the
+        translated code, so whatever the guest runs next is fetched, rescanned and hooked
+        again before it executes. Only between runs (see _scan_sites)."""
+        self._site_reset_pending = False
+        self.site_hook_resets += 1
+        # uc_hook_del invalidates the blocks each hook instrumented, translating their
+        # addresses through a TLB fill: let those fills map anything (the TLB and all
+        # translated code are flushed right after) and scan nothing.
+        self._quiesced = True
+        try:
+            for handle in self._site_hooks.values():
+                self._del_hook(handle)
+            if self._stop_hook is not None:
+                self._del_hook(self._stop_hook)
+                self._stop_hook = None
+        finally:
+            self._quiesced = False
+        self._site_hooks.clear()
+        self._scanned_frames.clear()
+        self._exec_frames.clear()
+        self.flush_tlb()
+        self.flush_code()
+
+    def _on_site(self, address: int) -> None:
+        insn = self._fetch_at_rip(address, 2)
+        if insn in (b"\x0f\x30", b"\x0f\x32"):
+            self._msr_instruction(address, insn == b"\x0f\x32")
+        elif insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES):
+            if self._sev_es:
+                self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
+            else:
+                self._io_site(address, insn)
+        elif self._sev_es and insn == b"\x0f\xa2":
+            self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
+        # else: the page changed since the scan; the rescan hooks the new sites
+
+    def _io_site(self, address: int, insn: bytes) -> None:
+        """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
+        with the port, size and direction decoded from the bytes. The hypervisor completes it
+        (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
+        stays at the instruction, which does not run natively."""
+        prefix = 1 if insn[0] == 0x66 else 0
+        op = insn[prefix]
+        if op in _IMM8_PORT_OPCODES:
+            port = self._fetch_at_rip(address + prefix + 1, 1)[0]
+            length = prefix + 2
+        else:
+            port = self.read_reg(Reg.RDX) & 0xFFFF
+            length = prefix + 1
+        size = 1 if op in _BYTE_IO_OPCODES else 2 if prefix else 4
+        self._native_io = False
+        self._cur_rip = address
+        self._cur_len = length
+        self._ctx = _CTX_INVALID
+        try:
+            self._io_vmexit(port, size, op in _IN_OPCODES)
+        finally:
+            self._ctx = _CTX_NONE
+        if self.read_reg(Reg.RIP) == address:
+            # Not completed yet: a RIP write in a code hook stops the instruction (UNICORN.md).
+            self.write_reg(Reg.RIP, address)
+
+    def _vc_at(self, address: int, exit_code: int) -> None:
+        """#VC for an intercepted instruction of an SEV-ES guest, before it executes."""
+        self._cur_rip = address
+        self._ctx = _CTX_INVALID
+        try:
+            self._tracer.emit("hw", "vc", error_code=exit_code, rip=address)
+            self._deliver_now(Vector.VC, exit_code)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _msr_instruction(self, address: int, is_read: bool) -> None:
+        index = self.read_reg(Reg.RCX) & 0xFFFFFFFF
+        handler = self.hw_msrs.get(index)
+        if handler is None:
+            if index in self._msr_passthrough:
+                return  # not intercepted: Unicorn's own MSR emulation runs
+            if self._sev_es:
+                self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
+                return
+            self._msr_exit(address, is_read)
+            return
+        read, write = handler
+        self._cur_rip = address
+        self._cur_len = 2
+        if is_read:
+            value = read()
+            self.write_reg(Reg.RAX, value & 0xFFFFFFFF)
+            self.write_reg(Reg.RDX, (value >> 32) & 0xFFFFFFFF)
+        else:
+            value = (self.read_reg(Reg.RAX) & 0xFFFFFFFF) | ((self.read_reg(Reg.RDX) & 0xFFFFFFFF) << 32)
+            if write is None or not write(value):
+                self._ctx = _CTX_INVALID
+                try:
+                    self._deliver_now(Vector.GP, 0)
+                finally:
+                    self._ctx = _CTX_NONE
+                return
+        self.write_reg(Reg.RIP, address + 2)
+
+    def _msr_exit(self, address: int, is_read: bool) -> None:
+        """An intercepted RDMSR/WRMSR: SVM_EXIT_MSR (EXITINFO1 0 read, 1 write) or
+        EXIT_REASON_MSR_READ/WRITE. The hypervisor skips it, injects #GP, or leaves it pending
+        (a user exit the VMM has not answered): then RIP is rewritten to the instruction so
+        that it does not run natively, and the run stops there."""
+        self._cur_rip = address
+        self._cur_len = 2
+        self._ctx = _CTX_INVALID
+        try:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_MSR, 0 if is_read else 1, 0)
+            else:
+                self._exit(VmxExitReason.EXIT_REASON_MSR_READ if is_read else VmxExitReason.EXIT_REASON_MSR_WRITE,
+                           0, 0)
+        finally:
+            self._ctx = _CTX_NONE
+        if self.read_reg(Reg.RIP) == address:
+            # Neither completed nor faulted: a single RIP write in a code hook stops the
+            # instruction (UNICORN.md); it re-runs, and exits again, only if not completed.
+            self.write_reg(Reg.RIP, address)
+
+    # ----------------------------------------------------------- invalid instructions
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+        """An instruction Unicorn cannot execute, with the exit's register snapshot.
+
+        The native hypercall outside SEV-ES, by far the most frequent exit, is recognised
+        first and leaves through the same `_exit` as every other exit, with the snapshot as
+        the VMCB save area KVM reads (hypercall_regs / hypercall_args); everything else goes
+        through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
+        try:
+            if not self._sev_es and self._fetch_at_rip(rip + self._code_base(cs), 3) == self._native_hypercall:
+                self._cur_rip = rip
+                self._cur_len = 3
+                self._ctx = _CTX_INVALID
+                self._snapshot = (rax, cs & 0xFFFF, rbx, rcx, rdx, rsi)
+                hypervisor = self.hypervisor
+                try:
+                    if hypervisor is None or self._tracer.enabled:
+                        self._exit(self._native_hypercall_exit, 0, 0)
+                    else:  # _exit inlined on the hottest path: the same entry, one frame less
+                        hypervisor.vmexit(self._native_hypercall_exit, 0, 0)
+                finally:
+                    self._ctx = _CTX_NONE
+                    self._snapshot = None
+                return not self._stop_requested
+            return self._on_invalid(rip)
+        except BaseException as exc:
+            return self._hook_failed(exc)
+
+    def complete_hypercall(self, rax: int) -> None:
+        """RAX = the result and RIP past the instruction, in one batched write."""
+        fastexit = self._fastexit
+        if fastexit is not None:  # the binding's batched write, one frame less on the hot path
+            fastexit.write2(rax & U64, self._cur_rip + self._cur_len)
+            return
+        self._write_rax_rip(rax, self._cur_rip + self._cur_len)
+
+    def _on_invalid(self, rip: int) -> bool:
+        # RIP is CS-relative: outside 64-bit mode the bytes are at CS.base + RIP.
+        insn = self._fetch_at_rip(rip + self._code_base(self.read_reg(Reg.CS)), 4)
+        self._cur_rip = rip
+        self._ctx = _CTX_INVALID
+        try:
+            head = insn[:3]
+            if self.vendor is Vendor.AMD:
+                if head == VMMCALL_BYTES:
+                    self._cur_len = 3
+                    if self._sev_es:
+                        self._deliver_now(Vector.VC, SvmExitCode.SVM_EXIT_VMMCALL)
+                    else:
+                        self._exit(SvmExitCode.SVM_EXIT_VMMCALL, 0, 0)
+                    return self._resume()
+                if insn == VMGEXIT_BYTES:
+                    self._cur_len = 4
+                    if not self._sev_es:
+                        # Outside an SEV-ES guest the REP prefix is ignored: it is VMMCALL.
+                        self._exit(SvmExitCode.SVM_EXIT_VMMCALL, 0, 0)
+                        return self._resume()
+                    self._exit(SvmExitCode.SVM_EXIT_VMGEXIT, 0, 0)
+                    # The hardware resumes an SEV-ES guest after VMGEXIT; KVM cannot (and need
+                    # not) move the encrypted RIP. Also when KVM_RUN returns to userspace here:
+                    # the completion writes only the GHCB (or the GHCB MSR).
+                    self.write_reg(Reg.RIP, rip + 4)
+                    return self._resume()
+                if insn == PVALIDATE_BYTES and self._snp:
+                    self._cur_len = 4
+                    self._pvalidate(rip)
+                    return self._resume()
+            elif head == VMCALL_BYTES:
+                self._cur_len = 3
+                self._exit(VmxExitReason.EXIT_REASON_VMCALL, 0, 0)
+                return self._resume()
+            # Everything else Unicorn cannot execute is #UD on this CPU (VMCALL on AMD,
+            # VMMCALL on Intel, UD2, TDCALL outside a TD, ...).
+            self._cur_len = 3 if head in (VMCALL_BYTES, VMMCALL_BYTES) else 0
+            if insn == TDCALL_BYTES:
+                self._cur_len = 4
+            self._raise_ud(rip, insn)
+            return self._resume()
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _pvalidate(self, rip: int) -> None:
+        """PVALIDATE (F2 0F 01 FF): RAX = VA, ECX = size, EDX = validate (APM vol. 3)."""
+        assert self.rmp is not None
+        va = self.read_reg(Reg.RAX)
+        size = self.read_reg(Reg.RCX) & 0xFFFFFFFF
+        validate = bool(self.read_reg(Reg.RDX) & 1)
+        try:
+            tr = self.translate(Gva(va & ~0xFFF), ACCESS_READ, supervisor=True)
+        except _DeliveryFault as fault:
+            self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
+            return
+        frame = tr.gpa >> PAGE_SHIFT
+        if va & 0xFFF or (size == 1 and va & 0x1FFFFF):
+            result = PvalidateResult(PVALIDATE_FAIL_INPUT, False)
+        elif self._stage2 is not None and not self._stage2.is_private(Gfn(frame)):
+            # PVALIDATE is a private access: against a shared (unassigned) GFN the stage-2
+            # walk faults, and KVM sees KVM_EXIT_MEMORY_FAULT (sev.c, sev_handle_rmp_fault).
+            self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, tr.gpa)
+            return  # RIP unchanged: retried if the VMM converted the page
+        else:
+            result = self.rmp.pvalidate(frame, size, validate)
+        self._tracer.emit("hw", "pvalidate", gpa=tr.gpa, size=size, validate=validate, eax=result.eax, cf=result.cf)
+        self.write_reg(Reg.RAX, result.eax)
+        flags = self.read_reg(Reg.RFLAGS) & ~RFLAGS_CF
+        self.write_reg(Reg.RFLAGS, flags | (RFLAGS_CF if result.cf else 0))
+        self.write_reg(Reg.RIP, rip + 4)
+
+    def _raise_ud(self, rip: int, insn: bytes) -> None:
+        if self._intercept_ud:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_UD, 0, 0)
+            else:
+                info = VMX_INTR_INFO_VALID | VMX_INTR_TYPE_HARD_EXCEPTION | Vector.UD
+                self._exit(VmxExitReason.EXIT_REASON_EXCEPTION_NMI, info, 0)
+            return
+        self._tracer.emit("hw", "exception", vector=int(Vector.UD), rip=rip, bytes=insn.hex(), intercepted=False)
+        if self.on_guest_ud is not None:
+            self.on_guest_ud(rip, insn)
+        self._deliver_now(Vector.UD, None)
+
+    def _resume(self) -> bool:
+        # True resumes at the RIP we left. After a stop request, False ends the run right here
+        # (Unicorn stops with UC_ERR_INSN_INVALID, RIP unchanged), so an instruction whose
+        # completion is still pending (a user exit the VMM has not answered) is not re-run.
+        return not self._stop_requested
+
+    # ------------------------------------------------------------------ CPUID, IN/OUT
+    def _on_cpuid(self) -> int:
+        self._cur_rip = self.read_reg(Reg.RIP)
+        self._cur_len = 2
+        self._ctx = _CTX_CPUID
+        self._cpuid_skip = False
+        try:
+            if self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_CPUID, 0, 0)
+            else:
+                self._exit(VmxExitReason.EXIT_REASON_CPUID, 0, 0)
+        finally:
+            self._ctx = _CTX_NONE
+        return 1 if self._cpuid_skip else 0
+
+    def _io_exit(self, port: int, size: int, is_in: bool) -> None:
+        self._cur_rip = self.read_reg(Reg.RIP)
+        self._cur_len = 1  # not used: IN/OUT complete natively
+        self._ctx = _CTX_IO
+        self._native_io = True
+        try:
+            self._io_vmexit(port, size, is_in)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _io_vmexit(self, port: int, size: int, is_in: bool) -> None:
+        if self.vendor is Vendor.AMD:
+            info1 = (port << SVM_IOIO_PORT_SHIFT) | ((size & 7) << SVM_IOIO_SIZE_SHIFT)
+            if is_in:
+                info1 |= SVM_IOIO_TYPE_IN
+            self._exit(SvmExitCode.SVM_EXIT_IOIO, info1, 0)
+        else:
+            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1)
+            if is_in:
+                qual |= VMX_IO_IN
+            self._exit(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, qual, 0)
+
+    def _on_out(self, port: int, size: int, value: int) -> None:
+        self._io_exit(port, size, False)
+
+    def _on_in(self, port: int, size: int) -> int:
+        self._io_in_value = 0xFFFFFFFF
+        self._io_exit(port, size, True)
+        return self._io_in_value & ((1 << (8 * size)) - 1)

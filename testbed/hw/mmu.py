@@ -1,0 +1,436 @@
+"""The MMU: address translation as the CPU does it, and the TLB fills Unicorn asks for.
+
+Every TLB fill goes through `_tlb_fill`, which walks the guest's own page tables
+(testbed.x86.paging), strips the encryption bit, sends the access to the private or DRAM alias
+of the frame (legacy SEV) or to the guest_memfd or shared backing its memory attribute selects
+(guest_memfd VM types; GuestMemory), checks the stage-2 view KVM built from the memory
+attributes (a mismatch is a nested page fault) and, on SNP, the RMP's validated bit; walk
+failures become #PF with CR2 and the architectural error code. Code frames are W^X at the TLB
+so self-modifying code is rescanned for intercepted instruction sites (testbed/hw/intercepts.py)
+before it runs. Segmentation as far as the model needs it (CS.L, CS.base) is here too.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from testbed.decode import effective_addresses
+from testbed.errors import GuestMemoryError, TestbedError
+from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
+from testbed.hw.memory import GuestMemory, HostMemory, StagePrivacy
+from testbed.hw.rmp import Rmp
+from testbed.hw.unicorn_binding import (
+    HF_CS64,
+    PRIVATE_ALIAS_BASE,
+    PROT_ALL,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    UnicornBinding,
+)
+from testbed.x86 import CR0_WP, PAGE_SHIFT, PAGE_SIZE, PFERR_FETCH, Reg, Vector, vector_name
+from testbed.x86.addr import Gfn, Gpa, Gva
+from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
+
+_U64S = struct.Struct("<Q")
+
+#: #VC error code for a private access to an unvalidated page (AMD APM 15.36.10).
+SVM_EXIT_PAGE_NOT_VALIDATED = 0x404
+
+
+def _npf_error(access: int, private: bool) -> int:
+    err = NPF_WRITE if access == ACCESS_WRITE else NPF_FETCH if access == ACCESS_FETCH else 0
+    return err | (NPF_GUEST_ENC if private else 0)
+
+
+class _DeliveryFault(Exception):  # noqa: N818 - a control-flow signal, not an error report
+    """A fault raised while delivering an exception (becomes #DF)."""
+
+    def __init__(self, vector: int, error_code: int, cr2: int | None = None) -> None:
+        super().__init__(vector_name(vector))
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+class _NestedFault(_DeliveryFault):
+    """An access that reached a GPA outside guest memory: a nested page fault (NPF/EPT
+    violation) on `gpa`, not a #PF. `npf_error` carries NPF_GUEST_PAGE when the GPA is a
+    paging-structure entry of the walk for `va` and NPF_GUEST_FINAL when it is the final
+    access. Callers that only need "did the access work" treat it as any delivery fault."""
+
+    def __init__(self, va: int, gpa: int, npf_error: int) -> None:
+        super().__init__(Vector.PF, npf_error & 0x1F, va)
+        self.gpa = gpa
+        self.npf_error = npf_error
+
+
+@dataclass
+class _PendingFault:
+    vector: int
+    error_code: int | None
+    cr2: int | None = None
+
+
+class Mmu(UnicornBinding):
+    """Translation, the TLB-fill handler, and guest-virtual memory access as the CPU sees it."""
+
+    def _init_mmu(self, memory: GuestMemory, paging: PagingMode, snp: bool,
+                  stage2: StagePrivacy | None) -> None:
+        self._mem = memory
+        self._paging = paging
+        self._snp = snp
+        #: KVM's answer to "is this GFN mapped private in stage 2?" (None: no private memory)
+        self._stage2 = stage2
+        self.rmp: Rmp | None = Rmp(memory.nframes) if snp else None
+        dram = memory.dram
+        size = memory.size
+
+        def plain_pte(pa: int) -> int:
+            if pa + 8 > size:
+                raise GuestMemoryError("page-table read outside guest memory", pa)
+            return int(_U64S.unpack_from(dram, pa)[0])
+
+        # guest_memfd: a table entry is read from the backing stage 2 maps its GFN to.
+        self._pte_reader_plain: Callable[[int], int] = memory.gmem_read_u64 if memory.guest_memfd else plain_pte
+        self._pte_reader_private: Callable[[int], int] = lambda pa: memory.cpu_read_u64(pa, True)
+        self._pending_fault: _PendingFault | None = None
+        self._pending_npf: tuple[int, int] | None = None
+        #: the guest linear address of the access behind the last NPF (see npf_linear_address)
+        self._npf_linear = 0
+        self._cs_bases: dict[int, int] = {}  # CS selector -> CS.base (0 for 64-bit code)
+        self._cs64_cache: dict[int, bool] = {}
+        self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last fill)
+        self._exec_frames: set[int] = set()  # frames code has been fetched from
+        self._scanned_frames: set[int] = set()  # exec frames whose intercepted sites are hooked
+        self._quiesced = False  # deleting hooks between runs: TLB fills must not scan
+        self.tlb_fills = 0
+        memory.on_ownership_change = self._on_ownership_change
+        if snp:
+            memory.host_write_guard = self._rmp_host_write_check
+        memory.on_host_write = self._on_host_write
+
+    def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:
+        """Hook the intercepted instruction sites of a code frame (testbed/hw/intercepts.py)."""
+        raise NotImplementedError
+
+    @property
+    def memory(self) -> HostMemory:
+        """The host's view of guest memory."""
+        return self._mem.host_view()
+
+    @property
+    def guest_memory(self) -> GuestMemory:
+        """The memory controller (hardware-internal; not for the kvm or vmm layers)."""
+        return self._mem
+
+    # ------------------------------------------------------------------ segmentation
+    def mode_of(self, cs_selector: int) -> bool:
+        """is_64bit_mode() for a CS selector already read."""
+        cached = self._cs64_cache.get(cs_selector)
+        return cached if cached is not None else self.is_64bit_mode()
+
+    def is_64bit_mode(self) -> bool:
+        """CS.L with EFER.LMA: whether the guest runs 64-bit code (is_64_bit_mode()).
+
+        Unicorn exposes only the CS selector, so the descriptor is read from the GDT and cached
+        per selector until the next TLB flush (a guest that rewrites the descriptor of the CS
+        it is running on without reloading CS is not modelled).
+        """
+        sel = self.read_reg(Reg.CS)
+        cached = self._cs64_cache.get(sel)
+        if cached is not None:
+            return cached
+        base, _limit = self.descriptor_table("gdt")
+        try:
+            desc = self.read_virtual(Gva(base + (sel & ~7)), 8, supervisor=True)
+            value = bool(_U64S.unpack(desc)[0] & (1 << 53))
+        except _DeliveryFault:
+            # The GDT is no longer readable (a hostile guest moved it): the CPU still runs on
+            # the descriptor cached in CS, which QEMU keeps as HF_CS64 in hflags.
+            value = bool(self._hflags() & HF_CS64)
+        self._cs64_cache[sel] = value
+        return value
+
+    def _code_base(self, cs: int) -> int:
+        """CS.base of the code segment `cs` (the current one): an instruction's linear address
+        is CS.base + RIP. 0 in 64-bit mode, where the base is ignored; otherwise read from the
+        descriptor in the GDT (0 if the GDT is unreadable) and cached like CS.L."""
+        cs &= 0xFFFF
+        base = self._cs_bases.get(cs)
+        if base is None:
+            base = 0
+            if not self.mode_of(cs):
+                gdt, _limit = self.descriptor_table("gdt")
+                try:
+                    lo = _U64S.unpack(self.read_virtual(Gva(gdt + (cs & ~7)), 8, supervisor=True))[0]
+                    base = ((lo >> 16) & 0xFFFFFF) | (((lo >> 56) & 0xFF) << 24)
+                except _DeliveryFault:
+                    base = 0
+            self._cs_bases[cs] = base
+        return base
+
+    def _enter_64bit_code(self) -> None:
+        """Load HF_CS64 and CS.base = 0 for a 64-bit handler (the binding patches QEMU's state)."""
+        self._load_64bit_code_state()
+        self._cs_bases.clear()
+
+    def npf_linear_address(self) -> int:
+        """The guest linear address whose access caused the current NPF/EPT violation (VMX
+        reports it as GUEST_LINEAR_ADDRESS; KVM on SVM re-derives it by decoding the
+        instruction, which the testbed's kvm layer is spared)."""
+        return self._npf_linear
+
+    # ------------------------------------------------------------------------- MMU
+    def _paging_walk(self, va: int, access: int, user: bool, cr3: int | None = None,
+                     cr0: int | None = None) -> Translation | PageFault:
+        if cr3 is None or cr0 is None:
+            cr3 = self.read_reg(Reg.CR3)
+            cr0 = self.read_reg(Reg.CR0)
+        mem = self._mem
+        # SEV: the CPU always walks page tables as private. Unencrypted memory: read the
+        # entries straight from the buffer (the walk's hot loop).
+        reader = self._pte_reader_plain if not mem.encrypted else self._pte_reader_private
+        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP), mem_size=mem.size)
+
+    def translate(self, va: Gva, access: int = ACCESS_READ, supervisor: bool = True) -> Translation:
+        """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure,
+        _NestedFault when the walk or the access reaches a GPA outside guest memory."""
+        try:
+            result = self._paging_walk(va, access, user=not supervisor)
+        except TestbedError:
+            raise _DeliveryFault(Vector.PF, 0, va) from None
+        if isinstance(result, PageFault):
+            if result.table_gpa is not None:
+                raise _NestedFault(va, result.table_gpa,
+                                   _npf_error(access, self._mem.encrypted) | NPF_GUEST_PAGE)
+            raise _DeliveryFault(Vector.PF, result.error_code, va)
+        if result.gpa >= self._mem.size:
+            raise _NestedFault(va, result.gpa | (va & 0xFFF),
+                               _npf_error(access, result.encrypted) | NPF_GUEST_FINAL)
+        return result
+
+    def read_virtual(self, va: Gva, length: int, supervisor: bool = True) -> bytes:
+        """Read guest-virtual memory as the CPU sees it (plaintext)."""
+        out = bytearray()
+        while length:
+            n = min(length, PAGE_SIZE - (va & 0xFFF))
+            tr = self.translate(va, ACCESS_READ, supervisor)
+            out += self._mem.cpu_read(tr.gpa | (va & 0xFFF), n, tr.encrypted)
+            va = Gva(va + n)
+            length -= n
+        return bytes(out)
+
+    def write_virtual(self, va: Gva, data: bytes, supervisor: bool = True) -> None:
+        """Write guest-virtual memory as the CPU does."""
+        pos = 0
+        while pos < len(data):
+            cur = Gva(va + pos)
+            n = min(len(data) - pos, PAGE_SIZE - (cur & 0xFFF))
+            tr = self.translate(cur, ACCESS_WRITE, supervisor)
+            self._mem.cpu_write(tr.gpa | (cur & 0xFFF), data[pos : pos + n], tr.encrypted)
+            pos += n
+
+    def fetch_bytes(self, va: Gva, length: int) -> bytes:
+        """Instruction bytes at `va` as the CPU fetches them (always decrypted on SEV)."""
+        out = bytearray()
+        while length:
+            n = min(length, PAGE_SIZE - (va & 0xFFF))
+            tr = self.translate(va, ACCESS_READ, supervisor=True)
+            out += self._mem.cpu_read(tr.gpa | (va & 0xFFF), n, private=self._mem.encrypted)
+            va = Gva(va + n)
+            length -= n
+        return bytes(out)
+
+    def gva_to_gpa(self, va: Gva) -> Gpa:
+        """The guest-physical address the CPU uses for `va` (raises on a failed walk)."""
+        return Gpa(self.translate(va).gpa | (va & 0xFFF))
+
+    def _tlb_fill(self, vaddr: int, access: int) -> tuple[int, int] | None:
+        if self._quiesced:
+            # Deleting hooks between runs (_reset_site_hooks): a host-side lookup, flushed
+            # right after; a failed fill here would leave Unicorn's error pending.
+            return 0, PROT_ALL
+        if self._pending_fault is not None or self._pending_npf is not None:
+            # After a failed fill QEMU still probes (a fetch at 0xfffffffffffff000 was seen)
+            # before the run stops: only the first failure of a run is the guest's fault.
+            return None
+        self.tlb_fills += 1
+        if not -(1 << 47) <= (vaddr if vaddr < (1 << 63) else vaddr - (1 << 64)) < (1 << 47):
+            # A non-canonical address is #GP(0), not a page fault (SDM vol. 1 3.3.7.1).
+            self._pending_fault = _PendingFault(Vector.GP, 0, None)
+            return None
+        # CS (for the CPL), CR3 and CR0 in one batched read.
+        cs, cr3, cr0 = self._read_fill_regs()
+        user = (cs & 3) == 3
+        result = self._paging_walk(vaddr, access, user, cr3, cr0)
+        if isinstance(result, PageFault):
+            if result.table_gpa is not None:
+                # The walk itself reads a GPA outside guest memory: on hardware with nested
+                # paging that access takes the NPF (a guest page-table access), not a #PF.
+                self._pending_npf = (result.table_gpa, _npf_error(access, self._mem.encrypted) | NPF_GUEST_PAGE)
+                self._npf_linear = vaddr
+                return None
+            self._pending_fault = _PendingFault(Vector.PF, result.error_code, vaddr)
+            return None
+        mem = self._mem
+        gpa = result.gpa
+        if gpa >= mem.size:
+            self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, False) | NPF_GUEST_FINAL)
+            self._npf_linear = vaddr
+            return None
+        frame = gpa >> PAGE_SHIFT
+        stage2 = self._stage2
+        if stage2 is not None and (mem.encrypted or self._snp):
+            # The stage-2 tables KVM built from the memory attributes map each GFN either
+            # private or shared; an access with the other C-bit value is a nested page fault
+            # (fetches count as private on SEV).
+            access_private = result.encrypted or access == ACCESS_FETCH
+            if stage2.is_private(Gfn(frame)) != access_private:
+                self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, access_private))
+                return None
+            rmp = self.rmp
+            if rmp is not None and access_private and not rmp.validated[frame]:
+                # SNP: a private access to an assigned page the guest has not validated.
+                self._pending_fault = _PendingFault(Vector.VC, SVM_EXIT_PAGE_NOT_VALIDATED, vaddr)
+                return None
+        # W^X at the TLB for code frames: EXEC is granted only by fetch fills (which scan the
+        # frame for intercepted instructions first) and WRITE only while the frame is not known
+        # code, so guest self-modifying code is rescanned before it runs (the canary tests pin it).
+        if access == ACCESS_FETCH:
+            if frame not in self._scanned_frames:
+                self._scan_sites(frame, vaddr & ~0xFFF, result.encrypted or mem.encrypted)
+            self._exec_frames.add(frame)
+        elif access == ACCESS_WRITE and frame in self._exec_frames:
+            self._exec_frames.discard(frame)
+            self._scanned_frames.discard(frame)
+        code_frame = frame in self._exec_frames
+        perms = PROT_READ
+        if result.writable and not code_frame:
+            perms |= PROT_WRITE
+        exec_ok = result.executable and code_frame
+        if mem.guest_memfd:
+            # KVM's fault path maps a private GFN to its guest_memfd page and a shared one to
+            # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.
+            if exec_ok:
+                perms |= PROT_EXEC
+            upa = PRIVATE_ALIAS_BASE + gpa if stage2 is not None and stage2.is_private(Gfn(frame)) else gpa
+        elif not mem.encrypted:
+            if exec_ok:
+                perms |= PROT_EXEC
+            upa = gpa
+        elif access == ACCESS_FETCH or result.encrypted:
+            # Instruction fetches are always private on SEV (APM 15.34.5), whatever the C-bit.
+            mem.make_private(frame)
+            upa = PRIVATE_ALIAS_BASE + gpa
+            if result.encrypted:
+                if exec_ok:
+                    perms |= PROT_EXEC
+            else:
+                perms = PROT_EXEC  # data accesses through this C=0 mapping use DRAM
+        else:
+            mem.make_dram(frame)
+            upa = gpa
+            # no EXEC: a fetch through this C=0 mapping must refill towards the private alias
+        self._xlat[vaddr >> PAGE_SHIFT] = upa
+        return upa, perms
+
+    def _fault_address(self, page: int, error_code: int) -> int:
+        """The faulting linear address within `page` (Unicorn's fill hook sees only the page).
+
+        A fetch faults at RIP when RIP is on the page (else the instruction crossed into it);
+        a data access at the effective address of the faulting instruction's memory operand,
+        computed from its decode and the registers (implicit stack and string operands too).
+        """
+        rip = self.read_reg(Reg.RIP)
+        rip += self._code_base(self.read_reg(Reg.CS))
+        page &= ~0xFFF
+        if error_code & PFERR_FETCH:
+            return rip if rip & ~0xFFF == page else page
+        try:
+            code = self.fetch_bytes(Gva(rip), 15)
+        except _DeliveryFault:
+            return page
+        for address in effective_addresses(code, rip, self._reg_by_name):
+            if address & ~0xFFF == page:
+                return address
+            if (address + 7) & ~0xFFF == page:  # an access that crosses into the page
+                return page
+        return page
+
+    def _on_ownership_change(self, frame: int) -> None:
+        # A translation to the alias that lost the frame must not survive (DESIGN.md).
+        self.flush_tlb()
+
+    def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None:
+        """KVM changed the attributes of GFNs [first, end): it zaps their stage-2 mappings (a
+        TLB flush here) and, on SNP, moves them in the RMP (rmp_make_private/shared)."""
+        if self.rmp is not None:
+            self.rmp.assign(first, end, private)
+        self.flush_tlb()
+
+    # ------------------------------------------------------- the launch (SEV firmware)
+    def launch_update_data(self, gpa: Gpa, length: int) -> None:
+        """SEV LAUNCH_UPDATE_DATA: encrypt [gpa, gpa + length) in place."""
+        self._mem.launch_encrypt(gpa, length)
+
+    def snp_launch_update(self, gpa: Gpa, length: int) -> None:
+        """SNP_LAUNCH_UPDATE: the pages move into guest_memfd (or are encrypted in place
+        without it) and enter the guest assigned and validated in the RMP."""
+        if self._mem.guest_memfd:
+            self._mem.populate_private(gpa, length)
+        else:
+            self._mem.launch_encrypt(gpa, length)
+        if self.rmp is not None:
+            self.rmp.launch_validate(gpa >> PAGE_SHIFT, (gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT)
+
+    def flush_tlb(self) -> None:
+        """Drop every cached translation (UC_CTL_TLB_FLUSH)."""
+        self._flush_engine_tlb()
+        self._xlat.clear()
+        self._cs64_cache.clear()
+        self._cs_bases.clear()
+
+    def _on_host_write(self, gpa: int, length: int) -> None:
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + max(length, 1) - 1) >> PAGE_SHIFT
+        hit = [f for f in range(first, last + 1) if f in self._exec_frames]
+        if hit:
+            for f in hit:
+                self._exec_frames.discard(f)
+                self._scanned_frames.discard(f)
+            self.flush_tlb()
+            self.flush_code()
+
+    def _rmp_host_write_check(self, gpa: int, length: int) -> None:
+        """SNP: the RMP refuses host writes to frames assigned to the guest (an RMP #PF on the
+        host side); nothing is written, so nothing of the guest's is corrupted."""
+        assert self.rmp is not None
+        for frame in range(gpa >> PAGE_SHIFT, ((gpa + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
+            if self.rmp.assigned[frame]:
+                raise GuestMemoryError("RMP violation: host write to a page assigned to the SNP guest",
+                                       frame << PAGE_SHIFT)
+
+    def _fetch_at_rip(self, rip: int, n: int) -> bytes:
+        upa = self._xlat.get(rip >> PAGE_SHIFT)
+        off = rip & 0xFFF
+        if upa is not None and off + n <= PAGE_SIZE:
+            mem = self._mem
+            if upa >= PRIVATE_ALIAS_BASE:
+                buf = mem.private
+                base = upa - PRIVATE_ALIAS_BASE
+            else:
+                buf = mem.dram
+                base = upa
+            assert buf is not None
+            return bytes(buf[base + off : base + off + n])
+        try:
+            return self.fetch_bytes(Gva(rip), n)
+        except _DeliveryFault:
+            pass
+        try:  # the instruction's bytes up to the end of its first page
+            return self.fetch_bytes(Gva(rip), min(n, PAGE_SIZE - off))
+        except _DeliveryFault:
+            return b""  # unreadable from here: decoded as no known instruction (#UD)

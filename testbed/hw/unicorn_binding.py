@@ -1,0 +1,667 @@
+"""The Unicorn binding: the only module that imports Unicorn (tests/test_layering.py).
+
+It owns the engine and everything that speaks libunicorn's language: the engine and its
+mappings of guest memory, the raw ctypes hooks (each calls one plain Python method of the
+vCPU model above it: `_tlb_fill`, `_on_exception`, `_on_out`, `_on_in`, `_on_cpuid`,
+`_on_invalid_exit`, code-site callbacks), register access through prepared ctypes calls, and
+the calibration of the QEMU CPU-state fields Unicorn does not expose (their offsets inside a
+saved context are measured once per process: `old_exception_offset` and friends).
+
+Hot-path notes (UNICORN.md, "Speed"): the Python binding's reg_read costs ~1.6 us while a
+direct ctypes call into libunicorn costs ~0.44 us, and a hook registered straight through
+uc_hook_add skips the binding's wrapper, so hooks and register access here use ctypes. The
+optional C extension (testbed/hw/_fastexit.c) replaces the INSN_INVALID hook's trampoline and
+snapshot read; it delivers to the same `_on_invalid_exit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+from collections.abc import Callable
+from typing import Any, NoReturn, cast
+
+import unicorn
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as ux
+from unicorn.unicorn_py3 import unicorn as ucpy
+
+from testbed.errors import MachineClosedError, TestbedError
+from testbed.hw.memory import GuestMemory
+from testbed.x86 import U64, Reg
+from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE
+
+_fastexit: Any
+try:  # the optional C fast path for exits (testbed/hw/_fastexit.c, built by setup.py)
+    from testbed.hw import _fastexit
+except ImportError:  # pragma: no cover - depends on the build
+    _fastexit = None
+
+#: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
+PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
+
+#: Page permissions of a TLB entry (Unicorn's UC_PROT_*), for the MMU.
+PROT_READ = ucc.UC_PROT_READ
+PROT_WRITE = ucc.UC_PROT_WRITE
+PROT_EXEC = ucc.UC_PROT_EXEC
+PROT_ALL = ucc.UC_PROT_ALL
+
+_UC_REG = {
+    Reg.RAX: ux.UC_X86_REG_RAX,
+    Reg.RBX: ux.UC_X86_REG_RBX,
+    Reg.RCX: ux.UC_X86_REG_RCX,
+    Reg.RDX: ux.UC_X86_REG_RDX,
+    Reg.RSI: ux.UC_X86_REG_RSI,
+    Reg.RDI: ux.UC_X86_REG_RDI,
+    Reg.RBP: ux.UC_X86_REG_RBP,
+    Reg.RSP: ux.UC_X86_REG_RSP,
+    Reg.R8: ux.UC_X86_REG_R8,
+    Reg.R9: ux.UC_X86_REG_R9,
+    Reg.R10: ux.UC_X86_REG_R10,
+    Reg.R11: ux.UC_X86_REG_R11,
+    Reg.R12: ux.UC_X86_REG_R12,
+    Reg.R13: ux.UC_X86_REG_R13,
+    Reg.R14: ux.UC_X86_REG_R14,
+    Reg.R15: ux.UC_X86_REG_R15,
+    Reg.RIP: ux.UC_X86_REG_RIP,
+    Reg.RFLAGS: ux.UC_X86_REG_RFLAGS,
+    Reg.CS: ux.UC_X86_REG_CS,
+    Reg.SS: ux.UC_X86_REG_SS,
+    Reg.DS: ux.UC_X86_REG_DS,
+    Reg.ES: ux.UC_X86_REG_ES,
+    Reg.FS: ux.UC_X86_REG_FS,
+    Reg.GS: ux.UC_X86_REG_GS,
+    Reg.CR0: ux.UC_X86_REG_CR0,
+    Reg.CR2: ux.UC_X86_REG_CR2,
+    Reg.CR3: ux.UC_X86_REG_CR3,
+    Reg.CR4: ux.UC_X86_REG_CR4,
+}
+
+#: capstone register names -> Unicorn ids, for effective-address computation.
+_REG_NAMES = {r.name.lower(): uc for r, uc in _UC_REG.items()}
+_REG_NAMES.update({
+    name: getattr(ux, f"UC_X86_REG_{name.upper()}")
+    for name in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "r8d", "r9d", "r10d", "r11d", "r12d",
+                 "r13d", "r14d", "r15d")
+})
+
+#: Reg -> Unicorn register id, indexable by the IntEnum (list indexing avoids Enum hashing).
+_UC_REG_BY_INDEX = tuple(_UC_REG[Reg(i)] for i in range(len(Reg)))
+
+_CS = ux.UC_X86_REG_CS
+_SEGMENTS = frozenset({Reg.CS, Reg.SS, Reg.DS, Reg.ES, Reg.FS, Reg.GS})
+_TABLE_REGS = {"gdt": ux.UC_X86_REG_GDTR, "idt": ux.UC_X86_REG_IDTR}
+_ACCESS_FROM_UC = {ucc.UC_MEM_READ: ACCESS_READ, ucc.UC_MEM_WRITE: ACCESS_WRITE, ucc.UC_MEM_FETCH: ACCESS_FETCH}
+
+_INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+_TLB_CFUNC = ctypes.CFUNCTYPE(
+    ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ucpy.uc_tlb_entry), ctypes.c_void_p
+)
+_INTR_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+_OUT_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
+_IN_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p)
+_CPUID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+#: QEMU's hflags bit HF_CS64: the CPU runs 64-bit code (CS.L with EFER.LMA), from the hidden
+#: part of CS that a GDT rewrite does not change (measured: set at CPL 0 in 64-bit code, clear
+#: after a far transfer to a 32-bit code segment).
+HF_CS64 = 1 << 15
+
+
+def _raw_function(name: str) -> Any:
+    """A libunicorn entry point without argtypes: ctypes then passes the prepared pointers and
+    ints as they are, which halves the cost of a register access on the hot path (the binding's
+    prototypes convert every argument on every call)."""
+    fn = getattr(ctypes.CDLL(ucpy.uclib._name), name)
+    fn.argtypes = None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class _ReleasedEngine:
+    """Stands in for the Unicorn engine and its entry points after `UnicornVcpu.close()`:
+    uc_close freed the engine, so every later use raises a clear error instead of passing a
+    dangling handle to libunicorn (which would crash the process)."""
+
+    def _refuse(self) -> NoReturn:
+        raise MachineClosedError("the vCPU is closed: Machine.close() released its emulator and guest memory")
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+    def __call__(self, *args: Any) -> NoReturn:
+        self._refuse()
+
+
+_RELEASED = _ReleasedEngine()
+
+
+class HardwareError(TestbedError):
+    """The emulator did something the model cannot continue from (a testbed bug)."""
+
+
+# ------------------------------------------------------------------ calibration
+_CALIBRATION: dict[str, int] = {}
+
+# Flat 64-bit test machine for the calibrations: GDT with kernel and user segments at 0x1000.
+_CAL_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF)
+
+
+def _context_fields(before: bytes, after: bytes, match: Callable[[int, int], bool]) -> set[int]:
+    return {
+        off
+        for off in range(0, min(len(before), len(after)) - 4, 4)
+        if match(struct.unpack_from("<i", before, off)[0], struct.unpack_from("<i", after, off)[0])
+    }
+
+
+def _run_to_exception(code: bytes, setup: Callable[[Any], None] | None = None) -> tuple[bytes, bytes]:
+    """(context before, context in the UC_HOOK_INTR callback) for `code` at 0x2000."""
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, struct.pack("<5Q", *_CAL_GDT))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_CAL_GDT) - 1, 0))
+    if setup is not None:
+        setup(uc)
+    uc.mem_write(0x2000, code + b"\xf4")
+    before = bytes(uc.context_save())
+    seen: list[bytes] = []
+
+    def hook(u: Any, intno: int, _ud: Any) -> None:
+        seen.append(bytes(u.context_save()))
+        u.emu_stop()
+
+    uc.hook_add(ucc.UC_HOOK_INTR, hook)
+    with contextlib.suppress(unicorn.UcError):
+        uc.emu_start(0x2000, 0x2000 + len(code))
+    if not seen:
+        raise HardwareError("calibration of Unicorn's saved context failed: no exception seen")
+    return before, seen[0]
+
+
+def _equals_after(old: int, new: int) -> Callable[[int, int], bool]:
+    return lambda a, b: a == old and b == new
+
+
+def _changes_to(new: int) -> Callable[[int, int], bool]:
+    return lambda a, b: b == new and a != new
+
+
+def _unique(name: str, candidates: set[int]) -> int:
+    if len(candidates) != 1:
+        raise HardwareError(f"cannot locate Unicorn's {name} field in a saved context (candidates: {candidates})")
+    _CALIBRATION[name] = candidates.pop()
+    return _CALIBRATION[name]
+
+
+def old_exception_offset() -> int:
+    """Offset of QEMU's `env->old_exception` inside a saved Unicorn context.
+
+    Unicorn never resets this field after a UC_HOOK_INTR callback, so the second #DE/#GP/#PF
+    would arrive as #DF and the third as a silent triple fault (UNICORN.md, "Exceptions").
+    The offset is build-specific, so it is measured once per process: the field reads -1 in a
+    fresh context and the vector after an exception. Canary: tests/test_unicorn_canary.py.
+    """
+    if "old_exception" in _CALIBRATION:
+        return _CALIBRATION["old_exception"]
+    # (#DE) xor ecx, ecx; div ecx   and   (#GP) mov ax, 0x1234; mov ds, ax (no such selector).
+    candidates: set[int] | None = None
+    for vector, code in ((0, b"\x31\xc9\xf7\xf1"), (13, b"\x66\xb8\x34\x12\x8e\xd8")):
+        before, after = _run_to_exception(code)
+        found = _context_fields(before, after, _equals_after(-1, vector))
+        candidates = found if candidates is None else candidates & found
+    return _unique("old_exception", candidates or set())
+
+
+def error_code_offset() -> int:
+    """Offset of QEMU's `env->error_code`: the error code of the exception being raised.
+
+    Unicorn's UC_HOOK_INTR gets only the vector; the error code (e.g. the selector of a #GP)
+    is read from the saved context instead. Measured with two #GPs on different selectors.
+    """
+    if "error_code" in _CALIBRATION:
+        return _CALIBRATION["error_code"]
+    candidates: set[int] | None = None
+    # mov ax, 0x1230; mov ds, ax   and   mov cx, 0x2340; mov ds, cx (two registers, so the
+    # register slots that also hold the selector drop out of the intersection)
+    for selector, mov, load in ((0x1230, b"\x66\xb8", b"\x8e\xd8"), (0x2340, b"\x66\xb9", b"\x8e\xd9")):
+        code = mov + selector.to_bytes(2, "little") + load
+        before, after = _run_to_exception(code)
+        found = _context_fields(before, after, _changes_to(selector))
+        candidates = found if candidates is None else candidates & found
+    return _unique("error_code", candidates or set())
+
+
+def cs_base_offset() -> int:
+    """Offset of QEMU's `env->segs[R_CS].base` inside a saved Unicorn context.
+
+    A CS write through uc_reg_write in 64-bit mode changes only the selector (neither the base
+    nor HF_CS64: canary in tests/test_hostile_guests.py), so delivering an exception from
+    32-bit code with a non-zero CS base to a 64-bit handler patches the base here. Measured by
+    a far return to a 32-bit code segment whose base is 0x12345000.
+    """
+    if "cs_base" in _CALIBRATION:
+        return _CALIBRATION["cs_base"]
+    base = 0x12345000
+    desc = 0x00CF9B000000FFFF | ((base & 0xFFFFFF) << 16) | ((base >> 24) << 56)
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    gdt = (*_CAL_GDT, desc)
+    uc.mem_write(0x1000, struct.pack(f"<{len(gdt)}Q", *gdt))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(gdt) - 1, 0))
+    uc.reg_write(ux.UC_X86_REG_CS, 0x08)
+    uc.mem_map(base, 0x1000)
+    uc.mem_write(base + 0x10, b"\x90\xf4")
+    uc.mem_write(0x8000 - 16, struct.pack("<2Q", 0x10, 8 * (len(gdt) - 1)))
+    uc.reg_write(ux.UC_X86_REG_RSP, 0x8000 - 16)
+    uc.mem_write(0x2000, b"\x48\xcb")  # retfq to the 32-bit segment at offset 0x10
+    before = bytes(uc.context_save())
+    uc.emu_start(0x2000, 0x11)
+    after = bytes(uc.context_save())
+    candidates = {
+        off for off in range(0, min(len(before), len(after)) - 8, 4)
+        if struct.unpack_from("<Q", before, off)[0] == 0 and struct.unpack_from("<Q", after, off)[0] == base
+    }
+    return _unique("cs_base", candidates)
+
+
+def hflags_offset() -> int:
+    """Offset of QEMU's `env->hflags`, whose bits 1:0 are the CPL.
+
+    Unicorn's segment-register writes do not change the CPL (canary in
+    tests/test_unicorn_canary.py), so delivering an exception from CPL 3 to a CPL-0 handler
+    sets the CPL bits in the saved context. Measured by an IRETQ from CPL 0 to CPL 3.
+    """
+    if "hflags" in _CALIBRATION:
+        return _CALIBRATION["hflags"]
+
+    uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, struct.pack("<5Q", *_CAL_GDT))
+    uc.reg_write(ux.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_CAL_GDT) - 1, 0))
+    uc.reg_write(ux.UC_X86_REG_CS, 0x08)
+    uc.reg_write(ux.UC_X86_REG_SS, 0x10)
+    frame = struct.pack("<5Q", 0x2002, 0x23, 0x2, 0x7000, 0x1B)  # rip cs rflags rsp ss
+    uc.mem_write(0x8000 - len(frame), frame)
+    uc.reg_write(ux.UC_X86_REG_RSP, 0x8000 - len(frame))
+    uc.mem_write(0x2000, b"\x48\xcf\xf4")  # iretq to CPL 3 at 0x2002, where the run stops
+    before = bytes(uc.context_save())
+    uc.emu_start(0x2000, 0x2002)
+    if uc.reg_read(ux.UC_X86_REG_CS) != 0x23:
+        raise HardwareError("calibration of Unicorn's hflags failed: IRETQ did not reach CPL 3")
+    after = bytes(uc.context_save())
+    candidates = _context_fields(before, after, lambda a, b: a & 3 == 0 and b & 3 == 3 and (a ^ b) == 3)
+    return _unique("hflags", candidates)
+
+
+class UnicornBinding:
+    """The engine under one vCPU, with the hooks that call the model's handlers.
+
+    Subclasses (the MMU, event delivery, intercepts, the run loop: testbed/hw/cpu.py lists
+    them) implement the handler methods below; none of them touches Unicorn directly.
+    """
+
+    def _init_binding(self, memory: GuestMemory) -> None:
+        self._uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        self._uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        # Exits enabled and none set: emu_start's `until` is ignored, so a run ends only by a
+        # stop, an error or HLT. Otherwise Unicorn invalidates the code at `until` - 1 after
+        # every run (cpus.c resume_all_vcpus) through a fetch fill of page 0xfffffffffffff000;
+        # that fill fails, so every clean end of a run - HLT, the timeout, a hook's stop - came
+        # back as UC_ERR_EXCEPTION with a spurious #PF (CR2 0xfffffffffffff000) pending, and a
+        # guest's HLT was reported as that #PF. Canary: tests/test_resources.py
+        # (test_clean_end_of_a_run_raises_no_spurious_fault).
+        self._uc.ctl_exits_enabled(True)
+        self._uc.mem_map_ptr(0, memory.size, ucc.UC_PROT_ALL, memory.dram_address())
+        if memory.private is not None:
+            # The private alias (legacy SEV) or the guest_memfd backing (hw/memory.py).
+            self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.size, ucc.UC_PROT_ALL, memory.private_address())
+        self._h = ctypes.c_void_p(self._uc._uch.value)  # a plain pointer: no argtypes conversion
+        self._lib = ucpy.uclib
+        self._val = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._val)
+        self._reg_read_batch = _raw_function("uc_reg_read_batch")
+        self._reg_write_batch = _raw_function("uc_reg_write_batch")
+        self._arg_vals = (ctypes.c_uint64 * 4)()
+        self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
+        self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
+        self._fill_regs = (ctypes.c_uint64 * 3)()
+        self._fill_ids = (ctypes.c_int * 3)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0)
+        self._fill_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)))
+        self._snap = (ctypes.c_uint64 * 7)()
+        self._snap_ids = (ctypes.c_int * 7)(
+            ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
+            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
+        )
+        self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
+        #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
+        self._snapshot: tuple[int, int, int, int, int, int] | None = None
+        self._hc_vals = (ctypes.c_uint64 * 2)()
+        self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
+        self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
+        self._hc_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self._hc_vals), ctypes.addressof(self._hc_vals) + 8)
+        self._reg_read = _raw_function("uc_reg_read")
+        self._reg_write = _raw_function("uc_reg_write")
+        self._hook_error: BaseException | None = None
+        self._closed = False
+        self._running = False
+        self._old_exc_off = old_exception_offset()
+        self._error_code_off = error_code_offset()
+        self._hflags_off = hflags_offset()
+        self._cs_base_off = cs_base_offset()
+        self._uc_ctx = self._uc.context_save()
+        self._callbacks: list[Any] = []
+        self._code_cbs: dict[Callable[[int], None], Any] = {}
+        self._install_hooks()
+
+    # ------------------------------------------------ handlers the model implements
+    def _tlb_fill(self, vaddr: int, access: int) -> tuple[int, int] | None:
+        """(Unicorn-physical page, PROT_* permissions) for a TLB miss, None for a fault."""
+        raise NotImplementedError
+
+    def _on_exception(self, vector: int, error_code: int) -> None:
+        """An exception Unicorn raised (UC_HOOK_INTR), with QEMU's pending error code."""
+        raise NotImplementedError
+
+    def _on_out(self, port: int, size: int, value: int) -> None:
+        raise NotImplementedError
+
+    def _on_in(self, port: int, size: int) -> int:
+        raise NotImplementedError
+
+    def _on_cpuid(self) -> int:
+        """1 to skip the CPUID instruction, 0 to let it run natively."""
+        raise NotImplementedError
+
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+        """An instruction Unicorn cannot execute, with the exit's register snapshot; True resumes."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- hooks (ctypes, raw)
+    def _add_hook(self, htype: int, cfunc: Any, fn: Callable[..., Any], *extra: int) -> None:
+        cb = cfunc(fn)
+        self._callbacks.append(cb)  # keep the trampoline alive as long as the vCPU
+        hh = ucpy.uc_hook_h()
+        args: list[Any] = [ctypes.c_uint64(1), ctypes.c_uint64(0)]
+        args += [ctypes.c_int(x) for x in extra]
+        status = self._lib.uc_hook_add(self._h, ctypes.byref(hh), htype, ctypes.cast(cb, ctypes.c_void_p), None, *args)
+        if status != ucc.UC_ERR_OK:
+            raise HardwareError(f"uc_hook_add({htype}) failed: {unicorn.UcError(status)}")
+
+    def _install_hooks(self) -> None:
+        self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
+        self._fastexit: Any = None
+        if _fastexit is not None and not os.environ.get("TESTBED_NO_FASTEXIT"):
+            lib = ctypes.CDLL(ucpy.uclib._name)
+
+            def address(name: str) -> int:
+                return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+
+            self._fastexit = _fastexit.FastExit(
+                self._h.value, address("uc_hook_add"), address("uc_reg_read_batch"),
+                address("uc_reg_write_batch"), list(self._snap_ids), 2,
+                [ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP], self._on_invalid_exit,
+            )
+        else:
+            self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_ctypes)
+        self._add_hook(ucc.UC_HOOK_INTR, _INTR_CFUNC, self._guard(self._on_intr_raw, None))
+        self._add_hook(ucc.UC_HOOK_INSN, _OUT_CFUNC, self._guard(self._on_out_raw, None), ux.UC_X86_INS_OUT)
+        self._add_hook(ucc.UC_HOOK_INSN, _IN_CFUNC, self._guard(self._on_in_raw, 0), ux.UC_X86_INS_IN)
+        self._add_hook(ucc.UC_HOOK_INSN, _CPUID_CFUNC, self._guard(self._on_cpuid_raw, 0), ux.UC_X86_INS_CPUID)
+
+    def _on_tlb_fill_raw(self, _h: Any, vaddr: int, uc_access: int, entry: Any, _ud: Any) -> bool:
+        result = self._tlb_fill(vaddr, _ACCESS_FROM_UC.get(uc_access, ACCESS_READ))
+        if result is None:
+            return False
+        e = entry.contents
+        e.paddr, e.perms = result
+        return True
+
+    def _on_intr_raw(self, _h: Any, intno: int, _ud: Any) -> None:
+        self._on_exception(intno, self._reset_old_exception())
+
+    def _on_out_raw(self, _h: Any, port: int, size: int, value: int, _ud: Any) -> None:
+        self._on_out(port, size, value)
+
+    def _on_in_raw(self, _h: Any, port: int, size: int, _ud: Any) -> int:
+        return self._on_in(port, size)
+
+    def _on_cpuid_raw(self, _h: Any, _ud: Any) -> int:
+        return self._on_cpuid()
+
+    def _on_invalid_ctypes(self, _h: Any, _ud: Any) -> bool:
+        """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
+        try:
+            # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
+            # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
+            # then reads from there (hypercall_regs / hypercall_args).
+            s = self._snap
+            s[2] = 0  # CS fills only the low bytes of its slot
+            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
+        except BaseException as exc:  # re-raised from run(); must not unwind through C
+            return self._hook_failed(exc)
+        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6])
+
+    def _hook_failed(self, exc: BaseException) -> bool:
+        # Re-raised from run(); an exception must not unwind through Unicorn's C frames.
+        if self._hook_error is None:
+            self._hook_error = exc
+        self._uc.emu_stop()
+        return False
+
+    def _guard(self, fn: Callable[..., Any], on_error: Any) -> Callable[..., Any]:
+        """Wrap a hook so a Python exception stops emulation and is re-raised by run()."""
+
+        def wrapper(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except BaseException as exc:  # re-raised from run(); must not unwind through C
+                if self._hook_error is None:
+                    self._hook_error = exc
+                self._uc.emu_stop()
+                return on_error
+
+        return wrapper
+
+    def _add_code_hook(self, fn: Callable[[int], None], begin: int, end: int) -> int:
+        """A UC_HOOK_CODE on [begin, end] calling fn(address); returns its handle."""
+        cb = self._code_cbs.get(fn)
+        if cb is None:
+            cb = self._code_cbs[fn] = _CODE_CFUNC(self._guard(lambda _h, address, _size, _ud: fn(address), None))
+        return self._add_range_hook(ucc.UC_HOOK_CODE, cb, begin, end)
+
+    def _add_block_hook(self, fn: Callable[[int], None]) -> int:
+        """A UC_HOOK_BLOCK on every block (begin 1 > end 0) calling fn(address); returns its handle."""
+        cb = self._code_cbs.get(fn)
+        if cb is None:
+            cb = self._code_cbs[fn] = _CODE_CFUNC(self._guard(lambda _h, address, _size, _ud: fn(address), None))
+        return self._add_range_hook(ucc.UC_HOOK_BLOCK, cb, 1, 0)
+
+    def _add_range_hook(self, htype: int, cb: Any, begin: int, end: int) -> int:
+        hh = ucpy.uc_hook_h()
+        status = self._lib.uc_hook_add(
+            self._h, ctypes.byref(hh), htype, ctypes.cast(cb, ctypes.c_void_p), None,
+            ctypes.c_uint64(begin), ctypes.c_uint64(end),
+        )
+        if status != ucc.UC_ERR_OK:
+            raise HardwareError(f"uc_hook_add({htype} @0x{begin:x}) failed: {unicorn.UcError(status)}")
+        return int(hh.value)
+
+    def _del_hook(self, handle: int) -> None:
+        self._lib.uc_hook_del(self._h, ucpy.uc_hook_h(handle))
+
+    # --------------------------------------------------------------------------- release
+    @property
+    def closed(self) -> bool:
+        """Whether close() released the emulator."""
+        return self._closed
+
+    def _release_engine(self) -> None:
+        """uc_close, then every entry point refuses (MachineClosedError)."""
+        self._closed = True
+        # The binding closes the engine in a weakref.finalize; calling it runs uc_close once and
+        # disarms it (a second uc_close would free the engine twice). Canary:
+        # tests/test_resources.py pins that the binding still has it.
+        release = getattr(self._uc, "_Uc__finalizer", None)
+        if release is not None:
+            release()
+        fastexit, self._fastexit = self._fastexit, None
+        if fastexit is not None and hasattr(fastexit, "close"):  # (an extension built before close())
+            fastexit.close()  # its hook died with the engine; drop its handler (the vCPU)
+        released = cast(Any, _RELEASED)
+        self._uc = released
+        self._lib = released
+        self._reg_read = self._reg_write = released
+        self._reg_read_batch = self._reg_write_batch = released
+        self._callbacks.clear()
+        self._code_cbs.clear()
+        self._hook_error = None
+
+    # ------------------------------------------------------------ registers (VMCB/VMCS)
+    def read_reg(self, reg: Reg) -> int:
+        """Read a register (fast path for GPRs, RIP, CRs and selectors)."""
+        self._val.value = 0  # a segment register fills only the low bytes of the scratch
+        self._reg_read(self._h, _UC_REG_BY_INDEX[reg], self._ref)
+        return int(self._val.value)
+
+    def write_reg(self, reg: Reg, value: int) -> None:
+        """Write a register; RIP writes made inside the CPUID/IO hooks are not honoured."""
+        if reg in _SEGMENTS:
+            # Segment loads go through the binding so the descriptor is loaded from the GDT.
+            self._uc.reg_write(_UC_REG[reg], value)
+            return
+        self._val.value = value & U64
+        self._reg_write(self._h, _UC_REG_BY_INDEX[reg], self._ref)
+
+    def hypercall_args(self) -> tuple[int, int, int, int]:
+        """RBX, RCX, RDX, RSI (a0..a3 of the KVM hypercall ABI) in one batched read."""
+        snap = self._snapshot
+        if snap is not None:
+            return snap[2], snap[3], snap[4], snap[5]
+        self._reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
+        v = self._arg_vals
+        return v[0], v[1], v[2], v[3]
+
+    def hypercall_regs(self) -> tuple[int, int]:
+        """(RAX, CS selector): what KVM needs first on a hypercall."""
+        snap = self._snapshot
+        if snap is not None:
+            return snap[0], snap[1]
+        values = self._hc_vals
+        values[1] = 0  # Unicorn writes only the selector's low bytes into this slot
+        self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
+        return int(values[0]), int(values[1]) & 0xFFFF
+
+    def _write_rax_rip(self, rax: int, rip: int) -> None:
+        """RAX and RIP in one batched write (through the C extension when built)."""
+        if self._fastexit is not None:
+            self._fastexit.write2(rax & U64, rip)
+            return
+        values = self._hc_vals
+        values[0] = rax & U64
+        values[1] = rip
+        self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
+
+    def _read_fill_regs(self) -> tuple[int, int, int]:
+        """CS, CR3 and CR0 in one batched read (what a TLB fill needs)."""
+        s = self._fill_regs
+        s[0] = 0  # CS fills only the low bytes of its slot
+        self._reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 3)
+        return int(s[0]), int(s[1]), int(s[2])
+
+    def _reg_by_name(self, name: str) -> int:
+        """A register by its capstone name (0 for one not modelled: segment bases and others)."""
+        reg = _REG_NAMES.get(name)
+        if reg is None:
+            return 0
+        self._val.value = 0
+        self._reg_read(self._h, reg, self._ref)
+        return int(self._val.value)
+
+    def cpl(self) -> int:
+        """Current privilege level (CS.RPL, which equals CS.DPL for code the CPU runs)."""
+        return self.read_reg(Reg.CS) & 3
+
+    def descriptor_table(self, which: str) -> tuple[int, int]:
+        """(base, limit) of GDTR ("gdt"), IDTR ("idt") or TR ("tr")."""
+        reg = ux.UC_X86_REG_TR if which == "tr" else _TABLE_REGS[which]
+        _, base, limit, _ = self._uc.reg_read(reg)
+        return int(base), int(limit)
+
+    def set_msr(self, msr: int, value: int) -> None:
+        """Set an MSR the emulator models (EFER at reset)."""
+        self._uc.msr_write(msr, value)
+
+    def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
+        """Load GDTR or IDTR (KVM_SET_SREGS)."""
+        self._uc.reg_write(_TABLE_REGS[which], (0, base, limit, 0))
+
+    def set_tr(self, selector: int, base: int, limit: int) -> None:
+        """Load the task register (KVM_SET_SREGS)."""
+        self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, 0x8B))
+
+    # ------------------------------------------- QEMU state Unicorn does not expose
+    def _context_address(self) -> tuple[Any, int]:
+        """The saved context, refreshed, and the address of its QEMU CPU state."""
+        ctx = self._uc_ctx
+        self._uc.context_update(ctx)
+        addr = ctypes.cast(ctx._context, ctypes.c_void_p).value
+        assert addr is not None
+        return ctx, addr
+
+    def _context_field(self, offset: int, ctype: Any) -> tuple[Any, Any]:
+        ctx, addr = self._context_address()
+        return ctx, ctype.from_address(addr + offset)
+
+    def _hflags(self) -> int:
+        _, field = self._context_field(self._hflags_off, ctypes.c_uint32)
+        return int(field.value)
+
+    def _reset_old_exception(self) -> int:
+        """Reset QEMU's old_exception (see old_exception_offset); returns env->error_code."""
+        ctx, addr = self._context_address()
+        ctypes.c_int32.from_address(addr + self._old_exc_off).value = -1
+        error_code = ctypes.c_uint32.from_address(addr + self._error_code_off).value
+        self._uc.context_restore(ctx)
+        return int(error_code)
+
+    def _set_cpl(self, cpl: int) -> None:
+        """Set the CPL bits of QEMU's hflags (see hflags_offset): a CS load does not."""
+        ctx, field = self._context_field(self._hflags_off, ctypes.c_uint32)
+        field.value = (field.value & ~3) | (cpl & 3)
+        self._uc.context_restore(ctx)
+
+    def _load_64bit_code_state(self) -> None:
+        """Set QEMU's HF_CS64 and CS.base = 0 (see cs_base_offset) for a 64-bit handler."""
+        ctx, addr = self._context_address()
+        ctypes.c_uint32.from_address(addr + self._hflags_off).value |= HF_CS64
+        ctypes.c_uint64.from_address(addr + self._cs_base_off).value = 0
+        self._uc.context_restore(ctx)
+
+    # ------------------------------------------------------------------ the engine
+    def _emu_stop(self) -> None:
+        self._uc.emu_stop()
+
+    def _emu_start(self, rip: int, timeout_us: int) -> str | None:
+        """Run from `rip` until a stop, an error (returned as text) or the timeout."""
+        self._running = True
+        try:
+            self._uc.emu_start(rip, U64, timeout=timeout_us)
+        except unicorn.UcError as exc:
+            return str(exc)
+        finally:
+            self._running = False
+        return None
+
+    def _timed_out(self) -> bool:
+        return bool(self._uc.query(ucc.UC_QUERY_TIMEOUT))
+
+    def _flush_engine_tlb(self) -> None:
+        self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+
+    def flush_code(self) -> None:
+        """Drop translated code: needed after the host rewrites guest instructions."""
+        self._uc.ctl_flush_tb()

@@ -1,0 +1,277 @@
+"""The host API (testbed/api.py): Vm, Vcpu, the exit types and the errors a run ends with.
+
+1. load boots to guest_main; run_to_ucall returns each Ucall; the host's view of memory, the
+   attributes and the tracker's export; a second load, a bad option and use after close are
+   clear errors, and the Vm releases its machine.
+2. vcpu.run() returns each user exit unanswered: a test answers MAP_GPA_RANGE itself (EAGAIN,
+   refusal, garbage in ret) in a `match` and passes the rest to vm.handle; an IN is answered in
+   its data slot. Exits are read-only but for their reply slots, and serialise once (to_json).
+3. A failed GUEST_ASSERT raises GuestAssertionError (file, line, values; str "file:line: ...");
+   an unhandled exception GuestExceptionError; a spinning guest VmTimeoutError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import weakref
+
+import pytest
+
+import testbed
+from testbed.errors import MachineClosedError, UsageError
+from testbed.hw.memory import UnmappableMemoryError
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KvmExitReason
+
+VM_TYPES = ["default", "sev", "sev-snp"]
+SMALL = {"memory": "8M", "timeout": 20}
+U64 = (1 << 64) - 1
+
+SYNCS = """
+guest_main:
+    GUEST_SYNC 1, 2
+    GUEST_SYNC 3, 4, 5, 6, 7, 8
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_run_to_ucall_returns_each_ucall(vm_type: str) -> None:
+    """load boots to guest_main; run_to_ucall returns the syncs (up to six values), then done."""
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("syncs.s", text=SYNCS)
+        assert vm.machine.cpu.read_reg(_reg("RIP")) == vm.machine.program.symbols["guest_main"]
+        assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[1, 2])
+        assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[3, 4, 5, 6, 7, 8])
+        assert vcpu.run_to_ucall().cmd == "done"
+
+
+def _reg(name: str) -> object:
+    from testbed.x86 import Reg
+
+    return Reg[name]
+
+
+MEMORY_VIEW = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA
+    mov rsi, 0x5a
+    mov rdx, 4096
+    call guest_memset               # private on sev / sev-snp, plain on default
+    mov rdi, GUEST_FREE_GPA + 4096
+    mov rsi, 1
+    call set_memory_shared
+    GUEST_ASSERT_EQ rax, 0
+    mov rdi, GUEST_FREE_GPA + 4096
+    mov rsi, 0xa5
+    mov rdx, 4096
+    call guest_memset
+    GUEST_SYNC GUEST_FREE_GPA
+    mov rax, qword ptr [GUEST_FREE_GPA + 4096]
+    GUEST_ASSERT_EQ rax, 0x0707070707070707
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_host_view_attributes_and_tracker(vm_type: str) -> None:
+    """vm.read/write are the VMM's view: plaintext, ciphertext (sev) or a refusal (sev-snp's
+    guest_memfd); is_private is KVM's attribute; shared_ranges the VMM tracker's export."""
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("view.s", text=MEMORY_VIEW)
+        uc = vcpu.run_to_ucall()
+        private_gpa = uc.args[0]
+        shared_gpa = private_gpa + 4096
+        assert vm.read(shared_gpa, 16) == b"\xa5" * 16
+        assert not vm.is_private(shared_gpa)
+        assert (shared_gpa >> 12, 1) in vm.shared_ranges()
+        if vm_type == "default":
+            assert not vm.is_private(private_gpa) and vm.read(private_gpa, 16) == b"\x5a" * 16
+        elif vm_type == "sev":
+            assert vm.is_private(private_gpa) and vm.read(private_gpa, 16) != b"\x5a" * 16  # ciphertext
+        else:
+            assert vm.is_private(private_gpa)
+            with pytest.raises(UnmappableMemoryError):
+                vm.read(private_gpa, 16)
+        vm.write(shared_gpa, b"\x07" * 8)
+        assert vcpu.run_to_ucall().cmd == "done"  # the guest saw the host's write
+
+
+def test_set_memory_attributes_is_kvms_ioctl() -> None:
+    """set_memory_attributes flips KVM's attribute only (the tracker is the VMM's) and KVM rejects
+    what it rejects (kvm_main.c kvm_vm_ioctl_set_mem_attributes: PAGE_ALIGNED, supported attributes)."""
+    with testbed.Vm(vm_type="sev-snp", **SMALL) as vm:
+        vm.load("syncs.s", text=SYNCS)
+        gpa = int(vm.machine.layout.defines()["GUEST_FREE_GPA"])
+        before = vm.shared_ranges()
+        vm.set_memory_attributes(gpa, 4096, private=False)
+        assert not vm.is_private(gpa) and vm.shared_ranges() == before
+        vm.set_memory_attributes(gpa, 4096, private=True)
+        assert vm.is_private(gpa)
+        with pytest.raises(KvmIoctlError):
+            vm.set_memory_attributes(gpa + 1, 4096)
+    with testbed.Vm(**SMALL) as vm:
+        vm.load("syncs.s", text=SYNCS)
+        with pytest.raises(KvmIoctlError):
+            vm.set_memory_attributes(0, 4096, private=True)  # no private memory on the default VM
+
+
+MAP_GPA = """
+.macro MAP_ONE
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, GUEST_FREE_GPA
+    mov rcx, 1
+    xor rdx, rdx                    # to shared, 4K
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+.endm
+guest_main:
+    MAP_ONE
+    MAP_ONE
+    MAP_ONE
+    MAP_ONE
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_test_answers_map_gpa_range_itself(vm_type: str) -> None:
+    """A test answers KVM_EXIT_HYPERCALL itself (EAGAIN, a refusal, garbage) and passes the rest
+    to vm.handle: KVM writes ret raw into RAX (x86.c complete_hypercall_exit)."""
+    answers = [-11 & U64, -22 & U64, 0xDEADBEEF]
+    got: list[int] = []
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("map.s", text=MAP_GPA)
+        free_gfn = -1
+        while True:
+            match vcpu.run():
+                case testbed.HypercallExit(nr=nr, args=args) as exit if answers:
+                    assert nr == KVM_HC_MAP_GPA_RANGE and args[1:3] == (1, 0)
+                    assert exit.reason == "hypercall" and exit.exit_reason == KvmExitReason.KVM_EXIT_HYPERCALL
+                    free_gfn = args[0] >> 12
+                    exit.ret = answers.pop(0)
+                case exit:
+                    uc = vm.handle(exit)
+                    if uc is not None and uc.cmd == "done":
+                        break
+                    if uc is not None:
+                        got.append(uc.args[0])
+                        # The three answered by the test never reached the VMM's tracker.
+                        assert ((free_gfn, 1) in vm.shared_ranges()) == (len(got) == 4)
+    assert got == [-11 & U64, -22 & U64, 0xDEADBEEF, 0]
+
+
+IN_PORT = """
+guest_main:
+    mov dx, 0x70
+    in eax, dx
+    GUEST_SYNC rax
+    in al, 0x71
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sev-snp"])
+def test_in_is_answered_in_its_data_slot(vm_type: str) -> None:
+    """An IN's value is what userspace writes into the exit's data (x86.c complete_fast_pio_in;
+    on SEV-ES/SNP through the GHCB, sev.c)."""
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("in.s", text=IN_PORT)
+        exit = vcpu.run()
+        assert isinstance(exit, testbed.IoInExit) and (exit.port, exit.size) == (0x70, 4)
+        exit.data = bytes.fromhex("78563412")
+        assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[0x12345678])
+        exit = vcpu.run()
+        assert isinstance(exit, testbed.IoInExit) and (exit.port, exit.size) == (0x71, 1)
+        assert vm.handle(exit) is None  # the default VMM: no device, all ones
+        assert vcpu.run_to_ucall().args[0] & 0xFF == 0xFF
+
+
+def test_exits_are_read_only_but_reply_slots() -> None:
+    """Exits are frozen but for the slots userspace fills in kvm_run (hypercall.ret, io data, msr data/error)."""
+    hc = testbed.HypercallExit(nr=12, args=(0x1000, 1, 0, 0, 0, 0))
+    hc.ret = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hc.nr = 1  # type: ignore[misc]
+    out = testbed.IoOutExit(size=4, port=0x1000, data=b"\x00\x10\x00\x00")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.port = 1  # type: ignore[misc]
+    rd = testbed.RdmsrExit(index=0x10, msr_reason=4)
+    rd.data, rd.error = 7, 1
+    wr = testbed.WrmsrExit(index=0x10, msr_reason=4, data=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        wr.data = 1
+    assert hc.to_json() == {"reason": "hypercall", "nr": 12, "args": [0x1000, 1, 0, 0, 0, 0], "ret": 5, "flags": 0}
+    assert out.to_json()["direction"] == "out" and out.to_json()["value"] == 0x1000
+    assert {t.reason for t in testbed.exits.EXIT_TYPES} >= {"hypercall", "io", "memory_fault", "x86_rdmsr"}
+
+
+def test_report_user_exits_are_each_exits_to_json() -> None:
+    """run_guest is built on the API: its user_exits are the exits' to_json(), each exit serialised once."""
+    report = testbed.run_guest("syncs.s", testbed.VmOptions(**SMALL), text=SYNCS)
+    assert report.outcome == "done" and report.syncs() == [1, 3]
+    assert report.user_exits[0] == testbed.IoOutExit(size=4, port=0x1000, data=report.user_exits[0]["value"]
+                                                     .to_bytes(4, "little")).to_json()
+
+
+ASSERT_IN_HELPER = """
+guest_main:
+    mov rax, 5
+    call helper
+helper:
+    GUEST_HELPER_ENTER
+    GUEST_ASSERT_EQ rax, 6
+    GUEST_HELPER_RET
+"""
+
+
+def test_guest_assert_raises_with_file_line_values() -> None:
+    """A failed GUEST_ASSERT_EQ raises GuestAssertionError with file, line, values; str is file:line: ..."""
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("asserts.s", text=ASSERT_IN_HELPER)
+        with pytest.raises(testbed.GuestAssertionError) as info:
+            vcpu.run_to_ucall()
+    err = info.value
+    assert (err.file, err.line, err.values) == ("asserts.s", 7, (5, 6))
+    assert str(err).startswith("asserts.s:7: ") and "0x5 != 0x6" in str(err)
+    assert err.outcome == "guest_assert" and isinstance(err, testbed.VmExitError)
+
+
+def test_unhandled_exception_and_timeout_raise() -> None:
+    """An unhandled #UD raises GuestExceptionError (vector 6); a spinning guest VmTimeoutError."""
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("ud.s", text="guest_main:\n    ud2\n")
+        with pytest.raises(testbed.GuestExceptionError) as info:
+            vcpu.run_to_ucall()
+        assert info.value.vector == 6 and info.value.outcome == "unhandled_exception"
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("spin.s", text="guest_main:\nspin:\n    jmp spin\n")
+        with pytest.raises(testbed.VmTimeoutError):
+            vcpu.run(timeout=0.2)
+        with pytest.raises(testbed.VmTimeoutError):
+            vcpu.run_to_ucall(timeout=0.2)
+
+
+def test_vm_releases_its_machine_and_refuses_misuse() -> None:
+    """The Vm's `with` closes the machine (emulator, memory); a second load, an unknown option,
+    memory access before load, and running after close are clear errors."""
+    with pytest.raises(UsageError, match="unknown option 'memroy'"):
+        testbed.Vm(memroy="8M")
+    with pytest.raises(UsageError, match="memory"):
+        testbed.Vm(memory=1.5)
+    with testbed.Vm(**SMALL) as vm:
+        with pytest.raises(UsageError, match="load"):
+            vm.read(0, 1)
+        vcpu = vm.load("syncs.s", text=SYNCS)
+        with pytest.raises(UsageError, match="one load per Vm"):
+            vm.load("syncs.s", text=SYNCS)
+        machine = weakref.ref(vm.machine)
+        engine = vm.machine.cpu
+    assert engine is not None and machine() is not None and machine().closed  # type: ignore[union-attr]
+    with pytest.raises(MachineClosedError):
+        vcpu.run()
+    del vm, vcpu, engine
+    gc.collect()
+    assert machine() is None

@@ -1,9 +1,13 @@
-"""Build hook for the one optional C extension (testbed/hw/_fastexit.c); metadata is in pyproject.toml.
+"""Build hook for the optional C extensions; metadata is in pyproject.toml.
 
-optional=True: if it cannot be compiled the install still succeeds and the hardware model
-takes the same exit path through ctypes (testbed/hw/cpu.py).
+testbed/hw/_fastexit.c (the exit hook) and testbed/hw/_nativemmu.c (the page walk and TLB fill)
+are optional=True: if one cannot be compiled the install still succeeds and the hardware model
+takes the same path through ctypes and Python (testbed/hw/unicorn_binding.py).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("testbed.hw._fastexit", ["testbed/hw/_fastexit.c"], optional=True)])
+setup(ext_modules=[
+    Extension("testbed.hw._fastexit", ["testbed/hw/_fastexit.c"], optional=True),
+    Extension("testbed.hw._nativemmu", ["testbed/hw/_nativemmu.c"], optional=True),
+])

@@ -32,7 +32,9 @@ from testbed.vmm.ucall import GuestFailure, Ucall
 from testbed.vmm.vmm import RunReport, VmEnd
 
 if TYPE_CHECKING:
+    from testbed.asm import Program
     from testbed.machine import Machine, VmOptions
+    from testbed.snapshot import Snapshot
 
 __all__ = [
     "GuestAssertionError",
@@ -127,9 +129,11 @@ def _raise_for(end: VmEnd) -> VmExitError:
 
 
 def _timeout(value: float | None, default: float) -> float:
+    if value is None:
+        return default
     from testbed.options import parse_timeout
 
-    return default if value is None else parse_timeout(value)
+    return parse_timeout(value)
 
 
 # ------------------------------------------------------------------------------- Vm
@@ -160,6 +164,8 @@ class Vm:
         self._machine: Machine | None = None
         self._vcpu: Vcpu | None = None
         self._closed = False
+        #: load(reuse=True): (pool key, boot snapshot, program); close() hands the machine back
+        self._pooled: tuple[tuple[Any, ...], Snapshot, Program] | None = None
 
     @classmethod
     def attach(cls, machine: Machine) -> tuple[Vm, Vcpu]:
@@ -169,6 +175,7 @@ class Vm:
         vm.options = machine.options
         vm._machine = machine
         vm._closed = False
+        vm._pooled = None
         vm._vcpu = Vcpu(vm, machine)
         return vm, vm._vcpu
 
@@ -179,10 +186,17 @@ class Vm:
         self.close()
 
     def close(self) -> None:
-        """Release the machine (emulator, hooks, guest memory). Idempotent."""
+        """Release the machine (emulator, hooks, guest memory). Idempotent. A machine loaded
+        with `reuse=True` goes back to the process's pool instead (testbed/snapshot.py)."""
         self._closed = True
+        pooled, self._pooled = self._pooled, None
         if self._machine is not None:
-            self._machine.close()
+            if pooled is not None:
+                from testbed.snapshot import POOL
+
+                POOL.release(pooled[0], self._machine, pooled[1], pooled[2])
+            else:
+                self._machine.close()
 
     @property
     def machine(self) -> Machine:
@@ -197,16 +211,23 @@ class Vm:
 
     # ------------------------------------------------------------------- loading
     def load(self, path: str | Path | None = None, *, text: str | None = None,
-             defines: dict[str, int | str] | None = None, timeout: float | None = None) -> Vcpu:
+             defines: dict[str, int | str] | None = None, timeout: float | None = None,
+             reuse: bool = False) -> Vcpu:
         """Assemble the guest (`path`, relative to the current directory, or `text`, which `path`
         then only names) with the
         runtime, build the machine, boot the runtime to guest_main, and return the one vCPU,
         stopped there: the first run continues at guest_main. `defines` add to the options'.
 
         Exits during the boot are answered by the default VMM; a boot that ends raises the
-        VmExitError for it. One guest per Vm: a second load is a UsageError."""
+        VmExitError for it. One guest per Vm: a second load is a UsageError.
+
+        `reuse=True`: a fresh VM of the same configuration (program and options but the
+        timeout) without the build and boot, when this process booted one before: a machine
+        from the process's pool, restored to its boot snapshot (testbed/snapshot.py); close()
+        gives it back. The first such load boots and snapshots as usual."""
         from testbed.machine import Machine, build_program
         from testbed.options import parse_defines
+        from testbed.snapshot import POOL, pool_key, take
 
         if self._closed:
             raise UsageError("this VM is closed")
@@ -221,10 +242,37 @@ class Vm:
         program = build_program(source, options, text=text)
         if "guest_main" not in program.symbols:
             raise UsageError(f"{source}: the guest defines no guest_main")
+        key = pool_key(program, options) if reuse else None
+        if key is not None and (pooled := POOL.acquire(key)) is not None:
+            self._machine, snapshot = pooled
+            self._machine.options = options  # the same but for the timeout
+            self._pooled = (key, snapshot, program)
+            self._vcpu = Vcpu(self, self._machine)
+            return self._vcpu
         self._machine = Machine(program, options)
         self._vcpu = Vcpu(self, self._machine)
         self._vcpu._boot(program.symbols["guest_main"], _timeout(timeout, options.timeout))
+        if key is not None:
+            self._pooled = (key, take(self._machine), program)
         return self._vcpu
+
+    # ------------------------------------------------------------- snapshots
+    def snapshot(self) -> Snapshot:
+        """The machine's state now (CPU, memory, hardware, KVM and VMM state), restorable into
+        this VM with `restore` any number of times. Between runs only: after `load`, or after a
+        run whose exit was answered and completed (SnapshotError otherwise). close() the
+        snapshot (or drop it) to free its memory images."""
+        from testbed.snapshot import take
+
+        return take(self.machine)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Put the VM back into the state `snapshot` saw: what a fresh VM at that point would
+        hold (the report of a later run starts from the snapshot's). Only into the VM the
+        snapshot was taken from; not from inside a run."""
+        from testbed.snapshot import restore
+
+        restore(self.machine, snapshot)
 
     # ------------------------------------------------------------- host's view
     def read(self, gpa: int, n: int) -> bytes:
@@ -389,13 +437,15 @@ def run_report(vm: Vm, vcpu: Vcpu, timeout: float, started: float | None = None,
         pass  # the VMM recorded the end
     report = vmm.finalize(time.perf_counter() - start)
     if vm.machine.ud_explanations:
-        report.extra["ud_host_view"] = vm.machine.ud_explanations
+        report.extra["ud_host_view"] = list(vm.machine.ud_explanations)  # a restore rewinds the machine's
     return report
 
 
-def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None) -> RunReport:
+def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None,
+              reuse: bool = False) -> RunReport:
     """Assemble and run a guest to its end; the report says how it ended (the one-call API,
-    built on Vm: load, then run_report)."""
+    built on Vm: load, then run_report). `reuse=True`: `vm.load(reuse=True)`, a machine of
+    the same configuration restored from its boot snapshot instead of a new boot."""
     from testbed.machine import VmOptions
 
     start = time.perf_counter()
@@ -403,7 +453,7 @@ def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str
         opts = vm.options
         deadline = time.monotonic() + opts.timeout
         try:
-            vcpu = vm.load(source, text=text)
+            vcpu = vm.load(source, text=text, reuse=reuse)
         except VmTimeoutError:
             vm.machine.vmm.finish(VmEnd("timeout", f"guest did not finish within {opts.timeout:g} s"))
             return _final(vm, start)
@@ -415,5 +465,5 @@ def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str
 def _final(vm: Vm, start: float) -> RunReport:
     report = vm.machine.vmm.finalize(time.perf_counter() - start)
     if vm.machine.ud_explanations:
-        report.extra["ud_host_view"] = vm.machine.ud_explanations
+        report.extra["ud_host_view"] = list(vm.machine.ud_explanations)  # a restore rewinds the machine's
     return report

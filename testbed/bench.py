@@ -1,26 +1,55 @@
-"""`testbed bench`: the testbed's speed, as ratios against baselines measured in the same run.
+"""`testbed bench`: the testbed's speed against ceilings measured in the same process, paired.
 
-Figures (medians of several repeats; the machine is shared, so expect noise):
+A figure measured alone on a shared machine says little: the same run can be 2x slower a
+minute later. So every figure here is measured in *rounds*, interleaved with the ceiling it is
+compared to, and each ratio is computed per round from the two measurements taken next to each
+other (the ceiling right before the testbed's figure on even rounds, right after it on odd
+ones). A figure is reported as the median of its rounds with their min-max, and a target is
 
-* hypercall round trips per second through the kvm layer (a guest loop of KVM_HYPERCALL with
-  an unknown number, answered -KVM_ENOSYS in the kernel model);
-* KVM_HC_MAP_GPA_RANGE user exits per second through the VMM and its tracker;
-* a compute loop's guest instructions per second with every testbed hook installed, against
-  bare Unicorn running the same bytes with no hooks;
-* SEV: the cost of one TLB miss through the Python page walker, and a guest touching 256
-  distinct pages in a loop under `sev` against the same guest on a plain VM.
+* met       when every round meets it (the whole min-max is on the right side),
+* missed    when every round misses it,
+* undecided when the spread straddles the bound, or fewer than MIN_ROUNDS rounds were taken:
+  the noise is wider than the distance to the target, and the bench says so rather than
+  declaring either.
 
-Each rate comes from two runs of the same guest with different iteration counts, so boot
-and assembly costs cancel: rate = (n2 - n1) / (t2 - t1).
+The ceilings (bare Unicorn, no testbed code, the same guest bytes):
+
+* exits with a C hook: Unicorn's INSN_INVALID hook in C that only moves RIP past VMMCALL
+  (`_fastexit.skip_hook`) - what an exit costs the emulator itself;
+* exits with a C hook and a minimal Python handler (`_fastexit.FastExit`, the handler writes
+  RAX and RIP back): the ceiling of any exit whose decisions are Python, as KVM's are here;
+* exits with a raw ctypes callback (RIP read and written through argtype-free entry points):
+  the ceiling of the ctypes fallback used when the C extension is not built;
+* a compute loop with no hooks; a TLB-miss-heavy loop (a CR3 reload, then 4096 distinct
+  pages, every round) under QEMU's own 4-level page walker (identity map of 4 KiB pages in
+  guest memory, CR0.PG set).
+
+The testbed's figures: hypercall round trips through the kvm layer (C path and the ctypes
+fallback), KVM_HC_MAP_GPA_RANGE user exits through the VMM, the compute loop (plain and SEV),
+a loop touching 256 pages (plain and SEV), the TLB-miss-heavy loop, and a repeated
+empty-guest scenario through the public API (`testbed.Vm` + load + run_to_ucall, absolute
+milliseconds per scenario after one warm-up scenario of the same VM type), booted each time
+and, where `Vm.load` takes `reuse=True`, restored from the process's boot snapshot.
+
+A loop's rate comes from two runs of the same guest with different iteration counts, so boot
+and assembly cancel: rate = (n2 - n1) / (t2 - t1). Every measured duration clears the timer
+floor (measure()): below it the rounds are doubled, and a figure that never clears it is a
+BenchError, never a number.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import math
+import os
 import statistics
+import struct
 import time
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal
 
 from testbed.errors import TestbedError
 from testbed.machine import Machine, VmOptions, build_program
@@ -64,11 +93,10 @@ compute_loop:
 COMPUTE_LOOP = "guest_main:\n" + COMPUTE_BODY + "    ret\n"
 COMPUTE_INSNS_PER_LOOP = 4
 
-PAGES_LOOP = """
+PAGES_BODY = """
 .ifndef PAGES
 .equ PAGES, 256
 .endif
-guest_main:
     mov r12, LOOPS
 bench_round:
     mov rdi, GUEST_FREE_GPA
@@ -80,8 +108,33 @@ bench_touch:
     jnz bench_touch
     dec r12
     jnz bench_round
-    ret
 """
+PAGES_LOOP = "guest_main:\n" + PAGES_BODY + "    ret\n"
+#: The TLB-miss-heavy loop: every round reloads CR3 (a full TLB flush) and then touches
+#: TLB_PAGES distinct pages, so every access of every round is a TLB miss whatever size QEMU's
+#: TLB has grown to (it resizes at flushes), on the testbed and on bare Unicorn alike.
+TLB_BODY = """
+    mov r12, LOOPS
+tlb_round:
+    mov rax, cr3
+    mov cr3, rax
+    mov rdi, GUEST_FREE_GPA
+    mov rcx, PAGES
+tlb_touch:
+    add qword ptr [rdi], 1
+    add rdi, 4096
+    dec rcx
+    jnz tlb_touch
+    dec r12
+    jnz tlb_round
+"""
+TLB_LOOP = "guest_main:\n" + TLB_BODY + "    ret\n"
+TLB_PAGES = 4096
+
+EMPTY_GUEST = "guest_main:\n    ret\n"
+
+#: A target is judged from at least this many rounds; fewer is "undecided".
+MIN_ROUNDS = 5
 
 
 def _run(text: str, loops: int, defines: dict[str, int | str] | None = None, **opts: Any) -> tuple[float, int]:
@@ -94,7 +147,7 @@ def _run(text: str, loops: int, defines: dict[str, int | str] | None = None, **o
         elapsed = time.perf_counter() - t0
         tlb_fills = machine.cpu.tlb_fills
     if report.outcome != "done":
-        raise RuntimeError(f"benchmark guest failed: {report.outcome} {report.detail}")
+        raise BenchError(f"benchmark guest failed: {report.outcome} {report.detail}")
     return elapsed, tlb_fills
 
 
@@ -141,133 +194,474 @@ def measure(figure: str, once: Callable[[int], tuple[int, float]], *, floor: flo
         scale *= 2
 
 
+def rate_once(text: str, n1: int, n2: int, figure: str = "rate", **opts: Any) -> float:
+    """Iterations per second of the guest's loop, boot excluded: the difference of a run of n2
+    and one of n1 iterations, both scaled until the difference clears the floor."""
+
+    def once(scale: int) -> tuple[int, float]:
+        a, b = n1 * scale, n2 * scale
+        t1 = _run_time(text, a, **opts)
+        t2 = _run_time(text, b, **opts)
+        return b - a, t2 - t1
+
+    units, seconds = measure(figure, once)
+    return units / seconds
+
+
 def rate(text: str, n1: int, n2: int, repeats: int, figure: str = "rate", **opts: Any) -> float:
-    """Iterations per second of the guest's loop, boot excluded (median of `repeats`): the
-    difference of a run of n2 and one of n1 iterations, both scaled until it clears the floor."""
-    samples = []
-    for _ in range(repeats):
-
-        def once(scale: int) -> tuple[int, float]:
-            a, b = n1 * scale, n2 * scale
-            t1 = _run_time(text, a, **opts)
-            t2 = _run_time(text, b, **opts)
-            return b - a, t2 - t1
-
-        units, seconds = measure(figure, once)
-        samples.append(units / seconds)
-    return statistics.median(samples)
+    """The median of `repeats` rate_once() measurements."""
+    return statistics.median(rate_once(text, n1, n2, figure, **opts) for _ in range(repeats))
 
 
-def bare_unicorn_compute(loops: int, repeats: int) -> float:
+# ------------------------------------------------------------------ bare Unicorn ceilings
+def _libunicorn() -> Any:
+    from unicorn.unicorn_py3 import unicorn as ucpy
+
+    return ctypes.CDLL(ucpy.uclib._name)
+
+
+def _address(lib: Any, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+
+
+def _bare(body: str, defines: dict[str, int | str], size: int = 0x10000) -> tuple[Any, int]:
+    """A bare 64-bit Unicorn with `body` (+ HLT) at 0x1000 in `size` bytes of flat memory:
+    (engine, end address)."""
+    import unicorn
+    from unicorn import x86_const
+
+    from testbed.asm import assemble_source
+
+    program = assemble_source(body + "    hlt\n", filename="<bare>", base=0x1000, defines=defines)
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, size)
+    uc.mem_write(0x1000, program.code)
+    uc.reg_write(x86_const.UC_X86_REG_RSP, 0x8000)
+    return uc, 0x1000 + len(program.code)
+
+
+def _timed(uc: Any, end: int) -> float:
+    t0 = time.perf_counter()
+    uc.emu_start(0x1000, end)
+    return time.perf_counter() - t0
+
+
+BARE_EXIT_LOOP = """
+    mov rcx, LOOPS
+bare_loop:
+    mov rax, 0x999
+    vmmcall
+    dec rcx
+    jnz bare_loop
+"""
+VMMCALL_LENGTH = 3
+ExitCeiling = Literal["c_hook", "c_hook_py", "ctypes"]
+
+
+def fastexit_available() -> bool:
+    """Whether the C extension with the benchmark's C-only hook is built."""
+    try:
+        from testbed.hw import _fastexit
+    except ImportError:
+        return False
+    return hasattr(_fastexit, "skip_hook")
+
+
+def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
+    """Exits per second of bare Unicorn running a VMMCALL loop whose INSN_INVALID hook only
+    moves RIP past the instruction: in C (`c_hook`), in C calling a minimal Python handler that
+    writes RAX and RIP back in one batch (`c_hook_py`), or as a raw ctypes callback (`ctypes`)."""
+    from unicorn import unicorn_const as ucc
+    from unicorn import x86_const as ux
+
+    lib = _libunicorn()
+    rip_id = ux.UC_X86_REG_RIP
+
+    def once(scale: int) -> tuple[int, float]:
+        n = loops * scale
+        uc, end = _bare(BARE_EXIT_LOOP, {"LOOPS": n})
+        keep: list[Any] = []
+        if kind == "c_hook":
+            from testbed.hw import _fastexit
+
+            keep.append(_fastexit.skip_hook(uc._uch.value, _address(lib, "uc_hook_add"),
+                                            _address(lib, "uc_reg_read_batch"), _address(lib, "uc_reg_write_batch"),
+                                            rip_id, VMMCALL_LENGTH))
+        elif kind == "c_hook_py":
+            from testbed.hw import _fastexit
+
+            def handler(rip: int, rax: int, _cs: int, _rbx: int, _rcx: int, _rdx: int, _rsi: int) -> bool:
+                fast.write2(rax, rip + VMMCALL_LENGTH)
+                return True
+
+            fast = _fastexit.FastExit(
+                uc._uch.value, _address(lib, "uc_hook_add"), _address(lib, "uc_reg_read_batch"),
+                _address(lib, "uc_reg_write_batch"),
+                [rip_id, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
+                 ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI], 2, [ux.UC_X86_REG_RAX, rip_id], handler)
+            keep.append(fast)
+        else:
+            handle = ctypes.c_void_p(uc._uch.value)
+            read, write = lib.uc_reg_read, lib.uc_reg_write
+            read.argtypes = write.argtypes = None
+            read.restype = write.restype = ctypes.c_int
+            value = ctypes.c_uint64()
+            ref = ctypes.byref(value)
+
+            def skip(_h: Any, _ud: Any) -> bool:
+                read(handle, rip_id, ref)
+                value.value += VMMCALL_LENGTH
+                write(handle, rip_id, ref)
+                return True
+
+            callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)(skip)
+            keep.append(callback)
+            hook = ctypes.c_size_t()
+            status = lib.uc_hook_add(handle, ctypes.byref(hook), ctypes.c_int(ucc.UC_HOOK_INSN_INVALID),
+                                     ctypes.cast(callback, ctypes.c_void_p), None, ctypes.c_uint64(1),
+                                     ctypes.c_uint64(0))
+            if status != 0:
+                raise BenchError(f"bench ceiling exits ({kind}): uc_hook_add failed with {status}")
+        seconds = _timed(uc, end)
+        if uc.reg_read(ux.UC_X86_REG_RCX) != 0:
+            raise BenchError(f"bench ceiling exits ({kind}): the loop did not complete")
+        for item in keep:
+            if hasattr(item, "close"):
+                item.close()
+        return n, seconds
+
+    units, seconds = measure(f"ceiling_exits_{kind}", once)
+    return units / seconds
+
+
+def bare_compute_rate(loops: int) -> float:
     """Loop iterations per second of COMPUTE_BODY on bare Unicorn (flat memory, no hooks)."""
-    import unicorn
-    from unicorn import x86_const
-
-    from testbed.asm import assemble_source
 
     def once(scale: int) -> tuple[int, float]:
         n = loops * scale
-        program = assemble_source(COMPUTE_BODY + "    hlt\n", filename="<bare>", base=0x1000, defines={"LOOPS": n})
-        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-        uc.mem_map(0, 0x10000)
-        uc.mem_write(0x1000, program.code)
-        uc.reg_write(x86_const.UC_X86_REG_RSP, 0x8000)
-        t0 = time.perf_counter()
-        uc.emu_start(0x1000, 0x1000 + len(program.code))
-        return n, time.perf_counter() - t0
+        uc, end = _bare(COMPUTE_BODY, {"LOOPS": n})
+        return n, _timed(uc, end)
 
-    samples = []
-    for _ in range(repeats):
-        n, seconds = measure("compute_insns_per_s_bare", once)
-        samples.append(n / seconds)
-    return statistics.median(samples)
+    units, seconds = measure("ceiling_compute", once)
+    return units / seconds
 
 
-def bare_exit_floor(loops: int, repeats: int) -> float:
-    """Exits per second of bare Unicorn: a VMMCALL loop whose invalid-instruction hook (through
-    the plain Python binding) only moves RIP past the instruction - the ceiling any model of
-    a hypercall exit can reach on this machine, measured in the same run."""
-    import unicorn
-    from unicorn import x86_const
-
-    from testbed.asm import assemble_source
-
-    def skip(u: Any, _ud: Any) -> bool:
-        u.reg_write(x86_const.UC_X86_REG_RIP, u.reg_read(x86_const.UC_X86_REG_RIP) + 3)
-        return True
-
-    def once(scale: int) -> tuple[int, float]:
-        n = loops * scale
-        program = assemble_source("mov rcx, LOOPS\nbare: mov rax, 0x999\nvmmcall\ndec rcx\njnz bare\nhlt\n",
-                                  filename="<bare>", base=0x1000, defines={"LOOPS": n})
-        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-        uc.mem_map(0, 0x10000)
-        uc.mem_write(0x1000, program.code)
-        uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, skip)
-        t0 = time.perf_counter()
-        uc.emu_start(0x1000, 0x1000 + len(program.code))
-        return n, time.perf_counter() - t0
-
-    samples = []
-    for _ in range(repeats):
-        n, seconds = measure("bare_unicorn_exits_per_s", once)
-        samples.append(n / seconds)
-    return statistics.median(samples)
+#: Where the bare TLB loop's pages start, and the flat memory it has (identity-mapped by 4 KiB pages).
+BARE_TLB_DATA = 0x100000
+BARE_TLB_SIZE = 32 << 20
+_BARE_PML4 = 0x10000
 
 
-def tlb_miss_cost(repeats: int, rounds: int = 20, figure: str = "tlb_miss_s", **opts: Any) -> float:
-    """Seconds per TLB miss through the Python walker: a loop over 4096 pages (more than the
-    TLB holds), timed at two lengths so boot cancels out: (t2 - t1) / (fills2 - fills1)."""
+def _bare_paged(rounds: int) -> tuple[Any, int]:
+    """Bare Unicorn in long mode with paging on (CR0.PG, CR4.PAE, EFER.LME/LMA) over a 4-level
+    identity map of 4 KiB pages, running the TLB-miss-heavy loop: QEMU's own walker fills the TLB."""
+    from unicorn import x86_const as ux
+
+    uc, end = _bare(TLB_BODY, {"LOOPS": rounds, "PAGES": TLB_PAGES, "GUEST_FREE_GPA": BARE_TLB_DATA},
+                    size=BARE_TLB_SIZE)
+    pdpt, pd, pt = _BARE_PML4 + 0x1000, _BARE_PML4 + 0x2000, _BARE_PML4 + 0x3000
+    tables = BARE_TLB_SIZE >> 21
+    present_rw = 3
+    uc.mem_write(_BARE_PML4, struct.pack("<Q", pdpt | present_rw))
+    uc.mem_write(pdpt, struct.pack("<Q", pd | present_rw))
+    uc.mem_write(pd, struct.pack(f"<{tables}Q", *((pt + 0x1000 * i) | present_rw for i in range(tables))))
+    pages = BARE_TLB_SIZE >> 12
+    uc.mem_write(pt, struct.pack(f"<{pages}Q", *((i << 12) | present_rw for i in range(pages))))
+    uc.reg_write(ux.UC_X86_REG_CR3, _BARE_PML4)
+    uc.reg_write(ux.UC_X86_REG_CR4, 0x20)  # PAE
+    uc.msr_write(0xC0000080, 0x500)  # EFER: LME | LMA
+    uc.reg_write(ux.UC_X86_REG_CR0, 0x80000011)  # PG | ET | PE
+    return uc, end
+
+
+def bare_tlb_rate(rounds: int) -> float:
+    """Rounds per second of the TLB-miss-heavy loop on bare Unicorn (QEMU's page walker). The
+    timed run is the engine's second: the first touches the host pages and translates the code,
+    as the testbed's difference of two runs leaves those out too."""
 
     def once(scale: int) -> tuple[int, float]:
-        t1, f1 = _run(PAGES_LOOP, 1, {"PAGES": 4096}, **opts)
-        t2, f2 = _run(PAGES_LOOP, 1 + rounds * scale, {"PAGES": 4096}, **opts)
-        return f2 - f1, t2 - t1
+        n = rounds * scale
+        uc, end = _bare_paged(n)
+        _timed(uc, end)
+        return n, _timed(uc, end)
 
-    samples = []
-    for _ in range(repeats):
-        fills, seconds = measure(figure, once)
-        samples.append(seconds / fills)
-    return statistics.median(samples)
+    units, seconds = measure("ceiling_tlb", once)
+    return units / seconds
 
 
-def collect(quick: bool = False) -> dict[str, Any]:
-    """Every figure of the benchmark, measured now."""
-    reps = 1 if quick else 3
-    scale = 10 if quick else 1
-    results: dict[str, Any] = {}
-    results["hypercalls_per_s"] = rate(HYPERCALL_LOOP, 4_000 // scale, 84_000 // scale, reps, "hypercalls_per_s")
-    results["map_gpa_exits_per_s"] = rate(MAP_GPA_LOOP, 4_000 // scale, 84_000 // scale, reps,
-                                          "map_gpa_exits_per_s")
-    floor = bare_exit_floor(80_000 // scale, reps)
-    results["bare_unicorn_exits_per_s"] = floor
-    results["hypercall_vs_bare_exit_ratio"] = results["hypercalls_per_s"] / floor
-    results["map_gpa_vs_bare_exit_ratio"] = results["map_gpa_exits_per_s"] / floor
-    loops = 20_000_000 // scale
-    testbed_loops = rate(COMPUTE_LOOP, loops // 10, loops, reps, "compute_insns_per_s_testbed")
-    bare_loops = bare_unicorn_compute(loops, reps)
-    results["compute_insns_per_s_testbed"] = testbed_loops * COMPUTE_INSNS_PER_LOOP
-    results["compute_insns_per_s_bare"] = bare_loops * COMPUTE_INSNS_PER_LOOP
-    results["compute_ratio"] = testbed_loops / bare_loops
-    sev_loops = rate(COMPUTE_LOOP, loops // 10, loops, reps, "compute (sev)", vm_type="sev", seed=1)
-    results["compute_sev_vs_plain_ratio"] = sev_loops / testbed_loops
-    rounds = 100_000 // scale
-    plain = rate(PAGES_LOOP, rounds // 10, rounds, reps, "pages256_rounds_per_s_plain")
-    sev = rate(PAGES_LOOP, rounds // 10, rounds, reps, "pages256_rounds_per_s_sev", vm_type="sev", seed=1)
-    results["pages256_rounds_per_s_plain"] = plain
-    results["pages256_rounds_per_s_sev"] = sev
-    results["pages256_sev_ratio"] = sev / plain
-    results["tlb_miss_s_plain"] = tlb_miss_cost(reps, rounds=max(2, 20 // scale), figure="tlb_miss_s_plain")
-    results["tlb_miss_s_sev"] = tlb_miss_cost(reps, rounds=max(2, 20 // scale), figure="tlb_miss_s_sev",
-                                              vm_type="sev", seed=1)
-    results["targets"] = {
-        "hypercalls_per_s >= 150k": results["hypercalls_per_s"] >= 150_000,
-        "map_gpa_exits_per_s >= 80k": results["map_gpa_exits_per_s"] >= 80_000,
-        "compute_ratio >= 0.70": results["compute_ratio"] >= 0.70,
-        "pages256_sev_ratio >= 0.50": results["pages256_sev_ratio"] >= 0.50,
-        "compute_sev_vs_plain_ratio >= 0.90": results["compute_sev_vs_plain_ratio"] >= 0.90,
-    }
-    return results
+# ------------------------------------------------------------------ testbed figures
+@contextlib.contextmanager
+def _no_fastexit() -> Iterator[None]:
+    """vCPUs created inside take the ctypes exit path (testbed/hw/unicorn_binding.py reads
+    TESTBED_NO_FASTEXIT when it installs its hooks)."""
+    old = os.environ.get("TESTBED_NO_FASTEXIT")
+    os.environ["TESTBED_NO_FASTEXIT"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TESTBED_NO_FASTEXIT"]
+        else:
+            os.environ["TESTBED_NO_FASTEXIT"] = old
+
+
+def hypercall_rate_ctypes(n1: int, n2: int) -> float:
+    """Hypercall round trips per second with the exit hook through ctypes instead of the C path."""
+    with _no_fastexit():
+        return rate_once(HYPERCALL_LOOP, n1, n2, "hypercalls_ctypes_per_s")
+
+
+def reuse_available() -> bool:
+    """Whether `Vm.load` takes `reuse=` (a fresh VM restored from the process's boot snapshot)."""
+    import inspect
+
+    from testbed.api import Vm
+
+    return "reuse" in inspect.signature(Vm.load).parameters
+
+
+def scenario_seconds(vm_type: str, figure: str, repeats: int = 1, reuse: bool = False) -> float:
+    """Seconds per empty-guest scenario through the public API: `testbed.Vm(vm_type=...)`,
+    `load` (assembly is cached in the process after the first; with `reuse`, the machine comes
+    from the process's pool restored to its boot snapshot), `run_to_ucall`, close."""
+    from testbed.api import Vm
+
+    extra: dict[str, Any] = {"reuse": True} if reuse else {}
+
+    def once(scale: int) -> tuple[int, float]:
+        n = repeats * scale
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with Vm(vm_type=vm_type) as vm:
+                ucall = vm.load(text=EMPTY_GUEST, **extra).run_to_ucall()
+            if ucall.cmd != "done":
+                raise BenchError(f"bench figure {figure}: the empty guest ended with {ucall.cmd}, not done")
+        return n, time.perf_counter() - t0
+
+    units, seconds = measure(figure, once)
+    return seconds / units
+
+
+# ------------------------------------------------------------------ statistics and verdicts
+@dataclass(frozen=True)
+class Spread:
+    """The median of a figure's rounds, their min and max, and how many there were."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Spread:
+        if not samples:
+            raise ValueError("a spread needs at least one sample")
+        if any(not math.isfinite(s) for s in samples):
+            raise ValueError(f"a spread of non-finite samples: {list(samples)}")
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"median": self.median, "min": self.lo, "max": self.hi, "n": self.n}
+
+
+Verdict = Literal["met", "missed", "undecided"]
+
+
+def verdict(spread: Spread | None, op: Literal[">=", "<="], bound: float, min_rounds: int = MIN_ROUNDS) -> Verdict:
+    """met when every round is on the target's side of `bound`, missed when every round is on
+    the other side, undecided when the rounds straddle it, when there are fewer than
+    `min_rounds` of them, or when the figure was not measured (None)."""
+    if spread is None or spread.n < min_rounds:
+        return "undecided"
+    if op == ">=":
+        if spread.lo >= bound:
+            return "met"
+        if spread.hi < bound:
+            return "missed"
+    else:
+        if spread.hi <= bound:
+            return "met"
+        if spread.lo > bound:
+            return "missed"
+    return "undecided"
+
+
+def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Per-round ratios of two figures measured next to each other in the same rounds."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"paired figures need the same rounds: {len(numerator)} vs {len(denominator)}")
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One figure: `take()` measures one round of it (above the timer floor)."""
+
+    name: str
+    unit: str
+    take: Callable[[], float]
+
+
+def interleave(rounds: int, groups: Sequence[Sequence[Measurement]]) -> dict[str, list[float]]:
+    """Every measurement once per round. Within a group - a ceiling and the figures compared to
+    it - the order is as given on even rounds and reversed on odd ones, so each figure's
+    ceiling is measured right before it in one round and right after it in the next; the groups
+    follow each other in every round, so slow drift of the machine reaches all of them alike."""
+    samples: dict[str, list[float]] = {m.name: [] for group in groups for m in group}
+    for index in range(rounds):
+        for group in groups:
+            for m in (group if index % 2 == 0 else list(reversed(group))):
+                samples[m.name].append(m.take())
+    return samples
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A figure as a ratio to the one it is paired with."""
+
+    name: str
+    numerator: str
+    denominator: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """`figure op bound`, judged from the figure's rounds."""
+
+    figure: str
+    op: Literal[">=", "<="]
+    bound: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: list[list[Measurement]]
+    ratios: list[Ratio]
+    targets: list[Target]
+
+
+def plan(quick: bool) -> Plan:
+    """What `testbed bench` measures: the groups of paired measurements, the ratios and the targets."""
+    q = 10 if quick else 1
+    hc1, hc2 = 500, 500 + 10_000 // q
+    loops = 20_000_000 // q
+    page_rounds = 100_000 // q
+    tlb_rounds = 20 if quick else 40
+    sev = {"vm_type": "sev", "seed": 1}
+    exits: list[Measurement] = []
+    if fastexit_available():
+        exits += [Measurement("ceiling_exits_c_hook", "exits/s", lambda: bare_exit_rate("c_hook", 400_000 // q)),
+                  Measurement("ceiling_exits_c_hook_py", "exits/s",
+                              lambda: bare_exit_rate("c_hook_py", 200_000 // q))]
+    exits += [Measurement("hypercalls_per_s", "exits/s",
+                          lambda: rate_once(HYPERCALL_LOOP, hc1, hc2, "hypercalls_per_s")),
+              Measurement("map_gpa_exits_per_s", "exits/s",
+                          lambda: rate_once(MAP_GPA_LOOP, hc1, hc2, "map_gpa_exits_per_s"))]
+    groups = [
+        exits,
+        [Measurement("ceiling_exits_ctypes", "exits/s", lambda: bare_exit_rate("ctypes", 100_000 // q)),
+         Measurement("hypercalls_ctypes_per_s", "exits/s", lambda: hypercall_rate_ctypes(hc1, hc2))],
+        [Measurement("ceiling_compute", "loops/s", lambda: bare_compute_rate(loops)),
+         Measurement("compute_loops_per_s", "loops/s",
+                     lambda: rate_once(COMPUTE_LOOP, loops // 10, loops, "compute_loops_per_s")),
+         Measurement("compute_loops_per_s_sev", "loops/s",
+                     lambda: rate_once(COMPUTE_LOOP, loops // 10, loops, "compute_loops_per_s_sev", **sev))],
+        [Measurement("pages256_rounds_per_s", "rounds/s",
+                     lambda: rate_once(PAGES_LOOP, page_rounds // 10, page_rounds, "pages256_rounds_per_s")),
+         Measurement("pages256_rounds_per_s_sev", "rounds/s",
+                     lambda: rate_once(PAGES_LOOP, page_rounds // 10, page_rounds, "pages256_rounds_per_s_sev",
+                                       **sev))],
+        [Measurement("ceiling_tlb", "rounds/s", lambda: bare_tlb_rate(tlb_rounds)),
+         Measurement("tlb_heavy_rounds_per_s", "rounds/s",
+                     lambda: rate_once(TLB_LOOP, 1, 1 + tlb_rounds, "tlb_heavy_rounds_per_s",
+                                       defines={"PAGES": TLB_PAGES}))],
+        [Measurement("scenario_ms", "ms", lambda: 1e3 * scenario_seconds("default", "scenario_ms")),
+         Measurement("scenario_ms_sev_snp", "ms", lambda: 1e3 * scenario_seconds("sev-snp", "scenario_ms_sev_snp"))],
+    ]
+    if reuse_available():
+        groups.append([
+            Measurement("scenario_ms_reuse", "ms",
+                        lambda: 1e3 * scenario_seconds("default", "scenario_ms_reuse", reuse=True)),
+            Measurement("scenario_ms_sev_snp_reuse", "ms",
+                        lambda: 1e3 * scenario_seconds("sev-snp", "scenario_ms_sev_snp_reuse", reuse=True))])
+    ratios = [
+        Ratio("hypercalls_vs_c_hook_py", "hypercalls_per_s", "ceiling_exits_c_hook_py"),
+        Ratio("hypercalls_vs_c_hook", "hypercalls_per_s", "ceiling_exits_c_hook"),
+        Ratio("map_gpa_vs_c_hook_py", "map_gpa_exits_per_s", "ceiling_exits_c_hook_py"),
+        Ratio("hypercalls_ctypes_vs_ctypes", "hypercalls_ctypes_per_s", "ceiling_exits_ctypes"),
+        Ratio("compute_ratio", "compute_loops_per_s", "ceiling_compute"),
+        Ratio("compute_sev_vs_plain_ratio", "compute_loops_per_s_sev", "compute_loops_per_s"),
+        Ratio("pages256_sev_ratio", "pages256_rounds_per_s_sev", "pages256_rounds_per_s"),
+        Ratio("tlb_heavy_ratio", "tlb_heavy_rounds_per_s", "ceiling_tlb"),
+    ]
+    targets = [
+        Target("scenario_ms", "<=", 15.0, "repeated empty-guest scenario (default) <= 15 ms"),
+        Target("scenario_ms_sev_snp", "<=", 50.0, "repeated empty-guest scenario (sev-snp) <= 50 ms"),
+        Target("scenario_ms_reuse", "<=", 15.0, "repeated empty-guest scenario, load(reuse=True) (default) <= 15 ms"),
+        Target("scenario_ms_sev_snp_reuse", "<=", 50.0,
+               "repeated empty-guest scenario, load(reuse=True) (sev-snp) <= 50 ms"),
+        Target("tlb_heavy_ratio", ">=", 0.10, "TLB-miss-heavy guest >= 0.10x bare Unicorn"),
+        Target("hypercalls_vs_c_hook_py", ">=", 0.25, "hypercalls >= 0.25x C hook + minimal Python handler"),
+        Target("hypercalls_per_s", ">=", 150_000, "hypercalls_per_s >= 150k"),
+        Target("map_gpa_exits_per_s", ">=", 80_000, "map_gpa_exits_per_s >= 80k"),
+        Target("compute_ratio", ">=", 0.70, "compute_ratio >= 0.70"),
+        Target("pages256_sev_ratio", ">=", 0.50, "pages256_sev_ratio >= 0.50"),
+        Target("compute_sev_vs_plain_ratio", ">=", 0.90, "compute_sev_vs_plain_ratio >= 0.90"),
+    ]
+    return Plan(groups, ratios, targets)
+
+
+def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, quick: bool) -> dict[str, Any]:
+    """The results `--json` prints: every figure (measured and paired ratio) with its median,
+    min, max, n and unit, and every target with its verdict. A ratio whose ceiling was not
+    measured (the C extension not built) is absent, and its target undecided."""
+    units = {m.name: m.unit for group in plan_.groups for m in group}
+    figures: dict[str, dict[str, Any]] = {}
+    spreads: dict[str, Spread] = {}
+    for name, values in samples.items():
+        spreads[name] = Spread.of(values)
+        figures[name] = {"unit": units.get(name, ""), **spreads[name].as_dict()}
+    for ratio in plan_.ratios:
+        if ratio.numerator in samples and ratio.denominator in samples:
+            spreads[ratio.name] = Spread.of(paired_ratios(samples[ratio.numerator], samples[ratio.denominator]))
+            figures[ratio.name] = {"unit": "x", "ratio_of": [ratio.numerator, ratio.denominator],
+                                   **spreads[ratio.name].as_dict()}
+    targets: dict[str, dict[str, Any]] = {}
+    for target in plan_.targets:
+        spread = spreads.get(target.figure)
+        entry: dict[str, Any] = {"figure": target.figure, "op": target.op, "bound": target.bound,
+                                 "verdict": verdict(spread, target.op, target.bound)}
+        if spread is None:
+            entry["note"] = "not measured"
+        else:
+            entry.update(spread.as_dict())
+        targets[target.label] = entry
+    return {"rounds": rounds, "quick": quick, "figures": figures, "targets": targets}
+
+
+def collect(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
+    """Every figure of the benchmark, measured now in `rounds` interleaved rounds (7, or
+    MIN_ROUNDS with --quick, whose loops are shorter), after one warm-up of each scenario."""
+    n = rounds if rounds is not None else (MIN_ROUNDS if quick else 7)
+    for vm_type in ("default", "sev-snp"):  # assembly, imports and the reuse pool, outside the rounds
+        scenario_seconds(vm_type, "warm-up")
+        if reuse_available():
+            scenario_seconds(vm_type, "warm-up", reuse=True)
+    p = plan(quick)
+    return evaluate(p, interleave(n, p.groups), n, quick)
+
+
+# ------------------------------------------------------------------ output
+def _value(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.3f}x"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    return f"{value:,.0f}"
+
+
+_VERDICT_STYLE = {"met": "green", "missed": "red", "undecided": "yellow"}
 
 
 def run_bench(out: IO[str], quick: bool = False, as_json: bool = False,
@@ -279,18 +673,19 @@ def run_bench(out: IO[str], quick: bool = False, as_json: bool = False,
         out.write(json.dumps(results) + "\n")
         return 0
     console = plain_console(out)
-    table = plain_table("testbed bench" + (" (quick)" if quick else ""), "figure", "value", right=("value",))
-    for key, value in results.items():
-        if key == "targets":
-            continue
-        if key.startswith("tlb_miss_s"):
-            text = f"{value * 1e6:.2f} us"
-        elif "ratio" in key:
-            text = f"{value:.2f}x"
-        else:
-            text = f"{value:,.0f}"
-        table.add_row(key, text)
-    for target, met in results["targets"].items():
-        table.add_row(f"target {target}", styled("met", "green") if met else styled("missed", "red"))
+    title = f"testbed bench{' (quick)' if quick else ''}: {results['rounds']} interleaved rounds"
+    table = plain_table(title, "figure", "median", "min - max", right=("median", "min - max"),
+                        caption="rates per second; ratios per round, against the ceiling measured next to the figure")
+    for name, fig in results["figures"].items():
+        unit = str(fig["unit"])
+        table.add_row(name, _value(fig["median"], unit), f"{_value(fig['min'], unit)} - {_value(fig['max'], unit)}")
     console.print(table)
+    verdicts = plain_table("targets", "target", "median [min - max]", "verdict",
+                           caption="met / missed only when every round agrees; otherwise undecided")
+    for label, entry in results["targets"].items():
+        unit = str(results["figures"].get(entry["figure"], {}).get("unit", ""))
+        shown = (f"{_value(entry['median'], unit)} [{_value(entry['min'], unit)} - {_value(entry['max'], unit)}]"
+                 if "median" in entry else str(entry.get("note", "")))
+        verdicts.add_row(label, shown, styled(entry["verdict"], _VERDICT_STYLE[entry["verdict"]]))
+    console.print(verdicts)
     return 0

@@ -8,10 +8,20 @@ guests/lib/), so one table decides where everything lives.
     0x002000  boot GDT (firmware)
     0x010000  boot page tables (firmware; 1 GiB pages)
     0x100000  guest image (runtime + guest), at most 1 MiB
-    0x200000  runtime GDT, IDT, TSS, data page
+    0x200000  runtime GDT, IDT, TSS, data page, GHCB, unaccepted-memory bitmap (SNP)
     0x210000  kernel stack (top 0x220000), trap stack, IST stack, user stack
-    0x400000  runtime page tables (size depends on guest memory)
-    FREE      first 2 MiB boundary after the page tables: free for guests
+    0x400000  runtime page tables: PML4, PDPT, then a pool the runtime takes PDs and PTs from
+              as it splits large pages (2 MiB; 1 GiB where CPUID offers them)
+    0x600000  FREE: free for guests (GUEST_FREE_GPA, whatever the guest's size)
+    ACCEPTED  SNP: memory below GUEST_ACCEPTED_END is validated at boot; the rest is accepted
+              on demand (accept_memory), as Linux's unaccepted-memory support does
+
+The runtime's identity map uses large pages, so its page tables do not grow with the guest: a
+64 GiB SEV guest needs the PML4, the PDPT (1 GiB pages) and the few tables splits add (frame
+0's guard and the shared ucall and GHCB pages: a PD and two PTs), 5 pages; without 1 GiB
+pages one PD per GiB more (68 pages at 64 GiB; `Layout.boot_page_table_pages`). A conversion
+of a 4 KiB page inside a large page takes a table from the pool; an exhausted pool makes
+set_memory_shared/private return -ENOMEM.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ RT_IDT = 0x201000
 RT_TSS = 0x202000
 RT_DATA = 0x203000
 RT_GHCB = 0x205000
+RT_UNACCEPTED = 0x206000  # SNP: one bit per 2 MiB unit of memory not yet accepted (a page: 64 GiB)
 RT_REGION_END = 0x240000  # runtime tables, data, GHCB and stacks end here
 RT_STACKS_START = 0x210000  # the runtime's stacks: kernel, trap, IST, user (to RT_REGION_END)
 KSTACK_TOP = 0x220000
@@ -39,6 +50,13 @@ TRAPSTACK_TOP = 0x228000
 ISTSTACK_TOP = 0x230000
 USTACK_TOP = 0x240000
 RT_PT_BASE = 0x400000
+RT_PT_END = 0x600000  # the page-table pool ends here; guests' free memory starts here
+#: Linux's unaccepted-memory unit (the EFI table's unit_size, PMD_SIZE on x86): accept_memory
+#: validates whole units and the runtime's bitmap has one bit per unit.
+ACCEPT_UNIT = 2 << 20
+#: SNP: memory the runtime validates at boot, from 0 (the runtime's region, the image, the page
+#: tables and the first of the guests' free memory); the rest waits for accept_memory.
+ACCEPT_AT_BOOT = 16 << 20
 
 MIN_MEMORY = 8 << 20
 MAX_MEMORY = 64 << 30
@@ -63,16 +81,30 @@ class Layout:
 
     @property
     def page_table_bytes(self) -> int:
-        """Bytes of runtime page tables (PML4, PDPT, PDs, PTs)."""
-        npt = (self.nframes + 511) // 512
-        npd = (npt + 511) // 512
-        return (2 + npd + npt) * PAGE_SIZE
+        """Bytes reserved for the runtime's page tables (PML4, PDPT and the pool of PDs and
+        PTs), whatever the guest's size: large pages keep the map small (module docstring)."""
+        return RT_PT_END - RT_PT_BASE
+
+    def boot_page_table_pages(self, *, sev: bool, gbpages: bool = True) -> int:
+        """Pages of runtime page tables right after boot: the PML4, the PDPT, one PD per GiB
+        not mapped by a 1 GiB page, and what splitting for frame 0's guard takes (a PT, and
+        the first GiB's PD when a 1 GiB page maps it) and, with a C-bit, for the GHCB's
+        shared PTE (a PT; the ucall page shares frame 0's)."""
+        full_gib = self.mem_size >> 30
+        partial = 1 if self.mem_size & ((1 << 30) - 1) else 0
+        npd = partial + (0 if gbpages else full_gib)
+        first_pd = 1 if gbpages and full_gib else 0
+        return 2 + npd + first_pd + 1 + (1 if sev else 0)
 
     @property
     def free_gpa(self) -> int:
         """First GPA guests may use freely."""
-        end = RT_PT_BASE + self.page_table_bytes
-        return (end + (2 << 20) - 1) & ~((2 << 20) - 1)
+        return RT_PT_END
+
+    @property
+    def accepted_end(self) -> int:
+        """SNP: end of the memory the runtime validates at boot (a multiple of ACCEPT_UNIT)."""
+        return min(self.mem_size, ACCEPT_AT_BOOT)
 
     def defines(self) -> dict[str, int]:
         """The values the guest runtime is assembled with."""
@@ -86,6 +118,10 @@ class Layout:
             "RT_TSS": RT_TSS,
             "RT_DATA": RT_DATA,
             "RT_GHCB": RT_GHCB,
+            "RT_UNACCEPTED": RT_UNACCEPTED,
+            "GUEST_ACCEPTED_END": self.accepted_end,
+            "ACCEPT_UNIT": ACCEPT_UNIT,
+            "RT_PT_END": RT_PT_END,
             "RT_VALIDATE_START": RT_REGION_END,
             "RT_PT_BASE": RT_PT_BASE,
             "KSTACK_TOP": KSTACK_TOP,

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from testbed import options as opt
-from testbed.asm import Program, assemble_sources
+from testbed.asm import Program
+from testbed.asm.cache import assemble_sources_cached
 from testbed.decode import describe
 from testbed.errors import GuestBootError, MachineClosedError, UsageError
 from testbed.hw.cipher import FrameCipher
@@ -45,6 +46,7 @@ from testbed.vmm import boot
 from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
+from testbed.vmm.page_enc import PageEncBitmapSource
 from testbed.vmm.vmm import RunReport, VmEnd, Vmm
 from testbed.x86 import (
     CR0_PE,
@@ -165,8 +167,8 @@ def guest_defines(options: VmOptions) -> dict[str, int | str]:
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
     """Assemble prelude + guest + runtime at IMAGE_GPA (`text` instead of reading `source`).
 
-    Results are cached per process on the sources' contents and the defines: a test matrix
-    assembles the same guest for many VM types."""
+    Results are cached in this process and across processes on the sources' contents, their
+    includes and the defines (testbed/asm/cache.py: $TESTBED_CACHE_DIR, off disables it)."""
     defines = guest_defines(options)
     if not LIB_DIR.is_dir():
         raise UsageError(f"the guest runtime is not at {LIB_DIR}: testbed runs from its source checkout "
@@ -177,15 +179,10 @@ def build_program(source: Path | str, options: VmOptions, *, text: str | None = 
         (str(LIB_DIR / "prelude.s"), (LIB_DIR / "prelude.s").read_text(encoding="utf-8")),
         (str(source), text),
         (str(LIB_DIR / "runtime.s"), (LIB_DIR / "runtime.s").read_text(encoding="utf-8")),
-        (str(LIB_DIR / "sev.s"), (LIB_DIR / "sev.s").read_text(encoding="utf-8")),  # included by runtime.s
     )
-    return _assemble_cached(sources, tuple(sorted((k, str(v)) for k, v in defines.items())))
-
-
-@functools.lru_cache(maxsize=64)
-def _assemble_cached(sources: tuple[tuple[str, str], ...], defines: tuple[tuple[str, str], ...]) -> Program:
-    # The last entry (sev.s) is in the key only so an edit to it invalidates the cache.
-    return assemble_sources(sources[:3], base=IMAGE_GPA, defines=dict(defines), include_dirs=[LIB_DIR, GUESTS_DIR])
+    return assemble_sources_cached(
+        sources, base=IMAGE_GPA, defines=dict(sorted((k, str(v)) for k, v in defines.items())),
+        include_dirs=[LIB_DIR, GUESTS_DIR])
 
 
 def _locate(program: Program, address: int) -> dict[str, Any] | None:
@@ -286,14 +283,17 @@ class Machine:
         # the hypercall ABI's -KVM_EINVAL where the guest's own hypercall reads it (map_gpa.py).
         self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm,
                                      ram=self.memory if self.memory.guest_memfd else None,
-                                     refusal=KVM_EINVAL if self.snp else neg(KVM_EINVAL))
-        self.map_gpa.refused = [(gpa >> 12, (gpa >> 12) + n, to) for gpa, n, to in options.refuse_conversions]
+                                     refusal=KVM_EINVAL if self.snp else neg(KVM_EINVAL),
+                                     refused=[(gpa >> 12, (gpa >> 12) + n, to)
+                                              for gpa, n, to in options.refuse_conversions])
+        # The seed-era protocol keeps the shared pages in KVM: the VMM reads KVM's bitmap
+        # (KVM_GET_PAGE_ENC_BITMAP) into a tracker of its kind when it reports them.
+        shared_source = (PageEncBitmapSource(self.kvm_vm.get_page_enc_bitmap, self.layout.nframes,
+                                             make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra))
+                         if options.hc_protocol == "page-enc-status" else None)
         self.vmm = Vmm(host, self.map_gpa, self.tracer, options.record_exits,
                        implicit_conversion=options.implicit_conversion, msr=self.msr,
-                       locate=functools.partial(_locate, program), program=program)
-        if options.hc_protocol == "page-enc-status":
-            # KVM_GET_PAGE_ENC_BITMAP: the state lives in KVM, the VMM reads it at the end.
-            self.vmm.shared_source = self.kvm_vm.page_enc_bitmap
+                       locate=functools.partial(_locate, program), program=program, shared_source=shared_source)
         self._boot()
 
     def _configure_kvm(self) -> None:

@@ -7,11 +7,21 @@ Scenarios:
    difference of two runs that is zero or negative) is a BenchError naming the figure; the
    CLI prints it as one line with status 2, never a rate like 9e12/s with a "met" target.
 3. The human table prints figure names and values literally.
+4. A target is met only when every round meets it, missed only when every round misses it,
+   and undecided when the rounds straddle its bound or are fewer than five.
+5. Rounds are interleaved: within a group the ceiling is measured right before its figure on
+   even rounds and right after it on odd ones, and a ratio is taken per round, so a machine
+   whose speed swings from round to round still gives the ratio it has, with a narrow spread.
+6. The ceilings run on bare Unicorn: the C-only exit hook and the ctypes one skip VMMCALL,
+   and the TLB ceiling's loop goes through QEMU's page walker (a cleared PTE faults).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import struct
+import sys
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -19,7 +29,22 @@ from typing import Any
 import pytest
 
 from testbed import bench
-from testbed.bench import BenchError, measure, rate, run_bench, timer_floor
+from testbed.bench import (
+    BenchError,
+    Measurement,
+    Plan,
+    Ratio,
+    Spread,
+    Target,
+    evaluate,
+    interleave,
+    measure,
+    paired_ratios,
+    rate,
+    run_bench,
+    timer_floor,
+    verdict,
+)
 from testbed.cli import EXIT_USAGE, main
 
 
@@ -102,13 +127,214 @@ def test_bench_command_prints_an_unmeasurable_figure_as_one_line(capsys: pytest.
 
 
 def test_the_table_prints_names_and_values_literally(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Figure and target names with brackets or colons print as they are; met/missed are words, not markup."""
+    """Figure and target names with brackets or colons print as they are; verdicts are words, not markup."""
     monkeypatch.setenv("COLUMNS", "200")
-    results = {"hypercalls_per_s [plain]": 123456.0, "x_ratio :smile:": 0.5,
-               "targets": {"hypercalls_per_s >= [150k]": True, "x_ratio >= 0.9": False}}
+    spread = {"median": 123456.0, "min": 100000.0, "max": 150000.0, "n": 5}
+    results = {
+        "rounds": 5, "quick": True,
+        "figures": {"hypercalls_per_s [plain]": {"unit": "exits/s", **spread},
+                    "x_ratio :smile:": {"unit": "x", "median": 0.5, "min": 0.4, "max": 0.6, "n": 5}},
+        "targets": {
+            "hypercalls_per_s >= [150k]": {"figure": "hypercalls_per_s [plain]", "verdict": "undecided", **spread},
+            "x_ratio >= 0.9": {"figure": "x_ratio :smile:", "verdict": "missed", "median": 0.5, "min": 0.4,
+                               "max": 0.6, "n": 5},
+            "y >= 1": {"figure": "y", "verdict": "undecided", "note": "not measured"},
+        },
+    }
     out = io.StringIO()
     assert run_bench(out, quick=True, collect_fn=lambda _quick: results) == 0
     text = out.getvalue()
-    for literal in ("hypercalls_per_s [plain]", "123,456", "x_ratio :smile:", "0.50x",
-                    "target hypercalls_per_s >= [150k]", "met", "missed"):
+    for literal in ("hypercalls_per_s [plain]", "123,456", "100,000 - 150,000", "x_ratio :smile:", "0.500x",
+                    "hypercalls_per_s >= [150k]", "undecided", "missed", "not measured", "5 interleaved rounds"):
         assert literal in text, f"{literal!r} missing from:\n{text}"
+
+
+# ------------------------------------------------------------------ verdicts from spreads
+def test_a_target_is_met_only_when_every_round_meets_it() -> None:
+    """verdict(): >= is met when the minimum clears the bound (equality counts), missed when the maximum is under it."""
+    assert verdict(Spread.of([0.30, 0.26, 0.25, 0.40, 0.31]), ">=", 0.25) == "met"
+    assert verdict(Spread.of([0.10, 0.12, 0.24, 0.2, 0.11]), ">=", 0.25) == "missed"
+    assert verdict(Spread.of([0.20, 0.30, 0.28, 0.27, 0.29]), ">=", 0.25) == "undecided"
+
+
+def test_an_upper_bound_is_judged_from_the_other_end_of_the_spread() -> None:
+    """verdict(): <= is met when the maximum is at or under the bound, missed when the minimum is over it."""
+    assert verdict(Spread.of([9.0, 12.0, 15.0, 11.0, 10.0]), "<=", 15.0) == "met"
+    assert verdict(Spread.of([16.0, 40.0, 19.0, 22.0, 17.0]), "<=", 15.0) == "missed"
+    assert verdict(Spread.of([14.0, 16.0, 13.0, 12.0, 14.5]), "<=", 15.0) == "undecided"
+
+
+def test_too_few_rounds_or_no_figure_is_undecided() -> None:
+    """A spread of fewer than five rounds, or a figure not measured, never gives met or missed."""
+    assert verdict(Spread.of([1.0, 1.0, 1.0, 1.0]), ">=", 0.5) == "undecided"
+    assert verdict(Spread.of([0.1] * 4), ">=", 0.5) == "undecided"
+    assert verdict(None, ">=", 0.5) == "undecided"
+    assert bench.MIN_ROUNDS == 5
+
+
+def test_a_spread_is_median_min_max_and_count() -> None:
+    """Spread.of gives the median, the extremes and n, and refuses no samples or a non-finite one."""
+    assert Spread.of([3.0, 1.0, 2.0, 10.0, 4.0]) == Spread(3.0, 1.0, 10.0, 5)
+    with pytest.raises(ValueError):
+        Spread.of([])
+    with pytest.raises(ValueError):
+        Spread.of([1.0, float("inf")])
+
+
+# ------------------------------------------------------------------ pairing and interleaving
+def test_rounds_alternate_the_order_within_a_group() -> None:
+    """interleave(): a group runs in order on even rounds and reversed on odd ones, groups one after the other."""
+    log: list[str] = []
+
+    def m(name: str) -> Measurement:
+        return Measurement(name, "x", lambda: log.append(name) or 1.0)
+
+    samples = interleave(3, [[m("c1"), m("a"), m("b")], [m("c2"), m("d")]])
+    assert log == ["c1", "a", "b", "c2", "d",
+                   "b", "a", "c1", "d", "c2",
+                   "c1", "a", "b", "c2", "d"]
+    assert {name: len(values) for name, values in samples.items()} == {"c1": 3, "a": 3, "b": 3, "c2": 3, "d": 3}
+
+
+def test_paired_ratios_cancel_a_machine_whose_speed_swings() -> None:
+    """With the machine 1x-3x slower from round to round, per-round ratios stay exact while the rates swing."""
+    slowdown = [1.0, 3.0, 1.5, 2.5, 1.0, 2.0, 3.0]  # a fake clock: how slow each round's machine is
+    calls = {"n": 0}
+
+    def timed(rate_when_idle: float) -> Measurement:
+        def take() -> float:
+            round_index = calls["n"] // 2  # two measurements per round
+            calls["n"] += 1
+            return rate_when_idle / slowdown[round_index]
+
+        return Measurement(f"rate{rate_when_idle:g}", "exits/s", take)
+
+    ceiling, fig = timed(1000.0), timed(300.0)  # the testbed runs at 0.3x its ceiling
+    plan = Plan([[ceiling, fig]], [Ratio("fig_ratio", fig.name, ceiling.name)],
+                [Target("fig_ratio", ">=", 0.25, "ratio >= 0.25"), Target(fig.name, ">=", 150.0, "fig >= 150")])
+    results = evaluate(plan, interleave(len(slowdown), plan.groups), len(slowdown), quick=True)
+    ratio = results["figures"]["fig_ratio"]
+    assert (ratio["median"], ratio["min"], ratio["max"]) == (pytest.approx(0.3),) * 3
+    assert ratio["n"] == len(slowdown) and ratio["unit"] == "x" and ratio["ratio_of"] == [fig.name, ceiling.name]
+    assert results["targets"]["ratio >= 0.25"]["verdict"] == "met"
+    raw = results["figures"][fig.name]
+    assert (raw["min"], raw["max"]) == (pytest.approx(100.0), pytest.approx(300.0))
+    assert results["targets"]["fig >= 150"]["verdict"] == "undecided", "the absolute rate straddles 150"
+
+
+def test_paired_ratios_are_per_round() -> None:
+    """paired_ratios divides round i by round i, and refuses figures with different numbers of rounds."""
+    assert paired_ratios([2.0, 9.0, 4.0], [1.0, 3.0, 8.0]) == [2.0, 3.0, 0.5]
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_a_ratio_without_its_ceiling_is_absent_and_its_target_undecided() -> None:
+    """evaluate(): when a ceiling was not measured (C extension not built), the ratio is left out, not guessed."""
+    plan = Plan([], [Ratio("r", "fig", "missing_ceiling")], [Target("r", ">=", 0.25, "r >= 0.25")])
+    results = evaluate(plan, {"fig": [1.0] * 5}, 5, quick=False)
+    assert "r" not in results["figures"]
+    assert results["targets"]["r >= 0.25"] == {"figure": "r", "op": ">=", "bound": 0.25, "verdict": "undecided",
+                                               "note": "not measured"}
+
+
+def test_bench_json_end_to_end_with_stub_measurements(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`testbed bench --quick --json` gives every figure with median/min/max/n and every target a verdict."""
+    values = iter(range(1, 1000))
+
+    def stub_plan(quick: bool) -> Plan:
+        assert quick
+        ceiling = Measurement("ceiling_exits_c_hook_py", "exits/s", lambda: 1000.0 + next(values))
+        fig = Measurement("hypercalls_per_s", "exits/s", lambda: 400.0)
+        scenario = Measurement("scenario_ms", "ms", lambda: 20.0 + next(values))
+        return Plan([[ceiling, fig], [scenario]],
+                    [Ratio("hypercalls_vs_c_hook_py", "hypercalls_per_s", "ceiling_exits_c_hook_py")],
+                    [Target("hypercalls_vs_c_hook_py", ">=", 0.25, "hc"),
+                     Target("scenario_ms", "<=", 15.0, "scenario"),
+                     Target("hypercalls_per_s", ">=", 400.0, "abs")])
+
+    monkeypatch.setattr(bench, "plan", stub_plan)
+    monkeypatch.setattr(bench, "scenario_seconds", lambda *_args, **_kw: 0.001)
+    assert main(["bench", "--quick", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rounds"] == 5 and doc["quick"] is True
+    for name in ("ceiling_exits_c_hook_py", "hypercalls_per_s", "scenario_ms", "hypercalls_vs_c_hook_py"):
+        assert set(doc["figures"][name]) >= {"median", "min", "max", "n", "unit"}
+        assert doc["figures"][name]["n"] == 5
+    assert {label: t["verdict"] for label, t in doc["targets"].items()} == {
+        "hc": "met", "scenario": "missed", "abs": "met"}
+
+
+# ------------------------------------------------------------------ the real ceilings, small loops
+@pytest.mark.skipif(not bench.fastexit_available(), reason="the C extension is not built")
+@pytest.mark.parametrize("kind", ["c_hook", "c_hook_py", "ctypes"])
+def test_each_exit_ceiling_runs_its_vmmcall_loop_to_the_end(kind: bench.ExitCeiling) -> None:
+    """bare_exit_rate() completes the loop (RCX reaches 0, checked inside) and gives a positive rate above the floor."""
+    assert bench.bare_exit_rate(kind, 2000) > 0
+
+
+def test_the_tlb_ceiling_goes_through_qemus_page_walker() -> None:
+    """The bare TLB loop runs with paging on: a cleared PTE for a data page faults instead of reading flat memory."""
+    import unicorn
+
+    uc, end = bench._bare_paged(1)
+    uc.emu_start(0x1000, end)  # the intact map runs to HLT
+    broken, end = bench._bare_paged(1)
+    pte = 0x10000 + 0x3000 + 8 * ((bench.BARE_TLB_DATA >> 12) + 7)
+    broken.mem_write(pte, struct.pack("<Q", 0))
+    with pytest.raises(unicorn.UcError):
+        broken.emu_start(0x1000, end)
+
+
+def test_the_empty_guest_scenario_runs_through_the_public_api() -> None:
+    """scenario_seconds() boots an empty guest with testbed.Vm and gets its done ucall, in positive time."""
+    assert bench.scenario_seconds("default", "scenario_ms") > 0
+
+
+@pytest.mark.skipif(not bench.reuse_available(), reason="Vm.load has no reuse= (snapshot pool) yet")
+def test_the_reused_scenario_runs_through_the_snapshot_pool() -> None:
+    """scenario_seconds(reuse=True) loads with Vm.load(reuse=True) and gets the empty guest's done ucall."""
+    assert bench.scenario_seconds("default", "scenario_ms_reuse", reuse=True) > 0
+
+
+# ------------------------------------------------------------------ the tracker benchmark's verdicts
+def _tracker_bench() -> Any:
+    """tools/bench_trackers.py as a module (tools/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_trackers.py"
+    spec = importlib.util.spec_from_file_location("bench_trackers", path)
+    assert spec is not None and spec.loader is not None
+    if "bench_trackers" not in sys.modules:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_trackers"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench_trackers"]
+
+
+def test_tracker_bench_judges_rate_targets_from_rounds() -> None:
+    """bench_trackers: a rate target is met when every round clears it, undecided when the rounds straddle it."""
+    tb = _tracker_bench()
+
+    def row(rounds: list[float]) -> Any:
+        return tb.Result("dma_churn", "1G", 1 << 18, "ranges", 100, None, None, 0.0, 0.0, 0, None, 0, False,
+                         batch_rounds=rounds)
+
+    fast, noisy, slow = row([3e6, 2.6e6, 4e6, 3.1e6, 2.9e6]), row([3e6, 2e6, 4e6, 3.1e6, 2.9e6]), row([1e6] * 5)
+    assert tb.rate_check("t", ["1G"], [fast], 2.5e6).verdict == "met"
+    assert tb.rate_check("t", ["1G"], [noisy], 2.5e6).verdict == "undecided"
+    assert tb.rate_check("t", ["1G", "64G"], [fast, slow], 2.5e6).verdict == "missed"
+    assert tb.rate_check("t", ["1G"], [row([3e6] * 3)], 2.5e6).verdict == "undecided", "fewer than 5 rounds"
+    assert tb.combine(["met", "undecided"]) == "undecided" and tb.combine([]) == "undecided"
+
+
+def test_tracker_bench_pairs_per_call_rounds() -> None:
+    """bench_trackers: tree vs intervaltree is a ratio per round, over the rounds both trackers ran."""
+    tb = _tracker_bench()
+    ours = tb.Result("dma_churn", "1G", 1, "tree", 1, None, None, 0.0, 0.0, 0, None, 0, False,
+                     call_rounds=[10.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
+    peer = tb.Result("dma_churn", "1G", 1, "intervaltree", 1, None, None, 0.0, 0.0, 0, None, 0, False,
+                     call_rounds=[1.0, 2.0, 4.0, 5.0, 6.0])
+    assert tb.paired_call_ratios(ours, peer) == [10.0, 15.0, 10.0, 10.0, 10.0]

@@ -230,11 +230,13 @@ def test_expect_is_shown_in_the_human_report(capsys: pytest.CaptureFixture[str],
 
 @pytest.fixture
 def host_24g(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The host as a 24 GiB machine without swap under heuristic overcommit."""
+    """The host as a 24 GiB machine without swap under heuristic overcommit, with the process's
+    address space limited to 32 GiB (ulimit -v)."""
     gib = 1 << 30
     monkeypatch.setattr("testbed.options.read_meminfo", lambda: {
         "MemTotal": 24 * gib, "SwapTotal": 0, "MemAvailable": 22 * gib})
     monkeypatch.setattr("testbed.options.read_overcommit_mode", lambda: 0)
+    monkeypatch.setattr("testbed.options.read_address_space_limit", lambda: 32 * gib)
 
 
 BAD_INPUT = [
@@ -244,7 +246,7 @@ BAD_INPUT = [
     (["{guest}", "--timeout", "1e400"], "timeout must be positive and finite"),
     (["{guest}", "--timeout", "1e9"], "at most 86400 s"),
     (["{guest}", "--timeout", "soon"], "timeout 'soon'"),
-    (["{guest}", "--memory", "64G"], "the kernel refuses a mapping larger than RAM + swap (24.0 GiB"),
+    (["{guest}", "--memory", "64G"], "maps 64.0 GiB but the process's address space is limited to 32.0 GiB"),
     (["{guest}", "--memory", "65G"], "between 8 MiB and 64 GiB"),
     (["{guest}", "--memory", "9" * 5000], "invalid memory size"),
     (["{tmp}"], "is a directory"),

@@ -8,7 +8,9 @@
 4. A guest that keeps generating code on SEV-ES keeps the vCPU's intercepted-site code hooks
    bounded, and interception stays exact across the resets that bound them.
 5. A spinning guest ends within a second of its timeout, and a clean end of a run (HLT, the
-   timeout) is not turned into a fault.
+   timeout) is not turned into a fault. The timeout is the process's one watchdog thread
+   (hw/watchdog.py): a run starts no thread, a later run is never stopped for an earlier
+   deadline, and close() leaves nothing armed.
 6. A guest in an exit loop keeps the report bounded: first and last REPORT_WINDOW entries,
    the rest counted; the trace still has every exit.
 Tests 4 and 6 lower the bound they test so that it is reached in a fraction of a second.
@@ -20,6 +22,7 @@ import gc
 import io
 import json
 import os
+import threading
 import time
 import weakref
 
@@ -29,6 +32,7 @@ from unicorn import unicorn_const as ucc
 
 from testbed.errors import MachineClosedError
 from testbed.hw import cpu as cpu_module
+from testbed.hw.watchdog import WATCHDOG, Alarm, Watchdog
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program, run_guest
 from testbed.vmm import vmm as vmm_module
 from testbed.x86 import PAGE_SIZE, Reg
@@ -48,6 +52,11 @@ guest_touch:
     jb guest_touch
     GUEST_DONE
 """
+
+
+def _native_threads() -> int:
+    """Threads of this process as the kernel counts them (Unicorn's own threads included)."""
+    return len(os.listdir("/proc/self/task"))
 
 
 def _rss() -> int:
@@ -86,6 +95,7 @@ def test_fifty_machines_keep_resident_memory_at_one_machine() -> None:
     assert one_machine >= 2 << 20, f"a live machine adds only {one_machine} bytes: the test touches too little"
     gc.collect()
     before = _rss()
+    threads, native = threading.active_count(), _native_threads()
     gc.disable()  # only close() may release anything
     try:
         for i in range(50):
@@ -95,6 +105,8 @@ def test_fifty_machines_keep_resident_memory_at_one_machine() -> None:
     finally:
         gc.enable()
     assert grown <= one_machine, f"RSS grew {grown >> 10} KiB over 50 machines; one machine holds {one_machine >> 10}"
+    assert (threading.active_count(), _native_threads()) <= (threads, native), "threads grew over 50 machines"
+    assert WATCHDOG.armed == 0  # closed machines leave nothing armed
 
 
 @pytest.mark.parametrize("path", ["fastexit", "ctypes"])
@@ -217,6 +229,86 @@ def test_spinning_guest_ends_within_a_second_of_its_timeout(vm_type: str) -> Non
         elapsed = time.monotonic() - start
     assert report.outcome == "timeout"
     assert elapsed < 1.5, f"run() took {elapsed:.2f} s with a 0.5 s timeout"
+
+
+class _ThreadCountingHypervisor:
+    """Stands between the hardware and KVM and counts the process's threads at each exit."""
+
+    def __init__(self, kvm: object) -> None:
+        self.kvm = kvm
+        self.seen: list[int] = []
+
+    def vmexit(self, code: int, info1: int, info2: int) -> None:
+        self.seen.append(_native_threads())
+        self.kvm.vmexit(code, info1, info2)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("path", ["fastexit", "ctypes"])
+def test_a_run_starts_no_thread(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Inside a run the process has the threads it had outside it: no timer thread per run (Unicorn's timeout)."""
+    if path == "ctypes":
+        monkeypatch.setenv("TESTBED_NO_FASTEXIT", "1")
+    else:
+        monkeypatch.delenv("TESTBED_NO_FASTEXIT", raising=False)
+    options = VmOptions(memory=8 << 20, timeout=30)
+    with Machine(build_program(GUESTS_DIR / "hypercall_insn.s", options), options) as machine:
+        spy = _ThreadCountingHypervisor(machine.kvm_vcpu)
+        machine.cpu.hypervisor = spy  # type: ignore[assignment]
+        report = machine.run()
+        outside = _native_threads()
+    assert report.outcome == "done", report.detail
+    assert len(spy.seen) >= 3, "the guest made too few exits: the test proves nothing"
+    assert set(spy.seen) == {outside}, (spy.seen, outside)
+    assert WATCHDOG.thread is not None and WATCHDOG.thread.daemon
+
+
+def test_watchdog_stops_a_run_at_its_deadline_and_only_that_run() -> None:
+    """A fired alarm names its arming: the next arming reads no timeout and an earlier deadline never stops it."""
+    watchdog = Watchdog()
+    stops: list[float] = []
+    alarm = Alarm(lambda: stops.append(time.monotonic()))
+    start = time.monotonic()
+    watchdog.arm(alarm, start + 0.05)
+    while not stops and time.monotonic() < start + 5:
+        time.sleep(0.01)
+    assert stops and stops[0] - start < 1.0 and alarm.timed_out
+    watchdog.disarm(alarm)
+    count = len(stops)
+    time.sleep(0.2)  # a disarmed alarm is not stopped again
+    assert len(stops) == count
+    # A run that ends before its deadline, then a later run with a later deadline: the first
+    # deadline passes during the second run, which must not be stopped or read as timed out.
+    watchdog.arm(alarm, time.monotonic() + 0.05)
+    watchdog.disarm(alarm)
+    watchdog.arm(alarm, time.monotonic() + 30)
+    assert not alarm.timed_out  # a new generation
+    time.sleep(0.2)
+    assert len(stops) == count and not alarm.timed_out
+    watchdog.release(alarm)
+    assert watchdog.armed == 0 and alarm.stop is None
+
+
+def test_watchdog_repeats_a_stop_until_the_run_ends() -> None:
+    """A fired alarm is stopped again while armed (a stop landing between two engine calls is reset by the next)."""
+    watchdog = Watchdog()
+    stops: list[float] = []
+    alarm = Alarm(lambda: stops.append(time.monotonic()))
+    watchdog.arm(alarm, time.monotonic())
+    deadline = time.monotonic() + 5
+    while len(stops) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    watchdog.disarm(alarm)
+    assert len(stops) >= 3
+
+
+def test_close_releases_the_watchdog() -> None:
+    """After close() the watchdog holds nothing of the machine: nothing armed, the engine's stop dropped."""
+    options = VmOptions(memory=8 << 20, timeout=0.2)
+    with Machine(build_program(GUESTS_DIR / "cli_spin.s", options), options) as machine:
+        assert machine.run().outcome == "timeout"
+        alarm = machine.cpu._alarm
+        assert alarm.timed_out and alarm.stop is not None
+    assert WATCHDOG.armed == 0 and alarm.stop is None
 
 
 @pytest.mark.parametrize("vm_type", ["default", "sev-es"])

@@ -5,13 +5,16 @@
 #   1. detects the memory-encryption technology at run time, as Linux's sme_enable() does:
 #      CPUID 0x8000001F (SEV bit, C-bit position) and the SEV_STATUS MSR - never hard-coded;
 #   2. builds its own GDT (kernel + user segments, TSS), IDT (handlers for vectors 0-31 and a
-#      CPL-3 return gate) and 4 KiB page tables identity-mapping all guest memory, private
-#      (C-bit set) except the ucall page, which stays shared so the host can read it;
+#      CPL-3 return gate) and page tables identity-mapping all guest memory with large pages
+#      (split where a 4 KiB page needs its own mapping), private (C-bit set) except the ucall
+#      page, which stays shared so the host can read it; on SNP it validates the memory
+#      accepted at boot (below GUEST_ACCEPTED_END) and accepts the rest on demand;
 #   3. picks the native hypercall instruction from the CPU vendor (Linux's alternatives);
 #   4. calls guest_main and reports GUEST_DONE when it returns.
 #
 # Host-provided defines: GUEST_MEM_SIZE UCALL_GPA UCALL_PORT RT_GDT RT_IDT RT_TSS RT_DATA
-# RT_PT_BASE KSTACK_TOP TRAPSTACK_TOP ISTSTACK_TOP USTACK_TOP RT_STACKS_START RT_STACKS_END.
+# RT_PT_BASE RT_PT_END RT_UNACCEPTED GUEST_ACCEPTED_END KSTACK_TOP TRAPSTACK_TOP ISTSTACK_TOP
+# USTACK_TOP RT_STACKS_START RT_STACKS_END.
 #
 # Keystone notes: comments use '#', ';' separates statements, and an absolute memory operand
 # is encoded RIP-relative, so addresses go through a register. The library uses no numeric
@@ -236,108 +239,330 @@ rt_setup_idt_not_vc:
     ret
 
 # --- page tables -----------------------------------------------------------------------------
-# 4 KiB pages identity-mapping [0, GUEST_MEM_SIZE): PML4 at RT_PT_BASE, PDPT next, then the
-# page directories, then the page tables. Frame 0 stays unmapped (null-pointer guard).
-.equ RT_NFRAMES, GUEST_MEM_SIZE / 4096
-.equ RT_NPT, (RT_NFRAMES + 511) / 512
-.equ RT_NPD, (RT_NPT + 511) / 512
+# An identity map of [0, GUEST_MEM_SIZE) with large pages, as Linux's direct map
+# (arch/x86/mm/init_64.c, phys_pud_init / phys_pmd_init): 1 GiB pages where CPUID 0x80000001
+# EDX[26] (Page1GB) offers them and the whole GiB is memory, 2 MiB pages elsewhere. So boot
+# work and table memory follow what the guest uses, not its size. A large page is split where
+# one 4 KiB page of it needs its own mapping - frame 0 (left unmapped: the null-pointer
+# guard), the shared ucall and GHCB pages, a conversion (the C-bit is per PTE) - as
+# split_large_page() does for set_memory_decrypted() (arch/x86/mm/pat/set_memory.c). The
+# PML4 and PDPT sit at RT_PT_BASE; every other table comes from the pool after them, up to
+# RT_PT_END (rt_pt_alloc); split tables are never merged back.
 .equ RT_PML4, RT_PT_BASE
 .equ RT_PDPT, RT_PT_BASE + 0x1000
-.equ RT_PD, RT_PT_BASE + 0x2000
-.equ RT_PT, RT_PD + RT_NPD * 0x1000
-# Keystone reads an operand that starts with '(' as a memory reference: keep such
-# expressions in .equ lines.
-.equ RT_PT_ZERO_QWORDS, (2 + RT_NPD) * 512
+.equ RT_PT_POOL, RT_PT_BASE + 0x2000
+.equ RT_PT_NEXT, RT_DATA + 0x840       # the pool's next free page
+.equ PTE_PS, 0x80                      # a large page (2 MiB in a PDE, 1 GiB in a PDPTE)
+.equ PTE_LARGE, PTE_FLAGS | PTE_PS
+.equ RT_NFRAMES, GUEST_MEM_SIZE / 4096
+.equ RT_NGIB, (GUEST_MEM_SIZE + 0x3fffffff) / 0x40000000
 
 rt_setup_paging:
     mov rdi, RT_DATA
     mov r10, qword ptr [rdi + 0x800]   # C-bit mask
-    # zero PML4, PDPT and the PDs
-    mov rdi, RT_PML4
+    mov rax, RT_PT_POOL
+    mov qword ptr [rdi + 0x840], rax
+    # 1 GiB pages? (Linux: X86_FEATURE_GBPAGES)
+    xor r11d, r11d
+    mov eax, 0x80000000
+    cpuid
+    cmp eax, 0x80000001
+    jb rt_pg_gb_known
+    mov eax, 0x80000001
+    cpuid
+    bt edx, 26
+    jnc rt_pg_gb_known
+    mov r11d, 1
+rt_pg_gb_known:
+    mov rdi, RT_PML4                   # zero the PML4 and the PDPT
     xor eax, eax
-    mov rcx, RT_PT_ZERO_QWORDS
+    mov rcx, 1024
     rep stosq
-    # PTEs
-    mov rdi, RT_PT
-    xor r8, r8                         # frame
-rt_pt_loop:
-    mov rax, r8
-    shl rax, 12
-    or rax, PTE_FLAGS
-    or rax, r10
-    test r8, r8
-    jnz rt_pt_store
-    xor eax, eax                       # frame 0: not present
-rt_pt_store:
-    mov qword ptr [rdi + r8 * 8], rax
-    inc r8
-    cmp r8, RT_NFRAMES
-    jb rt_pt_loop
-    # pad the last page table with not-present entries
-rt_pt_pad:
-    test r8, 511
-    jz rt_pt_padded
-    mov qword ptr [rdi + r8 * 8], 0
-    inc r8
-    jmp rt_pt_pad
-rt_pt_padded:
-    # the ucall page and the GHCB are shared with the host: no C-bit
-    mov rax, UCALL_GPA
-    shr rax, 12
-    mov rcx, UCALL_GPA
-    or rcx, PTE_FLAGS
-    mov qword ptr [rdi + rax * 8], rcx
-    mov rax, RT_GHCB
-    shr rax, 12
-    mov rcx, RT_GHCB
-    or rcx, PTE_FLAGS
-    mov qword ptr [rdi + rax * 8], rcx
-    # PDEs
-    mov rdi, RT_PD
-    xor r8, r8
-rt_pd_loop:
-    mov rax, r8
-    shl rax, 12
-    add rax, RT_PT
-    or rax, PTE_FLAGS
-    or rax, r10
-    mov qword ptr [rdi + r8 * 8], rax
-    inc r8
-    cmp r8, RT_NPT
-    jb rt_pd_loop
-    # PDPTEs
-    mov rdi, RT_PDPT
-    xor r8, r8
-rt_pdpt_loop:
-    mov rax, r8
-    shl rax, 12
-    add rax, RT_PD
-    or rax, PTE_FLAGS
-    or rax, r10
-    mov qword ptr [rdi + r8 * 8], rax
-    inc r8
-    cmp r8, RT_NPD
-    jb rt_pdpt_loop
-    # PML4E
     mov rdi, RT_PML4
     mov rax, RT_PDPT
     or rax, PTE_FLAGS
     or rax, r10
     mov qword ptr [rdi], rax
+    xor r8, r8                         # GiB index
+rt_pg_gib:
+    mov r9, r8
+    shl r9, 30                         # the GiB's base
+    test r11, r11
+    jz rt_pg_gib_pd
+    mov rax, r9
+    add rax, 0x40000000
+    mov rcx, GUEST_MEM_SIZE
+    cmp rax, rcx
+    ja rt_pg_gib_pd                    # memory ends inside it: 2 MiB pages
+    mov rax, r9
+    or rax, PTE_LARGE
+    or rax, r10
+    mov rdi, RT_PDPT
+    mov qword ptr [rdi + r8 * 8], rax
+    jmp rt_pg_gib_next
+rt_pg_gib_pd:
+    call rt_pt_alloc                   # a zeroed PD (at boot the pool is nearly empty)
+    mov rbx, rax
+    or rax, PTE_FLAGS
+    or rax, r10
+    mov rdi, RT_PDPT
+    mov qword ptr [rdi + r8 * 8], rax
+    xor ecx, ecx
+rt_pg_pde:
+    mov rax, rcx
+    shl rax, 21
+    add rax, r9
+    mov rdx, GUEST_MEM_SIZE
+    cmp rax, rdx
+    jae rt_pg_gib_next                 # beyond memory: not present
+    or rax, PTE_LARGE
+    or rax, r10
+    mov qword ptr [rbx + rcx * 8], rax
+    inc rcx
+    cmp rcx, 512
+    jb rt_pg_pde
+rt_pg_gib_next:
+    inc r8
+    cmp r8, RT_NGIB
+    jb rt_pg_gib
+    # frame 0: not present (splits the first 2 MiB page)
+    xor edi, edi
+    call rt_pte_address
+    mov qword ptr [rax], 0
+    test r10, r10
+    jz rt_pg_load
+    # the ucall page and the GHCB are shared with the host: no C-bit
+    mov rcx, r10
+    not rcx
+    mov rdi, UCALL_GPA
+    call rt_pte_address
+    and qword ptr [rax], rcx
+    mov rdi, RT_GHCB
+    call rt_pte_address
+    and qword ptr [rax], rcx
+rt_pg_load:
     mov rax, RT_PML4
     or rax, r10
     mov cr3, rax
     ret
 
-# rdi = gpa -> rax = address of the PTE mapping it (4 KiB pages, identity map)
-rt_pte_address:
+# rax = a zeroed page-table page from the pool, or 0 when the pool is used up.
+rt_pt_alloc:
+    push rcx
+    push rdi
+    mov rdi, RT_PT_NEXT
+    mov rax, qword ptr [rdi]
+    mov rcx, RT_PT_END
+    cmp rax, rcx
+    jae rt_pt_alloc_none
+    lea rcx, [rax + 0x1000]
+    mov qword ptr [rdi], rcx
+    mov rdi, rax
+    push rax
+    xor eax, eax
+    mov rcx, 512
+    rep stosq
+    pop rax
+    jmp rt_pt_alloc_out
+rt_pt_alloc_none:
+    xor eax, eax
+rt_pt_alloc_out:
+    pop rdi
+    pop rcx
+    ret
+
+# rdi = gpa (inside memory) -> rax = the address of the entry mapping it, rdx = its level:
+# 1 a 4 KiB PTE, 2 a 2 MiB PDE, 3 a 1 GiB PDPTE. Preserves everything else.
+rt_pte_lookup:
+    push rcx
+    mov rax, rdi
+    shr rax, 30
+    and eax, 511
+    mov rcx, RT_PDPT
+    lea rax, [rcx + rax * 8]
+    mov edx, 3
+    mov rcx, qword ptr [rax]
+    test rcx, PTE_PS
+    jnz rt_pte_lookup_done
+    and ecx, 0xfffff000                # the PD: pool pages lie below 4 GiB (drops the C-bit)
+    mov rax, rdi
+    shr rax, 21
+    and eax, 511
+    lea rax, [rcx + rax * 8]
+    mov edx, 2
+    mov rcx, qword ptr [rax]
+    test rcx, PTE_PS
+    jnz rt_pte_lookup_done
+    and ecx, 0xfffff000                # the PT
     mov rax, rdi
     shr rax, 12
-    shl rax, 3
-    push rcx
-    mov rcx, RT_PT
-    add rax, rcx
+    and eax, 511
+    lea rax, [rcx + rax * 8]
+    mov edx, 1
+rt_pte_lookup_done:
     pop rcx
+    ret
+
+# rax = a large entry, rdx = its level (2 or 3): split it into a table of 512 entries that map
+# the same memory with the same attributes (C-bit, NX, flags) one size down; the mapping does
+# not change, so no flush is needed (split_large_page). rax = non-zero, or 0 when the pool is
+# used up (the entry is left as it was). Preserves everything else.
+rt_split_large:
+    push rbx
+    push rcx
+    push rdx
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    mov rdi, rax                       # the entry
+    call rt_pt_alloc
+    test rax, rax
+    jz rt_split_out
+    mov r8, qword ptr [rdi]
+    mov rbx, RT_DATA
+    mov rbx, qword ptr [rbx + 0x800]   # C-bit mask
+    movabs rcx, 0x8000000000000000     # NX
+    or rcx, rbx
+    and rcx, r8                        # NX and C-bit as the large entry has them
+    mov r9, r8
+    and r9, 0xfff
+    or r9, rcx                         # the new entries' attributes
+    mov r10, 0x200000                  # a 1 GiB page becomes 2 MiB pages (PS kept)
+    cmp rdx, 3
+    je rt_split_sized
+    mov r10, 0x1000                    # a 2 MiB page becomes 4 KiB pages
+    btr r9, 7                          # bit 7 of a PTE is PAT, not PS
+rt_split_sized:
+    not rcx
+    and rcx, r8                        # the entry without NX and C-bit
+    mov r11, r10
+    shl r11, 9
+    neg r11                            # ~(large page size - 1)
+    and rcx, r11                       # its base address (no flags, no PAT bit)
+    xor edx, edx
+rt_split_fill:
+    mov r11, rcx
+    or r11, r9
+    mov qword ptr [rax + rdx * 8], r11
+    add rcx, r10
+    inc rdx
+    cmp rdx, 512
+    jb rt_split_fill
+    mov r11, rax                       # the entry now points to the table (private)
+    or r11, PTE_FLAGS
+    or r11, rbx
+    mov qword ptr [rdi], r11
+rt_split_out:
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rdx
+    pop rcx
+    pop rbx
+    ret
+
+# rdi = gpa -> rax = the address of the 4 KiB PTE mapping it, after splitting the large pages
+# above it; 0 when gpa is outside memory or the pool has no table left for the split.
+# Preserves everything else. (Public in practice: tests edit PTEs through it.)
+rt_pte_address:
+    push rdx
+    mov rax, GUEST_MEM_SIZE
+    cmp rdi, rax
+    jae rt_pte_address_none
+rt_pte_address_again:
+    call rt_pte_lookup
+    cmp rdx, 1
+    je rt_pte_address_out
+    call rt_split_large
+    test rax, rax
+    jnz rt_pte_address_again
+rt_pte_address_none:
+    xor eax, eax
+rt_pte_address_out:
+    pop rdx
+    ret
+
+# rdi = gpa, rsi = npages (inside memory), r11 = enc, rdx = 0 to split only what the range
+# needs, 1 to also set (enc) or clear the C-bit in the entries that map it. A large page the
+# range covers whole keeps its size and gets the change itself (try_preserve_large_page); one
+# it covers in part is split. rax = 0, or -ENOMEM when the pool has no table left (the split
+# pass runs first, so a conversion fails before it changed anything). No-op without a C-bit.
+rt_sme_ptes:
+    push rbx
+    push rcx
+    push rdx
+    push r8
+    push r9
+    push r10
+    push r12
+    mov r12, rdx
+    mov r8, RT_DATA
+    mov r10, qword ptr [r8 + 0x800]    # C-bit mask
+    xor eax, eax
+    test r10, r10
+    jz rt_sme_ptes_out
+    mov r8, rdi                        # gpa
+    mov r9, rsi                        # pages left
+rt_sme_ptes_loop:
+    push rdi
+    mov rdi, r8
+    call rt_pte_lookup                 # rax = the entry, rdx = its level
+    pop rdi
+    mov ecx, 1                         # pages the entry maps
+    cmp rdx, 1
+    je rt_sme_ptes_entry
+    mov ecx, 512
+    cmp rdx, 2
+    je rt_sme_ptes_large
+    mov ecx, 0x40000
+rt_sme_ptes_large:
+    mov rbx, rcx
+    shl rbx, 12
+    dec rbx
+    test r8, rbx
+    jnz rt_sme_ptes_split              # the range starts inside the large page
+    cmp r9, rcx
+    jae rt_sme_ptes_entry              # ... or ends inside it
+rt_sme_ptes_split:
+    call rt_split_large
+    test rax, rax
+    jnz rt_sme_ptes_loop
+    mov rax, -12                       # -ENOMEM
+    jmp rt_sme_ptes_out
+rt_sme_ptes_entry:
+    test r12, r12
+    jz rt_sme_ptes_next
+    mov rbx, qword ptr [rax]
+    or rbx, r10
+    test r11, r11
+    jnz rt_sme_ptes_store
+    xor rbx, r10                       # shared: C-bit off
+rt_sme_ptes_store:
+    mov qword ptr [rax], rbx
+    invlpg [r8]
+    cmp rcx, 1
+    je rt_sme_ptes_next
+    mov rbx, cr3                       # a large page: flush everything (the model's TLB holds
+    mov cr3, rbx                       # 4 KiB translations, which INVLPG drops one at a time)
+rt_sme_ptes_next:
+    mov rbx, rcx
+    shl rbx, 12
+    add r8, rbx
+    sub r9, rcx
+    jnz rt_sme_ptes_loop
+    xor eax, eax
+rt_sme_ptes_out:
+    pop r12
+    pop r10
+    pop r9
+    pop r8
+    pop rdx
+    pop rcx
+    pop rbx
     ret
 
 # --- private <-> shared conversions ----------------------------------------------------------
@@ -389,6 +614,18 @@ rt_set_memory_enc:
     cmp rcx, rax
     mov rax, -22
     ja rt_sme_out
+    # SNP: accept what the conversion touches first (accept_memory; a no-op elsewhere)
+    call accept_memory
+    test rax, rax
+    jnz rt_sme_out
+    # split the large pages the range needs first: running out of tables fails here, before
+    # anything changed
+    push rdx
+    xor edx, edx
+    call rt_sme_ptes
+    pop rdx
+    test rax, rax
+    jnz rt_sme_out
     # SNP: page-state changes and validation instead of the hypercall
     mov r8, RT_DATA
     mov r8, qword ptr [r8 + 0x808]
@@ -420,46 +657,14 @@ rt_sme_pte:
     call rt_sme_flip_ptes
     jmp rt_sme_notify
 
-# rdi = gpa, rsi = npages, r11 = enc: C-bit on (private) or off (shared) in our PTEs (SEV).
+# rdi = gpa, rsi = npages, r11 = enc: C-bit on (private) or off (shared) in our PTEs (SEV);
+# the splits were made by rt_set_memory_enc's first pass, so this cannot fail.
 rt_sme_flip_ptes:
     push rax
-    push rbx
-    push rcx
-    push r8
-    push r9
-    push r10
-    mov r8, RT_DATA
-    mov r10, qword ptr [r8 + 0x800]    # C-bit mask
-    test r10, r10
-    jz rt_sme_flip_done
-    mov r8, rdi
-    mov r9, rsi
-rt_sme_pte_loop:
-    push rdi
-    mov rdi, r8
-    call rt_pte_address
-    pop rdi
-    mov rcx, qword ptr [rax]
-    test r11, r11
-    jz rt_sme_clear
-    or rcx, r10
-    jmp rt_sme_store
-rt_sme_clear:
-    mov rbx, r10
-    not rbx
-    and rcx, rbx
-rt_sme_store:
-    mov qword ptr [rax], rcx
-    invlpg [r8]
-    add r8, 4096
-    dec r9
-    jnz rt_sme_pte_loop
-rt_sme_flip_done:
-    pop r10
-    pop r9
-    pop r8
-    pop rcx
-    pop rbx
+    push rdx
+    mov edx, 1
+    call rt_sme_ptes
+    pop rdx
     pop rax
     ret
 
@@ -614,6 +819,10 @@ rt_guest_assert_no_frame:
 # --- string helpers (public: guests call them; prelude.s documents them) --------------------
 # guest_memset: rdi = dst, rsi = the byte, rdx = n; rax = dst.
 guest_memset:
+    push rsi
+    mov rsi, rdx
+    call rt_accept_bytes               # SNP: accept what it touches (accept_memory)
+    pop rsi
     push rdi
     push rcx
     mov rax, rsi
@@ -630,6 +839,7 @@ guest_memcpy:
     push rdi
     push rsi
     push rcx
+    call rt_accept_bytes_2             # SNP: accept what it touches (accept_memory)
     mov rcx, rdx
     cld
     rep movsb
@@ -645,6 +855,7 @@ guest_memcmp:
     push rdi
     push rsi
     push rcx
+    call rt_accept_bytes_2
     xor eax, eax
     mov rcx, rdx
     test rcx, rcx
@@ -658,6 +869,20 @@ guest_memcmp:
 guest_memcmp_done:
     pop rcx
     pop rsi
+    pop rdi
+    ret
+
+# rdi, rsi = two addresses, rdx = n: accept both ranges (rt_accept_bytes). Preserves everything.
+rt_accept_bytes_2:
+    push rsi
+    mov rsi, rdx
+    call rt_accept_bytes
+    pop rsi
+    push rdi
+    mov rdi, rsi
+    mov rsi, rdx
+    call rt_accept_bytes
+    mov rsi, rdi
     pop rdi
     ret
 

@@ -404,13 +404,31 @@ rt_setup_ghcb_nosnp:
     GUEST_TERMINATE 0, 2               # GHCB_SNP_UNSUPPORTED
     jmp rt_setup_ghcb_nosnp
 
-# SNP: PVALIDATE every frame from RT_VALIDATE_START to the end of memory (4 KiB at a time;
-# the frames below were validated at launch, the ucall page is made shared later).
+# SNP: PVALIDATE the memory accepted at boot, from RT_VALIDATE_START to GUEST_ACCEPTED_END
+# (4 KiB at a time; the frames below were validated at launch, the ucall page is made shared
+# later), and mark the rest unaccepted: one bit per ACCEPT_UNIT in RT_UNACCEPTED, as the
+# firmware hands Linux its unaccepted-memory bitmap (EFI_UNACCEPTED_MEMORY table). The rest is
+# accepted on demand by accept_memory; touching it before then raises #VC 0x404.
+.equ RT_FIRST_UNACCEPTED, GUEST_ACCEPTED_END / 0x200000
+.equ RT_NUNITS, GUEST_MEM_SIZE / 0x200000
 rt_snp_validate_memory:
     mov rdi, RT_DATA
     mov rax, qword ptr [rdi + 0x808]
     test rax, 4
     jz rt_snp_validate_done
+    mov rdi, RT_UNACCEPTED
+    xor eax, eax
+    mov rcx, 512
+    rep stosq
+    mov rdi, RT_UNACCEPTED
+    mov r8, RT_FIRST_UNACCEPTED
+rt_snp_unaccepted_loop:
+    cmp r8, RT_NUNITS
+    jae rt_snp_unaccepted_done
+    bts qword ptr [rdi], r8
+    inc r8
+    jmp rt_snp_unaccepted_loop
+rt_snp_unaccepted_done:
     mov r8, RT_VALIDATE_START
 rt_snp_validate_loop:
     mov rax, r8
@@ -420,7 +438,7 @@ rt_snp_validate_loop:
     test eax, eax
     jnz rt_snp_validate_fail
     add r8, 4096
-    mov rax, GUEST_MEM_SIZE
+    mov rax, GUEST_ACCEPTED_END
     cmp r8, rax
     jb rt_snp_validate_loop
 rt_snp_validate_done:
@@ -428,6 +446,132 @@ rt_snp_validate_done:
 rt_snp_validate_fail:
     GUEST_TERMINATE 1, 2
     jmp rt_snp_validate_fail
+
+# accept_memory: rdi = gpa, rsi = npages (4 KiB). Makes [gpa, gpa + npages * 4 KiB) usable as
+# private memory, as Linux's accept_memory() (drivers/firmware/efi/unaccepted_memory.c): every
+# ACCEPT_UNIT (2 MiB) the range touches that the bitmap still marks unaccepted is accepted
+# whole - on SNP by PVALIDATE of each 4 KiB page (arch_accept_memory -> snp_accept_memory) -
+# and its bit cleared, so no page is validated twice. A PVALIDATE that fails, or that finds a
+# page already validated (CF: PVALIDATE_FAIL_NOUPDATE, which Linux's pvalidate_pages treats
+# as fatal), fails the call. rax = 0, or -EINVAL for a range outside memory or a failed
+# PVALIDATE. A no-op (rax = 0) on every VM type but SNP (TDX's TDG.MEM.PAGE.ACCEPT is not
+# modelled yet). Preserves everything else.
+accept_memory:
+    push rbx
+    push rcx
+    push r8
+    push r9
+    xor eax, eax
+    mov r8, RT_DATA
+    mov r8, qword ptr [r8 + 0x808]
+    test r8, 4
+    jz accept_memory_out
+    test rsi, rsi
+    jz accept_memory_out
+    mov rax, -22
+    test rdi, 0xfff
+    jnz accept_memory_out
+    mov rcx, RT_NFRAMES
+    cmp rsi, rcx
+    ja accept_memory_out
+    mov r9, rdi
+    shr r9, 12
+    add r9, rsi                        # end frame
+    cmp r9, rcx
+    ja accept_memory_out
+    dec r9
+    shr r9, 9                          # the last unit (512 frames each)
+    mov r8, rdi
+    shr r8, 21                         # the first unit
+    mov rbx, RT_UNACCEPTED
+accept_memory_unit:
+    bt qword ptr [rbx], r8
+    jnc accept_memory_next
+    call rt_accept_unit
+    test rax, rax
+    jnz accept_memory_out
+    btr qword ptr [rbx], r8
+accept_memory_next:
+    inc r8
+    cmp r8, r9
+    jbe accept_memory_unit
+    xor eax, eax
+accept_memory_out:
+    pop r9
+    pop r8
+    pop rcx
+    pop rbx
+    ret
+
+# r8 = an unaccepted unit: PVALIDATE its 512 pages. rax = 0 or -EINVAL.
+rt_accept_unit:
+    push rcx
+    push rdx
+    push r10
+    push r11
+    mov r10, r8
+    shl r10, 21
+    mov r11, 512
+rt_accept_unit_loop:
+    mov rax, r10
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    jc rt_accept_unit_fail             # already validated: not by us
+    test eax, eax
+    jnz rt_accept_unit_fail
+    add r10, 4096
+    dec r11
+    jnz rt_accept_unit_loop
+    xor eax, eax
+    jmp rt_accept_unit_out
+rt_accept_unit_fail:
+    mov rax, -22
+rt_accept_unit_out:
+    pop r11
+    pop r10
+    pop rdx
+    pop rcx
+    ret
+
+# rdi = address, rsi = length in bytes: accept the identity-mapped memory [rdi, rdi + rsi)
+# holds (the part inside guest memory) for the string helpers. Preserves every register;
+# a failure is left to show as the #VC 0x404 of the access itself.
+rt_accept_bytes:
+    push rax
+    push rcx
+    push rdi
+    push rsi
+    mov rax, RT_DATA
+    mov rax, qword ptr [rax + 0x808]
+    test rax, 4
+    jz rt_accept_bytes_out
+    test rsi, rsi
+    jz rt_accept_bytes_out
+    mov rcx, GUEST_MEM_SIZE
+    cmp rdi, rcx
+    jae rt_accept_bytes_out
+    lea rax, [rdi + rsi]               # the end, clamped to memory (and against wrapping)
+    cmp rax, rdi
+    jb rt_accept_bytes_clamp
+    cmp rax, rcx
+    jbe rt_accept_bytes_end
+rt_accept_bytes_clamp:
+    mov rax, rcx
+rt_accept_bytes_end:
+    add rax, 0xfff
+    shr rax, 12
+    shr rdi, 12
+    sub rax, rdi
+    mov rsi, rax
+    shl rdi, 12
+    call accept_memory
+rt_accept_bytes_out:
+    pop rsi
+    pop rdi
+    pop rcx
+    pop rax
+    ret
 
 # ---------------------------------------------------------------------------------------------
 # SNP page-state changes. rdi = gpa, rsi = npages, rdx = op (1 private, 2 shared).

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import operator
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from testbed.asm.engine import _KeystoneError, _ks_asm
 from testbed.asm.frontend import _check_define, _define_items, _Preprocessor
@@ -13,7 +18,7 @@ from testbed.asm.guest_api import _constant
 from testbed.asm.lexer import _decode_source
 from testbed.asm.locate_error import _locate_error
 from testbed.asm.program import Program, SourceLocation
-from testbed.asm.syntax import _RESERVED_PREFIX, _Item, _render
+from testbed.asm.syntax import _RESERVED_PREFIX, _Item, _Label, _render, _strip_literals
 from testbed.errors import TestbedError, UsageError
 
 _NO_DEFINES: Mapping[str, int | str] = MappingProxyType({})
@@ -85,14 +90,8 @@ def _table_item(name: str, loc: SourceLocation, conditional: bool) -> _Item:
     return _Item(f".ifdef {name}\n.quad {name}\n.else\n.quad -1\n.endif", loc)
 
 
-def _assemble(
-    sources: Sequence[tuple[str, str]],
-    base: int,
-    defines: Mapping[str, int | str],
-    include_dirs: Sequence[Path],
-) -> Program:
-    if not 0 <= base < 2**64:
-        raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
+def _start(defines: Mapping[str, int | str], include_dirs: Sequence[Path]) -> _Preprocessor:
+    """A front end with the defines' `.equ` lines in it."""
     pre = _Preprocessor(include_dirs)
     pre.items.extend(_define_items(defines))
     for item in pre.items:
@@ -100,9 +99,222 @@ def _assemble(
             pre.absolute.add(item.define[0])
             if (value := _constant(item.define[1], pre.constants)) is not None:
                 pre.constants[item.define[0]] = value
+    return pre
+
+
+def _add(pre: _Preprocessor, file: str, text: str) -> None:
+    pre.add_source(file, text, None if file.startswith("<") else Path(file).resolve())
+
+
+def _front_end_uncached(
+    sources: Sequence[tuple[str, str]], defines: Mapping[str, int | str], include_dirs: Sequence[Path]
+) -> _Preprocessor:
+    """The reference front end: every statement of every source, in order."""
+    pre = _start(defines, include_dirs)
     for file, text in sources:
-        pre.add_source(file, text, None if file.startswith("<") else Path(file).resolve())
+        _add(pre, file, text)
     pre.finish()
+    return pre
+
+
+# Reusing the front end's work within a process. build_program assembles the prelude, the
+# guest and the runtime as one unit; the prelude and the runtime are ~97 % of its statements
+# and the same for every guest, and the front end is ~85 % of an assembly's cost. So:
+#  * the state after the defines and the first source (the prelude) is kept and forked;
+#  * the last source (the runtime) is processed once after that state with nothing between
+#    (its "record"), and its items replayed after the middle sources (the guest), with the
+#    hidden counter-numbered names renumbered, when nothing the middle sources changed can be
+#    seen by it (_replayable). The result equals what _front_end_uncached builds, item for
+#    item (tests/test_asm_cache.py checks this for every guest in guests/); if the replay's
+#    assumptions do not hold, or Keystone refuses the unit, the reference path runs instead.
+_MEMO_SIZE = 8
+_prefixes: dict[tuple[object, ...], _Preprocessor] = {}
+_suffixes: dict[tuple[object, ...], _Suffix | None] = {}
+_COUNTED_NAME = re.compile(re.escape(_RESERVED_PREFIX) + r"(line|expr)_(\d+)")
+
+
+@dataclass(frozen=True)
+class _Suffix:
+    """The last source processed right after the cached prefix state."""
+
+    positions: int  # len(pre.positions) before it
+    hoisted: int  # pre.hoisted before it
+    items: tuple[_Item, ...]
+    new_positions: tuple[tuple[str, SourceLocation, bool], ...]
+    new_labels: tuple[_Label, ...]
+    hoisted_after: int
+    included: tuple[tuple[tuple[str, ...], str, str], ...]
+    texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
+
+
+def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
+
+
+def _includes_valid(included: Sequence[tuple[tuple[str, ...], str, str]]) -> bool:
+    """Whether every include would still resolve to the same file with the same contents."""
+    try:
+        for absent, found, digest in included:
+            if any(Path(p).is_file() for p in absent):
+                return False
+            if hashlib.sha256(Path(found).read_bytes()).hexdigest() != digest:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | None:
+    """Process the last source after `prefix`; None if its items cannot be replayed elsewhere."""
+    if _RESERVED_PREFIX in text:
+        return None
+    pre = prefix.fork()
+    items, labels, included = len(pre.items), len(pre.labels), len(pre.included)
+    before = (dict(pre.local_labels.defined), dict(pre.local_labels.pending), len(pre.asserts), len(pre.errors))
+    try:
+        _add(pre, file, text)
+    except TestbedError:
+        return None  # an error is reported by the reference path
+    after = (pre.local_labels.defined, pre.local_labels.pending, len(pre.asserts), len(pre.errors))
+    new_items = tuple(pre.items[items:])
+    hidden = (_RESERVED_PREFIX + "local_", _RESERVED_PREFIX + "error_")
+    if (before != after or pre.blocks or any(h in item.text for item in new_items for h in hidden)
+            or any(_RESERVED_PREFIX in name for item in new_items for name in (*item.refs, *item.labels))):
+        return None
+    new_included = tuple(pre.included[included:])
+    texts = [text]
+    for _absent, found, _digest in new_included:
+        try:
+            texts.append(Path(found).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return _Suffix(
+        positions=len(prefix.positions),
+        hoisted=prefix.hoisted,
+        items=new_items,
+        new_positions=tuple(pre.positions[len(prefix.positions):]),
+        new_labels=tuple(list(pre.labels.values())[labels:]),
+        hoisted_after=pre.hoisted,
+        included=new_included,
+        texts=tuple(t for raw in texts for t in (raw, _strip_literals(raw))),
+    )
+
+
+def _changed(
+    before: Mapping[str, object], after: Mapping[str, object], same: Callable[[object, object], bool]
+) -> set[str]:
+    missing = object()
+    if before is after:
+        return set()
+    return {k for k in before.keys() | after.keys() if not same(before.get(k, missing), after.get(k, missing))}
+
+
+def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> bool:
+    """Whether processing the suffix after `pre` would give the recorded items (renumbered).
+
+    The front end reads its state only through names written in the statement at hand, so a
+    name the middle sources changed (a constant, absolute symbol or macro) that does not occur
+    in the suffix's text cannot change how the suffix is processed."""
+    if pre.blocks or pre.local_labels.pending:
+        return False
+    changed = (
+        _changed(prefix.constants, pre.constants, operator.eq)
+        | _changed(prefix.macros, pre.macros, operator.is_)
+        | (prefix.absolute ^ pre.absolute)
+    )
+    # Labels are only added (setdefault): the suffix keeps its own unless the middle defined one too.
+    if any(label.name in pre.labels for label in suffix.new_labels):
+        return False
+    # As a whole name: every lookup key is a _REFERENCE match (greedy over [\w.$@], never
+    # starting right after [\w.]), a mnemonic, or an operand or name delimited by whitespace,
+    # a comma or a colon.
+    return not any(
+        re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) for name in changed for text in suffix.texts
+    )
+
+
+def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
+    shift = {"line": len(pre.positions) - suffix.positions, "expr": pre.hoisted - suffix.hoisted}
+
+    def renumber(text: str) -> str:
+        return _COUNTED_NAME.sub(lambda m: f"{_RESERVED_PREFIX}{m[1]}_{int(m[2]) + shift[m[1]]}", text)
+
+    if shift["line"] or shift["expr"]:
+        pre.items.extend(
+            replace(item, text=renumber(item.text)) if _RESERVED_PREFIX in item.text else item for item in suffix.items
+        )
+        pre.positions.extend((renumber(name), loc, cond) for name, loc, cond in suffix.new_positions)
+    else:
+        pre.items.extend(suffix.items)
+        pre.positions.extend(suffix.new_positions)
+    pre.hoisted += suffix.hoisted_after - suffix.hoisted
+    for label in suffix.new_labels:
+        pre.labels[label.name] = label
+    pre.included.extend(suffix.included)
+
+
+def _front_end(
+    sources: Sequence[tuple[str, str]], defines: Mapping[str, int | str], include_dirs: Sequence[Path]
+) -> tuple[_Preprocessor, bool]:
+    """The front end's result for the unit, and whether it reused cached work (see above)."""
+    if len(sources) < 2:
+        return _front_end_uncached(sources, defines, include_dirs), False
+    dirs = tuple(str(d) for d in include_dirs)
+    key = (dirs, tuple((k, type(v).__name__, str(v)) for k, v in defines.items()), tuple(sources[0]))
+    prefix = _prefixes.get(key)
+    if prefix is None or not _includes_valid(prefix.included):
+        prefix = _start(defines, include_dirs)
+        _add(prefix, *sources[0])
+        if prefix.blocks or prefix.include_stack:
+            return _front_end_uncached(sources, defines, include_dirs), False
+        _remember(_prefixes, key, prefix)
+    pre = prefix.fork()
+    middle, last = sources[1:-1], sources[-1]
+    suffix: _Suffix | None = None
+    if middle:
+        suffix_key = (key, tuple(last))
+        if suffix_key not in _suffixes or (
+            (cached := _suffixes[suffix_key]) is not None and not _includes_valid(cached.included)
+        ):
+            _remember(_suffixes, suffix_key, _record_suffix(prefix, *last))
+        suffix = _suffixes[suffix_key]
+    for file, text in middle if suffix is not None else sources[1:]:
+        _add(pre, file, text)
+    if suffix is not None:
+        if _replayable(prefix, pre, suffix):
+            _replay(pre, suffix)
+        else:
+            _add(pre, *last)
+    pre.finish()
+    return pre, True
+
+
+def _assemble(
+    sources: Sequence[tuple[str, str]],
+    base: int,
+    defines: Mapping[str, int | str],
+    include_dirs: Sequence[Path],
+) -> Program:
+    return _assemble_unit(sources, base, defines, include_dirs)[0]
+
+
+def _assemble_unit(
+    sources: Sequence[tuple[str, str]],
+    base: int,
+    defines: Mapping[str, int | str],
+    include_dirs: Sequence[Path],
+    *,
+    reuse: bool = True,
+) -> tuple[Program, tuple[tuple[tuple[str, ...], str, str], ...]]:
+    """The program, and every include it read (see _Preprocessor.included)."""
+    if not 0 <= base < 2**64:
+        raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
+    if reuse:
+        pre, reused = _front_end(sources, defines, include_dirs)
+    else:
+        pre, reused = _front_end_uncached(sources, defines, include_dirs), False
 
     # The symbol-table trick. Keystone returns only bytes, so for every label found in the
     # text (plus the hidden per-statement position labels) a `.quad label` is appended after
@@ -118,11 +330,14 @@ def _assemble(
     table += [_table_item(name, loc, cond) for name, loc, cond in pre.positions]
     items = [*pre.items, *table]
 
+    included = tuple(pre.included)
     if not items:
-        return Program(code=b"", base=base, symbols=MappingProxyType({}), asserts=MappingProxyType({}))
+        return Program(code=b"", base=base, symbols=MappingProxyType({}), asserts=MappingProxyType({})), included
     try:
         encoding = _ks_asm(_render(items), base)
     except _KeystoneError as failure:
+        if reused:  # locate the error exactly as the reference path does
+            return _assemble_unit(sources, base, defines, include_dirs, reuse=False)
         raise _locate_error(items, pre, base, failure) from None
 
     size = len(encoding) - 8 * len(table)
@@ -152,6 +367,6 @@ def _assemble(
         symbols=MappingProxyType(symbols),
         asserts=MappingProxyType(dict(pre.asserts)),
         lines=tuple(lines),
-    )
+    ), included
 
 

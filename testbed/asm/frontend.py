@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +51,7 @@ from testbed.asm.syntax import (
     _split_top_level,
     _strip_literals,
 )
-from testbed.errors import AsmError, UsageError
+from testbed.errors import AsmError, TestbedError, UsageError
 
 
 @dataclass
@@ -132,6 +135,9 @@ class _Preprocessor:
         self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
         self.include_stack: list[Path] = []
         self.hoisted = 0
+        # Every include resolved: (candidate paths tried before it and absent, the file read,
+        # sha256 of its bytes), so a cache of the result can tell whether it is still valid.
+        self.included: list[tuple[tuple[str, ...], str, str]] = []
         # `.error "message"` statements: the hidden symbol each one references -> its message.
         self.errors: dict[str, str] = {}
         # Names whose value is a plain integer at this point of the unit (from defines and
@@ -140,6 +146,30 @@ class _Preprocessor:
         # Names defined so far by .equ/.set/.equiv/= (or -D) from constants only: what an
         # .if or .rept may use (see _ABSOLUTE_DIRECTIVES).
         self.absolute: set[str] = set()
+
+    def fork(self) -> _Preprocessor:
+        """An independent copy, to go on from a cached state (assembler._front_end). Only
+        between top-level sources: with no block open, no _Macro is still being filled in, so
+        the macros (and every other element: frozen or never changed again) can be shared."""
+        if self.blocks or self.include_stack:
+            raise TestbedError("internal error: a front end forked inside a block or an include")
+        other = copy.copy(self)
+        other.include_dirs = list(self.include_dirs)
+        other.items = list(self.items)
+        other.asserts = dict(self.asserts)
+        other.local_labels = _LocalLabels()
+        other.local_labels.defined = dict(self.local_labels.defined)
+        other.local_labels.pending = dict(self.local_labels.pending)
+        other.labels = dict(self.labels)
+        other.macros = dict(self.macros)
+        other.blocks = []
+        other.positions = list(self.positions)
+        other.include_stack = []
+        other.included = list(self.included)
+        other.errors = dict(self.errors)
+        other.constants = dict(self.constants)
+        other.absolute = set(self.absolute)
+        return other
 
     def new_hoisted_name(self) -> str:
         self.hoisted += 1
@@ -174,7 +204,8 @@ class _Preprocessor:
         name = m.group(1)
         here = [] if loc.file.startswith("<") else [Path(loc.file).parent]
         candidates = [d / name for d in [*here, *self.include_dirs]]
-        found = next((p for p in candidates if p.is_file()), None)
+        absent = list(itertools.takewhile(lambda p: not p.is_file(), candidates))
+        found = candidates[len(absent)] if len(absent) < len(candidates) else None
         if found is None:
             searched = ", ".join(str(p.parent) for p in candidates) or "no directories"
             raise AsmError(loc.file, loc.line, f"include file {name!r} not found (searched: {searched})")
@@ -186,6 +217,7 @@ class _Preprocessor:
             data = found.read_bytes()
         except OSError as e:
             raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {e.strerror or e}") from None
+        self.included.append((tuple(str(p) for p in absent), str(found), hashlib.sha256(data).hexdigest()))
         text = _decode_source(data, str(found), loc)
         self.add_source(str(found), text, resolved, loc)
 

@@ -200,8 +200,75 @@ static PyTypeObject FastExitType = {
     .tp_methods = FastExit_methods,
 };
 
+/*
+ * The benchmark's ceiling (testbed/bench.py, owned there): an INSN_INVALID hook that only moves
+ * RIP past the instruction, entirely in C, so `testbed bench` can measure what an exit costs
+ * Unicorn itself with no Python at all. Not used by the hardware model.
+ */
+#define SKIP_HOOK_CAPSULE "testbed.hw._fastexit.SkipHook"
+
+typedef struct {
+    reg_batch_fn read_batch;
+    reg_batch_fn write_batch;
+    int rip_id;
+    uint64_t length;
+} SkipHook;
+
+static bool on_invalid_skip(void *uc, void *user_data)
+{
+    SkipHook *s = (SkipHook *)user_data;
+    uint64_t rip = 0;
+    void *ptr = &rip;
+    if (s->read_batch(uc, &s->rip_id, &ptr, 1) != 0)
+        return false;
+    rip += s->length;
+    return s->write_batch(uc, &s->rip_id, &ptr, 1) == 0;
+}
+
+static void skip_hook_free(PyObject *capsule)
+{
+    PyMem_Free(PyCapsule_GetPointer(capsule, SKIP_HOOK_CAPSULE));
+}
+
+static PyObject *fastexit_skip_hook(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long uc, hook_add, read_batch, write_batch, length;
+    int rip_id;
+    size_t hh;
+    if (!PyArg_ParseTuple(args, "KKKKiK", &uc, &hook_add, &read_batch, &write_batch, &rip_id, &length))
+        return NULL;
+    SkipHook *s = PyMem_Malloc(sizeof(SkipHook));
+    if (s == NULL)
+        return PyErr_NoMemory();
+    s->read_batch = (reg_batch_fn)(uintptr_t)read_batch;
+    s->write_batch = (reg_batch_fn)(uintptr_t)write_batch;
+    s->rip_id = rip_id;
+    s->length = length;
+    PyObject *capsule = PyCapsule_New(s, SKIP_HOOK_CAPSULE, skip_hook_free);
+    if (capsule == NULL) {
+        PyMem_Free(s);
+        return NULL;
+    }
+    int err = ((hook_add_fn)(uintptr_t)hook_add)((void *)(uintptr_t)uc, &hh, UC_HOOK_INSN_INVALID,
+                                                 (void *)on_invalid_skip, s, (uint64_t)1, (uint64_t)0);
+    if (err != 0) {
+        Py_DECREF(capsule);
+        PyErr_Format(PyExc_RuntimeError, "uc_hook_add(UC_HOOK_INSN_INVALID) failed: %d", err);
+        return NULL;
+    }
+    return capsule;
+}
+
+static PyMethodDef fastexit_functions[] = {
+    {"skip_hook", fastexit_skip_hook, METH_VARARGS,
+     "skip_hook(uc, hook_add, read_batch, write_batch, rip_id, length): the benchmark's C-only INSN_INVALID "
+     "hook (RIP += length); keep the returned capsule alive as long as the engine runs."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastexit_module = {
-    PyModuleDef_HEAD_INIT, "_fastexit", "The hardware model's hot exit path (see the file's comment).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_fastexit", "The hardware model's hot exit path (see the file's comment).", -1,
+    fastexit_functions,
 };
 
 PyMODINIT_FUNC PyInit__fastexit(void)

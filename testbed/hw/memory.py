@@ -51,6 +51,7 @@ from typing import Literal, Protocol
 
 from testbed.errors import GuestMemoryError, MachineClosedError
 from testbed.hw.cipher import FrameCipher
+from testbed.hw.memimage import BackingImage, FrameArrayImage
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
 from testbed.x86.addr import Gfn
 
@@ -63,6 +64,8 @@ HostViewKind = Literal["plaintext", "ciphertext", "unmappable"]
 UNMAPPABLE_MESSAGE = "private memory of a guest_memfd VM is not mappable by the host"
 
 _U64 = struct.Struct("<Q")
+#: Linux's MAP_NORESERVE (include/uapi/asm-generic/mman.h; the mmap module names it from 3.13).
+MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 class UnmappableMemoryError(GuestMemoryError):
@@ -86,7 +89,10 @@ class _Backing:
 
     def __init__(self, size: int, what: str) -> None:
         try:
-            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            # MAP_NORESERVE: no commit charge for the whole size up front (mm/mmap.c do_mmap:
+            # honoured unless vm.overcommit_memory = 2), so a sparse 64 GiB guest maps on a
+            # smaller host; pages are charged as the guest touches them.
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise MemoryError(f"cannot reserve {size} bytes for the {what}: {exc.strerror}") from None
@@ -94,10 +100,27 @@ class _Backing:
         self.address = ctypes.addressof(holder)
         del holder  # releases the export; the mapping does not move while it is open
         self.view = memoryview(self.map)
+        self.size = size
+        self.what = what
+        #: the snapshot image mapped copy-on-write over this range since the last restore
+        #: (hw/memimage.py), None while the mapping is the anonymous one
+        self.image: BackingImage | None = None
 
     def discard(self, offset: int, length: int) -> None:
-        """madvise(MADV_DONTNEED): the pages go back to the kernel and read as zeros."""
+        """madvise(MADV_DONTNEED): the pages go back to the kernel and read as zeros (over a
+        restored image, the pages the image holds are zeroed: DONTNEED would bring its bytes back)."""
         self.map.madvise(mmap.MADV_DONTNEED, offset, length)
+        if self.image is not None:
+            self.image.zero_discarded(self.view, offset, length)
+
+    def save_image(self) -> BackingImage:
+        """The backing's pages now, as a copy-on-write image (hw/memimage.py)."""
+        return BackingImage(self.view, self.address, self.what.split(" ")[0])
+
+    def restore_image(self, image: BackingImage) -> None:
+        """Map `image` over this backing's range: it reads as the image from now on."""
+        image.map_over(self.address)
+        self.image = image
 
     def close(self) -> bool:
         """Release the mapping; False if a view of it is still alive elsewhere (then the
@@ -108,6 +131,13 @@ class _Backing:
         except BufferError:  # an export of the view or a slice of it is still alive
             return False
         return True
+
+
+def frame_array(nframes: int) -> mmap.mmap:
+    """One zero byte per frame, indexable and sliceable like a bytearray, whose host pages
+    appear only where a byte is written (an anonymous MAP_NORESERVE mapping)."""
+    return mmap.mmap(-1, max(nframes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 class StagePrivacy(Protocol):
@@ -148,7 +178,9 @@ class GuestMemory:
         if cipher is not None or guest_memfd:
             self._priv = self._new_backing("private (guest_memfd) memory" if guest_memfd else "private alias")
             self.private = self._priv.view
-        self.owner = bytearray(self.nframes)  # legacy: OWNER_* per frame; all DRAM at power-on
+        #: legacy: OWNER_* per frame, all DRAM at power-on. A lazily zero-filled mapping, not a
+        #: bytearray: a large guest pays for the frames whose owner changed, not for all of them.
+        self.owner = frame_array(self.nframes)
         #: guest_memfd: KVM's answer to "is this GFN private?" (attach_attributes); KVM owns
         #: the attributes, the memory controller only asks
         self._stage2: StagePrivacy = _ALL_SHARED
@@ -431,6 +463,54 @@ class GuestMemory:
         first = gpa & ~(PAGE_SIZE - 1)
         end = (gpa + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         self.private[first:end] = self.dram[first:end]
+
+    # -- snapshots (testbed/snapshot.py) -----------------------------------------------------
+    def save_image(self) -> MemoryImage:
+        """Every backing's pages and the frames' ownership now (a machine snapshot's RAM)."""
+        self.check_range(0, 0, "snapshot")
+        images = []
+        try:
+            for backing in self._backings:
+                images.append(backing.save_image())
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        owner = self.owner
+        return MemoryImage(tuple(images), FrameArrayImage(owner) if isinstance(owner, mmap.mmap) else bytes(owner))
+
+    def restore_image(self, image: MemoryImage) -> None:
+        """Put memory back as `image` saw it: each backing maps its image copy-on-write at its
+        own address (the emulator's mappings stay valid), ownership bytes are copied back.
+        The caller flushes the vCPU's TLB and translated code."""
+        self.check_range(0, 0, "restore")
+        if len(image.backings) != len(self._backings) or image.backings[0].size != self.size:
+            raise GuestMemoryError("memory image of a different memory model or size")
+        for backing, saved in zip(self._backings, image.backings, strict=True):
+            backing.restore_image(saved)
+        if isinstance(image.owner, FrameArrayImage):
+            image.owner.restore_into(self.owner)  # sparse: a large guest's array stays unfaulted
+        else:
+            self.owner[:] = image.owner
+
+
+class MemoryImage:
+    """A GuestMemory's RAM at one moment: one copy-on-write image per backing and the legacy
+    frames' ownership. close() frees the images' memfds."""
+
+    def __init__(self, backings: tuple[BackingImage, ...], owner: FrameArrayImage | bytes) -> None:
+        self.backings = backings
+        self.owner = owner
+
+    @property
+    def pages(self) -> int:
+        """4 KiB pages holding data across the backings (the rest are zeros)."""
+        return sum(b.pages for b in self.backings)
+
+    def close(self) -> None:
+        """Free the memfds (idempotent)."""
+        for backing in self.backings:
+            backing.close()
 
 
 class HostView:

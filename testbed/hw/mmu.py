@@ -8,10 +8,19 @@ attributes (a mismatch is a nested page fault) and, on SNP, the RMP's validated 
 failures become #PF with CR2 and the architectural error code. Code frames are W^X at the TLB
 so self-modifying code is rescanned for intercepted instruction sites (testbed/hw/intercepts.py)
 before it runs. Segmentation as far as the model needs it (CS.L, CS.base) is here too.
+
+When the optional C extension is built (testbed/hw/_nativemmu.c), the binding's fill hook is C
+and does the whole fill for the common case: the same walk (testbed.x86.paging.walk is its
+reference model, tests/test_mmu_native.py proves them equal), reading entries from the same
+backings, the same stage-2/RMP checks, W^X and alias selection. It hands every other fill to
+`_tlb_fill` below: any fault, an ownership move (legacy SEV transcoding), a code frame not yet
+scanned, a non-canonical address, a pending fault or a quiesced vCPU (`_sync_native_fill`).
+The frame sets it shares with this module are byte arrays (`_FrameSet`).
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +76,32 @@ class _NestedFault(_DeliveryFault):
         self.npf_error = npf_error
 
 
+class _FrameSet:
+    """A set of frame numbers stored as one byte per frame in a lazily zero-filled private
+    mapping (a large guest costs what its code touches), shared with the C fill, which reads
+    and writes the same bytes."""
+
+    def __init__(self, nframes: int) -> None:
+        self.nframes = nframes
+        self.bits = mmap.mmap(-1, max(nframes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def __contains__(self, frame: int) -> bool:
+        return 0 <= frame < self.nframes and self.bits[frame] != 0
+
+    def add(self, frame: int) -> None:
+        """Add `frame` (inside guest memory)."""
+        self.bits[frame] = 1
+
+    def discard(self, frame: int) -> None:
+        """Remove `frame` if present."""
+        if 0 <= frame < self.nframes:
+            self.bits[frame] = 0
+
+    def clear(self) -> None:
+        """Empty the set (the pages go back to the kernel and read as zeros)."""
+        self.bits.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass
 class _PendingFault:
     vector: int
@@ -96,17 +131,18 @@ class Mmu(UnicornBinding):
         # guest_memfd: a table entry is read from the backing stage 2 maps its GFN to.
         self._pte_reader_plain: Callable[[int], int] = memory.gmem_read_u64 if memory.guest_memfd else plain_pte
         self._pte_reader_private: Callable[[int], int] = lambda pa: memory.cpu_read_u64(pa, True)
-        self._pending_fault: _PendingFault | None = None
-        self._pending_npf: tuple[int, int] | None = None
+        self._pending_fault_state: _PendingFault | None = None
+        self._pending_npf_state: tuple[int, int] | None = None
+        self._quiesced_state = False
         #: the guest linear address of the access behind the last NPF (see npf_linear_address)
         self._npf_linear = 0
         self._cs_bases: dict[int, int] = {}  # CS selector -> CS.base (0 for 64-bit code)
         self._cs64_cache: dict[int, bool] = {}
-        self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last fill)
-        self._exec_frames: set[int] = set()  # frames code has been fetched from
-        self._scanned_frames: set[int] = set()  # exec frames whose intercepted sites are hooked
-        self._quiesced = False  # deleting hooks between runs: TLB fills must not scan
-        self.tlb_fills = 0
+        self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last Python fill)
+        self._exec_frames = _FrameSet(memory.nframes)  # frames code has been fetched from
+        self._scanned_frames = _FrameSet(memory.nframes)  # exec frames whose intercepted sites are hooked
+        self._py_tlb_fills = 0
+        self._configure_native_fill()
         memory.on_ownership_change = self._on_ownership_change
         if snp:
             memory.host_write_guard = self._rmp_host_write_check
@@ -115,6 +151,71 @@ class Mmu(UnicornBinding):
     def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:
         """Hook the intercepted instruction sites of a code frame (testbed/hw/intercepts.py)."""
         raise NotImplementedError
+
+    # --------------------------------------------------------- the C fill's inputs
+    def _configure_native_fill(self) -> None:
+        """Give the C fill (if built) the memory, the paging mode and the frame sets it walks
+        and updates. KVM's attribute array is read where the hardware reads its stage-2
+        tables: kvm/memattr.py's `private` bytes (mutated in place, never rebound); a stage 2
+        without such an array is asked through is_private, i.e. every fill is Python's."""
+        native = self._native_mmu
+        if native is None:
+            return
+        mem = self._mem
+        stage2 = self._stage2
+        attrs = getattr(stage2, "private", None) if stage2 is not None else None
+        if not isinstance(attrs, bytearray) or len(attrs) < mem.nframes:
+            attrs = None
+        model = 2 if mem.guest_memfd else 1 if mem.encrypted else 0
+        paging = self._paging
+        native.configure(
+            mem.dram_address(), mem.private_address() if mem.private is not None else 0, mem.size, model,
+            mem.owner if mem.encrypted else None, attrs, self.rmp.validated if self.rmp is not None else None,
+            self._exec_frames.bits, self._scanned_frames.bits, paging.phys_bits, paging.enc_mask,
+            paging.enc_means_private, self._snp, stage2 is not None, PRIVATE_ALIAS_BASE,
+        )
+        self._sync_native_fill()
+
+    def _sync_native_fill(self) -> None:
+        """A pending fault or a quiesced vCPU makes every fill Python's (see `_tlb_fill`)."""
+        native = self._native_mmu
+        if native is not None:
+            native.set_python_only(self._quiesced_state or self._pending_fault_state is not None
+                                   or self._pending_npf_state is not None)
+
+    @property
+    def _pending_fault(self) -> _PendingFault | None:
+        return self._pending_fault_state
+
+    @_pending_fault.setter
+    def _pending_fault(self, value: _PendingFault | None) -> None:
+        self._pending_fault_state = value
+        self._sync_native_fill()
+
+    @property
+    def _pending_npf(self) -> tuple[int, int] | None:
+        return self._pending_npf_state
+
+    @_pending_npf.setter
+    def _pending_npf(self, value: tuple[int, int] | None) -> None:
+        self._pending_npf_state = value
+        self._sync_native_fill()
+
+    @property
+    def _quiesced(self) -> bool:
+        """Deleting hooks between runs: TLB fills must not scan."""
+        return self._quiesced_state
+
+    @_quiesced.setter
+    def _quiesced(self, value: bool) -> None:
+        self._quiesced_state = value
+        self._sync_native_fill()
+
+    @property
+    def tlb_fills(self) -> int:
+        """TLB fills this vCPU completed or failed (in C and in Python)."""
+        native = self._native_mmu
+        return self._py_tlb_fills + (native.fills if native is not None else self._native_fills)
 
     @property
     def memory(self) -> HostMemory:
@@ -257,7 +358,7 @@ class Mmu(UnicornBinding):
             # After a failed fill QEMU still probes (a fetch at 0xfffffffffffff000 was seen)
             # before the run stops: only the first failure of a run is the guest's fault.
             return None
-        self.tlb_fills += 1
+        self._py_tlb_fills += 1
         if not -(1 << 47) <= (vaddr if vaddr < (1 << 63) else vaddr - (1 << 64)) < (1 << 47):
             # A non-canonical address is #GP(0), not a page fault (SDM vol. 1 3.3.7.1).
             self._pending_fault = _PendingFault(Vector.GP, 0, None)
@@ -390,8 +491,20 @@ class Mmu(UnicornBinding):
         """Drop every cached translation (UC_CTL_TLB_FLUSH)."""
         self._flush_engine_tlb()
         self._xlat.clear()
+        if self._native_mmu is not None:
+            self._native_mmu.flush()
         self._cs64_cache.clear()
         self._cs_bases.clear()
+
+    def flush_code(self) -> None:
+        """Drop translated code, and with it what the TLB and the frame sets know about code
+        frames: every frame is rescanned when next fetched (idempotent: a site already hooked
+        stays hooked). The frame sets are mappings a snapshot does not copy (snapshot.py
+        restores the site hooks, then flushes code), so this also keeps a restore consistent."""
+        super().flush_code()
+        self._exec_frames.clear()
+        self._scanned_frames.clear()
+        self.flush_tlb()
 
     def _on_host_write(self, gpa: int, length: int) -> None:
         first = gpa >> PAGE_SHIFT
@@ -414,6 +527,11 @@ class Mmu(UnicornBinding):
                                        frame << PAGE_SHIFT)
 
     def _fetch_at_rip(self, rip: int, n: int) -> bytes:
+        native = self._native_mmu
+        if native is not None:
+            got: bytes | None = native.fetch(rip, n)
+            if got is not None:
+                return got
         upa = self._xlat.get(rip >> PAGE_SHIFT)
         off = rip & 0xFFF
         if upa is not None and off + n <= PAGE_SIZE:

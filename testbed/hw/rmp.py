@@ -12,7 +12,10 @@ back to 4 KiB (as Linux does).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+
+from testbed.hw.memory import frame_array
 
 PVALIDATE_SUCCESS = 0
 PVALIDATE_FAIL_INPUT = 1
@@ -20,6 +23,19 @@ PVALIDATE_FAIL_SIZEMISMATCH = 6
 
 RMP_PG_SIZE_4K = 0
 RMP_PG_SIZE_2M = 1
+
+
+def _clear(array: mmap.mmap, first: int, end: int) -> None:
+    """Zero bytes [first, end): whole pages inside go back to the kernel (MADV_DONTNEED reads
+    as zeros), so clearing a large range does not fault it in."""
+    lo = (first + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+    hi = end & ~(mmap.PAGESIZE - 1)
+    if hi - lo < mmap.PAGESIZE:
+        array[first:end] = bytes(end - first)
+        return
+    array[first:lo] = bytes(lo - first)
+    array.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    array[hi:end] = bytes(end - hi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +51,9 @@ class Rmp:
 
     def __init__(self, nframes: int) -> None:
         self.nframes = nframes
-        self.assigned = bytearray(nframes)
-        self.validated = bytearray(nframes)
+        # Sparse (hw/memory.py frame_array): a 64 GiB guest's entries cost what changes.
+        self.assigned = frame_array(nframes)
+        self.validated = frame_array(nframes)
 
     def assign(self, first: int, end: int, assigned: bool) -> None:
         """RMPUPDATE by the host: (un)assign frames [first, end); either way Validated clears."""
@@ -44,7 +61,7 @@ class Rmp:
         if first >= end:
             return
         self.assigned[first:end] = (b"\x01" if assigned else b"\x00") * (end - first)
-        self.validated[first:end] = bytes(end - first)
+        _clear(self.validated, first, end)
 
     def launch_validate(self, first: int, end: int) -> None:
         """SNP_LAUNCH_UPDATE: measured pages enter the guest assigned and validated."""

@@ -3,7 +3,8 @@
 `run` starts Unicorn, then sorts out why it returned: a fault a TLB fill left pending (a #PF
 or #GP delivered into the guest, or an NPF exit), a triple fault (a shutdown exit), HLT (an
 exit with RIP past it), an event the hypervisor injected while the guest was not at an
-instruction boundary, a breakpoint set to boot a guest partway, or the timeout.
+instruction boundary, a breakpoint set to boot a guest partway, or the timeout (the
+process's watchdog, hw/watchdog.py, stops the engine at the run's deadline).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import time
 from testbed.hw.exits import RunStop, StopReason, SvmExitCode, Vendor, VmxExitReason
 from testbed.hw.intercepts import Intercepts
 from testbed.hw.mmu import _DeliveryFault
+from testbed.hw.watchdog import WATCHDOG, Alarm
 from testbed.x86 import PFERR_FETCH, U64, Reg
 from testbed.x86.addr import Gva
+
+_REQUESTED = RunStop(StopReason.REQUESTED)
+_TIMEOUT = RunStop(StopReason.TIMEOUT)
 
 
 class RunLoop(Intercepts):
@@ -62,8 +67,20 @@ class RunLoop(Intercepts):
         self._emu_stop()
 
     def run(self, timeout_s: float) -> RunStop:
-        """Run the guest until the hypervisor asks to stop, a timeout, or an emulator error."""
+        """Run the guest until the hypervisor asks to stop, a timeout, or an emulator error.
+
+        The timeout is the process's watchdog (hw/watchdog.py), armed once for the whole run:
+        it stops the engine at the deadline and records the arming (generation) it stopped,
+        which is how a timeout is told apart from a stop the hypervisor requested."""
         deadline = time.monotonic() + timeout_s
+        alarm = self._alarm
+        WATCHDOG.arm(alarm, deadline)
+        try:
+            return self._run(deadline, alarm)
+        finally:
+            WATCHDOG.disarm(alarm)
+
+    def _run(self, deadline: float, alarm: Alarm) -> RunStop:
         while True:
             if self._pending_events:
                 ev = self._pending_events.pop(0)
@@ -75,20 +92,19 @@ class RunLoop(Intercepts):
                 self._stop_requested = False
                 self._exit(code, 0, 0)
                 if self._stop_requested:
-                    return RunStop(StopReason.REQUESTED)
+                    return _REQUESTED
                 return RunStop(StopReason.EMULATOR_ERROR, "vCPU resumed after a triple fault")
             if self._stop_requested:
                 self._stop_requested = False
-                return RunStop(StopReason.REQUESTED)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return RunStop(StopReason.TIMEOUT)
+                return _REQUESTED
+            if alarm.timed_out or deadline <= time.monotonic():
+                return _TIMEOUT
             if self._site_reset_pending:
                 self._reset_site_hooks()
             rip = self.read_reg(Reg.RIP)
             self._pending_fault = None
             self._pending_npf = None
-            error = self._emu_start(rip, max(1, int(remaining * 1e6)))
+            error = self._emu_start(rip)  # Unicorn's status, 0 for none
             if self._at_breakpoint:
                 self._at_breakpoint = False
                 self._quiesced = False  # see _on_breakpoint
@@ -100,10 +116,10 @@ class RunLoop(Intercepts):
                 raise exc2
             if self._stop_requested and not self._shutdown:
                 self._stop_requested = False
-                return RunStop(StopReason.REQUESTED)
-            if error is None and self._site_reset_pending and not self._shutdown:
+                return _REQUESTED
+            if not error and self._site_reset_pending and not self._shutdown:
                 continue  # _scan_sites stopped the run before the block ran: reset, resume
-            if error is not None:
+            if error:
                 if self._pending_fault is not None:
                     pf = self._pending_fault
                     self._pending_fault = None
@@ -123,11 +139,12 @@ class RunLoop(Intercepts):
                     continue
                 if self._shutdown:
                     continue
-                return RunStop(StopReason.EMULATOR_ERROR, f"{error} at rip 0x{self.read_reg(Reg.RIP):x}")
+                return RunStop(StopReason.EMULATOR_ERROR,
+                               f"{self._engine_error(error)} at rip 0x{self.read_reg(Reg.RIP):x}")
             if self._shutdown:
                 continue
-            if self._timed_out():
-                return RunStop(StopReason.TIMEOUT)
+            if alarm.timed_out:
+                return _TIMEOUT  # the watchdog stopped the engine
             if self.read_reg(Reg.RIP) == self.breakpoint:
                 return RunStop(StopReason.REQUESTED, "breakpoint")
             # emu_start returned on its own: Unicorn ends a run at HLT with RIP after it.

@@ -11,13 +11,16 @@ Hot-path notes (UNICORN.md, "Speed"): the Python binding's reg_read costs ~1.6 u
 direct ctypes call into libunicorn costs ~0.44 us, and a hook registered straight through
 uc_hook_add skips the binding's wrapper, so hooks and register access here use ctypes. The
 optional C extension (testbed/hw/_fastexit.c) replaces the INSN_INVALID hook's trampoline and
-snapshot read; it delivers to the same `_on_invalid_exit`.
+snapshot read; it delivers to the same `_on_invalid_exit`. The optional testbed/hw/_nativemmu.c
+registers the TLB-fill hook in C and completes common-case fills without Python, handing the
+rest to the same `_tlb_fill` (testbed/hw/mmu.py); TESTBED_NO_NATIVE_MMU=1 forces the Python fill.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import struct
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from unicorn.unicorn_py3 import unicorn as ucpy
 
 from testbed.errors import MachineClosedError, TestbedError
 from testbed.hw.memory import GuestMemory
+from testbed.hw.watchdog import WATCHDOG, Alarm
 from testbed.x86 import U64, Reg
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE
 
@@ -38,6 +42,11 @@ try:  # the optional C fast path for exits (testbed/hw/_fastexit.c, built by set
     from testbed.hw import _fastexit
 except ImportError:  # pragma: no cover - depends on the build
     _fastexit = None
+_nativemmu: Any
+try:  # the optional page walk and TLB fill in C (testbed/hw/_nativemmu.c, built by setup.py)
+    from testbed.hw import _nativemmu
+except ImportError:  # pragma: no cover - depends on the build
+    _nativemmu = None
 
 #: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
 PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
@@ -344,6 +353,13 @@ class UnicornBinding:
         self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
         self._hc_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self._hc_vals), ctypes.addressof(self._hc_vals) + 8)
         self._reg_read = _raw_function("uc_reg_read")
+        self._emu_start_fn = _raw_function("uc_emu_start")
+        self._emu_stop_fn = _raw_function("uc_emu_stop")
+        #: the run timeout: the process's watchdog stops the engine through this alarm
+        #: (hw/watchdog.py; armed by the run loop, released by close)
+        self._alarm = Alarm(functools.partial(self._emu_stop_fn, self._h))
+        self._emu_start_fn.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64,
+                                       ctypes.c_size_t)
         self._reg_write = _raw_function("uc_reg_write")
         self._hook_error: BaseException | None = None
         self._closed = False
@@ -392,7 +408,18 @@ class UnicornBinding:
             raise HardwareError(f"uc_hook_add({htype}) failed: {unicorn.UcError(status)}")
 
     def _install_hooks(self) -> None:
-        self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
+        #: the TLB fill in C (testbed/hw/_nativemmu.c), configured by the MMU; None: Python's
+        self._native_mmu: Any = None
+        self._native_fills = 0  # fills the C hook completed, kept when it is released
+        if _nativemmu is not None and not os.environ.get("TESTBED_NO_NATIVE_MMU"):
+            lib = ctypes.CDLL(ucpy.uclib._name)
+            self._native_mmu = _nativemmu.NativeMmu(
+                self._h.value, ctypes.cast(lib.uc_hook_add, ctypes.c_void_p).value,
+                ctypes.cast(lib.uc_reg_read_batch, ctypes.c_void_p).value,
+                [ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0], self._guard(self._tlb_fill, None),
+            )
+        else:
+            self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
         self._fastexit: Any = None
         if _fastexit is not None and not os.environ.get("TESTBED_NO_FASTEXIT"):
             lib = ctypes.CDLL(ucpy.uclib._name)
@@ -502,6 +529,9 @@ class UnicornBinding:
     def _release_engine(self) -> None:
         """uc_close, then every entry point refuses (MachineClosedError)."""
         self._closed = True
+        # No run is armed (close() refuses inside a run); the watchdog drops the engine's stop
+        # before uc_close frees the engine.
+        WATCHDOG.release(self._alarm)
         # The binding closes the engine in a weakref.finalize; calling it runs uc_close once and
         # disarms it (a second uc_close would free the engine twice). Canary:
         # tests/test_resources.py pins that the binding still has it.
@@ -511,10 +541,15 @@ class UnicornBinding:
         fastexit, self._fastexit = self._fastexit, None
         if fastexit is not None and hasattr(fastexit, "close"):  # (an extension built before close())
             fastexit.close()  # its hook died with the engine; drop its handler (the vCPU)
+        native_mmu, self._native_mmu = self._native_mmu, None
+        if native_mmu is not None:
+            self._native_fills = native_mmu.fills
+            native_mmu.close()  # its hook died with the engine; drop its fallback and buffers
         released = cast(Any, _RELEASED)
         self._uc = released
         self._lib = released
         self._reg_read = self._reg_write = released
+        self._emu_start_fn = self._emu_stop_fn = released
         self._reg_read_batch = self._reg_write_batch = released
         self._callbacks.clear()
         self._code_cbs.clear()
@@ -643,21 +678,26 @@ class UnicornBinding:
 
     # ------------------------------------------------------------------ the engine
     def _emu_stop(self) -> None:
-        self._uc.emu_stop()
+        self._emu_stop_fn(self._h)  # uc_emu_stop, without the binding's wrapper (once per exit)
 
-    def _emu_start(self, rip: int, timeout_us: int) -> str | None:
-        """Run from `rip` until a stop, an error (returned as text) or the timeout."""
+    def _emu_start(self, rip: int) -> int:
+        """Run from `rip` until a stop, an error or HLT; returns Unicorn's status (0, or an
+        error: `_engine_error` names it). No Unicorn timeout: it starts a thread per call
+        (~0.3 ms); the run's deadline is the watchdog's (`_arm_watchdog`, hw/watchdog.py)."""
         self._running = True
         try:
-            self._uc.emu_start(rip, U64, timeout=timeout_us)
-        except unicorn.UcError as exc:
-            return str(exc)
+            # uc_emu_start itself: the binding's method raises a UcError for every run a hook
+            # ended by refusing an instruction (each exit from the INSN_INVALID hook).
+            status: int = self._emu_start_fn(self._h, rip, U64, 0, 0)
         finally:
             self._running = False
-        return None
+        return status
 
-    def _timed_out(self) -> bool:
-        return bool(self._uc.query(ucc.UC_QUERY_TIMEOUT))
+    @staticmethod
+    def _engine_error(status: int) -> str:
+        """The text of a Unicorn error status."""
+        return str(unicorn.UcError(status))
+
 
     def _flush_engine_tlb(self) -> None:
         self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
@@ -665,3 +705,12 @@ class UnicornBinding:
     def flush_code(self) -> None:
         """Drop translated code: needed after the host rewrites guest instructions."""
         self._uc.ctl_flush_tb()
+
+    def _save_context(self) -> Any:
+        """uc_context_save: the whole QEMU CPU state (registers, MSRs the emulator models,
+        descriptor tables and the fields patched above: hflags/CPL, old_exception, CS.base)."""
+        return self._uc.context_save()
+
+    def _restore_context(self, context: Any) -> None:
+        """uc_context_restore of a context `_save_context` returned."""
+        self._uc.context_restore(context)

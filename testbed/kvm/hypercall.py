@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from testbed.kvm.page_enc import PageEncBitmap
 from testbed.kvm.uapi import (
     KVM_EINVAL,
     KVM_ENOSYS,
@@ -28,7 +29,6 @@ from testbed.kvm.uapi import (
     KVM_HC_VAPIC_POLL_IRQ,
     HypercallExit,
 )
-from testbed.tracker import SharedTracker
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U32, U64
 
 #: ICR bits kvm_pv_send_ipi() refuses (arch/x86/include/asm/apicdef.h): logical destination
@@ -67,6 +67,13 @@ def neg(errno: int) -> int:
     return (-errno) & U64
 
 
+#: The numbers ____kvm_emulate_hypercall()'s switch has a case for; any other is -KVM_ENOSYS.
+_SWITCH_CASES = frozenset({KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI,
+                           KVM_HC_SCHED_YIELD, KVM_HC_MAP_GPA_RANGE})
+_EPERM = HypercallOutcome(neg(KVM_EPERM))
+_ENOSYS = HypercallOutcome(neg(KVM_ENOSYS))
+
+
 def emulate_hypercall(
     nr: int,
     a0: int,
@@ -92,7 +99,9 @@ def emulate_hypercall(
         a3 &= U32
     # The CPL check comes before the switch, for every hypercall number.
     if cpl != 0:
-        return HypercallOutcome(neg(KVM_EPERM))
+        return _EPERM
+    if nr not in _SWITCH_CASES:
+        return _ENOSYS  # the switch's default (a prebuilt outcome: the hot path of an unknown nr)
     ret = neg(KVM_ENOSYS)
     if nr == KVM_HC_VAPIC_POLL_IRQ:
         ret = 0
@@ -137,10 +146,10 @@ KVM_HC_PAGE_ENC_STATUS = 12
 
 
 class PageEncStatusVm(Protocol):
-    """What the seed-era handler needs from the VM: its guest size and bitmap."""
+    """What the seed-era handler needs from the VM: its page-encryption bitmap (kvm/page_enc.py)."""
 
     @property
-    def page_enc_bitmap(self) -> SharedTracker: ...
+    def page_enc_bitmap(self) -> PageEncBitmap: ...
 
 
 def page_enc_status_hc(vm: PageEncStatusVm, gpa: int, npages: int, enc: int) -> HypercallOutcome:
@@ -155,8 +164,5 @@ def page_enc_status_hc(vm: PageEncStatusVm, gpa: int, npages: int, enc: int) -> 
     gfn = gpa >> PAGE_SHIFT
     if gpa & (PAGE_SIZE - 1) or not npages or gfn + npages > bitmap.guest_pages:
         return HypercallOutcome(neg(KVM_EINVAL))
-    if enc:
-        bitmap.set_private(gfn, npages)
-    else:
-        bitmap.set_shared(gfn, npages)
+    bitmap.set_encrypted(gfn, npages, bool(enc))
     return HypercallOutcome(0)

@@ -20,6 +20,7 @@ from testbed.kvm.msr import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
     MsrFilter,
 )
+from testbed.kvm.page_enc import PageEncBitmap
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
     KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
@@ -33,7 +34,6 @@ from testbed.kvm.uapi import (
     KvmVmType,
 )
 from testbed.kvm.version import REFERENCE, KvmVersion
-from testbed.tracker.bitmap import BitmapTracker
 from testbed.x86.addr import Gfn, Gpa
 
 __all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
@@ -152,7 +152,8 @@ class KvmVm:
             self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev)
         #: seed-era protocol: KVM_HC_PAGE_ENC_STATUS handled in the kernel into a bitmap
         self.page_enc_status_protocol = page_enc_status_protocol
-        self.page_enc_bitmap = BitmapTracker(guest_pages, 1)
+        #: sev->page_enc_bmap (kvm/page_enc.py); userspace reads it with get_page_enc_bitmap
+        self.page_enc_bitmap = PageEncBitmap(guest_pages)
         #: the hardware of each vCPU (KVM_CREATE_VCPU): told when stage-2 mappings change,
         #: and driven by the launch commands
         self._vcpu_hw: list[VcpuHardware] = []
@@ -222,6 +223,15 @@ class KvmVm:
             for hw in self._vcpu_hw:
                 hw.stage2_changed(Gfn(address >> 12), Gfn((address + size) >> 12),
                                   bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+
+    def get_page_enc_bitmap(self, start_gfn: int, num_pages: int) -> bytes:
+        """KVM_GET_PAGE_ENC_BITMAP of the seed-era series (svm_get_page_enc_bitmap): the
+        page-encryption bits of [start_gfn, start_gfn + num_pages), bit set = encrypted
+        (kvm/page_enc.py). ENOTTY on a KVM without that protocol, EINVAL outside the bitmap."""
+        if not self.page_enc_status_protocol:
+            raise KvmIoctlError("KVM_GET_PAGE_ENC_BITMAP", errno.ENOTTY,
+                                "the page-encryption bitmap is the seed-era page-enc-status KVM's")
+        return self.page_enc_bitmap.get(start_gfn, num_pages)
 
     # -- vCPUs and the stage-2 view ------------------------------------------------------
     def add_vcpu(self, hw: VcpuHardware) -> None:

@@ -50,6 +50,9 @@ SEV_BIT = 1 << 1
 SEV_ES_BIT = 1 << 3
 SEV_SNP_BIT = 1 << 4
 PHYS_ADDR_REDUCTION = 5
+# CPUID 0x80000001.EDX bits.
+EXT_EDX_PAGE1GB = 1 << 26
+EXT_EDX_LM = 1 << 29
 
 
 def _regs(text: str) -> tuple[int, int, int]:
@@ -64,7 +67,7 @@ def build_cpuid(
     c_bit: int = 51,
     kvm_base: int | None = KVM_CPUID_SIGNATURE,
 ) -> CpuidTable:
-    """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x8000001F.
+    """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x80000001, 0x8000001F.
 
     `kvm_base` places the KVM leaves (QEMU moves them to 0x40000100 when it also exposes
     Hyper-V at 0x40000000); None leaves the signature out, so KVM finds no PV features.
@@ -84,6 +87,9 @@ def build_cpuid(
         table.set(CpuidEntry(kvm_base | (KVM_CPUID_FEATURES & 0xFF), 0, pv_features, 0, 0, 0))
     max_ext = 0x8000001F if vendor is Vendor.AMD else 0x80000008
     table.set(CpuidEntry(0x80000000, 0, max_ext, 0, 0, 0))
+    # EDX: LM, and Page1GB (1 GiB pages, which the MMU walks and the runtime's identity map
+    # uses), as QEMU's EPYC-Genoa and SapphireRapids models have them.
+    table.set(CpuidEntry(0x80000001, 0, 0, 0, 0, EXT_EDX_PAGE1GB | EXT_EDX_LM))
     if vendor is Vendor.AMD:
         sev_ebx = (c_bit & 0x3F) | (PHYS_ADDR_REDUCTION << 6) if sev_features else 0
         table.set(CpuidEntry(0x8000001F, 0, sev_features, sev_ebx, 0, 0))

@@ -70,6 +70,7 @@ class MapGpaHandler:
         vm: MemoryAttributesIoctls | None = None,
         ram: RamDiscard | None = None,
         refusal: int = KVM_EINVAL,
+        refused: list[tuple[int, int, bool | None]] | None = None,
     ) -> None:
         self.tracker = tracker
         #: run->hypercall.ret for a refused request (see the module docstring)
@@ -86,7 +87,7 @@ class MapGpaHandler:
         #: Fault injection: GFN ranges [start, end) whose conversion this VMM refuses (to
         #: private if the flag is True, to shared if False, both if None), so that guests'
         #: handling of a refused page-state change can be tested.
-        self.refused: list[tuple[int, int, bool | None]] = []
+        self.refused: list[tuple[int, int, bool | None]] = list(refused or [])
 
     def check(self, gpa: int, npages: int, attrs: int) -> str | None:
         """Why the request is refused, or None."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, assert_never
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, assert_never
 
 from testbed.errors import TestbedError
 from testbed.hw.memory import HostMemory
@@ -83,6 +83,15 @@ class ReportWindow(list[_T]):
 
 def _exit_window() -> ReportWindow[dict[str, Any]]:
     return ReportWindow()
+
+
+class SharedSource(Protocol):
+    """Where the report's shared ranges come from (a SharedTracker, or PageEncBitmapSource)."""
+
+    def shared_ranges(self) -> list[tuple[int, int]]: ...
+
+    @property
+    def poisoned(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,7 @@ class Vmm:
         msr: MsrHandler | None = None,
         locate: Callable[[int], Mapping[str, Any] | None] | None = None,
         program: Program | None = None,
+        shared_source: SharedSource | None = None,
     ) -> None:
         #: maps a guest address to its source (file, line, symbol, offset): host tooling, as a
         #: debugger with the guest's symbols would be; it reads no guest state
@@ -201,8 +211,9 @@ class Vmm:
         self.record_exits = record_exits
         self.implicit_conversion = implicit_conversion
         self.msr = msr if msr is not None else MsrHandler()
-        #: where the final shared ranges come from (the VMM's tracker unless KVM keeps them)
-        self.shared_source = map_gpa.tracker
+        #: where the final shared ranges come from: the VMM's tracker, unless KVM keeps them
+        #: (the seed-era page-enc-status protocol: vmm/page_enc.py reads KVM's bitmap)
+        self.shared_source: SharedSource = shared_source if shared_source is not None else map_gpa.tracker
         self.report = RunReport()
         self._reason_counts: dict[str, int] = {}  # per exit reason; into the report at the end
         self._end: VmEnd | None = None

@@ -1,0 +1,210 @@
+"""A content-addressed cache of assembled programs, shared by processes (the user's cache dir).
+
+An entry's key is a SHA-256 over everything an assembly reads: the sources (names and texts),
+the defines, the load address, the include directories, the assembler's own sources
+(testbed/asm/*.py) and Keystone's version. The files the sources include are found only while
+assembling, so an entry records each include (the file read, its SHA-256, and the candidate
+paths tried before it and absent) and is used only if all of them still hold.
+
+Where: $TESTBED_CACHE_DIR, else $XDG_CACHE_HOME/testbed, else ~/.cache/testbed (entries in
+its asm/ subdirectory). TESTBED_CACHE_DIR=off disables the cache.
+
+Safety: entries are JSON (never pickle: the directory may be shared, and a pickle runs code
+when loaded), carry their key and a SHA-256 of their payload, and are written to a temporary
+file in the same directory and renamed into place (os.replace is atomic), so parallel writers
+of one key each leave a whole entry and readers never see a partial one. A missing, corrupt,
+foreign or stale entry is a miss: the program is assembled again and the entry rewritten. Any
+OSError (an unwritable or missing directory, a full disk) makes the cache a no-op, silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from testbed.asm.assembler import _assemble_unit, _includes_valid
+from testbed.asm.program import AssertSite, Program, SourceLocation
+
+FORMAT = 1
+DISABLED = ("off", "0", "none", "false", "no")
+
+_Included = tuple[tuple[tuple[str, ...], str, str], ...]
+
+
+def cache_dir() -> Path | None:
+    """The directory entries go in, or None when the cache is disabled."""
+    configured = os.environ.get("TESTBED_CACHE_DIR", "").strip()
+    if configured.lower() in DISABLED:
+        return None
+    if configured:
+        root = Path(configured)
+    elif xdg := os.environ.get("XDG_CACHE_HOME", "").strip():
+        root = Path(xdg) / "testbed"
+    else:
+        root = Path.home() / ".cache" / "testbed"
+    return root / "asm"
+
+
+@functools.cache
+def _toolchain() -> str:
+    """The assembler's sources and the installed Keystone: a change to either invalidates every
+    entry. Keystone is identified by its Python binding's files and its library's size and
+    mtime (found without importing it: only the worker process imports Keystone; and
+    importlib.metadata costs ~20 ms a process)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        spec = importlib.util.find_spec("keystone")
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        for package in map(Path, locations):
+            for path in sorted(package.iterdir()):
+                if path.suffix == ".py":
+                    digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+                elif path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    except (ImportError, OSError, ValueError):
+        digest.update(b"keystone unknown")
+    return digest.hexdigest()
+
+
+def cache_key(
+    sources: Sequence[tuple[str, str]], base: int, defines: Mapping[str, int | str], include_dirs: Sequence[Path]
+) -> str:
+    """The entry name for one assembly."""
+    material = {
+        "format": FORMAT,
+        "toolchain": _toolchain(),
+        "sources": [list(source) for source in sources],
+        "base": base,
+        "defines": [[name, type(value).__name__, str(value)] for name, value in defines.items()],
+        "include_dirs": [str(d) for d in include_dirs],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _encode(program: Program, included: _Included) -> dict[str, Any]:
+    return {
+        "code": program.code.hex(),
+        "base": program.base,
+        "symbols": dict(program.symbols),
+        "asserts": [[site_id, s.file, s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
+        "lines": [[address, loc.file, loc.line] for address, loc in program.lines],
+        "included": [[list(absent), found, digest] for absent, found, digest in included],
+    }
+
+
+def program_digest(program: Program) -> str:
+    """SHA-256 over everything a Program holds (code, base, symbols, asserts, lines)."""
+    return hashlib.sha256(json.dumps(_encode(program, ()), sort_keys=True).encode()).hexdigest()
+
+
+def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
+    """The entry's program; KeyError/TypeError/ValueError if it is not one."""
+    files: dict[str, str] = {}  # one string object per file name
+
+    def file(name: object) -> str:
+        if not isinstance(name, str):
+            raise TypeError("file name")
+        return files.setdefault(name, name)
+
+    def integer(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("integer")
+        return value
+
+    symbols = payload["symbols"]
+    if not isinstance(symbols, dict):
+        raise TypeError("symbols")
+    program = Program(
+        code=bytes.fromhex(payload["code"]),
+        base=integer(payload["base"]),
+        symbols=MappingProxyType({str(name): integer(value) for name, value in symbols.items()}),
+        asserts=MappingProxyType({
+            integer(i): AssertSite(file(f), integer(line), str(kind), str(message))
+            for i, f, line, kind, message in payload["asserts"]
+        }),
+        lines=tuple(
+            (integer(address), SourceLocation(file(f), integer(line))) for address, f, line in payload["lines"]
+        ),
+    )
+    included = tuple(
+        (tuple(str(p) for p in absent), str(found), str(digest)) for absent, found, digest in payload["included"]
+    )
+    return program, included
+
+
+def load(directory: Path, key: str) -> tuple[Program, _Included] | None:
+    """The cached program for `key` and its includes, or None (missing, unreadable, corrupt or stale)."""
+    try:
+        entry = json.loads((directory / f"{key}.json").read_bytes())
+        payload_text = entry["payload"]
+        if (entry["format"] != FORMAT or entry["key"] != key
+                or hashlib.sha256(payload_text.encode()).hexdigest() != entry["sha256"]):
+            return None
+        program, included = _decode(json.loads(payload_text))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (program, included) if _includes_valid(included) else None
+
+
+def store(directory: Path, key: str, program: Program, included: _Included) -> None:
+    """Write the entry atomically; any OSError leaves the cache as it was, silently."""
+    payload_text = json.dumps(_encode(program, included), separators=(",", ":"))
+    entry = {
+        "format": FORMAT,
+        "key": key,
+        "sha256": hashlib.sha256(payload_text.encode()).hexdigest(),
+        "payload": payload_text,
+    }
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{key[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entry, f, separators=(",", ":"))
+            os.replace(temporary, directory / f"{key}.json")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
+
+
+# This process's programs too (a test matrix assembles one guest for many VM types): same key,
+# same include check.
+_MEMORY_SIZE = 64
+_memory: dict[str, tuple[Program, _Included]] = {}
+
+
+def assemble_sources_cached(
+    sources: Sequence[tuple[str, str]],
+    *,
+    base: int,
+    defines: Mapping[str, int | str],
+    include_dirs: Sequence[Path] = (),
+) -> Program:
+    """assemble_sources through this process's memory and the user cache (module docstring)."""
+    key = cache_key(sources, base, defines, include_dirs)
+    hit = _memory.get(key)
+    if hit is not None and _includes_valid(hit[1]):
+        return hit[0]
+    directory = cache_dir()
+    hit = load(directory, key) if directory is not None else None
+    if hit is None:
+        hit = _assemble_unit(sources, base, defines, include_dirs)
+        if directory is not None:
+            store(directory, key, *hit)
+    if len(_memory) >= _MEMORY_SIZE:
+        _memory.pop(next(iter(_memory)))
+    _memory[key] = hit
+    return hit[0]

@@ -1,0 +1,302 @@
+"""Tests for the assembly caches: the user cache shared by processes (testbed/asm/cache.py) and
+the front end's reuse of the prelude and runtime within a process (assembler._front_end)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.asm import assembler, cache
+from testbed.asm.frontend import _Preprocessor
+from testbed.asm.program import SourceLocation
+from testbed.asm.syntax import _render
+from testbed.layout import IMAGE_GPA
+from testbed.machine import GUESTS_DIR, LIB_DIR, VmOptions, build_program, guest_defines
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST = "guest_main:\n    GUEST_SYNC VALUE\n    GUEST_DONE\n"
+
+# Run in a child process: build `guest.s` in the directory argv[2] with VALUE from argv[1],
+# print the digest of the program, and, with "--no-assembly", fail if anything is assembled.
+CHILD = """
+import sys
+from testbed.asm import assembler, cache
+from testbed.machine import VmOptions, build_program
+if "--no-assembly" in sys.argv:
+    def refuse(*args, **kwargs):
+        raise SystemExit("assembled although the program is cached")
+    cache._assemble_unit = refuse
+program = build_program(sys.argv[2] + "/guest.s", VmOptions(defines={"VALUE": sys.argv[1]}))
+print(cache.program_digest(program))
+"""
+
+
+def run_child(directory: Path, cache_dir: Path | str, value: str, *flags: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "TESTBED_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, value, str(directory), *flags], cwd=directory, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def child_digest(directory: Path, cache_dir: Path | str, value: str, *flags: str) -> str:
+    process = run_child(directory, cache_dir, value, *flags)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return out.strip()
+
+
+def reference(path: Path, value: str) -> str:
+    """The digest of the program assembled with no cache at all."""
+    options = VmOptions(defines={"VALUE": value})
+    defines = dict(sorted((k, str(v)) for k, v in guest_defines(options).items()))
+    sources = [(str(LIB_DIR / name), (LIB_DIR / name).read_text()) for name in ("prelude.s", "runtime.s")]
+    sources.insert(1, (str(path), path.read_text()))
+    program, _ = assembler._assemble_unit(sources, IMAGE_GPA, defines, [LIB_DIR, GUESTS_DIR], reuse=False)
+    return cache.program_digest(program)
+
+
+@pytest.fixture
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty user cache, and no program remembered by this process."""
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_memory", {})
+    return tmp_path / "cache" / "asm"
+
+
+def entries(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def test_a_program_assembled_in_one_process_is_reused_by_another(tmp_path: Path, user_cache: Path) -> None:
+    """A second process finds the program in the user cache and assembles nothing."""
+    (tmp_path / "guest.s").write_text(GUEST)
+    first = child_digest(tmp_path, user_cache.parent, "5")
+    assert len(entries(user_cache)) == 1
+    assert child_digest(tmp_path, user_cache.parent, "5", "--no-assembly") == first == reference(
+        tmp_path / "guest.s", "5")
+
+
+def test_a_changed_define_or_include_misses(tmp_path: Path, user_cache: Path) -> None:
+    """A different define, an edited include, or an include that now resolves to another file
+    each give a new program, the one assembled without a cache."""
+    guest = tmp_path / "guest.s"
+    guest.write_text('.include "inc.s"\n' + GUEST)
+    (tmp_path / "inc.s").write_text(".equ EXTRA, 1\n")
+    one = build_program(guest, VmOptions(defines={"VALUE": "1"}))
+    assert cache.program_digest(one) == reference(guest, "1")
+    two = build_program(guest, VmOptions(defines={"VALUE": "2"}))
+    assert cache.program_digest(two) == reference(guest, "2") != cache.program_digest(one)
+    (tmp_path / "inc.s").write_text(".equ EXTRA, 1\nnop\n")  # same size class, other contents
+    edited = build_program(guest, VmOptions(defines={"VALUE": "2"}))
+    assert cache.program_digest(edited) == reference(guest, "2") != cache.program_digest(two)
+    # In another process too (no memory of this one's programs).
+    assert child_digest(tmp_path, user_cache.parent, "2", "--no-assembly") == cache.program_digest(edited)
+    (tmp_path / "inc.s").write_text(".equ EXTRA, 1\n")
+    assert child_digest(tmp_path, user_cache.parent, "2") == cache.program_digest(two)
+
+
+def test_an_include_found_earlier_in_the_search_path_misses(tmp_path: Path, user_cache: Path) -> None:
+    """An entry is not used when a file now shadows the include it read (searched first)."""
+    guest = tmp_path / "g" / "guest.s"
+    guest.parent.mkdir()
+    guest.write_text('.include "lib.s"\n' + GUEST)
+    include_dir = tmp_path / "inc"
+    include_dir.mkdir()
+    (include_dir / "lib.s").write_text("nop\n")
+    macros = ".macro GUEST_SYNC v\n    mov rax, \\v\n.endm\n.macro GUEST_DONE\n    hlt\n.endm\n"
+    sources = [("<macros>", macros), (str(guest), guest.read_text())]
+    defines = {"VALUE": "3"}
+    before = cache.assemble_sources_cached(sources, base=0x1000, defines=defines, include_dirs=[include_dir])
+    (guest.parent / "lib.s").write_text("int3\n")
+    cache._memory.clear()
+    after = cache.assemble_sources_cached(sources, base=0x1000, defines=defines, include_dirs=[include_dir])
+    assert b"\xcc" in after.code and b"\xcc" not in before.code
+
+
+def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache: Path) -> None:
+    """Several processes assembling the same programs at once into one empty cache all get the
+    program assembled without a cache, and leave one whole entry per program."""
+    (tmp_path / "guest.s").write_text(GUEST)
+    values = ["7", "8", "7", "8"]
+    processes = [run_child(tmp_path, user_cache.parent, value) for value in values]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err
+        results.append(out.strip())
+    expected = {value: reference(tmp_path / "guest.s", value) for value in set(values)}
+    assert results == [expected[value] for value in values]
+    assert len(entries(user_cache)) == 2 and not list(user_cache.glob(".*.tmp"))
+    for entry in entries(user_cache):
+        assert cache.load(user_cache, entry.stem) is not None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key"])
+def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, damage: str) -> None:
+    """A damaged entry is never used: the program is assembled again and the entry rewritten."""
+    guest = tmp_path / "guest.s"
+    guest.write_text(GUEST)
+    good = build_program(guest, VmOptions(defines={"VALUE": "4"}))
+    (entry,) = entries(user_cache)
+    data = entry.read_text()
+    if damage == "truncated":
+        entry.write_text(data[: len(data) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x80not json")
+    elif damage == "flipped code byte":
+        outer = json.loads(data)
+        payload = json.loads(outer["payload"])
+        payload["code"] = ("0" if payload["code"][0] != "0" else "1") + payload["code"][1:]
+        outer["payload"] = json.dumps(payload)
+        entry.write_text(json.dumps(outer))
+    else:
+        outer = json.loads(data)
+        outer["key"] = "0" * 64
+        entry.write_text(json.dumps(outer))
+    assert cache.load(user_cache, entry.stem) is None
+    cache._memory.clear()
+    again = build_program(guest, VmOptions(defines={"VALUE": "4"}))
+    assert again == good
+    loaded = cache.load(user_cache, entry.stem)
+    assert loaded is not None and loaded[0] == good
+
+
+def test_an_unwritable_cache_directory_means_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache directory that cannot be created (its parent is a file) is no cache, no error."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(cache, "_memory", {})
+    (tmp_path / "guest.s").write_text(GUEST)
+    program = build_program(tmp_path / "guest.s", VmOptions(defines={"VALUE": "6"}))
+    assert cache.program_digest(program) == reference(tmp_path / "guest.s", "6")
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes through permissions")
+def test_a_read_only_cache_directory_means_no_cache(tmp_path: Path, user_cache: Path) -> None:
+    """A cache directory without write permission is no cache, no error."""
+    user_cache.mkdir(parents=True)
+    user_cache.chmod(0o500)
+    (tmp_path / "guest.s").write_text(GUEST)
+    try:
+        build_program(tmp_path / "guest.s", VmOptions(defines={"VALUE": "6"}))
+        assert entries(user_cache) == []
+    finally:
+        user_cache.chmod(0o700)
+
+
+def test_off_disables_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TESTBED_CACHE_DIR=off writes nothing, not even in the default location."""
+    monkeypatch.setenv("TESTBED_CACHE_DIR", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cache, "_memory", {})
+    assert cache.cache_dir() is None
+    (tmp_path / "guest.s").write_text(GUEST)
+    build_program(tmp_path / "guest.s", VmOptions(defines={"VALUE": "9"}))
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+
+
+def test_the_default_location_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TESTBED_CACHE_DIR the cache is $XDG_CACHE_HOME/testbed, else ~/.cache/testbed."""
+    monkeypatch.delenv("TESTBED_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "testbed" / "asm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "testbed" / "asm"
+
+
+# -- the front end's reuse within a process --------------------------------------------------
+
+
+def unit(guest: Path | tuple[str, str], options: VmOptions) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    defines = dict(sorted((k, str(v)) for k, v in guest_defines(options).items()))
+    source = (str(guest), guest.read_text()) if isinstance(guest, Path) else guest
+    sources = [(str(LIB_DIR / name), (LIB_DIR / name).read_text()) for name in ("prelude.s", "runtime.s")]
+    sources.insert(1, source)
+    return sources, defines
+
+
+@pytest.mark.parametrize("guest", sorted(GUESTS_DIR.glob("*.s")), ids=lambda p: p.stem)
+def test_reused_front_end_equals_the_reference(guest: Path) -> None:
+    """For every guest the reused prelude and replayed runtime give the very items (text,
+    locations, labels, line positions) and program of the reference front end."""
+    sources, defines = unit(guest, VmOptions(memory=8 << 20))
+    dirs = [LIB_DIR, GUESTS_DIR]
+    assembler._front_end(sources, defines, dirs)  # records the prelude and the runtime
+    reused, was_reused = assembler._front_end(sources, defines, dirs)
+    fresh = assembler._front_end_uncached(sources, defines, dirs)
+    assert was_reused
+    assert _render(reused.items) == _render(fresh.items)
+    assert reused.items == fresh.items
+    assert reused.positions == fresh.positions and reused.labels == fresh.labels
+    assert reused.asserts == fresh.asserts and reused.included == fresh.included
+
+
+def test_the_runtime_is_replayed_for_a_plain_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once recorded, no statement of the prelude or the runtime (or its include, sev.s) is
+    processed again for a guest that changes nothing they read; the program is the reference's."""
+    # A hidden .equ (hoisted operand), a numeric local label and an assert site: each shifts a
+    # hidden name or a number the replayed runtime must follow.
+    guest = "guest_main:\n    mov rax, -GUEST_MEM_SIZE\n1:  GUEST_ASSERT_EQ rax, 0\n    jz 1b\n    GUEST_DONE\n"
+    sources, defines = unit(("<g1>", guest), VmOptions())
+    dirs = [LIB_DIR, GUESTS_DIR]
+    assembler._front_end(sources, defines, dirs)
+    processed: list[str] = []
+    add_statement = _Preprocessor.add_statement
+
+    def counting(self: _Preprocessor, text: str, loc: SourceLocation) -> None:
+        processed.append(loc.file)
+        add_statement(self, text, loc)
+
+    monkeypatch.setattr(_Preprocessor, "add_statement", counting)
+    pre, reused = assembler._front_end(sources, defines, dirs)
+    assert reused and processed and set(processed) == {"<g1>"}
+    fresh = assembler._front_end_uncached(sources, defines, dirs)
+    assert pre.items == fresh.items and pre.positions == fresh.positions and pre.labels == fresh.labels
+    program, _ = assembler._assemble_unit(sources, IMAGE_GPA, defines, dirs)
+    assert program == assembler._assemble_unit(sources, IMAGE_GPA, defines, dirs, reuse=False)[0]
+
+
+def test_replayed_hidden_names_follow_the_middle() -> None:
+    """The replayed last source's hidden names (hoisted operands, line positions) are numbered
+    after the middle's, as the reference front end numbers them; the program is the same."""
+    sources = [
+        ("<a>", ".equ K, 8\n"), ("<b>", "mov rax, -K\nmov rcx, [rbx - K]\n"), ("<c>", "there: mov rdx, -K\nnop\n")
+    ]
+    assembler._front_end(sources, {}, [])
+    pre, reused = assembler._front_end(sources, {}, [])
+    fresh = assembler._front_end_uncached(sources, {}, [])
+    assert reused and pre.items == fresh.items and pre.positions == fresh.positions
+    assert "__tb_expr_3" in pre.items[-2].text
+    program, _ = assembler._assemble_unit(sources, 0x1000, {}, [])
+    assert program == assembler._assemble_unit(sources, 0x1000, {}, [], reuse=False)[0]
+
+
+def test_a_guest_redefining_what_the_runtime_reads_is_processed_in_full() -> None:
+    """A guest that redefines a constant the runtime's statements name is not replayed over:
+    the result is the reference front end's (here a located error in the runtime, if any)."""
+    guest = ("<g2>", ".equ GUEST_MEM_SIZE, 0x100000\nguest_main:\n    GUEST_DONE\n")
+    sources, defines = unit(guest, VmOptions())
+    dirs = [LIB_DIR, GUESTS_DIR]
+    assembler._front_end(sources, defines, dirs)
+    prefix = assembler._prefixes[(tuple(map(str, dirs)), tuple((k, "str", v) for k, v in defines.items()),
+                                  tuple(sources[0]))]
+    pre = prefix.fork()
+    assembler._add(pre, *sources[1])
+    suffix = next(s for s in assembler._suffixes.values() if s is not None)
+    assert not assembler._replayable(prefix, pre, suffix)
+
+
+def test_program_digest_is_stable() -> None:
+    """The digest used by these tests covers code, base, symbols, asserts and lines."""
+    program = build_program(GUESTS_DIR / "hypercall_insn.s", VmOptions())
+    assert cache.program_digest(program) == hashlib.sha256(
+        json.dumps(cache._encode(program, ()), sort_keys=True).encode()).hexdigest()

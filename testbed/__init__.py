@@ -30,14 +30,14 @@ _EXPORTS = {
     "UsageError": "testbed.errors",
     **{name: "testbed.kvm.uapi" for name in (
         "HypercallExit", "IoInExit", "IoOutExit", "HltExit", "ShutdownExit", "InternalErrorExit",
-        "SystemEventExit", "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "KvmExit")},
+        "SystemEventExit", "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "TdxExit", "KvmExit")},
 }
 
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS
     "exits", "Vm", "Vcpu", "VmExitError", "GuestAssertionError", "GuestExceptionError", "VmTimeoutError",
     "KvmRunError", "run_guest", "Ucall", "GuestFailure", "VmOptions", "RunReport", "TestbedError", "UsageError",
     "HypercallExit", "IoInExit", "IoOutExit", "HltExit", "ShutdownExit", "InternalErrorExit", "SystemEventExit",
-    "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "KvmExit",
+    "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "TdxExit", "KvmExit",
 ]
 
 if TYPE_CHECKING:
@@ -100,6 +100,9 @@ if TYPE_CHECKING:
     )
     from testbed.kvm.uapi import (
         SystemEventExit as SystemEventExit,
+    )
+    from testbed.kvm.uapi import (
+        TdxExit as TdxExit,
     )
     from testbed.kvm.uapi import (
         WrmsrExit as WrmsrExit,

@@ -404,6 +404,13 @@ class Vcpu:
         assert not isinstance(result, RunStop)
         return result
 
+    def inject_pending_event(self) -> None:
+        """Make an event (an interrupt) pending, as KVM_INTERRUPT would: until the guest is next
+        entered KVM sees kvm_vcpu_has_events(), so a TD's MapGPA in progress stops with RETRY at
+        its next chunk (tdx.c tdx_complete_vmcall_map_gpa). The testbed delivers nothing: the
+        event is consumed when the guest is entered."""
+        self._machine.kvm_vcpu.inject_event()
+
     def run_to_ucall(self, timeout: float | None = None) -> Ucall:
         """Run, answering every exit with the default VMM, until the guest makes a ucall;
         return it (cmd "sync" or "done"). A failed assert raises GuestAssertionError, an

@@ -35,12 +35,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vendor", choices=[v.value for v in Vendor], default="amd", help="CPU vendor (default amd)")
-    p.add_argument("--vm-type", default="default", help="default, sw-protected, sev, sev-es, sev-snp")
+    p.add_argument("--vm-type", default="default", help="default, sw-protected, sev, sev-es, sev-snp, tdx")
     p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
     p.add_argument("--define", "-D", action="append", default=[], metavar="NAME=VALUE", help="assembler define")
     # Numbers are parsed by VmOptions (testbed/options.py), as from Python: one set of rules
     # and messages, and a 5,000-digit value is refused without being echoed in full.
     p.add_argument("--c-bit", default="51", help="SEV C-bit position reported in CPUID 0x8000001F (default 51)")
+    p.add_argument("--gpaw", default="52", help="TDX guest physical address width, 48 or 52 (shared bit 47 or 51)")
     p.add_argument("--seed", default=None, help="seed for the VM's memory-encryption key (0 .. 2^64-1)")
     p.add_argument("--kvm-version", default="kvm-x86", choices=("kvm-x86", "7.1"),
                    help="KVM modelled where the kvm-x86 tree (default) and the 7.1 release differ "
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--refuse-conversion", action="append", default=[], metavar="GPA[:NPAGES[:private|shared]]",
                      help="VMM fault injection: refuse conversions of this range, both ways or to one "
                           "state only (repeatable)")
+    run.add_argument("--pending-event-every", default=None, metavar="N",
+                     help="VMM control: make an event pending after every N-th MAP_GPA_RANGE exit, so KVM "
+                          "answers a TD's MapGPA with RETRY (tdx)")
     run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
                      help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
     run.add_argument("--timeout", default="10",
@@ -116,6 +120,7 @@ def vm_options_from_args(args: argparse.Namespace, **more: Any) -> Any:
         defines=defines,
         seed=args.seed,
         c_bit=args.c_bit,
+        gpaw=args.gpaw,
         kvm_version=args.kvm_version,
         **more,
     )
@@ -185,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         hc_protocol=args.hc_protocol,
         implicit_conversion=args.implicit_conversion,
         refuse_conversions=list(args.refuse_conversion),
+        pending_event_every=args.pending_event_every,
         pv_features=args.pv_features,
         **({"tracker": args.tracker} if args.tracker else {}),
     )

@@ -16,11 +16,12 @@ from testbed.kvm.uapi import (
     RdmsrExit,
     ShutdownExit,
     SystemEventExit,
+    TdxExit,
     WrmsrExit,
 )
 
 __all__ = [
     "EXIT_TYPES", "ApResetHoldExit", "HltExit", "HypercallExit", "InternalErrorExit", "IoExit", "IoInExit",
     "IoOutExit", "KvmExit", "MemoryFaultExit", "MsrExit", "RdmsrExit", "ShutdownExit", "SystemEventExit",
-    "WrmsrExit",
+    "TdxExit", "WrmsrExit",
 ]

@@ -95,6 +95,9 @@ class VmOptions:
     timeout: float = 10.0
     seed: int | None = None
     c_bit: int = 51
+    #: TDX: the TD's guest physical address width, 48 or 52 (`--gpaw`): the shared bit is GPA
+    #: bit gpaw - 1
+    gpaw: int = 52
     tracker: str = DEFAULT_TRACKER
     defines: dict[str, int | str] = field(default_factory=dict)
     trace: IO[str] | None = None
@@ -113,6 +116,10 @@ class VmOptions:
     #: where the VMM puts KVM's CPUID leaves ("KVMKVMKVM" and the PV features): 0x40000000,
     #: 0x40000100, ...; None leaves the signature out (KVM then sees no PV features)
     kvm_cpuid_base: int | None = 0x40000000
+    #: VMM-side control (`--pending-event-every N`): after every N-th MAP_GPA_RANGE exit it
+    #: answers, the VMM makes an event pending on the vCPU, so KVM stops a TD's MapGPA with
+    #: RETRY (kvm/tdx.py); None or 0: never
+    pending_event_every: int | None = None
 
     def __post_init__(self) -> None:
         self.normalise()
@@ -128,6 +135,9 @@ class VmOptions:
         self.timeout = opt.parse_timeout(self.timeout)
         self.seed = opt.parse_seed(self.seed)
         self.c_bit = opt.parse_int(self.c_bit, "C-bit position", opt.C_BIT_RANGE)
+        self.gpaw = opt.parse_int(self.gpaw, "GPA width (gpaw)")
+        if self.gpaw not in opt.GPAW_VALUES:
+            raise UsageError(f"GPA width (gpaw) {self.gpaw}: expected 48 or 52 (shared bit 47 or 51)")
         self.tracker = opt.parse_tracker(self.tracker)
         self.defines = opt.parse_defines(self.defines)
         if self.trace is not None and not callable(getattr(self.trace, "write", None)):
@@ -140,12 +150,17 @@ class VmOptions:
         self.refuse_conversions = opt.parse_refuse_conversions(self.refuse_conversions)
         self.kvm_version = KvmVersion.parse(self.kvm_version)
         self.kvm_cpuid_base = opt.parse_kvm_cpuid_base(self.kvm_cpuid_base)
+        if self.pending_event_every is not None:
+            self.pending_event_every = opt.parse_int(self.pending_event_every, "pending-event-every",
+                                                     range(0, 1 << 32))
 
     def validate(self) -> None:
         """Raise UsageError for values and combinations that do not exist."""
         self.normalise()
         if self.vm_type in AMD_ONLY_VM_TYPES and self.vendor is not Vendor.AMD:
             raise UsageError(f"VM type {self.vm_type} needs an AMD vCPU (--vendor amd), not {self.vendor.value}")
+        if self.vm_type in opt.INTEL_ONLY_VM_TYPES and self.vendor is not Vendor.INTEL:
+            raise UsageError(f"VM type {self.vm_type} needs an Intel vCPU (--vendor intel), not {self.vendor.value}")
         if self.hc_protocol == "page-enc-status" and self.vm_type in GUEST_MEMFD_VM_TYPES:
             # The seed-era protocol kept an in-kernel bitmap and no memory attributes; the
             # guest_memfd VM types exist only with attributes (KVM_SET_MEMORY_ATTRIBUTES).
@@ -250,11 +265,18 @@ class Machine:
         self.c_bit_mask = (1 << options.c_bit) if self.sev else 0
         # MAXPHYADDR 48 (bits 51:48 of an entry are reserved), the C-bit excepted.
         self.paging = PagingMode(phys_bits=48 if options.c_bit >= 48 else 52, enc_mask=self.c_bit_mask)
+        self.tdx = vm_type == KvmVmType.KVM_X86_TDX_VM
+        if self.tdx:
+            # TDX: the shared bit is GPA bit GPAW - 1 and means *shared* (the inverse of the
+            # C-bit); GPAW is the TD's MAXPHYADDR (coco/tdx/tdx.c tdx_shared_mask).
+            self.paging = PagingMode(phys_bits=options.gpaw, enc_mask=1 << (options.gpaw - 1),
+                                     enc_means_private=False)
         # The guest_memfd VM types keep private pages in a backing the host cannot map, shared
         # ones in the VMM's memory (hw/memory.py); legacy SEV has one frame per page, read by
         # the host as ciphertext. Without memory attributes (the seed-era page-enc-status
         # protocol) there is no guest_memfd: such runs keep the legacy model.
-        guest_memfd = (vm_type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SNP_VM)
+        guest_memfd = (vm_type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SNP_VM,
+                                   KvmVmType.KVM_X86_TDX_VM)
                        and options.hc_protocol != "page-enc-status")
         cipher = FrameCipher.from_seed(options.seed) if self.sev and not guest_memfd else None
         self.memory = GuestMemory(options.memory, cipher, guest_memfd=guest_memfd)
@@ -265,14 +287,16 @@ class Machine:
         # seed-era page-enc-status protocol means a KVM without memory attributes.
         self.kvm_vm = KvmVm(vm_type, options.vendor, self.memory.userspace_view(), c_bit=options.c_bit,
                             kvm_version=options.kvm_version, ghcb_version=options.ghcb_version,
-                            page_enc_status_protocol=options.hc_protocol == "page-enc-status")
+                            page_enc_status_protocol=options.hc_protocol == "page-enc-status",
+                            gpaw=options.gpaw)
         # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
         status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
         self.ud_explanations: list[dict[str, object]] = []
         # The hardware asks KVM's memory attributes (stage 2) whether a GFN is private.
         self.cpu = UnicornVcpu(self.memory, options.vendor, self.paging, self.tracer, sev_es=self.sev_es,
                                snp=self.snp, stage2=self.kvm_vm.stage2(), sev_status=status if self.sev else None,
-                               on_guest_ud=self._explain_guest_ud)
+                               on_guest_ud=self._explain_guest_ud,
+                               tdx_gpaw=options.gpaw if self.tdx else None)
         host = self.memory.host_view()
         # KVM_CREATE_VCPU: the vCPU attaches itself to the hardware's exits and the VM.
         self.kvm_vcpu = KvmVcpu(self.kvm_vm, self.cpu, self.tracer, self.paging)
@@ -283,7 +307,7 @@ class Machine:
         # the hypercall ABI's -KVM_EINVAL where the guest's own hypercall reads it (map_gpa.py).
         self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm,
                                      ram=self.memory if self.memory.guest_memfd else None,
-                                     refusal=KVM_EINVAL if self.snp else neg(KVM_EINVAL),
+                                     refusal=KVM_EINVAL if self.snp or self.kvm_vm.tdx else neg(KVM_EINVAL),
                                      refused=[(gpa >> 12, (gpa >> 12) + n, to)
                                               for gpa, n, to in options.refuse_conversions])
         # The seed-era protocol keeps the shared pages in KVM: the VMM reads KVM's bitmap
@@ -293,7 +317,8 @@ class Machine:
                          if options.hc_protocol == "page-enc-status" else None)
         self.vmm = Vmm(host, self.map_gpa, self.tracer, options.record_exits,
                        implicit_conversion=options.implicit_conversion, msr=self.msr,
-                       locate=functools.partial(_locate, program), program=program, shared_source=shared_source)
+                       locate=functools.partial(_locate, program), program=program, shared_source=shared_source,
+                       inject_event=self.kvm_vcpu.inject_event, pending_event_every=options.pending_event_every)
         self._boot()
 
     def _configure_kvm(self) -> None:
@@ -311,7 +336,10 @@ class Machine:
         sev_features = (SEV_BIT if self.sev else 0) | (SEV_ES_BIT if self.sev_es else 0)
         sev_features |= SEV_SNP_BIT if self.snp else 0
         vm.set_cpuid(build_cpuid(o.vendor, pv, sev_features=sev_features, c_bit=o.c_bit,
-                                 kvm_base=o.kvm_cpuid_base))
+                                 kvm_base=o.kvm_cpuid_base, tdx_gpaw=o.gpaw if self.tdx else None))
+        if self.tdx:
+            # KVM_TDX_INIT_VM: the CPUID configuration TDH.MNG.INIT hands the TDX module.
+            self.cpu.tdx_init_vm({key: (e.eax, e.ebx, e.ecx, e.edx) for key, e in vm.cpuid.entries.items()})
         self.msr = MsrHandler()
         if pv & (1 << KVM_FEATURE_MIGRATION_CONTROL):
             # hypercalls.rst: advertising MIGRATION_CONTROL obliges userspace to handle the MSR
@@ -339,6 +367,13 @@ class Machine:
                     self.kvm_vm.sev_snp_launch_update(Gpa(gpa), length)
                 else:
                     self.kvm_vm.sev_launch_update_data(Gpa(gpa), length)
+        if self.tdx:
+            # KVM_TDX_INIT_MEM_REGION: the image and the runtime's region (tables, data,
+            # stacks: used before the runtime can accept anything) enter the TD accepted; the
+            # rest of RAM is private and pending.
+            for gpa, length in [*boot.launch_regions(len(self.program.code)), (RT_GDT, RT_REGION_END - RT_GDT)]:
+                # struct kvm_tdx_init_mem_region counts whole pages (nr_pages)
+                self.kvm_vm.tdx_init_mem_region(Gpa(gpa), (length + 0xFFF) & ~0xFFF)
         self.kvm_vcpu.reset()
         cpu = self.cpu
         cpu.set_descriptor_table("gdt", state.gdt_base, state.gdt_limit)

@@ -29,12 +29,16 @@ VM_TYPES: dict[str, KvmVmType] = {
     "sev": KvmVmType.KVM_X86_SEV_VM,
     "sev-es": KvmVmType.KVM_X86_SEV_ES_VM,
     "sev-snp": KvmVmType.KVM_X86_SNP_VM,
+    "tdx": KvmVmType.KVM_X86_TDX_VM,
 }
 HC_PROTOCOLS = ("map-gpa-range", "page-enc-status")
 IMPLICIT_CONVERSION_POLICIES = ("convert", "refuse")
 AMD_ONLY_VM_TYPES = ("sev", "sev-es", "sev-snp")
+INTEL_ONLY_VM_TYPES = ("tdx",)
 #: VM types whose private memory is a guest_memfd (they need KVM memory attributes)
-GUEST_MEMFD_VM_TYPES = ("sw-protected", "sev-snp")
+GUEST_MEMFD_VM_TYPES = ("sw-protected", "sev-snp", "tdx")
+#: a TD's guest physical address width (TDX: shared bit = GPA bit gpaw - 1; 52 needs 5-level EPT)
+GPAW_VALUES = (48, 52)
 GHCB_VERSIONS = (1, 2)
 C_BIT_RANGE = range(32, 52)
 #: A run's wall-clock budget: positive and finite, at most a day (Unicorn takes microseconds

@@ -58,6 +58,10 @@ ACCEPTED: list[tuple[str, Any, Any]] = [
     ("seed", "0x10", 16),
     ("seed", None, None),
     ("c_bit", 47, 47),
+    ("vm_type", "tdx", "tdx"),
+    ("vm_type", KvmVmType.KVM_X86_TDX_VM, "tdx"),
+    ("gpaw", "48", 48),
+    ("gpaw", 52, 52),
     ("c_bit", "32", 32),
     ("tracker", "tree", "tree"),
     ("tracker", "Bitmap", "bitmap"),
@@ -77,14 +81,18 @@ ACCEPTED: list[tuple[str, Any, Any]] = [
     ("kvm_cpuid_base", 0x40000100, 0x40000100),
     ("kvm_cpuid_base", "0x40000100", 0x40000100),
     ("kvm_cpuid_base", None, None),
+    ("pending_event_every", "3", 3),
+    ("pending_event_every", None, None),
 ]
 
 #: (field, bad value, text the error must contain)
 REJECTED: list[tuple[str, Any, str]] = [
     ("vendor", 3, "vendor 3"),
     ("vendor", "arm", "vendor 'arm'"),
-    ("vm_type", "tdx", "unknown VM type 'tdx'"),
-    ("vm_type", KvmVmType.KVM_X86_TDX_VM, "vm_type KVM_X86_TDX_VM"),
+    ("vm_type", "tdx-2", "unknown VM type 'tdx-2'"),
+    ("gpaw", 51, "GPA width (gpaw) 51"),
+    ("gpaw", "x", "GPA width (gpaw) 'x'"),
+    ("pending_event_every", -1, "pending-event-every -1"),
     ("vm_type", 2, "unknown VM type 2"),
     ("memory", 1.5, "memory size 1.5"),
     ("memory", "64Q", "memory size '64Q'"),

@@ -31,14 +31,15 @@ def handle_exit_hypercall(vm: testbed.Vm, exit: testbed.HypercallExit) -> None:
     exit.ret = 0
 
 
-@pytest.mark.parametrize("vm_type", ["sw-protected", "sev", "sev-snp"])
+@pytest.mark.parametrize("vm_type", ["sw-protected", "sev", "sev-snp", "tdx"])
 def test_private_mem_conversions(vm_type: str) -> None:
     """Shared ranges hold what guest and host write; private ones are the guest's alone (x86.c
     __kvm_emulate_hypercall KVM_HC_MAP_GPA_RANGE -> KVM_EXIT_HYPERCALL; kvm_main.c
     kvm_vm_ioctl_set_mem_attributes)."""
-    guest_memfd = vm_type in ("sw-protected", "sev-snp")
+    guest_memfd = vm_type in ("sw-protected", "sev-snp", "tdx")
     syncs = 0
-    with testbed.Vm(vm_type=vm_type, memory="16M", timeout=60) as vm:
+    vendor = "intel" if vm_type == "tdx" else "amd"
+    with testbed.Vm(vm_type=vm_type, vendor=vendor, memory="16M", timeout=60) as vm:
         vcpu = vm.load(GUEST)
         while True:
             match vcpu.run():

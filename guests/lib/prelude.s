@@ -50,6 +50,10 @@
 #                             with RDI = struct ex_regs * (EX_* offsets below) and may change
 #                             the saved registers, e.g. add to EX_RIP to skip an instruction
 #   set_memory_shared / set_memory_private   (rdi = gpa, rsi = npages; rax = 0 or -errno)
+#   TDCALL, TDVMCALL [mask]   Intel TDX: the raw TDCALL (RAX = leaf) and a raw TDG.VP.VMCALL
+#                             (R10-R15 in and out; registers below, at the macros)
+#   tdx_panic                 TDX: end the TD with TDG.VP.VMCALL<ReportFatalError> carrying
+#                             the 64-byte message at rdi (never returns)
 #
 # Operands. Where a macro takes a value (GUEST_SYNC, GUEST_ASSERT_EQ, GUEST_RUN_USER,
 # GUEST_SET_HANDLER, GHCB_SET's value) it is a general-purpose register of any width (a
@@ -97,6 +101,7 @@
 .equ UD_VECTOR, 6
 .equ GP_VECTOR, 13
 .equ PF_VECTOR, 14
+.equ VE_VECTOR, 20
 .equ VC_VECTOR, 29
 
 # struct ex_regs: what an exception handler gets in RDI
@@ -152,6 +157,58 @@
 .macro KVM_HYPERCALL
     call rt_kvm_hypercall
 .endm
+
+# ---------------------------------------------------------------------------------------------
+# Intel TDX (arch/x86/include/asm/shared/tdx.h; the runtime's half is guests/lib/tdx.s).
+# TDCALL: RAX = the leaf; the TDX module's status comes back in RAX (0 = success), other
+# outputs as the leaf defines. Keystone 0.9.2 has no `tdcall`.
+.macro TDCALL
+    .byte 0x66, 0x0f, 0x01, 0xcc
+.endm
+
+# TDVMCALL: a raw TDG.VP.VMCALL, for guests that speak the protocol themselves (the runtime's
+# #VE handler, KVM_HYPERCALL and set_memory_* do it for everything else). In: R10 = 0 for a
+# GHCI-standard call (R11 = the sub-function: TDVMCALL_* or an EXIT_REASON_* instruction leaf,
+# R12-R15 its arguments) or a KVM hypercall number (R11-R14 = its arguments); `mask` = the
+# registers exposed to the VMM (RCX's bitmap, default Linux's TDVMCALL_EXPOSE_REGS_MASK).
+# Out: RAX = TDCALL's own status (0 unless the call itself failed), R10 = the TDVMCALL status
+# (TDVMCALL_STATUS_*, or a KVM hypercall's result), R11 = the return value (R12-R15 for CPUID).
+# Clobbers RAX and RCX; any exposed register may come back changed.
+.macro TDVMCALL mask=TDVMCALL_EXPOSE_REGS_MASK
+    mov ecx, \mask
+    xor eax, eax
+    TDCALL
+.endm
+
+.equ TDG_VP_VMCALL, 0
+.equ TDG_VP_INFO, 1
+.equ TDG_VP_VEINFO_GET, 3
+.equ TDG_MR_REPORT, 4
+.equ TDG_MEM_PAGE_ACCEPT, 6
+.equ TDG_VM_WR, 8
+.equ TDX_PS_4K, 0
+.equ TDX_PS_2M, 1
+.equ TDX_PS_1G, 2
+.equ TDX_CPUID_LEAF_ID, 0x21
+.equ TDX_HYPERCALL_STANDARD, 0
+.equ TDVMCALL_EXPOSE_REGS_MASK, 0xffcc  # RDX, RBX, RSI, RDI, R8-R15
+.equ TDVMCALL_GET_TD_VM_CALL_INFO, 0x10000
+.equ TDVMCALL_MAP_GPA, 0x10001
+.equ TDVMCALL_GET_QUOTE, 0x10002
+.equ TDVMCALL_REPORT_FATAL_ERROR, 0x10003
+.equ TDVMCALL_STATUS_SUCCESS, 0
+.equ TDVMCALL_STATUS_RETRY, 1
+.equ TDVMCALL_STATUS_INVALID_OPERAND, 0x8000000000000000
+.equ TDVMCALL_STATUS_ALIGN_ERROR, 0x8000000000000002
+.equ TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, 0x8000000000000003
+# VMX exit reasons: the instruction leaves' numbers and VEINFO's exit reason
+.equ EXIT_REASON_CPUID, 10
+.equ EXIT_REASON_HLT, 12
+.equ EXIT_REASON_VMCALL, 18
+.equ EXIT_REASON_IO_INSTRUCTION, 30
+.equ EXIT_REASON_MSR_READ, 31
+.equ EXIT_REASON_MSR_WRITE, 32
+.equ EXIT_REASON_EPT_VIOLATION, 48
 
 # -- operand loading (internal) ---------------------------------------------------------------
 # __guest_kind SYM, x: set SYM to the width of x if it is a general-purpose register (64, 32,

@@ -2,8 +2,9 @@
 #
 # Assembled after every guest. Entered at _start in 64-bit mode on the firmware's boot page
 # tables (an identity map built by the VMM, testbed/vmm/boot.py). It:
-#   1. detects the memory-encryption technology at run time, as Linux's sme_enable() does:
-#      CPUID 0x8000001F (SEV bit, C-bit position) and the SEV_STATUS MSR - never hard-coded;
+#   1. detects the memory-encryption technology at run time, as Linux's sme_enable() and
+#      tdx_early_init() do: CPUID 0x8000001F (SEV bit, C-bit position) and the SEV_STATUS MSR,
+#      or CPUID 0x21 "IntelTDX    " and TDG.VP.INFO (the shared bit; tdx.s) - never hard-coded;
 #   2. builds its own GDT (kernel + user segments, TSS), IDT (handlers for vectors 0-31 and a
 #      CPL-3 return gate) and page tables identity-mapping all guest memory with large pages
 #      (split where a 4 KiB page needs its own mapping), private (C-bit set) except the ucall
@@ -45,8 +46,10 @@ _start:
     rep stosq
     call rt_setup_gdt
     call rt_setup_idt                  # first: on SEV-ES even CPUID raises #VC
+    call rt_detect_tdx                 # TDX (tdx.s): before anything that can #VE
     call rt_detect_sev
     call rt_snp_validate_memory        # SNP: PVALIDATE before the first private write
+    call rt_tdx_accept_boot_memory     # TDX: TDG.MEM.PAGE.ACCEPT, likewise
     call rt_setup_paging
     call rt_setup_ghcb                 # SEV-ES/SNP: the shared GHCB page
     call rt_setup_hypercall
@@ -55,11 +58,12 @@ _start:
     call guest_main
     call rt_ucall_done
 
-# On SEV the ucall page is mapped without the C-bit; tell the host it is shared, as Linux
-# does for every page it decrypts (set_memory_decrypted).
+# On SEV the ucall page is mapped without the C-bit, on TDX with the shared bit; tell the
+# host it is shared, as Linux does for every page it decrypts (set_memory_decrypted).
 rt_share_ucall_page:
     mov rdi, RT_DATA
     mov rax, qword ptr [rdi + 0x800]
+    or rax, qword ptr [rdi + 0x900]    # TDX's shared bit (tdx.s)
     test rax, rax
     jz rt_share_ucall_done
     mov rdi, UCALL_GPA
@@ -73,6 +77,8 @@ rt_detect_sev:
     mov rdi, RT_DATA
     mov qword ptr [rdi + 0x800], 0
     mov qword ptr [rdi + 0x808], 0
+    cmp qword ptr [rdi + 0x900], 0     # a TD is not an SEV guest (its MSRs would #VE)
+    jne rt_detect_sev_done
     mov eax, 0x80000000
     cpuid
     cmp eax, 0x8000001f
@@ -224,6 +230,9 @@ rt_setup_idt_not_vc:
     mov rdi, RT_HANDLERS
     lea rax, [rip + rt_vc_handler]
     mov qword ptr [rdi + 29 * 8], rax
+    # #VE likewise (only TDX guests see vector 20): tdx.s
+    lea rax, [rip + rt_ve_handler]
+    mov qword ptr [rdi + 20 * 8], rax
     # the CPL-3 return gate: DPL 3 interrupt gate
     mov rdi, RT_USER_RET_VECTOR
     lea rsi, [rip + rt_user_return]
@@ -329,6 +338,15 @@ rt_pg_gib_next:
     xor edi, edi
     call rt_pte_address
     mov qword ptr [rax], 0
+    # TDX: the ucall page is shared, mapped with the shared bit (tdx.s)
+    mov rdi, RT_DATA
+    mov rcx, qword ptr [rdi + 0x900]
+    test rcx, rcx
+    jz rt_pg_not_tdx
+    mov rdi, UCALL_GPA
+    call rt_pte_address
+    or qword ptr [rax], rcx
+rt_pg_not_tdx:
     test r10, r10
     jz rt_pg_load
     # the ucall page and the GHCB are shared with the host: no C-bit
@@ -425,7 +443,9 @@ rt_split_large:
     mov rbx, qword ptr [rbx + 0x800]   # C-bit mask
     movabs rcx, 0x8000000000000000     # NX
     or rcx, rbx
-    and rcx, r8                        # NX and C-bit as the large entry has them
+    mov r11, RT_DATA
+    or rcx, qword ptr [r11 + 0x900]    # TDX's shared bit
+    and rcx, r8                        # NX, C-bit and shared bit as the large entry has them
     mov r9, r8
     and r9, 0xfff
     or r9, rcx                         # the new entries' attributes
@@ -436,7 +456,7 @@ rt_split_large:
     btr r9, 7                          # bit 7 of a PTE is PAT, not PS
 rt_split_sized:
     not rcx
-    and rcx, r8                        # the entry without NX and C-bit
+    and rcx, r8                        # the entry without NX, C-bit and shared bit
     mov r11, r10
     shl r11, 9
     neg r11                            # ~(large page size - 1)
@@ -487,10 +507,12 @@ rt_pte_address_out:
     ret
 
 # rdi = gpa, rsi = npages (inside memory), r11 = enc, rdx = 0 to split only what the range
-# needs, 1 to also set (enc) or clear the C-bit in the entries that map it. A large page the
+# needs, 1 to also make the entries that map it private (enc: C-bit set, TDX's shared bit
+# clear) or shared (C-bit clear, shared bit set; Linux's cc_mkenc / cc_mkdec). A large page the
 # range covers whole keeps its size and gets the change itself (try_preserve_large_page); one
 # it covers in part is split. rax = 0, or -ENOMEM when the pool has no table left (the split
-# pass runs first, so a conversion fails before it changed anything). No-op without a C-bit.
+# pass runs first, so a conversion fails before it changed anything). No-op without a C-bit
+# or a shared bit.
 rt_sme_ptes:
     push rbx
     push rcx
@@ -499,11 +521,13 @@ rt_sme_ptes:
     push r9
     push r10
     push r12
+    push r13
     mov r12, rdx
     mov r8, RT_DATA
     mov r10, qword ptr [r8 + 0x800]    # C-bit mask
-    xor eax, eax
-    test r10, r10
+    mov r13, qword ptr [r8 + 0x900]    # TDX's shared bit
+    mov rax, r10
+    or rax, r13
     jz rt_sme_ptes_out
     mov r8, rdi                        # gpa
     mov r9, rsi                        # pages left
@@ -538,9 +562,13 @@ rt_sme_ptes_entry:
     jz rt_sme_ptes_next
     mov rbx, qword ptr [rax]
     or rbx, r10
+    or rbx, r13
     test r11, r11
-    jnz rt_sme_ptes_store
+    jnz rt_sme_ptes_private
     xor rbx, r10                       # shared: C-bit off
+    jmp rt_sme_ptes_store
+rt_sme_ptes_private:
+    xor rbx, r13                       # private: shared bit off
 rt_sme_ptes_store:
     mov qword ptr [rax], rbx
     invlpg [r8]
@@ -556,6 +584,7 @@ rt_sme_ptes_next:
     jnz rt_sme_ptes_loop
     xor eax, eax
 rt_sme_ptes_out:
+    pop r13
     pop r12
     pop r10
     pop r9
@@ -626,6 +655,12 @@ rt_set_memory_enc:
     pop rdx
     test rax, rax
     jnz rt_sme_out
+    # TDX: MapGPA and TDG.MEM.PAGE.ACCEPT (tdx.s)
+    call rt_is_tdx
+    jz rt_sme_not_tdx
+    call tdx_set_memory_enc
+    jmp rt_sme_out
+rt_sme_not_tdx:
     # SNP: page-state changes and validation instead of the hypercall
     mov r8, RT_DATA
     mov r8, qword ptr [r8 + 0x808]
@@ -712,6 +747,8 @@ rt_setup_hypercall:
     cpuid
     mov rdi, RT_DATA
     mov qword ptr [rdi + 0x818], 0
+    cmp qword ptr [rdi + 0x900], 0
+    jne rt_setup_hypercall_tdx
     cmp ebx, 0x68747541                # "Auth"enticAMD
     je rt_setup_hypercall_amd
     cmp ebx, 0x6f677948                # "Hygo"nGenuine
@@ -722,11 +759,18 @@ rt_setup_hypercall_amd:
     lea rax, [rip + rt_kvm_hypercall]
     mov byte ptr [rax + 2], 0xd9       # 0f 01 c1 (vmcall) -> 0f 01 d9 (vmmcall)
     ret
+# TDX: VMCALL would be a #VE (exit reason 18) KVM never sees; hypercalls go through
+# TDG.VP.VMCALL (kvm_hypercallN -> tdx_kvm_hypercall when X86_FEATURE_TDX_GUEST).
+rt_setup_hypercall_tdx:
+    lea rax, [rip + rt_kvm_hypercall]
+    mov word ptr [rax], 0x02eb         # jmp +2: over the rest of vmcall and the ret
+    ret
 
 # KVM_HYPERCALL lands here. The default is VMCALL, as in Linux before alternatives run.
 rt_kvm_hypercall:
     vmcall
     ret
+    jmp tdx_kvm_hypercall              # TDX (rt_setup_hypercall_tdx)
 
 # --- ucall -----------------------------------------------------------------------------------
 # The message goes into the shared ucall page (struct ucall: UCALL_CMD, UCALL_NARGS, UCALL_ARGS);
@@ -1074,3 +1118,4 @@ rt_exc_stub_table:
     .quad rt_exc_24, rt_exc_25, rt_exc_26, rt_exc_27, rt_exc_28, rt_exc_29, rt_exc_30, rt_exc_31
 
 .include "sev.s"
+.include "tdx.s"

@@ -454,8 +454,9 @@ rt_snp_validate_fail:
 # and its bit cleared, so no page is validated twice. A PVALIDATE that fails, or that finds a
 # page already validated (CF: PVALIDATE_FAIL_NOUPDATE, which Linux's pvalidate_pages treats
 # as fatal), fails the call. rax = 0, or -EINVAL for a range outside memory or a failed
-# PVALIDATE. A no-op (rax = 0) on every VM type but SNP (TDX's TDG.MEM.PAGE.ACCEPT is not
-# modelled yet). Preserves everything else.
+# PVALIDATE. On TDX each unit is accepted with TDG.MEM.PAGE.ACCEPT (tdx_accept_memory, as
+# arch_accept_memory -> tdx_accept_memory). A no-op (rax = 0) on every other VM type.
+# Preserves everything else.
 accept_memory:
     push rbx
     push rcx
@@ -463,9 +464,12 @@ accept_memory:
     push r9
     xor eax, eax
     mov r8, RT_DATA
+    cmp qword ptr [r8 + 0x900], 0      # TDX (tdx.s): TDG.MEM.PAGE.ACCEPT
+    jne accept_memory_lazy
     mov r8, qword ptr [r8 + 0x808]
     test r8, 4
     jz accept_memory_out
+accept_memory_lazy:
     test rsi, rsi
     jz accept_memory_out
     mov rax, -22
@@ -503,7 +507,8 @@ accept_memory_out:
     pop rbx
     ret
 
-# r8 = an unaccepted unit: PVALIDATE its 512 pages. rax = 0 or -EINVAL.
+# r8 = an unaccepted unit: PVALIDATE its 512 pages (SNP) or accept it with
+# tdx_accept_memory (TDX). rax = 0 or -EINVAL.
 rt_accept_unit:
     push rcx
     push rdx
@@ -511,6 +516,19 @@ rt_accept_unit:
     push r11
     mov r10, r8
     shl r10, 21
+    call rt_is_tdx
+    jz rt_accept_unit_snp
+    push rdi
+    push rsi
+    mov rdi, r10
+    lea rsi, [r10 + 0x200000]
+    call tdx_accept_memory
+    pop rsi
+    pop rdi
+    test rax, rax
+    jnz rt_accept_unit_fail
+    jmp rt_accept_unit_out
+rt_accept_unit_snp:
     mov r11, 512
 rt_accept_unit_loop:
     mov rax, r10
@@ -543,9 +561,12 @@ rt_accept_bytes:
     push rdi
     push rsi
     mov rax, RT_DATA
+    cmp qword ptr [rax + 0x900], 0     # TDX: accept lazily too
+    jne rt_accept_bytes_lazy
     mov rax, qword ptr [rax + 0x808]
     test rax, 4
     jz rt_accept_bytes_out
+rt_accept_bytes_lazy:
     test rsi, rsi
     jz rt_accept_bytes_out
     mov rcx, GUEST_MEM_SIZE

@@ -73,9 +73,11 @@ class UnicornVcpu(RunLoop):
         stage2: StagePrivacy | None = None,
         sev_status: int | None = None,
         on_guest_ud: Callable[[int, bytes], None] | None = None,
+        tdx_gpaw: int | None = None,
     ) -> None:
         self._init_binding(memory)
-        self._init_mmu(memory, paging, snp, stage2)
+        # tdx_gpaw: a TD (the `tdx` VM type) with this GPA width; the TDX module is part of it.
+        self._init_mmu(memory, paging, snp, stage2, tdx_gpaw)
         self._init_events(vendor, tracer if tracer is not None else Tracer.disabled())
         self._init_intercepts(sev_es or snp)
         self._init_runloop()

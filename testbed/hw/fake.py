@@ -57,6 +57,9 @@ class FakeVcpu:
         self.msr_passthrough: frozenset[int] = frozenset()
         self.io_in_result: int | None = None
         self.code_flushes = 0
+        #: TDX: the extended exit qualification of the next EPT-violation exit (a test sets it)
+        self.ext_exit_qual = 0
+        self.tdcalls = 0
         self._stop = False
         self._cur_len = 0
 
@@ -124,6 +127,13 @@ class FakeVcpu:
         self.regs[Reg.RAX] = rax & U64
         self.skip_instruction()
 
+    def complete_tdcall(self) -> None:
+        """The TDX module resumes the TD: TDCALL's status RAX = 0, RIP past the 4-byte TDCALL
+        (tdcalls counts them)."""
+        self.regs[Reg.RAX] = 0
+        self.regs[Reg.RIP] = (self.regs[Reg.RIP] + 4) & U64
+        self.tdcalls += 1
+
     def skip_instruction(self) -> None:
         """RIP past the intercepted instruction."""
         self.regs[Reg.RIP] = (self.regs[Reg.RIP] + self._cur_len) & U64
@@ -175,6 +185,14 @@ class FakeVcpu:
     def snp_launch_update(self, gpa: Gpa, length: int) -> None:
         """Record SNP_LAUNCH_UPDATE."""
         self.launched.append(("snp_launch_update", gpa, length))
+
+    def tdx_mem_page_add(self, gpa: Gpa, length: int) -> None:
+        """Record TDH.MEM.PAGE.ADD (KVM_TDX_INIT_MEM_REGION)."""
+        self.launched.append(("tdx_mem_page_add", gpa, length))
+
+    def ext_exit_qualification(self) -> int:
+        """The extended exit qualification a test scripted (`ext_exit_qual`)."""
+        return self.ext_exit_qual
 
     @property
     def memory(self) -> HostMemory:

@@ -33,6 +33,7 @@ from testbed.hw.exits import (
 )
 from testbed.hw.mmu import _DeliveryFault
 from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult
+from testbed.hw.unicorn_binding import HardwareError
 from testbed.x86 import (
     MSR_AMD64_SEV_ES_GHCB,
     PAGE_SHIFT,
@@ -101,6 +102,8 @@ class Intercepts(EventDelivery):
         self.site_hook_resets = 0
         #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
         self.on_guest_ud: Callable[[int, bytes], None] | None = None
+        #: why the hardware stopped a run on something it does not model (TDG.MR.REPORT)
+        self._unmodelled: str | None = None
 
     # -------------------------------------------------- what the hypervisor may set
     def skip_instruction(self) -> None:
@@ -162,7 +165,8 @@ class Intercepts(EventDelivery):
         """
         self._scanned_frames.add(frame)
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
-        patterns = _ES_SITE_PATTERNS if self._sev_es else _SITE_PATTERNS
+        # SEV-ES/SNP (#VC) and TDX (#VE, or the module's own CPUID answer) take CPUID at its site.
+        patterns = _ES_SITE_PATTERNS if self._sev_es or self._tdx is not None else _SITE_PATTERNS
         hooks = self._site_hooks
         before = len(hooks)
         for pattern in patterns:
@@ -217,6 +221,9 @@ class Intercepts(EventDelivery):
         insn = self._fetch_at_rip(address, 2)
         if insn in (b"\x0f\x30", b"\x0f\x32"):
             self._msr_instruction(address, insn == b"\x0f\x32")
+        elif self._tdx is not None and (insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES)
+                                        or insn == b"\x0f\xa2"):
+            self._td_site(address, insn)
         elif insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES):
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
@@ -252,6 +259,49 @@ class Intercepts(EventDelivery):
             # Not completed yet: a RIP write in a code hook stops the instruction (UNICORN.md).
             self.write_reg(Reg.RIP, address)
 
+    def _td_site(self, address: int, insn: bytes) -> None:
+        """CPUID or IN/OUT in a TD, before it executes: the TDX module answers CPUID of a leaf
+        it virtualises (td_cpuid.c), and turns the rest, and all port I/O, into #VE."""
+        tdx = self._tdx
+        assert tdx is not None
+        self._cur_rip = address
+        self._ctx = _CTX_INVALID
+        try:
+            if insn == b"\x0f\xa2":
+                values = tdx.cpuid(self.read_reg(Reg.RAX) & 0xFFFFFFFF, self.read_reg(Reg.RCX) & 0xFFFFFFFF)
+                if values is None:
+                    tdx.instruction_ve(VmxExitReason.EXIT_REASON_CPUID, 2)
+                    return
+                for reg, value in zip((Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX), values, strict=True):
+                    self.write_reg(reg, value & 0xFFFFFFFF)
+                self.write_reg(Reg.RIP, address + 2)
+                return
+            prefix = 1 if insn[0] == 0x66 else 0
+            op = insn[prefix]
+            if op in _IMM8_PORT_OPCODES:
+                port = self._fetch_at_rip(address + prefix + 1, 1)[0]
+                length = prefix + 2
+            else:
+                port = self.read_reg(Reg.RDX) & 0xFFFF
+                length = prefix + 1
+            size = 1 if op in _BYTE_IO_OPCODES else 2 if prefix else 4
+            # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
+            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if op in _IN_OPCODES else 0)
+            tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, length, qual)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def complete_tdcall(self) -> None:
+        """KVM's completion of TDG.VP.VMCALL: the TDCALL's status RAX = 0, RIP past it."""
+        if self._tdx is None:
+            raise HardwareError("complete_tdcall() on a vCPU that is not a TD")
+        self._tdx.complete_tdcall()
+
+    def stop_unmodelled(self, detail: str) -> None:
+        """End the run: the guest used something the hardware model does not model."""
+        self._unmodelled = detail
+        self.request_stop()
+
     def _vc_at(self, address: int, exit_code: int) -> None:
         """#VC for an intercepted instruction of an SEV-ES guest, before it executes."""
         self._cur_rip = address
@@ -268,6 +318,17 @@ class Intercepts(EventDelivery):
         if handler is None:
             if index in self._msr_passthrough:
                 return  # not intercepted: Unicorn's own MSR emulation runs
+            if self._tdx is not None:
+                # The module virtualises the architectural MSRs the emulator implements (the
+                # passthrough set); every other MSR is a #VE (td_msr_access.c).
+                self._cur_rip = address
+                self._ctx = _CTX_INVALID
+                try:
+                    self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_MSR_READ if is_read
+                                             else VmxExitReason.EXIT_REASON_MSR_WRITE, 2)
+                finally:
+                    self._ctx = _CTX_NONE
+                return
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
                 return
@@ -321,7 +382,7 @@ class Intercepts(EventDelivery):
         the VMCB save area KVM reads (hypercall_regs / hypercall_args); everything else goes
         through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
         try:
-            if self._sev_es:
+            if self._sev_es or self._tdx is not None:
                 return self._on_invalid(rip)
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
             # recorded translation of RIP's page read in C): two frames less per exit.
@@ -390,8 +451,17 @@ class Intercepts(EventDelivery):
                     self._cur_len = 4
                     self._pvalidate(rip)
                     return self._resume()
+            elif self._tdx is not None and insn == TDCALL_BYTES:
+                self._cur_len = 4
+                self._tdx.tdcall()
+                return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3
+                if self._tdx is not None:
+                    # In a TD, VMCALL is a #VE with exit reason 18 (td_generic_ve_exit): KVM
+                    # never sees it.
+                    self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_VMCALL, 3)
+                    return self._resume()
                 self._exit(VmxExitReason.EXIT_REASON_VMCALL, 0, 0)
                 return self._resume()
             # Everything else Unicorn cannot execute is #UD on this CPU (VMCALL on AMD,

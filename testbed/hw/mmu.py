@@ -30,6 +30,7 @@ from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
 from testbed.hw.memory import GuestMemory, HostMemory, StagePrivacy
 from testbed.hw.rmp import Rmp
+from testbed.hw.tdx_module import TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, TdxModule
 from testbed.hw.unicorn_binding import (
     HF_CS64,
     PRIVATE_ALIAS_BASE,
@@ -113,8 +114,11 @@ class Mmu(UnicornBinding):
     """Translation, the TLB-fill handler, and guest-virtual memory access as the CPU sees it."""
 
     def _init_mmu(self, memory: GuestMemory, paging: PagingMode, snp: bool,
-                  stage2: StagePrivacy | None) -> None:
+                  stage2: StagePrivacy | None, tdx_gpaw: int | None = None) -> None:
         self._mem = memory
+        #: the TDX module (a TD: `tdx` VM type), keeping the Secure EPT's accepted state
+        self._tdx: TdxModule | None = (TdxModule(self, memory.nframes, tdx_gpaw)  # type: ignore[arg-type]
+                                       if tdx_gpaw is not None else None)
         self._paging = paging
         self._snp = snp
         #: KVM's answer to "is this GFN mapped private in stage 2?" (None: no private memory)
@@ -133,6 +137,8 @@ class Mmu(UnicornBinding):
         self._pte_reader_private: Callable[[int], int] = lambda pa: memory.cpu_read_u64(pa, True)
         self._pending_fault_state: _PendingFault | None = None
         self._pending_npf_state: tuple[int, int] | None = None
+        #: TDX: the MMIO #VE a TLB fill left pending (linear address, GPA with the shared bit, access)
+        self._pending_ve: tuple[int, int, int] | None = None
         self._quiesced_state = False
         #: the guest linear address of the access behind the last NPF (see npf_linear_address)
         self._npf_linear = 0
@@ -164,7 +170,7 @@ class Mmu(UnicornBinding):
         mem = self._mem
         stage2 = self._stage2
         attrs = getattr(stage2, "private", None) if stage2 is not None else None
-        if not isinstance(attrs, bytearray) or len(attrs) < mem.nframes:
+        if not isinstance(attrs, bytearray | mmap.mmap) or len(attrs) < mem.nframes:
             attrs = None
         model = 2 if mem.guest_memfd else 1 if mem.encrypted else 0
         paging = self._paging
@@ -180,8 +186,9 @@ class Mmu(UnicornBinding):
         """A pending fault or a quiesced vCPU makes every fill Python's (see `_tlb_fill`)."""
         native = self._native_mmu
         if native is not None:
+            # A TD's fills are Python's: the C fill has no TDX stage-2/Secure-EPT rules yet.
             native.set_python_only(self._quiesced_state or self._pending_fault_state is not None
-                                   or self._pending_npf_state is not None)
+                                   or self._pending_npf_state is not None or self._tdx is not None)
 
     @property
     def _pending_fault(self) -> _PendingFault | None:
@@ -378,19 +385,33 @@ class Mmu(UnicornBinding):
             return None
         mem = self._mem
         gpa = result.gpa
+        tdx = self._tdx
         if gpa >= mem.size:
+            if tdx is not None and not result.encrypted:
+                # TDX: a shared GPA with no memory is MMIO; KVM's MMIO SPTE (suppress-#VE
+                # clear) makes the access an EPT-violation #VE in the guest.
+                self._pending_ve = (vaddr, gpa | tdx.shared_mask, access)
+                self._pending_fault = _PendingFault(Vector.VE, None, None)
+                return None
             self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, False) | NPF_GUEST_FINAL)
             self._npf_linear = vaddr
             return None
         frame = gpa >> PAGE_SHIFT
         stage2 = self._stage2
-        if stage2 is not None and (mem.encrypted or self._snp):
+        if stage2 is not None and (mem.encrypted or self._snp or tdx is not None):
             # The stage-2 tables KVM built from the memory attributes map each GFN either
             # private or shared; an access with the other C-bit value is a nested page fault
-            # (fetches count as private on SEV).
-            access_private = result.encrypted or access == ACCESS_FETCH
+            # (fetches count as private on SEV; a TD's fetch is private or shared by its bit).
+            access_private = result.encrypted or (access == ACCESS_FETCH and tdx is None)
             if stage2.is_private(Gfn(frame)) != access_private:
-                self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, access_private))
+                shared_bit = 0 if tdx is None or access_private else tdx.shared_mask
+                self._pending_npf = (gpa | shared_bit | (vaddr & 0xFFF), _npf_error(access, access_private))
+                return None
+            if tdx is not None and access_private and not tdx.accepted[frame]:
+                # A private access to a PENDING page: an EPT violation TD exit whose extended
+                # exit qualification says so (SEPT_VE_DISABLE: no #VE); KVM decides.
+                tdx.ext_exit_qual = TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
+                self._pending_npf = (gpa | (vaddr & 0xFFF), _npf_error(access, True))
                 return None
             rmp = self.rmp
             if rmp is not None and access_private and not rmp.validated[frame]:
@@ -470,7 +491,38 @@ class Mmu(UnicornBinding):
         TLB flush here) and, on SNP, moves them in the RMP (rmp_make_private/shared)."""
         if self.rmp is not None:
             self.rmp.assign(first, end, private)
+        if self._tdx is not None and not private:
+            self._tdx.page_remove(first, end)  # TDH.MEM.PAGE.REMOVE: converted back, it is pending
         self.flush_tlb()
+
+    # ------------------------------------------------------------- the TDX module's side
+    def is_private_gfn(self, gfn: int) -> bool:
+        """Whether stage 2 (KVM's attributes) maps `gfn` private."""
+        return self._stage2 is not None and self._stage2.is_private(Gfn(gfn))
+
+    def zero_private_page(self, gfn: int) -> None:
+        """TDG.MEM.PAGE.ACCEPT's initialisation of a private page (zeroed with the TD's key)."""
+        self._mem.cpu_write(gfn << PAGE_SHIFT, bytes(PAGE_SIZE), True)
+        self._on_host_write(gfn << PAGE_SHIFT, PAGE_SIZE)
+
+    def tdx_mem_page_add(self, gpa: Gpa, length: int) -> None:
+        """TDH.MEM.PAGE.ADD (KVM_TDX_INIT_MEM_REGION): the VMM's pages are copied into
+        guest_memfd and enter the TD accepted."""
+        if self._tdx is None:
+            raise TestbedError("TDH.MEM.PAGE.ADD on a vCPU that is not a TD")
+        self._mem.populate_private(gpa, length)
+        self._tdx.page_add(gpa >> PAGE_SHIFT, (gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT)
+
+    def tdx_init_vm(self, cpuid: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
+        """TDH.MNG.INIT: the TD's CPUID configuration, which the module answers from."""
+        if self._tdx is None:
+            raise TestbedError("TDH.MNG.INIT on a vCPU that is not a TD")
+        self._tdx.configure_cpuid(cpuid)
+
+    def ext_exit_qualification(self) -> int:
+        """TDX: the extended exit qualification of the current EPT-violation TD exit (its
+        type in bits 3:0: TDX_EXT_EXIT_QUAL_TYPE_*); 0 outside a TD."""
+        return self._tdx.ext_exit_qual if self._tdx is not None else 0
 
     # ------------------------------------------------------- the launch (SEV firmware)
     def launch_update_data(self, gpa: Gpa, length: int) -> None:

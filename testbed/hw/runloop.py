@@ -15,8 +15,9 @@ from testbed.hw.exits import RunStop, StopReason, SvmExitCode, Vendor, VmxExitRe
 from testbed.hw.intercepts import Intercepts
 from testbed.hw.mmu import _DeliveryFault
 from testbed.hw.watchdog import WATCHDOG, Alarm
-from testbed.x86 import PFERR_FETCH, U64, Reg
+from testbed.x86 import PFERR_FETCH, U64, Reg, Vector
 from testbed.x86.addr import Gva
+from testbed.x86.paging import ACCESS_FETCH, ACCESS_WRITE
 
 _REQUESTED = RunStop(StopReason.REQUESTED)
 _TIMEOUT = RunStop(StopReason.TIMEOUT)
@@ -116,6 +117,9 @@ class RunLoop(Intercepts):
                 raise exc2
             if self._stop_requested and not self._shutdown:
                 self._stop_requested = False
+                if self._unmodelled is not None:
+                    detail, self._unmodelled = self._unmodelled, None
+                    return RunStop(StopReason.EMULATOR_ERROR, detail)
                 return _REQUESTED
             if not error and self._site_reset_pending and not self._shutdown:
                 continue  # _scan_sites stopped the run before the block ran: reset, resume
@@ -123,6 +127,13 @@ class RunLoop(Intercepts):
                 if self._pending_fault is not None:
                     pf = self._pending_fault
                     self._pending_fault = None
+                    if pf.vector == Vector.VE and self._tdx is not None and self._pending_ve is not None:
+                        page, gpa, access = self._pending_ve
+                        self._pending_ve = None
+                        gla = self._fault_address(page, PFERR_FETCH if access == ACCESS_FETCH else 0)
+                        self._cur_rip = self.read_reg(Reg.RIP)
+                        self._tdx.mmio_ve(gla, gpa | (gla & 0xFFF), access == ACCESS_WRITE, access == ACCESS_FETCH)
+                        continue
                     cr2 = None if pf.cr2 is None else self._fault_address(pf.cr2, pf.error_code or 0)
                     self._tracer.emit("hw", "fault", vector=pf.vector, cr2=cr2, error_code=pf.error_code,
                                       rip=self.read_reg(Reg.RIP))
@@ -136,6 +147,8 @@ class RunLoop(Intercepts):
                     self._cur_rip = self.read_reg(Reg.RIP)
                     self._npf_linear = self._fault_address(self._npf_linear, npf_error & PFERR_FETCH)
                     self._exit(code, npf_error, gpa)
+                    if self._tdx is not None:
+                        self._tdx.ext_exit_qual = 0
                     continue
                 if self._shutdown:
                     continue
@@ -153,6 +166,12 @@ class RunLoop(Intercepts):
                 prev = self.fetch_bytes(Gva(rip - 1), 1)
             except _DeliveryFault:
                 prev = b""
+            if prev == b"\xf4" and self._tdx is not None:
+                # In a TD, HLT is a #VE (td_generic_ve_exit), at the instruction.
+                self._cur_rip = rip - 1
+                self.write_reg(Reg.RIP, rip - 1)
+                self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_HLT, 1)
+                continue
             if prev == b"\xf4":
                 self._cur_rip = rip - 1
                 self._cur_len = 1

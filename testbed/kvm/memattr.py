@@ -11,6 +11,8 @@ KVM_EXIT_MEMORY_FAULT).
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -36,12 +38,39 @@ def validate_attributes(address: int, size: int, attributes: int, flags: int, su
         raise KvmIoctlError(name, errno.EINVAL, f"address 0x{address:x} size 0x{size:x}: not page aligned")
 
 
+_ALL_PRIVATE: list[tuple[int, int]] = []  # (fd, length) of the process's file of 0x01 bytes
+
+
+def _all_private_file(length: int) -> int:
+    """A file descriptor whose first `length` bytes are 0x01 (one per GFN: PRIVATE), made once
+    per process and grown (doubling) when a larger VM needs more; it is only ever mapped
+    MAP_PRIVATE, so no VM's writes reach it or another VM."""
+    if _ALL_PRIVATE and _ALL_PRIVATE[-1][1] >= length:
+        return _ALL_PRIVATE[-1][0]
+    size = max(length, 2 * _ALL_PRIVATE[-1][1] if _ALL_PRIVATE else 1 << 16)
+    fd = os.memfd_create("testbed-all-private", os.MFD_CLOEXEC)
+    chunk = b"\x01" * (1 << 20)
+    written = 0
+    while written < size:
+        written += os.write(fd, chunk[: size - written])
+    _ALL_PRIVATE.append((fd, size))  # earlier, smaller files stay open: live mappings may use them
+    return fd
+
+
 class MemoryAttributes:
     """The attribute array of one VM (one byte per GFN: 1 = private)."""
 
     def __init__(self, guest_pages: int, initially_private: bool = False) -> None:
         self.guest_pages = guest_pages
-        self.private = bytearray(b"\x01" * guest_pages if initially_private else guest_pages)
+        # One byte per GFN in a lazily zero-filled anonymous mapping (as KVM's xarray holds only
+        # the GFNs that have attributes): a 64 GiB VM whose attributes stay 0 costs no host pages.
+        # An all-private start maps a shared file of 0x01 bytes copy-on-write, so it costs host
+        # pages only where an attribute changes (writing 0x01 per GFN took 20 ms at 64 GiB).
+        length = max(guest_pages, 1)
+        if initially_private and guest_pages:
+            self.private = mmap.mmap(_all_private_file(length), length, flags=mmap.MAP_PRIVATE)
+        else:
+            self.private = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.updates = 0
 
     def set(self, address: int, size: int, attributes: int, flags: int = 0) -> None:

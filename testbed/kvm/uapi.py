@@ -100,6 +100,7 @@ class KvmExitReason(IntEnum):
     KVM_EXIT_SYSTEM_EVENT = 24
     KVM_EXIT_AP_RESET_HOLD = 32
     KVM_EXIT_MEMORY_FAULT = 39
+    KVM_EXIT_TDX = 40
 
 
 class KvmVmType(IntEnum):
@@ -353,6 +354,37 @@ class WrmsrExit(_Replies):
                 "error": self.error}
 
 
+@dataclass(slots=True)
+class TdxExit(_Replies):
+    """KVM_EXIT_TDX: `run->tdx` for a TDG.VP.VMCALL KVM leaves to userspace (arch/x86/kvm/vmx/tdx.c):
+    `nr` is the GHCI leaf - GetQuote 0x10002 (`gpa` with the shared bit stripped, `size`),
+    GetTdVmCallInfo 0x10000 (`leaf` 1; userspace may also set `r11`..`r14`),
+    SetupEventNotifyInterrupt 0x10004 (`vector`). KVM presets `ret` (the TDVMCALL status the
+    guest gets in R10: SUBFUNC_UNSUPPORTED, SUCCESS for GetTdVmCallInfo) and copies the reply
+    slots back on the next KVM_RUN (tdx_complete_simple, tdx_complete_get_td_vm_call_info)."""
+
+    _REPLY: ClassVar[frozenset[str]] = frozenset({"ret", "r11", "r12", "r13", "r14"})
+    reason: ClassVar[str] = "tdx"
+    exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_TDX
+
+    nr: int
+    flags: int = 0
+    gpa: int = 0
+    size: int = 0
+    leaf: int = 0
+    vector: int = 0
+    ret: int = field(default=0, hash=False)
+    r11: int = field(default=0, hash=False)
+    r12: int = field(default=0, hash=False)
+    r13: int = field(default=0, hash=False)
+    r14: int = field(default=0, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The exit as the report's user_exits and --trace show it."""
+        return {"reason": "tdx", "nr": self.nr, "flags": self.flags, "gpa": self.gpa, "size": self.size,
+                "leaf": self.leaf, "vector": self.vector, "ret": self.ret}
+
+
 KVM_INTERNAL_ERROR_EMULATION = 1
 #: the exit happened while the CPU was delivering an event that KVM cannot emulate
 #: (x86.c kvm_prepare_event_vectoring_exit)
@@ -364,11 +396,11 @@ IoExit = IoInExit | IoOutExit
 MsrExit = RdmsrExit | WrmsrExit
 #: every exit KVM_RUN returns to userspace: one type per KVM_EXIT_* (an IN and an OUT apart)
 KvmExit = (HypercallExit | IoInExit | IoOutExit | HltExit | ShutdownExit | SystemEventExit | MemoryFaultExit
-           | InternalErrorExit | RdmsrExit | WrmsrExit | ApResetHoldExit)
+           | InternalErrorExit | RdmsrExit | WrmsrExit | ApResetHoldExit | TdxExit)
 #: the exit types, in KVM_EXIT_* order
 EXIT_TYPES: tuple[type[KvmExit], ...] = (
     IoInExit, IoOutExit, HypercallExit, HltExit, ShutdownExit, InternalErrorExit, SystemEventExit, RdmsrExit,
-    WrmsrExit, ApResetHoldExit, MemoryFaultExit)
+    WrmsrExit, ApResetHoldExit, MemoryFaultExit, TdxExit)
 
 
 _EXIT_NAMES = {int(r): r.name.removeprefix("KVM_EXIT_").lower() for r in KvmExitReason}

@@ -13,6 +13,7 @@ complete_userspace_io) before re-entering the guest.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 from testbed.decode import decode_one, describe
@@ -52,7 +53,10 @@ from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.msr import (
     KVM_MSR_FILTER_READ,
     KVM_MSR_FILTER_WRITE,
+    KVM_MSR_RET_ERR,
     KVM_MSR_RET_FILTERED,
+    MSR_KVM_MIGRATION_CONTROL,
+    MSR_KVM_POLL_CONTROL,
     MSR_OK,
     PASSTHROUGH_MSRS,
     PV_MSR_FEATURES,
@@ -61,6 +65,7 @@ from testbed.kvm.msr import (
     msr_value,
 )
 from testbed.kvm.sev import SevEsHandler, SevFatalError, SevState
+from testbed.kvm.tdx import TdxVcpu
 from testbed.kvm.uapi import (
     KVM_HC_CLOCK_PAIRING,
     KVM_HC_KICK_CPU,
@@ -88,6 +93,10 @@ from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import CR0_WP, PAGE_SIZE, U32, U64, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, walk
+
+#: The KVM PV MSRs tdx_has_emulated_msr() (arch/x86/kvm/vmx/tdx.c) leaves out: all but
+#: MSR_KVM_POLL_CONTROL.
+TDX_UNEMULATED_MSRS = frozenset((set(PV_MSR_FEATURES) | {MSR_KVM_MIGRATION_CONTROL}) - {MSR_KVM_POLL_CONTROL})
 
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
@@ -137,6 +146,14 @@ class KvmVcpu:
             )
             self.sev_es = SevEsHandler(self.sev_state, self, self.tracer)
             self._handlers[int(SvmExitCode.SVM_EXIT_VMGEXIT)] = lambda i1, i2: self.handle_vmgexit()
+        #: an event (interrupt, NMI) userspace made pending: kvm_vcpu_has_events() (inject_event)
+        self.pending_event = False
+        self.tdx: TdxVcpu | None = None
+        if vm.tdx:
+            # tdx_handle_exit(): the TD exit of a TDG.VP.VMCALL, and tdx_handle_ept_violation().
+            tdx = self.tdx = TdxVcpu(self)
+            self._handlers[int(VmxExitReason.EXIT_REASON_TDCALL)] = lambda i1, i2: tdx.handle_tdcall()
+            self._handlers[int(VmxExitReason.EXIT_REASON_EPT_VIOLATION)] = tdx.handle_ept_violation
         # The VMCB/VMCS is set up: the hardware delivers this vCPU's exits to vmexit().
         hw.attach_hypervisor(self)
         vm.add_vcpu(hw)
@@ -198,10 +215,15 @@ class KvmVcpu:
         self.msr_access(index, write, value, complete)
 
     # -------------------------------------------------------------------- MSRs
-    def msr_access(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
+    def msr_access(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None],
+                   *, td: bool = False) -> None:
         """kvm_emulate_rdmsr()/kvm_emulate_wrmsr() (arch/x86/kvm/x86.c): the filter, then
         kvm_get_msr_common()/kvm_set_msr_common(); a failure exits to userspace if it enabled
-        that reason (kvm_msr_user_space()), else complete(False, 0) injects #GP."""
+        that reason (kvm_msr_user_space()), else complete(False, 0) injects #GP.
+
+        `td`: a TD's TDVMCALL<RDMSR/WRMSR>: tdx_get_msr()/tdx_set_msr() fail (return 1, i.e.
+        KVM_MSR_RET_ERR) for an MSR outside tdx_has_emulated_msr(); of the KVM PV MSRs only
+        MSR_KVM_POLL_CONTROL is in that list (tdx.c). Other MSRs follow the common rules."""
         index &= U32
         value &= (1 << 64) - 1
         msr_filter = self.vm.msr_filter
@@ -212,7 +234,9 @@ class KvmVcpu:
         else:
             feature = PV_MSR_FEATURES.get(index)
             has = feature is not None and self._pv.has(feature)
-            if write:
+            if td and index in TDX_UNEMULATED_MSRS:
+                ret = KVM_MSR_RET_ERR
+            elif write:
                 ret = self.pv_msrs.set(index, value, has)
             else:
                 ret, data = self.pv_msrs.get(index, has)
@@ -267,6 +291,9 @@ class KvmVcpu:
         stop and restart and the layers' return path (the README's deviation gives the measured
         ratio). False returns the exit, already answered, as usual."""
         vm = self.vm
+        if vm.dead:
+            # kvm_vm_dead(): KVM_RUN (and every vCPU ioctl) fails with EIO from now on.
+            raise KvmIoctlError("KVM_RUN", errno.EIO, "the VM is dead (kvm_vm_dead)")
         pv = self._pv
         if pv.features != vm.pv_features or pv.enforce != vm.enforce_pv_feature_cpuid:
             self._pv = PvCpuid(vm.pv_features, vm.enforce_pv_feature_cpuid)  # KVM_SET_CPUID2 / the cap changed
@@ -288,6 +315,9 @@ class KvmVcpu:
                 # copy): KVM_RUN returns without entering the guest.
                 run, self._exit = self._exit, None
                 return run
+        # An event still pending is delivered as the guest is entered (the testbed models no
+        # interrupt delivery: it is consumed with no effect on the guest).
+        self.pending_event = False
         self._running = True
         self._handled = handled
         try:
@@ -303,6 +333,18 @@ class KvmVcpu:
             run, self._exit = self._exit, None
             return run
         return stop
+
+    def inject_event(self) -> None:
+        """Userspace makes an event pending (as KVM_INTERRUPT / KVM_NMI would): until the guest
+        is next entered, kvm_vcpu_has_events() is true - a TD's MapGPA then stops with RETRY
+        (tdx.c tdx_complete_vmcall_map_gpa)."""
+        self.pending_event = True
+
+    def take_pending_event(self) -> bool:
+        """kvm_vcpu_has_events(); a true answer means KVM re-enters the guest to deliver the
+        event, which consumes it."""
+        pending, self.pending_event = self.pending_event, False
+        return pending
 
     def fail_run(self, err: int, detail: str) -> None:
         """An exit handler returned -err: stop the vCPU and make KVM_RUN fail with err
@@ -594,7 +636,7 @@ class KvmVcpu:
         """shutdown_interception() / handle_triple_fault(): KVM_EXIT_SHUTDOWN."""
         self._exit_to_userspace(ShutdownExit(), None)
 
-    def handle_npf(self, error: int, gpa: int) -> None:
+    def handle_npf(self, error: int, gpa: int, *, private: bool | None = None) -> None:
         """A nested page fault: a private/shared mismatch, or a GPA outside guest memory.
 
         kvm_mmu_page_fault(): when the access's private-ness (the C-bit, PFERR_GUEST_ENC)
@@ -617,10 +659,13 @@ class KvmVcpu:
           faults again, and never leaves KVM_RUN: the run ends at its timeout;
         * the final access: KVM would emulate it and exit with KVM_EXIT_MMIO; the testbed
           models no MMIO devices and ends with KVM_EXIT_INTERNAL_ERROR (emulation) instead.
+
+        `private`: the access's private-ness where the exit does not carry it in the error
+        code (a TD's EPT violation: the shared bit of the GPA, kvm/tdx.py).
         """
         attrs = self.vm.mem_attrs
         if gpa < self.vm.memory.size and attrs is not None:
-            is_private = bool(error & NPF_GUEST_ENC)
+            is_private = bool(error & NPF_GUEST_ENC) if private is None else private
             if is_private != attrs.is_private(gpa >> 12):
                 flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if is_private else 0
                 if self.tracer.enabled:
@@ -639,7 +684,7 @@ class KvmVcpu:
                 (gpa, int(code), error, gpa, 0)), None)
             return
         if error & NPF_GUEST_PAGE:
-            if self.vm.sev:
+            if self.vm.sev or self.vm.tdx:
                 if self.tracer.enabled:
                     self.tracer.emit("kvm", "npf_retry", gpa=gpa, reason="SEV guest: no emulation")
                 return  # X86EMUL_RETRY_INSTR: re-enter the guest, which faults again

@@ -5,7 +5,10 @@ arch/x86/kvm/svm/sev.c @1a27afa0511e, x86.c/emulate.c @042007c2, svm.c @0149b498
 @16182708 (../shared/ABI.md section 10). It holds the May-2026 SEV fix series that went into
 mainline for 7.2 (posted by Paolo Bonzini as "[PATCH nn/24] KVM: SEV: ...", applied to kvm.git
 sev-for-7.2 / kvm-ghcb-for-7.2) and "KVM: SEV: Restrict userspace return codes for
-KVM_HC_MAP_GPA_RANGE".
+KVM_HC_MAP_GPA_RANGE" with its TDX twin 3e2dec1ede0a "KVM: TDX: Allow userspace to return
+errors to guest for MAPGPA" (one series, v4 of 2026-03-05; both in kvm.git's 7.2 batch, neither
+in 7.1); arch/x86/kvm/vmx/tdx.c was read at kvm-x86/linux @09c6f74e, whose
+tdx_complete_vmcall_map_gpa() has it.
 
 The older behaviour is that of Linux 7.1, the newest release. The older copy of sev.c that was
 read, gregkh/linux @00b9744a3688, is the commit "KVM: SEV: Add an anonymous "psc" struct to track
@@ -102,5 +105,13 @@ DIFFERENCES: tuple[Difference, ...] = (
               "GHCB_MSR_PSC_RESP_ERROR)",
         commit="5d40e5b49442 KVM: SEV: Restrict userspace return codes for KVM_HC_MAP_GPA_RANGE",
         source="arch/x86/kvm/svm/sev.c snp_complete_one_psc, snp_complete_psc_msr; x86.h",
+    ),
+    Difference(
+        behaviour="TDX MapGPA completion: the value userspace leaves in hypercall.ret",
+        reference="0 goes on; EAGAIN is RETRY and EINVAL INVALID_OPERAND, R11 = the chunk's GPA; anything "
+                  "else makes KVM_RUN fail with -EINVAL (kvm_is_valid_map_gpa_range_ret)",
+        older="any non-zero value is INVALID_OPERAND, R11 = the chunk's GPA",
+        commit="3e2dec1ede0a KVM: TDX: Allow userspace to return errors to guest for MAPGPA",
+        source="arch/x86/kvm/vmx/tdx.c tdx_complete_vmcall_map_gpa; x86.h",
     ),
 )

@@ -123,8 +123,14 @@ class KvmVm:
 
     def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51,
                  kvm_version: KvmVersion = REFERENCE, *, ghcb_version: int = 2,
-                 page_enc_status_protocol: bool = False) -> None:
+                 page_enc_status_protocol: bool = False, gpaw: int = 48) -> None:
         self.type = vm_type
+        #: TDX: the guest physical address width, 48 or 52 (KVM_TDX_INIT_VM's CPUID
+        #: 0x80000008.EAX[23:16]); the shared bit is GPA bit gpaw - 1 (kvm->arch.gfn_direct_bits)
+        self.gpaw = gpaw
+        #: kvm_vm_dead(): every later KVM_RUN fails with EIO (kvm/tdx.py, "Guest access before
+        #: accepting")
+        self.dead = False
         self.c_bit = c_bit
         #: which KVM is modelled where the reference tree and the release differ (kvm/version.py)
         self.kvm_version = kvm_version
@@ -149,7 +155,10 @@ class KvmVm:
         # bitmap was all it kept.
         self.mem_attrs: MemoryAttributes | None = None
         if self.has_private_mem and not page_enc_status_protocol:
-            self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev)
+            # A TD's RAM is private from the start too (QEMU sets the attribute on all of a
+            # TD's guest_memfd-backed RAM; what KVM_TDX_INIT_MEM_REGION did not add is pending).
+            self.mem_attrs = MemoryAttributes(guest_pages, initially_private=self.sev
+                                              or vm_type == KvmVmType.KVM_X86_TDX_VM)
         #: seed-era protocol: KVM_HC_PAGE_ENC_STATUS handled in the kernel into a bitmap
         self.page_enc_status_protocol = page_enc_status_protocol
         #: sev->page_enc_bmap (kvm/page_enc.py); userspace reads it with get_page_enc_bitmap
@@ -268,6 +277,20 @@ class KvmVm:
         guest_memfd (or encrypted in place without it) and enter the guest validated."""
         self._platform("KVM_SEV_SNP_LAUNCH_UPDATE").snp_launch_update(gpa, length)
 
+    def tdx_init_mem_region(self, gpa: Gpa, length: int) -> None:
+        """KVM_TDX_INIT_MEM_REGION (vmx/tdx.c tdx_vcpu_init_mem_region -> tdx_gmem_post_populate):
+        the VMM's pages are copied into guest_memfd by TDH.MEM.PAGE.ADD and enter the TD
+        accepted (and measured with TDH.MR.EXTEND, not modelled)."""
+        name = "KVM_TDX_INIT_MEM_REGION"
+        if self.type != KvmVmType.KVM_X86_TDX_VM:
+            raise KvmIoctlError(name, errno.ENOTTY, "not a TDX VM")
+        if not self._vcpu_hw:
+            raise KvmIoctlError(name, errno.EINVAL, "no vCPU: the TDX module runs on its hardware")
+        if gpa % 4096 or length <= 0 or length % 4096 or gpa + length > self.memory.size:
+            raise KvmIoctlError(name, errno.EINVAL, f"region 0x{gpa:x}+0x{length:x}: not page aligned or "
+                                "outside guest memory")
+        self._vcpu_hw[0].tdx_mem_page_add(gpa, length)
+
     @property
     def has_private_mem(self) -> bool:
         """kvm_arch_has_private_mem(): the VM types with memory attributes.
@@ -279,6 +302,27 @@ class KvmVm:
         """
         return self.type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SNP_VM,
                              KvmVmType.KVM_X86_TDX_VM)
+
+    @property
+    def tdx(self) -> bool:
+        """A TDX VM (KVM_X86_TDX_VM)."""
+        return self.type == KvmVmType.KVM_X86_TDX_VM
+
+    @property
+    def tdx_shared_mask(self) -> int:
+        """gfn_to_gpa(kvm_gfn_direct_bits()): the TD's shared bit, BIT(gpaw - 1); 0 elsewhere
+        (tdx.c tdx_td_init: TDX_SHARED_BIT_PWL_4 / _PWL_5)."""
+        return 1 << (self.gpaw - 1) if self.tdx else 0
+
+    @property
+    def maxphyaddr(self) -> int:
+        """cpuid_query_maxphyaddr() (cpuid.c): CPUID 0x80000008.EAX[7:0] when the extended range
+        reaches that leaf and userspace set it, else 36."""
+        top = self.cpuid.entries.get((0x80000000, 0))
+        leaf = self.cpuid.entries.get((0x80000008, 0))
+        if top is None or top.eax < 0x80000008 or leaf is None:
+            return 36
+        return leaf.eax & 0xFF
 
     @property
     def snp(self) -> bool:

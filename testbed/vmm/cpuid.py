@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from testbed.errors import UsageError
 from testbed.hw.exits import Vendor
+from testbed.hw.tdx_module import TDX_CPUID_LEAF_ID, TDX_IDENT
 from testbed.kvm.msr import (
     KVM_FEATURE_ASYNC_PF,
     KVM_FEATURE_ASYNC_PF_INT,
@@ -66,6 +67,7 @@ def build_cpuid(
     sev_features: int = 0,
     c_bit: int = 51,
     kvm_base: int | None = KVM_CPUID_SIGNATURE,
+    tdx_gpaw: int | None = None,
 ) -> CpuidTable:
     """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x80000001, 0x8000001F.
 
@@ -93,4 +95,12 @@ def build_cpuid(
     if vendor is Vendor.AMD:
         sev_ebx = (c_bit & 0x3F) | (PHYS_ADDR_REDUCTION << 6) if sev_features else 0
         table.set(CpuidEntry(0x8000001F, 0, sev_features, sev_ebx, 0, 0))
+    if tdx_gpaw is not None:
+        # A TD: leaf 0x21 is the TDX module's ("IntelTDX    ", which the module answers
+        # itself: hw/tdx_module.py), so the base range reaches it; 0x80000008.EAX[23:16] is the
+        # GPA width KVM_TDX_INIT_VM configures (and [7:0] the MAXPHYADDR KVM checks GPAs with).
+        table.set(CpuidEntry(0, 0, TDX_CPUID_LEAF_ID, ebx, ecx, edx))
+        tb, tc, td = _regs(TDX_IDENT)
+        table.set(CpuidEntry(TDX_CPUID_LEAF_ID, 0, 0, tb, tc, td))
+        table.set(CpuidEntry(0x80000008, 0, tdx_gpaw | (tdx_gpaw << 16), 0, 0, 0))
     return table

@@ -9,6 +9,10 @@ the VM; QEMU never sets ret and stops the vCPU instead):
 * on SEV-SNP the exits come from Page State Change requests, whose completions accept only 0,
   EINVAL or EAGAIN from userspace (kvm_is_valid_map_gpa_range_ret() in x86.h; any other value
   fails KVM_RUN with -EINVAL): the VMM answers EINVAL (22, positive);
+* on TDX the exits come from the TD's MapGPA (TDG.VP.VMCALL), whose completion
+  (tdx.c tdx_complete_vmcall_map_gpa) accepts the same three values in the reference tree and
+  makes any non-zero value INVALID_OPERAND in 7.1: the VMM answers EINVAL (22, positive), which
+  both turn into INVALID_OPERAND for the guest;
 * elsewhere the exit comes from the guest's own KVM_HC_MAP_GPA_RANGE, whose completion
   (complete_hypercall_exit()) writes ret raw into RAX: the VMM answers -KVM_EINVAL, the hypercall
   ABI's error (hypercalls.rst), so the guest reads the value it expects.

@@ -20,6 +20,7 @@ from testbed.hw.memory import HostMemory
 from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_SYSTEM_EVENT_SEV_TERM,
+    KVM_SYSTEM_EVENT_TDX_FATAL,
     ApResetHoldExit,
     HltExit,
     HypercallExit,
@@ -31,6 +32,7 @@ from testbed.kvm.uapi import (
     RdmsrExit,
     ShutdownExit,
     SystemEventExit,
+    TdxExit,
     WrmsrExit,
 )
 from testbed.layout import UCALL_PORT
@@ -43,6 +45,11 @@ from testbed.x86 import vector_name
 if TYPE_CHECKING:
     from testbed.asm import Program
 
+#: The ReportFatalError message registers R14, R15, RBX, RDI, RSI, R8, R9, RDX (the GHCI's order,
+#: QEMU's COPY_REG sequence) as indices into system_event.data, which holds the GPRs in
+#: VCPU_REGS_* order (RAX 0, RCX 1, RDX 2, RBX 3, RSP 4, RBP 5, RSI 6, RDI 7, R8..R15 8..15) - the
+#: numbering RCX's exposed-register bitmap uses too
+FATAL_MESSAGE_REGS = (14, 15, 3, 7, 6, 8, 9, 2)
 GHCB_MSR_TERM_REQ = 0x100
 GHCB_SW_EXITINFO1_OFFSET = 0x398
 
@@ -199,6 +206,8 @@ class Vmm:
         locate: Callable[[int], Mapping[str, Any] | None] | None = None,
         program: Program | None = None,
         shared_source: SharedSource | None = None,
+        inject_event: Callable[[], None] | None = None,
+        pending_event_every: int | None = None,
     ) -> None:
         #: maps a guest address to its source (file, line, symbol, offset): host tooling, as a
         #: debugger with the guest's symbols would be; it reads no guest state
@@ -214,6 +223,12 @@ class Vmm:
         #: where the final shared ranges come from: the VMM's tracker, unless KVM keeps them
         #: (the seed-era page-enc-status protocol: vmm/page_enc.py reads KVM's bitmap)
         self.shared_source: SharedSource = shared_source if shared_source is not None else map_gpa.tracker
+        #: VMM-side control (testbed): after every `pending_event_every`-th MAP_GPA_RANGE exit it
+        #: answers, the VMM makes an event pending on the vCPU (`inject_event`, as QEMU injecting
+        #: an interrupt would), so KVM's TDX MapGPA completion answers RETRY (kvm/tdx.py)
+        self.inject_event = inject_event
+        self.pending_event_every = pending_event_every
+        self._map_gpa_exits = 0
         self.report = RunReport()
         self._reason_counts: dict[str, int] = {}  # per exit reason; into the report at the end
         self._end: VmEnd | None = None
@@ -319,7 +334,34 @@ class Vmm:
         return VmEnd("bad_ucall", f"ucall at 0x{ucall.gpa:x}: unknown command {name.removeprefix('cmd_')} "
                      "(known: 1-4)", {"bad_ucall": {"gpa": ucall.gpa, "reason": f"unknown command {ucall.number}"}})
 
+    def map_gpa_answered(self) -> None:
+        """Count a MAP_GPA_RANGE exit answered; every `pending_event_every`-th makes an event
+        pending (see __init__)."""
+        self._map_gpa_exits += 1
+        every = self.pending_event_every
+        if every and self.inject_event is not None and self._map_gpa_exits % every == 0:
+            self.inject_event()
+
+    def _tdx_fatal(self, exit: SystemEventExit) -> VmEnd:
+        """KVM_SYSTEM_EVENT_TDX_FATAL, as QEMU's tdx_handle_report_fatal_error() reads it: the
+        error code in R12 (bits 15:0 must be 0), the message in the registers RCX's bitmap
+        exposed (R14, R15, RBX, RDI, RSI, R8, R9, RDX, in that order, up to the first NUL), a GPA
+        in R13 when R12 bit 63 says it is valid - recorded, never read (it is the guest's)."""
+        data = list(exit.data) + [0] * (16 - len(exit.data))
+        error_code, reg_mask = data[12], data[1]
+        words = [data[i] for i in FATAL_MESSAGE_REGS if reg_mask & (1 << i)]
+        raw = b"".join((w & ((1 << 64) - 1)).to_bytes(8, "little") for w in words).split(b"\0", 1)[0]
+        message = raw.decode("utf-8", errors="backslashreplace")
+        info: dict[str, Any] = {"error_code": error_code, "message": message,
+                                "gpa": data[13] if error_code >> 63 else None}
+        detail = f"TD reported a fatal error (error code 0x{error_code:x}): {message!r}"
+        if error_code & 0xFFFF:
+            detail += " - invalid error code (bits 15:0 must be 0)"
+        return VmEnd("terminated", detail, {"tdx_fatal": info}, exit)
+
     def _termination(self, exit: SystemEventExit) -> VmEnd:
+        if exit.type == KVM_SYSTEM_EVENT_TDX_FATAL:
+            return self._tdx_fatal(exit)
         if exit.type != KVM_SYSTEM_EVENT_SEV_TERM or not exit.data:
             return VmEnd("terminated", f"system event {exit.type}", exit=exit)
         value = exit.data[0]
@@ -359,6 +401,13 @@ def handle_exit(vmm: Vmm, exit: KvmExit) -> Ucall | VmEnd | None:
         case HypercallExit(nr=nr, args=args):
             if nr == KVM_HC_MAP_GPA_RANGE:
                 exit.ret = vmm.map_gpa.handle(args[0], args[1], args[2])
+                vmm.map_gpa_answered()
+            return None
+        case TdxExit():
+            # KVM_EXIT_TDX (GetQuote, GetTdVmCallInfo leaf 1, SetupEventNotifyInterrupt): the
+            # testbed's VMM has no quote service and no event-notify interrupt, so it leaves
+            # KVM's preset answer - SUBFUNC_UNSUPPORTED, and for GetTdVmCallInfo SUCCESS with
+            # R11..R14 = 0 (no optional leaves) - as a QEMU without them answers.
             return None
         case IoOutExit(port=port):
             if port != UCALL_PORT:

@@ -1,0 +1,346 @@
+"""The Intel TDX module: what sits between a TD and KVM, played by the hardware model.
+
+A TD guest reaches the module with TDCALL (66 0F 01 CC, RAX = leaf); the module answers the
+guest itself or leaves to the host VMM. Modelled (leaf numbers and registers as Linux's
+arch/x86/include/asm/shared/tdx.h, behaviour as the module's src/td_dispatcher, intel/tdx-module):
+
+* TDG.VP.VMCALL (0): RCX selects the GPRs exposed to the VMM (bits 0, 1, 4 and 63:32 must be
+  clear, else TDX_OPERAND_INVALID | RCX: tdg_vp_vmcall.c); a TD exit to KVM, reported as
+  VMX exit EXIT_REASON_TDCALL (77). KVM finishes it with `complete_tdcall()`: RAX = 0 (the
+  TDCALL's own status) and RIP past the TDCALL.
+* TDG.VP.INFO (1): RCX[5:0] = GPAW, RDX = TD attributes (SEPT_VE_DISABLE, as Linux needs for a
+  non-debug TD), R8 = NUM_VCPUS | MAX_VCPUS << 32, R9..R11 = 0 (tdg_vp_info.c).
+* TDG.VP.VEINFO.GET (3): RCX = exit reason, RDX = exit qualification, R8 = GLA, R9 = GPA,
+  R10 = instruction length | instruction info << 32, and the info is marked free;
+  TDX_NO_VALID_VE_INFO when nothing is pending (tdg_vp_veinfo_get.c).
+* TDG.MEM.PAGE.ACCEPT (6): RCX = GPA | level; 4K and 2M levels only (verify_page_info_input
+  with LVL_PT..LVL_PD: 1G is TDX_OPERAND_INVALID | RCX, as is a misaligned or shared GPA). The
+  modelled Secure EPT maps private memory with 4 KiB leaves only (KVM's TDX MMU maps private
+  GFNs at 4K), so a 2M request is TDX_PAGE_SIZE_MISMATCH | level 1, an accepted page is
+  TDX_PAGE_ALREADY_ACCEPTED | level 0 (a warning: bit 63 clear), a pending page is zeroed and
+  becomes accepted, and a GFN KVM maps shared (no Secure EPT entry) is an EPT violation to
+  KVM, which decides (tdg_mem_page_accept.c, check_tdaccept_failure).
+* TDG.MR.REPORT (4): not modelled; the run stops with an error naming it.
+* any other leaf: TDX_OPERAND_INVALID | RAX.
+* TDCALL at CPL > 0 is #GP(0) before any leaf is looked at (the CPU's check, not the module's).
+
+#VE (vector 20): the module fills VE_INFO and injects #VE; if VE_INFO is still valid (the
+guest has not read it with TDG.VP.VEINFO.GET) it injects #DF instead (td_vmexit.c,
+tdx_inject_ve). Sources: CPUID of a leaf the module does not answer (td_cpuid.c), HLT, port
+I/O, VMCALL (reason 18: td_generic_ve_exit; KVM never sees it), MSRs the module does not
+virtualise, and a shared access to a GPA with no memory (MMIO: an EPT violation #VE).
+
+The module also keeps the Secure EPT's view of private memory: one byte per GFN, 1 =
+accepted (MAPPED), 0 = pending or not mapped. KVM's TDH.MEM.PAGE.ADD at launch
+(`page_add`) adds pages accepted; removing a GFN from private memory (TDH.MEM.PAGE.REMOVE on
+a private->shared conversion) forgets the acceptance, so a GFN converted back is pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from testbed.hw.exits import NPF_GUEST_ENC, NPF_WRITE, VmxExitReason
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64, Reg, Vector
+
+# TDCALL leaves (arch/x86/include/asm/shared/tdx.h).
+TDG_VP_VMCALL = 0
+TDG_VP_INFO = 1
+TDG_VP_VEINFO_GET = 3
+TDG_MR_REPORT = 4
+TDG_MEM_PAGE_ACCEPT = 6
+
+# TDX module status codes (tdx-module include/tdx_error_codes_defs / Linux's tdx_errno.h).
+TDX_SUCCESS = 0
+TDX_OPERAND_INVALID = 0xC000010000000000
+TDX_NO_VALID_VE_INFO = 0xC000070400000000
+TDX_PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000
+TDX_PAGE_SIZE_MISMATCH = 0xC0000B0B00000000
+#: operand ids ORed into bits 31:0 of a status (api_error_with_operand_id)
+OPERAND_ID_RAX = 0
+OPERAND_ID_RCX = 1
+
+#: TDG.MEM.PAGE.ACCEPT levels in RCX[2:0] (shared/tdx.h TDX_PS_4K / 2M / 1G)
+TDX_PS_4K, TDX_PS_2M, TDX_PS_1G = 0, 1, 2
+
+#: TD attributes (coco/tdx/tdx.c): bit 0 DEBUG, bit 28 SEPT_VE_DISABLE
+TDX_ATTR_DEBUG = 1 << 0
+TDX_ATTR_SEPT_VE_DISABLE = 1 << 28
+
+#: VMX exit reasons the module puts in VE_INFO (uapi/asm/vmx.h)
+VE_REASON_CPUID = 10
+VE_REASON_HLT = 12
+VE_REASON_VMCALL = 18
+VE_REASON_IO = 30
+VE_REASON_MSR_READ = 31
+VE_REASON_MSR_WRITE = 32
+VE_REASON_EPT_VIOLATION = 48
+
+#: EPT-violation exit qualification bits (SDM vol. 3 28.2.1 table 28-7)
+EPT_QUAL_READ = 1 << 0
+EPT_QUAL_WRITE = 1 << 1
+EPT_QUAL_FETCH = 1 << 2
+EPT_QUAL_GLA_VALID = 1 << 7
+EPT_QUAL_GLA_TRANSLATED = 1 << 8
+
+#: The extended exit qualification of an EPT violation TD exit (Linux's
+#: arch/x86/kvm/vmx/tdx.h TDX_EXT_EXIT_QUAL_TYPE_*): a private access to a PENDING page is
+#: type 6, which KVM's tdx_is_sept_violation_unexpected_pending() checks.
+TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
+TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6
+#: TDG.MEM.PAGE.ACCEPT's own EPT violation (VMX_EEQ_ACCEPT in tdg_mem_page_accept.c)
+TDX_EXT_EXIT_QUAL_TYPE_ACCEPT = 1
+
+#: CPUID leaf 0x21 as the module answers it: EBX:EDX:ECX = "IntelTDX    " (td_cpuid.c's
+#: lookup table; Linux's tdx_early_init checks it with cpuid_count(TDX_CPUID_LEAF_ID, 0, ...))
+TDX_CPUID_LEAF_ID = 0x21
+TDX_IDENT = "IntelTDX    "
+#: leaves the module answers from the TD's configured CPUID (TDH.MNG.INIT); the testbed's
+#: stand-in for the module's lookup table. td_cpuid.c: 0x40000000-0x4FFFFFFF always #VE, and
+#: leaves outside the table #VE (REDUCE_VE off); 0x2, 0x6, 0x9, 0xB, 0xC, 0xF, 0x10, 0x16,
+#: 0x17, 0x1B, 0x1F, 0x80000002-0x80000005 are "faulting" leaves (#VE without REDUCE_VE).
+CPUID_FAULTING_LEAVES = frozenset({0x2, 0x6, 0x9, 0xB, 0xC, 0xF, 0x10, 0x16, 0x17, 0x1B, 0x1F,
+                                   0x80000002, 0x80000003, 0x80000004, 0x80000005})
+CPUID_RESERVED_START, CPUID_RESERVED_END = 0x40000000, 0x4FFFFFFF
+CPUID_MAX_BASE_LEAF = 0x23
+CPUID_MAX_EXT_LEAF = 0x80000008
+
+
+def _ident_regs() -> tuple[int, int, int]:
+    raw = TDX_IDENT.encode()
+    ebx, edx, ecx = (int.from_bytes(raw[i:i + 4], "little") for i in (0, 4, 8))
+    return ebx, ecx, edx
+
+
+class TdCpu(Protocol):
+    """What the module uses of the vCPU (hw/intercepts.py, hw/events.py)."""
+
+    def read_reg(self, reg: Reg) -> int: ...
+
+    def write_reg(self, reg: Reg, value: int) -> None: ...
+
+    def _deliver_now(self, vector: int, error_code: int | None, software: bool = False,
+                     cr2: int | None = None) -> None: ...
+
+    def _exit(self, code: int, info1: int, info2: int) -> None: ...
+
+    def is_private_gfn(self, gfn: int) -> bool: ...
+
+    def zero_private_page(self, gfn: int) -> None: ...
+
+    def stop_unmodelled(self, detail: str) -> None: ...
+
+    def cpl(self) -> int: ...
+
+
+@dataclass
+class VeInfo:
+    """The TDVPS VE_INFO area (tdx_tdvps.h ve_info): what TDG.VP.VEINFO.GET returns."""
+
+    valid: bool = False
+    exit_reason: int = 0
+    exit_qualification: int = 0
+    gla: int = 0
+    gpa: int = 0
+    instr_len: int = 0
+    instr_info: int = 0
+
+
+class TdxModule:
+    """The TDX module of one TD (one vCPU): TDCALL leaves, VE_INFO and #VE, Secure EPT state."""
+
+    def __init__(self, cpu: TdCpu, nframes: int, gpaw: int, attributes: int = TDX_ATTR_SEPT_VE_DISABLE) -> None:
+        if gpaw not in (48, 52):
+            raise ValueError(f"GPAW {gpaw}: the TDX module supports 48 or 52")
+        self._cpu = cpu
+        self.gpaw = gpaw
+        self.shared_mask = 1 << (gpaw - 1)
+        self.attributes = attributes
+        #: Secure EPT state per GFN: 1 = accepted (MAPPED), 0 = pending / not mapped
+        self.accepted = bytearray(nframes)
+        self.ve = VeInfo()
+        #: the extended exit qualification of the current EPT-violation TD exit (type bits)
+        self.ext_exit_qual = 0
+        #: the TD's configured CPUID (TDH.MNG.INIT): leaf, subleaf -> EAX..EDX, or None
+        self.cpuid_config: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self.tdcalls = 0
+        self.ves = 0
+
+    # ------------------------------------------------------------------ the TD's setup
+    def configure_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
+        """TDH.MNG.INIT's CPUID configuration (KVM_TDX_INIT_VM passes userspace's values)."""
+        self.cpuid_config = dict(entries)
+
+    def page_add(self, first: int, end: int) -> None:
+        """TDH.MEM.PAGE.ADD of GFNs [first, end): the pages enter the TD accepted (MAPPED)."""
+        self.accepted[first:end] = b"\x01" * (end - first)
+
+    def page_remove(self, first: int, end: int) -> None:
+        """TDH.MEM.PAGE.REMOVE of GFNs [first, end) (KVM zaps private GFNs made shared)."""
+        end = min(end, len(self.accepted))
+        if first < end:
+            self.accepted[first:end] = bytes(end - first)
+
+    def is_accepted(self, gfn: int) -> bool:
+        """Whether the Secure EPT maps `gfn` accepted."""
+        return 0 <= gfn < len(self.accepted) and self.accepted[gfn] != 0
+
+    # ------------------------------------------------------------------------- #VE
+    def inject_ve(self, reason: int, qual: int = 0, gla: int = 0, gpa: int = 0, instr_len: int = 0,
+                  instr_info: int = 0) -> None:
+        """tdx_inject_ve(): fill VE_INFO and deliver #VE, or #DF while VE_INFO is still valid."""
+        if self.ve.valid:
+            self._cpu._deliver_now(Vector.DF, 0)
+            return
+        self.ve = VeInfo(True, reason, qual & U64, gla & U64, gpa & U64, instr_len, instr_info)
+        self.ves += 1
+        self._cpu._deliver_now(Vector.VE, None)
+
+    def instruction_ve(self, reason: int, length: int, qual: int = 0) -> None:
+        """A #VE for an instruction the module does not let the TD execute (RIP stays at it;
+        the guest skips it with VE_INFO's instruction length)."""
+        self.inject_ve(reason, qual, instr_len=length)
+
+    def mmio_ve(self, gla: int, gpa: int, write: bool, fetch: bool = False) -> None:
+        """An EPT-violation #VE: a shared access to a GPA with no memory (MMIO)."""
+        qual = (EPT_QUAL_WRITE if write else EPT_QUAL_FETCH if fetch else EPT_QUAL_READ)
+        self.inject_ve(VE_REASON_EPT_VIOLATION, qual | EPT_QUAL_GLA_VALID | EPT_QUAL_GLA_TRANSLATED, gla, gpa)
+
+    def cpuid(self, leaf: int, subleaf: int) -> tuple[int, int, int, int] | None:
+        """td_cpuid_exit(): the values the module answers, or None for a #VE."""
+        if CPUID_RESERVED_START <= leaf <= CPUID_RESERVED_END:
+            return None
+        if leaf > CPUID_MAX_EXT_LEAF or CPUID_MAX_BASE_LEAF < leaf < 0x80000000:
+            # "higher than the maximum for its range is treated as if it were the maximum in
+            # the base range" (td_cpuid.c)
+            leaf = CPUID_MAX_BASE_LEAF
+        if leaf in CPUID_FAULTING_LEAVES:
+            return None
+        if leaf == TDX_CPUID_LEAF_ID:
+            ebx, ecx, edx = _ident_regs()
+            return 0, ebx, ecx, edx
+        values = self.cpuid_config.get((leaf, subleaf))
+        if values is None:
+            values = self.cpuid_config.get((leaf, 0))
+        if values is None:
+            return None  # not in the lookup table: #VE (REDUCE_VE off)
+        if leaf == 0:
+            return max(values[0], TDX_CPUID_LEAF_ID), values[1], values[2], values[3]
+        return values
+
+    # ---------------------------------------------------------------------- TDCALL
+    def tdcall(self) -> None:
+        """Execute one TDCALL (RIP at it); RIP moves past it unless the leaf left to KVM
+        (TDG.VP.VMCALL: KVM calls complete_tdcall) or faulted."""
+        cpu = self._cpu
+        if cpu.cpl() > 0:
+            # TDCALL is #GP(0) at CPL > 0, checked before anything reaches the module (kvm-x86
+            # 9d7dfb95da2c, "KVM: VMX: Inject #UD if guest tries to execute SEAMCALL or TDCALL":
+            # "TDCALL and SEAMCALL #GP at CPL > 0, and the CPL check is performed prior to the
+            # VMX non-root (VM-Exit) check"): a TD's user mode never reaches the module or KVM.
+            cpu._deliver_now(Vector.GP, 0)
+            return
+        self.tdcalls += 1
+        rax = cpu.read_reg(Reg.RAX)
+        leaf = rax & 0xFFFF
+        version = (rax >> 16) & 0xFF
+        if leaf == TDG_VP_VMCALL:
+            self._vmcall()
+            return
+        if leaf == TDG_VP_INFO:
+            status = self._vp_info()
+        elif leaf == TDG_VP_VEINFO_GET:
+            status = self._veinfo_get(version)
+        elif leaf == TDG_MEM_PAGE_ACCEPT:
+            accept = self._page_accept(cpu.read_reg(Reg.RCX))
+            if accept is None:
+                return  # an EPT violation TD exit: KVM decides, the TDCALL re-executes
+            status = accept
+        elif leaf == TDG_MR_REPORT:
+            cpu.stop_unmodelled("TDCALL TDG.MR.REPORT (leaf 4) is not modelled by the testbed's TDX module")
+            return
+        else:
+            status = TDX_OPERAND_INVALID | OPERAND_ID_RAX
+        self._finish(status)
+
+    def _finish(self, status: int) -> None:
+        cpu = self._cpu
+        cpu.write_reg(Reg.RAX, status)
+        cpu.write_reg(Reg.RIP, cpu.read_reg(Reg.RIP) + 4)
+
+    def complete_tdcall(self) -> None:
+        """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL: the TDCALL succeeded (RAX = 0), RIP past it."""
+        self._finish(TDX_SUCCESS)
+
+    def _vmcall(self) -> None:
+        cpu = self._cpu
+        control = cpu.read_reg(Reg.RCX)
+        if control & 0b10011 or control >> 32:
+            self._finish(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+            return
+        # A trap-like TD exit (tdg_vp_vmcall.c): KVM reads the exposed GPRs and completes it.
+        cpu._exit(VmxExitReason.EXIT_REASON_TDCALL, 0, 0)
+
+    def _vp_info(self) -> int:
+        cpu = self._cpu
+        cpu.write_reg(Reg.RCX, self.gpaw)  # RCX[5:0] GPAW; NUM_L2_VMS etc. 0
+        cpu.write_reg(Reg.RDX, self.attributes)
+        cpu.write_reg(Reg.R8, 1 | (1 << 32))  # NUM_VCPUS | MAX_VCPUS << 32
+        cpu.write_reg(Reg.R9, 0)  # vCPU index 0
+        cpu.write_reg(Reg.R10, 0)
+        cpu.write_reg(Reg.R11, 0)
+        return TDX_SUCCESS
+
+    def _veinfo_get(self, version: int) -> int:
+        cpu = self._cpu
+        for reg in (Reg.RCX, Reg.RDX, Reg.R8, Reg.R9, Reg.R10):
+            cpu.write_reg(reg, 0)
+        if version > 1:
+            return TDX_OPERAND_INVALID | OPERAND_ID_RAX
+        ve = self.ve
+        if not ve.valid:
+            return TDX_NO_VALID_VE_INFO
+        cpu.write_reg(Reg.RCX, ve.exit_reason)
+        cpu.write_reg(Reg.RDX, ve.exit_qualification)
+        cpu.write_reg(Reg.R8, ve.gla)
+        cpu.write_reg(Reg.R9, ve.gpa)
+        cpu.write_reg(Reg.R10, (ve.instr_len & 0xFFFFFFFF) | ((ve.instr_info & 0xFFFFFFFF) << 32))
+        self.ve = VeInfo()
+        return TDX_SUCCESS
+
+    def _page_accept(self, rcx: int) -> int | None:
+        level = rcx & 0x7
+        gpa = rcx & ~0xFFF & U64
+        # verify_page_info_input(LVL_PT, LVL_PD): reserved bits 11:3 zero, level 4K or 2M,
+        # the GPA aligned to the level; check_gpa_validity(PRIVATE_ONLY): below GPAW, shared bit clear.
+        if rcx & 0xFF8 or level > TDX_PS_2M:
+            return TDX_OPERAND_INVALID | OPERAND_ID_RCX
+        size = PAGE_SIZE << (9 * level)
+        if gpa & (size - 1) or gpa >> self.gpaw or gpa & self.shared_mask:
+            return TDX_OPERAND_INVALID | OPERAND_ID_RCX
+        first = gpa >> PAGE_SHIFT
+        if first >= len(self.accepted):
+            self._accept_violation(gpa, level)
+            return None
+        if level == TDX_PS_2M:
+            # The Secure EPT holds 4K leaves only: the 2M entry is a non-leaf (Case 3).
+            return TDX_PAGE_SIZE_MISMATCH | TDX_PS_2M
+        if not self._cpu.is_private_gfn(first):
+            self._accept_violation(gpa, level)
+            return None
+        if self.accepted[first]:
+            return TDX_PAGE_ALREADY_ACCEPTED | TDX_PS_4K
+        self._cpu.zero_private_page(first)  # init_sept_4k_page: zeroed with the TD's key
+        self.accepted[first] = 1
+        return TDX_SUCCESS
+
+    def _accept_violation(self, gpa: int, level: int) -> None:
+        """No Secure EPT entry for the GPA (KVM maps the GFN shared, or no memory): an EPT
+        violation TD exit (async_tdexit_ept_violation, VMX_EEQ_ACCEPT); KVM's fault path
+        decides (KVM_EXIT_MEMORY_FAULT when the attribute is shared)."""
+        self.ext_exit_qual = TDX_EXT_EXIT_QUAL_TYPE_ACCEPT | (level << 4)
+        try:
+            self._cpu._exit(VmxExitReason.EXIT_REASON_EPT_VIOLATION, NPF_WRITE | NPF_GUEST_ENC, gpa)
+        finally:
+            self.ext_exit_qual = 0

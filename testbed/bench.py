@@ -31,6 +31,13 @@ empty-guest scenario through the public API (`testbed.Vm` + load + run_to_ucall,
 milliseconds per scenario after one warm-up scenario of the same VM type), booted each time
 and, where `Vm.load` takes `reuse=True`, restored from the process's boot snapshot.
 
+Confidential-VM exit paths, figures only (no targets), measured side by side in one group so
+the TDX and SEV-SNP figures come from the same rounds: KVM hypercall round trips through a TD's
+TDCALL TDG.VP.VMCALL (R10 = nr, answered in KVM: -KVM_ENOSYS) and through SNP's #VC + GHCB
+VMGEXIT; and private<->shared conversion user exits (KVM_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE,
+one 4 KiB page each, alternating direction) from a raw TDVMCALL MapGPA and from a raw GHCB Page
+State Change request (the runtime's rt_snp_psc, no PVALIDATE), with their per-round ratios.
+
 A loop's rate comes from two runs of the same guest with different iteration counts, so boot
 and assembly cancel: rate = (n2 - n1) / (t2 - t1). Every measured duration clears the timer
 floor (measure()): below it the rounds are doubled, and a figure that never clears it is a
@@ -52,6 +59,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from testbed.errors import TestbedError
+from testbed.hw.exits import Vendor
 from testbed.machine import Machine, VmOptions, build_program
 from testbed.textout import plain_console, plain_table, styled
 
@@ -132,6 +140,53 @@ TLB_LOOP = "guest_main:\n" + TLB_BODY + "    ret\n"
 TLB_PAGES = 4096
 
 EMPTY_GUEST = "guest_main:\n    ret\n"
+
+#: A TD's MapGPA loop: one raw TDVMCALL<MapGPA> (R10 = 0, R11 = TDVMCALL_MAP_GPA, R12 = GPA with
+#: the shared bit for shared, R13 = size) per iteration, one 4 KiB page, alternating shared and
+#: private; each is one KVM_EXIT_HYPERCALL (kvm/vmx/tdx.c tdx_map_gpa). The counter lives in RBP,
+#: which TDVMCALL does not expose (RCX's bitmap 0xFFCC); the status must be SUCCESS.
+TDX_MAP_GPA_LOOP = """
+guest_main:
+    push rbp
+    mov rbp, LOOPS
+bench_loop:
+    xor r10d, r10d
+    mov r11, TDVMCALL_MAP_GPA
+    mov r12, RT_TDX_SHARED_MASK
+    mov r12, qword ptr [r12]
+    test rbp, 1
+    jnz bench_shared
+    xor r12d, r12d
+bench_shared:
+    mov rax, GUEST_FREE_GPA
+    or r12, rax
+    mov r13, 0x1000
+    TDVMCALL
+    GUEST_ASSERT_EQ r10, 0
+    dec rbp
+    jnz bench_loop
+    pop rbp
+    ret
+"""
+
+#: SEV-SNP's counterpart: one GHCB Page State Change request of one 4 KiB page per iteration
+#: (the runtime's rt_snp_psc: rdi = gpa, rsi = npages, rdx = 1 private / 2 shared), alternating,
+#: without PVALIDATE; each is one KVM_EXIT_HYPERCALL (svm/sev.c snp_begin_psc).
+SNP_PSC_LOOP = """
+guest_main:
+    mov r12, LOOPS
+    mov r13, 2
+bench_loop:
+    mov rdi, GUEST_FREE_GPA
+    mov rsi, 1
+    mov rdx, r13
+    call rt_snp_psc
+    GUEST_ASSERT_EQ rax, 0
+    xor r13, 3
+    dec r12
+    jnz bench_loop
+    ret
+"""
 
 #: A target is judged from at least this many rounds; fewer is "undecided".
 MIN_ROUNDS = 5
@@ -549,6 +604,10 @@ def plan(quick: bool) -> Plan:
     page_rounds = 100_000 // q
     tlb_rounds = 20 if quick else 40
     sev = {"vm_type": "sev", "seed": 1}
+    # the confidential exit paths cost ~10-30x a plain exit: shorter loops
+    cc1, cc2 = 100, 100 + 4_000 // q
+    td: dict[str, Any] = {"vm_type": "tdx", "vendor": Vendor.INTEL}
+    snp: dict[str, Any] = {"vm_type": "sev-snp", "seed": 1}
     exits: list[Measurement] = []
     if fastexit_available():
         exits += [Measurement("ceiling_exits_c_hook", "exits/s", lambda: bare_exit_rate("c_hook", 400_000 // q)),
@@ -576,6 +635,14 @@ def plan(quick: bool) -> Plan:
          Measurement("tlb_heavy_rounds_per_s", "rounds/s",
                      lambda: rate_once(TLB_LOOP, 1, 1 + tlb_rounds, "tlb_heavy_rounds_per_s",
                                        defines={"PAGES": TLB_PAGES}))],
+        [Measurement("snp_ghcb_hypercalls_per_s", "exits/s",
+                     lambda: rate_once(HYPERCALL_LOOP, cc1, cc2, "snp_ghcb_hypercalls_per_s", **snp)),
+         Measurement("tdx_tdvmcall_hypercalls_per_s", "exits/s",
+                     lambda: rate_once(HYPERCALL_LOOP, cc1, cc2, "tdx_tdvmcall_hypercalls_per_s", **td)),
+         Measurement("snp_psc_exits_per_s", "exits/s",
+                     lambda: rate_once(SNP_PSC_LOOP, cc1, cc2, "snp_psc_exits_per_s", **snp)),
+         Measurement("tdx_map_gpa_exits_per_s", "exits/s",
+                     lambda: rate_once(TDX_MAP_GPA_LOOP, cc1, cc2, "tdx_map_gpa_exits_per_s", **td))],
         [Measurement("scenario_ms", "ms", lambda: 1e3 * scenario_seconds("default", "scenario_ms")),
          Measurement("scenario_ms_sev_snp", "ms", lambda: 1e3 * scenario_seconds("sev-snp", "scenario_ms_sev_snp"))],
     ]
@@ -594,6 +661,8 @@ def plan(quick: bool) -> Plan:
         Ratio("compute_sev_vs_plain_ratio", "compute_loops_per_s_sev", "compute_loops_per_s"),
         Ratio("pages256_sev_ratio", "pages256_rounds_per_s_sev", "pages256_rounds_per_s"),
         Ratio("tlb_heavy_ratio", "tlb_heavy_rounds_per_s", "ceiling_tlb"),
+        Ratio("tdx_vs_snp_hypercalls_ratio", "tdx_tdvmcall_hypercalls_per_s", "snp_ghcb_hypercalls_per_s"),
+        Ratio("tdx_map_gpa_vs_snp_psc_ratio", "tdx_map_gpa_exits_per_s", "snp_psc_exits_per_s"),
     ]
     targets = [
         Target("scenario_ms", "<=", 15.0, "repeated empty-guest scenario (default) <= 15 ms"),

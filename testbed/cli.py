@@ -48,6 +48,32 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                         "(README: Modelled KVM)")
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The run flags beyond the VM's (`testbed run`, `testbed golden`): KVM, VMM and timeout."""
+    p.add_argument("--ghcb-version", type=int, default=2,
+                   help="GHCB protocol version KVM offers to SEV-ES/SNP guests (1 or 2; default 2)")
+    p.add_argument("--no-fix-hypercall", action="store_true", help="disable KVM_X86_QUIRK_FIX_HYPERCALL_INSN")
+    p.add_argument("--no-map-gpa-exit", action="store_true", help="do not enable the KVM_HC_MAP_GPA_RANGE user exit")
+    p.add_argument("--pv-features", default=None,
+                   help="comma-separated KVM PV features to advertise (pv_unhalt, pv_send_ipi, pv_sched_yield, "
+                        "hc_map_gpa_range) or 'none'; default: all modelled")
+    p.add_argument("--tracker", default=None, help="shared-page tracker: bitmap, ranges or tree")
+    p.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
+    p.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
+                   help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "
+                        "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
+    p.add_argument("--refuse-conversion", action="append", default=[], metavar="GPA[:NPAGES[:private|shared]]",
+                   help="VMM fault injection: refuse conversions of this range, both ways or to one "
+                        "state only (repeatable)")
+    p.add_argument("--pending-event-every", default=None, metavar="N",
+                   help="VMM control: make an event pending after every N-th MAP_GPA_RANGE exit, so KVM "
+                        "answers a TD's MapGPA with RETRY (tdx)")
+    p.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
+                   help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
+    p.add_argument("--timeout", default="10",
+                   help="seconds before the run ends as 'timeout' (default 10; positive, finite)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar."""
     parser = _Parser(prog="testbed", description="Confidential-VM guest/host ABI testbed on an emulated x86-64 CPU.")
@@ -56,28 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="assemble and run a guest program")
     run.add_argument("guest", type=Path, help="guest source (.s)")
     _add_vm_options(run)
-    run.add_argument("--ghcb-version", type=int, default=2,
-                     help="GHCB protocol version KVM offers to SEV-ES/SNP guests (1 or 2; default 2)")
-    run.add_argument("--no-fix-hypercall", action="store_true", help="disable KVM_X86_QUIRK_FIX_HYPERCALL_INSN")
-    run.add_argument("--no-map-gpa-exit", action="store_true", help="do not enable the KVM_HC_MAP_GPA_RANGE user exit")
-    run.add_argument("--pv-features", default=None,
-                     help="comma-separated KVM PV features to advertise (pv_unhalt, pv_send_ipi, pv_sched_yield, "
-                          "hc_map_gpa_range) or 'none'; default: all modelled")
-    run.add_argument("--tracker", default=None, help="shared-page tracker: bitmap, ranges or tree")
-    run.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
-    run.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
-                     help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "
-                          "KVM_HC_PAGE_ENC_STATUS (in-kernel bitmap)")
-    run.add_argument("--refuse-conversion", action="append", default=[], metavar="GPA[:NPAGES[:private|shared]]",
-                     help="VMM fault injection: refuse conversions of this range, both ways or to one "
-                          "state only (repeatable)")
-    run.add_argument("--pending-event-every", default=None, metavar="N",
-                     help="VMM control: make an event pending after every N-th MAP_GPA_RANGE exit, so KVM "
-                          "answers a TD's MapGPA with RETRY (tdx)")
-    run.add_argument("--implicit-conversion", default="convert", choices=("convert", "refuse"),
-                     help="VMM policy on KVM_EXIT_MEMORY_FAULT: convert and retry, or end the run")
-    run.add_argument("--timeout", default="10",
-                     help="seconds before the run ends as 'timeout' (default 10; positive, finite)")
+    add_run_options(run)
     run.add_argument("--trace", type=Path, default=None, help="write every event as JSON Lines to this file")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     run.add_argument("--expect", default=None, metavar="OUTCOME",
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "unhandled_exception, ...; see README), 1 otherwise")
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="hypercalls under both vendors (and SEV): the VMCALL decode failure")
+    demo = sub.add_parser("demo", help="hypercalls under both vendors, SEV and TDX: the VMCALL decode failure")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--seed", default="1", help="seed for the SEV VM's memory-encryption key (default 1)")
     demo.set_defaults(func=cmd_demo)
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_replay_subparser(sub)
     add_disasm_subparser(sub)
+    from testbed.matrix import add_matrix_subparser
+
+    add_matrix_subparser(sub)
+    from testbed.golden import add_golden_subparser
+
+    add_golden_subparser(sub)
     return parser
 
 
@@ -123,6 +134,24 @@ def vm_options_from_args(args: argparse.Namespace, **more: Any) -> Any:
         gpaw=args.gpaw,
         kvm_version=args.kvm_version,
         **more,
+    )
+
+
+def run_options_from_args(args: argparse.Namespace) -> Any:
+    """VmOptions from the VM flags and `add_run_options`' flags."""
+    return vm_options_from_args(
+        args,
+        fix_hypercall=not args.no_fix_hypercall,
+        ghcb_version=args.ghcb_version,
+        map_gpa_exit=not args.no_map_gpa_exit,
+        timeout=args.timeout,
+        max_ranges=args.max_ranges,
+        hc_protocol=args.hc_protocol,
+        implicit_conversion=args.implicit_conversion,
+        refuse_conversions=list(args.refuse_conversion),
+        pending_event_every=args.pending_event_every,
+        pv_features=args.pv_features,
+        **({"tracker": args.tracker} if args.tracker else {}),
     )
 
 
@@ -180,20 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from testbed.machine import build_program
 
     expect = _check_expect(args.expect)
-    options = vm_options_from_args(
-        args,
-        fix_hypercall=not args.no_fix_hypercall,
-        ghcb_version=args.ghcb_version,
-        map_gpa_exit=not args.no_map_gpa_exit,
-        timeout=args.timeout,
-        max_ranges=args.max_ranges,
-        hc_protocol=args.hc_protocol,
-        implicit_conversion=args.implicit_conversion,
-        refuse_conversions=list(args.refuse_conversion),
-        pending_event_every=args.pending_event_every,
-        pv_features=args.pv_features,
-        **({"tracker": args.tracker} if args.tracker else {}),
-    )
+    options = run_options_from_args(args)
     options.validate()
     build_program(args.guest, options)  # assembly errors before the trace file is created (cached)
     trace = _TraceFile(args.trace) if args.trace is not None else None

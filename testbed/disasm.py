@@ -4,7 +4,8 @@ The guest is booted (its runtime runs up to guest_main, so memory is encrypted a
 hypercall instruction patched); then the code is read either through the CPU's plaintext
 view or through the host's view: plaintext on a plain VM, ciphertext of a legacy SEV guest's
 private frames, and nothing at all of a guest_memfd VM's private pages (sw-protected,
-sev-snp), which the host cannot map — the output says which applies.
+sev-snp, and a TD's private memory on tdx), which the host cannot map — the output says which
+applies.
 
 Works on every VM type. A guest that never reaches guest_main is reported with the real cause
 (Machine.boot_to: the outcome with vector, error code and RIP) and exit status 1.
@@ -30,6 +31,12 @@ HOST_VIEW_NOTES = {
     "ciphertext": "ciphertext (legacy SEV: the host reads the private frame encrypted)",
     "unmappable": "host cannot read private memory of a guest_memfd VM (not mappable by the host)",
 }
+#: The unmappable note on `tdx`: a TD's private memory lives in guest_memfd too.
+TD_UNMAPPABLE_NOTE = "host cannot read private memory of a TD (guest_memfd: not mappable by the host)"
+
+
+def _unmappable_note(machine: Any) -> str:
+    return TD_UNMAPPABLE_NOTE if getattr(machine, "tdx", False) else HOST_VIEW_NOTES["unmappable"]
 
 
 def add_disasm_subparser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -76,7 +83,7 @@ def read_code(machine: Any, address: int, length: int, view: str) -> tuple[bytes
             if kind not in kinds:
                 kinds.append(kind)
             if kind == "unmappable":
-                return bytes(code), kinds, f"gpa 0x{gpa:x}: {HOST_VIEW_NOTES['unmappable']}"
+                return bytes(code), kinds, f"gpa 0x{gpa:x}: {_unmappable_note(machine)}"
             try:
                 code += machine.memory.host_read(gpa, n)
             except GuestMemoryError as exc:  # refused (UnmappableMemoryError) or outside RAM

@@ -28,6 +28,12 @@ class Tracer:
         """A tracer that drops everything."""
         return cls()
 
+    def set_sink(self, sink: Callable[[dict[str, Any]], None] | None) -> None:
+        """Send events to `sink` from now on (None: stop); the stream, if any, is kept. The
+        golden recorder (testbed/golden.py) listens to a booted machine this way."""
+        self._sink = sink
+        self.enabled = self._stream is not None or sink is not None
+
     def emit(self, layer: str, event: str, **fields: Any) -> None:
         """Record one event from `layer` ("hw", "kvm", "vmm", "guest")."""
         if not self.enabled:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import weakref
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +24,7 @@ from testbed.errors import MachineClosedError, UsageError
 from testbed.hw.memory import UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KvmExitReason
+from testbed.pytest_plugin import TestbedCombination
 
 VM_TYPES = ["default", "sev", "sev-snp"]
 SMALL = {"memory": "8M", "timeout": 20}
@@ -36,10 +38,10 @@ guest_main:
 """
 
 
-@pytest.mark.parametrize("vm_type", VM_TYPES)
-def test_run_to_ucall_returns_each_ucall(vm_type: str) -> None:
+@pytest.mark.testbed(vm_types=VM_TYPES, vendors=["amd"], **SMALL)
+def test_run_to_ucall_returns_each_ucall(testbed_vm: Callable[..., testbed.Vm]) -> None:
     """load boots to guest_main; run_to_ucall returns the syncs (up to six values), then done."""
-    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+    with testbed_vm() as vm:
         vcpu = vm.load("syncs.s", text=SYNCS)
         assert vm.machine.cpu.read_reg(_reg("RIP")) == vm.machine.program.symbols["guest_main"]
         assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[1, 2])
@@ -74,11 +76,13 @@ guest_main:
 """
 
 
-@pytest.mark.parametrize("vm_type", VM_TYPES)
-def test_host_view_attributes_and_tracker(vm_type: str) -> None:
+@pytest.mark.testbed(vm_types=VM_TYPES, vendors=["amd"], **SMALL)
+def test_host_view_attributes_and_tracker(testbed_vm: Callable[..., testbed.Vm],
+                                          testbed_combination: TestbedCombination) -> None:
     """vm.read/write are the VMM's view: plaintext, ciphertext (sev) or a refusal (sev-snp's
     guest_memfd); is_private is KVM's attribute; shared_ranges the VMM tracker's export."""
-    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+    vm_type = testbed_combination.vm_type
+    with testbed_vm() as vm:
         vcpu = vm.load("view.s", text=MEMORY_VIEW)
         uc = vcpu.run_to_ucall()
         private_gpa = uc.args[0]

@@ -14,6 +14,8 @@ Scenarios:
    whose speed swings from round to round still gives the ratio it has, with a narrow spread.
 6. The ceilings run on bare Unicorn: the C-only exit hook and the ctypes one skip VMMCALL,
    and the TLB ceiling's loop goes through QEMU's page walker (a cleared PTE faults).
+7. TDVMCALL hypercalls and MapGPA exits under tdx are figures (no targets) measured in one group
+   with SEV-SNP's GHCB hypercalls and PSC exits; their loops make one MAP_GPA_RANGE exit per iteration.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from testbed.bench import (
     verdict,
 )
 from testbed.cli import EXIT_USAGE, main
+from testbed.hw.exits import Vendor
 
 
 def test_the_floor_is_1000_ticks_and_at_least_20_ms(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,3 +341,72 @@ def test_tracker_bench_pairs_per_call_rounds() -> None:
     peer = tb.Result("dma_churn", "1G", 1, "intervaltree", 1, None, None, 0.0, 0.0, 0, None, 0, False,
                      call_rounds=[1.0, 2.0, 4.0, 5.0, 6.0])
     assert tb.paired_call_ratios(ours, peer) == [10.0, 15.0, 10.0, 10.0, 10.0]
+
+
+# ------------------------------------------------------------------ TDX next to SEV-SNP (figures, no targets)
+CC_FIGURES = {
+    "snp_ghcb_hypercalls_per_s": ("sev-snp", bench.HYPERCALL_LOOP),
+    "tdx_tdvmcall_hypercalls_per_s": ("tdx", bench.HYPERCALL_LOOP),
+    "snp_psc_exits_per_s": ("sev-snp", bench.SNP_PSC_LOOP),
+    "tdx_map_gpa_exits_per_s": ("tdx", bench.TDX_MAP_GPA_LOOP),
+}
+
+
+def test_bench_json_has_the_tdx_and_snp_exit_figures(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`testbed bench --quick --json` (the real plan, stub measurements) reports TDVMCALL hypercalls
+    and MapGPA exits per second under tdx next to SNP's GHCB hypercalls and PSC exits, measured in
+    the same rounds, with their per-round ratios; none of them is a target."""
+    seen: dict[str, dict[str, Any]] = {}
+    fixed = {"snp_ghcb_hypercalls_per_s": 2000.0, "tdx_tdvmcall_hypercalls_per_s": 8000.0,
+             "snp_psc_exits_per_s": 1000.0, "tdx_map_gpa_exits_per_s": 3000.0}
+
+    def stub_rate_once(text: str, n1: int, n2: int, figure: str = "rate", **opts: Any) -> float:
+        seen[figure] = {"text": text, "n2": n2, **opts}
+        return fixed.get(figure, 1000.0)
+
+    monkeypatch.setattr(bench, "rate_once", stub_rate_once)
+    monkeypatch.setattr(bench, "hypercall_rate_ctypes", lambda *_a: 1000.0)
+    monkeypatch.setattr(bench, "bare_exit_rate", lambda *_a: 4000.0)
+    monkeypatch.setattr(bench, "bare_compute_rate", lambda *_a: 1e6)
+    monkeypatch.setattr(bench, "bare_tlb_rate", lambda *_a: 100.0)
+    monkeypatch.setattr(bench, "scenario_seconds", lambda *_a, **_kw: 0.001)
+    assert main(["bench", "--quick", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for name, (vm_type, text) in CC_FIGURES.items():
+        fig = doc["figures"][name]
+        assert (fig["unit"], fig["median"], fig["n"]) == ("exits/s", fixed[name], 5)
+        assert (seen[name]["vm_type"], seen[name]["text"]) == (vm_type, text)
+        assert seen[name]["n2"] <= 1000, "--quick keeps the confidential loops short"
+    assert seen["tdx_map_gpa_exits_per_s"]["vendor"] is seen["tdx_tdvmcall_hypercalls_per_s"]["vendor"] is Vendor.INTEL
+    assert doc["figures"]["tdx_vs_snp_hypercalls_ratio"]["median"] == pytest.approx(4.0)
+    assert doc["figures"]["tdx_vs_snp_hypercalls_ratio"]["ratio_of"] == ["tdx_tdvmcall_hypercalls_per_s",
+                                                                          "snp_ghcb_hypercalls_per_s"]
+    assert doc["figures"]["tdx_map_gpa_vs_snp_psc_ratio"]["median"] == pytest.approx(3.0)
+    targeted = {t["figure"] for t in doc["targets"].values()}
+    assert not targeted & {*CC_FIGURES, "tdx_vs_snp_hypercalls_ratio", "tdx_map_gpa_vs_snp_psc_ratio"}
+
+
+def test_tdx_and_snp_figures_share_one_group() -> None:
+    """The four confidential figures are one interleaved group, so TDX and SNP come from the same rounds."""
+    groups = [[m.name for m in g] for g in bench.plan(quick=True).groups]
+    assert sorted(CC_FIGURES) in [sorted(g) for g in groups]
+
+
+@pytest.mark.parametrize(("loop", "vm_type"), [("TDX_MAP_GPA_LOOP", "tdx"), ("SNP_PSC_LOOP", "sev-snp")])
+def test_conversion_loops_make_one_map_gpa_exit_per_iteration(loop: str, vm_type: str) -> None:
+    """The TDX MapGPA and SNP PSC loops run to done, each iteration one KVM_EXIT_HYPERCALL
+    (KVM_HC_MAP_GPA_RANGE) for the loop's page, alternating shared and private (kvm/vmx/tdx.c
+    tdx_map_gpa; svm/sev.c snp_begin_psc)."""
+    from testbed.layout import Layout
+    from testbed.machine import VmOptions, run_guest
+
+    memory = 16 << 20
+    vendor = "intel" if vm_type == "tdx" else "amd"
+    report = run_guest("<bench>", VmOptions(vm_type=vm_type, vendor=vendor, memory=memory, seed=1, timeout=20.0,
+                                            defines={"LOOPS": 4}), text=getattr(bench, loop))
+    assert report.outcome == "done", report.detail
+    free = Layout(memory).free_gpa
+    exits = [e for e in report.user_exits if e["reason"] == "hypercall" and e["args"][0] == free]
+    assert [e["nr"] for e in exits] == [12] * 4
+    assert len({e["args"][2] for e in exits}) == 2, "the loop alternates shared and private"

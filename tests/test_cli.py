@@ -8,6 +8,8 @@ Scenarios:
 3. A failed GUEST_ASSERT_EQ's abort ucall names the guest file and the assert's line.
 4. --trace writes JSON Lines with events of the hw, kvm and vmm layers and the ucalls.
 5. Whatever goes wrong, stderr never shows a Python traceback.
+6. TDX end to end: a KVM hypercall and conversions under `--vm-type tdx --vendor intel --json`;
+   `--vendor amd` with tdx is a usage error.
 """
 
 from __future__ import annotations
@@ -351,3 +353,60 @@ def test_print_report_does_not_interpret_markup_in_any_field(capsys: pytest.Capt
     text = out.getvalue()
     for literal in ("bad ucall [red]x[/red] at :smile: [link=y]z[/link]", "io[/]=2", "g[b].s"):
         assert literal in text, f"{literal!r} missing from:\n{text}"
+
+
+# ------------------------------------------------------------------------------------ TDX
+
+
+TDX = ["--vm-type", "tdx", "--vendor", "intel"]
+KVM_EXIT_HYPERCALL_LONG_MODE = 1
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+
+
+def test_tdx_hypercall_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    """`testbed run guests/hypercall_abi_call.s --vm-type tdx --vendor intel --json`: KVM_HC_MAP_GPA_RANGE
+    through TDCALL TDG.VP.VMCALL (R10 = 12) is one KVM_EXIT_HYPERCALL with the guest's arguments and
+    LONG_MODE, its ret (0) synced from R10 (kvm/vmx/tdx.c tdx_emulate_vmcall, x86.c
+    __kvm_emulate_hypercall); the runtime's boot MapGPA shares the ucall page first."""
+    guest = GUESTS_DIR / "hypercall_abi_call.s"
+    status, report = run_json(capsys, str(guest), *TDX, "-D", "HC_NR=12", "-D", "HC_A0=0x800000", "-D", "HC_A1=2",
+                              *SMALL)
+    assert status == EXIT_OK, f"status {status}: {report['outcome']} {report.get('detail')}"
+    assert (report["outcome"], report["exception"]) == ("done", None)
+    assert report["ucalls"] == [{"cmd": "sync", "args": [0]}, {"cmd": "done", "args": []}]
+    hypercalls = [(e["nr"], e["args"], e["flags"]) for e in report["user_exits"] if e["reason"] == "hypercall"]
+    assert hypercalls == [(12, [0x1000, 1, 0, 0, 0, 0], KVM_EXIT_HYPERCALL_LONG_MODE),  # boot: the ucall page
+                          (12, [0x800000, 2, 0, 0, 0, 0], KVM_EXIT_HYPERCALL_LONG_MODE)]
+    assert report["shared_ranges"] == [[0x1, 1], [0x800, 2]]
+    assert report["stats"]["exits"] == {"hypercall": 2, "io": 2}
+
+
+def test_tdx_conversions_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    """guests/conversions.s (dma_churn: shared and back) under `--vm-type tdx`: set_memory_shared/private
+    go through MapGPA (one KVM_EXIT_HYPERCALL per chunk, LONG_MODE, ENCRYPTED or DECRYPTED:
+    kvm/vmx/tdx.c __tdx_map_gpa) and the VMM's shared ranges equal the reference model's plus the
+    ucall page (tests/test_conversions.py)."""
+    from test_conversions import MEM, expected_pages, to_ranges
+
+    from testbed.layout import UCALL_GPA
+
+    status, report = run_json(capsys, str(GUESTS_DIR / "conversions.s"), *TDX, "-D", "SHAPE=1", "-D", "CHURN=16",
+                              "--seed", "7", "--memory", f"{MEM >> 20}M", "--timeout", "20")
+    assert status == EXIT_OK, f"status {status}: {report['outcome']} {report.get('detail')}"
+    assert report["outcome"] == "done"
+    assert report["shared_ranges"] == to_ranges(expected_pages(1, churn=16) | {UCALL_GPA >> 12})
+    hypercalls = [e for e in report["user_exits"] if e["reason"] == "hypercall"]
+    assert len(hypercalls) > 2
+    assert all(e["nr"] == 12 and e["flags"] == KVM_EXIT_HYPERCALL_LONG_MODE
+               and e["args"][2] in (0, KVM_MAP_GPA_RANGE_ENCRYPTED) and e["args"][1] <= 512 for e in hypercalls)
+    assert {e["args"][2] for e in hypercalls} == {0, KVM_MAP_GPA_RANGE_ENCRYPTED}
+
+
+def test_tdx_on_amd_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--vendor amd --vm-type tdx` is one 'testbed: ...' line naming the Intel requirement, status 2."""
+    status, out, err = run_cli(capsys, str(GUESTS_DIR / "hypercall_abi_call.s"), "--vm-type", "tdx",
+                               "--vendor", "amd", "--json", *SMALL)
+    assert status == EXIT_USAGE == 2, f"status {status}; stderr: {err}"
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("testbed: ") and "Intel" in lines[0], err

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from testbed.hw.exits import Vendor
 from testbed.layout import RT_GHCB, UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 
@@ -67,14 +68,15 @@ def run(shape: int, vm_type: str, **kw: object) -> tuple[Machine, object]:
     return machine, machine.run()
 
 
-@pytest.mark.parametrize("vm_type", ["default", "sw-protected", "sev", "sev-es", "sev-snp"])
+@pytest.mark.parametrize("vm_type", ["default", "sw-protected", "sev", "sev-es", "sev-snp", "tdx"])
 @pytest.mark.parametrize("shape", [0, 1, 2, 3])
 def test_tracker_equals_what_the_guest_converted(vm_type: str, shape: int) -> None:
-    """The VMM's shared ranges are exactly the guest's conversions (plus the runtime's shared pages)."""
-    _, report = run(shape, vm_type)
+    """The VMM's shared ranges are exactly the guest's conversions (plus the runtime's shared pages).
+    A TD (Intel) converts with MapGPA (guests/lib/tdx.s; kvm/vmx/tdx.c tdx_map_gpa)."""
+    _, report = run(shape, vm_type, **({"vendor": Vendor.INTEL} if vm_type == "tdx" else {}))
     assert report.outcome == "done", report.detail  # type: ignore[attr-defined]
     pages = expected_pages(shape)
-    if vm_type.startswith("sev"):
+    if vm_type.startswith("sev") or vm_type == "tdx":
         pages.add(UCALL_GPA >> 12)  # the runtime shares its ucall page, as Linux would
     if vm_type == "sev-snp":
         pages.add(RT_GHCB >> 12)  # and on SNP its GHCB, by PSC

@@ -3,8 +3,8 @@
 Scenarios:
 1. The guest boots to guest_main and its code is listed on every VM type and vendor, in the
    guest's view (plaintext, as the CPU fetches it) and the host's: plaintext on a plain VM,
-   ciphertext of a legacy SEV guest's private frame, and on a guest_memfd VM (sev-snp) a
-   statement that the host cannot read private memory, never a failure.
+   ciphertext of a legacy SEV guest's private frame, and on a guest_memfd VM (sev-snp, tdx) a
+   statement that the host cannot read private memory (of a TD, on tdx), never a failure.
 2. A guest that does not reach guest_main is reported with the real cause: the outcome with
    the exception's vector, error code and RIP, the vCPU's stop reason, and status 1.
 3. Capstone's text with memory operands (`qword ptr [rbx + 8]`) and guest paths holding
@@ -34,7 +34,7 @@ FIRST_INSN = "mov rax, 1"
 
 VM_CONFIGS = [
     ("amd", "default"), ("intel", "default"), ("amd", "sw-protected"), ("intel", "sw-protected"),
-    ("amd", "sev"), ("amd", "sev-es"), ("amd", "sev-snp"),
+    ("amd", "sev"), ("amd", "sev-es"), ("amd", "sev-snp"), ("intel", "tdx"),
 ]
 
 
@@ -74,14 +74,15 @@ def test_host_view_says_what_the_host_sees_on_every_vm_type(
         m.boot_to(m.program.symbols["guest_main"])
         kind = m.memory.host_view_kind(m.cpu.gva_to_gpa(m.program.symbols["guest_main"]))
     if kind == "unmappable":
-        assert "host cannot read private memory of a guest_memfd VM" in out, out
+        whose = "a TD (guest_memfd" if vm_type == "tdx" else "a guest_memfd VM"
+        assert f"host cannot read private memory of {whose}" in out, out
         assert FIRST_INSN not in out
     elif kind == "ciphertext":
         assert "ciphertext" in out, out
         assert FIRST_INSN not in out, "the host decoded plaintext from an encrypted frame"
     else:
         assert "plaintext" in out and FIRST_INSN in out, out
-    expected = {"sev": "ciphertext", "sev-es": "ciphertext", "sev-snp": "unmappable"}.get(vm_type)
+    expected = {"sev": "ciphertext", "sev-es": "ciphertext", "sev-snp": "unmappable", "tdx": "unmappable"}.get(vm_type)
     if expected is not None:
         assert kind == expected, f"{vm_type}: the host sees {kind} at guest_main"
 

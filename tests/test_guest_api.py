@@ -147,13 +147,13 @@ guest_main:
 """
 
 
-@pytest.mark.parametrize("vm_type", ["default", "sev-snp"])
+@pytest.mark.parametrize("vm_type", ["default", "sev-snp", "tdx"])
 def test_guest_fail_message_reaches_the_host(vm_type: str) -> None:
-    """GUEST_FAIL's message reaches the host with guest memory in the clear or encrypted (SNP):
-    the guest sends only the site id; the text never enters guest memory."""
+    """GUEST_FAIL's message reaches the host with guest memory in the clear or encrypted (SNP,
+    TDX): the guest sends only the site id; the text never enters guest memory."""
     program = build_program("api.s", VmOptions(memory=MEMORY), text=FAIL_GUEST)
     assert b"quoted" not in program.code
-    report = run(FAIL_GUEST, vm_type=vm_type)
+    report = run(FAIL_GUEST, vm_type=vm_type, vendor="intel" if vm_type == "tdx" else "amd")
     assert report.outcome == "guest_assert", f"{report.outcome}: {report.detail}"
     assert report.syncs() == [1]
     assert report.ucalls[-1] == {"cmd": "abort", "args": [], "file": "api.s", "line": 3, "message": FAIL_MESSAGE}

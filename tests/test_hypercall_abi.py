@@ -49,6 +49,12 @@ CALL_GUEST = GUESTS_DIR / "hypercall_abi_call.s"
 GPRS_GUEST = GUESTS_DIR / "hypercall_abi_gprs.s"
 
 VENDORS = pytest.mark.parametrize("vendor", list(Vendor), ids=[v.value for v in Vendor])
+#: both vendors on a default VM, and a TD (Intel): the same guest, the same answers, unless a
+#: test says why a TD's differs. In a TD KVM_HYPERCALL is TDG.VP.VMCALL with R10 = nr
+#: (guests/lib/tdx.s tdx_kvm_hypercall; kvm/vmx/tdx.c tdx_emulate_vmcall).
+PLATFORMS = pytest.mark.parametrize(("vendor", "vm_type"),
+                                    [(Vendor.AMD, "default"), (Vendor.INTEL, "default"), (Vendor.INTEL, "tdx")],
+                                    ids=["amd", "intel", "tdx"])
 
 
 def hypercall(nr: int, *args: int, vendor: Vendor = Vendor.AMD, user: bool = False, **options: Any) -> RunReport:
@@ -78,26 +84,27 @@ def hypercall_exits(report: RunReport) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ numbers, registers
 
 
-@VENDORS
-def test_unknown_nr_returns_enosys(vendor: Vendor) -> None:
+@PLATFORMS
+def test_unknown_nr_returns_enosys(vendor: Vendor, vm_type: str) -> None:
     """An unknown hypercall number returns -KVM_ENOSYS in RAX (x86.c: `ret = -KVM_ENOSYS` default)."""
-    rax = rax_of(hypercall(UNKNOWN_NR, vendor=vendor))
+    rax = rax_of(hypercall(UNKNOWN_NR, vendor=vendor, vm_type=vm_type))
     assert rax == ENOSYS_RET, f"RAX = 0x{rax:x}, expected -KVM_ENOSYS 0x{ENOSYS_RET:x}"
 
 
-@VENDORS
-def test_vapic_poll_irq_returns_zero(vendor: Vendor) -> None:
+@PLATFORMS
+def test_vapic_poll_irq_returns_zero(vendor: Vendor, vm_type: str) -> None:
     """KVM_HC_VAPIC_POLL_IRQ returns 0 (Documentation/virt/kvm/x86/hypercalls.rst, x86.c)."""
-    rax = rax_of(hypercall(KVM_HC_VAPIC_POLL_IRQ, vendor=vendor))
+    rax = rax_of(hypercall(KVM_HC_VAPIC_POLL_IRQ, vendor=vendor, vm_type=vm_type))
     assert rax == 0, f"RAX = 0x{rax:x}, expected 0"
 
 
-@VENDORS
+@PLATFORMS
 @pytest.mark.parametrize("nr", [KVM_HC_VAPIC_POLL_IRQ, UNKNOWN_NR, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD],
                          ids=["vapic_poll_irq", "unknown", "kick_cpu", "sched_yield"])
-def test_hypercall_clobbers_only_rax(vendor: Vendor, nr: int) -> None:
+def test_hypercall_clobbers_only_rax(vendor: Vendor, vm_type: str, nr: int) -> None:
     """A hypercall changes RAX only: every other GPR keeps its value (hypercalls.rst)."""
-    report = run_guest(GPRS_GUEST, VmOptions(vendor=vendor, memory=MEMORY, timeout=TIMEOUT, defines={"HC_NR": nr}))
+    report = run_guest(GPRS_GUEST, VmOptions(vendor=vendor, vm_type=vm_type, memory=MEMORY, timeout=TIMEOUT,
+                                             defines={"HC_NR": nr}))
     aborts = [u for u in report.ucalls if u["cmd"] == "abort"]
     assert report.outcome == "done", (
         f"{report.detail}; "
@@ -110,11 +117,20 @@ def test_hypercall_clobbers_only_rax(vendor: Vendor, nr: int) -> None:
 # ------------------------------------------------------------------------------- CPL 3
 
 
-@VENDORS
+@PLATFORMS
 @pytest.mark.parametrize("nr", [UNKNOWN_NR, KVM_HC_VAPIC_POLL_IRQ, KVM_HC_MAP_GPA_RANGE],
                          ids=["unknown", "vapic_poll_irq", "map_gpa_range"])
-def test_cpl3_hypercall_returns_eperm(vendor: Vendor, nr: int) -> None:
-    """At CPL 3 every hypercall returns -KVM_EPERM and none exits: x86.c checks CPL before the switch."""
+def test_cpl3_hypercall_returns_eperm(vendor: Vendor, vm_type: str, nr: int) -> None:
+    """At CPL 3 every hypercall returns -KVM_EPERM and none exits: x86.c checks CPL before the
+    switch. In a TD the TDCALL behind KVM_HYPERCALL is #GP(0) at CPL 3 before the TDX module or
+    KVM see it (kvm-x86 9d7dfb95da2c: "TDCALL and SEAMCALL #GP at CPL > 0")."""
+    if vm_type == "tdx":
+        report = run_guest(CALL_GUEST, VmOptions(vendor=vendor, vm_type=vm_type, memory=MEMORY, timeout=TIMEOUT,
+                                                 defines={"HC_NR": nr, "HC_A0": 0x800000, "HC_A1": 1, "USER": 1}))
+        assert report.outcome == "unhandled_exception", f"{report.outcome}: {report.detail}"
+        assert report.exception is not None and report.exception["vector"] == 13, report.exception
+        assert hypercall_exits(report)[1:] == [], "a CPL-3 TDCALL reached KVM"
+        return
     report = hypercall(nr, 0x800000, 1, 0, vendor=vendor, user=True)
     rax = rax_of(report)
     assert rax == EPERM_RET, f"RAX = 0x{rax:x} at CPL 3, expected -KVM_EPERM 0x{EPERM_RET:x}"
@@ -172,36 +188,44 @@ GPA = 0x800000  # inside 16 MiB, above the runtime's page tables
 NPAGES = 4
 
 
-@VENDORS
-def test_map_gpa_range_enosys_without_exit_cap(vendor: Vendor) -> None:
+@PLATFORMS
+def test_map_gpa_range_enosys_without_exit_cap(vendor: Vendor, vm_type: str) -> None:
     """Without KVM_CAP_EXIT_HYPERCALL bit 12, MAP_GPA_RANGE returns -KVM_ENOSYS and never exits (x86.c)."""
-    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor, map_gpa_exit=False)
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor, vm_type=vm_type, map_gpa_exit=False)
     rax = rax_of(report)
     assert rax == ENOSYS_RET, f"RAX = 0x{rax:x}, expected 0x{ENOSYS_RET:x}"
     assert hypercall_exits(report) == []
-    assert report.shared_ranges == []
+    # A TD's runtime shares its ucall page with MapGPA, SUBFUNC_UNSUPPORTED here (tdx.c
+    # tdx_map_gpa): its first ucall is a KVM_EXIT_MEMORY_FAULT the VMM answers by converting.
+    assert report.shared_ranges == ([[1, 1]] if vm_type == "tdx" else [])
 
 
-@VENDORS
+@PLATFORMS
 @pytest.mark.parametrize(
     ("gpa", "npages"),
     [(GPA + 0x10, NPAGES), (GPA, 0), (0x1000, 0xFFFF_FFFF_FFFF_FFFF), (GPA, (1 << 64) - (GPA >> 12))],
     ids=["unaligned_gpa", "zero_pages", "gfn_plus_npages_wraps", "gfn_plus_npages_is_2_64"],
 )
-def test_map_gpa_range_einval_for_bad_arguments(vendor: Vendor, gpa: int, npages: int) -> None:
+def test_map_gpa_range_einval_for_bad_arguments(vendor: Vendor, vm_type: str, gpa: int, npages: int) -> None:
     """Unaligned gpa, npages 0 or a wrapping gfn+npages give -KVM_EINVAL with no user exit (x86.c)."""
-    report = hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, 0, vendor=vendor)
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, 0, vendor=vendor, vm_type=vm_type)
     rax = rax_of(report)
     assert rax == EINVAL_RET, f"gpa 0x{gpa:x} npages 0x{npages:x}: RAX = 0x{rax:x}, expected 0x{EINVAL_RET:x}"
-    assert hypercall_exits(report) == [], f"KVM exited for a call it must reject: {hypercall_exits(report)}"
-    assert report.shared_ranges == []
+    exits, shared = hypercall_exits(report), report.shared_ranges
+    if vm_type == "tdx":  # the runtime's boot conversion of its ucall page (guests/lib/tdx.s)
+        assert [e["args"][0] for e in exits[:1]] == [0x1000] and shared[:1] == [[1, 1]]
+        exits, shared = exits[1:], shared[1:]
+    assert exits == [], f"KVM exited for a call it must reject: {exits}"
+    assert shared == []
 
 
-@VENDORS
-def test_map_gpa_range_exits_once_and_ret_lands_in_rax(vendor: Vendor) -> None:
+@PLATFORMS
+def test_map_gpa_range_exits_once_and_ret_lands_in_rax(vendor: Vendor, vm_type: str) -> None:
     """A valid MAP_GPA_RANGE makes one KVM_EXIT_HYPERCALL (nr 12, args, LONG_MODE flag); its ret is RAX."""
-    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor)
+    report = hypercall(KVM_HC_MAP_GPA_RANGE, GPA, NPAGES, 0, vendor=vendor, vm_type=vm_type)
     exits = hypercall_exits(report)
+    if vm_type == "tdx":  # the runtime's boot conversion of its ucall page comes first
+        exits = exits[1:]
     assert len(exits) == 1, f"expected exactly one hypercall exit, got {exits}"
     run = exits[0]
     shape = {k: run[k] for k in ("reason", "nr", "args", "flags")}
@@ -400,6 +424,20 @@ def test_32bit_caller_map_gpa_range_exit(vendor: Vendor) -> None:
     assert rax_of(report) == 0
 
 
+def test_32bit_caller_in_a_td_is_a_ve_kvm_never_sees() -> None:
+    """In a TD the native VMCALL, from 32-bit code too, is a #VE with exit reason 18 that KVM
+    never sees (the TDX module's td_generic_ve_exit); the runtime reports it unhandled (vector
+    20, error code = the exit reason), as Linux's virt_exception_kernel would."""
+    text = COMPAT_GUEST.replace("INSN_BYTES", INSN_BYTES[Vendor.INTEL])
+    defines: dict[str, int | str] = {"HC_NR": UNKNOWN_NR, "HC_A0": 0, "HC_A1": 0, "HC_A2": 0, "HC_A3": 0}
+    report = run_guest("compat_hypercall.s", VmOptions(vendor=Vendor.INTEL, vm_type="tdx", memory=MEMORY,
+                                                       timeout=TIMEOUT, defines=defines), text=text)
+    assert report.outcome == "unhandled_exception", f"{report.outcome}: {report.detail}"
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (20, 18)
+    assert hypercall_exits(report)[1:] == [] and report.syncs() == []
+
+
 # ------------------------------------------------------------------------- SEND_IPI, e2e
 
 KVM_HC_SEND_IPI = 10
@@ -407,18 +445,18 @@ KVM_FEATURE_PV_SEND_IPI = 11
 EOPNOTSUPP_RET = 0xFFFF_FFFF_FFFF_FFA1  # -95
 
 
-@VENDORS
+@PLATFORMS
 @pytest.mark.parametrize(("pv", "icr", "expected"), [
     (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD, EOPNOTSUPP_RET),
     (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD | 0x800, EINVAL_RET),
     (1 << KVM_FEATURE_PV_SEND_IPI, 0xFD | 0xC0000, EINVAL_RET),
     (0, 0xFD | 0x800, ENOSYS_RET),
 ], ids=["no_apic_map", "dest_logical", "shorthand", "no_pv_feature"])
-def test_send_ipi_answers(vendor: Vendor, pv: int, icr: int, expected: int) -> None:
+def test_send_ipi_answers(vendor: Vendor, vm_type: str, pv: int, icr: int, expected: int) -> None:
     """KVM_HC_SEND_IPI end to end: -KVM_ENOSYS without PV_SEND_IPI (x86.c guest_pv_has), -KVM_EINVAL
     for destination-mode/shorthand ICR bits before the APIC map, -EOPNOTSUPP with no in-kernel
     APIC map (lapic.c kvm_pv_send_ipi; a3 is the ICR)."""
-    rax = rax_of(hypercall(KVM_HC_SEND_IPI, 1, 0, 0, icr, vendor=vendor, pv_features=pv))
+    rax = rax_of(hypercall(KVM_HC_SEND_IPI, 1, 0, 0, icr, vendor=vendor, vm_type=vm_type, pv_features=pv))
     assert rax == expected, f"RAX = 0x{rax:x}, expected 0x{expected:x}"
 
 

@@ -8,12 +8,15 @@ and checks the patterns at each sync. The README's host-API example is this test
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 import testbed
 from testbed.hw.memory import UnmappableMemoryError
 from testbed.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
 from testbed.machine import GUESTS_DIR
+from testbed.pytest_plugin import TestbedCombination
 
 GUEST = GUESTS_DIR / "private_mem_conversions.s"
 SYNC_SHARED, SYNC_PRIVATE = 0, 1
@@ -31,15 +34,15 @@ def handle_exit_hypercall(vm: testbed.Vm, exit: testbed.HypercallExit) -> None:
     exit.ret = 0
 
 
-@pytest.mark.parametrize("vm_type", ["sw-protected", "sev", "sev-snp", "tdx"])
-def test_private_mem_conversions(vm_type: str) -> None:
+@pytest.mark.testbed(vm_types=["sw-protected", "sev", "sev-snp", "tdx"], memory="16M", timeout=60)
+def test_private_mem_conversions(testbed_vm: Callable[..., testbed.Vm],
+                                 testbed_combination: TestbedCombination) -> None:
     """Shared ranges hold what guest and host write; private ones are the guest's alone (x86.c
     __kvm_emulate_hypercall KVM_HC_MAP_GPA_RANGE -> KVM_EXIT_HYPERCALL; kvm_main.c
     kvm_vm_ioctl_set_mem_attributes)."""
-    guest_memfd = vm_type in ("sw-protected", "sev-snp", "tdx")
+    guest_memfd = testbed_combination.vm_type in ("sw-protected", "sev-snp", "tdx")
     syncs = 0
-    vendor = "intel" if vm_type == "tdx" else "amd"
-    with testbed.Vm(vm_type=vm_type, vendor=vendor, memory="16M", timeout=60) as vm:
+    with testbed_vm() as vm:  # the plugin's: this test's VM type and vendor (testbed/pytest_plugin.py)
         vcpu = vm.load(GUEST)
         while True:
             match vcpu.run():

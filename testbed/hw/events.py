@@ -100,6 +100,7 @@ class EventDelivery(Mmu):
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Inject an exception (the VMCB EVENTINJ / VMCS entry-interruption field)."""
+        self._tracer.emit("hw", "inject", vector=vector, error_code=error_code)
         if self._ctx == _CTX_INVALID or (self._ctx == _CTX_NONE and not self._running):
             self._deliver_now(vector, error_code)
         else:

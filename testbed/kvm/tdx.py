@@ -109,6 +109,9 @@ class TdxVcpu:
 
     def _resume(self) -> None:
         """The handler returned 1: TDH.VP.ENTER resumes the TD, whose TDCALL completes."""
+        tracer = self.vcpu.tracer
+        if tracer.enabled:
+            tracer.emit("kvm", "tdvmcall_done", r10=self._reg(Reg.R10), r11=self._reg(Reg.R11))
         self.hw.complete_tdcall()
 
     @property
@@ -128,6 +131,10 @@ class TdxVcpu:
     # ------------------------------------------------------------ the TD exit
     def handle_tdcall(self) -> None:
         """EXIT_REASON_TDCALL, dispatched as tdx_to_vmx_exit_reason() + tdx_handle_exit()."""
+        tracer = self.vcpu.tracer
+        if tracer.enabled:
+            tracer.emit("kvm", "tdvmcall", **{r.name.lower(): self._reg(r)
+                                               for r in (Reg.R10, Reg.R11, Reg.R12, Reg.R13, Reg.R14)})
         if self._reg(Reg.R10) != TDX_HYPERCALL_STANDARD:
             self.emulate_vmcall()
             return

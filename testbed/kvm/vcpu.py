@@ -125,8 +125,10 @@ class KvmVcpu:
         self.stat_hypercalls = 0
         self._pv = PvCpuid()
         self.pv_msrs = PvMsrState()
-        # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it).
-        hw.set_intercept_ud(not vm.sev)
+        # KVM intercepts #UD for every VM except SEV ones (sev_init_vmcb() clears it) and TDs,
+        # whose exceptions KVM cannot intercept: the TDX module delivers them in the guest
+        # (tdx_handle_exception_nmi() treats any exit but NMI/#MC as unexpected).
+        hw.set_intercept_ud(not (vm.sev or vm.tdx))
         # The MSR permission bitmap: every MSR exits except those the emulator holds (kvm/msr.py).
         hw.set_msr_passthrough(PASSTHROUGH_MSRS)
         self._handlers: dict[int, Callable[[int, int], None]] = self._exit_table()

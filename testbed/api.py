@@ -212,7 +212,7 @@ class Vm:
     # ------------------------------------------------------------------- loading
     def load(self, path: str | Path | None = None, *, text: str | None = None,
              defines: dict[str, int | str] | None = None, timeout: float | None = None,
-             reuse: bool = False) -> Vcpu:
+             reuse: bool = False, force: bool = False) -> Vcpu:
         """Assemble the guest (`path`, relative to the current directory, or `text`, which `path`
         then only names) with the
         runtime, build the machine, boot the runtime to guest_main, and return the one vCPU,
@@ -224,7 +224,12 @@ class Vm:
         `reuse=True`: a fresh VM of the same configuration (program and options but the
         timeout) without the build and boot, when this process booted one before: a machine
         from the process's pool, restored to its boot snapshot (testbed/snapshot.py); close()
-        gives it back. The first such load boots and snapshots as usual."""
+        gives it back. The first such load boots and snapshots as usual.
+
+        The control plane (testbed/control_plane.py) refuses a legacy image (GUEST_IMAGE_LEGACY:
+        no KVM_HC_MAP_GPA_RANGE) on a guest_memfd VM type with ControlPlaneError (a UsageError)
+        before anything is built; `force=True` launches it anyway."""
+        from testbed.control_plane import check_launch
         from testbed.machine import Machine, build_program
         from testbed.options import parse_defines
         from testbed.snapshot import POOL, pool_key, take
@@ -242,6 +247,7 @@ class Vm:
         program = build_program(source, options, text=text)
         if "guest_main" not in program.symbols:
             raise UsageError(f"{source}: the guest defines no guest_main")
+        check_launch(program, options.vm_type, str(source), force=force)
         key = pool_key(program, options) if reuse else None
         if key is not None and (pooled := POOL.acquire(key)) is not None:
             self._machine, snapshot = pooled
@@ -312,6 +318,12 @@ class Vm:
         """The VMM's shared-page tracker, exported as merged (gfn, npages) ranges."""
         vmm = self.machine.vmm
         return [(gfn, n) for gfn, n in vmm.shared_source.shared_ranges()]
+
+    def memory_report(self) -> dict[str, Any] | None:
+        """The pin accounting now (vmm/pinning.py; the report's `memory`): pinned and shared
+        pages, their peaks and the samples so far; None on a VM type that pins nothing."""
+        pinning = self.machine.pinning
+        return pinning.to_json() if pinning is not None else None
 
     def _check_gpa(self, gpa: int, size: int) -> None:
         mem = self.machine.memory
@@ -443,16 +455,26 @@ def run_report(vm: Vm, vcpu: Vcpu, timeout: float, started: float | None = None,
     except VmExitError:
         pass  # the VMM recorded the end
     report = vmm.finalize(time.perf_counter() - start)
+    _add_control_plane(vm, report)
     if vm.machine.ud_explanations:
         report.extra["ud_host_view"] = list(vm.machine.ud_explanations)  # a restore rewinds the machine's
     return report
 
 
+def _add_control_plane(vm: Vm, report: RunReport) -> None:
+    from testbed.control_plane import report_entry
+
+    machine = vm.machine
+    report.extra["control_plane"] = report_entry(machine.program, machine.options.vm_type, report.exit_counts,
+                                                 report.user_exits)
+
+
 def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str | None = None,
-              reuse: bool = False) -> RunReport:
+              reuse: bool = False, force: bool = False) -> RunReport:
     """Assemble and run a guest to its end; the report says how it ended (the one-call API,
     built on Vm: load, then run_report). `reuse=True`: `vm.load(reuse=True)`, a machine of
-    the same configuration restored from its boot snapshot instead of a new boot."""
+    the same configuration restored from its boot snapshot instead of a new boot. A legacy
+    image on a guest_memfd VM type is refused (ControlPlaneError) unless `force=True`."""
     from testbed.machine import VmOptions
 
     start = time.perf_counter()
@@ -460,7 +482,7 @@ def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str
         opts = vm.options
         deadline = time.monotonic() + opts.timeout
         try:
-            vcpu = vm.load(source, text=text, reuse=reuse)
+            vcpu = vm.load(source, text=text, reuse=reuse, force=force)
         except VmTimeoutError:
             vm.machine.vmm.finish(VmEnd("timeout", f"guest did not finish within {opts.timeout:g} s"))
             return _final(vm, start)
@@ -471,6 +493,7 @@ def run_guest(source: Path | str, options: VmOptions | None = None, *, text: str
 
 def _final(vm: Vm, start: float) -> RunReport:
     report = vm.machine.vmm.finalize(time.perf_counter() - start)
+    _add_control_plane(vm, report)
     if vm.machine.ud_explanations:
         report.extra["ud_host_view"] = list(vm.machine.ud_explanations)  # a restore rewinds the machine's
     return report

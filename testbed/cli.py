@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--expect", default=None, metavar="OUTCOME",
                      help="exit 0 exactly when the run ends with this outcome (done, guest_assert, "
                           "unhandled_exception, ...; see README), 1 otherwise")
+    run.add_argument("--force", action="store_true",
+                     help="launch a legacy image (GUEST_IMAGE_LEGACY: no KVM_HC_MAP_GPA_RANGE) on a guest_memfd VM "
+                          "type, which the control plane refuses otherwise")
+    run.add_argument("--plot-memory", type=Path, default=None, metavar="FILE.png",
+                     help="also run the guest on the counterpart VM type (sev/sev-es <-> sev-snp; sw-protected "
+                          "and tdx beside sev) and draw pinned private, shared and total memory against time, "
+                          "side by side, into this PNG")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="hypercalls under both vendors, SEV and TDX: the VMCALL decode failure")
@@ -206,16 +213,18 @@ def _check_expect(text: str | None) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     """`testbed run`: the host API's run_guest (a Vm, load, the run loop) and its report."""
     from testbed.api import run_guest
+    from testbed.control_plane import check_launch
     from testbed.machine import build_program
 
     expect = _check_expect(args.expect)
     options = run_options_from_args(args)
     options.validate()
-    build_program(args.guest, options)  # assembly errors before the trace file is created (cached)
+    program = build_program(args.guest, options)  # assembly errors before the trace file is created (cached)
+    check_launch(program, options.vm_type, str(args.guest), force=args.force)  # the control plane, before launch
     trace = _TraceFile(args.trace) if args.trace is not None else None
     try:
         options.trace = trace
-        report = run_guest(args.guest, options)
+        report = run_guest(args.guest, options, force=args.force)
     except Exception:
         if trace is not None and trace.error is not None:
             raise trace.error from None
@@ -225,6 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             trace.close()
     if trace is not None and trace.error is not None:
         raise trace.error
+    if getattr(args, "plot_memory", None) is not None:
+        _plot_memory(args, options, report)
     if args.json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:
@@ -236,6 +247,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.outcome == "timeout":
         return EXIT_TIMEOUT
     return EXIT_GUEST_FAILURE
+
+
+def _plot_memory(args: argparse.Namespace, options: Any, report: Any) -> None:
+    """--plot-memory: run the guest on the counterpart VM type too, draw both (testbed/memplot.py)."""
+    import dataclasses
+
+    from testbed.api import run_guest
+    from testbed.memplot import counterpart, plot_memory
+
+    other_type = counterpart(args.vm_type)
+    other = dataclasses.replace(options, vm_type=other_type, trace=None,
+                                vendor="amd" if args.vm_type == "tdx" else options.vendor)
+    other.normalise()
+    other.validate()
+    other_report = run_guest(args.guest, other, force=args.force)
+    runs = [(args.vm_type, report.to_json().get("memory") or {}),
+            (other_type, other_report.to_json().get("memory") or {})]
+    legacy_first = sorted(runs, key=lambda run: run[1].get("model") != "legacy")
+    plot_memory(legacy_first, args.plot_memory, f"{args.guest}: {options.memory >> 20} MiB guest")
 
 
 def _print_report(report: Any, args: argparse.Namespace, out: IO[str], expect: str | None = None) -> None:

@@ -272,10 +272,14 @@ class _Normaliser:
         """The run ended: its outcome and the final shared ranges close the record."""
         self._flush_exit()
         self._origin = None
-        self._add("end", {"outcome": outcome, "detail": detail})
+        # A detail names source files by path (file:line); where the checkout lives is not part of
+        # what the host saw, so a path is recorded by its file name alone.
+        self._add("end", {"outcome": outcome, "detail": _ABS_SOURCE.sub(r"\1", detail)})
         self._add("shared_ranges", {"ranges": [[int(g), int(n)] for g, n in shared]})
         return self.events
 
+
+_ABS_SOURCE = re.compile(r"(?<![\w.])/(?:[^\s:/]+/)+([^\s:/]+\.s)\b")
 
 #: GHCI leaf (R11) -> how many of R12..R14 it reads (tdx.c handle_tdvmcall and the instruction leaves)
 _TDVMCALL_ARITY = {10: 1, 12: 0, 30: 3, 31: 1, 32: 2, 48: 3, 0x10000: 1, 0x10001: 2, 0x10002: 2, 0x10003: 1, 0x10004: 1}

@@ -47,6 +47,7 @@ from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
 from testbed.vmm.page_enc import PageEncBitmapSource
+from testbed.vmm.pinning import PinAccounting
 from testbed.vmm.vmm import RunReport, VmEnd, Vmm
 from testbed.x86 import (
     CR0_PE,
@@ -319,6 +320,15 @@ class Machine:
                        implicit_conversion=options.implicit_conversion, msr=self.msr,
                        locate=functools.partial(_locate, program), program=program, shared_source=shared_source,
                        inject_event=self.kvm_vcpu.inject_event, pending_event_every=options.pending_event_every)
+        # The pin accounting (vmm/pinning.py): legacy SEV registers all RAM at launch; on the
+        # guest_memfd types the backing reports each page it allocates or frees.
+        self.pinning: PinAccounting | None = None
+        if self.memory.guest_memfd or self.memory.encrypted:
+            self.pinning = PinAccounting("guest_memfd" if self.memory.guest_memfd else "legacy", self.layout.nframes)
+            self.vmm.pinning = self.pinning
+            if self.memory.guest_memfd:
+                self.pinning.backing_changed(self.memory.private_pages, self.memory.shared_pages)
+                self.memory.on_backing_pages = self.pinning.backing_changed
         self._boot()
 
     def _configure_kvm(self) -> None:
@@ -352,6 +362,11 @@ class Machine:
         # guest_memfd by the launch; sw-protected has no populate: its RAM starts shared).
         host = self.memory.userspace_view()
         state = boot.prepare(host, self.program.code, self.c_bit_mask)
+        if self.pinning is not None and self.pinning.model == "legacy":
+            # KVM_MEMORY_ENCRYPT_REG_REGION over all guest RAM before the launch, as QEMU's
+            # sev_ram_block_added() does for every RAM block: pinned for the VM's lifetime.
+            npages = self.kvm_vm.memory_encrypt_reg_region(self.memory.dram_address(), self.memory.size)
+            self.pinning.register_region(self.memory.size, npages)
         if self.sev:
             # KVM_SEV_LAUNCH_UPDATE_DATA: what the VMM prepared is encrypted in place.
             regions = boot.launch_regions(len(self.program.code))
@@ -389,6 +404,8 @@ class Machine:
         cpu.write_reg(Reg.RIP, entry)
         cpu.write_reg(Reg.RSP, state.rsp)
         cpu.write_reg(Reg.RFLAGS, 0x2)
+        if self.pinning is not None:
+            self.pinning.launched()
 
     def _explain_guest_ud(self, rip: int, guest_bytes: bytes) -> None:
         """Explanation, not a model of KVM: what the host would read at a #UD's RIP.

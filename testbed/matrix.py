@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from testbed.control_plane import ControlPlaneError
 from testbed.errors import TestbedError, UsageError
 from testbed.runner import Executor, Result, Task, make_executor, run_task
 
@@ -73,6 +74,13 @@ def observe(task: Task) -> Result:
         boot_exits, boot_shared = 0, []
         try:
             vcpu = vm.load(task["guest"], text=task["source"])
+        except ControlPlaneError as exc:
+            # The control plane refuses the image before launch (a legacy image on a UPM type):
+            # a real difference from the reference column, shown as the outcome `refused`.
+            return {"guest": task["guest"], "vm_type": opts["vm_type"], "vendor": opts["vendor"],
+                    "outcome": "refused", "detail": str(exc), "exception": None, "ucalls": [], "conversions": [],
+                    "conversion_exits": 0, "truncated": False, "shared_ranges": [], "guest_shared": [],
+                    "runtime_unshared": []}
         except VmTimeoutError:
             vm.machine.vmm.finish(VmEnd("timeout", f"guest did not finish within {options.timeout:g} s"))
             report = _final(vm, start)

@@ -76,11 +76,12 @@ class GoldenRecorder:
 
 
 @pytest.fixture
-def testbed_golden(request: pytest.FixtureRequest) -> GoldenRecorder:
-    """Check (or, with --testbed-update-golden, record) golden traces of guest runs."""
-    defaults: dict[str, Any] = {}
-    if "testbed_combination" in request.fixturenames:
-        combination = request.getfixturevalue("testbed_combination")
-        defaults = {"vm_type": combination.vm_type, "vendor": combination.vendor}
+def testbed_golden(request: pytest.FixtureRequest, testbed_combination: Any) -> GoldenRecorder:
+    """Check (or, with --testbed-update-golden, record) golden traces of guest runs: of the test's
+    combination (@pytest.mark.testbed, else default/amd) with the marker's options."""
+    marker = request.node.get_closest_marker("testbed")
+    defaults: dict[str, Any] = {k: v for k, v in (marker.kwargs if marker else {}).items()
+                                if k not in ("vm_types", "vendors")}
+    defaults.update(vm_type=testbed_combination.vm_type, vendor=testbed_combination.vendor)
     return GoldenRecorder(request.path.parent, bool(request.config.getoption("testbed_update_golden", False)),
                           defaults)

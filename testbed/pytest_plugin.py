@@ -109,8 +109,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     nodeid = metafunc.definition.nodeid
     if "testbed_combination" not in metafunc.fixturenames:
-        _marker_error(nodeid, "the test uses neither testbed_vm nor testbed_combination, so it has nothing "
-                              "to run each combination with")
+        _marker_error(nodeid, "the test uses none of testbed_vm, testbed_golden and testbed_combination, so it "
+                              "has nothing to run each combination with")
     if marker.args:
         _marker_error(nodeid, "takes keyword arguments only: vm_types=[...], vendors=[...], VmOptions fields")
     kwargs = dict(marker.kwargs)

@@ -89,6 +89,22 @@ def test_golden_has_no_times_or_host_addresses() -> None:
         assert "/" not in event.get("at", ""), event
 
 
+def test_golden_of_a_failing_guest_is_the_same_wherever_the_guest_lives(tmp_path: Path) -> None:
+    """An outcome detail names the guest's file:line by file name, so the record does not depend on
+    where the checkout is."""
+    text = "guest_main:\n    ud2\n"
+    goldens = []
+    for where in ("a", "b/c"):
+        guest = tmp_path / where / "fails.s"
+        guest.parent.mkdir(parents=True)
+        guest.write_text(text)
+        goldens.append(record(guest, _options("default"), reuse=False))
+    end = next(e for e in goldens[0].events if e["event"] == "end")
+    assert end["outcome"] == "unhandled_exception"
+    assert end["detail"].startswith("fails.s:2 (guest_main+0x0): unexpected #UD"), end
+    assert goldens[0].events == goldens[1].events
+
+
 def test_reuse_records_what_a_fresh_boot_records() -> None:
     """A golden recorded on a pooled machine (reuse=True) equals one recorded after a fresh boot."""
     guest = ROOT / "guests" / "conversions.s"

@@ -138,7 +138,7 @@ def test_marker_without_the_fixtures_is_an_error(pytester: pytest.Pytester) -> N
     """)
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
-    assert "uses neither testbed_vm nor testbed_combination" in result.stdout.str()
+    assert "uses none of testbed_vm, testbed_golden and testbed_combination" in result.stdout.str()
 
 
 def test_testbed_vm_loads_beside_the_test_and_closes_after(pytester: pytest.Pytester) -> None:

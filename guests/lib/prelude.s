@@ -394,6 +394,21 @@
     call rt_ucall_done
 .endm
 
+# The image's note for the control plane (testbed/asm records it in Program.features; no byte
+# of it is assembled). GUEST_IMAGE_FEATURE NAME declares a feature the image uses: the runtime
+# declares MAP_GPA_RANGE, since it tells the host of every conversion (KVM_HC_MAP_GPA_RANGE, or
+# the GHCB Page State Change / TDX MapGPA that KVM turns into it). GUEST_IMAGE_LEGACY, written
+# once at the top level of a guest, makes the image legacy: the note withdraws MAP_GPA_RANGE
+# and the runtime's set_memory_shared/set_memory_private only change the guest's own PTEs
+# (C-bit / shared bit; PVALIDATE on SNP) and never tell the host, as a pre-5.16 Linux SEV guest.
+# `testbed run` refuses a legacy image on a guest_memfd VM type (--force runs it anyway).
+.macro GUEST_IMAGE_FEATURE name
+.endm
+
+.macro GUEST_IMAGE_LEGACY
+    .equ GUEST_IMAGE_IS_LEGACY, 1
+.endm
+
 # The last argument of every assert is the call-site id that testbed/asm.py appends to each
 # GUEST_ASSERT*/GUEST_FAIL statement; the host maps it back to the file:line where the assert
 # is written and to its text. A failed assert calls rt_guest_assert_fail (rdi, rsi = values,

@@ -606,6 +606,12 @@ rt_sme_ptes_out:
 .ifndef HC_PROTOCOL_PAGE_ENC_STATUS
 .equ HC_PROTOCOL_PAGE_ENC_STATUS, 0
 .endif
+# The control plane's note: this runtime tells the host of every conversion. A guest that
+# wrote GUEST_IMAGE_LEGACY (prelude.s) withdraws it, and the conversions below skip the host.
+GUEST_IMAGE_FEATURE MAP_GPA_RANGE
+.ifndef GUEST_IMAGE_IS_LEGACY
+.equ GUEST_IMAGE_IS_LEGACY, 0
+.endif
 
 set_memory_shared:
     push rdx
@@ -655,6 +661,9 @@ rt_set_memory_enc:
     pop rdx
     test rax, rax
     jnz rt_sme_out
+.if GUEST_IMAGE_IS_LEGACY
+    jmp rt_sme_legacy
+.endif
     # TDX: MapGPA and TDG.MEM.PAGE.ACCEPT (tdx.s)
     call rt_is_tdx
     jz rt_sme_not_tdx
@@ -691,6 +700,31 @@ rt_sme_snp_private:                    # private: the PTEs, PSC, then validate
 rt_sme_pte:
     call rt_sme_flip_ptes
     jmp rt_sme_notify
+
+# GUEST_IMAGE_LEGACY: the guest's own side only - PVALIDATE on SNP (rescind before shared,
+# validate after private) and the PTEs - and no word to the host: no KVM_HC_MAP_GPA_RANGE, no
+# Page State Change, no MapGPA. On a guest_memfd VM type the first access through the new PTE
+# is then a KVM_EXIT_MEMORY_FAULT, which the VMM's implicit-conversion policy answers.
+rt_sme_legacy:
+    mov r8, RT_DATA
+    mov r8, qword ptr [r8 + 0x808]
+    test r8, 4
+    jz rt_sme_legacy_flip
+    test r11, r11
+    jnz rt_sme_legacy_private
+    xor edx, edx
+    call rt_snp_pvalidate_range
+    test rax, rax
+    jnz rt_sme_out
+rt_sme_legacy_flip:
+    call rt_sme_flip_ptes
+    xor eax, eax
+    jmp rt_sme_out
+rt_sme_legacy_private:
+    call rt_sme_flip_ptes
+    mov edx, 1
+    call rt_snp_pvalidate_range
+    jmp rt_sme_out
 
 # rdi = gpa, rsi = npages, r11 = enc: C-bit on (private) or off (shared) in our PTEs (SEV);
 # the splits were made by rt_set_memory_enc's first pass, so this cannot fail.

@@ -145,6 +145,8 @@ class _Suffix:
     hoisted_after: int
     included: tuple[tuple[tuple[str, ...], str, str], ...]
     texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
+    image_features: frozenset[str] = frozenset()  # its GUEST_IMAGE_FEATURE notes
+    image_legacy: SourceLocation | None = None  # its GUEST_IMAGE_LEGACY, if any
 
 
 def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
@@ -199,6 +201,8 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         hoisted_after=pre.hoisted,
         included=new_included,
         texts=tuple(t for raw in texts for t in (raw, _strip_literals(raw))),
+        image_features=frozenset(pre.image_features - prefix.image_features),
+        image_legacy=pre.image_legacy if prefix.image_legacy is None else None,
     )
 
 
@@ -253,6 +257,8 @@ def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
     for label in suffix.new_labels:
         pre.labels[label.name] = label
     pre.included.extend(suffix.included)
+    pre.image_features |= suffix.image_features
+    pre.image_legacy = pre.image_legacy or suffix.image_legacy
 
 
 def _front_end(
@@ -367,6 +373,7 @@ def _assemble_unit(
         symbols=MappingProxyType(symbols),
         asserts=MappingProxyType(dict(pre.asserts)),
         lines=tuple(lines),
+        features=pre.image_feature_list(),
     ), included
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from testbed.asm.assembler import _assemble_unit, _includes_valid
 from testbed.asm.program import AssertSite, Program, SourceLocation
 
-FORMAT = 1
+FORMAT = 2  # 2: Program.features (the image note)
 DISABLED = ("off", "0", "none", "false", "no")
 
 _Included = tuple[tuple[tuple[str, ...], str, str], ...]
@@ -99,6 +99,7 @@ def _encode(program: Program, included: _Included) -> dict[str, Any]:
         "symbols": dict(program.symbols),
         "asserts": [[site_id, s.file, s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
         "lines": [[address, loc.file, loc.line] for address, loc in program.lines],
+        "features": list(program.features),
         "included": [[list(absent), found, digest] for absent, found, digest in included],
     }
 
@@ -136,6 +137,7 @@ def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
         lines=tuple(
             (integer(address), SourceLocation(file(f), integer(line))) for address, f, line in payload["lines"]
         ),
+        features=tuple(str(name) for name in payload["features"]),
     )
     included = tuple(
         (tuple(str(p) for p in absent), str(found), str(digest)) for absent, found, digest in payload["included"]

@@ -146,6 +146,10 @@ class _Preprocessor:
         # Names defined so far by .equ/.set/.equiv/= (or -D) from constants only: what an
         # .if or .rept may use (see _ABSOLUTE_DIRECTIVES).
         self.absolute: set[str] = set()
+        # The image's note (Program.features): features declared by GUEST_IMAGE_FEATURE NAME,
+        # and where GUEST_IMAGE_LEGACY withdrew MAP_GPA_RANGE (None if it did not).
+        self.image_features: set[str] = set()
+        self.image_legacy: SourceLocation | None = None
 
     def fork(self) -> _Preprocessor:
         """An independent copy, to go on from a cached state (assembler._front_end). Only
@@ -169,6 +173,7 @@ class _Preprocessor:
         other.errors = dict(self.errors)
         other.constants = dict(self.constants)
         other.absolute = set(self.absolute)
+        other.image_features = set(self.image_features)
         return other
 
     def new_hoisted_name(self) -> str:
@@ -290,6 +295,8 @@ class _Preprocessor:
             if checked != operands:
                 operands = checked
                 text = "".join(f"{name}: " for name in labels) + f"{mnemonic} {operands}"
+        if mnemonic in ("GUEST_IMAGE_FEATURE", "GUEST_IMAGE_LEGACY") and mnemonic in self.macros:
+            self.image_note(mnemonic, operands, loc, in_macro)
         if mnemonic == "GUEST_FAIL":
             # The message stays on the host (the site table): never a byte of guest memory.
             message, operands = _guest_fail_message(operands, loc), "0"
@@ -385,6 +392,28 @@ class _Preprocessor:
                 closers=tuple(b.closer for b in reversed(self.blocks)),
             )
         )
+
+    def image_note(self, mnemonic: str, operands: str, loc: SourceLocation, in_macro: bool) -> None:
+        """Record a GUEST_IMAGE_FEATURE / GUEST_IMAGE_LEGACY note (the image's, for the control
+        plane): only where it is surely assembled, at the top level outside .if/.rept blocks."""
+        if in_macro or self.blocks:
+            raise AsmError(loc.file, loc.line, f"{mnemonic} declares the whole image: write it at the top level, "
+                           "outside .macro, .rept and .if blocks")
+        if mnemonic == "GUEST_IMAGE_LEGACY":
+            if operands:
+                raise AsmError(loc.file, loc.line, "GUEST_IMAGE_LEGACY takes no operands")
+            self.image_legacy = self.image_legacy or loc
+        elif not re.fullmatch(r"[A-Z][A-Z0-9_]*", operands):
+            raise AsmError(loc.file, loc.line,
+                           "GUEST_IMAGE_FEATURE expects one feature name: GUEST_IMAGE_FEATURE MAP_GPA_RANGE")
+        else:
+            self.image_features.add(operands)
+
+    def image_feature_list(self) -> tuple[str, ...]:
+        """The features the image declares (Program.features): GUEST_IMAGE_LEGACY withdraws
+        MAP_GPA_RANGE, whatever the runtime declared."""
+        withdrawn = {"MAP_GPA_RANGE"} if self.image_legacy is not None else set()
+        return tuple(sorted(self.image_features - withdrawn))
 
     def references(self, mnemonic: str, directive: str, rest: str, operands: str) -> set[str]:
         """Identifiers a statement may use as symbols, for stubbing and naming missing ones."""

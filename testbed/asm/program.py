@@ -75,6 +75,16 @@ class Program:
     # (address, location) of each top-level statement that emits bytes, by ascending address.
     # Statements inside .macro/.rept/.irp bodies are attributed to the invoking line.
     lines: Sequence[tuple[int, SourceLocation]] = ()
+    #: The image's note for the control plane: the features it declares it uses, sorted
+    #: ("MAP_GPA_RANGE": it tells the host of every conversion with KVM_HC_MAP_GPA_RANGE or
+    #: its carrier, GHCB Page State Change / TDX MapGPA). The runtime declares MAP_GPA_RANGE
+    #: (GUEST_IMAGE_FEATURE in guests/lib/runtime.s); GUEST_IMAGE_LEGACY withdraws it.
+    features: tuple[str, ...] = ()
+
+    @property
+    def legacy(self) -> bool:
+        """Whether the image is legacy: it does not declare KVM_HC_MAP_GPA_RANGE."""
+        return "MAP_GPA_RANGE" not in self.features
 
     @property
     def end(self) -> int:

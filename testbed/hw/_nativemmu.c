@@ -221,7 +221,7 @@ static PyObject *nativemmu_walk(PyObject *Py_UNUSED(module), PyObject *args)
 #define XLAT_BITS 12
 #define XLAT_N (1 << XLAT_BITS)
 #define NREGS 3
-#define NBUFS 5
+#define NBUFS 6
 
 typedef struct {
     uint64_t paddr;
@@ -242,6 +242,7 @@ typedef struct {
     WalkMem mem;
     uint8_t *exec_bits, *scanned_bits; /* one byte per frame, shared with the Python MMU */
     const uint8_t *validated;          /* SNP: the RMP's Validated bit per frame */
+    const uint8_t *present;            /* guest_memfd: PRESENT_* bits per frame (hw/memory.py), NULL: none */
     int snp, stage2, legacy_stage2;
     uint64_t alias_base;
     unsigned long long fills;          /* fills completed here (the Python ones count there) */
@@ -260,6 +261,7 @@ static void nm_release_buffers(NativeMmu *self)
     memset(&self->mem, 0, sizeof(self->mem));
     self->exec_bits = self->scanned_bits = NULL;
     self->validated = NULL;
+    self->present = NULL;
 }
 
 static inline void xlat_record(NativeMmu *self, uint64_t vpage, uint64_t upa)
@@ -304,6 +306,9 @@ static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbE
         return 1; /* the access moves the frame's ownership: transcoding is Python's */
     if (m->model == MODEL_GMEM && self->stage2 && m->attrs_unknown)
         return 1;
+    if (m->model == MODEL_GMEM && self->present != NULL &&
+        !(self->present[frame] & ((self->stage2 && frame_private) ? 2 : 1)))
+        return 1; /* the first fault on the backing page: Python allocates and counts it */
     if (access == ACCESS_FETCH) {
         if (!self->scanned_bits[frame])
             return 1; /* the frame's intercepted sites are hooked by Python first */
@@ -492,6 +497,24 @@ static PyObject *NativeMmu_set_python_only(NativeMmu *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
+{
+    /* After configure (which releases it): the guest_memfd present bytes, or None. */
+    uint8_t *p = NULL;
+    if (!self->configured) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_present: configure first");
+        return NULL;
+    }
+    if (self->nbufs >= NBUFS) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_present: no buffer slot left");
+        return NULL;
+    }
+    if (nm_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12), 0, "the present array", &p) < 0)
+        return NULL;
+    self->present = p;
+    Py_RETURN_NONE;
+}
+
 static PyObject *NativeMmu_flush(NativeMmu *self, PyObject *Py_UNUSED(ignored))
 {
     memset(self->xlat_tag, 0, sizeof(self->xlat_tag));
@@ -583,6 +606,8 @@ static PyMethodDef NativeMmu_methods[] = {
      "enc_means_private, snp, stage2, alias_base): the memory and paging the fills walk."},
     {"set_python_only", (PyCFunction)NativeMmu_set_python_only, METH_O,
      "While true every fill is the Python fallback's (a pending fault, a quiesced vCPU)."},
+    {"set_present", (PyCFunction)NativeMmu_set_present, METH_O,
+     "set_present(bytes or None): guest_memfd fills whose backing page is not present are Python's."},
     {"flush", (PyCFunction)NativeMmu_flush, METH_NOARGS, "Forget the recorded translations (a TLB flush)."},
     {"fetch", (PyCFunction)(void (*)(void))NativeMmu_fetch, METH_FASTCALL,
      "fetch(va, n): bytes at va through the recorded translation of its page, or None."},

@@ -494,6 +494,9 @@ class Intercepts(EventDelivery):
             self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, tr.gpa)
             return  # RIP unchanged: retried if the VMM converted the page
         else:
+            # The nested walk of a private access faults the guest_memfd page(s) in (KVM's
+            # private fault: kvm_gmem_get_pfn), validated or not: the first private fault.
+            self._mem.materialise(frame, 512 if size == 1 else 1, True)
             result = self.rmp.pvalidate(frame, size, validate)
         self._tracer.emit("hw", "pvalidate", gpa=tr.gpa, size=size, validate=validate, eax=result.eax, cf=result.cf)
         self.write_reg(Reg.RAX, result.eax)

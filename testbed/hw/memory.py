@@ -67,6 +67,17 @@ _U64 = struct.Struct("<Q")
 #: Linux's MAP_NORESERVE (include/uapi/asm-generic/mman.h; the mmap module names it from 3.13).
 MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
+#: guest_memfd: the bits of `GuestMemory.present` (one byte per GFN): the VMM's (shared) page
+#: of the GFN has been touched; the guest_memfd (private) page has been allocated.
+PRESENT_SHARED = 1
+PRESENT_PRIVATE = 2
+_KEEP_SHARED = bytes(b & PRESENT_SHARED for b in range(256))
+_KEEP_PRIVATE = bytes((b & PRESENT_PRIVATE) >> 1 for b in range(256))
+_CLEAR_SHARED = bytes(b & ~PRESENT_SHARED & 0xFF for b in range(256))
+_CLEAR_PRIVATE = bytes(b & ~PRESENT_PRIVATE & 0xFF for b in range(256))
+_SET_SHARED = bytes(b | PRESENT_SHARED for b in range(256))
+_SET_PRIVATE = bytes(b | PRESENT_PRIVATE for b in range(256))
+
 
 class UnmappableMemoryError(GuestMemoryError):
     """A host access to a private GFN of a guest_memfd VM: the page lives in guest_memfd,
@@ -192,6 +203,18 @@ class GuestMemory:
         self.on_host_write: Callable[[int, int], None] | None = None
         #: Called with (gpa, length) before a host write; raises to refuse it (the SNP RMP).
         self.host_write_guard: Callable[[int, int], None] | None = None
+        #: guest_memfd: which backing pages of each GFN exist (PRESENT_* bits; shared with the
+        #: C fill, which hands a fill to Python while the page it maps is not present yet).
+        #: A private page is allocated on the first private fault (kvm_gmem_get_pfn ->
+        #: kvm_gmem_get_folio, virt/kvm/guest_memfd.c) or by a populate, and freed by a punch
+        #: hole; a shared page exists once touched and until discarded.
+        self.present: mmap.mmap | None = frame_array(self.nframes) if guest_memfd else None
+        #: guest_memfd: pages allocated in guest_memfd / touched in the VMM's backing now
+        self.private_pages = 0
+        self.shared_pages = 0
+        #: Called with (private_delta, shared_delta) whenever those counts change (the pin
+        #: accounting of vmm/pinning.py listens; the hardware knows nothing of it).
+        self.on_backing_pages: Callable[[int, int], None] | None = None
 
     def _new_backing(self, what: str) -> _Backing:
         backing = _Backing(self.size, what)
@@ -270,6 +293,57 @@ class GuestMemory:
             self.on_ownership_change(frame)
         return True
 
+    # -- guest_memfd pages: allocation and release --------------------------------------
+    def materialise(self, first_gfn: int, npages: int, private: bool) -> int:
+        """guest_memfd: the pages of GFNs [first_gfn, first_gfn + npages) in the private
+        (guest_memfd) or shared (VMM) backing come into existence, if they are not yet: a
+        private fault's kvm_gmem_get_pfn(), a populate, or a touch of the VMM's page. Returns
+        how many were new; a no-op outside guest_memfd VMs."""
+        present = self.present
+        end = min(first_gfn + npages, self.nframes)
+        if present is None or first_gfn < 0 or first_gfn >= end:
+            return 0
+        bit = PRESENT_PRIVATE if private else PRESENT_SHARED
+        if end - first_gfn == 1:
+            old = present[first_gfn]
+            if old & bit:
+                return 0
+            present[first_gfn] = old | bit
+            new = 1
+        else:
+            seg = present[first_gfn:end]
+            new = (end - first_gfn) - seg.translate(_KEEP_PRIVATE if private else _KEEP_SHARED).count(1)
+            if not new:
+                return 0
+            present[first_gfn:end] = seg.translate(_SET_PRIVATE if private else _SET_SHARED)
+        self._count(new if private else 0, 0 if private else new)
+        return new
+
+    def _release(self, first_gfn: int, end: int, private: bool) -> None:
+        present = self.present
+        if present is None or first_gfn >= end:
+            return
+        seg = present[first_gfn:end]
+        gone = seg.translate(_KEEP_PRIVATE if private else _KEEP_SHARED).count(1)
+        if gone:
+            present[first_gfn:end] = seg.translate(_CLEAR_PRIVATE if private else _CLEAR_SHARED)
+            self._count(-gone if private else 0, 0 if private else -gone)
+
+    def _count(self, private_delta: int, shared_delta: int) -> None:
+        self.private_pages += private_delta
+        self.shared_pages += shared_delta
+        if self.on_backing_pages is not None:
+            self.on_backing_pages(private_delta, shared_delta)
+
+    def _recount(self) -> None:
+        """After a restore: the counts from the present bytes (the listener gets the change)."""
+        if self.present is None:
+            return
+        data = self.present[:]
+        private = data.translate(_KEEP_PRIVATE).count(1)
+        shared = data.translate(_KEEP_SHARED).count(1)
+        self._count(private - self.private_pages, shared - self.shared_pages)
+
     # -- the CPU's view ------------------------------------------------------------------
     def _gmem_buf(self, frame: int) -> memoryview:
         """guest_memfd: the backing stage 2 maps `frame` to (the attribute decides)."""
@@ -326,6 +400,7 @@ class GuestMemory:
             buf: memoryview | None
             if self.guest_memfd:
                 buf = self._gmem_buf(frame)
+                self.materialise(frame, 1, buf is not self.dram)
             elif private:
                 self.make_private(frame)
                 buf = self.private if self.cipher is not None else self.dram
@@ -402,6 +477,9 @@ class GuestMemory:
         self.check_range(gpa, len(data), "host write")
         if self.guest_memfd:
             self.dram[gpa : gpa + len(data)] = data
+            if data:
+                first = gpa >> PAGE_SHIFT
+                self.materialise(first, ((gpa + len(data) - 1) >> PAGE_SHIFT) - first + 1, False)
         else:
             if self.host_write_guard is not None:
                 self.host_write_guard(gpa, len(data))
@@ -423,6 +501,7 @@ class GuestMemory:
         if not self.guest_memfd or backing is None or first_gfn >= end or first_gfn < 0:
             return
         backing.discard(first_gfn << PAGE_SHIFT, (end - first_gfn) << PAGE_SHIFT)
+        self._release(first_gfn, end, backing is self._priv)
         if self.on_host_write is not None:
             self.on_host_write(first_gfn << PAGE_SHIFT, (end - first_gfn) << PAGE_SHIFT)
 
@@ -463,6 +542,7 @@ class GuestMemory:
         first = gpa & ~(PAGE_SIZE - 1)
         end = (gpa + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         self.private[first:end] = self.dram[first:end]
+        self.materialise(first >> PAGE_SHIFT, (end - first) >> PAGE_SHIFT, True)
 
     # -- snapshots (testbed/snapshot.py) -----------------------------------------------------
     def save_image(self) -> MemoryImage:
@@ -477,7 +557,8 @@ class GuestMemory:
                 image.close()
             raise
         owner = self.owner
-        return MemoryImage(tuple(images), FrameArrayImage(owner) if isinstance(owner, mmap.mmap) else bytes(owner))
+        return MemoryImage(tuple(images), FrameArrayImage(owner) if isinstance(owner, mmap.mmap) else bytes(owner),
+                           FrameArrayImage(self.present) if self.present is not None else None)
 
     def restore_image(self, image: MemoryImage) -> None:
         """Put memory back as `image` saw it: each backing maps its image copy-on-write at its
@@ -492,15 +573,21 @@ class GuestMemory:
             image.owner.restore_into(self.owner)  # sparse: a large guest's array stays unfaulted
         else:
             self.owner[:] = image.owner
+        if self.present is not None and image.present is not None:
+            image.present.restore_into(self.present)
+            self._recount()
 
 
 class MemoryImage:
     """A GuestMemory's RAM at one moment: one copy-on-write image per backing and the legacy
     frames' ownership. close() frees the images' memfds."""
 
-    def __init__(self, backings: tuple[BackingImage, ...], owner: FrameArrayImage | bytes) -> None:
+    def __init__(self, backings: tuple[BackingImage, ...], owner: FrameArrayImage | bytes,
+                 present: FrameArrayImage | None = None) -> None:
         self.backings = backings
         self.owner = owner
+        #: guest_memfd: GuestMemory.present (which backing pages exist) at that moment
+        self.present = present
 
     @property
     def pages(self) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
-from testbed.hw.memory import GuestMemory, HostMemory, StagePrivacy
+from testbed.hw.memory import PRESENT_PRIVATE, PRESENT_SHARED, GuestMemory, HostMemory, StagePrivacy
 from testbed.hw.rmp import Rmp
 from testbed.hw.tdx_module import TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, TdxModule
 from testbed.hw.unicorn_binding import (
@@ -180,6 +180,13 @@ class Mmu(UnicornBinding):
             self._exec_frames.bits, self._scanned_frames.bits, paging.phys_bits, paging.enc_mask,
             paging.enc_means_private, self._snp, stage2 is not None, PRIVATE_ALIAS_BASE,
         )
+        # guest_memfd: a fill whose backing page does not exist yet is Python's (the first
+        # private fault allocates it: `_tlb_fill`); an extension without set_present is older
+        # than that rule and gets every guest_memfd fill sent here instead.
+        set_present = getattr(native, "set_present", None)
+        if set_present is not None:
+            set_present(mem.present)
+        self._native_without_present = set_present is None and mem.present is not None
         self._sync_native_fill()
 
     def _sync_native_fill(self) -> None:
@@ -188,6 +195,7 @@ class Mmu(UnicornBinding):
         if native is not None:
             # A TD's fills are Python's: the C fill has no TDX stage-2/Secure-EPT rules yet.
             native.set_python_only(self._quiesced_state or self._pending_fault_state is not None
+                                   or getattr(self, "_native_without_present", False)
                                    or self._pending_npf_state is not None or self._tdx is not None)
 
     @property
@@ -438,7 +446,13 @@ class Mmu(UnicornBinding):
             # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.
             if exec_ok:
                 perms |= PROT_EXEC
-            upa = PRIVATE_ALIAS_BASE + gpa if stage2 is not None and stage2.is_private(Gfn(frame)) else gpa
+            fill_private = stage2 is not None and stage2.is_private(Gfn(frame))
+            upa = PRIVATE_ALIAS_BASE + gpa if fill_private else gpa
+            present = mem.present
+            if present is not None and not present[frame] & (PRESENT_PRIVATE if fill_private else PRESENT_SHARED):
+                # The first fault on this GFN's page: guest_memfd allocates the private page
+                # (kvm_mmu_faultin_pfn_gmem -> kvm_gmem_get_pfn), or the VMM's page is touched.
+                mem.materialise(frame, 1, fill_private)
         elif not mem.encrypted:
             if exec_ok:
                 perms |= PROT_EXEC

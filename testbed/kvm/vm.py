@@ -166,6 +166,9 @@ class KvmVm:
         #: the hardware of each vCPU (KVM_CREATE_VCPU): told when stage-2 mappings change,
         #: and driven by the launch commands
         self._vcpu_hw: list[VcpuHardware] = []
+        #: KVM_MEMORY_ENCRYPT_REG_REGION: the (userspace address, size) ranges registered and
+        #: pinned (sev->regions_list), in order
+        self.enc_regions: list[tuple[int, int]] = []
 
     # -- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP --------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -259,6 +262,25 @@ class KvmVm:
         if not self._vcpu_hw:
             raise KvmIoctlError(command, errno.EINVAL, "no vCPU: the testbed's firmware runs on its hardware")
         return self._vcpu_hw[0]
+
+    def memory_encrypt_reg_region(self, addr: int, size: int) -> int:
+        """KVM_MEMORY_ENCRYPT_REG_REGION (svm/sev.c sev_mem_enc_register_region): pin the
+        userspace range [addr, addr + size) for the VM's lifetime (sev_pin_memory, FOLL_LONGTERM)
+        and record it in the regions list. ENOTTY unless an SEV VM (sev_guest()); EINVAL for a
+        size of 0, a wrap or a value above ULONG_MAX (sev_pin_memory's checks). Returns the
+        number of pages pinned (region->npages)."""
+        name = "KVM_MEMORY_ENCRYPT_REG_REGION"
+        if not self.sev:
+            raise KvmIoctlError(name, errno.ENOTTY, "not an SEV VM")
+        ulong_max = (1 << 64) - 1
+        if addr < 0 or size < 0 or addr > ulong_max or size > ulong_max:
+            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{addr:x} or size 0x{size:x} out of range")
+        if size == 0 or addr + size > ulong_max:
+            raise KvmIoctlError(name, errno.EINVAL, f"empty or wrapping range 0x{addr:x}+0x{size:x}")
+        first = addr >> 12
+        last = (addr + size - 1) >> 12
+        self.enc_regions.append((addr, size))
+        return last - first + 1
 
     def sev_launch_update_data(self, gpa: Gpa, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA (sev.c sev_launch_update_data): the firmware encrypts

@@ -39,6 +39,7 @@ from testbed.layout import UCALL_PORT
 from testbed.trace import Tracer
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
+from testbed.vmm.pinning import PinAccounting
 from testbed.vmm.ucall import Ucall, UcallError, read_ucall, resolve_failure
 from testbed.x86 import vector_name
 
@@ -229,6 +230,9 @@ class Vmm:
         self.inject_event = inject_event
         self.pending_event_every = pending_event_every
         self._map_gpa_exits = 0
+        #: the pin accounting (vmm/pinning.py) on the confidential VM types: sampled at each
+        #: user exit, the report's `memory`
+        self.pinning: PinAccounting | None = None
         self.report = RunReport()
         self._reason_counts: dict[str, int] = {}  # per exit reason; into the report at the end
         self._end: VmEnd | None = None
@@ -261,6 +265,8 @@ class Vmm:
         counts = self._reason_counts
         counts[reason] = counts.get(reason, 0) + 1
         result = handle_exit(self, exit)
+        if self.pinning is not None:
+            self.pinning.sample()
         if self.record_exits or self.tracer.enabled:
             entry = exit.to_json()
             if self.record_exits:
@@ -280,6 +286,8 @@ class Vmm:
         report.shared_ranges = [[gfn, n] for gfn, n in self.shared_source.shared_ranges()]
         if self.shared_source.poisoned:
             report.extra["tracker_poisoned"] = True
+        if self.pinning is not None:
+            report.extra["memory"] = self.pinning.to_json()
         self.tracer.emit("vmm", "end", outcome=report.outcome, detail=report.detail)
         return report
 

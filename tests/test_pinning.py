@@ -1,0 +1,142 @@
+"""Pin accounting (testbed/vmm/pinning.py): legacy SEV pins all RAM at launch, guest_memfd
+types pin on the first private fault and release on conversion/discard; the report and plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import testbed
+from testbed.hw.exits import Vendor
+from testbed.hw.memory import BytesMemory
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KvmVmType
+from testbed.kvm.vm import KvmVm
+
+MEM = 8 << 20
+PAGES = MEM >> 12
+#: in the free area of an 8 MiB guest
+TOUCH_GPA = 0x700000
+#: SNP: past GUEST_ACCEPTED_END (16 MiB) of a 32 MiB guest, so the boot has not validated it
+SNP_MEM, SNP_TOUCH_GPA = 32 << 20, 0x1800000
+
+TOUCH = """
+guest_main:
+    mov rdi, TOUCH_GPA
+    mov rsi, 0x5a
+    mov rdx, 0x4000
+    call guest_memset          # four private pages, first touch
+    GUEST_SYNC 1
+    mov rdi, TOUCH_GPA
+    mov rsi, 4
+    call set_memory_shared     # converted to shared: the private pages are punched out
+    GUEST_ASSERT_EQ rax, 0
+    GUEST_SYNC 2
+    ret
+"""
+
+
+def _memory(vm: testbed.Vm) -> dict[str, object]:
+    report = vm.memory_report()
+    assert report is not None
+    return report
+
+
+@pytest.mark.parametrize("vm_type", ["sev", "sev-es"])
+def test_legacy_pins_all_guest_memory_at_launch(vm_type: str) -> None:
+    """Legacy SEV registers all RAM with KVM_MEMORY_ENCRYPT_REG_REGION before the launch
+    (svm/sev.c sev_mem_enc_register_region): pinned is the whole guest from the start."""
+    with testbed.Vm(vm_type=vm_type, memory=MEM) as vm:
+        vcpu = vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": TOUCH_GPA})
+        first = _memory(vm)
+        assert first["samples"][0][1] == PAGES  # type: ignore[index]
+        assert vm.machine.kvm_vm.enc_regions == [(vm.machine.memory.dram_address(), MEM)]
+        while vcpu.run_to_ucall().cmd != "done":
+            pass
+        report = _memory(vm)
+    assert report["model"] == "legacy"
+    assert report["pinned_peak_pages"] == report["pinned_final_pages"] == PAGES
+    assert report["registered_regions"] == [{"size": MEM, "pages": PAGES}]
+    assert all(sample[1] == PAGES for sample in report["samples"])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("vm_type", ["sw-protected", "sev-snp"])
+def test_upm_pins_on_first_private_touch_and_unpins_on_conversion(vm_type: str) -> None:
+    """guest_memfd allocates a private page on the first private fault (kvm_gmem_get_pfn,
+    virt/kvm/guest_memfd.c) and frees it on the to-shared punch hole (kvm_gmem_punch_hole)."""
+    mem, gpa = (SNP_MEM, SNP_TOUCH_GPA) if vm_type == "sev-snp" else (MEM, TOUCH_GPA)
+    with testbed.Vm(vm_type=vm_type, memory=mem) as vm:
+        vcpu = vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": gpa})
+        if vm_type == "sw-protected":
+            # RAM starts shared on sw-protected: make the range private from the host first.
+            vm.set_memory_attributes(gpa, 0x4000, private=True)
+        before = _memory(vm)["pinned_final_pages"]
+        assert before < (mem >> 12) // 2
+        uc = vcpu.run_to_ucall()
+        assert uc.args[0] == 1
+        touched = _memory(vm)["pinned_final_pages"]
+        assert touched >= before + 4  # type: ignore[operator]
+        assert all(vm.machine.memory.present[(gpa >> 12) + i] & 2 for i in range(4))  # type: ignore[index]
+        uc = vcpu.run_to_ucall()
+        assert uc.args[0] == 2
+        after = _memory(vm)
+        assert after["pinned_final_pages"] == touched - 4  # type: ignore[operator]
+        assert after["pinned_peak_pages"] >= touched  # type: ignore[operator]
+        assert after["shared_final_pages"] >= 1  # type: ignore[operator]
+
+
+def test_discard_releases_private_pages() -> None:
+    """A host punch hole (vm_guest_mem_fallocate, PUNCH_HOLE) releases the pinned pages."""
+    with testbed.Vm(vm_type="sev-snp", memory=MEM) as vm:
+        vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": TOUCH_GPA})
+        pinned = _memory(vm)["pinned_final_pages"]
+        assert pinned > 0
+        vm.guest_mem_fallocate(0, MEM, punch_hole=True)
+        assert _memory(vm)["pinned_final_pages"] == 0
+        assert _memory(vm)["pinned_peak_pages"] >= pinned
+
+
+def test_reg_region_is_checked_as_kvm_checks_it() -> None:
+    """KVM_MEMORY_ENCRYPT_REG_REGION: ENOTTY outside SEV, EINVAL for an empty or wrapping
+    range (svm/sev.c sev_mem_enc_register_region, sev_pin_memory)."""
+    plain = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.AMD, BytesMemory(1 << 20))
+    with pytest.raises(KvmIoctlError, match="ENOTTY"):
+        plain.memory_encrypt_reg_region(0x1000, 0x1000)
+    sev = KvmVm(KvmVmType.KVM_X86_SEV_VM, Vendor.AMD, BytesMemory(1 << 20))
+    with pytest.raises(KvmIoctlError, match="EINVAL"):
+        sev.memory_encrypt_reg_region(0x1000, 0)
+    with pytest.raises(KvmIoctlError, match="EINVAL"):
+        sev.memory_encrypt_reg_region((1 << 64) - 0x1000, 0x2000)
+    assert sev.memory_encrypt_reg_region(0x1800, 0x1000) == 2
+
+
+def test_report_memory_keys(tmp_path: Path) -> None:
+    """`testbed run --json` carries `memory` with the pinned and shared peaks and finals."""
+    guest = tmp_path / "touch.s"
+    guest.write_text(TOUCH)
+    opts = {"memory": MEM, "defines": {"TOUCH_GPA": TOUCH_GPA}}
+    report = testbed.run_guest(guest, testbed.VmOptions(vm_type="sev-snp", **opts)).to_json()
+    memory = report["memory"]
+    for key in ("pinned_peak_pages", "pinned_final_pages", "shared_peak_pages", "shared_final_pages",
+                "total_peak_pages", "total_final_pages", "samples", "samples_dropped"):
+        assert key in memory
+    assert len(memory["samples"]) == report["user_exits"].__len__() + 1
+    assert "memory" not in testbed.run_guest(guest, testbed.VmOptions(**opts)).to_json()
+
+
+def test_plot_memory_writes_a_png(tmp_path: Path) -> None:
+    """`testbed run --plot-memory FILE.png` runs the counterpart type and writes a PNG."""
+    guest = tmp_path / "touch.s"
+    guest.write_text(TOUCH)
+    png = tmp_path / "mem.png"
+    out = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(guest), "--vm-type", "sev",
+                          "--memory", "8M", "-D", f"TOUCH_GPA={TOUCH_GPA}", "--plot-memory", str(png), "--json"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["memory"]["model"] == "legacy"
+    data = png.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,9 @@
 
 testbed/hw/_fastexit.c (the exit hook) and testbed/hw/_nativemmu.c (the page walk and TLB fill)
 are optional=True: if one cannot be compiled the install still succeeds and the hardware model
-takes the same path through ctypes and Python (testbed/hw/unicorn_binding.py).
+takes the same path through ctypes and Python (testbed/hw/unicorn_binding.py). So is
+testbed/tracker/_native.c (the trackers in C, testbed/tracker/native.py): without it the
+"native-*" tracker kinds are simply not offered.
 """
 
 from setuptools import Extension, setup
@@ -10,4 +12,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("testbed.hw._fastexit", ["testbed/hw/_fastexit.c"], optional=True),
     Extension("testbed.hw._nativemmu", ["testbed/hw/_nativemmu.c"], optional=True),
+    Extension("testbed.tracker._native", ["testbed/tracker/_native.c"], optional=True),
 ])

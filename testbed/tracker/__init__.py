@@ -40,18 +40,34 @@ _KINDS: dict[str, type[SharedTracker]] = {
 TRACKER_KINDS: tuple[str, ...] = tuple(_KINDS)
 DEFAULT_TRACKER = RangesTracker.name
 
+# The same structures in C (tracker/native.py), only when the optional extension is built. They
+# are kept out of TRACKER_KINDS (the CLI's choices and the Python benchmark's set): make_tracker
+# takes them by name.
+_NATIVE_KINDS: dict[str, type[SharedTracker]] = {}
+try:
+    from testbed.tracker.native import NativeBitmapTracker, NativeRangesTracker
+except ImportError:  # the extension is not built: the Python trackers serve alone
+    pass
+else:
+    _NATIVE_KINDS = {NativeBitmapTracker.name: NativeBitmapTracker, NativeRangesTracker.name: NativeRangesTracker}
+
+#: "native-bitmap" and "native-ranges" when testbed/tracker/_native.c is built, else empty.
+NATIVE_TRACKER_KINDS: tuple[str, ...] = tuple(_NATIVE_KINDS)
+
 
 def make_tracker(kind: str, *, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> SharedTracker:
-    """A new, empty tracker of `kind` (one of TRACKER_KINDS) for a guest of `guest_pages` pages."""
-    cls = _KINDS.get(kind)
+    """A new, empty tracker of `kind` (TRACKER_KINDS or NATIVE_TRACKER_KINDS) for `guest_pages` pages."""
+    cls = _KINDS.get(kind) or _NATIVE_KINDS.get(kind)
     if cls is None:
-        raise UsageError(f"unknown tracker kind {kind!r}: expected one of {', '.join(TRACKER_KINDS)}")
+        known = ", ".join((*TRACKER_KINDS, *NATIVE_TRACKER_KINDS))
+        raise UsageError(f"unknown tracker kind {kind!r}: expected one of {known}")
     return cls(guest_pages, max_ranges)
 
 
 __all__ = [
     "DEFAULT_MAX_RANGES",
     "DEFAULT_TRACKER",
+    "NATIVE_TRACKER_KINDS",
     "RECORD",
     "RECORD_SIZE",
     "TRACKER_KINDS",

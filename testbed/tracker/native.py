@@ -1,0 +1,151 @@
+"""The trackers in C (testbed/tracker/_native.c) behind the SharedTracker interface.
+
+Issue 13 §2: Python timings compare interpreters, not data structures, so the structures also
+exist as a kernel would write them -- a word bitmap, and a sorted array of ranges with binary
+search and merge, bounded by `max_ranges` and poisoned past it -- with the Python trackers
+(bitmap.py, ranges.py) as their reference models; tests/test_tracker_native.py proves each equal
+to its model on random operation sequences, the bound and the poison included.
+
+The extension is optional (setup.py builds it with optional=True): importing this module raises
+ImportError without it, and testbed.tracker then offers no "native-*" kinds.
+
+The C side does the cheap range test and raises a bare ValueError/TypeError/OverflowError; the
+wrapper turns that into the InvalidRangeError that names the field, as the Python trackers
+raise it. One deliberate difference from the reference models: the C side takes only ints,
+where the Python trackers' single-page fast paths let `npages=1.0` through.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+
+from testbed.tracker import _native
+from testbed.tracker.base import DEFAULT_MAX_RANGES, InvalidRangeError, SharedTracker
+from testbed.tracker.export import RECORD_SIZE, ExportResult, _writable_bytes
+
+#: The C structures index pages with u64 arithmetic; a guest is at most 2**52 pages (MAXPHYADDR 64).
+MAX_GUEST_PAGES = 1 << 52
+
+_BAD = (TypeError, ValueError, OverflowError)
+
+
+class _NativeTracker(SharedTracker):
+    """What both native trackers share: validation, batching and export around a C object."""
+
+    _c: _native.Bitmap | _native.Ranges
+
+    def __init__(self, guest_pages: int, max_ranges: int) -> None:
+        super().__init__(guest_pages, max_ranges)
+        if guest_pages > MAX_GUEST_PAGES:
+            raise InvalidRangeError("guest_pages", guest_pages, f"must be <= 0x{MAX_GUEST_PAGES:x} for {self.name}")
+
+    def set_shared(self, gfn: int, npages: int) -> None:
+        try:
+            self._c.set_shared(gfn, npages)
+        except _BAD:
+            self._reject(gfn, npages)
+
+    def set_private(self, gfn: int, npages: int) -> None:
+        try:
+            self._c.set_private(gfn, npages)
+        except _BAD:
+            self._reject(gfn, npages)
+
+    def convert(self, gfn: int, npages: int, shared: bool) -> None:
+        try:
+            if shared:
+                self._c.set_shared(gfn, npages)
+            else:
+                self._c.set_private(gfn, npages)
+        except _BAD:
+            self._reject(gfn, npages)
+
+    def apply(self, conversions: Iterable[tuple[int, int, bool]]) -> int:
+        ops: Sequence[tuple[int, int, bool]] = (
+            conversions if isinstance(conversions, list | tuple) else list(conversions)
+        )
+        done = self._c.apply(ops)
+        while done < len(ops):
+            # C stopped at an entry it does not take (invalid, or not an exact 3-tuple): the
+            # general path raises for the invalid one, applies anything else, and C resumes.
+            gfn, npages, shared = ops[done]
+            self.convert(gfn, npages, shared)
+            done += 1
+            rest = ops[done:]
+            done += self._c.apply(rest)
+        return len(ops)
+
+    def is_shared(self, gfn: int) -> bool:
+        try:
+            return self._c.is_shared(gfn)
+        except _BAD:
+            self._reject(gfn, 1)
+            raise
+
+    def shared_ranges(self) -> list[tuple[int, int]]:
+        return self._c.ranges()
+
+    def range_count(self) -> int:
+        return self._c.range_count()
+
+    def export(self, buf: bytearray | memoryview) -> ExportResult:
+        view = _writable_bytes(buf)
+        records = self._c.export(view)
+        needed = records * RECORD_SIZE
+        poisoned = self.poisoned
+        if needed > len(view):
+            return ExportResult(0, needed, poisoned, complete=False)
+        return ExportResult(records, needed, poisoned, complete=not poisoned)
+
+    def memory_bytes(self) -> int:
+        return sys.getsizeof(self._c)
+
+    def clear(self) -> None:
+        self._c.clear()
+        self._poisoned = False
+
+
+class NativeBitmapTracker(_NativeTracker):
+    """One bit per page in u64 words (C); the reference model is BitmapTracker. Never poisons."""
+
+    name = "native-bitmap"
+    _c: _native.Bitmap
+
+    def __init__(self, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> None:
+        super().__init__(guest_pages, max_ranges)
+        self._c = _native.Bitmap(guest_pages)
+
+    def shared_pages(self) -> int:
+        """How many pages are shared (a popcount)."""
+        return self._c.shared_pages()
+
+    def memory_bound_bytes(self) -> int:
+        return sys.getsizeof(self._c)
+
+
+class NativeRangesTracker(_NativeTracker):
+    """Sorted u64 arrays of starts and ends (C), bounded and poisoned; reference: RangesTracker."""
+
+    name = "native-ranges"
+    _c: _native.Ranges
+
+    def __init__(self, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> None:
+        super().__init__(guest_pages, max_ranges)
+        self._c = _native.Ranges(guest_pages, max_ranges)
+
+    @property
+    def poisoned(self) -> bool:
+        return self._c.poisoned
+
+    def memory_bound_bytes(self) -> int:
+        return self._c.bound_bytes() + (sys.getsizeof(self._c) - self._c.__sizeof__())
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} guest_pages=0x{self.guest_pages:x} ranges={self.range_count()}"
+            f"{' poisoned' if self.poisoned else ''}>"
+        )
+
+
+__all__ = ["MAX_GUEST_PAGES", "NativeBitmapTracker", "NativeRangesTracker"]

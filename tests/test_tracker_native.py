@@ -1,0 +1,200 @@
+"""The trackers in C (testbed/tracker/_native.c, wrapped by testbed/tracker/native.py) against
+their reference models, the Python trackers (testbed/tracker/bitmap.py and ranges.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from testbed.tracker import (
+    BitmapTracker,
+    InvalidRangeError,
+    RangesTracker,
+    SharedTracker,
+    decode_export,
+    make_tracker,
+)
+
+pytest.importorskip("testbed.tracker._native", reason="the optional C extension is not built")
+
+from testbed.tracker.native import NativeBitmapTracker, NativeRangesTracker
+
+PAIRS: list[tuple[type[SharedTracker], type[SharedTracker]]] = [
+    (BitmapTracker, NativeBitmapTracker),
+    (RangesTracker, NativeRangesTracker),
+]
+PAIR_IDS = ["bitmap", "ranges"]
+
+
+def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    """What a call did: its value, or the error's type and message."""
+    try:
+        return ("ok", fn(*args))
+    except InvalidRangeError as err:
+        return ("InvalidRangeError", (err.field, str(err)))
+
+
+def state(t: SharedTracker) -> tuple[Any, ...]:
+    """Everything observable about a tracker's records."""
+    return (t.shared_ranges(), t.range_count(), t.poisoned)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[int, int, list[tuple[Any, ...]]]:
+    """A guest size (word boundaries included), a small bound, and a sequence of operations:
+    conversions (a few invalid), batches, queries, exports into buffers of any size, clears."""
+    pages = draw(st.sampled_from([1, 63, 64, 65, 128, 200]) | st.integers(1, 700))
+    bound = draw(st.integers(1, 8))
+    # DMA-churn mode: single pages flipped in a window of 8, so records meet, fill one-page gaps
+    # and split all the time (on either side of the first word boundary when the guest has one).
+    churn = draw(st.booleans())
+    low = min(pages - 1, draw(st.sampled_from([0, 60])))
+
+    def a_range() -> tuple[int, int]:
+        if draw(st.integers(0, 19)) == 0:  # invalid: past the end, negative, or an empty count
+            return draw(st.sampled_from([(pages, 1), (-1, 1), (0, 0), (0, pages + 1), (pages - 1, 2)]))
+        if churn and draw(st.integers(0, 7)):
+            return draw(st.integers(low, min(pages - 1, low + 7))), 1
+        # Half the pages from a small window (crossing the first word boundary when the guest
+        # is big enough), so that ranges meet, fill one-page gaps and split.
+        near = st.integers(min(pages - 1, 60), min(pages - 1, 68))
+        gfn = draw(near if draw(st.booleans()) else st.integers(0, pages - 1))
+        small = draw(st.booleans())
+        npages = draw(st.integers(1, min(3, pages - gfn)) if small else st.integers(1, pages - gfn))
+        return gfn, npages
+
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["shared", "shared", "private", "private", "apply", "query", "export", "clear"]))
+        if kind in ("shared", "private"):
+            ops.append((kind, *a_range()))
+        elif kind == "apply":
+            ops.append((kind, [(*a_range(), draw(st.booleans())) for _ in range(draw(st.integers(0, 6)))]))
+        elif kind == "query":
+            ops.append((kind, draw(st.integers(-1, pages))))
+        elif kind == "export":
+            ops.append((kind, draw(st.integers(0, 10))))
+        elif draw(st.integers(0, 3)) == 0:
+            ops.append((kind,))
+    return pages, bound, ops
+
+
+def run(t: SharedTracker, op: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Apply one operation; return what it showed."""
+    kind = op[0]
+    if kind == "shared":
+        return outcome(t.set_shared, op[1], op[2])
+    if kind == "private":
+        return outcome(t.set_private, op[1], op[2])
+    if kind == "apply":
+        return outcome(t.apply, op[1])
+    if kind == "query":
+        return outcome(t.is_shared, op[1])
+    if kind == "export":
+        buf = bytearray(b"\xa5" * (16 * op[1]))
+        result = t.export(buf)
+        return (result, bytes(buf), decode_export(buf, result.records_written))
+    t.clear()
+    return ("cleared",)
+
+
+@pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
+@settings(max_examples=150, deadline=None)
+@given(scenario=scenarios())
+def test_native_tracker_equals_its_reference_model(
+    reference: type[SharedTracker], native: type[SharedTracker], scenario: tuple[int, int, list[tuple[Any, ...]]]
+) -> None:
+    """Every operation returns, raises and leaves the records (and the bound's poison) as the Python tracker does."""
+    pages, bound, ops = scenario
+    ref, nat = reference(pages, bound), native(pages, bound)
+    for op in ops:
+        assert run(nat, op) == run(ref, op), op
+        assert state(nat) == state(ref), op
+    assert nat.memory_bytes() <= nat.memory_bound_bytes()
+
+
+@pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
+def test_empty_and_whole_guest(reference: type[SharedTracker], native: type[SharedTracker]) -> None:
+    """An empty tracker exports nothing; sharing the whole guest is one range, and clearing it empties it."""
+    for pages in (1, 64, 1000, 1 << 20):
+        ref, nat = reference(pages, 4), native(pages, 4)
+        assert nat.shared_ranges() == [] and nat.range_count() == 0
+        assert nat.export(bytearray()) == ref.export(bytearray())
+        for t in (ref, nat):
+            t.set_shared(0, pages)
+        assert nat.shared_ranges() == ref.shared_ranges() == [(0, pages)]
+        assert nat.is_shared(pages - 1) and nat.is_shared(0)
+        for t in (ref, nat):
+            t.set_private(0, pages)
+        assert nat.shared_ranges() == [] and not nat.is_shared(pages - 1)
+
+
+@pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
+def test_adjacent_ranges_merge(reference: type[SharedTracker], native: type[SharedTracker]) -> None:
+    """Ranges that touch on either side, across a u64 word boundary or across a one-page gap, become one record."""
+    ref, nat = reference(256, 8), native(256, 8)
+    for gfn, npages in [(60, 4), (64, 1), (65, 63), (10, 5), (15, 1), (9, 1), (128, 1), (130, 1), (129, 1)]:
+        ref.set_shared(gfn, npages)
+        nat.set_shared(gfn, npages)
+    assert nat.shared_ranges() == ref.shared_ranges() == [(9, 7), (60, 71)]
+
+
+def test_native_ranges_bound_poisons_and_freezes() -> None:
+    """At max_ranges records a conversion that would add one poisons the list and freezes it until clear()."""
+    ref, nat = RangesTracker(100, 2), NativeRangesTracker(100, 2)
+    for t in (ref, nat):
+        t.set_shared(10, 10)
+        t.set_shared(40, 1)
+        t.set_private(15, 1)  # a split past the bound: poisons, not recorded
+        t.set_shared(41, 1)  # frozen: not recorded
+    assert nat.poisoned and ref.poisoned
+    assert nat.shared_ranges() == ref.shared_ranges() == [(10, 10), (40, 1)]
+    result = nat.export(bytearray(64))
+    assert result.poisoned and not result.complete and result.records_written == 2
+    with pytest.raises(InvalidRangeError, match="gfn\\+npages"):
+        nat.set_shared(99, 2)  # still validated when frozen
+    nat.clear()
+    assert not nat.poisoned and nat.shared_ranges() == []
+
+
+def test_native_bitmap_never_poisons_and_counts_pages() -> None:
+    """The native bitmap keeps every range however many there are, and counts shared pages as the model does."""
+    ref, nat = BitmapTracker(1000, 1), NativeBitmapTracker(1000, 1)
+    ops = [(g, 1, True) for g in range(0, 1000, 3)]
+    assert nat.apply(ops) == ref.apply(ops) == len(ops)
+    assert not nat.poisoned and nat.range_count() == ref.range_count() == 334
+    assert nat.shared_pages() == ref.shared_pages() == 334
+
+
+def test_native_export_refuses_read_only_buffer() -> None:
+    """Exporting into a read-only buffer is a clear error, as for the Python trackers."""
+    from testbed.errors import UsageError
+
+    nat = NativeRangesTracker(10, 4)
+    with pytest.raises(UsageError, match="read-only"):
+        nat.export(memoryview(bytes(16)))
+
+
+def test_native_kinds_are_registered() -> None:
+    """make_tracker builds the native trackers by name; a bad size names the field."""
+    assert isinstance(make_tracker("native-bitmap", guest_pages=64), NativeBitmapTracker)
+    assert isinstance(make_tracker("native-ranges", guest_pages=64, max_ranges=3), NativeRangesTracker)
+    with pytest.raises(InvalidRangeError, match="guest_pages"):
+        make_tracker("native-bitmap", guest_pages=1 << 60)
+
+
+def test_python_trackers_serve_without_the_extension() -> None:
+    """Without the C extension testbed.tracker imports, offers no native kinds, and the Python ones work."""
+    code = (
+        "import sys; sys.modules['testbed.tracker._native'] = None\n"
+        "from testbed.tracker import NATIVE_TRACKER_KINDS, make_tracker\n"
+        "t = make_tracker('ranges', guest_pages=8); t.set_shared(1, 2)\n"
+        "print(NATIVE_TRACKER_KINDS, t.shared_ranges())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "() [(1, 2)]"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -154,9 +155,9 @@ class Mmu(UnicornBinding):
             memory.host_write_guard = self._rmp_host_write_check
         memory.on_host_write = self._on_host_write
 
+    @abstractmethod
     def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:
         """Hook the intercepted instruction sites of a code frame (testbed/hw/intercepts.py)."""
-        raise NotImplementedError
 
     # --------------------------------------------------------- the C fill's inputs
     def _configure_native_fill(self) -> None:

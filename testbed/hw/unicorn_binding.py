@@ -23,6 +23,7 @@ import ctypes
 import functools
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NoReturn, cast
 
@@ -306,7 +307,7 @@ def hflags_offset() -> int:
     return _unique("hflags", candidates)
 
 
-class UnicornBinding:
+class UnicornBinding(ABC):
     """The engine under one vCPU, with the hooks that call the model's handlers.
 
     Subclasses (the MMU, event delivery, intercepts, the run loop: testbed/hw/cpu.py lists
@@ -374,27 +375,33 @@ class UnicornBinding:
         self._install_hooks()
 
     # ------------------------------------------------ handlers the model implements
+    @abstractmethod
     def _tlb_fill(self, vaddr: int, access: int) -> tuple[int, int] | None:
         """(Unicorn-physical page, PROT_* permissions) for a TLB miss, None for a fault."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _on_exception(self, vector: int, error_code: int) -> None:
         """An exception Unicorn raised (UC_HOOK_INTR), with QEMU's pending error code."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _on_out(self, port: int, size: int, value: int) -> None:
-        raise NotImplementedError
+        """An OUT Unicorn executed (UC_HOOK_INSN)."""
 
+    @abstractmethod
     def _on_in(self, port: int, size: int) -> int:
-        raise NotImplementedError
+        """An IN Unicorn executed (UC_HOOK_INSN): the value read."""
 
+    @abstractmethod
     def _on_cpuid(self) -> int:
         """1 to skip the CPUID instruction, 0 to let it run natively."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot; True resumes."""
-        raise NotImplementedError
+        ...
 
     # ---------------------------------------------------------------- hooks (ctypes, raw)
     def _add_hook(self, htype: int, cfunc: Any, fn: Callable[..., Any], *extra: int) -> None:

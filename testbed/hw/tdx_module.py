@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from testbed.hw.exits import NPF_GUEST_ENC, NPF_WRITE, VmxExitReason
-from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64, Reg, Vector
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, TDX_CPUID_LEAF_ID, TDX_IDENT, U64, Reg, Vector
 
 # TDCALL leaves (arch/x86/include/asm/shared/tdx.h).
 TDG_VP_VMCALL = 0
@@ -68,14 +68,14 @@ TDX_PS_4K, TDX_PS_2M, TDX_PS_1G = 0, 1, 2
 TDX_ATTR_DEBUG = 1 << 0
 TDX_ATTR_SEPT_VE_DISABLE = 1 << 28
 
-#: VMX exit reasons the module puts in VE_INFO (uapi/asm/vmx.h)
-VE_REASON_CPUID = 10
-VE_REASON_HLT = 12
-VE_REASON_VMCALL = 18
-VE_REASON_IO = 30
-VE_REASON_MSR_READ = 31
-VE_REASON_MSR_WRITE = 32
-VE_REASON_EPT_VIOLATION = 48
+#: VMX exit reasons the module puts in VE_INFO (uapi/asm/vmx.h; hw/exits.py VmxExitReason)
+VE_REASON_CPUID = int(VmxExitReason.EXIT_REASON_CPUID)
+VE_REASON_HLT = int(VmxExitReason.EXIT_REASON_HLT)
+VE_REASON_VMCALL = int(VmxExitReason.EXIT_REASON_VMCALL)
+VE_REASON_IO = int(VmxExitReason.EXIT_REASON_IO_INSTRUCTION)
+VE_REASON_MSR_READ = int(VmxExitReason.EXIT_REASON_MSR_READ)
+VE_REASON_MSR_WRITE = int(VmxExitReason.EXIT_REASON_MSR_WRITE)
+VE_REASON_EPT_VIOLATION = int(VmxExitReason.EXIT_REASON_EPT_VIOLATION)
 
 #: EPT-violation exit qualification bits (SDM vol. 3 28.2.1 table 28-7)
 EPT_QUAL_READ = 1 << 0
@@ -92,11 +92,8 @@ TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6
 #: TDG.MEM.PAGE.ACCEPT's own EPT violation (VMX_EEQ_ACCEPT in tdg_mem_page_accept.c)
 TDX_EXT_EXIT_QUAL_TYPE_ACCEPT = 1
 
-#: CPUID leaf 0x21 as the module answers it: EBX:EDX:ECX = "IntelTDX    " (td_cpuid.c's
-#: lookup table; Linux's tdx_early_init checks it with cpuid_count(TDX_CPUID_LEAF_ID, 0, ...))
-TDX_CPUID_LEAF_ID = 0x21
-TDX_IDENT = "IntelTDX    "
-#: leaves the module answers from the TD's configured CPUID (TDH.MNG.INIT); the testbed's
+#: CPUID leaf 0x21 (TDX_CPUID_LEAF_ID, testbed/x86) is answered from td_cpuid.c's lookup table.
+#: Leaves the module answers from the TD's configured CPUID (TDH.MNG.INIT); the testbed's
 #: stand-in for the module's lookup table. td_cpuid.c: 0x40000000-0x4FFFFFFF always #VE, and
 #: leaves outside the table #VE (REDUCE_VE off); 0x2, 0x6, 0x9, 0xB, 0xC, 0xF, 0x10, 0x16,
 #: 0x17, 0x1B, 0x1F, 0x80000002-0x80000005 are "faulting" leaves (#VE without REDUCE_VE).

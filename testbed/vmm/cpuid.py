@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from testbed.errors import UsageError
 from testbed.hw.exits import Vendor
-from testbed.hw.tdx_module import TDX_CPUID_LEAF_ID, TDX_IDENT
 from testbed.kvm.msr import (
     KVM_FEATURE_ASYNC_PF,
     KVM_FEATURE_ASYNC_PF_INT,
@@ -24,6 +23,7 @@ from testbed.kvm.uapi import (
     KVM_FEATURE_PV_UNHALT,
 )
 from testbed.kvm.vm import CpuidEntry, CpuidTable
+from testbed.x86 import TDX_CPUID_LEAF_ID, TDX_IDENT
 
 #: PV features advertised unless the user chooses: the ones the hypercall model implements.
 DEFAULT_PV_FEATURES = (1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV_SEND_IPI) | (1 << KVM_FEATURE_PV_SCHED_YIELD)

@@ -109,6 +109,11 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 
+# CPUID leaf 0x21: the TDX module's signature, EBX:EDX:ECX = "IntelTDX    " (Linux's
+# tdx_early_init checks it; the module answers it, the VMM's CPUID table reports leaf 0's maximum).
+TDX_CPUID_LEAF_ID = 0x21
+TDX_IDENT = "IntelTDX    "
+
 # MSRs.
 MSR_EFER = 0xC0000080
 MSR_AMD64_SEV_ES_GHCB = 0xC0010130

@@ -33,6 +33,7 @@ from testbed.vmm.vmm import RunReport, VmEnd
 
 if TYPE_CHECKING:
     from testbed.asm import Program
+    from testbed.kvm.migration import KvmVcpuState, ReceiveContext, SendContext, TransportSession
     from testbed.machine import Machine, VmOptions
     from testbed.snapshot import Snapshot
 
@@ -324,6 +325,51 @@ class Vm:
         pages, their peaks and the samples so far; None on a VM type that pins nothing."""
         pinning = self.machine.pinning
         return pinning.to_json() if pinning is not None else None
+
+    # ------------------------------------------------ migration (kvm/dirty_log.py, kvm/migration.py)
+    def enable_dirty_logging(self, enabled: bool = True) -> None:
+        """KVM_MEM_LOG_DIRTY_PAGES on the RAM slot: from now on every guest write to a page and
+        every write KVM makes to guest memory sets the page's bit (writes through `vm.write`
+        are userspace's, not logged). Enabling starts a clean log; False stops logging."""
+        self.machine.kvm_vm.set_dirty_logging(enabled)
+
+    def get_dirty_log(self) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per 4 KiB page (bit i of byte j = page 8j + i), set for
+        the pages written since the last call, which are write-protected again. KvmIoctlError
+        (ENOENT) while logging is off. `testbed.kvm.dirty_log.dirty_pages(log)` lists them."""
+        return self.machine.kvm_vm.get_dirty_log()
+
+    def clear_dirty_log(self, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): clear and
+        re-protect the pages of `bitmap` (bit 0 = first_page, a multiple of 64)."""
+        self.machine.kvm_vm.clear_dirty_log(first_page, num_pages, bitmap)
+
+    def send_start(self, session: TransportSession) -> SendContext:
+        """KVM_SEV_SEND_START with the transport keys of `session`: the context whose
+        send_update_data / send_vcpu_state / send_finish move this VM's private state out."""
+        from testbed.kvm.migration import send_start
+
+        return send_start(self.machine.kvm_vm, session)
+
+    def receive_start(self, session: TransportSession) -> ReceiveContext:
+        """KVM_SEV_RECEIVE_START on an incoming VM: receive_update_data / receive_vcpu_state /
+        receive_finish put the source's private state in with this VM's own key."""
+        from testbed.kvm.migration import receive_start
+
+        return receive_start(self.machine.kvm_vm, session)
+
+    def get_vcpu_state(self) -> KvmVcpuState:
+        """KVM_GET_REGS/SREGS/MSRS-shaped: the vCPU's registers (None on SEV-ES/SNP, whose
+        state only the firmware can read: send_vcpu_state) and KVM's own per-vCPU state."""
+        from testbed.kvm.migration import get_vcpu_state
+
+        return get_vcpu_state(self.machine.kvm_vcpu)
+
+    def set_vcpu_state(self, state: KvmVcpuState) -> None:
+        """KVM_SET_REGS/SREGS/MSRS-shaped (KvmIoctlError EINVAL for registers on SEV-ES/SNP)."""
+        from testbed.kvm.migration import set_vcpu_state
+
+        set_vcpu_state(self.machine.kvm_vcpu, state)
 
     def _check_gpa(self, gpa: int, size: int) -> None:
         mem = self.machine.memory

@@ -32,6 +32,7 @@ from testbed.kvm.uapi import (
     KVM_FEATURE_HC_MAP_GPA_RANGE,
     KVM_FEATURE_MIGRATION_CONTROL,
     KVM_HC_MAP_GPA_RANGE,
+    KVM_HC_TESTBED_DONATE_ENC_STATUS,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
     KvmVmType,
 )
@@ -41,9 +42,10 @@ from testbed.kvm.vm import KvmVm
 from testbed.layout import IMAGE_GPA, RT_GDT, RT_REGION_END, Layout
 from testbed.options import AMD_ONLY_VM_TYPES, GUEST_MEMFD_VM_TYPES, VM_TYPES
 from testbed.trace import Tracer
-from testbed.tracker import DEFAULT_TRACKER, make_tracker
+from testbed.tracker import DEFAULT_TRACKER, DonatedTracker, make_tracker
 from testbed.vmm import boot
 from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
+from testbed.vmm.donate import DonateHandler, PrivateQuery
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
 from testbed.vmm.page_enc import PageEncBitmapSource
@@ -121,6 +123,9 @@ class VmOptions:
     #: answers, the VMM makes an event pending on the vCPU, so KVM stops a TD's MapGPA with
     #: RETRY (kvm/tdx.py); None or 0: never
     pending_event_every: int | None = None
+    #: memory hotplug (vmm/hotplug.py): the most guest RAM may grow to during the run (QEMU's
+    #: `-m SIZE,maxmem=MAX`); None: memory cannot grow. The runtime is built for this size.
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         self.normalise()
@@ -154,6 +159,8 @@ class VmOptions:
         if self.pending_event_every is not None:
             self.pending_event_every = opt.parse_int(self.pending_event_every, "pending-event-every",
                                                      range(0, 1 << 32))
+        if self.max_memory is not None:
+            self.max_memory = opt.parse_size(self.max_memory, "max memory size")
 
     def validate(self) -> None:
         """Raise UsageError for values and combinations that do not exist."""
@@ -167,13 +174,22 @@ class VmOptions:
             # guest_memfd VM types exist only with attributes (KVM_SET_MEMORY_ATTRIBUTES).
             raise UsageError(f"hypercall protocol page-enc-status is the seed-era SEV protocol, without memory "
                              f"attributes; VM type {self.vm_type} needs them (use map-gpa-range)")
+        if self.tracker == DonatedTracker.name and self.hc_protocol == "page-enc-status":
+            raise UsageError("the donated tracker reads the guest's own structure; with the page-enc-status "
+                             "protocol KVM keeps the status (use map-gpa-range)")
         Layout(self.memory)
-        opt.check_host_memory(self.memory, self.vm_type)
+        if self.max_memory is not None:
+            from testbed.vmm.hotplug import check_max_memory
+
+            check_max_memory(self)
+        opt.check_host_memory(self.memory if self.max_memory is None else self.max_memory, self.vm_type)
 
 
 def guest_defines(options: VmOptions) -> dict[str, int | str]:
     """Layout defines plus the user's (-D NAME=VALUE); user values win."""
-    defines: dict[str, int | str] = dict(Layout(options.memory).defines())
+    # With memory hotplug the runtime is built for the largest memory (its identity map and
+    # conversion bound reach max_memory), as Linux reserves its direct map for hotpluggable RAM.
+    defines: dict[str, int | str] = dict(Layout(options.max_memory or options.memory).defines())
     if options.hc_protocol == "page-enc-status":
         defines["HC_PROTOCOL_PAGE_ENC_STATUS"] = 1
     defines.update(options.defines)
@@ -218,8 +234,10 @@ class Machine:
     many machines should not wait for that: each holds its whole guest memory.
     """
 
-    def __init__(self, program: Program, options: VmOptions) -> None:
+    def __init__(self, program: Program, options: VmOptions, *, incoming: bool = False) -> None:
         self._closed = False
+        #: an incoming migration target (testbed/migrate): built, never launched or booted
+        self.incoming = incoming
         try:
             self._build(program, options)
         except BaseException:
@@ -280,7 +298,7 @@ class Machine:
                                    KvmVmType.KVM_X86_TDX_VM)
                        and options.hc_protocol != "page-enc-status")
         cipher = FrameCipher.from_seed(options.seed) if self.sev and not guest_memfd else None
-        self.memory = GuestMemory(options.memory, cipher, guest_memfd=guest_memfd)
+        self.memory = GuestMemory(options.memory, cipher, guest_memfd=guest_memfd, capacity=options.max_memory)
         self.sev_es = vm_type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
         self.snp = vm_type == KvmVmType.KVM_X86_SNP_VM
         # KVM reads guest memory through the memslot's userspace mapping (kvm_read_guest,
@@ -320,6 +338,12 @@ class Machine:
                        implicit_conversion=options.implicit_conversion, msr=self.msr,
                        locate=functools.partial(_locate, program), program=program, shared_source=shared_source,
                        inject_event=self.kvm_vcpu.inject_event, pending_event_every=options.pending_event_every)
+        if isinstance(tracker, DonatedTracker):
+            # The donated tracker reads the guest's structure through the VMM's view; whether a
+            # page is shared is what the VMM set in KVM's attributes, or what it sees (donate.py).
+            attrs = self.kvm_vm.mem_attrs
+            self.vmm.donate = DonateHandler(tracker, host, PrivateQuery(
+                attrs.is_private if attrs is not None else None, host.kind if self.memory.encrypted else None))
         # The pin accounting (vmm/pinning.py): legacy SEV registers all RAM at launch; on the
         # guest_memfd types the backing reports each page it allocates or frees.
         self.pinning: PinAccounting | None = None
@@ -329,13 +353,29 @@ class Machine:
             if self.memory.guest_memfd:
                 self.pinning.backing_changed(self.memory.private_pages, self.memory.shared_pages)
                 self.memory.on_backing_pages = self.pinning.backing_changed
-        self._boot()
+        if self.incoming:
+            self._prepare_incoming()
+        else:
+            self._boot()
+
+    def _prepare_incoming(self) -> None:
+        # A migration target (QEMU's -incoming): the VMM registers its RAM as for any VM, but
+        # nothing is loaded or launched - memory, vCPU state and page states arrive from the
+        # source (testbed/migrate), the private pages through RECEIVE_UPDATE_DATA.
+        if self.pinning is not None and self.pinning.model == "legacy":
+            npages = self.kvm_vm.memory_encrypt_reg_region(self.memory.dram_address(), self.memory.size)
+            self.pinning.register_region(self.memory.size, npages)
+        self.kvm_vcpu.reset()
+        if self.pinning is not None:
+            self.pinning.launched()
 
     def _configure_kvm(self) -> None:
         o = self.options
         vm = self.kvm_vm
         if o.map_gpa_exit:
-            vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+            # With the donated tracker the VMM also takes the testbed's donation hypercall.
+            donate = 1 << KVM_HC_TESTBED_DONATE_ENC_STATUS if o.tracker == DonatedTracker.name else 0
+            vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, (1 << KVM_HC_MAP_GPA_RANGE) | donate)
         if not o.fix_hypercall:
             vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_FIX_HYPERCALL_INSN)
         vm.enable_cap(KVM_CAP_ENFORCE_PV_FEATURE_CPUID, 1 if o.enforce_pv_cpuid else 0)

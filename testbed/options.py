@@ -190,10 +190,10 @@ def parse_pv_features(value: int | str | None) -> int | None:
 
 
 def parse_tracker(value: str) -> str:
-    """A shared-page tracker name (bitmap, ranges, tree)."""
-    from testbed.tracker import TRACKER_KINDS
+    """A shared-page tracker name a VM can run with (bitmap, ranges, tree, donated)."""
+    from testbed.tracker import VM_TRACKER_KINDS
 
-    return parse_choice(value, "tracker", TRACKER_KINDS)
+    return parse_choice(value, "tracker", VM_TRACKER_KINDS)
 
 
 def parse_max_ranges(value: int | str | None) -> int | None:

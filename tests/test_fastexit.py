@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 from testbed.hw import cpu
 from testbed.hw.exits import Vendor
@@ -23,17 +23,17 @@ def test_fast_path_is_used_when_built() -> None:
         "TESTBED_NO_FASTEXIT"))
 
 
-def test_ctypes_fallback_gives_the_same_results() -> None:
+def test_ctypes_fallback_gives_the_same_results(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A run forced onto the ctypes path (TESTBED_NO_FASTEXIT=1) reports what the default path does."""
-    args = [sys.executable, "-m", "testbed.cli", "run", str(GUESTS_DIR / "hypercall_abi_call.s"), "--json",
-            "-D", "HC_NR=0x999", "--memory", "16M"]
-    env = dict(os.environ)
+    from testbed.cli import main
+
+    args = ["run", str(GUESTS_DIR / "hypercall_abi_call.s"), "--json", "-D", "HC_NR=0x999", "--memory", "16M"]
     results = []
     for disable in ("", "1"):
-        env["TESTBED_NO_FASTEXIT"] = disable
-        out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        assert out.returncode == 0, out.stderr
-        report = json.loads(out.stdout)
+        monkeypatch.setenv("TESTBED_NO_FASTEXIT", disable)  # read when a vCPU installs its hooks
+        assert main(args) == 0
+        report = json.loads(capsys.readouterr().out)
         results.append((report["outcome"], report["ucalls"]))
     assert results[0] == results[1]
     assert results[0][1][0]["args"] == [(-1000) & (2**64 - 1)]

@@ -4,13 +4,12 @@ types pin on the first private fault and release on conversion/discard; the repo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import testbed
+from testbed.cli import main
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import BytesMemory
 from testbed.kvm.ioctl import KvmIoctlError
@@ -128,15 +127,15 @@ def test_report_memory_keys(tmp_path: Path) -> None:
     assert "memory" not in testbed.run_guest(guest, testbed.VmOptions(**opts)).to_json()
 
 
-def test_plot_memory_writes_a_png(tmp_path: Path) -> None:
+def test_plot_memory_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`testbed run --plot-memory FILE.png` runs the counterpart type and writes a PNG."""
     guest = tmp_path / "touch.s"
     guest.write_text(TOUCH)
     png = tmp_path / "mem.png"
-    out = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(guest), "--vm-type", "sev",
-                          "--memory", "8M", "-D", f"TOUCH_GPA={TOUCH_GPA}", "--plot-memory", str(png), "--json"],
-                         capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["memory"]["model"] == "legacy"
+    status = main(["run", str(guest), "--vm-type", "sev", "--memory", "8M", "-D", f"TOUCH_GPA={TOUCH_GPA}",
+                   "--plot-memory", str(png), "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert json.loads(out)["memory"]["model"] == "legacy"
     data = png.read_bytes()
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"

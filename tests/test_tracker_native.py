@@ -1,8 +1,9 @@
 """The trackers in C (testbed/tracker/_native.c, wrapped by testbed/tracker/native.py) against
-their reference models, the Python trackers (testbed/tracker/bitmap.py and ranges.py)."""
+their reference models, the Python trackers (testbed/tracker/bitmap.py, ranges.py and tree.py)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from typing import Any
@@ -16,19 +17,21 @@ from testbed.tracker import (
     InvalidRangeError,
     RangesTracker,
     SharedTracker,
+    TreeTracker,
     decode_export,
     make_tracker,
 )
 
 pytest.importorskip("testbed.tracker._native", reason="the optional C extension is not built")
 
-from testbed.tracker.native import NativeBitmapTracker, NativeRangesTracker
+from testbed.tracker.native import NativeBitmapTracker, NativeRangesTracker, NativeTreeTracker
 
 PAIRS: list[tuple[type[SharedTracker], type[SharedTracker]]] = [
     (BitmapTracker, NativeBitmapTracker),
     (RangesTracker, NativeRangesTracker),
+    (TreeTracker, NativeTreeTracker),
 ]
-PAIR_IDS = ["bitmap", "ranges"]
+PAIR_IDS = ["bitmap", "ranges", "tree"]
 
 
 def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
@@ -44,42 +47,61 @@ def state(t: SharedTracker) -> tuple[Any, ...]:
     return (t.shared_ranges(), t.range_count(), t.poisoned)
 
 
+# Strategies built once: a strategy built inside the draw costs more than the tracker work
+# (the bounds that depend on the guest size are applied by arithmetic on a fixed draw).
+_SIZE = st.sampled_from([1, 63, 64, 65, 128, 200]) | st.integers(1, 700)
+_ANY = st.integers(0, 1 << 16)
+_BOOL = st.booleans()
+_BOUND = st.integers(1, 8)
+_LOW = st.sampled_from([0, 60])
+_D20 = st.integers(0, 19)
+_D8 = st.integers(0, 7)
+_D4 = st.integers(0, 3)
+_BATCH = st.integers(0, 6)
+_LENGTH = st.integers(0, 40)
+_EXPORT = st.integers(0, 10)
+_BAD = st.integers(0, 4)
+_KIND = st.sampled_from(["shared", "shared", "private", "private", "apply", "query", "export", "clear"])
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[int, int, list[tuple[Any, ...]]]:
     """A guest size (word boundaries included), a small bound, and a sequence of operations:
     conversions (a few invalid), batches, queries, exports into buffers of any size, clears."""
-    pages = draw(st.sampled_from([1, 63, 64, 65, 128, 200]) | st.integers(1, 700))
-    bound = draw(st.integers(1, 8))
+    pages = draw(_SIZE)
+    bound = draw(_BOUND)
     # DMA-churn mode: single pages flipped in a window of 8, so records meet, fill one-page gaps
     # and split all the time (on either side of the first word boundary when the guest has one).
-    churn = draw(st.booleans())
-    low = min(pages - 1, draw(st.sampled_from([0, 60])))
+    churn = draw(_BOOL)
+    low = min(pages - 1, draw(_LOW))
+
+    def upto(lo: int, hi: int) -> int:
+        """An int in [lo, hi], from the fixed wide draw."""
+        return lo + draw(_ANY) % (hi - lo + 1)
 
     def a_range() -> tuple[int, int]:
-        if draw(st.integers(0, 19)) == 0:  # invalid: past the end, negative, or an empty count
-            return draw(st.sampled_from([(pages, 1), (-1, 1), (0, 0), (0, pages + 1), (pages - 1, 2)]))
-        if churn and draw(st.integers(0, 7)):
-            return draw(st.integers(low, min(pages - 1, low + 7))), 1
+        if draw(_D20) == 0:  # invalid: past the end, negative, or an empty count
+            return [(pages, 1), (-1, 1), (0, 0), (0, pages + 1), (pages - 1, 2)][draw(_BAD)]
+        if churn and draw(_D8):
+            return min(pages - 1, low + draw(_D8)), 1
         # Half the pages from a small window (crossing the first word boundary when the guest
         # is big enough), so that ranges meet, fill one-page gaps and split.
-        near = st.integers(min(pages - 1, 60), min(pages - 1, 68))
-        gfn = draw(near if draw(st.booleans()) else st.integers(0, pages - 1))
-        small = draw(st.booleans())
-        npages = draw(st.integers(1, min(3, pages - gfn)) if small else st.integers(1, pages - gfn))
+        gfn = min(pages - 1, 60 + draw(_D8) + draw(_BOOL)) if draw(_BOOL) else upto(0, pages - 1)
+        npages = upto(1, min(3, pages - gfn)) if draw(_BOOL) else upto(1, pages - gfn)
         return gfn, npages
 
     ops: list[tuple[Any, ...]] = []
-    for _ in range(draw(st.integers(0, 40))):
-        kind = draw(st.sampled_from(["shared", "shared", "private", "private", "apply", "query", "export", "clear"]))
+    for _ in range(draw(_LENGTH)):
+        kind = draw(_KIND)
         if kind in ("shared", "private"):
             ops.append((kind, *a_range()))
         elif kind == "apply":
-            ops.append((kind, [(*a_range(), draw(st.booleans())) for _ in range(draw(st.integers(0, 6)))]))
+            ops.append((kind, [(*a_range(), draw(_BOOL)) for _ in range(draw(_BATCH))]))
         elif kind == "query":
-            ops.append((kind, draw(st.integers(-1, pages))))
+            ops.append((kind, upto(-1, pages)))
         elif kind == "export":
-            ops.append((kind, draw(st.integers(0, 10))))
-        elif draw(st.integers(0, 3)) == 0:
+            ops.append((kind, draw(_EXPORT)))
+        elif draw(_D4) == 0:
             ops.append((kind,))
     return pages, bound, ops
 
@@ -103,19 +125,20 @@ def run(t: SharedTracker, op: tuple[Any, ...]) -> tuple[Any, ...]:
     return ("cleared",)
 
 
-@pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenario=scenarios())
-def test_native_tracker_equals_its_reference_model(
-    reference: type[SharedTracker], native: type[SharedTracker], scenario: tuple[int, int, list[tuple[Any, ...]]]
-) -> None:
+def test_native_trackers_equal_their_reference_models(scenario: tuple[int, int, list[tuple[Any, ...]]]) -> None:
     """Every operation returns, raises and leaves the records (and the bound's poison) as the Python tracker does."""
+    # One scenario drives all three pairs: drawing it costs more than running it.
     pages, bound, ops = scenario
-    ref, nat = reference(pages, bound), native(pages, bound)
-    for op in ops:
-        assert run(nat, op) == run(ref, op), op
-        assert state(nat) == state(ref), op
-    assert nat.memory_bytes() <= nat.memory_bound_bytes()
+    for (reference, native), name in zip(PAIRS, PAIR_IDS, strict=True):
+        ref, nat = reference(pages, bound), native(pages, bound)
+        for op in ops:
+            assert run(nat, op) == run(ref, op), (name, op)
+            assert state(nat) == state(ref), (name, op)
+            if isinstance(nat, NativeTreeTracker):
+                nat.check_invariants()
+        assert nat.memory_bytes() <= nat.memory_bound_bytes(), name
 
 
 @pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
@@ -144,9 +167,10 @@ def test_adjacent_ranges_merge(reference: type[SharedTracker], native: type[Shar
     assert nat.shared_ranges() == ref.shared_ranges() == [(9, 7), (60, 71)]
 
 
-def test_native_ranges_bound_poisons_and_freezes() -> None:
-    """At max_ranges records a conversion that would add one poisons the list and freezes it until clear()."""
-    ref, nat = RangesTracker(100, 2), NativeRangesTracker(100, 2)
+@pytest.mark.parametrize(("reference", "native"), PAIRS[1:], ids=PAIR_IDS[1:])
+def test_native_bound_poisons_and_freezes(reference: type[SharedTracker], native: type[SharedTracker]) -> None:
+    """At max_ranges records a conversion that would add one poisons the list or tree and freezes it until clear()."""
+    ref, nat = reference(100, 2), native(100, 2)
     for t in (ref, nat):
         t.set_shared(10, 10)
         t.set_shared(40, 1)
@@ -160,6 +184,37 @@ def test_native_ranges_bound_poisons_and_freezes() -> None:
         nat.set_shared(99, 2)  # still validated when frozen
     nat.clear()
     assert not nat.poisoned and nat.shared_ranges() == []
+
+
+def test_native_tree_stays_balanced_under_a_hostile_guest() -> None:
+    """A guest sharing every other page in shuffled order fills the tree to its bound as the Python
+    tree does; the AVL tree stays within 1.45 log2(n) levels and its max-end augmentation exact."""
+    from testbed.workloads import make_workload
+
+    pages = 1 << 18
+    ops = list(make_workload("hostile", pages, seed=3, conversions=6000))
+    ref, nat = TreeTracker(pages, 5000), NativeTreeTracker(pages, 5000)
+    assert nat.apply(ops) == ref.apply(ops)
+    assert state(nat) == state(ref) and nat.poisoned and nat.range_count() == 5000
+    nat.check_invariants()
+    assert nat.height <= 1.45 * math.log2(5000 + 2)
+    buf = bytearray(16 * 5000)
+    assert decode_export(buf, nat.export(buf).records_written) == ref.shared_ranges()
+    undo = [(gfn, npages, not shared) for gfn, npages, shared in ops[:3000]]
+    for t in (ref, nat):
+        t.clear()
+        t.apply(ops[:3000])
+        t.apply(undo[::2])  # frees every other one, in the same shuffled order
+    assert state(nat) == state(ref) and not nat.poisoned
+    nat.check_invariants()
+
+
+def test_native_tree_refuses_a_bound_past_its_node_index() -> None:
+    """The C tree links nodes by u32 index: a max_ranges past that is a clear error naming the field."""
+    from testbed.tracker.native import MAX_TREE_RANGES
+
+    with pytest.raises(InvalidRangeError, match="max_ranges"):
+        NativeTreeTracker(64, MAX_TREE_RANGES + 1)
 
 
 def test_native_bitmap_never_poisons_and_counts_pages() -> None:
@@ -184,6 +239,7 @@ def test_native_kinds_are_registered() -> None:
     """make_tracker builds the native trackers by name; a bad size names the field."""
     assert isinstance(make_tracker("native-bitmap", guest_pages=64), NativeBitmapTracker)
     assert isinstance(make_tracker("native-ranges", guest_pages=64, max_ranges=3), NativeRangesTracker)
+    assert isinstance(make_tracker("native-tree", guest_pages=64, max_ranges=3), NativeTreeTracker)
     with pytest.raises(InvalidRangeError, match="guest_pages"):
         make_tracker("native-bitmap", guest_pages=1 << 60)
 

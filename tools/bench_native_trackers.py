@@ -1,87 +1,325 @@
-"""ns per conversion of the native trackers (C) against the Python ones, on DMA churn, in one run.
+"""The six trackers -- three in Python, three in C -- on the seed workloads, with plots, in one run.
 
-Issue 13 §2, first step: the trackers as a kernel would write them (testbed/tracker/_native.c)
-beside their Python reference models, on the dma_churn workload of testbed.workloads at one
-guest size (64 GiB by default). For each tracker: ns per conversion through apply() (the batch
-path) and through a loop of set_shared/set_private calls, and memory_bytes() at the end. Rounds
-go round-robin over the trackers on fresh instances with the GC off; each figure is the median
-of its rounds with the min-max.
+Issue 13 §2: Python timings compare interpreters, not data structures, so the structures also
+exist as a kernel would write them (testbed/tracker/_native.c: a word bitmap, a sorted array of
+ranges, an augmented AVL interval tree). This tool measures all six on every workload of
+testbed.workloads (boot, dma_churn, discontiguous, hostile) at 1 GiB, 64 GiB and 1 TiB: ns per
+conversion (batch `apply`, and a loop of per-call set_shared/set_private), ns per is_shared
+query, export time and bytes. The measuring code is tools/bench_trackers.py's (`measure`: rounds
+round-robin over the trackers on fresh instances, GC off, median and min-max of the rounds).
 
-    python tools/bench_native_trackers.py [--size-gib 64] [--conversions 40000] [--rounds 7]
+Then:
+
+* the target, paired: native-ranges at >= 0.5x native-bitmap's conversion rate on dma_churn at
+  64 GiB, from rounds that time the two back to back (best of three each, the order
+  alternating), the ratio taken per round; met / missed only when every round agrees, else
+  undecided (testbed.bench.verdict); and
+  native-ranges' bytes <= 1 % of native-bitmap's there;
+* a crossover sweep: ns per conversion against the number of live records (16 to 65536
+  isolated shared pages, flipped at random), where the sorted array's O(n) moves meet the trees'
+  O(log n) descents.
+
+Tables go to stdout, results to OUT/results.json, plots (matplotlib, Agg) to PLOTS/
+(docs/plots by default): native_trackers_conversion.png, native_trackers_memory.png,
+native_trackers_query_export.png, native_trackers_crossover.png.
+
+    python tools/bench_native_trackers.py [--quick] [--out bench-out/native] [--plots docs/plots]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib.util
+import json
+import math
+import os
+import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 try:
     import testbed  # noqa: F401
 except ImportError:  # a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.tracker import NATIVE_TRACKER_KINDS, SharedTracker, make_tracker
-from testbed.workloads import make_workload
-
-GIB_PAGES = 1 << 18
-
-
-def timed(fn: Callable[[], object]) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
+from testbed.bench import MIN_ROUNDS, Spread, verdict
+from testbed.textout import plain_table
+from testbed.tracker import NATIVE_TRACKER_KINDS, TRACKER_KINDS, Conversion, make_tracker
+from testbed.workloads import WORKLOAD_NAMES, make_workload
 
 
-def per_call(tracker: SharedTracker, ops: Sequence[tuple[int, int, bool]]) -> None:
-    set_shared = tracker.set_shared
-    set_private = tracker.set_private
-    for gfn, npages, shared in ops:
-        if shared:
-            set_shared(gfn, npages)
-        else:
-            set_private(gfn, npages)
+def _bench_trackers() -> Any:
+    """tools/bench_trackers.py, whose measuring code this tool shares (tools/ is not a package)."""
+    if "bench_trackers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_trackers", Path(__file__).with_name("bench_trackers.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_trackers"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench_trackers"]
+
+
+bt = _bench_trackers()
+
+TRACKERS = (*TRACKER_KINDS, *NATIVE_TRACKER_KINDS)
+RATIO_TARGET = 0.5  # native-ranges' rate / native-bitmap's on dma_churn at 64 GiB
+MEMORY_TARGET = 0.01  # native-ranges' bytes / native-bitmap's there
+CROSSOVER_RECORDS = (16, 64, 256, 1024, 4096, 16384, 65536)
+CROSSOVER_GUEST = bt.SIZES["1T"]
+STYLE = {  # Python dashed and hollow, C solid; one colour per structure
+    "bitmap": ("C0", "o", "--"), "ranges": ("C1", "s", "--"), "tree": ("C2", "^", "--"),
+    "native-bitmap": ("C0", "o", "-"), "native-ranges": ("C1", "s", "-"), "native-tree": ("C2", "^", "-"),
+}
+
+
+def ns(rate: float | None) -> float:
+    """ns per conversion from conversions/s (nan when there is no rate)."""
+    return 1e9 / rate if rate else float("nan")
+
+
+def paired_ratio(guest_pages: int, ops: list[Conversion], rounds: int, tries: int = 3) -> list[float]:
+    """native-ranges' conversion rate / native-bitmap's, per round. Within a round the two are
+    timed back to back `tries` times, alternating (so neither always runs on the warmer cache),
+    and each keeps its best time, as timeit does: a burst of load from elsewhere lengthens a
+    timing, never shortens it."""
+    ratios = []
+    for _ in range(rounds):
+        best = {"native-bitmap": math.inf, "native-ranges": math.inf}
+        for t in range(tries):
+            order = ("native-bitmap", "native-ranges") if t % 2 == 0 else ("native-ranges", "native-bitmap")
+            for kind in order:
+                tracker = make_tracker(kind, guest_pages=guest_pages)
+                best[kind] = min(best[kind], bt.time_batch(tracker, ops))
+        ratios.append(best["native-bitmap"] / best["native-ranges"])
+    return ratios
+
+
+def crossover_ops(records: int, conversions: int, seed: int = 5) -> list[Conversion]:
+    """`records` isolated shared pages (every fourth page), then random single-page flips among
+    2x as many slots, so the number of live records stays near `records`."""
+    rng = random.Random(seed)
+    shared = set(range(0, 2 * records, 2))
+    ops: list[Conversion] = [(4 * k, 1, True) for k in sorted(shared)]
+    for _ in range(conversions):
+        k = rng.randrange(2 * records)
+        ops.append((4 * k, 1, k not in shared))
+        shared ^= {k}
+    return ops
+
+
+def crossover(trackers: Sequence[str], repeats: int, conversions: int) -> dict[str, dict[int, list[float]]]:
+    """ns per conversion of each tracker against the number of live records (batch, rounds)."""
+    out: dict[str, dict[int, list[float]]] = {name: {} for name in trackers}
+    for records in CROSSOVER_RECORDS:
+        ops = crossover_ops(records, conversions)
+        setup, churn = ops[:records], ops[records:]
+        for _ in range(repeats):
+            for name in trackers:
+                tracker = make_tracker(name, guest_pages=CROSSOVER_GUEST, max_ranges=4 * records)
+                tracker.apply(setup)
+                out[name].setdefault(records, []).append(bt.time_batch(tracker, churn) / len(churn) * 1e9)
+        print(f"  crossover {records:>6} records", file=sys.stderr)
+    return out
+
+
+def crossing(xs: Sequence[int], a: Sequence[float], b: Sequence[float]) -> str:
+    """Where curve a (ns, lower is better) stops beating b, interpolated geometrically."""
+    for k in range(1, len(xs)):
+        if a[k - 1] <= b[k - 1] and a[k] > b[k]:
+            # log-linear interpolation of the sign change of log(a/b)
+            d0, d1 = math.log(a[k - 1] / b[k - 1]), math.log(a[k] / b[k])
+            x = math.exp(math.log(xs[k - 1]) + (math.log(xs[k]) - math.log(xs[k - 1])) * d0 / (d0 - d1))
+            return f"~{x:.0f} records"
+    return "never" if all(p <= q for p, q in zip(a, b, strict=True)) else "always"
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def print_tables(results: list[Any], sizes: list[str], checks: list[Any],
+                 cross: dict[str, dict[int, list[float]]]) -> None:
+    console = bt.wide_console()
+    columns = ("workload", "guest", "tracker", "ns/conv batch", "ns/conv per call", "ns/query", "export",
+               "bytes", "ranges", "poisoned")
+    console.print(bt.results_table("six trackers (medians of the rounds, min-max)", columns, results, lambda r: (
+        r.workload, r.size, r.tracker,
+        bt._spread_text([ns(x) for x in r.batch_rounds], lambda v: f"{v:.1f}"),
+        bt._spread_text([ns(x) for x in r.call_rounds], lambda v: f"{v:.0f}"),
+        f"{r.is_shared_ns:.0f}", f"{r.export_us:.1f} µs", bt._bytes(r.bytes), str(r.ranges),
+        "ERROR" if r.error else ("yes" if r.poisoned else ""),
+    )))
+
+    sweep = plain_table("crossover: ns per conversion (batch) against live records, 1 TiB guest",
+                        "records", *cross, right=("records", *cross))
+    for records in CROSSOVER_RECORDS:
+        sweep.add_row(str(records), *(bt._spread_text(cross[n][records], lambda v: f"{v:.0f}") for n in cross))
+    console.print(sweep)
+    xs = list(CROSSOVER_RECORDS)
+    med = {n: [statistics.median(cross[n][x]) for x in xs] for n in cross}
+    notes = plain_table("crossovers (medians)", "comparison", "where")
+    for a, b in (("native-ranges", "native-tree"), ("ranges", "tree"), ("native-ranges", "tree")):
+        if a in med and b in med:
+            notes.add_row(f"{a} faster than {b} up to", crossing(xs, med[a], med[b]))
+    console.print(notes)
+
+    verdicts = plain_table("targets (met / missed only when every round agrees)", "verdict", "target", "rounds")
+    for check in checks:
+        verdicts.add_row(check.verdict, check.target, check.detail)
+    console.print(verdicts)
+
+
+def targets(results: list[Any], ratios: list[float]) -> list[Any]:
+    checks = []
+    spread = Spread.of(ratios)
+    checks.append(bt.Check(
+        f"native-ranges >= {RATIO_TARGET}x native-bitmap's conversion rate on dma_churn at 64 GiB (batch, paired)",
+        verdict(spread, ">=", RATIO_TARGET),
+        f"{spread.median:.2f}x ({spread.lo:.2f}-{spread.hi:.2f}, n={spread.n})",
+    ))
+    rg = bt.find(results, "dma_churn", "64G", "native-ranges")
+    bm = bt.find(results, "dma_churn", "64G", "native-bitmap")
+    share = rg.bytes / bm.bytes
+    checks.append(bt.Check(
+        f"native-ranges memory <= {MEMORY_TARGET:.0%} of native-bitmap's on dma_churn at 64 GiB",
+        "met" if share <= MEMORY_TARGET else "missed", f"{rg.bytes} B / {bm.bytes} B = {share:.3%}",
+    ))
+    return checks
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def plot(results: list[Any], sizes: list[str], cross: dict[str, dict[int, list[float]]], out: Path,
+         note: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [bt.SIZES[s] * 4096 for s in sizes]
+    paths = []
+
+    def line(ax: Any, name: str, xs: Sequence[float], ys: Sequence[float]) -> None:
+        colour, marker, dash = STYLE[name]
+        ax.plot(xs, ys, color=colour, marker=marker, ls=dash, label=name,
+                markerfacecolor=colour if dash == "-" else "none")
+
+    def series(workload: str, name: str, field: str) -> list[float]:
+        values = []
+        for s in sizes:
+            r = bt.find(results, workload, s, name)
+            if field == "batch_ns":
+                values.append(ns(r.batch_per_s))
+            else:
+                v = getattr(r, field)
+                values.append(v if v else float("nan"))
+        return values
+
+    timed_workloads = [w for w in WORKLOAD_NAMES if w in bt.TIMED_WORKLOADS]
+    fig, axes = plt.subplots(1, len(timed_workloads), figsize=(5 * len(timed_workloads), 4.2), sharey=True)
+    for ax, workload in zip(axes, timed_workloads, strict=True):
+        for name in TRACKERS:
+            line(ax, name, x, series(workload, name, "batch_ns"))
+        bt._style_axis(ax, x, sizes, workload)
+    paths.append(bt._finish_figure(fig, axes, 6, "ns per conversion (batch apply)",
+                                   "Conversion cost against guest size (medians)", note,
+                                   out / "native_trackers_conversion.png"))
+
+    fig, axes = plt.subplots(1, len(WORKLOAD_NAMES), figsize=(4.4 * len(WORKLOAD_NAMES), 4.2), sharey=True)
+    for ax, workload in zip(axes, WORKLOAD_NAMES, strict=True):
+        for name in TRACKERS:
+            line(ax, name, x, series(workload, name, "bytes"))
+        bt._style_axis(ax, x, sizes, workload)
+    paths.append(bt._finish_figure(fig, axes, 6, "bytes used", "Memory against guest size", note,
+                                   out / "native_trackers_memory.png"))
+
+    fig, axes = plt.subplots(2, len(WORKLOAD_NAMES), figsize=(4.4 * len(WORKLOAD_NAMES), 7.6), sharey="row")
+    for col, workload in enumerate(WORKLOAD_NAMES):
+        for name in TRACKERS:
+            line(axes[0][col], name, x, series(workload, name, "is_shared_ns"))
+            line(axes[1][col], name, x, series(workload, name, "export_us"))
+        bt._style_axis(axes[0][col], x, sizes, workload)
+        bt._style_axis(axes[1][col], x, sizes, workload)
+    axes[1][0].set_ylabel("export, µs")
+    paths.append(bt._finish_figure(fig, [axes[0][0], *axes[1]], 6, "ns per is_shared query (loop included)",
+                                   "Queries and export against guest size (medians)", note,
+                                   out / "native_trackers_query_export.png"))
+
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4.6))
+    xs = list(CROSSOVER_RECORDS)
+    for name, by_records in cross.items():
+        line(ax, name, xs, [statistics.median(by_records[r]) for r in xs])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("live records (isolated shared pages, flipped at random)")
+    ax.grid(True, which="both", alpha=0.3)
+    paths.append(bt._finish_figure(fig, [ax], 3, "ns per conversion (batch apply)",
+                                   "Sorted array against trees: the crossover", note,
+                                   out / "native_trackers_crossover.png"))
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size-gib", type=int, default=64)
-    parser.add_argument("--conversions", type=int, default=40_000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/native"), help="results.json goes here")
+    parser.add_argument("--plots", type=Path, default=Path("docs/plots"), help="PNG plots go here")
+    parser.add_argument("--quick", action="store_true", help="fewer conversions and rounds (about a minute)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"rounds per figure (default 7, quick {MIN_ROUNDS}; fewer than {MIN_ROUNDS} "
+                             "leaves the paired target undecided)")
+    parser.add_argument("--sizes", default=",".join(bt.SIZES), help="guest sizes, from 1G,64G,1T (64G is needed "
+                        "for the targets)")
     args = parser.parse_args(argv)
     if not NATIVE_TRACKER_KINDS:
         print("the C extension is not built (python setup.py build_ext --inplace)", file=sys.stderr)
         return 1
-    pages = args.size_gib * GIB_PAGES
-    ops = list(make_workload("dma_churn", pages, seed=1, conversions=args.conversions))
-    kinds = ["bitmap", "ranges", *NATIVE_TRACKER_KINDS]
-    batch: dict[str, list[float]] = {k: [] for k in kinds}
-    calls: dict[str, list[float]] = {k: [] for k in kinds}
-    memory: dict[str, int] = {}
-    for _ in range(args.rounds):
-        for kind in kinds:
-            t = make_tracker(kind, guest_pages=pages)
-            batch[kind].append(timed(lambda t=t: t.apply(ops)) / len(ops) * 1e9)
-            memory[kind] = t.memory_bytes()
-            t = make_tracker(kind, guest_pages=pages)
-            calls[kind].append(timed(lambda t=t: per_call(t, ops)) / len(ops) * 1e9)
+    sizes = [s for s in args.sizes.split(",") if s]
+    if not sizes or any(s not in bt.SIZES for s in sizes) or "64G" not in sizes:
+        parser.error(f"--sizes: choose from {','.join(bt.SIZES)}, 64G included")
+    repeats = args.repeats or (MIN_ROUNDS if args.quick else 7)
+    if repeats < 1:
+        parser.error("--repeats: at least 1")
+    conversions = 10_000 if args.quick else 40_000
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.plots.mkdir(parents=True, exist_ok=True)
 
-    def fig(xs: list[float]) -> str:
-        return f"{statistics.median(xs):7.1f} ({min(xs):.1f}-{max(xs):.1f})"
-
-    print(f"dma_churn, {args.size_gib} GiB guest, {len(ops)} conversions, {args.rounds} rounds (median, min-max)")
-    print(f"{'tracker':<14} {'ns/conv batch':>22} {'ns/conv per call':>22} {'bytes':>10}")
-    for kind in kinds:
-        print(f"{kind:<14} {fig(batch[kind]):>22} {fig(calls[kind]):>22} {memory[kind]:>10}")
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    results: list[Any] = []
+    for workload in WORKLOAD_NAMES:
+        for size in sizes:
+            ops = list(make_workload(workload, bt.SIZES[size], seed=1, conversions=conversions))
+            case, _ = bt.measure(workload, size, ops, TRACKERS, repeats, {}, calibrate=False)
+            results.extend(case)
+            print(f"  {workload:<13} {size:>3}: {len(ops)} conversions", file=sys.stderr)
+    churn = list(make_workload("dma_churn", bt.SIZES["64G"], seed=1, conversions=conversions))
+    ratios = paired_ratio(bt.SIZES["64G"], churn, max(2 * repeats + 1, 11))
+    cross = crossover(TRACKERS, repeats, 2_000 if args.quick else 5_000)
+    checks = targets(results, ratios)
+    print_tables(results, sizes, checks, cross)
+    load_after = os.getloadavg()
+    note = (f"One run on a shared 2-core machine (load {load_before[0]:.1f} before, {load_after[0]:.1f} after); "
+            f"{conversions} conversions per workload, {repeats} rounds. Dashed: Python; solid: C.")
+    paths = plot(results, sizes, cross, args.plots, note)
+    doc: dict[str, Any] = {
+        "results": [asdict(r) for r in results],
+        "targets": [asdict(c) for c in checks],
+        "ratio_rounds": ratios,
+        "crossover_ns": {name: {str(k): v for k, v in by.items()} for name, by in cross.items()},
+        "loadavg": {"before": load_before, "after": load_after},
+        "conversions": conversions,
+        "repeats": repeats,
+        "python": sys.version.split()[0],
+        "seconds": time.perf_counter() - started,
+    }
+    (args.out / "results.json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {', '.join(str(p) for p in [*paths, args.out / 'results.json'])} in {doc['seconds']:.0f} s",
+          file=sys.stderr)
     return 0
 
 

@@ -310,6 +310,7 @@ def measure(
     trackers: Sequence[str],
     repeats: int,
     prefixes: dict[tuple[str, str | None], int],
+    calibrate: bool = True,
 ) -> tuple[list[Result], dict[str, float]]:
     """Every tracker on one workload and guest size.
 
@@ -317,7 +318,8 @@ def measure(
     so that load from other processes, which comes and goes over seconds, falls on all of them
     alike and the ratios within the run stay fair. On dma_churn the two calibration loops join
     the round (their median rates, conversions/s, are returned beside the results), and each of
-    our trackers' batch rounds is paired with its bare loop timed right before it.
+    our trackers' batch rounds is paired with its bare loop timed right before it (`calibrate`
+    False leaves the calibration loops out).
     """
     guest_pages = SIZES[size]
     ops: dict[str, list[tuple[int, int, bool]]] = {}
@@ -332,7 +334,7 @@ def measure(
     timed_workload = workload in TIMED_WORKLOADS
     calibration: dict[str, list[float]] = {"raw bitarray": [], "raw bisect list": []}
     for r in range(repeats if timed_workload else 1):
-        if workload == "dma_churn":
+        if workload == "dma_churn" and calibrate:
             calibration["raw bitarray"].append(time_raw_bitarray(all_ops, guest_pages))
             calibration["raw bisect list"].append(timed(lambda: raw_bisect(all_ops)))
         for name in trackers:
@@ -342,12 +344,12 @@ def measure(
                 tracker = make(name, guest_pages)
                 if timed_workload:
                     calls[name].append(time_calls(tracker, ops[name]))
-                    if name in TRACKER_KINDS:
+                    if name not in PEERS:  # ours (the native kinds too: bench_native_trackers.py)
                         fresh = make_tracker(name, guest_pages=guest_pages)
                         # The machine's speed swings within seconds: time the bare loop right
                         # next to the round it is paired with.
                         bare = 0.0
-                        if workload == "dma_churn":
+                        if workload == "dma_churn" and calibrate and name in BARE_LOOP:
                             bare = (time_raw_bitarray(all_ops, guest_pages) if BARE_LOOP[name] == "raw bitarray"
                                     else timed(lambda: raw_bisect(all_ops)))
                         seconds = time_batch(fresh, ops[name])
@@ -524,27 +526,39 @@ def targets(results: list[Result], sizes: list[str]) -> list[Check]:
     return checks
 
 
-def print_report(
-    results: list[Result], sizes: list[str], checks: list[Check], calibration: dict[str, dict[str, float]]
-) -> None:
+def wide_console() -> Any:
+    """The project's escaped console, wide enough for these tables in a file or a pipe too."""
     console = plain_console(sys.stdout)
     if not sys.stdout.isatty():
-        console.width = 200  # wide enough for the tables in a file or a pipe (rich assumes 80 there)
-    columns = ("workload", "guest", "tracker", "conversions", "conv/s batch", "conv/s per call", "is_shared",
-               "export", "bytes", "ranges", "poisoned")
-    table = plain_table("shared-page trackers (medians of the rounds, min-max)", *columns, right=columns)
+        console.width = 200  # rich assumes 80 columns when it is not a terminal
+    return console
+
+
+def results_table(title: str, columns: Sequence[str], results: list[Result],
+                  cells: Callable[[Result], Sequence[str]]) -> Any:
+    """One row per result, a section per (workload, guest size)."""
+    table = plain_table(title, *columns, right=tuple(columns))
     last = None
     for r in results:
         if last is not None and (r.workload, r.size) != last:
             table.add_section()
         last = (r.workload, r.size)
-        table.add_row(
-            r.workload, r.size, r.tracker, str(r.conversions), _spread_text(r.batch_rounds, _rate),
-            _spread_text(r.call_rounds, _rate),
-            f"{r.is_shared_ns:.0f} ns", f"{r.export_us:.1f} µs", _bytes(r.bytes), str(r.ranges),
-            "ERROR" if r.error else ("yes" if r.poisoned else ""),
-        )
-    console.print(table)
+        table.add_row(*cells(r))
+    return table
+
+
+def print_report(
+    results: list[Result], sizes: list[str], checks: list[Check], calibration: dict[str, dict[str, float]]
+) -> None:
+    console = wide_console()
+    columns = ("workload", "guest", "tracker", "conversions", "conv/s batch", "conv/s per call", "is_shared",
+               "export", "bytes", "ranges", "poisoned")
+    console.print(results_table("shared-page trackers (medians of the rounds, min-max)", columns, results, lambda r: (
+        r.workload, r.size, r.tracker, str(r.conversions), _spread_text(r.batch_rounds, _rate),
+        _spread_text(r.call_rounds, _rate),
+        f"{r.is_shared_ns:.0f} ns", f"{r.export_us:.1f} µs", _bytes(r.bytes), str(r.ranges),
+        "ERROR" if r.error else ("yes" if r.poisoned else ""),
+    )))
 
     ratios = plain_table("ratios of medians within this run (dma_churn)", "ratio", *sizes, right=tuple(sizes))
     pairs = [

@@ -54,6 +54,7 @@ _start:
     call rt_setup_ghcb                 # SEV-ES/SNP: the shared GHCB page
     call rt_setup_hypercall
     call rt_share_ucall_page
+    call rt_migration_ready            # GUEST_MIGRATION_READY: MSR_KVM_MIGRATION_CONTROL
     xor ebp, ebp                       # the end of the frame chain (GUEST_HELPER_ENTER)
     call guest_main
     call rt_ucall_done
@@ -70,6 +71,52 @@ rt_share_ucall_page:
     mov rsi, 1
     call set_memory_shared
 rt_share_ucall_done:
+    ret
+
+# Live migration (testbed migrate): with GUEST_MIGRATION_READY defined non-zero, tell the host
+# the guest is ready to be migrated once its shared pages are all reported, as Linux's
+# kvm_init_platform() does on a non-EFI boot (arch/x86/kernel/kvm.c): if CPUID advertises
+# KVM_FEATURE_MIGRATION_CONTROL, write KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL (the
+# VMM handles it through its MSR filter). Linux does it only when memory encryption is active;
+# the runtime does it on every VM type but TDX (whose MSRs would #VE), so sw-protected guests
+# migrate too. Off by default: a guest that never declares itself ready is refused migration.
+.ifndef GUEST_MIGRATION_READY
+.equ GUEST_MIGRATION_READY, 0
+.endif
+.equ RT_MSR_KVM_MIGRATION_CONTROL, 0x4b564d08
+.equ RT_KVM_FEATURE_MIGRATION_CONTROL, 17
+rt_migration_ready:
+.if GUEST_MIGRATION_READY
+    mov rdi, RT_DATA
+    cmp qword ptr [rdi + 0x900], 0     # TDX: not modelled
+    jne rt_migration_ready_done
+    mov eax, KVM_CPUID_FEATURES
+    xor ecx, ecx
+    cpuid
+    bt eax, RT_KVM_FEATURE_MIGRATION_CONTROL
+    jnc rt_migration_ready_done
+    # As Linux marks its .bss..decrypted section (the early GHCB) decrypted in the host's list
+    # first (early_set_mem_enc_dec_hypercall): SEV and SEV-ES map the GHCB page shared without
+    # a conversion, so tell the host now (SNP converted it with a Page State Change).
+    mov rdi, RT_DATA
+    cmp qword ptr [rdi + 0x800], 0     # not SEV: no C-bit, nothing mapped shared
+    je rt_migration_ready_msr
+    test qword ptr [rdi + 0x808], 4    # SNP
+    jnz rt_migration_ready_msr
+    bt eax, KVM_FEATURE_HC_MAP_GPA_RANGE
+    jnc rt_migration_ready_msr
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, RT_GHCB
+    mov rcx, 1
+    xor edx, edx                       # decrypted, 4K
+    vmmcall
+rt_migration_ready_msr:
+    mov ecx, RT_MSR_KVM_MIGRATION_CONTROL
+    mov eax, 1                         # KVM_MIGRATION_READY
+    xor edx, edx
+    wrmsr
+rt_migration_ready_done:
+.endif
     ret
 
 # --- technology detection -------------------------------------------------------------------

@@ -243,6 +243,11 @@ typedef struct {
     uint8_t *exec_bits, *scanned_bits; /* one byte per frame, shared with the Python MMU */
     const uint8_t *validated;          /* SNP: the RMP's Validated bit per frame */
     const uint8_t *present;            /* guest_memfd: PRESENT_* bits per frame (hw/memory.py), NULL: none */
+    uint8_t *dirty;                    /* KVM's dirty bitmap (bit per frame, LSB first) while logging, else NULL */
+    uint64_t dirty_frames;             /* frames the dirty bitmap covers */
+    Py_buffer dirty_buf;
+    int has_dirty_buf;
+    unsigned long long dirty_faults;   /* write-protection faults taken here (the page's bit set) */
     int snp, stage2, legacy_stage2;
     uint64_t alias_base;
     unsigned long long fills;          /* fills completed here (the Python ones count there) */
@@ -252,8 +257,18 @@ typedef struct {
     uint64_t xlat_upa[XLAT_N];
 } NativeMmu;
 
+static void nm_release_dirty(NativeMmu *self)
+{
+    if (self->has_dirty_buf)
+        PyBuffer_Release(&self->dirty_buf);
+    self->has_dirty_buf = 0;
+    self->dirty = NULL;
+    self->dirty_frames = 0;
+}
+
 static void nm_release_buffers(NativeMmu *self)
 {
+    nm_release_dirty(self);
     for (int i = 0; i < self->nbufs; i++)
         PyBuffer_Release(&self->bufs[i]);
     self->nbufs = 0;
@@ -271,6 +286,9 @@ static inline void xlat_record(NativeMmu *self, uint64_t vpage, uint64_t upa)
     self->xlat_upa[i] = upa;
 }
 
+static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t cs, uint64_t cr3, uint64_t cr0,
+                          TlbEntry *entry);
+
 /* The common-case fill; 0 = done (entry set), 1 = ask Python. No Python object is touched. */
 static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbEntry *entry)
 {
@@ -281,9 +299,16 @@ static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbE
     self->regs[0] = 0; /* CS fills only the low bytes of its slot */
     if (self->read_batch(uc, self->reg_ids, self->reg_ptrs, NREGS) != 0)
         return 1;
-    int user = (self->regs[0] & 3) == 3;
+    return fill_with_regs(self, vaddr, access, self->regs[0], self->regs[1], self->regs[2], entry);
+}
+
+/* The fill after the register read (also reached from Python by `fill`, for the tests). */
+static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t cs, uint64_t cr3, uint64_t cr0,
+                          TlbEntry *entry)
+{
+    int user = (cs & 3) == 3;
     WalkOut o;
-    walk_core(&self->mem, self->regs[1], vaddr, access, user, (self->regs[2] & CR0_WP) != 0, 1, &o);
+    walk_core(&self->mem, cr3, vaddr, access, user, (cr0 & CR0_WP) != 0, 1, &o);
     if (o.kind != WALK_OK)
         return 1;
     const WalkMem *m = &self->mem;
@@ -322,6 +347,20 @@ static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbE
     if (o.writable && !code_frame)
         perms |= PROT_WRITE;
     int exec_ok = o.executable && code_frame;
+    if (self->dirty != NULL && (perms & PROT_WRITE) && frame < self->dirty_frames) {
+        /* Dirty logging (kvm/dirty_log.py): a clean page is write-protected in stage 2. A read
+         * maps it read-only; a store takes KVM's write fault, which sets the page's bit and
+         * makes it writable (mmu.c fast_page_fault -> mark_page_dirty). */
+        uint8_t bit = (uint8_t)(1u << (frame & 7));
+        if (!(self->dirty[frame >> 3] & bit)) {
+            if (access == ACCESS_WRITE) {
+                self->dirty[frame >> 3] |= bit;
+                self->dirty_faults++;
+            } else {
+                perms &= ~(uint32_t)PROT_WRITE;
+            }
+        }
+    }
     uint64_t upa;
     if (m->model == MODEL_GMEM) {
         if (exec_ok)
@@ -515,6 +554,32 @@ static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *NativeMmu_set_dirty_log(NativeMmu *self, PyObject *arg)
+{
+    /* After configure (which releases it): KVM's dirty bitmap (writable, a bit per frame), or
+     * None when dirty logging is off. */
+    if (!self->configured) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_dirty_log: configure first");
+        return NULL;
+    }
+    nm_release_dirty(self);
+    if (arg == Py_None)
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(arg, &self->dirty_buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    self->has_dirty_buf = 1;
+    uint64_t frames = self->mem.size >> 12;
+    if ((uint64_t)self->dirty_buf.len * 8 < frames) {
+        nm_release_dirty(self);
+        PyErr_Format(PyExc_ValueError, "NativeMmu.set_dirty_log: a bitmap of %zd bytes cannot cover %llu frames",
+                     self->dirty_buf.len, (unsigned long long)frames);
+        return NULL;
+    }
+    self->dirty = self->dirty_buf.buf;
+    self->dirty_frames = frames;
+    Py_RETURN_NONE;
+}
+
 static PyObject *NativeMmu_flush(NativeMmu *self, PyObject *Py_UNUSED(ignored))
 {
     memset(self->xlat_tag, 0, sizeof(self->xlat_tag));
@@ -565,9 +630,37 @@ static PyObject *NativeMmu_walk(NativeMmu *self, PyObject *args)
     return walk_result(&o);
 }
 
+/* fill(vaddr, access, cs, cr3, cr0): the fill the hook would do with these registers, without an
+ * engine: (upa, perms), or None where the hook hands the fill to Python. */
+static PyObject *NativeMmu_fill(NativeMmu *self, PyObject *args)
+{
+    unsigned long long vaddr, cs, cr3, cr0;
+    int access;
+    if (!PyArg_ParseTuple(args, "KiKKK", &vaddr, &access, &cs, &cr3, &cr0))
+        return NULL;
+    if (!self->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "NativeMmu.fill before configure()");
+        return NULL;
+    }
+    if (access < ACCESS_READ || access > ACCESS_FETCH) {
+        PyErr_SetString(PyExc_ValueError, "fill: access must be one of ACCESS_*");
+        return NULL;
+    }
+    TlbEntry entry;
+    if (self->python_only || (uint64_t)(((int64_t)(vaddr << 16)) >> 16) != vaddr ||
+        fill_with_regs(self, vaddr, access, cs, cr3, cr0, &entry) != 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KI)", (unsigned long long)entry.paddr, (unsigned int)entry.perms);
+}
+
 static PyObject *NativeMmu_get_fills(NativeMmu *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->fills);
+}
+
+static PyObject *NativeMmu_get_dirty_faults(NativeMmu *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->dirty_faults);
 }
 
 static int NativeMmu_traverse(NativeMmu *self, visitproc visit, void *arg)
@@ -608,17 +701,23 @@ static PyMethodDef NativeMmu_methods[] = {
      "While true every fill is the Python fallback's (a pending fault, a quiesced vCPU)."},
     {"set_present", (PyCFunction)NativeMmu_set_present, METH_O,
      "set_present(bytes or None): guest_memfd fills whose backing page is not present are Python's."},
+    {"set_dirty_log", (PyCFunction)NativeMmu_set_dirty_log, METH_O,
+     "set_dirty_log(bitmap or None): while set, fills grant write only to pages whose bit is set; a store to a "
+     "clean page sets it."},
     {"flush", (PyCFunction)NativeMmu_flush, METH_NOARGS, "Forget the recorded translations (a TLB flush)."},
     {"fetch", (PyCFunction)(void (*)(void))NativeMmu_fetch, METH_FASTCALL,
      "fetch(va, n): bytes at va through the recorded translation of its page, or None."},
     {"walk", (PyCFunction)NativeMmu_walk, METH_VARARGS,
      "walk(cr3, va, access, user, wp, nxe) over the configured memory; None where Python must walk."},
+    {"fill", (PyCFunction)NativeMmu_fill, METH_VARARGS,
+     "fill(vaddr, access, cs, cr3, cr0): the hook's fill with these registers: (upa, perms) or None (Python's)."},
     {"close", (PyCFunction)NativeMmu_close, METH_NOARGS, "Drop the engine, the fallback and the buffers."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef NativeMmu_getset[] = {
     {"fills", (getter)NativeMmu_get_fills, NULL, "TLB fills completed in C.", NULL},
+    {"dirty_faults", (getter)NativeMmu_get_dirty_faults, NULL, "Dirty-logging write faults taken in C.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

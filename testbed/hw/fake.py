@@ -11,10 +11,13 @@ that KVM keeps no copy of it. This module must not import Unicorn (tests/test_la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from testbed.errors import TestbedError
 from testbed.hw.exits import GhcbMsrRegister, Hypervisor, RunStop, StopReason, Vendor
 from testbed.hw.memory import BytesMemory, HostMemory
+from testbed.hw.psp import GuestFirmware
+from testbed.hw.vcpu_state import VcpuState
 from testbed.x86 import U64, Reg
 from testbed.x86.addr import Gfn, Gpa
 
@@ -57,6 +60,8 @@ class FakeVcpu:
         self.msr_passthrough: frozenset[int] = frozenset()
         self.io_in_result: int | None = None
         self.code_flushes = 0
+        self.tlb_flushes = 0
+        self.dirty_log: Any = None
         #: TDX: the extended exit qualification of the next EPT-violation exit (a test sets it)
         self.ext_exit_qual = 0
         self.tdcalls = 0
@@ -113,9 +118,9 @@ class FakeVcpu:
         """is_64bit_mode() for a selector: the fake has one mode."""
         return self.long_mode
 
-    def hypercall_regs(self) -> tuple[int, int]:
-        """(RAX, CS)."""
-        return self.regs[Reg.RAX], self.regs[Reg.CS]
+    def hypercall_regs(self) -> tuple[int, int, bool]:
+        """(RAX, CS, 64-bit mode)."""
+        return self.regs[Reg.RAX], self.regs[Reg.CS], self.long_mode
 
     def hypercall_args(self) -> tuple[int, int, int, int]:
         """RBX, RCX, RDX, RSI."""
@@ -177,6 +182,26 @@ class FakeVcpu:
     def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None:
         """Record KVM's notice that GFNs [first, end) changed attributes."""
         self.stage2_changes.append((first, end, private))
+
+    def set_dirty_log(self, bitmap: Any) -> None:
+        """Record KVM's dirty bitmap (None: logging off)."""
+        self.dirty_log = bitmap
+
+    def flush_tlb(self) -> None:
+        """Count the TLB flushes KVM asks for."""
+        self.tlb_flushes += 1
+
+    def sev_firmware(self) -> GuestFirmware:
+        """The fake has no SEV firmware."""
+        raise FakeHardwareError("the fake vCPU has no SEV firmware")
+
+    def save_state(self) -> VcpuState:
+        """The fake keeps no architectural state record."""
+        raise FakeHardwareError("the fake vCPU has no state record")
+
+    def load_state(self, state: VcpuState) -> None:
+        """The fake keeps no architectural state record."""
+        raise FakeHardwareError("the fake vCPU has no state record")
 
     def launch_update_data(self, gpa: Gpa, length: int) -> None:
         """Record SEV LAUNCH_UPDATE_DATA."""

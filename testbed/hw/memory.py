@@ -170,13 +170,25 @@ _ALL_SHARED = _AllShared()
 class GuestMemory:
     """The physical memory of one VM: plain, legacy encrypted (`cipher`) or guest_memfd."""
 
-    def __init__(self, size: int, cipher: FrameCipher | None = None, *, guest_memfd: bool = False) -> None:
+    def __init__(self, size: int, cipher: FrameCipher | None = None, *, guest_memfd: bool = False,
+                 capacity: int | None = None) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
         if guest_memfd and cipher is not None:
             raise ValueError("a guest_memfd VM has no memory-controller cipher the host could observe")
+        capacity = size if capacity is None else capacity
+        if capacity < size or capacity % PAGE_SIZE:
+            raise GuestMemoryError(f"guest memory capacity 0x{capacity:x} is below the size 0x{size:x} or not "
+                                   "a multiple of 4 KiB")
+        #: guest RAM now, in bytes: every bounds check (host and CPU) uses it; it grows with
+        #: memory hotplug (plug(), vmm/hotplug.py) up to `capacity`
         self.size = size
-        self.nframes = size >> PAGE_SHIFT
+        #: the bytes reserved for RAM (QEMU's maxmem): the backings, the per-frame arrays and
+        #: the emulator's mapping cover it from the start (lazily: untouched pages cost nothing)
+        self.capacity = capacity
+        #: frames of the per-frame arrays (owner, present; the RMP and the MMU's frame sets):
+        #: capacity >> 12, which is size >> 12 unless the VM can hotplug memory
+        self.nframes = capacity >> PAGE_SHIFT
         self.cipher = cipher
         self.guest_memfd = guest_memfd
         self._backings: list[_Backing] = []
@@ -217,9 +229,17 @@ class GuestMemory:
         self.on_backing_pages: Callable[[int, int], None] | None = None
 
     def _new_backing(self, what: str) -> _Backing:
-        backing = _Backing(self.size, what)
+        backing = _Backing(self.capacity, what)
         self._backings.append(backing)
         return backing
+
+    def plug(self, size: int) -> None:
+        """Memory hotplug: guest RAM grows to `size` bytes (<= capacity; it never shrinks). The
+        caller re-configures whatever copied the size (the vCPU's native fill)."""
+        if size % PAGE_SIZE or not self.size <= size <= self.capacity:
+            raise GuestMemoryError(f"cannot grow guest memory from 0x{self.size:x} to 0x{size:x}: the reserved "
+                                   f"capacity is 0x{self.capacity:x} (page-aligned growth only)")
+        self.size = size
 
     def close(self) -> None:
         """Release every backing (idempotent). Close the vCPU that maps them first."""
@@ -565,7 +585,7 @@ class GuestMemory:
         own address (the emulator's mappings stay valid), ownership bytes are copied back.
         The caller flushes the vCPU's TLB and translated code."""
         self.check_range(0, 0, "restore")
-        if len(image.backings) != len(self._backings) or image.backings[0].size != self.size:
+        if len(image.backings) != len(self._backings) or image.backings[0].size != self.capacity:
             raise GuestMemoryError("memory image of a different memory model or size")
         for backing, saved in zip(self._backings, image.backings, strict=True):
             backing.restore_image(saved)
@@ -614,6 +634,11 @@ class HostView:
     def size(self) -> int:
         """Guest memory size in bytes."""
         return self._memory.size
+
+    @property
+    def capacity(self) -> int:
+        """The bytes reserved for guest RAM (GuestMemory.capacity): what memory can grow to."""
+        return self._memory.capacity
 
     def read(self, gpa: int, length: int) -> bytes:
         """Read as the host: ciphertext of legacy private frames; never guest_memfd memory."""

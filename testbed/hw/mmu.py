@@ -30,6 +30,7 @@ from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
 from testbed.hw.memory import PRESENT_PRIVATE, PRESENT_SHARED, GuestMemory, HostMemory, StagePrivacy
+from testbed.hw.psp import GuestFirmware
 from testbed.hw.rmp import Rmp
 from testbed.hw.tdx_module import TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, TdxModule
 from testbed.hw.unicorn_binding import (
@@ -41,6 +42,7 @@ from testbed.hw.unicorn_binding import (
     PROT_WRITE,
     UnicornBinding,
 )
+from testbed.hw.vcpu_state import VcpuState
 from testbed.x86 import CR0_WP, PAGE_SHIFT, PAGE_SIZE, PFERR_FETCH, Reg, Vector, vector_name
 from testbed.x86.addr import Gfn, Gpa, Gva
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
@@ -149,6 +151,11 @@ class Mmu(UnicornBinding):
         self._exec_frames = _FrameSet(memory.nframes)  # frames code has been fetched from
         self._scanned_frames = _FrameSet(memory.nframes)  # exec frames whose intercepted sites are hooked
         self._py_tlb_fills = 0
+        #: KVM's dirty bitmap while dirty logging is on (kvm/dirty_log.py), read where the
+        #: hardware reads its NPT: a page whose bit is clear is write-protected in stage 2
+        self._dirty_bits: mmap.mmap | None = None
+        self._py_dirty_faults = 0  # write-protection faults taken (the page's bit set) in Python
+        self._psp: GuestFirmware | None = None  # the SEV firmware's context for this guest (sev_firmware)
         self._configure_native_fill()
         memory.on_ownership_change = self._on_ownership_change
         if snp:
@@ -188,7 +195,19 @@ class Mmu(UnicornBinding):
         if set_present is not None:
             set_present(mem.present)
         self._native_without_present = set_present is None and mem.present is not None
+        self._sync_native_dirty_log()
         self._sync_native_fill()
+
+    def _sync_native_dirty_log(self) -> None:
+        """Hand the C fill the dirty bitmap (or None: logging off). An extension without
+        set_dirty_log is older than dirty logging: while logging is on every fill is Python's."""
+        native = self._native_mmu
+        if native is None:
+            return
+        set_dirty_log = getattr(native, "set_dirty_log", None)
+        if set_dirty_log is not None:
+            set_dirty_log(self._dirty_bits)
+        self._native_without_dirty_log = set_dirty_log is None and self._dirty_bits is not None
 
     def _sync_native_fill(self) -> None:
         """A pending fault or a quiesced vCPU makes every fill Python's (see `_tlb_fill`)."""
@@ -197,6 +216,7 @@ class Mmu(UnicornBinding):
             # A TD's fills are Python's: the C fill has no TDX stage-2/Secure-EPT rules yet.
             native.set_python_only(self._quiesced_state or self._pending_fault_state is not None
                                    or getattr(self, "_native_without_present", False)
+                                   or getattr(self, "_native_without_dirty_log", False)
                                    or self._pending_npf_state is not None or self._tdx is not None)
 
     @property
@@ -232,6 +252,36 @@ class Mmu(UnicornBinding):
         """TLB fills this vCPU completed or failed (in C and in Python)."""
         native = self._native_mmu
         return self._py_tlb_fills + (native.fills if native is not None else self._native_fills)
+
+    @property
+    def dirty_faults(self) -> int:
+        """Write-protection faults taken for dirty logging (in C and in Python): first writes
+        to a page after the log was enabled or collected."""
+        native = self._native_mmu
+        native_faults = getattr(native, "dirty_faults", 0) if native is not None else 0
+        return self._py_dirty_faults + int(native_faults)
+
+    def set_dirty_log(self, bitmap: mmap.mmap | None) -> None:
+        """KVM switched dirty logging on (its bitmap: one bit per GFN, LSB first) or off
+        (None). While on, a fill grants write only for a page whose bit is set; the first
+        write to a clean page is KVM's write-protection fault, folded into its fill (the bit
+        is set, the fill grants write: mmu.c fast_page_fault -> mark_page_dirty). KVM flushes
+        the TLBs after changing it (kvm/dirty_log.py)."""
+        if bitmap is not None and len(bitmap) * 8 < self._mem.nframes:
+            raise TestbedError(f"dirty bitmap of {len(bitmap)} bytes is too small for {self._mem.nframes} pages")
+        self._dirty_bits = bitmap
+        self._sync_native_dirty_log()
+        self._sync_native_fill()
+
+    def _mark_dirty(self, gpa: int, length: int) -> None:
+        """A CPU write the hardware model makes itself (exception delivery): its pages are
+        dirtied as the guest's own stores are."""
+        bits = self._dirty_bits
+        if bits is None or length <= 0:
+            return
+        for frame in range(gpa >> PAGE_SHIFT, ((gpa + length - 1) >> PAGE_SHIFT) + 1):
+            if frame < self._mem.nframes:
+                bits[frame >> 3] |= 1 << (frame & 7)
 
     @property
     def memory(self) -> HostMemory:
@@ -348,6 +398,7 @@ class Mmu(UnicornBinding):
             n = min(len(data) - pos, PAGE_SIZE - (cur & 0xFFF))
             tr = self.translate(cur, ACCESS_WRITE, supervisor)
             self._mem.cpu_write(tr.gpa | (cur & 0xFFF), data[pos : pos + n], tr.encrypted)
+            self._mark_dirty(tr.gpa | (cur & 0xFFF), n)
             pos += n
 
     def fetch_bytes(self, va: Gva, length: int) -> bytes:
@@ -471,6 +522,18 @@ class Mmu(UnicornBinding):
             mem.make_dram(frame)
             upa = gpa
             # no EXEC: a fetch through this C=0 mapping must refill towards the private alias
+        dirty = self._dirty_bits
+        if dirty is not None and perms & PROT_WRITE:
+            # Dirty logging: a page whose bit is clear is write-protected in stage 2. A read
+            # maps it read-only (a later store refills); a store takes KVM's write fault,
+            # which marks the page dirty and makes it writable (kvm/dirty_log.py).
+            bit = 1 << (frame & 7)
+            if not dirty[frame >> 3] & bit:
+                if access == ACCESS_WRITE:
+                    dirty[frame >> 3] |= bit
+                    self._py_dirty_faults += 1
+                else:
+                    perms &= ~PROT_WRITE
         self._xlat[vaddr >> PAGE_SHIFT] = upa
         return upa, perms
 
@@ -517,7 +580,8 @@ class Mmu(UnicornBinding):
 
     def zero_private_page(self, gfn: int) -> None:
         """TDG.MEM.PAGE.ACCEPT's initialisation of a private page (zeroed with the TD's key)."""
-        self._mem.cpu_write(gfn << PAGE_SHIFT, bytes(PAGE_SIZE), True)
+        if not self._mem.materialise(gfn, 1, True):  # a page guest_memfd has just created is zero
+            self._mem.cpu_write(gfn << PAGE_SHIFT, bytes(PAGE_SIZE), True)
         self._on_host_write(gfn << PAGE_SHIFT, PAGE_SIZE)
 
     def tdx_mem_page_add(self, gpa: Gpa, length: int) -> None:
@@ -554,6 +618,35 @@ class Mmu(UnicornBinding):
         if self.rmp is not None:
             self.rmp.launch_validate(gpa >> PAGE_SHIFT, (gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
+    def sev_firmware(self) -> GuestFirmware:
+        """The SEV firmware's context for this guest: the migration commands (hw/psp.py), which
+        read and write guest pages with this guest's key and the vCPU's state as the VMSA."""
+        if self._psp is None:
+            from testbed.hw import vcpu_state
+
+            def read_state() -> bytes:
+                return vcpu_state.save(self).to_bytes()
+
+            def write_state(data: bytes) -> None:
+                vcpu_state.load(self, vcpu_state.VcpuState.from_bytes(data))
+
+            self._psp = GuestFirmware(self._mem, self.rmp, read_state, write_state)
+        return self._psp
+
+    def save_state(self) -> VcpuState:
+        """The vCPU's architectural state (hw/vcpu_state.py), between runs."""
+        from testbed.hw import vcpu_state
+
+        return vcpu_state.save(self)
+
+    def load_state(self, state: VcpuState) -> None:
+        """Load a VcpuState (hw/vcpu_state.py) into this vCPU, between runs."""
+        from testbed.hw import vcpu_state
+
+        if not isinstance(state, VcpuState):
+            raise TestbedError(f"load_state: expected a VcpuState, not {type(state).__name__}")
+        vcpu_state.load(self, state)
+
     def flush_tlb(self) -> None:
         """Drop every cached translation (UC_CTL_TLB_FLUSH)."""
         self._flush_engine_tlb()
@@ -571,6 +664,8 @@ class Mmu(UnicornBinding):
         super().flush_code()
         self._exec_frames.clear()
         self._scanned_frames.clear()
+        self._sync_native_dirty_log()  # a snapshot restore may have changed the bitmap reference
+        self._sync_native_fill()
         self.flush_tlb()
 
     def _on_host_write(self, gpa: int, length: int) -> None:

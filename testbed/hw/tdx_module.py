@@ -306,6 +306,12 @@ class TdxModule:
         self.ve = VeInfo()
         return TDX_SUCCESS
 
+    def page_accept(self, rcx: int) -> int | None:
+        """TDG.MEM.PAGE.ACCEPT of RCX (a TDCALL at CPL 0, counted): its completion status, or
+        None after an EPT-violation TD exit (KVM decides; the TDCALL re-executes)."""
+        self.tdcalls += 1
+        return self._page_accept(rcx)
+
     def _page_accept(self, rcx: int) -> int | None:
         level = rcx & 0x7
         gpa = rcx & ~0xFFF & U64

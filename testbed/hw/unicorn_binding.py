@@ -325,10 +325,13 @@ class UnicornBinding(ABC):
         # guest's HLT was reported as that #PF. Canary: tests/test_resources.py
         # (test_clean_end_of_a_run_raises_no_spurious_fault).
         self._uc.ctl_exits_enabled(True)
-        self._uc.mem_map_ptr(0, memory.size, ucc.UC_PROT_ALL, memory.dram_address())
+        # The whole reserved capacity is mapped (it equals the size unless memory can be
+        # hotplugged): what lies above the RAM's current size is refused by the TLB fill, as
+        # a GPA without a memslot.
+        self._uc.mem_map_ptr(0, memory.capacity, ucc.UC_PROT_ALL, memory.dram_address())
         if memory.private is not None:
             # The private alias (legacy SEV) or the guest_memfd backing (hw/memory.py).
-            self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.size, ucc.UC_PROT_ALL, memory.private_address())
+            self._uc.mem_map_ptr(PRIVATE_ALIAS_BASE, memory.capacity, ucc.UC_PROT_ALL, memory.private_address())
         self._h = ctypes.c_void_p(self._uc._uch.value)  # a plain pointer: no argtypes conversion
         self._lib = ucpy.uclib
         self._val = ctypes.c_uint64()
@@ -348,7 +351,7 @@ class UnicornBinding(ABC):
         )
         self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
         #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
-        self._snapshot: tuple[int, int, int, int, int, int] | None = None
+        self._snapshot: tuple[int, int, int, int, int, int, bool] | None = None
         self._hc_vals = (ctypes.c_uint64 * 2)()
         self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
         self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
@@ -375,6 +378,10 @@ class UnicornBinding(ABC):
         self._install_hooks()
 
     # ------------------------------------------------ handlers the model implements
+    @abstractmethod
+    def mode_of(self, cs_selector: int) -> bool:
+        """Whether code segment `cs_selector` runs 64-bit code (the MMU reads its descriptor)."""
+
     @abstractmethod
     def _tlb_fill(self, vaddr: int, access: int) -> tuple[int, int] | None:
         """(Unicorn-physical page, PROT_* permissions) for a TLB miss, None for a fault."""
@@ -587,15 +594,16 @@ class UnicornBinding(ABC):
         v = self._arg_vals
         return v[0], v[1], v[2], v[3]
 
-    def hypercall_regs(self) -> tuple[int, int]:
-        """(RAX, CS selector): what KVM needs first on a hypercall."""
+    def hypercall_regs(self) -> tuple[int, int, bool]:
+        """(RAX, CS selector, 64-bit mode): what KVM needs first on a hypercall."""
         snap = self._snapshot
         if snap is not None:
-            return snap[0], snap[1]
+            return snap[0], snap[1], snap[6]
         values = self._hc_vals
         values[1] = 0  # Unicorn writes only the selector's low bytes into this slot
         self._reg_read_batch(self._h, self._hc_ids, self._hc_ptrs, 2)
-        return int(values[0]), int(values[1]) & 0xFFFF
+        cs = int(values[1]) & 0xFFFF
+        return int(values[0]), cs, self.mode_of(cs)
 
     def _write_rax_rip(self, rax: int, rip: int) -> None:
         """RAX and RIP in one batched write (through the C extension when built)."""
@@ -637,13 +645,22 @@ class UnicornBinding(ABC):
         """Set an MSR the emulator models (EFER at reset)."""
         self._uc.msr_write(msr, value)
 
+    def get_msr(self, msr: int) -> int:
+        """Read an MSR the emulator models (the firmware's copy of the VMSA; KVM_GET_MSRS)."""
+        return int(self._uc.msr_read(msr))
+
+    def task_register(self) -> tuple[int, int, int, int]:
+        """TR as (selector, base, limit, flags) (KVM_GET_SREGS)."""
+        sel, base, limit, flags = self._uc.reg_read(ux.UC_X86_REG_TR)
+        return int(sel), int(base), int(limit), int(flags)
+
     def set_descriptor_table(self, which: str, base: int, limit: int) -> None:
         """Load GDTR or IDTR (KVM_SET_SREGS)."""
         self._uc.reg_write(_TABLE_REGS[which], (0, base, limit, 0))
 
-    def set_tr(self, selector: int, base: int, limit: int) -> None:
-        """Load the task register (KVM_SET_SREGS)."""
-        self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, 0x8B))
+    def set_tr(self, selector: int, base: int, limit: int, flags: int = 0x8B) -> None:
+        """Load the task register (KVM_SET_SREGS); `flags` as `task_register` reads them."""
+        self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, flags))
 
     # ------------------------------------------- QEMU state Unicorn does not expose
     def _context_address(self) -> tuple[Any, int]:

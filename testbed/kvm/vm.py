@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 
 from testbed.hw.exits import VcpuHardware, Vendor
 from testbed.hw.memory import HostMemory, StagePrivacy
+from testbed.kvm.dirty_log import (
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_CAPS,
+    DirtyLog,
+    DirtyMarkingMemory,
+)
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.memattr import MemoryAttributes, validate_attributes
 from testbed.kvm.msr import (
@@ -29,8 +35,8 @@ from testbed.kvm.uapi import (
     KVM_CAP_VM_TYPES,
     KVM_CPUID_FEATURES,
     KVM_CPUID_SIGNATURE,
-    KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    TESTBED_EXIT_HYPERCALL_VALID_MASK,
     KvmVmType,
 )
 from testbed.kvm.version import REFERENCE, KvmVersion
@@ -137,7 +143,11 @@ class KvmVm:
         #: GHCB protocol version for SEV-ES/SNP (KVM_SEV_INIT2's ghcb_version, default 2)
         self.ghcb_version = ghcb_version
         self.vendor = vendor
-        self.memory = memory
+        #: the RAM's dirty log (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET/CLEAR_DIRTY_LOG), sized for the
+        #: memory the VM can grow to (the testbed logs hotplugged RAM in the same bitmap)
+        self.dirty_log = DirtyLog(getattr(memory, "capacity", memory.size) >> 12, flush=self._flush_remote_tlbs)
+        #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest)
+        self.memory: HostMemory = DirtyMarkingMemory(memory, self.dirty_log)
         self.hypercall_exit_mask = 0
         self.disabled_quirks = 0
         self.cpuid = CpuidTable()
@@ -148,7 +158,8 @@ class KvmVm:
         self.user_space_msr_mask = 0
         #: KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter); None = no filter (allow all)
         self.msr_filter: MsrFilter | None = None
-        guest_pages = memory.size >> 12
+        # Sized for the memory the VM can grow to (memory hotplug: `capacity`, else the size).
+        guest_pages = getattr(memory, "capacity", memory.size) >> 12
         # VMs with private memory keep attributes; they start private where the VMM's
         # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).
         # The seed-era KVM (page_enc_status_protocol) had no memory attributes: the in-kernel
@@ -169,12 +180,16 @@ class KvmVm:
         #: KVM_MEMORY_ENCRYPT_REG_REGION: the (userspace address, size) ranges registered and
         #: pinned (sev->regions_list), in order
         self.enc_regions: list[tuple[int, int]] = []
+        #: KVM_SET_USER_MEMORY_REGION: slot -> (guest_phys_addr, memory_size); slot 0 is the RAM
+        #: the VM was created with, later slots are hotplugged RAM (vmm/hotplug.py)
+        self.memslots: dict[int, tuple[int, int]] = {0: (0, memory.size)}
 
     # -- KVM_CHECK_EXTENSION / KVM_ENABLE_CAP --------------------------------------------
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM."""
         if cap == KVM_CAP_EXIT_HYPERCALL:
-            return KVM_EXIT_HYPERCALL_VALID_MASK
+            # KVM's mask plus the testbed's donation hypercall (uapi.py; a deliberate deviation)
+            return TESTBED_EXIT_HYPERCALL_VALID_MASK
         if cap == KVM_CAP_DISABLE_QUIRKS2:
             return supported_quirks(self.vendor)
         if cap == KVM_CAP_X86_USER_SPACE_MSR:
@@ -187,13 +202,15 @@ class KvmVm:
             return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.mem_attrs is not None else 0
         if cap == KVM_CAP_VM_TYPES:
             return sum(1 << t for t in KvmVmType if t != KvmVmType.KVM_X86_TDX_VM)
+        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return KVM_DIRTY_LOG_MANUAL_CAPS
         return 0
 
     def enable_cap(self, cap: int, *args: int) -> None:
         """KVM_ENABLE_CAP; raises KvmIoctlError(EINVAL) exactly where KVM does."""
         arg0 = args[0] if args else 0
         if cap == KVM_CAP_EXIT_HYPERCALL:
-            if arg0 & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+            if arg0 & ~TESTBED_EXIT_HYPERCALL_VALID_MASK:
                 raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)", errno.EINVAL, f"mask 0x{arg0:x}")
             self.hypercall_exit_mask = arg0
         elif cap == KVM_CAP_DISABLE_QUIRKS2:
@@ -206,6 +223,8 @@ class KvmVm:
             if arg0 & ~KVM_MSR_EXIT_REASON_VALID_MASK:
                 raise KvmIoctlError("KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)", errno.EINVAL, f"reasons 0x{arg0:x}")
             self.user_space_msr_mask = arg0
+        elif cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            self.dirty_log.enable_manual_protect(arg0)
         elif cap == KVM_CAP_ENFORCE_PV_FEATURE_CPUID:
             # A vCPU capability in KVM; the testbed has one vCPU, so it lives here.
             self.enforce_pv_feature_cpuid = bool(arg0)
@@ -236,6 +255,36 @@ class KvmVm:
                 hw.stage2_changed(Gfn(address >> 12), Gfn((address + size) >> 12),
                                   bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
 
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION adding a RAM slot (kvm_set_memory_region, virt/kvm/kvm_main.c:
+        EINVAL for an unaligned address or size or a slot id out of range, EEXIST for a range
+        overlapping another slot). Testbed limits (README "Memory hotplug"): slots are only added,
+        each must start where RAM ends now (RAM stays one contiguous range from GPA 0) and end
+        within the capacity the VM reserved at creation; SEV-SNP and TDX VMs take none (their new
+        RAM would need RMP / Secure-EPT state). The caller (vmm/hotplug.py) then grows the
+        hardware's RAM to the new end."""
+        name = "KVM_SET_USER_MEMORY_REGION"
+        if not 0 <= slot < 32768 or guest_phys_addr % 4096 or memory_size <= 0 or memory_size % 4096:
+            raise KvmIoctlError(name, errno.EINVAL,
+                                f"slot {slot} at 0x{guest_phys_addr:x} size 0x{memory_size:x}")
+        end = guest_phys_addr + memory_size
+        for other, (base, size) in self.memslots.items():
+            if other == slot:
+                raise KvmIoctlError(name, errno.EINVAL, f"slot {slot} exists: the testbed adds slots, never "
+                                    "moves or resizes one")
+            if guest_phys_addr < base + size and base < end:
+                raise KvmIoctlError(name, errno.EEXIST,
+                                    f"0x{guest_phys_addr:x}+0x{memory_size:x} overlaps slot {other}")
+        top = max(base + size for base, size in self.memslots.values())
+        capacity = getattr(self.memory, "capacity", self.memory.size)
+        if guest_phys_addr != top or end > capacity:
+            raise KvmIoctlError(name, errno.EINVAL,
+                                f"testbed: a new slot must start at the end of RAM (0x{top:x}) and end within the "
+                                f"reserved 0x{capacity:x} bytes, not 0x{guest_phys_addr:x}-0x{end:x}")
+        if self.snp or self.tdx:
+            raise KvmIoctlError(name, errno.EINVAL, "testbed: no memory hotplug on SEV-SNP or TDX VMs")
+        self.memslots[slot] = (guest_phys_addr, memory_size)
+
     def get_page_enc_bitmap(self, start_gfn: int, num_pages: int) -> bytes:
         """KVM_GET_PAGE_ENC_BITMAP of the seed-era series (svm_get_page_enc_bitmap): the
         page-encryption bits of [start_gfn, start_gfn + num_pages), bit set = encrypted
@@ -245,10 +294,38 @@ class KvmVm:
                                 "the page-encryption bitmap is the seed-era page-enc-status KVM's")
         return self.page_enc_bitmap.get(start_gfn, num_pages)
 
+    # -- dirty logging (kvm/dirty_log.py) -------------------------------------------------
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 on the RAM slot with KVM_MEM_LOG_DIRTY_PAGES set or
+        cleared: logging starts with a clean bitmap and all RAM write-protected, or stops.
+        (KVM refuses the flag on a guest_memfd slot; the testbed logs those too: README.)"""
+        log = self.dirty_log
+        log.set_logging(enabled)
+        for hw in self._vcpu_hw:
+            hw.set_dirty_log(log.bitmap if log.enabled else None)
+        log.flush()
+
+    def get_dirty_log(self, slot: int = 0) -> bytes:
+        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's dirty bits, one per page,
+        LSB first, collected and write-protected again (without manual protection)."""
+        return self.dirty_log.get(slot)
+
+    def clear_dirty_log(self, first_page: int, num_pages: int, bitmap: bytes, slot: int = 0) -> None:
+        """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect)."""
+        self.dirty_log.clear(first_page, num_pages, bytes(bitmap), slot)
+
+    def _flush_remote_tlbs(self) -> None:
+        """kvm_flush_remote_tlbs_memslot(): every vCPU drops its translations."""
+        for hw in self._vcpu_hw:
+            hw.flush_tlb()
+
     # -- vCPUs and the stage-2 view ------------------------------------------------------
     def add_vcpu(self, hw: VcpuHardware) -> None:
-        """KVM_CREATE_VCPU's VM side: the vCPU's hardware follows this VM's stage-2 changes."""
+        """KVM_CREATE_VCPU's VM side: the vCPU's hardware follows this VM's stage-2 changes
+        (and its dirty log, if logging is on)."""
         self._vcpu_hw.append(hw)
+        if self.dirty_log.enabled:
+            hw.set_dirty_log(self.dirty_log.bitmap)
 
     def stage2(self) -> StagePrivacy | None:
         """What the hardware asks about a GFN (kvm_mem_is_private()); None on a VM without

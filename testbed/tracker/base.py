@@ -64,6 +64,10 @@ class InvalidRangeError(TestbedError):
         super().__init__(f"{field} = {shown}: {limit}")
 
 
+class TrackerResizeError(TestbedError):
+    """A tracker cannot follow guest memory to a new size (resize()); nothing changed."""
+
+
 def check_range(gfn: object, npages: object, guest_pages: int) -> None:
     """Raise InvalidRangeError unless `npages` pages from `gfn` lie inside guest memory.
 
@@ -158,6 +162,21 @@ class SharedTracker(ABC):
     @abstractmethod
     def clear(self) -> None:
         """Forget every shared page and the poison (the VMM reloads after a re-query)."""
+
+    def resize(self, guest_pages: int) -> None:
+        """Guest memory grew to `guest_pages` pages (memory hotplug, vmm/hotplug.py): raise the
+        bound, keeping every record. TrackerResizeError if this structure cannot grow, or for a
+        size below the current one (hot-unplug is not modelled); nothing changes then."""
+        if type(guest_pages) is not int or guest_pages < self._guest_pages:
+            raise TrackerResizeError(
+                f"{self.name} tracker: guest_pages = {guest_pages!r}: must be an int >= the current "
+                f"0x{self._guest_pages:x} (memory only grows)")
+        if guest_pages != self._guest_pages:
+            self._grow(guest_pages)
+
+    def _grow(self, guest_pages: int) -> None:
+        """resize()'s work, `guest_pages` > the current size; the default cannot grow."""
+        raise TrackerResizeError(f"the {self.name} tracker cannot grow with guest memory")
 
     def convert(self, gfn: int, npages: int, shared: bool) -> None:
         """set_shared or set_private, chosen by `shared`."""

@@ -114,3 +114,10 @@ class BitmapTracker(SharedTracker):
     def clear(self) -> None:
         self._bits.setall(0)
         self._poisoned = False
+
+    def _grow(self, guest_pages: int) -> None:
+        # Memory hotplug: the map reallocates to the new size (new pages private), as the
+        # series' bitmap was resized from the memslots (it never sized itself from hypercalls).
+        self._bits.extend(bitarray(guest_pages - self._guest_pages))
+        self._bits[self._guest_pages :] = 0
+        self._guest_pages = guest_pages

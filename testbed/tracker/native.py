@@ -1,10 +1,12 @@
 """The trackers in C (testbed/tracker/_native.c) behind the SharedTracker interface.
 
 Issue 13 §2: Python timings compare interpreters, not data structures, so the structures also
-exist as a kernel would write them -- a word bitmap, and a sorted array of ranges with binary
-search and merge, bounded by `max_ranges` and poisoned past it -- with the Python trackers
-(bitmap.py, ranges.py) as their reference models; tests/test_tracker_native.py proves each equal
-to its model on random operation sequences, the bound and the poison included.
+exist as a kernel would write them -- a word bitmap; a sorted array of ranges with a finger
+search and merge; an AVL interval tree augmented with each subtree's largest end (the kernel's
+interval-tree walk finds the records a conversion touches); the last two bounded by
+`max_ranges` and poisoned past it -- with the Python trackers (bitmap.py, ranges.py, tree.py) as
+their reference models; tests/test_tracker_native.py proves each equal to its model on random
+operation sequences, the bound and the poison included.
 
 The extension is optional (setup.py builds it with optional=True): importing this module raises
 ImportError without it, and testbed.tracker then offers no "native-*" kinds.
@@ -26,6 +28,8 @@ from testbed.tracker.export import RECORD_SIZE, ExportResult, _writable_bytes
 
 #: The C structures index pages with u64 arithmetic; a guest is at most 2**52 pages (MAXPHYADDR 64).
 MAX_GUEST_PAGES = 1 << 52
+#: The C tree links its nodes by u32 index (node 0 is "none"): at most this many records.
+MAX_TREE_RANGES = 0x7FFF_FFFE
 
 _BAD = (TypeError, ValueError, OverflowError)
 
@@ -33,7 +37,7 @@ _BAD = (TypeError, ValueError, OverflowError)
 class _NativeTracker(SharedTracker):
     """What both native trackers share: validation, batching and export around a C object."""
 
-    _c: _native.Bitmap | _native.Ranges
+    _c: _native.Bitmap | _native.Ranges | _native.Tree
 
     def __init__(self, guest_pages: int, max_ranges: int) -> None:
         super().__init__(guest_pages, max_ranges)
@@ -124,15 +128,10 @@ class NativeBitmapTracker(_NativeTracker):
         return sys.getsizeof(self._c)
 
 
-class NativeRangesTracker(_NativeTracker):
-    """Sorted u64 arrays of starts and ends (C), bounded and poisoned; reference: RangesTracker."""
+class _BoundedNativeTracker(_NativeTracker):
+    """What the list and the tree share: the poison lives in C, and the bound is max_ranges records."""
 
-    name = "native-ranges"
-    _c: _native.Ranges
-
-    def __init__(self, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> None:
-        super().__init__(guest_pages, max_ranges)
-        self._c = _native.Ranges(guest_pages, max_ranges)
+    _c: _native.Ranges | _native.Tree
 
     @property
     def poisoned(self) -> bool:
@@ -148,4 +147,38 @@ class NativeRangesTracker(_NativeTracker):
         )
 
 
-__all__ = ["MAX_GUEST_PAGES", "NativeBitmapTracker", "NativeRangesTracker"]
+class NativeRangesTracker(_BoundedNativeTracker):
+    """A sorted array of {start, end} records (C), bounded and poisoned; reference: RangesTracker."""
+
+    name = "native-ranges"
+    _c: _native.Ranges
+
+    def __init__(self, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> None:
+        super().__init__(guest_pages, max_ranges)
+        self._c = _native.Ranges(guest_pages, max_ranges)
+
+
+class NativeTreeTracker(_BoundedNativeTracker):
+    """An AVL interval tree of shared ranges (C), augmented with subtree max-end, bounded and
+    poisoned; reference: TreeTracker (a B+tree: the same records, bound and poison)."""
+
+    name = "native-tree"
+    _c: _native.Tree
+
+    def __init__(self, guest_pages: int, max_ranges: int = DEFAULT_MAX_RANGES) -> None:
+        super().__init__(guest_pages, max_ranges)
+        if max_ranges > MAX_TREE_RANGES:
+            raise InvalidRangeError("max_ranges", max_ranges, f"must be <= 0x{MAX_TREE_RANGES:x} for {self.name}")
+        self._c = _native.Tree(guest_pages, max_ranges)
+
+    @property
+    def height(self) -> int:
+        """Levels of the AVL tree (0 when empty)."""
+        return self._c.height
+
+    def check_invariants(self) -> None:
+        """Assert the tree's invariants (order, AVL balance, the max-end augmentation, the count)."""
+        self._c.check()
+
+
+__all__ = ["MAX_GUEST_PAGES", "MAX_TREE_RANGES", "NativeBitmapTracker", "NativeRangesTracker", "NativeTreeTracker"]

@@ -268,3 +268,10 @@ class RangesTracker(SharedTracker):
         self._starts = [self._sentinel]
         self._ends = [self._sentinel]
         self._poisoned = False
+
+    def _grow(self, guest_pages: int) -> None:
+        # Memory hotplug: only the bound and the sentinel beyond it move; the records stay.
+        self._guest_pages = guest_pages
+        self._sentinel = guest_pages + 1
+        self._starts[-1] = self._sentinel
+        self._ends[-1] = self._sentinel

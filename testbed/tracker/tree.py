@@ -79,6 +79,11 @@ class TreeTracker(SharedTracker):
         self._min = max(2, fanout // 4)  # >= 2: a non-root leaf never empties by one delete
         self.clear()
 
+    def _grow(self, guest_pages: int) -> None:
+        # Memory hotplug: the tree has no sentinel above guest memory (its one is -1, below it),
+        # so only the bound moves.
+        self._guest_pages = guest_pages
+
     def clear(self) -> None:
         self._root = _Node([], [], _NO_CHILDREN)
         self._first = self._root  # the leftmost leaf: never freed, only split to its right

@@ -19,6 +19,7 @@ from testbed.errors import TestbedError
 from testbed.hw.memory import HostMemory
 from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
+    KVM_HC_TESTBED_DONATE_ENC_STATUS,
     KVM_SYSTEM_EVENT_SEV_TERM,
     KVM_SYSTEM_EVENT_TDX_FATAL,
     ApResetHoldExit,
@@ -37,6 +38,7 @@ from testbed.kvm.uapi import (
 )
 from testbed.layout import UCALL_PORT
 from testbed.trace import Tracer
+from testbed.vmm.donate import DonateHandler
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
 from testbed.vmm.pinning import PinAccounting
@@ -233,6 +235,8 @@ class Vmm:
         #: the pin accounting (vmm/pinning.py) on the confidential VM types: sampled at each
         #: user exit, the report's `memory`
         self.pinning: PinAccounting | None = None
+        #: the donation hypercall's handler (vmm/donate.py) when the VM runs the donated tracker
+        self.donate: DonateHandler | None = None
         self.report = RunReport()
         self._reason_counts: dict[str, int] = {}  # per exit reason; into the report at the end
         self._end: VmEnd | None = None
@@ -410,6 +414,8 @@ def handle_exit(vmm: Vmm, exit: KvmExit) -> Ucall | VmEnd | None:
             if nr == KVM_HC_MAP_GPA_RANGE:
                 exit.ret = vmm.map_gpa.handle(args[0], args[1], args[2])
                 vmm.map_gpa_answered()
+            elif nr == KVM_HC_TESTBED_DONATE_ENC_STATUS and vmm.donate is not None:
+                exit.ret = vmm.donate.handle(args[0], args[1], args[2])
             return None
         case TdxExit():
             # KVM_EXIT_TDX (GetQuote, GetTdVmCallInfo leaf 1, SetupEventNotifyInterrupt): the

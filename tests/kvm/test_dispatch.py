@@ -68,20 +68,22 @@ def test_traced_native_hypercall_takes_the_table_and_records_the_exit() -> None:
     assert hw.regs[Reg.RAX] == neg(KVM_ENOSYS) & U64
 
 
-def test_native_and_ghcb_hypercalls_share_one_dispatcher() -> None:
+def test_native_and_ghcb_hypercalls_share_one_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """KVM_HC_MAP_GPA_RANGE from the native instruction and from the GHCB's VMMCALL produce the
-    same user exit through one dispatcher (x86.c kvm_emulate_hypercall; sev.c
+    same user exit through one dispatcher, emulate_hypercall (x86.c kvm_emulate_hypercall; sev.c
     sev_handle_vmgexit SVM_EXIT_VMMCALL -> kvm_emulate_hypercall)."""
+    import testbed.kvm.vcpu as kvm_vcpu
+
     hw, vm, kvm = make(KvmVmType.KVM_X86_SEV_VM)
     vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
     seen: list[Any] = []
-    original = kvm.kvm_emulate_hypercall
+    original = kvm_vcpu.emulate_hypercall
 
-    def spy(*args: Any) -> None:
-        seen.append(args[:7])
-        original(*args)
+    def spy(nr: int, a0: int, a1: int, a2: int, a3: int, **kw: Any) -> Any:
+        seen.append((nr, a0, a1, a2, a3, kw["cpl"], kw["op_64_bit"]))
+        return original(nr, a0, a1, a2, a3, **kw)
 
-    kvm.kvm_emulate_hypercall = spy  # type: ignore[method-assign,assignment]
+    monkeypatch.setattr(kvm_vcpu, "emulate_hypercall", spy)
     hw.regs.update({Reg.RAX: KVM_HC_MAP_GPA_RANGE, Reg.RBX: 0x2000, Reg.RCX: 1, Reg.RDX: 0})
     hw.exits = [FakeExit(native_exit(Vendor.AMD))]
     native = kvm.run(1.0)

@@ -1,0 +1,270 @@
+"""KVM's side of migrating an encrypted guest: KVM_SEV_SEND_* and KVM_SEV_RECEIVE_*, and the
+vCPU state userspace moves.
+
+The commands (KVM_MEMORY_ENCRYPT_OP) are modelled on arch/x86/kvm/svm/sev.c: sev_send_start,
+sev_send_update_data, sev_send_finish, sev_send_cancel, sev_receive_start,
+sev_receive_update_data, sev_receive_finish. KVM validates the parameters (the errnos below
+are sev.c's, including its inconsistencies: RECEIVE_UPDATE_DATA on a non-SEV VM is EINVAL where
+every other command says ENOTTY), pins the page and hands the command to the firmware
+(testbed/hw/psp.py), whose failure makes the ioctl return EIO with the firmware's status in
+kvm_sev_cmd.error (`SevCommandError.fw_error`). The page is named by its GPA here (KVM takes the
+userspace address of the memslot's page and pins it: a page outside the memslot is EFAULT).
+
+Deliberate deviations (README): the commands are accepted on sev-snp and sw-protected VMs,
+which have no such path in the real stack (SNP migrates through a guest migration agent,
+guest_memfd has no upstream migration); RECEIVE_UPDATE_DATA on a VM with memory attributes
+needs the GFN private first (EINVAL otherwise, the rule snp_launch_update applies to its
+range); SEND/RECEIVE_UPDATE_VMSA follow the shape of the SEV-ES migration series, never merged.
+
+vCPU state: for a VM whose state KVM can read, userspace moves it with KVM_GET/SET_REGS,
+SREGS and MSRS (`get_vcpu_state` / `set_vcpu_state`); for SEV-ES and SNP those fail with EINVAL
+(kvm_arch_vcpu_ioctl_get_regs: guest_state_protected) and the registers travel encrypted in the
+VMSA packet. KVM's own per-vCPU SEV state (the SNP registered GHCB GPA, the AP jump table,
+XCR0/XSS as the GHCB set them, the PV MSRs) is host state and moves in the clear either way.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from testbed.hw.exits import VcpuHardware
+from testbed.hw.psp import HDR_LEN, FirmwareError, GuestFirmware, TransportSession
+from testbed.hw.vcpu_state import VcpuState
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KvmVmType
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
+from testbed.x86.addr import Gfn
+
+if TYPE_CHECKING:
+    from testbed.kvm.vcpu import KvmVcpu
+    from testbed.kvm.vm import KvmVm
+
+__all__ = [
+    "KvmVcpuState",
+    "ReceiveContext",
+    "SendContext",
+    "SevCommandError",
+    "TransportSession",
+    "get_vcpu_state",
+    "receive_start",
+    "send_start",
+    "set_vcpu_state",
+]
+
+#: The VM types the testbed's firmware step serves (see the module comment).
+MIGRATABLE_TYPES = (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM,
+                    KvmVmType.KVM_X86_SW_PROTECTED_VM)
+
+
+class SevCommandError(KvmIoctlError):
+    """KVM_MEMORY_ENCRYPT_OP returned -EIO: the firmware failed the command with status
+    `fw_error` (kvm_sev_cmd.error, SEV_RET_*)."""
+
+    def __init__(self, command: str, exc: FirmwareError) -> None:
+        self.fw_error = exc.status
+        super().__init__(command, errno.EIO, str(exc))
+
+
+def _firmware(vm: KvmVm, command: str, not_sev: int = errno.ENOTTY) -> GuestFirmware:
+    """sev_guest(kvm) (the testbed's wider set of types), and the firmware on the VM's platform."""
+    if vm.type not in MIGRATABLE_TYPES:
+        raise KvmIoctlError(command, not_sev, f"not an SEV guest (VM type {vm.type.name})")
+    hw = _hw(vm, command)
+    return hw.sev_firmware()
+
+
+def _hw(vm: KvmVm, command: str) -> VcpuHardware:
+    vcpus = vm._vcpu_hw
+    if not vcpus:
+        raise KvmIoctlError(command, errno.EINVAL, "no vCPU: the testbed's firmware runs on its hardware")
+    return vcpus[0]
+
+
+def _page_params(command: str, gpa: int, length: int, size: int) -> None:
+    """The length checks of sev_send_update_data / sev_receive_update_data, then the pin."""
+    if not isinstance(gpa, int) or not isinstance(length, int) or length <= 0:
+        raise KvmIoctlError(command, errno.EINVAL, f"guest_len {length!r} must be a positive integer")
+    offset = gpa & (PAGE_SIZE - 1)
+    if length > PAGE_SIZE or length + offset > PAGE_SIZE:
+        # "Check if we are crossing the page boundary"
+        raise KvmIoctlError(command, errno.EINVAL,
+                            f"0x{gpa:x}+0x{length:x} crosses a page boundary (guest_len + offset > PAGE_SIZE)")
+    if gpa < 0 or gpa + length > size:
+        # sev_pin_page(): the userspace address is not in the memslot
+        raise KvmIoctlError(command, errno.EFAULT, f"gpa 0x{gpa:x} is outside guest memory (0x{size:x} bytes)")
+
+
+class SendContext:
+    """The source side after KVM_SEV_SEND_START: one context per outgoing migration."""
+
+    def __init__(self, vm: KvmVm, firmware: GuestFirmware) -> None:
+        self._vm = vm
+        self._fw = firmware
+
+    def send_update_data(self, gpa: int, length: int = PAGE_SIZE) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_DATA: (packet header, transport data) of the guest's view of
+        [gpa, gpa + length), which must not cross a page (EINVAL) and lie in RAM (EFAULT)."""
+        command = "KVM_SEV_SEND_UPDATE_DATA"
+        _firmware(self._vm, command)
+        _page_params(command, gpa, length, self._vm.memory.size)
+        try:
+            return self._fw.send_update_data(gpa, length)
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+    def send_vcpu_state(self) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_VMSA (the SEV-ES migration series' shape): the vCPU's state,
+        sealed by the firmware (the host cannot read an SEV-ES/SNP guest's registers)."""
+        command = "KVM_SEV_SEND_UPDATE_VMSA"
+        _firmware(self._vm, command)
+        try:
+            return self._fw.send_update_vmsa()
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+    def send_finish(self) -> None:
+        """KVM_SEV_SEND_FINISH: the outgoing context is closed (the source guest is SENT)."""
+        command = "KVM_SEV_SEND_FINISH"
+        _firmware(self._vm, command)
+        try:
+            self._fw.send_finish()
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+    def send_cancel(self) -> None:
+        """KVM_SEV_SEND_CANCEL: the migration is abandoned; the source guest runs on."""
+        command = "KVM_SEV_SEND_CANCEL"
+        _firmware(self._vm, command)
+        try:
+            self._fw.send_cancel()
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+
+class ReceiveContext:
+    """The target side after KVM_SEV_RECEIVE_START."""
+
+    def __init__(self, vm: KvmVm, firmware: GuestFirmware) -> None:
+        self._vm = vm
+        self._fw = firmware
+
+    def receive_update_data(self, header: bytes, packet: bytes, gpa: int, length: int = PAGE_SIZE) -> None:
+        """KVM_SEV_RECEIVE_UPDATE_DATA: EINVAL for a non-SEV VM (sev.c says EINVAL here), an
+        empty header or packet, a zero length or a range crossing a page, and (testbed) a GFN
+        not private in the memory attributes; EFAULT outside RAM; EIO with the firmware's
+        status for a packet that does not verify. Nothing is written on any error."""
+        command = "KVM_SEV_RECEIVE_UPDATE_DATA"
+        _firmware(self._vm, command, not_sev=errno.EINVAL)
+        header, packet = bytes(header), bytes(packet)
+        if not header or not packet:
+            raise KvmIoctlError(command, errno.EINVAL, "hdr_len and trans_len must be non-zero")
+        _page_params(command, gpa, length, self._vm.memory.size)
+        attrs = self._vm.mem_attrs
+        if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
+            raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
+                                "set KVM_MEMORY_ATTRIBUTE_PRIVATE on it before receiving a private page")
+        try:
+            self._fw.receive_update_data(header, packet, gpa, length)
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+    def receive_vcpu_state(self, header: bytes, packet: bytes) -> None:
+        """KVM_SEV_RECEIVE_UPDATE_VMSA: the firmware verifies the VMSA packet and loads it."""
+        command = "KVM_SEV_RECEIVE_UPDATE_VMSA"
+        _firmware(self._vm, command, not_sev=errno.EINVAL)
+        if len(header) != HDR_LEN or not packet:
+            raise KvmIoctlError(command, errno.EINVAL, f"a {HDR_LEN}-byte header and a packet are needed")
+        try:
+            self._fw.receive_update_vmsa(bytes(header), bytes(packet))
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+    def receive_finish(self) -> None:
+        """KVM_SEV_RECEIVE_FINISH: the guest is RUNNING and may be entered."""
+        command = "KVM_SEV_RECEIVE_FINISH"
+        _firmware(self._vm, command)
+        try:
+            self._fw.receive_finish()
+        except FirmwareError as exc:
+            raise SevCommandError(command, exc) from None
+
+
+def send_start(vm: KvmVm, session: TransportSession) -> SendContext:
+    """KVM_SEV_SEND_START: ENOTTY unless an SEV guest (the testbed: any type in
+    MIGRATABLE_TYPES); the firmware moves the guest to SUPDATE."""
+    command = "KVM_SEV_SEND_START"
+    if not isinstance(session, TransportSession):
+        raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
+    fw = _firmware(vm, command)
+    try:
+        fw.send_start(session)
+    except FirmwareError as exc:
+        raise SevCommandError(command, exc) from None
+    return SendContext(vm, fw)
+
+
+def receive_start(vm: KvmVm, session: TransportSession) -> ReceiveContext:
+    """KVM_SEV_RECEIVE_START: ENOTTY unless an SEV guest; a fresh guest context in RUPDATE.
+    On SNP all RAM is assigned in the RMP, as SNP_LAUNCH_START leaves it (kvm/vm.py)."""
+    command = "KVM_SEV_RECEIVE_START"
+    if not isinstance(session, TransportSession):
+        raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
+    fw = _firmware(vm, command)
+    try:
+        fw.receive_start(session)
+    except FirmwareError as exc:
+        raise SevCommandError(command, exc) from None
+    if vm.snp:
+        for hw in vm._vcpu_hw:
+            hw.stage2_changed(Gfn(0), Gfn(vm.memory.size >> PAGE_SHIFT), True)
+    return ReceiveContext(vm, fw)
+
+
+# ------------------------------------------------------------------------- vCPU state
+@dataclass(frozen=True)
+class KvmVcpuState:
+    """What userspace moves for one vCPU: the registers (None for a protected-state VM: they
+    travel in the VMSA packet) and KVM's own per-vCPU state, which is host state."""
+
+    regs: VcpuState | None
+    kvm: dict[str, Any]
+
+
+def get_vcpu_state(vcpu: KvmVcpu) -> KvmVcpuState:
+    """KVM_GET_REGS/SREGS/MSRS (registers only where KVM may read them) and KVM's SEV state."""
+    vm = vcpu.vm
+    regs = None if vm.protected_state else vcpu.hw.save_state()
+    kvm: dict[str, Any] = {"pv_msrs": dict(vcpu.pv_msrs.values)}
+    sev = vcpu.sev_state
+    if sev is not None:
+        kvm["sev"] = {"registered_ghcb_gpa": sev.registered_ghcb_gpa, "ap_jump_table": sev.ap_jump_table,
+                      "xcr0": sev.xcr0, "xss": sev.xss}
+    return KvmVcpuState(regs, kvm)
+
+
+def set_vcpu_state(vcpu: KvmVcpu, state: KvmVcpuState) -> None:
+    """KVM_SET_REGS/SREGS/MSRS and KVM's SEV state. Registers for a protected-state VM are
+    EINVAL (kvm_arch_vcpu_ioctl_set_regs: guest_state_protected), as is a state of the wrong
+    kind (one with SEV state for a VM without, and the reverse)."""
+    name = "KVM_SET_REGS"
+    if not isinstance(state, KvmVcpuState):
+        raise KvmIoctlError(name, errno.EINVAL, f"expected a KvmVcpuState, not {type(state).__name__}")
+    vm = vcpu.vm
+    if state.regs is not None:
+        if vm.protected_state:
+            raise KvmIoctlError(name, errno.EINVAL, "the guest's register state is protected (SEV-ES/SNP): "
+                                "it moves in the VMSA packet (receive_vcpu_state)")
+        vcpu.hw.load_state(state.regs)
+    sev = vcpu.sev_state
+    saved = state.kvm.get("sev")
+    if (sev is None) != (saved is None):
+        raise KvmIoctlError(name, errno.EINVAL, "the vCPU state is from a VM of another kind (SEV-ES state)")
+    vcpu.pv_msrs.values.clear()
+    vcpu.pv_msrs.values.update(state.kvm.get("pv_msrs", {}))
+    if sev is not None and saved is not None:
+        sev.registered_ghcb_gpa = saved["registered_ghcb_gpa"]
+        sev.ap_jump_table = saved["ap_jump_table"]
+        sev.xcr0 = saved["xcr0"]
+        sev.xss = saved["xss"]

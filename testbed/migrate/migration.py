@@ -1,0 +1,610 @@
+"""Live migration of a running confidential guest: pre-copy rounds, status resync, stop-and-copy.
+
+The VMM's side (what QEMU's migration thread does for an SEV guest), over the host API:
+
+1. The guest must have declared itself ready: MSR_KVM_MIGRATION_CONTROL = KVM_MIGRATION_READY,
+   which the VMM handles through its MSR filter (vmm/msr.py). Otherwise `MigrationRefusedError`.
+2. Dirty logging on the source (KVM_MEM_LOG_DIRTY_PAGES); SEND_START on the source and
+   RECEIVE_START on an incoming target (same options, its own memory key) with a shared
+   transport session. Round 0 sends every page: private pages through the firmware
+   (SEND_UPDATE_DATA -> RECEIVE_UPDATE_DATA: re-encrypted under the transport key, the host
+   holds only the packet), shared pages raw (`vm.read` -> `vm.write`).
+3. Pre-copy rounds: collect the dirty log (KVM_GET_DIRTY_LOG) and export the encryption status
+   (testbed/migrate/status.py), XOR it with the previous export; the guest runs on for a slice
+   (`slice_exits` user exits: the slice stands for the guest running while the round's pages
+   are sent) and the pages dirty or changed are sent with the status of the export - a page
+   the guest converted during the slice goes out stale, and the next round repairs it.
+4. Stop-and-copy: the source stops (its pending exit completed, KVM_RUN with immediate_exit),
+   the last dirty log and status are collected and sent, the vCPU state follows (through the
+   firmware on SEV-ES/SNP, whose registers the host cannot read), SEND_FINISH/RECEIVE_FINISH.
+5. The testbed compares the guest's view of every page on both sides (testbed/migrate/oracle.py),
+   then the guest resumes on the target and finishes its run there.
+
+The VMM also marks the pages *it* writes (a host handler's `vm.write`) dirty, as QEMU keeps
+its own writes in its migration bitmap: KVM's log sees only the guest's and KVM's writes.
+
+A poisoned tracker (a hostile guest overflowed the list) falls back to a full status resync
+from KVM's memory attributes for as long as it stays poisoned; on SEV-ES, which has no memory
+attributes, the migration is refused instead (`MigrationRefusedError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bitarray import bitarray
+
+from testbed.errors import TestbedError, UsageError
+from testbed.hw.exits import RunStop
+from testbed.hw.memory import UnmappableMemoryError
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL, KvmExit
+from testbed.migrate.oracle import Comparison, PageView, compare, guest_view
+from testbed.migrate.status import (
+    StatusExport,
+    export_memory_attributes,
+    export_page_enc_bitmap,
+    export_tracker,
+    status_changes,
+)
+from testbed.vmm.ucall import Ucall
+from testbed.x86 import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from testbed.api import Vcpu, Vm
+    from testbed.machine import VmOptions
+
+#: The VM types `testbed migrate` takes (the firmware step exists for these; README).
+MIGRATE_VM_TYPES = ("sev", "sev-es", "sev-snp", "sw-protected", "default")
+DEFAULT_ROUNDS = 3
+DEFAULT_SLICE_EXITS = 8
+
+#: A host handler for the guest's GUEST_SYNCs (the host half of a selftest-style guest).
+UcallHandler = Callable[["Vm", Ucall], None]
+#: Fault injection: the packet of a private page in transit, (gpa, header, packet) -> (header, packet).
+Tamper = Callable[[int, bytes, bytes], tuple[bytes, bytes]]
+
+
+class MigrationError(TestbedError):
+    """The migration did not complete; `outcome` names how (`refused`, `receive_refused`,
+    `source_ended`)."""
+
+    def __init__(self, outcome: str, detail: str, **info: Any) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.info = info
+
+
+class MigrationRefusedError(MigrationError):
+    """The VMM will not migrate this guest (not ready, or its status cannot be resynced)."""
+
+    def __init__(self, detail: str, **info: Any) -> None:
+        super().__init__("refused", detail, **info)
+
+
+@dataclass
+class RoundStats:
+    """One round of the migration (the `rounds` entries of the report)."""
+
+    round: int
+    kind: str  # "bulk" (round 0: all pages), "precopy", "stop" (stop-and-copy)
+    pages_sent: int = 0
+    private_pages_sent: int = 0
+    shared_pages_sent: int = 0
+    dirty_pages: int = 0
+    status_bytes: int = 0
+    status_changes: int = 0
+    status_source: str = ""
+    #: pages whose send failed because their status changed under the send (re-sent next round)
+    deferred_pages: int = 0
+    time_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON entry."""
+        out = dataclasses.asdict(self)
+        out["time_s"] = round(self.time_s, 6)
+        return out
+
+
+@dataclass
+class MigrationReport:
+    """What `testbed migrate --json` prints."""
+
+    outcome: str
+    detail: str = ""
+    vm_type: str = ""
+    tracker: str = ""
+    lost_pages: int = 0
+    corrupted_pages: int = 0
+    compared_pages: int = 0
+    rounds: list[RoundStats] = field(default_factory=list)
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    #: "tracker", or how the status was resynced when the tracker could not be used
+    resync: dict[str, Any] = field(default_factory=dict)
+    downtime_s: float = 0.0
+    total_s: float = 0.0
+    #: the guest's GUEST_SYNC values on the source and on the target
+    source_syncs: list[int] = field(default_factory=list)
+    target_syncs: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """The guest finished on the target and no page was lost or corrupted."""
+        return self.outcome == "done" and self.lost_pages == 0 and self.corrupted_pages == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` object."""
+        out: dict[str, Any] = {
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "vm_type": self.vm_type,
+            "tracker": self.tracker,
+            "lost_pages": self.lost_pages,
+            "corrupted_pages": self.corrupted_pages,
+            "compared_pages": self.compared_pages,
+            "rounds": [r.to_json() for r in self.rounds],
+            "mismatches": self.mismatches,
+            "resync": self.resync,
+            "downtime_s": round(self.downtime_s, 6),
+            "total_s": round(self.total_s, 6),
+            "source_syncs": self.source_syncs,
+            "target_syncs": self.target_syncs,
+        }
+        out.update(self.extra)
+        return out
+
+
+def migration_options(options: VmOptions) -> VmOptions:
+    """The source's options for a migration: KVM_FEATURE_MIGRATION_CONTROL advertised (so the
+    VMM filters the MSR) on top of the options' PV features (with HC_MAP_GPA_RANGE where the
+    options left the default), and GUEST_MIGRATION_READY defined unless the caller defined it
+    (the runtime then declares the guest ready at boot, guests/lib/runtime.s)."""
+    from testbed.vmm.cpuid import DEFAULT_PV_FEATURES
+
+    pv = options.pv_features
+    if pv is None:
+        pv = DEFAULT_PV_FEATURES | ((1 << KVM_FEATURE_HC_MAP_GPA_RANGE) if options.map_gpa_exit else 0)
+    defines = dict(options.defines)
+    defines.setdefault("GUEST_MIGRATION_READY", 1)
+    return dataclasses.replace(options, pv_features=pv | (1 << KVM_FEATURE_MIGRATION_CONTROL), defines=defines)
+
+
+class Migration:
+    """A live migration driven step by step (a test's handle; `migrate()` runs the whole):
+
+        migration = Migration(source_vm, source_vcpu, rounds=3)
+        migration.start()                 # checks, dirty logging, SEND/RECEIVE_START, round 0
+        while migration.precopy_rounds_left:
+            migration.precopy_round()     # collect, guest slice, send
+        migration.stop_and_copy()         # last round, vCPU state, comparison
+        report = migration.finish()       # the guest's run on the target
+
+    `source_vm` is a loaded testbed.Vm (its guest between runs), built with
+    `migration_options()`. The target is built here: the same program and options with its own
+    memory key (`target_seed`, default the source's seed + 1)."""
+
+    def __init__(self, source: Vm, source_vcpu: Vcpu, *, rounds: int = DEFAULT_ROUNDS,
+                 slice_exits: int = DEFAULT_SLICE_EXITS, target_seed: int | None = None,
+                 on_ucall: UcallHandler | None = None, tamper: Tamper | None = None,
+                 final_resync: bool = True, timeout: float | None = None) -> None:
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise UsageError(f"rounds = {rounds!r}: expected an int >= 0 (pre-copy rounds after the first)")
+        if not isinstance(slice_exits, int) or isinstance(slice_exits, bool) or slice_exits < 1:
+            raise UsageError(f"slice = {slice_exits!r}: expected an int >= 1 (guest exits per round)")
+        self.source = source
+        self.source_vcpu = source_vcpu
+        machine = source.machine
+        self.options = machine.options
+        if self.options.vm_type not in MIGRATE_VM_TYPES:
+            raise UsageError(f"VM type {self.options.vm_type} cannot be migrated by the testbed: "
+                             f"expected one of {', '.join(MIGRATE_VM_TYPES)}")
+        self.rounds = rounds
+        self.slice_exits = slice_exits
+        self.on_ucall = on_ucall
+        self.tamper = tamper
+        #: False models the seed-era bug: stop-and-copy reuses the last pre-copy status export
+        self.final_resync = final_resync
+        self.timeout = timeout if timeout is not None else self.options.timeout
+        seed = self.options.seed
+        self.target_seed = target_seed if target_seed is not None else ((seed if seed is not None else 0) + 1)
+        self.guest_pages = machine.memory.nframes
+        self.report = MigrationReport(outcome="running", vm_type=self.options.vm_type, tracker=self.options.tracker,
+                                      resync={"source": "tracker"})
+        self.target: Vm | None = None
+        self.target_vcpu: Vcpu | None = None
+        self._send: Any = None
+        self._receive: Any = None
+        self._previous: StatusExport | None = None
+        self._round = 0
+        self._deferred: set[int] = set()
+        self._vmm_dirty: set[int] = set()
+        self._source_view: list[PageView] | None = None
+        self._target_private: bitarray | None = None
+        self._started = 0.0
+        self._deadline = 0.0
+        #: private pages go through the firmware where the VM has private memory
+        self.firmware = self.options.vm_type != "default"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def precopy_rounds_left(self) -> bool:
+        """Whether `precopy_round` has rounds left to run (rounds 1..`rounds`)."""
+        return self._round <= self.rounds
+
+    # ---------------------------------------------------------------------- start
+    def check_ready(self) -> None:
+        """MigrationRefusedError unless the guest wrote KVM_MIGRATION_READY (vmm/msr.py)."""
+        machine = self.source.machine
+        if machine.vmm.ended is not None:
+            raise MigrationRefusedError(f"the guest's run already ended on the source ({machine.vmm.ended.outcome})")
+        if not machine.kvm_vm.pv_features & (1 << KVM_FEATURE_MIGRATION_CONTROL):
+            raise MigrationRefusedError("the VMM does not advertise KVM_FEATURE_MIGRATION_CONTROL to this guest, so it "
+                                   "cannot declare itself ready for migration (build it with migration_options())")
+        if not machine.msr.migration_ready:
+            raise MigrationRefusedError("the guest has not enabled migration (MSR_KVM_MIGRATION_CONTROL is not "
+                                   "KVM_MIGRATION_READY): its shared pages may not all be reported yet")
+
+    def start(self) -> RoundStats:
+        """Check, enable dirty logging, build the target, SEND/RECEIVE_START, send round 0."""
+        from testbed.api import Vm
+        from testbed.machine import Machine
+
+        self._started = time.perf_counter()
+        self._deadline = time.monotonic() + self.timeout
+        self.check_ready()
+        source = self.source
+        machine = source.machine
+        machine.kvm_vm.set_dirty_logging(True)
+        # The VMM's own writes to guest RAM are its to log (QEMU's migration bitmap).
+        memory = machine.memory
+        previous_hook = memory.on_host_write
+
+        def vmm_wrote(gpa: int, length: int, _next: Any = previous_hook) -> None:
+            if length > 0:
+                self._vmm_dirty.update(range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1))
+            if _next is not None:
+                _next(gpa, length)
+
+        memory.on_host_write = vmm_wrote
+        target_options = dataclasses.replace(self.options, seed=self.target_seed, trace=None,
+                                             defines=dict(self.options.defines))
+        target_machine = Machine(machine.program, target_options, incoming=True)
+        self.target, self.target_vcpu = Vm.attach(target_machine)
+        # The target's pages start in its KVM's initial state; round 0 sets every page's.
+        attrs = target_machine.kvm_vm.mem_attrs
+        self._target_private = bitarray(self.guest_pages, endian="little")
+        self._target_private.setall(1)  # a tracker starts empty: every page private
+        if attrs is not None:
+            for gfn in range(self.guest_pages):
+                self._target_private[gfn] = attrs.is_private(gfn)
+        if self.firmware:
+            from testbed.kvm.migration import TransportSession, receive_start, send_start
+
+            session = TransportSession.create(self.target_seed)
+            self._send = send_start(machine.kvm_vm, session)
+            self._receive = receive_start(target_machine.kvm_vm, session)
+        stats = RoundStats(0, "bulk")
+        t0 = time.perf_counter()
+        attrs = machine.kvm_vm.mem_attrs
+        if attrs is not None and self.options.hc_protocol != "page-enc-status" and not machine.sev:
+            # sw-protected RAM starts shared and the tracker records conversions only, so it
+            # cannot tell a page never converted (shared) from one made private: resync the
+            # status once from KVM's attributes and load the tracker with it; from here on
+            # every conversion reaches the tracker, and the rounds export it.
+            full = export_memory_attributes(attrs.is_private, self.guest_pages,
+                                            bytes(attrs.private[:self.guest_pages]))
+            tracker = machine.map_gpa.tracker
+            tracker.clear()
+            tracker.apply((gfn, n, True) for gfn, n in full.shared_ranges())
+            stats.status_bytes += full.nbytes
+            self.report.resync["initial"] = "memory-attributes (sw-protected RAM starts shared)"
+        status = self._export(stats)
+        machine.kvm_vm.get_dirty_log()  # start the log from here: round 0 sends every page
+        self._vmm_dirty.clear()
+        self.run_slice()  # the guest runs on while the bulk of memory goes out
+        self._send_pages(range(self.guest_pages), status, stats)
+        self._previous = status
+        stats.status_changes = sum(n for _, n in status.shared_ranges())
+        stats.time_s = time.perf_counter() - t0
+        self.report.rounds.append(stats)
+        self._round = 1
+        return stats
+
+    # ------------------------------------------------------------------ pre-copy
+    def precopy_round(self) -> RoundStats:
+        """One pre-copy round: collect the dirty log and the status (XOR with the last), let the
+        guest run a slice, send the pages dirty or changed with the status collected."""
+        if self.target is None:
+            raise UsageError("Migration.start() first")
+        stats = RoundStats(self._round, "precopy")
+        t0 = time.perf_counter()
+        pages, status = self._collect(stats, resync=True)
+        self.run_slice()
+        self._send_pages(sorted(pages), status, stats)
+        stats.time_s = time.perf_counter() - t0
+        self.report.rounds.append(stats)
+        self._round += 1
+        return stats
+
+    def run_slice(self, exits: int | None = None) -> None:
+        """Run the source guest for `exits` user exits (default `slice_exits`), each answered by
+        the default VMM; a GUEST_SYNC goes to the `on_ucall` handler. MigrationError
+        (`source_ended`) if the guest's run ends on the source."""
+        budget = self.slice_exits if exits is None else exits
+        machine = self.source.machine
+        vmm = machine.vmm
+        vcpu = self.source_vcpu
+        count = 0
+        seen: list[KvmExit] = []
+        ucalls: list[Ucall] = []
+
+        def handled(exit: KvmExit) -> bool:
+            nonlocal count
+            seen.append(exit)
+            result = vmm.handle(exit)
+            count += 1
+            if vmm.ended is not None:
+                return False
+            if isinstance(result, Ucall) and result.cmd == "sync":
+                ucalls.append(result)
+                return False  # the handler runs between runs, not inside the emulator
+            return count < budget
+
+        while count < budget and vmm.ended is None:
+            seen.clear()
+            ucalls.clear()
+            remaining = self._deadline - time.monotonic()
+            try:
+                result = vcpu._kvm_run(self._deadline, max(remaining, 1e-6), handled=handled)
+            except TestbedError as exc:
+                self._source_ended(str(exc))
+            if isinstance(result, RunStop):
+                continue
+            if not seen or result is not seen[-1]:
+                # an exit KVM_RUN returned before the guest ran (a completion's own exit)
+                count += 1
+                uc = vmm.handle(result)
+                if isinstance(uc, Ucall) and uc.cmd == "sync":
+                    ucalls.append(uc)
+            for uc in ucalls:
+                self.report.source_syncs.append(uc.args[0] if uc.args else 0)
+                if self.on_ucall is not None:
+                    self.on_ucall(self.source, uc)
+        if vmm.ended is not None:
+            end = vmm.ended
+            self._source_ended(f"{end.outcome}" + (f": {end.detail}" if end.detail else ""))
+
+    def _source_ended(self, how: str) -> None:
+        raise MigrationError("source_ended", f"the guest's run ended on the source before the migration "
+                             f"completed ({how}); use fewer --rounds or a smaller --slice")
+
+    # ------------------------------------------------------------ stop-and-copy
+    def stop_and_copy(self) -> RoundStats:
+        """Stop the source, send what is left and the vCPU state, compare the guest's views."""
+        if self.target is None or self.target_vcpu is None:
+            raise UsageError("Migration.start() first")
+        t_stop = time.perf_counter()
+        machine = self.source.machine
+        # KVM_RUN with immediate_exit: the pending exit's completion runs, the guest does not.
+        extra = machine.kvm_vcpu.complete_pending()
+        if extra is not None:
+            machine.vmm.handle(extra)
+            machine.kvm_vcpu.complete_pending()
+        stats = RoundStats(self._round, "stop")
+        pages, status = self._collect(stats, resync=self.final_resync)
+        self._send_pages(sorted(pages), status, stats)
+        # Whatever was deferred in this very round cannot wait: one more pass with the status now.
+        if self._deferred:
+            now = self._status_now(stats)[0] if self.final_resync else status
+            again = sorted(self._deferred)
+            self._deferred.clear()
+            self._send_pages(again, now, stats)
+        # The vCPU state: through the firmware where the host cannot read it.
+        from testbed.kvm.migration import get_vcpu_state, set_vcpu_state
+
+        target_machine = self.target.machine
+        if machine.kvm_vm.protected_state:
+            header, packet = self._send.send_vcpu_state()
+            self._receive.receive_vcpu_state(header, packet)
+        # The registers where KVM may read them (KVM_GET/SET_REGS, SREGS, MSRS), and KVM's own
+        # per-vCPU state (host state: the SNP registered GHCB, the PV MSRs) in every case.
+        set_vcpu_state(target_machine.kvm_vcpu, get_vcpu_state(machine.kvm_vcpu))
+        # The VMM's own state: the migration-control MSR's value (QEMU migrates it with the vCPU).
+        target_machine.msr.migration_control = machine.msr.migration_control
+        if self.firmware:
+            self._send.send_finish()
+            self._receive.receive_finish()
+        stats.time_s = time.perf_counter() - t_stop
+        self.report.rounds.append(stats)
+        self.report.downtime_s = stats.time_s
+        self._round += 1
+        # The oracle (not the VMM): the guest's view of every page, source at the stop and target.
+        self._source_view = guest_view(machine)
+        result: Comparison = compare(self._source_view, guest_view(target_machine))
+        self.report.compared_pages = result.compared_pages
+        self.report.lost_pages = result.lost_pages
+        self.report.corrupted_pages = result.corrupted_pages
+        self.report.mismatches = result.mismatches
+        tracker = target_machine.map_gpa.tracker
+        self.report.extra["target_shared_ranges"] = [[g, n] for g, n in tracker.shared_ranges()]
+        return stats
+
+    def finish(self) -> MigrationReport:
+        """Resume the guest on the target and run it to its end (the report's `outcome`)."""
+        if self.target is None or self.target_vcpu is None:
+            raise UsageError("Migration.start() first")
+        report = self.report
+        report.outcome, report.detail = self._run_to_end(self.target, self.target_vcpu, report.target_syncs)
+        report.total_s = time.perf_counter() - self._started
+        return report
+
+    def resume_source(self) -> tuple[str, str]:
+        """After a failed migration the source keeps the guest: run it to its end there and
+        return (outcome, detail)."""
+        self.source.machine.kvm_vm.set_dirty_logging(False)
+        return self._run_to_end(self.source, self.source_vcpu, self.report.source_syncs)
+
+    def _run_to_end(self, vm: Vm, vcpu: Vcpu, syncs: list[int]) -> tuple[str, str]:
+        from testbed.api import VmExitError, VmTimeoutError
+
+        try:
+            while True:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise VmTimeoutError("timeout", f"the guest did not finish within {self.timeout:g} s")
+                uc = vcpu.run_to_ucall(timeout=remaining)
+                if uc.cmd == "done":
+                    return "done", ""
+                syncs.append(uc.args[0] if uc.args else 0)
+                if self.on_ucall is not None:
+                    self.on_ucall(vm, uc)
+        except VmExitError as exc:
+            return exc.outcome, exc.detail
+
+    def close(self) -> None:
+        """Close the target VM (the source is the caller's)."""
+        if self.target is not None:
+            self.target.close()
+
+    # ---------------------------------------------------------------- internals
+    def _export(self, stats: RoundStats) -> StatusExport:
+        """The encryption status as the VMM can export it now (module docstring)."""
+        machine = self.source.machine
+        kvm_vm = machine.kvm_vm
+        if self.options.hc_protocol == "page-enc-status":
+            status = export_page_enc_bitmap(kvm_vm.get_page_enc_bitmap, self.guest_pages)
+        else:
+            status = export_tracker(machine.map_gpa.tracker, self.options.tracker)
+            if status.poisoned:
+                attrs = kvm_vm.mem_attrs
+                if attrs is None:
+                    raise MigrationRefusedError(
+                        f"the {self.options.tracker} tracker is poisoned (a guest overflowed its "
+                        f"{machine.map_gpa.tracker.max_ranges} records) and this VM type keeps no memory "
+                        "attributes to resync the status from: the migration is refused",
+                        tracker_poisoned=True)
+                # Fall back: a full resync from KVM's memory attributes (status.py).
+                status = export_memory_attributes(attrs.is_private, self.guest_pages,
+                                                  bytes(attrs.private[:self.guest_pages]))
+                self.report.resync = {"source": "memory-attributes", "fallback": True,
+                                      "reason": "tracker poisoned", "tracker_poisoned": True}
+        stats.status_bytes += status.nbytes
+        stats.status_source = status.source
+        return status
+
+    def _status_now(self, stats: RoundStats) -> tuple[StatusExport, list[tuple[int, int]]]:
+        status = self._export(stats)
+        changes = status_changes(self._previous, status, self.guest_pages)
+        return status, changes
+
+    def _collect(self, stats: RoundStats, *, resync: bool) -> tuple[set[int], StatusExport]:
+        """The pages to send this round (dirty, status changed, deferred) and the status to
+        send them with."""
+        from testbed.kvm.dirty_log import dirty_pages
+
+        dirty = set(dirty_pages(self.source.machine.kvm_vm.get_dirty_log()))
+        dirty.update(self._vmm_dirty)
+        self._vmm_dirty.clear()
+        dirty = {g for g in dirty if g < self.guest_pages}
+        stats.dirty_pages = len(dirty)
+        pages = set(dirty)
+        pages.update(self._deferred)
+        self._deferred.clear()
+        if resync or self._previous is None:
+            status, changes = self._status_now(stats)
+            stats.status_changes = sum(n for _, n in changes)
+            for gfn, n in changes:
+                pages.update(range(gfn, gfn + n))
+            self._previous = status
+        else:
+            status = self._previous
+            stats.status_source = "stale (no resync)"
+        return pages, status
+
+    def _send_pages(self, pages: Any, status: StatusExport, stats: RoundStats) -> None:
+        """Send `pages` with the encryption status `status` says (private through the firmware,
+        shared raw); the target's page states follow the status first."""
+        assert self.target is not None and self._target_private is not None
+        source, target = self.source, self.target
+        shared = status.shared_bits(self.guest_pages)
+        target_map = target.machine.map_gpa
+        target_private = self._target_private
+        for gfn in pages:
+            gpa = gfn * PAGE_SIZE
+            private = not shared[gfn]
+            # The target VMM applies the status: attributes (and the discard), its tracker.
+            if target_private[gfn] != private and target_map.convert(gfn, 1, private) == 0:
+                target_private[gfn] = private
+            private = private and self.firmware  # a VM without private memory: all raw
+            try:
+                if private:
+                    header, packet = self._send.send_update_data(gpa, PAGE_SIZE)
+                else:
+                    data = source.read(gpa, PAGE_SIZE)
+            except (KvmIoctlError, UnmappableMemoryError):
+                # The page changed state under the send (the status is stale): next round.
+                self._deferred.add(gfn)
+                stats.deferred_pages += 1
+                continue
+            if private:
+                if self.tamper is not None:
+                    header, packet = self.tamper(gpa, header, packet)
+                try:
+                    self._receive.receive_update_data(header, packet, gpa, PAGE_SIZE)
+                except KvmIoctlError as exc:
+                    raise MigrationError(
+                        "receive_refused", f"the target's firmware refused page 0x{gpa:x} "
+                        f"(RECEIVE_UPDATE_DATA: {exc}): the migration failed, the source keeps the guest",
+                        gpa=gpa, errno=exc.errno, fw_error=getattr(exc, "fw_error", None)) from None
+                stats.private_pages_sent += 1
+            else:
+                target.write(gpa, data)
+                stats.shared_pages_sent += 1
+            stats.pages_sent += 1
+
+
+def migrate(source: Path | str, options: VmOptions | None = None, *, text: str | None = None,
+            rounds: int = DEFAULT_ROUNDS, slice_exits: int = DEFAULT_SLICE_EXITS,
+            on_ucall: UcallHandler | None = None, tamper: Tamper | None = None,
+            final_resync: bool = True, target_seed: int | None = None) -> MigrationReport:
+    """Boot `source` (a guest path, or `text`) with `migration_options(options)`, migrate it
+    live in `rounds` pre-copy rounds of `slice_exits` guest exits each, and finish its run on
+    the target. A migration that does not complete is reported (`outcome` refused,
+    receive_refused, source_ended), never raised; usage errors raise UsageError."""
+    from testbed.api import Vm, VmExitError
+    from testbed.machine import VmOptions
+
+    opts = migration_options(options if options is not None else VmOptions())
+    start = time.perf_counter()
+    with Vm(opts) as vm:
+        report_base = MigrationReport(outcome="running", vm_type=opts.vm_type, tracker=opts.tracker)
+        try:
+            vcpu = vm.load(source, text=text)
+        except VmExitError as exc:
+            report_base.outcome, report_base.detail = "boot_failed", str(exc)
+            return report_base
+        migration = Migration(vm, vcpu, rounds=rounds, slice_exits=slice_exits, on_ucall=on_ucall, tamper=tamper,
+                              final_resync=final_resync, target_seed=target_seed)
+        try:
+            migration.start()
+            while migration.precopy_rounds_left:
+                migration.precopy_round()
+            migration.stop_and_copy()
+            return migration.finish()
+        except MigrationError as exc:
+            report = migration.report
+            report.outcome, report.detail = exc.outcome, exc.detail
+            report.extra.update(exc.info)
+            if exc.outcome == "receive_refused":
+                report.extra["source_outcome"] = migration.resume_source()[0]
+            report.total_s = time.perf_counter() - start
+            return report
+        finally:
+            migration.close()

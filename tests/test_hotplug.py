@@ -1,0 +1,137 @@
+"""Memory hotplug (testbed/vmm/hotplug.py): RAM added at run time as a new memslot, and each
+shared-page tracker growing with it or saying it cannot.
+
+KVM side: KVM_SET_USER_MEMORY_REGION (virt/kvm/kvm_main.c kvm_set_memory_region: EINVAL for
+bad alignment, EEXIST for an overlap) and a GPA with no memslot (mmu.c kvm_handle_noslot_fault).
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from testbed.api import Vm
+from testbed.errors import UsageError
+from testbed.kvm.ioctl import KvmIoctlError
+from testbed.machine import Machine, VmOptions, build_program, run_guest
+from testbed.tracker import NATIVE_TRACKER_KINDS, TRACKER_KINDS, TrackerResizeError, make_tracker
+from testbed.tracker.donated import DonatedTracker, bytes_for
+from testbed.vmm.hotplug import HotplugError, hotplug
+
+SCENARIO = Path(__file__).resolve().parent.parent / "guests" / "donate_hotplug.s"
+BOOT = 8 << 20
+TOP = 64 << 20
+HIGH = BOOT + 0x200000
+
+
+def _machine(vm_type: str, tracker: str) -> Machine:
+    options = VmOptions(vm_type=vm_type, memory=BOOT, max_memory=TOP, tracker=tracker,
+                        defines={"BOOT_MEM": BOOT, "DONATED": int(tracker == "donated")})
+    return Machine(build_program(SCENARIO, options), options)
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sev", "sev-es", "sw-protected"])
+@pytest.mark.parametrize("tracker", [*TRACKER_KINDS, "donated"])
+def test_guest_converts_above_the_old_top_after_hotplug(vm_type: str, tracker: str) -> None:
+    """Before the hotplug a conversion above the old top is refused; after it the guest converts
+    pages up to the new top, the tracker records them, and the host reads the shared page's
+    plaintext there."""
+    with _machine(vm_type, tracker) as machine:
+        _vm, vcpu = Vm.attach(machine)
+        assert list(vcpu.run_to_ucall().args) == [1]
+        hotplug(machine, TOP)
+        assert machine.memory.size == TOP and machine.kvm_vm.memslots[1] == (BOOT, TOP - BOOT)
+        report = machine.run()
+        assert report.outcome == "done", report.detail
+        assert report.syncs() == [1, 2]
+        shared = [tuple(r) for r in report.shared_ranges]
+        assert ((HIGH >> 12) + 1, 2) in shared and ((TOP >> 12) - 1, 1) in shared
+        assert "tracker_poisoned" not in report.extra
+        assert machine.memory.host_view().read(HIGH + 0x1000, 8) == (0x5EED0F0F).to_bytes(8, "little")
+
+
+def test_donated_structure_too_small_after_hotplug_is_grown_on_request() -> None:
+    """After the hotplug the host needs a larger structure (min(max_ranges, pages / 2) records):
+    it writes its request into the header and the guest library grows its donation at its next
+    conversion and donates again."""
+    with _machine("sev", "donated") as machine:
+        _vm, vcpu = Vm.attach(machine)
+        vcpu.run_to_ucall()
+        tracker = machine.map_gpa.tracker
+        assert isinstance(tracker, DonatedTracker) and tracker.region is not None
+        assert tracker.region.size == bytes_for(1024)
+        hotplug(machine, TOP)
+        assert tracker.donation_requested == bytes_for(4096)
+        assert not tracker.poisoned  # the smaller structure stays valid meanwhile
+        report = machine.run()
+        assert report.outcome == "done", report.detail
+        sizes = [(size, ret) for _gpa, size, ret, _why in machine.vmm.donate.log]  # type: ignore[union-attr]
+        assert sizes == [(4096, 28), (bytes_for(1024), 0), (bytes_for(4096), 0)]
+        assert tracker.donation_requested == 0 and tracker.region.size == bytes_for(4096)
+
+
+@pytest.mark.skipif(not NATIVE_TRACKER_KINDS, reason="the native tracker extension is not built")
+def test_a_tracker_that_cannot_grow_refuses_the_hotplug() -> None:
+    """A native tracker cannot resize: the hotplug is refused and nothing changed."""
+    options = VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT})
+    with Machine(build_program(SCENARIO, options), options) as machine:
+        machine.map_gpa.tracker = make_tracker(NATIVE_TRACKER_KINDS[0], guest_pages=BOOT >> 12)
+        with pytest.raises(HotplugError, match="cannot grow"):
+            hotplug(machine, TOP)
+        assert machine.memory.size == BOOT and list(machine.kvm_vm.memslots) == [0]
+
+
+UNPLUGGED = """
+guest_main:
+    mov rax, BOOT_MEM + 0x1000
+    mov qword ptr [rax], 1
+    ret
+"""
+
+
+def test_touching_memory_not_yet_plugged_has_no_memslot() -> None:
+    """The reservation above RAM is no memory until plugged: an access there is a GPA without a
+    memslot (KVM_EXIT_INTERNAL_ERROR, emulation)."""
+    report = run_guest("unplugged.s", VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT}),
+                       text=UNPLUGGED)
+    assert report.outcome == "internal_error" and "outside guest memory" in report.detail
+
+
+def test_hotplug_limits() -> None:
+    """Growth beyond the reservation, or not growth at all, is refused; KVM refuses an overlapping
+    or unaligned slot (EEXIST / EINVAL); SNP and TDX VMs cannot reserve hotplug memory."""
+    options = VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT})
+    with Machine(build_program(SCENARIO, options), options) as machine:
+        with pytest.raises(HotplugError, match="above"):
+            hotplug(machine, 2 * TOP)
+        with pytest.raises(HotplugError, match="only grows"):
+            hotplug(machine, BOOT)
+        with pytest.raises(KvmIoctlError) as info:
+            machine.kvm_vm.set_user_memory_region(1, BOOT - 0x1000, 0x2000)
+        assert info.value.errno == errno.EEXIST
+        with pytest.raises(KvmIoctlError) as info:
+            machine.kvm_vm.set_user_memory_region(1, BOOT, 0x1800)
+        assert info.value.errno == errno.EINVAL
+        assert machine.memory.size == BOOT
+    with pytest.raises(UsageError, match="supported on"):
+        VmOptions(vm_type="sev-snp", memory=BOOT, max_memory=TOP).validate()
+    with pytest.raises(UsageError, match="between"):
+        VmOptions(memory=BOOT, max_memory=BOOT // 2).validate()
+
+
+@pytest.mark.parametrize("kind", TRACKER_KINDS)
+def test_trackers_resize_keeping_their_records(kind: str) -> None:
+    """bitmap, ranges and tree grow to the new size keeping every record, take pages above the old
+    bound after it, and refuse to shrink."""
+    tracker = make_tracker(kind, guest_pages=1024)
+    tracker.set_shared(1000, 24)
+    tracker.set_shared(10, 2)
+    tracker.resize(1 << 20)
+    assert tracker.guest_pages == 1 << 20
+    tracker.set_shared(1024, 8)
+    tracker.set_shared((1 << 20) - 1, 1)
+    assert tracker.shared_ranges() == [(10, 2), (1000, 32), ((1 << 20) - 1, 1)]
+    with pytest.raises(TrackerResizeError):
+        tracker.resize(512)

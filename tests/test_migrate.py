@@ -1,0 +1,229 @@
+"""Live migration (`testbed migrate`, testbed/migrate/): pre-copy rounds with dirty logging and
+an encryption-status resync, stop-and-copy, the guest's run finished on a target with its own
+key, and the testbed's page-by-page check of what the guest sees on both sides.
+
+Kernel sources modelled: virt/kvm/kvm_main.c kvm_get_dirty_log_protect (the dirty log the
+rounds collect); arch/x86/kvm/svm/sev.c sev_send_update_data / sev_receive_update_data (the
+firmware step, testbed/kvm/migration.py); arch/x86/kernel/kvm.c kvm_init_platform (the guest
+writes KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL; Documentation/virt/kvm/x86/
+hypercalls.rst makes userspace handle that MSR through a filter); x86.c
+kvm_arch_vcpu_ioctl_run (immediate_exit completes a pending exit before the state is saved).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bitarray import bitarray
+
+import testbed
+from testbed.cli import main
+from testbed.machine import VmOptions
+from testbed.migrate import Migration, migrate, migration_options
+from testbed.migrate.status import bits_to_ranges, export_tracker, ranges_to_bits, xor_ranges
+from testbed.tracker import make_tracker
+from testbed.vmm.ucall import Ucall
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+VM_TYPES = ["sev", "sev-es", "sev-snp", "sw-protected"]
+PAGE = 4096
+
+
+def _check(report: Any) -> None:
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    assert (report.lost_pages, report.corrupted_pages) == (0, 0), report.mismatches
+
+
+def _private_mem_host(vm: testbed.Vm, uc: Ucall) -> None:
+    """The host half of private_mem_conversions.s at a GUEST_SYNC (tests/test_private_mem_conversions.py):
+    a shared range holds `current` and gets `new` from the host."""
+    if uc.args[0] != 0:  # SYNC_PRIVATE: nothing for the host to do
+        return
+    _, gpa, size, current, new = uc.args[:5]
+    for offset in range(0, size, PAGE):
+        assert vm.read(gpa + offset, PAGE) == bytes([current]) * PAGE
+        vm.write(gpa + offset, bytes([new]) * PAGE)
+
+
+#: (guest, memory, defines, host half, rounds, slice): every bundled guest that converts pages
+SCENARIOS = {
+    "migrate_churn": ("migrate_churn.s", "8M", {}, None, 3, 8),
+    "private_mem_conversions": ("private_mem_conversions.s", "12M", {}, _private_mem_host, 2, 2),
+    "conversions_dma_churn": ("conversions.s", "24M", {"SHAPE": 1, "CHURN": 8}, None, 2, 4),
+}
+# conversions.s's hostile shape migrates in the poisoned-tracker tests below (sev-snp, sev-es).
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_bundled_conversion_scenarios_migrate(vm_type: str, scenario: str) -> None:
+    """Every bundled conversion guest migrates live under sev, sev-es, sev-snp and sw-protected:
+    it finishes on the target, and no page the guest sees is lost or corrupted."""
+    guest, memory, defines, host, rounds, slice_exits = SCENARIOS[scenario]
+    report = migrate(GUESTS / guest, VmOptions(vm_type=vm_type, memory=memory, seed=1, defines=defines),
+                     rounds=rounds, slice_exits=slice_exits, on_ucall=host)
+    _check(report)
+    assert report.compared_pages == int(memory[:-1]) << 8
+    kinds = [r.kind for r in report.rounds]
+    assert kinds == ["bulk", *["precopy"] * rounds, "stop"]
+    assert report.rounds[0].pages_sent + report.rounds[0].deferred_pages == report.compared_pages
+
+
+def test_rounds_resend_what_changed() -> None:
+    """Each pre-copy round re-sends the pages the guest dirtied or converted: the churn guest
+    converts a page and the flip page every iteration, so every round finds status changes
+    (XOR with the last export), and the ranges tracker exports 16 bytes per shared range."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1), rounds=3)
+    _check(report)
+    for r in report.rounds[1:]:
+        assert r.status_changes > 0 and r.dirty_pages > 0 and r.pages_sent >= r.dirty_pages - r.deferred_pages
+        assert r.status_bytes % 16 == 0 and r.status_source == "tracker"
+    assert report.target_syncs and report.source_syncs
+    assert report.source_syncs + report.target_syncs == list(range(48))
+
+
+def test_bitmap_tracker_exports_the_bitmap() -> None:
+    """With the bitmap tracker each round exports guest_pages / 8 bytes whatever the guest does."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1, tracker="bitmap"),
+                     rounds=1)
+    _check(report)
+    assert all(r.status_bytes == 2048 // 8 for r in report.rounds)
+
+
+def test_page_enc_bitmap_path() -> None:
+    """The seed-era KVM (page-enc-status protocol): the status comes from KVM_GET_PAGE_ENC_BITMAP."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1,
+                                                           hc_protocol="page-enc-status"), rounds=1)
+    _check(report)
+    assert {r.status_source for r in report.rounds} == {"page-enc-bitmap"}
+
+
+def test_guest_that_did_not_enable_migration_is_refused() -> None:
+    """The VMM refuses to migrate a guest that never wrote KVM_MIGRATION_READY to
+    MSR_KVM_MIGRATION_CONTROL, and nothing is sent."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M",
+                                                           defines={"GUEST_MIGRATION_READY": 0}))
+    assert report.outcome == "refused" and "KVM_MIGRATION_READY" in report.detail
+    assert report.rounds == []
+
+
+def test_conversion_racing_the_final_round() -> None:
+    """A conversion during the last pre-copy round goes out with a stale status (the page is
+    deferred or sent the old way); the stop-and-copy's status XOR catches it and nothing is
+    lost. Without that final resync (the bug the seed thread warns of), pages are lost."""
+    options = migration_options(VmOptions(vm_type="sev-snp", memory="8M", seed=1))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "migrate_churn.s")
+        migration = Migration(vm, vcpu, rounds=1, slice_exits=8)
+        try:
+            migration.start()
+            last = migration.precopy_round()
+            # the guest converted pages during that round's slice: they reach the stop round
+            stop = migration.stop_and_copy()
+            report = migration.finish()
+        finally:
+            migration.close()
+    _check(report)
+    assert last.status_changes > 0 and stop.status_changes > 0
+    stale = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1),
+                    rounds=1, final_resync=False)
+    assert stale.rounds[-1].status_source == "stale (no resync)"
+    assert stale.lost_pages + stale.corrupted_pages > 0, stale.to_json()
+
+
+def test_poisoned_tracker_falls_back_to_memory_attributes() -> None:
+    """A hostile guest overflows the ranges tracker (poisoned): the VMM falls back to a full
+    status resync from KVM's memory attributes every round, says so, and loses nothing."""
+    report = migrate(GUESTS / "conversions.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1, max_ranges=8,
+                                                         defines={"SHAPE": 3, "HOSTILE_PAGES": 64}),
+                     rounds=2, slice_exits=8)
+    _check(report)
+    assert report.resync == {"source": "memory-attributes", "fallback": True, "reason": "tracker poisoned",
+                             "tracker_poisoned": True}
+    assert report.rounds[-1].status_source == "memory-attributes"
+    assert report.rounds[-1].status_bytes == 2048 // 8
+
+
+def test_poisoned_tracker_without_attributes_is_refused() -> None:
+    """SEV-ES keeps no memory attributes: with the tracker poisoned the migration is refused."""
+    report = migrate(GUESTS / "conversions.s", VmOptions(vm_type="sev-es", memory="8M", seed=1, max_ranges=8,
+                                                         defines={"SHAPE": 3, "HOSTILE_PAGES": 64}),
+                     rounds=2, slice_exits=8)
+    assert report.outcome == "refused" and "poisoned" in report.detail
+    assert report.to_json()["tracker_poisoned"] is True
+
+
+def test_cbit_changed_behind_the_hosts_back_is_corruption() -> None:
+    """A guest that makes a page shared in its PTEs without telling the host (sev-es: no memory
+    attributes catch it) has that page sent through the firmware as private: the testbed
+    reports it corrupted and the guest's own check on the target fails."""
+    report = migrate(GUESTS / "migrate_cbit_liar.s", VmOptions(vm_type="sev-es", memory="8M", seed=1),
+                     rounds=1, slice_exits=4)
+    assert report.outcome == "guest_assert", report.detail
+    assert report.lost_pages == 0 and report.corrupted_pages >= 1
+    assert {"gfn": 0x600, "kind": "corrupted", "source": "shared", "target": "shared"} in report.mismatches
+
+
+def test_target_refusing_a_page() -> None:
+    """A packet corrupted in transit is refused by the target's firmware (RECEIVE_UPDATE_DATA
+    fails, EIO with the firmware status): the migration fails and the source finishes the run."""
+
+    def tamper(gpa: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+        if gpa == 0x600000:
+            packet = bytes([packet[0] ^ 1]) + packet[1:]
+        return header, packet
+
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1), rounds=1,
+                     tamper=tamper)
+    assert report.outcome == "receive_refused" and "0x600000" in report.detail
+    info = report.to_json()
+    assert info["gpa"] == 0x600000 and info["errno"] == 5 and info["fw_error"]
+    assert info["source_outcome"] == "done"
+
+
+# ------------------------------------------------------------------- status export and XOR
+def test_xor_ranges_is_the_bitmap_xor() -> None:
+    """The range sweep's XOR equals the XOR of the two bitmaps, on random range lists."""
+    rng = random.Random(7)
+    for _ in range(200):
+        pages = rng.randrange(1, 300)
+        a, b = (bitarray([rng.random() < 0.3 for _ in range(pages)], endian="little") for _ in range(2))
+        assert xor_ranges(bits_to_ranges(a), bits_to_ranges(b)) == bits_to_ranges(a ^ b)
+        assert ranges_to_bits(bits_to_ranges(a), pages) == a
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "ranges", "tree"])
+def test_export_sizes(kind: str) -> None:
+    """A bitmap tracker exports guest_pages / 8 bytes, a list or tree 16 bytes per range."""
+    tracker = make_tracker(kind, guest_pages=4096)
+    tracker.apply([(10, 2, True), (100, 1, True), (200, 50, True)])
+    status = export_tracker(tracker, kind)
+    assert status.shared_ranges() == [(10, 2), (100, 1), (200, 50)]
+    assert status.nbytes == (512 if kind == "bitmap" else 48)
+
+
+# -------------------------------------------------------------------------------- the CLI
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`testbed migrate --json` prints outcome, lost/corrupted pages and per-round figures; exit 0."""
+    assert main(["migrate", str(GUESTS / "migrate_churn.s"), "--vm-type", "sw-protected", "--rounds", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["outcome"] == "done" and out["lost_pages"] == 0 and out["corrupted_pages"] == 0
+    assert out["vm_type"] == "sw-protected" and out["tracker"] == "ranges"
+    assert set(out["rounds"][0]) >= {"pages_sent", "status_bytes", "status_changes", "time_s"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vm-type", "tdx"], "testbed migrate takes"),
+    (["--rounds", "x"], "--rounds"),
+    (["--slice", "0"], "--slice"),
+])
+def test_cli_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad options are one line on stderr and status 2."""
+    assert main(["migrate", str(GUESTS / "migrate_churn.s"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -671,6 +671,8 @@ class Mmu(UnicornBinding):
     def _on_host_write(self, gpa: int, length: int) -> None:
         first = gpa >> PAGE_SHIFT
         last = (gpa + max(length, 1) - 1) >> PAGE_SHIFT
+        if first == last and first not in self._exec_frames:
+            return  # the common case (a page accepted or written by KVM): no code there
         hit = [f for f in range(first, last + 1) if f in self._exec_frames]
         if hit:
             for f in hit:

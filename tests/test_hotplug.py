@@ -16,7 +16,14 @@ from testbed.api import Vm
 from testbed.errors import UsageError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.machine import Machine, VmOptions, build_program, run_guest
-from testbed.tracker import NATIVE_TRACKER_KINDS, TRACKER_KINDS, TrackerResizeError, make_tracker
+from testbed.tracker import (
+    NATIVE_TRACKER_KINDS,
+    TRACKER_KINDS,
+    RangesTracker,
+    SharedTracker,
+    TrackerResizeError,
+    make_tracker,
+)
 from testbed.tracker.donated import DonatedTracker, bytes_for
 from testbed.vmm.hotplug import HotplugError, hotplug
 
@@ -73,11 +80,38 @@ def test_donated_structure_too_small_after_hotplug_is_grown_on_request() -> None
 
 
 @pytest.mark.skipif(not NATIVE_TRACKER_KINDS, reason="the native tracker extension is not built")
+@pytest.mark.parametrize("kind", NATIVE_TRACKER_KINDS)
+def test_native_trackers_grow_with_the_hotplug(kind: str) -> None:
+    """The C trackers grow too (the bitmap reallocates, new pages private; the list and the tree
+    raise their bound): the guest's conversions above the old top are recorded."""
+    options = VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT, "DONATED": 0})
+    with Machine(build_program(SCENARIO, options), options) as machine:
+        machine.map_gpa.tracker = make_tracker(kind, guest_pages=BOOT >> 12)
+        _vm, vcpu = Vm.attach(machine)
+        assert list(vcpu.run_to_ucall().args) == [1]
+        hotplug(machine, TOP)
+        assert machine.map_gpa.tracker.guest_pages == TOP >> 12
+        assert not machine.map_gpa.tracker.is_shared((TOP >> 12) - 1)  # new memory starts private
+        report = machine.run()
+        assert report.outcome == "done", report.detail
+        shared = machine.map_gpa.tracker.shared_ranges()
+        assert ((HIGH >> 12) + 1, 2) in shared and ((TOP >> 12) - 1, 1) in shared
+
+
+class _FixedSizeTracker(RangesTracker):
+    """A tracker that keeps SharedTracker's default _grow: it cannot grow with guest memory."""
+
+    name = "fixed"
+
+    def _grow(self, guest_pages: int) -> None:
+        SharedTracker._grow(self, guest_pages)
+
+
 def test_a_tracker_that_cannot_grow_refuses_the_hotplug() -> None:
-    """A native tracker cannot resize: the hotplug is refused and nothing changed."""
+    """A tracker that cannot resize makes the hotplug refuse, and nothing changed."""
     options = VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT})
     with Machine(build_program(SCENARIO, options), options) as machine:
-        machine.map_gpa.tracker = make_tracker(NATIVE_TRACKER_KINDS[0], guest_pages=BOOT >> 12)
+        machine.map_gpa.tracker = _FixedSizeTracker(BOOT >> 12, 4096)
         with pytest.raises(HotplugError, match="cannot grow"):
             hotplug(machine, TOP)
         assert machine.memory.size == BOOT and list(machine.kvm_vm.memslots) == [0]

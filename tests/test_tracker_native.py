@@ -17,6 +17,7 @@ from testbed.tracker import (
     InvalidRangeError,
     RangesTracker,
     SharedTracker,
+    TrackerResizeError,
     TreeTracker,
     decode_export,
     make_tracker,
@@ -155,6 +156,32 @@ def test_empty_and_whole_guest(reference: type[SharedTracker], native: type[Shar
         for t in (ref, nat):
             t.set_private(0, pages)
         assert nat.shared_ranges() == [] and not nat.is_shared(pages - 1)
+
+
+@pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)
+def test_native_grow_equals_the_reference(reference: type[SharedTracker], native: type[SharedTracker]) -> None:
+    """Memory hotplug: growing keeps the records, the new pages start private and take
+    conversions up to the new top, a shrink or an equal size changes nothing or is refused as
+    in the model, across u64 word boundaries (the bitmap's realloc)."""
+    ref, nat = reference(100, 8), native(100, 8)
+    for t in (ref, nat):
+        t.set_shared(60, 40)
+        t.resize(100)  # the same size: nothing to do
+        t.resize(130)
+    assert nat.shared_ranges() == ref.shared_ranges() == [(60, 40)]
+    assert not nat.is_shared(100) and not nat.is_shared(129)
+    for t in (ref, nat):
+        t.set_shared(99, 31)
+    assert nat.shared_ranges() == ref.shared_ranges() == [(60, 70)]
+    for t in (ref, nat):
+        with pytest.raises(TrackerResizeError):
+            t.resize(129)
+        t.resize(1 << 20)
+        t.set_shared((1 << 20) - 1, 1)
+    assert nat.shared_ranges() == ref.shared_ranges() == [(60, 70), ((1 << 20) - 1, 1)]
+    assert nat.guest_pages == ref.guest_pages == 1 << 20
+    with pytest.raises(InvalidRangeError):
+        nat.set_shared(1 << 20, 1)
 
 
 @pytest.mark.parametrize(("reference", "native"), PAIRS, ids=PAIR_IDS)

@@ -174,6 +174,22 @@ export_records(PyObject *obj, Py_ssize_t count, void *it, next_fn next)
     return PyLong_FromSsize_t(count);
 }
 
+/* Memory hotplug: the new guest size from `arg`, in [the current size, 2**52]; 0 and an
+ * exception otherwise (memory only grows). */
+static int
+parse_grow(PyObject *arg, uint64_t current, uint64_t *pages)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(arg);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    if (v < current || v > (1ULL << 52)) {
+        PyErr_SetString(PyExc_ValueError, "guest_pages must be in [the current size, 2**52]");
+        return 0;
+    }
+    *pages = v;
+    return 1;
+}
+
 /* ============================================================================================
  * Bitmap
  * ========================================================================================== */
@@ -358,6 +374,27 @@ Bitmap_shared_pages(Bitmap *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLongLong(n);
 }
 
+/* Memory hotplug: the map grows to `pages` (new pages private), as the series' bitmap was
+ * resized from the memslots; a smaller size is refused (memory only grows). */
+static PyObject *
+Bitmap_grow(Bitmap *self, PyObject *arg)
+{
+    uint64_t pages;
+    if (!parse_grow(arg, self->guest_pages, &pages))
+        return NULL;
+    uint64_t nwords = (pages + 63) / 64;
+    if (nwords > self->nwords) {
+        uint64_t *words = PyMem_Realloc(self->words, (size_t)nwords * 8);
+        if (!words)
+            return PyErr_NoMemory();
+        memset(&words[self->nwords], 0, (size_t)(nwords - self->nwords) * 8);
+        self->words = words;
+        self->nwords = nwords;
+    }
+    self->guest_pages = pages;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Bitmap_clear(Bitmap *self, PyObject *Py_UNUSED(ignored))
 {
@@ -381,6 +418,7 @@ static PyMethodDef Bitmap_methods[] = {
     {"export", (PyCFunction)Bitmap_export, METH_O, "export(buf) -> records needed (written iff all fit)"},
     {"shared_pages", (PyCFunction)Bitmap_shared_pages, METH_NOARGS, "shared_pages() -> popcount"},
     {"clear", (PyCFunction)Bitmap_clear, METH_NOARGS, "clear()"},
+    {"grow", (PyCFunction)Bitmap_grow, METH_O, "grow(guest_pages): memory hotplug, new pages private"},
     {"__sizeof__", (PyCFunction)Bitmap_sizeof, METH_NOARGS, "bytes used, words included"},
     {NULL, NULL, 0, NULL},
 };
@@ -741,6 +779,17 @@ Ranges_export(Ranges *self, PyObject *obj)
     return export_records(obj, self->n, &it, rg_next);
 }
 
+/* Memory hotplug: only the bound moves; the records stay. */
+static PyObject *
+Ranges_grow(Ranges *self, PyObject *arg)
+{
+    uint64_t pages;
+    if (!parse_grow(arg, self->guest_pages, &pages))
+        return NULL;
+    self->guest_pages = pages;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Ranges_clear(Ranges *self, PyObject *Py_UNUSED(ignored))
 {
@@ -777,6 +826,7 @@ static PyMethodDef Ranges_methods[] = {
     {"range_count", (PyCFunction)Ranges_range_count, METH_NOARGS, "range_count() -> int"},
     {"export", (PyCFunction)Ranges_export, METH_O, "export(buf) -> records needed (written iff all fit)"},
     {"clear", (PyCFunction)Ranges_clear, METH_NOARGS, "clear(): no records, no poison"},
+    {"grow", (PyCFunction)Ranges_grow, METH_O, "grow(guest_pages): memory hotplug, the records stay"},
     {"__sizeof__", (PyCFunction)Ranges_sizeof, METH_NOARGS, "bytes used, the array included"},
     {"bound_bytes", (PyCFunction)Ranges_bound, METH_NOARGS, "bytes used at max_ranges records"},
     {NULL, NULL, 0, NULL},
@@ -1205,6 +1255,17 @@ Tree_export(Tree *self, PyObject *obj)
     return export_records(obj, self->count, &it, tr_next);
 }
 
+/* Memory hotplug: only the bound moves; the records stay. */
+static PyObject *
+Tree_grow(Tree *self, PyObject *arg)
+{
+    uint64_t pages;
+    if (!parse_grow(arg, self->guest_pages, &pages))
+        return NULL;
+    self->guest_pages = pages;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Tree_clear(Tree *self, PyObject *Py_UNUSED(ignored))
 {
@@ -1302,6 +1363,7 @@ static PyMethodDef Tree_methods[] = {
     {"range_count", (PyCFunction)Tree_range_count, METH_NOARGS, "range_count() -> int"},
     {"export", (PyCFunction)Tree_export, METH_O, "export(buf) -> records needed (written iff all fit)"},
     {"clear", (PyCFunction)Tree_clear, METH_NOARGS, "clear(): no records, no poison"},
+    {"grow", (PyCFunction)Tree_grow, METH_O, "grow(guest_pages): memory hotplug, the records stay"},
     {"check", (PyCFunction)Tree_check, METH_NOARGS, "check(): AssertionError naming a broken invariant"},
     {"__sizeof__", (PyCFunction)Tree_sizeof, METH_NOARGS, "bytes used, the node array included"},
     {"bound_bytes", (PyCFunction)Tree_bound, METH_NOARGS, "bytes used at max_ranges records"},

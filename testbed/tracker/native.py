@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from testbed.tracker import _native
-from testbed.tracker.base import DEFAULT_MAX_RANGES, InvalidRangeError, SharedTracker
+from testbed.tracker.base import DEFAULT_MAX_RANGES, InvalidRangeError, SharedTracker, TrackerResizeError
 from testbed.tracker.export import RECORD_SIZE, ExportResult, _writable_bytes
 
 #: The C structures index pages with u64 arithmetic; a guest is at most 2**52 pages (MAXPHYADDR 64).
@@ -43,6 +43,15 @@ class _NativeTracker(SharedTracker):
         super().__init__(guest_pages, max_ranges)
         if guest_pages > MAX_GUEST_PAGES:
             raise InvalidRangeError("guest_pages", guest_pages, f"must be <= 0x{MAX_GUEST_PAGES:x} for {self.name}")
+
+    def _grow(self, guest_pages: int) -> None:
+        # Memory hotplug: the C bitmap reallocates (new pages private), the list and the tree
+        # only raise their bound; the records stay (as the Python models' _grow).
+        if guest_pages > MAX_GUEST_PAGES:
+            raise TrackerResizeError(f"{self.name} tracker: guest_pages = 0x{guest_pages:x}: must be <= "
+                                     f"0x{MAX_GUEST_PAGES:x}")
+        self._c.grow(guest_pages)
+        self._guest_pages = guest_pages
 
     def set_shared(self, gfn: int, npages: int) -> None:
         try:

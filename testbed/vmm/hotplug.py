@@ -10,8 +10,9 @@ outside RAM). `hotplug(machine, size)` then
 1. grows the shared-page tracker to the new size first (`SharedTracker.resize`): the bitmap
    reallocates, ranges and tree raise their bound, the donated tracker raises its bound and,
    if the guest's structure is now smaller than the host requires, asks the guest to donate
-   more (the header's host_request; guests/lib/donate.s grows at its next conversion). A
-   tracker that cannot grow (the native ones) refuses, and nothing has changed;
+   more (the header's host_request; guests/lib/donate.s grows at its next conversion); the
+   native trackers grow the same way in C. A tracker that cannot grow refuses, and nothing
+   has changed;
 2. adds the slot (KvmVm.set_user_memory_region: it must start at the end of RAM and end
    within the reservation), registers it for encryption on legacy SEV (QEMU's
    sev_ram_block_added -> KVM_MEMORY_ENCRYPT_REG_REGION, pinned) and grows the hardware's RAM;

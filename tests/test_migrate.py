@@ -12,6 +12,8 @@ kvm_arch_vcpu_ioctl_run (immediate_exit completes a pending exit before the stat
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import random
 from pathlib import Path
@@ -19,13 +21,17 @@ from typing import Any
 
 import pytest
 from bitarray import bitarray
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import testbed
 from testbed.cli import main
+from testbed.hw.psp import TransportSession
 from testbed.machine import VmOptions
 from testbed.migrate import Migration, migrate, migration_options
+from testbed.migrate.oracle import compare, compare_machines, guest_view
 from testbed.migrate.status import bits_to_ranges, export_tracker, ranges_to_bits, xor_ranges
 from testbed.tracker import make_tracker
+from testbed.tracker.donated import DonatedTracker
 from testbed.vmm.ucall import Ucall
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
@@ -49,41 +55,80 @@ def _private_mem_host(vm: testbed.Vm, uc: Ucall) -> None:
         vm.write(gpa + offset, bytes([new]) * PAGE)
 
 
-#: (guest, memory, defines, host half, rounds, slice): every bundled guest that converts pages
-SCENARIOS = {
-    "migrate_churn": ("migrate_churn.s", "8M", {}, None, 3, 8),
-    "private_mem_conversions": ("private_mem_conversions.s", "12M", {}, _private_mem_host, 2, 2),
-    "conversions_dma_churn": ("conversions.s", "24M", {"SHAPE": 1, "CHURN": 8}, None, 2, 4),
+#: (guest, memory, defines, host half, rounds, slice, tracker): every bundled guest that converts
+#: pages, each shape of conversions.s (SHAPE 0..3) on its own, in the smallest memory it fits
+SCENARIOS: dict[str, tuple[str, str, dict[str, int], Any, int, int, str]] = {
+    "migrate_churn": ("migrate_churn.s", "8M", {}, None, 3, 8, "ranges"),
+    "private_mem_conversions": ("private_mem_conversions.s", "10M", {}, _private_mem_host, 2, 2, "ranges"),
+    "conversions_boot": ("conversions.s", "16M", {"SHAPE": 0}, None, 1, 8, "ranges"),
+    "conversions_dma_churn": ("conversions.s", "24M", {"SHAPE": 1, "CHURN": 8}, None, 2, 4, "ranges"),
+    "conversions_discontiguous": ("conversions.s", "14M", {"SHAPE": 2}, None, 1, 8, "ranges"),
+    "conversions_hostile": ("conversions.s", "8M", {"SHAPE": 3}, None, 1, 8, "ranges"),
+    "donate_conversions": ("donate_conversions.s", "8M", {}, None, 1, 8, "donated"),
 }
-# conversions.s's hostile shape migrates in the poisoned-tracker tests below (sev-snp, sev-es).
+
+
+@functools.cache
+def _scenario(vm_type: str, scenario: str) -> Any:
+    """One migration per (VM type, scenario), shared by the tests that read its report."""
+    guest, memory, defines, host, rounds, slice_exits, tracker = SCENARIOS[scenario]
+    return migrate(GUESTS / guest, VmOptions(vm_type=vm_type, memory=memory, seed=1, defines=defines,
+                                             tracker=tracker),
+                   rounds=rounds, slice_exits=slice_exits, on_ucall=host)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_bundled_conversion_scenarios_migrate(vm_type: str, scenario: str) -> None:
-    """Every bundled conversion guest migrates live under sev, sev-es, sev-snp and sw-protected:
-    it finishes on the target, and no page the guest sees is lost or corrupted."""
-    guest, memory, defines, host, rounds, slice_exits = SCENARIOS[scenario]
-    report = migrate(GUESTS / guest, VmOptions(vm_type=vm_type, memory=memory, seed=1, defines=defines),
-                     rounds=rounds, slice_exits=slice_exits, on_ucall=host)
+    """Every bundled conversion guest (each shape of conversions.s, the donated tracker's guest
+    with --tracker donated) migrates live under sev, sev-es, sev-snp and sw-protected: it
+    finishes on the target, and no page the guest sees is lost or corrupted."""
+    _guest, memory, _defines, _host, rounds, _slice, tracker = SCENARIOS[scenario]
+    report = _scenario(vm_type, scenario)
     _check(report)
     assert report.compared_pages == int(memory[:-1]) << 8
     kinds = [r.kind for r in report.rounds]
     assert kinds == ["bulk", *["precopy"] * rounds, "stop"]
-    assert report.rounds[0].pages_sent + report.rounds[0].deferred_pages == report.compared_pages
+    bulk = report.rounds[0]
+    assert bulk.pages_sent + bulk.deferred_pages + bulk.zero_pages == report.compared_pages
+    if tracker == "donated":
+        # The status came from the guest's structure, not from a fallback.
+        assert report.resync["source"] == "donated" and "fallback" not in report.resync, report.resync
+        assert report.rounds[-1].status_source == "donated" and report.resync["donated_reads"] >= 1
+        assert report.to_json()["target_donation"]["accepted"] is True
+        assert report.to_json()["target_tracker"]["state"] == "valid"
 
 
 def test_rounds_resend_what_changed() -> None:
     """Each pre-copy round re-sends the pages the guest dirtied or converted: the churn guest
     converts a page and the flip page every iteration, so every round finds status changes
     (XOR with the last export), and the ranges tracker exports 16 bytes per shared range."""
-    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1), rounds=3)
+    report = _scenario("sev-snp", "migrate_churn")
     _check(report)
     for r in report.rounds[1:]:
         assert r.status_changes > 0 and r.dirty_pages > 0 and r.pages_sent >= r.dirty_pages - r.deferred_pages
         assert r.status_bytes % 16 == 0 and r.status_source == "tracker"
     assert report.target_syncs and report.source_syncs
     assert report.source_syncs + report.target_syncs == list(range(48))
+
+
+@pytest.mark.parametrize("vm_type", ["sev", "sev-es"])
+def test_legacy_pages_never_written_are_not_sent(vm_type: str) -> None:
+    """On legacy SEV a frame nothing was written to (the host sees zeros) is not sent, nor a
+    shared page of zeros the target already holds (QEMU's zero pages): most of an 8 MiB guest,
+    and still nothing is lost or corrupted. Every page the guest wrote is sent."""
+    report = _scenario(vm_type, "migrate_churn")
+    _check(report)
+    bulk = report.rounds[0]
+    assert bulk.zero_pages > 1500 and bulk.private_pages_sent >= 16 and bulk.shared_pages_sent >= 1
+
+
+def test_snp_sends_every_private_page() -> None:
+    """SEV-SNP sends every private page, allocated or not: its RMP state (validated) travels
+    with the page through the firmware, so none is skipped; only shared zero pages are."""
+    report = _scenario("sev-snp", "migrate_churn")
+    bulk = report.rounds[0]
+    assert bulk.private_pages_sent + bulk.deferred_pages >= 2040 and bulk.zero_pages <= 8
 
 
 def test_bitmap_tracker_exports_the_bitmap() -> None:
@@ -115,7 +160,7 @@ def test_conversion_racing_the_final_round() -> None:
     """A conversion during the last pre-copy round goes out with a stale status (the page is
     deferred or sent the old way); the stop-and-copy's status XOR catches it and nothing is
     lost. Without that final resync (the bug the seed thread warns of), pages are lost."""
-    options = migration_options(VmOptions(vm_type="sev-snp", memory="8M", seed=1))
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
     with testbed.Vm(options) as vm:
         vcpu = vm.load(GUESTS / "migrate_churn.s")
         migration = Migration(vm, vcpu, rounds=1, slice_exits=8)
@@ -129,7 +174,7 @@ def test_conversion_racing_the_final_round() -> None:
             migration.close()
     _check(report)
     assert last.status_changes > 0 and stop.status_changes > 0
-    stale = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1),
+    stale = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1),
                     rounds=1, final_resync=False)
     assert stale.rounds[-1].status_source == "stale (no resync)"
     assert stale.lost_pages + stale.corrupted_pages > 0, stale.to_json()
@@ -173,16 +218,137 @@ def test_target_refusing_a_page() -> None:
     fails, EIO with the firmware status): the migration fails and the source finishes the run."""
 
     def tamper(gpa: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
-        if gpa == 0x600000:
+        if gpa == 0x620000:
             packet = bytes([packet[0] ^ 1]) + packet[1:]
         return header, packet
 
     report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1), rounds=1,
                      tamper=tamper)
-    assert report.outcome == "receive_refused" and "0x600000" in report.detail
+    assert report.outcome == "receive_refused" and "0x620000" in report.detail
     info = report.to_json()
-    assert info["gpa"] == 0x600000 and info["errno"] == 5 and info["fw_error"]
+    assert info["gpa"] == 0x620000 and info["errno"] == 5 and info["fw_error"]
     assert info["source_outcome"] == "done"
+
+
+# ----------------------------------------------------------------- the donated tracker
+def test_donated_status_before_the_donation_and_mid_update() -> None:
+    """With the donated tracker the bulk round runs before the guest donated its structure: the
+    VMM says so and resyncs from KVM's attributes for that round (not "poisoned"); a later read
+    that lands mid-update (odd generation) reuses the last export, finds no change, and the
+    next read catches up (the stop waits for an even generation; the structure is read there)."""
+    report = _scenario("sev-snp", "donate_conversions")
+    _check(report)
+    rounds = report.rounds
+    assert rounds[0].status_source == "memory-attributes (no encryption-status structure donated)"
+    assert report.resync["before_donation"] == 1 and "tracker_poisoned" not in report.resync
+    assert rounds[1].status_source.startswith("donated (update in progress")
+    assert rounds[1].status_changes == 0 and rounds[1].status_bytes == 32  # only the header was read
+    assert rounds[-1].status_source == "donated" and rounds[-1].status_changes > 0
+    assert report.resync["retried_reads"] >= 1 and report.resync["quiesce_exits"] >= 1
+
+
+def test_donated_status_on_sev_es_waits_for_the_donation() -> None:
+    """SEV-ES keeps no memory attributes to resync from: the VMM lets the guest run until it has
+    donated (a bounded wait), and even the bulk round's status comes from the structure."""
+    report = _scenario("sev-es", "donate_conversions")
+    _check(report)
+    assert report.rounds[0].status_source == "donated" and "before_donation" not in report.resync
+    assert report.resync["quiesce_exits"] >= 1
+
+
+def test_target_takes_over_the_donation() -> None:
+    """The target VMM gets the source's donation region (GPA, size) with the memory: the guest
+    converts on there through its structure, which the target reads valid and equal to KVM's
+    attributes at the end (sw-protected: the structure records the RAM that starts shared)."""
+    options = migration_options(VmOptions(vm_type="sw-protected", memory="8M", seed=1, tracker="donated"))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "donate_conversions.s")
+        migration = Migration(vm, vcpu, rounds=1, slice_exits=8)
+        try:
+            migration.start()
+            migration.precopy_round()
+            migration.stop_and_copy()
+            report = migration.finish()
+            assert migration.target is not None
+            target = migration.target.machine
+            source_region = vm.machine.map_gpa.tracker.region  # type: ignore[attr-defined]
+            tracker = target.map_gpa.tracker
+            assert isinstance(tracker, DonatedTracker)
+            assert tracker.region == source_region and tracker.read_now() == "valid"
+            attrs = target.kvm_vm.mem_attrs
+            assert attrs is not None
+            private = bitarray(endian="little")
+            private.pack(bytes(attrs.private[:2048]))
+            assert tracker.shared_ranges() == bits_to_ranges(~private)
+            assert target.vmm.donate is not None
+            assert target.vmm.donate.log[0][3] == "migrated from the source"
+        finally:
+            migration.close()
+    _check(report)
+    assert 3 in report.target_syncs  # the guest's last conversions ran on the target
+
+
+@pytest.mark.parametrize("vm_type", ["sev-snp", "sev-es"])
+def test_hostile_guest_corrupting_its_donated_structure(vm_type: str) -> None:
+    """A guest that corrupts its donated structure mid-migration (a count above the capacity):
+    the VMM finds it invalid, falls back to a full status resync from KVM's attributes every
+    round from then on, says so, and loses nothing; SEV-ES, without attributes, is refused."""
+    report = migrate(GUESTS / "migrate_donate_hostile.s",
+                     VmOptions(vm_type=vm_type, memory="8M", seed=1, tracker="donated"), rounds=3, slice_exits=8)
+    if vm_type == "sev-es":
+        assert report.outcome == "refused" and "donated encryption-status structure is invalid" in report.detail
+        assert report.to_json()["tracker_poisoned"] is True
+        return
+    _check(report)
+    assert report.resync["fallback"] is True and report.resync["source"] == "memory-attributes"
+    assert report.resync["reason"] == "donated structure invalid: count 2147483647 > capacity 1278"
+    sources = [r.status_source for r in report.rounds]
+    assert "donated" in sources[1:] and sources[-1] == "memory-attributes"
+    info = report.to_json()
+    assert info["target_donation"]["accepted"] is False and "count 2147483647" in info["target_donation"]["reason"]
+
+
+# ------------------------------------------------------------------------------ the oracle
+def test_oracle_counts_a_page_written_on_one_side_only() -> None:
+    """The page check: two legacy SEV VMs with different keys agree on every page nothing was
+    written to (each decrypts zeros into its own garbage: the same never-written page), a page
+    written through C=1 on one side only is corrupted, and on SNP the fast comparison counts
+    exactly what the digests of every page count."""
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
+    with testbed.Vm(options) as a, testbed.Vm(dataclasses.replace(options, seed=2)) as b:
+        a.load(GUESTS / "migrate_churn.s")
+        b.load(GUESTS / "migrate_churn.s")
+        base = compare_machines(a.machine, b.machine)
+        a.machine.memory.cpu_write(0x700000, b"\x5a" * PAGE, private=True)
+        after = compare_machines(a.machine, b.machine)
+        assert after.corrupted_pages == base.corrupted_pages + 1 and after.lost_pages == base.lost_pages
+        assert {"gfn": 0x700, "kind": "corrupted", "source": "private", "target": "private"} in after.mismatches
+        assert compare_machines(a.machine, a.machine).corrupted_pages == 0
+    options = migration_options(VmOptions(vm_type="sev-snp", memory="8M", seed=1))
+    with testbed.Vm(options) as a, testbed.Vm(dataclasses.replace(options, seed=2)) as b:
+        va, vb = a.load(GUESTS / "migrate_churn.s"), b.load(GUESTS / "migrate_churn.s")
+        for _ in range(3):
+            va.run_to_ucall()
+        for _ in range(5):
+            vb.run_to_ucall()
+        fast, digests = compare_machines(a.machine, b.machine), compare(guest_view(a.machine), guest_view(b.machine))
+        assert (fast.lost_pages, fast.corrupted_pages, fast.mismatches) == (
+            digests.lost_pages, digests.corrupted_pages, digests.mismatches)
+        assert fast.lost_pages > 0 and fast.corrupted_pages > 0
+
+
+def test_transport_keystream_is_aes_ctr() -> None:
+    """The firmware's transport encryption (one CTR context re-seeded per packet) is AES-128-CTR
+    from the packet's IV, byte for byte, whatever the length or counter (carries included)."""
+    session = TransportSession.create(5)
+    rng = random.Random(3)
+    for length in (0, 5, 16, 17, PAGE, 2 * PAGE + 3):
+        for low in (0, 77 << 12, (1 << 64) - 1, rng.getrandbits(64)):
+            for high in (0, (1 << 64) - 1):
+                iv = (high << 64 | low).to_bytes(16, "big")
+                data = rng.randbytes(length)
+                enc = Cipher(algorithms.AES(session.tek), modes.CTR(iv)).encryptor()
+                assert session._crypt(iv, data) == enc.update(data) + enc.finalize()
 
 
 # ------------------------------------------------------------------- status export and XOR

@@ -85,24 +85,44 @@ dn_init_out:
     ret
 
 # The pages the runtime shared before the structure existed: the ucall page (SEV, TDX) and the
-# GHCB (SEV-ES, SNP).
+# GHCB (SEV-ES, SNP). A guest that declares itself ready for live migration
+# (GUEST_MIGRATION_READY, runtime.s) must have every shared page reported: on a VM whose RAM
+# starts shared (neither SEV nor TDX: sw-protected) that is all of RAM, recorded as one range
+# the guest's private conversions then cut (call donate_init before converting anything).
 dn_record_runtime:
     push rax
+    push rcx
     push rdx
     push rsi
     push rdi
+    mov ecx, GUEST_MIGRATION_READY     # (the runtime's default, or the host's define)
     mov rax, RT_DATA
     mov rdx, qword ptr [rax + 0x800]
     or rdx, qword ptr [rax + 0x900]
+    jnz dn_rr_ucall
+    test ecx, ecx                      # neither SEV nor TDX: the ucall page is not shared
     jz dn_rr_ghcb
+    xor edi, edi                       # migratable and RAM starts shared: all of it
+    mov rsi, GUEST_MEM_SIZE / 4096
+    mov edx, 1
+    call donate_update
+    jmp dn_rr_out
+dn_rr_ucall:
     mov rdi, UCALL_GPA
     mov rsi, 1
     mov edx, 1
     call donate_update
 dn_rr_ghcb:
     mov rax, RT_DATA
+    test ecx, ecx
+    jz dn_rr_es
+    cmp qword ptr [rax + 0x800], 0     # migratable: SEV maps the GHCB page shared too, and the
+    je dn_rr_out                       # runtime reported it to the host (rt_migration_ready)
+    jmp dn_rr_record_ghcb
+dn_rr_es:
     test qword ptr [rax + 0x808], 2
     jz dn_rr_out
+dn_rr_record_ghcb:
     mov rdi, RT_GHCB
     mov rsi, 1
     mov edx, 1
@@ -111,6 +131,7 @@ dn_rr_out:
     pop rdi
     pop rsi
     pop rdx
+    pop rcx
     pop rax
     ret
 

@@ -301,6 +301,13 @@ class GuestMemory:
             self.on_ownership_change(frame)
         return True
 
+    def _overwrite_private(self, frame: int) -> None:
+        """Legacy: move `frame` to the private alias for a write of all of it (make_private
+        without decrypting the DRAM bytes the write replaces)."""
+        self.owner[frame] = OWNER_PRIVATE
+        if self.on_ownership_change is not None:
+            self.on_ownership_change(frame)
+
     def make_dram(self, frame: int) -> bool:
         """Legacy: move `frame` to the DRAM alias (encrypting the plaintext); True if ownership moved."""
         if self.cipher is None or self.owner[frame] == OWNER_DRAM:
@@ -422,7 +429,10 @@ class GuestMemory:
                 buf = self._gmem_buf(frame)
                 self.materialise(frame, 1, buf is not self.dram)
             elif private:
-                self.make_private(frame)
+                if n == PAGE_SIZE and self.cipher is not None and self.owner[frame] != OWNER_PRIVATE:
+                    self._overwrite_private(frame)  # the whole frame is overwritten: nothing to decrypt
+                else:
+                    self.make_private(frame)
                 buf = self.private if self.cipher is not None else self.dram
             else:
                 self.make_dram(frame)

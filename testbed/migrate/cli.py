@@ -22,8 +22,8 @@ def add_migrate_subparser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("guest", type=Path, help="guest source (.s)")
     p.add_argument("--vm-type", default="sev-snp", help=f"{', '.join(MIGRATE_VM_TYPES)} (default sev-snp)")
     p.add_argument("--tracker", default=None,
-                   help="the source VMM's shared-page tracker: bitmap, ranges, tree (native-bitmap, "
-                        "native-ranges where built)")
+                   help="the source VMM's shared-page tracker: bitmap, ranges, tree, donated (the guest's "
+                        "own structure: guests/lib/donate.s), native-bitmap, native-ranges where built")
     p.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
     p.add_argument("--rounds", default=str(DEFAULT_ROUNDS),
                    help=f"pre-copy rounds after the bulk round (default {DEFAULT_ROUNDS})")
@@ -66,12 +66,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.write(f"pages compared {report.compared_pages}, lost {report.lost_pages}, "
                   f"corrupted {report.corrupted_pages}; downtime {report.downtime_s * 1e3:.1f} ms, "
                   f"total {report.total_s:.2f} s\n")
-        if report.resync.get("fallback"):
-            out.write(f"status resync: {report.resync['source']} ({report.resync.get('reason')})\n")
-        out.write("round  kind     sent  private  shared  dirty  status-bytes  changes  time-ms\n")
+        resync = report.resync
+        if resync.get("fallback"):
+            out.write(f"status resync: {resync['source']} ({resync.get('reason')})\n")
+        elif resync.get("source") == "donated":
+            out.write(f"status: the guest's donated structure ({resync.get('donated_reads', 0)} reads, "
+                      f"{resync.get('retried_reads', 0)} mid-update reads retried next round, "
+                      f"{resync.get('before_donation', 0)} rounds from KVM's attributes before the donation)\n")
+        donation = report.extra.get("target_donation")
+        if donation is not None:
+            out.write(f"target: donation at 0x{donation['gpa']:x} ({donation['size']} bytes) "
+                      + ("taken over" if donation["accepted"] else f"refused: {donation['reason']}") + "\n")
+        out.write("round  kind     sent  private  shared  zero  dirty  status-bytes  changes  time-ms\n")
         for r in report.rounds:
             out.write(f"{r.round:5d}  {r.kind:7s}  {r.pages_sent:4d}  {r.private_pages_sent:7d}  "
-                      f"{r.shared_pages_sent:6d}  {r.dirty_pages:5d}  {r.status_bytes:12d}  "
+                      f"{r.shared_pages_sent:6d}  {r.zero_pages:4d}  {r.dirty_pages:5d}  {r.status_bytes:12d}  "
                       f"{r.status_changes:7d}  {r.time_s * 1e3:7.2f}\n")
         for m in report.mismatches:
             out.write(f"  gfn 0x{m['gfn']:x}: {m['kind']} (source {m['source']}, target {m['target']})\n")

@@ -26,6 +26,16 @@ its own writes in its migration bitmap: KVM's log sees only the guest's and KVM'
 A poisoned tracker (a hostile guest overflowed the list) falls back to a full status resync
 from KVM's memory attributes for as long as it stays poisoned; on SEV-ES, which has no memory
 attributes, the migration is refused instead (`MigrationRefusedError`).
+
+The donated tracker (tracker/donated.py) is read each round, bounded and validated: before the
+guest has donated, the round resyncs from the attributes and says so (on SEV-ES the VMM waits,
+a bounded number of exits, for the donation); a read mid-update (odd generation) reuses the
+last export and the next round reads again; the stop waits for an even generation; a
+structure found invalid falls back as a poisoned tracker does. The target VMM takes the
+donation over (same GPA and size: it arrived with the memory).
+
+Pages that hold nothing on either side are not sent (`RoundStats.zero_pages`, QEMU's zero
+pages): see `_send_pages`. SEV-SNP sends every private page: its RMP state travels with it.
 """
 
 from __future__ import annotations
@@ -41,10 +51,10 @@ from bitarray import bitarray
 
 from testbed.errors import TestbedError, UsageError
 from testbed.hw.exits import RunStop
-from testbed.hw.memory import UnmappableMemoryError
+from testbed.hw.memory import PRESENT_PRIVATE, UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL, KvmExit
-from testbed.migrate.oracle import Comparison, PageView, compare, guest_view
+from testbed.migrate.oracle import Comparison, compare_machines
 from testbed.migrate.status import (
     StatusExport,
     export_memory_attributes,
@@ -52,6 +62,7 @@ from testbed.migrate.status import (
     export_tracker,
     status_changes,
 )
+from testbed.tracker.donated import ENCS_RECORDS, DonatedTracker
 from testbed.vmm.ucall import Ucall
 from testbed.x86 import PAGE_SIZE
 
@@ -63,6 +74,14 @@ if TYPE_CHECKING:
 MIGRATE_VM_TYPES = ("sev", "sev-es", "sev-snp", "sw-protected", "default")
 DEFAULT_ROUNDS = 3
 DEFAULT_SLICE_EXITS = 8
+#: Donated tracker on a VM type without memory attributes: exits the source may run before
+#: round 0 waiting for the guest's donation.
+DONATION_WAIT_EXITS = 256
+#: Donated tracker: exits the source may run at the stop waiting for its structure to be
+#: consistent (an even generation).
+STOP_WAIT_EXITS = 256
+
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 #: A host handler for the guest's GUEST_SYNCs (the host half of a selftest-style guest).
 UcallHandler = Callable[["Vm", Ucall], None]
@@ -103,6 +122,8 @@ class RoundStats:
     status_source: str = ""
     #: pages whose send failed because their status changed under the send (re-sent next round)
     deferred_pages: int = 0
+    #: pages not sent because they hold nothing yet on either side (zero pages, _send_pages)
+    zero_pages: int = 0
     time_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -216,7 +237,8 @@ class Migration:
         self.target_seed = target_seed if target_seed is not None else ((seed if seed is not None else 0) + 1)
         self.guest_pages = machine.memory.nframes
         self.report = MigrationReport(outcome="running", vm_type=self.options.vm_type, tracker=self.options.tracker,
-                                      resync={"source": "tracker"})
+                                      resync={"source": "donated" if self.options.tracker == DonatedTracker.name
+                                              else "tracker"})
         self.target: Vm | None = None
         self.target_vcpu: Vcpu | None = None
         self._send: Any = None
@@ -224,9 +246,13 @@ class Migration:
         self._previous: StatusExport | None = None
         self._round = 0
         self._deferred: set[int] = set()
+        #: in stop-and-copy: a status export must be current (no last export reused)
+        self._stopping = False
         self._vmm_dirty: set[int] = set()
-        self._source_view: list[PageView] | None = None
         self._target_private: bitarray | None = None
+        #: target pages the migration has written: the others are still as the target started (zero)
+        self._target_written = bitarray(self.guest_pages, endian="little")
+        self._target_written.setall(0)
         self._started = 0.0
         self._deadline = 0.0
         #: private pages go through the firmware where the VM has private memory
@@ -293,7 +319,15 @@ class Migration:
         stats = RoundStats(0, "bulk")
         t0 = time.perf_counter()
         attrs = machine.kvm_vm.mem_attrs
-        if attrs is not None and self.options.hc_protocol != "page-enc-status" and not machine.sev:
+        donated = machine.map_gpa.tracker if isinstance(machine.map_gpa.tracker, DonatedTracker) else None
+        # No attributes to resync from before the guest donates (SEV-ES): wait for it.
+        if (donated is not None and attrs is None and donated.read_now() != "valid"
+                and self._quiesce(DONATION_WAIT_EXITS, ("none", "updating")) != "valid"):
+            raise MigrationRefusedError(
+                    f"the guest's donated encryption-status structure is not readable after {DONATION_WAIT_EXITS} "
+                    f"exits ({donated.reason}) and this VM type keeps no memory attributes: the migration is refused")
+        if (attrs is not None and self.options.hc_protocol != "page-enc-status" and not machine.sev
+                and donated is None):
             # sw-protected RAM starts shared and the tracker records conversions only, so it
             # cannot tell a page never converted (shared) from one made private: resync the
             # status once from KVM's attributes and load the tracker with it; from here on
@@ -305,6 +339,8 @@ class Migration:
             tracker.apply((gfn, n, True) for gfn, n in full.shared_ranges())
             stats.status_bytes += full.nbytes
             self.report.resync["initial"] = "memory-attributes (sw-protected RAM starts shared)"
+        # (The donated structure needs no such load: the guest records the RAM it starts with
+        # shared itself when it declares itself ready for migration, guests/lib/donate.s.)
         status = self._export(stats)
         machine.kvm_vm.get_dirty_log()  # start the log from here: round 0 sends every page
         self._vmm_dirty.clear()
@@ -390,8 +426,18 @@ class Migration:
         """Stop the source, send what is left and the vCPU state, compare the guest's views."""
         if self.target is None or self.target_vcpu is None:
             raise UsageError("Migration.start() first")
-        t_stop = time.perf_counter()
         machine = self.source.machine
+        tracker = machine.map_gpa.tracker
+        # Stop where the guest's structure is consistent (even generation): the last read must
+        # be complete. The guest runs on a little; if it never leaves its update, the stop
+        # round falls back to the attributes (_export_donated), or refuses on SEV-ES.
+        if (isinstance(tracker, DonatedTracker) and self.final_resync and tracker.read_now() == "updating"
+                and self._quiesce(STOP_WAIT_EXITS, ("updating",)) == "updating" and machine.kvm_vm.mem_attrs is None):
+            raise MigrationRefusedError(
+                f"the guest's donated encryption-status structure stayed mid-update for {STOP_WAIT_EXITS} exits "
+                "and this VM type keeps no memory attributes: the migration is refused")
+        t_stop = time.perf_counter()
+        self._stopping = True
         # KVM_RUN with immediate_exit: the pending exit's completion runs, the guest does not.
         extra = machine.kvm_vcpu.complete_pending()
         if extra is not None:
@@ -406,6 +452,8 @@ class Migration:
             again = sorted(self._deferred)
             self._deferred.clear()
             self._send_pages(again, now, stats)
+        if isinstance(tracker, DonatedTracker) and tracker.region is not None:
+            self._adopt_donation(tracker)
         # The vCPU state: through the firmware where the host cannot read it.
         from testbed.kvm.migration import get_vcpu_state, set_vcpu_state
 
@@ -426,8 +474,7 @@ class Migration:
         self.report.downtime_s = stats.time_s
         self._round += 1
         # The oracle (not the VMM): the guest's view of every page, source at the stop and target.
-        self._source_view = guest_view(machine)
-        result: Comparison = compare(self._source_view, guest_view(target_machine))
+        result: Comparison = compare_machines(machine, target_machine)
         self.report.compared_pages = result.compared_pages
         self.report.lost_pages = result.lost_pages
         self.report.corrupted_pages = result.corrupted_pages
@@ -436,12 +483,32 @@ class Migration:
         self.report.extra["target_shared_ranges"] = [[g, n] for g, n in tracker.shared_ranges()]
         return stats
 
+    def _adopt_donation(self, source: DonatedTracker) -> None:
+        """The target VMM takes over the guest's donation (same GPA and size: the structure
+        arrived with the memory), so the guest keeps using it there (vmm/donate.py adopt)."""
+        assert self.target is not None and source.region is not None
+        region = source.region
+        handler = self.target.machine.vmm.donate
+        info: dict[str, Any] = {"gpa": region.gpa, "size": region.size}
+        if handler is None:
+            info.update(accepted=False, reason="the target VMM does not run the donated tracker")
+        else:
+            why = handler.adopt(region.gpa, region.size)
+            info.update(accepted=why is None, reason=why or "")
+        self.report.extra["target_donation"] = info
+
     def finish(self) -> MigrationReport:
         """Resume the guest on the target and run it to its end (the report's `outcome`)."""
         if self.target is None or self.target_vcpu is None:
             raise UsageError("Migration.start() first")
         report = self.report
         report.outcome, report.detail = self._run_to_end(self.target, self.target_vcpu, report.target_syncs)
+        tracker = self.target.machine.map_gpa.tracker
+        if isinstance(tracker, DonatedTracker):
+            # Whether the guest kept its structure on the target: the target VMM's last read.
+            state = tracker.read_now()
+            report.extra["target_tracker"] = {"state": state, "reason": tracker.reason or "",
+                                              "generation": tracker.generation, "reads": tracker.reads}
         report.total_s = time.perf_counter() - self._started
         return report
 
@@ -478,26 +545,76 @@ class Migration:
         """The encryption status as the VMM can export it now (module docstring)."""
         machine = self.source.machine
         kvm_vm = machine.kvm_vm
+        tracker = machine.map_gpa.tracker
         if self.options.hc_protocol == "page-enc-status":
             status = export_page_enc_bitmap(kvm_vm.get_page_enc_bitmap, self.guest_pages)
+        elif isinstance(tracker, DonatedTracker):
+            status = self._export_donated(tracker, stats)
         else:
-            status = export_tracker(machine.map_gpa.tracker, self.options.tracker)
+            status = export_tracker(tracker, self.options.tracker)
             if status.poisoned:
-                attrs = kvm_vm.mem_attrs
-                if attrs is None:
-                    raise MigrationRefusedError(
-                        f"the {self.options.tracker} tracker is poisoned (a guest overflowed its "
-                        f"{machine.map_gpa.tracker.max_ranges} records) and this VM type keeps no memory "
-                        "attributes to resync the status from: the migration is refused",
-                        tracker_poisoned=True)
-                # Fall back: a full resync from KVM's memory attributes (status.py).
-                status = export_memory_attributes(attrs.is_private, self.guest_pages,
-                                                  bytes(attrs.private[:self.guest_pages]))
-                self.report.resync = {"source": "memory-attributes", "fallback": True,
-                                      "reason": "tracker poisoned", "tracker_poisoned": True}
+                status = self._full_resync(
+                    f"the {self.options.tracker} tracker is poisoned (a guest overflowed its "
+                    f"{tracker.max_ranges} records)", {"reason": "tracker poisoned"})
         stats.status_bytes += status.nbytes
-        stats.status_source = status.source
+        stats.status_source = stats.status_source or status.source
         return status
+
+    def _full_resync(self, why: str, info: dict[str, Any]) -> StatusExport:
+        """The fallback: a full status resync from KVM's memory attributes, or
+        MigrationRefusedError where the VM type keeps none (SEV-ES)."""
+        attrs = self.source.machine.kvm_vm.mem_attrs
+        if attrs is None:
+            raise MigrationRefusedError(f"{why} and this VM type keeps no memory attributes to resync the "
+                                        "status from: the migration is refused", tracker_poisoned=True)
+        self.report.resync.update({"source": "memory-attributes", "fallback": True, "tracker_poisoned": True,
+                                   **info})
+        return export_memory_attributes(attrs.is_private, self.guest_pages, bytes(attrs.private[:self.guest_pages]))
+
+    def _export_donated(self, tracker: DonatedTracker, stats: RoundStats) -> StatusExport:
+        """The donated tracker's export: the guest's structure, read now (bounded and validated,
+        tracker/donated.py). Not donated yet: KVM's attributes this round (said so; on SEV-ES,
+        which has none, start() waited for the donation). Mid-update (odd generation): the last
+        export stands for this round and the next round reads again. Invalid (a hostile or
+        broken guest): the full-resync fallback, every round from then on."""
+        resync = self.report.resync
+        state = tracker.read_now()
+        if state == "valid":
+            status = dataclasses.replace(export_tracker(tracker, "donated"), source="donated")
+            resync["donated_reads"] = resync.get("donated_reads", 0) + 1
+            return status
+        if state == "invalid":
+            return self._full_resync(f"the guest's donated encryption-status structure is invalid ({tracker.reason})",
+                                     {"reason": f"donated structure invalid: {tracker.reason}"})
+        attrs = self.source.machine.kvm_vm.mem_attrs
+        if state == "updating" and self._previous is not None and not self._stopping:
+            resync["retried_reads"] = resync.get("retried_reads", 0) + 1
+            stats.status_source = "donated (update in progress: last export reused, read again next round)"
+            return dataclasses.replace(self._previous, nbytes=ENCS_RECORDS)  # only the header was read
+        if attrs is None:
+            raise MigrationRefusedError(f"the donated tracker cannot export the status ({tracker.reason}) and this VM "
+                                        "type keeps no memory attributes to resync it from: the migration is refused")
+        # Before the donation (or mid-update with nothing exported yet): KVM's attributes, this round only.
+        key = "before_donation" if state == "none" else "mid_update"
+        resync[key] = resync.get(key, 0) + 1
+        stats.status_source = f"memory-attributes ({tracker.reason})"
+        return export_memory_attributes(attrs.is_private, self.guest_pages, bytes(attrs.private[:self.guest_pages]))
+
+    def _quiesce(self, limit: int, states: tuple[str, ...]) -> str:
+        """Donated tracker: run the source one exit at a time, at most `limit` exits, until its
+        structure's state is not one of `states` (the seqlock's retry: a reader that finds the
+        writer inside runs again later; the guest's vCPU is the writer, and it only leaves its
+        update between exits). The final state."""
+        tracker = self.source.machine.map_gpa.tracker
+        assert isinstance(tracker, DonatedTracker)
+        state = tracker.read_now()
+        waited = 0
+        while state in states and waited < limit:
+            self.run_slice(1)
+            waited += 1
+            state = tracker.read_now()
+        self.report.resync["quiesce_exits"] = self.report.resync.get("quiesce_exits", 0) + waited
+        return state
 
     def _status_now(self, stats: RoundStats) -> tuple[StatusExport, list[tuple[int, int]]]:
         status = self._export(stats)
@@ -530,12 +647,19 @@ class Migration:
 
     def _send_pages(self, pages: Any, status: StatusExport, stats: RoundStats) -> None:
         """Send `pages` with the encryption status `status` says (private through the firmware,
-        shared raw); the target's page states follow the status first."""
+        shared raw); the target's page states follow the status first. A page that holds
+        nothing yet on either side is not sent (`_never_written`: QEMU's zero pages)."""
         assert self.target is not None and self._target_private is not None
         source, target = self.source, self.target
         shared = status.shared_bits(self.guest_pages)
         target_map = target.machine.map_gpa
         target_private = self._target_private
+        written = self._target_written
+        memory = source.machine.memory
+        legacy = memory.encrypted
+        # sw-protected: a guest_memfd page never allocated reads as zeros (no RMP state to carry,
+        # unlike SNP, whose every private page travels with its validated state).
+        present = memory.present if memory.guest_memfd and not source.machine.snp else None
         for gfn in pages:
             gpa = gfn * PAGE_SIZE
             private = not shared[gfn]
@@ -543,6 +667,15 @@ class Migration:
             if target_private[gfn] != private and target_map.convert(gfn, 1, private) == 0:
                 target_private[gfn] = private
             private = private and self.firmware  # a VM without private memory: all raw
+            # Nothing on either side: an unallocated guest_memfd page (sw-protected), a legacy
+            # frame the host sees as zeros (the guest never wrote it through C=1: its C=1 view is
+            # the decryption of zeros under each VM's key, which the page check counts equal).
+            if not written[gfn] and private and (
+                    (present is not None and not present[gfn] & PRESENT_PRIVATE)
+                    or (legacy and memory.host_view_kind(gpa) == "plaintext"
+                        and source.read(gpa, PAGE_SIZE) == ZERO_PAGE)):
+                stats.zero_pages += 1
+                continue
             try:
                 if private:
                     header, packet = self._send.send_update_data(gpa, PAGE_SIZE)
@@ -564,9 +697,13 @@ class Migration:
                         f"(RECEIVE_UPDATE_DATA: {exc}): the migration failed, the source keeps the guest",
                         gpa=gpa, errno=exc.errno, fw_error=getattr(exc, "fw_error", None)) from None
                 stats.private_pages_sent += 1
+            elif not written[gfn] and data == ZERO_PAGE:
+                stats.zero_pages += 1  # the target's page is zero already
+                continue
             else:
                 target.write(gpa, data)
                 stats.shared_pages_sent += 1
+            written[gfn] = 1
             stats.pages_sent += 1
 
 

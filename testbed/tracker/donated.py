@@ -283,6 +283,23 @@ class DonatedTracker(SharedTracker):
         return self._invalid or self._transient
 
     @property
+    def state(self) -> str:
+        """What the last read found, without reading again: "none" (nothing donated yet),
+        "updating" (an odd generation: read again later), "invalid" (sticky, `reason` says
+        why) or "valid" (the ranges are the guest's shared set). The migration tells these
+        apart (testbed/migrate/migration.py): wait or resync, retry, fall back, use."""
+        if self._region is None:
+            return "none"
+        if self._invalid is not None:
+            return "invalid"
+        return "updating" if self._transient is not None else "valid"
+
+    def read_now(self) -> str:
+        """Read and validate the structure now; the resulting `state`."""
+        self._refresh()
+        return self.state
+
+    @property
     def poisoned(self) -> bool:
         """True when the structure was found invalid (sticky), is being updated, or was never
         donated: the ranges are then the last valid snapshot, not the guest's shared set."""

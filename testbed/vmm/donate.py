@@ -64,3 +64,16 @@ class DonateHandler:
             return neg(exc.errno)
         self.log.append((gpa, size, 0, ""))
         return 0
+
+    def adopt(self, gpa: int, size: int) -> str | None:
+        """Live migration's target: take over the donation the guest made on the source (its
+        region arrived with the guest's memory), as if the guest had donated it here, so the
+        guest keeps its structure where it is. None, or why the donation was refused (the
+        tracker then stays without one and says so)."""
+        try:
+            self.tracker.donate(gpa, size, self.memory.read, self.memory.write, self.is_private)
+        except DonationRefusedError as exc:
+            self.log.append((gpa, size, exc.errno, f"migrated donation refused: {exc.reason}"))
+            return exc.reason
+        self.log.append((gpa, size, 0, "migrated from the source"))
+        return None

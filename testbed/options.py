@@ -190,10 +190,11 @@ def parse_pv_features(value: int | str | None) -> int | None:
 
 
 def parse_tracker(value: str) -> str:
-    """A shared-page tracker name a VM can run with (bitmap, ranges, tree, donated)."""
-    from testbed.tracker import VM_TRACKER_KINDS
+    """A shared-page tracker name a VM can run with (bitmap, ranges, tree, donated, and the C
+    structures native-bitmap, native-ranges, native-tree when the extension is built)."""
+    from testbed.tracker import NATIVE_TRACKER_KINDS, VM_TRACKER_KINDS
 
-    return parse_choice(value, "tracker", VM_TRACKER_KINDS)
+    return parse_choice(value, "tracker", (*VM_TRACKER_KINDS, *NATIVE_TRACKER_KINDS))
 
 
 def parse_max_ranges(value: int | str | None) -> int | None:

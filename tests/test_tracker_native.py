@@ -281,3 +281,20 @@ def test_python_trackers_serve_without_the_extension() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "() [(1, 2)]"
+
+
+@pytest.mark.parametrize("kind", ["native-bitmap", "native-ranges", "native-tree"])
+def test_a_vm_runs_with_a_native_tracker(kind: str) -> None:
+    """`--tracker native-*`: the VMM records the guest's conversions in the C structure, with the
+    same result as its Python model (guests/conversions.s, DMA-churn shape)."""
+    from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
+
+    reports = {}
+    for name in (kind, kind.removeprefix("native-")):
+        options = VmOptions(vm_type="sev", memory=24 << 20, tracker=name, defines={"SHAPE": 1, "CHURN": 8})
+        with Machine(build_program(GUESTS_DIR / "conversions.s", options), options) as machine:
+            assert machine.map_gpa.tracker.name == name
+            reports[name] = machine.run()
+    native, python = reports[kind], reports[kind.removeprefix("native-")]
+    assert native.outcome == python.outcome == "done", native.detail
+    assert native.shared_ranges == python.shared_ranges and len(native.shared_ranges) > 2

@@ -23,7 +23,7 @@ def add_migrate_subparser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--vm-type", default="sev-snp", help=f"{', '.join(MIGRATE_VM_TYPES)} (default sev-snp)")
     p.add_argument("--tracker", default=None,
                    help="the source VMM's shared-page tracker: bitmap, ranges, tree, donated (the guest's "
-                        "own structure: guests/lib/donate.s), native-bitmap, native-ranges where built")
+                        "own structure: guests/lib/donate.s), native-bitmap, native-ranges, native-tree where built")
     p.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
     p.add_argument("--rounds", default=str(DEFAULT_ROUNDS),
                    help=f"pre-copy rounds after the bulk round (default {DEFAULT_ROUNDS})")

@@ -57,7 +57,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pv-features", default=None,
                    help="comma-separated KVM PV features to advertise (pv_unhalt, pv_send_ipi, pv_sched_yield, "
                         "hc_map_gpa_range) or 'none'; default: all modelled")
-    p.add_argument("--tracker", default=None, help="shared-page tracker: bitmap, ranges, tree, donated, or native-bitmap, native-ranges, native-tree (C) where built")
+    p.add_argument("--tracker", default=None,
+                   help="shared-page tracker: bitmap, ranges, tree, donated, or native-bitmap, native-ranges, "
+                        "native-tree (C) where built")
     p.add_argument("--max-ranges", default=None, help="tracker bound (records) before it is poisoned")
     p.add_argument("--hc-protocol", default="map-gpa-range", choices=("map-gpa-range", "page-enc-status"),
                    help="conversion hypercall ABI: today's KVM_HC_MAP_GPA_RANGE or the seed-era "

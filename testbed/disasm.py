@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from testbed.decode import disassemble
 from testbed.errors import GuestBootError, GuestMemoryError, UsageError
 from testbed.textout import plain_console, plain_table
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 #: At most this many instructions (at most 15 bytes each): a listing, not a memory dump.
 MAX_COUNT = 4096
@@ -128,8 +133,29 @@ def cmd_disasm(args: argparse.Namespace) -> int:
     if not insns and stopped is not None:
         console.print(f"{title}: nothing to show: {stopped}", soft_wrap=True)
         return 0
-    table = plain_table(title, "address", "bytes", "instruction", caption="; ".join(notes) or None)
-    for insn in insns:
-        table.add_row(f"0x{insn.address:x}", insn.raw.hex(" "), insn.text)
-    console.print(table)
+    rows = [(f"0x{insn.address:x}", insn.raw.hex(" "), insn.text) for insn in insns]
+    console.print(listing(console, title, "; ".join(notes) or None, rows))
     return 0
+
+
+def listing(console: Console, title: str, caption: str | None, rows: Sequence[tuple[str, str, str]]) -> Table:
+    """The listing's table, one line per instruction, as `console` prints it.
+
+    When the table fits the console unfolded (the usual case) the rows go in as one row of
+    newline-joined cells: no cell wraps, so each line stays beside its row's other cells and
+    rich prints the very text of one row per instruction, in a third of the time (--count
+    4096: 12,288 cells). Otherwise (rich folds what is too wide) one row per instruction."""
+
+    def table() -> Table:
+        return plain_table(title, "address", "bytes", "instruction", caption=caption)
+
+    if rows and not any("\n" in cell for row in rows for cell in row):
+        joined = table()
+        joined.add_row(*("\n".join(column) for column in zip(*rows, strict=True)))
+        unbounded = console.options.update_width(1 << 20)
+        if console.measure(joined, options=unbounded).maximum <= console.width:
+            return joined
+    per_row = table()
+    for row in rows:
+        per_row.add_row(*row)
+    return per_row

@@ -22,32 +22,57 @@ from testbed.machine import GUESTS_DIR, LIB_DIR, VmOptions, build_program, guest
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = "guest_main:\n    GUEST_SYNC VALUE\n    GUEST_DONE\n"
 
-# Run in a child process: build `guest.s` in the directory argv[2] with VALUE from argv[1],
-# print the digest of the program, and, with "--no-assembly", fail if anything is assembled.
+# Run in a child process in the directory argv[1]: for each line "VALUE [--no-assembly]" read
+# from stdin, build `guest.s` there with VALUE and print the digest of the program; with
+# "--no-assembly", fail if anything is assembled. Before each line the process forgets the
+# programs it built (cache._memory), so each line finds only what the user cache holds, as a
+# new process would: one child does the work of several.
 CHILD = """
 import sys
 from testbed.asm import assembler, cache
 from testbed.machine import VmOptions, build_program
-if "--no-assembly" in sys.argv:
-    def refuse(*args, **kwargs):
-        raise SystemExit("assembled although the program is cached")
-    cache._assemble_unit = refuse
-program = build_program(sys.argv[2] + "/guest.s", VmOptions(defines={"VALUE": sys.argv[1]}))
-print(cache.program_digest(program))
+assemble = cache._assemble_unit
+def refuse(*args, **kwargs):
+    raise SystemExit("assembled although the program is cached")
+for line in sys.stdin:
+    value, *flags = line.split()
+    cache._memory.clear()
+    cache._assemble_unit = refuse if "--no-assembly" in flags else assemble
+    program = build_program(sys.argv[1] + "/guest.s", VmOptions(defines={"VALUE": value}))
+    print(cache.program_digest(program), flush=True)
 """
 
 
-def run_child(directory: Path, cache_dir: Path | str, value: str, *flags: str) -> subprocess.Popen[str]:
+def run_child(directory: Path, cache_dir: Path | str) -> subprocess.Popen[str]:
+    """A child (CHILD) reading its builds from stdin."""
     env = {**os.environ, "TESTBED_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, value, str(directory), *flags], cwd=directory, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(directory)], cwd=directory, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ask(process: subprocess.Popen[str], value: str, *flags: str) -> str:
+    """One build by a running child: its program's digest."""
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(" ".join((value, *flags)) + "\n")
+    process.stdin.flush()
+    digest = process.stdout.readline().strip()
+    if not digest:
+        _, err = process.communicate(timeout=120)
+        pytest.fail(f"the child printed no digest: {err}")
+    return digest
+
+
+def finish(process: subprocess.Popen[str]) -> None:
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
 
 
 def child_digest(directory: Path, cache_dir: Path | str, value: str, *flags: str) -> str:
-    process = run_child(directory, cache_dir, value, *flags)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    return out.strip()
+    """One build in a new process."""
+    process = run_child(directory, cache_dir)
+    digest = ask(process, value, *flags)
+    finish(process)
+    return digest
 
 
 def reference(path: Path, value: str) -> str:
@@ -73,9 +98,10 @@ def entries(directory: Path) -> list[Path]:
 
 
 def test_a_program_assembled_in_one_process_is_reused_by_another(tmp_path: Path, user_cache: Path) -> None:
-    """A second process finds the program in the user cache and assembles nothing."""
+    """A second process finds the program in the user cache and assembles nothing (the first is
+    this one: it has no entry, so it assembles and writes one)."""
     (tmp_path / "guest.s").write_text(GUEST)
-    first = child_digest(tmp_path, user_cache.parent, "5")
+    first = cache.program_digest(build_program(tmp_path / "guest.s", VmOptions(defines={"VALUE": "5"})))
     assert len(entries(user_cache)) == 1
     assert child_digest(tmp_path, user_cache.parent, "5", "--no-assembly") == first == reference(
         tmp_path / "guest.s", "5")
@@ -95,9 +121,11 @@ def test_a_changed_define_or_include_misses(tmp_path: Path, user_cache: Path) ->
     edited = build_program(guest, VmOptions(defines={"VALUE": "2"}))
     assert cache.program_digest(edited) == reference(guest, "2") != cache.program_digest(two)
     # In another process too (no memory of this one's programs).
-    assert child_digest(tmp_path, user_cache.parent, "2", "--no-assembly") == cache.program_digest(edited)
+    child = run_child(tmp_path, user_cache.parent)
+    assert ask(child, "2", "--no-assembly") == cache.program_digest(edited)
     (tmp_path / "inc.s").write_text(".equ EXTRA, 1\n")
-    assert child_digest(tmp_path, user_cache.parent, "2") == cache.program_digest(two)
+    assert ask(child, "2") == cache.program_digest(two)
+    finish(child)
 
 
 def test_an_include_found_earlier_in_the_search_path_misses(tmp_path: Path, user_cache: Path) -> None:
@@ -122,15 +150,19 @@ def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache
     """Several processes assembling the same programs at once into one empty cache all get the
     program assembled without a cache, and leave one whole entry per program."""
     (tmp_path / "guest.s").write_text(GUEST)
-    values = ["7", "8", "7", "8"]
-    processes = [run_child(tmp_path, user_cache.parent, value) for value in values]
+    values = ["7", "8"]  # each process builds both: two writers per program, at once
+    processes = [run_child(tmp_path, user_cache.parent) for _ in range(2)]
+    for process in processes:  # both start on the same builds before either is waited for
+        assert process.stdin is not None
+        process.stdin.write("".join(value + "\n" for value in values))
+        process.stdin.flush()
     results = []
     for process in processes:
-        out, err = process.communicate(timeout=180)
+        out, err = process.communicate(timeout=180)  # closes stdin: the child ends after its builds
         assert process.returncode == 0, err
-        results.append(out.strip())
-    expected = {value: reference(tmp_path / "guest.s", value) for value in set(values)}
-    assert results == [expected[value] for value in values]
+        results.append(out.split())
+    expected = [reference(tmp_path / "guest.s", value) for value in values]
+    assert results == [expected, expected]
     assert len(entries(user_cache)) == 2 and not list(user_cache.glob(".*.tmp"))
     for entry in entries(user_cache):
         assert cache.load(user_cache, entry.stem) is not None

@@ -73,8 +73,8 @@ def test_status_1_for_an_unhandled_exception(capsys: pytest.CaptureFixture[str])
 
 
 def test_status_3_for_a_timeout(capsys: pytest.CaptureFixture[str]) -> None:
-    """A guest spinning forever under --timeout 0.5 exits with status 3 and outcome timeout."""
-    status, report = run_json(capsys, str(GUESTS_DIR / "cli_spin.s"), "--memory", "16M", "--timeout", "0.5")
+    """A guest spinning forever under --timeout 0.25 exits with status 3 and outcome timeout."""
+    status, report = run_json(capsys, str(GUESTS_DIR / "cli_spin.s"), "--memory", "16M", "--timeout", "0.25")
     assert status == EXIT_TIMEOUT == 3, f"status {status}"
     assert report["outcome"] == "timeout"
     assert [u["cmd"] for u in report["ucalls"]] == ["sync"], "the guest's sync before spinning is kept"
@@ -204,7 +204,8 @@ def test_expect_exits_0_exactly_when_the_outcome_matches(
     capsys: pytest.CaptureFixture[str], guest: str, defines: list[str], expect: str, status: int
 ) -> None:
     """--expect OUTCOME exits 0 when the run ends with OUTCOME and 1 for any other outcome (a timeout too)."""
-    got, report = run_json(capsys, str(GUESTS_DIR / guest), *defines, "--memory", "8M", "--timeout", "1",
+    timeout = "0.2" if guest == "cli_spin.s" else "1"  # the spinning guest runs to its timeout
+    got, report = run_json(capsys, str(GUESTS_DIR / guest), *defines, "--memory", "8M", "--timeout", timeout,
                            "--expect", expect)
     assert got == status, f"status {got} for outcome {report['outcome']} with --expect {expect}"
     assert (report["outcome"] == expect) == (status == EXIT_OK)

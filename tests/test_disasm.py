@@ -16,7 +16,9 @@ Scenarios:
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import unicorn
@@ -24,8 +26,15 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ux
 
 from testbed.cli import EXIT_GUEST_FAILURE, EXIT_OK, EXIT_USAGE, main
+from testbed.decode import disassemble
+from testbed.disasm import listing
 from testbed.errors import GuestBootError
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
+from testbed.textout import plain_console, plain_table
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 GUEST = GUESTS_DIR / "hypercall_insn.s"
 SMALL = ["--memory", "8M"]
@@ -171,6 +180,38 @@ def test_the_largest_count_runs(capsys: pytest.CaptureFixture[str], monkeypatch:
     status, out, err = disasm(capsys, monkeypatch, str(GUEST), "--count", "4096", *SMALL)
     assert status == EXIT_OK, err
     assert sum(1 for line in out.splitlines() if line.startswith("│ 0x")) == 4096
+
+
+def test_the_listing_prints_one_row_per_instruction_at_any_width() -> None:
+    """The listing prints the very text of a table with one row per instruction, both where it
+    fits the console (its rows then go in as one row of joined cells, which rich renders faster)
+    and where rich folds cells (row by row): on a wide console, on one exactly as wide as the
+    table, and on one a column narrower."""
+    program = build_program(GUEST, VmOptions(memory=8 << 20))
+    rows = [(f"0x{i.address:x}", i.raw.hex(" "), i.text) for i in disassemble(program.code, program.base, limit=40)]
+
+    def per_row() -> Table:
+        table = plain_table("title", "address", "bytes", "instruction", caption="caption")
+        for row in rows:
+            table.add_row(*row)
+        return table
+
+    def printed(table: Table, console: Console, out: io.StringIO) -> str:
+        console.print(table)
+        return out.getvalue()
+
+    probe = plain_console(io.StringIO())
+    natural = probe.measure(per_row(), options=probe.options.update_width(1 << 20)).maximum
+    for width, joined in ((200, True), (natural, True), (natural - 1, False)):
+        consoles = []
+        for _ in range(2):
+            out = io.StringIO()
+            console = plain_console(out)
+            console.width = width
+            consoles.append((console, out))
+        table = listing(consoles[0][0], "title", "caption", rows)
+        assert (len(table.rows) == 1) is joined, width
+        assert printed(table, *consoles[0]) == printed(per_row(), *consoles[1]), width
 
 
 # --------------------------------------------------------------------------------- canary

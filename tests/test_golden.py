@@ -113,15 +113,15 @@ def test_reuse_records_what_a_fresh_boot_records() -> None:
     assert record(guest, _options("sev-snp"), reuse=True) == fresh  # from the pool
 
 
-def test_golden_is_the_same_in_two_processes(tmp_path: Path) -> None:
-    """`testbed golden update` writes byte-identical traces in two separate processes (fixed key and seed)."""
-    outs = []
-    for name in ("a", "b"):
-        subprocess.run([sys.executable, "-c", "import sys; from testbed.cli import main; sys.exit(main())",
-                        "golden", "update", str(ROOT / "guests" / "conversions.s"), "--vm-type", "sev,tdx",
-                        "--memory", MEMORY, "--golden-dir", str(tmp_path / name)],
-                       check=True, capture_output=True, cwd=tmp_path)
-        outs.append({p.name: p.read_bytes() for p in (tmp_path / name).iterdir()})
+def test_golden_is_the_same_in_two_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`testbed golden update` writes byte-identical traces in two separate processes (fixed key
+    and seed): a new one, and this one, which has run other guests before."""
+    argv = ["golden", "update", str(ROOT / "guests" / "conversions.s"), "--vm-type", "sev,tdx", "--memory", MEMORY]
+    subprocess.run([sys.executable, "-c", "import sys; from testbed.cli import main; sys.exit(main())",
+                    *argv, "--golden-dir", str(tmp_path / "a")], check=True, capture_output=True, cwd=tmp_path)
+    assert main([*argv, "--golden-dir", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    outs = [{p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} for name in ("a", "b")]
     assert outs[0] == outs[1]
     assert set(outs[0]) == {"conversions.sev.jsonl", "conversions.tdx.jsonl"}
 

@@ -15,12 +15,14 @@ import unicorn
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ux
 
+from testbed.api import Vm, run_report
 from testbed.cli import main
 from testbed.hw.cpu import _CAL_GDT, cs_base_offset, hflags_offset
 from testbed.hw.exits import NPF_GUEST_PAGE, SvmExitCode
 from testbed.kvm.uapi import KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION
 from testbed.machine import VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
+from testbed.x86 import Reg
 
 ALL_TYPES = ["default", "sw-protected", "sev", "sev-es", "sev-snp"]
 PLAIN = ["default", "sw-protected"]
@@ -32,6 +34,7 @@ CR3_OUTSIDE = f"""
 guest_main:
     mov rax, {OUTSIDE:#x}
     mov cr3, rax
+stuck:
     nop
     ret
 """
@@ -48,6 +51,7 @@ guest_main:
     or rbx, rcx
     mov qword ptr [rax + 8], rbx
     movabs rdx, 0x8000000010
+stuck:
     mov rdx, qword ptr [rdx]
     ret
 """
@@ -145,19 +149,25 @@ def test_page_table_outside_memory_injects_not_present_pf(vm_type: str) -> None:
 def test_page_table_outside_memory_livelocks_an_sev_guest(vm_type: str, text: str) -> None:
     """SEV guests: KVM cannot emulate, svm_check_emulate_instruction() returns
     X86EMUL_RETRY_INSTR for a #NPF on a guest page-table access, so KVM_RUN never returns and
-    the run ends at its timeout, with no exit to userspace after the guest's last one."""
-    report = run(text, vm_type, timeout=0.3)
-    assert report.outcome == "timeout", report.detail
-    assert report.detail == "guest did not finish within 0.3 s"
-    assert all(e["reason"] != "internal_error" for e in report.user_exits)
-    assert report.exception is None
+    the run ends at its timeout, with no exit to userspace after the guest's last one: the
+    vCPU still stands at the access that faults (`stuck`)."""
+    with Vm(VmOptions(vm_type=vm_type, memory=MEMORY, timeout=5, seed=1)) as vm:
+        vcpu = vm.load("<hostile>", text=text)  # booted to guest_main, outside the run's timeout
+        exits_at_main = list(vm.machine.vmm.report.user_exits)
+        report = run_report(vm, vcpu, 0.1)
+        assert report.outcome == "timeout", report.detail
+        assert report.detail == "guest did not finish within 0.1 s"
+        assert report.user_exits == exits_at_main
+        assert all(e["reason"] != "internal_error" for e in report.user_exits)
+        assert report.exception is None
+        assert vm.machine.cpu.read_reg(Reg.RIP) == vm.machine.program.symbols["stuck"]
 
 
 @pytest.mark.parametrize("vm_type", ALL_TYPES)
 def test_page_tables_outside_memory_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    vm_type: str) -> None:
     """`testbed run --json` prints the same outcome for CR3 outside RAM and exits 1 (3 on timeout)."""
-    status, out = cli_json(tmp_path, capsys, CR3_OUTSIDE, vm_type, timeout="0.3")
+    status, out = cli_json(tmp_path, capsys, CR3_OUTSIDE, vm_type, timeout="0.1")
     if vm_type in PLAIN:
         assert (status, out["outcome"]) == (1, "internal_error")
         assert out["internal"] == {"suberror": KVM_INTERNAL_ERROR_DELIVERY_EV,

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "testbed"
 
 
-def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def _statements(nodes: Iterable[ast.AST]) -> Iterator[ast.AST]:
+    """Every statement, nested ones too: an import is a statement, so it sits in a statement
+    list (a body, orelse, finalbody, an except handler's or a match case's body); the
+    expressions, most of a tree, need no visit."""
+    for node in nodes:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, field, ()))
+
+
+@functools.cache
+def imports_of(path: Path) -> frozenset[str]:
+    """The modules `path` imports (parsed once per process: several tests read every module)."""
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _statements(ast.parse(path.read_text()).body):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return names
+    return frozenset(names)
 
 
 def modules(package: str) -> list[Path]:

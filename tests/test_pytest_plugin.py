@@ -106,25 +106,32 @@ def test_a_pair_the_model_refuses_is_a_skip_with_its_reason(pytester: pytest.Pyt
     assert "intel" not in result.stdout.str()
 
 
-@pytest.mark.parametrize(("marker", "message"), [
+#: (marker arguments, what the error says): one test file each, collected in one session
+BAD_MARKERS = [
     ('vm_types=["sev", "nope"]', "unknown VM type 'nope'"),
     ('vm_types=["sev"], memory="lots"', "memory size"),
     ('vm_types=["sev"], colour="red"', "unknown option 'colour'"),
     ('vm_types=["tdx"], vendors=["amd"]', "no valid (VM type, vendor) pair"),
-])
-def test_a_bad_marker_is_a_collection_error_naming_it(pytester: pytest.Pytester, marker: str, message: str) -> None:
-    """A marker naming what does not exist fails collection with one line saying what, no traceback."""
-    pytester.makepyfile(test_bad=f"""
-        import pytest
+]
 
-        @pytest.mark.testbed({marker})
-        def test_one(testbed_vm):
-            pass
-    """)
+
+def test_a_bad_marker_is_a_collection_error_naming_it(pytester: pytest.Pytester) -> None:
+    """A marker naming what does not exist fails collection with one line saying what, no traceback."""
+    for i, (marker, _) in enumerate(BAD_MARKERS):
+        pytester.makepyfile(**{f"test_bad_{i}": f"""
+            import pytest
+
+            @pytest.mark.testbed({marker})
+            def test_one(testbed_vm):
+                pass
+        """})
     result = pytester.runpytest()
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(errors=len(BAD_MARKERS))
     out = result.stdout.str()
-    assert "@pytest.mark.testbed: " in out and message in out and "Traceback" not in out
+    assert "Traceback" not in out
+    for i, (_, message) in enumerate(BAD_MARKERS):  # each file's error line names its marker's problem
+        prefix = f"test_bad_{i}.py::test_one: @pytest.mark.testbed: "
+        assert any(line.startswith(prefix) and message in line for line in out.splitlines()), (prefix, message)
 
 
 def test_marker_without_the_fixtures_is_an_error(pytester: pytest.Pytester) -> None:

@@ -22,7 +22,7 @@ from testbed.layout import UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, VmOptions, run_guest
 from testbed.vmm.vmm import RunReport
 
-MEM = 16 << 20
+MEM = 8 << 20  # a TD accepts its boot memory: a small one boots faster
 TIMEOUT = 20.0
 GUEST = GUESTS_DIR / "tdx_runtime.s"
 FREE = Layout(MEM).free_gpa

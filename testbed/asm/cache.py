@@ -109,6 +109,38 @@ def program_digest(program: Program) -> str:
     return hashlib.sha256(json.dumps(_encode(program, ()), sort_keys=True).encode()).hexdigest()
 
 
+#: The SourceLocations of the entries this process decoded, by file and line: the runtime's
+#: thousands of lines are the same in every guest's entry, and finding a location costs less
+#: than building the frozen dataclass again (locations are immutable, so programs may share
+#: them). Bounded: forgotten when it holds _LOCATIONS_MAX_FILES files.
+_LOCATIONS_MAX_FILES = 256
+_locations: dict[str, dict[int, SourceLocation]] = {}
+
+
+def _decode_lines(entries: Any) -> tuple[tuple[int, SourceLocation], ...]:
+    """Program.lines from the entry's [address, file, line] lists; TypeError/ValueError if
+    they are not that (the checks of `integer` and `file` in _decode, on the hot path)."""
+    lines: list[tuple[int, SourceLocation]] = []
+    append = lines.append
+    for address, name, line in entries:
+        by_line = _locations.get(name)
+        if by_line is None:
+            if not isinstance(name, str):
+                raise TypeError("file name")
+            if len(_locations) >= _LOCATIONS_MAX_FILES:
+                _locations.clear()
+            by_line = _locations[name] = {}
+        if type(line) is not int and (not isinstance(line, int) or isinstance(line, bool)):
+            raise TypeError("integer")
+        location = by_line.get(line)
+        if location is None:
+            location = by_line[line] = SourceLocation(name, line)
+        if type(address) is not int and (not isinstance(address, int) or isinstance(address, bool)):
+            raise TypeError("integer")
+        append((address, location))
+    return tuple(lines)
+
+
 def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
     """The entry's program; KeyError/TypeError/ValueError if it is not one."""
     files: dict[str, str] = {}  # one string object per file name
@@ -134,9 +166,7 @@ def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
             integer(i): AssertSite(file(f), integer(line), str(kind), str(message))
             for i, f, line, kind, message in payload["asserts"]
         }),
-        lines=tuple(
-            (integer(address), SourceLocation(file(f), integer(line))) for address, f, line in payload["lines"]
-        ),
+        lines=_decode_lines(payload["lines"]),
         features=tuple(str(name) for name in payload["features"]),
     )
     included = tuple(

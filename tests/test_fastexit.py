@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,72 @@ def test_native_hypercall_is_a_traced_hardware_exit(tmp_path: Path) -> None:
         assert hw and hw[-1]["code"] == code, (vendor, hw[-1:])
         kvm = [e for e in events[:hc] if e["layer"] == "kvm" and e["event"] == "handle_exit"]
         assert kvm and kvm[-1]["code"] == code
+
+
+HYPERCALLS = """
+guest_main:
+    mov rax, 0x999
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, GUEST_FREE_GPA
+    mov rcx, 1
+    mov rdx, KVM_MAP_GPA_RANGE_DECRYPTED
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    mov rax, KVM_HC_MAP_GPA_RANGE
+    mov rbx, GUEST_FREE_GPA + 1
+    mov rcx, 1
+    xor edx, edx
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    mov rax, KVM_HC_SEND_IPI
+    mov rbx, 1
+    xor ecx, ecx
+    mov rdx, 0
+    mov rsi, 0x800
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    GUEST_RUN_USER user_hypercall
+    GUEST_DONE
+user_hypercall:
+    mov rax, KVM_HC_VAPIC_POLL_IRQ
+    KVM_HYPERCALL
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("vendor", ["amd", "intel"])
+def test_hypercall_fastpath_answers_as_the_vmexit_path(vendor: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM's native-hypercall fastpath (the hardware hands the registers to
+    KvmVcpu.native_hypercall) gives the guest and the VMM what the vmexit path gives (taken
+    when a tracer records): in-kernel answers, a MAP_GPA_RANGE user exit and its EINVAL, the
+    CPL-3 EPERM; and it is taken only without a tracer."""
+    import io
+
+    from testbed.kvm.vcpu import KvmVcpu
+
+    taken = [0]
+    real = KvmVcpu.native_hypercall
+
+    def counted(self: KvmVcpu, *args: Any) -> None:
+        taken[0] += 1
+        real(self, *args)
+
+    monkeypatch.setattr(KvmVcpu, "native_hypercall", counted)
+    results = []
+    for trace in (None, io.StringIO()):
+        options = VmOptions(vendor=vendor, memory=16 << 20, trace=trace)
+        with Machine(build_program("<hc>", options, text=HYPERCALLS), options) as machine:
+            assert machine.cpu._hypercall_fastpath is not None
+            machine.cpu._hypercall_fastpath = machine.kvm_vcpu.native_hypercall  # the counted one
+            taken[0] = 0
+            report = machine.run()
+            results.append((report.outcome, report.syncs(), report.shared_ranges, taken[0]))
+    fast, traced = results
+    assert fast[:3] == traced[:3] and fast[0] == "done"
+    # -KVM_ENOSYS; 0; -KVM_EINVAL (unaligned GPA); -KVM_EINVAL (ICR dest-mode bit 11); -KVM_EPERM
+    assert fast[1] == [(-1000) & (2**64 - 1), 0, (-22) & (2**64 - 1), (-22) & (2**64 - 1), (-1) & (2**64 - 1)]
+    assert fast[3] == 5  # every hypercall took the fastpath
+    assert traced[3] == 5  # through vmexit -> handle_hypercall -> native_hypercall

@@ -630,6 +630,26 @@ static PyObject *NativeMmu_walk(NativeMmu *self, PyObject *args)
     return walk_result(&o);
 }
 
+/* walk_now(va, access, user): walk() with the vCPU's CR3 and CR0.WP read here in one batch
+ * (NXE on, as walk's default) -- one call where Python would read two registers first; None
+ * without an engine, when the read fails, or where the fill would ask Python. */
+static PyObject *NativeMmu_walk_now(NativeMmu *self, PyObject *args)
+{
+    unsigned long long va;
+    int access, user;
+    if (!PyArg_ParseTuple(args, "Kip", &va, &access, &user))
+        return NULL;
+    if (!self->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "NativeMmu.walk_now before configure()");
+        return NULL;
+    }
+    if (self->uc == NULL || self->read_batch(self->uc, self->reg_ids, self->reg_ptrs, NREGS) != 0)
+        Py_RETURN_NONE;
+    WalkOut o;
+    walk_core(&self->mem, self->regs[1], va, access, user, (self->regs[2] & CR0_WP) != 0, 1, &o);
+    return walk_result(&o);
+}
+
 /* fill(vaddr, access, cs, cr3, cr0): the fill the hook would do with these registers, without an
  * engine: (upa, perms), or None where the hook hands the fill to Python. */
 static PyObject *NativeMmu_fill(NativeMmu *self, PyObject *args)
@@ -707,6 +727,8 @@ static PyMethodDef NativeMmu_methods[] = {
     {"flush", (PyCFunction)NativeMmu_flush, METH_NOARGS, "Forget the recorded translations (a TLB flush)."},
     {"fetch", (PyCFunction)(void (*)(void))NativeMmu_fetch, METH_FASTCALL,
      "fetch(va, n): bytes at va through the recorded translation of its page, or None."},
+    {"walk_now", (PyCFunction)NativeMmu_walk_now, METH_VARARGS,
+     "walk_now(va, access, user): walk() with the vCPU's CR3 and CR0.WP, read here"},
     {"walk", (PyCFunction)NativeMmu_walk, METH_VARARGS,
      "walk(cr3, va, access, user, wp, nxe) over the configured memory; None where Python must walk."},
     {"fill", (PyCFunction)NativeMmu_fill, METH_VARARGS,

@@ -12,6 +12,7 @@ the one entry into the hypervisor (`Hypervisor.vmexit`).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from testbed.hw.exits import (
     EXITINTINFO_ERROR_VALID,
@@ -58,6 +59,8 @@ class EventDelivery(Mmu):
         self.vendor = vendor
         self._tracer = tracer
         self.hypervisor: Hypervisor | None = None
+        #: the attached hypervisor's native_hypercall (exits.HypercallFastpath), or None
+        self._hypercall_fastpath: Callable[[int, int, bool, int, int, int, int], None] | None = None
         self._ctx = _CTX_NONE
         self._cur_rip = 0
         self._cur_len = 0
@@ -69,8 +72,10 @@ class EventDelivery(Mmu):
         self.exceptions_delivered = 0
 
     def attach_hypervisor(self, hypervisor: Hypervisor) -> None:
-        """The hypervisor that takes this vCPU's exits (KVM sets it up with the VMCB/VMCS)."""
+        """The hypervisor that takes this vCPU's exits (KVM sets it up with the VMCB/VMCS), and
+        its native-hypercall fastpath if it has one (exits.HypercallFastpath)."""
         self.hypervisor = hypervisor
+        self._hypercall_fastpath = getattr(hypervisor, "native_hypercall", None)
 
     def _exit(self, code: int, info1: int, info2: int) -> None:
         """A VM exit: the one way out of the guest into the hypervisor (traced as `hw vmexit`)."""

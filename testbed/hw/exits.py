@@ -117,6 +117,17 @@ class Hypervisor(Protocol):
     def vmexit(self, code: int, info1: int, info2: int) -> None: ...
 
 
+class HypercallFastpath(Protocol):
+    """A hypervisor's fastpath for the hottest exit, the native VMCALL/VMMCALL (as KVM's
+    svm_exit_handlers_fastpath / handle_fastpath_* take a few exits before the handler table):
+    the hardware hands over the registers the exit saved instead of KVM reading them back
+    through `hypercall_regs`/`hypercall_args`. Optional: the hardware calls it, when the
+    attached hypervisor has it and nothing traces, instead of `vmexit(<hypercall exit code>)`;
+    the decisions are the same (kvm/vcpu.py)."""
+
+    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int, a3: int) -> None: ...
+
+
 class GhcbMsr(Protocol):
     """The GHCB MSR (MSR_AMD64_SEV_ES_GHCB) as KVM reaches it: the VMCB's GHCB GPA field,
     hardware state that KVM reads and writes through the hardware (VcpuHardware has both)."""

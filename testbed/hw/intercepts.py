@@ -380,9 +380,10 @@ class Intercepts(EventDelivery):
         """An instruction Unicorn cannot execute, with the exit's register snapshot.
 
         The native hypercall outside SEV-ES, by far the most frequent exit, is recognised
-        first and leaves through the same `_exit` as every other exit, with the snapshot as
-        the VMCB save area KVM reads (hypercall_regs / hypercall_args); everything else goes
-        through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
+        first and goes to the hypervisor's fastpath with the snapshot's registers (or, when
+        it has none or a tracer records, through the same `_exit` as every other exit, with
+        the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
+        everything else goes through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
         try:
             if self._sev_es or self._tdx is not None:
                 if self._snp and self._native_mmu is not None:
@@ -411,13 +412,15 @@ class Intercepts(EventDelivery):
                 long_mode = self._cs64_cache.get(sel)
                 if long_mode is None:
                     long_mode = self.mode_of(sel)
-                self._snapshot = (rax, sel, rbx, rcx, rdx, rsi, long_mode)
-                hypervisor = self.hypervisor
+                fastpath = self._hypercall_fastpath
                 try:
-                    if hypervisor is None or self._tracer.enabled:
+                    if fastpath is not None and not self._tracer.enabled:
+                        # The hypervisor's fastpath (exits.HypercallFastpath): the registers
+                        # handed over, no vmexit frame and no read-back through the snapshot.
+                        fastpath(rax, sel, long_mode, rbx, rcx, rdx, rsi)
+                    else:
+                        self._snapshot = (rax, sel, rbx, rcx, rdx, rsi, long_mode)
                         self._exit(self._native_hypercall_exit, 0, 0)
-                    else:  # _exit inlined on the hottest path: the same entry, one frame less
-                        hypervisor.vmexit(self._native_hypercall_exit, 0, 0)
                 finally:
                     self._ctx = _CTX_NONE
                     self._snapshot = None
@@ -531,8 +534,12 @@ class Intercepts(EventDelivery):
         size = rcx & 0xFFFFFFFF
         if rax & 0xFFF or size > 1 or (size == 1 and rax & 0x1FFFFF):
             return None
-        cr0 = self.read_reg(Reg.CR0)
-        walked = native.walk(self.read_reg(Reg.CR3), rax, ACCESS_READ, False, bool(cr0 & CR0_WP), True)
+        walk_now = getattr(native, "walk_now", None)  # an extension older than walk_now: two reads
+        if walk_now is not None:
+            walked = walk_now(rax, ACCESS_READ, False)
+        else:
+            walked = native.walk(self.read_reg(Reg.CR3), rax, ACCESS_READ, False,
+                                 bool(self.read_reg(Reg.CR0) & CR0_WP), True)
         if walked is None or walked[0] != 0 or walked[1] >= self._mem.size:
             return None
         frame = walked[1] >> PAGE_SHIFT

@@ -473,31 +473,38 @@ class KvmVcpu:
 
     # --------------------------------------------------------------- hypercalls
     def handle_hypercall(self) -> None:
-        """The native VMCALL/VMMCALL exit: kvm_emulate_hypercall() on the registers, completed
-        by writing RAX and skipping the instruction (complete_hypercall)."""
+        """The native VMCALL/VMMCALL exit taken through `vmexit`: the registers read from the
+        VMCB save area, then `native_hypercall`."""
         hw = self.hw
         nr, cs, op_64_bit = hw.hypercall_regs()
-        cpl = cs & 3
-        tracing = self.tracer.enabled
-        if cpl == 0 and ((nr if op_64_bit else nr & U32) in _HYPERCALLS_WITH_ARGS or tracing):
+        if cs & 3 == 0 and ((nr if op_64_bit else nr & U32) in _HYPERCALLS_WITH_ARGS or self.tracer.enabled):
             a0, a1, a2, a3 = hw.hypercall_args()
         else:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.
             a0 = a1 = a2 = a3 = 0
-        if tracing or self.vm.page_enc_status_protocol:
-            self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, hw.complete_hypercall)
+        self.native_hypercall(nr, cs, op_64_bit, a0, a1, a2, a3)
+
+    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int, a3: int) -> None:
+        """The native VMCALL/VMMCALL exit: kvm_emulate_hypercall() on the guest's registers,
+        completed by writing RAX and skipping the instruction (complete_hypercall). The
+        hardware calls it directly as KVM's exit fastpath (hw/exits.py HypercallFastpath: the
+        registers handed over) when nothing traces; `handle_hypercall` ends here too."""
+        hw = self.hw
+        cpl = cs & 3
+        if self.tracer.enabled or self.vm.page_enc_status_protocol:
+            self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, hw.complete_hypercall)
             return
         # kvm_emulate_hypercall() and _dispatch_hypercall() inlined for their common case (no
         # trace record, no seed-era in-kernel PAGE_ENC_STATUS): the same emulate_hypercall()
         # decides; two Python frames less on the most frequent exit.
-        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv,
+        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=long_mode, pv=self._pv,
                                     exit_mask=self.vm.hypercall_exit_mask)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
-            hw.complete_hypercall(outcome.ret & U64 if op_64_bit else outcome.ret & U32)  # complete_ret()
+            hw.complete_hypercall(outcome.ret & U64 if long_mode else outcome.ret & U32)  # complete_ret()
             return
-        self._hypercall_user_exit(outcome.user_exit, op_64_bit, hw.complete_hypercall)
+        self._hypercall_user_exit(outcome.user_exit, long_mode, hw.complete_hypercall)
 
     def kvm_emulate_hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool,
                               complete: Callable[[int], None]) -> None:

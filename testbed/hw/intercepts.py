@@ -78,6 +78,9 @@ class Intercepts(EventDelivery):
 
     def _init_intercepts(self, sev_es: bool) -> None:
         self._sev_es = sev_es
+        #: SEV-ES/SNP or a TD: an invalid-instruction exit is never the plain native hypercall
+        #: (the GHCB's VMMCALL, TDCALL), and PVALIDATE / TDG.MEM.PAGE.ACCEPT have their own fast paths
+        self._protected_exits = sev_es or self._tdx is not None
         self._intercept_ud = False
         self._cpuid_skip = False
         self._io_in_value = 0
@@ -385,7 +388,7 @@ class Intercepts(EventDelivery):
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
         everything else goes through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
         try:
-            if self._sev_es or self._tdx is not None:
+            if self._protected_exits:
                 if self._snp and self._native_mmu is not None:
                     done = self._pvalidate_fast(rip, rax, cs, rcx, rdx)
                     if done is not None:

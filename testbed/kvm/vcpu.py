@@ -498,8 +498,7 @@ class KvmVcpu:
         # kvm_emulate_hypercall() and _dispatch_hypercall() inlined for their common case (no
         # trace record, no seed-era in-kernel PAGE_ENC_STATUS): the same emulate_hypercall()
         # decides; two Python frames less on the most frequent exit.
-        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=long_mode, pv=self._pv,
-                                    exit_mask=self.vm.hypercall_exit_mask)
+        outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, self._pv, self.vm.hypercall_exit_mask)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
             hw.complete_hypercall(outcome.ret & U64 if long_mode else outcome.ret & U32)  # complete_ret()
@@ -540,8 +539,7 @@ class KvmVcpu:
         ____kvm_emulate_hypercall()."""
         if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
             return page_enc_status_hc(self.vm, a0, a1, a2)
-        return emulate_hypercall(nr, a0, a1, a2, a3, cpl=cpl, op_64_bit=op_64_bit, pv=self._pv,
-                                 exit_mask=self.vm.hypercall_exit_mask)
+        return emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, self._pv, self.vm.hypercall_exit_mask)
 
     # ---------------------------------------------------------------------- #UD
     def handle_ud(self) -> None:

@@ -331,11 +331,12 @@ def test_a_guest_redefining_what_the_runtime_reads_is_processed_in_full() -> Non
     sources, defines = unit(guest, VmOptions())
     dirs = [LIB_DIR, GUESTS_DIR]
     assembler._front_end(sources, defines, dirs)
-    prefix = assembler._prefixes[(tuple(map(str, dirs)), tuple((k, "str", v) for k, v in defines.items()),
-                                  tuple(sources[0]))]
+    key = (tuple(map(str, dirs)), tuple((k, "str", v) for k, v in defines.items()), tuple(sources[0]))
+    prefix = assembler._prefixes[key]
     pre = prefix.fork()
     assembler._add(pre, *sources[1])
-    suffix = next(s for s in assembler._suffixes.values() if s is not None)
+    suffix = assembler._suffixes[(key, tuple(sources[-1]))]  # this unit's runtime, whatever ran before
+    assert suffix is not None
     assert not assembler._replayable(prefix, pre, suffix)
 
 

@@ -7,7 +7,7 @@ import operator
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -239,17 +239,64 @@ def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> b
     )
 
 
+#: A text split at its counter-numbered names: the literal pieces and, between them, each
+#: name's (kind is "line", its number) -- renumbering is then a join, no regex per replay.
+_Template = tuple[tuple[str, ...], tuple[tuple[bool, int], ...]]
+#: Templates of the suffixes' texts, by text (bounded like the memos; texts repeat across
+#: define sets, and a suffix is replayed once per guest).
+_templates: dict[str, _Template] = {}
+_TEMPLATES_MAX = 1 << 16
+
+
+def _template(text: str) -> _Template:
+    got = _templates.get(text)
+    if got is None:
+        pieces: list[str] = []
+        names: list[tuple[bool, int]] = []
+        at = 0
+        for m in _COUNTED_NAME.finditer(text):
+            pieces.append(text[at : m.start()])
+            names.append((m[1] == "line", int(m[2])))
+            at = m.end()
+        pieces.append(text[at:])
+        if len(_templates) >= _TEMPLATES_MAX:
+            _templates.clear()
+        got = _templates[text] = (tuple(pieces), tuple(names))
+    return got
+
+
+def _renumber(text: str, line_shift: int, expr_shift: int) -> str:
+    """`text` with each hidden __tb_line_N / __tb_expr_N name's N moved by its counter's shift."""
+    pieces, names = _template(text)
+    if not names:
+        return text
+    out = [pieces[0]]
+    for (is_line, number), piece in zip(names, pieces[1:], strict=True):
+        out.append(f"{_RESERVED_PREFIX}line_{number + line_shift}" if is_line
+                   else f"{_RESERVED_PREFIX}expr_{number + expr_shift}")
+        out.append(piece)
+    return "".join(out)
+
+
+def _with_text(item: _Item, text: str) -> _Item:
+    """dataclasses.replace(item, text=text) without the generic path (a replay renumbers ~2,000
+    items): the same frozen instance type, every other field shared."""
+    new = object.__new__(_Item)
+    new.__dict__.update(item.__dict__)
+    new.__dict__["text"] = text
+    return new
+
+
 def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
-    shift = {"line": len(pre.positions) - suffix.positions, "expr": pre.hoisted - suffix.hoisted}
-
-    def renumber(text: str) -> str:
-        return _COUNTED_NAME.sub(lambda m: f"{_RESERVED_PREFIX}{m[1]}_{int(m[2]) + shift[m[1]]}", text)
-
-    if shift["line"] or shift["expr"]:
+    line_shift = len(pre.positions) - suffix.positions
+    expr_shift = pre.hoisted - suffix.hoisted
+    if line_shift or expr_shift:
         pre.items.extend(
-            replace(item, text=renumber(item.text)) if _RESERVED_PREFIX in item.text else item for item in suffix.items
+            _with_text(item, _renumber(item.text, line_shift, expr_shift)) if _RESERVED_PREFIX in item.text
+            else item for item in suffix.items
         )
-        pre.positions.extend((renumber(name), loc, cond) for name, loc, cond in suffix.new_positions)
+        pre.positions.extend((_renumber(name, line_shift, expr_shift), loc, cond)
+                             for name, loc, cond in suffix.new_positions)
     else:
         pre.items.extend(suffix.items)
         pre.positions.extend(suffix.new_positions)

@@ -104,6 +104,7 @@ class UnicornVcpu(RunLoop):
         self._stop_hook = None
         self._bp_hook = None
         self.hypervisor = None
+        self._hypercall_fastpath = None
         self.on_guest_ud = None
         self.hw_msrs.clear()
         self._pending_events.clear()

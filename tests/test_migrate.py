@@ -393,3 +393,13 @@ def test_cli_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureF
     assert main(["migrate", str(GUESTS / "migrate_churn.s"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_guest_failing_on_the_source_is_reported_as_its_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    """A guest whose own check fails before the migration completes (conversions.s needs more
+    than 8 MiB) ends as source_ended with its failure, and no advice about rounds."""
+    status = main(["migrate", str(GUESTS / "conversions.s"), "--vm-type", "sev", "--memory", "8M", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 1 and doc["outcome"] == "source_ended"
+    assert "guest_assert: " in doc["detail"] and "conversions.s:" in doc["detail"]
+    assert "--rounds" not in doc["detail"]

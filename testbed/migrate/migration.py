@@ -400,7 +400,7 @@ class Migration:
             try:
                 result = vcpu._kvm_run(self._deadline, max(remaining, 1e-6), handled=handled)
             except TestbedError as exc:
-                self._source_ended(str(exc))
+                self._source_ended(str(exc), finished=False)
             if isinstance(result, RunStop):
                 continue
             if not seen or result is not seen[-1]:
@@ -415,11 +415,15 @@ class Migration:
                     self.on_ucall(self.source, uc)
         if vmm.ended is not None:
             end = vmm.ended
-            self._source_ended(f"{end.outcome}" + (f": {end.detail}" if end.detail else ""))
+            self._source_ended(f"{end.outcome}" + (f": {end.detail}" if end.detail else ""),
+                               finished=end.outcome == "done")
 
-    def _source_ended(self, how: str) -> None:
+    def _source_ended(self, how: str, finished: bool = True) -> None:
+        # A guest that finished too soon wants a shorter migration; one that failed (an assertion,
+        # an exception) wants its own failure looked at, not other rounds.
+        advice = "; use fewer --rounds or a smaller --slice" if finished else ""
         raise MigrationError("source_ended", f"the guest's run ended on the source before the migration "
-                             f"completed ({how}); use fewer --rounds or a smaller --slice")
+                             f"completed ({how}){advice}")
 
     # ------------------------------------------------------------ stop-and-copy
     def stop_and_copy(self) -> RoundStats:

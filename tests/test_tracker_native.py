@@ -253,6 +253,72 @@ def test_native_bitmap_never_poisons_and_counts_pages() -> None:
     assert nat.shared_pages() == ref.shared_pages() == 334
 
 
+_SLOT = st.integers(0, 47)
+_WIDE = st.integers(0, 9)
+_MANY_BOUND = st.sampled_from([9, 17, 33, 1000])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bound=_MANY_BOUND,
+    ops=st.lists(st.tuples(_SLOT, _BOOL, _WIDE), min_size=1, max_size=120),
+    far=st.lists(_SLOT, max_size=6),
+)
+def test_native_ranges_with_many_records_equal_the_reference(
+    bound: int, ops: list[tuple[int, bool, int]], far: list[int]
+) -> None:
+    """With dozens of live records, the finger window's search (at both ends of the array, and
+    its binary-search fallback after a far jump) and the fixed-block record moves (tails under
+    and over the block, across capacity growth and after clear) give the Python tracker's records."""
+    pages = 2 * 48 + 8
+    ref, nat = RangesTracker(pages, bound), NativeRangesTracker(pages, bound)
+    for k, (slot, shared, wide) in enumerate(ops):
+        # Every other page: single pages never touch, so each shared one is a record of its own;
+        # now and then a wider range merges or splits several at once.
+        gfn, npages = 2 * slot, (1 if wide else 1 + 2 * (slot % 5))
+        npages = min(npages, pages - gfn)
+        for t in (ref, nat):
+            (t.set_shared if shared else t.set_private)(gfn, npages)
+        if far and k % 17 == 16:
+            q = 2 * far[k % len(far)]
+            assert nat.is_shared(q) == ref.is_shared(q)
+        assert state(nat) == state(ref), (slot, shared, npages)
+    buf = bytearray(16 * (nat.range_count() + 1))
+    assert nat.export(buf) == ref.export(bytearray(len(buf)))
+    assert decode_export(buf, nat.range_count()) == ref.shared_ranges()
+    assert nat.memory_bytes() <= nat.memory_bound_bytes()
+    nat.clear()
+    nat.apply([(2 * s, 1, True) for s in range(40)])
+    assert nat.shared_ranges() == [(2 * s, 1) for s in range(min(40, bound))]
+
+
+def test_native_ranges_window_at_both_ends_and_long_tails() -> None:
+    """Inserting and removing at index 0 and at the end of a 40-record list, and in front of a
+    tail longer than the fixed block (memmove), keeps the sorted records exact."""
+    nat, ref = NativeRangesTracker(1 << 12, 100), RangesTracker(1 << 12, 100)
+    script = [(2 * s + 10, 1, True) for s in range(40)]  # appends: the finger rides the end
+    script += [(0, 1, True), (0, 1, False), (200, 1, True), (200, 1, False)]  # both ends
+    script += [(8, 1, True), (50, 1, False), (150, 1, True), (9, 1, True)]  # far jumps, merges
+    script += [(11, 60, False), (11, 60, True), (12, 1, False)]  # one split, one fold of 30
+    for gfn, npages, shared in script:
+        for t in (ref, nat):
+            (t.set_shared if shared else t.set_private)(gfn, npages)
+        assert state(nat) == state(ref), (gfn, npages, shared)
+    for gfn in range(0, 220):
+        assert nat.is_shared(gfn) == ref.is_shared(gfn), gfn
+
+
+def test_native_ranges_follows_the_reference_on_dma_churn() -> None:
+    """The DMA-churn workload (the benchmark's) ends with the Python tracker's records."""
+    from testbed.workloads import make_workload
+
+    churn = list(make_workload("dma_churn", 1 << 24, seed=1, conversions=20_000))
+    ref, nat = RangesTracker(1 << 24), NativeRangesTracker(1 << 24)
+    ref.apply(churn)
+    nat.apply(churn)
+    assert state(nat) == state(ref)
+
+
 def test_native_export_refuses_read_only_buffer() -> None:
     """Exporting into a read-only buffer is a clear error, as for the Python trackers."""
     from testbed.errors import UsageError

@@ -8,9 +8,10 @@
  *   Bitmap -- one bit per guest page in u64 words; a range is stored a word at a time (a masked
  *             head and tail, memset between), runs are found with ctz over whole words.
  *   Ranges -- a sorted array of {start, end} records (end exclusive), disjoint and never
- *             adjacent; merge on insert, split on remove; found by a finger search (the last
- *             index touched, a few linear steps either way, then a branch-free binary search),
- *             records shifted in place; at most max_ranges records, after which a conversion
+ *             adjacent; merge on insert, split on remove; found by a finger search (the eight
+ *             records around the last index touched, counted branch-free, else a binary
+ *             search), records shifted in place (a short tail as one fixed block, a long one by
+ *             memmove); at most max_ranges records, after which a conversion
  *             that would add one poisons the tracker and freezes it (testbed/tracker/base.py).
  *   Tree   -- an AVL tree of closed intervals [start, last] keyed by start and augmented with
  *             each subtree's largest `last`, searched with the kernel's interval-tree walk
@@ -438,7 +439,7 @@ static PyTypeObject BitmapType = {
  * Ranges
  * ========================================================================================== */
 
-/* The record moves below stay open-coded loops: -O3 would turn them back into memmove calls,
+/* The short loops below stay loops: -O3 would turn them into memmove/memset calls,
  * which cost more than the loop for the few records DMA churn moves. */
 #pragma GCC push_options
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
@@ -479,33 +480,35 @@ rg_bsearch(const Range *r, Py_ssize_t lo, Py_ssize_t hi, uint64_t key, int stric
     return (base - r) + RG_BEFORE(base, 0, key, strict);
 }
 
-/* How far the finger walks before it hands over to the binary search. On DMA churn the answer
- * is the finger itself half the time (a buffer freed right after it was allocated) and within
- * two records of it 90 % of the time (tools/bench_native_trackers.py). */
-#define FINGER_STEPS 3
+/* The finger's window: the records [f - RG_WINDOW / 2, f + RG_WINDOW / 2) around the index the
+ * previous conversion found. On DMA churn the answer is the finger itself half the time (a
+ * buffer freed right after it was allocated) and inside the window 96 % of the time (the
+ * benchmark's dma_churn at 64 GiB). */
+#define RG_WINDOW 8
 
-/* The first record with end >= key (strict: end > key), or n: a finger search from the index
- * the previous conversion found, then a binary search over what the finger did not rule out. */
+/* The first record with end >= key (strict: end > key), or n: the records in the finger's
+ * window are counted branch-free (RG_BEFORE holds for a prefix of the sorted array, so the
+ * count is the answer's offset into the window whenever the answer is inside it); otherwise a
+ * binary search over the whole array. Counting eight records costs less than one mispredicted
+ * branch of a walk whose length varies with every conversion. */
 static inline Py_ssize_t
 rg_find(const Ranges *self, uint64_t key, int strict)
 {
     const Range *r = self->r;
-    Py_ssize_t n = self->n, i = self->finger < n ? self->finger : n;
-    if (i < n && RG_BEFORE(r, i, key, strict)) {
-        /* The answer is right of i. */
-        for (int step = 0; step < FINGER_STEPS; step++) {
-            if (++i == n || !RG_BEFORE(r, i, key, strict))
-                return i;
-        }
-        return rg_bsearch(r, i + 1, n, key, strict);
+    Py_ssize_t n = self->n;
+    if (n >= RG_WINDOW) {
+        Py_ssize_t lo = self->finger - RG_WINDOW / 2;
+        lo = lo < 0 ? 0 : lo;
+        lo = lo > n - RG_WINDOW ? n - RG_WINDOW : lo;
+        const Range *w = r + lo;
+        Py_ssize_t c = 0;
+        for (int k = 0; k < RG_WINDOW; k++)
+            c += RG_BEFORE(w, k, key, strict);
+        /* Inside when some but not all are before it, or at an end of the array. */
+        if ((c > 0 || lo == 0) && (c < RG_WINDOW || lo + RG_WINDOW == n))
+            return lo + c;
     }
-    /* The answer is i or left of it. */
-    for (int step = 0; step < FINGER_STEPS; step++) {
-        if (i == 0 || RG_BEFORE(r, i - 1, key, strict))
-            return i;
-        i--;
-    }
-    return rg_bsearch(r, 0, i, key, strict);
+    return rg_bsearch(r, 0, n, key, strict);
 }
 
 /* First index in [lo, n) with start > key (strict) or start >= key, or n. */
@@ -517,22 +520,22 @@ rg_find_start(const Range *r, Py_ssize_t lo, Py_ssize_t n, uint64_t key, int str
     return lo;
 }
 
-/* Move records [from, n) to start at index `to`. DMA churn moves a handful of records: an
- * open-coded loop, cheaper than a call to memmove (and its size dispatch) for so few; a long
- * tail (a hostile guest's list) goes to memmove. */
-#define RG_SHORT_MOVE 16
+/* Move records [from, n) to start at index `to`. DMA churn moves a handful of records: a short
+ * tail moves as one fixed block of RG_BLOCK records (loaded whole, then stored: no loop, no
+ * size dispatch, no mispredicted exit), which may carry stale records past n along -- the
+ * array keeps RG_BLOCK + 1 spare records past its capacity for that; a long tail (a hostile
+ * guest's list) goes to memmove. */
+#define RG_BLOCK 8
 
 static inline void
 rg_shift(Range *r, Py_ssize_t to, Py_ssize_t from, Py_ssize_t n)
 {
-    if (n - from > RG_SHORT_MOVE) {
-        memmove(&r[to], &r[from], (size_t)(n - from) * sizeof(Range));
-    } else if (to < from) {
-        for (Py_ssize_t k = from; k < n; k++)
-            r[k - from + to] = r[k];
+    if (n - from <= RG_BLOCK) {
+        Range block[RG_BLOCK];
+        memcpy(block, &r[from], sizeof block);
+        memcpy(&r[to], block, sizeof block);
     } else {
-        for (Py_ssize_t k = n - 1; k >= from; k--)
-            r[k - from + to] = r[k];
+        memmove(&r[to], &r[from], (size_t)(n - from) * sizeof(Range));
     }
 }
 
@@ -544,11 +547,12 @@ rg_reserve(Ranges *self, Py_ssize_t need)
         cap = self->max;
     if (cap < need)
         cap = need;
-    Range *r = PyMem_Realloc(self->r, (size_t)cap * sizeof(Range));
+    Range *r = PyMem_Realloc(self->r, (size_t)(cap + RG_BLOCK + 1) * sizeof(Range));
     if (!r) {
         PyErr_NoMemory();
         return -1;
     }
+    memset(&r[self->cap], 0, (size_t)(cap - self->cap + RG_BLOCK + 1) * sizeof(Range));
     self->r = r;
     self->cap = cap;
     return 0;
@@ -808,13 +812,14 @@ Ranges_get_poisoned(Ranges *self, void *Py_UNUSED(closure))
 static PyObject *
 Ranges_sizeof(Ranges *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSize_t(sizeof(Ranges) + (size_t)self->cap * sizeof(Range));
+    size_t spare = self->cap ? RG_BLOCK + 1 : 0; /* the fixed block's overhang (rg_shift) */
+    return PyLong_FromSize_t(sizeof(Ranges) + ((size_t)self->cap + spare) * sizeof(Range));
 }
 
 static PyObject *
 Ranges_bound(Ranges *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSize_t(sizeof(Ranges) + (size_t)self->max * sizeof(Range));
+    return PyLong_FromSize_t(sizeof(Ranges) + ((size_t)self->max + RG_BLOCK + 1) * sizeof(Range));
 }
 
 static PyMethodDef Ranges_methods[] = {

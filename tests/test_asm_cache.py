@@ -345,3 +345,64 @@ def test_program_digest_is_stable() -> None:
     program = build_program(GUESTS_DIR / "hypercall_insn.s", VmOptions())
     assert cache.program_digest(program) == hashlib.sha256(
         json.dumps(cache._encode(program, ()), sort_keys=True).encode()).hexdigest()
+
+
+def _front_end_equals_reference(guest: Path, options: VmOptions) -> bool:
+    """Run the cached front end for `guest` under `options`, check it against the reference
+    front end, and say whether it reused cached work."""
+    sources, defines = unit(guest, options)
+    dirs = [LIB_DIR, GUESTS_DIR]
+    reused, was_reused = assembler._front_end(sources, defines, dirs)
+    fresh = assembler._front_end_uncached(sources, defines, dirs)
+    assert reused.items == fresh.items
+    assert reused.positions == fresh.positions and reused.labels == fresh.labels
+    assert reused.asserts == fresh.asserts and reused.included == fresh.included
+    return was_reused
+
+
+def test_a_runtime_recorded_under_other_defines_is_replayed_when_they_do_not_reach_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new set of defines that differs only in names the runtime never reads (a guest's own
+    -D) replays the runtime recorded under the other set (no new record), and gives the
+    reference front end's items; a define the runtime reads (GUEST_MIGRATION_READY) records
+    anew, and gives the reference's items too."""
+    monkeypatch.setattr(assembler, "_prefixes", {})
+    monkeypatch.setattr(assembler, "_suffixes", {})
+    monkeypatch.setattr(assembler, "_donors", {})
+    records: list[object] = []
+    real = assembler._record_suffix
+
+    def counted(*args: object) -> object:
+        records.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(assembler, "_record_suffix", counted)
+    guest = GUESTS_DIR / "hypercall_abi_call.s"
+    for nr in ("0x999", "12", "1"):
+        assert _front_end_equals_reference(guest, VmOptions(memory=8 << 20, defines={"HC_NR": nr}))
+    assert len(records) == 1  # recorded under HC_NR=0x999, replayed under the other two
+    assert _front_end_equals_reference(guest, VmOptions(memory=8 << 20,
+                                                        defines={"HC_NR": "1", "GUEST_MIGRATION_READY": "1"}))
+    assert len(records) == 2  # the runtime reads GUEST_MIGRATION_READY: recorded anew
+    assert _front_end_equals_reference(guest, VmOptions(memory=16 << 20, defines={"HC_NR": "1"}))
+    assert len(records) == 3  # GUEST_MEM_SIZE and the layout the runtime reads differ
+
+
+def test_a_program_from_a_replayed_runtime_is_the_reference_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: a program whose runtime was replayed from other defines is byte for byte
+    (code, symbols, asserts, lines) the program assembled with nothing cached."""
+    monkeypatch.setattr(assembler, "_prefixes", {})
+    monkeypatch.setattr(assembler, "_suffixes", {})
+    monkeypatch.setattr(assembler, "_donors", {})
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setenv("TESTBED_CACHE_DIR", "off")
+    guest = GUESTS_DIR / "conversions.s"
+    build_program(guest, VmOptions(memory=24 << 20, defines={"SHAPE": 1}))
+    options = VmOptions(memory=24 << 20, defines={"SHAPE": 2, "CHURN": 5})
+    replayed = build_program(guest, options)
+    defines = dict(sorted((k, str(v)) for k, v in guest_defines(options).items()))
+    sources = [(str(LIB_DIR / name), (LIB_DIR / name).read_text()) for name in ("prelude.s", "runtime.s")]
+    sources.insert(1, (str(guest), guest.read_text()))
+    fresh, _ = assembler._assemble_unit(sources, IMAGE_GPA, defines, [LIB_DIR, GUESTS_DIR], reuse=False)
+    assert cache.program_digest(replayed) == cache.program_digest(fresh)
+    assert len(assembler._donors) == 1 and len(assembler._suffixes) == 1  # one record, replayed

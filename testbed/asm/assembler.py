@@ -18,7 +18,7 @@ from testbed.asm.guest_api import _constant
 from testbed.asm.lexer import _decode_source
 from testbed.asm.locate_error import _locate_error
 from testbed.asm.program import Program, SourceLocation
-from testbed.asm.syntax import _RESERVED_PREFIX, _Item, _Label, _render, _strip_literals
+from testbed.asm.syntax import _RESERVED_PREFIX, _Item, _Label, _Macro, _render, _strip_literals
 from testbed.errors import TestbedError, UsageError
 
 _NO_DEFINES: Mapping[str, int | str] = MappingProxyType({})
@@ -130,6 +130,12 @@ def _front_end_uncached(
 _MEMO_SIZE = 8
 _prefixes: dict[tuple[object, ...], _Preprocessor] = {}
 _suffixes: dict[tuple[object, ...], _Suffix | None] = {}
+#  * a unit whose defines were not seen yet may replay a runtime recorded under other defines
+#    (a "donor": the prefix it was recorded after, and the record), when _replayable finds no
+#    name that differs between that prefix and the unit's state in the runtime's text - the
+#    test suite's ~200 define sets differ mostly in defines only guests read (HC_NR, SHAPE, ...).
+#    Keyed by the include dirs, the prelude and the runtime; the latest _MEMO_SIZE per key.
+_donors: dict[tuple[object, ...], list[tuple[_Preprocessor, _Suffix]]] = {}
 _COUNTED_NAME = re.compile(re.escape(_RESERVED_PREFIX) + r"(line|expr)_(\d+)")
 
 
@@ -215,6 +221,19 @@ def _changed(
     return {k for k in before.keys() | after.keys() if not same(before.get(k, missing), after.get(k, missing))}
 
 
+def _same_macro(a: object, b: object) -> bool:
+    """The same macro for the statements that use it: the very object, or (from a front end
+    with other defines) one with the same name, parameters, location and body names. Its
+    `index` (where its .macro item sits) is left out: only an error report reads it, from the
+    unit's own macros."""
+    if a is b:
+        return True
+    if not isinstance(a, _Macro) or not isinstance(b, _Macro):
+        return False
+    return (a.name, a.params, a.loc, a.body_refs, a.body_labels) == (b.name, b.params, b.loc, b.body_refs,
+                                                                     b.body_labels)
+
+
 def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> bool:
     """Whether processing the suffix after `pre` would give the recorded items (renumbered).
 
@@ -225,7 +244,7 @@ def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> b
         return False
     changed = (
         _changed(prefix.constants, pre.constants, operator.eq)
-        | _changed(prefix.macros, pre.macros, operator.is_)
+        | _changed(prefix.macros, pre.macros, _same_macro)
         | (prefix.absolute ^ pre.absolute)
     )
     # Labels are only added (setdefault): the suffix keeps its own unless the middle defined one too.
@@ -325,21 +344,35 @@ def _front_end(
         _remember(_prefixes, key, prefix)
     pre = prefix.fork()
     middle, last = sources[1:-1], sources[-1]
-    suffix: _Suffix | None = None
-    if middle:
-        suffix_key = (key, tuple(last))
-        if suffix_key not in _suffixes or (
-            (cached := _suffixes[suffix_key]) is not None and not _includes_valid(cached.included)
-        ):
-            _remember(_suffixes, suffix_key, _record_suffix(prefix, *last))
-        suffix = _suffixes[suffix_key]
-    for file, text in middle if suffix is not None else sources[1:]:
+    if not middle:
+        for file, text in sources[1:]:
+            _add(pre, file, text)
+        pre.finish()
+        return pre, True
+    for file, text in middle:
         _add(pre, file, text)
-    if suffix is not None:
-        if _replayable(prefix, pre, suffix):
-            _replay(pre, suffix)
-        else:
-            _add(pre, *last)
+    suffix_key = (key, tuple(last))
+    donor_key = (dirs, tuple(sources[0]), tuple(last))
+    recorded = _suffixes.get(suffix_key)
+    if suffix_key not in _suffixes or (recorded is not None and not _includes_valid(recorded.included)):
+        # Not recorded under these defines: a donor's record, if it replays here, else record one.
+        for donor_prefix, donor in reversed(_donors.get(donor_key, ())):
+            if _includes_valid(donor.included) and _replayable(donor_prefix, pre, donor):
+                _replay(pre, donor)
+                pre.finish()
+                return pre, True
+        recorded = _record_suffix(prefix, *last)
+        _remember(_suffixes, suffix_key, recorded)
+        if recorded is not None:
+            donors = _donors.setdefault(donor_key, [])
+            donors.append((prefix, recorded))
+            del donors[:-_MEMO_SIZE]
+            if len(_donors) > _MEMO_SIZE:
+                _donors.pop(next(iter(_donors)))
+    if recorded is not None and _replayable(prefix, pre, recorded):
+        _replay(pre, recorded)
+    else:
+        _add(pre, *last)
     pre.finish()
     return pre, True
 

@@ -423,7 +423,8 @@ class KvmVcpu:
         self.handle_hypercall()
 
     def vmexit(self, code: int, info1: int, info2: int) -> None:
-        """The hardware's one entry into KVM: every VM exit, the native hypercall included.
+        """The hardware's entry into KVM for every VM exit (the native hypercall also has the
+        fastpath `native_hypercall`, which the hardware calls directly when nothing traces).
 
         As svm_invoke_exit_handler() (svm.c) and __vmx_handle_exit() (vmx.c) test the hot
         exit codes before the handler table, the native hypercall is taken first when no

@@ -403,3 +403,11 @@ def test_a_guest_failing_on_the_source_is_reported_as_its_failure(capsys: pytest
     assert status == 1 and doc["outcome"] == "source_ended"
     assert "guest_assert: " in doc["detail"] and "conversions.s:" in doc["detail"]
     assert "--rounds" not in doc["detail"]
+
+
+def test_a_boot_that_runs_out_of_time_is_a_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--timeout` shorter than the boot: outcome timeout, exit status 3, as for any run."""
+    status = main(["migrate", str(GUESTS / "migrate_churn.s"), "--timeout", "0.001", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert (status, doc["outcome"]) == (3, "timeout")
+    assert doc["detail"].startswith("during the boot: ")

@@ -719,7 +719,7 @@ def migrate(source: Path | str, options: VmOptions | None = None, *, text: str |
     live in `rounds` pre-copy rounds of `slice_exits` guest exits each, and finish its run on
     the target. A migration that does not complete is reported (`outcome` refused,
     receive_refused, source_ended), never raised; usage errors raise UsageError."""
-    from testbed.api import Vm, VmExitError
+    from testbed.api import Vm, VmExitError, VmTimeoutError
     from testbed.machine import VmOptions
 
     opts = migration_options(options if options is not None else VmOptions())
@@ -729,7 +729,9 @@ def migrate(source: Path | str, options: VmOptions | None = None, *, text: str |
         try:
             vcpu = vm.load(source, text=text)
         except VmExitError as exc:
-            report_base.outcome, report_base.detail = "boot_failed", str(exc)
+            # A boot that runs out of time is a timeout (exit status 3), like any other run's.
+            report_base.outcome = "timeout" if isinstance(exc, VmTimeoutError) else "boot_failed"
+            report_base.detail = f"during the boot: {exc}" if isinstance(exc, VmTimeoutError) else str(exc)
             return report_base
         migration = Migration(vm, vcpu, rounds=rounds, slice_exits=slice_exits, on_ucall=on_ucall, tamper=tamper,
                               final_resync=final_resync, target_seed=target_seed)

@@ -226,3 +226,20 @@ def test_native_fill_write_protects_clean_pages_while_dirty_logging() -> None:
         mmu.close()
     finally:
         memory.close()
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sev-snp"])
+def test_walk_now_reads_the_vcpus_cr3_and_cr0(vm_type: str) -> None:
+    """NativeMmu.walk_now (PVALIDATE's walk) is walk() with the vCPU's own CR3 and CR0.WP."""
+    from testbed.x86 import CR0_WP, Reg
+
+    options = VmOptions(vm_type=vm_type, memory=8 << 20)
+    with Machine(build_program("<w>", options, text="guest_main:\n    ret\n"), options) as machine:
+        machine.boot_to(machine.program.symbols["guest_main"])
+        cpu = machine.cpu
+        mmu = cpu._native_mmu
+        cr3, wp = cpu.read_reg(Reg.CR3), bool(cpu.read_reg(Reg.CR0) & CR0_WP)
+        for va in (0x0, 0x1000, 0x100000, 0x600000, 0x7FF000, 1 << 47, 0xFFFF_8000_0000_0000):
+            for access in (0, 1, 2):
+                assert mmu.walk_now(va, access, False) == mmu.walk(cr3, va, access, False, wp, True), (hex(va), access)
+        assert mmu.walk_now(0x600000, 0, False)[0] == 0  # a mapped page: the walk succeeded

@@ -33,10 +33,8 @@ from testbed.hw.exits import (
 )
 from testbed.hw.mmu import _DeliveryFault
 from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult
-from testbed.hw.tdx_module import TDG_MEM_PAGE_ACCEPT
 from testbed.hw.unicorn_binding import HardwareError
 from testbed.x86 import (
-    CR0_WP,
     MSR_AMD64_SEV_ES_GHCB,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -386,18 +384,12 @@ class Intercepts(EventDelivery):
         first and goes to the hypervisor's fastpath with the snapshot's registers (or, when
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
-        everything else goes through `_on_invalid`. Exceptions are caught here as `_guard` would catch them."""
+        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX and RDX (an
+        SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else).
+        Exceptions are caught here as `_guard` would catch them."""
         try:
             if self._protected_exits:
-                if self._snp and self._native_mmu is not None:
-                    done = self._pvalidate_fast(rip, rax, cs, rcx, rdx)
-                    if done is not None:
-                        return done
-                elif self._tdx is not None and rax & 0xFFFF == TDG_MEM_PAGE_ACCEPT and not cs & 3:
-                    done = self._page_accept_fast(rip, cs, rcx)
-                    if done is not None:
-                        return done
-                return self._on_invalid(rip)
+                return self._on_invalid(rip, cs, (rax, rcx, rdx))
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
             # recorded translation of RIP's page read in C): two frames less per exit.
             base = self._cs_bases.get(cs)
@@ -428,7 +420,7 @@ class Intercepts(EventDelivery):
                     self._ctx = _CTX_NONE
                     self._snapshot = None
                 return not self._stop_requested
-            return self._on_invalid(rip)
+            return self._on_invalid(rip, cs, (rax, rcx, rdx))
         except BaseException as exc:
             return self._hook_failed(exc)
 
@@ -440,9 +432,11 @@ class Intercepts(EventDelivery):
             return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
-    def _on_invalid(self, rip: int) -> bool:
+    def _on_invalid(self, rip: int, cs: int, regs: tuple[int, int, int]) -> bool:
+        """The instruction at `rip` that Unicorn could not execute; `cs` and `regs` (RAX, RCX,
+        RDX) as the exit saved them."""
         # RIP is CS-relative: outside 64-bit mode the bytes are at CS.base + RIP.
-        insn = self._fetch_at_rip(rip + self._code_base(self.read_reg(Reg.CS)), 4)
+        insn = self._fetch_at_rip(rip + self._code_base(cs), 4)
         self._cur_rip = rip
         self._ctx = _CTX_INVALID
         try:
@@ -469,11 +463,11 @@ class Intercepts(EventDelivery):
                     return self._resume()
                 if insn == PVALIDATE_BYTES and self._snp:
                     self._cur_len = 4
-                    self._pvalidate(rip)
+                    self._pvalidate(rip, *regs)
                     return self._resume()
             elif self._tdx is not None and insn == TDCALL_BYTES:
                 self._cur_len = 4
-                self._tdx.tdcall()
+                self._tdx.tdcall(regs[0], regs[1])
                 return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3
@@ -494,90 +488,49 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _pvalidate(self, rip: int) -> None:
+    def _pvalidate(self, rip: int, rax: int, rcx: int, rdx: int) -> None:
         """PVALIDATE (F2 0F 01 FF): RAX = VA, ECX = size, EDX = validate (APM vol. 3)."""
         assert self.rmp is not None
-        va = self.read_reg(Reg.RAX)
-        size = self.read_reg(Reg.RCX) & 0xFFFFFFFF
-        validate = bool(self.read_reg(Reg.RDX) & 1)
-        try:
-            tr = self.translate(Gva(va & ~0xFFF), ACCESS_READ, supervisor=True)
-        except _DeliveryFault as fault:
-            self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
-            return
-        frame = tr.gpa >> PAGE_SHIFT
-        if va & 0xFFF or (size == 1 and va & 0x1FFFFF):
+        size = rcx & 0xFFFFFFFF
+        validate = bool(rdx & 1)
+        gpa = self._supervisor_read_gpa(rax & ~0xFFF)
+        if gpa is None:
+            return  # the walk faulted: delivered
+        frame = gpa >> PAGE_SHIFT
+        if rax & 0xFFF or (size == 1 and rax & 0x1FFFFF):
             result = PvalidateResult(PVALIDATE_FAIL_INPUT, False)
         elif self._stage2 is not None and not self._stage2.is_private(Gfn(frame)):
             # PVALIDATE is a private access: against a shared (unassigned) GFN the stage-2
             # walk faults, and KVM sees KVM_EXIT_MEMORY_FAULT (sev.c, sev_handle_rmp_fault).
-            self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, tr.gpa)
+            self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, gpa)
             return  # RIP unchanged: retried if the VMM converted the page
         else:
             # The nested walk of a private access faults the guest_memfd page(s) in (KVM's
             # private fault: kvm_gmem_get_pfn), validated or not: the first private fault.
             self._mem.materialise(frame, 512 if size == 1 else 1, True)
             result = self.rmp.pvalidate(frame, size, validate)
-        self._tracer.emit("hw", "pvalidate", gpa=tr.gpa, size=size, validate=validate, eax=result.eax, cf=result.cf)
-        self.write_reg(Reg.RAX, result.eax)
-        flags = self.read_reg(Reg.RFLAGS) & ~RFLAGS_CF
-        self.write_reg(Reg.RFLAGS, flags | (RFLAGS_CF if result.cf else 0))
-        self.write_reg(Reg.RIP, rip + 4)
-
-    def _pvalidate_fast(self, rip: int, rax: int, cs: int, rcx: int, rdx: int) -> bool | None:
-        """PVALIDATE on its common path (an SNP boot validates ~3,500 pages, one exit each):
-        the exit's register snapshot instead of register reads, the C walker instead of the
-        Python one, one batched RAX/RIP write. Every other case (not PVALIDATE, a walk that
-        faults or needs Python, bad input, a shared GFN, tracing on) returns None and takes
-        `_on_invalid` -> `_pvalidate`, which is the reference: both give the same answer."""
-        native = self._native_mmu
-        base = self._cs_bases.get(cs & 0xFFFF)
-        if base is None or self._tracer.enabled or self._fetch_at_rip(rip + base, 4) != PVALIDATE_BYTES:
-            return None
-        size = rcx & 0xFFFFFFFF
-        if rax & 0xFFF or size > 1 or (size == 1 and rax & 0x1FFFFF):
-            return None
-        walk_now = getattr(native, "walk_now", None)  # an extension older than walk_now: two reads
-        if walk_now is not None:
-            walked = walk_now(rax, ACCESS_READ, False)
-        else:
-            walked = native.walk(self.read_reg(Reg.CR3), rax, ACCESS_READ, False,
-                                 bool(self.read_reg(Reg.CR0) & CR0_WP), True)
-        if walked is None or walked[0] != 0 or walked[1] >= self._mem.size:
-            return None
-        frame = walked[1] >> PAGE_SHIFT
-        if self._stage2 is not None and not self._stage2.is_private(Gfn(frame)):
-            return None
-        assert self.rmp is not None
-        self._cur_rip = rip
-        self._cur_len = 4
-        self._mem.materialise(frame, 512 if size == 1 else 1, True)
-        result = self.rmp.pvalidate(frame, size, bool(rdx & 1))
+        if self._tracer.enabled:
+            self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,
+                              cf=result.cf)
         flags = self.read_reg(Reg.RFLAGS) & ~RFLAGS_CF
         self.write_reg(Reg.RFLAGS, flags | (RFLAGS_CF if result.cf else 0))
         self._write_rax_rip(result.eax, rip + 4)
-        return not self._stop_requested
 
-    def _page_accept_fast(self, rip: int, cs: int, rcx: int) -> bool | None:
-        """TDG.MEM.PAGE.ACCEPT at CPL 0 (a TD's boot accepts ~3,500 pages, one TDCALL each):
-        the exit's snapshot instead of register reads and one batched RAX/RIP write; the
-        module decides exactly as through `_on_invalid` -> TdxModule.tdcall. None (nothing
-        done) when this is not that TDCALL or tracing is on."""
-        tdx = self._tdx
-        assert tdx is not None
-        base = self._cs_bases.get(cs & 0xFFFF)
-        if base is None or self._tracer.enabled or self._fetch_at_rip(rip + base, 4) != TDCALL_BYTES:
-            return None
-        self._cur_rip = rip
-        self._cur_len = 4
-        self._ctx = _CTX_INVALID
+    def _supervisor_read_gpa(self, va: int) -> int | None:
+        """The GPA of page `va` for a supervisor read, as the CPU's walk finds it: the C walker
+        (CR3/CR0 read in C) when it answers, else the Python one, which also raises the fault
+        (delivered here: None)."""
+        native = self._native_mmu
+        walk_now = getattr(native, "walk_now", None) if native is not None else None
+        if walk_now is not None:
+            walked = walk_now(va, ACCESS_READ, False)
+            if walked is not None and walked[0] == 0 and walked[1] < self._mem.size:
+                return int(walked[1])
         try:
-            status = tdx.page_accept(rcx)
-            if status is not None:  # None: an EPT-violation TD exit, the TDCALL re-executes
-                self._write_rax_rip(status, rip + 4)
-        finally:
-            self._ctx = _CTX_NONE
-        return self._resume()
+            return self.translate(Gva(va), ACCESS_READ, supervisor=True).gpa
+        except _DeliveryFault as fault:
+            self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
+            return None
 
     def _raise_ud(self, rip: int, insn: bytes) -> None:
         if self._intercept_ud:

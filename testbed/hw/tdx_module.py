@@ -227,9 +227,9 @@ class TdxModule:
         return values
 
     # ---------------------------------------------------------------------- TDCALL
-    def tdcall(self) -> None:
-        """Execute one TDCALL (RIP at it); RIP moves past it unless the leaf left to KVM
-        (TDG.VP.VMCALL: KVM calls complete_tdcall) or faulted."""
+    def tdcall(self, rax: int, rcx: int) -> None:
+        """Execute one TDCALL (RIP at it; RAX and RCX as the exit saved them); RIP moves past
+        it unless the leaf left to KVM (TDG.VP.VMCALL: KVM calls complete_tdcall) or faulted."""
         cpu = self._cpu
         if cpu.cpl() > 0:
             # TDCALL is #GP(0) at CPL > 0, checked before anything reaches the module (kvm-x86
@@ -239,18 +239,17 @@ class TdxModule:
             cpu._deliver_now(Vector.GP, 0)
             return
         self.tdcalls += 1
-        rax = cpu.read_reg(Reg.RAX)
         leaf = rax & 0xFFFF
         version = (rax >> 16) & 0xFF
         if leaf == TDG_VP_VMCALL:
-            self._vmcall()
+            self._vmcall(rcx)
             return
         if leaf == TDG_VP_INFO:
             status = self._vp_info()
         elif leaf == TDG_VP_VEINFO_GET:
             status = self._veinfo_get(version)
         elif leaf == TDG_MEM_PAGE_ACCEPT:
-            accept = self._page_accept(cpu.read_reg(Reg.RCX))
+            accept = self._page_accept(rcx)
             if accept is None:
                 return  # an EPT violation TD exit: KVM decides, the TDCALL re-executes
             status = accept
@@ -270,9 +269,8 @@ class TdxModule:
         """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL: the TDCALL succeeded (RAX = 0), RIP past it."""
         self._finish(TDX_SUCCESS)
 
-    def _vmcall(self) -> None:
+    def _vmcall(self, control: int) -> None:
         cpu = self._cpu
-        control = cpu.read_reg(Reg.RCX)
         if control & 0b10011 or control >> 32:
             self._finish(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
             return
@@ -305,12 +303,6 @@ class TdxModule:
         cpu.write_reg(Reg.R10, (ve.instr_len & 0xFFFFFFFF) | ((ve.instr_info & 0xFFFFFFFF) << 32))
         self.ve = VeInfo()
         return TDX_SUCCESS
-
-    def page_accept(self, rcx: int) -> int | None:
-        """TDG.MEM.PAGE.ACCEPT of RCX (a TDCALL at CPL 0, counted): its completion status, or
-        None after an EPT-violation TD exit (KVM decides; the TDCALL re-executes)."""
-        self.tdcalls += 1
-        return self._page_accept(rcx)
 
     def _page_accept(self, rcx: int) -> int | None:
         level = rcx & 0x7

@@ -236,11 +236,9 @@ class Intercepts(EventDelivery):
             self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
         # else: the page changed since the scan; the rescan hooks the new sites
 
-    def _io_site(self, address: int, insn: bytes) -> None:
-        """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
-        with the port, size and direction decoded from the bytes. The hypervisor completes it
-        (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
-        stays at the instruction, which does not run natively."""
+    def _decode_io(self, address: int, insn: bytes) -> tuple[int, int, int, bool]:
+        """(port, size, length, is IN) of the IN/OUT whose bytes at `address` are `insn`: the
+        port from its imm8 or DX, the size from the opcode and a 0x66 prefix."""
         prefix = 1 if insn[0] == 0x66 else 0
         op = insn[prefix]
         if op in _IMM8_PORT_OPCODES:
@@ -250,12 +248,20 @@ class Intercepts(EventDelivery):
             port = self.read_reg(Reg.RDX) & 0xFFFF
             length = prefix + 1
         size = 1 if op in _BYTE_IO_OPCODES else 2 if prefix else 4
+        return port, size, length, op in _IN_OPCODES
+
+    def _io_site(self, address: int, insn: bytes) -> None:
+        """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
+        with the port, size and direction decoded from the bytes. The hypervisor completes it
+        (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
+        stays at the instruction, which does not run natively."""
+        port, size, length, is_in = self._decode_io(address, insn)
         self._native_io = False
         self._cur_rip = address
         self._cur_len = length
         self._ctx = _CTX_INVALID
         try:
-            self._io_vmexit(port, size, op in _IN_OPCODES)
+            self._io_vmexit(port, size, is_in)
         finally:
             self._ctx = _CTX_NONE
         if self.read_reg(Reg.RIP) == address:
@@ -279,17 +285,9 @@ class Intercepts(EventDelivery):
                     self.write_reg(reg, value & 0xFFFFFFFF)
                 self.write_reg(Reg.RIP, address + 2)
                 return
-            prefix = 1 if insn[0] == 0x66 else 0
-            op = insn[prefix]
-            if op in _IMM8_PORT_OPCODES:
-                port = self._fetch_at_rip(address + prefix + 1, 1)[0]
-                length = prefix + 2
-            else:
-                port = self.read_reg(Reg.RDX) & 0xFFFF
-                length = prefix + 1
-            size = 1 if op in _BYTE_IO_OPCODES else 2 if prefix else 4
+            port, size, length, is_in = self._decode_io(address, insn)
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
-            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if op in _IN_OPCODES else 0)
+            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if is_in else 0)
             tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, length, qual)
         finally:
             self._ctx = _CTX_NONE

@@ -315,6 +315,13 @@ class Vm:
         if punch_hole:
             self.machine.memory.discard_private(gpa >> 12, (size + 0xFFF) >> 12)
 
+    def guest_mem_allocated(self, gpa: int) -> bool:
+        """lseek(SEEK_DATA) on the guest_memfd at `gpa`'s page: whether its private page is
+        allocated - what a VMM can learn of guest_memfd without reading it. False on VM types
+        without guest_memfd."""
+        self._check_gpa(gpa, 1)
+        return self.machine.memory.private_allocated(gpa >> 12)
+
     def shared_ranges(self) -> list[tuple[int, int]]:
         """The VMM's shared-page tracker, exported as merged (gfn, npages) ranges."""
         vmm = self.machine.vmm

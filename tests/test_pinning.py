@@ -99,6 +99,20 @@ def test_discard_releases_private_pages() -> None:
         assert _memory(vm)["pinned_peak_pages"] >= pinned
 
 
+def test_guest_mem_allocated_follows_the_guest_memfd_pages() -> None:
+    """vm.guest_mem_allocated (lseek SEEK_DATA on guest_memfd): a private page the guest touched
+    is allocated, one it never touched is not, and a punch hole frees it; never on legacy SEV."""
+    big = 32 << 20  # above GUEST_ACCEPTED_END (16 MiB) the boot has validated nothing
+    with testbed.Vm(vm_type="sev-snp", memory=big) as vm:
+        vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": TOUCH_GPA})
+        assert vm.guest_mem_allocated(TOUCH_GPA) and not vm.guest_mem_allocated(big - 0x1000)
+        vm.guest_mem_fallocate(TOUCH_GPA, 0x1000, punch_hole=True)
+        assert not vm.guest_mem_allocated(TOUCH_GPA)
+    with testbed.Vm(vm_type="sev", memory=MEM) as vm:
+        vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": TOUCH_GPA})
+        assert not vm.guest_mem_allocated(TOUCH_GPA)
+
+
 def test_reg_region_is_checked_as_kvm_checks_it() -> None:
     """KVM_MEMORY_ENCRYPT_REG_REGION: ENOTTY outside SEV, EINVAL for an empty or wrapping
     range (svm/sev.c sev_mem_enc_register_region, sev_pin_memory)."""

@@ -346,6 +346,11 @@ class GuestMemory:
         self._count(new if private else 0, 0 if private else new)
         return new
 
+    def private_allocated(self, gfn: int) -> bool:
+        """guest_memfd: whether GFN `gfn`'s private page exists (SEEK_DATA finds it); False
+        without guest_memfd."""
+        return self.present is not None and bool(self.present[gfn] & PRESENT_PRIVATE)
+
     def _release(self, first_gfn: int, end: int, private: bool) -> None:
         present = self.present
         if present is None or first_gfn >= end:

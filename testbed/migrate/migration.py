@@ -51,7 +51,7 @@ from bitarray import bitarray
 
 from testbed.errors import TestbedError, UsageError
 from testbed.hw.exits import RunStop
-from testbed.hw.memory import PRESENT_PRIVATE, UnmappableMemoryError
+from testbed.hw.memory import UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL, KvmExit
 from testbed.migrate.oracle import Comparison, compare_machines
@@ -660,10 +660,10 @@ class Migration:
         target_private = self._target_private
         written = self._target_written
         memory = source.machine.memory
-        legacy = memory.encrypted
+        legacy = memory.encrypted and not memory.guest_memfd
         # sw-protected: a guest_memfd page never allocated reads as zeros (no RMP state to carry,
         # unlike SNP, whose every private page travels with its validated state).
-        present = memory.present if memory.guest_memfd and not source.machine.snp else None
+        gmem = memory.guest_memfd and not source.machine.snp
         for gfn in pages:
             gpa = gfn * PAGE_SIZE
             private = not shared[gfn]
@@ -675,9 +675,8 @@ class Migration:
             # frame the host sees as zeros (the guest never wrote it through C=1: its C=1 view is
             # the decryption of zeros under each VM's key, which the page check counts equal).
             if not written[gfn] and private and (
-                    (present is not None and not present[gfn] & PRESENT_PRIVATE)
-                    or (legacy and memory.host_view_kind(gpa) == "plaintext"
-                        and source.read(gpa, PAGE_SIZE) == ZERO_PAGE)):
+                    (gmem and not source.guest_mem_allocated(gpa))
+                    or (legacy and source.read(gpa, PAGE_SIZE) == ZERO_PAGE)):
                 stats.zero_pages += 1
                 continue
             try:

@@ -191,6 +191,33 @@ parse_grow(PyObject *arg, uint64_t current, uint64_t *pages)
     return 1;
 }
 
+/* The Python-facing conversion methods every tracker type has: set_shared(gfn, npages),
+ * set_private(gfn, npages), apply(seq), each on the type's `convert` (store_one / apply_ops). */
+#define TRACKER_STORE_METHODS(Type, convert)                                                        \
+    static PyObject *Type##_set_shared(Type *self, PyObject *const *args, Py_ssize_t nargs)        \
+    {                                                                                              \
+        return store_one((PyObject *)self, args, nargs, self->guest_pages, 1, convert);            \
+    }                                                                                              \
+    static PyObject *Type##_set_private(Type *self, PyObject *const *args, Py_ssize_t nargs)       \
+    {                                                                                              \
+        return store_one((PyObject *)self, args, nargs, self->guest_pages, 0, convert);            \
+    }                                                                                              \
+    static PyObject *Type##_apply(Type *self, PyObject *seq)                                       \
+    {                                                                                              \
+        return apply_ops((PyObject *)self, seq, self->guest_pages, convert);                       \
+    }
+
+/* Memory hotplug for the bounded structures: only the bound moves; the records stay. */
+#define TRACKER_GROW_BOUND(Type)                                                                   \
+    static PyObject *Type##_grow(Type *self, PyObject *arg)                                        \
+    {                                                                                              \
+        uint64_t pages;                                                                            \
+        if (!parse_grow(arg, self->guest_pages, &pages))                                           \
+            return NULL;                                                                           \
+        self->guest_pages = pages;                                                                 \
+        Py_RETURN_NONE;                                                                            \
+    }
+
 /* ============================================================================================
  * Bitmap
  * ========================================================================================== */
@@ -285,23 +312,7 @@ bm_convert(PyObject *obj, uint64_t gfn, uint64_t end, int shared)
     return 0;
 }
 
-static PyObject *
-Bitmap_set_shared(Bitmap *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 1, bm_convert);
-}
-
-static PyObject *
-Bitmap_set_private(Bitmap *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 0, bm_convert);
-}
-
-static PyObject *
-Bitmap_apply(Bitmap *self, PyObject *seq)
-{
-    return apply_ops((PyObject *)self, seq, self->guest_pages, bm_convert);
-}
+TRACKER_STORE_METHODS(Bitmap, bm_convert)
 
 static PyObject *
 Bitmap_is_shared(Bitmap *self, PyObject *ogfn)
@@ -718,23 +729,7 @@ Ranges_dealloc(Ranges *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-Ranges_set_shared(Ranges *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 1, rg_convert);
-}
-
-static PyObject *
-Ranges_set_private(Ranges *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 0, rg_convert);
-}
-
-static PyObject *
-Ranges_apply(Ranges *self, PyObject *seq)
-{
-    return apply_ops((PyObject *)self, seq, self->guest_pages, rg_convert);
-}
+TRACKER_STORE_METHODS(Ranges, rg_convert)
 
 static PyObject *
 Ranges_is_shared(Ranges *self, PyObject *ogfn)
@@ -783,16 +778,7 @@ Ranges_export(Ranges *self, PyObject *obj)
     return export_records(obj, self->n, &it, rg_next);
 }
 
-/* Memory hotplug: only the bound moves; the records stay. */
-static PyObject *
-Ranges_grow(Ranges *self, PyObject *arg)
-{
-    uint64_t pages;
-    if (!parse_grow(arg, self->guest_pages, &pages))
-        return NULL;
-    self->guest_pages = pages;
-    Py_RETURN_NONE;
-}
+TRACKER_GROW_BOUND(Ranges)
 
 static PyObject *
 Ranges_clear(Ranges *self, PyObject *Py_UNUSED(ignored))
@@ -1177,23 +1163,7 @@ Tree_dealloc(Tree *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-Tree_set_shared(Tree *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 1, tr_convert);
-}
-
-static PyObject *
-Tree_set_private(Tree *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return store_one((PyObject *)self, args, nargs, self->guest_pages, 0, tr_convert);
-}
-
-static PyObject *
-Tree_apply(Tree *self, PyObject *seq)
-{
-    return apply_ops((PyObject *)self, seq, self->guest_pages, tr_convert);
-}
+TRACKER_STORE_METHODS(Tree, tr_convert)
 
 static PyObject *
 Tree_is_shared(Tree *self, PyObject *ogfn)
@@ -1260,16 +1230,7 @@ Tree_export(Tree *self, PyObject *obj)
     return export_records(obj, self->count, &it, tr_next);
 }
 
-/* Memory hotplug: only the bound moves; the records stay. */
-static PyObject *
-Tree_grow(Tree *self, PyObject *arg)
-{
-    uint64_t pages;
-    if (!parse_grow(arg, self->guest_pages, &pages))
-        return NULL;
-    self->guest_pages = pages;
-    Py_RETURN_NONE;
-}
+TRACKER_GROW_BOUND(Tree)
 
 static PyObject *
 Tree_clear(Tree *self, PyObject *Py_UNUSED(ignored))

@@ -26,6 +26,8 @@ XCR0/XSS as the GHCB set them, the PV MSRs) is host state and moves in the clear
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,16 @@ class SevCommandError(KvmIoctlError):
     def __init__(self, command: str, exc: FirmwareError) -> None:
         self.fw_error = exc.status
         super().__init__(command, errno.EIO, str(exc))
+
+
+@contextmanager
+def _sev_cmd(command: str) -> Iterator[None]:
+    """A firmware failure inside is what KVM_MEMORY_ENCRYPT_OP returns for it: -EIO with the
+    firmware status (SevCommandError)."""
+    try:
+        yield
+    except FirmwareError as exc:
+        raise SevCommandError(command, exc) from None
 
 
 def _firmware(vm: KvmVm, command: str, not_sev: int = errno.ENOTTY) -> GuestFirmware:
@@ -109,38 +121,30 @@ class SendContext:
         command = "KVM_SEV_SEND_UPDATE_DATA"
         _firmware(self._vm, command)
         _page_params(command, gpa, length, self._vm.memory.size)
-        try:
+        with _sev_cmd(command):
             return self._fw.send_update_data(gpa, length)
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
     def send_vcpu_state(self) -> tuple[bytes, bytes]:
         """KVM_SEV_SEND_UPDATE_VMSA (the SEV-ES migration series' shape): the vCPU's state,
         sealed by the firmware (the host cannot read an SEV-ES/SNP guest's registers)."""
         command = "KVM_SEV_SEND_UPDATE_VMSA"
         _firmware(self._vm, command)
-        try:
+        with _sev_cmd(command):
             return self._fw.send_update_vmsa()
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
     def send_finish(self) -> None:
         """KVM_SEV_SEND_FINISH: the outgoing context is closed (the source guest is SENT)."""
         command = "KVM_SEV_SEND_FINISH"
         _firmware(self._vm, command)
-        try:
+        with _sev_cmd(command):
             self._fw.send_finish()
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
     def send_cancel(self) -> None:
         """KVM_SEV_SEND_CANCEL: the migration is abandoned; the source guest runs on."""
         command = "KVM_SEV_SEND_CANCEL"
         _firmware(self._vm, command)
-        try:
+        with _sev_cmd(command):
             self._fw.send_cancel()
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
 
 class ReceiveContext:
@@ -165,10 +169,8 @@ class ReceiveContext:
         if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
             raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
                                 "set KVM_MEMORY_ATTRIBUTE_PRIVATE on it before receiving a private page")
-        try:
+        with _sev_cmd(command):
             self._fw.receive_update_data(header, packet, gpa, length)
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
     def receive_vcpu_state(self, header: bytes, packet: bytes) -> None:
         """KVM_SEV_RECEIVE_UPDATE_VMSA: the firmware verifies the VMSA packet and loads it."""
@@ -176,19 +178,15 @@ class ReceiveContext:
         _firmware(self._vm, command, not_sev=errno.EINVAL)
         if len(header) != HDR_LEN or not packet:
             raise KvmIoctlError(command, errno.EINVAL, f"a {HDR_LEN}-byte header and a packet are needed")
-        try:
+        with _sev_cmd(command):
             self._fw.receive_update_vmsa(bytes(header), bytes(packet))
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
     def receive_finish(self) -> None:
         """KVM_SEV_RECEIVE_FINISH: the guest is RUNNING and may be entered."""
         command = "KVM_SEV_RECEIVE_FINISH"
         _firmware(self._vm, command)
-        try:
+        with _sev_cmd(command):
             self._fw.receive_finish()
-        except FirmwareError as exc:
-            raise SevCommandError(command, exc) from None
 
 
 def send_start(vm: KvmVm, session: TransportSession) -> SendContext:
@@ -198,10 +196,8 @@ def send_start(vm: KvmVm, session: TransportSession) -> SendContext:
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
     fw = _firmware(vm, command)
-    try:
+    with _sev_cmd(command):
         fw.send_start(session)
-    except FirmwareError as exc:
-        raise SevCommandError(command, exc) from None
     return SendContext(vm, fw)
 
 
@@ -212,10 +208,8 @@ def receive_start(vm: KvmVm, session: TransportSession) -> ReceiveContext:
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
     fw = _firmware(vm, command)
-    try:
+    with _sev_cmd(command):
         fw.receive_start(session)
-    except FirmwareError as exc:
-        raise SevCommandError(command, exc) from None
     if vm.snp:
         for hw in vm._vcpu_hw:
             hw.stage2_changed(Gfn(0), Gfn(vm.memory.size >> PAGE_SHIFT), True)

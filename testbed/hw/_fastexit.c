@@ -6,7 +6,8 @@
  * logic, dominated an exit (docs/emulator-facts.md). This module removes them and nothing
  * else: it registers Unicorn's UC_HOOK_INSN_INVALID hook with a C callback that reads the
  * exit's register snapshot (the VMCB save area KVM reads) in one uc_reg_read_batch and calls
- * the Python hardware model with the values; and it offers one call to write RAX and RIP back.
+ * the Python hardware model with the values; and it offers one call to write RAX and RIP back
+ * (write2), or RAX, RIP and RFLAGS (write3: PVALIDATE's result and CF).
  * Every decision stays in Python (testbed/hw/intercepts.py, `_on_invalid_exit`, which delivers every
  * exit through the one entry into the hypervisor).
  *
@@ -24,7 +25,8 @@ typedef int (*hook_add_fn)(void *uc, size_t *hh, int type, void *callback, void 
                            uint64_t end, ...);
 
 #define UC_HOOK_INSN_INVALID (1 << 14)
-#define NSNAP 7
+#define NSNAP 8
+#define NWRITE 3
 
 typedef struct {
     PyObject_HEAD
@@ -35,9 +37,9 @@ typedef struct {
     uint64_t snap[NSNAP];
     void *snap_ptrs[NSNAP];
     int cs_index;
-    int wr_ids[2];
-    uint64_t wr[2];
-    void *wr_ptrs[2];
+    int wr_ids[NWRITE];
+    uint64_t wr[NWRITE];
+    void *wr_ptrs[NWRITE];
     PyObject *handler;
     size_t hook;
 } FastExit;
@@ -85,8 +87,8 @@ static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     if (!PySequence_Check(ids) || PySequence_Size(ids) != NSNAP || !PySequence_Check(wids) ||
-        PySequence_Size(wids) != 2 || cs_index < 0 || cs_index >= NSNAP) {
-        PyErr_SetString(PyExc_ValueError, "expected 7 snapshot register ids, the CS index and 2 write ids");
+        PySequence_Size(wids) != NWRITE || cs_index < 0 || cs_index >= NSNAP) {
+        PyErr_SetString(PyExc_ValueError, "expected 8 snapshot register ids, the CS index and 3 write ids");
         return -1;
     }
     for (int i = 0; i < NSNAP; i++) {
@@ -97,7 +99,7 @@ static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
         Py_DECREF(item);
         self->snap_ptrs[i] = &self->snap[i];
     }
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < NWRITE; i++) {
         PyObject *item = PySequence_GetItem(wids, i);
         if (item == NULL)
             return -1;
@@ -122,25 +124,36 @@ static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize_t nargs)
+/* The first `n` write registers (RAX, RIP[, RFLAGS]) from args, in one uc_reg_write_batch. */
+static PyObject *fastexit_write(FastExit *self, PyObject *const *args, Py_ssize_t nargs, int n, const char *usage)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "write2(value0, value1)");
+    if (nargs != n) {
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
-    self->wr[0] = PyLong_AsUnsignedLongLongMask(args[0]);
-    self->wr[1] = PyLong_AsUnsignedLongLongMask(args[1]);
+    for (int i = 0; i < n; i++)
+        self->wr[i] = PyLong_AsUnsignedLongLongMask(args[i]);
     if (PyErr_Occurred())
         return NULL;
     if (self->uc == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "FastExit.write2 after close(): the emulator is released");
+        PyErr_SetString(PyExc_RuntimeError, "FastExit write after close(): the emulator is released");
         return NULL;
     }
-    if (self->write_batch(self->uc, self->wr_ids, self->wr_ptrs, 2) != 0) {
+    if (self->write_batch(self->uc, self->wr_ids, self->wr_ptrs, n) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "uc_reg_write_batch failed");
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return fastexit_write(self, args, nargs, 2, "write2(rax, rip)");
+}
+
+static PyObject *FastExit_write3(FastExit *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return fastexit_write(self, args, nargs, 3, "write3(rax, rip, rflags)");
 }
 
 /*
@@ -180,7 +193,9 @@ static PyObject *FastExit_close(FastExit *self, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef FastExit_methods[] = {
     {"write2", (PyCFunction)(void (*)(void))FastExit_write2, METH_FASTCALL,
-     "Write the two registers given at construction (RAX, RIP) in one uc_reg_write_batch."},
+     "Write the first two registers given at construction (RAX, RIP) in one uc_reg_write_batch."},
+    {"write3", (PyCFunction)(void (*)(void))FastExit_write3, METH_FASTCALL,
+     "Write the three registers given at construction (RAX, RIP, RFLAGS) in one uc_reg_write_batch."},
     {"close", (PyCFunction)FastExit_close, METH_NOARGS,
      "Drop the handler and the engine pointer (after uc_close); idempotent."},
     {NULL, NULL, 0, NULL},

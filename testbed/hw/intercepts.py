@@ -375,19 +375,21 @@ class Intercepts(EventDelivery):
             self.write_reg(Reg.RIP, address)
 
     # ----------------------------------------------------------- invalid instructions
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
+                         rflags: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot.
 
         The native hypercall outside SEV-ES, by far the most frequent exit, is recognised
         first and goes to the hypervisor's fastpath with the snapshot's registers (or, when
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
-        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX and RDX (an
-        SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else).
+        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX, RDX and RFLAGS
+        (an SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else, and
+        write their results back in one batch).
         Exceptions are caught here as `_guard` would catch them."""
         try:
             if self._protected_exits:
-                return self._on_invalid(rip, cs, (rax, rcx, rdx))
+                return self._on_invalid(rip, cs, (rax, rcx, rdx, rflags))
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
             # recorded translation of RIP's page read in C): two frames less per exit.
             base = self._cs_bases.get(cs)
@@ -418,7 +420,7 @@ class Intercepts(EventDelivery):
                     self._ctx = _CTX_NONE
                     self._snapshot = None
                 return not self._stop_requested
-            return self._on_invalid(rip, cs, (rax, rcx, rdx))
+            return self._on_invalid(rip, cs, (rax, rcx, rdx, rflags))
         except BaseException as exc:
             return self._hook_failed(exc)
 
@@ -430,9 +432,9 @@ class Intercepts(EventDelivery):
             return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
-    def _on_invalid(self, rip: int, cs: int, regs: tuple[int, int, int]) -> bool:
+    def _on_invalid(self, rip: int, cs: int, regs: tuple[int, int, int, int]) -> bool:
         """The instruction at `rip` that Unicorn could not execute; `cs` and `regs` (RAX, RCX,
-        RDX) as the exit saved them."""
+        RDX, RFLAGS) as the exit saved them."""
         # RIP is CS-relative: outside 64-bit mode the bytes are at CS.base + RIP.
         insn = self._fetch_at_rip(rip + self._code_base(cs), 4)
         self._cur_rip = rip
@@ -465,7 +467,7 @@ class Intercepts(EventDelivery):
                     return self._resume()
             elif self._tdx is not None and insn == TDCALL_BYTES:
                 self._cur_len = 4
-                self._tdx.tdcall(regs[0], regs[1])
+                self._tdx.tdcall(regs[0], regs[1], cs & 3)
                 return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3
@@ -486,7 +488,7 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _pvalidate(self, rip: int, rax: int, rcx: int, rdx: int) -> None:
+    def _pvalidate(self, rip: int, rax: int, rcx: int, rdx: int, rflags: int) -> None:
         """PVALIDATE (F2 0F 01 FF): RAX = VA, ECX = size, EDX = validate (APM vol. 3)."""
         assert self.rmp is not None
         size = rcx & 0xFFFFFFFF
@@ -510,9 +512,8 @@ class Intercepts(EventDelivery):
         if self._tracer.enabled:
             self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,
                               cf=result.cf)
-        flags = self.read_reg(Reg.RFLAGS) & ~RFLAGS_CF
-        self.write_reg(Reg.RFLAGS, flags | (RFLAGS_CF if result.cf else 0))
-        self._write_rax_rip(result.eax, rip + 4)
+        flags = (rflags & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
+        self._write_rax_rip_rflags(result.eax, rip + 4, flags)
 
     def _supervisor_read_gpa(self, va: int) -> int | None:
         """The GPA of page `va` for a supervisor read, as the CPU's walk finds it: the C walker

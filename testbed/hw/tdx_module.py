@@ -130,6 +130,8 @@ class TdCpu(Protocol):
 
     def cpl(self) -> int: ...
 
+    def complete_hypercall(self, rax: int) -> None: ...
+
 
 @dataclass
 class VeInfo:
@@ -227,11 +229,12 @@ class TdxModule:
         return values
 
     # ---------------------------------------------------------------------- TDCALL
-    def tdcall(self, rax: int, rcx: int) -> None:
-        """Execute one TDCALL (RIP at it; RAX and RCX as the exit saved them); RIP moves past
-        it unless the leaf left to KVM (TDG.VP.VMCALL: KVM calls complete_tdcall) or faulted."""
+    def tdcall(self, rax: int, rcx: int, cpl: int) -> None:
+        """Execute one TDCALL (RIP at it; RAX, RCX and the CPL as the exit saved them); RIP
+        moves past it unless the leaf left to KVM (TDG.VP.VMCALL: KVM calls complete_tdcall)
+        or faulted."""
         cpu = self._cpu
-        if cpu.cpl() > 0:
+        if cpl > 0:
             # TDCALL is #GP(0) at CPL > 0, checked before anything reaches the module (kvm-x86
             # 9d7dfb95da2c, "KVM: VMX: Inject #UD if guest tries to execute SEAMCALL or TDCALL":
             # "TDCALL and SEAMCALL #GP at CPL > 0, and the CPL check is performed prior to the
@@ -258,21 +261,19 @@ class TdxModule:
             return
         else:
             status = TDX_OPERAND_INVALID | OPERAND_ID_RAX
-        self._finish(status)
-
-    def _finish(self, status: int) -> None:
-        cpu = self._cpu
-        cpu.write_reg(Reg.RAX, status)
-        cpu.write_reg(Reg.RIP, cpu.read_reg(Reg.RIP) + 4)
+        cpu.complete_hypercall(status)  # RAX and RIP past the TDCALL, in one batched write
 
     def complete_tdcall(self) -> None:
-        """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL: the TDCALL succeeded (RAX = 0), RIP past it."""
-        self._finish(TDX_SUCCESS)
+        """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL: the TDCALL succeeded (RAX = 0), RIP past it
+        (read back: KVM may complete it after a return to userspace, outside the exit)."""
+        cpu = self._cpu
+        cpu.write_reg(Reg.RAX, TDX_SUCCESS)
+        cpu.write_reg(Reg.RIP, cpu.read_reg(Reg.RIP) + 4)
 
     def _vmcall(self, control: int) -> None:
         cpu = self._cpu
         if control & 0b10011 or control >> 32:
-            self._finish(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
+            cpu.complete_hypercall(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
             return
         # A trap-like TD exit (tdg_vp_vmcall.c): KVM reads the exposed GPRs and completes it.
         cpu._exit(VmxExitReason.EXIT_REASON_TDCALL, 0, 0)

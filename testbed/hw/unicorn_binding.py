@@ -344,18 +344,20 @@ class UnicornBinding(ABC):
         self._fill_regs = (ctypes.c_uint64 * 3)()
         self._fill_ids = (ctypes.c_int * 3)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0)
         self._fill_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)))
-        self._snap = (ctypes.c_uint64 * 7)()
-        self._snap_ids = (ctypes.c_int * 7)(
+        self._snap = (ctypes.c_uint64 * 8)()
+        self._snap_ids = (ctypes.c_int * 8)(
             ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
-            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
+            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI, ux.UC_X86_REG_RFLAGS,
         )
-        self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
+        self._snap_ptrs = (ctypes.c_void_p * 8)(*(ctypes.addressof(self._snap) + 8 * i for i in range(8)))
         #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
         self._snapshot: tuple[int, int, int, int, int, int, bool] | None = None
         self._hc_vals = (ctypes.c_uint64 * 2)()
         self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
-        self._hc_wids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP)
+        self._hc_wids = (ctypes.c_int * 3)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP, ux.UC_X86_REG_RFLAGS)
         self._hc_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self._hc_vals), ctypes.addressof(self._hc_vals) + 8)
+        self._wr_vals = (ctypes.c_uint64 * 3)()
+        self._wr_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._wr_vals) + 8 * i for i in range(3)))
         self._reg_read = _raw_function("uc_reg_read")
         self._emu_start_fn = _raw_function("uc_emu_start")
         self._emu_stop_fn = _raw_function("uc_emu_stop")
@@ -406,7 +408,8 @@ class UnicornBinding(ABC):
         ...
 
     @abstractmethod
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
+                         rflags: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot; True resumes."""
         ...
 
@@ -443,8 +446,7 @@ class UnicornBinding(ABC):
 
             self._fastexit = _fastexit.FastExit(
                 self._h.value, address("uc_hook_add"), address("uc_reg_read_batch"),
-                address("uc_reg_write_batch"), list(self._snap_ids), 2,
-                [ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP], self._on_invalid_exit,
+                address("uc_reg_write_batch"), list(self._snap_ids), 2, list(self._hc_wids), self._on_invalid_exit,
             )
         else:
             self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_ctypes)
@@ -477,14 +479,14 @@ class UnicornBinding(ABC):
         """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
         try:
             # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
-            # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
-            # then reads from there (hypercall_regs / hypercall_args).
+            # RSI) and RFLAGS: the state the hardware saves into the VMCB/VMCS at the exit,
+            # which KVM then reads from there (hypercall_regs / hypercall_args).
             s = self._snap
             s[2] = 0  # CS fills only the low bytes of its slot
-            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
+            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 8)
         except BaseException as exc:  # re-raised from run(); must not unwind through C
             return self._hook_failed(exc)
-        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6])
+        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
 
     def _hook_failed(self, exc: BaseException) -> bool:
         # Re-raised from run(); an exception must not unwind through Unicorn's C frames.
@@ -614,6 +616,17 @@ class UnicornBinding(ABC):
         values[0] = rax & U64
         values[1] = rip
         self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
+
+    def _write_rax_rip_rflags(self, rax: int, rip: int, rflags: int) -> None:
+        """RAX, RIP and RFLAGS in one batched write (through the C extension when built)."""
+        if self._fastexit is not None:
+            self._fastexit.write3(rax & U64, rip, rflags)
+            return
+        values = self._wr_vals
+        values[0] = rax & U64
+        values[1] = rip
+        values[2] = rflags
+        self._reg_write_batch(self._h, self._hc_wids, self._wr_ptrs, 3)
 
     def _read_fill_regs(self) -> tuple[int, int, int]:
         """CS, CR3 and CR0 in one batched read (what a TLB fill needs)."""

@@ -27,6 +27,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -532,25 +535,44 @@ rg_find_start(const Range *r, Py_ssize_t lo, Py_ssize_t n, uint64_t key, int str
 }
 
 /* Move records [from, n) to start at index `to`. DMA churn moves a handful of records: a short
- * tail moves as one fixed block of RG_BLOCK records (loaded whole, then stored: no loop, no
- * size dispatch, no mispredicted exit), which may carry stale records past n along -- the
- * array keeps RG_BLOCK + 1 spare records past its capacity for that; a long tail (a hostile
- * guest's list) goes to memmove. */
+ * tail moves as one fixed block of RG_BLOCK records (loaded whole into registers, then stored:
+ * no loop, no size dispatch, no mispredicted exit), which may carry stale records past n along
+ * -- the array keeps RG_BLOCK + 1 spare records past its capacity for that; a long tail (a
+ * hostile guest's list) goes to memmove. */
 #define RG_BLOCK 8
 
 static inline void
 rg_shift(Range *r, Py_ssize_t to, Py_ssize_t from, Py_ssize_t n)
 {
     if (n - from <= RG_BLOCK) {
+#if defined(__SSE2__)
+        /* Eight 16-byte registers: a memcpy through a local block was spilled to the stack
+         * (and, inlined into some callers, became `rep movs`, slow to start for 128 bytes). */
+        const __m128i *src = (const __m128i *)&r[from];
+        __m128i *dst = (__m128i *)&r[to];
+        __m128i b0 = _mm_loadu_si128(src), b1 = _mm_loadu_si128(src + 1), b2 = _mm_loadu_si128(src + 2),
+                b3 = _mm_loadu_si128(src + 3), b4 = _mm_loadu_si128(src + 4), b5 = _mm_loadu_si128(src + 5),
+                b6 = _mm_loadu_si128(src + 6), b7 = _mm_loadu_si128(src + 7);
+        _mm_storeu_si128(dst, b0);
+        _mm_storeu_si128(dst + 1, b1);
+        _mm_storeu_si128(dst + 2, b2);
+        _mm_storeu_si128(dst + 3, b3);
+        _mm_storeu_si128(dst + 4, b4);
+        _mm_storeu_si128(dst + 5, b5);
+        _mm_storeu_si128(dst + 6, b6);
+        _mm_storeu_si128(dst + 7, b7);
+#else
         Range block[RG_BLOCK];
         memcpy(block, &r[from], sizeof block);
         memcpy(&r[to], block, sizeof block);
+#endif
     } else {
         memmove(&r[to], &r[from], (size_t)(n - from) * sizeof(Range));
     }
 }
 
-static int
+/* Out of line: rare, and kept out of the single-page paths' registers. */
+static __attribute__((noinline, cold)) int
 rg_reserve(Ranges *self, Py_ssize_t need)
 {
     Py_ssize_t cap = self->cap ? self->cap * 2 : 16;
@@ -595,34 +617,12 @@ rg_remove(Ranges *self, Py_ssize_t i, Py_ssize_t j)
     self->n -= j - i;
 }
 
-static int
-rg_set_shared(Ranges *self, uint64_t gfn, uint64_t end)
+/* set_shared of [gfn, end) spanning any number of pages; range i is the first with end >= gfn.
+ * Out of line: DMA churn converts single pages, whose paths below stay small. */
+static __attribute__((noinline)) int
+rg_share_span(Ranges *self, Py_ssize_t i, uint64_t gfn, uint64_t end)
 {
-    if (self->poisoned)
-        return 0;
     Range *r = self->r;
-    Py_ssize_t i = rg_find(self, gfn, 0); /* first end >= gfn: touches [gfn, end] or lies right */
-    self->finger = i;
-    if (end == gfn + 1) {
-        /* One page (DMA churn is almost all single pages): range i touches it or lies right of
-         * it, so one search decides; only a page filling a one-page gap joins two records. */
-        if (i < self->n && r[i].start <= gfn) {
-            if (r[i].end == gfn) {
-                if (i + 1 < self->n && r[i + 1].start == end) {
-                    r[i].end = r[i + 1].end;
-                    rg_remove(self, i + 1, i + 2);
-                } else {
-                    r[i].end = end;
-                }
-            }
-            return 0; /* (or already shared) */
-        }
-        if (i < self->n && r[i].start == end) {
-            r[i].start = gfn;
-            return 0;
-        }
-        return rg_insert(self, i, gfn, end) < 0 ? -1 : 0;
-    }
     Py_ssize_t j = rg_find_start(r, i, self->n, end, 1); /* first start > end */
     if (i == j)
         return rg_insert(self, i, gfn, end) < 0 ? -1 : 0;
@@ -634,32 +634,42 @@ rg_set_shared(Ranges *self, uint64_t gfn, uint64_t end)
     return 0;
 }
 
-static int
-rg_set_private(Ranges *self, uint64_t gfn, uint64_t end)
+static inline int
+rg_set_shared(Ranges *self, uint64_t gfn, uint64_t end)
 {
     if (self->poisoned)
         return 0;
     Range *r = self->r;
-    Py_ssize_t i = rg_find(self, gfn, 1); /* first end > gfn: the first that can overlap */
+    Py_ssize_t i = rg_find(self, gfn, 0); /* first end >= gfn: touches [gfn, end] or lies right */
     self->finger = i;
-    if (end == gfn + 1) {
-        /* One page: only range i can hold it. */
-        if (i == self->n || r[i].start > gfn)
-            return 0; /* already private */
-        uint64_t s = r[i].start, e = r[i].end;
-        if (s == gfn) {
-            if (e == end)
-                rg_remove(self, i, i + 1);
-            else
-                r[i].start = end;
-            return 0;
+    if (end != gfn + 1)
+        return rg_share_span(self, i, gfn, end);
+    /* One page (DMA churn is almost all single pages): range i touches it or lies right of it,
+     * so one search decides; only a page filling a one-page gap joins two records. */
+    if (i < self->n && r[i].start <= gfn) {
+        if (r[i].end == gfn) {
+            if (i + 1 < self->n && r[i + 1].start == end) {
+                r[i].end = r[i + 1].end;
+                rg_remove(self, i + 1, i + 2);
+            } else {
+                r[i].end = end;
+            }
         }
-        if (e == end) {
-            r[i].end = gfn;
-            return 0;
-        }
-        /* fall through: punching a hole, the general path below */
+        return 0; /* (or already shared) */
     }
+    if (i < self->n && r[i].start == end) {
+        r[i].start = gfn;
+        return 0;
+    }
+    return rg_insert(self, i, gfn, end) < 0 ? -1 : 0;
+}
+
+/* set_private of [gfn, end) in general; range i is the first with end > gfn. Out of line, as
+ * rg_share_span. */
+static __attribute__((noinline)) int
+rg_unshare_span(Ranges *self, Py_ssize_t i, uint64_t gfn, uint64_t end)
+{
+    Range *r = self->r;
     Py_ssize_t j = rg_find_start(r, i, self->n, end, 0); /* first start >= end */
     if (i == j)
         return 0;
@@ -687,6 +697,34 @@ rg_set_private(Ranges *self, uint64_t gfn, uint64_t end)
         rg_remove(self, i, j);
     }
     return 0;
+}
+
+static inline int
+rg_set_private(Ranges *self, uint64_t gfn, uint64_t end)
+{
+    if (self->poisoned)
+        return 0;
+    Range *r = self->r;
+    Py_ssize_t i = rg_find(self, gfn, 1); /* first end > gfn: the first that can overlap */
+    self->finger = i;
+    if (end != gfn + 1)
+        return rg_unshare_span(self, i, gfn, end);
+    /* One page: only range i can hold it. */
+    if (i == self->n || r[i].start > gfn)
+        return 0; /* already private */
+    uint64_t s = r[i].start, e = r[i].end;
+    if (s == gfn) {
+        if (e == end)
+            rg_remove(self, i, i + 1);
+        else
+            r[i].start = end;
+        return 0;
+    }
+    if (e == end) {
+        r[i].end = gfn;
+        return 0;
+    }
+    return rg_unshare_span(self, i, gfn, end); /* punching a hole */
 }
 
 static int

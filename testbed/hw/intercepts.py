@@ -388,18 +388,19 @@ class Intercepts(EventDelivery):
         write their results back in one batch).
         Exceptions are caught here as `_guard` would catch them."""
         try:
-            if self._protected_exits:
-                return self._on_invalid(rip, cs, (rax, rcx, rdx, rflags))
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
-            # recorded translation of RIP's page read in C): two frames less per exit.
+            # recorded translation of RIP's page read in C): two frames less per exit. Four
+            # bytes, the longest instruction decoded here, fetched once for every decoder.
             base = self._cs_bases.get(cs)
             if base is None:
                 base = self._code_base(cs)
             native = self._native_mmu
-            insn = native.fetch(rip + base, 3) if native is not None else None
+            insn = native.fetch(rip + base, 4) if native is not None else None
             if insn is None:
-                insn = self._fetch_at_rip(rip + base, 3)
-            if insn == self._native_hypercall:
+                insn = self._fetch_at_rip(rip + base, 4)
+            if self._protected_exits:
+                return self._on_invalid(rip, insn, cs, (rax, rcx, rdx, rflags))
+            if insn[:3] == self._native_hypercall:
                 self._cur_rip = rip
                 self._cur_len = 3
                 self._ctx = _CTX_INVALID
@@ -420,7 +421,7 @@ class Intercepts(EventDelivery):
                     self._ctx = _CTX_NONE
                     self._snapshot = None
                 return not self._stop_requested
-            return self._on_invalid(rip, cs, (rax, rcx, rdx, rflags))
+            return self._on_invalid(rip, insn, cs, (rax, rcx, rdx, rflags))
         except BaseException as exc:
             return self._hook_failed(exc)
 
@@ -432,11 +433,10 @@ class Intercepts(EventDelivery):
             return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
-    def _on_invalid(self, rip: int, cs: int, regs: tuple[int, int, int, int]) -> bool:
-        """The instruction at `rip` that Unicorn could not execute; `cs` and `regs` (RAX, RCX,
-        RDX, RFLAGS) as the exit saved them."""
-        # RIP is CS-relative: outside 64-bit mode the bytes are at CS.base + RIP.
-        insn = self._fetch_at_rip(rip + self._code_base(cs), 4)
+    def _on_invalid(self, rip: int, insn: bytes, cs: int, regs: tuple[int, int, int, int]) -> bool:
+        """The instruction at `rip` that Unicorn could not execute: `insn` its first bytes (up
+        to 4, fetched at CS.base + RIP: RIP is CS-relative outside 64-bit mode); `cs` and
+        `regs` (RAX, RCX, RDX, RFLAGS) as the exit saved them."""
         self._cur_rip = rip
         self._ctx = _CTX_INVALID
         try:

@@ -7,7 +7,8 @@
  * else: it registers Unicorn's UC_HOOK_INSN_INVALID hook with a C callback that reads the
  * exit's register snapshot (the VMCB save area KVM reads) in one uc_reg_read_batch and calls
  * the Python hardware model with the values; and it offers one call to write RAX and RIP back
- * (write2), or RAX, RIP and RFLAGS (write3: PVALIDATE's result and CF).
+ * (write2), or RAX, RIP and RFLAGS (write3: PVALIDATE's result and CF), and one to read RFLAGS
+ * (read3), which PVALIDATE alone needs: the snapshot stays what a hypercall exit reads.
  * Every decision stays in Python (testbed/hw/intercepts.py, `_on_invalid_exit`, which delivers every
  * exit through the one entry into the hypervisor).
  *
@@ -25,7 +26,7 @@ typedef int (*hook_add_fn)(void *uc, size_t *hh, int type, void *callback, void 
                            uint64_t end, ...);
 
 #define UC_HOOK_INSN_INVALID (1 << 14)
-#define NSNAP 8
+#define NSNAP 7
 #define NWRITE 3
 
 typedef struct {
@@ -88,7 +89,7 @@ static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
     }
     if (!PySequence_Check(ids) || PySequence_Size(ids) != NSNAP || !PySequence_Check(wids) ||
         PySequence_Size(wids) != NWRITE || cs_index < 0 || cs_index >= NSNAP) {
-        PyErr_SetString(PyExc_ValueError, "expected 8 snapshot register ids, the CS index and 3 write ids");
+        PyErr_SetString(PyExc_ValueError, "expected 7 snapshot register ids, the CS index and 3 write ids");
         return -1;
     }
     for (int i = 0; i < NSNAP; i++) {
@@ -146,6 +147,22 @@ static PyObject *fastexit_write(FastExit *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* read3() -> the third write register (RFLAGS), in one uc_reg_read_batch. */
+static PyObject *FastExit_read3(FastExit *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t value = 0;
+    void *ptr = &value;
+    if (self->uc == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "FastExit read after close(): the emulator is released");
+        return NULL;
+    }
+    if (self->read_batch(self->uc, &self->wr_ids[2], &ptr, 1) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "uc_reg_read_batch failed");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(value);
+}
+
 static PyObject *FastExit_write2(FastExit *self, PyObject *const *args, Py_ssize_t nargs)
 {
     return fastexit_write(self, args, nargs, 2, "write2(rax, rip)");
@@ -194,6 +211,8 @@ static PyObject *FastExit_close(FastExit *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef FastExit_methods[] = {
     {"write2", (PyCFunction)(void (*)(void))FastExit_write2, METH_FASTCALL,
      "Write the first two registers given at construction (RAX, RIP) in one uc_reg_write_batch."},
+    {"read3", (PyCFunction)FastExit_read3, METH_NOARGS,
+     "Read the third register given at construction (RFLAGS) in one uc_reg_read_batch."},
     {"write3", (PyCFunction)(void (*)(void))FastExit_write3, METH_FASTCALL,
      "Write the three registers given at construction (RAX, RIP, RFLAGS) in one uc_reg_write_batch."},
     {"close", (PyCFunction)FastExit_close, METH_NOARGS,

@@ -85,7 +85,12 @@ class Intercepts(EventDelivery):
         #: the last IN/OUT exit came from Unicorn's IN/OUT hook (an instruction the site scan
         #: did not hook, e.g. with a REX prefix): it completed natively, nothing to skip
         self._native_io = False
-        self._native_hypercall = VMMCALL_BYTES if self.vendor is Vendor.AMD else VMCALL_BYTES
+        native_hypercall = VMMCALL_BYTES if self.vendor is Vendor.AMD else VMCALL_BYTES
+        #: the exit's four fetched bytes that are the native hypercall: its three, then any byte
+        #: (or nothing, at the end of what could be fetched); a set lookup costs a fifth of a
+        #: slice and compare, on the most frequent exit
+        self._native_hypercall_fetches = frozenset(
+            [native_hypercall, *(native_hypercall + bytes([b]) for b in range(256))])
         self._native_hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if self.vendor is Vendor.AMD
                                           else VmxExitReason.EXIT_REASON_VMCALL)
         #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)
@@ -375,17 +380,16 @@ class Intercepts(EventDelivery):
             self.write_reg(Reg.RIP, address)
 
     # ----------------------------------------------------------- invalid instructions
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
-                         rflags: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot.
 
         The native hypercall outside SEV-ES, by far the most frequent exit, is recognised
         first and goes to the hypervisor's fastpath with the snapshot's registers (or, when
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
-        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX, RDX and RFLAGS
-        (an SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else, and
-        write their results back in one batch).
+        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX and RDX (an
+        SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else but RFLAGS,
+        and write their results back in one batch).
         Exceptions are caught here as `_guard` would catch them."""
         try:
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
@@ -399,8 +403,8 @@ class Intercepts(EventDelivery):
             if insn is None:
                 insn = self._fetch_at_rip(rip + base, 4)
             if self._protected_exits:
-                return self._on_invalid(rip, insn, cs, (rax, rcx, rdx, rflags))
-            if insn[:3] == self._native_hypercall:
+                return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
+            if insn in self._native_hypercall_fetches:
                 self._cur_rip = rip
                 self._cur_len = 3
                 self._ctx = _CTX_INVALID
@@ -421,7 +425,7 @@ class Intercepts(EventDelivery):
                     self._ctx = _CTX_NONE
                     self._snapshot = None
                 return not self._stop_requested
-            return self._on_invalid(rip, insn, cs, (rax, rcx, rdx, rflags))
+            return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
         except BaseException as exc:
             return self._hook_failed(exc)
 
@@ -433,10 +437,10 @@ class Intercepts(EventDelivery):
             return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
-    def _on_invalid(self, rip: int, insn: bytes, cs: int, regs: tuple[int, int, int, int]) -> bool:
+    def _on_invalid(self, rip: int, insn: bytes, cs: int, regs: tuple[int, int, int]) -> bool:
         """The instruction at `rip` that Unicorn could not execute: `insn` its first bytes (up
         to 4, fetched at CS.base + RIP: RIP is CS-relative outside 64-bit mode); `cs` and
-        `regs` (RAX, RCX, RDX, RFLAGS) as the exit saved them."""
+        `regs` (RAX, RCX, RDX) as the exit saved them."""
         self._cur_rip = rip
         self._ctx = _CTX_INVALID
         try:
@@ -488,7 +492,7 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _pvalidate(self, rip: int, rax: int, rcx: int, rdx: int, rflags: int) -> None:
+    def _pvalidate(self, rip: int, rax: int, rcx: int, rdx: int) -> None:
         """PVALIDATE (F2 0F 01 FF): RAX = VA, ECX = size, EDX = validate (APM vol. 3)."""
         assert self.rmp is not None
         size = rcx & 0xFFFFFFFF
@@ -512,7 +516,7 @@ class Intercepts(EventDelivery):
         if self._tracer.enabled:
             self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,
                               cf=result.cf)
-        flags = (rflags & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
+        flags = (self._read_rflags() & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
         self._write_rax_rip_rflags(result.eax, rip + 4, flags)
 
     def _supervisor_read_gpa(self, va: int) -> int | None:

@@ -344,12 +344,12 @@ class UnicornBinding(ABC):
         self._fill_regs = (ctypes.c_uint64 * 3)()
         self._fill_ids = (ctypes.c_int * 3)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0)
         self._fill_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)))
-        self._snap = (ctypes.c_uint64 * 8)()
-        self._snap_ids = (ctypes.c_int * 8)(
+        self._snap = (ctypes.c_uint64 * 7)()
+        self._snap_ids = (ctypes.c_int * 7)(
             ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
-            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI, ux.UC_X86_REG_RFLAGS,
+            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
         )
-        self._snap_ptrs = (ctypes.c_void_p * 8)(*(ctypes.addressof(self._snap) + 8 * i for i in range(8)))
+        self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
         #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
         self._snapshot: tuple[int, int, int, int, int, int, bool] | None = None
         self._hc_vals = (ctypes.c_uint64 * 2)()
@@ -408,8 +408,7 @@ class UnicornBinding(ABC):
         ...
 
     @abstractmethod
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
-                         rflags: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot; True resumes."""
         ...
 
@@ -479,14 +478,14 @@ class UnicornBinding(ABC):
         """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
         try:
             # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
-            # RSI) and RFLAGS: the state the hardware saves into the VMCB/VMCS at the exit,
-            # which KVM then reads from there (hypercall_regs / hypercall_args).
+            # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
+            # then reads from there (hypercall_regs / hypercall_args).
             s = self._snap
             s[2] = 0  # CS fills only the low bytes of its slot
-            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 8)
+            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
         except BaseException as exc:  # re-raised from run(); must not unwind through C
             return self._hook_failed(exc)
-        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6])
 
     def _hook_failed(self, exc: BaseException) -> bool:
         # Re-raised from run(); an exception must not unwind through Unicorn's C frames.
@@ -616,6 +615,12 @@ class UnicornBinding(ABC):
         values[0] = rax & U64
         values[1] = rip
         self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
+
+    def _read_rflags(self) -> int:
+        """RFLAGS (through the C extension when built: one call, no ctypes round trip)."""
+        if self._fastexit is not None:
+            return int(self._fastexit.read3())
+        return self.read_reg(Reg.RFLAGS)
 
     def _write_rax_rip_rflags(self, rax: int, rip: int, rflags: int) -> None:
         """RAX, RIP and RFLAGS in one batched write (through the C extension when built)."""

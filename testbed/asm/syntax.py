@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,14 @@ def _split_labels(text: str) -> tuple[list[str], str]:
 
 
 def _references(operands: str) -> set[str]:
-    """Identifiers in `operands` that could name a symbol."""
+    """Identifiers in `operands` that could name a symbol (a new set: callers may change it)."""
+    return set(_reference_names(operands))
+
+
+@functools.lru_cache(maxsize=8192)
+def _reference_names(operands: str) -> frozenset[str]:
+    """_references, remembered: the same operand text recurs across a runtime's statements and
+    across the programs one process assembles, and the answer depends on the text alone."""
     text = _strip_literals(operands)
     names = set()
     for m in _REFERENCE.finditer(text):
@@ -207,7 +215,7 @@ def _references(operands: str) -> set[str]:
         if _REGISTER.fullmatch(lower) or lower in _OPERAND_KEYWORDS:
             continue
         names.add(token)
-    return names
+    return frozenset(names)
 
 
 # One `.macro` parameter: `name`, `name:req`, `name:vararg` or `name=default`.
@@ -244,8 +252,14 @@ def _integer_value(token: str) -> int | None:
         return None  # e.g. 09: Keystone reports it
 
 
+# What makes a comma not top-level: a bracket or a literal's quote.
+_NESTING = re.compile(r"""[()\[\]{}"']""")
+
+
 def _split_top_level(text: str) -> list[str]:
     """`text` split at the commas outside brackets and literals."""
+    if not _NESTING.search(text):
+        return text.split(",")  # every comma is top-level (most operand lists)
     pieces, depth, start = [], 0, 0
     for i, c in enumerate(_strip_literals(text)):
         if c in "([{":

@@ -80,15 +80,11 @@ class PinAccounting:
             self._change(private_delta, shared_delta)
 
     def _change(self, pinned_delta: int, shared_delta: int) -> None:
-        # Called for every page a boot validates or accepts: compares, not max() calls.
         pinned = self.pinned = self.pinned + pinned_delta
         shared = self.shared = self.shared + shared_delta
-        if pinned > self.pinned_peak:
-            self.pinned_peak = pinned
-        if shared > self.shared_peak:
-            self.shared_peak = shared
-        if pinned + shared > self.total_peak:
-            self.total_peak = pinned + shared
+        self.pinned_peak = max(self.pinned_peak, pinned)
+        self.shared_peak = max(self.shared_peak, shared)
+        self.total_peak = max(self.total_peak, pinned + shared)
 
     # -- samples -----------------------------------------------------------------------------
     def sample(self) -> None:

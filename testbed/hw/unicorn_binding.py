@@ -121,11 +121,19 @@ _CODE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_
 HF_CS64 = 1 << 15
 
 
+@functools.cache
+def _unicorn_library() -> ctypes.CDLL:
+    """libunicorn through a handle of our own (the binding's keeps its prototypes), opened once
+    per process: a CDLL costs a dlopen and a new class, and a machine took nine of them."""
+    return ctypes.CDLL(ucpy.uclib._name)
+
+
 def _raw_function(name: str) -> Any:
     """A libunicorn entry point without argtypes: ctypes then passes the prepared pointers and
     ints as they are, which halves the cost of a register access on the hot path (the binding's
-    prototypes convert every argument on every call)."""
-    fn = getattr(ctypes.CDLL(ucpy.uclib._name), name)
+    prototypes convert every argument on every call). A new function object per call (item
+    access, not the library's cached attribute): each machine sets its own prototypes."""
+    fn: Any = _unicorn_library()[name]
     fn.argtypes = None
     fn.restype = ctypes.c_int
     return fn
@@ -428,7 +436,7 @@ class UnicornBinding(ABC):
         self._native_mmu: Any = None
         self._native_fills = 0  # fills the C hook completed, kept when it is released
         if _nativemmu is not None and not os.environ.get("TESTBED_NO_NATIVE_MMU"):
-            lib = ctypes.CDLL(ucpy.uclib._name)
+            lib = _unicorn_library()
             self._native_mmu = _nativemmu.NativeMmu(
                 self._h.value, ctypes.cast(lib.uc_hook_add, ctypes.c_void_p).value,
                 ctypes.cast(lib.uc_reg_read_batch, ctypes.c_void_p).value,
@@ -438,7 +446,7 @@ class UnicornBinding(ABC):
             self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
         self._fastexit: Any = None
         if _fastexit is not None and not os.environ.get("TESTBED_NO_FASTEXIT"):
-            lib = ctypes.CDLL(ucpy.uclib._name)
+            lib = _unicorn_library()
 
             def address(name: str) -> int:
                 return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0

@@ -227,6 +227,36 @@ def test_a_read_only_cache_directory_means_no_cache(tmp_path: Path, user_cache: 
     assert entries(user_cache) == []
 
 
+def test_a_store_past_the_bound_prunes_the_least_recently_used(tmp_path: Path, user_cache: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_ENTRIES a store removes the entries used longest ago down to PRUNE_TO (a hit
+    counts as a use: it touches its entry), and a writer's temporary file once it is an hour
+    old; what is kept still loads."""
+    monkeypatch.setattr(cache, "MAX_ENTRIES", 4)
+    monkeypatch.setattr(cache, "PRUNE_TO", 2)
+    guest = tmp_path / "guest.s"
+    guest.write_text(GUEST)
+    for value in ["1", "2", "3", "4"]:
+        build_program(guest, VmOptions(defines={"VALUE": value}))
+    by_age = entries(user_cache)  # four entries, given distinct ages, oldest first
+    for age, entry in enumerate(by_age):
+        os.utime(entry, ns=(10**15 + age, 10**15 + age))
+    stale = user_cache / ".0123456789abcdef.x.tmp"
+    stale.write_text("{")
+    os.utime(stale, ns=(10**15, 10**15))
+    oldest = by_age[0]
+    cache._memory.clear()
+    assert cache.load(user_cache, oldest.stem) is not None  # a hit: now the most recent
+    assert len(entries(user_cache)) == 4 and stale.exists()  # at the bound: nothing pruned
+    cache._memory.clear()
+    build_program(guest, VmOptions(defines={"VALUE": "5"}))  # the fifth entry's store prunes
+    kept = entries(user_cache)
+    assert len(kept) == 2 and oldest in kept and not stale.exists()
+    assert all(entry not in kept for entry in by_age[1:])
+    for entry in kept:
+        assert cache.load(user_cache, entry.stem) is not None
+
+
 def test_off_disables_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TESTBED_CACHE_DIR=off writes nothing, not even in the default location."""
     monkeypatch.setenv("TESTBED_CACHE_DIR", "off")

@@ -15,16 +15,24 @@ file in the same directory and renamed into place (os.replace is atomic), so par
 of one key each leave a whole entry and readers never see a partial one. A missing, corrupt,
 foreign or stale entry is a miss: the program is assembled again and the entry rewritten. Any
 OSError (an unwritable or missing directory, a full disk) makes the cache a no-op, silently.
+
+Size: bounded. A hit touches its entry (mtime), and a store that finds more than MAX_ENTRIES
+entries removes the least recently used down to PRUNE_TO (and temporary files a killed writer
+left, once an hour old). Entries are 0.1-0.3 MB, so the cache stays under ~300 MB; a suite
+whose guests live in temporary directories adds hundreds of entries per run, which grew an
+unpruned cache past a gigabyte in a day.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -182,10 +190,18 @@ def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
     return program, included
 
 
+#: Entries past which a store prunes the least recently used, down to PRUNE_TO (module docstring).
+MAX_ENTRIES = 1000
+PRUNE_TO = 800
+_STALE_TEMPORARY_NS = 3600 * 10**9
+
+
 def load(directory: Path, key: str) -> tuple[Program, _Included] | None:
-    """The cached program for `key` and its includes, or None (missing, unreadable, corrupt or stale)."""
+    """The cached program for `key` and its includes, or None (missing, unreadable, corrupt or
+    stale). A hit touches the entry: pruning removes the least recently used."""
+    path = directory / f"{key}.json"
     try:
-        entry = json.loads((directory / f"{key}.json").read_bytes())
+        entry = json.loads(path.read_bytes())
         payload_text = entry["payload"]
         if (entry["format"] != FORMAT or entry["key"] != key
                 or hashlib.sha256(payload_text.encode()).hexdigest() != entry["sha256"]):
@@ -193,7 +209,42 @@ def load(directory: Path, key: str) -> tuple[Program, _Included] | None:
         program, included = _decode(json.loads(payload_text))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return (program, included) if _includes_valid(included) else None
+    if not _includes_valid(included):
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(path)
+    return program, included
+
+
+def prune(directory: Path) -> None:
+    """Past MAX_ENTRIES entries, remove the least recently used (oldest mtime) down to PRUNE_TO,
+    and temporary files older than an hour. Races with other processes are harmless: a removed
+    entry is a miss, a file already gone is skipped."""
+    try:
+        with os.scandir(directory) as scan:
+            files = [item for item in scan if item.name.endswith((".json", ".tmp"))]
+    except OSError:
+        return
+    entries = [item for item in files if item.name.endswith(".json")]
+    if len(entries) <= MAX_ENTRIES:
+        return
+    now = time.time_ns()
+    aged: list[tuple[int, str]] = []
+    for item in files:
+        try:
+            mtime = item.stat().st_mtime_ns
+        except OSError:
+            continue
+        if item.name.endswith(".tmp"):
+            if now - mtime > _STALE_TEMPORARY_NS:
+                with contextlib.suppress(OSError):
+                    os.unlink(item.path)
+            continue
+        aged.append((mtime, item.path))
+    aged.sort()
+    for _, path in aged[: max(len(aged) - PRUNE_TO, 0)]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def store(directory: Path, key: str, program: Program, included: _Included) -> None:
@@ -216,7 +267,8 @@ def store(directory: Path, key: str, program: Program, included: _Included) -> N
             Path(temporary).unlink(missing_ok=True)
             raise
     except OSError:
-        pass
+        return
+    prune(directory)
 
 
 # This process's programs too (a test matrix assembles one guest for many VM types): same key,

@@ -196,6 +196,21 @@ def guest_defines(options: VmOptions) -> dict[str, int | str]:
     return defines
 
 
+#: The runtime's sources as last read: (mtime_ns, size) -> text. One string object per version,
+#: so the assembler's keyed lookups hash it once, and a build reads no file when none changed.
+_lib_texts: dict[Path, tuple[tuple[int, int], str]] = {}
+
+
+def _lib_text(path: Path) -> str:
+    """The text of one of the runtime's files (guests/lib), read again only when it changed."""
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    known = _lib_texts.get(path)
+    if known is None or known[0] != version:
+        known = _lib_texts[path] = (version, path.read_text(encoding="utf-8"))
+    return known[1]
+
+
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
     """Assemble prelude + guest + runtime at IMAGE_GPA (`text` instead of reading `source`).
 
@@ -208,9 +223,9 @@ def build_program(source: Path | str, options: VmOptions, *, text: str | None = 
     if text is None:
         text = opt.read_source_file(source)
     sources = (
-        (str(LIB_DIR / "prelude.s"), (LIB_DIR / "prelude.s").read_text(encoding="utf-8")),
+        (str(LIB_DIR / "prelude.s"), _lib_text(LIB_DIR / "prelude.s")),
         (str(source), text),
-        (str(LIB_DIR / "runtime.s"), (LIB_DIR / "runtime.s").read_text(encoding="utf-8")),
+        (str(LIB_DIR / "runtime.s"), _lib_text(LIB_DIR / "runtime.s")),
     )
     return assemble_sources_cached(
         sources, base=IMAGE_GPA, defines=dict(sorted((k, str(v)) for k, v in defines.items())),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import os
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -161,13 +162,28 @@ def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], valu
     memo[key] = value
 
 
+#: SHA-256 of the files includes found, by path: ((mtime_ns, size, inode), digest). Every build
+#: of a guest checks the runtime's includes; a file is read and hashed again only when it changed.
+_digests: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
+def _file_digest(path: str) -> str:
+    """SHA-256 of the file at `path` (OSError if it cannot be read), remembered while it is unchanged."""
+    stat = os.stat(path)
+    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    known = _digests.get(path)
+    if known is None or known[0] != version:
+        known = _digests[path] = (version, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    return known[1]
+
+
 def _includes_valid(included: Sequence[tuple[tuple[str, ...], str, str]]) -> bool:
     """Whether every include would still resolve to the same file with the same contents."""
     try:
         for absent, found, digest in included:
             if any(Path(p).is_file() for p in absent):
                 return False
-            if hashlib.sha256(Path(found).read_bytes()).hexdigest() != digest:
+            if _file_digest(found) != digest:
                 return False
     except OSError:
         return False

@@ -71,6 +71,16 @@ _SITE_PATTERNS = (
 _ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
 
 
+def _fetches_of(insn: bytes) -> frozenset[bytes]:
+    """The exit's four fetched bytes that are `insn` (three bytes): its three, then any byte, or
+    nothing more (the end of what could be fetched). A set lookup costs a fifth of a slice and
+    compare on the most frequent exit, the native hypercall."""
+    return frozenset([insn, *(insn + bytes([b]) for b in range(256))])
+
+
+_VMMCALL_FETCHES = _fetches_of(VMMCALL_BYTES)
+_VMCALL_FETCHES = _fetches_of(VMCALL_BYTES)
+
 class Intercepts(EventDelivery):
     """The instructions the hardware intercepts, and the MSRs it implements itself."""
 
@@ -85,12 +95,7 @@ class Intercepts(EventDelivery):
         #: the last IN/OUT exit came from Unicorn's IN/OUT hook (an instruction the site scan
         #: did not hook, e.g. with a REX prefix): it completed natively, nothing to skip
         self._native_io = False
-        native_hypercall = VMMCALL_BYTES if self.vendor is Vendor.AMD else VMCALL_BYTES
-        #: the exit's four fetched bytes that are the native hypercall: its three, then any byte
-        #: (or nothing, at the end of what could be fetched); a set lookup costs a fifth of a
-        #: slice and compare, on the most frequent exit
-        self._native_hypercall_fetches = frozenset(
-            [native_hypercall, *(native_hypercall + bytes([b]) for b in range(256))])
+        self._native_hypercall_fetches = (_VMMCALL_FETCHES if self.vendor is Vendor.AMD else _VMCALL_FETCHES)
         self._native_hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if self.vendor is Vendor.AMD
                                           else VmxExitReason.EXIT_REASON_VMCALL)
         #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)

@@ -128,6 +128,28 @@ def test_a_changed_define_or_include_misses(tmp_path: Path, user_cache: Path) ->
     finish(child)
 
 
+def test_an_include_rewritten_in_place_with_its_size_and_mtime_is_seen(tmp_path: Path, user_cache: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remembered digests of includes (assembler._file_digest) follow the file's inode change
+    time, which a same-size rewrite moves even when its mtime is set back; a file changed within
+    RACY_NS is always read again."""
+    guest = tmp_path / "guest.s"
+    guest.write_text('.include "inc.s"\n' + GUEST)
+    inc = tmp_path / "inc.s"
+    inc.write_text(".byte 1\n")
+    os.utime(inc, ns=(10**18, 10**18))
+    monkeypatch.setattr(assembler, "RACY_NS", 0)  # trust every stat: the rewrite alone must show
+    one = build_program(guest, VmOptions(defines={"VALUE": "1"}))
+    assert build_program(guest, VmOptions(defines={"VALUE": "1"})) == one  # checked: digest remembered
+    inc.write_text(".byte 2\n")  # same size, same inode
+    os.utime(inc, ns=(10**18, 10**18))  # and the same mtime
+    two = build_program(guest, VmOptions(defines={"VALUE": "1"}))
+    assert b"\x02" in two.code and two.code != one.code
+    monkeypatch.setattr(assembler, "RACY_NS", 10**18)  # nothing trusted: read each time
+    inc.write_text(".byte 3\n")
+    assert b"\x03" in build_program(guest, VmOptions(defines={"VALUE": "1"})).code
+
+
 def test_an_include_found_earlier_in_the_search_path_misses(tmp_path: Path, user_cache: Path) -> None:
     """An entry is not used when a file now shadows the include it read (searched first)."""
     guest = tmp_path / "g" / "guest.s"

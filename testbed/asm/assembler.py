@@ -7,6 +7,7 @@ import operator
 import os
 import re
 import struct
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,18 +163,34 @@ def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], valu
     memo[key] = value
 
 
-#: SHA-256 of the files includes found, by path: ((mtime_ns, size, inode), digest). Every build
+#: SHA-256 of the files includes found, by path: ((ctime_ns, size, inode), digest). Every build
 #: of a guest checks the runtime's includes; a file is read and hashed again only when it changed.
 _digests: dict[str, tuple[tuple[int, int, int], str]] = {}
+#: A file changed less than this long ago is always read again: its ctime may not have moved
+#: between two writes of the same size within one clock tick (git's "racy" files).
+RACY_NS = 2 * 10**9
+
+
+def stat_version(path: str | Path) -> tuple[int, int, int] | None:
+    """(ctime_ns, size, inode) of the file at `path`, or None when it changed too recently for
+    them to tell one version from the next (RACY_NS); OSError if it cannot be read. The inode
+    change time, not the modification time: every write moves it and nothing can set it back
+    (utime, cp -p and archives set mtimes)."""
+    stat = os.stat(path)
+    if time.time_ns() - stat.st_ctime_ns < RACY_NS:
+        return None
+    return stat.st_ctime_ns, stat.st_size, stat.st_ino
 
 
 def _file_digest(path: str) -> str:
     """SHA-256 of the file at `path` (OSError if it cannot be read), remembered while it is unchanged."""
-    stat = os.stat(path)
-    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    version = stat_version(path)
     known = _digests.get(path)
-    if known is None or known[0] != version:
-        known = _digests[path] = (version, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    if version is None or known is None or known[0] != version:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if version is None:
+            return digest
+        known = _digests[path] = (version, digest)
     return known[1]
 
 

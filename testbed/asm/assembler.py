@@ -166,6 +166,7 @@ def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], valu
 #: SHA-256 of the files includes found, by path: ((ctime_ns, size, inode), digest). Every build
 #: of a guest checks the runtime's includes; a file is read and hashed again only when it changed.
 _digests: dict[str, tuple[tuple[int, int, int], str]] = {}
+_DIGESTS_MAX = 1024
 #: A file changed less than this long ago is always read again: its ctime may not have moved
 #: between two writes of the same size within one clock tick (git's "racy" files).
 RACY_NS = 2 * 10**9
@@ -190,6 +191,8 @@ def _file_digest(path: str) -> str:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         if version is None:
             return digest
+        if len(_digests) >= _DIGESTS_MAX:  # bounded: a process may build guests from many temporary dirs
+            _digests.clear()
         known = _digests[path] = (version, digest)
     return known[1]
 

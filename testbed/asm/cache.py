@@ -85,7 +85,7 @@ def _toolchain() -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _text_digest(text: str) -> str:
     """SHA-256 of a source's text, remembered: every build of a guest names the same runtime
     (~150 KB), and JSON-escaping it whole into each key cost ~10 % of a default scenario."""

@@ -467,7 +467,7 @@ class Machine:
         if self.pinning is not None:
             self.pinning.launched()
 
-    def _explain_guest_ud(self, rip: int, guest_bytes: bytes) -> None:
+    def _explain_guest_ud(self, rip: int, linear: int, guest_bytes: bytes) -> None:
         """Explanation, not a model of KVM: what the host would read at a #UD's RIP.
 
         Today's KVM does not intercept #UD for SEV guests, so it never looks; this records
@@ -475,7 +475,7 @@ class Machine:
         SNP (guest_memfd is not mappable: `host_view` "unmappable") - beside the guest's view.
         """
         try:
-            gpa = self.cpu.gva_to_gpa(Gva(rip))
+            gpa = self.cpu.gva_to_gpa(Gva(linear))  # CS.base + RIP outside 64-bit mode
         except Exception:
             return
         host_view = self.memory.host_view_kind(gpa)

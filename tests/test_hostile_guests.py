@@ -189,6 +189,20 @@ def test_ud_in_32bit_code_with_a_cs_base(vm_type: str) -> None:
     assert report.exception == {"vector": 6, "error_code": 0, "rip": ud2 - COMPAT_BASE}  # segment-relative
 
 
+@pytest.mark.parametrize("vm_type", SEV_TYPES)
+def test_ud_explanation_in_32bit_code_reads_at_the_linear_address(vm_type: str) -> None:
+    """The #UD explanation (what the host would read at the instruction) of UD2 in a 32-bit
+    segment based at 64 KiB translates CS.base + RIP: the GPA is the instruction's own page, the
+    RIP the segment-relative one the guest sees."""
+    text = compat_guest(".byte 0x0f, 0x0b")
+    report = run(text, vm_type)
+    program = build_program("<hostile>", VmOptions(vm_type=vm_type, memory=MEMORY, seed=1), text=text)
+    ud2 = program.symbols["compat_code"]
+    (explanation,) = report.extra["ud_host_view"]
+    assert (explanation["rip"], explanation["gpa"]) == (ud2 - COMPAT_BASE, ud2)  # identity map: GPA = linear
+    assert explanation["guest_bytes"][:4] == "0f0b"
+
+
 @pytest.mark.parametrize("vm_type", ALL_TYPES)
 def test_hypercall_from_32bit_code_with_a_cs_base(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  vm_type: str) -> None:
@@ -202,6 +216,16 @@ def test_hypercall_from_32bit_code_with_a_cs_base(tmp_path: Path, capsys: pytest
     assert (report.exception["vector"], report.exception["rip"]) == (6, plain_ud.exception["rip"] + 3)
     status, out = cli_json(tmp_path, capsys, text, vm_type)
     assert (status, out["outcome"], out["exception"]["vector"]) == (1, "unhandled_exception", 6)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("vm_type", ALL_TYPES)
+def test_hlt_in_32bit_code_with_a_cs_base(vm_type: str) -> None:
+    """HLT in a 32-bit segment based at 64 KiB is the HLT exit 64-bit code gets (Unicorn ends the
+    run after it; the byte before RIP is read at CS.base + RIP - 1), not an emulator error."""
+    compat = run(compat_guest(".byte 0xf4"), vm_type)
+    flat = run("guest_main:\n    hlt\n    GUEST_DONE\n", vm_type)
+    assert (compat.outcome, compat.detail) == (flat.outcome, flat.detail), compat.detail
+    assert compat.outcome == "timeout" and "halted" in compat.detail
 
 
 def _compat_context(base: int) -> tuple[Any, int]:

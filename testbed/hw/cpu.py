@@ -72,7 +72,7 @@ class UnicornVcpu(RunLoop):
         snp: bool = False,
         stage2: StagePrivacy | None = None,
         sev_status: int | None = None,
-        on_guest_ud: Callable[[int, bytes], None] | None = None,
+        on_guest_ud: Callable[[int, int, bytes], None] | None = None,
         tdx_gpaw: int | None = None,
     ) -> None:
         self._init_binding(memory)

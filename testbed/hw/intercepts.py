@@ -114,7 +114,8 @@ class Intercepts(EventDelivery):
         self.site_hooks_peak = 0
         self.site_hook_resets = 0
         #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
-        self.on_guest_ud: Callable[[int, bytes], None] | None = None
+        #: told of a #UD the guest gets: (RIP, the instruction's linear address, its bytes)
+        self.on_guest_ud: Callable[[int, int, bytes], None] | None = None
         #: why the hardware stopped a run on something it does not model (TDG.MR.REPORT)
         self._unmodelled: str | None = None
 
@@ -492,7 +493,7 @@ class Intercepts(EventDelivery):
             self._cur_len = 3 if head in (VMCALL_BYTES, VMMCALL_BYTES) else 0
             if insn == TDCALL_BYTES:
                 self._cur_len = 4
-            self._raise_ud(rip, insn)
+            self._raise_ud(rip, self._code_base(cs) + rip, insn)
             return self._resume()
         finally:
             self._ctx = _CTX_NONE
@@ -540,7 +541,8 @@ class Intercepts(EventDelivery):
             self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
             return None
 
-    def _raise_ud(self, rip: int, insn: bytes) -> None:
+    def _raise_ud(self, rip: int, linear: int, insn: bytes) -> None:
+        """#UD for the instruction at `rip` (`linear`: CS.base + RIP, where its bytes `insn` are)."""
         if self._intercept_ud:
             if self.vendor is Vendor.AMD:
                 self._exit(SvmExitCode.SVM_EXIT_UD, 0, 0)
@@ -550,7 +552,7 @@ class Intercepts(EventDelivery):
             return
         self._tracer.emit("hw", "exception", vector=int(Vector.UD), rip=rip, bytes=insn.hex(), intercepted=False)
         if self.on_guest_ud is not None:
-            self.on_guest_ud(rip, insn)
+            self.on_guest_ud(rip, linear, insn)
         self._deliver_now(Vector.UD, None)
 
     def _resume(self) -> bool:

@@ -160,10 +160,11 @@ class RunLoop(Intercepts):
                 return _TIMEOUT  # the watchdog stopped the engine
             if self.read_reg(Reg.RIP) == self.breakpoint:
                 return RunStop(StopReason.REQUESTED, "breakpoint")
-            # emu_start returned on its own: Unicorn ends a run at HLT with RIP after it.
+            # emu_start returned on its own: Unicorn ends a run at HLT with RIP after it. RIP is
+            # CS-relative: outside 64-bit mode the byte before it is at CS.base + RIP - 1.
             rip = self.read_reg(Reg.RIP)
             try:
-                prev = self.fetch_bytes(Gva(rip - 1), 1)
+                prev = self.fetch_bytes(Gva(self._code_base(self.read_reg(Reg.CS)) + rip - 1), 1)
             except _DeliveryFault:
                 prev = b""
             if prev == b"\xf4" and self._tdx is not None:

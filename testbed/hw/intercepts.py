@@ -81,6 +81,7 @@ def _fetches_of(insn: bytes) -> frozenset[bytes]:
 _VMMCALL_FETCHES = _fetches_of(VMMCALL_BYTES)
 _VMCALL_FETCHES = _fetches_of(VMCALL_BYTES)
 
+
 class Intercepts(EventDelivery):
     """The instructions the hardware intercepts, and the MSRs it implements itself."""
 
@@ -95,7 +96,7 @@ class Intercepts(EventDelivery):
         #: the last IN/OUT exit came from Unicorn's IN/OUT hook (an instruction the site scan
         #: did not hook, e.g. with a REX prefix): it completed natively, nothing to skip
         self._native_io = False
-        self._native_hypercall_fetches = (_VMMCALL_FETCHES if self.vendor is Vendor.AMD else _VMCALL_FETCHES)
+        self._native_hypercall_fetches = _VMMCALL_FETCHES if self.vendor is Vendor.AMD else _VMCALL_FETCHES
         self._native_hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if self.vendor is Vendor.AMD
                                           else VmxExitReason.EXIT_REASON_VMCALL)
         #: MSRs the hardware itself implements (SEV_STATUS, the GHCB MSR): index -> (read, write)
@@ -113,8 +114,8 @@ class Intercepts(EventDelivery):
         self._site_reset_pending = False
         self.site_hooks_peak = 0
         self.site_hook_resets = 0
-        #: Diagnostic callback (rip, plaintext bytes) when a #UD goes straight to the guest.
-        #: told of a #UD the guest gets: (RIP, the instruction's linear address, its bytes)
+        #: Diagnostic callback when a #UD goes straight to the guest: (RIP, the instruction's
+        #: linear address CS.base + RIP, its plaintext bytes).
         self.on_guest_ud: Callable[[int, int, bytes], None] | None = None
         #: why the hardware stopped a run on something it does not model (TDG.MR.REPORT)
         self._unmodelled: str | None = None

@@ -586,6 +586,21 @@ static PyObject *NativeMmu_flush(NativeMmu *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* record(vpage, upa): a translation Python's fill made, so fetch() finds it too. */
+static PyObject *NativeMmu_record(NativeMmu *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "record(vpage, upa)");
+        return NULL;
+    }
+    uint64_t vpage = PyLong_AsUnsignedLongLongMask(args[0]);
+    uint64_t upa = PyLong_AsUnsignedLongLongMask(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    xlat_record(self, vpage, upa);
+    Py_RETURN_NONE;
+}
+
 /* fetch(va, n): the n bytes at guest-virtual `va` through the last fill of its page, or None
  * (no translation recorded, or the bytes cross the page). */
 static PyObject *NativeMmu_fetch(NativeMmu *self, PyObject *const *args, Py_ssize_t nargs)
@@ -725,6 +740,8 @@ static PyMethodDef NativeMmu_methods[] = {
      "set_dirty_log(bitmap or None): while set, fills grant write only to pages whose bit is set; a store to a "
      "clean page sets it."},
     {"flush", (PyCFunction)NativeMmu_flush, METH_NOARGS, "Forget the recorded translations (a TLB flush)."},
+    {"record", (PyCFunction)(void (*)(void))NativeMmu_record, METH_FASTCALL,
+     "record(vpage, upa): remember a translation Python's fill made, for fetch()."},
     {"fetch", (PyCFunction)(void (*)(void))NativeMmu_fetch, METH_FASTCALL,
      "fetch(va, n): bytes at va through the recorded translation of its page, or None."},
     {"walk_now", (PyCFunction)NativeMmu_walk_now, METH_VARARGS,

@@ -535,6 +535,8 @@ class Mmu(UnicornBinding):
                 else:
                     perms &= ~PROT_WRITE
         self._xlat[vaddr >> PAGE_SHIFT] = upa
+        if self._native_mmu is not None:
+            self._native_mmu.record(vaddr >> PAGE_SHIFT, upa)  # the exit path's fetch reads it in C
         return upa, perms
 
     def _fault_address(self, page: int, error_code: int) -> int:

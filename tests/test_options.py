@@ -24,7 +24,7 @@ from testbed.hw.exits import Vendor
 from testbed.kvm.uapi import KvmVmType
 from testbed.kvm.version import KvmVersion
 from testbed.machine import VmOptions, run_guest
-from testbed.options import check_host_memory, parse_size
+from testbed.options import check_host_memory, parse_size, read_meminfo
 from testbed.vmm.cpuid import PV_FEATURE_NAMES
 
 GIB = 1 << 30
@@ -266,6 +266,28 @@ def test_strict_overcommit_counts_every_backing() -> None:
     check_host_memory(1 * GIB, "sev", meminfo=MEMINFO_24G, overcommit=2)
     with pytest.raises(UsageError, match=r"reserves 3\.0 GiB but only 2\.0 GiB is left under CommitLimit"):
         check_host_memory(3 * GIB // 2, "sev", meminfo=MEMINFO_24G, overcommit=2)
+
+
+def test_read_meminfo_gives_the_fields_the_check_uses_in_bytes() -> None:
+    """read_meminfo returns MemAvailable, CommitLimit and Committed_AS as /proc/meminfo states them,
+    in bytes (kB times 1024), and nothing else."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        assert read_meminfo() == {}
+        return
+    expected = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if name in ("MemAvailable", "CommitLimit", "Committed_AS") and fields and fields[0].isdigit():
+            expected[name] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    got = read_meminfo()
+    assert set(got) == set(expected) and "MemAvailable" in got
+    assert got["CommitLimit"] == expected["CommitLimit"]  # fixed while nothing changes swap or RAM
+    # MemAvailable and Committed_AS move between the two reads; same unit and magnitude
+    assert abs(got["MemAvailable"] - expected["MemAvailable"]) < (256 << 20)
 
 
 def test_what_a_run_touches_must_fit_in_available_memory() -> None:

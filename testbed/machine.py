@@ -14,7 +14,7 @@ from typing import IO, Any
 
 from testbed import options as opt
 from testbed.asm import Program
-from testbed.asm.assembler import stat_version
+from testbed.asm.assembler import FileMemo, remembered
 from testbed.asm.cache import assemble_sources_cached
 from testbed.decode import describe
 from testbed.errors import GuestBootError, MachineClosedError, UsageError
@@ -197,23 +197,14 @@ def guest_defines(options: VmOptions) -> dict[str, int | str]:
     return defines
 
 
-#: The runtime's sources as last read, by path: ((ctime_ns, size, inode), text). One string object
-#: per version, so the assembler's keyed lookups hash it once, and a build reads no file when
-#: none changed.
-_lib_texts: dict[Path, tuple[tuple[int, int, int], str]] = {}
+#: The runtime's sources as last read: one string object per version, so the assembler's keyed
+#: lookups hash it once, and a build reads no file when none changed.
+_lib_texts: FileMemo[str] = {}
 
 
 def _lib_text(path: Path) -> str:
-    """The text of one of the runtime's files (guests/lib), read again only when it changed (or
-    changed too recently to tell: testbed.asm.assembler.stat_version)."""
-    version = stat_version(path)
-    known = _lib_texts.get(path)
-    if version is None or known is None or known[0] != version:
-        text = path.read_text(encoding="utf-8")
-        if version is None:
-            return text
-        known = _lib_texts[path] = (version, text)
-    return known[1]
+    """The text of one of the runtime's files (guests/lib), read again only when it changed."""
+    return remembered(_lib_texts, path, lambda: path.read_text(encoding="utf-8"))
 
 
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.asm.engine import _KeystoneError, _ks_asm
 from testbed.asm.frontend import _check_define, _define_items, _Preprocessor
@@ -163,13 +163,13 @@ def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], valu
     memo[key] = value
 
 
-#: SHA-256 of the files includes found, by path: ((ctime_ns, size, inode), digest). Every build
-#: of a guest checks the runtime's includes; a file is read and hashed again only when it changed.
-_digests: dict[str, tuple[tuple[int, int, int], str]] = {}
-_DIGESTS_MAX = 1024
 #: A file changed less than this long ago is always read again: its ctime may not have moved
 #: between two writes of the same size within one clock tick (git's "racy" files).
 RACY_NS = 2 * 10**9
+_FILE_MEMO_MAX = 1024
+_T = TypeVar("_T")
+#: What `remembered` keeps: by path, ((ctime_ns, size, inode), value).
+FileMemo = dict[str, tuple[tuple[int, int, int], _T]]
 
 
 def stat_version(path: str | Path) -> tuple[int, int, int] | None:
@@ -183,18 +183,30 @@ def stat_version(path: str | Path) -> tuple[int, int, int] | None:
     return stat.st_ctime_ns, stat.st_size, stat.st_ino
 
 
+def remembered(memo: FileMemo[_T], path: str | Path, load: Callable[[], _T]) -> _T:
+    """`load()` of the file at `path`, from `memo` while the file is unchanged (stat_version);
+    a racy file is loaded every time. Bounded: `memo` is cleared at _FILE_MEMO_MAX paths (a
+    process may build guests from many temporary directories)."""
+    version = stat_version(path)
+    key = str(path)
+    known = memo.get(key)
+    if version is not None and known is not None and known[0] == version:
+        return known[1]
+    value = load()
+    if version is not None:
+        if len(memo) >= _FILE_MEMO_MAX:
+            memo.clear()
+        memo[key] = (version, value)
+    return value
+
+
+#: SHA-256 of the files includes found: every build of a guest checks the runtime's includes.
+_digests: FileMemo[str] = {}
+
+
 def _file_digest(path: str) -> str:
     """SHA-256 of the file at `path` (OSError if it cannot be read), remembered while it is unchanged."""
-    version = stat_version(path)
-    known = _digests.get(path)
-    if version is None or known is None or known[0] != version:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        if version is None:
-            return digest
-        if len(_digests) >= _DIGESTS_MAX:  # bounded: a process may build guests from many temporary dirs
-            _digests.clear()
-        known = _digests[path] = (version, digest)
-    return known[1]
+    return remembered(_digests, path, lambda: hashlib.sha256(Path(path).read_bytes()).hexdigest())
 
 
 def _includes_valid(included: Sequence[tuple[tuple[str, ...], str, str]]) -> bool:

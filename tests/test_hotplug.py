@@ -117,6 +117,23 @@ def test_a_tracker_that_cannot_grow_refuses_the_hotplug() -> None:
         assert machine.memory.size == BOOT and list(machine.kvm_vm.memslots) == [0]
 
 
+def test_a_slot_kvm_refuses_leaves_the_tracker_as_it_was() -> None:
+    """KVM is asked first: an unaligned size (EINVAL) or a slot id in use refuses the hotplug
+    before the tracker grows (kvm_set_memory_region's checks); a deleted slot (memory_size 0)
+    takes the new RAM back."""
+    options = VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT})
+    with Machine(build_program(SCENARIO, options), options) as machine:
+        before = machine.map_gpa.tracker.guest_pages
+        with pytest.raises(HotplugError, match="EINVAL"):
+            hotplug(machine, TOP - 0x800)
+        with pytest.raises(HotplugError, match="exists"):
+            hotplug(machine, TOP, slot=0)
+        assert machine.map_gpa.tracker.guest_pages == before and list(machine.kvm_vm.memslots) == [0]
+        machine.kvm_vm.set_user_memory_region(1, BOOT, TOP - BOOT)
+        machine.kvm_vm.set_user_memory_region(1, BOOT, 0)
+        assert list(machine.kvm_vm.memslots) == [0]
+
+
 UNPLUGGED = """
 guest_main:
     mov rax, BOOT_MEM + 0x1000

@@ -258,12 +258,20 @@ class KvmVm:
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
         """KVM_SET_USER_MEMORY_REGION adding a RAM slot (kvm_set_memory_region, virt/kvm/kvm_main.c:
         EINVAL for an unaligned address or size or a slot id out of range, EEXIST for a range
-        overlapping another slot). Testbed limits (README "Memory hotplug"): slots are only added,
-        each must start where RAM ends now (RAM stays one contiguous range from GPA 0) and end
-        within the capacity the VM reserved at creation; SEV-SNP and TDX VMs take none (their new
-        RAM would need RMP / Secure-EPT state). The caller (vmm/hotplug.py) then grows the
-        hardware's RAM to the new end."""
+        overlapping another slot; memory_size 0 deletes a slot). Testbed limits (README "Memory
+        hotplug"): only the topmost slot may be deleted, and a new one must start where RAM ends
+        now (RAM stays one contiguous range from GPA 0) and end within the capacity the VM
+        reserved at creation; SEV-SNP and TDX VMs take none (their new RAM would need RMP /
+        Secure-EPT state). The caller (vmm/hotplug.py) then grows the hardware's RAM to the new end."""
         name = "KVM_SET_USER_MEMORY_REGION"
+        if memory_size == 0 and slot in self.memslots and slot != 0:
+            # memory_size 0 deletes the slot (kvm_set_memory_region: KVM_MR_DELETE); the testbed
+            # keeps RAM contiguous, so only the topmost slot goes.
+            base, size = self.memslots[slot]
+            if base + size != max(b + n for b, n in self.memslots.values()):
+                raise KvmIoctlError(name, errno.EINVAL, f"testbed: only the topmost slot can be deleted, not {slot}")
+            del self.memslots[slot]
+            return
         if not 0 <= slot < 32768 or guest_phys_addr % 4096 or memory_size <= 0 or memory_size % 4096:
             raise KvmIoctlError(name, errno.EINVAL,
                                 f"slot {slot} at 0x{guest_phys_addr:x} size 0x{memory_size:x}")

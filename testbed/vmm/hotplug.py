@@ -96,13 +96,16 @@ def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None
         raise HotplugError(f"hotplug to 0x{size:x} bytes: above the 0x{memory.capacity:x} bytes reserved "
                            "(VmOptions.max_memory)")
     pages = size >> PAGE_SHIFT
-    try:
-        tracker.resize(pages)
-    except TrackerResizeError as exc:
-        raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
+    # KVM first: it refuses a bad slot or size before anything else changed; a tracker that then
+    # cannot grow has the slot deleted again (memory_size 0), so a refusal changes nothing.
     try:
         machine.kvm_vm.set_user_memory_region(slot, old, size - old)
     except KvmIoctlError as exc:
+        raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
+    try:
+        tracker.resize(pages)
+    except TrackerResizeError as exc:
+        machine.kvm_vm.set_user_memory_region(slot, old, 0)
         raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
     if machine.pinning is not None and machine.pinning.model == "legacy":
         npages = machine.kvm_vm.memory_encrypt_reg_region(memory.dram_address() + old, size - old)

@@ -384,3 +384,15 @@ def test_donating_private_memory_is_refused(vm_type: str) -> None:
         report = machine.run()
     assert report.outcome == "done", report.detail
     assert report.syncs() == [neg(22)]
+
+
+def test_a_host_request_no_larger_than_the_donation_fails_the_guests_donation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that answers -ENOSPC but requests 0 bytes (nothing to grow to) leaves the guest's
+    donate_init failing with -ENOSPC, not reporting a donation the host never took."""
+    from testbed.tracker import donated as host
+
+    monkeypatch.setattr(host, "_write_request", lambda write, gpa, _nbytes: write(gpa + ENCS_HOST_REQUEST,
+                                                                                  struct.pack("<Q", 0)))
+    report = run_guest(SCENARIO, VmOptions(memory=8 << 20, tracker="donated", defines={"EXPECT_DONATED": 1}))
+    assert report.outcome == "guest_assert", report.detail
+    assert f"0x{(-28) & (2**64 - 1):x} != 0x0" in report.detail  # rax = -ENOSPC

@@ -222,7 +222,8 @@ dn_rs_out:
 
 # rdi = the new size in bytes (rounded up to pages): the pages after the donation become shared
 # and recorded, the capacity grows, and the whole is donated again; rax = 0 or -errno. Beyond
-# the limit: -ENOSPC, nothing changed. Refused by the host: the capacity goes back.
+# the limit, or not larger than the donation now (a host_request of 0, or one that wraps when
+# rounded up): -ENOSPC, nothing changed. Refused by the host: the capacity goes back.
 dn_grow:
     push rbx
     push rcx
@@ -230,7 +231,7 @@ dn_grow:
     push rsi
     push rdi
     push r8
-    xor eax, eax
+    mov rax, -DONATE_ENOSPC
     add rdi, 0xfff
     and rdi, -4096
     mov r8, qword ptr [rip + dn_area]

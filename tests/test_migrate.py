@@ -156,6 +156,14 @@ def test_guest_that_did_not_enable_migration_is_refused() -> None:
     assert report.rounds == []
 
 
+def test_a_vm_with_hotplug_memory_is_refused_with_a_usage_error() -> None:
+    """A VM built with max_memory is refused up front (the target would need the source's slots
+    plugged first): before, its reservation was taken for RAM and the migration crashed reading
+    past the end of guest memory."""
+    with pytest.raises(testbed.UsageError, match="hotplug memory"):
+        migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", max_memory="16M"))
+
+
 def test_conversion_racing_the_final_round() -> None:
     """A conversion during the last pre-copy round goes out with a stale status (the page is
     deferred or sent the old way); the stop-and-copy's status XOR catches it and nothing is

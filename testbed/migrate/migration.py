@@ -64,7 +64,7 @@ from testbed.migrate.status import (
 )
 from testbed.tracker.donated import ENCS_RECORDS, DonatedTracker
 from testbed.vmm.ucall import Ucall
-from testbed.x86 import PAGE_SIZE
+from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from testbed.api import Vcpu, Vm
@@ -226,6 +226,11 @@ class Migration:
         if self.options.vm_type not in MIGRATE_VM_TYPES:
             raise UsageError(f"VM type {self.options.vm_type} cannot be migrated by the testbed: "
                              f"expected one of {', '.join(MIGRATE_VM_TYPES)}")
+        if self.options.max_memory is not None:
+            # The target would have to be built with the source's plugged slots (QEMU re-plugs
+            # DIMMs on the destination before RAM arrives): not modelled.
+            raise UsageError("a VM with hotplug memory (max_memory) cannot be migrated by the testbed: the "
+                             "target would need the source's memory slots plugged first")
         self.rounds = rounds
         self.slice_exits = slice_exits
         self.on_ucall = on_ucall
@@ -235,7 +240,7 @@ class Migration:
         self.timeout = timeout if timeout is not None else self.options.timeout
         seed = self.options.seed
         self.target_seed = target_seed if target_seed is not None else ((seed if seed is not None else 0) + 1)
-        self.guest_pages = machine.memory.nframes
+        self.guest_pages = machine.memory.size >> PAGE_SHIFT  # the RAM KVM's memslots hold
         self.report = MigrationReport(outcome="running", vm_type=self.options.vm_type, tracker=self.options.tracker,
                                       resync={"source": "donated" if self.options.tracker == DonatedTracker.name
                                               else "tracker"})

@@ -188,6 +188,25 @@ def test_conversion_racing_the_final_round() -> None:
     assert stale.lost_pages + stale.corrupted_pages > 0, stale.to_json()
 
 
+def test_a_source_resumed_after_a_migration_no_longer_logs_its_vmm_writes() -> None:
+    """The VMM's write logging the migration hooks onto the source is taken off when the source
+    resumes (and on close): the guest finishes there, and nothing more is recorded."""
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "migrate_churn.s")
+        memory = vm.machine.memory
+        before = memory.on_host_write
+        migration = Migration(vm, vcpu, rounds=1, slice_exits=8)
+        try:
+            migration.start()
+            assert memory.on_host_write is not before
+            logged = set(migration._vmm_dirty)
+            assert migration.resume_source()[0] == "done"
+            assert memory.on_host_write is before and migration._vmm_dirty == logged
+        finally:
+            migration.close()
+
+
 def test_poisoned_tracker_falls_back_to_memory_attributes() -> None:
     """A hostile guest overflows the ranges tracker (poisoned): the VMM falls back to a full
     status resync from KVM's memory attributes every round, says so, and loses nothing."""

@@ -254,6 +254,8 @@ class Migration:
         #: in stop-and-copy: a status export must be current (no last export reused)
         self._stopping = False
         self._vmm_dirty: set[int] = set()
+        #: takes the VMM's write logging off the source again (resume_source, close)
+        self._unhook: Callable[[], None] = lambda: None
         self._target_private: bitarray | None = None
         #: target pages the migration has written: the others are still as the target started (zero)
         self._target_written = bitarray(self.guest_pages, endian="little")
@@ -304,6 +306,7 @@ class Migration:
                 _next(gpa, length)
 
         memory.on_host_write = vmm_wrote
+        self._unhook = lambda: setattr(memory, "on_host_write", previous_hook)
         target_options = dataclasses.replace(self.options, seed=self.target_seed, trace=None,
                                              defines=dict(self.options.defines))
         target_machine = Machine(machine.program, target_options, incoming=True)
@@ -525,6 +528,7 @@ class Migration:
         """After a failed migration the source keeps the guest: run it to its end there and
         return (outcome, detail)."""
         self.source.machine.kvm_vm.set_dirty_logging(False)
+        self._unhook()
         return self._run_to_end(self.source, self.source_vcpu, self.report.source_syncs)
 
     def _run_to_end(self, vm: Vm, vcpu: Vcpu, syncs: list[int]) -> tuple[str, str]:
@@ -545,7 +549,8 @@ class Migration:
             return exc.outcome, exc.detail
 
     def close(self) -> None:
-        """Close the target VM (the source is the caller's)."""
+        """Close the target VM (the source is the caller's) and stop logging the source's VMM writes."""
+        self._unhook()
         if self.target is not None:
             self.target.close()
 

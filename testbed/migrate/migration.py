@@ -451,10 +451,16 @@ class Migration:
         t_stop = time.perf_counter()
         self._stopping = True
         # KVM_RUN with immediate_exit: the pending exit's completion runs, the guest does not.
-        extra = machine.kvm_vcpu.complete_pending()
-        if extra is not None:
+        # A completion may exit again (the next step of a string I/O): answer each until none is
+        # left, bounded (a hostile guest's string I/O could go on for 2**64 steps).
+        for _ in range(STOP_WAIT_EXITS):
+            extra = machine.kvm_vcpu.complete_pending()
+            if extra is None:
+                break
             machine.vmm.handle(extra)
-            machine.kvm_vcpu.complete_pending()
+        else:
+            raise MigrationRefusedError(f"the vCPU's pending exit was not complete after {STOP_WAIT_EXITS} "
+                                        "completions: the migration is refused")
         stats = RoundStats(self._round, "stop")
         pages, status = self._collect(stats, resync=self.final_resync)
         self._send_pages(sorted(pages), status, stats)

@@ -294,7 +294,7 @@ class Migration:
         self.check_ready()
         source = self.source
         machine = source.machine
-        machine.kvm_vm.set_dirty_logging(True)
+        source.enable_dirty_logging()
         # The VMM's own writes to guest RAM are its to log (QEMU's migration bitmap).
         memory = machine.memory
         previous_hook = memory.on_host_write
@@ -319,11 +319,11 @@ class Migration:
             for gfn in range(self.guest_pages):
                 self._target_private[gfn] = attrs.is_private(gfn)
         if self.firmware:
-            from testbed.kvm.migration import TransportSession, receive_start, send_start
+            from testbed.kvm.migration import TransportSession
 
             session = TransportSession.create(self.target_seed)
-            self._send = send_start(machine.kvm_vm, session)
-            self._receive = receive_start(target_machine.kvm_vm, session)
+            self._send = source.send_start(session)
+            self._receive = self.target.receive_start(session)
         stats = RoundStats(0, "bulk")
         t0 = time.perf_counter()
         attrs = machine.kvm_vm.mem_attrs
@@ -350,7 +350,7 @@ class Migration:
         # (The donated structure needs no such load: the guest records the RAM it starts with
         # shared itself when it declares itself ready for migration, guests/lib/donate.s.)
         status = self._export(stats)
-        machine.kvm_vm.get_dirty_log()  # start the log from here: round 0 sends every page
+        source.get_dirty_log()  # start the log from here: round 0 sends every page
         self._vmm_dirty.clear()
         self.run_slice()  # the guest runs on while the bulk of memory goes out
         self._send_pages(range(self.guest_pages), status, stats)
@@ -473,15 +473,13 @@ class Migration:
         if isinstance(tracker, DonatedTracker) and tracker.region is not None:
             self._adopt_donation(tracker)
         # The vCPU state: through the firmware where the host cannot read it.
-        from testbed.kvm.migration import get_vcpu_state, set_vcpu_state
-
         target_machine = self.target.machine
         if machine.kvm_vm.protected_state:
             header, packet = self._send.send_vcpu_state()
             self._receive.receive_vcpu_state(header, packet)
         # The registers where KVM may read them (KVM_GET/SET_REGS, SREGS, MSRS), and KVM's own
         # per-vCPU state (host state: the SNP registered GHCB, the PV MSRs) in every case.
-        set_vcpu_state(target_machine.kvm_vcpu, get_vcpu_state(machine.kvm_vcpu))
+        self.target.set_vcpu_state(self.source.get_vcpu_state())
         # The VMM's own state: the migration-control MSR's value (QEMU migrates it with the vCPU).
         target_machine.msr.migration_control = machine.msr.migration_control
         if self.firmware:
@@ -533,7 +531,7 @@ class Migration:
     def resume_source(self) -> tuple[str, str]:
         """After a failed migration the source keeps the guest: run it to its end there and
         return (outcome, detail)."""
-        self.source.machine.kvm_vm.set_dirty_logging(False)
+        self.source.enable_dirty_logging(False)
         self._unhook()
         return self._run_to_end(self.source, self.source_vcpu, self.report.source_syncs)
 
@@ -646,7 +644,7 @@ class Migration:
         send them with."""
         from testbed.kvm.dirty_log import dirty_pages
 
-        dirty = set(dirty_pages(self.source.machine.kvm_vm.get_dirty_log()))
+        dirty = set(dirty_pages(self.source.get_dirty_log()))
         dirty.update(self._vmm_dirty)
         self._vmm_dirty.clear()
         dirty = {g for g in dirty if g < self.guest_pages}

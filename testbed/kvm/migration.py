@@ -211,8 +211,7 @@ def receive_start(vm: KvmVm, session: TransportSession) -> ReceiveContext:
     with _sev_cmd(command):
         fw.receive_start(session)
     if vm.snp:
-        for hw in vm._vcpu_hw:
-            hw.stage2_changed(Gfn(0), Gfn(vm.memory.size >> PAGE_SHIFT), True)
+        vm.sev_snp_launch_start()  # all RAM assigned in the RMP, as at launch
     return ReceiveContext(vm, fw)
 
 

@@ -46,7 +46,7 @@ from testbed.trace import Tracer
 from testbed.tracker import DEFAULT_TRACKER, DonatedTracker, make_tracker
 from testbed.vmm import boot
 from testbed.vmm.cpuid import DEFAULT_PV_FEATURES, SEV_BIT, SEV_ES_BIT, SEV_SNP_BIT, build_cpuid
-from testbed.vmm.donate import DonateHandler, PrivateQuery
+from testbed.vmm.donate import DonateHandler
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
 from testbed.vmm.page_enc import PageEncBitmapSource
@@ -207,6 +207,11 @@ def _lib_text(path: Path) -> str:
     return remembered(_lib_texts, path, lambda: path.read_text(encoding="utf-8"))
 
 
+def _never_private(_gfn: int) -> bool:
+    """is_private for a VMM that keeps no memory attributes: it cannot tell a private page."""
+    return False
+
+
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
     """Assemble prelude + guest + runtime at IMAGE_GPA (`text` instead of reading `source`).
 
@@ -351,10 +356,9 @@ class Machine:
                        inject_event=self.kvm_vcpu.inject_event, pending_event_every=options.pending_event_every)
         if isinstance(tracker, DonatedTracker):
             # The donated tracker reads the guest's structure through the VMM's view; whether a
-            # page is shared is what the VMM set in KVM's attributes, or what it sees (donate.py).
+            # page is shared is what the VMM set in KVM's attributes (none: it cannot tell, donate.py).
             attrs = self.kvm_vm.mem_attrs
-            self.vmm.donate = DonateHandler(tracker, host, PrivateQuery(
-                attrs.is_private if attrs is not None else None, host.kind if self.memory.encrypted else None))
+            self.vmm.donate = DonateHandler(tracker, host, attrs.is_private if attrs is not None else _never_private)
         # The pin accounting (vmm/pinning.py): legacy SEV registers all RAM at launch; on the
         # guest_memfd types the backing reports each page it allocates or frees.
         self.pinning: PinAccounting | None = None

@@ -10,8 +10,9 @@ below what the host requires; the header's host_request then says how much). Eve
 checked here and in DonatedTracker.donate; KVM checks nothing.
 
 Whether a page is shared is the VMM's own knowledge: the memory attributes it set through
-KVM_SET_MEMORY_ATTRIBUTES where the VM has them, else what the host sees of the page (a
-legacy SEV-ES frame the guest last wrote with C=1 is ciphertext to the host: private).
+KVM_SET_MEMORY_ATTRIBUTES where the VM has them. Without them (legacy SEV-ES) the VMM cannot
+tell (ciphertext is just bytes to it): every page counts as shared, and a structure in a page
+the guest keeps private reads as garbage and is refused when validated.
 """
 
 from __future__ import annotations
@@ -21,26 +22,9 @@ from collections.abc import Callable
 from testbed.hw.memory import HostMemory
 from testbed.kvm.hypercall import neg
 from testbed.tracker.donated import DonatedTracker, DonationRefusedError
-from testbed.x86 import PAGE_SHIFT
 
 #: The donation's a2: no flag is defined.
 DONATE_VALID_FLAGS = 0
-
-
-class PrivateQuery:
-    """is_private(gfn) as the VMM knows it: `attributes` (KVM's, which the VMM set) when the
-    VM has them, else the host view's kind of the page (anything but plaintext is private)."""
-
-    def __init__(self, attributes: Callable[[int], bool] | None, view_kind: Callable[[int], str] | None) -> None:
-        self._attributes = attributes
-        self._view_kind = view_kind
-
-    def __call__(self, gfn: int) -> bool:
-        if self._attributes is not None:
-            return self._attributes(gfn)
-        if self._view_kind is not None:
-            return self._view_kind(gfn << PAGE_SHIFT) != "plaintext"
-        return False
 
 
 class DonateHandler:

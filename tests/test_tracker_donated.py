@@ -396,3 +396,19 @@ def test_a_host_request_no_larger_than_the_donation_fails_the_guests_donation(mo
     report = run_guest(SCENARIO, VmOptions(memory=8 << 20, tracker="donated", defines={"EXPECT_DONATED": 1}))
     assert report.outcome == "guest_assert", report.detail
     assert f"0x{(-28) & (2**64 - 1):x} != 0x0" in report.detail  # rax = -ENOSPC
+
+
+def test_growing_asks_for_more_only_through_a_header_still_shared() -> None:
+    """After a hotplug the host asks for a larger structure by writing host_request into the
+    header, but not into a header page the guest made private since (the next read poisons)."""
+    guest = FakeGuest()
+    tracker = donated(guest, [(16, 1)])
+    tracker.resize(PAGES * 4)
+    request = struct.unpack_from("<Q", guest.mem, GPA + ENCS_HOST_REQUEST)[0]
+    assert request == tracker.required_bytes > SIZE
+    guest = FakeGuest()
+    tracker = donated(guest, [(16, 1)])
+    guest.private.add(GPA >> 12)
+    tracker.resize(PAGES * 4)
+    assert struct.unpack_from("<Q", guest.mem, GPA + ENCS_HOST_REQUEST)[0] == 0
+    assert tracker.poisoned and "no longer shared" in (tracker.reason or "")

@@ -370,7 +370,9 @@ class DonatedTracker(SharedTracker):
         old memory, so inside the new)."""
         self._guest_pages = guest_pages
         region = self._region
-        if region is not None and self._write is not None and region.size < self.required_bytes:
+        if (region is not None and self._write is not None and region.size < self.required_bytes
+                and _first_private(self._is_private, region.gpa >> PAGE_SHIFT, 1) is None):
+            # (A header the guest made private is not written: the next read poisons the tracker.)
             _write_request(self._write, region.gpa, self.required_bytes)
 
     @property

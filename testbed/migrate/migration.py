@@ -315,9 +315,9 @@ class Migration:
         attrs = target_machine.kvm_vm.mem_attrs
         self._target_private = bitarray(self.guest_pages, endian="little")
         self._target_private.setall(1)  # a tracker starts empty: every page private
-        if attrs is not None:
-            for gfn in range(self.guest_pages):
-                self._target_private[gfn] = attrs.is_private(gfn)
+        if attrs is not None:  # KVM's attribute bytes, 1 = private
+            self._target_private = bitarray(endian="little")
+            self._target_private.pack(attrs.private[: self.guest_pages])
         if self.firmware:
             from testbed.kvm.migration import TransportSession
 
@@ -340,8 +340,7 @@ class Migration:
             # cannot tell a page never converted (shared) from one made private: resync the
             # status once from KVM's attributes and load the tracker with it; from here on
             # every conversion reaches the tracker, and the rounds export it.
-            full = export_memory_attributes(attrs.is_private, self.guest_pages,
-                                            bytes(attrs.private[:self.guest_pages]))
+            full = export_memory_attributes(attrs.private, self.guest_pages)
             tracker = machine.map_gpa.tracker
             tracker.clear()
             tracker.apply((gfn, n, True) for gfn, n in full.shared_ranges())
@@ -587,7 +586,7 @@ class Migration:
                                         "status from: the migration is refused", tracker_poisoned=True)
         self.report.resync.update({"source": "memory-attributes", "fallback": True, "tracker_poisoned": True,
                                    **info})
-        return export_memory_attributes(attrs.is_private, self.guest_pages, bytes(attrs.private[:self.guest_pages]))
+        return export_memory_attributes(attrs.private, self.guest_pages)
 
     def _export_donated(self, tracker: DonatedTracker, stats: RoundStats) -> StatusExport:
         """The donated tracker's export: the guest's structure, read now (bounded and validated,
@@ -616,7 +615,7 @@ class Migration:
         key = "before_donation" if state == "none" else "mid_update"
         resync[key] = resync.get(key, 0) + 1
         stats.status_source = f"memory-attributes ({tracker.reason})"
-        return export_memory_attributes(attrs.is_private, self.guest_pages, bytes(attrs.private[:self.guest_pages]))
+        return export_memory_attributes(attrs.private, self.guest_pages)
 
     def _quiesce(self, limit: int, states: tuple[str, ...]) -> str:
         """Donated tracker: run the source one exit at a time, at most `limit` exits, until its

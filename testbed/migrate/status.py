@@ -19,6 +19,7 @@ by a word-wise XOR of the two bitmaps, whichever the export carried.
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from bitarray import bitarray
 
 from testbed.tracker import SharedTracker, decode_export
+from testbed.tracker.bitmap import bit_runs
 
 #: Tracker kinds whose export is the bitmap itself.
 BITMAP_KINDS = frozenset({"bitmap", "native-bitmap"})
@@ -66,16 +68,7 @@ class StatusExport:
 
 def bits_to_ranges(bits: bitarray) -> Ranges:
     """The runs of set bits of `bits` as (first, count), in order."""
-    out: Ranges = []
-    start = bits.find(1)
-    n = len(bits)
-    while start >= 0:
-        end = bits.find(0, start)
-        if end < 0:
-            end = n
-        out.append((start, end - start))
-        start = bits.find(1, end) if end < n else -1
-    return out
+    return list(bit_runs(bits))
 
 
 def ranges_to_bits(ranges: Sequence[tuple[int, int]], guest_pages: int) -> bitarray:
@@ -166,20 +159,11 @@ def export_page_enc_bitmap(get_bitmap: Callable[[int, int], bytes], guest_pages:
     return StatusExport("page-enc-bitmap", len(raw), time.perf_counter() - start, bits=bits)
 
 
-def export_memory_attributes(is_private: Callable[[int], bool], guest_pages: int,
-                             private_bytes: bytes | None = None) -> StatusExport:
+def export_memory_attributes(private_bytes: bytes | mmap.mmap, guest_pages: int) -> StatusExport:
     """The full resync from KVM's memory attributes (the poisoned-tracker fallback): one bit per
-    page. `private_bytes` (one byte per GFN, 1 = private) is the fast path when KVM's array is
-    at hand."""
+    page, from KVM's attribute array (one byte per GFN, 1 = private)."""
     start = time.perf_counter()
-    bits = bitarray(guest_pages, endian="little")
-    if private_bytes is not None:
-        bits.setall(1)
-        # 1 = shared: a page is shared where its attribute byte is 0
-        private = bitarray(endian="little")
-        private.pack(private_bytes[:guest_pages])
-        bits = ~private
-    else:
-        for gfn in range(guest_pages):
-            bits[gfn] = not is_private(gfn)
+    private = bitarray(endian="little")
+    private.pack(private_bytes[:guest_pages])
+    bits = ~private  # 1 = shared: a page is shared where its attribute byte is 0
     return StatusExport("memory-attributes", (guest_pages + 7) // 8, time.perf_counter() - start, bits=bits)

@@ -115,6 +115,4 @@ def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None
     memory.plug(size)
     # KVM makes the slot visible to the vCPU's stage 2: the native TLB fill copied the size.
     machine.cpu._configure_native_fill()
-    machine.map_gpa.guest_pages = pages
-    if machine.map_gpa.max_pages_per_call == old >> PAGE_SHIFT:
-        machine.map_gpa.max_pages_per_call = pages
+    machine.map_gpa.guest_pages = pages  # (and with it the per-call bound, unless the VMM set one)

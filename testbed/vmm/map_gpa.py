@@ -80,7 +80,8 @@ class MapGpaHandler:
         #: run->hypercall.ret for a refused request (see the module docstring)
         self.refusal = refusal
         self.guest_pages = guest_pages
-        self.max_pages_per_call = max_pages_per_call if max_pages_per_call is not None else guest_pages
+        #: the per-call bound the VMM was given; None: the guest's size (it follows a hotplug)
+        self._max_pages_per_call = max_pages_per_call
         # Attributes exist only where KVM offers KVM_MEMORY_ATTRIBUTE_PRIVATE; elsewhere a
         # conversion is bookkeeping in the tracker alone.
         offered = vm is not None and bool(vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
@@ -92,6 +93,11 @@ class MapGpaHandler:
         #: private if the flag is True, to shared if False, both if None), so that guests'
         #: handling of a refused page-state change can be tested.
         self.refused: list[tuple[int, int, bool | None]] = list(refused or [])
+
+    @property
+    def max_pages_per_call(self) -> int:
+        """The largest npages one request may convert: the bound given, else the guest's size."""
+        return self._max_pages_per_call if self._max_pages_per_call is not None else self.guest_pages
 
     def check(self, gpa: int, npages: int, attrs: int) -> str | None:
         """Why the request is refused, or None."""

@@ -377,9 +377,9 @@ class Machine:
         # A migration target (QEMU's -incoming): the VMM registers its RAM as for any VM, but
         # nothing is loaded or launched - memory, vCPU state and page states arrive from the
         # source (testbed/migrate), the private pages through RECEIVE_UPDATE_DATA.
-        if self.pinning is not None and self.pinning.model == "legacy":
-            npages = self.kvm_vm.memory_encrypt_reg_region(self.memory.dram_address(), self.memory.size)
-            self.pinning.register_region(self.memory.size, npages)
+        if self.pinning is not None:
+            self.pinning.register_ram(self.kvm_vm.memory_encrypt_reg_region, self.memory.dram_address(),
+                                      self.memory.size)
         self.kvm_vcpu.reset()
         if self.pinning is not None:
             self.pinning.launched()
@@ -417,11 +417,10 @@ class Machine:
         # guest_memfd by the launch; sw-protected has no populate: its RAM starts shared).
         host = self.memory.userspace_view()
         state = boot.prepare(host, self.program.code, self.c_bit_mask)
-        if self.pinning is not None and self.pinning.model == "legacy":
-            # KVM_MEMORY_ENCRYPT_REG_REGION over all guest RAM before the launch, as QEMU's
-            # sev_ram_block_added() does for every RAM block: pinned for the VM's lifetime.
-            npages = self.kvm_vm.memory_encrypt_reg_region(self.memory.dram_address(), self.memory.size)
-            self.pinning.register_region(self.memory.size, npages)
+        if self.pinning is not None:
+            # All guest RAM registered before the launch: pinned for the VM's lifetime (legacy).
+            self.pinning.register_ram(self.kvm_vm.memory_encrypt_reg_region, self.memory.dram_address(),
+                                      self.memory.size)
         if self.sev:
             # KVM_SEV_LAUNCH_UPDATE_DATA: what the VMM prepared is encrypted in place.
             regions = boot.launch_regions(len(self.program.code))

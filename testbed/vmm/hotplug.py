@@ -107,10 +107,9 @@ def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None
     except TrackerResizeError as exc:
         machine.kvm_vm.set_user_memory_region(slot, old, 0)
         raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
-    if machine.pinning is not None and machine.pinning.model == "legacy":
-        npages = machine.kvm_vm.memory_encrypt_reg_region(memory.dram_address() + old, size - old)
-        machine.pinning.register_region(size - old, npages)
     if machine.pinning is not None:
+        machine.pinning.register_ram(machine.kvm_vm.memory_encrypt_reg_region, memory.dram_address() + old,
+                                     size - old)
         machine.pinning.guest_pages = pages
     memory.plug(size)
     # KVM makes the slot visible to the vCPU's stage 2: the native TLB fill copied the size.

@@ -24,6 +24,7 @@ wall time, so a report stays reproducible (a snapshot-restored run reports as a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from testbed.x86 import PAGE_SIZE
@@ -73,6 +74,13 @@ class PinAccounting:
         """Legacy: the VMM registered `size` bytes of guest RAM (KVM pinned `npages`)."""
         self.regions.append((size, npages))
         self._change(npages, 0)
+
+    def register_ram(self, reg_region: Callable[[int, int], int], hva: int, size: int) -> None:
+        """Legacy: KVM_MEMORY_ENCRYPT_REG_REGION over the RAM block [hva, hva + size), as QEMU's
+        sev_ram_block_added() does for every block (at launch, on an incoming VM, on a
+        hotplug), and the pages KVM pinned counted; guest_memfd pins nothing this way."""
+        if self.model == "legacy":
+            self.register_region(size, reg_region(hva, size))
 
     def backing_changed(self, private_delta: int, shared_delta: int) -> None:
         """guest_memfd: the backing allocated or freed pages (GuestMemory.on_backing_pages)."""

@@ -289,24 +289,19 @@ class GuestMemory:
             raise GuestMemoryError(f"{what} of {length} bytes outside guest memory (size 0x{self.size:x})", gpa)
 
     # -- ownership (legacy) ---------------------------------------------------------------
-    def make_private(self, frame: int) -> bool:
-        """Legacy: move `frame` to the private alias (decrypting DRAM); True if ownership moved."""
+    def make_private(self, frame: int, decrypt: bool = True) -> bool:
+        """Legacy: move `frame` to the private alias, decrypting DRAM into it (`decrypt=False`:
+        a write of the whole frame follows, nothing to keep); True if ownership moved."""
         if self.cipher is None or self.owner[frame] == OWNER_PRIVATE:
             return False
-        assert self.private is not None
-        off = frame << PAGE_SHIFT
-        self.private[off : off + PAGE_SIZE] = self.cipher.decrypt(off, self.dram[off : off + PAGE_SIZE])
+        if decrypt:
+            assert self.private is not None
+            off = frame << PAGE_SHIFT
+            self.private[off : off + PAGE_SIZE] = self.cipher.decrypt(off, self.dram[off : off + PAGE_SIZE])
         self.owner[frame] = OWNER_PRIVATE
         if self.on_ownership_change is not None:
             self.on_ownership_change(frame)
         return True
-
-    def _overwrite_private(self, frame: int) -> None:
-        """Legacy: move `frame` to the private alias for a write of all of it (make_private
-        without decrypting the DRAM bytes the write replaces)."""
-        self.owner[frame] = OWNER_PRIVATE
-        if self.on_ownership_change is not None:
-            self.on_ownership_change(frame)
 
     def make_dram(self, frame: int) -> bool:
         """Legacy: move `frame` to the DRAM alias (encrypting the plaintext); True if ownership moved."""
@@ -434,10 +429,7 @@ class GuestMemory:
                 buf = self._gmem_buf(frame)
                 self.materialise(frame, 1, buf is not self.dram)
             elif private:
-                if n == PAGE_SIZE and self.cipher is not None and self.owner[frame] != OWNER_PRIVATE:
-                    self._overwrite_private(frame)  # the whole frame is overwritten: nothing to decrypt
-                else:
-                    self.make_private(frame)
+                self.make_private(frame, decrypt=n < PAGE_SIZE)  # a whole frame overwritten: nothing to decrypt
                 buf = self.private if self.cipher is not None else self.dram
             else:
                 self.make_dram(frame)

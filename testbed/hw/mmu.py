@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
+from testbed.hw import vcpu_state
 from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
 from testbed.hw.memory import PRESENT_PRIVATE, PRESENT_SHARED, GuestMemory, HostMemory, StagePrivacy
 from testbed.hw.psp import GuestFirmware
@@ -624,27 +625,16 @@ class Mmu(UnicornBinding):
         """The SEV firmware's context for this guest: the migration commands (hw/psp.py), which
         read and write guest pages with this guest's key and the vCPU's state as the VMSA."""
         if self._psp is None:
-            from testbed.hw import vcpu_state
-
-            def read_state() -> bytes:
-                return vcpu_state.save(self).to_bytes()
-
-            def write_state(data: bytes) -> None:
-                vcpu_state.load(self, vcpu_state.VcpuState.from_bytes(data))
-
-            self._psp = GuestFirmware(self._mem, self.rmp, read_state, write_state)
+            self._psp = GuestFirmware(self._mem, self.rmp, lambda: self.save_state().to_bytes(),
+                                      lambda data: self.load_state(VcpuState.from_bytes(data)))
         return self._psp
 
     def save_state(self) -> VcpuState:
         """The vCPU's architectural state (hw/vcpu_state.py), between runs."""
-        from testbed.hw import vcpu_state
-
         return vcpu_state.save(self)
 
     def load_state(self, state: VcpuState) -> None:
         """Load a VcpuState (hw/vcpu_state.py) into this vCPU, between runs."""
-        from testbed.hw import vcpu_state
-
         if not isinstance(state, VcpuState):
             raise TestbedError(f"load_state: expected a VcpuState, not {type(state).__name__}")
         vcpu_state.load(self, state)

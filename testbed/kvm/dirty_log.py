@@ -133,13 +133,17 @@ class DirtyLog:
         return 0 <= gfn < self.npages and bool(self.bitmap[gfn >> 3] >> (gfn & 7) & 1)
 
     # -- the ioctls -----------------------------------------------------------------------
-    def _check_slot(self, name: str, slot: int) -> None:
+    @staticmethod
+    def _check_slot_id(name: str, slot: int) -> None:
         as_id, sid = slot >> 16, slot & 0xFFFF
         if slot < 0 or as_id >= 1 or sid >= KVM_USER_MEM_SLOTS:
             raise KvmIoctlError(name, errno.EINVAL, f"slot 0x{slot:x}: address space or slot id out of range")
-        if sid != 0 or not self.enabled:
+
+    def _check_slot(self, name: str, slot: int) -> None:
+        self._check_slot_id(name, slot)
+        if slot & 0xFFFF != 0 or not self.enabled:
             # id_to_memslot() found no slot, or the slot has no dirty_bitmap (logging off)
-            raise KvmIoctlError(name, errno.ENOENT, f"slot {sid} has no dirty bitmap "
+            raise KvmIoctlError(name, errno.ENOENT, f"slot {slot & 0xFFFF} has no dirty bitmap "
                                 "(KVM_MEM_LOG_DIRTY_PAGES is not set on it)")
 
     def get(self, slot: int = 0) -> bytes:
@@ -164,9 +168,7 @@ class DirtyLog:
         outside the slot, or a num_pages that is not a multiple of 64 and does not reach the
         slot's end; ENOENT for a slot without a bitmap."""
         name = "KVM_CLEAR_DIRTY_LOG"
-        as_id, sid = slot >> 16, slot & 0xFFFF
-        if slot < 0 or as_id >= 1 or sid >= KVM_USER_MEM_SLOTS:
-            raise KvmIoctlError(name, errno.EINVAL, f"slot 0x{slot:x}: address space or slot id out of range")
+        self._check_slot_id(name, slot)  # (KVM's order: the id, the alignment, then the slot's bitmap)
         if first_page & 63:
             raise KvmIoctlError(name, errno.EINVAL, f"first_page {first_page} is not a multiple of 64")
         self._check_slot(name, slot)
@@ -175,7 +177,7 @@ class DirtyLog:
                 or (num_pages < n - first_page and num_pages & 63)):
             raise KvmIoctlError(name, errno.EINVAL, f"pages [{first_page}, +{num_pages}) do not fit the slot's "
                                 f"{n} pages in whole longs")
-        nbytes = (num_pages + BITS_PER_LONG - 1) // BITS_PER_LONG * 8
+        nbytes = bitmap_bytes(num_pages)
         if len(bitmap) < nbytes:
             raise KvmIoctlError(name, errno.EFAULT, f"bitmap of {len(bitmap)} bytes, {nbytes} needed")
         base = first_page >> 3

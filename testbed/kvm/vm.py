@@ -146,8 +146,9 @@ class KvmVm:
         #: the RAM's dirty log (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET/CLEAR_DIRTY_LOG), sized for the
         #: memory the VM can grow to (the testbed logs hotplugged RAM in the same bitmap)
         self.dirty_log = DirtyLog(getattr(memory, "capacity", memory.size) >> 12, flush=self._flush_remote_tlbs)
-        #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest)
-        self.memory: HostMemory = DirtyMarkingMemory(memory, self.dirty_log)
+        #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest); its
+        #: `capacity` is the memory the VM can grow to (memory hotplug), else the size
+        self.memory: DirtyMarkingMemory = DirtyMarkingMemory(memory, self.dirty_log)
         self.hypercall_exit_mask = 0
         self.disabled_quirks = 0
         self.cpuid = CpuidTable()
@@ -159,7 +160,7 @@ class KvmVm:
         #: KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter); None = no filter (allow all)
         self.msr_filter: MsrFilter | None = None
         # Sized for the memory the VM can grow to (memory hotplug: `capacity`, else the size).
-        guest_pages = getattr(memory, "capacity", memory.size) >> 12
+        guest_pages = self.memory.capacity >> 12
         # VMs with private memory keep attributes; they start private where the VMM's
         # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).
         # The seed-era KVM (page_enc_status_protocol) had no memory attributes: the in-kernel
@@ -284,7 +285,7 @@ class KvmVm:
                 raise KvmIoctlError(name, errno.EEXIST,
                                     f"0x{guest_phys_addr:x}+0x{memory_size:x} overlaps slot {other}")
         top = max(base + size for base, size in self.memslots.values())
-        capacity = getattr(self.memory, "capacity", self.memory.size)
+        capacity = self.memory.capacity
         if guest_phys_addr != top or end > capacity:
             raise KvmIoctlError(name, errno.EINVAL,
                                 f"testbed: a new slot must start at the end of RAM (0x{top:x}) and end within the "

@@ -180,7 +180,7 @@ class DonatedTracker(SharedTracker):
             raise DonationRefusedError(28, f"donation of 0x{size:x} bytes: the host needs 0x{required:x} "
                                       f"({records_for(self._guest_pages, self._max_ranges)} records)")
         ranges, why, _generation = self._read_structure(region, read, is_private)
-        if ranges is None and why is not None and not why.startswith("update in progress"):
+        if ranges is None and why is not None and why != _UPDATING:
             raise DonationRefusedError(22, f"donated structure at gpa 0x{gpa:x}: {why}")
         self._region, self._read, self._write, self._is_private = region, read, write, is_private
         self._invalid = None
@@ -210,7 +210,7 @@ class DonatedTracker(SharedTracker):
         if generation & 1:
             # Before the size checks: growing its donation, the guest raises the capacity in
             # the header before the host has taken the larger region (guests/lib/donate.s).
-            return None, f"update in progress (generation {generation} is odd)", generation
+            return None, _UPDATING, generation
         if ENCS_RECORDS + capacity * ENCS_RECORD_SIZE > size:
             return None, (f"capacity {capacity} records does not fit the donated 0x{size:x} bytes "
                           f"(at most {(size - ENCS_RECORDS) // ENCS_RECORD_SIZE})"), generation
@@ -266,8 +266,8 @@ class DonatedTracker(SharedTracker):
         if ranges is not None:
             self._snapshot = ranges
             self.generation = generation
-        elif why is not None and why.startswith("update in progress"):
-            self._transient = why
+        elif why == _UPDATING:
+            self._transient = f"{why} (generation {generation} is odd)"
         else:
             self._invalid = why
 
@@ -383,6 +383,9 @@ class DonatedTracker(SharedTracker):
             return 0
         return self.required_bytes
 
+
+#: _read_structure's one transient answer (the generation is odd): read again later.
+_UPDATING = "update in progress"
 
 def _first_private(is_private: IsPrivate | None, first_gfn: int, npages: int) -> int | None:
     if is_private is None:

@@ -178,6 +178,9 @@ class VmOptions:
         if self.tracker == DonatedTracker.name and self.hc_protocol == "page-enc-status":
             raise UsageError("the donated tracker reads the guest's own structure; with the page-enc-status "
                              "protocol KVM keeps the status (use map-gpa-range)")
+        if self.tracker == DonatedTracker.name and not self.map_gpa_exit:
+            raise UsageError("the donated tracker needs the donation hypercall's user exit, which the VMM enables "
+                             "with KVM_HC_MAP_GPA_RANGE's (--no-map-gpa-exit leaves the tracker without a donation)")
         Layout(self.memory)
         if self.max_memory is not None:
             from testbed.vmm.hotplug import check_max_memory

@@ -307,3 +307,11 @@ def test_a_define_expression_is_checked_where_it_is_assembled() -> None:
     options = VmOptions(memory="8M", defines={"INSN": "1+"})
     with pytest.raises(UsageError, match=r"define INSN=1\+: not a valid expression"):
         run_guest("guests/hypercall_insn.s", options)
+
+
+def test_the_donated_tracker_needs_the_map_gpa_exit() -> None:
+    """tracker=donated without the MAP_GPA_RANGE user exit is refused: the donation exit is only
+    enabled with it, and the tracker would stay without a donation (poisoned) for the whole run."""
+    with pytest.raises(UsageError, match="donated tracker needs"):
+        VmOptions(tracker="donated", map_gpa_exit=False).validate()
+    VmOptions(tracker="donated").validate()

@@ -93,6 +93,13 @@ def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache" / "asm"
 
 
+def roots(guest: Path) -> cache.Roots:
+    """The roots of build_program's assembly of `guest` (cache.Roots.of)."""
+    found = cache.Roots.of([str(LIB_DIR / "prelude.s"), str(guest), str(LIB_DIR / "runtime.s")], [LIB_DIR, GUESTS_DIR])
+    assert found is not None
+    return found
+
+
 def entries(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.json")) if directory.is_dir() else []
 
@@ -168,6 +175,55 @@ def test_an_include_found_earlier_in_the_search_path_misses(tmp_path: Path, user
     assert b"\xcc" in after.code and b"\xcc" not in before.code
 
 
+def test_a_program_cached_in_one_directory_is_found_from_another_with_its_paths(
+        tmp_path: Path, user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same guest and include in another directory (a second checkout, a new temporary
+    directory) is a hit that names the new directory's files, the program assembled there
+    without a cache; a changed include there is still a miss."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for directory in (first, second):
+        directory.mkdir()
+        (directory / "guest.s").write_text('.include "inc.s"\n' + GUEST)
+        (directory / "inc.s").write_text(".equ EXTRA, 1\n")
+    build_program(first / "guest.s", VmOptions(defines={"VALUE": "3"}))
+    assert len(entries(user_cache)) == 1
+    cache._memory.clear()
+    assembled: list[object] = []
+    assemble = cache._assemble_unit
+    monkeypatch.setattr(cache, "_assemble_unit", lambda *a, **k: assembled.append(a) or assemble(*a, **k))
+    moved = build_program(second / "guest.s", VmOptions(defines={"VALUE": "3"}))
+    assert assembled == [] and len(entries(user_cache)) == 1
+    assert cache.program_digest(moved) == reference(second / "guest.s", "3")
+    assert str(second / "guest.s") in {loc.file for _, loc in moved.lines}
+    assert not any(loc.file.startswith(str(first)) for _, loc in moved.lines)
+    (second / "inc.s").write_text(".equ EXTRA, 1\nnop\n")
+    cache._memory.clear()
+    edited = build_program(second / "guest.s", VmOptions(defines={"VALUE": "3"}))
+    assert len(assembled) == 1 and cache.program_digest(edited) == reference(second / "guest.s", "3")
+
+
+def test_roots_that_lie_otherwise_are_another_entry(tmp_path: Path, user_cache: Path) -> None:
+    """A second source's directory under the guest's in one assembly and elsewhere in the next:
+    the include the second reads is its own (lib/x.s beside the guest), not the file an entry
+    of the first would map it to (the second source's directory's x.s, the same contents)."""
+    macros = ".macro GUEST_SYNC v\n    mov rax, \\v\n.endm\n.macro GUEST_DONE\n    hlt\n.endm\n"
+    one, two, elsewhere = tmp_path / "one", tmp_path / "two", tmp_path / "elsewhere" / "lib"
+    for directory, byte in ((one / "lib", 1), (two / "lib", 2), (elsewhere, 1)):
+        directory.mkdir(parents=True)
+        (directory / "x.s").write_text(f".byte {byte}\n")
+        (directory / "other.s").write_text("nop\n")
+    text = '.include "lib/x.s"\n' + GUEST
+
+    def build(guest_dir: Path, other_dir: Path) -> bytes:
+        sources = [("<macros>", macros), (str(guest_dir / "guest.s"), text), (str(other_dir / "other.s"), "nop\n")]
+        return cache.assemble_sources_cached(sources, base=0x1000, defines={"VALUE": "3"}).code
+
+    assert build(one, one / "lib").startswith(b"\x01")
+    cache._memory.clear()
+    assert build(two, elsewhere).startswith(b"\x02")
+    assert len(entries(user_cache)) == 2
+
+
 def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache: Path) -> None:
     """Several processes assembling the same programs at once into one empty cache all get the
     program assembled without a cache, and leave one whole entry per program."""
@@ -187,7 +243,7 @@ def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache
     assert results == [expected, expected]
     assert len(entries(user_cache)) == 2 and not list(user_cache.glob(".*.tmp"))
     for entry in entries(user_cache):
-        assert cache.load(user_cache, entry.stem) is not None
+        assert cache.load(user_cache, entry.stem, roots(tmp_path / "guest.s")) is not None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key"])
@@ -212,11 +268,11 @@ def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, da
         outer = json.loads(data)
         outer["key"] = "0" * 64
         entry.write_text(json.dumps(outer))
-    assert cache.load(user_cache, entry.stem) is None
+    assert cache.load(user_cache, entry.stem, roots(guest)) is None
     cache._memory.clear()
     again = build_program(guest, VmOptions(defines={"VALUE": "4"}))
     assert again == good
-    loaded = cache.load(user_cache, entry.stem)
+    loaded = cache.load(user_cache, entry.stem, roots(guest))
     assert loaded is not None and loaded[0] == good
 
 
@@ -268,7 +324,7 @@ def test_a_store_past_the_bound_prunes_the_least_recently_used(tmp_path: Path, u
     os.utime(stale, ns=(10**15, 10**15))
     oldest = by_age[0]
     cache._memory.clear()
-    assert cache.load(user_cache, oldest.stem) is not None  # a hit: now the most recent
+    assert cache.load(user_cache, oldest.stem, roots(guest)) is not None  # a hit: now the most recent
     assert len(entries(user_cache)) == 4 and stale.exists()  # at the bound: nothing pruned
     cache._memory.clear()
     build_program(guest, VmOptions(defines={"VALUE": "5"}))  # the fifth entry's store prunes
@@ -276,7 +332,7 @@ def test_a_store_past_the_bound_prunes_the_least_recently_used(tmp_path: Path, u
     assert len(kept) == 2 and oldest in kept and not stale.exists()
     assert all(entry not in kept for entry in by_age[1:])
     for entry in kept:
-        assert cache.load(user_cache, entry.stem) is not None
+        assert cache.load(user_cache, entry.stem, roots(guest)) is not None
 
 
 def test_off_disables_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

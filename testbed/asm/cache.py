@@ -6,6 +6,15 @@ the defines, the load address, the include directories, the assembler's own sour
 assembling, so an entry records each include (the file read, its SHA-256, and the candidate
 paths tried before it and absent) and is used only if all of them still hold.
 
+Where the files are is not part of the key: a path under one of the assembly's roots (each
+source's directory and each include directory, `Roots`) is written in the key and the entry
+as the root's index and the rest of the path, and a hit gives back the paths under this
+assembly's roots. So a second checkout of the project (a clean clone, a CI workspace) or a
+guest written to a new temporary directory finds the programs already assembled elsewhere.
+The roots' relations to each other (which lies under which, and where) are part of the key,
+so every include candidate an entry records maps to the candidate this assembly would try;
+a root under none of the others is free to be anywhere.
+
 Where: $TESTBED_CACHE_DIR, else $XDG_CACHE_HOME/testbed, else ~/.cache/testbed (entries in
 its asm/ subdirectory). TESTBED_CACHE_DIR=off disables the cache.
 
@@ -33,7 +42,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -41,7 +50,7 @@ from typing import Any
 from testbed.asm.assembler import _assemble_unit, _includes_valid
 from testbed.asm.program import AssertSite, Program, SourceLocation
 
-FORMAT = 2  # 2: Program.features (the image note)
+FORMAT = 3  # 2: Program.features (the image note); 3: paths relative to the roots
 DISABLED = ("off", "0", "none", "false", "no")
 
 _Included = tuple[tuple[tuple[str, ...], str, str], ...]
@@ -92,30 +101,107 @@ def _text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+#: Marks a path written relative to a root: MARK, the root's index, MARK, the rest of the path.
+#: NUL is in no path and no source name the assembler is given (Roots.of refuses one that has it).
+MARK = "\x00"
+
+
+class Roots:
+    """The directories an assembly's paths are written relative to in its key and its entry
+    (module docstring): each source's directory, then each include directory, in that order,
+    each once. A path under several roots is written relative to the longest."""
+
+    def __init__(self, directories: Sequence[str]) -> None:
+        self.directories = tuple(directories)
+        self._prefixes = tuple(d if d.endswith(os.sep) else d + os.sep for d in self.directories)
+
+    @classmethod
+    def of(cls, names: Sequence[str], include_dirs: Sequence[Path]) -> Roots | None:
+        """The roots of an assembly of the sources `names` (None if a name holds MARK: such an
+        assembly is not cached across processes)."""
+        found: dict[str, None] = {}
+        for name in names:
+            if MARK in name:
+                return None
+            directory = "" if name.startswith("<") else os.path.dirname(name)
+            if directory:
+                found.setdefault(directory, None)
+        for include_dir in include_dirs:
+            directory = str(include_dir)
+            if MARK in directory:
+                return None
+            found.setdefault(directory, None)
+        return cls(list(found))
+
+    def relocate(self, path: str, *, skip: int = -1) -> str:
+        """`path` relative to the longest root it lies under (but root `skip`), or as it is."""
+        best, length = -1, 0
+        for index, prefix in enumerate(self._prefixes):
+            if index != skip and len(prefix) > length and path.startswith(prefix):
+                best, length = index, len(prefix)
+        if best < 0:
+            return path if path not in self.directories else f"{MARK}{self.directories.index(path)}{MARK}"
+        return f"{MARK}{best}{MARK}{path[len(self.directories[best]):]}"
+
+    def expand(self, written: str) -> str:
+        """The path `relocate` wrote; ValueError if it names no root of this assembly."""
+        if not written.startswith(MARK):
+            return written
+        index, mark, rest = written[1:].partition(MARK)
+        if not mark or not index.isdigit() or int(index) >= len(self.directories):
+            raise ValueError(f"no root {index!r}")
+        return self.directories[int(index)] + rest
+
+    def structure(self) -> list[str | None]:
+        """How the roots lie: each one relative to the longest other root it is under, or None
+        (free). Two assemblies whose roots lie alike map every path the same way."""
+        return [self.relocate(d, skip=index) if any(
+            d.startswith(p) for i, p in enumerate(self._prefixes) if i != index) else None
+            for index, d in enumerate(self.directories)]
+
+
 def cache_key(
-    sources: Sequence[tuple[str, str]], base: int, defines: Mapping[str, int | str], include_dirs: Sequence[Path]
+    sources: Sequence[tuple[str, str]], base: int, defines: Mapping[str, int | str], include_dirs: Sequence[Path],
+    roots: Roots | None = None,
 ) -> str:
-    """The entry name for one assembly: each source by its name and its text's digest."""
+    """The entry name for one assembly: each source by its name (relative to `roots`, which
+    default to the assembly's own, Roots.of) and its text's digest."""
+    if roots is None:
+        roots = Roots.of([name for name, _ in sources], include_dirs) or Roots(())
     material = {
         "format": FORMAT,
         "toolchain": _toolchain(),
-        "sources": [[name, _text_digest(text)] for name, text in sources],
+        "roots": roots.structure(),
+        "sources": [[roots.relocate(name), _text_digest(text)] for name, text in sources],
         "base": base,
         "defines": [[name, type(value).__name__, str(value)] for name, value in defines.items()],
-        "include_dirs": [str(d) for d in include_dirs],
+        "include_dirs": [roots.relocate(str(d)) for d in include_dirs],
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _encode(program: Program, included: _Included) -> dict[str, Any]:
+def _encode(program: Program, included: _Included, roots: Roots | None = None) -> dict[str, Any]:
+    """The entry's payload; every path relative to `roots` when given (module docstring)."""
+    if roots is None:
+        def written(path: str) -> str:
+            return path
+    else:
+        relocated: dict[str, str] = {}
+
+        def written(path: str) -> str:
+            found = relocated.get(path)
+            if found is None:
+                found = relocated[path] = roots.relocate(path)
+            return found
+
     return {
         "code": program.code.hex(),
         "base": program.base,
         "symbols": dict(program.symbols),
-        "asserts": [[site_id, s.file, s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
-        "lines": [[address, loc.file, loc.line] for address, loc in program.lines],
+        "asserts": [[site_id, written(s.file), s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
+        "lines": [[address, written(loc.file), loc.line] for address, loc in program.lines],
         "features": list(program.features),
-        "included": [[list(absent), found, digest] for absent, found, digest in included],
+        "included": [[[written(p) for p in absent], written(found), digest] for absent, found, digest in included],
     }
 
 
@@ -132,38 +218,47 @@ _LOCATIONS_MAX_FILES = 256
 _locations: dict[str, dict[int, SourceLocation]] = {}
 
 
-def _decode_lines(entries: Any) -> tuple[tuple[int, SourceLocation], ...]:
-    """Program.lines from the entry's [address, file, line] lists; TypeError/ValueError if
-    they are not that (the checks of `integer` and `file` in _decode, on the hot path)."""
+def _decode_lines(entries: Any, file: Callable[[object], str]) -> tuple[tuple[int, SourceLocation], ...]:
+    """Program.lines from the entry's [address, file, line] lists, each file name through
+    `file` (_decode's); TypeError/ValueError if they are not that (the checks of `integer`
+    and `file` in _decode, on the hot path)."""
     lines: list[tuple[int, SourceLocation]] = []
     append = lines.append
+    by_name: dict[str, tuple[str, dict[int, SourceLocation]]] = {}  # this entry's names, as written
     for address, name, line in entries:
-        by_line = _locations.get(name)
-        if by_line is None:
-            if not isinstance(name, str):
-                raise TypeError("file name")
-            if len(_locations) >= _LOCATIONS_MAX_FILES:
-                _locations.clear()
-            by_line = _locations[name] = {}
+        known = by_name.get(name)
+        if known is None:
+            real = file(name)
+            by_line = _locations.get(real)
+            if by_line is None:
+                if len(_locations) >= _LOCATIONS_MAX_FILES:
+                    _locations.clear()
+                by_line = _locations[real] = {}
+            known = by_name[name] = (real, by_line)
+        real, by_line = known
         if type(line) is not int and (not isinstance(line, int) or isinstance(line, bool)):
             raise TypeError("integer")
         location = by_line.get(line)
         if location is None:
-            location = by_line[line] = SourceLocation(name, line)
+            location = by_line[line] = SourceLocation(real, line)
         if type(address) is not int and (not isinstance(address, int) or isinstance(address, bool)):
             raise TypeError("integer")
         append((address, location))
     return tuple(lines)
 
 
-def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
-    """The entry's program; KeyError/TypeError/ValueError if it is not one."""
+def _decode(payload: dict[str, Any], roots: Roots | None = None) -> tuple[Program, _Included]:
+    """The entry's program, its paths under `roots` when given; KeyError/TypeError/ValueError
+    if it is not one (or names a root the assembly has not)."""
     files: dict[str, str] = {}  # one string object per file name
 
     def file(name: object) -> str:
         if not isinstance(name, str):
             raise TypeError("file name")
-        return files.setdefault(name, name)
+        found = files.get(name)
+        if found is None:
+            found = files[name] = roots.expand(name) if roots is not None else name
+        return found
 
     def integer(value: object) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -181,11 +276,11 @@ def _decode(payload: dict[str, Any]) -> tuple[Program, _Included]:
             integer(i): AssertSite(file(f), integer(line), str(kind), str(message))
             for i, f, line, kind, message in payload["asserts"]
         }),
-        lines=_decode_lines(payload["lines"]),
+        lines=_decode_lines(payload["lines"], file),
         features=tuple(str(name) for name in payload["features"]),
     )
     included = tuple(
-        (tuple(str(p) for p in absent), str(found), str(digest)) for absent, found, digest in payload["included"]
+        (tuple(file(p) for p in absent), file(found), str(digest)) for absent, found, digest in payload["included"]
     )
     return program, included
 
@@ -196,9 +291,11 @@ PRUNE_TO = 800
 _STALE_TEMPORARY_NS = 3600 * 10**9
 
 
-def load(directory: Path, key: str) -> tuple[Program, _Included] | None:
-    """The cached program for `key` and its includes, or None (missing, unreadable, corrupt or
-    stale). A hit touches the entry: pruning removes the least recently used."""
+def load(directory: Path, key: str, roots: Roots | None = None) -> tuple[Program, _Included] | None:
+    """The cached program for `key` and its includes, their paths under `roots` (the roots of
+    the assembly the key was made for; a path relative to a root is a miss without them), or
+    None (missing, unreadable, corrupt or stale). A hit touches the entry: pruning removes the
+    least recently used."""
     path = directory / f"{key}.json"
     try:
         entry = json.loads(path.read_bytes())
@@ -206,7 +303,7 @@ def load(directory: Path, key: str) -> tuple[Program, _Included] | None:
         if (entry["format"] != FORMAT or entry["key"] != key
                 or hashlib.sha256(payload_text.encode()).hexdigest() != entry["sha256"]):
             return None
-        program, included = _decode(json.loads(payload_text))
+        program, included = _decode(json.loads(payload_text), roots if roots is not None else Roots(()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not _includes_valid(included):
@@ -247,9 +344,10 @@ def prune(directory: Path) -> None:
             os.unlink(path)
 
 
-def store(directory: Path, key: str, program: Program, included: _Included) -> None:
-    """Write the entry atomically; any OSError leaves the cache as it was, silently."""
-    payload_text = json.dumps(_encode(program, included), separators=(",", ":"))
+def store(directory: Path, key: str, program: Program, included: _Included, roots: Roots | None = None) -> None:
+    """Write the entry atomically, its paths relative to `roots`; any OSError leaves the cache
+    as it was, silently."""
+    payload_text = json.dumps(_encode(program, included, roots), separators=(",", ":"))
     entry = {
         "format": FORMAT,
         "key": key,
@@ -271,10 +369,10 @@ def store(directory: Path, key: str, program: Program, included: _Included) -> N
     prune(directory)
 
 
-# This process's programs too (a test matrix assembles one guest for many VM types): same key,
-# same include check.
+# This process's programs too (a test matrix assembles one guest for many VM types): same key
+# and roots, same include check.
 _MEMORY_SIZE = 64
-_memory: dict[str, tuple[Program, _Included]] = {}
+_memory: dict[tuple[str, tuple[str, ...]], tuple[Program, _Included]] = {}
 
 
 def assemble_sources_cached(
@@ -285,17 +383,19 @@ def assemble_sources_cached(
     include_dirs: Sequence[Path] = (),
 ) -> Program:
     """assemble_sources through this process's memory and the user cache (module docstring)."""
-    key = cache_key(sources, base, defines, include_dirs)
-    hit = _memory.get(key)
+    roots = Roots.of([name for name, _ in sources], include_dirs)
+    key = cache_key(sources, base, defines, include_dirs, roots or Roots(()))
+    memory_key = (key, roots.directories if roots is not None else ())
+    hit = _memory.get(memory_key)
     if hit is not None and _includes_valid(hit[1]):
         return hit[0]
-    directory = cache_dir()
-    hit = load(directory, key) if directory is not None else None
+    directory = cache_dir() if roots is not None else None
+    hit = load(directory, key, roots) if directory is not None else None
     if hit is None:
         hit = _assemble_unit(sources, base, defines, include_dirs)
         if directory is not None:
-            store(directory, key, *hit)
+            store(directory, key, *hit, roots)
     if len(_memory) >= _MEMORY_SIZE:
         _memory.pop(next(iter(_memory)))
-    _memory[key] = hit
+    _memory[memory_key] = hit
     return hit[0]

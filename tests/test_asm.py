@@ -838,3 +838,37 @@ def test_numeric_local_label_errors_are_located(source: str, line: int, message:
     file, at, text = asm_error(excinfo)
     assert (file, at) == ("g.s", line)
     assert message in text
+
+
+def test_the_collector_is_paused_during_an_assembly_and_restored_after() -> None:
+    """An assembly runs with the cyclic collector off and leaves it as it found it: on again
+    after a program or an error, still off when it was off."""
+    import gc
+
+    from testbed.asm import assembler
+
+    seen: list[bool] = []
+    real = assembler._assemble_unit_now
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    original = assembler._assemble_unit_now
+    assembler._assemble_unit_now = spy  # type: ignore[assignment]
+    try:
+        assert gc.isenabled()
+        assemble_source("nop\n", base=0x1000)
+        assert gc.isenabled()
+        with pytest.raises(AsmError):
+            assemble_source("no_such_instruction rax\n", base=0x1000)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assemble_source("nop\n", base=0x1000)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        assembler._assemble_unit_now = original  # type: ignore[assignment]
+    assert seen == [False, False, False]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import operator
 import os
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -434,6 +436,23 @@ def _assemble(
     return _assemble_unit(sources, base, defines, include_dirs)[0]
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while one assembly runs, and on again after (if it was
+    on). The front end's objects (items, labels, macro expansions: ~10^5 for the runtime) live
+    until the assembly ends, so they survive the young collections and set off full ones over
+    the whole process's heap: ~15 % of a cold assembly in a process holding 40 programs, as a
+    test worker does. Nothing is lost: a cycle made meanwhile is collected after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _assemble_unit(
     sources: Sequence[tuple[str, str]],
     base: int,
@@ -442,7 +461,20 @@ def _assemble_unit(
     *,
     reuse: bool = True,
 ) -> tuple[Program, tuple[tuple[tuple[str, ...], str, str], ...]]:
-    """The program, and every include it read (see _Preprocessor.included)."""
+    """The program, and every include it read (see _Preprocessor.included); the collector
+    paused meanwhile (_collector_paused)."""
+    with _collector_paused():
+        return _assemble_unit_now(sources, base, defines, include_dirs, reuse=reuse)
+
+
+def _assemble_unit_now(
+    sources: Sequence[tuple[str, str]],
+    base: int,
+    defines: Mapping[str, int | str],
+    include_dirs: Sequence[Path],
+    *,
+    reuse: bool,
+) -> tuple[Program, tuple[tuple[tuple[str, ...], str, str], ...]]:
     if not 0 <= base < 2**64:
         raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
     if reuse:

@@ -246,7 +246,7 @@ def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache
         assert cache.load(user_cache, entry.stem, roots(tmp_path / "guest.s")) is not None
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key", "negative address"])
 def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, damage: str) -> None:
     """A damaged entry is never used: the program is assembled again and the entry rewritten."""
     guest = tmp_path / "guest.s"
@@ -264,9 +264,16 @@ def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, da
         payload["code"] = ("0" if payload["code"][0] != "0" else "1") + payload["code"][1:]
         outer["payload"] = json.dumps(payload)
         entry.write_text(json.dumps(outer))
-    else:
+    elif damage == "wrong key":
         outer = json.loads(data)
         outer["key"] = "0" * 64
+        entry.write_text(json.dumps(outer))
+    else:  # a whole entry (its digest agrees) whose line table holds what no address is
+        outer = json.loads(data)
+        payload = json.loads(outer["payload"])
+        payload["lines"][0][0] = -1
+        outer["payload"] = json.dumps(payload)
+        outer["sha256"] = hashlib.sha256(outer["payload"].encode()).hexdigest()
         entry.write_text(json.dumps(outer))
     assert cache.load(user_cache, entry.stem, roots(guest)) is None
     cache._memory.clear()

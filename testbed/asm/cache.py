@@ -42,13 +42,14 @@ import json
 import os
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from testbed.asm.assembler import _assemble_unit, _includes_valid
-from testbed.asm.program import AssertSite, Program, SourceLocation
+from testbed.asm.program import AssertSite, LineTable, Program
 
 FORMAT = 3  # 2: Program.features (the image note); 3: paths relative to the roots
 DISABLED = ("off", "0", "none", "false", "no")
@@ -210,41 +211,25 @@ def program_digest(program: Program) -> str:
     return hashlib.sha256(json.dumps(_encode(program, ()), sort_keys=True).encode()).hexdigest()
 
 
-#: The SourceLocations of the entries this process decoded, by file and line: the runtime's
-#: thousands of lines are the same in every guest's entry, and finding a location costs less
-#: than building the frozen dataclass again (locations are immutable, so programs may share
-#: them). Bounded: forgotten when it holds _LOCATIONS_MAX_FILES files.
-_LOCATIONS_MAX_FILES = 256
-_locations: dict[str, dict[int, SourceLocation]] = {}
-
-
-def _decode_lines(entries: Any, file: Callable[[object], str]) -> tuple[tuple[int, SourceLocation], ...]:
+def _decode_lines(entries: Any, file: Callable[[object], str]) -> LineTable:
     """Program.lines from the entry's [address, file, line] lists, each file name through
-    `file` (_decode's); TypeError/ValueError if they are not that (the checks of `integer`
-    and `file` in _decode, on the hot path)."""
-    lines: list[tuple[int, SourceLocation]] = []
-    append = lines.append
-    by_name: dict[str, tuple[str, dict[int, SourceLocation]]] = {}  # this entry's names, as written
+    `file` (_decode's); TypeError/ValueError/OverflowError if they are not that (the checks
+    of `integer` and `file` in _decode, on the hot path)."""
+    addresses, file_ids, line_numbers = array("Q"), array("I"), array("Q")
+    ids: dict[str, int] = {}  # by the name as written
+    files: dict[str, int] = {}  # by the name as it is here (two written names may expand alike)
     for address, name, line in entries:
-        known = by_name.get(name)
-        if known is None:
-            real = file(name)
-            by_line = _locations.get(real)
-            if by_line is None:
-                if len(_locations) >= _LOCATIONS_MAX_FILES:
-                    _locations.clear()
-                by_line = _locations[real] = {}
-            known = by_name[name] = (real, by_line)
-        real, by_line = known
+        file_id = ids.get(name)
+        if file_id is None:
+            file_id = ids[name] = files.setdefault(file(name), len(files))
         if type(line) is not int and (not isinstance(line, int) or isinstance(line, bool)):
             raise TypeError("integer")
-        location = by_line.get(line)
-        if location is None:
-            location = by_line[line] = SourceLocation(real, line)
         if type(address) is not int and (not isinstance(address, int) or isinstance(address, bool)):
             raise TypeError("integer")
-        append((address, location))
-    return tuple(lines)
+        addresses.append(address)
+        file_ids.append(file_id)
+        line_numbers.append(line)
+    return LineTable(addresses, tuple(files), file_ids, line_numbers)
 
 
 def _decode(payload: dict[str, Any], roots: Roots | None = None) -> tuple[Program, _Included]:
@@ -304,7 +289,7 @@ def load(directory: Path, key: str, roots: Roots | None = None) -> tuple[Program
                 or hashlib.sha256(payload_text.encode()).hexdigest() != entry["sha256"]):
             return None
         program, included = _decode(json.loads(payload_text), roots if roots is not None else Roots(()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
     if not _includes_valid(included):
         return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import bisect
 import difflib
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from testbed.errors import TestbedError
 
@@ -62,6 +64,86 @@ class CodeLocation:
         return f"{where} ({self.symbol}+0x{self.offset:x})" if self.symbol is not None else where
 
 
+class LineTable(Sequence[tuple[int, SourceLocation]]):
+    """Program.lines: (address, location) pairs by ascending address, held as three arrays of
+    numbers and the file names, not as one tuple and one location per statement. A program
+    holds thousands (the runtime's), a process keeps dozens of programs (the assembly
+    cache's memory), and the collector's full passes visited every one of those objects: a
+    table is one object to it. The pairs are built when read; equal tables hold the same
+    pairs (and only a table equals a table)."""
+
+    __slots__ = ("_addresses", "_file_ids", "_files", "_line_numbers")
+
+    def __init__(self, addresses: array[int], files: tuple[str, ...], file_ids: array[int],
+                 line_numbers: array[int]) -> None:
+        if not len(addresses) == len(file_ids) == len(line_numbers):
+            raise ValueError("a line table's columns differ in length")
+        if file_ids and max(file_ids) >= len(files):
+            raise ValueError("a line table names a file it does not hold")
+        self._addresses = addresses
+        self._files = files
+        self._file_ids = file_ids
+        self._line_numbers = line_numbers
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[int, SourceLocation]]) -> LineTable:
+        """The table of (address, location) pairs."""
+        if isinstance(pairs, LineTable):
+            return pairs
+        ids: dict[str, int] = {}
+        addresses, file_ids, line_numbers = array("Q"), array("I"), array("Q")
+        for address, location in pairs:
+            addresses.append(address)
+            file_ids.append(ids.setdefault(location.file, len(ids)))
+            line_numbers.append(location.line)
+        return cls(addresses, tuple(ids), file_ids, line_numbers)
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, SourceLocation]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[int, SourceLocation], ...]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[int, SourceLocation] | tuple[tuple[int, SourceLocation], ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        return (self._addresses[index],
+                SourceLocation(self._files[self._file_ids[index]], self._line_numbers[index]))
+
+    def __iter__(self) -> Iterator[tuple[int, SourceLocation]]:
+        files = self._files
+        for address, file_id, line in zip(self._addresses, self._file_ids, self._line_numbers, strict=True):
+            yield address, SourceLocation(files[file_id], line)
+
+    def _file_column(self) -> tuple[str, ...]:
+        files = self._files
+        return tuple(files[i] for i in self._file_ids)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LineTable):
+            return NotImplemented
+        return (self._addresses == other._addresses and self._line_numbers == other._line_numbers
+                and self._file_column() == other._file_column())
+
+    def __hash__(self) -> int:
+        return hash((self._addresses.tobytes(), self._line_numbers.tobytes(), self._file_column()))
+
+    def __repr__(self) -> str:
+        return f"LineTable({list(self)!r})"
+
+    def files(self) -> frozenset[str]:
+        """The file names the table holds."""
+        return frozenset(self._files[i] for i in set(self._file_ids))
+
+    def at_or_below(self, address: int) -> SourceLocation | None:
+        """The location of the last statement at or below `address` (None if there is none)."""
+        i = bisect.bisect_right(self._addresses, address) - 1
+        return self[i][1] if i >= 0 else None
+
+
 @dataclass(frozen=True)
 class Program:
     """Encoded guest code, loaded at `base`, with the source information the host needs."""
@@ -73,13 +155,18 @@ class Program:
     # GUEST_ASSERT*/GUEST_FAIL call-site id -> where that assert is written and its text.
     asserts: Mapping[int, AssertSite]
     # (address, location) of each top-level statement that emits bytes, by ascending address.
-    # Statements inside .macro/.rept/.irp bodies are attributed to the invoking line.
+    # Statements inside .macro/.rept/.irp bodies are attributed to the invoking line. Held as
+    # a LineTable whatever sequence of pairs is given.
     lines: Sequence[tuple[int, SourceLocation]] = ()
     #: The image's note for the control plane: the features it declares it uses, sorted
     #: ("MAP_GPA_RANGE": it tells the host of every conversion with KVM_HC_MAP_GPA_RANGE or
     #: its carrier, GHCB Page State Change / TDX MapGPA). The runtime declares MAP_GPA_RANGE
     #: (GUEST_IMAGE_FEATURE in guests/lib/runtime.s); GUEST_IMAGE_LEGACY withdraws it.
     features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lines, LineTable):
+            object.__setattr__(self, "lines", LineTable.of(self.lines))
 
     @property
     def legacy(self) -> bool:
@@ -104,8 +191,7 @@ class Program:
         """The statement that emitted the byte at `address`, if `lines` covers it."""
         if not self.base <= address < self.end:
             return None
-        i = bisect.bisect_right(self.lines, address, key=lambda entry: entry[0]) - 1
-        return self.lines[i][1] if i >= 0 else None
+        return LineTable.of(self.lines).at_or_below(address)
 
     def locate(self, address: int) -> CodeLocation | None:
         """Map an address in the code (e.g. a faulting RIP) back to its source line and symbol;

@@ -410,6 +410,13 @@ class Intercepts(EventDelivery):
             if insn is None:
                 insn = self._fetch_at_rip(rip + base, 4)
             if self._protected_exits:
+                # An SNP or TD boot's ~3,500 PVALIDATEs / TDCALLs straight to their handlers,
+                # with _on_invalid's bookkeeping for them alone (one frame and its dispatch less).
+                if self._tdx is not None:
+                    if insn == TDCALL_BYTES:
+                        return self._accept_exit(rip, rax, rcx, rdx, cs)
+                elif insn == PVALIDATE_BYTES and self._snp and self.vendor is Vendor.AMD:
+                    return self._accept_exit(rip, rax, rcx, rdx, cs)
                 return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
             if insn in self._native_hypercall_fetches:
                 self._cur_rip = rip
@@ -435,6 +442,21 @@ class Intercepts(EventDelivery):
             return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
         except BaseException as exc:
             return self._hook_failed(exc)
+
+    def _accept_exit(self, rip: int, rax: int, rcx: int, rdx: int, cs: int) -> bool:
+        """TDCALL in a TD, PVALIDATE on SNP: what _on_invalid does for them."""
+        self._cur_rip = rip
+        self._cur_len = 4
+        self._ctx = _CTX_INVALID
+        try:
+            tdx = self._tdx
+            if tdx is not None:
+                tdx.tdcall(rax, rcx, cs & 3)
+            else:
+                self._pvalidate(rip, rax, rcx, rdx)
+        finally:
+            self._ctx = _CTX_NONE
+        return self._resume()
 
     def complete_hypercall(self, rax: int) -> None:
         """RAX = the result and RIP past the instruction, in one batched write."""
@@ -523,6 +545,11 @@ class Intercepts(EventDelivery):
         if self._tracer.enabled:
             self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,
                               cf=result.cf)
+        fastexit = self._fastexit
+        if fastexit is not None:  # _read_rflags and _write_rax_rip_rflags' C path, two frames less
+            flags = (int(fastexit.read3()) & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
+            fastexit.write3(result.eax & U64, rip + 4, flags)
+            return
         flags = (self._read_rflags() & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
         self._write_rax_rip_rflags(result.eax, rip + 4, flags)
 

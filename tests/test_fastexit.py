@@ -24,18 +24,22 @@ def test_fast_path_is_used_when_built() -> None:
         "TESTBED_NO_FASTEXIT"))
 
 
+@pytest.mark.parametrize("vm", [[], ["--vm-type", "sev-snp"], ["--vm-type", "tdx", "--vendor", "intel"]],
+                         ids=["default", "sev-snp", "tdx"])
 def test_ctypes_fallback_gives_the_same_results(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """A run forced onto the ctypes path (TESTBED_NO_FASTEXIT=1) reports what the default path does."""
+                                                capsys: pytest.CaptureFixture[str], vm: list[str]) -> None:
+    """A run forced onto the ctypes path (TESTBED_NO_FASTEXIT=1) reports what the default path
+    does: the native hypercall's, and an SNP boot's PVALIDATEs and a TD's TDCALLs (their own
+    fast paths), down to the exit counts."""
     from testbed.cli import main
 
-    args = ["run", str(GUESTS_DIR / "hypercall_abi_call.s"), "--json", "-D", "HC_NR=0x999", "--memory", "16M"]
+    args = ["run", str(GUESTS_DIR / "hypercall_abi_call.s"), "--json", "-D", "HC_NR=0x999", "--memory", "16M", *vm]
     results = []
     for disable in ("", "1"):
         monkeypatch.setenv("TESTBED_NO_FASTEXIT", disable)  # read when a vCPU installs its hooks
         assert main(args) == 0
         report = json.loads(capsys.readouterr().out)
-        results.append((report["outcome"], report["ucalls"]))
+        results.append((report["outcome"], report["ucalls"], report["stats"]["exits"], report.get("memory")))
     assert results[0] == results[1]
     assert results[0][1][0]["args"] == [(-1000) & (2**64 - 1)]
 

@@ -521,3 +521,20 @@ def test_a_program_from_a_replayed_runtime_is_the_reference_program(monkeypatch:
     fresh, _ = assembler._assemble_unit(sources, IMAGE_GPA, defines, [LIB_DIR, GUESTS_DIR], reuse=False)
     assert cache.program_digest(replayed) == cache.program_digest(fresh)
     assert len(assembler._donors) == 1 and len(assembler._suffixes) == 1  # one record, replayed
+
+
+def test_roots_write_paths_relative_to_the_longest_root_and_back() -> None:
+    """A path under a root is written as that root's index and the rest (the longest root
+    when several hold it), expands back to itself, and a path under none stays as it is; an
+    index the assembly has no root for is an error; a name holding the mark is not cached."""
+    roots = cache.Roots(["/w/guests", "/w/guests/lib", "/tmp/t0"])
+    for path in ["/w/guests/a.s", "/w/guests/lib/b.s", "/tmp/t0/c.s", "/elsewhere/d.s", "<macros>", "/w/guests"]:
+        assert roots.expand(roots.relocate(path)) == path
+    assert roots.relocate("/w/guests/lib/b.s") == f"{cache.MARK}1{cache.MARK}/b.s"
+    assert roots.relocate("/w/guestsX/a.s") == "/w/guestsX/a.s"  # a prefix of the name, not a directory
+    assert roots.structure() == [None, f"{cache.MARK}0{cache.MARK}/lib", None]
+    with pytest.raises(ValueError, match="no root"):
+        roots.expand(f"{cache.MARK}3{cache.MARK}/x.s")
+    assert cache.Roots.of(["/w/guests/a.s", f"/w/{cache.MARK}/b.s"], []) is None
+    found = cache.Roots.of(["<p>", "/w/guests/a.s", "/w/guests/lib/r.s"], [Path("/w/guests/lib"), Path("/w/guests")])
+    assert found is not None and found.directories == ("/w/guests", "/w/guests/lib")

@@ -134,7 +134,7 @@ def emulate_hypercall(
             return HypercallOutcome(neg(KVM_EINVAL))
         flags = KVM_EXIT_HYPERCALL_LONG_MODE if op_64_bit else 0
         # run->hypercall.ret is pre-set to 0: QEMU <= 9.2 assumed KVM never changes it.
-        run = HypercallExit(nr=KVM_HC_MAP_GPA_RANGE, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=flags)
+        run = HypercallExit(KVM_HC_MAP_GPA_RANGE, (gpa, npages, attrs, 0, 0, 0), 0, flags)  # nr, args, ret, flags
         return HypercallOutcome(0, run)
     elif nr == KVM_HC_TESTBED_DONATE_ENC_STATUS:
         # Testbed extension (uapi.py): no such case in KVM's switch. Forwarded untouched, as

@@ -144,7 +144,7 @@ class _Replies:
         raise FrozenInstanceError(f"cannot delete field {name!r} of {type(self).__name__}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class HypercallExit(_Replies):
     """KVM_EXIT_HYPERCALL: `run->hypercall`; userspace writes `ret`, which KVM copies into the
     guest's RAX unchecked (x86.c complete_hypercall_exit)."""
@@ -157,6 +157,16 @@ class HypercallExit(_Replies):
     args: tuple[int, int, int, int, int, int]
     ret: int = field(default=0, hash=False)
     flags: int = 0
+
+    def __init__(self, nr: int, args: tuple[int, int, int, int, int, int], ret: int = 0, flags: int = 0) -> None:
+        # The dataclass's __init__, with each field's first assignment made directly rather
+        # than through _Replies.__setattr__ (a Python call each, which only needs to tell a
+        # first assignment from a second): KVM_HC_MAP_GPA_RANGE builds one per conversion.
+        first = object.__setattr__
+        first(self, "nr", nr)
+        first(self, "args", args)
+        first(self, "ret", ret)
+        first(self, "flags", flags)
 
     @property
     def longmode(self) -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from testbed.asm import assembler, cache
 from testbed.asm.frontend import _Preprocessor
-from testbed.asm.program import SourceLocation
+from testbed.asm.program import Program, SourceLocation
 from testbed.asm.syntax import _render
 from testbed.layout import IMAGE_GPA
 from testbed.machine import GUESTS_DIR, LIB_DIR, VmOptions, build_program, guest_defines
@@ -530,11 +530,56 @@ def test_roots_write_paths_relative_to_the_longest_root_and_back() -> None:
     roots = cache.Roots(["/w/guests", "/w/guests/lib", "/tmp/t0"])
     for path in ["/w/guests/a.s", "/w/guests/lib/b.s", "/tmp/t0/c.s", "/elsewhere/d.s", "<macros>", "/w/guests"]:
         assert roots.expand(roots.relocate(path)) == path
-    assert roots.relocate("/w/guests/lib/b.s") == f"{cache.MARK}1{cache.MARK}/b.s"
+    assert roots.relocate("/w/guests/lib/b.s") == f"{cache.MARK}1{cache.MARK}b.s"
     assert roots.relocate("/w/guestsX/a.s") == "/w/guestsX/a.s"  # a prefix of the name, not a directory
-    assert roots.structure() == [None, f"{cache.MARK}0{cache.MARK}/lib", None]
+    assert roots.structure() == [None, f"{cache.MARK}0{cache.MARK}lib", None]
+    slash = cache.Roots(["/", "/tmp/x"])  # the root `/`: the rest after its separator
+    assert cache.Roots(["/q", "/tmp/x"]).expand(slash.relocate("/a.s")) == "/q/a.s"
     with pytest.raises(ValueError, match="no root"):
         roots.expand(f"{cache.MARK}3{cache.MARK}/x.s")
     assert cache.Roots.of(["/w/guests/a.s", f"/w/{cache.MARK}/b.s"], []) is None
-    found = cache.Roots.of(["<p>", "/w/guests/a.s", "/w/guests/lib/r.s"], [Path("/w/guests/lib"), Path("/w/guests")])
-    assert found is not None and found.directories == ("/w/guests", "/w/guests/lib")
+    found = cache.Roots.of(["<p>", "/w/guests/./a.s", "/w/guests/lib/r.s", "x.s"],
+                           [Path("/w/guests/lib"), Path("/w/guests"), Path(".")])
+    assert found is not None and found.directories == ("/w/guests", "/w/guests/lib")  # as pathlib spells them; no `.`
+
+
+@pytest.mark.parametrize("layout", ["dot in the name", "include dir .", "include dir /", "absolute include"])
+def test_a_hit_from_another_layout_is_what_that_layout_assembles(tmp_path: Path, user_cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Whatever the spelling of the names and directories, a program found in the cache for a
+    second layout is the one assembled there without a cache (its include's byte and its file
+    names): a `.` in a source name, `.` or `/` as an include directory, an include named by an
+    absolute path that lies under a root (which names the same file from every checkout)."""
+    name = "testbed_cache_probe_inc.s"  # in no system directory: `/` is searched for it
+    first, second, lib = tmp_path / "a", tmp_path / "b", tmp_path / "lib"
+    for directory in (first, second, lib):
+        directory.mkdir()
+    (lib / name).write_text(".byte 1\n")
+    (second / name).write_text(".byte 2\n")  # found before lib's in the second layout
+    text = f'.include "{name}"\nnop\n'
+
+    def build(directory: Path) -> Program:
+        if layout == "dot in the name":
+            sources, dirs = [(f"{directory}/./x.s", text)], [lib]
+        elif layout == "include dir .":  # run from the first directory, which is `.`
+            sources, dirs = [("<m>", text)], [Path(".") if directory == first else directory, lib]
+        elif layout == "include dir /":  # beside a relative directory, under no root
+            sources, dirs = [("<m>", text)], [Path("/") if directory == first else directory, Path("../lib")]
+        else:
+            sources, dirs = [("<m>", f'.include "{first / name}"\nnop\n')], [directory]
+        return cache.assemble_sources_cached(sources, base=0x1000, defines={}, include_dirs=dirs)
+
+    monkeypatch.chdir(first)
+    if layout == "absolute include":
+        (first / name).write_text(".byte 2\n")  # the second layout's own file is byte 2 as well
+        build(first)
+        (first / name).write_text(".byte 3\n")  # then the file both name changes
+    else:
+        build(first)
+    cache._memory.clear()
+    found = build(second)
+    cache._memory.clear()
+    monkeypatch.setenv("TESTBED_CACHE_DIR", "off")
+    reference = build(second)
+    assert found.code == reference.code and found.lines == reference.lines
+    assert found.code.startswith(b"\x03" if layout == "absolute include" else b"\x02")

@@ -54,3 +54,15 @@ def test_a_program_holds_its_lines_as_a_table_however_given() -> None:
         LineTable(array("Q", [1]), ("g.s",), array("I", [0, 0]), array("Q", [1]))
     with pytest.raises(ValueError, match="file"):
         LineTable(array("Q", [1]), ("g.s",), array("I", [1]), array("Q", [1]))
+
+
+def test_columns_of_other_array_types_are_the_same_table() -> None:
+    """A table built from columns of other array types equals, and hashes as, the one `of`
+    builds; a negative file id or address is an error, not a table."""
+    made = LineTable(array("I", [0x1000, 0x1004]), ("g.s",), array("b", [0, 0]), array("i", [1, 2]))
+    pairs = [(0x1000, SourceLocation("g.s", 1)), (0x1004, SourceLocation("g.s", 2))]
+    assert made == LineTable.of(pairs) and hash(made) == hash(LineTable.of(pairs)) and list(made) == pairs
+    with pytest.raises(OverflowError):
+        LineTable(array("q", [1]), ("g.s",), array("b", [-1]), array("Q", [1]))
+    with pytest.raises(OverflowError):
+        LineTable(array("q", [-1]), ("g.s",), array("I", [0]), array("Q", [1]))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from testbed.asm import cache
 
@@ -21,7 +24,14 @@ def mypy_cache() -> list[str]:
     changed but the source's hash did not, so a clean clone does not type-check the library
     from scratch (~13 s here). With the user cache off, mypy's default (.mypy_cache here)."""
     directory = cache.cache_dir()
-    return [] if directory is None else ["--cache-dir", str(directory.parent / "mypy")]
+    if directory is None:
+        return []
+    mypy = directory.parent / "mypy"
+    try:  # a cache directory that cannot be made is no cache (as for the assembly cache), not an error
+        mypy.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return []
+    return ["--cache-dir", str(mypy)] if os.access(mypy, os.W_OK) else []
 
 
 def test_library_is_mypy_strict_clean() -> None:
@@ -48,3 +58,16 @@ def test_every_test_states_the_behaviour_it_pins() -> None:
                 if not summary.endswith((".", '."', ".)", ".`")):
                     missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert missing == [], "tests without a one-sentence docstring: " + ", ".join(missing)
+
+
+def test_an_unusable_cache_directory_leaves_mypy_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the user cache off, or under a path that cannot be a directory, mypy keeps its
+    default cache (no --cache-dir), as the assembly cache does without one; else `mypy` beside `asm`."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(blocker / "cache"))
+    assert mypy_cache() == []
+    monkeypatch.setenv("TESTBED_CACHE_DIR", "off")
+    assert mypy_cache() == []
+    monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "c"))
+    assert mypy_cache() == ["--cache-dir", str(tmp_path / "c" / "mypy")]

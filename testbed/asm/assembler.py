@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from testbed.asm.engine import _KeystoneError, _ks_asm
-from testbed.asm.frontend import _check_define, _define_items, _Preprocessor
+from testbed.asm.frontend import IncludeRecord, _check_define, _define_items, _Preprocessor
 from testbed.asm.guest_api import _constant
 from testbed.asm.lexer import _decode_source
 from testbed.asm.locate_error import _locate_error
@@ -153,7 +153,7 @@ class _Suffix:
     new_positions: tuple[tuple[str, SourceLocation, bool], ...]
     new_labels: tuple[_Label, ...]
     hoisted_after: int
-    included: tuple[tuple[tuple[str, ...], str, str], ...]
+    included: tuple[IncludeRecord, ...]
     texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
     image_features: frozenset[str] = frozenset()  # its GUEST_IMAGE_FEATURE notes
     image_legacy: SourceLocation | None = None  # its GUEST_IMAGE_LEGACY, if any
@@ -211,15 +211,16 @@ def _file_digest(path: str) -> str:
     return remembered(_digests, path, lambda: hashlib.sha256(Path(path).read_bytes()).hexdigest())
 
 
-def _includes_valid(included: Sequence[tuple[tuple[str, ...], str, str]]) -> bool:
-    """Whether every include would still resolve to the same file with the same contents."""
+def _includes_valid(included: Sequence[IncludeRecord]) -> bool:
+    """Whether every include would still resolve to the same file with the same contents (a
+    path that cannot be one, e.g. with a NUL in it, is not)."""
     try:
-        for absent, found, digest in included:
+        for _name, absent, found, digest in included:
             if any(Path(p).is_file() for p in absent):
                 return False
             if _file_digest(found) != digest:
                 return False
-    except OSError:
+    except (OSError, ValueError):
         return False
     return True
 
@@ -243,7 +244,7 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         return None
     new_included = tuple(pre.included[included:])
     texts = [text]
-    for _absent, found, _digest in new_included:
+    for _name, _absent, found, _digest in new_included:
         try:
             texts.append(Path(found).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -460,7 +461,7 @@ def _assemble_unit(
     include_dirs: Sequence[Path],
     *,
     reuse: bool = True,
-) -> tuple[Program, tuple[tuple[tuple[str, ...], str, str], ...]]:
+) -> tuple[Program, tuple[IncludeRecord, ...]]:
     """The program, and every include it read (see _Preprocessor.included); the collector
     paused meanwhile (_collector_paused)."""
     with _collector_paused():
@@ -474,7 +475,7 @@ def _assemble_unit_now(
     include_dirs: Sequence[Path],
     *,
     reuse: bool,
-) -> tuple[Program, tuple[tuple[tuple[str, ...], str, str], ...]]:
+) -> tuple[Program, tuple[IncludeRecord, ...]]:
     if not 0 <= base < 2**64:
         raise UsageError(f"load address 0x{base:x} is not a 64-bit address")
     if reuse:

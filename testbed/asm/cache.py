@@ -13,7 +13,10 @@ assembly's roots. So a second checkout of the project (a clean clone, a CI works
 guest written to a new temporary directory finds the programs already assembled elsewhere.
 The roots' relations to each other (which lies under which, and where) are part of the key,
 so every include candidate an entry records maps to the candidate this assembly would try;
-a root under none of the others is free to be anywhere.
+a root under none of the others is free to be anywhere. Roots are spelled as the front end
+joins include names to them (pathlib's spelling), the current directory is no root (paths
+relative to it stay as written), and an assembly that named an include by an absolute path
+is not stored (that file does not move with the checkout, nor do the includes inside it).
 
 Where: $TESTBED_CACHE_DIR, else $XDG_CACHE_HOME/testbed, else ~/.cache/testbed (entries in
 its asm/ subdirectory). TESTBED_CACHE_DIR=off disables the cache.
@@ -49,12 +52,13 @@ from types import MappingProxyType
 from typing import Any
 
 from testbed.asm.assembler import _assemble_unit, _includes_valid
+from testbed.asm.frontend import IncludeRecord
 from testbed.asm.program import AssertSite, LineTable, Program
 
-FORMAT = 3  # 2: Program.features (the image note); 3: paths relative to the roots
+FORMAT = 4  # 2: Program.features (the image note); 3: paths relative to the roots; 4: include names
 DISABLED = ("off", "0", "none", "false", "no")
 
-_Included = tuple[tuple[tuple[str, ...], str, str], ...]
+_Included = tuple[IncludeRecord, ...]
 
 
 def cache_dir() -> Path | None:
@@ -110,7 +114,10 @@ MARK = "\x00"
 class Roots:
     """The directories an assembly's paths are written relative to in its key and its entry
     (module docstring): each source's directory, then each include directory, in that order,
-    each once. A path under several roots is written relative to the longest."""
+    each once, spelled as the front end spells the directories it joins include names to
+    (pathlib's: `a/./b` is `a/b`). A path under several roots is written relative to the
+    longest. The current directory (`.`) is no root: paths relative to it stay as written,
+    and mean the same files wherever the same relative names do."""
 
     def __init__(self, directories: Sequence[str]) -> None:
         self.directories = tuple(directories)
@@ -124,25 +131,26 @@ class Roots:
         for name in names:
             if MARK in name:
                 return None
-            directory = "" if name.startswith("<") else os.path.dirname(name)
-            if directory:
-                found.setdefault(directory, None)
+            if not name.startswith("<"):
+                found.setdefault(str(Path(name).parent), None)
         for include_dir in include_dirs:
-            directory = str(include_dir)
-            if MARK in directory:
+            if MARK in str(include_dir):
                 return None
-            found.setdefault(directory, None)
+            found.setdefault(str(Path(include_dir)), None)
+        found.pop(".", None)
         return cls(list(found))
 
     def relocate(self, path: str, *, skip: int = -1) -> str:
-        """`path` relative to the longest root it lies under (but root `skip`), or as it is."""
+        """`path` relative to the longest root it lies under (but root `skip`), or as it is: a
+        root itself is MARK index MARK, a path under it MARK index MARK and the rest after the
+        root's separator."""
         best, length = -1, 0
         for index, prefix in enumerate(self._prefixes):
             if index != skip and len(prefix) > length and path.startswith(prefix):
                 best, length = index, len(prefix)
         if best < 0:
             return path if path not in self.directories else f"{MARK}{self.directories.index(path)}{MARK}"
-        return f"{MARK}{best}{MARK}{path[len(self.directories[best]):]}"
+        return f"{MARK}{best}{MARK}{path[length:]}"
 
     def expand(self, written: str) -> str:
         """The path `relocate` wrote; ValueError if it names no root of this assembly."""
@@ -151,7 +159,7 @@ class Roots:
         index, mark, rest = written[1:].partition(MARK)
         if not mark or not index.isdigit() or int(index) >= len(self.directories):
             raise ValueError(f"no root {index!r}")
-        return self.directories[int(index)] + rest
+        return self._prefixes[int(index)] + rest if rest else self.directories[int(index)]
 
     def structure(self) -> list[str | None]:
         """How the roots lie: each one relative to the longest other root it is under, or None
@@ -159,6 +167,13 @@ class Roots:
         return [self.relocate(d, skip=index) if any(
             d.startswith(p) for i, p in enumerate(self._prefixes) if i != index) else None
             for index, d in enumerate(self.directories)]
+
+
+def movable(included: Sequence[IncludeRecord]) -> bool:
+    """Whether the includes an assembly read may be written relative to its roots: not when one
+    was named by an absolute path, which names the same file from every checkout (and so does
+    every relative include inside it)."""
+    return not any(os.path.isabs(name) for name, _absent, _found, _digest in included)
 
 
 def cache_key(
@@ -202,7 +217,8 @@ def _encode(program: Program, included: _Included, roots: Roots | None = None) -
         "asserts": [[site_id, written(s.file), s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
         "lines": [[address, written(loc.file), loc.line] for address, loc in program.lines],
         "features": list(program.features),
-        "included": [[[written(p) for p in absent], written(found), digest] for absent, found, digest in included],
+        "included": [[name, [written(p) for p in absent], written(found), digest]
+                     for name, absent, found, digest in included],
     }
 
 
@@ -265,7 +281,8 @@ def _decode(payload: dict[str, Any], roots: Roots | None = None) -> tuple[Progra
         features=tuple(str(name) for name in payload["features"]),
     )
     included = tuple(
-        (tuple(file(p) for p in absent), file(found), str(digest)) for absent, found, digest in payload["included"]
+        (str(name), tuple(file(p) for p in absent), file(found), str(digest))
+        for name, absent, found, digest in payload["included"]
     )
     return program, included
 
@@ -378,7 +395,7 @@ def assemble_sources_cached(
     hit = load(directory, key, roots) if directory is not None else None
     if hit is None:
         hit = _assemble_unit(sources, base, defines, include_dirs)
-        if directory is not None:
+        if directory is not None and movable(hit[1]):
             store(directory, key, *hit, roots)
     if len(_memory) >= _MEMORY_SIZE:
         _memory.pop(next(iter(_memory)))

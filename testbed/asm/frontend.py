@@ -53,6 +53,10 @@ from testbed.asm.syntax import (
 )
 from testbed.errors import AsmError, TestbedError, UsageError
 
+#: One include resolved: (the name as written in `.include`, the candidate paths tried before the
+#: file and absent, the file read, the SHA-256 of its bytes).
+IncludeRecord = tuple[str, tuple[str, ...], str, str]
+
 
 @dataclass
 class _Block:
@@ -140,9 +144,9 @@ class _Preprocessor:
         self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
         self.include_stack: list[Path] = []
         self.hoisted = 0
-        # Every include resolved: (candidate paths tried before it and absent, the file read,
-        # sha256 of its bytes), so a cache of the result can tell whether it is still valid.
-        self.included: list[tuple[tuple[str, ...], str, str]] = []
+        # Every include resolved (IncludeRecord), so a cache of the result can tell whether it
+        # is still valid.
+        self.included: list[IncludeRecord] = []
         # `.error "message"` statements: the hidden symbol each one references -> its message.
         self.errors: dict[str, str] = {}
         # Names whose value is a plain integer at this point of the unit (from defines and
@@ -227,7 +231,7 @@ class _Preprocessor:
             data = found.read_bytes()
         except OSError as e:
             raise AsmError(loc.file, loc.line, f"cannot read include file {str(found)!r}: {e.strerror or e}") from None
-        self.included.append((tuple(str(p) for p in absent), str(found), hashlib.sha256(data).hexdigest()))
+        self.included.append((name, tuple(str(p) for p in absent), str(found), hashlib.sha256(data).hexdigest()))
         text = _decode_source(data, str(found), loc)
         self.add_source(str(found), text, resolved, loc)
 

@@ -76,6 +76,14 @@ class LineTable(Sequence[tuple[int, SourceLocation]]):
 
     def __init__(self, addresses: array[int], files: tuple[str, ...], file_ids: array[int],
                  line_numbers: array[int]) -> None:
+        # One spelling of each column (equal tables hash alike): u64 addresses and lines, u32
+        # file ids; a value out of those ranges is an OverflowError.
+        if addresses.typecode != "Q":
+            addresses = array("Q", addresses)
+        if file_ids.typecode != "I":
+            file_ids = array("I", file_ids)
+        if line_numbers.typecode != "Q":
+            line_numbers = array("Q", line_numbers)
         if not len(addresses) == len(file_ids) == len(line_numbers):
             raise ValueError("a line table's columns differ in length")
         if file_ids and max(file_ids) >= len(files):

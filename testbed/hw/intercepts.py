@@ -412,11 +412,12 @@ class Intercepts(EventDelivery):
             if self._protected_exits:
                 # An SNP or TD boot's ~3,500 PVALIDATEs / TDCALLs straight to their handlers,
                 # with _on_invalid's bookkeeping for them alone (one frame and its dispatch less).
-                if self._tdx is not None:
-                    if insn == TDCALL_BYTES:
-                        return self._accept_exit(rip, rax, rcx, rdx, cs)
-                elif insn == PVALIDATE_BYTES and self._snp and self.vendor is Vendor.AMD:
-                    return self._accept_exit(rip, rax, rcx, rdx, cs)
+                # (The same tests, in the same order, as _on_invalid's for them.)
+                if self.vendor is Vendor.AMD:
+                    if insn == PVALIDATE_BYTES and self._snp:
+                        return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=False)
+                elif self._tdx is not None and insn == TDCALL_BYTES:
+                    return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=True)
                 return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
             if insn in self._native_hypercall_fetches:
                 self._cur_rip = rip
@@ -443,15 +444,15 @@ class Intercepts(EventDelivery):
         except BaseException as exc:
             return self._hook_failed(exc)
 
-    def _accept_exit(self, rip: int, rax: int, rcx: int, rdx: int, cs: int) -> bool:
+    def _accept_exit(self, rip: int, rax: int, rcx: int, rdx: int, cs: int, *, tdcall: bool) -> bool:
         """TDCALL in a TD, PVALIDATE on SNP: what _on_invalid does for them."""
         self._cur_rip = rip
         self._cur_len = 4
         self._ctx = _CTX_INVALID
         try:
-            tdx = self._tdx
-            if tdx is not None:
-                tdx.tdcall(rax, rcx, cs & 3)
+            if tdcall:
+                assert self._tdx is not None
+                self._tdx.tdcall(rax, rcx, cs & 3)
             else:
                 self._pvalidate(rip, rax, rcx, rdx)
         finally:

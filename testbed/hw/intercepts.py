@@ -394,9 +394,9 @@ class Intercepts(EventDelivery):
         first and goes to the hypervisor's fastpath with the snapshot's registers (or, when
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
-        everything else goes through `_on_invalid`, with the snapshot's RAX, RCX and RDX (an
-        SNP or TD boot runs ~3,500 PVALIDATEs or TDCALLs, which read nothing else but RFLAGS,
-        and write their results back in one batch).
+        PVALIDATE on SNP and TDCALL in a TD go to `_accept_exit` with the snapshot's RAX, RCX
+        and RDX (an SNP or TD boot runs ~3,500 of them, which read nothing else but RFLAGS, and
+        write their results back in one batch); everything else goes through `_on_invalid`.
         Exceptions are caught here as `_guard` would catch them."""
         try:
             # _code_base and _fetch_at_rip inlined for their common case (a cached CS.base, a
@@ -410,15 +410,14 @@ class Intercepts(EventDelivery):
             if insn is None:
                 insn = self._fetch_at_rip(rip + base, 4)
             if self._protected_exits:
-                # An SNP or TD boot's ~3,500 PVALIDATEs / TDCALLs straight to their handlers,
-                # with _on_invalid's bookkeeping for them alone (one frame and its dispatch less).
-                # (The same tests, in the same order, as _on_invalid's for them.)
+                # PVALIDATE and TDCALL exist only here (SNP is SEV-ES; a TD's exits are all
+                # protected): an SNP or TD boot runs ~3,500 of them, each straight to its handler.
                 if self.vendor is Vendor.AMD:
                     if insn == PVALIDATE_BYTES and self._snp:
                         return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=False)
                 elif self._tdx is not None and insn == TDCALL_BYTES:
                     return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=True)
-                return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
+                return self._on_invalid(rip, insn, cs)
             if insn in self._native_hypercall_fetches:
                 self._cur_rip = rip
                 self._cur_len = 3
@@ -440,12 +439,12 @@ class Intercepts(EventDelivery):
                     self._ctx = _CTX_NONE
                     self._snapshot = None
                 return not self._stop_requested
-            return self._on_invalid(rip, insn, cs, (rax, rcx, rdx))
+            return self._on_invalid(rip, insn, cs)
         except BaseException as exc:
             return self._hook_failed(exc)
 
     def _accept_exit(self, rip: int, rax: int, rcx: int, rdx: int, cs: int, *, tdcall: bool) -> bool:
-        """TDCALL in a TD, PVALIDATE on SNP: what _on_invalid does for them."""
+        """TDCALL in a TD, PVALIDATE on SNP (the exit's RAX, RCX, RDX and CS)."""
         self._cur_rip = rip
         self._cur_len = 4
         self._ctx = _CTX_INVALID
@@ -467,10 +466,11 @@ class Intercepts(EventDelivery):
             return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
-    def _on_invalid(self, rip: int, insn: bytes, cs: int, regs: tuple[int, int, int]) -> bool:
-        """The instruction at `rip` that Unicorn could not execute: `insn` its first bytes (up
-        to 4, fetched at CS.base + RIP: RIP is CS-relative outside 64-bit mode); `cs` and
-        `regs` (RAX, RCX, RDX) as the exit saved them."""
+    def _on_invalid(self, rip: int, insn: bytes, cs: int) -> bool:
+        """The instruction at `rip` that Unicorn could not execute, other than the native
+        hypercall, PVALIDATE on SNP and TDCALL in a TD (_on_invalid_exit takes those): `insn`
+        its first bytes (up to 4, fetched at CS.base + RIP: RIP is CS-relative outside 64-bit
+        mode); `cs` as the exit saved it."""
         self._cur_rip = rip
         self._ctx = _CTX_INVALID
         try:
@@ -495,14 +495,6 @@ class Intercepts(EventDelivery):
                     # the completion writes only the GHCB (or the GHCB MSR).
                     self.write_reg(Reg.RIP, rip + 4)
                     return self._resume()
-                if insn == PVALIDATE_BYTES and self._snp:
-                    self._cur_len = 4
-                    self._pvalidate(rip, *regs)
-                    return self._resume()
-            elif self._tdx is not None and insn == TDCALL_BYTES:
-                self._cur_len = 4
-                self._tdx.tdcall(regs[0], regs[1], cs & 3)
-                return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3
                 if self._tdx is not None:
@@ -546,11 +538,6 @@ class Intercepts(EventDelivery):
         if self._tracer.enabled:
             self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,
                               cf=result.cf)
-        fastexit = self._fastexit
-        if fastexit is not None:  # _read_rflags and _write_rax_rip_rflags' C path, two frames less
-            flags = (int(fastexit.read3()) & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
-            fastexit.write3(result.eax & U64, rip + 4, flags)
-            return
         flags = (self._read_rflags() & ~RFLAGS_CF) | (RFLAGS_CF if result.cf else 0)
         self._write_rax_rip_rflags(result.eax, rip + 4, flags)
 

@@ -210,11 +210,6 @@ def _lib_text(path: Path) -> str:
     return remembered(_lib_texts, path, lambda: path.read_text(encoding="utf-8"))
 
 
-def _never_private(_gfn: int) -> bool:
-    """is_private for a VMM that keeps no memory attributes: it cannot tell a private page."""
-    return False
-
-
 def build_program(source: Path | str, options: VmOptions, *, text: str | None = None) -> Program:
     """Assemble prelude + guest + runtime at IMAGE_GPA (`text` instead of reading `source`).
 
@@ -361,7 +356,7 @@ class Machine:
             # The donated tracker reads the guest's structure through the VMM's view; whether a
             # page is shared is what the VMM set in KVM's attributes (none: it cannot tell, donate.py).
             attrs = self.kvm_vm.mem_attrs
-            self.vmm.donate = DonateHandler(tracker, host, attrs.is_private if attrs is not None else _never_private)
+            self.vmm.donate = DonateHandler(tracker, host, attrs.is_private if attrs is not None else None)
         # The pin accounting (vmm/pinning.py): legacy SEV registers all RAM at launch; on the
         # guest_memfd types the backing reports each page it allocates or frees.
         self.pinning: PinAccounting | None = None

@@ -17,11 +17,9 @@ the guest keeps private reads as garbage and is refused when validated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from testbed.hw.memory import HostMemory
 from testbed.kvm.hypercall import neg
-from testbed.tracker.donated import DonatedTracker, DonationRefusedError
+from testbed.tracker.donated import DonatedTracker, DonationRefusedError, IsPrivate
 
 #: The donation's a2: no flag is defined.
 DONATE_VALID_FLAGS = 0
@@ -30,7 +28,8 @@ DONATE_VALID_FLAGS = 0
 class DonateHandler:
     """Answers the donation hypercall exits for one VM's DonatedTracker."""
 
-    def __init__(self, tracker: DonatedTracker, memory: HostMemory, is_private: Callable[[int], bool]) -> None:
+    def __init__(self, tracker: DonatedTracker, memory: HostMemory, is_private: IsPrivate | None) -> None:
+        # is_private None: a VMM that keeps no memory attributes cannot tell a private page.
         self.tracker = tracker
         self.memory = memory
         self.is_private = is_private

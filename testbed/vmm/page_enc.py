@@ -13,6 +13,7 @@ from collections.abc import Callable
 from bitarray import bitarray
 
 from testbed.tracker import SharedTracker
+from testbed.tracker.bitmap import bit_runs
 
 
 class PageEncBitmapSource:
@@ -32,13 +33,9 @@ class PageEncBitmapSource:
         del bits[self.guest_pages:]
         tracker = self.tracker
         tracker.clear()
-        start = bits.find(0)
-        while start >= 0:
-            end = bits.find(1, start)
-            if end < 0:
-                end = self.guest_pages
-            tracker.set_shared(start, end - start)
-            start = bits.find(0, end)
+        bits.invert()  # the bitmap's set bits are the encrypted pages
+        for gfn, npages in bit_runs(bits):
+            tracker.set_shared(gfn, npages)
         return tracker
 
     def shared_ranges(self) -> list[tuple[int, int]]:

@@ -35,6 +35,10 @@ class Bytes:
     def size(self) -> int:
         return len(self.data)
 
+    @property
+    def capacity(self) -> int:
+        return len(self.data)
+
     def read(self, gpa: int, length: int) -> bytes:
         if gpa in self.unreadable:
             raise GuestMemoryError(f"gpa 0x{gpa:x} is private")

@@ -90,6 +90,11 @@ class HostMemory(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def capacity(self) -> int:
+        """The bytes the memory may grow to (memory hotplug); its size when it cannot grow."""
+        ...
+
     def read(self, gpa: int, length: int) -> bytes: ...
 
     def write(self, gpa: int, data: bytes) -> None: ...
@@ -678,6 +683,11 @@ class BytesMemory:
     @property
     def size(self) -> int:
         """Memory size in bytes."""
+        return len(self.data)
+
+    @property
+    def capacity(self) -> int:
+        """It cannot grow: its size."""
         return len(self.data)
 
     def read(self, gpa: int, length: int) -> bytes:

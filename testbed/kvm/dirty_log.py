@@ -221,8 +221,8 @@ class DirtyMarkingMemory:
 
     @property
     def capacity(self) -> int:
-        """The size guest memory can grow to (memory hotplug), else its size."""
-        return int(getattr(self._memory, "capacity", self._memory.size))
+        """The size guest memory can grow to (memory hotplug)."""
+        return self._memory.capacity
 
     def read(self, gpa: int, length: int) -> bytes:
         """kvm_read_guest()."""

@@ -145,9 +145,8 @@ class KvmVm:
         self.vendor = vendor
         #: the RAM's dirty log (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET/CLEAR_DIRTY_LOG), sized for the
         #: memory the VM can grow to (the testbed logs hotplugged RAM in the same bitmap)
-        self.dirty_log = DirtyLog(getattr(memory, "capacity", memory.size) >> 12, flush=self._flush_remote_tlbs)
-        #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest); its
-        #: `capacity` is the memory the VM can grow to (memory hotplug), else the size
+        self.dirty_log = DirtyLog(memory.capacity >> 12, flush=self._flush_remote_tlbs)
+        #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest)
         self.memory: DirtyMarkingMemory = DirtyMarkingMemory(memory, self.dirty_log)
         self.hypercall_exit_mask = 0
         self.disabled_quirks = 0
@@ -159,7 +158,7 @@ class KvmVm:
         self.user_space_msr_mask = 0
         #: KVM_X86_SET_MSR_FILTER (kvm->arch.msr_filter); None = no filter (allow all)
         self.msr_filter: MsrFilter | None = None
-        # Sized for the memory the VM can grow to (memory hotplug: `capacity`, else the size).
+        # Sized for the memory the VM can grow to (memory hotplug: `capacity`).
         guest_pages = self.memory.capacity >> 12
         # VMs with private memory keep attributes; they start private where the VMM's
         # launch flow makes all RAM private (sev, sev-snp), shared otherwise (sw-protected).

@@ -60,6 +60,7 @@ from testbed.migrate.status import (
     export_memory_attributes,
     export_page_enc_bitmap,
     export_tracker,
+    private_bits,
     status_changes,
 )
 from testbed.tracker.donated import ENCS_RECORDS, DonatedTracker
@@ -313,11 +314,11 @@ class Migration:
         self.target, self.target_vcpu = Vm.attach(target_machine)
         # The target's pages start in its KVM's initial state; round 0 sets every page's.
         attrs = target_machine.kvm_vm.mem_attrs
-        self._target_private = bitarray(self.guest_pages, endian="little")
-        self._target_private.setall(1)  # a tracker starts empty: every page private
-        if attrs is not None:  # KVM's attribute bytes, 1 = private
-            self._target_private = bitarray(endian="little")
-            self._target_private.pack(attrs.private[: self.guest_pages])
+        if attrs is not None:
+            self._target_private = private_bits(attrs.private, self.guest_pages)
+        else:  # a tracker starts empty: every page private
+            self._target_private = bitarray(self.guest_pages, endian="little")
+            self._target_private.setall(1)
         if self.firmware:
             from testbed.kvm.migration import TransportSession
 

@@ -159,11 +159,16 @@ def export_page_enc_bitmap(get_bitmap: Callable[[int, int], bytes], guest_pages:
     return StatusExport("page-enc-bitmap", len(raw), time.perf_counter() - start, bits=bits)
 
 
-def export_memory_attributes(private_bytes: bytes | mmap.mmap, guest_pages: int) -> StatusExport:
-    """The full resync from KVM's memory attributes (the poisoned-tracker fallback): one bit per
-    page, from KVM's attribute array (one byte per GFN, 1 = private)."""
-    start = time.perf_counter()
+def private_bits(private_bytes: bytes | mmap.mmap, guest_pages: int) -> bitarray:
+    """One bit per page, 1 = private, from KVM's attribute array (one byte per GFN, 1 = private)."""
     private = bitarray(endian="little")
     private.pack(private_bytes[:guest_pages])
-    bits = ~private  # 1 = shared: a page is shared where its attribute byte is 0
+    return private
+
+
+def export_memory_attributes(private_bytes: bytes | mmap.mmap, guest_pages: int) -> StatusExport:
+    """The full resync from KVM's memory attributes (the poisoned-tracker fallback): one bit per
+    page, from KVM's attribute array."""
+    start = time.perf_counter()
+    bits = ~private_bits(private_bytes, guest_pages)  # 1 = shared: a page is shared where its byte is 0
     return StatusExport("memory-attributes", (guest_pages + 7) // 8, time.perf_counter() - start, bits=bits)

@@ -186,3 +186,16 @@ def test_trackers_resize_keeping_their_records(kind: str) -> None:
     assert tracker.shared_ranges() == [(10, 2), (1000, 32), ((1 << 20) - 1, 1)]
     with pytest.raises(TrackerResizeError):
         tracker.resize(512)
+
+
+def test_the_native_fill_takes_the_plugged_memory() -> None:
+    """Plugging tells the vCPU's C TLB fill the new size (GuestMemory.on_resize): the run after
+    the hotplug, which touches pages above the old top, needs no fill in Python."""
+    with _machine("default", "ranges") as machine:
+        _vm, vcpu = Vm.attach(machine)
+        assert list(vcpu.run_to_ucall().args) == [1]
+        hotplug(machine, TOP)
+        assert machine.cpu._native_mmu is not None  # the C extension is part of the install
+        before = machine.cpu._py_tlb_fills
+        assert machine.run().outcome == "done"
+        assert machine.cpu._py_tlb_fills == before

@@ -220,6 +220,8 @@ class GuestMemory:
         self.on_host_write: Callable[[int, int], None] | None = None
         #: Called with (gpa, length) before a host write; raises to refuse it (the SNP RMP).
         self.host_write_guard: Callable[[int, int], None] | None = None
+        #: Called after the memory grew (plug): the vCPU's native fill copied the size.
+        self.on_resize: Callable[[], None] | None = None
         #: guest_memfd: which backing pages of each GFN exist (PRESENT_* bits; shared with the
         #: C fill, which hands a fill to Python while the page it maps is not present yet).
         #: A private page is allocated on the first private fault (kvm_gmem_get_pfn ->
@@ -239,12 +241,14 @@ class GuestMemory:
         return backing
 
     def plug(self, size: int) -> None:
-        """Memory hotplug: guest RAM grows to `size` bytes (<= capacity; it never shrinks). The
-        caller re-configures whatever copied the size (the vCPU's native fill)."""
+        """Memory hotplug: guest RAM grows to `size` bytes (<= capacity; it never shrinks);
+        `on_resize` tells whatever copied the size (the vCPU's native fill)."""
         if size % PAGE_SIZE or not self.size <= size <= self.capacity:
             raise GuestMemoryError(f"cannot grow guest memory from 0x{self.size:x} to 0x{size:x}: the reserved "
                                    f"capacity is 0x{self.capacity:x} (page-aligned growth only)")
         self.size = size
+        if self.on_resize is not None:
+            self.on_resize()
 
     def close(self) -> None:
         """Release every backing (idempotent). Close the vCPU that maps them first."""

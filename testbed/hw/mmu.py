@@ -162,6 +162,7 @@ class Mmu(UnicornBinding):
         if snp:
             memory.host_write_guard = self._rmp_host_write_check
         memory.on_host_write = self._on_host_write
+        memory.on_resize = self._configure_native_fill
 
     @abstractmethod
     def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:

@@ -48,12 +48,6 @@ class SizedOptions(Protocol):
     vm_type: str
 
 
-class NativeFill(Protocol):
-    """The vCPU hardware's one hook here: re-read the memory's size into the native TLB fill."""
-
-    def _configure_native_fill(self) -> None: ...
-
-
 class HotplugMachine(Protocol):
     """What hotplug() touches of a machine (testbed.machine.Machine provides it): the layers'
     objects the composition root wired together, named here without importing it."""
@@ -62,7 +56,6 @@ class HotplugMachine(Protocol):
     kvm_vm: KvmVm
     map_gpa: MapGpaHandler
     pinning: PinAccounting | None
-    cpu: NativeFill
 
 HOTPLUG_VM_TYPES = ("default", "sw-protected", "sev", "sev-es")
 
@@ -111,7 +104,5 @@ def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None
         machine.pinning.register_ram(machine.kvm_vm.memory_encrypt_reg_region, memory.dram_address() + old,
                                      size - old)
         machine.pinning.guest_pages = pages
-    memory.plug(size)
-    # KVM makes the slot visible to the vCPU's stage 2: the native TLB fill copied the size.
-    machine.cpu._configure_native_fill()
+    memory.plug(size)  # (the vCPU's native TLB fill is told the new size: GuestMemory.on_resize)
     machine.map_gpa.guest_pages = pages  # (and with it the per-call bound, unless the VMM set one)

@@ -360,12 +360,11 @@ class UnicornBinding(ABC):
         self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
         #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
         self._snapshot: tuple[int, int, int, int, int, int, bool] | None = None
-        self._hc_vals = (ctypes.c_uint64 * 2)()
+        # One buffer for the batched reads (RAX, CS) and writes (RAX, RIP[, RFLAGS]) of an exit.
+        self._hc_vals = (ctypes.c_uint64 * 3)()
         self._hc_ids = (ctypes.c_int * 2)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS)
         self._hc_wids = (ctypes.c_int * 3)(ux.UC_X86_REG_RAX, ux.UC_X86_REG_RIP, ux.UC_X86_REG_RFLAGS)
-        self._hc_ptrs = (ctypes.c_void_p * 2)(ctypes.addressof(self._hc_vals), ctypes.addressof(self._hc_vals) + 8)
-        self._wr_vals = (ctypes.c_uint64 * 3)()
-        self._wr_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._wr_vals) + 8 * i for i in range(3)))
+        self._hc_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._hc_vals) + 8 * i for i in range(3)))
         self._reg_read = _raw_function("uc_reg_read")
         self._emu_start_fn = _raw_function("uc_emu_start")
         self._emu_stop_fn = _raw_function("uc_emu_stop")
@@ -614,15 +613,19 @@ class UnicornBinding(ABC):
         cs = int(values[1]) & 0xFFFF
         return int(values[0]), cs, self.mode_of(cs)
 
+    def _write_batch(self, *values: int) -> None:
+        """RAX, RIP (and RFLAGS), as many as given, in one ctypes batched write."""
+        buffer = self._hc_vals
+        for i, value in enumerate(values):
+            buffer[i] = value
+        self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, len(values))
+
     def _write_rax_rip(self, rax: int, rip: int) -> None:
         """RAX and RIP in one batched write (through the C extension when built)."""
         if self._fastexit is not None:
             self._fastexit.write2(rax & U64, rip)
             return
-        values = self._hc_vals
-        values[0] = rax & U64
-        values[1] = rip
-        self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, 2)
+        self._write_batch(rax & U64, rip)
 
     def _read_rflags(self) -> int:
         """RFLAGS (through the C extension when built: one call, no ctypes round trip)."""
@@ -635,11 +638,7 @@ class UnicornBinding(ABC):
         if self._fastexit is not None:
             self._fastexit.write3(rax & U64, rip, rflags)
             return
-        values = self._wr_vals
-        values[0] = rax & U64
-        values[1] = rip
-        values[2] = rflags
-        self._reg_write_batch(self._h, self._hc_wids, self._wr_ptrs, 3)
+        self._write_batch(rax & U64, rip, rflags)
 
     def _read_fill_regs(self) -> tuple[int, int, int]:
         """CS, CR3 and CR0 in one batched read (what a TLB fill needs)."""

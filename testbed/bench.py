@@ -269,16 +269,6 @@ def rate(text: str, n1: int, n2: int, repeats: int, figure: str = "rate", **opts
 
 
 # ------------------------------------------------------------------ bare Unicorn ceilings
-def _libunicorn() -> Any:
-    from unicorn.unicorn_py3 import unicorn as ucpy
-
-    return ctypes.CDLL(ucpy.uclib._name)
-
-
-def _address(lib: Any, name: str) -> int:
-    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
-
-
 def _bare(body: str, defines: dict[str, int | str], size: int = 0x10000) -> tuple[Any, int]:
     """A bare 64-bit Unicorn with `body` (+ HLT) at 0x1000 in `size` bytes of flat memory:
     (engine, end address)."""
@@ -328,8 +318,11 @@ def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
     writes RAX and RIP back in one batch (`c_hook_py`), or as a raw ctypes callback (`ctypes`)."""
     from unicorn import unicorn_const as ucc
     from unicorn import x86_const as ux
+    from unicorn.unicorn_py3 import unicorn as ucpy
 
-    lib = _libunicorn()
+    from testbed.hw.unicorn_binding import entry_address
+
+    lib: Any = ctypes.CDLL(ucpy.uclib._name)  # its own handle: the ctypes ceiling sets prototypes on it
     rip_id = ux.UC_X86_REG_RIP
 
     def once(scale: int) -> tuple[int, float]:
@@ -339,8 +332,8 @@ def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
         if kind == "c_hook":
             from testbed.hw import _fastexit
 
-            keep.append(_fastexit.skip_hook(uc._uch.value, _address(lib, "uc_hook_add"),
-                                            _address(lib, "uc_reg_read_batch"), _address(lib, "uc_reg_write_batch"),
+            keep.append(_fastexit.skip_hook(uc._uch.value, entry_address("uc_hook_add"),
+                                            entry_address("uc_reg_read_batch"), entry_address("uc_reg_write_batch"),
                                             rip_id, VMMCALL_LENGTH))
         elif kind == "c_hook_py":
             from testbed.hw import _fastexit
@@ -350,8 +343,8 @@ def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
                 return True
 
             fast = _fastexit.FastExit(
-                uc._uch.value, _address(lib, "uc_hook_add"), _address(lib, "uc_reg_read_batch"),
-                _address(lib, "uc_reg_write_batch"),
+                uc._uch.value, entry_address("uc_hook_add"), entry_address("uc_reg_read_batch"),
+                entry_address("uc_reg_write_batch"),
                 [rip_id, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
                  ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI], 2,
                 [ux.UC_X86_REG_RAX, rip_id, ux.UC_X86_REG_RFLAGS], handler)

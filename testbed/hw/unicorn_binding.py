@@ -128,6 +128,11 @@ def _unicorn_library() -> ctypes.CDLL:
     return ctypes.CDLL(ucpy.uclib._name)
 
 
+def entry_address(name: str) -> int:
+    """The address of libunicorn's entry point `name`, for the C extensions' hooks."""
+    return ctypes.cast(getattr(_unicorn_library(), name), ctypes.c_void_p).value or 0
+
+
 def _raw_function(name: str) -> Any:
     """A libunicorn entry point without argtypes: ctypes then passes the prepared pointers and
     ints as they are, which halves the cost of a register access on the hot path (the binding's
@@ -435,24 +440,18 @@ class UnicornBinding(ABC):
         self._native_mmu: Any = None
         self._native_fills = 0  # fills the C hook completed, kept when it is released
         if _nativemmu is not None and not os.environ.get("TESTBED_NO_NATIVE_MMU"):
-            lib = _unicorn_library()
             self._native_mmu = _nativemmu.NativeMmu(
-                self._h.value, ctypes.cast(lib.uc_hook_add, ctypes.c_void_p).value,
-                ctypes.cast(lib.uc_reg_read_batch, ctypes.c_void_p).value,
+                self._h.value, entry_address("uc_hook_add"), entry_address("uc_reg_read_batch"),
                 [ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0], self._guard(self._tlb_fill, None),
             )
         else:
             self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
         self._fastexit: Any = None
         if _fastexit is not None and not os.environ.get("TESTBED_NO_FASTEXIT"):
-            lib = _unicorn_library()
-
-            def address(name: str) -> int:
-                return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
-
             self._fastexit = _fastexit.FastExit(
-                self._h.value, address("uc_hook_add"), address("uc_reg_read_batch"),
-                address("uc_reg_write_batch"), list(self._snap_ids), 2, list(self._hc_wids), self._on_invalid_exit,
+                self._h.value, entry_address("uc_hook_add"), entry_address("uc_reg_read_batch"),
+                entry_address("uc_reg_write_batch"), list(self._snap_ids), 2, list(self._hc_wids),
+                self._on_invalid_exit,
             )
         else:
             self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_ctypes)

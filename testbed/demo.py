@@ -20,8 +20,6 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from testbed.decode import describe
-from testbed.errors import GuestMemoryError
 from testbed.hw.exits import Vendor
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 from testbed.textout import plain_console, plain_table, styled
@@ -63,26 +61,12 @@ class DemoCell:
 def _td_host_view(machine: Machine, rip: int) -> dict[str, Any] | None:
     """What the host would read at a TD's #VE site: nothing, the code page is private in
     guest_memfd (the host's view refuses it), beside the guest's plaintext bytes."""
+    linear = machine.cpu.linear_rip(rip)
     try:
-        gpa = int(machine.cpu.gva_to_gpa(Gva(rip)))
-        guest_bytes = machine.cpu.fetch_bytes(Gva(rip), 3)
+        guest_bytes = machine.cpu.fetch_bytes(Gva(linear), 3)
     except Exception:  # the walk failed: nothing to show
         return None
-    kind = str(machine.memory.host_view_kind(gpa))
-    try:
-        host_bytes: bytes | None = machine.memory.host_read(gpa, len(guest_bytes))
-    except GuestMemoryError:  # UnmappableMemoryError: a private GFN of a guest_memfd VM
-        host_bytes, kind = None, "unmappable"
-    return {
-        "label": "explanation: what the host would read at the #VE's RIP",
-        "rip": rip,
-        "gpa": gpa,
-        "guest_bytes": guest_bytes.hex(),
-        "guest_decode": describe(guest_bytes),
-        "host_view": kind,
-        "host_bytes": None if host_bytes is None else host_bytes.hex(),
-        "host_decode": "not mappable by the host" if host_bytes is None else describe(host_bytes),
-    }
+    return machine.host_view_at(rip, linear, guest_bytes, "explanation: what the host would read at the #VE's RIP")
 
 
 def run_cell(vendor: Vendor, vm_type: str, insn: int, seed: int = 1) -> DemoCell:

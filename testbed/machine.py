@@ -466,17 +466,30 @@ class Machine:
         what it *would* read and decode if it tried - ciphertext on legacy SEV, nothing on
         SNP (guest_memfd is not mappable: `host_view` "unmappable") - beside the guest's view.
         """
-        try:
-            gpa = self.cpu.gva_to_gpa(Gva(linear))  # CS.base + RIP outside 64-bit mode
-        except Exception:
+        entry = self.host_view_at(rip, linear, guest_bytes,
+                                  "explanation: what the host would read if it decoded this #UD")
+        if entry is None:
             return
+        entry["kvm_intercepts_ud"] = not self.sev
+        self.ud_explanations.append(entry)
+        self.tracer.emit("hw", "ud_host_view", **entry)
+
+    def host_view_at(self, rip: int, linear: int, guest_bytes: bytes, label: str) -> dict[str, object] | None:
+        """What the host would read at the guest's code at `rip` (`linear`: CS.base + RIP,
+        where the guest reads `guest_bytes`), beside the guest's view: ciphertext on legacy
+        SEV, nothing on guest_memfd types (`host_view` "unmappable"). None if the guest's own
+        walk of `linear` fails."""
+        try:
+            gpa = self.cpu.gva_to_gpa(Gva(linear))
+        except Exception:
+            return None
         host_view = self.memory.host_view_kind(gpa)
         try:
             host_bytes: bytes | None = self.memory.host_read(gpa, len(guest_bytes))
         except UnmappableMemoryError:
             host_bytes, host_view = None, "unmappable"
-        entry: dict[str, object] = {
-            "label": "explanation: what the host would read if it decoded this #UD",
+        return {
+            "label": label,
             "rip": rip,
             "gpa": gpa,
             "guest_bytes": guest_bytes.hex(),
@@ -484,10 +497,7 @@ class Machine:
             "host_view": host_view,
             "host_bytes": None if host_bytes is None else host_bytes.hex(),
             "host_decode": "not mappable by the host" if host_bytes is None else describe(host_bytes),
-            "kvm_intercepts_ud": not self.sev,
         }
-        self.ud_explanations.append(entry)
-        self.tracer.emit("hw", "ud_host_view", **entry)
 
     def boot_to(self, address: int) -> None:
         """Run the guest until RIP reaches `address` (e.g. guest_main, after the runtime booted).

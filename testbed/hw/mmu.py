@@ -323,6 +323,11 @@ class Mmu(UnicornBinding):
         self._cs64_cache[sel] = value
         return value
 
+    def linear_rip(self, rip: int) -> int:
+        """The linear address of `rip` in the current code segment: CS.base + RIP (RIP itself
+        in 64-bit code)."""
+        return self._code_base(self.read_reg(Reg.CS)) + rip
+
     def _code_base(self, cs: int) -> int:
         """CS.base of the code segment `cs` (the current one): an instruction's linear address
         is CS.base + RIP. 0 in 64-bit mode, where the base is ignored; otherwise read from the
@@ -548,8 +553,7 @@ class Mmu(UnicornBinding):
         a data access at the effective address of the faulting instruction's memory operand,
         computed from its decode and the registers (implicit stack and string operands too).
         """
-        rip = self.read_reg(Reg.RIP)
-        rip += self._code_base(self.read_reg(Reg.CS))
+        rip = self.linear_rip(self.read_reg(Reg.RIP))
         page &= ~0xFFF
         if error_code & PFERR_FETCH:
             return rip if rip & ~0xFFF == page else page

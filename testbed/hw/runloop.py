@@ -164,7 +164,7 @@ class RunLoop(Intercepts):
             # CS-relative: outside 64-bit mode the byte before it is at CS.base + RIP - 1.
             rip = self.read_reg(Reg.RIP)
             try:
-                prev = self.fetch_bytes(Gva(self._code_base(self.read_reg(Reg.CS)) + rip - 1), 1)
+                prev = self.fetch_bytes(Gva(self.linear_rip(rip) - 1), 1)
             except _DeliveryFault:
                 prev = b""
             if prev == b"\xf4" and self._tdx is not None:

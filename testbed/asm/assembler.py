@@ -415,11 +415,7 @@ def _front_end(
         recorded = _record_suffix(prefix, *last)
         _remember(_suffixes, suffix_key, recorded)
         if recorded is not None:
-            donors = _donors.setdefault(donor_key, [])
-            donors.append((prefix, recorded))
-            del donors[:-_MEMO_SIZE]
-            if len(_donors) > _MEMO_SIZE:
-                _donors.pop(next(iter(_donors)))
+            _remember(_donors, donor_key, [*_donors.get(donor_key, ()), (prefix, recorded)][-_MEMO_SIZE:])
     if recorded is not None and _replayable(prefix, pre, recorded):
         _replay(pre, recorded)
     else:

@@ -164,9 +164,15 @@ class Roots:
     def structure(self) -> list[str | None]:
         """How the roots lie: each one relative to the longest other root it is under, or None
         (free). Two assemblies whose roots lie alike map every path the same way."""
-        return [self.relocate(d, skip=index) if any(
-            d.startswith(p) for i, p in enumerate(self._prefixes) if i != index) else None
-            for index, d in enumerate(self.directories)]
+        lie: list[str | None] = []
+        for index, directory in enumerate(self.directories):
+            written = self.relocate(directory, skip=index)
+            lie.append(None if written == f"{MARK}{index}{MARK}" else written)  # under none but itself
+        return lie
+
+
+#: No roots: every path as it is (the in-process digest of a program; a cache with no roots).
+NO_ROOTS = Roots(())
 
 
 def movable(included: Sequence[IncludeRecord]) -> bool:
@@ -183,7 +189,7 @@ def cache_key(
     """The entry name for one assembly: each source by its name (relative to `roots`, which
     default to the assembly's own, Roots.of) and its text's digest."""
     if roots is None:
-        roots = Roots.of([name for name, _ in sources], include_dirs) or Roots(())
+        roots = Roots.of([name for name, _ in sources], include_dirs) or NO_ROOTS
     material = {
         "format": FORMAT,
         "toolchain": _toolchain(),
@@ -196,19 +202,15 @@ def cache_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _encode(program: Program, included: _Included, roots: Roots | None = None) -> dict[str, Any]:
-    """The entry's payload; every path relative to `roots` when given (module docstring)."""
-    if roots is None:
-        def written(path: str) -> str:
-            return path
-    else:
-        relocated: dict[str, str] = {}
+def _encode(program: Program, included: _Included, roots: Roots = NO_ROOTS) -> dict[str, Any]:
+    """The entry's payload; every path relative to `roots` (module docstring)."""
+    relocated: dict[str, str] = {}
 
-        def written(path: str) -> str:
-            found = relocated.get(path)
-            if found is None:
-                found = relocated[path] = roots.relocate(path)
-            return found
+    def written(path: str) -> str:
+        found = relocated.get(path)
+        if found is None:
+            found = relocated[path] = roots.relocate(path)
+        return found
 
     return {
         "code": program.code.hex(),
@@ -248,9 +250,9 @@ def _decode_lines(entries: Any, file: Callable[[object], str]) -> LineTable:
     return LineTable(addresses, tuple(files), file_ids, line_numbers)
 
 
-def _decode(payload: dict[str, Any], roots: Roots | None = None) -> tuple[Program, _Included]:
-    """The entry's program, its paths under `roots` when given; KeyError/TypeError/ValueError
-    if it is not one (or names a root the assembly has not)."""
+def _decode(payload: dict[str, Any], roots: Roots = NO_ROOTS) -> tuple[Program, _Included]:
+    """The entry's program, its paths under `roots`; KeyError/TypeError/ValueError if it is
+    not one (or names a root the assembly has not)."""
     files: dict[str, str] = {}  # one string object per file name
 
     def file(name: object) -> str:
@@ -258,7 +260,7 @@ def _decode(payload: dict[str, Any], roots: Roots | None = None) -> tuple[Progra
             raise TypeError("file name")
         found = files.get(name)
         if found is None:
-            found = files[name] = roots.expand(name) if roots is not None else name
+            found = files[name] = roots.expand(name)
         return found
 
     def integer(value: object) -> int:
@@ -293,7 +295,7 @@ PRUNE_TO = 800
 _STALE_TEMPORARY_NS = 3600 * 10**9
 
 
-def load(directory: Path, key: str, roots: Roots | None = None) -> tuple[Program, _Included] | None:
+def load(directory: Path, key: str, roots: Roots = NO_ROOTS) -> tuple[Program, _Included] | None:
     """The cached program for `key` and its includes, their paths under `roots` (the roots of
     the assembly the key was made for; a path relative to a root is a miss without them), or
     None (missing, unreadable, corrupt or stale). A hit touches the entry: pruning removes the
@@ -305,7 +307,7 @@ def load(directory: Path, key: str, roots: Roots | None = None) -> tuple[Program
         if (entry["format"] != FORMAT or entry["key"] != key
                 or hashlib.sha256(payload_text.encode()).hexdigest() != entry["sha256"]):
             return None
-        program, included = _decode(json.loads(payload_text), roots if roots is not None else Roots(()))
+        program, included = _decode(json.loads(payload_text), roots)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
     if not _includes_valid(included):
@@ -346,7 +348,7 @@ def prune(directory: Path) -> None:
             os.unlink(path)
 
 
-def store(directory: Path, key: str, program: Program, included: _Included, roots: Roots | None = None) -> None:
+def store(directory: Path, key: str, program: Program, included: _Included, roots: Roots = NO_ROOTS) -> None:
     """Write the entry atomically, its paths relative to `roots`; any OSError leaves the cache
     as it was, silently."""
     payload_text = json.dumps(_encode(program, included, roots), separators=(",", ":"))
@@ -385,13 +387,14 @@ def assemble_sources_cached(
     include_dirs: Sequence[Path] = (),
 ) -> Program:
     """assemble_sources through this process's memory and the user cache (module docstring)."""
-    roots = Roots.of([name for name, _ in sources], include_dirs)
-    key = cache_key(sources, base, defines, include_dirs, roots or Roots(()))
-    memory_key = (key, roots.directories if roots is not None else ())
+    found = Roots.of([name for name, _ in sources], include_dirs)
+    roots = found or NO_ROOTS  # (None: a name holds MARK, the assembly stays in this process)
+    key = cache_key(sources, base, defines, include_dirs, roots)
+    memory_key = (key, roots.directories)
     hit = _memory.get(memory_key)
     if hit is not None and _includes_valid(hit[1]):
         return hit[0]
-    directory = cache_dir() if roots is not None else None
+    directory = cache_dir() if found is not None else None
     hit = load(directory, key, roots) if directory is not None else None
     if hit is None:
         hit = _assemble_unit(sources, base, defines, include_dirs)

@@ -54,9 +54,12 @@ RT_PT_END = 0x600000  # the page-table pool ends here; guests' free memory start
 #: Linux's unaccepted-memory unit (the EFI table's unit_size, PMD_SIZE on x86): accept_memory
 #: validates whole units and the runtime's bitmap has one bit per unit.
 ACCEPT_UNIT = 2 << 20
-#: SNP: memory the runtime validates at boot, from 0 (the runtime's region, the image, the page
-#: tables and the first of the guests' free memory); the rest waits for accept_memory.
-ACCEPT_AT_BOOT = 16 << 20
+#: SNP and TDX: memory the runtime validates (accepts) at boot, from 0: the runtime's region, the
+#: image, the page-table pool and the first ACCEPT_UNIT of the guests' free memory; the rest
+#: waits for accept_memory, as Linux leaves unaccepted memory to its allocator. Each 4 KiB page
+#: is one PVALIDATE or TDG.MEM.PAGE.ACCEPT exit (KVM maps guest_memfd pages at 4 KiB, so a 2 MiB
+#: one would fail with a size mismatch), so this is most of what a boot costs: ~1,470 exits.
+ACCEPT_AT_BOOT = RT_PT_END + ACCEPT_UNIT
 
 MIN_MEMORY = 8 << 20
 MAX_MEMORY = 64 << 30

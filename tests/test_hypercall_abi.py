@@ -184,7 +184,7 @@ def test_pv_hypercall_ungated_without_enforcement(nr: int, feature: int, pv_set:
 # ----------------------------------------------------------------------- MAP_GPA_RANGE
 
 
-GPA = 0x800000  # inside 16 MiB, above the runtime's page tables
+GPA = 0x800000  # inside the 16 MiB guest, above the runtime's page tables
 NPAGES = 4
 
 

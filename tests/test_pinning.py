@@ -20,7 +20,7 @@ MEM = 8 << 20
 PAGES = MEM >> 12
 #: in the free area of an 8 MiB guest
 TOUCH_GPA = 0x700000
-#: SNP: past GUEST_ACCEPTED_END (16 MiB) of a 32 MiB guest, so the boot has not validated it
+#: SNP: past GUEST_ACCEPTED_END (8 MiB) of a 32 MiB guest, so the boot has not validated it
 SNP_MEM, SNP_TOUCH_GPA = 32 << 20, 0x1800000
 
 TOUCH = """
@@ -102,7 +102,7 @@ def test_discard_releases_private_pages() -> None:
 def test_guest_mem_allocated_follows_the_guest_memfd_pages() -> None:
     """vm.guest_mem_allocated (lseek SEEK_DATA on guest_memfd): a private page the guest touched
     is allocated, one it never touched is not, and a punch hole frees it; never on legacy SEV."""
-    big = 32 << 20  # above GUEST_ACCEPTED_END (16 MiB) the boot has validated nothing
+    big = 32 << 20  # above GUEST_ACCEPTED_END (8 MiB) the boot has validated nothing
     with testbed.Vm(vm_type="sev-snp", memory=big) as vm:
         vm.load("touch.s", text=TOUCH, defines={"TOUCH_GPA": TOUCH_GPA})
         assert vm.guest_mem_allocated(TOUCH_GPA) and not vm.guest_mem_allocated(big - 0x1000)

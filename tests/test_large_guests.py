@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.layout import ACCEPT_UNIT, RT_PT_BASE, RT_PT_END, Layout
+from testbed.layout import ACCEPT_UNIT, RT_PT_BASE, RT_PT_END, RT_REGION_END, Layout
 from testbed.machine import Machine, VmOptions, build_program
 from testbed.vmm.vmm import RunReport
 from testbed.x86.addr import Gva
@@ -294,6 +294,22 @@ def test_touching_unaccepted_memory_on_snp_raises_vc_404() -> None:
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None
     assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+
+
+def test_an_snp_boot_validates_the_runtime_its_page_tables_and_one_unit_of_free_memory() -> None:
+    """The SNP boot PVALIDATEs [RT_REGION_END, GUEST_ACCEPTED_END) - the rest of the runtime's
+    2 MiB unit, its page-table pool and the first ACCEPT_UNIT of free memory: 1,472 pages, one
+    exit each, most of what an SNP boot costs - and nothing above it, whatever the guest's size."""
+    options = VmOptions(vm_type="sev-snp", memory=64 << 20, seed=3)
+    with Machine(build_program("<empty>", options, text="guest_main:\n    ret\n"), options) as machine:
+        report = machine.run()
+        assert machine.cpu.rmp is not None
+        validated = bytes(machine.cpu.rmp.validated)
+    end = Layout(64 << 20).accepted_end
+    assert report.outcome == "done", report.detail
+    assert end == RT_PT_END + ACCEPT_UNIT and (end - RT_REGION_END) >> 12 == 1472
+    assert set(validated[RT_REGION_END >> 12 : end >> 12]) == {1}
+    assert not any(validated[end >> 12 :])
 
 
 def test_accept_memory_makes_unaccepted_memory_usable() -> None:

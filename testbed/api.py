@@ -483,10 +483,30 @@ class Vcpu:
         ucall comes within `timeout` seconds (default the Vm's timeout)."""
         limit = _timeout(timeout, self._machine.options.timeout)
         deadline = time.monotonic() + limit
+        vmm = self._machine.vmm
+        #: the exit the run stopped at, answered inside it, and the default VMM's answer
+        answered: list[tuple[KvmExit, Ucall | VmEnd]] = []
+
+        def handled(exit: KvmExit) -> bool:
+            # KVM_RUN's internal fast path, as _run_default: an exit the default VMM answers
+            # that is neither a ucall nor an end keeps the guest running, without the
+            # emulator's stop and restart.
+            result = vmm.handle(exit)
+            if result is None:
+                return True
+            answered.append((exit, result))
+            return False
+
         while True:
-            result = self._kvm_run(deadline, limit)
+            result = self._kvm_run(deadline, limit, handled=handled)
             assert not isinstance(result, RunStop)
-            ucall = self.vm.handle(result)
+            if answered and answered[-1][0] is result:
+                _, answer = answered.pop()
+                if isinstance(answer, VmEnd):
+                    raise _raise_for(answer)
+                ucall: Ucall | None = answer
+            else:
+                ucall = self.vm.handle(result)  # an exit KVM_RUN returned before the guest ran
             if ucall is not None:
                 return ucall
 

@@ -24,6 +24,7 @@ from testbed.errors import MachineClosedError, UsageError
 from testbed.hw.memory import UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KvmExitReason
+from testbed.layout import Layout
 from testbed.pytest_plugin import TestbedCombination
 
 VM_TYPES = ["default", "sev", "sev-snp"]
@@ -46,6 +47,48 @@ def test_run_to_ucall_returns_each_ucall(testbed_vm: Callable[..., testbed.Vm]) 
         assert vm.machine.cpu.read_reg(_reg("RIP")) == vm.machine.program.symbols["guest_main"]
         assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[1, 2])
         assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[3, 4, 5, 6, 7, 8])
+        assert vcpu.run_to_ucall().cmd == "done"
+
+
+CONVERT_EIGHT = """
+guest_main:
+    mov r12, 8
+    mov rdi, GUEST_FREE_GPA
+1:
+    mov rsi, 1
+    call set_memory_shared
+    GUEST_ASSERT_EQ rax, 0
+    add rdi, 4096
+    dec r12
+    jnz 1b
+    GUEST_SYNC r12
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", ["sev", "sev-snp"])
+def test_run_to_ucall_answers_the_vmms_exits_inside_one_kvm_run(vm_type: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_to_ucall answers the exits the default VMM takes (here eight KVM_HC_MAP_GPA_RANGE and,
+    on SNP, the GHCB's) inside KVM_RUN, as a whole run does (the internal fast path: no emulator
+    stop per exit): the eight conversions and the ucall are one KVM_RUN, and all eight happened."""
+    from testbed.kvm.vcpu import KvmVcpu
+
+    runs: list[object] = []
+    real = KvmVcpu.run
+
+    def counted(self: KvmVcpu, *args: object, **kwargs: object) -> object:
+        runs.append(kwargs.get("handled", args[1] if len(args) > 1 else None))
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("convert.s", text=CONVERT_EIGHT)
+        monkeypatch.setattr(KvmVcpu, "run", counted)
+        assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[0])
+        assert len(runs) == 1 and runs[0] is not None
+        free = Layout(8 << 20).free_gpa
+        assert all(not vm.is_private(free + i * 4096) for i in range(8))
+        assert vm.is_private(free + 8 * 4096)
         assert vcpu.run_to_ucall().cmd == "done"
 
 

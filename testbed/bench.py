@@ -38,10 +38,16 @@ VMGEXIT; and private<->shared conversion user exits (KVM_EXIT_HYPERCALL, KVM_HC_
 one 4 KiB page each, alternating direction) from a raw TDVMCALL MapGPA and from a raw GHCB Page
 State Change request (the runtime's rt_snp_psc, no PVALIDATE), with their per-round ratios.
 
-A loop's rate comes from two runs of the same guest with different iteration counts, so boot
-and assembly cancel: rate = (n2 - n1) / (t2 - t1). Every measured duration clears the timer
-floor (measure()): below it the rounds are doubled, and a figure that never clears it is a
-BenchError, never a number.
+The groups with a ratio target (exits, compute, page touching, TLB) take PASSES short passes per
+round, alternating the order pass by pass, and a round's value is the median of its passes:
+this machine's speed changes over tens to hundreds of milliseconds, so a figure and its ceiling
+must be measured within milliseconds of each other to be paired at all. Their testbed figures
+are slices of a VM booted once (LoopVm: the loop body LOOPS times between two ucalls; the boot,
+the first translation and the first touch of every page stay outside every slice). The other
+figures' loop rate comes from two runs of the same guest with different iteration counts, so
+boot and assembly cancel: rate = (n2 - n1) / (t2 - t1). Every measured duration clears the
+timer floor (measure()): below it the rounds are doubled, and a figure that never clears it is
+a BenchError, never a number.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ import statistics
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from testbed.errors import TestbedError
@@ -63,19 +69,19 @@ from testbed.hw.exits import Vendor
 from testbed.machine import Machine, VmOptions, build_program
 from testbed.textout import plain_console, plain_table, styled
 
-HYPERCALL_LOOP = """
-guest_main:
+HYPERCALL_BODY = """
     mov r12, LOOPS
 bench_loop:
     mov rax, 0x999
     KVM_HYPERCALL
     dec r12
     jnz bench_loop
-    ret
 """
+HYPERCALL_LOOP = "guest_main:\n" + HYPERCALL_BODY + "    ret\n"
 
-MAP_GPA_LOOP = """
-guest_main:
+#: One KVM_HC_MAP_GPA_RANGE user exit per iteration, one page, alternating private and
+#: shared (an even LOOPS leaves the page as it found it).
+MAP_GPA_BODY = """
     mov r12, LOOPS
 bench_loop:
     mov rax, KVM_HC_MAP_GPA_RANGE
@@ -87,8 +93,8 @@ bench_loop:
     KVM_HYPERCALL
     dec r12
     jnz bench_loop
-    ret
 """
+MAP_GPA_LOOP = "guest_main:\n" + MAP_GPA_BODY + "    ret\n"
 
 COMPUTE_BODY = """
     mov rcx, LOOPS
@@ -98,7 +104,6 @@ compute_loop:
     dec rcx
     jnz compute_loop
 """
-COMPUTE_LOOP = "guest_main:\n" + COMPUTE_BODY + "    ret\n"
 COMPUTE_INSNS_PER_LOOP = 4
 
 PAGES_BODY = """
@@ -117,7 +122,6 @@ bench_touch:
     dec r12
     jnz bench_round
 """
-PAGES_LOOP = "guest_main:\n" + PAGES_BODY + "    ret\n"
 #: The TLB-miss-heavy loop: every round reloads CR3 (a full TLB flush) and then touches
 #: TLB_PAGES distinct pages, so every access of every round is a TLB miss whatever size QEMU's
 #: TLB has grown to (it resizes at flushes), on the testbed and on bare Unicorn alike.
@@ -136,7 +140,6 @@ tlb_touch:
     dec r12
     jnz tlb_round
 """
-TLB_LOOP = "guest_main:\n" + TLB_BODY + "    ret\n"
 TLB_PAGES = 4096
 
 EMPTY_GUEST = "guest_main:\n    ret\n"
@@ -190,6 +193,8 @@ bench_loop:
 
 #: A target is judged from at least this many rounds; fewer is "undecided".
 MIN_ROUNDS = 5
+#: Short passes per round of a group with a ratio target (interleave).
+PASSES = 5
 
 
 def _run(text: str, loops: int, defines: dict[str, int | str] | None = None, **opts: Any) -> tuple[float, int]:
@@ -266,6 +271,62 @@ def rate_once(text: str, n1: int, n2: int, figure: str = "rate", **opts: Any) ->
 def rate(text: str, n1: int, n2: int, repeats: int, figure: str = "rate", **opts: Any) -> float:
     """The median of `repeats` rate_once() measurements."""
     return statistics.median(rate_once(text, n1, n2, figure, **opts) for _ in range(repeats))
+
+
+class LoopVm:
+    """A booted VM running `body` in slices: LOOPS = `loops` iterations, then a ucall, over
+    and over. One slice is `loops` units of the figure, measured on a VM that is already booted,
+    has translated the loop and has touched its pages, so nothing but the loop (and one ucall
+    per slice: choose `loops` so that it is under ~1 %) is timed. Short slices of a figure can
+    then alternate with short slices of its ceiling (interleave's passes)."""
+
+    def __init__(self, body: str, loops: int, figure: str, defines: dict[str, int | str] | None = None,
+                 **opts: Any) -> None:
+        from testbed.api import Vm
+
+        self.loops = loops
+        self.figure = figure
+        text = "guest_main:\nbench_slice:\n" + body + "    GUEST_SYNC 0\n    jmp bench_slice\n"
+        self._vm = Vm(timeout=600.0, record_exits=False, **opts)
+        try:
+            self._vcpu = self._vm.load(text=text, defines={"LOOPS": loops, **(defines or {})})
+            self._slice()  # the first slice: translation and the first touch of every page
+        except BaseException:
+            self._vm.close()
+            raise
+
+    def _slice(self) -> None:
+        ucall = self._vcpu.run_to_ucall()
+        if ucall.cmd != "sync":
+            raise BenchError(f"bench figure {self.figure}: the loop ended with {ucall.cmd}, not a slice's ucall")
+
+    def rate(self) -> float:
+        """Units per second over enough slices to clear the timer floor (measure())."""
+
+        def once(scale: int) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            for _ in range(scale):
+                self._slice()
+            return scale * self.loops, time.perf_counter() - t0
+
+        units, seconds = measure(self.figure, once)
+        return units / seconds
+
+    def close(self) -> None:
+        self._vm.close()
+
+
+def sliced(resources: contextlib.ExitStack, body: str, loops: int, figure: str, **opts: Any) -> Callable[[], float]:
+    """A take() for `figure`: LoopVm.rate() of one VM, booted at the first take and closed
+    with `resources`."""
+    source: list[LoopVm] = []
+
+    def take() -> float:
+        if not source:
+            source.append(resources.enter_context(contextlib.closing(LoopVm(body, loops, figure, **opts))))
+        return source[0].rate()
+
+    return take
 
 
 # ------------------------------------------------------------------ bare Unicorn ceilings
@@ -551,16 +612,28 @@ class Measurement:
     take: Callable[[], float]
 
 
-def interleave(rounds: int, groups: Sequence[Sequence[Measurement]]) -> dict[str, list[float]]:
-    """Every measurement once per round. Within a group - a ceiling and the figures compared to
-    it - the order is as given on even rounds and reversed on odd ones, so each figure's
-    ceiling is measured right before it in one round and right after it in the next; the groups
-    follow each other in every round, so slow drift of the machine reaches all of them alike."""
+def interleave(rounds: int, groups: Sequence[Sequence[Measurement]],
+               passes: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """Every measurement once per round, or `passes[i]` times for group i: then the round's
+    value is the median of its passes. Within a group - a ceiling and the figures compared to
+    it - the order is as given on even passes and reversed on odd ones, so each figure's
+    ceiling is measured right before it in one pass and right after it in the next; the groups
+    follow each other in every round, so slow drift of the machine reaches all of them alike.
+    Several short passes pair a figure with its ceiling within milliseconds: this machine's
+    speed changes over tens to hundreds of milliseconds, which one long measurement of each
+    side would see differently."""
+    counts = list(passes) if passes is not None else [1] * len(groups)
+    if len(counts) != len(groups) or min(counts, default=1) < 1:
+        raise ValueError(f"passes {counts} do not fit {len(groups)} groups")
     samples: dict[str, list[float]] = {m.name: [] for group in groups for m in group}
     for index in range(rounds):
-        for group in groups:
-            for m in (group if index % 2 == 0 else list(reversed(group))):
-                samples[m.name].append(m.take())
+        for group, count in zip(groups, counts, strict=True):
+            taken: dict[str, list[float]] = {m.name: [] for m in group}
+            for p in range(count):
+                for m in (group if (index * count + p) % 2 == 0 else list(reversed(group))):
+                    taken[m.name].append(m.take())
+            for name, values in taken.items():
+                samples[name].append(statistics.median(values))
     return samples
 
 
@@ -588,47 +661,51 @@ class Plan:
     groups: list[list[Measurement]]
     ratios: list[Ratio]
     targets: list[Target]
+    #: passes per round of each group (interleave); empty: one each
+    passes: list[int] = field(default_factory=list)
+    #: what the measurements opened (the sliced figures' VMs): closed after the rounds
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 def plan(quick: bool) -> Plan:
-    """What `testbed bench` measures: the groups of paired measurements, the ratios and the targets."""
+    """What `testbed bench` measures: the groups of paired measurements, the ratios and the targets.
+
+    The groups with a ratio target run PASSES short passes per round: the ceilings on small
+    loops, the testbed's figures as slices of a VM booted once (`sliced`, LoopVm)."""
     q = 10 if quick else 1
     hc1, hc2 = 500, 500 + 10_000 // q
-    loops = 20_000_000 // q
-    page_rounds = 100_000 // q
-    tlb_rounds = 20 if quick else 40
-    sev = {"vm_type": "sev", "seed": 1}
     # the confidential exit paths cost ~10-30x a plain exit: shorter loops
     cc1, cc2 = 100, 100 + 4_000 // q
+    sev = {"vm_type": "sev", "seed": 1}
     td: dict[str, Any] = {"vm_type": "tdx", "vendor": Vendor.INTEL}
     snp: dict[str, Any] = {"vm_type": "sev-snp", "seed": 1}
+    resources = contextlib.ExitStack()
+    passes = 3 if quick else PASSES
     exits: list[Measurement] = []
     if fastexit_available():
-        exits += [Measurement("ceiling_exits_c_hook", "exits/s", lambda: bare_exit_rate("c_hook", 400_000 // q)),
-                  Measurement("ceiling_exits_c_hook_py", "exits/s",
-                              lambda: bare_exit_rate("c_hook_py", 200_000 // q))]
+        exits += [Measurement("ceiling_exits_c_hook", "exits/s", lambda: bare_exit_rate("c_hook", 50_000)),
+                  Measurement("ceiling_exits_c_hook_py", "exits/s", lambda: bare_exit_rate("c_hook_py", 25_000))]
+    # Slices of ~5-20 ms each: the one ucall per slice is under 1 % of it.
     exits += [Measurement("hypercalls_per_s", "exits/s",
-                          lambda: rate_once(HYPERCALL_LOOP, hc1, hc2, "hypercalls_per_s")),
+                          sliced(resources, HYPERCALL_BODY, 4_000, "hypercalls_per_s")),
               Measurement("map_gpa_exits_per_s", "exits/s",
-                          lambda: rate_once(MAP_GPA_LOOP, hc1, hc2, "map_gpa_exits_per_s"))]
+                          sliced(resources, MAP_GPA_BODY, 1_000, "map_gpa_exits_per_s"))]
     groups = [
         exits,
+        [Measurement("ceiling_compute", "loops/s", lambda: bare_compute_rate(2_000_000)),
+         Measurement("compute_loops_per_s", "loops/s",
+                     sliced(resources, COMPUTE_BODY, 1_000_000, "compute_loops_per_s")),
+         Measurement("compute_loops_per_s_sev", "loops/s",
+                     sliced(resources, COMPUTE_BODY, 1_000_000, "compute_loops_per_s_sev", **sev))],
+        [Measurement("pages256_rounds_per_s", "rounds/s",
+                     sliced(resources, PAGES_BODY, 5_000, "pages256_rounds_per_s")),
+         Measurement("pages256_rounds_per_s_sev", "rounds/s",
+                     sliced(resources, PAGES_BODY, 5_000, "pages256_rounds_per_s_sev", **sev))],
+        [Measurement("ceiling_tlb", "rounds/s", lambda: bare_tlb_rate(8)),
+         Measurement("tlb_heavy_rounds_per_s", "rounds/s",
+                     sliced(resources, TLB_BODY, 8, "tlb_heavy_rounds_per_s", defines={"PAGES": TLB_PAGES}))],
         [Measurement("ceiling_exits_ctypes", "exits/s", lambda: bare_exit_rate("ctypes", 100_000 // q)),
          Measurement("hypercalls_ctypes_per_s", "exits/s", lambda: hypercall_rate_ctypes(hc1, hc2))],
-        [Measurement("ceiling_compute", "loops/s", lambda: bare_compute_rate(loops)),
-         Measurement("compute_loops_per_s", "loops/s",
-                     lambda: rate_once(COMPUTE_LOOP, loops // 10, loops, "compute_loops_per_s")),
-         Measurement("compute_loops_per_s_sev", "loops/s",
-                     lambda: rate_once(COMPUTE_LOOP, loops // 10, loops, "compute_loops_per_s_sev", **sev))],
-        [Measurement("pages256_rounds_per_s", "rounds/s",
-                     lambda: rate_once(PAGES_LOOP, page_rounds // 10, page_rounds, "pages256_rounds_per_s")),
-         Measurement("pages256_rounds_per_s_sev", "rounds/s",
-                     lambda: rate_once(PAGES_LOOP, page_rounds // 10, page_rounds, "pages256_rounds_per_s_sev",
-                                       **sev))],
-        [Measurement("ceiling_tlb", "rounds/s", lambda: bare_tlb_rate(tlb_rounds)),
-         Measurement("tlb_heavy_rounds_per_s", "rounds/s",
-                     lambda: rate_once(TLB_LOOP, 1, 1 + tlb_rounds, "tlb_heavy_rounds_per_s",
-                                       defines={"PAGES": TLB_PAGES}))],
         [Measurement("snp_ghcb_hypercalls_per_s", "exits/s",
                      lambda: rate_once(HYPERCALL_LOOP, cc1, cc2, "snp_ghcb_hypercalls_per_s", **snp)),
          Measurement("tdx_tdvmcall_hypercalls_per_s", "exits/s",
@@ -640,12 +717,14 @@ def plan(quick: bool) -> Plan:
         [Measurement("scenario_ms", "ms", lambda: 1e3 * scenario_seconds("default", "scenario_ms")),
          Measurement("scenario_ms_sev_snp", "ms", lambda: 1e3 * scenario_seconds("sev-snp", "scenario_ms_sev_snp"))],
     ]
+    group_passes = [passes, passes, passes, passes, 1, 1, 1]
     if reuse_available():
         groups.append([
             Measurement("scenario_ms_reuse", "ms",
                         lambda: 1e3 * scenario_seconds("default", "scenario_ms_reuse", reuse=True)),
             Measurement("scenario_ms_sev_snp_reuse", "ms",
                         lambda: 1e3 * scenario_seconds("sev-snp", "scenario_ms_sev_snp_reuse", reuse=True))])
+        group_passes.append(1)
     ratios = [
         Ratio("hypercalls_vs_c_hook_py", "hypercalls_per_s", "ceiling_exits_c_hook_py"),
         Ratio("hypercalls_vs_c_hook", "hypercalls_per_s", "ceiling_exits_c_hook"),
@@ -672,7 +751,7 @@ def plan(quick: bool) -> Plan:
         Target("pages256_sev_ratio", ">=", 0.50, "pages256_sev_ratio >= 0.50"),
         Target("compute_sev_vs_plain_ratio", ">=", 0.90, "compute_sev_vs_plain_ratio >= 0.90"),
     ]
-    return Plan(groups, ratios, targets)
+    return Plan(groups, ratios, targets, group_passes, resources)
 
 
 def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, quick: bool) -> dict[str, Any]:
@@ -712,7 +791,9 @@ def collect(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
         if reuse_available():
             scenario_seconds(vm_type, "warm-up", reuse=True)
     p = plan(quick)
-    return evaluate(p, interleave(n, p.groups), n, quick)
+    with p.resources:
+        samples = interleave(n, p.groups, p.passes or None)
+    return evaluate(p, samples, n, quick)
 
 
 # ------------------------------------------------------------------ output

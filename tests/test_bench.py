@@ -20,6 +20,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -48,6 +49,7 @@ from testbed.bench import (
     verdict,
 )
 from testbed.cli import EXIT_USAGE, main
+from testbed.errors import MachineClosedError
 from testbed.hw.exits import Vendor
 
 
@@ -197,6 +199,40 @@ def test_rounds_alternate_the_order_within_a_group() -> None:
                    "b", "a", "c1", "d", "c2",
                    "c1", "a", "b", "c2", "d"]
     assert {name: len(values) for name, values in samples.items()} == {"c1": 3, "a": 3, "b": 3, "c2": 3, "d": 3}
+
+
+def test_passes_alternate_the_order_and_a_round_is_their_median() -> None:
+    """interleave() with passes: a group runs its passes back to back, alternating the order
+    pass by pass (so a figure sits right next to its ceiling on both sides within
+    milliseconds), and each round's value is the median of the passes; a group with one pass
+    is as before."""
+    log: list[str] = []
+    values = {"c": iter([1.0, 9.0, 2.0, 3.0, 4.0, 8.0]), "f": iter([5.0, 6.0, 0.0, 7.0, 7.0, 7.0]),
+              "s": iter([10.0, 11.0])}
+
+    def m(name: str) -> Measurement:
+        return Measurement(name, "x", lambda: log.append(name) or next(values[name]))
+
+    samples = interleave(2, [[m("c"), m("f")], [m("s")]], passes=[3, 1])
+    assert log == ["c", "f", "f", "c", "c", "f", "s",
+                   "f", "c", "c", "f", "f", "c", "s"]
+    assert samples == {"c": [2.0, 4.0], "f": [5.0, 7.0], "s": [10.0, 11.0]}
+    with pytest.raises(ValueError, match="passes"):
+        interleave(1, [[m("c")]], passes=[0])
+
+
+def test_a_sliced_figure_runs_slices_of_one_booted_vm() -> None:
+    """LoopVm: the loop body runs LOOPS times between two ucalls of a VM booted once; a take is
+    whole slices (units = slices x LOOPS) above the timer floor; the resources close the VM.
+    A body that leaves the loop is a BenchError naming the figure, not a rate."""
+    resources = contextlib.ExitStack()
+    take = bench.sliced(resources, bench.HYPERCALL_BODY, 200, "hc_test", memory="8M")
+    assert take() > 0 and take() > 0
+    resources.close()
+    with pytest.raises(MachineClosedError):
+        take()  # the VM went with the resources
+    with pytest.raises(BenchError, match=r"hc_test.*done"):
+        bench.LoopVm("    ret\n", 1, "hc_test", memory="8M")
 
 
 def test_paired_ratios_cancel_a_machine_whose_speed_swings() -> None:
@@ -366,6 +402,7 @@ def test_bench_json_has_the_tdx_and_snp_exit_figures(monkeypatch: pytest.MonkeyP
         return fixed.get(figure, 1000.0)
 
     monkeypatch.setattr(bench, "rate_once", stub_rate_once)
+    monkeypatch.setattr(bench, "sliced", lambda *_a, **_kw: lambda: 1000.0)
     monkeypatch.setattr(bench, "hypercall_rate_ctypes", lambda *_a: 1000.0)
     monkeypatch.setattr(bench, "bare_exit_rate", lambda *_a: 4000.0)
     monkeypatch.setattr(bench, "bare_compute_rate", lambda *_a: 1e6)

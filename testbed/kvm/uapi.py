@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import FrozenInstanceError, dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 # -- hypercall numbers (include/uapi/linux/kvm_para.h) ------------------------------------
 KVM_HC_VAPIC_POLL_IRQ = 1
@@ -125,26 +125,14 @@ class KvmVmType(IntEnum):
 class _Replies:
     """Base of the exits userspace answers: every field is read-only once constructed except
     the reply slots named in `_REPLY` (kvm_run's fields KVM reads back on the next KVM_RUN),
-    as a frozen dataclass would be. Assigning another field raises FrozenInstanceError."""
+    as a frozen dataclass would be. Assigning another field, or deleting any, raises
+    FrozenInstanceError. Made by `_reply_exit`."""
 
-    __slots__ = ("_sealed",)
-    _sealed: bool
+    __slots__ = ()
     _REPLY: ClassVar[frozenset[str]] = frozenset()
 
-    def __new__(cls, *args: object, **kwargs: object) -> Self:
-        # Unsealed until the dataclass's __init__ has assigned every field (__post_init__).
-        # A flag rather than asking whether the slot is still empty: hasattr on an empty slot
-        # raises and formats an AttributeError, ~3,700 instructions a field, and a
-        # KVM_HC_MAP_GPA_RANGE exit builds one of these per conversion.
-        self = object.__new__(cls)
-        object.__setattr__(self, "_sealed", False)
-        return self
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_sealed", True)
-
     def __setattr__(self, name: str, value: object) -> None:
-        if self._sealed and name not in self._REPLY:
+        if name not in self._REPLY:
             replies = ", ".join(sorted(self._REPLY))
             raise FrozenInstanceError(f"cannot assign to field {name!r} of {type(self).__name__}: "
                                       f"only the reply slot ({replies}) is writable")
@@ -154,7 +142,25 @@ class _Replies:
         raise FrozenInstanceError(f"cannot delete field {name!r} of {type(self).__name__}")
 
 
-@dataclass(slots=True)
+_R = TypeVar("_R", bound=_Replies)
+
+
+@dataclass_transform(field_specifiers=(field,))
+def _reply_exit(cls: type[_R]) -> type[_R]:
+    """A frozen slots dataclass whose reply slots stay writable: the frozen dataclass's own
+    __init__ (and its copy, pickle and replace() paths) assign every field through
+    object.__setattr__ - no Python call per field, where a KVM_HC_MAP_GPA_RANGE exit builds one
+    exit per conversion - and _Replies' __setattr__, put back over the one the frozen dataclass
+    generates, lets userspace write the reply slots only. Unhashable, like any exit with a
+    slot userspace writes."""
+    made = dataclass(slots=True, frozen=True)(cls)
+    for name in ("__setattr__", "__delattr__"):
+        setattr(made, name, getattr(_Replies, name))
+    made.__hash__ = None  # type: ignore[assignment]
+    return made
+
+
+@_reply_exit
 class HypercallExit(_Replies):
     """KVM_EXIT_HYPERCALL: `run->hypercall`; userspace writes `ret`, which KVM copies into the
     guest's RAX unchecked (x86.c complete_hypercall_exit)."""
@@ -178,7 +184,7 @@ class HypercallExit(_Replies):
         return {"reason": "hypercall", "nr": self.nr, "args": list(self.args), "ret": self.ret, "flags": self.flags}
 
 
-@dataclass(slots=True)
+@_reply_exit
 class IoInExit(_Replies):
     """KVM_EXIT_IO, direction KVM_EXIT_IO_IN: `run->io` plus the data area, which userspace
     fills with `count` * `size` bytes (assign `data`, or write into it); KVM copies them into
@@ -330,7 +336,7 @@ class InternalErrorExit:
         return {"reason": "internal_error", "suberror": self.suberror, "detail": self.detail, "data": list(self.data)}
 
 
-@dataclass(slots=True)
+@_reply_exit
 class RdmsrExit(_Replies):
     """KVM_EXIT_X86_RDMSR: `run->msr`; userspace answers in `data`, or sets `error` (non-zero:
     KVM injects #GP; x86.c complete_fast_rdmsr)."""
@@ -350,7 +356,7 @@ class RdmsrExit(_Replies):
                 "error": self.error}
 
 
-@dataclass(slots=True)
+@_reply_exit
 class WrmsrExit(_Replies):
     """KVM_EXIT_X86_WRMSR: `run->msr` with the value written; userspace sets `error` (non-zero:
     KVM injects #GP; x86.c complete_fast_msr_access)."""
@@ -370,7 +376,7 @@ class WrmsrExit(_Replies):
                 "error": self.error}
 
 
-@dataclass(slots=True)
+@_reply_exit
 class TdxExit(_Replies):
     """KVM_EXIT_TDX: `run->tdx` for a TDG.VP.VMCALL KVM leaves to userspace (arch/x86/kvm/vmx/tdx.c):
     `nr` is the GHCI leaf - GetQuote 0x10002 (`gpa` with the shared bit stripped, `size`),

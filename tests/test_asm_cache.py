@@ -14,7 +14,7 @@ import pytest
 
 from testbed.asm import assembler, cache
 from testbed.asm.frontend import _Preprocessor
-from testbed.asm.program import Program, SourceLocation
+from testbed.asm.program import LineTable, Program, SourceLocation
 from testbed.asm.syntax import _render
 from testbed.layout import IMAGE_GPA
 from testbed.machine import GUESTS_DIR, LIB_DIR, VmOptions, build_program, guest_defines
@@ -246,7 +246,8 @@ def test_concurrent_writers_all_get_the_right_program(tmp_path: Path, user_cache
         assert cache.load(user_cache, entry.stem, roots(tmp_path / "guest.s")) is not None
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key", "negative address"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped code byte", "wrong key", "line of no file",
+                                    "short column"])
 def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, damage: str) -> None:
     """A damaged entry is never used: the program is assembled again and the entry rewritten."""
     guest = tmp_path / "guest.s"
@@ -268,10 +269,13 @@ def test_a_corrupt_entry_is_assembled_again(tmp_path: Path, user_cache: Path, da
         outer = json.loads(data)
         outer["key"] = "0" * 64
         entry.write_text(json.dumps(outer))
-    else:  # a whole entry (its digest agrees) whose line table holds what no address is
+    else:  # a whole entry (its digest agrees) whose line table no program has
         outer = json.loads(data)
         payload = json.loads(outer["payload"])
-        payload["lines"][0][0] = -1
+        if damage == "line of no file":
+            payload["lines"]["file_ids"] = "ffffffff" + payload["lines"]["file_ids"][8:]
+        else:  # one address short of the other columns
+            payload["lines"]["addresses"] = payload["lines"]["addresses"][16:]
         outer["payload"] = json.dumps(payload)
         outer["sha256"] = hashlib.sha256(outer["payload"].encode()).hexdigest()
         entry.write_text(json.dumps(outer))
@@ -583,3 +587,14 @@ def test_a_hit_from_another_layout_is_what_that_layout_assembles(tmp_path: Path,
     reference = build(second)
     assert found.code == reference.code and found.lines == reference.lines
     assert found.code.startswith(b"\x03" if layout == "absolute include" else b"\x02")
+
+
+def test_a_line_table_survives_its_entry_columns() -> None:
+    """An entry's line table is columns of hex (_encode_lines) that decode to the same table,
+    each file name through the entry's roots; equal tables are written alike."""
+    program = build_program(GUESTS_DIR / "hypercall_insn.s", VmOptions())
+    written = cache._encode_lines(program.lines, str)
+    assert set(written) == {"files", "addresses", "file_ids", "line_numbers"}
+    assert all(isinstance(written[k], str) for k in ("addresses", "file_ids", "line_numbers"))
+    assert cache._decode_lines(json.loads(json.dumps(written)), str) == program.lines
+    assert cache._encode_lines(LineTable.of(list(program.lines)), str) == written

@@ -66,3 +66,20 @@ def test_columns_of_other_array_types_are_the_same_table() -> None:
         LineTable(array("q", [1]), ("g.s",), array("b", [-1]), array("Q", [1]))
     with pytest.raises(OverflowError):
         LineTable(array("q", [-1]), ("g.s",), array("I", [0]), array("Q", [1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(PAIRS, st.permutations(["a.s", "b.s", "<x>", "a.s", "unused.s"]))
+def test_equal_tables_give_the_same_columns(pairs: list[tuple[int, SourceLocation]], files: list[str]) -> None:
+    """columns() spells equal tables alike - the files in the order the lines first name them,
+    each once, unused ones dropped - however the table's own file list was ordered (with a
+    name twice, or one no line uses); a table made from the columns is the same table."""
+    reference = LineTable.of(pairs)
+    ids = {name: files.index(name) for name in files}
+    shuffled = LineTable(array("Q", [a for a, _ in pairs]), tuple(files),
+                         array("I", [ids[loc.file] for _, loc in pairs]), array("Q", [loc.line for _, loc in pairs]))
+    assert shuffled == reference
+    assert shuffled.columns() == reference.columns()
+    names, addresses, file_ids, lines = reference.columns()
+    assert list(names) == list(dict.fromkeys(loc.file for _, loc in pairs))
+    assert LineTable(addresses, names, file_ids, lines) == reference

@@ -43,6 +43,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from array import array
@@ -55,7 +56,8 @@ from testbed.asm.assembler import _assemble_unit, _includes_valid
 from testbed.asm.frontend import IncludeRecord
 from testbed.asm.program import AssertSite, LineTable, Program
 
-FORMAT = 4  # 2: Program.features (the image note); 3: paths relative to the roots; 4: include names
+FORMAT = 5  # 2: Program.features (the image note); 3: paths relative to the roots; 4: include names;
+#            5: the line table as columns
 DISABLED = ("off", "0", "none", "false", "no")
 
 _Included = tuple[IncludeRecord, ...]
@@ -217,7 +219,7 @@ def _encode(program: Program, included: _Included, roots: Roots = NO_ROOTS) -> d
         "base": program.base,
         "symbols": dict(program.symbols),
         "asserts": [[site_id, written(s.file), s.line, s.kind, s.message] for site_id, s in program.asserts.items()],
-        "lines": [[address, written(loc.file), loc.line] for address, loc in program.lines],
+        "lines": _encode_lines(LineTable.of(program.lines), written),
         "features": list(program.features),
         "included": [[name, [written(p) for p in absent], written(found), digest]
                      for name, absent, found, digest in included],
@@ -229,25 +231,42 @@ def program_digest(program: Program) -> str:
     return hashlib.sha256(json.dumps(_encode(program, ()), sort_keys=True).encode()).hexdigest()
 
 
-def _decode_lines(entries: Any, file: Callable[[object], str]) -> LineTable:
-    """Program.lines from the entry's [address, file, line] lists, each file name through
-    `file` (_decode's); TypeError/ValueError/OverflowError if they are not that (the checks
-    of `integer` and `file` in _decode, on the hot path)."""
-    addresses, file_ids, line_numbers = array("Q"), array("I"), array("Q")
-    ids: dict[str, int] = {}  # by the name as written
-    files: dict[str, int] = {}  # by the name as it is here (two written names may expand alike)
-    for address, name, line in entries:
-        file_id = ids.get(name)
-        if file_id is None:
-            file_id = ids[name] = files.setdefault(file(name), len(files))
-        if type(line) is not int and (not isinstance(line, int) or isinstance(line, bool)):
-            raise TypeError("integer")
-        if type(address) is not int and (not isinstance(address, int) or isinstance(address, bool)):
-            raise TypeError("integer")
-        addresses.append(address)
-        file_ids.append(file_id)
-        line_numbers.append(line)
-    return LineTable(addresses, tuple(files), file_ids, line_numbers)
+def _encode_lines(table: LineTable, written: Callable[[str], str]) -> dict[str, Any]:
+    """Program.lines as its columns: the file names (through `written`) and each number column
+    as the hex of its little-endian array, which JSON reads as one string and _decode_lines
+    back with no work per line (a runtime's table has thousands of lines)."""
+    files, addresses, file_ids, line_numbers = table.columns()
+    return {"files": [written(name) for name in files], "addresses": _column_hex(addresses),
+            "file_ids": _column_hex(file_ids), "line_numbers": _column_hex(line_numbers)}
+
+
+def _column_hex(column: array[int]) -> str:
+    if sys.byteorder != "little":
+        column = array(column.typecode, column)
+        column.byteswap()
+    return column.tobytes().hex()
+
+
+def _column(text: object, typecode: str) -> array[int]:
+    """The array _column_hex wrote; TypeError/ValueError if `text` is not one."""
+    if not isinstance(text, str):
+        raise TypeError("line table column")
+    column = array(typecode)
+    column.frombytes(bytes.fromhex(text))  # ValueError: not hex, or not whole items
+    if sys.byteorder != "little":
+        column.byteswap()
+    return column
+
+
+def _decode_lines(entry: Any, file: Callable[[object], str]) -> LineTable:
+    """Program.lines from the entry's columns (_encode_lines), each file name through `file`
+    (_decode's); TypeError/ValueError if they are not that (LineTable checks that the columns
+    agree in length and name only files it holds)."""
+    if not isinstance(entry, dict):
+        raise TypeError("line table")
+    files = tuple(file(name) for name in entry["files"])
+    return LineTable(_column(entry["addresses"], "Q"), files, _column(entry["file_ids"], "I"),
+                     _column(entry["line_numbers"], "Q"))
 
 
 def _decode(payload: dict[str, Any], roots: Roots = NO_ROOTS) -> tuple[Program, _Included]:

@@ -126,6 +126,18 @@ class LineTable(Sequence[tuple[int, SourceLocation]]):
         for address, file_id, line in zip(self._addresses, self._file_ids, self._line_numbers, strict=True):
             yield address, SourceLocation(files[file_id], line)
 
+    def columns(self) -> tuple[tuple[str, ...], array[int], array[int], array[int]]:
+        """(files, addresses, file ids, line numbers) in one spelling for equal tables: the
+        files in the order the lines first name them, each name once (what a cache entry and a
+        program's digest write)."""
+        files = self._files
+        canonical: dict[str, int] = {}
+        remap = {old: canonical.setdefault(files[old], len(canonical)) for old in dict.fromkeys(self._file_ids)}
+        ids = self._file_ids
+        if len(canonical) != len(files) or any(new != old for old, new in remap.items()):
+            ids = array("I", [remap[old] for old in ids])
+        return tuple(canonical), self._addresses, ids, self._line_numbers
+
     def _file_column(self) -> tuple[str, ...]:
         files = self._files
         return tuple(files[i] for i in self._file_ids)

@@ -484,14 +484,19 @@ class Vcpu:
         limit = _timeout(timeout, self._machine.options.timeout)
         deadline = time.monotonic() + limit
         vmm = self._machine.vmm
-        #: the exit the run stopped at, answered inside it, and the default VMM's answer
-        answered: list[tuple[KvmExit, Ucall | VmEnd]] = []
+        #: the exit the run stopped at, answered inside it: the default VMM's answer, or what
+        #: it raised (raised here, out of KVM_RUN, as vm.handle would raise it)
+        answered: list[tuple[KvmExit, Ucall | VmEnd | BaseException]] = []
 
         def handled(exit: KvmExit) -> bool:
             # KVM_RUN's internal fast path, as _run_default: an exit the default VMM answers
             # that is neither a ucall nor an end keeps the guest running, without the
             # emulator's stop and restart.
-            result = vmm.handle(exit)
+            try:
+                result = vmm.handle(exit)
+            except Exception as exc:  # not the emulator's: the VMM's, raised after KVM_RUN returns
+                answered.append((exit, exc))
+                return False
             if result is None:
                 return True
             answered.append((exit, result))
@@ -502,6 +507,8 @@ class Vcpu:
             assert not isinstance(result, RunStop)
             if answered and answered[-1][0] is result:
                 _, answer = answered.pop()
+                if isinstance(answer, BaseException):
+                    raise answer
                 if isinstance(answer, VmEnd):
                     raise _raise_for(answer)
                 ucall: Ucall | None = answer

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="measure exit rates and compute speed against bare Unicorn")
-    bench.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds, passes and iterations (a smoke run)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

@@ -13,7 +13,7 @@ guests/lib/), so one table decides where everything lives.
     0x400000  runtime page tables: PML4, PDPT, then a pool the runtime takes PDs and PTs from
               as it splits large pages (2 MiB; 1 GiB where CPUID offers them)
     0x600000  FREE: free for guests (GUEST_FREE_GPA, whatever the guest's size)
-    ACCEPTED  SNP: memory below GUEST_ACCEPTED_END is validated at boot; the rest is accepted
+    ACCEPTED  SNP, TDX: memory below GUEST_ACCEPTED_END is accepted at boot; the rest is accepted
               on demand (accept_memory), as Linux's unaccepted-memory support does
 
 The runtime's identity map uses large pages, so its page tables do not grow with the guest: a
@@ -54,8 +54,10 @@ RT_PT_END = 0x600000  # the page-table pool ends here; guests' free memory start
 #: Linux's unaccepted-memory unit (the EFI table's unit_size, PMD_SIZE on x86): accept_memory
 #: validates whole units and the runtime's bitmap has one bit per unit.
 ACCEPT_UNIT = 2 << 20
-#: SNP and TDX: memory the runtime validates (accepts) at boot, from 0: the runtime's region, the
-#: image, the page-table pool and the first ACCEPT_UNIT of the guests' free memory; the rest
+#: SNP and TDX: the end of the memory accepted at boot - below RT_REGION_END the pages the launch
+#: added (SNP_LAUNCH_UPDATE, TDH.MEM.PAGE.ADD), then, from RT_REGION_END (RT_VALIDATE_START), by the
+#: runtime: the rest of that 2 MiB unit, the page-table pool and the first ACCEPT_UNIT of the
+#: guests' free memory; the rest
 #: waits for accept_memory, as Linux leaves unaccepted memory to its allocator. Each 4 KiB page
 #: is one PVALIDATE or TDG.MEM.PAGE.ACCEPT exit (KVM maps guest_memfd pages at 4 KiB, so a 2 MiB
 #: one would fail with a size mismatch), so this is most of what a boot costs: ~1,470 exits.
@@ -106,7 +108,7 @@ class Layout:
 
     @property
     def accepted_end(self) -> int:
-        """SNP: end of the memory the runtime validates at boot (a multiple of ACCEPT_UNIT)."""
+        """SNP, TDX: end of the memory accepted at boot (a multiple of ACCEPT_UNIT)."""
         return min(self.mem_size, ACCEPT_AT_BOOT)
 
     def defines(self) -> dict[str, int]:

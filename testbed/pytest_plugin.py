@@ -347,7 +347,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _hide_testbed_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """End the traceback in the test's own code, as a Python assert's does: the frames inside
-    the host API (Vcpu.run_to_ucall -> Vm.handle -> raise) say nothing about the guest.
+    the host API (Vcpu.run_to_ucall -> raise) say nothing about the guest.
 
     pytest rebuilds tracebacks from the raw ones (Traceback.cut follows tb_next), so the raw
     chain is cut after the last frame outside testbed/ when only testbed frames follow it."""

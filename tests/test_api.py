@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import weakref
 from collections.abc import Callable
@@ -90,6 +91,22 @@ def test_run_to_ucall_answers_the_vmms_exits_inside_one_kvm_run(vm_type: str,
         assert all(not vm.is_private(free + i * 4096) for i in range(8))
         assert vm.is_private(free + 8 * 4096)
         assert vcpu.run_to_ucall().cmd == "done"
+
+
+def test_an_error_the_vmm_raises_comes_out_of_run_to_ucall_as_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception the default VMM raises while answering an exit inside KVM_RUN comes out of
+    run_to_ucall as itself, the run not ended, as it would from vm.handle() after vcpu.run()."""
+    with testbed.Vm(vm_type="sev", **SMALL) as vm:
+        vcpu = vm.load("convert.s", text=CONVERT_EIGHT)
+
+        def refuse(*_args: object) -> int:
+            raise KvmIoctlError("TEST", errno.ENOMEM, "the VMM ran out")
+
+        monkeypatch.setattr(vm.machine.map_gpa, "handle", refuse)
+        with pytest.raises(KvmIoctlError) as info:
+            vcpu.run_to_ucall()
+        assert type(info.value) is KvmIoctlError and info.value.errno == errno.ENOMEM
+        assert vm.machine.vmm.ended is None
 
 
 def _reg(name: str) -> object:

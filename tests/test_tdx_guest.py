@@ -168,6 +168,42 @@ def test_map_gpa_retry_resumes_from_r11() -> None:
     assert len(hypercalls) == 1 + 2 + 2  # the ucall page, then two 2 MiB chunks each way
 
 
+def _retries(how: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """RETRYs KVM answered to the guest's MapGPAs in OP 4 of 1,024 pages with an event made
+    pending at every third MapGPA exit, the VMM driven `how`."""
+    statuses: list[int] = []
+    real = kvm_tdx.TdxVcpu._propagate
+
+    def propagate(self: kvm_tdx.TdxVcpu, status: int) -> None:
+        statuses.append(status)
+        real(self, status)
+
+    monkeypatch.setattr(kvm_tdx.TdxVcpu, "_propagate", propagate)
+    options: dict[str, Any] = {"vm_type": "tdx", "vendor": "intel", "memory": "32M", "timeout": TIMEOUT,
+                               "pending_event_every": 3}
+    if how == "run_guest":
+        done(run_guest(GUEST, VmOptions(**{**options, "vendor": Vendor.INTEL, "memory": 32 << 20,
+                                           "defines": {"OP": 4, "PAGES": 1024}})))
+    else:
+        with testbed.Vm(**options) as vm:
+            vcpu = vm.load(GUEST, defines={"OP": 4, "PAGES": 1024})
+            ucall = None
+            while ucall is None or ucall.cmd != "done":
+                ucall = vcpu.run_to_ucall() if how == "run_to_ucall" else vm.handle(vcpu.run())
+    return statuses.count(kvm_tdx.TDVMCALL_STATUS_RETRY)
+
+
+def test_an_event_is_consumed_when_the_guest_is_entered_however_the_vmm_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VMM answering inside KVM_RUN (run_to_ucall, run_guest) re-enters the guest as the next
+    KVM_RUN would: an event made pending at a MapGPA's last chunk is consumed then, not left to
+    turn a later MapGPA's chunk into a RETRY; all three ways see the RETRYs of a vcpu.run() /
+    vm.handle() loop."""
+    loop = _retries("loop", monkeypatch)
+    assert _retries("run_to_ucall", monkeypatch) == loop
+    assert _retries("run_guest", monkeypatch) == loop
+
+
 def _run_with_vmm(ret: int, **kw: Any) -> tuple[int, int]:
     """OP 4 of one page through the host API, answering every MapGPA of the guest's page with
     `ret`: (set_memory_shared's rax, the to-shared MapGPA exits for that page)."""

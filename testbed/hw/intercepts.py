@@ -395,7 +395,7 @@ class Intercepts(EventDelivery):
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
         PVALIDATE on SNP and TDCALL in a TD go to `_accept_exit` with the snapshot's RAX, RCX
-        and RDX (an SNP or TD boot runs ~3,500 of them, which read nothing else but RFLAGS, and
+        and RDX (an SNP or TD boot runs ~1,500 of them, which read nothing else but RFLAGS, and
         write their results back in one batch); everything else goes through `_on_invalid`.
         Exceptions are caught here as `_guard` would catch them."""
         try:
@@ -411,7 +411,7 @@ class Intercepts(EventDelivery):
                 insn = self._fetch_at_rip(rip + base, 4)
             if self._protected_exits:
                 # PVALIDATE and TDCALL exist only here (SNP is SEV-ES; a TD's exits are all
-                # protected): an SNP or TD boot runs ~3,500 of them, each straight to its handler.
+                # protected): an SNP or TD boot runs ~1,500 of them, each straight to its handler.
                 if self.vendor is Vendor.AMD:
                     if insn == PVALIDATE_BYTES and self._snp:
                         return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=False)

@@ -387,6 +387,10 @@ class KvmVcpu:
         if handled is not None and self._running and handled(run):
             if complete is not None:
                 complete()
+            if self._exit is None and self._run_error is None:
+                # The guest is entered again, as the next KVM_RUN would enter it after the
+                # completion: an event still pending is consumed now (run() does it on entry).
+                self.pending_event = False
             return
         self._exit = run
         self._pending_completion = complete

@@ -39,9 +39,10 @@ one 4 KiB page each, alternating direction) from a raw TDVMCALL MapGPA and from 
 State Change request (the runtime's rt_snp_psc, no PVALIDATE), with their per-round ratios.
 
 The groups with a ratio target (exits, compute, page touching, TLB) take PASSES short passes per
-round, alternating the order pass by pass, and a round's value is the median of its passes:
-this machine's speed changes over tens to hundreds of milliseconds, so a figure and its ceiling
-must be measured within milliseconds of each other to be paired at all. Their testbed figures
+round, alternating the order pass by pass; a figure's round is the median of its passes, and a
+ratio's the median of its passes' ratios: this machine's speed changes over tens to hundreds of
+milliseconds, so a figure and its ceiling must be measured within tens of milliseconds of each
+other (a take clears the 20 ms timer floor) to be paired at all. Their testbed figures
 are slices of a VM booted once (LoopVm: the loop body LOOPS times between two ucalls; the boot,
 the first translation and the first touch of every page stay outside every slice). The other
 figures' loop rate comes from two runs of the same guest with different iteration counts, so
@@ -287,12 +288,12 @@ class LoopVm:
         self.loops = loops
         self.figure = figure
         text = "guest_main:\nbench_slice:\n" + body + "    GUEST_SYNC 0\n    jmp bench_slice\n"
-        self._vm = Vm(timeout=600.0, record_exits=False, **opts)
+        self.vm = Vm(timeout=600.0, record_exits=False, **opts)
         try:
-            self._vcpu = self._vm.load(text=text, defines={"LOOPS": loops, **(defines or {})})
+            self._vcpu = self.vm.load(text=text, defines={"LOOPS": loops, **(defines or {})})
             self._slice()  # the first slice: translation and the first touch of every page
         except BaseException:
-            self._vm.close()
+            self.vm.close()
             raise
 
     def _slice(self) -> None:
@@ -313,7 +314,7 @@ class LoopVm:
         return units / seconds
 
     def close(self) -> None:
-        self._vm.close()
+        self.vm.close()
 
 
 def sliced(resources: contextlib.ExitStack, body: str, loops: int, figure: str, **opts: Any) -> Callable[[], float]:
@@ -603,6 +604,14 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> l
     return [a / b for a, b in zip(numerator, denominator, strict=True)]
 
 
+def pass_paired_ratios(numerator: Sequence[Sequence[float]], denominator: Sequence[Sequence[float]]) -> list[float]:
+    """Per-round ratios of two figures measured next to each other pass by pass: each round's
+    the median of its passes' ratios (each pass's two values were taken back to back)."""
+    if len(numerator) != len(denominator):
+        raise ValueError(f"paired figures need the same rounds: {len(numerator)} vs {len(denominator)}")
+    return [statistics.median(paired_ratios(a, b)) for a, b in zip(numerator, denominator, strict=True)]
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One figure: `take()` measures one round of it (above the timer floor)."""
@@ -612,29 +621,39 @@ class Measurement:
     take: Callable[[], float]
 
 
-def interleave(rounds: int, groups: Sequence[Sequence[Measurement]],
-               passes: Sequence[int] | None = None) -> dict[str, list[float]]:
-    """Every measurement once per round, or `passes[i]` times for group i: then the round's
-    value is the median of its passes. Within a group - a ceiling and the figures compared to
-    it - the order is as given on even passes and reversed on odd ones, so each figure's
+def interleave_passes(rounds: int, groups: Sequence[Sequence[Measurement]],
+                      passes: Sequence[int] | None = None) -> dict[str, list[list[float]]]:
+    """Every measurement `passes[i]` times per round for group i (once without `passes`): each
+    figure's values by round, then by pass. Within a group - a ceiling and the figures compared
+    to it - the order is as given on even passes and reversed on odd ones, so each figure's
     ceiling is measured right before it in one pass and right after it in the next; the groups
     follow each other in every round, so slow drift of the machine reaches all of them alike.
-    Several short passes pair a figure with its ceiling within milliseconds: this machine's
-    speed changes over tens to hundreds of milliseconds, which one long measurement of each
-    side would see differently."""
+    Short passes pair a figure with its ceiling within tens of milliseconds (a take clears the
+    timer floor, MIN_MEASURED_S): this machine's speed changes over tens to hundreds of
+    milliseconds, which one long measurement of each side would see differently."""
     counts = list(passes) if passes is not None else [1] * len(groups)
     if len(counts) != len(groups) or min(counts, default=1) < 1:
         raise ValueError(f"passes {counts} do not fit {len(groups)} groups")
-    samples: dict[str, list[float]] = {m.name: [] for group in groups for m in group}
+    samples: dict[str, list[list[float]]] = {m.name: [] for group in groups for m in group}
     for index in range(rounds):
         for group, count in zip(groups, counts, strict=True):
-            taken: dict[str, list[float]] = {m.name: [] for m in group}
+            for m in group:
+                samples[m.name].append([])
             for p in range(count):
                 for m in (group if (index * count + p) % 2 == 0 else list(reversed(group))):
-                    taken[m.name].append(m.take())
-            for name, values in taken.items():
-                samples[name].append(statistics.median(values))
+                    samples[m.name][-1].append(m.take())
     return samples
+
+
+def round_values(per_pass: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
+    """Each figure's value per round: the median of its passes."""
+    return {name: [statistics.median(values) for values in rounds_] for name, rounds_ in per_pass.items()}
+
+
+def interleave(rounds: int, groups: Sequence[Sequence[Measurement]],
+               passes: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """interleave_passes(), each round's value the median of its passes."""
+    return round_values(interleave_passes(rounds, groups, passes))
 
 
 @dataclass(frozen=True)
@@ -754,10 +773,12 @@ def plan(quick: bool) -> Plan:
     return Plan(groups, ratios, targets, group_passes, resources)
 
 
-def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, quick: bool) -> dict[str, Any]:
+def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, quick: bool,
+             per_pass: Mapping[str, Sequence[Sequence[float]]] | None = None) -> dict[str, Any]:
     """The results `--json` prints: every figure (measured and paired ratio) with its median,
     min, max, n and unit, and every target with its verdict. A ratio whose ceiling was not
-    measured (the C extension not built) is absent, and its target undecided."""
+    measured (the C extension not built) is absent, and its target undecided. With `per_pass`
+    (interleave_passes), a ratio's round is the median of its passes' ratios."""
     units = {m.name: m.unit for group in plan_.groups for m in group}
     figures: dict[str, dict[str, Any]] = {}
     spreads: dict[str, Spread] = {}
@@ -766,7 +787,11 @@ def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, q
         figures[name] = {"unit": units.get(name, ""), **spreads[name].as_dict()}
     for ratio in plan_.ratios:
         if ratio.numerator in samples and ratio.denominator in samples:
-            spreads[ratio.name] = Spread.of(paired_ratios(samples[ratio.numerator], samples[ratio.denominator]))
+            if per_pass is not None and ratio.numerator in per_pass and ratio.denominator in per_pass:
+                values = pass_paired_ratios(per_pass[ratio.numerator], per_pass[ratio.denominator])
+            else:
+                values = paired_ratios(samples[ratio.numerator], samples[ratio.denominator])
+            spreads[ratio.name] = Spread.of(values)
             figures[ratio.name] = {"unit": "x", "ratio_of": [ratio.numerator, ratio.denominator],
                                    **spreads[ratio.name].as_dict()}
     targets: dict[str, dict[str, Any]] = {}
@@ -792,8 +817,8 @@ def collect(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
             scenario_seconds(vm_type, "warm-up", reuse=True)
     p = plan(quick)
     with p.resources:
-        samples = interleave(n, p.groups, p.passes or None)
-    return evaluate(p, samples, n, quick)
+        per_pass = interleave_passes(n, p.groups, p.passes or None)
+    return evaluate(p, round_values(per_pass), n, quick, per_pass)
 
 
 # ------------------------------------------------------------------ output

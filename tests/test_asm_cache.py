@@ -593,7 +593,7 @@ def test_a_line_table_survives_its_entry_columns() -> None:
     """An entry's line table is columns of hex (_encode_lines) that decode to the same table,
     each file name through the entry's roots; equal tables are written alike."""
     program = build_program(GUESTS_DIR / "hypercall_insn.s", VmOptions())
-    written = cache._encode_lines(program.lines, str)
+    written = cache._encode_lines(LineTable.of(program.lines), str)
     assert set(written) == {"files", "addresses", "file_ids", "line_numbers"}
     assert all(isinstance(written[k], str) for k in ("addresses", "file_ids", "line_numbers"))
     assert cache._decode_lines(json.loads(json.dumps(written)), str) == program.lines

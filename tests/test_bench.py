@@ -20,12 +20,14 @@ Scenarios:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import struct
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -219,6 +221,73 @@ def test_passes_alternate_the_order_and_a_round_is_their_median() -> None:
     assert samples == {"c": [2.0, 4.0], "f": [5.0, 7.0], "s": [10.0, 11.0]}
     with pytest.raises(ValueError, match="passes"):
         interleave(1, [[m("c")]], passes=[0])
+
+
+def test_a_ratio_is_paired_pass_by_pass() -> None:
+    """With passes, a ratio's round is the median of its passes' ratios (each pass's two values
+    taken back to back), not the ratio of the two figures' medians, which may come from
+    different passes; each figure's round is the median of its passes."""
+    per_pass = {"c": [[1.0, 8.0, 3.0]], "f": [[1.0, 4.0, 9.0]]}  # pass ratios 1, 0.5, 3
+    groups = [[Measurement("c", "x", lambda: 0.0), Measurement("f", "x", lambda: 0.0)]]
+    p = Plan(groups, [Ratio("r", "f", "c")], [Target("r", ">=", 1.2, "r >= 1.2")], [3])
+    assert bench.round_values(per_pass) == {"c": [3.0], "f": [4.0]}
+    paired = evaluate(p, bench.round_values(per_pass), 1, quick=False, per_pass=per_pass)
+    assert paired["figures"]["r"]["median"] == 1.0
+    assert evaluate(p, bench.round_values(per_pass), 1, quick=False)["figures"]["r"]["median"] == pytest.approx(4 / 3)
+
+
+def test_collect_runs_the_plans_passes_and_closes_its_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """collect() takes each measurement of a group its passes' times a round, pairs the ratio
+    pass by pass, and closes what the plan opened - also when a take fails."""
+    takes: collections.Counter[str] = collections.Counter()
+    closed: list[bool] = []
+
+    def make(fail: bool) -> Plan:
+        resources = contextlib.ExitStack()
+        resources.callback(closed.append, True)
+
+        def take(name: str) -> float:
+            takes[name] += 1
+            if fail and takes[name] == 2:
+                raise BenchError("bench figure a: failed")
+            return float(takes[name])
+
+        groups = [[Measurement("a", "x", lambda: take("a")), Measurement("b", "x", lambda: take("b"))]]
+        return Plan(groups, [Ratio("r", "a", "b")], [], [3], resources)
+
+    monkeypatch.setattr(bench, "scenario_seconds", lambda *_a, **_kw: 0.001)
+    monkeypatch.setattr(bench, "plan", lambda _quick: make(False))
+    results = bench.collect(quick=True, rounds=5)
+    assert takes == {"a": 15, "b": 15} and closed == [True]
+    assert results["figures"]["r"] == {"unit": "x", "ratio_of": ["a", "b"], "median": 1.0, "min": 1.0, "max": 1.0,
+                                       "n": 5}
+    takes.clear()
+    closed.clear()
+    monkeypatch.setattr(bench, "plan", lambda _quick: make(True))
+    with pytest.raises(BenchError):
+        bench.collect(quick=True, rounds=5)
+    assert closed == [True]
+
+
+def test_a_slice_is_loops_units_of_one_vm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoopVm.rate() counts whole slices of LOOPS iterations: three slices of a 200-hypercall
+    loop are 600 units, and the VM's KVM answered exactly 600 hypercalls in them."""
+    loop = bench.LoopVm(bench.HYPERCALL_BODY, 200, "hc_test", memory="8M")
+    try:
+        seen: list[tuple[str, int]] = []
+
+        def three_slices(figure: str, once: Callable[[int], tuple[int, float]]) -> tuple[int, float]:
+            units, seconds = once(3)
+            seen.append((figure, units))
+            return units, seconds
+
+        monkeypatch.setattr(bench, "measure", three_slices)
+        before = loop.vm.machine.kvm_vcpu.stat_hypercalls
+        assert loop.rate() > 0
+        assert seen == [("hc_test", 600)]
+        assert loop.vm.machine.kvm_vcpu.stat_hypercalls - before == 600
+    finally:
+        loop.close()
 
 
 def test_a_sliced_figure_runs_slices_of_one_booted_vm() -> None:

@@ -204,6 +204,23 @@ def test_an_event_is_consumed_when_the_guest_is_entered_however_the_vmm_answers(
     assert _retries("run_guest", monkeypatch) == loop
 
 
+def test_run_to_ucall_takes_over_a_mapgpa_answered_by_hand() -> None:
+    """A test takes the first 2 MiB chunk of a 4 MiB MapGPA from vcpu.run() and has the VMM answer
+    it (vm.handle); run_to_ucall's KVM_RUN then runs that completion, which exits for the next
+    chunk before the guest runs (KVM_RUN returns it at once, outside the fast path), and the
+    default VMM answers it and the rest: both conversions succeed, as without the hand-over."""
+    with testbed.Vm(vm_type="tdx", vendor="intel", memory="32M", timeout=TIMEOUT) as vm:
+        vcpu = vm.load(GUEST, defines={"OP": 4, "PAGES": 1024})
+        while True:
+            exit = vcpu.run()
+            if isinstance(exit, testbed.HypercallExit) and exit.args[1] == 512 and exit.args[0] != UCALL_GPA:
+                break  # the first chunk of set_memory_shared
+            assert vm.handle(exit) is None
+        assert vm.handle(exit) is None
+        assert vcpu.run_to_ucall() == testbed.Ucall(cmd="sync", args=[0, 0])
+        assert vcpu.run_to_ucall().cmd == "done"
+
+
 def _run_with_vmm(ret: int, **kw: Any) -> tuple[int, int]:
     """OP 4 of one page through the host API, answering every MapGPA of the guest's page with
     `ret`: (set_memory_shared's rax, the to-shared MapGPA exits for that page)."""

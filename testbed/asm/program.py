@@ -133,10 +133,12 @@ class LineTable(Sequence[tuple[int, SourceLocation]]):
         files = self._files
         canonical: dict[str, int] = {}
         remap = {old: canonical.setdefault(files[old], len(canonical)) for old in dict.fromkeys(self._file_ids)}
-        ids = self._file_ids
         if len(canonical) != len(files) or any(new != old for old, new in remap.items()):
-            ids = array("I", [remap[old] for old in ids])
-        return tuple(canonical), self._addresses, ids, self._line_numbers
+            ids = array("I", [remap[old] for old in self._file_ids])
+        else:
+            ids = array("I", self._file_ids)
+        # Copies: the table's own columns stay as they are whatever the caller does with these.
+        return tuple(canonical), array("Q", self._addresses), ids, array("Q", self._line_numbers)
 
     def _file_column(self) -> tuple[str, ...]:
         files = self._files

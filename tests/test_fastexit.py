@@ -122,9 +122,9 @@ def test_hypercall_fastpath_answers_as_the_vmexit_path(vendor: str, monkeypatch:
     taken = [0]
     real = KvmVcpu.native_hypercall
 
-    def counted(self: KvmVcpu, *args: Any) -> None:
+    def counted(self: KvmVcpu, *args: Any) -> int | None:
         taken[0] += 1
-        real(self, *args)
+        return real(self, *args)
 
     monkeypatch.setattr(KvmVcpu, "native_hypercall", counted)
     results = []

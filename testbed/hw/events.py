@@ -60,7 +60,7 @@ class EventDelivery(Mmu):
         self._tracer = tracer
         self.hypervisor: Hypervisor | None = None
         #: the attached hypervisor's native_hypercall (exits.HypercallFastpath), or None
-        self._hypercall_fastpath: Callable[[int, int, bool, int, int, int, int], None] | None = None
+        self._hypercall_fastpath: Callable[[int, int, bool, int, int, int, int], int | None] | None = None
         self._ctx = _CTX_NONE
         self._cur_rip = 0
         self._cur_len = 0

@@ -123,9 +123,12 @@ class HypercallFastpath(Protocol):
     the hardware hands over the registers the exit saved instead of KVM reading them back
     through `hypercall_regs`/`hypercall_args`. Optional: the hardware calls it, when the
     attached hypervisor has it and nothing traces, instead of `vmexit(<hypercall exit code>)`;
-    the decisions are the same (kvm/vcpu.py)."""
+    the decisions are the same (kvm/vcpu.py). It returns the value to complete the instruction
+    with (RAX, and RIP moved past it, written by the hardware in the same hook), or None when
+    it completed the instruction itself or left it to userspace."""
 
-    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int, a3: int) -> None: ...
+    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int,
+                         a3: int) -> int | None: ...
 
 
 class GhcbMsr(Protocol):

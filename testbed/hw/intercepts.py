@@ -430,8 +430,15 @@ class Intercepts(EventDelivery):
                 try:
                     if fastpath is not None and not self._tracer.enabled:
                         # The hypervisor's fastpath (exits.HypercallFastpath): the registers
-                        # handed over, no vmexit frame and no read-back through the snapshot.
-                        fastpath(rax, sel, long_mode, rbx, rcx, rdx, rsi)
+                        # handed over, no vmexit frame and no read-back through the snapshot;
+                        # its answer written back here, RAX and RIP in one batch.
+                        ret = fastpath(rax, sel, long_mode, rbx, rcx, rdx, rsi)
+                        if ret is not None:
+                            fastexit = self._fastexit
+                            if fastexit is not None:
+                                fastexit.write2(ret, rip + 3)
+                            else:
+                                self._write_rax_rip(ret, rip + 3)
                     else:
                         self._snapshot = (rax, sel, rbx, rcx, rdx, rsi, long_mode)
                         self._exit(self._native_hypercall_exit, 0, 0)

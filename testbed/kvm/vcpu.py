@@ -488,27 +488,32 @@ class KvmVcpu:
             # KVM reads RBX/RCX/RDX/RSI unconditionally; skipping reads whose values cannot
             # change the outcome is unobservable and halves the register traffic per exit.
             a0 = a1 = a2 = a3 = 0
-        self.native_hypercall(nr, cs, op_64_bit, a0, a1, a2, a3)
+        ret = self.native_hypercall(nr, cs, op_64_bit, a0, a1, a2, a3)
+        if ret is not None:
+            hw.complete_hypercall(ret)
 
-    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int, a3: int) -> None:
-        """The native VMCALL/VMMCALL exit: kvm_emulate_hypercall() on the guest's registers,
-        completed by writing RAX and skipping the instruction (complete_hypercall). The
-        hardware calls it directly as KVM's exit fastpath (hw/exits.py HypercallFastpath: the
-        registers handed over) when nothing traces; `handle_hypercall` ends here too."""
+    def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int,
+                         a3: int) -> int | None:
+        """The native VMCALL/VMMCALL exit: kvm_emulate_hypercall() on the guest's registers.
+        Returns the value to complete the instruction with (RAX, and RIP past it: the caller's
+        complete_hypercall), or None when the hypercall was completed here or waits for
+        userspace. The hardware calls it directly as KVM's exit fastpath (hw/exits.py
+        HypercallFastpath: the registers handed over, the completion written in the same hook)
+        when nothing traces; `handle_hypercall` ends here too."""
         hw = self.hw
         cpl = cs & 3
         if self.tracer.enabled or self.vm.page_enc_status_protocol:
             self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, hw.complete_hypercall)
-            return
+            return None
         # kvm_emulate_hypercall() and _dispatch_hypercall() inlined for their common case (no
         # trace record, no seed-era in-kernel PAGE_ENC_STATUS): the same emulate_hypercall()
         # decides; two Python frames less on the most frequent exit.
         outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, self._pv, self.vm.hypercall_exit_mask)
         if outcome.user_exit is None:
             self.stat_hypercalls += 1
-            hw.complete_hypercall(outcome.ret & U64 if long_mode else outcome.ret & U32)  # complete_ret()
-            return
+            return outcome.ret & U64 if long_mode else outcome.ret & U32  # complete_ret()
         self._hypercall_user_exit(outcome.user_exit, long_mode, hw.complete_hypercall)
+        return None
 
     def kvm_emulate_hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool,
                               complete: Callable[[int], None]) -> None:

@@ -41,7 +41,6 @@ from testbed.x86 import (
     PVALIDATE_BYTES,
     RFLAGS_CF,
     TDCALL_BYTES,
-    U64,
     VMCALL_BYTES,
     VMGEXIT_BYTES,
     VMMCALL_BYTES,
@@ -434,11 +433,7 @@ class Intercepts(EventDelivery):
                         # its answer written back here, RAX and RIP in one batch.
                         ret = fastpath(rax, sel, long_mode, rbx, rcx, rdx, rsi)
                         if ret is not None:
-                            fastexit = self._fastexit
-                            if fastexit is not None:
-                                fastexit.write2(ret, rip + 3)
-                            else:
-                                self._write_rax_rip(ret, rip + 3)
+                            self._write_rax_rip(ret, rip + 3)
                     else:
                         self._snapshot = (rax, sel, rbx, rcx, rdx, rsi, long_mode)
                         self._exit(self._native_hypercall_exit, 0, 0)
@@ -467,10 +462,6 @@ class Intercepts(EventDelivery):
 
     def complete_hypercall(self, rax: int) -> None:
         """RAX = the result and RIP past the instruction, in one batched write."""
-        fastexit = self._fastexit
-        if fastexit is not None:  # the binding's batched write, one frame less on the hot path
-            fastexit.write2(rax & U64, self._cur_rip + self._cur_len)
-            return
         self._write_rax_rip(rax, self._cur_rip + self._cur_len)
 
     def _on_invalid(self, rip: int, insn: bytes, cs: int) -> bool:

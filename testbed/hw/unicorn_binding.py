@@ -455,6 +455,7 @@ class UnicornBinding(ABC):
             )
         else:
             self._add_hook(ucc.UC_HOOK_INSN_INVALID, _INVALID_CFUNC, self._on_invalid_ctypes)
+        self._bind_writers()
         self._add_hook(ucc.UC_HOOK_INTR, _INTR_CFUNC, self._guard(self._on_intr_raw, None))
         self._add_hook(ucc.UC_HOOK_INSN, _OUT_CFUNC, self._guard(self._on_out_raw, None), ux.UC_X86_INS_OUT)
         self._add_hook(ucc.UC_HOOK_INSN, _IN_CFUNC, self._guard(self._on_in_raw, 0), ux.UC_X86_INS_IN)
@@ -560,6 +561,7 @@ class UnicornBinding(ABC):
         if release is not None:
             release()
         fastexit, self._fastexit = self._fastexit, None
+        self._bind_writers()
         if fastexit is not None and hasattr(fastexit, "close"):  # (an extension built before close())
             fastexit.close()  # its hook died with the engine; drop its handler (the vCPU)
         native_mmu, self._native_mmu = self._native_mmu, None
@@ -619,25 +621,27 @@ class UnicornBinding(ABC):
             buffer[i] = value
         self._reg_write_batch(self._h, self._hc_wids, self._hc_ptrs, len(values))
 
-    def _write_rax_rip(self, rax: int, rip: int) -> None:
-        """RAX and RIP in one batched write (through the C extension when built)."""
-        if self._fastexit is not None:
-            self._fastexit.write2(rax & U64, rip)
-            return
+    def _bind_writers(self) -> None:
+        """The exit's batched writes, chosen once: the C extension's when built (it masks RAX to
+        64 bits itself), else one ctypes batch each. `_write_rax_rip(rax, rip)` and
+        `_write_rax_rip_rflags(rax, rip, rflags)` are then called directly on the hot paths."""
+        fastexit = self._fastexit
+        self._write_rax_rip: Callable[[int, int], None] = (
+            fastexit.write2 if fastexit is not None else self._batch_rax_rip)
+        self._write_rax_rip_rflags: Callable[[int, int, int], None] = (
+            fastexit.write3 if fastexit is not None else self._batch_rax_rip_rflags)
+
+    def _batch_rax_rip(self, rax: int, rip: int) -> None:
         self._write_batch(rax & U64, rip)
+
+    def _batch_rax_rip_rflags(self, rax: int, rip: int, rflags: int) -> None:
+        self._write_batch(rax & U64, rip, rflags)
 
     def _read_rflags(self) -> int:
         """RFLAGS (through the C extension when built: one call, no ctypes round trip)."""
         if self._fastexit is not None:
             return int(self._fastexit.read3())
         return self.read_reg(Reg.RFLAGS)
-
-    def _write_rax_rip_rflags(self, rax: int, rip: int, rflags: int) -> None:
-        """RAX, RIP and RFLAGS in one batched write (through the C extension when built)."""
-        if self._fastexit is not None:
-            self._fastexit.write3(rax & U64, rip, rflags)
-            return
-        self._write_batch(rax & U64, rip, rflags)
 
     def _read_fill_regs(self) -> tuple[int, int, int]:
         """CS, CR3 and CR0 in one batched read (what a TLB fill needs)."""

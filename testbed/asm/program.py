@@ -130,15 +130,12 @@ class LineTable(Sequence[tuple[int, SourceLocation]]):
         """(files, addresses, file ids, line numbers) in one spelling for equal tables: the
         files in the order the lines first name them, each name once (what a cache entry and a
         program's digest write)."""
-        files = self._files
-        canonical: dict[str, int] = {}
-        remap = {old: canonical.setdefault(files[old], len(canonical)) for old in dict.fromkeys(self._file_ids)}
-        if len(canonical) != len(files) or any(new != old for old, new in remap.items()):
-            ids = array("I", [remap[old] for old in self._file_ids])
-        else:
-            ids = array("I", self._file_ids)
+        column = self._file_column()
+        names = tuple(dict.fromkeys(column))
+        index = {name: i for i, name in enumerate(names)}
         # Copies: the table's own columns stay as they are whatever the caller does with these.
-        return tuple(canonical), array("Q", self._addresses), ids, array("Q", self._line_numbers)
+        return (names, array("Q", self._addresses), array("I", [index[name] for name in column]),
+                array("Q", self._line_numbers))
 
     def _file_column(self) -> tuple[str, ...]:
         files = self._files

@@ -621,8 +621,8 @@ class Measurement:
     take: Callable[[], float]
 
 
-def interleave_passes(rounds: int, groups: Sequence[Sequence[Measurement]],
-                      passes: Sequence[int] | None = None) -> dict[str, list[list[float]]]:
+def interleave(rounds: int, groups: Sequence[Sequence[Measurement]],
+               passes: Sequence[int] | None = None) -> dict[str, list[list[float]]]:
     """Every measurement `passes[i]` times per round for group i (once without `passes`): each
     figure's values by round, then by pass. Within a group - a ceiling and the figures compared
     to it - the order is as given on even passes and reversed on odd ones, so each figure's
@@ -648,12 +648,6 @@ def interleave_passes(rounds: int, groups: Sequence[Sequence[Measurement]],
 def round_values(per_pass: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
     """Each figure's value per round: the median of its passes."""
     return {name: [statistics.median(values) for values in rounds_] for name, rounds_ in per_pass.items()}
-
-
-def interleave(rounds: int, groups: Sequence[Sequence[Measurement]],
-               passes: Sequence[int] | None = None) -> dict[str, list[float]]:
-    """interleave_passes(), each round's value the median of its passes."""
-    return round_values(interleave_passes(rounds, groups, passes))
 
 
 @dataclass(frozen=True)
@@ -773,25 +767,21 @@ def plan(quick: bool) -> Plan:
     return Plan(groups, ratios, targets, group_passes, resources)
 
 
-def evaluate(plan_: Plan, samples: Mapping[str, Sequence[float]], rounds: int, quick: bool,
-             per_pass: Mapping[str, Sequence[Sequence[float]]] | None = None) -> dict[str, Any]:
+def evaluate(plan_: Plan, samples: Mapping[str, Sequence[Sequence[float]]], rounds: int, quick: bool) -> dict[str, Any]:
     """The results `--json` prints: every figure (measured and paired ratio) with its median,
     min, max, n and unit, and every target with its verdict. A ratio whose ceiling was not
-    measured (the C extension not built) is absent, and its target undecided. With `per_pass`
-    (interleave_passes), a ratio's round is the median of its passes' ratios."""
+    measured (the C extension not built) is absent, and its target undecided. `samples` are
+    interleave()'s: a figure's round is the median of its passes, a ratio's round the median
+    of its passes' ratios."""
     units = {m.name: m.unit for group in plan_.groups for m in group}
     figures: dict[str, dict[str, Any]] = {}
     spreads: dict[str, Spread] = {}
-    for name, values in samples.items():
+    for name, values in round_values(samples).items():
         spreads[name] = Spread.of(values)
         figures[name] = {"unit": units.get(name, ""), **spreads[name].as_dict()}
     for ratio in plan_.ratios:
         if ratio.numerator in samples and ratio.denominator in samples:
-            if per_pass is not None and ratio.numerator in per_pass and ratio.denominator in per_pass:
-                values = pass_paired_ratios(per_pass[ratio.numerator], per_pass[ratio.denominator])
-            else:
-                values = paired_ratios(samples[ratio.numerator], samples[ratio.denominator])
-            spreads[ratio.name] = Spread.of(values)
+            spreads[ratio.name] = Spread.of(pass_paired_ratios(samples[ratio.numerator], samples[ratio.denominator]))
             figures[ratio.name] = {"unit": "x", "ratio_of": [ratio.numerator, ratio.denominator],
                                    **spreads[ratio.name].as_dict()}
     targets: dict[str, dict[str, Any]] = {}
@@ -817,8 +807,8 @@ def collect(quick: bool = False, rounds: int | None = None) -> dict[str, Any]:
             scenario_seconds(vm_type, "warm-up", reuse=True)
     p = plan(quick)
     with p.resources:
-        per_pass = interleave_passes(n, p.groups, p.passes or None)
-    return evaluate(p, round_values(per_pass), n, quick, per_pass)
+        samples = interleave(n, p.groups, p.passes or None)
+    return evaluate(p, samples, n, quick)
 
 
 # ------------------------------------------------------------------ output

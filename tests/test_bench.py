@@ -218,7 +218,7 @@ def test_passes_alternate_the_order_and_a_round_is_their_median() -> None:
     samples = interleave(2, [[m("c"), m("f")], [m("s")]], passes=[3, 1])
     assert log == ["c", "f", "f", "c", "c", "f", "s",
                    "f", "c", "c", "f", "f", "c", "s"]
-    assert samples == {"c": [2.0, 4.0], "f": [5.0, 7.0], "s": [10.0, 11.0]}
+    assert bench.round_values(samples) == {"c": [2.0, 4.0], "f": [5.0, 7.0], "s": [10.0, 11.0]}
     with pytest.raises(ValueError, match="passes"):
         interleave(1, [[m("c")]], passes=[0])
 
@@ -231,9 +231,10 @@ def test_a_ratio_is_paired_pass_by_pass() -> None:
     groups = [[Measurement("c", "x", lambda: 0.0), Measurement("f", "x", lambda: 0.0)]]
     p = Plan(groups, [Ratio("r", "f", "c")], [Target("r", ">=", 1.2, "r >= 1.2")], [3])
     assert bench.round_values(per_pass) == {"c": [3.0], "f": [4.0]}
-    paired = evaluate(p, bench.round_values(per_pass), 1, quick=False, per_pass=per_pass)
+    paired = evaluate(p, per_pass, 1, quick=False)
     assert paired["figures"]["r"]["median"] == 1.0
-    assert evaluate(p, bench.round_values(per_pass), 1, quick=False)["figures"]["r"]["median"] == pytest.approx(4 / 3)
+    medians = {name: [[value] for value in values] for name, values in bench.round_values(per_pass).items()}
+    assert evaluate(p, medians, 1, quick=False)["figures"]["r"]["median"] == pytest.approx(4 / 3)
 
 
 def test_collect_runs_the_plans_passes_and_closes_its_resources(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,7 +341,7 @@ def test_paired_ratios_are_per_round() -> None:
 def test_a_ratio_without_its_ceiling_is_absent_and_its_target_undecided() -> None:
     """evaluate(): when a ceiling was not measured (C extension not built), the ratio is left out, not guessed."""
     plan = Plan([], [Ratio("r", "fig", "missing_ceiling")], [Target("r", ">=", 0.25, "r >= 0.25")])
-    results = evaluate(plan, {"fig": [1.0] * 5}, 5, quick=False)
+    results = evaluate(plan, {"fig": [[1.0]] * 5}, 5, quick=False)
     assert "r" not in results["figures"]
     assert results["targets"]["r >= 0.25"] == {"figure": "r", "op": ">=", "bound": 0.25, "verdict": "undecided",
                                                "note": "not measured"}

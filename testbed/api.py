@@ -111,6 +111,14 @@ class KvmRunError(VmExitError):
         self.errno = errno
 
 
+def _ucall_or_raise(result: Ucall | VmEnd | None) -> Ucall | None:
+    """The default VMM's answer to one exit as the API gives it: the ucall (or None), or the
+    end of the run raised as its VmExitError."""
+    if isinstance(result, VmEnd):
+        raise _raise_for(result)
+    return result
+
+
 def _raise_for(end: VmEnd) -> VmExitError:
     """The error for a run the default VMM ended."""
     info = dict(end.info)
@@ -388,10 +396,7 @@ class Vm:
         """The default VMM's handling of `exit` (vmm/vmm.py handle_exit): fills the reply slot
         and returns the Ucall when the exit was one (sync or done), else None. An exit that ends
         the run raises its VmExitError (GuestAssertionError for a failed assert, ...)."""
-        result = self.machine.vmm.handle(exit)
-        if isinstance(result, VmEnd):
-            raise _raise_for(result)
-        return result
+        return _ucall_or_raise(self.machine.vmm.handle(exit))
 
 
 # ----------------------------------------------------------------------------- Vcpu
@@ -509,9 +514,7 @@ class Vcpu:
                 _, answer = answered.pop()
                 if isinstance(answer, BaseException):
                     raise answer
-                if isinstance(answer, VmEnd):
-                    raise _raise_for(answer)
-                ucall: Ucall | None = answer
+                ucall = _ucall_or_raise(answer)
             else:
                 ucall = self.vm.handle(result)  # an exit KVM_RUN returned before the guest ran
             if ucall is not None:

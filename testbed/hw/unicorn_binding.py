@@ -750,7 +750,6 @@ class UnicornBinding(ABC):
         """The text of a Unicorn error status."""
         return str(unicorn.UcError(status))
 
-
     def _flush_engine_tlb(self) -> None:
         self._uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
 

@@ -30,6 +30,7 @@ def bit_runs(bits: bitarray) -> Iterator[tuple[int, int]]:
         yield start, stop - start
         start = bits.find(1, stop) if stop < end else -1
 
+
 class BitmapTracker(SharedTracker):
     """A bitarray with bit `gfn` set while page `gfn` is shared."""
 

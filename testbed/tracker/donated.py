@@ -387,6 +387,7 @@ class DonatedTracker(SharedTracker):
 #: _read_structure's one transient answer (the generation is odd): read again later.
 _UPDATING = "update in progress"
 
+
 def _first_private(is_private: IsPrivate | None, first_gfn: int, npages: int) -> int | None:
     if is_private is None:
         return None

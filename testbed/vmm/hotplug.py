@@ -57,6 +57,7 @@ class HotplugMachine(Protocol):
     map_gpa: MapGpaHandler
     pinning: PinAccounting | None
 
+
 HOTPLUG_VM_TYPES = ("default", "sw-protected", "sev", "sev-es")
 
 

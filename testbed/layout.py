@@ -13,8 +13,9 @@ guests/lib/), so one table decides where everything lives.
     0x400000  runtime page tables: PML4, PDPT, then a pool the runtime takes PDs and PTs from
               as it splits large pages (2 MiB; 1 GiB where CPUID offers them)
     0x600000  FREE: free for guests (GUEST_FREE_GPA, whatever the guest's size)
-    ACCEPTED  SNP, TDX: memory below GUEST_ACCEPTED_END is accepted at boot; the rest is accepted
-              on demand (accept_memory), as Linux's unaccepted-memory support does
+    ACCEPTED  SNP, TDX: [FREE, GUEST_ACCEPTED_END) is accepted at boot, page-table pages as the
+              runtime takes them; the rest on demand (accept_memory), as Linux's
+              unaccepted-memory support does
 
 The runtime's identity map uses large pages, so its page tables do not grow with the guest: a
 64 GiB SEV guest needs the PML4, the PDPT (1 GiB pages) and the few tables splits add (frame
@@ -54,13 +55,16 @@ RT_PT_END = 0x600000  # the page-table pool ends here; guests' free memory start
 #: Linux's unaccepted-memory unit (the EFI table's unit_size, PMD_SIZE on x86): accept_memory
 #: validates whole units and the runtime's bitmap has one bit per unit.
 ACCEPT_UNIT = 2 << 20
-#: SNP and TDX: the end of the memory accepted at boot - below RT_REGION_END the pages the launch
-#: added (SNP_LAUNCH_UPDATE, TDH.MEM.PAGE.ADD), then, from RT_REGION_END (RT_VALIDATE_START), by the
-#: runtime: the rest of that 2 MiB unit, the page-table pool and the first ACCEPT_UNIT of the
-#: guests' free memory; the rest
-#: waits for accept_memory, as Linux leaves unaccepted memory to its allocator. Each 4 KiB page
-#: is one PVALIDATE or TDG.MEM.PAGE.ACCEPT exit (KVM maps guest_memfd pages at 4 KiB, so a 2 MiB
-#: one would fail with a size mismatch), so this is most of what a boot costs: ~1,470 exits.
+#: SNP and TDX: the end of the memory accepted at boot. The launch adds the image and the
+#: runtime's region (below RT_REGION_END) accepted (SNP_LAUNCH_UPDATE, TDH.MEM.PAGE.ADD); the
+#: runtime accepts the first ACCEPT_UNIT of the guests' free memory, [RT_PT_END, ACCEPT_AT_BOOT)
+#: (RT_VALIDATE_START), at boot, and each page-table page as it takes it from the pool, as
+#: Linux's allocator accepts the pages it hands out; the rest of the pool's unit and the
+#: runtime's stay unaccepted (the runtime's own: the bitmap marks neither), and all memory
+#: above waits for accept_memory, as Linux leaves unaccepted memory to its allocator. Each
+#: 4 KiB page is one PVALIDATE or TDG.MEM.PAGE.ACCEPT exit (KVM maps guest_memfd pages at
+#: 4 KiB, so a 2 MiB one would fail with a size mismatch), so this is most of what a boot
+#: costs: 512 exits and one per page-table page (5 for most guests).
 ACCEPT_AT_BOOT = RT_PT_END + ACCEPT_UNIT
 
 MIN_MEMORY = 8 << 20
@@ -127,7 +131,7 @@ class Layout:
             "GUEST_ACCEPTED_END": self.accepted_end,
             "ACCEPT_UNIT": ACCEPT_UNIT,
             "RT_PT_END": RT_PT_END,
-            "RT_VALIDATE_START": RT_REGION_END,
+            "RT_VALIDATE_START": RT_PT_END,
             "RT_PT_BASE": RT_PT_BASE,
             "KSTACK_TOP": KSTACK_TOP,
             "TRAPSTACK_TOP": TRAPSTACK_TOP,

@@ -296,22 +296,61 @@ def test_touching_unaccepted_memory_on_snp_raises_vc_404() -> None:
     assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
 
 
-def test_an_snp_boot_validates_the_runtime_its_page_tables_and_one_unit_of_free_memory() -> None:
-    """The SNP boot PVALIDATEs [RT_REGION_END, GUEST_ACCEPTED_END) - the rest of the runtime's
-    2 MiB unit, its page-table pool and the first ACCEPT_UNIT of free memory: 1,472 pages, one
-    exit each, most of what an SNP boot costs - and nothing above it, whatever the guest's size."""
+def test_an_snp_boot_validates_one_unit_of_free_memory_and_the_page_tables_it_takes() -> None:
+    """The SNP boot PVALIDATEs [RT_PT_END, GUEST_ACCEPTED_END) - the first ACCEPT_UNIT of free
+    memory: 512 pages, one exit each - and each page-table page as the runtime takes it from
+    the pool (the boot's 5), as Linux's allocator accepts what it hands out; the rest of the
+    runtime's unit and of the pool, and everything above, stay unvalidated."""
     options = VmOptions(vm_type="sev-snp", memory=64 << 20, seed=3)
     with Machine(build_program("<empty>", options, text="guest_main:\n    ret\n"), options) as machine:
         report = machine.run()
         assert machine.cpu.rmp is not None
         validated = bytes(machine.cpu.rmp.validated)
-    end = Layout(64 << 20).accepted_end
+    layout = Layout(64 << 20)
+    end = layout.accepted_end
+    tables = layout.boot_page_table_pages(sev=True, gbpages=False)
     assert report.outcome == "done", report.detail
-    assert end == RT_PT_END + ACCEPT_UNIT and (end - RT_REGION_END) >> 12 == 1472
-    assert set(validated[RT_REGION_END >> 12 : end >> 12]) == {1}
+    assert end == RT_PT_END + ACCEPT_UNIT and (end - RT_PT_END) >> 12 == 512 and tables == 5
+    assert not any(validated[RT_REGION_END >> 12 : RT_PT_BASE >> 12])
+    pool = validated[RT_PT_BASE >> 12 : RT_PT_END >> 12]
+    assert pool == bytes([1]) * tables + bytes(len(pool) - tables)
+    assert set(validated[RT_PT_END >> 12 : end >> 12]) == {1}
     assert not any(validated[end >> 12 :])
 
 
+def test_a_page_table_taken_after_boot_is_accepted_as_it_is_taken() -> None:
+    """A conversion that splits a large page takes a page table from the pool: on SNP it is
+    PVALIDATEd then (rt_accept_page) and the conversion works; on TDX it is accepted
+    (TDG.MEM.PAGE.ACCEPT). The pool page after it stays unaccepted."""
+    text = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA + 0x3000   # inside the free unit accepted at boot, a 2 MiB page
+    mov rsi, 1
+    call set_memory_shared
+    mov rcx, RT_DATA
+    mov rcx, qword ptr [rcx + 0x840]
+    GUEST_SYNC rax, rcx
+    ret
+"""
+    for vm_type, vendor in (("sev-snp", "amd"), ("tdx", "intel")):
+        # a TD has no GHCB to split for: one table fewer
+        boot = Layout(64 << 20).boot_page_table_pages(sev=vm_type == "sev-snp", gbpages=False)
+        taken = RT_PT_BASE + (boot + 1) * 4096  # the split's PT: the pool's next page moved past it
+        options = VmOptions(vm_type=vm_type, vendor=vendor, memory=64 << 20, seed=3)
+        with Machine(build_program("<split>", options, text=text), options) as machine:
+            report = machine.run()
+            if vm_type == "sev-snp":
+                assert machine.cpu.rmp is not None
+                accepted = [bool(machine.cpu.rmp.validated[gfn]) for gfn in range(RT_PT_BASE >> 12, taken >> 12)]
+                after = bool(machine.cpu.rmp.validated[taken >> 12])
+            else:
+                tdx = machine.cpu._tdx
+                assert tdx is not None
+                accepted = [tdx.is_accepted(gfn) for gfn in range(RT_PT_BASE >> 12, taken >> 12)]
+                after = tdx.is_accepted(taken >> 12)
+        assert report.outcome == "done", (vm_type, report.detail)
+        assert sync_args(report) == [0, taken], vm_type
+        assert all(accepted) and len(accepted) == boot + 1 and not after, vm_type
 def test_accept_memory_makes_unaccepted_memory_usable() -> None:
     """accept_memory(gpa, npages) validates the 2 MiB units the range touches (rax = 0), a
     second call finds them accepted (rax = 0, nothing validated twice), and the page works."""

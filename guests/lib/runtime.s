@@ -8,8 +8,9 @@
 #   2. builds its own GDT (kernel + user segments, TSS), IDT (handlers for vectors 0-31 and a
 #      CPL-3 return gate) and page tables identity-mapping all guest memory with large pages
 #      (split where a 4 KiB page needs its own mapping), private (C-bit set) except the ucall
-#      page, which stays shared so the host can read it; on SNP it validates the memory
-#      accepted at boot (below GUEST_ACCEPTED_END) and accepts the rest on demand;
+#      page, which stays shared so the host can read it; on SNP and TDX it accepts the first
+#      unit of free memory at boot (up to GUEST_ACCEPTED_END), each page-table page as it takes
+#      it from the pool, and the rest of memory on demand (accept_memory);
 #   3. picks the native hypercall instruction from the CPU vendor (Linux's alternatives);
 #   4. calls guest_main and reports GUEST_DONE when it returns.
 #
@@ -330,7 +331,11 @@ rt_setup_paging:
     jnc rt_pg_gb_known
     mov r11d, 1
 rt_pg_gb_known:
-    mov rdi, RT_PML4                   # zero the PML4 and the PDPT
+    mov rdi, RT_PML4                   # SNP, TDX: accept the PML4 and the PDPT (sev.s)
+    call rt_accept_page
+    mov rdi, RT_PDPT
+    call rt_accept_page
+    mov rdi, RT_PML4                   # zero them
     xor eax, eax
     mov rcx, 1024
     rep stosq
@@ -411,7 +416,9 @@ rt_pg_load:
     mov cr3, rax
     ret
 
-# rax = a zeroed page-table page from the pool, or 0 when the pool is used up.
+# rax = a zeroed page-table page from the pool, or 0 when the pool is used up. On SNP and TDX
+# the page is accepted as it is taken (rt_accept_page), as Linux's page allocator accepts the
+# memory it hands out: the pool's pages the runtime never takes are never accepted.
 rt_pt_alloc:
     push rcx
     push rdi
@@ -423,6 +430,7 @@ rt_pt_alloc:
     lea rcx, [rax + 0x1000]
     mov qword ptr [rdi], rcx
     mov rdi, rax
+    call rt_accept_page
     push rax
     xor eax, eax
     mov rcx, 512

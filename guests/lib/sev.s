@@ -404,9 +404,11 @@ rt_setup_ghcb_nosnp:
     GUEST_TERMINATE 0, 2               # GHCB_SNP_UNSUPPORTED
     jmp rt_setup_ghcb_nosnp
 
-# SNP: PVALIDATE the memory accepted at boot, from RT_VALIDATE_START to GUEST_ACCEPTED_END
-# (4 KiB at a time; the frames below were validated at launch, the ucall page is made shared
-# later), and mark the rest unaccepted: one bit per ACCEPT_UNIT in RT_UNACCEPTED, as the
+# SNP: PVALIDATE the memory accepted at boot, from RT_VALIDATE_START (RT_PT_END) to
+# GUEST_ACCEPTED_END - the first unit of the guests' free memory - 4 KiB at a time (the launch
+# validated the image and the runtime's region; the page-table pages are validated as the
+# runtime takes them, rt_accept_page; the ucall page is made shared later), and mark the rest
+# unaccepted: one bit per ACCEPT_UNIT in RT_UNACCEPTED, as the
 # firmware hands Linux its unaccepted-memory bitmap (EFI_UNACCEPTED_MEMORY table). The rest is
 # accepted on demand by accept_memory; touching it before then raises #VC 0x404.
 .equ RT_FIRST_UNACCEPTED, GUEST_ACCEPTED_END / 0x200000
@@ -551,6 +553,45 @@ rt_accept_unit_out:
     pop rdx
     pop rcx
     ret
+
+# rdi = a 4 KiB page the runtime is about to use for itself (a page table): on SNP PVALIDATE it,
+# on TDX accept it (TDG.MEM.PAGE.ACCEPT, tdx_accept_memory), as Linux's page allocator accepts
+# a page of unaccepted memory when it hands it out; nothing on other VM types. A page already
+# validated (CF) or a failure ends the guest, as a failed boot validation does. Preserves
+# every register.
+rt_accept_page:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    call rt_is_tdx
+    jz rt_accept_page_snp
+    lea rsi, [rdi + 0x1000]
+    call tdx_accept_memory
+    test rax, rax
+    jnz rt_accept_page_tdx_fail
+    jmp rt_accept_page_out
+rt_accept_page_snp:
+    mov rax, RT_DATA
+    mov rax, qword ptr [rax + 0x808]
+    test rax, 4
+    jz rt_accept_page_out
+    mov rax, rdi
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    jc rt_snp_validate_fail            # already validated: not by us
+    test eax, eax
+    jnz rt_snp_validate_fail
+rt_accept_page_out:
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    ret
+rt_accept_page_tdx_fail:
+    lea rdi, [rip + tdx_msg_accept]
+    call tdx_panic
 
 # rdi = address, rsi = length in bytes: accept the identity-mapped memory [rdi, rdi + rsi)
 # holds (the part inside guest memory) for the string helpers. Preserves every register;

@@ -8,7 +8,8 @@
 # with leaf 0) that the TDX module forwards to KVM with the registers RCX's bitmap exposes.
 # The shared bit is GPA bit (GPAW - 1): set in a PTE for a shared page (instead of clearing a
 # C-bit). Private memory outside what the launch accepted starts pending and is accepted with
-# TDG.MEM.PAGE.ACCEPT: [RT_VALIDATE_START, GUEST_ACCEPTED_END) at boot, the rest on demand by
+# TDG.MEM.PAGE.ACCEPT: [RT_VALIDATE_START, GUEST_ACCEPTED_END) at boot, page-table pages as the
+# runtime takes them (rt_accept_page), the rest on demand by
 # accept_memory (sev.s), as on SNP.
 
 .equ RT_TDX_SHARED_MASK, RT_DATA + 0x900   # cc_mkdec(0): the shared bit, 0 when not a TD
@@ -426,8 +427,9 @@ tdx_accept_out:
 
 # Boot: mark the memory beyond GUEST_ACCEPTED_END unaccepted (one bit per ACCEPT_UNIT in
 # RT_UNACCEPTED, as the firmware's EFI unaccepted-memory table) and accept
-# [RT_VALIDATE_START, GUEST_ACCEPTED_END): the launch added the frames below it already
-# accepted (the runtime's region, the image). Before the first write to the page tables.
+# [RT_VALIDATE_START, GUEST_ACCEPTED_END), the first unit of the guests' free memory: the launch
+# added the image and the runtime's region already accepted, and each page-table page is
+# accepted as the runtime takes it (rt_accept_page, sev.s).
 rt_tdx_accept_boot_memory:
     call rt_is_tdx
     jz rt_tdx_accept_boot_done

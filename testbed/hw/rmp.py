@@ -46,7 +46,7 @@ class PvalidateResult:
     cf: bool
 
 
-# The four answers the RMP gives (one object each: PVALIDATE runs ~1,500 times per SNP boot).
+# The four answers the RMP gives (one object each: PVALIDATE runs ~520 times per SNP boot).
 _SIZEMISMATCH = PvalidateResult(PVALIDATE_FAIL_SIZEMISMATCH, False)
 _FAIL_INPUT = PvalidateResult(PVALIDATE_FAIL_INPUT, False)
 _NO_UPDATE = PvalidateResult(PVALIDATE_SUCCESS, True)

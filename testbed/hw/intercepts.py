@@ -58,6 +58,7 @@ MAX_SITE_HOOKS = 4096
 # Opcode byte patterns of the instruction sites the hardware intercepts by code hooks.
 _IO_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF})
 _IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
+_IO_SITE_FIRST = frozenset(bytes([op]) for op in _IO_OPCODES)
 _IMM8_PORT_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
 _BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
 # IN/OUT are intercepted at their address on every VM: Unicorn's IN/OUT hooks can neither move
@@ -68,6 +69,9 @@ _SITE_PATTERNS = (
     *(bytes([0x66, op]) for op in (0xE5, 0xE7, 0xED, 0xEF)),  # 16-bit IN/OUT
 )
 _ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
+#: The first bytes of the multi-byte sites: one ending a page may start an instruction whose
+#: rest is on the next page (see _scan_sites).
+_SITE_FIRST_BYTES = frozenset(pattern[0] for pattern in _ES_SITE_PATTERNS if len(pattern) > 1)
 
 
 def _fetches_of(insn: bytes) -> frozenset[bytes]:
@@ -190,6 +194,14 @@ class Intercepts(EventDelivery):
                 va = va_page + off
                 if va not in hooks:
                     hooks[va] = self._add_code_hook(self._on_site, va, va)
+        if page[-1] in _SITE_FIRST_BYTES:
+            # A site may straddle the page's end (0F here, 32 on the next page, which may map
+            # another frame or nothing yet): no pattern above sees it, and Unicorn would run
+            # the RDMSR itself and read 0 for the GHCB MSR. Its first byte is hooked whatever
+            # follows; _on_site reads the whole instruction and lets anything else run.
+            va = va_page + PAGE_SIZE - 1
+            if va not in hooks:
+                hooks[va] = self._add_code_hook(self._on_site, va, va)
         self.site_hooks_peak = max(self.site_hooks_peak, len(hooks))
         if len(hooks) > MAX_SITE_HOOKS and before > 0 and self._stop_hook is None:
             # Not from here: uc_hook_del re-translates through get_page_addr_code, which would
@@ -232,13 +244,15 @@ class Intercepts(EventDelivery):
         self.flush_code()
 
     def _on_site(self, address: int) -> None:
+        # Two bytes, or fewer where the next page cannot be read (a site hooked at a page's
+        # last byte): no site then, and the instruction's own fetch raises the fault.
         insn = self._fetch_at_rip(address, 2)
+        io = insn[:1] in _IO_SITE_FIRST or (insn[:1] == b"\x66" and insn[1:2] in _IO_SITE_FIRST)
         if insn in (b"\x0f\x30", b"\x0f\x32"):
             self._msr_instruction(address, insn == b"\x0f\x32")
-        elif self._tdx is not None and (insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES)
-                                        or insn == b"\x0f\xa2"):
+        elif self._tdx is not None and (io or insn == b"\x0f\xa2"):
             self._td_site(address, insn)
-        elif insn[0] in _IO_OPCODES or (insn[0] == 0x66 and insn[1] in _IO_OPCODES):
+        elif io:
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
             else:
@@ -394,7 +408,7 @@ class Intercepts(EventDelivery):
         it has none or a tracer records, through the same `_exit` as every other exit, with
         the snapshot as the VMCB save area KVM reads: hypercall_regs / hypercall_args);
         PVALIDATE on SNP and TDCALL in a TD go to `_accept_exit` with the snapshot's RAX, RCX
-        and RDX (an SNP or TD boot runs ~1,500 of them, which read nothing else but RFLAGS, and
+        and RDX (an SNP or TD boot runs ~520 of them, which read nothing else but RFLAGS, and
         write their results back in one batch); everything else goes through `_on_invalid`.
         Exceptions are caught here as `_guard` would catch them."""
         try:
@@ -410,7 +424,7 @@ class Intercepts(EventDelivery):
                 insn = self._fetch_at_rip(rip + base, 4)
             if self._protected_exits:
                 # PVALIDATE and TDCALL exist only here (SNP is SEV-ES; a TD's exits are all
-                # protected): an SNP or TD boot runs ~1,500 of them, each straight to its handler.
+                # protected): an SNP or TD boot runs ~520 of them, each straight to its handler.
                 if self.vendor is Vendor.AMD:
                     if insn == PVALIDATE_BYTES and self._snp:
                         return self._accept_exit(rip, rax, rcx, rdx, cs, tdcall=False)

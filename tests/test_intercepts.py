@@ -1,0 +1,67 @@
+"""Tests for the instruction intercepts (testbed/hw/intercepts.py): the sites found by scanning
+code pages, and an instruction whose bytes straddle a page boundary."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from testbed.machine import VmOptions, run_guest
+
+# RDMSR of SEV_STATUS and CPUID 0x40000000 (KVM's signature leaf), each starting on the last
+# byte of a page: 0F there, the rest of the instruction on the next page.
+STRADDLE = """
+guest_main:
+    mov ecx, 0xC0010131
+    lea rax, [rip + straddle_rdmsr]
+    jmp rax
+.balign 4096
+.skip 4095, 0xcc
+straddle_rdmsr:
+    rdmsr
+    GUEST_SYNC rax
+    mov eax, 0x40000000
+    xor ecx, ecx
+    lea rdx, [rip + straddle_cpuid]
+    jmp rdx
+.balign 4096
+.skip 4095, 0xcc
+straddle_cpuid:
+    cpuid
+    GUEST_SYNC rbx
+    ret
+"""
+
+KVM_SIGNATURE_EBX = 0x4B4D564B  # "KVMK"
+
+
+@pytest.mark.parametrize(("vm_type", "sev_status"), [("sev", 0x1), ("sev-es", 0x3), ("sev-snp", 0x7)])
+def test_a_site_straddling_a_page_boundary_is_intercepted(vm_type: str, sev_status: int) -> None:
+    """An RDMSR whose 0F ends a page still reads the hardware's SEV_STATUS (Unicorn alone
+    reads 0), and on SEV-ES/SNP a CPUID so placed raises #VC (SVM_EXIT_CPUID) at its first
+    byte before it runs, answered through the GHCB with KVM's signature."""
+    trace = io.StringIO()
+    report = run_guest("<straddle>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, trace=trace),
+                       text=STRADDLE)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [sev_status, KVM_SIGNATURE_EBX]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    cpuid_vcs = [e for e in events if e["event"] == "vc" and e["error_code"] == 0x72 and e["rip"] & 0xFFF == 0xFFF]
+    assert len(cpuid_vcs) == (1 if vm_type != "sev" else 0)
+
+
+def test_a_cpuid_straddling_a_page_boundary_in_a_td_is_the_modules() -> None:
+    """In a TD a CPUID whose 0F ends a page is still the TDX module's: leaf 0x40000000 raises
+    #VE and reaches KVM as a TDVMCALL, never as a CPUID exit (KVM never sees one from a TD)."""
+    text = STRADDLE[STRADDLE.index("    mov eax, 0x40000000"):]
+    trace = io.StringIO()
+    report = run_guest("<straddle>", VmOptions(vm_type="tdx", vendor="intel", memory=16 << 20, seed=1, trace=trace),
+                       text="guest_main:\n" + text)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [KVM_SIGNATURE_EBX]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    ves = [e for e in events if e["event"] == "deliver" and e["name"] == "#VE" and e["rip"] & 0xFFF == 0xFFF]
+    assert len(ves) == 1
+    assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]

@@ -7,10 +7,14 @@ the passing checks are batched into few runs.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import testbed
 from testbed.errors import AsmError
 from testbed.machine import VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
@@ -267,6 +271,107 @@ def test_string_helpers_set_copy_and_compare() -> None:
     syncs = [u["args"] for u in report.ucalls if u["cmd"] == "sync"]
     assert [s[0] for s in syncs] == [0, -1 & MASK, 1, 0, 0]
     assert syncs[-1][1] - syncs[-1][2] == 0x1000  # rdi = B, rsi = A after the xchg
+
+
+# Each case the host wrote at TABLE (a count, then op, rdi, rsi, rdx quadruples: 0 memset,
+# 1 memcpy, 2 memcmp) run in turn on the ARENA's bytes, a GUEST_SYNC of rax after each.
+STRING_TABLE_GUEST = """\
+.equ TABLE, GUEST_FREE_GPA
+guest_main:
+    mov r12, TABLE
+    mov r13, qword ptr [r12]
+    add r12, 8
+st_loop:
+    test r13, r13
+    jz st_done
+    mov rax, qword ptr [r12]
+    mov rdi, qword ptr [r12 + 8]
+    mov rsi, qword ptr [r12 + 16]
+    mov rdx, qword ptr [r12 + 24]
+    cmp rax, 1
+    je st_copy
+    cmp rax, 2
+    je st_compare
+    call guest_memset
+    jmp st_next
+st_copy:
+    call guest_memcpy
+    jmp st_next
+st_compare:
+    call guest_memcmp
+st_next:
+    GUEST_SYNC rax
+    add r12, 32
+    dec r13
+    jmp st_loop
+st_done:
+    ret
+"""
+TABLE, ARENA, ARENA_SIZE = 0x600000, 0x610000, 3 * 4096 + 24  # three pages and a bit: crossings
+OPS = {"set": 0, "copy": 1, "compare": 2}
+
+
+@st.composite
+def string_cases(draw: st.DrawFn) -> list[tuple[str, int, int, int]]:
+    """(op, rdi, rsi, rdx) in the arena: any alignment, lengths across pages, copies 1..9 bytes
+    apart either way (rep movsb's forward overlap), and compares of a copy with one byte changed
+    (or none) so the first difference can be anywhere."""
+    cases: list[tuple[str, int, int, int]] = []
+    for _ in range(draw(st.integers(1, 12))):
+        n = draw(st.integers(0, 64) | st.integers(0, 5000))
+        dst = draw(st.integers(0, ARENA_SIZE - n))
+        if draw(st.booleans()):
+            src = draw(st.integers(max(0, dst - 9), min(ARENA_SIZE - n, dst + 9)))
+        else:
+            src = draw(st.integers(0, ARENA_SIZE - n))
+        op = draw(st.sampled_from(sorted(OPS)))
+        if op == "set":
+            cases.append(("set", ARENA + dst, draw(st.integers(0, 0x3FF)), n))
+        elif op == "copy":
+            cases.append(("copy", ARENA + dst, ARENA + src, n))
+        else:
+            cases.append(("copy", ARENA + dst, ARENA + src, n))
+            if n and draw(st.booleans()):
+                cases.append(("set", ARENA + dst + draw(st.integers(0, n - 1)), draw(st.integers(0, 255)), 1))
+            cases.append(("compare", ARENA + dst, ARENA + src, n))
+    return cases
+
+
+def _model(memory: bytearray, op: str, rdi: int, rsi: int, n: int) -> int:
+    """What the helper does to `memory` (the arena) and returns: rep stosb, a forward byte copy
+    (rep movsb), and repe cmpsb's first difference."""
+    d, s = rdi - ARENA, rsi - ARENA
+    if op == "set":
+        memory[d : d + n] = bytes([rsi & 0xFF]) * n
+        return rdi
+    if op == "copy":
+        for i in range(n):
+            memory[d + i] = memory[s + i]
+        return rdi
+    for i in range(n):
+        if memory[d + i] != memory[s + i]:
+            return (memory[d + i] - memory[s + i]) & MASK
+    return 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases=string_cases(), seed=st.integers(0, 2**32 - 1))
+def test_string_helpers_equal_the_byte_instructions(cases: list[tuple[str, int, int, int]], seed: int) -> None:
+    """guest_memset/memcpy/memcmp (qwords between unaligned ends) leave the bytes and return what
+    rep stosb, a forward rep movsb and repe cmpsb give, at any alignment, across pages, and for
+    copies whose source and destination overlap 1..9 bytes apart either way."""
+    with testbed.Vm(memory=MEMORY) as vm:
+        vcpu = vm.load("strings.s", text=STRING_TABLE_GUEST)
+        table = len(cases).to_bytes(8, "little") + b"".join(
+            b"".join(v.to_bytes(8, "little") for v in (OPS[op], rdi, rsi, n)) for op, rdi, rsi, n in cases)
+        vm.write(TABLE, table)
+        memory = bytearray(random.Random(seed).randbytes(ARENA_SIZE))
+        vm.write(ARENA, bytes(memory))
+        for op, rdi, rsi, n in cases:
+            uc = vcpu.run_to_ucall()
+            assert uc.cmd == "sync" and uc.args[0] == _model(memory, op, rdi, rsi, n), (op, rdi, rsi, n)
+            assert vm.read(ARENA, ARENA_SIZE) == bytes(memory), (op, rdi, rsi, n)
+        assert vcpu.run_to_ucall().cmd == "done"
 
 
 # ---------------------------------------------------------------------------- local labels

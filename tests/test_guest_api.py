@@ -354,7 +354,7 @@ def _model(memory: bytearray, op: str, rdi: int, rsi: int, n: int) -> int:
     return 0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(cases=string_cases(), seed=st.integers(0, 2**32 - 1))
 def test_string_helpers_equal_the_byte_instructions(cases: list[tuple[str, int, int, int]], seed: int) -> None:
     """guest_memset/memcpy/memcmp (qwords between unaligned ends) leave the bytes and return what

@@ -434,9 +434,7 @@ rt_snp_unaccepted_done:
     mov r8, RT_VALIDATE_START
 rt_snp_validate_loop:
     mov rax, r8
-    xor ecx, ecx
-    mov edx, 1
-    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    call rt_pvalidate_page
     test eax, eax
     jnz rt_snp_validate_fail
     add r8, 4096
@@ -534,10 +532,7 @@ rt_accept_unit_snp:
     mov r11, 512
 rt_accept_unit_loop:
     mov rax, r10
-    xor ecx, ecx
-    mov edx, 1
-    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
-    jc rt_accept_unit_fail             # already validated: not by us
+    call rt_pvalidate_page
     test eax, eax
     jnz rt_accept_unit_fail
     add r10, 4096
@@ -552,6 +547,18 @@ rt_accept_unit_out:
     pop r10
     pop rdx
     pop rcx
+    ret
+
+# rax = a 4 KiB page (its identity-mapped address): PVALIDATE it valid. eax = PVALIDATE's status,
+# or 1 when it found the page validated already (CF, PVALIDATE_FAIL_NOUPDATE: not by us, which
+# Linux's pvalidate_pages treats as fatal). Clobbers rcx and rdx.
+rt_pvalidate_page:
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
+    jnc rt_pvalidate_page_out
+    mov eax, 1
+rt_pvalidate_page_out:
     ret
 
 # rdi = a 4 KiB page the runtime is about to use for itself (a page table): on SNP PVALIDATE it,
@@ -577,10 +584,7 @@ rt_accept_page_snp:
     test rax, 4
     jz rt_accept_page_out
     mov rax, rdi
-    xor ecx, ecx
-    mov edx, 1
-    .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
-    jc rt_snp_validate_fail            # already validated: not by us
+    call rt_pvalidate_page
     test eax, eax
     jnz rt_snp_validate_fail
 rt_accept_page_out:

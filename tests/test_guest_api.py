@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import testbed
+from testbed.api import GuestExceptionError
 from testbed.errors import AsmError
 from testbed.machine import VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
@@ -372,6 +373,49 @@ def test_string_helpers_equal_the_byte_instructions(cases: list[tuple[str, int, 
             assert uc.cmd == "sync" and uc.args[0] == _model(memory, op, rdi, rsi, n), (op, rdi, rsi, n)
             assert vm.read(ARENA, ARENA_SIZE) == bytes(memory), (op, rdi, rsi, n)
         assert vcpu.run_to_ucall().cmd == "done"
+
+
+#: (case, whether the first 4 bytes at the end of memory equal the arena's, what the byte
+#: instructions give: a value, or a #PF at the end of memory with the bytes before it done)
+END = MEMORY  # nothing is mapped from here
+FAULT_CASES = [
+    (("set", END - 12, 0x5A, 16), True, "fault"),
+    (("copy", ARENA, END - 12, 16), True, "fault"),
+    (("copy", END - 12, ARENA, 16), True, "fault"),
+    (("compare", END - 4, ARENA, 8), False, "value"),  # differs before the end: no fault
+    (("compare", END - 4, ARENA, 8), True, "fault"),
+]
+
+
+@pytest.mark.parametrize(("case", "equal", "expect"), FAULT_CASES,
+                         ids=["set-into-the-end", "copy-from-the-end", "copy-to-the-end", "compare-differs-before",
+                              "compare-reaches-the-end"])
+def test_string_helpers_fault_where_the_byte_instructions_do(case: tuple[str, int, int, int], equal: bool,
+                                                            expect: str) -> None:
+    """Up to the end of guest memory, the helpers touch what rep stosb, rep movsb and repe cmpsb
+    touch: a #PF at the first byte past it (cr2) with every byte before it done, and a compare
+    that differs before the end returns without reading past it."""
+    op, rdi, rsi, n = case
+    tail = bytes(range(1, 13))
+    arena = (tail[8:] if equal else b"\xff" * 4) + bytes(range(0x40, 0x4C))
+    with testbed.Vm(memory=MEMORY) as vm:
+        vcpu = vm.load("strings.s", text=STRING_TABLE_GUEST)
+        vm.write(TABLE, b"".join(v.to_bytes(8, "little") for v in (1, OPS[op], rdi, rsi, n)))
+        vm.write(END - 12, tail)
+        vm.write(ARENA, arena)
+        if expect == "value":
+            uc = vcpu.run_to_ucall()
+            assert uc.cmd == "sync" and uc.args[0] == (tail[8] - 0xFF) & MASK
+            return
+        with pytest.raises(GuestExceptionError) as excinfo:
+            vcpu.run_to_ucall()
+        assert (excinfo.value.exception["vector"], excinfo.value.exception["cr2"]) == (14, END)
+        if op == "set":
+            assert vm.read(END - 12, 12) == b"\x5a" * 12
+        elif op == "copy" and rdi == ARENA:
+            assert vm.read(ARENA, 16) == tail + arena[12:16]
+        elif op == "copy":
+            assert vm.read(END - 12, 12) == arena[:12]
 
 
 # ---------------------------------------------------------------------------- local labels

@@ -65,3 +65,31 @@ def test_a_cpuid_straddling_a_page_boundary_in_a_td_is_the_modules() -> None:
     ves = [e for e in events if e["event"] == "deliver" and e["name"] == "#VE" and e["rip"] & 0xFFF == 0xFFF]
     assert len(ves) == 1
     assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]
+
+
+# IN AL, 0x80 with an operand-size prefix: in the middle of a page, then with its 66 ending one.
+PREFIXED_IN = """
+guest_main:
+    .byte 0x66, 0xe4, 0x80
+    lea rax, [rip + straddle_in]
+    jmp rax
+.balign 4096
+.skip 4095, 0xcc
+straddle_in:
+    .byte 0x66, 0xe4, 0x80
+    GUEST_SYNC 1
+    ret
+"""
+
+
+def test_a_prefixed_in_raises_vc_mid_page_and_straddling() -> None:
+    """On SEV-ES an IN with a 66 prefix raises #VC (SVM_EXIT_IOIO) at its prefix before it runs,
+    in the middle of a page and with the prefix ending one, and the guest gets the VMM's
+    answer through the GHCB (port 0x80 reads 0xff)."""
+    trace = io.StringIO()
+    report = run_guest("<in>", VmOptions(vm_type="sev-es", memory=16 << 20, seed=1, trace=trace), text=PREFIXED_IN)
+    assert report.outcome == "done", report.detail
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    ioio = [e["rip"] for e in events if e["event"] == "vc" and e["error_code"] == 0x7B]
+    assert len(ioio) == 2 and ioio[1] & 0xFFF == 0xFFF
+    assert [e["value"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [0xFF, 0xFF]

@@ -318,7 +318,8 @@ def test_an_snp_boot_validates_one_unit_of_free_memory_and_the_page_tables_it_ta
     assert not any(validated[end >> 12 :])
 
 
-def test_a_page_table_taken_after_boot_is_accepted_as_it_is_taken() -> None:
+@pytest.mark.parametrize(("vm_type", "vendor"), [("sev-snp", "amd"), ("tdx", "intel")])
+def test_a_page_table_taken_after_boot_is_accepted_as_it_is_taken(vm_type: str, vendor: str) -> None:
     """A conversion that splits a large page takes a page table from the pool: on SNP it is
     PVALIDATEd then (rt_accept_page) and the conversion works; on TDX it is accepted
     (TDG.MEM.PAGE.ACCEPT). The pool page after it stays unaccepted."""
@@ -332,25 +333,30 @@ guest_main:
     GUEST_SYNC rax, rcx
     ret
 """
-    for vm_type, vendor in (("sev-snp", "amd"), ("tdx", "intel")):
-        # a TD has no GHCB to split for: one table fewer
-        boot = Layout(64 << 20).boot_page_table_pages(sev=vm_type == "sev-snp", gbpages=False)
-        taken = RT_PT_BASE + (boot + 1) * 4096  # the split's PT: the pool's next page moved past it
-        options = VmOptions(vm_type=vm_type, vendor=vendor, memory=64 << 20, seed=3)
-        with Machine(build_program("<split>", options, text=text), options) as machine:
-            report = machine.run()
-            if vm_type == "sev-snp":
-                assert machine.cpu.rmp is not None
-                accepted = [bool(machine.cpu.rmp.validated[gfn]) for gfn in range(RT_PT_BASE >> 12, taken >> 12)]
-                after = bool(machine.cpu.rmp.validated[taken >> 12])
-            else:
-                tdx = machine.cpu._tdx
-                assert tdx is not None
-                accepted = [tdx.is_accepted(gfn) for gfn in range(RT_PT_BASE >> 12, taken >> 12)]
-                after = tdx.is_accepted(taken >> 12)
-        assert report.outcome == "done", (vm_type, report.detail)
-        assert sync_args(report) == [0, taken], vm_type
-        assert all(accepted) and len(accepted) == boot + 1 and not after, vm_type
+    # a TD has no GHCB to split for: one table fewer
+    boot = Layout(64 << 20).boot_page_table_pages(sev=vm_type == "sev-snp", gbpages=False)
+    split = RT_PT_BASE + boot * 4096  # the table the split takes: the pool's next page
+    options = VmOptions(vm_type=vm_type, vendor=vendor, memory=64 << 20, seed=3)
+    with Machine(build_program("<split>", options, text=text), options) as machine:
+        machine.boot_to(machine.program.symbols["guest_main"])
+        accepted = _accepted(machine, range(RT_PT_BASE >> 12, (split >> 12) + 2))
+        assert accepted == [True] * boot + [False, False]  # the boot's tables only
+        report = machine.run()
+        accepted = _accepted(machine, range(RT_PT_BASE >> 12, (split >> 12) + 2))
+    assert report.outcome == "done", report.detail
+    assert sync_args(report) == [0, split + 4096]  # the pool's next page moved past it
+    assert accepted == [True] * (boot + 1) + [False]
+
+
+def _accepted(machine: Machine, gfns: range) -> list[bool]:
+    """Whether each frame is validated (SNP's RMP) or accepted (the TDX module)."""
+    if machine.cpu.rmp is not None:
+        return [bool(machine.cpu.rmp.validated[gfn]) for gfn in gfns]
+    tdx = machine.cpu._tdx
+    assert tdx is not None
+    return [tdx.is_accepted(gfn) for gfn in gfns]
+
+
 def test_accept_memory_makes_unaccepted_memory_usable() -> None:
     """accept_memory(gpa, npages) validates the 2 MiB units the range touches (rax = 0), a
     second call finds them accepted (rax = 0, nothing validated twice), and the page works."""
@@ -383,6 +389,39 @@ guest_main:
     report = run_accept(0, text)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [(-22) & (2**64 - 1)] * 2
+
+
+@pytest.mark.parametrize(("vm_type", "vendor"), [("sev-snp", "amd"), ("tdx", "intel")])
+def test_accept_memory_refuses_the_runtimes_page_table_memory(vm_type: str, vendor: str) -> None:
+    """accept_memory fails (-EINVAL) for a range touching [RT_REGION_END, GUEST_FREE_GPA): the
+    runtime's page-table pool, which it accepts page by page as it takes them and its bitmap
+    does not mark; the launch-accepted runtime region below it and the free memory above
+    succeed (rax = 0)."""
+    text = """
+guest_main:
+    mov rdi, RT_STACKS_END + 0xc0000
+    mov rsi, 1
+    call accept_memory
+    GUEST_SYNC rax
+    mov rdi, GUEST_FREE_GPA - 0x1000
+    mov rsi, 2
+    call accept_memory
+    GUEST_SYNC rax
+    mov rdi, RT_STACKS_END - 0x1000
+    mov rsi, 1
+    call accept_memory
+    GUEST_SYNC rax
+    mov rdi, GUEST_FREE_GPA
+    mov rsi, 1
+    call accept_memory
+    GUEST_SYNC rax
+    ret
+"""
+    options = VmOptions(vm_type=vm_type, vendor=vendor, memory=16 << 20, seed=3)
+    with Machine(build_program("<pool>", options, text=text), options) as machine:
+        report = machine.run()
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [(-22) & (2**64 - 1)] * 2 + [0, 0]
 
 
 def test_conversions_and_string_helpers_accept_what_they_touch() -> None:

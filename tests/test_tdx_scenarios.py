@@ -3,7 +3,7 @@
 Small guests speak the protocol themselves with the prelude's TDCALL / TDVMCALL macros; the
 answers are those of arch/x86/kvm/vmx/tdx.c (kvm-x86) for TDG.VP.VMCALL, of the TDX module model
 (testbed/hw/tdx_module.py, the module's src/td_dispatcher) for the other TDCALL leaves. One TD
-boot answers a whole table of calls (a boot accepts ~1,500 pages), each row checked by its own
+boot answers a whole table of calls (a boot accepts ~520 pages), each row checked by its own
 test; the guest side of MapGPA's RETRY rules (Linux's arch/x86/coco/tdx/tdx.c tdx_map_gpa) is
 checked against a KVM that lies about R11.
 """

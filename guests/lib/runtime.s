@@ -950,11 +950,40 @@ rt_guest_assert_no_frame:
     jmp rt_halt_forever
 
 # --- string helpers (public: guests call them; prelude.s documents them) --------------------
+# The string helpers work in chunks that end where a page of any of their pointers ends, and
+# move or compare qwords inside a chunk, then its last bytes: Unicorn runs each iteration of a
+# rep string instruction on its own, so qwords are 8x fewer (Linux's memset and memcpy are
+# rep stosq/movsq and their byte forms too). No access crosses a page, so every page is first
+# touched at a chunk's start, in the order the byte instructions touch it: a fault is the one
+# rep stosb, rep movsb or repe cmpsb would take, with every byte before it done (memcmp reads a
+# qword past the first difference only inside pages it has read).
+
+# r8 = the bytes from rdi to the end of its page (1..4096), at most rdx.
+rt_chunk_rdi:
+    mov r8, rdi
+    and r8, 0xfff
+    neg r8
+    add r8, 0x1000
+    cmp r8, rdx
+    jbe rt_chunk_rdi_out
+    mov r8, rdx
+rt_chunk_rdi_out:
+    ret
+
+# r8 = the bytes to the first end of rdi's or rsi's page (1..4096), at most rdx. Clobbers r9.
+rt_chunk_rdi_rsi:
+    call rt_chunk_rdi
+    mov r9, rsi
+    and r9, 0xfff
+    neg r9
+    add r9, 0x1000
+    cmp r8, r9
+    jbe rt_chunk_rdi_rsi_out
+    mov r8, r9
+rt_chunk_rdi_rsi_out:
+    ret
+
 # guest_memset: rdi = dst, rsi = the byte, rdx = n; rax = dst.
-# Bytes up to an 8-byte boundary, then qwords, then the rest: an aligned qword never crosses a
-# page, so a fault lands on the first byte of the page rep stosb would fault on, with every byte
-# before it written. Unicorn runs each iteration of a rep string instruction on its own, so
-# qwords are 8x fewer (Linux's memset is rep stosq and rep stosb too, memset_64.S).
 guest_memset:
     push rsi
     mov rsi, rdx
@@ -963,39 +992,41 @@ guest_memset:
     push rdi
     push rcx
     push rdx
+    push r8
     cld
     movzx eax, sil
     mov rcx, 0x0101010101010101
     imul rax, rcx                      # the byte in each of rax's 8
-    mov rcx, rdi
-    neg rcx
-    and rcx, 7                         # bytes to the next 8-byte boundary
-    cmp rcx, rdx
-    jbe guest_memset_head
-    mov rcx, rdx
-guest_memset_head:
-    sub rdx, rcx
-    rep stosb
-    mov rcx, rdx
+guest_memset_chunk:
+    test rdx, rdx
+    jz guest_memset_done
+    call rt_chunk_rdi
+    sub rdx, r8
+    mov rcx, r8
     shr rcx, 3
     rep stosq
-    mov rcx, rdx
+    mov rcx, r8
     and rcx, 7
     rep stosb
+    jmp guest_memset_chunk
+guest_memset_done:
+    pop r8
     pop rdx
     pop rcx
     pop rdi
     mov rax, rdi
     ret
 
-# guest_memcpy: rdi = dst, rsi = src, rdx = n; rax = dst. Forward, as rep movsb: qwords after
-# the bytes that align dst, except where dst is 1..7 bytes above src (a qword would read bytes
-# this copy has not written yet, where rep movsb reads the ones it wrote).
+# guest_memcpy: rdi = dst, rsi = src, rdx = n; rax = dst. Forward, as rep movsb; byte by byte
+# where dst is 1..7 bytes above src (a qword would read bytes this copy has not written yet,
+# where rep movsb reads the ones it wrote).
 guest_memcpy:
     push rdi
     push rsi
     push rcx
     push rdx
+    push r8
+    push r9
     call rt_accept_bytes_2             # SNP: accept what it touches (accept_memory)
     cld
     mov rcx, rdi
@@ -1003,22 +1034,24 @@ guest_memcpy:
     dec rcx
     cmp rcx, 7
     jb guest_memcpy_bytes              # dst - src in 1..7
-    mov rcx, rdi
-    neg rcx
-    and rcx, 7
-    cmp rcx, rdx
-    jbe guest_memcpy_head
-    mov rcx, rdx
-guest_memcpy_head:
-    sub rdx, rcx
-    rep movsb
-    mov rcx, rdx
+guest_memcpy_chunk:
+    test rdx, rdx
+    jz guest_memcpy_done
+    call rt_chunk_rdi_rsi
+    sub rdx, r8
+    mov rcx, r8
     shr rcx, 3
     rep movsq
-    and rdx, 7
+    mov rcx, r8
+    and rcx, 7
+    rep movsb
+    jmp guest_memcpy_chunk
 guest_memcpy_bytes:
     mov rcx, rdx
     rep movsb
+guest_memcpy_done:
+    pop r9
+    pop r8
     pop rdx
     pop rcx
     pop rsi
@@ -1028,35 +1061,44 @@ guest_memcpy_bytes:
 
 # guest_memcmp: rdi = a, rsi = b, rdx = n; rax = 0 if the n bytes are equal, else
 # a[i] - b[i] at the first i where they differ (negative, as a signed number, if a[i] < b[i]).
-# Qwords first; the first that differs is compared again byte by byte.
+# A qword that differs is compared again byte by byte.
 guest_memcmp:
     push rdi
     push rsi
     push rcx
     push rdx
+    push r8
+    push r9
     call rt_accept_bytes_2
     xor eax, eax
     cld
-    mov rcx, rdx
+guest_memcmp_chunk:
+    test rdx, rdx
+    jz guest_memcmp_done
+    call rt_chunk_rdi_rsi
+    sub rdx, r8
+    mov rcx, r8
     shr rcx, 3                         # ZF when no qword: then repe leaves it set
     repe cmpsq
-    je guest_memcmp_tail
+    jne guest_memcmp_qword
+    mov rcx, r8
+    and rcx, 7
+    jz guest_memcmp_chunk
+    repe cmpsb
+    je guest_memcmp_chunk
+    jmp guest_memcmp_differ
+guest_memcmp_qword:
     sub rdi, 8                         # the qword that differs: its bytes
     sub rsi, 8
     mov rcx, 8
-    jmp guest_memcmp_bytes
-guest_memcmp_tail:
-    mov rcx, rdx
-    and rcx, 7
-guest_memcmp_bytes:
-    test rcx, rcx
-    jz guest_memcmp_done
     repe cmpsb
-    je guest_memcmp_done
+guest_memcmp_differ:
     movzx eax, byte ptr [rdi - 1]
     movzx ecx, byte ptr [rsi - 1]
     sub rax, rcx
 guest_memcmp_done:
+    pop r9
+    pop r8
     pop rdx
     pop rcx
     pop rsi

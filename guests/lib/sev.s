@@ -453,8 +453,11 @@ rt_snp_validate_fail:
 # whole - on SNP by PVALIDATE of each 4 KiB page (arch_accept_memory -> snp_accept_memory) -
 # and its bit cleared, so no page is validated twice. A PVALIDATE that fails, or that finds a
 # page already validated (CF: PVALIDATE_FAIL_NOUPDATE, which Linux's pvalidate_pages treats
-# as fatal), fails the call. rax = 0, or -EINVAL for a range outside memory or a failed
-# PVALIDATE. On TDX each unit is accepted with TDG.MEM.PAGE.ACCEPT (tdx_accept_memory, as
+# as fatal), fails the call. rax = 0, or -EINVAL for a range outside memory, a range touching
+# the runtime's own memory between its region and the guests' free memory
+# [RT_STACKS_END, GUEST_FREE_GPA) (its page-table pool: accepted page by page as the runtime
+# takes it, rt_accept_page; the bitmap does not mark it), or a failed PVALIDATE. On TDX each
+# unit is accepted with TDG.MEM.PAGE.ACCEPT (tdx_accept_memory, as
 # arch_accept_memory -> tdx_accept_memory). A no-op (rax = 0) on every other VM type.
 # Preserves everything else.
 accept_memory:
@@ -483,6 +486,12 @@ accept_memory_lazy:
     add r9, rsi                        # end frame
     cmp r9, rcx
     ja accept_memory_out
+    mov rcx, GUEST_FREE_GPA
+    cmp rdi, rcx
+    jae accept_memory_free             # starts in the free memory
+    cmp r9, RT_STACKS_END / 4096
+    ja accept_memory_out               # ends above the runtime's region: its pool
+accept_memory_free:
     dec r9
     shr r9, 9                          # the last unit (512 frames each)
     mov r8, rdi

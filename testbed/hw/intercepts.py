@@ -66,7 +66,7 @@ _BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
 _SITE_PATTERNS = (
     b"\x0f\x30", b"\x0f\x32",  # WRMSR, RDMSR
     *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT
-    *(bytes([0x66, op]) for op in (0xE5, 0xE7, 0xED, 0xEF)),  # 16-bit IN/OUT
+    *(bytes([0x66, op]) for op in sorted(_IO_OPCODES)),  # IN/OUT with an operand-size prefix
 )
 _ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
 #: The first bytes of the multi-byte sites: one ending a page may start an instruction whose
@@ -172,7 +172,11 @@ class Intercepts(EventDelivery):
         code hook at each instruction; on SEV-ES/SNP so do CPUID and IN/OUT, which must raise
         #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
         bytes that are not an instruction start never fires, so matching the opcode bytes over
-        the whole page is exact.
+        the whole page (and hooking a site's first byte at the page's end) hooks every site but
+        two kinds, run by Unicorn itself (README's deviation list): an MSR or CPUID instruction
+        with a prefix before its 0F (REX.W, 66, a segment override: the hook sits on the 0F),
+        and a site in a frame also run through a second virtual address (a frame is scanned
+        once, at the address it is first fetched through).
 
         One hook per address, shared by every frame mapped there, all with one callback. Hooks
         are bounded: once more than MAX_SITE_HOOKS exist (a guest that keeps generating code,

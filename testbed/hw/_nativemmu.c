@@ -221,7 +221,7 @@ static PyObject *nativemmu_walk(PyObject *Py_UNUSED(module), PyObject *args)
 #define XLAT_BITS 12
 #define XLAT_N (1 << XLAT_BITS)
 #define NREGS 3
-#define NBUFS 6
+#define NBUFS 7
 
 typedef struct {
     uint64_t paddr;
@@ -243,6 +243,7 @@ typedef struct {
     uint8_t *exec_bits, *scanned_bits; /* one byte per frame, shared with the Python MMU */
     const uint8_t *validated;          /* SNP: the RMP's Validated bit per frame */
     const uint8_t *present;            /* guest_memfd: PRESENT_* bits per frame (hw/memory.py), NULL: none */
+    const uint64_t *scan_vas;          /* per frame: the guest-virtual page it was scanned at, | 1 (0: none) */
     uint8_t *dirty;                    /* KVM's dirty bitmap (bit per frame, LSB first) while logging, else NULL */
     uint64_t dirty_frames;             /* frames the dirty bitmap covers */
     Py_buffer dirty_buf;
@@ -277,6 +278,7 @@ static void nm_release_buffers(NativeMmu *self)
     self->exec_bits = self->scanned_bits = NULL;
     self->validated = NULL;
     self->present = NULL;
+    self->scan_vas = NULL;
 }
 
 static inline void xlat_record(NativeMmu *self, uint64_t vpage, uint64_t upa)
@@ -337,6 +339,8 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
     if (access == ACCESS_FETCH) {
         if (!self->scanned_bits[frame])
             return 1; /* the frame's intercepted sites are hooked by Python first */
+        if (self->scan_vas != NULL && self->scan_vas[frame] != ((vaddr & ~(uint64_t)0xFFF) | 1))
+            return 1; /* scanned, hooked, through another address: Python hooks this one */
         self->exec_bits[frame] = 1;
     } else if (access == ACCESS_WRITE && self->exec_bits[frame]) {
         self->exec_bits[frame] = 0;
@@ -554,6 +558,25 @@ static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *NativeMmu_set_scan_vas(NativeMmu *self, PyObject *arg)
+{
+    /* After configure (which releases it): per frame, the guest-virtual page its sites were
+     * hooked at, | 1 (uint64 per frame), or None. A fetch through another page is Python's. */
+    uint8_t *p = NULL;
+    if (!self->configured) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_scan_vas: configure first");
+        return NULL;
+    }
+    if (self->nbufs >= NBUFS) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_scan_vas: no buffer slot left");
+        return NULL;
+    }
+    if (nm_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12) * 8, 0, "the scan-address array", &p) < 0)
+        return NULL;
+    self->scan_vas = (const uint64_t *)p;
+    Py_RETURN_NONE;
+}
+
 static PyObject *NativeMmu_set_dirty_log(NativeMmu *self, PyObject *arg)
 {
     /* After configure (which releases it): KVM's dirty bitmap (writable, a bit per frame), or
@@ -734,6 +757,9 @@ static PyMethodDef NativeMmu_methods[] = {
      "enc_means_private, snp, stage2, alias_base): the memory and paging the fills walk."},
     {"set_python_only", (PyCFunction)NativeMmu_set_python_only, METH_O,
      "While true every fill is the Python fallback's (a pending fault, a quiesced vCPU)."},
+    {"set_scan_vas", (PyCFunction)NativeMmu_set_scan_vas, METH_O,
+     "set_scan_vas(buffer or None): a fetch through a page other than the one its frame was scanned at is "
+     "Python's."},
     {"set_present", (PyCFunction)NativeMmu_set_present, METH_O,
      "set_present(bytes or None): guest_memfd fills whose backing page is not present are Python's."},
     {"set_dirty_log", (PyCFunction)NativeMmu_set_dirty_log, METH_O,

@@ -173,10 +173,10 @@ class Intercepts(EventDelivery):
         #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
         bytes that are not an instruction start never fires, so matching the opcode bytes over
         the whole page (and hooking a site's first byte at the page's end) hooks every site but
-        two kinds, run by Unicorn itself (README's deviation list): an MSR or CPUID instruction
-        with a prefix before its 0F (REX.W, 66, a segment override: the hook sits on the 0F),
-        and a site in a frame also run through a second virtual address (a frame is scanned
-        once, at the address it is first fetched through).
+        one kind, run by Unicorn itself (README's deviation list): an MSR or CPUID instruction
+        with a prefix before its 0F (REX.W, 66, a segment override: the hook sits on the 0F).
+        Hooks are per guest-virtual address: a frame fetched through another page than the one
+        it was scanned at is scanned again there (`_scan_vas`, which the C fill checks too).
 
         One hook per address, shared by every frame mapped there, all with one callback. Hooks
         are bounded: once more than MAX_SITE_HOOKS exist (a guest that keeps generating code,
@@ -186,6 +186,7 @@ class Intercepts(EventDelivery):
         instruction, and a 30 s hostile run used to reach 1.3 M hooks and 2.4 GiB.
         """
         self._scanned_frames.add(frame)
+        self._scan_vas.set(frame, va_page)
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
         # SEV-ES/SNP (#VC) and TDX (#VE, or the module's own CPUID answer) take CPUID at its site.
         patterns = _ES_SITE_PATTERNS if self._sev_es or self._tdx is not None else _SITE_PATTERNS
@@ -243,6 +244,7 @@ class Intercepts(EventDelivery):
             self._quiesced = False
         self._site_hooks.clear()
         self._scanned_frames.clear()
+        self._scan_vas.clear()
         self._exec_frames.clear()
         self.flush_tlb()
         self.flush_code()

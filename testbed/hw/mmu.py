@@ -107,6 +107,26 @@ class _FrameSet:
         self.bits.madvise(mmap.MADV_DONTNEED)
 
 
+class _FrameVas:
+    """Per frame, the guest-virtual page its intercepted sites were last hooked at (| 1; 0:
+    none): one little-endian u64 per frame in a lazily zero-filled private mapping, shared with
+    the C fill, which sends a fetch through any other page to Python (`Mmu._tlb_fill`)."""
+
+    def __init__(self, nframes: int) -> None:
+        self.bits = mmap.mmap(-1, max(nframes, 1) * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def get(self, frame: int) -> int:
+        """The page `frame` was scanned at, or -1 when none."""
+        return int.from_bytes(self.bits[frame * 8 : frame * 8 + 8], "little") - 1
+
+    def set(self, frame: int, va_page: int) -> None:
+        self.bits[frame * 8 : frame * 8 + 8] = (va_page | 1).to_bytes(8, "little")
+
+    def clear(self) -> None:
+        """Forget every page (the pages go back to the kernel and read as zeros)."""
+        self.bits.madvise(mmap.MADV_DONTNEED)
+
+
 @dataclass
 class _PendingFault:
     vector: int
@@ -151,6 +171,7 @@ class Mmu(UnicornBinding):
         self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last Python fill)
         self._exec_frames = _FrameSet(memory.nframes)  # frames code has been fetched from
         self._scanned_frames = _FrameSet(memory.nframes)  # exec frames whose intercepted sites are hooked
+        self._scan_vas = _FrameVas(memory.nframes)  # ... and the guest-virtual page they are hooked at
         self._py_tlb_fills = 0
         #: KVM's dirty bitmap while dirty logging is on (kvm/dirty_log.py), read where the
         #: hardware reads its NPT: a page whose bit is clear is write-protected in stage 2
@@ -197,6 +218,12 @@ class Mmu(UnicornBinding):
         if set_present is not None:
             set_present(mem.present)
         self._native_without_present = set_present is None and mem.present is not None
+        # A code frame reached through a second guest-virtual page needs its sites hooked there
+        # too: an extension without set_scan_vas would map it unhooked, so every fill is Python's.
+        set_scan_vas = getattr(native, "set_scan_vas", None)
+        if set_scan_vas is not None:
+            set_scan_vas(self._scan_vas.bits)
+        self._native_without_scan_vas = set_scan_vas is None
         self._sync_native_dirty_log()
         self._sync_native_fill()
 
@@ -218,6 +245,7 @@ class Mmu(UnicornBinding):
             # A TD's fills are Python's: the C fill has no TDX stage-2/Secure-EPT rules yet.
             native.set_python_only(self._quiesced_state or self._pending_fault_state is not None
                                    or getattr(self, "_native_without_present", False)
+                                   or getattr(self, "_native_without_scan_vas", False)
                                    or getattr(self, "_native_without_dirty_log", False)
                                    or self._pending_npf_state is not None or self._tdx is not None)
 
@@ -489,7 +517,9 @@ class Mmu(UnicornBinding):
         # frame for intercepted instructions first) and WRITE only while the frame is not known
         # code, so guest self-modifying code is rescanned before it runs (the canary tests pin it).
         if access == ACCESS_FETCH:
-            if frame not in self._scanned_frames:
+            # Scanned through another page (an alias of the frame), its sites are hooked there
+            # only: hook them at this page too (a hook is per guest-virtual address).
+            if frame not in self._scanned_frames or self._scan_vas.get(frame) != vaddr & ~0xFFF:
                 self._scan_sites(frame, vaddr & ~0xFFF, result.encrypted or mem.encrypted)
             self._exec_frames.add(frame)
         elif access == ACCESS_WRITE and frame in self._exec_frames:
@@ -661,6 +691,7 @@ class Mmu(UnicornBinding):
         super().flush_code()
         self._exec_frames.clear()
         self._scanned_frames.clear()
+        self._scan_vas.clear()
         self._sync_native_dirty_log()  # a snapshot restore may have changed the bitmap reference
         self._sync_native_fill()
         self.flush_tlb()

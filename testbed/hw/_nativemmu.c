@@ -540,19 +540,27 @@ static PyObject *NativeMmu_set_python_only(NativeMmu *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
+/* After configure (which releases them): one more per-frame buffer, `need` bytes, for `method`. */
+static int nm_late_buffer(NativeMmu *self, PyObject *arg, Py_ssize_t need, const char *method, const char *what,
+                          uint8_t **out)
 {
-    /* After configure (which releases it): the guest_memfd present bytes, or None. */
-    uint8_t *p = NULL;
+    *out = NULL;
     if (!self->configured) {
-        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_present: configure first");
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "NativeMmu.%s: configure first", method);
+        return -1;
     }
     if (self->nbufs >= NBUFS) {
-        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_present: no buffer slot left");
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "NativeMmu.%s: no buffer slot left", method);
+        return -1;
     }
-    if (nm_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12), 0, "the present array", &p) < 0)
+    return nm_buffer(self, arg, need, 0, what, out);
+}
+
+static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
+{
+    /* The guest_memfd present bytes, or None. */
+    uint8_t *p;
+    if (nm_late_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12), "set_present", "the present array", &p) < 0)
         return NULL;
     self->present = p;
     Py_RETURN_NONE;
@@ -560,18 +568,11 @@ static PyObject *NativeMmu_set_present(NativeMmu *self, PyObject *arg)
 
 static PyObject *NativeMmu_set_scan_vas(NativeMmu *self, PyObject *arg)
 {
-    /* After configure (which releases it): per frame, the guest-virtual page its sites were
-     * hooked at, | 1 (uint64 per frame), or None. A fetch through another page is Python's. */
-    uint8_t *p = NULL;
-    if (!self->configured) {
-        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_scan_vas: configure first");
-        return NULL;
-    }
-    if (self->nbufs >= NBUFS) {
-        PyErr_SetString(PyExc_ValueError, "NativeMmu.set_scan_vas: no buffer slot left");
-        return NULL;
-    }
-    if (nm_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12) * 8, 0, "the scan-address array", &p) < 0)
+    /* Per frame, the guest-virtual page its sites were hooked at, | 1 (uint64 per frame), or
+     * None. A fetch through another page is Python's. */
+    uint8_t *p;
+    if (nm_late_buffer(self, arg, (Py_ssize_t)(self->mem.size >> 12) * 8, "set_scan_vas", "the scan-address array",
+                       &p) < 0)
         return NULL;
     self->scan_vas = (const uint64_t *)p;
     Py_RETURN_NONE;

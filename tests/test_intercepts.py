@@ -1,5 +1,6 @@
 """Tests for the instruction intercepts (testbed/hw/intercepts.py): the sites found by scanning
-code pages, and an instruction whose bytes straddle a page boundary."""
+code pages - an instruction whose bytes straddle a page boundary, one with prefixes, and a code
+frame run through a second virtual address."""
 
 from __future__ import annotations
 
@@ -12,29 +13,33 @@ import pytest
 from testbed.hw import unicorn_binding
 from testbed.machine import VmOptions, run_guest
 
-# RDMSR of SEV_STATUS and CPUID 0x40000000 (KVM's signature leaf), each starting on the last
-# byte of a page: 0F there, the rest of the instruction on the next page.
-STRADDLE = """
-guest_main:
-    mov ecx, 0xC0010131
-    lea rax, [rip + straddle_rdmsr]
-    jmp rax
-.balign 4096
-.skip 4095, 0xcc
-straddle_rdmsr:
-    rdmsr
-    GUEST_SYNC rax
-    mov eax, 0x40000000
-    xor ecx, ecx
-    lea rdx, [rip + straddle_cpuid]
+
+def at_page_end(label: str, insn: bytes, inside: int, sync: str) -> str:
+    """Guest code that jumps to `insn` placed so that its first `inside` bytes end a page (the
+    rest on the next one), then reports `sync`."""
+    return f"""
+    lea rdx, [rip + {label}]
     jmp rdx
 .balign 4096
-.skip 4095, 0xcc
-straddle_cpuid:
-    cpuid
-    GUEST_SYNC rbx
-    ret
+.skip {4096 - inside}, 0xcc
+{label}:
+    .byte {", ".join(f"0x{b:02x}" for b in insn)}
+    GUEST_SYNC {sync}
 """
+
+
+CPUID_LEAF = "    mov eax, 0x40000000\n    xor ecx, ecx\n"  # KVM's signature leaf
+
+
+def cpuid(insn: bytes) -> str:
+    """CPUID of KVM's signature leaf with the bytes `insn` (its prefixes too), mid-page."""
+    return CPUID_LEAF + f"    .byte {', '.join(f'0x{b:02x}' for b in insn)}\n    GUEST_SYNC rbx\n"
+
+
+# RDMSR of SEV_STATUS and CPUID 0x40000000 (KVM's signature leaf), each starting on the last
+# byte of a page: 0F there, the rest of the instruction on the next page.
+STRADDLE = ("guest_main:\n    mov ecx, 0xC0010131\n" + at_page_end("straddle_rdmsr", b"\x0f\x32", 1, "rax")
+            + CPUID_LEAF + at_page_end("straddle_cpuid", b"\x0f\xa2", 1, "rbx") + "    ret\n")
 
 KVM_SIGNATURE_EBX = 0x4B4D564B  # "KVMK"
 
@@ -57,10 +62,10 @@ def test_a_site_straddling_a_page_boundary_is_intercepted(vm_type: str, sev_stat
 def test_a_cpuid_straddling_a_page_boundary_in_a_td_is_the_modules() -> None:
     """In a TD a CPUID whose 0F ends a page is still the TDX module's: leaf 0x40000000 raises
     #VE and reaches KVM as a TDVMCALL, never as a CPUID exit (KVM never sees one from a TD)."""
-    text = STRADDLE[STRADDLE.index("    mov eax, 0x40000000"):]
+    text = "guest_main:\n" + CPUID_LEAF + at_page_end("straddle_cpuid", b"\x0f\xa2", 1, "rbx") + "    ret\n"
     trace = io.StringIO()
     report = run_guest("<straddle>", VmOptions(vm_type="tdx", vendor="intel", memory=16 << 20, seed=1, trace=trace),
-                       text="guest_main:\n" + text)
+                       text=text)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [KVM_SIGNATURE_EBX]
     events = [json.loads(line) for line in trace.getvalue().splitlines()]
@@ -70,18 +75,8 @@ def test_a_cpuid_straddling_a_page_boundary_in_a_td_is_the_modules() -> None:
 
 
 # IN AL, 0x80 with an operand-size prefix: in the middle of a page, then with its 66 ending one.
-PREFIXED_IN = """
-guest_main:
-    .byte 0x66, 0xe4, 0x80
-    lea rax, [rip + straddle_in]
-    jmp rax
-.balign 4096
-.skip 4095, 0xcc
-straddle_in:
-    .byte 0x66, 0xe4, 0x80
-    GUEST_SYNC 1
-    ret
-"""
+PREFIXED_IN = ("guest_main:\n    .byte 0x66, 0xe4, 0x80\n" + at_page_end("straddle_in", b"\x66\xe4\x80", 1, "1")
+               + "    ret\n")
 
 
 def test_a_prefixed_in_raises_vc_mid_page_and_straddling() -> None:
@@ -156,3 +151,48 @@ def test_a_site_run_through_a_second_address_is_intercepted_there_too(vm_type: s
     report = run_guest("<alias>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=ALIASED)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status] * 3
+
+
+# RDMSR and CPUID with prefixes that change nothing in them (REX.W, CS override, operand size),
+# in the middle of a page and with their prefixes ending one.
+PREFIXED_SITES = ("guest_main:\n    mov ecx, MSR\n    .byte 0x48, 0x0f, 0x32\n    GUEST_SYNC rax\n"
+                  "    mov ecx, MSR\n    .byte 0x2e, 0x66, 0x0f, 0x32\n    GUEST_SYNC rax\n" + cpuid(b"\x2e\x0f\xa2")
+                  + "    mov ecx, MSR\n" + at_page_end("straddle_rdmsr", b"\x2e\x48\x0f\x32", 2, "rax")
+                  + CPUID_LEAF + at_page_end("straddle_cpuid", b"\x48\x0f\xa2", 1, "rbx") + "    ret\n")
+
+
+@pytest.mark.parametrize(("vm_type", "msr", "value"), [
+    ("sev", 0xC0010131, 0x1), ("sev-es", 0xC0010131, 0x3), ("sev-snp", 0xC0010131, 0x7),
+    ("default", 0x4B564D05, 1),  # MSR_KVM_POLL_CONTROL, 1 after vCPU creation: KVM's exit path
+])
+def test_prefixed_msr_and_cpuid_are_intercepted(vm_type: str, msr: int, value: int) -> None:
+    """An RDMSR or CPUID with prefixes (REX.W, a segment override, 66) is intercepted at its
+    first prefix, in the middle of a page and with its prefixes ending one: the hardware's
+    SEV_STATUS, or KVM's answer with RIP past the whole instruction; on SEV-ES/SNP each CPUID
+    raises #VC and the runtime's handler skips the prefixes too (Unicorn alone reads 0 and
+    never raises #VC)."""
+    trace = io.StringIO()
+    options = VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, trace=trace, enforce_pv_cpuid=False,
+                        defines={"MSR": msr})
+    report = run_guest("<prefixed>", options, text=PREFIXED_SITES)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [value, value, KVM_SIGNATURE_EBX, value, KVM_SIGNATURE_EBX]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    if vm_type in ("sev-es", "sev-snp"):
+        cpuid_vcs = [e["rip"] & 0xFFF for e in events if e["event"] == "vc" and e["error_code"] == 0x72]
+        assert 0xFFF in cpuid_vcs  # the straddling one, at its REX.W
+        assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "SVM_EXIT_CPUID"]
+
+
+def test_a_prefixed_cpuid_in_a_td_is_the_modules() -> None:
+    """In a TD a CPUID with prefixes, mid-page and with its REX.W ending a page, raises #VE
+    with the whole instruction's length in VE_INFO, and the runtime resumes after it."""
+    text = ("guest_main:\n" + cpuid(b"\x2e\x0f\xa2") + CPUID_LEAF
+            + at_page_end("straddle_cpuid", b"\x48\x0f\xa2", 1, "rbx") + "    ret\n")
+    trace = io.StringIO()
+    report = run_guest("<prefixed>", VmOptions(vm_type="tdx", vendor="intel", memory=16 << 20, seed=1, trace=trace),
+                       text=text)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [KVM_SIGNATURE_EBX, KVM_SIGNATURE_EBX]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]

@@ -137,7 +137,48 @@ rt_vc_cpuid:
     VC_FROM_GHCB GHCB_RBX, EX_RBX
     VC_FROM_GHCB GHCB_RCX, EX_RCX
     VC_FROM_GHCB GHCB_RDX, EX_RDX
-    add qword ptr [r15 + EX_RIP], 2
+    jmp rt_vc_skip_0f
+
+# RIP past the two-byte 0F instruction (CPUID, RDMSR, WRMSR) at it and the prefixes before it.
+rt_vc_skip_0f:
+    mov r13, qword ptr [r15 + EX_RIP]
+    call rt_vc_prefixes
+    add rax, 2
+    add qword ptr [r15 + EX_RIP], rax
+    ret
+
+# r13 = the address of the instruction that raised #VC: rax = the prefixes before its opcode
+# (legacy ones and REX; at most 13), so that the handler finds the opcode and the length, as
+# Linux's #VC handler decodes the instruction (vc_decode_insn). Clobbers rcx.
+rt_vc_prefixes:
+    xor eax, eax
+rt_vc_prefixes_loop:
+    cmp eax, 13
+    jae rt_vc_prefixes_done
+    movzx ecx, byte ptr [r13 + rax]
+    and ecx, 0xf0
+    cmp ecx, 0x40                      # REX
+    je rt_vc_prefixes_next
+    movzx ecx, byte ptr [r13 + rax]
+    cmp ecx, 0x66                      # operand size
+    je rt_vc_prefixes_next
+    cmp ecx, 0x67                      # address size
+    je rt_vc_prefixes_next
+    cmp ecx, 0xf2                      # REPNE
+    je rt_vc_prefixes_next
+    cmp ecx, 0xf3                      # REP
+    je rt_vc_prefixes_next
+    cmp ecx, 0x64                      # FS, GS
+    je rt_vc_prefixes_next
+    cmp ecx, 0x65
+    je rt_vc_prefixes_next
+    and ecx, 0xe7                      # ES 26, CS 2E, SS 36, DS 3E: 001xx110
+    cmp ecx, 0x26
+    jne rt_vc_prefixes_done
+rt_vc_prefixes_next:
+    inc eax
+    jmp rt_vc_prefixes_loop
+rt_vc_prefixes_done:
     ret
 
 rt_vc_vmmcall:
@@ -226,7 +267,8 @@ rt_vc_ioio_done:
 
 rt_vc_msr:
     mov r13, qword ptr [r15 + EX_RIP]
-    movzx r12, byte ptr [r13 + 1]      # 0x30 WRMSR, 0x32 RDMSR
+    call rt_vc_prefixes
+    movzx r12, byte ptr [r13 + rax + 1]    # 0x30 WRMSR, 0x32 RDMSR
     VC_TO_GHCB EX_RCX, GHCB_RCX
     xor r11, r11                           # EXITINFO1: 0 read, 1 write
     cmp r12, 0x30
@@ -244,8 +286,7 @@ rt_vc_msr_go:
     mov ebx, dword ptr [rax + GHCB_RDX]
     mov qword ptr [r15 + EX_RDX], rbx
 rt_vc_msr_done:
-    add qword ptr [r15 + EX_RIP], 2
-    ret
+    jmp rt_vc_skip_0f
 
 # Before the GHCB exists only CPUID is possible, through the MSR protocol.
 rt_vc_early:
@@ -271,8 +312,7 @@ rt_vc_early_loop:
     inc r12
     cmp r12, 4
     jb rt_vc_early_loop
-    add qword ptr [r15 + EX_RIP], 2
-    ret
+    jmp rt_vc_skip_0f
 rt_vc_early_slots:
     .quad EX_RAX, EX_RBX, EX_RCX, EX_RDX
 

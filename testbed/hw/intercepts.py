@@ -69,9 +69,12 @@ _SITE_PATTERNS = (
     *(bytes([0x66, op]) for op in sorted(_IO_OPCODES)),  # IN/OUT with an operand-size prefix
 )
 _ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
-#: The first bytes of the multi-byte sites: one ending a page may start an instruction whose
-#: rest is on the next page (see _scan_sites).
-_SITE_FIRST_BYTES = frozenset(pattern[0] for pattern in _ES_SITE_PATTERNS if len(pattern) > 1)
+#: Prefixes an RDMSR, WRMSR or CPUID may carry without changing what it does: the legacy ones
+#: but LOCK (which makes each #UD, as Unicorn raises it), and REX. They move where it starts.
+_SITE_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3, *range(0x40, 0x50)})
+#: An instruction is at most 15 bytes: 13 prefixes before a two-byte opcode.
+_MAX_PREFIXES = 13
+_WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
 
 
 def _fetches_of(insn: bytes) -> frozenset[bytes]:
@@ -171,12 +174,13 @@ class Intercepts(EventDelivery):
         (UNICORN.md), so MSRs the hardware owns (SEV_STATUS, the GHCB MSR) need a per-address
         code hook at each instruction; on SEV-ES/SNP so do CPUID and IN/OUT, which must raise
         #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
-        bytes that are not an instruction start never fires, so matching the opcode bytes over
-        the whole page (and hooking a site's first byte at the page's end) hooks every site but
-        one kind, run by Unicorn itself (README's deviation list): an MSR or CPUID instruction
-        with a prefix before its 0F (REX.W, 66, a segment override: the hook sits on the 0F).
-        Hooks are per guest-virtual address: a frame fetched through another page than the one
-        it was scanned at is scanned again there (`_scan_vas`, which the C fill checks too).
+        bytes that are not an instruction start never fires, so hooking every place a site may
+        start is exact: each match of an opcode pattern, each prefix before an MSR or CPUID
+        opcode (REX, 66, a segment override...: `_SITE_PREFIXES`), and the bytes at the page's
+        end that may begin one continued on the next page. Not hooked (README's deviation list):
+        IN/OUT with a prefix other than 66. Hooks are per guest-virtual address: a frame fetched
+        through another page than the one it was scanned at is scanned again there
+        (`_scan_vas`, which the C fill checks too).
 
         One hook per address, shared by every frame mapped there, all with one callback. Hooks
         are bounded: once more than MAX_SITE_HOOKS exist (a guest that keeps generating code,
@@ -192,19 +196,30 @@ class Intercepts(EventDelivery):
         patterns = _ES_SITE_PATTERNS if self._sev_es or self._tdx is not None else _SITE_PATTERNS
         hooks = self._site_hooks
         before = len(hooks)
+        starts: set[int] = set()
         for pattern in patterns:
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
-                va = va_page + off
-                if va not in hooks:
-                    hooks[va] = self._add_code_hook(self._on_site, va, va)
-        if page[-1] in _SITE_FIRST_BYTES:
-            # A site may straddle the page's end (0F here, 32 on the next page, which may map
-            # another frame or nothing yet): no pattern above sees it, and Unicorn would run
-            # the RDMSR itself and read 0 for the GHCB MSR. Its first byte is hooked whatever
-            # follows; _on_site reads the whole instruction and lets anything else run.
-            va = va_page + PAGE_SIZE - 1
+                starts.add(off)
+                if pattern[0] == 0x0F:
+                    # An MSR or CPUID instruction may start at any prefix before its 0F.
+                    first = off
+                    while first > 0 and off - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
+                        first -= 1
+                        starts.add(first)
+        # A site may straddle the page's end (0F here, 32 on the next page, which may map another
+        # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
+        # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR. Every start its last
+        # bytes can be is hooked whatever follows; _on_site reads the whole instruction and lets
+        # anything else run.
+        last = PAGE_SIZE - 1
+        first = last if page[last] == 0x0F or page[last] in _SITE_PREFIXES else PAGE_SIZE
+        while first < PAGE_SIZE and first > 0 and last - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
+            first -= 1
+        starts.update(range(first, PAGE_SIZE))
+        for off in sorted(starts):
+            va = va_page + off
             if va not in hooks:
                 hooks[va] = self._add_code_hook(self._on_site, va, va)
         self.site_hooks_peak = max(self.site_hooks_peak, len(hooks))
@@ -250,22 +265,29 @@ class Intercepts(EventDelivery):
         self.flush_code()
 
     def _on_site(self, address: int) -> None:
-        # Two bytes, or fewer where the next page cannot be read (a site hooked at a page's
-        # last byte): no site then, and the instruction's own fetch raises the fault.
-        insn = self._fetch_at_rip(address, 2)
+        # The instruction's bytes, fewer where the next page cannot be read (a site hooked at a
+        # page's end): no site then, and the instruction's own fetch raises the fault.
+        insn = self._fetch_at_rip(address, 2 + _MAX_PREFIXES)
+        prefixes = 0
+        while prefixes < _MAX_PREFIXES and insn[prefixes : prefixes + 1] and insn[prefixes] in _SITE_PREFIXES:
+            prefixes += 1
+        opcode = insn[prefixes : prefixes + 2]
         io = insn[:1] in _IO_SITE_FIRST or (insn[:1] == b"\x66" and insn[1:2] in _IO_SITE_FIRST)
-        if insn in (b"\x0f\x30", b"\x0f\x32"):
-            self._msr_instruction(address, insn == b"\x0f\x32")
-        elif self._tdx is not None and (io or insn == b"\x0f\xa2"):
-            self._td_site(address, insn)
+        if opcode in (_WRMSR, _RDMSR):
+            self._msr_instruction(address, opcode == _RDMSR, prefixes + 2)
+        elif opcode == _CPUID and self._tdx is not None:
+            self._td_cpuid(address, prefixes + 2)
+        elif opcode == _CPUID and self._sev_es:
+            self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
         elif io:
-            if self._sev_es:
+            if self._tdx is not None:
+                self._td_io(address, insn)
+            elif self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
             else:
                 self._io_site(address, insn)
-        elif self._sev_es and insn == b"\x0f\xa2":
-            self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
-        # else: the page changed since the scan; the rescan hooks the new sites
+        # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
+        # takes), or the page changed since the scan: the rescan hooks the new sites
 
     def _decode_io(self, address: int, insn: bytes) -> tuple[int, int, int, bool]:
         """(port, size, length, is IN) of the IN/OUT whose bytes at `address` are `insn`: the
@@ -299,23 +321,31 @@ class Intercepts(EventDelivery):
             # Not completed yet: a RIP write in a code hook stops the instruction (UNICORN.md).
             self.write_reg(Reg.RIP, address)
 
-    def _td_site(self, address: int, insn: bytes) -> None:
-        """CPUID or IN/OUT in a TD, before it executes: the TDX module answers CPUID of a leaf
-        it virtualises (td_cpuid.c), and turns the rest, and all port I/O, into #VE."""
+    def _td_cpuid(self, address: int, length: int) -> None:
+        """CPUID (`length` bytes with its prefixes) in a TD, before it executes: the TDX module
+        answers a leaf it virtualises (td_cpuid.c) and turns the rest into #VE."""
         tdx = self._tdx
         assert tdx is not None
         self._cur_rip = address
         self._ctx = _CTX_INVALID
         try:
-            if insn == b"\x0f\xa2":
-                values = tdx.cpuid(self.read_reg(Reg.RAX) & 0xFFFFFFFF, self.read_reg(Reg.RCX) & 0xFFFFFFFF)
-                if values is None:
-                    tdx.instruction_ve(VmxExitReason.EXIT_REASON_CPUID, 2)
-                    return
-                for reg, value in zip((Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX), values, strict=True):
-                    self.write_reg(reg, value & 0xFFFFFFFF)
-                self.write_reg(Reg.RIP, address + 2)
+            values = tdx.cpuid(self.read_reg(Reg.RAX) & 0xFFFFFFFF, self.read_reg(Reg.RCX) & 0xFFFFFFFF)
+            if values is None:
+                tdx.instruction_ve(VmxExitReason.EXIT_REASON_CPUID, length)
                 return
+            for reg, value in zip((Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX), values, strict=True):
+                self.write_reg(reg, value & 0xFFFFFFFF)
+            self.write_reg(Reg.RIP, address + length)
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _td_io(self, address: int, insn: bytes) -> None:
+        """IN/OUT in a TD, before it executes: the TDX module turns all port I/O into #VE."""
+        tdx = self._tdx
+        assert tdx is not None
+        self._cur_rip = address
+        self._ctx = _CTX_INVALID
+        try:
             port, size, length, is_in = self._decode_io(address, insn)
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
             qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if is_in else 0)
@@ -344,7 +374,8 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _msr_instruction(self, address: int, is_read: bool) -> None:
+    def _msr_instruction(self, address: int, is_read: bool, length: int = 2) -> None:
+        """RDMSR/WRMSR at `address`, `length` bytes with its prefixes, before it executes."""
         index = self.read_reg(Reg.RCX) & 0xFFFFFFFF
         handler = self.hw_msrs.get(index)
         if handler is None:
@@ -357,18 +388,18 @@ class Intercepts(EventDelivery):
                 self._ctx = _CTX_INVALID
                 try:
                     self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_MSR_READ if is_read
-                                             else VmxExitReason.EXIT_REASON_MSR_WRITE, 2)
+                                             else VmxExitReason.EXIT_REASON_MSR_WRITE, length)
                 finally:
                     self._ctx = _CTX_NONE
                 return
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
                 return
-            self._msr_exit(address, is_read)
+            self._msr_exit(address, is_read, length)
             return
         read, write = handler
         self._cur_rip = address
-        self._cur_len = 2
+        self._cur_len = length
         if is_read:
             value = read()
             self.write_reg(Reg.RAX, value & 0xFFFFFFFF)
@@ -382,15 +413,15 @@ class Intercepts(EventDelivery):
                 finally:
                     self._ctx = _CTX_NONE
                 return
-        self.write_reg(Reg.RIP, address + 2)
+        self.write_reg(Reg.RIP, address + length)
 
-    def _msr_exit(self, address: int, is_read: bool) -> None:
+    def _msr_exit(self, address: int, is_read: bool, length: int = 2) -> None:
         """An intercepted RDMSR/WRMSR: SVM_EXIT_MSR (EXITINFO1 0 read, 1 write) or
         EXIT_REASON_MSR_READ/WRITE. The hypervisor skips it, injects #GP, or leaves it pending
         (a user exit the VMM has not answered): then RIP is rewritten to the instruction so
         that it does not run natively, and the run stops there."""
         self._cur_rip = address
-        self._cur_len = 2
+        self._cur_len = length
         self._ctx = _CTX_INVALID
         try:
             if self.vendor is Vendor.AMD:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from testbed.hw import unicorn_binding
+from testbed.hw.intercepts import Intercepts
 from testbed.machine import VmOptions, run_guest
 
 
@@ -196,3 +197,150 @@ def test_a_prefixed_cpuid_in_a_td_is_the_modules() -> None:
     assert report.syncs() == [KVM_SIGNATURE_EBX, KVM_SIGNATURE_EBX]
     events = [json.loads(line) for line in trace.getvalue().splitlines()]
     assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]
+
+
+# Run `INSN` in 32-bit code: a copy of the runtime's GDT with a 32-bit code segment at 0x38
+# (base BASE), a far return into it at `compat` (BASE bytes into a page, so that its linear
+# address is that page's start), and a far return back to 64-bit code after it. RSI is 5 and
+# the registers for a CPUID of KVM's signature leaf or an RDMSR of MSR_KVM_POLL_CONTROL are set.
+COMPAT = """
+guest_main:
+    push rbx
+    mov rsi, RT_GDT
+    mov rdi, GUEST_FREE_GPA
+    mov rcx, 7
+compat_copy:
+    mov rax, qword ptr [rsi]
+    mov qword ptr [rdi], rax
+    add rsi, 8
+    add rdi, 8
+    dec rcx
+    jnz compat_copy
+    mov rax, DESCRIPTOR
+    mov qword ptr [rdi], rax
+    sub rsp, 16
+    mov word ptr [rsp], 0x3f
+    mov rax, GUEST_FREE_GPA
+    mov qword ptr [rsp + 2], rax
+    lgdt [rsp]
+    add rsp, 16
+    mov esi, 5
+    mov eax, LEAF
+    xor ecx, ecx
+    or ecx, MSR
+    xor edx, edx
+    lea rdi, [rip + compat]
+    sub rdi, BASE
+    push 0x38
+    push rdi
+    .byte 0x48, 0xcb                   # far return: to compat, in 32-bit code
+.balign 4096
+.skip BASE, 0x48                       # REX bytes where RIP, taken as linear, would point
+compat:
+    .byte INSN
+    .byte 0x6a, 0x08                   # push 0x08
+    .byte 0x68                         # push back64
+    .long back64
+    .byte 0xcb                         # far return to 64-bit code
+back64:
+    mov r12, rsi
+    GUEST_SYNC r12, rax, rbx
+    pop rbx
+    ret
+"""
+
+
+def compat_guest(insn: bytes, base: int, leaf: int = 0, msr: int = 0) -> str:
+    descriptor = 0x00CF9B000000FFFF | ((base & 0xFFFFFF) << 16) | ((base >> 24) << 56)
+    return (COMPAT.replace("DESCRIPTOR", f"{descriptor:#x}").replace("BASE", f"{base:#x}")
+            .replace("LEAF", f"{leaf:#x}").replace("MSR", f"{msr:#x}")
+            .replace("INSN", ", ".join(f"0x{b:02x}" for b in insn)))
+
+
+@pytest.mark.parametrize("base", [0, 0x1000])
+@pytest.mark.parametrize("vm_type", ["default", "sev-es", "sev-snp"])
+def test_in_32_bit_code_40_to_4f_are_inc_and_dec_not_rex(vm_type: str, base: int) -> None:
+    """In compatibility mode 46 0F A2 is INC ESI then CPUID, and 46 0F 32 INC ESI then RDMSR:
+    both run (ESI 5 -> 6), the CPUID (a #VC on SEV-ES/SNP, whose handler reads the instruction
+    at CS.base + RIP) answers KVM's signature and the RDMSR the MSR's value, with or without a CS
+    base, as the CPU runs them (intercepting 46 0F as a REX-prefixed instruction lost the INC)."""
+    cpuid = run_guest("<compat>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1),
+                      text=compat_guest(b"\x46\x0f\xa2", base, leaf=0x40000000))
+    assert cpuid.outcome == "done", cpuid.detail
+    rdmsr = run_guest("<compat>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, enforce_pv_cpuid=False),
+                      text=compat_guest(b"\x46\x0f\x32", base, msr=0x4B564D05))
+    assert rdmsr.outcome == "done", rdmsr.detail
+    (esi, _eax, ebx), = [u["args"][:3] for u in cpuid.ucalls if u["cmd"] == "sync"]
+    assert (esi, ebx) == (6, KVM_SIGNATURE_EBX)
+    (esi, eax, _ebx), = [u["args"][:3] for u in rdmsr.ucalls if u["cmd"] == "sync"]
+    assert (esi, eax) == (6, 1)  # MSR_KVM_POLL_CONTROL starts at 1
+
+
+@pytest.mark.parametrize("insn", [b"\xf0\x0f\xa2", b"\x2e\xf0\x0f\x32"], ids=["lock-cpuid", "lock-rdmsr"])
+@pytest.mark.parametrize("vm_type", ["default", "sev-es", "sev-snp"])
+def test_a_locked_cpuid_or_rdmsr_is_ud(vm_type: str, insn: bytes) -> None:
+    """LOCK makes CPUID and RDMSR #UD (SDM vol. 2, LOCK: #UD on an instruction it cannot
+    prefix), before any exit or #VC; Unicorn alone runs them."""
+    text = "guest_main:\n" + CPUID_LEAF + f"    .byte {', '.join(f'0x{b:02x}' for b in insn)}\n    ret\n"
+    report = run_guest("<lock>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None and report.exception["vector"] == 6
+
+
+@pytest.mark.parametrize("vm_type", ["sev-es", "sev-snp"])
+def test_prefixed_msr_instructions_go_through_the_vc_handler(vm_type: str) -> None:
+    """On SEV-ES/SNP a prefixed RDMSR/WRMSR of an MSR KVM handles (MSR_KVM_POLL_CONTROL) raises
+    #VC (SVM_EXIT_MSR) and the runtime's handler finds the opcode past the prefixes and resumes
+    after them: read 1, write 0, read 0."""
+    text = """
+guest_main:
+    mov ecx, 0x4B564D05
+    .byte 0x48, 0x0f, 0x32             # REX.W RDMSR
+    GUEST_SYNC rax
+    mov ecx, 0x4B564D05
+    xor eax, eax
+    xor edx, edx
+    .byte 0x2e, 0x66, 0x48, 0x0f, 0x30 # CS, 66, REX.W WRMSR
+    mov ecx, 0x4B564D05
+    .byte 0xf3, 0x0f, 0x32             # REP RDMSR
+    GUEST_SYNC rax
+    ret
+"""
+    trace = io.StringIO()
+    report = run_guest("<msr>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, enforce_pv_cpuid=False,
+                                          trace=trace), text=text)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [1, 0]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    assert len([e for e in events if e["event"] == "vc" and e["error_code"] == 0x7C]) == 3
+
+
+def test_an_instruction_across_a_page_end_that_is_no_site_costs_no_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A REX.W MOV whose 48 ends a page (89 C3 on the next) is not hooked when the next page is
+    readable at the scan: a loop running it 2,000 times calls the site handler a handful of
+    times (the boot's own sites), not once per iteration."""
+    calls: list[int] = []
+    real = Intercepts._on_site
+
+    def counted(self: Intercepts, linear: int) -> None:
+        calls.append(linear)
+        real(self, linear)
+
+    monkeypatch.setattr(Intercepts, "_on_site", counted)
+    text = """
+guest_main:
+    mov rcx, 2000
+    lea rdx, [rip + loop_top]
+    jmp rdx
+.balign 4096
+.skip 4095, 0xcc
+loop_top:
+    .byte 0x48, 0x89, 0xc3             # mov rbx, rax: its REX.W on the page's last byte
+    dec rcx
+    jnz loop_top
+    ret
+"""
+    report = run_guest("<loop>", VmOptions(memory=16 << 20, seed=1), text=text)
+    assert report.outcome == "done", report.detail
+    assert not [linear for linear in calls if linear & 0xFFF == 0xFFF]
+    assert len(calls) < 50

@@ -141,15 +141,45 @@ rt_vc_cpuid:
 
 # RIP past the two-byte 0F instruction (CPUID, RDMSR, WRMSR) at it and the prefixes before it.
 rt_vc_skip_0f:
-    mov r13, qword ptr [r15 + EX_RIP]
+    call rt_vc_insn
     call rt_vc_prefixes
     add rax, 2
     add qword ptr [r15 + EX_RIP], rax
     ret
 
-# r13 = the address of the instruction that raised #VC: rax = the prefixes before its opcode
-# (legacy ones and REX; at most 13), so that the handler finds the opcode and the length, as
-# Linux's #VC handler decodes the instruction (vc_decode_insn). Clobbers rcx.
+# The instruction that raised #VC: r13 = its linear address (CS.base + RIP, the base 0 in
+# 64-bit code), r12 = 1 in 64-bit code, where 40-4F are REX prefixes, 0 in compatibility mode,
+# where they are INC/DEC - from CS's descriptor in the GDT, as Linux's insn_get_effective_ip()
+# and user_64bit_mode(). An LDT selector counts as 64-bit code (the runtime has no LDT).
+# Clobbers rax and rcx.
+rt_vc_insn:
+    mov r13, qword ptr [r15 + EX_RIP]
+    mov r12d, 1
+    movzx ecx, word ptr [r15 + EX_CS]
+    test ecx, 4
+    jnz rt_vc_insn_done
+    and ecx, 0xfff8
+    sub rsp, 16
+    sgdt [rsp]
+    mov rax, qword ptr [rsp + 2]       # the GDT's base
+    add rsp, 16
+    mov rax, qword ptr [rax + rcx]     # CS's descriptor
+    bt rax, 53                         # L: 64-bit code
+    jc rt_vc_insn_done
+    xor r12d, r12d
+    mov rcx, rax
+    shr rcx, 16
+    and ecx, 0xffffff                  # base 23:0
+    shr rax, 56
+    shl eax, 24                        # base 31:24
+    or eax, ecx
+    add r13d, eax                      # EIP + base, within 4 GiB (zero-extended)
+rt_vc_insn_done:
+    ret
+
+# r13, r12 as rt_vc_insn leaves them: rax = the prefixes before the opcode (legacy ones, and REX
+# in 64-bit code; at most 13), so that the handler finds the opcode and the length, as Linux's
+# #VC handler decodes the instruction (vc_decode_insn). Clobbers rcx.
 rt_vc_prefixes:
     xor eax, eax
 rt_vc_prefixes_loop:
@@ -157,8 +187,12 @@ rt_vc_prefixes_loop:
     jae rt_vc_prefixes_done
     movzx ecx, byte ptr [r13 + rax]
     and ecx, 0xf0
-    cmp ecx, 0x40                      # REX
-    je rt_vc_prefixes_next
+    cmp ecx, 0x40                      # REX, in 64-bit code
+    jne rt_vc_prefixes_legacy
+    test r12d, r12d
+    jnz rt_vc_prefixes_next
+    jmp rt_vc_prefixes_done
+rt_vc_prefixes_legacy:
     movzx ecx, byte ptr [r13 + rax]
     cmp ecx, 0x66                      # operand size
     je rt_vc_prefixes_next
@@ -201,7 +235,7 @@ rt_vc_vmmcall:
 
 # IN/OUT: decode the instruction at RIP (no string forms), as vc_ioio_exitinfo() does.
 rt_vc_ioio:
-    mov r13, qword ptr [r15 + EX_RIP]
+    call rt_vc_insn                    # r13: where its bytes are
     movzx r12, byte ptr [r13]
     mov r11, 4                         # operand size
     mov r10, 1                         # instruction length
@@ -266,7 +300,7 @@ rt_vc_ioio_done:
     ret
 
 rt_vc_msr:
-    mov r13, qword ptr [r15 + EX_RIP]
+    call rt_vc_insn
     call rt_vc_prefixes
     movzx r12, byte ptr [r13 + rax + 1]    # 0x30 WRMSR, 0x32 RDMSR
     VC_TO_GHCB EX_RCX, GHCB_RCX

@@ -472,7 +472,7 @@ static int nm_buffer(NativeMmu *self, PyObject *obj, Py_ssize_t need, int writab
         return -1;
     self->nbufs++;
     if (view->len < need) {
-        PyErr_Format(PyExc_ValueError, "NativeMmu.configure: %s has %zd bytes, the guest has %zd frames", what,
+        PyErr_Format(PyExc_ValueError, "NativeMmu: %s has %zd bytes, the guest needs %zd", what,
                      view->len, need);
         return -1;
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from testbed.errors import TestbedError
 from testbed.hw.events import _CTX_CPUID, _CTX_INVALID, _CTX_IO, _CTX_NONE, EventDelivery
 from testbed.hw.exits import (
     NPF_GUEST_ENC,
@@ -31,7 +32,7 @@ from testbed.hw.exits import (
     Vendor,
     VmxExitReason,
 )
-from testbed.hw.mmu import _DeliveryFault
+from testbed.hw.mmu import _DeliveryFault, _NestedFault
 from testbed.hw.rmp import PVALIDATE_FAIL_INPUT, PvalidateResult
 from testbed.hw.unicorn_binding import HardwareError
 from testbed.x86 import (
@@ -63,15 +64,32 @@ _IMM8_PORT_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
 _BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
 # IN/OUT are intercepted at their address on every VM: Unicorn's IN/OUT hooks can neither move
 # RIP nor stop before the end of the block (UNICORN.md), and KVM_RUN returns at each one.
+# CPUID is a site on every VM too: SEV-ES/SNP (#VC) and TDX (#VE, or the module's own answer)
+# take it there, and with LOCK it is #UD everywhere; elsewhere _on_site leaves it to Unicorn's
+# CPUID hook.
 _SITE_PATTERNS = (
-    b"\x0f\x30", b"\x0f\x32",  # WRMSR, RDMSR
+    b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2",  # WRMSR, RDMSR, CPUID
     *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT
     *(bytes([0x66, op]) for op in sorted(_IO_OPCODES)),  # IN/OUT with an operand-size prefix
 )
-_ES_SITE_PATTERNS = (*_SITE_PATTERNS, b"\x0f\xa2")  # + CPUID
-#: Prefixes an RDMSR, WRMSR or CPUID may carry without changing what it does: the legacy ones
-#: but LOCK (which makes each #UD, as Unicorn raises it), and REX. They move where it starts.
-_SITE_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3, *range(0x40, 0x50)})
+#: The legacy prefixes an RDMSR, WRMSR or CPUID may carry: they move where it starts and
+#: change nothing in it, but LOCK, which makes it #UD (Unicorn runs it: the hardware raises it).
+_LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
+#: REX, a prefix in 64-bit code only (INC/DEC in compatibility mode).
+_REX = frozenset(range(0x40, 0x50))
+#: Where a site may start, whatever the code's mode (`_on_site` decodes with the mode).
+_SITE_PREFIXES = _LEGACY_PREFIXES | _REX
+_LOCK = 0xF0
+
+
+def _may_start_site(code: bytes) -> bool:
+    """Whether an instruction starting at `code` may be a site in some mode: prefixes (REX
+    counted) before RDMSR, WRMSR or CPUID, or an IN/OUT with at most a 66."""
+    prefixes = 0
+    while prefixes < min(len(code), _MAX_PREFIXES) and code[prefixes] in _SITE_PREFIXES:
+        prefixes += 1
+    return (code[prefixes : prefixes + 2] in (_WRMSR, _RDMSR, _CPUID) or code[:1] in _IO_SITE_FIRST
+            or (code[:1] == b"\x66" and code[1:2] in _IO_SITE_FIRST))
 #: An instruction is at most 15 bytes: 13 prefixes before a two-byte opcode.
 _MAX_PREFIXES = 13
 _WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
@@ -192,12 +210,10 @@ class Intercepts(EventDelivery):
         self._scanned_frames.add(frame)
         self._scan_vas.set(frame, va_page)
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
-        # SEV-ES/SNP (#VC) and TDX (#VE, or the module's own CPUID answer) take CPUID at its site.
-        patterns = _ES_SITE_PATTERNS if self._sev_es or self._tdx is not None else _SITE_PATTERNS
         hooks = self._site_hooks
         before = len(hooks)
         starts: set[int] = set()
-        for pattern in patterns:
+        for pattern in _SITE_PATTERNS:
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
@@ -217,7 +233,15 @@ class Intercepts(EventDelivery):
         first = last if page[last] == 0x0F or page[last] in _SITE_PREFIXES else PAGE_SIZE
         while first < PAGE_SIZE and first > 0 and last - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
             first -= 1
-        starts.update(range(first, PAGE_SIZE))
+        if first < PAGE_SIZE:
+            # The next page's bytes decide which of those start a site (a hook that fires on
+            # every execution of a REX- or 0F-led instruction across the boundary costs a Python
+            # call each time). Unreadable now: all are hooked. Not seen later: a site that the
+            # next page's later contents or mapping would complete (README's deviation list).
+            ahead = self._peek_code(va_page + PAGE_SIZE, _MAX_PREFIXES + 2)
+            tail = page[first:] + ahead if ahead is not None else None
+            starts.update(off for off in range(first, PAGE_SIZE)
+                          if tail is None or _may_start_site(tail[off - first :]))
         for off in sorted(starts):
             va = va_page + off
             if va not in hooks:
@@ -264,38 +288,60 @@ class Intercepts(EventDelivery):
         self.flush_tlb()
         self.flush_code()
 
-    def _on_site(self, address: int) -> None:
-        # The instruction's bytes, fewer where the next page cannot be read (a site hooked at a
-        # page's end): no site then, and the instruction's own fetch raises the fault.
-        insn = self._fetch_at_rip(address, 2 + _MAX_PREFIXES)
+    def _peek_code(self, va: int, length: int) -> bytes | None:
+        """The `length` bytes at guest-virtual `va` as a fetch would read them, without side
+        effects, or None if they cannot be read now."""
+        try:
+            return self.fetch_bytes(Gva(va), length)
+        except (_DeliveryFault, _NestedFault, TestbedError):
+            return None
+
+    def _on_site(self, linear: int) -> None:
+        """The instruction at `linear` (CS.base + RIP), before it executes, if it is a site."""
+        # Its bytes, fewer where the next page cannot be read (a site hooked at a page's end):
+        # no site then, and the instruction's own fetch raises the fault.
+        insn = self._fetch_at_rip(linear, 2 + _MAX_PREFIXES)
+        cs = self.read_reg(Reg.CS) & 0xFFFF
+        long_mode = self.mode_of(cs)
+        prefix_bytes = _SITE_PREFIXES if long_mode else _LEGACY_PREFIXES
         prefixes = 0
-        while prefixes < _MAX_PREFIXES and insn[prefixes : prefixes + 1] and insn[prefixes] in _SITE_PREFIXES:
+        while prefixes < _MAX_PREFIXES and insn[prefixes : prefixes + 1] and insn[prefixes] in prefix_bytes:
             prefixes += 1
         opcode = insn[prefixes : prefixes + 2]
+        rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
         io = insn[:1] in _IO_SITE_FIRST or (insn[:1] == b"\x66" and insn[1:2] in _IO_SITE_FIRST)
-        if opcode in (_WRMSR, _RDMSR):
-            self._msr_instruction(address, opcode == _RDMSR, prefixes + 2)
+        if io and insn[: 1 + (insn[0] == 0x66)][-1] in _IMM8_PORT_OPCODES and len(insn) < 3 + (insn[0] == 0x66):
+            io = False  # its port byte is on a page that cannot be read: its fetch faults
+        if opcode in (_WRMSR, _RDMSR, _CPUID) and _LOCK in insn[:prefixes]:
+            self._cur_rip = rip
+            self._ctx = _CTX_INVALID
+            try:
+                self._raise_ud(rip, linear, insn[: prefixes + 2])
+            finally:
+                self._ctx = _CTX_NONE
+        elif opcode in (_WRMSR, _RDMSR):
+            self._msr_instruction(rip, opcode == _RDMSR, prefixes + 2)
         elif opcode == _CPUID and self._tdx is not None:
-            self._td_cpuid(address, prefixes + 2)
+            self._td_cpuid(rip, prefixes + 2)
         elif opcode == _CPUID and self._sev_es:
-            self._vc_at(address, SvmExitCode.SVM_EXIT_CPUID)
+            self._vc_at(rip, SvmExitCode.SVM_EXIT_CPUID)
         elif io:
             if self._tdx is not None:
-                self._td_io(address, insn)
+                self._td_io(rip, insn)
             elif self._sev_es:
-                self._vc_at(address, SvmExitCode.SVM_EXIT_IOIO)
+                self._vc_at(rip, SvmExitCode.SVM_EXIT_IOIO)
             else:
-                self._io_site(address, insn)
+                self._io_site(rip, insn)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
 
-    def _decode_io(self, address: int, insn: bytes) -> tuple[int, int, int, bool]:
-        """(port, size, length, is IN) of the IN/OUT whose bytes at `address` are `insn`: the
-        port from its imm8 or DX, the size from the opcode and a 0x66 prefix."""
+    def _decode_io(self, insn: bytes) -> tuple[int, int, int, bool]:
+        """(port, size, length, is IN) of the IN/OUT whose bytes are `insn` (from its first):
+        the port from its imm8 or DX, the size from the opcode and a 0x66 prefix."""
         prefix = 1 if insn[0] == 0x66 else 0
         op = insn[prefix]
         if op in _IMM8_PORT_OPCODES:
-            port = self._fetch_at_rip(address + prefix + 1, 1)[0]
+            port = insn[prefix + 1]
             length = prefix + 2
         else:
             port = self.read_reg(Reg.RDX) & 0xFFFF
@@ -308,7 +354,7 @@ class Intercepts(EventDelivery):
         with the port, size and direction decoded from the bytes. The hypervisor completes it
         (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
         stays at the instruction, which does not run natively."""
-        port, size, length, is_in = self._decode_io(address, insn)
+        port, size, length, is_in = self._decode_io(insn)
         self._native_io = False
         self._cur_rip = address
         self._cur_len = length
@@ -346,7 +392,7 @@ class Intercepts(EventDelivery):
         self._cur_rip = address
         self._ctx = _CTX_INVALID
         try:
-            port, size, length, is_in = self._decode_io(address, insn)
+            port, size, length, is_in = self._decode_io(insn)
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
             qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if is_in else 0)
             tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, length, qual)

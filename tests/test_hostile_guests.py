@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import unicorn
+from guest_compat import far_return_to_compat, load_compat_segment
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ux
 
@@ -57,30 +58,12 @@ stuck:
 """
 
 COMPAT_BASE = 0x10000
-COMPAT_DESCRIPTOR = 0x00CF9B000000FFFF | ((COMPAT_BASE & 0xFFFFFF) << 16)
 
 
 def compat_guest(code: str) -> str:
     """Far-return into a 32-bit code segment with base COMPAT_BASE, then run `code` there."""
-    return f"""
-guest_main:
-    mov rdi, RT_GDT
-    movabs rax, {COMPAT_DESCRIPTOR:#x}
-    mov qword ptr [rdi + 0x38], rax
-    sub rsp, 16
-    mov word ptr [rsp], 0x3f
-    mov qword ptr [rsp + 2], rdi
-    lgdt [rsp]
-    add rsp, 16
-    push 0x38
-    lea rax, [rip + compat_code]
-    sub rax, {COMPAT_BASE:#x}
-    push rax
-    retfq
-compat_code:
-    {code}
-    ret
-"""
+    return ("guest_main:\n" + load_compat_segment(COMPAT_BASE) + far_return_to_compat("compat_code", COMPAT_BASE)
+            + f"compat_code:\n    {code}\n    ret\n")
 
 
 def ucall_guest(cmd: int, nargs: int, address: str = "UCALL_GPA") -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from guest_compat import far_return_to_64, far_return_to_compat, load_compat_segment
 
 from testbed.hw.exits import Vendor
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program, run_guest
@@ -338,51 +339,15 @@ def test_assert_against_negated_prelude_constant() -> None:
 
 # ------------------------------------------------------------------ 32-bit callers, end to end
 
-# Copy the runtime's GDT (0x38 bytes) to GUEST_FREE_GPA, add a 32-bit code segment at 0x38,
-# load it, far-return into compatibility mode at `compat`, make one hypercall there with RAX,
+# Add a 32-bit code segment at 0x38 to the runtime's GDT (tests/guest_compat.py), far-return
+# into compatibility mode at `compat`, make one hypercall there with RAX,
 # RBX, RCX, RDX, RSI as loaded in 64-bit mode (their upper halves untouched), far-return to
 # 64-bit mode and sync RAX exactly as KVM left it.
-COMPAT_GUEST = """
-guest_main:
-    push rbx
-    mov rsi, RT_GDT
-    mov rdi, GUEST_FREE_GPA
-    mov rcx, 7
-guest_copy:
-    mov rax, qword ptr [rsi]
-    mov qword ptr [rdi], rax
-    add rsi, 8
-    add rdi, 8
-    dec rcx
-    jnz guest_copy
-    movabs rax, 0x00cf9b000000ffff
-    mov qword ptr [rdi], rax
-    sub rsp, 16
-    mov word ptr [rsp], 0x3f
-    mov rax, GUEST_FREE_GPA
-    mov qword ptr [rsp + 2], rax
-    lgdt [rsp]
-    add rsp, 16
-    movabs rax, HC_NR
-    movabs rbx, HC_A0
-    movabs rcx, HC_A1
-    movabs rdx, HC_A2
-    movabs rsi, HC_A3
-    lea rdi, [rip + compat]
-    push 0x38
-    push rdi
-    .byte 0x48, 0xcb
-compat:
-    .byte INSN_BYTES
-    .byte 0x6a, 0x08
-    .byte 0x68
-    .long back64
-    .byte 0xcb
-back64:
-    GUEST_SYNC rax
-    pop rbx
-    ret
-"""
+COMPAT_GUEST = ("guest_main:\n    push rbx\n" + load_compat_segment()
+                + "    movabs rax, HC_NR\n    movabs rbx, HC_A0\n    movabs rcx, HC_A1\n    movabs rdx, HC_A2\n"
+                + "    movabs rsi, HC_A3\n" + far_return_to_compat("compat")
+                + "compat:\n    .byte INSN_BYTES\n" + far_return_to_64("back64")
+                + "back64:\n    GUEST_SYNC rax\n    pop rbx\n    ret\n")
 INSN_BYTES = {Vendor.AMD: "0x0f, 0x01, 0xd9", Vendor.INTEL: "0x0f, 0x01, 0xc1"}
 
 

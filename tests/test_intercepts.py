@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from guest_compat import far_return_to_64, far_return_to_compat, load_compat_segment
 
 from testbed.hw import unicorn_binding
 from testbed.hw.intercepts import Intercepts
@@ -199,62 +200,16 @@ def test_a_prefixed_cpuid_in_a_td_is_the_modules() -> None:
     assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]
 
 
-# Run `INSN` in 32-bit code: a copy of the runtime's GDT with a 32-bit code segment at 0x38
-# (base BASE), a far return into it at `compat` (BASE bytes into a page, so that its linear
-# address is that page's start), and a far return back to 64-bit code after it. RSI is 5 and
-# the registers for a CPUID of KVM's signature leaf or an RDMSR of MSR_KVM_POLL_CONTROL are set.
-COMPAT = """
-guest_main:
-    push rbx
-    mov rsi, RT_GDT
-    mov rdi, GUEST_FREE_GPA
-    mov rcx, 7
-compat_copy:
-    mov rax, qword ptr [rsi]
-    mov qword ptr [rdi], rax
-    add rsi, 8
-    add rdi, 8
-    dec rcx
-    jnz compat_copy
-    mov rax, DESCRIPTOR
-    mov qword ptr [rdi], rax
-    sub rsp, 16
-    mov word ptr [rsp], 0x3f
-    mov rax, GUEST_FREE_GPA
-    mov qword ptr [rsp + 2], rax
-    lgdt [rsp]
-    add rsp, 16
-    mov esi, 5
-    mov eax, LEAF
-    xor ecx, ecx
-    or ecx, MSR
-    xor edx, edx
-    lea rdi, [rip + compat]
-    sub rdi, BASE
-    push 0x38
-    push rdi
-    .byte 0x48, 0xcb                   # far return: to compat, in 32-bit code
-.balign 4096
-.skip BASE, 0x48                       # REX bytes where RIP, taken as linear, would point
-compat:
-    .byte INSN
-    .byte 0x6a, 0x08                   # push 0x08
-    .byte 0x68                         # push back64
-    .long back64
-    .byte 0xcb                         # far return to 64-bit code
-back64:
-    mov r12, rsi
-    GUEST_SYNC r12, rax, rbx
-    pop rbx
-    ret
-"""
-
-
 def compat_guest(insn: bytes, base: int, leaf: int = 0, msr: int = 0) -> str:
-    descriptor = 0x00CF9B000000FFFF | ((base & 0xFFFFFF) << 16) | ((base >> 24) << 56)
-    return (COMPAT.replace("DESCRIPTOR", f"{descriptor:#x}").replace("BASE", f"{base:#x}")
-            .replace("LEAF", f"{leaf:#x}").replace("MSR", f"{msr:#x}")
-            .replace("INSN", ", ".join(f"0x{b:02x}" for b in insn)))
+    """Run `insn` in 32-bit code whose segment is based at `base`, placed `base` bytes into a
+    page (so that its RIP, taken as a linear address, points at REX bytes), with RSI = 5 and the
+    registers for a CPUID of `leaf` or an RDMSR of `msr`; sync RSI, RAX and RBX after it."""
+    return ("guest_main:\n    push rbx\n" + load_compat_segment(base)
+            + f"    mov esi, 5\n    mov eax, {leaf:#x}\n    mov ecx, {msr:#x}\n    xor edx, edx\n"
+            + far_return_to_compat("compat", base)
+            + f".balign 4096\n.skip {base:#x}, 0x48\ncompat:\n    .byte {', '.join(f'0x{b:02x}' for b in insn)}\n"
+            + far_return_to_64("back64")
+            + "back64:\n    mov r12, rsi\n    GUEST_SYNC r12, rax, rbx\n    pop rbx\n    ret\n")
 
 
 @pytest.mark.parametrize("base", [0, 0x1000])

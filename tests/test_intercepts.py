@@ -94,15 +94,18 @@ def test_a_prefixed_in_raises_vc_mid_page_and_straddling() -> None:
     assert [e["value"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [0xFF, 0xFF]
 
 
-# The page of `site` run through the identity map, then through an alias: PML4[1] = PML4[0], so
-# 0x8000000000 + x maps x. The frame is scanned (and hooked) at the first address.
-ALIASED = """
-guest_main:
+#: An alias of the identity map: PML4[1] = PML4[0], so 0x8000000000 + x maps x.
+ALIAS_MAP = """
     mov rdi, RT_PT_BASE
     mov rax, qword ptr [rdi]
     mov qword ptr [rdi + 8], rax
     mov rax, cr3
     mov cr3, rax
+"""
+
+# The page of `site` run through the identity map, then through the alias. The frame is
+# scanned (and hooked) at the first address.
+ALIASED = "guest_main:\n" + ALIAS_MAP + """
     lea rbx, [rip + site]
     call rbx
     GUEST_SYNC rax
@@ -299,3 +302,53 @@ loop_top:
     assert report.outcome == "done", report.detail
     assert not [linear for linear in calls if linear & 0xFFF == 0xFFF]
     assert len(calls) < 50
+
+
+# Code written at run time into a frame already run as code, through one address, then run
+# through another: `site` and `site2` share a page run through the identity map (and, with
+# PRERUN, through the alias PML4[1] = PML4[0] too); `mov ecx, SEV_STATUS; rdmsr; ret` is then
+# written at site2 + WRITE and run at site2 + RUN.
+NEW_CODE = int.from_bytes(bytes.fromhex("b9310101c00f32c3"), "little")  # mov ecx, 0xc0010131; rdmsr; ret
+
+
+def written_code_guest(write: str, run: str, prerun: str) -> str:
+    return "guest_main:\n" + ALIAS_MAP + f"""
+    mov r12, 0x8000000000
+    lea rbx, [rip + site]
+    call rbx
+    add rbx, {prerun}
+    call rbx
+    lea rdi, [rip + site2]
+    add rdi, {write}
+    movabs rax, {NEW_CODE:#x}
+    mov qword ptr [rdi], rax
+    lea rbx, [rip + site2]
+    add rbx, {run}
+    call rbx
+    GUEST_SYNC rax
+    ret
+.balign 4096
+site:
+    ret
+.skip 0x100
+site2:
+    ret
+.skip 0x100, 0xcc
+"""
+
+
+@pytest.mark.parametrize(("write", "run", "prerun"), [("0", "0", "0"), ("r12", "0", "0"), ("0", "r12", "0"),
+                                                      ("0", "r12", "r12"), ("r12", "0", "r12")],
+                         ids=["same", "written-at-alias", "run-at-alias", "both-run-written-at-identity",
+                              "both-run-written-at-alias"])
+@pytest.mark.parametrize(("vm_type", "sev_status"), [("sev", 0x1), ("sev-snp", 0x7)])
+def test_code_written_through_one_address_is_intercepted_through_another(
+        vm_type: str, sev_status: int, write: str, run: str, prerun: str) -> None:
+    """A guest write to a code frame takes execute away from every address that maps it, not
+    only the one written through (the TLB is flushed before the next block): new code run
+    through another address is fetched and scanned again, and its RDMSR of SEV_STATUS
+    intercepted (an alias that kept its executable entry ran it unscanned and read 0)."""
+    report = run_guest("<written>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1),
+                       text=written_code_guest(write, run, prerun))
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [sev_status]

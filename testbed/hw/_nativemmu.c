@@ -343,8 +343,7 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
             return 1; /* scanned, hooked, through another address: Python hooks this one */
         self->exec_bits[frame] = 1;
     } else if (access == ACCESS_WRITE && self->exec_bits[frame]) {
-        self->exec_bits[frame] = 0;
-        self->scanned_bits[frame] = 0;
+        return 1; /* W^X takes execute away from code: Python, which also flushes its other addresses */
     }
     int code_frame = self->exec_bits[frame] != 0;
     uint32_t perms = PROT_READ;

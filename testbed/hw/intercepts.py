@@ -136,6 +136,7 @@ class Intercepts(EventDelivery):
         self._site_hooks: dict[int, int] = {}
         self._stop_hook: int | None = None  # one-shot UC_HOOK_BLOCK that ends the run for a reset
         self._site_reset_pending = False
+        self._tlb_flush_pending = False  # the stop hook ends the run for a TLB flush (W^X)
         self.site_hooks_peak = 0
         self.site_hook_resets = 0
         #: Diagnostic callback when a #UD goes straight to the guest: (RIP, the instruction's
@@ -258,6 +259,24 @@ class Intercepts(EventDelivery):
     def _on_stop_block(self, _address: int) -> None:
         self._emu_stop()
 
+    def _request_tlb_flush(self) -> None:
+        """End the run before the next block and flush the TLB there (`flush_pending_tlb`): a
+        guest write took execute away from a code frame, and addresses other than the one
+        written through may still hold an executable entry for it (an alias): after the flush
+        each refetches it, and rescans it first. From a TLB fill, which cannot flush itself."""
+        self._tlb_flush_pending = True
+        if self._stop_hook is None:
+            self._stop_hook = self._add_block_hook(self._on_stop_block)
+
+    def flush_pending_tlb(self) -> None:
+        """Between runs: the flush `_request_tlb_flush` asked for, and the stop hook gone."""
+        self._tlb_flush_pending = False
+        if self._stop_hook is not None:
+            self._del_hook_quiesced(self._stop_hook)
+            self._stop_hook = None
+        self.flush_tlb()
+        self.flush_code()
+
     @property
     def site_hook_count(self) -> int:
         """Code hooks currently installed at intercepted-instruction sites."""
@@ -268,6 +287,7 @@ class Intercepts(EventDelivery):
         translated code, so whatever the guest runs next is fetched, rescanned and hooked
         again before it executes. Only between runs (see _scan_sites)."""
         self._site_reset_pending = False
+        self._tlb_flush_pending = False  # flushed below too
         self.site_hook_resets += 1
         # uc_hook_del invalidates the blocks each hook instrumented, translating their
         # addresses through a TLB fill: let those fills map anything (the TLB and all

@@ -189,6 +189,10 @@ class Mmu(UnicornBinding):
     def _scan_sites(self, frame: int, va_page: int, private: bool) -> None:
         """Hook the intercepted instruction sites of a code frame (testbed/hw/intercepts.py)."""
 
+    @abstractmethod
+    def _request_tlb_flush(self) -> None:
+        """Flush the TLB before the next block runs (testbed/hw/intercepts.py)."""
+
     # --------------------------------------------------------- the C fill's inputs
     def _configure_native_fill(self) -> None:
         """Give the C fill (if built) the memory, the paging mode and the frame sets it walks
@@ -276,6 +280,15 @@ class Mmu(UnicornBinding):
     def _quiesced(self, value: bool) -> None:
         self._quiesced_state = value
         self._sync_native_fill()
+
+    def _del_hook_quiesced(self, handle: int) -> None:
+        """Delete a hook between runs: uc_hook_del re-translates the blocks it instrumented
+        through TLB fills, answered blindly meanwhile (the caller flushes the TLB after)."""
+        self._quiesced = True
+        try:
+            self._del_hook(handle)
+        finally:
+            self._quiesced = False
 
     @property
     def tlb_fills(self) -> int:
@@ -525,6 +538,9 @@ class Mmu(UnicornBinding):
         elif access == ACCESS_WRITE and frame in self._exec_frames:
             self._exec_frames.discard(frame)
             self._scanned_frames.discard(frame)
+            # This fill takes execute away at `vaddr` only; another address mapping the frame
+            # may keep an executable TLB entry and run the new code unscanned.
+            self._request_tlb_flush()
         code_frame = frame in self._exec_frames
         perms = PROT_READ
         if result.writable and not code_frame:

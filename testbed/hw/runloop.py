@@ -46,12 +46,7 @@ class RunLoop(Intercepts):
         # so the probe raised #VC 0x404 into the guest and `disasm --vm-type sev-snp` never
         # booted. Canary: tests/test_disasm.py::test_unicorn_until_at_a_page_start_fills_the_page_before.
         if self._bp_hook is not None:
-            # uc_hook_del re-translates the hooked block through a TLB fill: map anything, flush.
-            self._quiesced = True
-            try:
-                self._del_hook(self._bp_hook)
-            finally:
-                self._quiesced = False
+            self._del_hook_quiesced(self._bp_hook)
             self._bp_hook = None
             self.flush_tlb()
         self._breakpoint = va & U64
@@ -102,6 +97,8 @@ class RunLoop(Intercepts):
                 return _TIMEOUT
             if self._site_reset_pending:
                 self._reset_site_hooks()
+            elif self._tlb_flush_pending:
+                self.flush_pending_tlb()
             rip = self.read_reg(Reg.RIP)
             self._pending_fault = None
             self._pending_npf = None
@@ -121,8 +118,8 @@ class RunLoop(Intercepts):
                     detail, self._unmodelled = self._unmodelled, None
                     return RunStop(StopReason.EMULATOR_ERROR, detail)
                 return _REQUESTED
-            if not error and self._site_reset_pending and not self._shutdown:
-                continue  # _scan_sites stopped the run before the block ran: reset, resume
+            if not error and (self._site_reset_pending or self._tlb_flush_pending) and not self._shutdown:
+                continue  # stopped before the block ran for a reset or a TLB flush: resume
             if error:
                 if self._pending_fault is not None:
                     pf = self._pending_fault

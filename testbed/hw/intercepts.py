@@ -214,17 +214,23 @@ class Intercepts(EventDelivery):
         hooks = self._site_hooks
         before = len(hooks)
         starts: set[int] = set()
+        # Elsewhere than SEV-ES/SNP and TDX a CPUID is Unicorn's CPUID hook's, unless LOCK
+        # makes it #UD: only its starts with a LOCK before the opcode are sites.
+        cpuid_sites = self._sev_es or self._tdx is not None
         for pattern in _SITE_PATTERNS:
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
-                starts.add(off)
+                locked_only = pattern == _CPUID and not cpuid_sites
+                if not locked_only:
+                    starts.add(off)
                 if pattern[0] == 0x0F:
                     # An MSR or CPUID instruction may start at any prefix before its 0F.
                     first = off
                     while first > 0 and off - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
                         first -= 1
-                        starts.add(first)
+                        if not locked_only or _LOCK in page[first:off]:
+                            starts.add(first)
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
         # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR. Every start its last
@@ -274,8 +280,9 @@ class Intercepts(EventDelivery):
         if self._stop_hook is not None:
             self._del_hook_quiesced(self._stop_hook)
             self._stop_hook = None
+        # The TLB only: the frames whose code is unchanged stay scanned, and the written one's
+        # translated code went with the write (QEMU's SMC detection).
         self.flush_tlb()
-        self.flush_code()
 
     @property
     def site_hook_count(self) -> int:

@@ -352,3 +352,39 @@ def test_code_written_through_one_address_is_intercepted_through_another(
                        text=written_code_guest(write, run, prerun))
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status]
+
+
+# IN with prefixes that change nothing in it but where it starts: a segment override, REX.W (IN
+# EAX stays 32 bits), and 66 before a segment override (16 bits).
+PREFIXED_IO = """
+guest_main:
+    xor eax, eax
+    .byte 0x2e, 0xe4, 0x80             # CS IN AL, 0x80
+    GUEST_SYNC rax
+    xor eax, eax
+    .byte 0x48, 0xe5, 0x80             # REX.W IN EAX, 0x80
+    GUEST_SYNC rax
+    xor eax, eax
+    mov edx, 0x80
+    .byte 0x66, 0x2e, 0xed             # 66 CS IN AX, DX
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("sev", "amd"), ("sev-es", "amd"),
+                                                 ("sev-snp", "amd"), ("tdx", "intel")])
+def test_an_in_with_prefixes_is_intercepted_at_its_first_prefix(vm_type: str, vendor: str) -> None:
+    """IN with a segment override, REX.W or 66 before another prefix exits (on SEV-ES/SNP through
+    #VC IOIO, whose handler decodes the prefixes; in a TD through #VE) with the size the opcode
+    and 66 give, and the guest resumes after the whole instruction: port 0x80 reads all ones
+    of that size (1, 4, 2 bytes)."""
+    trace = io.StringIO()
+    report = run_guest("<pio>", VmOptions(vm_type=vm_type, vendor=vendor, memory=16 << 20, seed=1, trace=trace),
+                       text=PREFIXED_IO)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0xFF, 0xFFFFFFFF, 0xFFFF]
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    assert [e["size"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [1, 4, 2]
+    if vm_type in ("sev-es", "sev-snp"):
+        assert len([e for e in events if e["event"] == "vc" and e["error_code"] == 0x7B]) >= 3

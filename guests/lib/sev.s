@@ -233,18 +233,26 @@ rt_vc_vmmcall:
     add qword ptr [r15 + EX_RIP], 3
     ret
 
-# IN/OUT: decode the instruction at RIP (no string forms), as vc_ioio_exitinfo() does.
+# IN/OUT: decode the instruction at CS.base + RIP, its prefixes too (no string forms), as
+# vc_ioio_exitinfo() does.
 rt_vc_ioio:
-    call rt_vc_insn                    # r13: where its bytes are
-    movzx r12, byte ptr [r13]
+    call rt_vc_insn                    # r13: where its bytes are, r12: 64-bit code
+    call rt_vc_prefixes                # rax: the prefixes before the opcode
+    mov r10, rax                       # instruction length so far
     mov r11, 4                         # operand size
-    mov r10, 1                         # instruction length
-    cmp r12, 0x66
-    jne rt_vc_ioio_noprefix
-    mov r11, 2
-    mov r10, 2
-    movzx r12, byte ptr [r13 + 1]
-rt_vc_ioio_noprefix:
+    xor ecx, ecx
+rt_vc_ioio_prefix:
+    cmp rcx, rax
+    jae rt_vc_ioio_opcode
+    cmp byte ptr [r13 + rcx], 0x66
+    jne rt_vc_ioio_next_prefix
+    mov r11, 2                         # operand size prefix: 16 bits (REX.W changes nothing)
+rt_vc_ioio_next_prefix:
+    inc rcx
+    jmp rt_vc_ioio_prefix
+rt_vc_ioio_opcode:
+    movzx r12, byte ptr [r13 + r10]
+    inc r10
     mov r9, r12                        # low bit: 0 = byte size
     test r9, 1
     jnz rt_vc_ioio_wide

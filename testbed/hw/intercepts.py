@@ -69,8 +69,7 @@ _BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
 # CPUID hook.
 _SITE_PATTERNS = (
     b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2",  # WRMSR, RDMSR, CPUID
-    *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT
-    *(bytes([0x66, op]) for op in sorted(_IO_OPCODES)),  # IN/OUT with an operand-size prefix
+    *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT (their prefixes are walked back over)
 )
 #: The legacy prefixes an RDMSR, WRMSR or CPUID may carry: they move where it starts and
 #: change nothing in it, but LOCK, which makes it #UD (Unicorn runs it: the hardware raises it).
@@ -88,8 +87,7 @@ def _may_start_site(code: bytes) -> bool:
     prefixes = 0
     while prefixes < min(len(code), _MAX_PREFIXES) and code[prefixes] in _SITE_PREFIXES:
         prefixes += 1
-    return (code[prefixes : prefixes + 2] in (_WRMSR, _RDMSR, _CPUID) or code[:1] in _IO_SITE_FIRST
-            or (code[:1] == b"\x66" and code[1:2] in _IO_SITE_FIRST))
+    return code[prefixes : prefixes + 2] in (_WRMSR, _RDMSR, _CPUID) or code[prefixes : prefixes + 1] in _IO_SITE_FIRST
 #: An instruction is at most 15 bytes: 13 prefixes before a two-byte opcode.
 _MAX_PREFIXES = 13
 _WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
@@ -194,10 +192,9 @@ class Intercepts(EventDelivery):
         code hook at each instruction; on SEV-ES/SNP so do CPUID and IN/OUT, which must raise
         #VC *before* they execute (Unicorn's CPUID/IN/OUT hooks cannot redirect RIP). A hook on
         bytes that are not an instruction start never fires, so hooking every place a site may
-        start is exact: each match of an opcode pattern, each prefix before an MSR or CPUID
-        opcode (REX, 66, a segment override...: `_SITE_PREFIXES`), and the bytes at the page's
-        end that may begin one continued on the next page. Not hooked (README's deviation list):
-        IN/OUT with a prefix other than 66. Hooks are per guest-virtual address: a frame fetched
+        start is exact: each match of an opcode pattern, each prefix before its opcode (REX,
+        66, a segment override...: `_SITE_PREFIXES`), and the bytes at the page's end that
+        begin one the next page completes. Hooks are per guest-virtual address: a frame fetched
         through another page than the one it was scanned at is scanned again there
         (`_scan_vas`, which the C fill checks too).
 
@@ -224,13 +221,12 @@ class Intercepts(EventDelivery):
                 locked_only = pattern == _CPUID and not cpuid_sites
                 if not locked_only:
                     starts.add(off)
-                if pattern[0] == 0x0F:
-                    # An MSR or CPUID instruction may start at any prefix before its 0F.
-                    first = off
-                    while first > 0 and off - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
-                        first -= 1
-                        if not locked_only or _LOCK in page[first:off]:
-                            starts.add(first)
+                # A site may start at any prefix before its opcode.
+                first = off
+                while first > 0 and off - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
+                    first -= 1
+                    if not locked_only or _LOCK in page[first:off]:
+                        starts.add(first)
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
         # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR. Every start its last
@@ -336,14 +332,14 @@ class Intercepts(EventDelivery):
             prefixes += 1
         opcode = insn[prefixes : prefixes + 2]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
-        io = insn[:1] in _IO_SITE_FIRST or (insn[:1] == b"\x66" and insn[1:2] in _IO_SITE_FIRST)
-        if io and insn[: 1 + (insn[0] == 0x66)][-1] in _IMM8_PORT_OPCODES and len(insn) < 3 + (insn[0] == 0x66):
+        io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST
+        if io and insn[prefixes] in _IMM8_PORT_OPCODES and len(insn) < prefixes + 2:
             io = False  # its port byte is on a page that cannot be read: its fetch faults
-        if opcode in (_WRMSR, _RDMSR, _CPUID) and _LOCK in insn[:prefixes]:
+        if (opcode in (_WRMSR, _RDMSR, _CPUID) or io) and _LOCK in insn[:prefixes]:
             self._cur_rip = rip
             self._ctx = _CTX_INVALID
             try:
-                self._raise_ud(rip, linear, insn[: prefixes + 2])
+                self._raise_ud(rip, linear, insn[: prefixes + (1 if io else 2)])
             finally:
                 self._ctx = _CTX_NONE
         elif opcode in (_WRMSR, _RDMSR):
@@ -354,34 +350,34 @@ class Intercepts(EventDelivery):
             self._vc_at(rip, SvmExitCode.SVM_EXIT_CPUID)
         elif io:
             if self._tdx is not None:
-                self._td_io(rip, insn)
+                self._td_io(rip, insn, prefixes)
             elif self._sev_es:
                 self._vc_at(rip, SvmExitCode.SVM_EXIT_IOIO)
             else:
-                self._io_site(rip, insn)
+                self._io_site(rip, insn, prefixes)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
 
-    def _decode_io(self, insn: bytes) -> tuple[int, int, int, bool]:
-        """(port, size, length, is IN) of the IN/OUT whose bytes are `insn` (from its first):
-        the port from its imm8 or DX, the size from the opcode and a 0x66 prefix."""
-        prefix = 1 if insn[0] == 0x66 else 0
-        op = insn[prefix]
+    def _decode_io(self, insn: bytes, prefixes: int) -> tuple[int, int, int, bool]:
+        """(port, size, length, is IN) of the IN/OUT whose bytes are `insn` (from its first), its
+        opcode after `prefixes` prefix bytes: the port from its imm8 or DX, the size from the
+        opcode and an operand-size prefix (66; REX.W changes nothing in IN/OUT)."""
+        op = insn[prefixes]
         if op in _IMM8_PORT_OPCODES:
-            port = insn[prefix + 1]
-            length = prefix + 2
+            port = insn[prefixes + 1]
+            length = prefixes + 2
         else:
             port = self.read_reg(Reg.RDX) & 0xFFFF
-            length = prefix + 1
-        size = 1 if op in _BYTE_IO_OPCODES else 2 if prefix else 4
+            length = prefixes + 1
+        size = 1 if op in _BYTE_IO_OPCODES else 2 if 0x66 in insn[:prefixes] else 4
         return port, size, length, op in _IN_OPCODES
 
-    def _io_site(self, address: int, insn: bytes) -> None:
+    def _io_site(self, address: int, insn: bytes, prefixes: int) -> None:
         """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
         with the port, size and direction decoded from the bytes. The hypervisor completes it
         (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
         stays at the instruction, which does not run natively."""
-        port, size, length, is_in = self._decode_io(insn)
+        port, size, length, is_in = self._decode_io(insn, prefixes)
         self._native_io = False
         self._cur_rip = address
         self._cur_len = length
@@ -412,14 +408,14 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _td_io(self, address: int, insn: bytes) -> None:
+    def _td_io(self, address: int, insn: bytes, prefixes: int) -> None:
         """IN/OUT in a TD, before it executes: the TDX module turns all port I/O into #VE."""
         tdx = self._tdx
         assert tdx is not None
         self._cur_rip = address
         self._ctx = _CTX_INVALID
         try:
-            port, size, length, is_in = self._decode_io(insn)
+            port, size, length, is_in = self._decode_io(insn, prefixes)
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
             qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if is_in else 0)
             tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, length, qual)

@@ -11,9 +11,12 @@ from typing import Any
 import pytest
 from guest_compat import far_return_to_64, far_return_to_compat, load_compat_segment
 
+import testbed
+from testbed.api import VmTimeoutError
 from testbed.hw import unicorn_binding
-from testbed.hw.intercepts import Intercepts
-from testbed.machine import VmOptions, run_guest
+from testbed.hw.intercepts import MAX_SITE_HOOKS, Intercepts
+from testbed.machine import Machine, VmOptions, build_program, run_guest
+from testbed.x86 import PAGE_SIZE
 
 
 def at_page_end(label: str, insn: bytes, inside: int, sync: str) -> str:
@@ -388,3 +391,77 @@ def test_an_in_with_prefixes_is_intercepted_at_its_first_prefix(vm_type: str, ve
     assert [e["size"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [1, 4, 2]
     if vm_type in ("sev-es", "sev-snp"):
         assert len([e for e in events if e["event"] == "vc" and e["error_code"] == 0x7B]) >= 3
+
+
+# One frame (RET, then 600 IN AL, DX: sites on every VM) run through K aliases, a byte written
+# into it before each call: each write asks for a W^X flush and each call scans the frame at a
+# new address, in the same block.
+MANY_ALIASES = """
+guest_main:
+    push rbx
+    mov rdi, RT_PT_BASE                # PML4[1..K] = PML4[0]: (k << 39) + x maps x
+    mov rax, qword ptr [rdi]
+    mov rcx, 1
+1:  mov qword ptr [rdi + rcx*8], rax
+    inc rcx
+    cmp rcx, K
+    jbe 1b
+    mov rax, cr3
+    mov cr3, rax
+    mov rdi, GUEST_FREE_GPA
+    mov byte ptr [rdi], 0xc3
+    lea rdi, [rdi + 1]
+    mov al, 0xec
+    mov rcx, 600
+    rep stosb
+    mov rdi, GUEST_FREE_GPA
+    mov rbx, rdi
+    call rbx
+    mov r12, 0x8000000000
+    mov r13, K
+2:  mov byte ptr [rdi + 0x800], 0xec
+    add rbx, r12
+    call rbx
+    dec r13
+    jnz 2b
+    pop rbx
+    ret
+"""
+
+
+def test_site_hooks_stay_bounded_when_a_tlb_flush_is_pending() -> None:
+    """A scan past MAX_SITE_HOOKS asks for the reset also while a W^X flush's stop hook is
+    installed (the two share it): 40 aliases of a frame with 600 sites, each written into before
+    it is run, keep the hooks within the bound plus one page's sites, with resets."""
+    options = VmOptions(memory=16 << 20, seed=1, defines={"K": 40})
+    with Machine(build_program("<aliases>", options, text=MANY_ALIASES), options) as machine:
+        report = machine.run()
+        assert report.outcome == "done", report.detail
+        assert machine.cpu.site_hook_resets > 0
+        assert machine.cpu.site_hooks_peak <= MAX_SITE_HOOKS + PAGE_SIZE
+
+
+def test_no_tlb_flush_is_left_pending_when_a_run_ends() -> None:
+    """A guest writing a data word in the page it runs from asks for a W^X flush on each pass;
+    a run that ends (here at its timeout) has done it, so nothing is pending and the machine
+    can be snapshotted (a pending hardware event refuses it)."""
+    spin = """
+guest_main:
+    lea rdi, [rip + spin]
+    jmp rdi
+.balign 4096
+spin:
+    mov qword ptr [rip + word], rax
+    jmp spin_next
+spin_next:
+    pause
+    jmp spin
+word: .quad 0
+"""
+    with testbed.Vm(memory="16M", timeout=0.2) as vm:
+        vcpu = vm.load("<spin>", text=spin)
+        with pytest.raises(VmTimeoutError):
+            vcpu.run(0.2)
+        cpu = vm.machine.cpu
+        assert not cpu._tlb_flush_pending and cpu._stop_hook is None
+        vm.snapshot()

@@ -250,13 +250,15 @@ class Intercepts(EventDelivery):
             if va not in hooks:
                 hooks[va] = self._add_code_hook(self._on_site, va, va)
         self.site_hooks_peak = max(self.site_hooks_peak, len(hooks))
-        if len(hooks) > MAX_SITE_HOOKS and before > 0 and self._stop_hook is None:
+        if len(hooks) > MAX_SITE_HOOKS and before > 0 and not self._site_reset_pending:
             # Not from here: uc_hook_del re-translates through get_page_addr_code, which would
-            # re-enter this TLB fill. A one-shot block hook stops the run at the start of the
-            # next block; until then every hook stays, so no site runs unhooked. run() then
-            # resets. `before > 0`: a page that alone exceeds the bound still gets to run.
+            # re-enter this TLB fill. A one-shot block hook (shared with a pending W^X flush)
+            # stops the run at the start of the next block; until then every hook stays, so no
+            # site runs unhooked. run() then resets. `before > 0`: a page that alone exceeds the
+            # bound still gets to run.
             self._site_reset_pending = True
-            self._stop_hook = self._add_block_hook(self._on_stop_block)
+            if self._stop_hook is None:
+                self._stop_hook = self._add_block_hook(self._on_stop_block)
 
     def _on_stop_block(self, _address: int) -> None:
         self._emu_stop()
@@ -276,8 +278,9 @@ class Intercepts(EventDelivery):
         if self._stop_hook is not None:
             self._del_hook_quiesced(self._stop_hook)
             self._stop_hook = None
-        # The TLB only: the frames whose code is unchanged stay scanned, and the written one's
-        # translated code went with the write (QEMU's SMC detection).
+        # The frames whose code is unchanged stay scanned (not flush_code). Deleting the block
+        # hook also drops the blocks translated while it existed (Unicorn), so a block an alias
+        # translated from the new code before the stop is translated, and hooked, again.
         self.flush_tlb()
 
     @property

@@ -97,12 +97,15 @@ class RunLoop(Intercepts):
                 return _TIMEOUT
             if self._site_reset_pending:
                 self._reset_site_hooks()
-            elif self._tlb_flush_pending:
-                self.flush_pending_tlb()
             rip = self.read_reg(Reg.RIP)
             self._pending_fault = None
             self._pending_npf = None
             error = self._emu_start(rip)  # Unicorn's status, 0 for none
+            # A W^X flush (`_request_tlb_flush`) is done as soon as the emulator returns, for
+            # whatever reason it did: none is left pending when the run ends.
+            stopped_for_flush = self._tlb_flush_pending
+            if stopped_for_flush and not self._site_reset_pending:
+                self.flush_pending_tlb()
             if self._at_breakpoint:
                 self._at_breakpoint = False
                 self._quiesced = False  # see _on_breakpoint
@@ -118,7 +121,7 @@ class RunLoop(Intercepts):
                     detail, self._unmodelled = self._unmodelled, None
                     return RunStop(StopReason.EMULATOR_ERROR, detail)
                 return _REQUESTED
-            if not error and (self._site_reset_pending or self._tlb_flush_pending) and not self._shutdown:
+            if not error and (self._site_reset_pending or stopped_for_flush) and not self._shutdown:
                 continue  # stopped before the block ran for a reset or a TLB flush: resume
             if error:
                 if self._pending_fault is not None:

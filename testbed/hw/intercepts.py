@@ -83,7 +83,7 @@ _LOCK = 0xF0
 
 def _may_start_site(code: bytes) -> bool:
     """Whether an instruction starting at `code` may be a site in some mode: prefixes (REX
-    counted) before RDMSR, WRMSR or CPUID, or an IN/OUT with at most a 66."""
+    counted) before RDMSR, WRMSR, CPUID or an IN/OUT."""
     prefixes = 0
     while prefixes < min(len(code), _MAX_PREFIXES) and code[prefixes] in _SITE_PREFIXES:
         prefixes += 1
@@ -116,7 +116,8 @@ class Intercepts(EventDelivery):
         self._cpuid_skip = False
         self._io_in_value = 0
         #: the last IN/OUT exit came from Unicorn's IN/OUT hook (an instruction the site scan
-        #: did not hook, e.g. with a REX prefix): it completed natively, nothing to skip
+        #: did not hook, e.g. one completed by a page changed after the scan): it completed
+        #: natively, nothing to skip
         self._native_io = False
         self._native_hypercall_fetches = _VMMCALL_FETCHES if self.vendor is Vendor.AMD else _VMCALL_FETCHES
         self._native_hypercall_exit = int(SvmExitCode.SVM_EXIT_VMMCALL if self.vendor is Vendor.AMD
@@ -132,7 +133,8 @@ class Intercepts(EventDelivery):
         #: intercepted-instruction sites: guest-virtual address -> its UC_HOOK_CODE handle
         #: (one hook per address, all sharing one callback; bounded, see _scan_sites)
         self._site_hooks: dict[int, int] = {}
-        self._stop_hook: int | None = None  # one-shot UC_HOOK_BLOCK that ends the run for a reset
+        #: one-shot UC_HOOK_BLOCK that ends the run for a site-hook reset or a W^X TLB flush
+        self._stop_hook: int | None = None
         self._site_reset_pending = False
         self._tlb_flush_pending = False  # the stop hook ends the run for a TLB flush (W^X)
         self.site_hooks_peak = 0

@@ -81,13 +81,28 @@ _SITE_PREFIXES = _LEGACY_PREFIXES | _REX
 _LOCK = 0xF0
 
 
+def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
+    """How many of `code`'s first bytes (at most _MAX_PREFIXES) are in `prefixes`."""
+    n = 0
+    while n < min(len(code), _MAX_PREFIXES) and code[n] in prefixes:
+        n += 1
+    return n
+
+
+def _prefix_run_start(page: bytes, end: int) -> int:
+    """Where the run of prefix bytes (REX counted, at most _MAX_PREFIXES) ending at `end` starts:
+    each position from there to `end` may start the instruction whose opcode is at `end`."""
+    first = end
+    while first > 0 and end - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
+        first -= 1
+    return first
+
+
 def _may_start_site(code: bytes) -> bool:
     """Whether an instruction starting at `code` may be a site in some mode: prefixes (REX
     counted) before RDMSR, WRMSR, CPUID or an IN/OUT."""
-    prefixes = 0
-    while prefixes < min(len(code), _MAX_PREFIXES) and code[prefixes] in _SITE_PREFIXES:
-        prefixes += 1
-    return code[prefixes : prefixes + 2] in (_WRMSR, _RDMSR, _CPUID) or code[prefixes : prefixes + 1] in _IO_SITE_FIRST
+    n = _prefix_count(code, _SITE_PREFIXES)
+    return code[n : n + 2] in (_WRMSR, _RDMSR, _CPUID) or code[n : n + 1] in _IO_SITE_FIRST
 #: An instruction is at most 15 bytes: 13 prefixes before a two-byte opcode.
 _MAX_PREFIXES = 13
 _WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
@@ -221,23 +236,15 @@ class Intercepts(EventDelivery):
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
                 locked_only = pattern == _CPUID and not cpuid_sites
-                if not locked_only:
-                    starts.add(off)
-                # A site may start at any prefix before its opcode.
-                first = off
-                while first > 0 and off - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
-                    first -= 1
-                    if not locked_only or _LOCK in page[first:off]:
-                        starts.add(first)
+                # A site may start at its opcode or at any prefix before it.
+                starts.update(first for first in range(_prefix_run_start(page, off), off + 1)
+                              if not locked_only or _LOCK in page[first:off])
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
-        # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR. Every start its last
-        # bytes can be is hooked whatever follows; _on_site reads the whole instruction and lets
-        # anything else run.
+        # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR: the starts its last
+        # bytes can be (a 0F, or the prefixes before it or before the next page's opcode).
         last = PAGE_SIZE - 1
-        first = last if page[last] == 0x0F or page[last] in _SITE_PREFIXES else PAGE_SIZE
-        while first < PAGE_SIZE and first > 0 and last - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
-            first -= 1
+        first = _prefix_run_start(page, last if page[last] == 0x0F else PAGE_SIZE)
         if first < PAGE_SIZE:
             # The next page's bytes decide which of those start a site (a hook that fires on
             # every execution of a REX- or 0F-led instruction across the boundary costs a Python
@@ -331,10 +338,7 @@ class Intercepts(EventDelivery):
         insn = self._fetch_at_rip(linear, 2 + _MAX_PREFIXES)
         cs = self.read_reg(Reg.CS) & 0xFFFF
         long_mode = self.mode_of(cs)
-        prefix_bytes = _SITE_PREFIXES if long_mode else _LEGACY_PREFIXES
-        prefixes = 0
-        while prefixes < _MAX_PREFIXES and insn[prefixes : prefixes + 1] and insn[prefixes] in prefix_bytes:
-            prefixes += 1
+        prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else _LEGACY_PREFIXES)
         opcode = insn[prefixes : prefixes + 2]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
         io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST

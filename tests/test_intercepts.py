@@ -16,6 +16,7 @@ from testbed.api import VmTimeoutError
 from testbed.hw import unicorn_binding
 from testbed.hw.intercepts import MAX_SITE_HOOKS, Intercepts
 from testbed.machine import Machine, VmOptions, build_program, run_guest
+from testbed.vmm.vmm import RunReport
 from testbed.x86 import PAGE_SIZE
 
 
@@ -46,6 +47,18 @@ def cpuid(insn: bytes) -> str:
 STRADDLE = ("guest_main:\n    mov ecx, 0xC0010131\n" + at_page_end("straddle_rdmsr", b"\x0f\x32", 1, "rax")
             + CPUID_LEAF + at_page_end("straddle_cpuid", b"\x0f\xa2", 1, "rbx") + "    ret\n")
 
+def run_traced(text: str, **options: Any) -> tuple[RunReport, list[dict[str, Any]]]:
+    """Run guest `text` (16 MiB, seed 1, `options`) with a trace: its report and trace events."""
+    trace = io.StringIO()
+    report = run_guest("<guest>", VmOptions(memory=16 << 20, seed=1, trace=trace, **options), text=text)
+    return report, events_of(trace)
+
+
+def events_of(trace: io.StringIO) -> list[dict[str, Any]]:
+    """The events a run wrote to `trace`."""
+    return [json.loads(line) for line in trace.getvalue().splitlines()]
+
+
 KVM_SIGNATURE_EBX = 0x4B4D564B  # "KVMK"
 
 
@@ -54,12 +67,9 @@ def test_a_site_straddling_a_page_boundary_is_intercepted(vm_type: str, sev_stat
     """An RDMSR whose 0F ends a page still reads the hardware's SEV_STATUS (Unicorn alone
     reads 0), and on SEV-ES/SNP a CPUID so placed raises #VC (SVM_EXIT_CPUID) at its first
     byte before it runs, answered through the GHCB with KVM's signature."""
-    trace = io.StringIO()
-    report = run_guest("<straddle>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, trace=trace),
-                       text=STRADDLE)
+    report, events = run_traced(STRADDLE, vm_type=vm_type)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status, KVM_SIGNATURE_EBX]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     cpuid_vcs = [e for e in events if e["event"] == "vc" and e["error_code"] == 0x72 and e["rip"] & 0xFFF == 0xFFF]
     assert len(cpuid_vcs) == (1 if vm_type != "sev" else 0)
 
@@ -68,12 +78,9 @@ def test_a_cpuid_straddling_a_page_boundary_in_a_td_is_the_modules() -> None:
     """In a TD a CPUID whose 0F ends a page is still the TDX module's: leaf 0x40000000 raises
     #VE and reaches KVM as a TDVMCALL, never as a CPUID exit (KVM never sees one from a TD)."""
     text = "guest_main:\n" + CPUID_LEAF + at_page_end("straddle_cpuid", b"\x0f\xa2", 1, "rbx") + "    ret\n"
-    trace = io.StringIO()
-    report = run_guest("<straddle>", VmOptions(vm_type="tdx", vendor="intel", memory=16 << 20, seed=1, trace=trace),
-                       text=text)
+    report, events = run_traced(text, vm_type="tdx", vendor="intel")
     assert report.outcome == "done", report.detail
     assert report.syncs() == [KVM_SIGNATURE_EBX]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     ves = [e for e in events if e["event"] == "deliver" and e["name"] == "#VE" and e["rip"] & 0xFFF == 0xFFF]
     assert len(ves) == 1
     assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]
@@ -88,10 +95,8 @@ def test_a_prefixed_in_raises_vc_mid_page_and_straddling() -> None:
     """On SEV-ES an IN with a 66 prefix raises #VC (SVM_EXIT_IOIO) at its prefix before it runs,
     in the middle of a page and with the prefix ending one, and the guest gets the VMM's
     answer through the GHCB (port 0x80 reads 0xff)."""
-    trace = io.StringIO()
-    report = run_guest("<in>", VmOptions(vm_type="sev-es", memory=16 << 20, seed=1, trace=trace), text=PREFIXED_IN)
+    report, events = run_traced(PREFIXED_IN, vm_type="sev-es")
     assert report.outcome == "done", report.detail
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     ioio = [e["rip"] for e in events if e["event"] == "vc" and e["error_code"] == 0x7B]
     assert len(ioio) == 2 and ioio[1] & 0xFFF == 0xFFF
     assert [e["value"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [0xFF, 0xFF]
@@ -179,13 +184,9 @@ def test_prefixed_msr_and_cpuid_are_intercepted(vm_type: str, msr: int, value: i
     SEV_STATUS, or KVM's answer with RIP past the whole instruction; on SEV-ES/SNP each CPUID
     raises #VC and the runtime's handler skips the prefixes too (Unicorn alone reads 0 and
     never raises #VC)."""
-    trace = io.StringIO()
-    options = VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, trace=trace, enforce_pv_cpuid=False,
-                        defines={"MSR": msr})
-    report = run_guest("<prefixed>", options, text=PREFIXED_SITES)
+    report, events = run_traced(PREFIXED_SITES, vm_type=vm_type, enforce_pv_cpuid=False, defines={"MSR": msr})
     assert report.outcome == "done", report.detail
     assert report.syncs() == [value, value, KVM_SIGNATURE_EBX, value, KVM_SIGNATURE_EBX]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     if vm_type in ("sev-es", "sev-snp"):
         cpuid_vcs = [e["rip"] & 0xFFF for e in events if e["event"] == "vc" and e["error_code"] == 0x72]
         assert 0xFFF in cpuid_vcs  # the straddling one, at its REX.W
@@ -197,12 +198,9 @@ def test_a_prefixed_cpuid_in_a_td_is_the_modules() -> None:
     with the whole instruction's length in VE_INFO, and the runtime resumes after it."""
     text = ("guest_main:\n" + cpuid(b"\x2e\x0f\xa2") + CPUID_LEAF
             + at_page_end("straddle_cpuid", b"\x48\x0f\xa2", 1, "rbx") + "    ret\n")
-    trace = io.StringIO()
-    report = run_guest("<prefixed>", VmOptions(vm_type="tdx", vendor="intel", memory=16 << 20, seed=1, trace=trace),
-                       text=text)
+    report, events = run_traced(text, vm_type="tdx", vendor="intel")
     assert report.outcome == "done", report.detail
     assert report.syncs() == [KVM_SIGNATURE_EBX, KVM_SIGNATURE_EBX]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     assert not [e for e in events if e["event"] == "handle_exit" and e["name"] == "EXIT_REASON_CPUID"]
 
 
@@ -267,12 +265,9 @@ guest_main:
     GUEST_SYNC rax
     ret
 """
-    trace = io.StringIO()
-    report = run_guest("<msr>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1, enforce_pv_cpuid=False,
-                                          trace=trace), text=text)
+    report, events = run_traced(text, vm_type=vm_type, enforce_pv_cpuid=False)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [1, 0]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
     assert len([e for e in events if e["event"] == "vc" and e["error_code"] == 0x7C]) == 3
 
 
@@ -392,7 +387,7 @@ def test_an_in_with_prefixes_is_intercepted_at_its_first_prefix(vm_type: str, ve
         ins = {machine.program.symbols[f"pio_{i}"] for i in (1, 2, 3)}
     assert report.outcome == "done", report.detail
     assert report.syncs() == [0xFF, 0xFFFFFFFF, 0xFFFF]
-    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    events = events_of(trace)
     assert [e["size"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [1, 4, 2]
     if vm_type in ("sev-es", "sev-snp"):
         assert {e["rip"] for e in events if e["event"] == "vc" and e["error_code"] == 0x7B} >= ins

@@ -395,6 +395,67 @@ def test_an_in_with_prefixes_is_intercepted_at_its_first_prefix(vm_type: str, ve
         assert {e["rip"] for e in events if e["event"] == "deliver" and e["name"] == "#VE"} >= ins
 
 
+# IN AL, DX after 14 prefixes: 15 bytes, the longest instruction there is (Intel SDM Vol. 2A
+# §2.1: "The maximum length of an Intel 64 and IA-32 instruction remains 15 bytes"; AMD APM
+# Vol. 3 §1.1), mid-page and with its prefixes ending a page.
+LONGEST_IN_BYTES = ", ".join(["0x2e"] * 14 + ["0xec"])
+LONGEST_IN = f"""
+guest_main:
+    mov edx, 0x80
+    xor eax, eax
+longest_in_1:
+    .byte {LONGEST_IN_BYTES}
+    GUEST_SYNC rax
+    lea rax, [rip + before_longest_in_2]
+    jmp rax
+.balign 4096
+.skip 4096 - 14 - 7, 0xcc
+before_longest_in_2:
+    mov edx, 0x80                      # 5 bytes
+    xor eax, eax                       # 2 bytes: the 14 prefixes end the page
+longest_in_2:
+    .byte {LONGEST_IN_BYTES}
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("sev-es", "amd"), ("sev-snp", "amd"),
+                                                 ("tdx", "intel")])
+def test_an_in_with_fourteen_prefixes_is_intercepted(vm_type: str, vendor: str) -> None:
+    """IN AL, DX after 14 prefixes (15 bytes) exits like any IN, mid-page and across a page end:
+    on SEV-ES/SNP through #VC IOIO at its first prefix (the runtime's decoder skips all 14), in a
+    TD through #VE; port 0x80 reads 0xff each time (the scan stopped at 13 prefixes, and
+    Unicorn ran it without #VC)."""
+    trace = io.StringIO()
+    options = VmOptions(vm_type=vm_type, vendor=vendor, memory=16 << 20, seed=1, trace=trace)
+    with Machine(build_program("<longest>", options, text=LONGEST_IN), options) as machine:
+        report = machine.run()
+        ins = {machine.program.symbols[f"longest_in_{i}"] for i in (1, 2)}
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0xFF, 0xFF]
+    events = events_of(trace)
+    assert [e["size"] for e in events if e["event"] == "exit" and e.get("port") == 0x80] == [1, 1]
+    if vm_type in ("sev-es", "sev-snp"):
+        assert {e["rip"] for e in events if e["event"] == "vc" and e["error_code"] == 0x7B} == ins
+    if vm_type == "tdx":
+        assert {e["rip"] for e in events if e["event"] == "deliver" and e["name"] == "#VE"} >= ins
+
+
+@pytest.mark.parametrize("insn", [b"\x2e" * 15 + b"\xec", b"\x2e" * 14 + b"\x0f\x32", b"\x2e" * 14 + b"\xe4\x80"],
+                         ids=["in-dx", "rdmsr", "in-imm8"])
+def test_an_instruction_longer_than_fifteen_bytes_is_gp_not_an_intercept(insn: bytes) -> None:
+    """16 bytes (15 prefixes before IN AL, DX; 14 before RDMSR or IN AL, imm8) exceed the length
+    limit: #GP(0) at its first byte (Intel SDM Vol. 3A §6.15, #GP: "exceeding the instruction
+    length limit of 15 bytes"), before any intercept - no #VC on SEV-ES, no exit."""
+    text = ("guest_main:\n    mov edx, 0x80\n    mov ecx, 0xC0010131\ntoo_long:\n    .byte "
+            + ", ".join(f"0x{b:02x}" for b in insn) + "\n    ret\n")
+    report, events = run_traced(text, vm_type="sev-es")
+    assert report.outcome == "unhandled_exception"
+    assert "(too_long+0x0): unexpected #GP (error code 0x0)" in report.detail
+    assert not [e for e in events if e["event"] == "vc" and e["error_code"] in (0x7B, 0x7C)]
+
+
 # One frame (RET, then 600 IN AL, DX: sites on every VM) run through K aliases, a byte written
 # into it before each call: each write asks for a W^X flush and each call scans the frame at a
 # new address, in the same block.

@@ -178,12 +178,13 @@ rt_vc_insn_done:
     ret
 
 # r13, r12 as rt_vc_insn leaves them: rax = the prefixes before the opcode (legacy ones, and REX
-# in 64-bit code; at most 13), so that the handler finds the opcode and the length, as Linux's
-# #VC handler decodes the instruction (vc_decode_insn). Clobbers rcx.
+# in 64-bit code; at most 14, before a one-byte IN/OUT DX: 15 bytes in all), so that the handler
+# finds the opcode and the length, as Linux's #VC handler decodes the instruction
+# (vc_decode_insn). Clobbers rcx.
 rt_vc_prefixes:
     xor eax, eax
 rt_vc_prefixes_loop:
-    cmp eax, 13
+    cmp eax, 14
     jae rt_vc_prefixes_done
     movzx ecx, byte ptr [r13 + rax]
     and ecx, 0xf0

@@ -81,6 +81,14 @@ _SITE_PREFIXES = _LEGACY_PREFIXES | _REX
 _LOCK = 0xF0
 
 
+#: An instruction is at most 15 bytes (longer is #GP: the SDM's instruction-length limit, QEMU's
+#: X86_MAX_INSN_LENGTH): 14 prefixes before a one-byte IN/OUT DX, 13 before the others' two bytes
+#: (0F 32, E4 ib...).
+_MAX_INSN_LENGTH = 15
+_MAX_PREFIXES = _MAX_INSN_LENGTH - 1
+_WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
+
+
 def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
     """How many of `code`'s first bytes (at most _MAX_PREFIXES) are in `prefixes`."""
     n = 0
@@ -89,23 +97,30 @@ def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
     return n
 
 
-def _prefix_run_start(page: bytes, end: int) -> int:
-    """Where the run of prefix bytes (REX counted, at most _MAX_PREFIXES) ending at `end` starts:
-    each position from there to `end` may start the instruction whose opcode is at `end`."""
+def _site_length(code: bytes, prefixes: int) -> int:
+    """The length of the site whose opcode follows `prefixes` prefix bytes of `code` (0 when
+    none does): RDMSR, WRMSR, CPUID and IN/OUT imm8 two bytes after them, IN/OUT DX one."""
+    opcode = code[prefixes : prefixes + 2]
+    if opcode in (_WRMSR, _RDMSR, _CPUID):
+        return prefixes + 2
+    if opcode[:1] in _IO_SITE_FIRST:
+        return prefixes + (2 if opcode[0] in _IMM8_PORT_OPCODES else 1)
+    return 0
+
+
+def _prefix_run_start(page: bytes, end: int, most: int = _MAX_PREFIXES) -> int:
+    """Where the run of prefix bytes (REX counted, at most `most`) ending at `end` starts: each
+    position from there to `end` may start the instruction whose opcode is at `end`."""
     first = end
-    while first > 0 and end - first < _MAX_PREFIXES and page[first - 1] in _SITE_PREFIXES:
+    while first > 0 and end - first < most and page[first - 1] in _SITE_PREFIXES:
         first -= 1
     return first
 
 
 def _may_start_site(code: bytes) -> bool:
     """Whether an instruction starting at `code` may be a site in some mode: prefixes (REX
-    counted) before RDMSR, WRMSR, CPUID or an IN/OUT."""
-    n = _prefix_count(code, _SITE_PREFIXES)
-    return code[n : n + 2] in (_WRMSR, _RDMSR, _CPUID) or code[n : n + 1] in _IO_SITE_FIRST
-#: An instruction is at most 15 bytes: 13 prefixes before a two-byte opcode.
-_MAX_PREFIXES = 13
-_WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
+    counted) before RDMSR, WRMSR, CPUID or an IN/OUT, 15 bytes at most in all."""
+    return 0 < _site_length(code, _prefix_count(code, _SITE_PREFIXES)) <= _MAX_INSN_LENGTH
 
 
 def _fetches_of(insn: bytes) -> frozenset[bytes]:
@@ -236,8 +251,9 @@ class Intercepts(EventDelivery):
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
                 locked_only = pattern == _CPUID and not cpuid_sites
-                # A site may start at its opcode or at any prefix before it.
-                starts.update(first for first in range(_prefix_run_start(page, off), off + 1)
+                # A site may start at its opcode or at any prefix before it, 15 bytes in all.
+                most = _MAX_INSN_LENGTH - _site_length(pattern + b"\0", 0)
+                starts.update(first for first in range(_prefix_run_start(page, off, most), off + 1)
                               if not locked_only or _LOCK in page[first:off])
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
@@ -339,6 +355,8 @@ class Intercepts(EventDelivery):
         cs = self.read_reg(Reg.CS) & 0xFFFF
         long_mode = self.mode_of(cs)
         prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else _LEGACY_PREFIXES)
+        if _site_length(insn, prefixes) > _MAX_INSN_LENGTH:
+            return  # longer than 15 bytes: Unicorn raises its #GP, before any intercept
         opcode = insn[prefixes : prefixes + 2]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
         io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST

@@ -166,6 +166,40 @@ def test_a_site_run_through_a_second_address_is_intercepted_there_too(vm_type: s
     assert report.syncs() == [sev_status] * 3
 
 
+# The page of `site` run through the identity map, then read through the alias, then run there.
+READ_THEN_RUN_AT_ALIAS = "guest_main:\n" + ALIAS_MAP + """
+    lea rbx, [rip + site]
+    call rbx
+    GUEST_SYNC rax
+    mov r12, 0x8000000000
+    add rbx, r12
+    mov al, byte ptr [rbx]             # a data read through the alias first
+    call rbx
+    GUEST_SYNC rax
+    ret
+.balign 4096
+site:
+    mov ecx, 0xC0010131
+    rdmsr
+    ret
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+@pytest.mark.parametrize(("vm_type", "sev_status"), [("sev", 0x1), ("sev-snp", 0x7)])
+def test_a_read_through_an_alias_does_not_make_it_executable_unscanned(vm_type: str, sev_status: int, fill: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data read through a second page of a code frame scanned at the first gives that page no
+    executable TLB entry: the call through it that follows is fetched, scanned and hooked there,
+    and its RDMSR of SEV_STATUS reads the hardware's value (the read's entry was executable, and
+    the RDMSR ran in Unicorn and read 0) - with the C fill and the Python fill."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    report = run_guest("<alias>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=READ_THEN_RUN_AT_ALIAS)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [sev_status] * 2
+
+
 # RDMSR and CPUID with prefixes that change nothing in them (REX.W, CS override, operand size),
 # in the middle of a page and with their prefixes ending one.
 PREFIXED_SITES = ("guest_main:\n    mov ecx, MSR\n    .byte 0x48, 0x0f, 0x32\n    GUEST_SYNC rax\n"

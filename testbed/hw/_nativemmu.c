@@ -349,7 +349,11 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
     uint32_t perms = PROT_READ;
     if (o.writable && !code_frame)
         perms |= PROT_WRITE;
-    int exec_ok = o.executable && code_frame;
+    /* Execute only where the frame's sites are hooked: a read fill through an alias of a code
+     * frame scanned elsewhere must not hand that alias an executable entry, which a later fetch
+     * there would use without a fill (and so without a scan there). */
+    int exec_ok = o.executable && code_frame &&
+                  (self->scan_vas == NULL || self->scan_vas[frame] == ((vaddr & ~(uint64_t)0xFFF) | 1));
     if (self->dirty != NULL && (perms & PROT_WRITE) && frame < self->dirty_frames) {
         /* Dirty logging (kvm/dirty_log.py): a clean page is write-protected in stage 2. A read
          * maps it read-only; a store takes KVM's write fault, which sets the page's bit and

@@ -545,7 +545,10 @@ class Mmu(UnicornBinding):
         perms = PROT_READ
         if result.writable and not code_frame:
             perms |= PROT_WRITE
-        exec_ok = result.executable and code_frame
+        # Execute only at the page the frame's sites are hooked at: a read fill through an alias
+        # of a code frame scanned elsewhere must not give that alias an executable entry, which
+        # a later fetch there would use without a fill, and so without a scan there.
+        exec_ok = result.executable and code_frame and self._scan_vas.get(frame) == vaddr & ~0xFFF
         if mem.guest_memfd:
             # KVM's fault path maps a private GFN to its guest_memfd page and a shared one to
             # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.

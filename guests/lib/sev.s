@@ -234,8 +234,8 @@ rt_vc_vmmcall:
     add qword ptr [r15 + EX_RIP], 3
     ret
 
-# IN/OUT: decode the instruction at CS.base + RIP, its prefixes too (no string forms), as
-# vc_ioio_exitinfo() does.
+# IN/OUT: decode the instruction at CS.base + RIP, its prefixes too, as vc_ioio_exitinfo()
+# does; INS/OUTS go on at rt_vc_ioio_string.
 rt_vc_ioio:
     call rt_vc_insn                    # r13: where its bytes are, r12: 64-bit code
     call rt_vc_prefixes                # rax: the prefixes before the opcode
@@ -252,6 +252,10 @@ rt_vc_ioio_next_prefix:
     inc rcx
     jmp rt_vc_ioio_prefix
 rt_vc_ioio_opcode:
+    movzx r9d, byte ptr [r13 + r10]
+    and r9d, 0xfc
+    cmp r9d, 0x6c
+    je rt_vc_ioio_string               # 6C-6F (r12 is still rt_vc_insn's 64-bit code flag)
     movzx r12, byte ptr [r13 + r10]
     inc r10
     mov r9, r12                        # low bit: 0 = byte size
@@ -306,6 +310,153 @@ rt_vc_ioio_go:
     or qword ptr [r15 + EX_RAX], rbx
 rt_vc_ioio_done:
     add qword ptr [r15 + EX_RIP], r10
+    ret
+
+# INS/OUTS (6C-6F), as the string branch of Linux's vc_handle_ioio(): up to the GHCB shared
+# buffer's 2,032 bytes of elements per #VC (count RCX with REP, else 1), copied from [RSI]
+# into the buffer for OUTS before the VMGEXIT (SW_SCRATCH = the buffer, EXITINFO2 = the
+# count) and from the buffer to [RDI] for INS after it, element i at RSI/RDI - i * size with
+# DF; RSI/RDI move by the bytes moved and REP counts RCX down; the instruction runs again
+# (RIP unchanged) while RCX is not 0. EXITINFO1 has STR, REP, the address size (A64 in 64-bit
+# code, A32 outside, halved by 67) and the segment (ES for INS, DS for OUTS, as Linux sets it
+# whatever the override); the addresses are RSI and RDI themselves (Linux adds ES's base: 0 in
+# 64-bit code). Deviations from Linux: REP with RCX = 0 only skips the instruction (no
+# VMGEXIT of count 0), and without REP the instruction is done after one element (Linux
+# retries while RCX is not 0, whatever the prefix: a plain INS/OUTS with RCX != 0 would loop).
+# In: r13 = the instruction, r10 = its prefixes, r11 = 2 with 66 else 4, r12 = 64-bit code.
+rt_vc_ioio_string:
+    movzx r9d, byte ptr [r13 + r10]    # the opcode: bit 0 = not a byte, bit 1 = OUTS
+    inc r10                            # the instruction's length
+    test r9d, 1
+    jnz rt_vc_ios_wide
+    mov r11, 1
+rt_vc_ios_wide:
+    mov r8, 4                          # address size
+    test r12, r12
+    jz rt_vc_ios_asize
+    mov r8, 8
+rt_vc_ios_asize:
+    xor r14d, r14d                     # REP
+    xor ebx, ebx                       # 67 seen
+    xor ecx, ecx
+rt_vc_ios_prefix:
+    lea rax, [rcx + 1]
+    cmp rax, r10
+    jae rt_vc_ios_info
+    movzx eax, byte ptr [r13 + rcx]
+    cmp eax, 0x67
+    jne rt_vc_ios_not_67
+    mov ebx, 1
+rt_vc_ios_not_67:
+    or eax, 1
+    cmp eax, 0xf3                      # F2 or F3
+    jne rt_vc_ios_next
+    mov r14d, 1
+rt_vc_ios_next:
+    inc rcx
+    jmp rt_vc_ios_prefix
+rt_vc_ios_info:
+    mov ecx, ebx
+    shr r8, cl
+    mov rsi, qword ptr [r15 + EX_RDX]
+    and esi, 0xffff
+    shl rsi, 16                        # port
+    mov rax, r11
+    shl rax, 4
+    or rsi, rax                        # SZ8 / SZ16 / SZ32
+    mov rax, r8
+    shl rax, 6                         # A16 1 << 7, A32 2 << 7, A64 4 << 7
+    or rsi, rax
+    or rsi, 4                          # STR
+    test r9d, 2
+    jnz rt_vc_ios_outs
+    or rsi, 1                          # IN, segment ES (0)
+    jmp rt_vc_ios_rep
+rt_vc_ios_outs:
+    or rsi, 3 << 10                    # segment DS
+rt_vc_ios_rep:
+    mov r12, 1                         # the count
+    test r14d, r14d
+    jz rt_vc_ios_count
+    or rsi, 8                          # REP
+    mov r12, qword ptr [r15 + EX_RCX]
+    test r12, r12
+    jz rt_vc_ioio_done                 # REP with RCX = 0: nothing to move
+rt_vc_ios_count:
+    mov eax, 2032                      # sizeof(ghcb->shared_buffer)
+    xor edx, edx
+    div r11
+    cmp r12, rax
+    jbe rt_vc_ios_counted
+    mov r12, rax
+rt_vc_ios_counted:
+    mov rbx, r11                       # rbx = the step: -size with DF
+    test qword ptr [r15 + EX_RFLAGS], 0x400
+    jz rt_vc_ios_step
+    neg rbx
+rt_vc_ios_step:
+    test r9d, 2
+    jz rt_vc_ios_exit
+    push rsi
+    mov rdi, qword ptr [r15 + EX_RSI]  # OUTS: elements from [RSI] into the buffer
+    mov rsi, rbx
+    mov rdx, RT_GHCB + GHCB_SHARED_BUF
+    mov r8, r11
+    call rt_vc_ios_copy
+    pop rsi
+rt_vc_ios_exit:
+    push rsi
+    mov rax, RT_GHCB + GHCB_SHARED_BUF
+    GHCB_SET GHCB_SW_SCRATCH, rax
+    pop rsi
+    mov rdi, SVM_EXIT_IOIO
+    mov rdx, r12
+    push rsi
+    call rt_ghcb_exit
+    pop rsi
+    test eax, eax
+    jnz rt_vc_unhandled
+    mov rax, r12
+    imul rax, rbx                      # the bytes moved, signed by DF
+    test r9d, 2
+    jnz rt_vc_ios_outs_done
+    mov rdi, RT_GHCB + GHCB_SHARED_BUF # INS: elements from the buffer to [RDI]
+    mov rsi, r11
+    mov rdx, qword ptr [r15 + EX_RDI]
+    mov r8, rbx
+    push rax
+    call rt_vc_ios_copy
+    pop rax
+    add qword ptr [r15 + EX_RDI], rax
+    jmp rt_vc_ios_counted_down
+rt_vc_ios_outs_done:
+    add qword ptr [r15 + EX_RSI], rax
+rt_vc_ios_counted_down:
+    test r14d, r14d
+    jz rt_vc_ioio_done
+    sub qword ptr [r15 + EX_RCX], r12
+    jz rt_vc_ioio_done
+    ret                                # RCX left: the instruction runs again
+
+# r12 elements of r11 bytes: element i from rdi + i * rsi to rdx + i * r8. Clobbers rax, rcx,
+# rdx, rdi, r13.
+rt_vc_ios_copy:
+    xor r13d, r13d
+rt_vc_ios_copy_element:
+    cmp r13, r12
+    jae rt_vc_ios_copied
+    xor ecx, ecx
+rt_vc_ios_copy_byte:
+    mov al, byte ptr [rdi + rcx]
+    mov byte ptr [rdx + rcx], al
+    inc rcx
+    cmp rcx, r11
+    jb rt_vc_ios_copy_byte
+    add rdi, rsi
+    add rdx, r8
+    inc r13
+    jmp rt_vc_ios_copy_element
+rt_vc_ios_copied:
     ret
 
 rt_vc_msr:

@@ -61,6 +61,8 @@ SVM_IOIO_TYPE_IN = 1 << 0
 SVM_IOIO_STR = 1 << 2
 SVM_IOIO_REP = 1 << 3
 SVM_IOIO_SIZE_SHIFT = 4  # bits 4..6: SZ8, SZ16, SZ32 one-hot
+SVM_IOIO_ADDR_SHIFT = 7  # bits 7..9: A16, A32, A64 one-hot (string forms)
+SVM_IOIO_SEG_SHIFT = 10  # bits 10..12: the segment of a string OUT's source (ES 0 ... GS 5)
 SVM_IOIO_PORT_SHIFT = 16
 
 # VMX I/O exit qualification (SDM vol. 3 table 28-5).

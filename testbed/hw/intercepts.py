@@ -20,13 +20,19 @@ from testbed.errors import TestbedError
 from testbed.hw.events import _CTX_CPUID, _CTX_INVALID, _CTX_IO, _CTX_NONE, EventDelivery
 from testbed.hw.exits import (
     NPF_GUEST_ENC,
+    SVM_IOIO_ADDR_SHIFT,
     SVM_IOIO_PORT_SHIFT,
+    SVM_IOIO_REP,
+    SVM_IOIO_SEG_SHIFT,
     SVM_IOIO_SIZE_SHIFT,
+    SVM_IOIO_STR,
     SVM_IOIO_TYPE_IN,
     VMX_INTR_INFO_VALID,
     VMX_INTR_TYPE_HARD_EXCEPTION,
     VMX_IO_IN,
     VMX_IO_PORT_SHIFT,
+    VMX_IO_REP,
+    VMX_IO_STRING,
     GhcbMsrRegister,
     SvmExitCode,
     Vendor,
@@ -50,6 +56,7 @@ from testbed.x86 import (
 )
 from testbed.x86.addr import Gfn, Gva
 from testbed.x86.paging import ACCESS_READ
+from testbed.x86.pio import IMM8_PORT_OPCODES, IO_OPCODES, LEGACY_PREFIXES, REX_PREFIXES, IoInsn, decode_io
 
 #: Bound on the per-address code hooks of intercepted-instruction sites (see _scan_sites).
 #: Every UC_HOOK_CODE is visited at each translated instruction and for each translated block
@@ -57,11 +64,7 @@ from testbed.x86.paging import ACCESS_READ
 MAX_SITE_HOOKS = 4096
 
 # Opcode byte patterns of the instruction sites the hardware intercepts by code hooks.
-_IO_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF})
-_IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED})
-_IO_SITE_FIRST = frozenset(bytes([op]) for op in _IO_OPCODES)
-_IMM8_PORT_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
-_BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
+_IO_SITE_FIRST = frozenset(bytes([op]) for op in IO_OPCODES)
 # IN/OUT are intercepted at their address on every VM: Unicorn's IN/OUT hooks can neither move
 # RIP nor stop before the end of the block (UNICORN.md), and KVM_RUN returns at each one.
 # CPUID is a site on every VM too: SEV-ES/SNP (#VC) and TDX (#VE, or the module's own answer)
@@ -69,15 +72,13 @@ _BYTE_IO_OPCODES = frozenset({0xE4, 0xE6, 0xEC, 0xEE})
 # CPUID hook.
 _SITE_PATTERNS = (
     b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2",  # WRMSR, RDMSR, CPUID
-    *(bytes([op]) for op in sorted(_IO_OPCODES)),  # IN/OUT (their prefixes are walked back over)
+    *(bytes([op]) for op in sorted(IO_OPCODES)),  # IN/OUT (their prefixes are walked back over)
 )
-#: The legacy prefixes an RDMSR, WRMSR or CPUID may carry: they move where it starts and
-#: change nothing in it, but LOCK, which makes it #UD (Unicorn runs it: the hardware raises it).
-_LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
-#: REX, a prefix in 64-bit code only (INC/DEC in compatibility mode).
-_REX = frozenset(range(0x40, 0x50))
-#: Where a site may start, whatever the code's mode (`_on_site` decodes with the mode).
-_SITE_PREFIXES = _LEGACY_PREFIXES | _REX
+#: Where a site may start, whatever the code's mode (`_on_site` decodes with the mode): the
+#: legacy prefixes, which move where an RDMSR, WRMSR, CPUID or IN/OUT starts and change nothing
+#: in it but LOCK (#UD: Unicorn runs it, the hardware raises it) and, for IN/OUT, 66, 67, REP and
+#: the segment (`decode_io`), and REX (64-bit code only: INC/DEC in compatibility mode).
+_SITE_PREFIXES = LEGACY_PREFIXES | REX_PREFIXES
 _LOCK = 0xF0
 
 
@@ -104,7 +105,7 @@ def _site_length(code: bytes, prefixes: int) -> int:
     if opcode in (_WRMSR, _RDMSR, _CPUID):
         return prefixes + 2
     if opcode[:1] in _IO_SITE_FIRST:
-        return prefixes + (2 if opcode[0] in _IMM8_PORT_OPCODES else 1)
+        return prefixes + (2 if opcode[0] in IMM8_PORT_OPCODES else 1)
     return 0
 
 
@@ -354,13 +355,13 @@ class Intercepts(EventDelivery):
         insn = self._fetch_at_rip(linear, 2 + _MAX_PREFIXES)
         cs = self.read_reg(Reg.CS) & 0xFFFF
         long_mode = self.mode_of(cs)
-        prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else _LEGACY_PREFIXES)
+        prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else LEGACY_PREFIXES)
         if _site_length(insn, prefixes) > _MAX_INSN_LENGTH:
             return  # longer than 15 bytes: Unicorn raises its #GP, before any intercept
         opcode = insn[prefixes : prefixes + 2]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
         io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST
-        if io and insn[prefixes] in _IMM8_PORT_OPCODES and len(insn) < prefixes + 2:
+        if io and insn[prefixes] in IMM8_PORT_OPCODES and len(insn) < prefixes + 2:
             io = False  # its port byte is on a page that cannot be read: its fetch faults
         if (opcode in (_WRMSR, _RDMSR, _CPUID) or io) and _LOCK in insn[:prefixes]:
             self._cur_rip = rip
@@ -377,40 +378,26 @@ class Intercepts(EventDelivery):
             self._vc_at(rip, SvmExitCode.SVM_EXIT_CPUID)
         elif io:
             if self._tdx is not None:
-                self._td_io(rip, insn, prefixes)
+                self._td_io(rip, insn, prefixes, long_mode)
             elif self._sev_es:
                 self._vc_at(rip, SvmExitCode.SVM_EXIT_IOIO)
             else:
-                self._io_site(rip, insn, prefixes)
+                self._io_site(rip, insn, prefixes, long_mode)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
 
-    def _decode_io(self, insn: bytes, prefixes: int) -> tuple[int, int, int, bool]:
-        """(port, size, length, is IN) of the IN/OUT whose bytes are `insn` (from its first), its
-        opcode after `prefixes` prefix bytes: the port from its imm8 or DX, the size from the
-        opcode and an operand-size prefix (66; REX.W changes nothing in IN/OUT)."""
-        op = insn[prefixes]
-        if op in _IMM8_PORT_OPCODES:
-            port = insn[prefixes + 1]
-            length = prefixes + 2
-        else:
-            port = self.read_reg(Reg.RDX) & 0xFFFF
-            length = prefixes + 1
-        size = 1 if op in _BYTE_IO_OPCODES else 2 if 0x66 in insn[:prefixes] else 4
-        return port, size, length, op in _IN_OPCODES
-
-    def _io_site(self, address: int, insn: bytes, prefixes: int) -> None:
+    def _io_site(self, address: int, insn: bytes, prefixes: int, long_mode: bool) -> None:
         """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
         with the port, size and direction decoded from the bytes. The hypervisor completes it
         (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
         stays at the instruction, which does not run natively."""
-        port, size, length, is_in = self._decode_io(insn, prefixes)
+        io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
         self._native_io = False
         self._cur_rip = address
-        self._cur_len = length
+        self._cur_len = io.length
         self._ctx = _CTX_INVALID
         try:
-            self._io_vmexit(port, size, is_in)
+            self._io_vmexit(io)
         finally:
             self._ctx = _CTX_NONE
         if self.read_reg(Reg.RIP) == address:
@@ -435,17 +422,16 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _td_io(self, address: int, insn: bytes, prefixes: int) -> None:
+    def _td_io(self, address: int, insn: bytes, prefixes: int, long_mode: bool) -> None:
         """IN/OUT in a TD, before it executes: the TDX module turns all port I/O into #VE."""
         tdx = self._tdx
         assert tdx is not None
         self._cur_rip = address
         self._ctx = _CTX_INVALID
         try:
-            port, size, length, is_in = self._decode_io(insn, prefixes)
+            io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
-            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1) | (VMX_IO_IN if is_in else 0)
-            tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, length, qual)
+            tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, io.length, _vmx_io_qualification(io))
         finally:
             self._ctx = _CTX_NONE
 
@@ -743,21 +729,15 @@ class Intercepts(EventDelivery):
         self._ctx = _CTX_IO
         self._native_io = True
         try:
-            self._io_vmexit(port, size, is_in)
+            self._io_vmexit(IoInsn(port, size, 1, is_in))
         finally:
             self._ctx = _CTX_NONE
 
-    def _io_vmexit(self, port: int, size: int, is_in: bool) -> None:
+    def _io_vmexit(self, io: IoInsn) -> None:
         if self.vendor is Vendor.AMD:
-            info1 = (port << SVM_IOIO_PORT_SHIFT) | ((size & 7) << SVM_IOIO_SIZE_SHIFT)
-            if is_in:
-                info1 |= SVM_IOIO_TYPE_IN
-            self._exit(SvmExitCode.SVM_EXIT_IOIO, info1, 0)
+            self._exit(SvmExitCode.SVM_EXIT_IOIO, _svm_ioio_info(io), 0)
         else:
-            qual = (port << VMX_IO_PORT_SHIFT) | (size - 1)
-            if is_in:
-                qual |= VMX_IO_IN
-            self._exit(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, qual, 0)
+            self._exit(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, _vmx_io_qualification(io), 0)
 
     def _on_out(self, port: int, size: int, value: int) -> None:
         self._io_exit(port, size, False)
@@ -766,3 +746,28 @@ class Intercepts(EventDelivery):
         self._io_in_value = 0xFFFFFFFF
         self._io_exit(port, size, True)
         return self._io_in_value & ((1 << (8 * size)) - 1)
+
+
+def _svm_ioio_info(io: IoInsn) -> int:
+    """SVM_EXIT_IOIO's EXITINFO1 (APM vol. 2, 15.10.2): port, size, direction, and for INS/OUTS
+    the STR and REP bits, the address size and the segment (ES for INS)."""
+    info1 = (io.port << SVM_IOIO_PORT_SHIFT) | ((io.size & 7) << SVM_IOIO_SIZE_SHIFT)
+    if io.is_in:
+        info1 |= SVM_IOIO_TYPE_IN
+    if io.string:
+        info1 |= SVM_IOIO_STR | ((io.addr_size // 2) << SVM_IOIO_ADDR_SHIFT)
+        info1 |= (0 if io.is_in else io.segment) << SVM_IOIO_SEG_SHIFT
+        if io.rep:
+            info1 |= SVM_IOIO_REP
+    return info1
+
+
+def _vmx_io_qualification(io: IoInsn) -> int:
+    """EXIT_REASON_IO_INSTRUCTION's exit qualification (SDM vol. 3C, table 28-5): size - 1, IN,
+    string, REP and the port (bit 6, an immediate operand, is left 0)."""
+    qual = (io.port << VMX_IO_PORT_SHIFT) | (io.size - 1)
+    if io.is_in:
+        qual |= VMX_IO_IN
+    if io.string:
+        qual |= VMX_IO_STRING | (VMX_IO_REP if io.rep else 0)
+    return qual

@@ -25,13 +25,11 @@ from testbed.hw.exits import (
     NPF_GUEST_PAGE,
     NPF_WRITE,
     SVM_IOIO_PORT_SHIFT,
-    SVM_IOIO_REP,
     SVM_IOIO_SIZE_SHIFT,
     SVM_IOIO_STR,
     SVM_IOIO_TYPE_IN,
     VMX_IO_IN,
     VMX_IO_PORT_SHIFT,
-    VMX_IO_REP,
     VMX_IO_SIZE_MASK,
     VMX_IO_STRING,
     RunStop,
@@ -92,8 +90,9 @@ from testbed.kvm.uapi import (
 )
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
-from testbed.x86 import CR0_WP, PAGE_SIZE, U32, U64, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
+from testbed.x86 import CR0_WP, PAGE_SIZE, RFLAGS_DF, U32, U64, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, walk
+from testbed.x86.pio import LEGACY_PREFIXES, REX_PREFIXES, SEG_DS, SEG_ES, STRING_IO_OPCODES, decode_io, prefix_count
 
 #: The KVM PV MSRs tdx_has_emulated_msr() (arch/x86/kvm/vmx/tdx.c) leaves out: all but
 #: MSR_KVM_POLL_CONTROL.
@@ -456,14 +455,16 @@ class KvmVcpu:
     def _svm_io(self, info1: int, _info2: int) -> None:
         size = ((info1 >> SVM_IOIO_SIZE_SHIFT) & 7) or 1
         size = {1: 1, 2: 2, 4: 4}.get(size, 1)
-        if info1 & (SVM_IOIO_STR | SVM_IOIO_REP):
-            self._emulation_failure("string I/O is not modelled")
+        if info1 & SVM_IOIO_STR:
+            # io_interception(): string I/O goes to the emulator (an SEV-ES guest's never
+            # reaches here: its INS/OUTS raise #VC and come through the GHCB).
+            self.handle_string_pio()
             return
         self.handle_pio(info1 >> SVM_IOIO_PORT_SHIFT, size, bool(info1 & SVM_IOIO_TYPE_IN))
 
     def _vmx_io(self, qual: int, _info2: int) -> None:
-        if qual & (VMX_IO_STRING | VMX_IO_REP):
-            self._emulation_failure("string I/O is not modelled")
+        if qual & VMX_IO_STRING:
+            self.handle_string_pio()  # handle_io(): kvm_emulate_instruction(vcpu, 0)
             return
         self.handle_pio((qual >> VMX_IO_PORT_SHIFT) & 0xFFFF, (qual & VMX_IO_SIZE_MASK) + 1, bool(qual & VMX_IO_IN))
 
@@ -659,6 +660,98 @@ class KvmVcpu:
             # kvm_fast_pio_out() -> complete_fast_pio_out(): the OUT is skipped on the next KVM_RUN.
             self._exit_to_userspace(IoOutExit(size=size, port=port, count=1, data=value.to_bytes(size, "little")),
                                     hw.skip_instruction)
+
+    def handle_string_pio(self) -> None:
+        """INS/OUTS: x86_emulate_instruction(vcpu, 0), which decodes the instruction from guest
+        memory. An SEV guest's bytes are ciphertext to KVM and no instruction buffer comes with
+        an IOIO exit: svm_check_emulate_instruction() injects #UD (which is why Linux unrolls
+        string I/O in SEV guests, CC_ATTR_GUEST_UNROLL_STRING_IO). Otherwise, as emulate.c
+        does: REP with RCX = 0 only skips the instruction; OUTS reads one element at its source
+        and exits with it (em_out: count 1), INS exits once for up to min(the bytes left in
+        the page, 1024 / size, RCX) elements (pio_in_emulated's read-ahead) and writes them to
+        ES:RDI; RSI/RDI move by the size (backwards with DF) and REP counts RCX down, and the
+        instruction is run again until RCX is 0 (the emulator restarts it inside KVM_RUN; here
+        the guest re-executes it: the same exits). A fault at the source or destination is the
+        #PF KVM injects. Modelled in 64-bit code, through ES, CS, SS and DS (base 0 there);
+        anything else is an emulation failure, not a guess."""
+        hw = self.hw
+        if self.vm.sev:
+            hw.inject_exception(Vector.UD)
+            return
+        rip = hw.read_reg(Reg.RIP)
+        long_mode = hw.is_64bit_mode()
+        code = self._read_guest_virt(rip, 15, ACCESS_FETCH) or b""
+        prefixes = prefix_count(code, LEGACY_PREFIXES | REX_PREFIXES if long_mode else LEGACY_PREFIXES, 14)
+        if prefixes >= len(code) or code[prefixes] not in STRING_IO_OPCODES:
+            self._emulation_failure(f"string I/O exit at 0x{rip:x} whose bytes are no INS/OUTS")
+            return
+        io = decode_io(code, prefixes, long_mode, hw.read_reg(Reg.RDX))
+        if not long_mode or io.segment not in (SEG_ES, 1, 2, SEG_DS):
+            self._emulation_failure("string I/O outside 64-bit code or through FS/GS is not modelled")
+            return
+        mask = (1 << (8 * io.addr_size)) - 1
+        rcx = hw.read_reg(Reg.RCX) & mask
+        if io.rep and rcx == 0:
+            hw.skip_instruction()
+            return
+        step = -io.size if hw.read_reg(Reg.RFLAGS) & RFLAGS_DF else io.size
+        index = Reg.RDI if io.is_in else Reg.RSI
+        address = hw.read_reg(index) & mask
+
+        def advance(n: int) -> None:
+            self._assign(index, address + n * step, io.addr_size)
+            left = rcx - n if io.rep else 0
+            if io.rep:
+                self._assign(Reg.RCX, left, io.addr_size)
+            if left == 0:
+                hw.skip_instruction()
+            # else RIP stays: the next iteration runs the instruction again
+
+        if not io.is_in:
+            data = self._read_guest_virt_or_fault(address, io.size)
+            if data is not None:
+                self._exit_to_userspace(IoOutExit(size=io.size, port=io.port, count=1, data=data),
+                                        lambda: advance(1))
+            return
+        in_page = address & 0xFFF if step < 0 else PAGE_SIZE - (address & 0xFFF)
+        count = min(in_page, 1024 // io.size, rcx if io.rep else 1) or 1
+        run = IoInExit(size=io.size, port=io.port, count=count, data=bytearray(io.size * count))
+
+        def complete_ins(run: IoInExit = run) -> None:
+            data = run.reply(io.size * count)
+            for i in range(count):
+                # one element per emulated iteration; a faulting one stops there (#PF injected)
+                if not self._write_guest_virt((address + i * step) & mask, data[i * io.size : (i + 1) * io.size]):
+                    self._assign(index, address + i * step, io.addr_size)
+                    if io.rep:
+                        self._assign(Reg.RCX, rcx - i, io.addr_size)
+                    return
+            advance(count)
+
+        self._exit_to_userspace(run, complete_ins)
+
+    def _assign(self, reg: Reg, value: int, addr_size: int) -> None:
+        """emulate.c assign_register(): a 2-byte write keeps the upper bits, a 4-byte one
+        zero-extends (64-bit code), an 8-byte one is whole."""
+        if addr_size == 2:
+            value = (self.hw.read_reg(reg) & ~0xFFFF) | (value & 0xFFFF)
+        elif addr_size == 4:
+            value &= U32
+        self.hw.write_reg(reg, value & U64)
+
+    def _read_guest_virt_or_fault(self, gva: int, length: int) -> bytes | None:
+        """The emulator's segmented_read(): a faulting read injects #PF (CR2) and gives None."""
+        out = bytearray()
+        while len(out) < length:
+            cur = gva + len(out)
+            n = min(length - len(out), PAGE_SIZE - (cur & 0xFFF))
+            gpa = self._walk(cur, ACCESS_READ)
+            if isinstance(gpa, PageFault):
+                self.hw.write_reg(Reg.CR2, cur)
+                self.hw.inject_exception(Vector.PF, gpa.error_code)
+                return None
+            out += self.vm.memory.read(gpa, n)
+        return bytes(out)
 
     # -------------------------------------------------------------------- misc
     def handle_cpuid(self) -> None:

@@ -562,3 +562,86 @@ word: .quad 0
         cpu = vm.machine.cpu
         assert not cpu._tlb_flush_pending and cpu._stop_hook is None
         vm.snapshot()
+
+
+CACHE_FLUSH = "guest_main:\n    {insn}\n    GUEST_SYNC 1\n    ret\n"
+
+
+@pytest.mark.parametrize(("vm_type", "vendor", "exit_name"), [
+    ("default", "amd", "SVM_EXIT_WBINVD"), ("default", "intel", "EXIT_REASON_WBINVD"),
+    ("sev", "amd", "SVM_EXIT_WBINVD")])
+def test_wbinvd_and_invd_exit_and_kvm_skips_them(vm_type: str, vendor: str, exit_name: str) -> None:
+    """WBINVD and INVD exit to KVM (svm.c init_vmcb intercepts both; VMX exits unconditionally),
+    which skips them: kvm_emulate_wbinvd(), invd_interception() / kvm_emulate_invd() (Unicorn
+    ran them without an exit)."""
+    for insn, name in (("wbinvd", exit_name), ("invd", exit_name.replace("WBINVD", "INVD"))):
+        report, events = run_traced(CACHE_FLUSH.format(insn=insn), vm_type=vm_type, vendor=vendor)
+        assert report.outcome == "done", report.detail
+        assert report.syncs() == [1]
+        assert name in [e["name"] for e in events if e["event"] == "handle_exit"]
+
+
+@pytest.mark.parametrize("vm_type", ["sev-es", "sev-snp"])
+def test_wbinvd_is_a_vc_the_runtime_forwards_and_invd_one_it_refuses(vm_type: str) -> None:
+    """On SEV-ES/SNP WBINVD raises #VC SVM_EXIT_WBINVD, which the runtime forwards through the
+    GHCB (Linux's vc_handle_wbinvd) and the guest goes on; INVD raises #VC SVM_EXIT_INVD, which
+    Linux refuses ("#VC exception for INVD??? Seriously???", ES_UNSUPPORTED): unhandled."""
+    report, events = run_traced(CACHE_FLUSH.format(insn="wbinvd"), vm_type=vm_type)
+    assert report.outcome == "done", report.detail
+    assert [e for e in events if e["event"] == "vc" and e["error_code"] == 0x89]
+    report, _ = run_traced(CACHE_FLUSH.format(insn="invd"), vm_type=vm_type)
+    assert report.outcome == "unhandled_exception"
+    assert "unexpected #VC (error code 0x76)" in report.detail
+
+
+@pytest.mark.parametrize(("insn", "reason"), [("wbinvd", 54), ("invd", 13)])
+def test_wbinvd_and_invd_in_a_td_are_ve_the_runtime_refuses(insn: str, reason: int) -> None:
+    """In a TD WBINVD and INVD are #VE (the TDX module's td_generic_ve_exit), which Linux's
+    virt_exception_kernel does not handle: unhandled, with the exit reason as error code."""
+    report, _ = run_traced(CACHE_FLUSH.format(insn=insn), vm_type="tdx", vendor="intel")
+    assert report.outcome == "unhandled_exception"
+    assert f"unexpected #VE (error code 0x{reason:x})" in report.detail
+
+
+@pytest.mark.parametrize(("insn", "vm_types"), [
+    ("rdpmc", ["default", "sev", "sev-es", "tdx"]), ("rdtscp", ["default", "sev-es"]),
+    ("monitor", ["default", "sev-snp"]), ("mwait", ["default", "sev-es"]),
+    ("mov dr7, rax", ["sev-es", "sev-snp"]), ("mov rax, dr7", ["sev-es"])])
+def test_instructions_the_model_lacks_end_the_run_naming_them(insn: str, vm_types: list[str]) -> None:
+    """RDPMC, RDTSCP, MONITOR/MWAIT and (on SEV-ES/SNP) MOV to/from DR7 are intercepted by real
+    KVM or raise #VC, where Unicorn would run them (RDTSCP, DR7: a silently wrong answer) or
+    raise #UD: the run ends as internal_error naming the instruction, before it executes."""
+    name = "MOV to/from DR7" if insn.startswith("mov") else insn.upper()
+    for vm_type in vm_types:
+        vendor = "intel" if vm_type == "tdx" else "amd"
+        report, _ = run_traced(CACHE_FLUSH.format(insn=insn), vm_type=vm_type, vendor=vendor)
+        assert report.outcome == "internal_error", (vm_type, report.detail)
+        assert f"emulator: {name}" in report.detail and "is not modelled" in report.detail
+        assert report.syncs() == []
+
+
+@pytest.mark.parametrize(("insn", "vm_type", "vendor", "expected"), [
+    ("rdtscp", "tdx", "intel", "done"), ("monitor", "tdx", "intel", "#UD"),
+    ("mov dr7, rax", "default", "amd", "done"), ("mov dr0, rax", "sev-es", "amd", "done")])
+def test_where_unicorn_matches_the_hardware_it_still_runs_them(insn: str, vm_type: str, vendor: str,
+                                                               expected: str) -> None:
+    """Where Unicorn's own behaviour is the real one it is kept: RDTSCP in a TD (the module lets
+    it run), MONITOR in a TD (#UD), MOV DR7 on a plain VM (KVM emulates it alike), MOV DR0-3
+    on SEV-ES (not intercepted)."""
+    report, _ = run_traced(CACHE_FLUSH.format(insn=insn), vm_type=vm_type, vendor=vendor)
+    if expected == "done":
+        assert report.outcome == "done", report.detail
+    else:
+        assert report.outcome == "unhandled_exception" and f"unexpected {expected}" in report.detail
+
+
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("default", "intel"), ("tdx", "intel")])
+def test_the_tsc_msr_ends_the_run_instead_of_reading_zero(vm_type: str, vendor: str) -> None:
+    """RDMSR/WRMSR of IA32_TSC (0x10), which KVM passes to the emulator, ends the run as not
+    modelled: Unicorn reads it as 0 and drops writes while RDTSC counts on, where the hardware
+    has one counter (SDM vol. 3B 18.17); RDTSC itself runs."""
+    for access in ("rdmsr", "wrmsr"):
+        text = f"guest_main:\n    rdtsc\n    GUEST_SYNC 1\n    mov ecx, 0x10\n    {access}\n    GUEST_SYNC 2\n    ret\n"
+        report, _ = run_traced(text, vm_type=vm_type, vendor=vendor)
+        assert report.outcome == "internal_error" and report.syncs() == [1]
+        assert f"emulator: {access.upper()} of IA32_TSC is not modelled" in report.detail

@@ -612,6 +612,7 @@ __guest_assert_ok_\site:
 .equ SVM_EXIT_IOIO, 0x7b
 .equ SVM_EXIT_MSR, 0x7c
 .equ SVM_EXIT_VMMCALL, 0x81
+.equ SVM_EXIT_WBINVD, 0x89
 .equ SVM_VMGEXIT_PSC, 0x80000010
 
 .equ SNP_PAGE_STATE_PRIVATE, 1

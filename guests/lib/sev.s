@@ -127,7 +127,14 @@ rt_vc_handler:
     je rt_vc_ioio
     cmp r14, SVM_EXIT_MSR
     je rt_vc_msr
-    jmp rt_vc_unhandled
+    cmp r14, SVM_EXIT_WBINVD
+    je rt_vc_wbinvd
+    jmp rt_vc_unhandled                # INVD among them: Linux's ES_UNSUPPORTED
+
+# WBINVD: the hypervisor flushes (vc_handle_wbinvd: SVM_EXIT_WBINVD, no registers).
+rt_vc_wbinvd:
+    VC_EXIT SVM_EXIT_WBINVD, 0
+    jmp rt_vc_skip_0f
 
 rt_vc_cpuid:
     VC_TO_GHCB EX_RAX, GHCB_RAX

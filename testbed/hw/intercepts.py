@@ -70,9 +70,16 @@ _IO_SITE_FIRST = frozenset(bytes([op]) for op in IO_OPCODES)
 # CPUID is a site on every VM too: SEV-ES/SNP (#VC) and TDX (#VE, or the module's own answer)
 # take it there, and with LOCK it is #UD everywhere; elsewhere _on_site leaves it to Unicorn's
 # CPUID hook.
+# WBINVD and INVD exit on every VM (KVM intercepts them: a no-op), #VC on SEV-ES/SNP and #VE in a
+# TD; RDPMC, RDTSCP, MONITOR/MWAIT and (on SEV-ES/SNP) MOV to/from DR7 exit or fault where
+# Unicorn would run them or raise another exception, and are not modelled: the run ends naming
+# them (`_UNMODELLED`) instead of a silently wrong answer.
 _SITE_PATTERNS = (
     b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2",  # WRMSR, RDMSR, CPUID
     *(bytes([op]) for op in sorted(IO_OPCODES)),  # IN/OUT (their prefixes are walked back over)
+    b"\x0f\x09", b"\x0f\x08", b"\x0f\x33",  # WBINVD, INVD, RDPMC
+    b"\x0f\x01\xf9", b"\x0f\x01\xc8", b"\x0f\x01\xc9",  # RDTSCP, MONITOR, MWAIT
+    b"\x0f\x21", b"\x0f\x23",  # MOV from / to a debug register (DR7: ModRM.reg = 7)
 )
 #: Where a site may start, whatever the code's mode (`_on_site` decodes with the mode): the
 #: legacy prefixes, which move where an RDMSR, WRMSR, CPUID or IN/OUT starts and change nothing
@@ -88,6 +95,20 @@ _LOCK = 0xF0
 _MAX_INSN_LENGTH = 15
 _MAX_PREFIXES = _MAX_INSN_LENGTH - 1
 _WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
+_WBINVD, _INVD, _RDPMC = b"\x0f\x09", b"\x0f\x08", b"\x0f\x33"
+_TWO_BYTE_SITES = frozenset({_WRMSR, _RDMSR, _CPUID, _WBINVD, _INVD, _RDPMC})
+_RDTSCP, _MONITOR, _MWAIT = b"\x0f\x01\xf9", b"\x0f\x01\xc8", b"\x0f\x01\xc9"
+_MOV_DR = frozenset({b"\x0f\x21", b"\x0f\x23"})  # then ModRM: reg = the debug register
+_MSR_IA32_TSC = 0x10
+#: What real hardware and KVM do with the sites the testbed does not model (see _SITE_PATTERNS):
+#: opcode -> (name, the real behaviour, whether a TD's behaviour is Unicorn's own)
+_UNMODELLED: dict[bytes, tuple[str, str, bool]] = {
+    _RDPMC: ("RDPMC", "KVM emulates it (kvm_emulate_rdpmc), SEV-ES takes #VC SVM_EXIT_RDPMC, a TD #GP(0)", False),
+    _RDTSCP: ("RDTSCP", "KVM intercepts it while the guest's CPUID lacks it (#UD), SEV-ES takes #VC "
+              "SVM_EXIT_RDTSCP", True),
+    _MONITOR: ("MONITOR", "KVM makes it a no-op (KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS), SEV-ES takes #VC", True),
+    _MWAIT: ("MWAIT", "KVM makes it a no-op (KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS), SEV-ES takes #VC", True),
+}
 
 
 def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
@@ -100,13 +121,32 @@ def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
 
 def _site_length(code: bytes, prefixes: int) -> int:
     """The length of the site whose opcode follows `prefixes` prefix bytes of `code` (0 when
-    none does): RDMSR, WRMSR, CPUID and IN/OUT imm8 two bytes after them, IN/OUT DX one."""
-    opcode = code[prefixes : prefixes + 2]
-    if opcode in (_WRMSR, _RDMSR, _CPUID):
+    none does): RDMSR, WRMSR, CPUID, WBINVD, INVD, RDPMC and IN/OUT imm8 two bytes after them,
+    RDTSCP, MONITOR, MWAIT and MOV to/from DR7 three, IN/OUT DX one."""
+    opcode = code[prefixes : prefixes + 3]
+    if opcode[:2] in _TWO_BYTE_SITES:
         return prefixes + 2
+    if opcode in _UNMODELLED or (opcode[:2] in _MOV_DR and len(opcode) == 3 and (opcode[2] >> 3) & 7 == 7):
+        return prefixes + 3
     if opcode[:1] in _IO_SITE_FIRST:
         return prefixes + (2 if opcode[0] in IMM8_PORT_OPCODES else 1)
     return 0
+
+
+def _may_continue_into_site(code: bytes) -> bool:
+    """Whether bytes that end a page may begin a site the next page completes: prefixes only,
+    or prefixes and the first bytes of a site's opcode (0F, 0F 01, 0F 21, an IN/OUT imm8)."""
+    n = _prefix_count(code, _SITE_PREFIXES)
+    rest = code[n:]
+    return n == len(code) or rest in _OPCODE_HEADS
+
+
+#: The proper beginnings of the sites' opcodes (with their ModRM or imm8): what a page's last
+#: bytes after any prefixes may hold of a site the next page completes.
+_OPCODE_HEADS = frozenset(
+    head for op in (*_SITE_PATTERNS, *(p + b"\xf8" for p in _MOV_DR), *(bytes([o, 0]) for o in IMM8_PORT_OPCODES))
+    for head in (op[:i] for i in range(1, len(op)))
+)
 
 
 def _prefix_run_start(page: bytes, end: int, most: int = _MAX_PREFIXES) -> int:
@@ -251,26 +291,25 @@ class Intercepts(EventDelivery):
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
+                if pattern in _MOV_DR and off + 2 < PAGE_SIZE and (page[off + 2] >> 3) & 7 != 7:
+                    continue  # another debug register than DR7
                 locked_only = pattern == _CPUID and not cpuid_sites
                 # A site may start at its opcode or at any prefix before it, 15 bytes in all.
-                most = _MAX_INSN_LENGTH - _site_length(pattern + b"\0", 0)
+                most = _MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)
                 starts.update(first for first in range(_prefix_run_start(page, off, most), off + 1)
                               if not locked_only or _LOCK in page[first:off])
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
         # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR: the starts its last
-        # bytes can be (a 0F, or the prefixes before it or before the next page's opcode).
-        last = PAGE_SIZE - 1
-        first = _prefix_run_start(page, last if page[last] == 0x0F else PAGE_SIZE)
-        if first < PAGE_SIZE:
+        # bytes can be (prefixes, then nothing or the first bytes of a site's opcode).
+        heads = [off for off in range(PAGE_SIZE - _MAX_PREFIXES, PAGE_SIZE) if _may_continue_into_site(page[off:])]
+        if heads:
             # The next page's bytes decide which of those start a site (a hook that fires on
             # every execution of a REX- or 0F-led instruction across the boundary costs a Python
             # call each time). Unreadable now: all are hooked. Not seen later: a site that the
             # next page's later contents or mapping would complete (README's deviation list).
-            ahead = self._peek_code(va_page + PAGE_SIZE, _MAX_PREFIXES + 2)
-            tail = page[first:] + ahead if ahead is not None else None
-            starts.update(off for off in range(first, PAGE_SIZE)
-                          if tail is None or _may_start_site(tail[off - first :]))
+            ahead = self._peek_code(va_page + PAGE_SIZE, _MAX_INSN_LENGTH)
+            starts.update(off for off in heads if ahead is None or _may_start_site(page[off:] + ahead))
         for off in sorted(starts):
             va = va_page + off
             if va not in hooks:
@@ -356,20 +395,33 @@ class Intercepts(EventDelivery):
         cs = self.read_reg(Reg.CS) & 0xFFFF
         long_mode = self.mode_of(cs)
         prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else LEGACY_PREFIXES)
-        if _site_length(insn, prefixes) > _MAX_INSN_LENGTH:
-            return  # longer than 15 bytes: Unicorn raises its #GP, before any intercept
+        length = _site_length(insn, prefixes)
+        if length > _MAX_INSN_LENGTH or length > len(insn):
+            # longer than 15 bytes: Unicorn raises its #GP, before any intercept; or its last
+            # bytes are on a page that cannot be read: its fetch faults
+            return
         opcode = insn[prefixes : prefixes + 2]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
         io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST
-        if io and insn[prefixes] in IMM8_PORT_OPCODES and len(insn) < prefixes + 2:
-            io = False  # its port byte is on a page that cannot be read: its fetch faults
-        if (opcode in (_WRMSR, _RDMSR, _CPUID) or io) and _LOCK in insn[:prefixes]:
+        if length and _LOCK in insn[:prefixes]:
             self._cur_rip = rip
             self._ctx = _CTX_INVALID
             try:
-                self._raise_ud(rip, linear, insn[: prefixes + (1 if io else 2)])
+                self._raise_ud(rip, linear, insn[:length])
             finally:
                 self._ctx = _CTX_NONE
+        elif opcode in (_WBINVD, _INVD):
+            self._cache_site(rip, opcode == _WBINVD, length)
+        elif length and insn[prefixes : prefixes + 3] in _UNMODELLED:
+            name, real, td_native = _UNMODELLED[insn[prefixes : prefixes + 3]]
+            if not (td_native and self._tdx is not None):
+                self._unmodelled_site(rip, f"{name} is not modelled ({real})")
+        elif length and opcode == _RDPMC:
+            self._unmodelled_site(rip, "RDPMC is not modelled (" + _UNMODELLED[_RDPMC][1] + ")")
+        elif length and opcode in _MOV_DR:
+            if self._sev_es:
+                self._unmodelled_site(rip, "MOV to/from DR7 in an SEV-ES guest is not modelled (#VC "
+                                           "SVM_EXIT_READ_DR7/WRITE_DR7: the guest caches DR7, KVM never arms it)")
         elif opcode in (_WRMSR, _RDMSR):
             self._msr_instruction(rip, opcode == _RDMSR, prefixes + 2)
         elif opcode == _CPUID and self._tdx is not None:
@@ -385,6 +437,33 @@ class Intercepts(EventDelivery):
                 self._io_site(rip, insn, prefixes, long_mode)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
+
+    def _cache_site(self, address: int, wbinvd: bool, length: int) -> None:
+        """WBINVD / INVD, before it executes: #VC on SEV-ES/SNP, #VE in a TD (td_generic_ve_exit),
+        elsewhere SVM_EXIT_WBINVD/INVD / EXIT_REASON_WBINVD/INVD, which KVM skips (no caches)."""
+        self._cur_rip = address
+        self._cur_len = length
+        self._ctx = _CTX_INVALID
+        try:
+            if self._sev_es:
+                self._vc_at(address, SvmExitCode.SVM_EXIT_WBINVD if wbinvd else SvmExitCode.SVM_EXIT_INVD)
+            elif self._tdx is not None:
+                self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_WBINVD if wbinvd else VmxExitReason.EXIT_REASON_INVD,
+                                         length)
+            elif self.vendor is Vendor.AMD:
+                self._exit(SvmExitCode.SVM_EXIT_WBINVD if wbinvd else SvmExitCode.SVM_EXIT_INVD, 0, 0)
+            else:
+                self._exit(VmxExitReason.EXIT_REASON_WBINVD if wbinvd else VmxExitReason.EXIT_REASON_INVD, 0, 0)
+        finally:
+            self._ctx = _CTX_NONE
+        if self.read_reg(Reg.RIP) == address:
+            self.write_reg(Reg.RIP, address)  # not completed: a RIP write stops it (UNICORN.md)
+
+    def _unmodelled_site(self, address: int, detail: str) -> None:
+        """End the run before the instruction at `address` executes: Unicorn would run it (or
+        raise another exception) where the real hardware and KVM would not."""
+        self.stop_unmodelled(f"{detail} at rip 0x{address:x}")
+        self.write_reg(Reg.RIP, address)
 
     def _io_site(self, address: int, insn: bytes, prefixes: int, long_mode: bool) -> None:
         """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
@@ -462,6 +541,11 @@ class Intercepts(EventDelivery):
         handler = self.hw_msrs.get(index)
         if handler is None:
             if index in self._msr_passthrough:
+                if index == _MSR_IA32_TSC:
+                    # Unicorn reads IA32_TSC as 0 and drops writes, while RDTSC counts on: the
+                    # same counter on real hardware (SDM vol. 3B 18.17), which KVM offsets.
+                    self._unmodelled_site(address, f"{'RDMSR' if is_read else 'WRMSR'} of IA32_TSC is not modelled "
+                                                   "(the emulator reads 0 and drops writes; RDTSC reads the TSC)")
                 return  # not intercepted: Unicorn's own MSR emulation runs
             if self._tdx is not None:
                 # The module virtualises the architectural MSRs the emulator implements (the

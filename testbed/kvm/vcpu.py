@@ -409,6 +409,9 @@ class KvmVcpu:
                 int(SvmExitCode.SVM_EXIT_SHUTDOWN): lambda i1, i2: self.handle_shutdown(),
                 int(SvmExitCode.SVM_EXIT_NPF): self.handle_npf,
                 int(SvmExitCode.SVM_EXIT_MSR): lambda i1, i2: self.handle_msr(bool(i1)),
+                # kvm_emulate_wbinvd() / invd_interception(): no caches to flush, skipped
+                int(SvmExitCode.SVM_EXIT_WBINVD): lambda i1, i2: self.hw.skip_instruction(),
+                int(SvmExitCode.SVM_EXIT_INVD): lambda i1, i2: self.hw.skip_instruction(),
             }
         return {
             int(VmxExitReason.EXIT_REASON_VMCALL): self._exit_hypercall,
@@ -420,6 +423,8 @@ class KvmVcpu:
             int(VmxExitReason.EXIT_REASON_EPT_VIOLATION): self.handle_npf,
             int(VmxExitReason.EXIT_REASON_MSR_READ): lambda i1, i2: self.handle_msr(False),
             int(VmxExitReason.EXIT_REASON_MSR_WRITE): lambda i1, i2: self.handle_msr(True),
+            int(VmxExitReason.EXIT_REASON_WBINVD): lambda i1, i2: self.hw.skip_instruction(),  # kvm_emulate_wbinvd
+            int(VmxExitReason.EXIT_REASON_INVD): lambda i1, i2: self.hw.skip_instruction(),  # kvm_emulate_invd
         }
 
     def _exit_hypercall(self, _info1: int, _info2: int) -> None:

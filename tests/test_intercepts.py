@@ -645,3 +645,32 @@ def test_the_tsc_msr_ends_the_run_instead_of_reading_zero(vm_type: str, vendor: 
         report, _ = run_traced(text, vm_type=vm_type, vendor=vendor)
         assert report.outcome == "internal_error" and report.syncs() == [1]
         assert f"emulator: {access.upper()} of IA32_TSC is not modelled" in report.detail
+
+
+USER_IN = """
+guest_main:
+{lower}    GUEST_RUN_USER user_in
+    GUEST_SYNC rax
+    ret
+user_in:
+    mov dx, 0x80
+    in al, dx
+    ret
+"""
+LOWER_IOPL = "    pushfq\n    and qword ptr [rsp], ~0x3000\n    popfq\n"
+
+
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("default", "intel"), ("sev-es", "amd"),
+                                                 ("tdx", "intel")])
+def test_port_io_at_cpl3_above_iopl_is_gp_before_any_exit(vm_type: str, vendor: str) -> None:
+    """An IN at CPL 3 with IOPL 0 is #GP(0) - the runtime's TSS maps no I/O permission bits, as
+    Linux's (IO_BITMAP_OFFSET_INVALID) - and the fault comes before the intercept (SDM vol. 3C
+    26.1.1: no exit, #VC or #VE); with the runtime's IOPL 3 the IN exits (port 0x80 reads 0xff)."""
+    report, events = run_traced(USER_IN.format(lower=LOWER_IOPL), vm_type=vm_type, vendor=vendor)
+    assert report.outcome == "unhandled_exception"
+    assert "(user_in+0x4): unexpected #GP (error code 0x0)" in report.detail
+    assert not [e for e in events if e.get("port") == 0x80]
+    if vm_type != "tdx":  # Linux's #VE handler refuses port I/O from user mode
+        report, _ = run_traced(USER_IN.format(lower=""), vm_type=vm_type, vendor=vendor)
+        assert report.outcome == "done", report.detail
+        assert [value & 0xFF for value in report.syncs()] == [0xFF]

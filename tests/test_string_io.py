@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import testbed
+from testbed.machine import VmOptions
 from testbed.x86.pio import IoInsn, decode_io
 
 STRING_IO = """
@@ -145,3 +146,57 @@ def test_decode_io_reads_size_address_size_rep_and_segment(code: bytes, long_mod
     REP from F3 or F2, and the segment from the last override (OUTS) or ES (INS)."""
     prefixes = len(code) - (2 if code[-2] in (0xE4, 0xE5, 0xE6, 0xE7) else 1)
     assert decode_io(code, prefixes, long_mode, 0x12340080) == expected
+
+
+MEMORY = 16 << 20  # nothing is mapped from here: a #PF at the first byte past it
+FAULTING_INS = f"""
+guest_main:
+    GUEST_SET_HANDLER PF_VECTOR, guest_pf
+    mov dx, 0x80
+    mov rdi, {MEMORY} - 8
+    mov rcx, 16
+    rep insd                           # 8 dwords read ahead, the 3rd past the end of memory
+    GUEST_FAIL "no #PF"
+guest_pf:
+    mov rax, cr2
+    GUEST_SYNC rax
+    mov rax, qword ptr [rdi + EX_RDI]
+    GUEST_SYNC rax
+    mov rax, qword ptr [rdi + EX_RCX]
+    GUEST_SYNC rax
+    GUEST_DONE
+"""
+
+
+def test_a_forward_rep_ins_that_faults_leaves_rdi_and_rcx_and_writes_the_first_page() -> None:
+    """A forward REP INS writes its whole read-ahead at once (emulate.c pio_in_emulated:
+    OP_MEM_STR): when that write faults at the end of memory, the bytes before it are written
+    (emulator_read_write splits at the page end), #PF has CR2 there, and RDI and RCX are as
+    they were (writeback is skipped); the one exit read ahead 8 dwords."""
+    with testbed.Vm(memory=MEMORY) as vm:
+        vcpu = vm.load("ins.s", text=FAULTING_INS)
+        exit = vcpu.run()
+        assert isinstance(exit, testbed.IoInExit) and (exit.port, exit.size, exit.count) == (0x80, 4, 8)
+        exit.data = bytes(range(1, 33))
+        assert [vcpu.run_to_ucall().args[0] for _ in range(3)] == [MEMORY, MEMORY - 8, 16]
+        assert vm.read(MEMORY - 8, 8) == bytes(range(1, 9))
+
+
+ZERO_COUNT_67 = """
+guest_main:
+    mov rcx, 0x100000000               # ECX = 0
+    lea rdi, [rip + guest_main]
+    .byte 0x67, 0xf3, 0x6c             # REP INSB with 32-bit addresses: nothing moves
+    GUEST_SYNC rcx
+    ret
+"""
+
+
+@pytest.mark.parametrize(("vendor", "rcx"), [("amd", 0x100000000), ("intel", 0)])
+def test_rep_ins_with_ecx_zero_clears_rcx_on_intel(vendor: str, rcx: int) -> None:
+    """REP with a 32-bit count of 0 moves nothing and exits not at all; on an Intel guest KVM's
+    emulator also clears RCX (emulate.c string_registers_quirk), on AMD RCX is kept."""
+    report = testbed.run_guest("zero.s", VmOptions(vendor=vendor, memory=16 << 20), text=ZERO_COUNT_67)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [rcx]
+    assert not [e for e in report.user_exits if e.get("port") == 0x80]

@@ -181,8 +181,21 @@ rt_setup_gdt:
     mov rcx, rax
     shr rcx, 32
     mov qword ptr [rdi + 0x30], rcx
-    # TSS: RSP0 (CPL 3 -> 0 transitions) and IST1 (#DF, #VC)
+    # TSS: zeroed (memory never written reads as garbage on SEV), RSP0 (CPL 3 -> 0 transitions),
+    # IST1 (#DF, #VC), and the I/O permission bit map's base past the limit, as Linux sets it
+    # (IO_BITMAP_OFFSET_INVALID): port I/O at CPL 3 is #GP (SDM vol. 1 19.5).
     mov rsi, RT_TSS
+    xor eax, eax
+    mov ecx, 13
+rt_tss_zero:
+    mov qword ptr [rsi + rcx * 8 - 8], rax
+    loop rt_tss_zero
+    mov word ptr [rsi + 0x66], 0x68
+    # IOPL 3, which GUEST_RUN_USER's code inherits: its port I/O (GUEST_SYNC's ucall among it)
+    # passes the CPU's permission check; a guest that lowers IOPL gets #GP for it at CPL 3.
+    pushfq
+    or qword ptr [rsp], 0x3000
+    popfq
     mov rax, TRAPSTACK_TOP
     mov qword ptr [rsi + 4], rax
     mov rax, ISTSTACK_TOP

@@ -428,6 +428,13 @@ class Intercepts(EventDelivery):
             self._td_cpuid(rip, prefixes + 2)
         elif opcode == _CPUID and self._sev_es:
             self._vc_at(rip, SvmExitCode.SVM_EXIT_CPUID)
+        elif io and not self._io_permitted(insn, prefixes, long_mode):
+            self._cur_rip = rip
+            self._ctx = _CTX_INVALID
+            try:
+                self._deliver_now(Vector.GP, 0)  # before any intercept (SDM vol. 3C 26.1.1)
+            finally:
+                self._ctx = _CTX_NONE
         elif io:
             if self._tdx is not None:
                 self._td_io(rip, insn, prefixes, long_mode)
@@ -437,6 +444,26 @@ class Intercepts(EventDelivery):
                 self._io_site(rip, insn, prefixes, long_mode)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
+
+    def _io_permitted(self, insn: bytes, prefixes: int, long_mode: bool) -> bool:
+        """The I/O permission check the CPU makes before an IN/OUT/INS/OUTS (SDM vol. 1 19.5):
+        with CPL > IOPL every bit of the access in the TSS's I/O permission bit map must be
+        clear, and the map's bytes must lie within the TSS limit; otherwise #GP(0), which takes
+        priority over the VM exit. (A TSS that cannot be read counts as no permission.)"""
+        if self.cpl() <= (self.read_reg(Reg.RFLAGS) >> 12) & 3:
+            return True
+        io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
+        base, limit = self.descriptor_table("tr")
+        if limit < 0x67:
+            return False
+        try:
+            at = int.from_bytes(self.read_virtual(Gva(base + 0x66), 2), "little") + (io.port >> 3)
+            if at + 1 > limit:
+                return False
+            bits = int.from_bytes(self.read_virtual(Gva(base + at), 2), "little")
+        except (_DeliveryFault, _NestedFault, TestbedError):
+            return False
+        return not (bits >> (io.port & 7)) & ((1 << io.size) - 1)
 
     def _cache_site(self, address: int, wbinvd: bool, length: int) -> None:
         """WBINVD / INVD, before it executes: #VC on SEV-ES/SNP, #VE in a TD (td_generic_ve_exit),

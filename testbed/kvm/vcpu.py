@@ -674,7 +674,8 @@ class KvmVcpu:
         does: REP with RCX = 0 only skips the instruction; OUTS reads one element at its source
         and exits with it (em_out: count 1), INS exits once for up to min(the bytes left in
         the page, 1024 / size, RCX) elements (pio_in_emulated's read-ahead) and writes them to
-        ES:RDI; RSI/RDI move by the size (backwards with DF) and REP counts RCX down, and the
+        ES:RDI (forward REP INS all at once); RSI/RDI move by the size (backwards with DF) and
+        REP counts RCX down (REP with ECX = 0 on Intel clears RCX: string_registers_quirk), and the
         instruction is run again until RCX is 0 (the emulator restarts it inside KVM_RUN; here
         the guest re-executes it: the same exits). A fault at the source or destination is the
         #PF KVM injects. Modelled in 64-bit code, through ES, CS, SS and DS (base 0 there);
@@ -697,6 +698,8 @@ class KvmVcpu:
         mask = (1 << (8 * io.addr_size)) - 1
         rcx = hw.read_reg(Reg.RCX) & mask
         if io.rep and rcx == 0:
+            if io.addr_size == 4 and hw.vendor is Vendor.INTEL:
+                hw.write_reg(Reg.RCX, 0)  # string_registers_quirk(): Intel clears RCX's upper half
             hw.skip_instruction()
             return
         step = -io.size if hw.read_reg(Reg.RFLAGS) & RFLAGS_DF else io.size
@@ -724,6 +727,13 @@ class KvmVcpu:
 
         def complete_ins(run: IoInExit = run) -> None:
             data = run.reply(io.size * count)
+            if io.rep and step > 0:
+                # pio_in_emulated(): forward REP INS writes the whole read-ahead at once
+                # (OP_MEM_STR); a fault leaves RDI and RCX as they were (the bytes on a first
+                # page are written, emulator_read_write() splitting at the page end).
+                if self._write_guest_virt(address, data):
+                    advance(count)
+                return
             for i in range(count):
                 # one element per emulated iteration; a faulting one stops there (#PF injected)
                 if not self._write_guest_virt((address + i * step) & mask, data[i * io.size : (i + 1) * io.size]):

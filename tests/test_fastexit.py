@@ -99,12 +99,12 @@ guest_main:
     mov rsi, 0x800
     KVM_HYPERCALL
     GUEST_SYNC rax
-    GUEST_RUN_USER user_hypercall
+    GUEST_RUN_USER user_hypercall      # its RAX (port I/O, a ucall too, is #GP at CPL 3)
+    GUEST_SYNC rax
     GUEST_DONE
 user_hypercall:
     mov rax, KVM_HC_VAPIC_POLL_IRQ
     KVM_HYPERCALL
-    GUEST_SYNC rax
     ret
 """
 

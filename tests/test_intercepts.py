@@ -649,7 +649,7 @@ def test_the_tsc_msr_ends_the_run_instead_of_reading_zero(vm_type: str, vendor: 
 
 USER_IN = """
 guest_main:
-{lower}    GUEST_RUN_USER user_in
+{iopl}    GUEST_RUN_USER user_in
     GUEST_SYNC rax
     ret
 user_in:
@@ -657,7 +657,7 @@ user_in:
     in al, dx
     ret
 """
-LOWER_IOPL = "    pushfq\n    and qword ptr [rsp], ~0x3000\n    popfq\n"
+RAISE_IOPL = "    pushfq\n    or qword ptr [rsp], 0x3000\n    popfq\n"
 
 
 @pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("default", "intel"), ("sev-es", "amd"),
@@ -665,12 +665,38 @@ LOWER_IOPL = "    pushfq\n    and qword ptr [rsp], ~0x3000\n    popfq\n"
 def test_port_io_at_cpl3_above_iopl_is_gp_before_any_exit(vm_type: str, vendor: str) -> None:
     """An IN at CPL 3 with IOPL 0 is #GP(0) - the runtime's TSS maps no I/O permission bits, as
     Linux's (IO_BITMAP_OFFSET_INVALID) - and the fault comes before the intercept (SDM vol. 3C
-    26.1.1: no exit, #VC or #VE); with the runtime's IOPL 3 the IN exits (port 0x80 reads 0xff)."""
-    report, events = run_traced(USER_IN.format(lower=LOWER_IOPL), vm_type=vm_type, vendor=vendor)
+    26.1.1: no exit, #VC or #VE); with IOPL raised to 3 the IN exits (port 0x80 reads 0xff)."""
+    report, events = run_traced(USER_IN.format(iopl=""), vm_type=vm_type, vendor=vendor)
     assert report.outcome == "unhandled_exception"
     assert "(user_in+0x4): unexpected #GP (error code 0x0)" in report.detail
     assert not [e for e in events if e.get("port") == 0x80]
     if vm_type != "tdx":  # Linux's #VE handler refuses port I/O from user mode
-        report, _ = run_traced(USER_IN.format(lower=""), vm_type=vm_type, vendor=vendor)
+        report, _ = run_traced(USER_IN.format(iopl=RAISE_IOPL), vm_type=vm_type, vendor=vendor)
         assert report.outcome == "done", report.detail
         assert [value & 0xFF for value in report.syncs()] == [0xFF]
+
+
+USER_INSN = "guest_main:\n    GUEST_RUN_USER user_fn\n    GUEST_SYNC 1\n    ret\nuser_fn:\n    {insn}\n    ret\n"
+
+
+@pytest.mark.parametrize(("insn", "vector"), [
+    ("wbinvd", "#GP"), ("invd", "#GP"), ("mov dr7, rax", "#GP"), ("mov ecx, 0xC0010131\n    rdmsr", "#GP"),
+    ("rdpmc", "#GP"), ("monitor", "#UD")], ids=["wbinvd", "invd", "dr7", "rdmsr-sev-status", "rdpmc", "monitor"])
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("sev-es", "amd"), ("tdx", "intel")])
+def test_privileged_sites_at_cpl3_fault_before_any_intercept(insn: str, vector: str, vm_type: str,
+                                                             vendor: str) -> None:
+    """A privileged instruction at CPL 3 faults before it is intercepted (SDM vol. 3C 26.1.1):
+    WBINVD, INVD, MOV DR7 and RDMSR (of SEV_STATUS too, which SEV-ES's hardware answered) #GP,
+    RDPMC #GP without CR4.PCE, MONITOR #UD - no exit, #VC, #VE or refusal."""
+    report, events = run_traced(USER_INSN.format(insn=insn), vm_type=vm_type, vendor=vendor)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert f"unexpected {vector} (error code 0x0)" in report.detail and "(user_fn+0x" in report.detail
+    assert not [e for e in events if e["event"] == "vc" and e["error_code"] not in (0x72, 0x7B)]
+
+
+def test_mov_dr_with_rex_r_is_no_dr7_on_sev_es() -> None:
+    """MOV from DR15 (REX.R with ModRM.reg 7) is #UD, not the DR7 SEV-ES intercepts: left to
+    Unicorn's #UD, as on a plain VM."""
+    report, _ = run_traced("guest_main:\n    .byte 0x44, 0x0f, 0x21, 0xf8\n    ret\n", vm_type="sev-es")
+    assert report.outcome == "unhandled_exception"
+    assert "(guest_main+0x0): unexpected #UD" in report.detail

@@ -191,11 +191,6 @@ rt_tss_zero:
     mov qword ptr [rsi + rcx * 8 - 8], rax
     loop rt_tss_zero
     mov word ptr [rsi + 0x66], 0x68
-    # IOPL 3, which GUEST_RUN_USER's code inherits: its port I/O (GUEST_SYNC's ucall among it)
-    # passes the CPU's permission check; a guest that lowers IOPL gets #GP for it at CPL 3.
-    pushfq
-    or qword ptr [rsp], 0x3000
-    popfq
     mov rax, TRAPSTACK_TOP
     mov qword ptr [rsi + 4], rax
     mov rax, ISTSTACK_TOP

@@ -100,6 +100,10 @@ _TWO_BYTE_SITES = frozenset({_WRMSR, _RDMSR, _CPUID, _WBINVD, _INVD, _RDPMC})
 _RDTSCP, _MONITOR, _MWAIT = b"\x0f\x01\xf9", b"\x0f\x01\xc8", b"\x0f\x01\xc9"
 _MOV_DR = frozenset({b"\x0f\x21", b"\x0f\x23"})  # then ModRM: reg = the debug register
 _MSR_IA32_TSC = 0x10
+#: Sites that are privileged instructions: at CPL > 0 the CPU raises #GP before any intercept
+#: (SDM vol. 3C 26.1.1; QEMU checks CPL before the SVM intercept too), which Unicorn does.
+_CPL0_SITES = frozenset({_WBINVD, _INVD, _RDMSR, _WRMSR, *_MOV_DR})
+_CR4_PCE = 1 << 8
 #: What real hardware and KVM do with the sites the testbed does not model (see _SITE_PATTERNS):
 #: opcode -> (name, the real behaviour, whether a TD's behaviour is Unicorn's own)
 _UNMODELLED: dict[bytes, tuple[str, str, bool]] = {
@@ -410,6 +414,15 @@ class Intercepts(EventDelivery):
                 self._raise_ud(rip, linear, insn[:length])
             finally:
                 self._ctx = _CTX_NONE
+        elif self.cpl() != 0 and (opcode in _CPL0_SITES or insn[prefixes : prefixes + 3] in (_MONITOR, _MWAIT)):
+            pass  # privileged: Unicorn raises the #GP (#UD for MONITOR/MWAIT) before any intercept
+        elif opcode == _RDPMC and self.cpl() != 0 and not self.read_reg(Reg.CR4) & _CR4_PCE:
+            self._cur_rip = rip
+            self._ctx = _CTX_INVALID
+            try:
+                self._deliver_now(Vector.GP, 0)  # RDPMC at CPL > 0 without CR4.PCE
+            finally:
+                self._ctx = _CTX_NONE
         elif opcode in (_WBINVD, _INVD):
             self._cache_site(rip, opcode == _WBINVD, length)
         elif length and insn[prefixes : prefixes + 3] in _UNMODELLED:
@@ -419,7 +432,8 @@ class Intercepts(EventDelivery):
         elif length and opcode == _RDPMC:
             self._unmodelled_site(rip, "RDPMC is not modelled (" + _UNMODELLED[_RDPMC][1] + ")")
         elif length and opcode in _MOV_DR:
-            if self._sev_es:
+            rex = insn[prefixes - 1] if long_mode and prefixes else 0
+            if self._sev_es and not (rex in REX_PREFIXES and rex & 4):  # REX.R: DR15, #UD
                 self._unmodelled_site(rip, "MOV to/from DR7 in an SEV-ES guest is not modelled (#VC "
                                            "SVM_EXIT_READ_DR7/WRITE_DR7: the guest caches DR7, KVM never arms it)")
         elif opcode in (_WRMSR, _RDMSR):

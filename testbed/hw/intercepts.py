@@ -295,8 +295,8 @@ class Intercepts(EventDelivery):
             start = 0
             while (off := page.find(pattern, start)) >= 0:
                 start = off + 1
-                if pattern in _MOV_DR and off + 2 < PAGE_SIZE and (page[off + 2] >> 3) & 7 != 7:
-                    continue  # another debug register than DR7
+                if pattern in _MOV_DR and (not self._sev_es or (off + 2 < PAGE_SIZE and (page[off + 2] >> 3) & 7 != 7)):
+                    continue  # DR7 is a site on SEV-ES/SNP only; another debug register is none
                 locked_only = pattern == _CPUID and not cpuid_sites
                 # A site may start at its opcode or at any prefix before it, 15 bytes in all.
                 most = _MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)

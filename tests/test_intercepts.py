@@ -15,6 +15,7 @@ import testbed
 from testbed.api import VmTimeoutError
 from testbed.hw import unicorn_binding
 from testbed.hw.intercepts import MAX_SITE_HOOKS, Intercepts
+from testbed.layout import Layout
 from testbed.machine import Machine, VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
 from testbed.x86 import PAGE_SIZE
@@ -700,3 +701,27 @@ def test_mov_dr_with_rex_r_is_no_dr7_on_sev_es() -> None:
     report, _ = run_traced("guest_main:\n    .byte 0x44, 0x0f, 0x21, 0xf8\n    ret\n", vm_type="sev-es")
     assert report.outcome == "unhandled_exception"
     assert "(guest_main+0x0): unexpected #UD" in report.detail
+
+
+def test_pvalidate_at_cpl3_is_gp() -> None:
+    """PVALIDATE is a CPL-0 instruction (AMD APM vol. 3, PVALIDATE: #GP(0) if CPL != 0): at CPL 3
+    it faults and validates nothing (it rescinded the page)."""
+    text = ("guest_main:\n    GUEST_RUN_USER user_fn\n    GUEST_SYNC rax\n    ret\nuser_fn:\n"
+            "    mov rax, GUEST_FREE_GPA\n    xor ecx, ecx\n    xor edx, edx\n"
+            "    .byte 0xf2, 0x0f, 0x01, 0xff       # PVALIDATE\n    ret\n")
+    report, events = run_traced(text, vm_type="sev-snp")
+    assert report.outcome == "unhandled_exception"
+    assert "(user_fn+0xb): unexpected #GP (error code 0x0)" in report.detail
+    free = Layout(16 << 20).defines()["GUEST_FREE_GPA"]
+    assert not [e for e in events if e["event"] == "pvalidate" and e["gpa"] == free and not e["validate"]]
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sev-es"])
+def test_rdtscp_at_cpl3_with_cr4_tsd_is_gp(vm_type: str) -> None:
+    """RDTSCP at CPL 3 with CR4.TSD set is #GP(0) before any intercept (it ended the run as
+    not modelled)."""
+    text = ("guest_main:\n    mov rax, cr4\n    or rax, 4\n    mov cr4, rax\n    GUEST_RUN_USER user_fn\n"
+            "    GUEST_SYNC 1\n    ret\nuser_fn:\n    rdtscp\n    ret\n")
+    report, _ = run_traced(text, vm_type=vm_type)
+    assert report.outcome == "unhandled_exception"
+    assert "(user_fn+0x0): unexpected #GP (error code 0x0)" in report.detail

@@ -104,6 +104,7 @@ _MSR_IA32_TSC = 0x10
 #: (SDM vol. 3C 26.1.1; QEMU checks CPL before the SVM intercept too), which Unicorn does.
 _CPL0_SITES = frozenset({_WBINVD, _INVD, _RDMSR, _WRMSR, *_MOV_DR})
 _CR4_PCE = 1 << 8
+_CR4_TSD = 1 << 2
 #: What real hardware and KVM do with the sites the testbed does not model (see _SITE_PATTERNS):
 #: opcode -> (name, the real behaviour, whether a TD's behaviour is Unicorn's own)
 _UNMODELLED: dict[bytes, tuple[str, str, bool]] = {
@@ -416,6 +417,8 @@ class Intercepts(EventDelivery):
                 self._ctx = _CTX_NONE
         elif self.cpl() != 0 and (opcode in _CPL0_SITES or insn[prefixes : prefixes + 3] in (_MONITOR, _MWAIT)):
             pass  # privileged: Unicorn raises the #GP (#UD for MONITOR/MWAIT) before any intercept
+        elif insn[prefixes : prefixes + 3] == _RDTSCP and self.cpl() != 0 and self.read_reg(Reg.CR4) & _CR4_TSD:
+            pass  # RDTSCP at CPL > 0 with CR4.TSD: Unicorn raises the #GP before any intercept
         elif opcode == _RDPMC and self.cpl() != 0 and not self.read_reg(Reg.CR4) & _CR4_PCE:
             self._cur_rip = rip
             self._ctx = _CTX_INVALID
@@ -712,6 +715,8 @@ class Intercepts(EventDelivery):
             if tdcall:
                 assert self._tdx is not None
                 self._tdx.tdcall(rax, rcx, cs & 3)
+            elif cs & 3:
+                self._deliver_now(Vector.GP, 0)  # PVALIDATE is CPL 0 only (APM vol. 3: #GP(0))
             else:
                 self._pvalidate(rip, rax, rcx, rdx)
         finally:

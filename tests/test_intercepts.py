@@ -725,3 +725,41 @@ def test_rdtscp_at_cpl3_with_cr4_tsd_is_gp(vm_type: str) -> None:
     report, _ = run_traced(text, vm_type=vm_type)
     assert report.outcome == "unhandled_exception"
     assert "(user_fn+0x0): unexpected #GP (error code 0x0)" in report.detail
+
+
+# The last byte of a page is 0F and the next page starts 90 C0 C3 (SETO AL; RET) when the page is
+# first run and scanned; the guest then writes 32 C3 there (0F 32: RDMSR across the page end).
+NEXT_PAGE_CHANGES = """
+guest_main:
+    lea rbx, [rip + tail]
+    call rbx
+    lea rdi, [rip + nextpage]
+    mov word ptr [rdi], 0xc332
+    mov ecx, 0xC0010131
+    xor eax, eax
+    call rbx
+    GUEST_SYNC rax
+    ret
+.balign 4096
+.skip 4095, 0x90
+tail:
+    .byte 0x0f
+nextpage:
+    .byte 0x90, 0xc0, 0xc3
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+@pytest.mark.parametrize(("vm_type", "sev_status"), [("sev", 0x1), ("sev-snp", 0x7)])
+def test_a_site_completed_by_a_later_write_to_the_next_page_is_intercepted(
+        vm_type: str, sev_status: int, fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page whose last byte could begin a site that the next page does not complete yet is
+    scanned again at each fetch fill, and the next page's frame is write-protected like code:
+    the guest's write that turns 0F | 90 into 0F | 32 flushes the TLB, the page is scanned again
+    with the new bytes, and the RDMSR of SEV_STATUS across the page end is intercepted (it read
+    0: hooked by what the next page held at the first scan) - C and Python fills."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    report = run_guest("<next>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=NEXT_PAGE_CHANGES)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [sev_status]

@@ -311,10 +311,12 @@ class Intercepts(EventDelivery):
         if heads:
             # The next page's bytes decide which of those start a site (a hook that fires on
             # every execution of a REX- or 0F-led instruction across the boundary costs a Python
-            # call each time). Unreadable now: all are hooked. Not seen later: a site that the
-            # next page's later contents or mapping would complete (README's deviation list).
+            # call each time). Unreadable now: all are hooked.
             ahead = self._peek_code(va_page + PAGE_SIZE, _MAX_INSN_LENGTH)
-            starts.update(off for off in heads if ahead is None or _may_start_site(page[off:] + ahead))
+            completed = {off for off in heads if ahead is None or _may_start_site(page[off:] + ahead)}
+            starts.update(completed)
+            if len(completed) < len(heads):
+                self._watch_next_page(frame, va_page + PAGE_SIZE)
         for off in sorted(starts):
             va = va_page + off
             if va not in hooks:
@@ -329,6 +331,24 @@ class Intercepts(EventDelivery):
             self._site_reset_pending = True
             if self._stop_hook is None:
                 self._stop_hook = self._add_block_hook(self._on_stop_block)
+
+    def _watch_next_page(self, frame: int, next_va: int) -> None:
+        """A head at the end of `frame`'s page is no site with what the next page holds now, but
+        could be one with what it holds later: the frame stays unrecorded as scanned, so every
+        fetch fill of it (the C fill sends those to Python) scans it again and peeks at the next
+        page then; and the next page's frame is write-protected as code is (W^X), so a guest or
+        host write to it flushes the TLB and this page is fetched, and scanned, again before it
+        runs. A remap of the next page shows at the first fetch fill after a full TLB flush
+        (README's deviation list: not after an INVLPG of that page alone)."""
+        self._scanned_frames.discard(frame)
+        try:
+            nxt = self.translate(Gva(next_va), ACCESS_READ, supervisor=True)
+        except (_DeliveryFault, _NestedFault, TestbedError):
+            return  # not mapped now: its mapping, when it comes, is a fill after a TLB flush
+        watched = nxt.gpa >> PAGE_SHIFT
+        if watched not in self._exec_frames:
+            self._exec_frames.add(watched)
+            self._request_tlb_flush()  # a writable entry for it from before would not trap
 
     def _on_stop_block(self, _address: int) -> None:
         self._emu_stop()

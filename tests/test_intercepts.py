@@ -763,3 +763,69 @@ def test_a_site_completed_by_a_later_write_to_the_next_page_is_intercepted(
     report = run_guest("<next>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=NEXT_PAGE_CHANGES)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status]
+
+
+# As NEXT_PAGE_CHANGES, with a data read of the first page between the write and the run.
+READ_AFTER_NEXT_PAGE_CHANGES = """
+guest_main:
+    lea rbx, [rip + entry]
+    call rbx
+    lea rdi, [rip + nextpage]
+    mov word ptr [rdi], 0xc332
+    jmp 1f
+1:  mov al, byte ptr [rbx]
+    mov ecx, 0xC0010131
+    xor eax, eax
+    lea rbx, [rip + tail]
+    call rbx
+    GUEST_SYNC rax
+    ret
+.balign 4096
+entry:
+    ret
+.skip 4094, 0x90
+tail:
+    .byte 0x0f
+nextpage:
+    .byte 0x90, 0xc0, 0xc3
+.balign 4096
+"""
+
+#: mov ecx, 0xC0010131; rdmsr; ret - written over a RET as one qword
+RDMSR_CODE = int.from_bytes(bytes.fromhex("b9310101c00f32c3"), "little")
+# A frame written through the alias (a writable entry there), then run for the first time through
+# the identity map, then rewritten through the alias and run again through the identity map.
+WRITTEN_BEFORE_IT_WAS_CODE = "guest_main:\n" + ALIAS_MAP + f"""
+    mov rdi, GUEST_FREE_GPA
+    mov byte ptr [rdi], 0xc3
+    mov byte ptr [rdi + 0x100], 0xc3
+    mov r12, 0x8000000000
+    add rdi, r12
+    mov byte ptr [rdi + 0x80], 0xcc
+    mov rbx, GUEST_FREE_GPA
+    call rbx
+    movabs rax, {RDMSR_CODE:#x}
+    mov qword ptr [rdi + 0x100], rax
+    add rbx, 0x100
+    xor eax, eax
+    call rbx
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+@pytest.mark.parametrize("text", [READ_AFTER_NEXT_PAGE_CHANGES, WRITTEN_BEFORE_IT_WAS_CODE],
+                         ids=["read-of-a-watching-page", "writable-elsewhere-before-it-was-code"])
+@pytest.mark.parametrize(("vm_type", "sev_status"), [("sev", 0x1), ("sev-snp", 0x7)])
+def test_no_fill_makes_new_code_executable_unscanned(vm_type: str, sev_status: int, text: str, fill: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Execute is given by a data read only to a frame recorded as scanned (a page watching its
+    next one, or rewritten, is fetched and rescanned first), and a frame that becomes code has
+    its writable entries elsewhere flushed (a write through one would not trap): the RDMSR of
+    SEV_STATUS written into code is intercepted in both cases (it read 0), C and Python fills."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    report = run_guest("<newcode>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=text)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [sev_status]

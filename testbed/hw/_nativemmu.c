@@ -341,7 +341,8 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
             return 1; /* the frame's intercepted sites are hooked by Python first */
         if (self->scan_vas != NULL && self->scan_vas[frame] != ((vaddr & ~(uint64_t)0xFFF) | 1))
             return 1; /* scanned, hooked, through another address: Python hooks this one */
-        self->exec_bits[frame] = 1;
+        if (!self->exec_bits[frame])
+            return 1; /* it becomes code: Python flushes the TLB (W^X for writable entries elsewhere) */
     } else if (access == ACCESS_WRITE && self->exec_bits[frame]) {
         return 1; /* W^X takes execute away from code: Python, which also flushes its other addresses */
     }
@@ -351,8 +352,9 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
         perms |= PROT_WRITE;
     /* Execute only where the frame's sites are hooked: a read fill through an alias of a code
      * frame scanned elsewhere must not hand that alias an executable entry, which a later fetch
-     * there would use without a fill (and so without a scan there). */
-    int exec_ok = o.executable && code_frame &&
+     * there would use without a fill (and so without a scan there); nor one to a frame not
+     * recorded as scanned (watched or rewritten: fetched, and rescanned, first). */
+    int exec_ok = o.executable && code_frame && self->scanned_bits[frame] &&
                   (self->scan_vas == NULL || self->scan_vas[frame] == ((vaddr & ~(uint64_t)0xFFF) | 1));
     if (self->dirty != NULL && (perms & PROT_WRITE) && frame < self->dirty_frames) {
         /* Dirty logging (kvm/dirty_log.py): a clean page is write-protected in stage 2. A read

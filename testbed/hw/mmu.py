@@ -534,7 +534,11 @@ class Mmu(UnicornBinding):
             # only: hook them at this page too (a hook is per guest-virtual address).
             if frame not in self._scanned_frames or self._scan_vas.get(frame) != vaddr & ~0xFFF:
                 self._scan_sites(frame, vaddr & ~0xFFF, result.encrypted or mem.encrypted)
-            self._exec_frames.add(frame)
+            if frame not in self._exec_frames:
+                # It becomes code here: an entry that lets another address write it, from
+                # before, would not trap (W^X): flush them before the next block.
+                self._exec_frames.add(frame)
+                self._request_tlb_flush()
         elif access == ACCESS_WRITE and frame in self._exec_frames:
             self._exec_frames.discard(frame)
             self._scanned_frames.discard(frame)
@@ -548,7 +552,10 @@ class Mmu(UnicornBinding):
         # Execute only at the page the frame's sites are hooked at: a read fill through an alias
         # of a code frame scanned elsewhere must not give that alias an executable entry, which
         # a later fetch there would use without a fill, and so without a scan there.
-        exec_ok = result.executable and code_frame and self._scan_vas.get(frame) == vaddr & ~0xFFF
+        # Another fill than a fetch gives it only to a frame recorded as scanned: a watched or
+        # rewritten one (`_watch_next_page`, W^X) must be fetched, and rescanned, first.
+        exec_ok = (result.executable and code_frame and self._scan_vas.get(frame) == vaddr & ~0xFFF
+                   and (access == ACCESS_FETCH or frame in self._scanned_frames))
         if mem.guest_memfd:
             # KVM's fault path maps a private GFN to its guest_memfd page and a shared one to
             # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.

@@ -728,14 +728,15 @@ def test_rdtscp_at_cpl3_with_cr4_tsd_is_gp(vm_type: str) -> None:
 
 
 # The last byte of a page is 0F and the next page starts 90 C0 C3 (SETO AL; RET) when the page is
-# first run and scanned; the guest then writes 32 C3 there (0F 32: RDMSR across the page end).
+# first run and scanned; the guest then writes 32 C3 there (0F 32: RDMSR across the page end),
+# does `between`, and runs it.
 NEXT_PAGE_CHANGES = """
 guest_main:
     lea rbx, [rip + tail]
     call rbx
     lea rdi, [rip + nextpage]
     mov word ptr [rdi], 0xc332
-    mov ecx, 0xC0010131
+{between}    mov ecx, 0xC0010131
     xor eax, eax
     call rbx
     GUEST_SYNC rax
@@ -760,36 +761,14 @@ def test_a_site_completed_by_a_later_write_to_the_next_page_is_intercepted(
     0: hooked by what the next page held at the first scan) - C and Python fills."""
     if fill == "python":
         monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
-    report = run_guest("<next>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=NEXT_PAGE_CHANGES)
+    report = run_guest("<next>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1),
+                       text=NEXT_PAGE_CHANGES.format(between=""))
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status]
 
 
 # As NEXT_PAGE_CHANGES, with a data read of the first page between the write and the run.
-READ_AFTER_NEXT_PAGE_CHANGES = """
-guest_main:
-    lea rbx, [rip + entry]
-    call rbx
-    lea rdi, [rip + nextpage]
-    mov word ptr [rdi], 0xc332
-    jmp 1f
-1:  mov al, byte ptr [rbx]
-    mov ecx, 0xC0010131
-    xor eax, eax
-    lea rbx, [rip + tail]
-    call rbx
-    GUEST_SYNC rax
-    ret
-.balign 4096
-entry:
-    ret
-.skip 4094, 0x90
-tail:
-    .byte 0x0f
-nextpage:
-    .byte 0x90, 0xc0, 0xc3
-.balign 4096
-"""
+READ_AFTER_NEXT_PAGE_CHANGES = NEXT_PAGE_CHANGES.format(between="    jmp 1f\n1:  mov al, byte ptr [rbx]\n")
 
 #: mov ecx, 0xC0010131; rdmsr; ret - written over a RET as one qword
 RDMSR_CODE = int.from_bytes(bytes.fromhex("b9310101c00f32c3"), "little")

@@ -808,3 +808,40 @@ def test_no_fill_makes_new_code_executable_unscanned(vm_type: str, sev_status: i
     report = run_guest("<newcode>", VmOptions(vm_type=vm_type, memory=16 << 20, seed=1), text=text)
     assert report.outcome == "done", report.detail
     assert report.syncs() == [sev_status]
+
+
+# Code run once at a page's start, then entered again at its end, from where it falls through into
+# the next page, never run before, whose first instruction is HLT: one translated block over both.
+HLT_ON_A_NEW_PAGE = """
+guest_main:
+    lea rax, [rip + page_start]
+    call rax
+    lea rax, [rip + near_end]
+    jmp rax
+.balign 4096
+page_start:
+    ret
+.skip 4093, 0xcc
+near_end:
+    nop
+    nop
+    hlt
+    GUEST_DONE
+.balign 4096
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+@pytest.mark.parametrize(("vm_type", "vendor"), [("default", "amd"), ("sev-snp", "amd"), ("tdx", "intel")])
+def test_a_flush_asked_for_while_translating_a_block_does_not_skip_its_hlt(
+        vm_type: str, vendor: str, fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLB flush asked for during the translation of the block that then runs (the fetch fill of
+    its second page makes that frame code) does not make the run loop resume past what the block
+    did: its HLT still ends the run as halted (the loop took any pending flush as a stop before
+    the block and ran on to GUEST_DONE)."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    report = run_guest("<hlt>", VmOptions(vm_type=vm_type, vendor=vendor, memory=16 << 20, seed=1, timeout=3),
+                       text=HLT_ON_A_NEW_PAGE)
+    assert report.outcome == "timeout"
+    assert report.detail.startswith("vCPU halted")

@@ -213,6 +213,8 @@ class Intercepts(EventDelivery):
         self._stop_hook: int | None = None
         self._site_reset_pending = False
         self._tlb_flush_pending = False  # the stop hook ends the run for a TLB flush (W^X)
+        #: the stop hook fired in this emulator run (it stopped before a block, which has not run)
+        self._stop_block_hit = False
         self.site_hooks_peak = 0
         self.site_hook_resets = 0
         #: Diagnostic callback when a #UD goes straight to the guest: (RIP, the instruction's
@@ -351,6 +353,7 @@ class Intercepts(EventDelivery):
             self._request_tlb_flush()  # a writable entry for it from before would not trap
 
     def _on_stop_block(self, _address: int) -> None:
+        self._stop_block_hit = True
         self._emu_stop()
 
     def _request_tlb_flush(self) -> None:

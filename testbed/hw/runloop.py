@@ -100,7 +100,9 @@ class RunLoop(Intercepts):
             rip = self.read_reg(Reg.RIP)
             self._pending_fault = None
             self._pending_npf = None
+            self._stop_block_hit = False
             error = self._emu_start(rip)  # Unicorn's status, 0 for none
+            stopped_by_hook = self._stop_block_hit
             # A W^X flush (`_request_tlb_flush`) is done as soon as the emulator returns, for
             # whatever reason it did: none is left pending when the run ends.
             stopped_for_flush = self._tlb_flush_pending
@@ -121,8 +123,11 @@ class RunLoop(Intercepts):
                     detail, self._unmodelled = self._unmodelled, None
                     return RunStop(StopReason.EMULATOR_ERROR, detail)
                 return _REQUESTED
-            if not error and (self._site_reset_pending or stopped_for_flush) and not self._shutdown:
-                continue  # stopped before the block ran for a reset or a TLB flush: resume
+            if not error and stopped_by_hook and not self._shutdown:
+                # stopped before the block ran for a reset or a TLB flush: resume. Only then: a
+                # flush asked for during the translation of the block that ran last (a fetch fill
+                # of its second page) leaves the run ended as the guest ended it (a HLT).
+                continue
             if error:
                 if self._pending_fault is not None:
                     pf = self._pending_fault

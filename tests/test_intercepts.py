@@ -112,6 +112,9 @@ ALIAS_MAP = """
     mov cr3, rax
 """
 
+#: An RDMSR of SEV_STATUS (then RET) alone on a page, at `site`.
+SITE_PAGE = ".balign 4096\nsite:\n    mov ecx, 0xC0010131\n    rdmsr\n    ret\n"
+
 # The page of `site` run through the identity map, then through the alias. The frame is
 # scanned (and hooked) at the first address.
 ALIASED = "guest_main:\n" + ALIAS_MAP + """
@@ -126,12 +129,7 @@ ALIASED = "guest_main:\n" + ALIAS_MAP + """
     call rbx
     GUEST_SYNC rax
     ret
-.balign 4096
-site:
-    mov ecx, 0xC0010131
-    rdmsr
-    ret
-"""
+""" + SITE_PAGE
 
 
 class _WithoutScanVas:
@@ -178,12 +176,7 @@ READ_THEN_RUN_AT_ALIAS = "guest_main:\n" + ALIAS_MAP + """
     call rbx
     GUEST_SYNC rax
     ret
-.balign 4096
-site:
-    mov ecx, 0xC0010131
-    rdmsr
-    ret
-"""
+""" + SITE_PAGE
 
 
 @pytest.mark.parametrize("fill", ["c", "python"])

@@ -56,7 +56,17 @@ from testbed.x86 import (
 )
 from testbed.x86.addr import Gfn, Gva
 from testbed.x86.paging import ACCESS_READ
-from testbed.x86.pio import IMM8_PORT_OPCODES, IO_OPCODES, LEGACY_PREFIXES, REX_PREFIXES, IoInsn, decode_io
+from testbed.x86.pio import (
+    IMM8_PORT_OPCODES,
+    IO_OPCODES,
+    LEGACY_PREFIXES,
+    MAX_INSN_LENGTH,
+    MAX_PREFIXES,
+    REX_PREFIXES,
+    IoInsn,
+    decode_io,
+    prefix_count,
+)
 
 #: Bound on the per-address code hooks of intercepted-instruction sites (see _scan_sites).
 #: Every UC_HOOK_CODE is visited at each translated instruction and for each translated block
@@ -89,11 +99,6 @@ _SITE_PREFIXES = LEGACY_PREFIXES | REX_PREFIXES
 _LOCK = 0xF0
 
 
-#: An instruction is at most 15 bytes (longer is #GP: the SDM's instruction-length limit, QEMU's
-#: X86_MAX_INSN_LENGTH): 14 prefixes before a one-byte IN/OUT DX, 13 before the others' two bytes
-#: (0F 32, E4 ib...).
-_MAX_INSN_LENGTH = 15
-_MAX_PREFIXES = _MAX_INSN_LENGTH - 1
 _WRMSR, _RDMSR, _CPUID = b"\x0f\x30", b"\x0f\x32", b"\x0f\xa2"
 _WBINVD, _INVD, _RDPMC = b"\x0f\x09", b"\x0f\x08", b"\x0f\x33"
 _TWO_BYTE_SITES = frozenset({_WRMSR, _RDMSR, _CPUID, _WBINVD, _INVD, _RDPMC})
@@ -116,14 +121,6 @@ _UNMODELLED: dict[bytes, tuple[str, str, bool]] = {
 }
 
 
-def _prefix_count(code: bytes, prefixes: frozenset[int]) -> int:
-    """How many of `code`'s first bytes (at most _MAX_PREFIXES) are in `prefixes`."""
-    n = 0
-    while n < min(len(code), _MAX_PREFIXES) and code[n] in prefixes:
-        n += 1
-    return n
-
-
 def _site_length(code: bytes, prefixes: int) -> int:
     """The length of the site whose opcode follows `prefixes` prefix bytes of `code` (0 when
     none does): RDMSR, WRMSR, CPUID, WBINVD, INVD, RDPMC and IN/OUT imm8 two bytes after them,
@@ -141,7 +138,7 @@ def _site_length(code: bytes, prefixes: int) -> int:
 def _may_continue_into_site(code: bytes) -> bool:
     """Whether bytes that end a page may begin a site the next page completes: prefixes only,
     or prefixes and the first bytes of a site's opcode (0F, 0F 01, 0F 21, an IN/OUT imm8)."""
-    n = _prefix_count(code, _SITE_PREFIXES)
+    n = prefix_count(code, _SITE_PREFIXES)
     rest = code[n:]
     return n == len(code) or rest in _OPCODE_HEADS
 
@@ -154,7 +151,7 @@ _OPCODE_HEADS = frozenset(
 )
 
 
-def _prefix_run_start(page: bytes, end: int, most: int = _MAX_PREFIXES) -> int:
+def _prefix_run_start(page: bytes, end: int, most: int = MAX_PREFIXES) -> int:
     """Where the run of prefix bytes (REX counted, at most `most`) ending at `end` starts: each
     position from there to `end` may start the instruction whose opcode is at `end`."""
     first = end
@@ -166,7 +163,7 @@ def _prefix_run_start(page: bytes, end: int, most: int = _MAX_PREFIXES) -> int:
 def _may_start_site(code: bytes) -> bool:
     """Whether an instruction starting at `code` may be a site in some mode: prefixes (REX
     counted) before RDMSR, WRMSR, CPUID or an IN/OUT, 15 bytes at most in all."""
-    return 0 < _site_length(code, _prefix_count(code, _SITE_PREFIXES)) <= _MAX_INSN_LENGTH
+    return 0 < _site_length(code, prefix_count(code, _SITE_PREFIXES)) <= MAX_INSN_LENGTH
 
 
 def _fetches_of(insn: bytes) -> frozenset[bytes]:
@@ -302,19 +299,19 @@ class Intercepts(EventDelivery):
                     continue  # DR7 is a site on SEV-ES/SNP only; another debug register is none
                 locked_only = pattern == _CPUID and not cpuid_sites
                 # A site may start at its opcode or at any prefix before it, 15 bytes in all.
-                most = _MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)
+                most = MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)
                 starts.update(first for first in range(_prefix_run_start(page, off, most), off + 1)
                               if not locked_only or _LOCK in page[first:off])
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
         # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
         # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR: the starts its last
         # bytes can be (prefixes, then nothing or the first bytes of a site's opcode).
-        heads = [off for off in range(PAGE_SIZE - _MAX_PREFIXES, PAGE_SIZE) if _may_continue_into_site(page[off:])]
+        heads = [off for off in range(PAGE_SIZE - MAX_PREFIXES, PAGE_SIZE) if _may_continue_into_site(page[off:])]
         if heads:
             # The next page's bytes decide which of those start a site (a hook that fires on
             # every execution of a REX- or 0F-led instruction across the boundary costs a Python
             # call each time). Unreadable now: all are hooked.
-            ahead = self._peek_code(va_page + PAGE_SIZE, _MAX_INSN_LENGTH)
+            ahead = self._peek_code(va_page + PAGE_SIZE, MAX_INSN_LENGTH)
             completed = {off for off in heads if ahead is None or _may_start_site(page[off:] + ahead)}
             starts.update(completed)
             if len(completed) < len(heads):
@@ -419,12 +416,12 @@ class Intercepts(EventDelivery):
         """The instruction at `linear` (CS.base + RIP), before it executes, if it is a site."""
         # Its bytes, fewer where the next page cannot be read (a site hooked at a page's end):
         # no site then, and the instruction's own fetch raises the fault.
-        insn = self._fetch_at_rip(linear, 2 + _MAX_PREFIXES)
+        insn = self._fetch_at_rip(linear, 2 + MAX_PREFIXES)
         cs = self.read_reg(Reg.CS) & 0xFFFF
         long_mode = self.mode_of(cs)
-        prefixes = _prefix_count(insn, _SITE_PREFIXES if long_mode else LEGACY_PREFIXES)
+        prefixes = prefix_count(insn, _SITE_PREFIXES if long_mode else LEGACY_PREFIXES)
         length = _site_length(insn, prefixes)
-        if length > _MAX_INSN_LENGTH or length > len(insn):
+        if length > MAX_INSN_LENGTH or length > len(insn):
             # longer than 15 bytes: Unicorn raises its #GP, before any intercept; or its last
             # bytes are on a page that cannot be read: its fetch faults
             return

@@ -92,7 +92,16 @@ from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
 from testbed.x86 import CR0_WP, PAGE_SIZE, RFLAGS_DF, U32, U64, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, walk
-from testbed.x86.pio import LEGACY_PREFIXES, REX_PREFIXES, SEG_DS, SEG_ES, STRING_IO_OPCODES, decode_io, prefix_count
+from testbed.x86.pio import (
+    LEGACY_PREFIXES,
+    MAX_INSN_LENGTH,
+    REX_PREFIXES,
+    SEG_FS,
+    SEG_GS,
+    STRING_IO_OPCODES,
+    decode_io,
+    prefix_count,
+)
 
 #: The KVM PV MSRs tdx_has_emulated_msr() (arch/x86/kvm/vmx/tdx.c) leaves out: all but
 #: MSR_KVM_POLL_CONTROL.
@@ -686,13 +695,13 @@ class KvmVcpu:
             return
         rip = hw.read_reg(Reg.RIP)
         long_mode = hw.is_64bit_mode()
-        code = self._read_guest_virt(rip, 15, ACCESS_FETCH) or b""
-        prefixes = prefix_count(code, LEGACY_PREFIXES | REX_PREFIXES if long_mode else LEGACY_PREFIXES, 14)
+        code = self._read_guest_virt(rip, MAX_INSN_LENGTH, ACCESS_FETCH) or b""
+        prefixes = prefix_count(code, LEGACY_PREFIXES | REX_PREFIXES if long_mode else LEGACY_PREFIXES)
         if prefixes >= len(code) or code[prefixes] not in STRING_IO_OPCODES:
             self._emulation_failure(f"string I/O exit at 0x{rip:x} whose bytes are no INS/OUTS")
             return
         io = decode_io(code, prefixes, long_mode, hw.read_reg(Reg.RDX))
-        if not long_mode or io.segment not in (SEG_ES, 1, 2, SEG_DS):
+        if not long_mode or io.segment in (SEG_FS, SEG_GS):
             self._emulation_failure("string I/O outside 64-bit code or through FS/GS is not modelled")
             return
         mask = (1 << (8 * io.addr_size)) - 1

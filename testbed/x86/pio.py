@@ -18,7 +18,11 @@ LEGACY_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF
 REX_PREFIXES = frozenset(range(0x40, 0x50))
 #: Segment-override prefixes, numbered as the SVM IOIO SEG field numbers segments (ES 0 ... GS 5).
 SEGMENT_PREFIXES = {0x26: 0, 0x2E: 1, 0x36: 2, 0x3E: 3, 0x64: 4, 0x65: 5}
-SEG_ES, SEG_DS = 0, 3
+SEG_ES, SEG_DS, SEG_FS, SEG_GS = 0, 3, 4, 5
+#: An instruction is at most 15 bytes (longer is #GP: the SDM's instruction-length limit, QEMU's
+#: X86_MAX_INSN_LENGTH): 14 prefixes before a one-byte IN/OUT DX, 13 before a two-byte opcode.
+MAX_INSN_LENGTH = 15
+MAX_PREFIXES = MAX_INSN_LENGTH - 1
 REP_PREFIXES = frozenset({0xF2, 0xF3})
 
 
@@ -57,7 +61,7 @@ def decode_io(insn: bytes, prefixes: int, long_mode: bool, dx: int) -> IoInsn:
                   segment=SEG_ES if is_in else overrides[-1] if overrides else SEG_DS)
 
 
-def prefix_count(code: bytes, prefixes: frozenset[int], most: int) -> int:
+def prefix_count(code: bytes, prefixes: frozenset[int], most: int = MAX_PREFIXES) -> int:
     """How many of `code`'s first bytes (at most `most`) are in `prefixes`."""
     n = 0
     while n < min(len(code), most) and code[n] in prefixes:

@@ -14,7 +14,8 @@ save area) only spares KVM register reads, it is not a second way in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from testbed.errors import TestbedError
 from testbed.hw.events import _CTX_CPUID, _CTX_INVALID, _CTX_IO, _CTX_NONE, EventDelivery
@@ -425,35 +426,26 @@ class Intercepts(EventDelivery):
             # longer than 15 bytes: Unicorn raises its #GP, before any intercept; or its last
             # bytes are on a page that cannot be read: its fetch faults
             return
-        opcode = insn[prefixes : prefixes + 2]
+        opcode, opcode3 = insn[prefixes : prefixes + 2], insn[prefixes : prefixes + 3]
         rip = linear - self._code_base(cs)  # what RIP holds: CS-relative outside 64-bit code
-        io = insn[prefixes : prefixes + 1] in _IO_SITE_FIRST
+        io = (decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
+              if length and insn[prefixes : prefixes + 1] in _IO_SITE_FIRST else None)
+        unmodelled = _UNMODELLED.get(opcode) or _UNMODELLED.get(opcode3)
         if length and _LOCK in insn[:prefixes]:
-            self._cur_rip = rip
-            self._ctx = _CTX_INVALID
-            try:
+            with self._at_site(rip):
                 self._raise_ud(rip, linear, insn[:length])
-            finally:
-                self._ctx = _CTX_NONE
-        elif self.cpl() != 0 and (opcode in _CPL0_SITES or insn[prefixes : prefixes + 3] in (_MONITOR, _MWAIT)):
-            pass  # privileged: Unicorn raises the #GP (#UD for MONITOR/MWAIT) before any intercept
-        elif insn[prefixes : prefixes + 3] == _RDTSCP and self.cpl() != 0 and self.read_reg(Reg.CR4) & _CR4_TSD:
-            pass  # RDTSCP at CPL > 0 with CR4.TSD: Unicorn raises the #GP before any intercept
+        elif self.cpl() != 0 and (opcode in _CPL0_SITES or opcode3 in (_MONITOR, _MWAIT)
+                                  or (opcode3 == _RDTSCP and self.read_reg(Reg.CR4) & _CR4_TSD)):
+            pass  # privileged (RDTSCP with CR4.TSD): Unicorn raises the #GP (#UD for MONITOR/MWAIT) first
         elif opcode == _RDPMC and self.cpl() != 0 and not self.read_reg(Reg.CR4) & _CR4_PCE:
-            self._cur_rip = rip
-            self._ctx = _CTX_INVALID
-            try:
+            with self._at_site(rip):
                 self._deliver_now(Vector.GP, 0)  # RDPMC at CPL > 0 without CR4.PCE
-            finally:
-                self._ctx = _CTX_NONE
         elif opcode in (_WBINVD, _INVD):
             self._cache_site(rip, opcode == _WBINVD, length)
-        elif length and insn[prefixes : prefixes + 3] in _UNMODELLED:
-            name, real, td_native = _UNMODELLED[insn[prefixes : prefixes + 3]]
+        elif length and unmodelled is not None:
+            name, real, td_native = unmodelled
             if not (td_native and self._tdx is not None):
                 self._unmodelled_site(rip, f"{name} is not modelled ({real})")
-        elif length and opcode == _RDPMC:
-            self._unmodelled_site(rip, "RDPMC is not modelled (" + _UNMODELLED[_RDPMC][1] + ")")
         elif length and opcode in _MOV_DR:
             rex = insn[prefixes - 1] if long_mode and prefixes else 0
             if self._sev_es and not (rex in REX_PREFIXES and rex & 4):  # REX.R: DR15, #UD
@@ -465,31 +457,37 @@ class Intercepts(EventDelivery):
             self._td_cpuid(rip, prefixes + 2)
         elif opcode == _CPUID and self._sev_es:
             self._vc_at(rip, SvmExitCode.SVM_EXIT_CPUID)
-        elif io and not self._io_permitted(insn, prefixes, long_mode):
-            self._cur_rip = rip
-            self._ctx = _CTX_INVALID
-            try:
+        elif io is not None and not self._io_permitted(io):
+            with self._at_site(rip):
                 self._deliver_now(Vector.GP, 0)  # before any intercept (SDM vol. 3C 26.1.1)
-            finally:
-                self._ctx = _CTX_NONE
-        elif io:
+        elif io is not None:
             if self._tdx is not None:
-                self._td_io(rip, insn, prefixes, long_mode)
+                self._td_io(rip, io)
             elif self._sev_es:
                 self._vc_at(rip, SvmExitCode.SVM_EXIT_IOIO)
             else:
-                self._io_site(rip, insn, prefixes, long_mode)
+                self._io_site(rip, io)
         # else: not a site (a prefix or 0F of another instruction, or a CPUID Unicorn's hook
         # takes), or the page changed since the scan: the rescan hooks the new sites
 
-    def _io_permitted(self, insn: bytes, prefixes: int, long_mode: bool) -> bool:
+    @contextmanager
+    def _at_site(self, rip: int) -> Iterator[None]:
+        """The hardware acting on the intercepted instruction at `rip`, before it executes (an
+        exit, an exception): RIP writes take effect, as in the invalid-instruction hook."""
+        self._cur_rip = rip
+        self._ctx = _CTX_INVALID
+        try:
+            yield
+        finally:
+            self._ctx = _CTX_NONE
+
+    def _io_permitted(self, io: IoInsn) -> bool:
         """The I/O permission check the CPU makes before an IN/OUT/INS/OUTS (SDM vol. 1 19.5):
         with CPL > IOPL every bit of the access in the TSS's I/O permission bit map must be
         clear, and the map's bytes must lie within the TSS limit; otherwise #GP(0), which takes
         priority over the VM exit. (A TSS that cannot be read counts as no permission.)"""
         if self.cpl() <= (self.read_reg(Reg.RFLAGS) >> 12) & 3:
             return True
-        io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
         base, limit = self.descriptor_table("tr")
         if limit < 0x67:
             return False
@@ -505,10 +503,8 @@ class Intercepts(EventDelivery):
     def _cache_site(self, address: int, wbinvd: bool, length: int) -> None:
         """WBINVD / INVD, before it executes: #VC on SEV-ES/SNP, #VE in a TD (td_generic_ve_exit),
         elsewhere SVM_EXIT_WBINVD/INVD / EXIT_REASON_WBINVD/INVD, which KVM skips (no caches)."""
-        self._cur_rip = address
         self._cur_len = length
-        self._ctx = _CTX_INVALID
-        try:
+        with self._at_site(address):
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_WBINVD if wbinvd else SvmExitCode.SVM_EXIT_INVD)
             elif self._tdx is not None:
@@ -518,8 +514,6 @@ class Intercepts(EventDelivery):
                 self._exit(SvmExitCode.SVM_EXIT_WBINVD if wbinvd else SvmExitCode.SVM_EXIT_INVD, 0, 0)
             else:
                 self._exit(VmxExitReason.EXIT_REASON_WBINVD if wbinvd else VmxExitReason.EXIT_REASON_INVD, 0, 0)
-        finally:
-            self._ctx = _CTX_NONE
         if self.read_reg(Reg.RIP) == address:
             self.write_reg(Reg.RIP, address)  # not completed: a RIP write stops it (UNICORN.md)
 
@@ -529,20 +523,15 @@ class Intercepts(EventDelivery):
         self.stop_unmodelled(f"{detail} at rip 0x{address:x}")
         self.write_reg(Reg.RIP, address)
 
-    def _io_site(self, address: int, insn: bytes, prefixes: int, long_mode: bool) -> None:
+    def _io_site(self, address: int, io: IoInsn) -> None:
         """IN/OUT at its address, before it executes: SVM_EXIT_IOIO / EXIT_REASON_IO_INSTRUCTION
         with the port, size and direction decoded from the bytes. The hypervisor completes it
         (RAX for an IN, RIP past it: skip_instruction), now or on the next run; until then RIP
         stays at the instruction, which does not run natively."""
-        io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
         self._native_io = False
-        self._cur_rip = address
         self._cur_len = io.length
-        self._ctx = _CTX_INVALID
-        try:
+        with self._at_site(address):
             self._io_vmexit(io)
-        finally:
-            self._ctx = _CTX_NONE
         if self.read_reg(Reg.RIP) == address:
             # Not completed yet: a RIP write in a code hook stops the instruction (UNICORN.md).
             self.write_reg(Reg.RIP, address)
@@ -565,18 +554,13 @@ class Intercepts(EventDelivery):
         finally:
             self._ctx = _CTX_NONE
 
-    def _td_io(self, address: int, insn: bytes, prefixes: int, long_mode: bool) -> None:
+    def _td_io(self, address: int, io: IoInsn) -> None:
         """IN/OUT in a TD, before it executes: the TDX module turns all port I/O into #VE."""
         tdx = self._tdx
         assert tdx is not None
-        self._cur_rip = address
-        self._ctx = _CTX_INVALID
-        try:
-            io = decode_io(insn, prefixes, long_mode, self.read_reg(Reg.RDX))
+        with self._at_site(address):
             # VE_INFO's exit qualification is the VMX I/O one (Linux's handle_io decodes it).
             tdx.instruction_ve(VmxExitReason.EXIT_REASON_IO_INSTRUCTION, io.length, _vmx_io_qualification(io))
-        finally:
-            self._ctx = _CTX_NONE
 
     def complete_tdcall(self) -> None:
         """KVM's completion of TDG.VP.VMCALL: the TDCALL's status RAX = 0, RIP past it."""
@@ -591,13 +575,9 @@ class Intercepts(EventDelivery):
 
     def _vc_at(self, address: int, exit_code: int) -> None:
         """#VC for an intercepted instruction of an SEV-ES guest, before it executes."""
-        self._cur_rip = address
-        self._ctx = _CTX_INVALID
-        try:
+        with self._at_site(address):
             self._tracer.emit("hw", "vc", error_code=exit_code, rip=address)
             self._deliver_now(Vector.VC, exit_code)
-        finally:
-            self._ctx = _CTX_NONE
 
     def _msr_instruction(self, address: int, is_read: bool, length: int = 2) -> None:
         """RDMSR/WRMSR at `address`, `length` bytes with its prefixes, before it executes."""
@@ -614,13 +594,9 @@ class Intercepts(EventDelivery):
             if self._tdx is not None:
                 # The module virtualises the architectural MSRs the emulator implements (the
                 # passthrough set); every other MSR is a #VE (td_msr_access.c).
-                self._cur_rip = address
-                self._ctx = _CTX_INVALID
-                try:
+                with self._at_site(address):
                     self._tdx.instruction_ve(VmxExitReason.EXIT_REASON_MSR_READ if is_read
                                              else VmxExitReason.EXIT_REASON_MSR_WRITE, length)
-                finally:
-                    self._ctx = _CTX_NONE
                 return
             if self._sev_es:
                 self._vc_at(address, SvmExitCode.SVM_EXIT_MSR)
@@ -637,11 +613,8 @@ class Intercepts(EventDelivery):
         else:
             value = (self.read_reg(Reg.RAX) & 0xFFFFFFFF) | ((self.read_reg(Reg.RDX) & 0xFFFFFFFF) << 32)
             if write is None or not write(value):
-                self._ctx = _CTX_INVALID
-                try:
+                with self._at_site(address):
                     self._deliver_now(Vector.GP, 0)
-                finally:
-                    self._ctx = _CTX_NONE
                 return
         self.write_reg(Reg.RIP, address + length)
 

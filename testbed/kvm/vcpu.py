@@ -14,7 +14,7 @@ complete_userspace_io) before re-entering the guest.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from testbed.decode import decode_one, describe
 from testbed.errors import GuestMemoryError
@@ -623,32 +623,41 @@ class KvmVcpu:
             return result
         return result.gpa | (gva & 0xFFF)
 
-    def _read_guest_virt(self, gva: int, length: int, access: int) -> bytes | None:
-        """kvm_fetch_guest_virt()/kvm_read_guest_virt() through the host's view."""
+    def _virt_pieces(self, gva: int, length: int, access: int) -> Iterator[tuple[int, int | PageFault, int]]:
+        """[gva, gva + length) page by page, as the emulator walks it: (offset, the piece's GPA
+        or the walk's #PF, its size)."""
+        pos = 0
+        while pos < length:
+            cur = gva + pos
+            n = min(length - pos, PAGE_SIZE - (cur & 0xFFF))
+            yield pos, self._walk(cur, access), n
+            pos += n
+
+    def _inject_pf(self, gva: int, fault: PageFault) -> None:
+        self.hw.write_reg(Reg.CR2, gva)
+        self.hw.inject_exception(Vector.PF, fault.error_code)
+
+    def _read_guest_virt(self, gva: int, length: int, access: int, *, fault: bool = False) -> bytes | None:
+        """kvm_fetch_guest_virt()/kvm_read_guest_virt() through the host's view: what could be
+        read before a piece that faults (None if nothing). With `fault`, the emulator's
+        segmented_read(): a faulting piece injects #PF (CR2) and gives None."""
         out = bytearray()
-        while length:
-            n = min(length, PAGE_SIZE - (gva & 0xFFF))
-            gpa = self._walk(gva, access)
+        for pos, gpa, n in self._virt_pieces(gva, length, access):
             if isinstance(gpa, PageFault):
+                if fault:
+                    self._inject_pf(gva + pos, gpa)
+                    return None
                 return bytes(out) if out else None
             out += self.vm.memory.read(gpa, n)
-            gva += n
-            length -= n
         return bytes(out)
 
     def _write_guest_virt(self, gva: int, data: bytes) -> bool:
         """emulator_write_emulated(): a faulting write injects #PF and returns False."""
-        pos = 0
-        while pos < len(data):
-            cur = gva + pos
-            n = min(len(data) - pos, PAGE_SIZE - (cur & 0xFFF))
-            gpa = self._walk(cur, ACCESS_WRITE)
+        for pos, gpa, n in self._virt_pieces(gva, len(data), ACCESS_WRITE):
             if isinstance(gpa, PageFault):
-                self.hw.write_reg(Reg.CR2, cur)
-                self.hw.inject_exception(Vector.PF, gpa.error_code)
+                self._inject_pf(gva + pos, gpa)
                 return False
             self.vm.memory.write(gpa, data[pos : pos + n])
-            pos += n
         return True
 
     # ---------------------------------------------------------------- port I/O
@@ -725,7 +734,7 @@ class KvmVcpu:
             # else RIP stays: the next iteration runs the instruction again
 
         if not io.is_in:
-            data = self._read_guest_virt_or_fault(address, io.size)
+            data = self._read_guest_virt(address, io.size, ACCESS_READ, fault=True)
             if data is not None:
                 self._exit_to_userspace(IoOutExit(size=io.size, port=io.port, count=1, data=data),
                                         lambda: advance(1))
@@ -762,20 +771,6 @@ class KvmVcpu:
         elif addr_size == 4:
             value &= U32
         self.hw.write_reg(reg, value & U64)
-
-    def _read_guest_virt_or_fault(self, gva: int, length: int) -> bytes | None:
-        """The emulator's segmented_read(): a faulting read injects #PF (CR2) and gives None."""
-        out = bytearray()
-        while len(out) < length:
-            cur = gva + len(out)
-            n = min(length - len(out), PAGE_SIZE - (cur & 0xFFF))
-            gpa = self._walk(cur, ACCESS_READ)
-            if isinstance(gpa, PageFault):
-                self.hw.write_reg(Reg.CR2, cur)
-                self.hw.inject_exception(Vector.PF, gpa.error_code)
-                return None
-            out += self.vm.memory.read(gpa, n)
-        return bytes(out)
 
     # -------------------------------------------------------------------- misc
     def handle_cpuid(self) -> None:

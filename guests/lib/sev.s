@@ -248,13 +248,25 @@ rt_vc_ioio:
     call rt_vc_prefixes                # rax: the prefixes before the opcode
     mov r10, rax                       # instruction length so far
     mov r11, 4                         # operand size
+    xor ebx, ebx                       # 67 seen: the address size halved (INS/OUTS)
+    xor r14d, r14d                     # F2/F3 seen: REP (INS/OUTS)
     xor ecx, ecx
 rt_vc_ioio_prefix:
     cmp rcx, rax
     jae rt_vc_ioio_opcode
-    cmp byte ptr [r13 + rcx], 0x66
-    jne rt_vc_ioio_next_prefix
+    movzx edx, byte ptr [r13 + rcx]
+    cmp edx, 0x66
+    jne rt_vc_ioio_not_66
     mov r11, 2                         # operand size prefix: 16 bits (REX.W changes nothing)
+rt_vc_ioio_not_66:
+    cmp edx, 0x67
+    jne rt_vc_ioio_not_67
+    mov ebx, 1
+rt_vc_ioio_not_67:
+    or edx, 1
+    cmp edx, 0xf3                      # F2 or F3
+    jne rt_vc_ioio_next_prefix
+    mov r14d, 1
 rt_vc_ioio_next_prefix:
     inc rcx
     jmp rt_vc_ioio_prefix
@@ -330,7 +342,8 @@ rt_vc_ioio_done:
 # 64-bit code). Deviations from Linux: REP with RCX = 0 only skips the instruction (no
 # VMGEXIT of count 0), and without REP the instruction is done after one element (Linux
 # retries while RCX is not 0, whatever the prefix: a plain INS/OUTS with RCX != 0 would loop).
-# In: r13 = the instruction, r10 = its prefixes, r11 = 2 with 66 else 4, r12 = 64-bit code.
+# In: r13 = the instruction, r10 = its prefixes, r11 = 2 with 66 else 4, r12 = 64-bit code,
+# rbx = 1 with 67, r14 = 1 with REP (rt_vc_ioio's prefix loop).
 rt_vc_ioio_string:
     movzx r9d, byte ptr [r13 + r10]    # the opcode: bit 0 = not a byte, bit 1 = OUTS
     inc r10                            # the instruction's length
@@ -343,26 +356,6 @@ rt_vc_ios_wide:
     jz rt_vc_ios_asize
     mov r8, 8
 rt_vc_ios_asize:
-    xor r14d, r14d                     # REP
-    xor ebx, ebx                       # 67 seen
-    xor ecx, ecx
-rt_vc_ios_prefix:
-    lea rax, [rcx + 1]
-    cmp rax, r10
-    jae rt_vc_ios_info
-    movzx eax, byte ptr [r13 + rcx]
-    cmp eax, 0x67
-    jne rt_vc_ios_not_67
-    mov ebx, 1
-rt_vc_ios_not_67:
-    or eax, 1
-    cmp eax, 0xf3                      # F2 or F3
-    jne rt_vc_ios_next
-    mov r14d, 1
-rt_vc_ios_next:
-    inc rcx
-    jmp rt_vc_ios_prefix
-rt_vc_ios_info:
     mov ecx, ebx
     shr r8, cl
     mov rsi, qword ptr [r15 + EX_RDX]

@@ -336,11 +336,12 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
     if (m->model == MODEL_GMEM && self->present != NULL &&
         !(self->present[frame] & ((self->stage2 && frame_private) ? 2 : 1)))
         return 1; /* the first fault on the backing page: Python allocates and counts it */
+    /* The frame's sites are hooked, and at this guest-virtual page (hooks are per address). */
+    int hooked_here = self->scanned_bits[frame] &&
+                      (self->scan_vas == NULL || self->scan_vas[frame] == ((vaddr & ~(uint64_t)0xFFF) | 1));
     if (access == ACCESS_FETCH) {
-        if (!self->scanned_bits[frame])
-            return 1; /* the frame's intercepted sites are hooked by Python first */
-        if (self->scan_vas != NULL && self->scan_vas[frame] != ((vaddr & ~(uint64_t)0xFFF) | 1))
-            return 1; /* scanned, hooked, through another address: Python hooks this one */
+        if (!hooked_here)
+            return 1; /* not scanned, or through another address: Python scans and hooks it first */
         if (!self->exec_bits[frame])
             return 1; /* it becomes code: Python flushes the TLB (W^X for writable entries elsewhere) */
     } else if (access == ACCESS_WRITE && self->exec_bits[frame]) {
@@ -354,8 +355,7 @@ static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t 
      * frame scanned elsewhere must not hand that alias an executable entry, which a later fetch
      * there would use without a fill (and so without a scan there); nor one to a frame not
      * recorded as scanned (watched or rewritten: fetched, and rescanned, first). */
-    int exec_ok = o.executable && code_frame && self->scanned_bits[frame] &&
-                  (self->scan_vas == NULL || self->scan_vas[frame] == ((vaddr & ~(uint64_t)0xFFF) | 1));
+    int exec_ok = o.executable && code_frame && hooked_here;
     if (self->dirty != NULL && (perms & PROT_WRITE) && frame < self->dirty_frames) {
         /* Dirty logging (kvm/dirty_log.py): a clean page is write-protected in stage 2. A read
          * maps it read-only; a store takes KVM's write fault, which sets the page's bit and

@@ -281,6 +281,11 @@ class Mmu(UnicornBinding):
         self._quiesced_state = value
         self._sync_native_fill()
 
+    def _hooked_at(self, frame: int, vaddr: int) -> bool:
+        """The frame's intercepted sites are hooked, and at `vaddr`'s page (hooks are per
+        guest-virtual address): what a fetch needs first, and execute permission needs."""
+        return frame in self._scanned_frames and self._scan_vas.get(frame) == vaddr & ~0xFFF
+
     def _del_hook_quiesced(self, handle: int) -> None:
         """Delete a hook between runs: uc_hook_del re-translates the blocks it instrumented
         through TLB fills, answered blindly meanwhile (the caller flushes the TLB after)."""
@@ -532,7 +537,7 @@ class Mmu(UnicornBinding):
         if access == ACCESS_FETCH:
             # Scanned through another page (an alias of the frame), its sites are hooked there
             # only: hook them at this page too (a hook is per guest-virtual address).
-            if frame not in self._scanned_frames or self._scan_vas.get(frame) != vaddr & ~0xFFF:
+            if not self._hooked_at(frame, vaddr):
                 self._scan_sites(frame, vaddr & ~0xFFF, result.encrypted or mem.encrypted)
             if frame not in self._exec_frames:
                 # It becomes code here: an entry that lets another address write it, from
@@ -549,13 +554,11 @@ class Mmu(UnicornBinding):
         perms = PROT_READ
         if result.writable and not code_frame:
             perms |= PROT_WRITE
-        # Execute only at the page the frame's sites are hooked at: a read fill through an alias
-        # of a code frame scanned elsewhere must not give that alias an executable entry, which
-        # a later fetch there would use without a fill, and so without a scan there.
-        # Another fill than a fetch gives it only to a frame recorded as scanned: a watched or
-        # rewritten one (`_watch_next_page`, W^X) must be fetched, and rescanned, first.
-        exec_ok = (result.executable and code_frame and self._scan_vas.get(frame) == vaddr & ~0xFFF
-                   and (access == ACCESS_FETCH or frame in self._scanned_frames))
+        # Execute only where the frame's sites are hooked (a fetch has just scanned it here): a
+        # read fill through an alias of a code frame scanned elsewhere, or of a watched or
+        # rewritten frame (`_watch_next_page`, W^X), must not give an executable entry, which
+        # a later fetch would use without a fill, and so without a scan there.
+        exec_ok = result.executable and code_frame and (access == ACCESS_FETCH or self._hooked_at(frame, vaddr))
         if mem.guest_memfd:
             # KVM's fault path maps a private GFN to its guest_memfd page and a shared one to
             # the memslot's userspace page (mmu.c __kvm_mmu_faultin_pfn): two host pages.

@@ -14,6 +14,7 @@ from guest_compat import far_return_to_64, far_return_to_compat, load_compat_seg
 import testbed
 from testbed.api import VmTimeoutError
 from testbed.hw import unicorn_binding
+from testbed.hw import intercepts
 from testbed.hw.intercepts import MAX_SITE_HOOKS, Intercepts
 from testbed.layout import Layout
 from testbed.machine import Machine, VmOptions, build_program, run_guest
@@ -838,3 +839,38 @@ def test_a_flush_asked_for_while_translating_a_block_does_not_skip_its_hlt(
                        text=HLT_ON_A_NEW_PAGE)
     assert report.outcome == "timeout"
     assert report.detail.startswith("vCPU halted")
+
+
+def _unmemoised_sites(page: bytes, sev_es: bool, cpuid_sites: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    saved = dict(intercepts._PAGE_SITES_MEMO)
+    intercepts._PAGE_SITES_MEMO.clear()
+    try:
+        return intercepts._page_sites(page, sev_es, cpuid_sites)
+    finally:
+        intercepts._PAGE_SITES_MEMO.clear()
+        intercepts._PAGE_SITES_MEMO.update(saved)
+
+
+def test_page_sites_are_answered_by_contents_and_vm_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan's per-page answer is kept by page contents and the two VM-type flags it reads: a
+    remembered answer is the one computed afresh, a page under other flags (MOV DR7 on SEV-ES,
+    CPUID without LOCK) gets its own, and the memory stays at its bound."""
+    monkeypatch.setattr(intercepts, "_PAGE_SITES_MEMO", type(intercepts._PAGE_SITES_MEMO)())
+    page = bytearray(PAGE_SIZE)
+    page[100:103] = b"\x0f\x21\xf8"  # MOV RAX, DR7: a site on SEV-ES/SNP only
+    page[200:202] = b"\x0f\xa2"  # CPUID: a site on SEV-ES/SNP and TDX only (no LOCK)
+    page[300:303] = b"\x66\x0f\x32"  # RDMSR behind a prefix: two starts
+    page[PAGE_SIZE - 2:] = b"\x48\x0f"  # may begin a site the next page completes
+    page_bytes = bytes(page)
+    answers = {}
+    for flags in [(False, False), (True, True), (False, True)]:
+        first = intercepts._page_sites(page_bytes, *flags)
+        assert intercepts._page_sites(bytes(page), *flags) == first == _unmemoised_sites(page_bytes, *flags)
+        answers[flags] = first
+    assert answers[(False, False)][0] == (300, 301)
+    assert answers[(False, True)][0] == (200, 300, 301)
+    assert answers[(True, True)][0] == (100, 200, 300, 301)
+    assert answers[(True, True)][1] == (PAGE_SIZE - 2, PAGE_SIZE - 1)
+    for n in range(intercepts._PAGE_SITES_MEMO_SIZE + 10):
+        intercepts._page_sites(n.to_bytes(4, "little") + bytes(PAGE_SIZE - 4), False, False)
+    assert len(intercepts._PAGE_SITES_MEMO) == intercepts._PAGE_SITES_MEMO_SIZE

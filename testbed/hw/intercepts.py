@@ -14,6 +14,7 @@ save area) only spares KVM register reads, it is not a second way in.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -178,6 +179,44 @@ _VMMCALL_FETCHES = _fetches_of(VMMCALL_BYTES)
 _VMCALL_FETCHES = _fetches_of(VMCALL_BYTES)
 
 
+#: `_page_sites` answers by page contents (and the two VM-type flags it reads): a fresh machine
+#: scans the same runtime pages its predecessors did, and a guest the same pages at each rescan.
+#: Bounded (least recently used out): ~4 KiB of key per entry.
+_PAGE_SITES_MEMO: OrderedDict[tuple[bytes, bool, bool], tuple[tuple[int, ...], tuple[int, ...]]] = OrderedDict()
+_PAGE_SITES_MEMO_SIZE = 512
+
+
+def _page_sites(page: bytes, sev_es: bool, cpuid_sites: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The offsets in `page` where a site may start (each match of an opcode pattern, each prefix
+    before its opcode; `_scan_sites`), and the offsets among its last bytes that may begin a site
+    the next page completes (`_may_continue_into_site`). MOV DR7 is a site on SEV-ES/SNP only
+    (`sev_es`); a CPUID without LOCK only where `cpuid_sites` (SEV-ES/SNP, TDX)."""
+    key = (page, sev_es, cpuid_sites)
+    memo = _PAGE_SITES_MEMO
+    found = memo.get(key)
+    if found is not None:
+        memo.move_to_end(key)
+        return found
+    starts: set[int] = set()
+    for pattern in _SITE_PATTERNS:
+        start = 0
+        while (off := page.find(pattern, start)) >= 0:
+            start = off + 1
+            if pattern in _MOV_DR and (not sev_es or (off + 2 < PAGE_SIZE and (page[off + 2] >> 3) & 7 != 7)):
+                continue  # DR7 is a site on SEV-ES/SNP only; another debug register is none
+            locked_only = pattern == _CPUID and not cpuid_sites
+            # A site may start at its opcode or at any prefix before it, 15 bytes in all.
+            most = MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)
+            starts.update(first for first in range(_prefix_run_start(page, off, most), off + 1)
+                          if not locked_only or _LOCK in page[first:off])
+    heads = tuple(off for off in range(PAGE_SIZE - MAX_PREFIXES, PAGE_SIZE) if _may_continue_into_site(page[off:]))
+    found = (tuple(sorted(starts)), heads)
+    memo[key] = found
+    if len(memo) > _PAGE_SITES_MEMO_SIZE:
+        memo.popitem(last=False)
+    return found
+
+
 class Intercepts(EventDelivery):
     """The instructions the hardware intercepts, and the MSRs it implements itself."""
 
@@ -288,26 +327,14 @@ class Intercepts(EventDelivery):
         page = self._mem.cpu_read(frame << PAGE_SHIFT, PAGE_SIZE, private)
         hooks = self._site_hooks
         before = len(hooks)
-        starts: set[int] = set()
         # Elsewhere than SEV-ES/SNP and TDX a CPUID is Unicorn's CPUID hook's, unless LOCK
         # makes it #UD: only its starts with a LOCK before the opcode are sites.
-        cpuid_sites = self._sev_es or self._tdx is not None
-        for pattern in _SITE_PATTERNS:
-            start = 0
-            while (off := page.find(pattern, start)) >= 0:
-                start = off + 1
-                if pattern in _MOV_DR and (not self._sev_es or (off + 2 < PAGE_SIZE and (page[off + 2] >> 3) & 7 != 7)):
-                    continue  # DR7 is a site on SEV-ES/SNP only; another debug register is none
-                locked_only = pattern == _CPUID and not cpuid_sites
-                # A site may start at its opcode or at any prefix before it, 15 bytes in all.
-                most = MAX_INSN_LENGTH - _site_length(pattern + b"\xf8", 0)
-                starts.update(first for first in range(_prefix_run_start(page, off, most), off + 1)
-                              if not locked_only or _LOCK in page[first:off])
+        found, heads = _page_sites(page, self._sev_es, self._sev_es or self._tdx is not None)
+        starts = set(found)
         # A site may straddle the page's end (0F here, 32 on the next page, which may map another
-        # frame or nothing yet; or prefixes here, the rest there): no pattern above sees it, and
-        # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR: the starts its last
-        # bytes can be (prefixes, then nothing or the first bytes of a site's opcode).
-        heads = [off for off in range(PAGE_SIZE - MAX_PREFIXES, PAGE_SIZE) if _may_continue_into_site(page[off:])]
+        # frame or nothing yet; or prefixes here, the rest there): no pattern in the page sees it, and
+        # Unicorn would run the RDMSR itself and read 0 for the GHCB MSR: `heads` are the starts
+        # its last bytes can be (prefixes, then nothing or the first bytes of a site's opcode).
         if heads:
             # The next page's bytes decide which of those start a site (a hook that fires on
             # every execution of a REX- or 0F-led instruction across the boundary costs a Python

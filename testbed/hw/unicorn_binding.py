@@ -389,6 +389,7 @@ class UnicornBinding(ABC):
         self._uc_ctx = self._uc.context_save()
         self._callbacks: list[Any] = []
         self._code_cbs: dict[Callable[[int], None], Any] = {}
+        self._hook_cell = ucpy.uc_hook_h()  # uc_hook_add's out parameter (_add_range_hook)
         self._install_hooks()
 
     # ------------------------------------------------ handlers the model implements
@@ -519,22 +520,29 @@ class UnicornBinding(ABC):
         """A UC_HOOK_CODE on [begin, end] calling fn(address); returns its handle."""
         cb = self._code_cbs.get(fn)
         if cb is None:
-            cb = self._code_cbs[fn] = _CODE_CFUNC(self._guard(lambda _h, address, _size, _ud: fn(address), None))
+            cb = self._code_cb(fn)
         return self._add_range_hook(ucc.UC_HOOK_CODE, cb, begin, end)
 
     def _add_block_hook(self, fn: Callable[[int], None]) -> int:
         """A UC_HOOK_BLOCK on every block (begin 1 > end 0) calling fn(address); returns its handle."""
         cb = self._code_cbs.get(fn)
         if cb is None:
-            cb = self._code_cbs[fn] = _CODE_CFUNC(self._guard(lambda _h, address, _size, _ud: fn(address), None))
+            cb = self._code_cb(fn)
         return self._add_range_hook(ucc.UC_HOOK_BLOCK, cb, 1, 0)
 
+    def _code_cb(self, fn: Callable[[int], None]) -> Any:
+        """fn's trampoline for code and block hooks, as the pointer uc_hook_add takes (the
+        trampoline kept alive beside it); one per callback, shared by all its hooks."""
+        trampoline = _CODE_CFUNC(self._guard(lambda _h, address, _size, _ud: fn(address), None))
+        self._callbacks.append(trampoline)
+        cb = self._code_cbs[fn] = ctypes.cast(trampoline, ctypes.c_void_p)
+        return cb
+
     def _add_range_hook(self, htype: int, cb: Any, begin: int, end: int) -> int:
-        hh = ucpy.uc_hook_h()
-        status = self._lib.uc_hook_add(
-            self._h, ctypes.byref(hh), htype, ctypes.cast(cb, ctypes.c_void_p), None,
-            ctypes.c_uint64(begin), ctypes.c_uint64(end),
-        )
+        # A site scan adds ~25 of these per page: the pointer is cast once (_code_cb), one handle
+        # cell serves every call, and uc_hook_add's argtypes convert begin and end.
+        hh = self._hook_cell
+        status = self._lib.uc_hook_add(self._h, ctypes.byref(hh), htype, cb, None, begin, end)
         if status != ucc.UC_ERR_OK:
             raise HardwareError(f"uc_hook_add({htype} @0x{begin:x}) failed: {unicorn.UcError(status)}")
         return int(hh.value)

@@ -318,6 +318,79 @@ def test_vmcall_leaf_with_reserved_gpr_select_bits_is_operand_invalid() -> None:
         assert m.cpu.read_reg(Reg.RAX) == TDX_OPERAND_INVALID | 1 and rec.exits == []
 
 
+@pytest.mark.parametrize("rax", [0x1_0000_0001, 0x0100_0001, 0x1_0001, 0x1_0006, 0x1_0000],
+                         ids=["reserved1", "reserved0", "vp_info_v1", "accept_v1", "vmcall_v1"])
+def test_reserved_rax_bits_and_versions_are_operand_invalid(rax: int) -> None:
+    """RAX bits 63:24 set, or a version (RAX[23:16]) for a leaf with none (TDG.VP.INFO, ACCEPT,
+    TDG.VP.VMCALL), is TDX_OPERAND_INVALID | RAX before the leaf runs: no TD exit (td_call())."""
+    body = f"mov rax, {rax:#x}\nmov rcx, 0xfc00\n{TDCALL}"
+    with td(body) as m:
+        rec = Recorder(m)
+        m.cpu.attach_hypervisor(rec)
+        run_to(m, "td_end")
+        assert m.cpu.read_reg(Reg.RAX) == TDX_OPERAND_INVALID and rec.exits == []
+
+
+def test_veinfo_get_version_1_is_accepted() -> None:
+    """TDG.VP.VEINFO.GET has a version 1 (its own check refuses > 1): no VE pending answers
+    TDX_NO_VALID_VE_INFO, not OPERAND_INVALID."""
+    with td(f"mov eax, 0x10003\n{TDCALL}") as m:
+        run_to(m, "td_end")
+        assert m.cpu.read_reg(Reg.RAX) == TDX_NO_VALID_VE_INFO
+
+
+@pytest.mark.parametrize(("leaf", "name"), [(2, "TDG.MR.RTMR.EXTEND"), (5, "TDG.VP.CPUIDVE.SET"),
+                                            (8, "TDG.VM.WR"), (11, "TDG.SYS.RD"), (27, "TDG.VP.INVVPID")])
+def test_module_leaves_not_modelled_stop_naming_the_leaf(leaf: int, name: str) -> None:
+    """Leaves the module has (td_call()'s switch) but the testbed does not model stop the run
+    naming them, never a TDX_OPERAND_INVALID the module would not give."""
+    with td(f"mov eax, {leaf}\nxor ecx, ecx\n{TDCALL}") as m:
+        m.cpu.attach_hypervisor(Recorder(m))
+        stop = m.cpu.run(5.0)
+        assert stop.reason is StopReason.EMULATOR_ERROR and name in stop.detail
+
+
+def test_vp_info_says_sys_rd_is_available() -> None:
+    """TDG.VP.INFO R10 = commands available, bit 0 TDG.SYS.RD (tdg_vp_info.c); R9, R11 = 0."""
+    with td(f"mov r10, -1\nmov r11, -1\nmov eax, 1\n{TDCALL}") as m:
+        run_to(m, "td_end")
+        assert regs(m, Reg.RAX, Reg.R9, Reg.R10, Reg.R11) == [0, 0, 1, 0]
+
+
+def test_vmcall_exposing_rbp_is_operand_invalid() -> None:
+    """RCX bit 5 (RBP) is refused too: KVM builds every TD with TDX_CONFIG_FLAGS_NO_RBP_MOD
+    (tdx.c setup_tdparams), which adds BIT(5) to tdg_vp_vmcall()'s check."""
+    with td(f"mov rcx, 0xfc20\nxor eax, eax\n{TDCALL}") as m:
+        rec = Recorder(m)
+        m.cpu.attach_hypervisor(rec)
+        run_to(m, "td_end")
+        assert m.cpu.read_reg(Reg.RAX) == TDX_OPERAND_INVALID | 1 and rec.exits == []
+
+
+def test_vmcall_shows_and_returns_only_the_exposed_gprs() -> None:
+    """At TDG.VP.VMCALL KVM sees zeros in the GPRs RCX does not expose, and at TDH.VP.ENTER only
+    the exposed ones take KVM's values; the others keep the TD's, RCX = the control
+    (tdh_vp_enter.c save_regs_after_tdvmcall)."""
+    body = (f"mov rcx, 0x1c00\nmov r10, 0\nmov r11, 0x10000\nmov r12, 0x12\nmov r13, 0x13\n"
+            f"mov r14, 0x14\nmov r15, 0x15\nmov rbx, 0xb\nxor eax, eax\n{TDCALL}")
+    seen: dict[Reg, int] = {}
+
+    class Kvm(Recorder):
+        def vmexit(self, code: int, info1: int, info2: int) -> None:
+            cpu = self.machine.cpu
+            seen.update({r: cpu.read_reg(r) for r in (Reg.R10, Reg.R11, Reg.R12, Reg.R13, Reg.R14, Reg.RBX)})
+            for r in (Reg.R10, Reg.R11, Reg.R12, Reg.R13, Reg.R14, Reg.R15, Reg.RBX):
+                cpu.write_reg(r, 0x777)
+            super().vmexit(code, info1, info2)
+
+    with td(body) as m:
+        m.cpu.attach_hypervisor(Kvm(m))
+        run_to(m, "td_end")
+        after = regs(m, Reg.RAX, Reg.RCX, Reg.R10, Reg.R11, Reg.R12, Reg.R13, Reg.R14, Reg.R15, Reg.RBX)
+    assert seen == {Reg.R10: 0, Reg.R11: 0x10000, Reg.R12: 0x12, Reg.R13: 0, Reg.R14: 0, Reg.RBX: 0}
+    assert after == [0, 0x1c00, 0x777, 0x777, 0x777, 0x13, 0x14, 0x15, 0xb]
+
+
 # ------------------------------------------------------------------------------- accept
 def _accept(rcx: str) -> str:
     return f"mov rcx, {rcx}\nmov eax, 6\n{TDCALL}\n"

@@ -734,7 +734,11 @@ class Intercepts(EventDelivery):
         try:
             if tdcall:
                 assert self._tdx is not None
-                self._tdx.tdcall(rax, rcx, cs & 3)
+                sel = cs & 0xFFFF
+                long_mode = self._cs64_cache.get(sel)
+                if long_mode is None:
+                    long_mode = self.mode_of(sel)
+                self._tdx.tdcall(rax, rcx, cs & 3, long_mode)
             elif cs & 3:
                 self._deliver_now(Vector.GP, 0)  # PVALIDATE is CPL 0 only (APM vol. 3: #GP(0))
             else:

@@ -4,12 +4,17 @@ A TD guest reaches the module with TDCALL (66 0F 01 CC, RAX = leaf); the module 
 guest itself or leaves to the host VMM. Modelled (leaf numbers and registers as Linux's
 arch/x86/include/asm/shared/tdx.h, behaviour as the module's src/td_dispatcher, intel/tdx-module):
 
-* TDG.VP.VMCALL (0): RCX selects the GPRs exposed to the VMM (bits 0, 1, 4 and 63:32 must be
-  clear, else TDX_OPERAND_INVALID | RCX: tdg_vp_vmcall.c); a TD exit to KVM, reported as
-  VMX exit EXIT_REASON_TDCALL (77). KVM finishes it with `complete_tdcall()`: RAX = 0 (the
-  TDCALL's own status) and RIP past the TDCALL.
+* every leaf: RAX bits 63:24 (reserved) set, or a version (RAX[23:16]) for a leaf that has
+  none, is TDX_OPERAND_INVALID | RAX (td_call()); TDCALL outside 64-bit mode is #GP(0).
+* TDG.VP.VMCALL (0): RCX selects the GPRs exposed to the VMM (bits 0, 1, 4, 5 and 63:32 must be
+  clear, else TDX_OPERAND_INVALID | RCX: tdg_vp_vmcall.c, with KVM's NO_RBP_MOD); a TD exit
+  to KVM, reported as VMX exit EXIT_REASON_TDCALL (77), which sees zeros in the GPRs RCX does
+  not expose. KVM finishes it with `complete_tdcall()`: only the exposed GPRs take KVM's
+  values (save_regs_after_tdvmcall), RCX = the control value, RAX = 0 (the TDCALL's own
+  status) and RIP past the TDCALL.
 * TDG.VP.INFO (1): RCX[5:0] = GPAW, RDX = TD attributes (SEPT_VE_DISABLE, as Linux needs for a
-  non-debug TD), R8 = NUM_VCPUS | MAX_VCPUS << 32, R9..R11 = 0 (tdg_vp_info.c).
+  non-debug TD), R8 = NUM_VCPUS | MAX_VCPUS << 32, R9 = 0, R10 = 1 (TDG.SYS.RD available),
+  R11 = 0 (tdg_vp_info.c).
 * TDG.VP.VEINFO.GET (3): RCX = exit reason, RDX = exit qualification, R8 = GLA, R9 = GPA,
   R10 = instruction length | instruction info << 32, and the info is marked free;
   TDX_NO_VALID_VE_INFO when nothing is pending (tdg_vp_veinfo_get.c).
@@ -20,7 +25,9 @@ arch/x86/include/asm/shared/tdx.h, behaviour as the module's src/td_dispatcher, 
   TDX_PAGE_ALREADY_ACCEPTED | level 0 (a warning: bit 63 clear), a pending page is zeroed and
   becomes accepted, and a GFN KVM maps shared (no Secure EPT entry) is an EPT violation to
   KVM, which decides (tdg_mem_page_accept.c, check_tdaccept_failure).
-* TDG.MR.REPORT (4): not modelled; the run stops with an error naming it.
+* TDG.MR.REPORT (4) and the module's other leaves (RTMR.EXTEND, CPUIDVE.SET, VM.RD/WR, VP.RD/WR,
+  SYS.RD/RDALL, SERVTD.RD/WR, MR.VERIFYREPORT, MEM.PAGE.ATTR.RD/WR, VP.ENTER, VP.INVEPT,
+  VP.INVVPID): not modelled; the run stops with an error naming the leaf.
 * any other leaf: TDX_OPERAND_INVALID | RAX.
 * TDCALL at CPL > 0 is #GP(0) before any leaf is looked at (the CPU's check, not the module's).
 
@@ -50,6 +57,23 @@ TDG_VP_INFO = 1
 TDG_VP_VEINFO_GET = 3
 TDG_MR_REPORT = 4
 TDG_MEM_PAGE_ACCEPT = 6
+TDG_VM_RD = 7
+#: The module's other TDCALL leaves (td_dispatcher/tdx_td_dispatcher.c td_call(), leaf numbers
+#: from include/tdx_api_defs.h): they exist, so the testbed stops the run naming them instead of
+#: answering TDX_OPERAND_INVALID as for a leaf the module does not have.
+_UNMODELLED_LEAVES = {
+    2: "TDG.MR.RTMR.EXTEND", 4: "TDG.MR.REPORT", 5: "TDG.VP.CPUIDVE.SET", 7: "TDG.VM.RD", 8: "TDG.VM.WR",
+    9: "TDG.VP.RD", 10: "TDG.VP.WR", 11: "TDG.SYS.RD", 12: "TDG.SYS.RDALL", 18: "TDG.SERVTD.RD",
+    20: "TDG.SERVTD.WR", 22: "TDG.MR.VERIFYREPORT", 23: "TDG.MEM.PAGE.ATTR.RD", 24: "TDG.MEM.PAGE.ATTR.WR",
+    25: "TDG.VP.ENTER", 26: "TDG.VP.INVEPT", 27: "TDG.VP.INVVPID",
+}
+#: TDG.VP.VMCALL's RCX: the GPRs exposed to the VMM (bit i: GPR i, RAX = 0 ... R15 = 15); bits 0
+#: (RAX), 1 (RCX), 4 (RSP) and 63:32 must be clear, and 5 (RBP) too in a TD KVM built (tdx.c
+#: setup_tdparams sets TDX_CONFIG_FLAGS_NO_RBP_MOD; tdg_vp_vmcall.c adds BIT(5) to the check).
+_VMCALL_RCX_REFUSED = 0b110011
+#: GPRs 2..15 (RDX ... R15) in the module's order: the ones TDG.VP.VMCALL may expose
+_VMCALL_GPRS = (Reg.RDX, Reg.RBX, Reg.RSP, Reg.RBP, Reg.RSI, Reg.RDI, Reg.R8, Reg.R9, Reg.R10, Reg.R11,
+                Reg.R12, Reg.R13, Reg.R14, Reg.R15)
 
 # TDX module status codes (tdx-module include/tdx_error_codes_defs / Linux's tdx_errno.h).
 TDX_SUCCESS = 0
@@ -163,6 +187,10 @@ class TdxModule:
         self.cpuid_config: dict[tuple[int, int], tuple[int, int, int, int]] = {}
         self.tdcalls = 0
         self.ves = 0
+        #: the TDG.VP.VMCALL KVM is handling: its RCX, and the TD's values of the GPRs it did
+        #: not expose (complete_tdcall restores them)
+        self._vmcall_control = 0
+        self._hidden_gprs: tuple[tuple[Reg, int], ...] = ()
 
     # ------------------------------------------------------------------ the TD's setup
     def configure_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
@@ -227,10 +255,10 @@ class TdxModule:
         return values
 
     # ---------------------------------------------------------------------- TDCALL
-    def tdcall(self, rax: int, rcx: int, cpl: int) -> None:
-        """Execute one TDCALL (RIP at it; RAX, RCX and the CPL as the exit saved them); RIP
-        moves past it unless the leaf left to KVM (TDG.VP.VMCALL: KVM calls complete_tdcall)
-        or faulted."""
+    def tdcall(self, rax: int, rcx: int, cpl: int, long_mode: bool = True) -> None:
+        """Execute one TDCALL (RIP at it; RAX, RCX, the CPL and whether the TD is in 64-bit mode
+        as the exit saved them); RIP moves past it unless the leaf left to KVM (TDG.VP.VMCALL:
+        KVM calls complete_tdcall) or faulted."""
         cpu = self._cpu
         if cpl > 0:
             # TDCALL is #GP(0) at CPL > 0, checked before anything reaches the module (kvm-x86
@@ -239,13 +267,24 @@ class TdxModule:
             # VMX non-root (VM-Exit) check"): a TD's user mode never reaches the module or KVM.
             cpu._deliver_now(Vector.GP, 0)
             return
+        if not long_mode:
+            # td_call(): "if (!is_td_guest_in_64b_mode()) inject_gp(0)", before RAX is read.
+            cpu._deliver_now(Vector.GP, 0)
+            return
         self.tdcalls += 1
         leaf = rax & 0xFFFF
         version = (rax >> 16) & 0xFF
-        if leaf == TDG_VP_VMCALL:
+        if rax >> 24:
+            # td_call(): tdx_leaf_and_version_t's reserved0 (bits 31:24) and reserved1 (63:32)
+            status = TDX_OPERAND_INVALID | OPERAND_ID_RAX
+        elif version and leaf not in (TDG_VM_RD, TDG_VP_VEINFO_GET):
+            # "Only a few functions have multiple versions" (td_call(); VEINFO.GET has one in
+            # the module versions that know TDG.VP.VEINFO.GET v1)
+            status = TDX_OPERAND_INVALID | OPERAND_ID_RAX
+        elif leaf == TDG_VP_VMCALL:
             self._vmcall(rcx)
             return
-        if leaf == TDG_VP_INFO:
+        elif leaf == TDG_VP_INFO:
             status = self._vp_info()
         elif leaf == TDG_VP_VEINFO_GET:
             status = self._veinfo_get(version)
@@ -254,26 +293,41 @@ class TdxModule:
             if accept is None:
                 return  # an EPT violation TD exit: KVM decides, the TDCALL re-executes
             status = accept
-        elif leaf == TDG_MR_REPORT:
-            cpu.stop_unmodelled("TDCALL TDG.MR.REPORT (leaf 4) is not modelled by the testbed's TDX module")
+        elif leaf in _UNMODELLED_LEAVES:
+            cpu.stop_unmodelled(f"TDCALL {_UNMODELLED_LEAVES[leaf]} (leaf {leaf}) is not modelled by the "
+                                "testbed's TDX module")
             return
         else:
             status = TDX_OPERAND_INVALID | OPERAND_ID_RAX
         cpu.complete_hypercall(status)  # RAX and RIP past the TDCALL, in one batched write
 
     def complete_tdcall(self) -> None:
-        """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL: the TDCALL succeeded (RAX = 0), RIP past it
-        (read back: KVM may complete it after a return to userspace, outside the exit)."""
+        """KVM's TDH.VP.ENTER after a TDG.VP.VMCALL (save_regs_after_tdvmcall): only the GPRs RCX
+        exposed take the VMM's values, the others get back the TD's own; RCX = the control
+        value, RAX = 0 (the TDCALL's own status) and RIP past the TDCALL (read back: KVM may
+        complete it after a return to userspace, outside the exit)."""
         cpu = self._cpu
+        hidden, self._hidden_gprs = self._hidden_gprs, ()
+        for reg, value in hidden:
+            cpu.write_reg(reg, value)
+        cpu.write_reg(Reg.RCX, self._vmcall_control)
         cpu.write_reg(Reg.RAX, TDX_SUCCESS)
         cpu.write_reg(Reg.RIP, cpu.read_reg(Reg.RIP) + 4)
 
     def _vmcall(self, control: int) -> None:
         cpu = self._cpu
-        if control & 0b10011 or control >> 32:
+        if control & _VMCALL_RCX_REFUSED or control >> 32:
             cpu.complete_hypercall(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
             return
-        # A trap-like TD exit (tdg_vp_vmcall.c): KVM reads the exposed GPRs and completes it.
+        # A trap-like TD exit (tdg_vp_vmcall.c): the VMM sees the GPRs RCX exposes and zeros for
+        # the others (tdh_vp_enter's vmm_regs); the TD keeps its own values of those, which
+        # complete_tdcall puts back whatever KVM wrote there.
+        hidden = tuple((reg, cpu.read_reg(reg)) for i, reg in enumerate(_VMCALL_GPRS, start=2)
+                       if not control >> i & 1)
+        for reg, _ in hidden:
+            cpu.write_reg(reg, 0)
+        self._hidden_gprs = hidden
+        self._vmcall_control = control
         cpu._exit(VmxExitReason.EXIT_REASON_TDCALL, 0, 0)
 
     def _vp_info(self) -> int:
@@ -282,7 +336,7 @@ class TdxModule:
         cpu.write_reg(Reg.RDX, self.attributes)
         cpu.write_reg(Reg.R8, 1 | (1 << 32))  # NUM_VCPUS | MAX_VCPUS << 32
         cpu.write_reg(Reg.R9, 0)  # vCPU index 0
-        cpu.write_reg(Reg.R10, 0)
+        cpu.write_reg(Reg.R10, 1)  # commands available: TDG.SYS.RD (tdg_vp_info.c)
         cpu.write_reg(Reg.R11, 0)
         return TDX_SUCCESS
 

@@ -217,13 +217,15 @@ class TdxVcpu:
         self.vcpu.msr_access(index, write, value, complete, td=True)
 
     def emulate_mmio(self) -> None:
-        """tdx_emulate_mmio(): R12 = size (1, 2, 4, 8), R13 = write, R14 = GPA (shared), R15 =
+        """tdx_emulate_mmio(): R12 = size (1, 2, 4, 8), R13 = write (both read as int: their low 32
+        bits), R14 = GPA (shared), R15 =
         value. Bad size, write flag or a private GPA: INVALID_OPERAND. Otherwise KVM has no
         in-kernel device there (kvm_io_bus_* fail) and would exit with KVM_EXIT_MMIO; the
         testbed models no MMIO devices and ends with KVM_EXIT_INTERNAL_ERROR (emulation)
         instead, as for any other MMIO access (kvm/vcpu.py handle_npf; README, Deliberate
         deviations)."""
-        size, write, gpa = self._reg(Reg.R12), self._reg(Reg.R13), self._reg(Reg.R14)
+        # `int size, write`: KVM keeps R12's and R13's low 32 bits only (tdx.c tdx_emulate_mmio)
+        size, write, gpa = self._reg(Reg.R12) & U32, self._reg(Reg.R13) & U32, self._reg(Reg.R14)
         if (size not in (1, 2, 4, 8) or write not in (0, 1)
                 or self.is_private_gpa(gpa) or self.is_private_gpa((gpa + size - 1) & U64)):
             self._set_return_code(TDVMCALL_STATUS_INVALID_OPERAND)

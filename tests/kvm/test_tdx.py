@@ -233,6 +233,17 @@ def test_mmio_leaf_checks_then_has_no_device() -> None:
     assert isinstance(run, InternalErrorExit) and "gpa 0xfee00000" in run.detail
 
 
+@pytest.mark.parametrize(("r12", "r13"), [((1 << 32) | 4, 0), (4, 1 << 32), ((7 << 32) | 8, (1 << 63) | 1)])
+def test_mmio_size_and_direction_are_their_low_32_bits(r12: int, r13: int) -> None:
+    """TDVMCALL<MMIO> reads R12 and R13 into `int size, write` (tdx.c tdx_emulate_mmio): only
+    their low 32 bits are checked, so these reach the device lookup (here: no device)."""
+    hw, _vm, kvm = make()
+    tdvmcall(hw, r11=48, r12=r12, r13=r13, r14=SHARED47 | 0xFEE00000)
+    run = run_one(kvm)
+    kind = "write" if r13 & 1 else "read"
+    assert isinstance(run, InternalErrorExit) and f"{kind} of {r12 & 0xFF} bytes at gpa 0xfee00000" in run.detail
+
+
 @pytest.mark.parametrize("leaf", [0x10005, 0x20000, 0, 1, 18, (1 << 64) - 1])
 def test_unknown_leaf_is_subfunc_unsupported(leaf: int) -> None:
     """Any other R11 with R10 = 0 is SUBFUNC_UNSUPPORTED (tdx.c handle_tdvmcall)."""

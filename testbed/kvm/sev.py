@@ -141,9 +141,6 @@ _KNOWN_EXITS = _NO_INPUT_EXITS | frozenset({
 #: The values kvm_is_valid_map_gpa_range_ret() (x86.h) accepts from userspace for the PSC paths.
 _VALID_MAP_GPA_RANGE_RETS = frozenset({0, errno.EINVAL, errno.EAGAIN})
 
-#: cpuid_maxphyaddr() when the guest's CPUID has no leaf 0x80000008.
-_DEFAULT_MAXPHYADDR = 36
-
 
 class SevFatalError(TestbedError):
     """The VMGEXIT handler (or a completion) failed, so KVM_RUN fails with `errno` (EINVAL,
@@ -174,6 +171,10 @@ class SevVcpuOps(Protocol):
 
     def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
         """kvm_cpuid(): the guest's CPUID table entry."""
+        ...
+
+    def maxphyaddr(self) -> int:
+        """cpuid_query_maxphyaddr(): CPUID 0x80000008.EAX[7:0] when the table has that leaf, else 36."""
         ...
 
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
@@ -721,9 +722,10 @@ class SevEsHandler:
         elif code == SwExitCode.SVM_EXIT_RDTSC:
             # svm_exit_handlers[] has no RDTSC entry (KVM never intercepts it), so
             # svm_handle_invalid_exit() reports an unexpected exit reason to userspace.
+            # run->internal.data = {exit_code, last_vmentry_cpu} (one pCPU: 0).
             self.ops.exit_to_userspace(
                 InternalErrorExit(KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
-                                  f"unexpected exit reason 0x{code:x}"),
+                                  f"unexpected exit reason 0x{code:x}", (code, 0)),
                 lambda: self._finish(ctx),
             )
         else:  # RDPMC, RDTSCP: KVM injects #GP / #UD, which this seam cannot express
@@ -770,8 +772,8 @@ class SevEsHandler:
     def _page_address_valid(self, gpa: int) -> bool:
         """page_address_valid(): page aligned and a legal GPA, i.e. no bit at or above
         cpuid_maxphyaddr() set except the C-bit (sev_vcpu_after_set_cpuid() un-reserves it)."""
-        max_ext = self.ops.cpuid(0x80000000, 0)[0] & U32
-        maxphyaddr = (self.ops.cpuid(0x80000008, 0)[0] & 0xFF) if max_ext >= 0x80000008 else _DEFAULT_MAXPHYADDR
+        # The leaf's presence decides, not its value through kvm_cpuid() (zeros when absent).
+        maxphyaddr = self.ops.maxphyaddr()
         reserved = (U64 & ~((1 << maxphyaddr) - 1)) & ~(1 << self.state.c_bit)
         return not gpa & (PAGE_SIZE - 1) and not gpa & reserved
 

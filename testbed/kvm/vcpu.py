@@ -201,6 +201,10 @@ class KvmVcpu:
         """SevVcpuOps: kvm_cpuid()."""
         return self.vm.cpuid.lookup(function, index)
 
+    def maxphyaddr(self) -> int:
+        """SevVcpuOps: cpuid_query_maxphyaddr()."""
+        return self.vm.maxphyaddr
+
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
         """SevVcpuOps: the GHCB's VMMCALL, through the one hypercall dispatcher (always a

@@ -70,6 +70,12 @@ class FakeOps:
         self.cpuid_calls.append((function, index))
         return self.cpuid_table.get((function, index), (0, 0, 0, 0))
 
+    def maxphyaddr(self) -> int:
+        """cpuid_query_maxphyaddr(): the table's 0x80000008 leaf if the extended range has it, else 36."""
+        top = self.cpuid_table.get((0x80000000, 0), (0, 0, 0, 0))[0]
+        leaf = self.cpuid_table.get((0x80000008, 0))
+        return leaf[0] & 0xFF if top >= 0x80000008 and leaf is not None else 36
+
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
         raise AssertionError("the MSR protocol makes no hypercalls")

@@ -93,6 +93,12 @@ class FakeOps:
         self.calls.append(("cpuid", function, index))
         return self.cpuid_table.get((function, index), (0, 0, 0, 0))
 
+    def maxphyaddr(self) -> int:
+        """cpuid_query_maxphyaddr(): the table's 0x80000008 leaf if the extended range has it, else 36."""
+        top = self.cpuid_table.get((0x80000000, 0), (0, 0, 0, 0))[0]
+        leaf = self.cpuid_table.get((0x80000008, 0))
+        return leaf[0] & 0xFF if top >= 0x80000008 and leaf is not None else 36
+
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
         self.calls.append(("hypercall", nr, a0, a1, a2, a3, cpl))
@@ -696,13 +702,16 @@ def test_no_op_exits(code: int, fields: dict[str, int]) -> None:
 
 
 def test_rdtsc_is_unexpected_exit() -> None:
-    """RDTSC has no SVM exit handler: an internal error, unexpected exit reason (svm.c, svm_handle_invalid_exit)."""
+    """RDTSC has no SVM exit handler: an internal error, unexpected exit reason, with the exit code
+    and the last vCPU entry's CPU as its data (svm.c, svm_handle_invalid_exit)."""
     handler, ops, ghcb = make()
     request(ghcb, SwExitCode.SVM_EXIT_RDTSC)
     handler.handle_vmgexit()
     assert len(ops.exits) == 1
     exit_ = ops.exits[0]
     assert isinstance(exit_, InternalErrorExit) and exit_.suberror == KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
+    # run->internal.ndata = 2: the exit code and last_vmentry_cpu (one pCPU here: 0)
+    assert exit_.data == (SwExitCode.SVM_EXIT_RDTSC, 0)
 
 
 @pytest.mark.parametrize(("snp", "code", "info1", "info2", "fields"), [

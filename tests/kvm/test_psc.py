@@ -71,6 +71,9 @@ class FakeOps:
     def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
         raise AssertionError("PSC does no CPUID")
 
+    def maxphyaddr(self) -> int:
+        raise AssertionError("PSC reads no MAXPHYADDR")
+
     def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int,
                   complete: Callable[[int], None]) -> None:
         raise AssertionError("PSC exits to userspace directly, not through the hypercall path")

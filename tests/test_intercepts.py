@@ -13,8 +13,7 @@ from guest_compat import far_return_to_64, far_return_to_compat, load_compat_seg
 
 import testbed
 from testbed.api import VmTimeoutError
-from testbed.hw import unicorn_binding
-from testbed.hw import intercepts
+from testbed.hw import intercepts, unicorn_binding
 from testbed.hw.intercepts import MAX_SITE_HOOKS, Intercepts
 from testbed.layout import Layout
 from testbed.machine import Machine, VmOptions, build_program, run_guest

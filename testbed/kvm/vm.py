@@ -62,6 +62,16 @@ def supported_quirks(vendor: Vendor) -> int:
     return quirks
 
 
+def _vendor_regs(name: bytes) -> tuple[int, int, int]:
+    return (int.from_bytes(name[0:4], "little"), int.from_bytes(name[4:8], "little"),
+            int.from_bytes(name[8:12], "little"))
+
+
+#: CPUID.0 EBX, EDX, ECX of the vendors is_guest_vendor_amd()/is_guest_vendor_hygon() match:
+#: no out-of-range redirection for them (cpuid.c get_out_of_range_cpuid_entry).
+_AMD_LIKE_VENDORS = frozenset({_vendor_regs(b"AuthenticAMD"), _vendor_regs(b"HygonGenuine")})
+
+
 @dataclass(frozen=True, slots=True)
 class CpuidEntry:
     """One kvm_cpuid_entry2: the registers the guest reads for (function, index)."""
@@ -88,21 +98,52 @@ class CpuidTable:
         if indexed:
             self.indexed.add(entry.function)
 
-    def lookup(self, function: int, index: int) -> tuple[int, int, int, int]:
-        """kvm_cpuid(): the entry's registers, or zeros for a leaf userspace did not set.
+    def find(self, function: int, index: int) -> CpuidEntry | None:
+        """kvm_find_cpuid_entry_index(): the entry for (function, index); the index counts only
+        for functions whose result depends on ECX."""
+        return self.entries.get((function, index if function in self.indexed else 0))
 
-        (KVM's out-of-range rule for Intel, returning the highest basic leaf, is not modelled:
-        every leaf the testbed's guests read is set explicitly.)
-        """
-        key = (function, index if function in self.indexed else 0)
-        e = self.entries.get(key)
+    def lookup(self, function: int, index: int) -> tuple[int, int, int, int]:
+        """kvm_cpuid(..., exact_only=false) (cpuid.c), what a guest's CPUID returns: the entry's
+        registers; for a function above its class's range (basic, 0x400000xx, 0x80000000 or
+        0xc0000000) on a guest whose vendor is not AMD or Hygon, the highest basic leaf's entry
+        at the same index (get_out_of_range_cpuid_entry); otherwise zeros, but for leaves 0xB and
+        0x1F, which keep ECX[7:0] and the x2APIC ID in EDX from index 1 when that exists."""
+        e = self.find(function, index)
         if e is None:
-            return (0, 0, 0, 0)
-        return (e.eax, e.ebx, e.ecx, e.edx)
+            redirected = self._out_of_range(function)
+            if redirected is not None:
+                function = redirected
+                e = self.find(function, index)
+        if e is not None:
+            return (e.eax, e.ebx, e.ecx, e.edx)
+        if function in (0xB, 0x1F):
+            one = self.find(function, 1)
+            if one is not None:
+                return (0, 0, index & 0xFF, one.edx)
+        return (0, 0, 0, 0)
+
+    def _out_of_range(self, function: int) -> int | None:
+        """get_out_of_range_cpuid_entry(): the highest basic leaf, when `function` lies beyond
+        its class's maximum (or its class has no entry) and the guest's vendor (leaf 0) is
+        neither AuthenticAMD nor HygonGenuine; None otherwise."""
+        basic = self.entries.get((0, 0))
+        if basic is None or (basic.ebx, basic.edx, basic.ecx) in _AMD_LIKE_VENDORS:
+            return None
+        if 0x40000000 <= function <= 0x4FFFFFFF:
+            cls = self.entries.get((function & 0xFFFFFF00, 0))
+        elif function >= 0xC0000000:
+            cls = self.entries.get((0xC0000000, 0))
+        else:
+            cls = self.entries.get((function & 0x80000000, 0))
+        if cls is not None and function <= cls.eax:
+            return None
+        return basic.eax
 
     def eax(self, function: int) -> int:
-        """EAX of a leaf (e.g. the PV feature word)."""
-        return self.lookup(function, 0)[0]
+        """EAX of a leaf as KVM reads its own table (kvm_find_cpuid_entry: exact, 0 if absent)."""
+        e = self.find(function, 0)
+        return e.eax if e is not None else 0
 
     def kvm_cpuid_base(self) -> int:
         """kvm_get_hypervisor_cpuid(vcpu, KVM_SIGNATURE) (arch/x86/kvm/cpuid.c): the first base

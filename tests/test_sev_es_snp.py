@@ -7,9 +7,14 @@ Change requests that KVM turns into KVM_HC_MAP_GPA_RANGE user exits.
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
+from testbed.api import Vm
 from testbed.errors import GuestMemoryError, UsageError
+from testbed.kvm.msr import KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_INVAL
+from testbed.kvm.uapi import RdmsrExit, WrmsrExit
 from testbed.layout import RT_GHCB, UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 from testbed.vmm.vmm import RunReport
@@ -234,6 +239,63 @@ def test_ap_creation_checks_the_vmsa_gpa_against_maxphyaddr_36_without_leaf_0x80
     assert machine.kvm_vm.maxphyaddr == 36
     assert report.outcome == "internal_error" and "SVM_VMGEXIT_AP_CREATION" in report.detail, report.detail
 
+
+def ghcb_msr_guest(index: int, write: bool) -> str:
+    """A guest asking for one MSR access through the GHCB itself (no #VC), then syncing the
+    GHCB's SW_EXITINFO1 and 2."""
+    return f"""
+guest_main:
+    call rt_ghcb_clear
+    mov rbx, {index}
+    GHCB_SET GHCB_RCX, rbx
+    xor ebx, ebx
+    GHCB_SET GHCB_RAX, rbx
+    GHCB_SET GHCB_RDX, rbx
+    mov rdi, SVM_EXIT_MSR
+    mov rsi, {int(write)}
+    xor edx, edx
+    call rt_ghcb_exit
+    mov rax, RT_GHCB
+    mov r12, qword ptr [rax + GHCB_SW_EXITINFO1]
+    mov r13, qword ptr [rax + GHCB_SW_EXITINFO2]
+    GUEST_SYNC r12
+    GUEST_SYNC r13
+    ret
+"""
+
+
+UNINTERCEPTED = [0xC0000080, 0x277, 0xC0000082, 0xC0000100, 0x174, 0xC0010130]
+
+
+@pytest.mark.parametrize("vm_type", ES_TYPES)
+@pytest.mark.parametrize("index", UNINTERCEPTED, ids=[f"{i:#x}" for i in UNINTERCEPTED])
+def test_ghcb_wrmsr_of_an_msr_kvm_does_not_intercept_fails_kvm_run(vm_type: str, index: int) -> None:
+    """EFER, PAT, LSTAR, FS_BASE, SYSENTER_CS and the GHCB MSR are not intercepted for SEV-ES
+    (svm_recalc_msr_intercepts, sev_es_recalc_msr_intercepts): a WRMSR of one through the GHCB
+    is refused by svm_set_msr() with -EINVAL (sev_es_prevent_msr_access, has_protected_state),
+    which __kvm_emulate_wrmsr() hands to userspace as KVM_RUN's error; a RDMSR is #GP."""
+    _, report = run_text(ghcb_msr_guest(index, True), vm_type)
+    assert (report.outcome, report.errno) == ("kvm_run_error", errno.EINVAL), report.detail
+    _, report = run_text(ghcb_msr_guest(index, False), vm_type)
+    assert report.outcome == "done" and report.syncs() == [1, SVM_EVTINJ_GP], report.detail
+
+
+def test_ghcb_msr_refusal_is_a_user_exit_of_reason_inval_when_enabled() -> None:
+    """With KVM_MSR_EXIT_REASON_INVAL user exits enabled, the -EINVAL becomes KVM_EXIT_X86_WRMSR
+    / RDMSR of reason INVAL (x86.c kvm_msr_user_space, kvm_msr_reason)."""
+    for write, kind in ((True, WrmsrExit), (False, RdmsrExit)):
+        with Vm(VmOptions(vm_type="sev-es", memory=MEM, seed=5)) as vm:
+            vcpu = vm.load("<msr>", text=ghcb_msr_guest(0xC0000080, write))
+            vm.machine.kvm_vm.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_INVAL)
+            exit_ = vcpu.run()
+            while not isinstance(exit_, kind):
+                vm.handle(exit_)
+                exit_ = vcpu.run()
+            assert (exit_.index, exit_.msr_reason) == (0xC0000080, KVM_MSR_EXIT_REASON_INVAL)
+
+
+#: the GHCB's "issue exception" answer for #GP: SVM_EVTINJ_VALID | SVM_EVTINJ_TYPE_EXEPT | 13
+SVM_EVTINJ_GP = 0x8000030D
 
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)

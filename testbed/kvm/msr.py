@@ -97,6 +97,68 @@ MSR_OK = 0
 KVM_MSR_RET_ERR = 1  # "return 1": the MSR exists but the access is invalid (#GP)
 KVM_MSR_RET_UNSUPPORTED = 2
 KVM_MSR_RET_FILTERED = 3
+#: svm_get_msr()/svm_set_msr() for an MSR sev_es_prevent_msr_access() refuses on a VM with
+#: protected state: -EINVAL (a read is then #GP; a write fails KVM_RUN: __kvm_emulate_wrmsr
+#: "Signal all other negative errors to userspace")
+KVM_MSR_RET_EINVAL = -errno.EINVAL
+
+# -- MSRs by VM type ------------------------------------------------------------------------------
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_FEAT_CTL = 0x3A
+FEAT_CTL_LOCKED = 1 << 0
+MSR_IA32_MCG_EXT_CTL = 0x4D0
+MSR_IA32_CR_PAT = 0x277
+MSR_EFER = 0xC0000080
+MSR_AMD64_SEV_ES_GHCB = 0xC0010130
+#: KVM_MAX_MCE_BANKS (kvm_host.h): the MCx_CTL..MCx_MISC and MCx_CTL2 ranges
+_MCE_BANKS = 32
+
+
+def _x2apic(reg: int) -> int:
+    return 0x800 + (reg >> 4)
+
+
+#: tdx_has_emulated_msr() (arch/x86/kvm/vmx/tdx.c): the MSRs KVM emulates for a TD. A TD's
+#: TDVMCALL<RDMSR/WRMSR> of any other fails with 1 (tdx_get_msr/tdx_set_msr), i.e. KVM_MSR_RET_ERR,
+#: whose user-exit reason is INVAL, not UNKNOWN.
+TDX_EMULATED_MSRS = frozenset({
+    0x8B,  # MSR_IA32_UCODE_REV
+    0x10A,  # MSR_IA32_ARCH_CAPABILITIES
+    0x1FC,  # MSR_IA32_POWER_CTL
+    MSR_IA32_CR_PAT,
+    0xFE,  # MSR_MTRRcap
+    *range(0x200, 0x26F + 1),  # MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000
+    0x2FF,  # MSR_MTRRdefType
+    0x6E0,  # MSR_IA32_TSC_DEADLINE
+    0x1A0,  # MSR_IA32_MISC_ENABLE
+    0xCE,  # MSR_PLATFORM_INFO
+    0x140,  # MSR_MISC_FEATURES_ENABLES
+    MSR_IA32_APICBASE,
+    MSR_EFER,
+    MSR_IA32_FEAT_CTL,
+    0x179, 0x17A, 0x17B,  # MSR_IA32_MCG_CAP, _STATUS, _CTL
+    MSR_IA32_MCG_EXT_CTL,
+    *range(0x400, 0x400 + 4 * _MCE_BANKS),  # MSR_IA32_MC0_CTL ... MSR_IA32_MCx_CTL(banks) - 1
+    *range(0x280, 0x280 + _MCE_BANKS),  # MSR_IA32_MC0_CTL2 ... MSR_IA32_MCx_CTL2(banks) - 1
+    MSR_KVM_POLL_CONTROL,
+    # the x2APIC registers KVM emulates for TDX as for other guests (not the CPU-virtualised ones)
+    *(_x2apic(r) for r in (0x20, 0x30, 0xD0, 0xF0, 0x280, 0x2F0, 0x300, 0x320, 0x330, 0x340, 0x350, 0x360,
+                           0x370, 0x380, 0x390, 0x3E0)),
+})
+#: tdx_is_read_only_msr(): a TD's write fails with 1
+TDX_READ_ONLY_MSRS = frozenset({MSR_IA32_APICBASE, MSR_EFER, MSR_IA32_FEAT_CTL})
+
+#: The MSRs whose accesses KVM does not intercept for an SEV-ES/SNP guest: svm_recalc_msr_intercepts()
+#: passes STAR, LSTAR, CSTAR, SYSCALL_MASK, FS/GS/KERNEL_GS_BASE and SYSENTER_CS through for every
+#: guest, sev_es_recalc_msr_intercepts() the GHCB MSR, EFER and PAT (TSC_AUX and XSS only with
+#: RDTSCP/RDPID and XSAVES in the guest's CPUID, which the testbed's CPUID does not advertise).
+#: Asked for through the GHCB, sev_es_prevent_msr_access() refuses them (KVM_MSR_RET_EINVAL).
+SEV_ES_UNINTERCEPTED_MSRS = frozenset({
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SYSCALL_MASK
+    0xC0000100, 0xC0000101, 0xC0000102,  # FS_BASE, GS_BASE, KERNEL_GS_BASE
+    0x174,  # MSR_IA32_SYSENTER_CS
+    MSR_AMD64_SEV_ES_GHCB, MSR_EFER, MSR_IA32_CR_PAT,
+})
 
 
 def kvm_msr_reason(ret: int) -> int:

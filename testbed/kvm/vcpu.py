@@ -49,15 +49,20 @@ from testbed.kvm.hypercall import (
 )
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.msr import (
+    FEAT_CTL_LOCKED,
     KVM_MSR_FILTER_READ,
     KVM_MSR_FILTER_WRITE,
+    KVM_MSR_RET_EINVAL,
     KVM_MSR_RET_ERR,
     KVM_MSR_RET_FILTERED,
-    MSR_KVM_MIGRATION_CONTROL,
-    MSR_KVM_POLL_CONTROL,
+    MSR_IA32_FEAT_CTL,
+    MSR_IA32_MCG_EXT_CTL,
     MSR_OK,
     PASSTHROUGH_MSRS,
     PV_MSR_FEATURES,
+    SEV_ES_UNINTERCEPTED_MSRS,
+    TDX_EMULATED_MSRS,
+    TDX_READ_ONLY_MSRS,
     PvMsrState,
     kvm_msr_reason,
     msr_value,
@@ -102,10 +107,6 @@ from testbed.x86.pio import (
     decode_io,
     prefix_count,
 )
-
-#: The KVM PV MSRs tdx_has_emulated_msr() (arch/x86/kvm/vmx/tdx.c) leaves out: all but
-#: MSR_KVM_POLL_CONTROL.
-TDX_UNEMULATED_MSRS = frozenset((set(PV_MSR_FEATURES) | {MSR_KVM_MIGRATION_CONTROL}) - {MSR_KVM_POLL_CONTROL})
 
 #: Hypercalls whose result depends on a0..a3.
 _HYPERCALLS_WITH_ARGS = frozenset({KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD,
@@ -226,19 +227,24 @@ class KvmVcpu:
 
     def msr(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None]) -> None:
         """SevVcpuOps: RDMSR/WRMSR through the GHCB: msr_interception() runs the same
-        kvm_emulate_rdmsr()/kvm_emulate_wrmsr() as for any other guest."""
-        self.msr_access(index, write, value, complete)
+        kvm_emulate_rdmsr()/kvm_emulate_wrmsr() as for any other guest, on a guest whose state
+        is protected."""
+        self.msr_access(index, write, value, complete, sev_es=True)
 
     # -------------------------------------------------------------------- MSRs
     def msr_access(self, index: int, write: bool, value: int, complete: Callable[[bool, int], None],
-                   *, td: bool = False) -> None:
+                   *, td: bool = False, sev_es: bool = False) -> None:
         """kvm_emulate_rdmsr()/kvm_emulate_wrmsr() (arch/x86/kvm/x86.c): the filter, then
-        kvm_get_msr_common()/kvm_set_msr_common(); a failure exits to userspace if it enabled
-        that reason (kvm_msr_user_space()), else complete(False, 0) injects #GP.
+        the vendor's get_msr/set_msr and kvm_get_msr_common()/kvm_set_msr_common(); a failure
+        exits to userspace if it enabled that reason (kvm_msr_user_space()), else
+        complete(False, 0) injects #GP - but a write failing with -EINVAL fails KVM_RUN.
 
         `td`: a TD's TDVMCALL<RDMSR/WRMSR>: tdx_get_msr()/tdx_set_msr() fail (return 1, i.e.
-        KVM_MSR_RET_ERR) for an MSR outside tdx_has_emulated_msr(); of the KVM PV MSRs only
-        MSR_KVM_POLL_CONTROL is in that list (tdx.c). Other MSRs follow the common rules."""
+        KVM_MSR_RET_ERR) for an MSR outside tdx_has_emulated_msr() and for a write of a
+        read-only one; IA32_FEAT_CTL reads FEAT_CTL_LOCKED, IA32_MCG_EXT_CTL fails (no LMCE);
+        the rest follow the common rules (tdx.c).
+        `sev_es`: through an SEV-ES/SNP guest's GHCB: an MSR KVM does not intercept for it is
+        refused by svm_get_msr()/svm_set_msr() with -EINVAL (sev_es_prevent_msr_access())."""
         index &= U32
         value &= (1 << 64) - 1
         msr_filter = self.vm.msr_filter
@@ -246,12 +252,17 @@ class KvmVcpu:
         data = 0
         if msr_filter is not None and not msr_filter.allowed(index, access):
             ret = KVM_MSR_RET_FILTERED  # kvm_get_msr_with_filter() / kvm_set_msr_with_filter()
+        elif sev_es and index in SEV_ES_UNINTERCEPTED_MSRS:
+            ret = KVM_MSR_RET_EINVAL
+        elif td and (index not in TDX_EMULATED_MSRS or index == MSR_IA32_MCG_EXT_CTL
+                     or (write and index in TDX_READ_ONLY_MSRS)):
+            ret = KVM_MSR_RET_ERR
+        elif td and index == MSR_IA32_FEAT_CTL:
+            ret, data = MSR_OK, FEAT_CTL_LOCKED  # no MCG_LMCE_P: not FEAT_CTL_LMCE_ENABLED
         else:
             feature = PV_MSR_FEATURES.get(index)
             has = feature is not None and self._pv.has(feature)
-            if td and index in TDX_UNEMULATED_MSRS:
-                ret = KVM_MSR_RET_ERR
-            elif write:
+            if write:
                 ret = self.pv_msrs.set(index, value, has)
             else:
                 ret, data = self.pv_msrs.get(index, has)
@@ -262,6 +273,10 @@ class KvmVcpu:
             return
         reason = kvm_msr_reason(ret)
         if not self.vm.user_space_msr_mask & reason:
+            if write and ret < 0:
+                self.fail_run(-ret, f"WRMSR 0x{index:x} through the GHCB: KVM does not intercept it for an "
+                                    "SEV-ES guest (sev_es_prevent_msr_access)")
+                return
             complete(False, 0)
             return
         run: MsrExit = WrmsrExit(index, reason, data=value) if write else RdmsrExit(index, reason)

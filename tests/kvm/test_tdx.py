@@ -25,6 +25,8 @@ from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.msr import (
     KVM_CAP_X86_USER_SPACE_MSR,
     KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN,
     MSR_KVM_POLL_CONTROL,
     MSR_KVM_SYSTEM_TIME_NEW,
     MsrFilter,
@@ -58,6 +60,7 @@ from testbed.kvm.uapi import (
     KvmExit,
     KvmVmType,
     MemoryFaultExit,
+    RdmsrExit,
     SystemEventExit,
     TdxExit,
     WrmsrExit,
@@ -193,6 +196,40 @@ def test_msr_leaves_follow_tdx_msr_rules() -> None:
     tdvmcall(hw2, r11=31, r12=MSR_KVM_POLL_CONTROL)
     assert isinstance(run_one(kvm2), RunStop)
     assert hw2.regs[Reg.R11] == 1 and hw2.regs[Reg.R10] == 0
+
+
+def test_an_msr_kvm_does_not_emulate_for_a_td_fails_with_reason_inval() -> None:
+    """An MSR outside tdx_has_emulated_msr() fails in tdx_get_msr() with 1, not UNSUPPORTED: with
+    only UNKNOWN user exits enabled it is INVALID_OPERAND, with INVAL ones a KVM_EXIT_X86_RDMSR of
+    reason INVAL (x86.c kvm_msr_reason)."""
+    hw, vm, kvm = make()
+    vm.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_UNKNOWN)
+    tdvmcall(hw, r11=31, r12=0x12345)
+    assert isinstance(run_one(kvm), RunStop)
+    assert hw.regs[Reg.R10] == TDVMCALL_STATUS_INVALID_OPERAND and resumed(hw)
+    hw, vm, kvm = make()
+    vm.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_INVAL)
+    tdvmcall(hw, r11=31, r12=0x12345)
+    run = run_one(kvm)
+    assert isinstance(run, RdmsrExit) and (run.index, run.msr_reason) == (0x12345, KVM_MSR_EXIT_REASON_INVAL)
+
+
+@pytest.mark.parametrize(("leaf", "index", "value", "r10", "r11"), [
+    (31, 0x3A, 0, TDVMCALL_STATUS_SUCCESS, 1),  # IA32_FEAT_CTL reads FEAT_CTL_LOCKED (no LMCE)
+    (32, 0x3A, 1, TDVMCALL_STATUS_INVALID_OPERAND, None),  # read-only (tdx_is_read_only_msr)
+    (32, 0xC0000080, 0x500, TDVMCALL_STATUS_INVALID_OPERAND, None),  # EFER: read-only
+    (32, 0x1B, 0xFEE00900, TDVMCALL_STATUS_INVALID_OPERAND, None),  # APIC_BASE: read-only
+    (31, 0x4D0, 0, TDVMCALL_STATUS_INVALID_OPERAND, None),  # MCG_EXT_CTL without MCG_LMCE_P
+])
+def test_td_msr_special_cases(leaf: int, index: int, value: int, r10: int, r11: int | None) -> None:
+    """tdx_get_msr()/tdx_set_msr()'s own cases: IA32_FEAT_CTL reads locked, the read-only MSRs
+    refuse writes, IA32_MCG_EXT_CTL needs LMCE (tdx.c)."""
+    hw, _vm, kvm = make()
+    tdvmcall(hw, r11=leaf, r12=index, r13=value)
+    assert isinstance(run_one(kvm), RunStop)
+    assert hw.regs[Reg.R10] == r10 and resumed(hw)
+    if r11 is not None:
+        assert hw.regs[Reg.R11] == r11
 
 
 def test_filtered_wrmsr_exits_to_userspace_and_its_error_is_invalid_operand() -> None:

@@ -99,7 +99,13 @@ class GuestExceptionError(VmExitError):
 
 
 class VmTimeoutError(VmExitError):
-    """The vCPU did not exit to userspace within the timeout (outcome timeout)."""
+    """The vCPU did not exit to userspace within the timeout (outcome timeout). `halted`: KVM
+    had the vCPU halted with nothing to wake it (a TD's TDVMCALL<HLT>), why KVM_RUN blocked."""
+
+    def __init__(self, outcome: str, detail: str, exit: KvmExit | None = None,
+                 info: dict[str, Any] | None = None, *, halted: str = "") -> None:
+        super().__init__(outcome, detail, exit, info)
+        self.halted = halted
 
 
 class KvmRunError(VmExitError):
@@ -453,7 +459,7 @@ class Vcpu:
             raise error from None
         if isinstance(result, RunStop):
             if result.reason is StopReason.TIMEOUT:
-                raise VmTimeoutError("timeout", f"no exit within {timeout:g} s")
+                raise VmTimeoutError("timeout", f"no exit within {timeout:g} s", halted=result.detail)
             if result.reason is StopReason.EMULATOR_ERROR:
                 end = machine.vmm.finish(VmEnd("internal_error", f"emulator: {result.detail}"))
                 raise VmExitError(end.outcome, end.detail)
@@ -533,8 +539,8 @@ def run_report(vm: Vm, vcpu: Vcpu, timeout: float, started: float | None = None,
     try:
         # vcpu.run() / vm.handle() until the end, on the internal fast path (Vcpu._run_default).
         vcpu._run_default(time.monotonic() + timeout, timeout)
-    except VmTimeoutError:
-        vmm.finish(VmEnd("timeout", f"guest did not finish within {budget:g} s"))
+    except VmTimeoutError as exc:
+        vmm.finish(VmEnd("timeout", exc.halted or f"guest did not finish within {budget:g} s"))
     except VmExitError:
         pass  # the VMM recorded the end
     report = vmm.finalize(time.perf_counter() - start)

@@ -40,7 +40,6 @@ from testbed.kvm.uapi import (
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_SYSTEM_EVENT_TDX_FATAL,
-    HltExit,
     HypercallExit,
     InternalErrorExit,
     IoInExit,
@@ -150,9 +149,10 @@ class TdxVcpu:
         if leaf == VmxExitReason.EXIT_REASON_CPUID:
             self.emulate_cpuid()
         elif leaf == VmxExitReason.EXIT_REASON_HLT:
-            # kvm_emulate_halt_noskip(): with no in-kernel local APIC, KVM_EXIT_HLT; the TDCALL
-            # completes if the vCPU is ever run again.
-            self.vcpu.exit_to_userspace(HltExit(), self._resume)
+            # kvm_emulate_halt_noskip(): a TD has an in-kernel local APIC (tdx_vcpu_create
+            # requires a split irqchip), so no KVM_EXIT_HLT: the vCPU halts in KVM, and the TDCALL
+            # completes when an event wakes it.
+            self.vcpu.halt(self._resume)
         elif leaf == VmxExitReason.EXIT_REASON_IO_INSTRUCTION:
             self.emulate_io()
         else:

@@ -33,6 +33,7 @@ from testbed.hw.exits import (
     VMX_IO_SIZE_MASK,
     VMX_IO_STRING,
     RunStop,
+    StopReason,
     SvmExitCode,
     VcpuHardware,
     Vendor,
@@ -160,6 +161,9 @@ class KvmVcpu:
             self._handlers[int(SvmExitCode.SVM_EXIT_VMGEXIT)] = lambda i1, i2: self.handle_vmgexit()
         #: an event (interrupt, NMI) userspace made pending: kvm_vcpu_has_events() (inject_event)
         self.pending_event = False
+        #: KVM_MP_STATE_HALTED with an in-kernel local APIC (a TD's TDVMCALL<HLT>): what
+        #: completes the halt when an event wakes the vCPU; None while it is runnable
+        self._halted: Callable[[], None] | None = None
         self.tdx: TdxVcpu | None = None
         if vm.tdx:
             # tdx_handle_exit(): the TD exit of a TDG.VP.VMCALL, and tdx_handle_ept_violation().
@@ -333,6 +337,13 @@ class KvmVcpu:
             again = self.complete_pending()
             if again is not None:
                 return again
+        if self._halted is not None:
+            # A halted vCPU runs again only when an event is pending (kvm_vcpu_has_events: the
+            # halt completes and the event is delivered); else KVM_RUN blocks until a signal.
+            if not self.pending_event:
+                return self._halted_stop()
+            wake, self._halted = self._halted, None
+            wake()
         # An event still pending is delivered as the guest is entered (the testbed models no
         # interrupt delivery: it is consumed with no effect on the guest).
         self.pending_event = False
@@ -350,7 +361,29 @@ class KvmVcpu:
         if self._exit is not None:
             run, self._exit = self._exit, None
             return run
+        if self._halted is not None:
+            return self._halted_stop()
         return stop
+
+    def halt(self, complete: Callable[[], None]) -> None:
+        """__kvm_emulate_halt() with an in-kernel local APIC (a TD: KVM requires a split
+        irqchip, tdx_vcpu_create): no exit to userspace; with an event pending the vCPU stays
+        runnable and `complete` runs now, else it is KVM_MP_STATE_HALTED and `complete` runs
+        when a KVM_RUN finds an event pending."""
+        if self.take_pending_event():
+            complete()
+            return
+        self._halted = complete
+        if self.tracer.enabled:
+            self.tracer.emit("kvm", "halted")
+        self.hw.request_stop()
+
+    @staticmethod
+    def _halted_stop() -> RunStop:
+        """KVM_RUN of a halted vCPU with nothing to wake it blocks until a signal: the VMM's
+        deadline. The testbed models no interrupt source, so it returns that timeout at once
+        (README, Deliberate deviations)."""
+        return RunStop(StopReason.TIMEOUT, "vCPU halted (in-kernel local APIC) with nothing to wake it")
 
     def complete_pending(self) -> KvmExit | None:
         """KVM_RUN with kvm_run->immediate_exit = 1 (x86.c kvm_arch_vcpu_ioctl_run): the

@@ -52,7 +52,6 @@ from testbed.kvm.uapi import (
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_SYSTEM_EVENT_TDX_FATAL,
-    HltExit,
     HypercallExit,
     InternalErrorExit,
     IoInExit,
@@ -246,12 +245,25 @@ def test_filtered_wrmsr_exits_to_userspace_and_its_error_is_invalid_operand() ->
     assert hw.regs[Reg.R10] == TDVMCALL_STATUS_INVALID_OPERAND and resumed(hw)
 
 
-def test_hlt_leaf_is_kvm_exit_hlt() -> None:
-    """TDVMCALL<HLT> is kvm_emulate_halt_noskip(): with no in-kernel local APIC, KVM_EXIT_HLT
-    (tdx.c tdx_handle_exit EXIT_REASON_HLT)."""
+def test_hlt_leaf_halts_the_vcpu_in_kvm_until_an_event() -> None:
+    """TDVMCALL<HLT> is kvm_emulate_halt_noskip() with the in-kernel local APIC every TD has
+    (tdx_vcpu_create requires a split irqchip): no KVM_EXIT_HLT, the vCPU halts in KVM and
+    KVM_RUN blocks (a timeout here, nothing can wake it) until an event is pending; then the
+    TDCALL completes (x86.c __kvm_emulate_halt)."""
     hw, _vm, kvm = make()
     tdvmcall(hw, r11=12, r12=0)
-    assert isinstance(run_one(kvm), HltExit)
+    for _ in range(2):
+        stop = run_one(kvm)
+        assert isinstance(stop, RunStop) and stop.reason is StopReason.TIMEOUT and "halted" in stop.detail
+        assert hw.tdcalls == 0
+    kvm.inject_event()
+    assert isinstance(run_one(kvm), RunStop)
+    assert hw.regs[Reg.R10] == TDVMCALL_STATUS_SUCCESS and resumed(hw)
+    # with an event pending at the halt (kvm_vcpu_has_events) the vCPU stays runnable
+    done: list[int] = []
+    kvm.inject_event()
+    kvm.halt(lambda: done.append(1))
+    assert done == [1] and not kvm.pending_event
 
 
 def test_mmio_leaf_checks_then_has_no_device() -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from guest_compat import far_return_to_64, far_return_to_compat, load_compat_segment
 
 from testbed.errors import UsageError
 from testbed.hw.exits import NPF_GUEST_ENC, StopReason, Vendor, VmxExitReason
@@ -29,7 +30,7 @@ from testbed.hw.tdx_module import (
     TDX_PAGE_ALREADY_ACCEPTED,
     TDX_PAGE_SIZE_MISMATCH,
 )
-from testbed.machine import Machine, VmOptions, build_program
+from testbed.machine import Machine, VmOptions, build_program, run_guest
 from testbed.x86 import Reg
 from testbed.x86.paging import ACCESS_READ, PagingMode, walk
 
@@ -498,3 +499,16 @@ def test_cli_gpaw_flag() -> None:
 
     args = build_parser().parse_args(["run", "x.s", "--vm-type", "tdx", "--vendor", "intel", "--gpaw", "48"])
     assert vm_options_from_args(args).gpaw == 48
+
+
+def test_tdcall_outside_64_bit_mode_is_gp() -> None:
+    """TDCALL from a 32-bit code segment is #GP(0) before RAX is looked at (td_call():
+    "if (!is_td_guest_in_64b_mode()) inject_gp(0)"): here TDG.VP.INFO, which would succeed."""
+    text = ("guest_main:\n" + load_compat_segment() + far_return_to_compat("compat")
+            + "compat:\n    .byte 0xb8, 1, 0, 0, 0\n"  # mov eax, 1 (TDG.VP.INFO)
+            + f"    {TDCALL}\n" + far_return_to_64("back64") + "back64:\n    ret\n")
+    options = _options()
+    report = run_guest("compat_tdcall.s", options, text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (13, 0)

@@ -226,3 +226,60 @@ def test_int_from_cpl3_through_dpl3_gate_runs_handler_at_cpl0(vendor: Vendor) ->
     _, report = run("exceptions_user.s", vendor)
     assert report.outcome == "done", f"{report.outcome}: {report.detail}"
     assert report.syncs() == [0x23, 0x08], f"CS at CPL 3 / back at CPL 0: {[hex(v) for v in report.syncs()]}"
+
+
+# ------------------------------------------------------------------ faults during delivery
+#: Move the #PF gate (14) to IST 1, so a #PF raised while pushing another event's frame on an
+#: unmapped stack can itself be delivered (the runtime's TSS has an IST 1 stack).
+PF_ON_IST = """
+guest_main:
+    lea r9, [rip + rt_exc_stub_table]
+    mov rsi, qword ptr [r9 + 14*8]
+    mov rdi, 14
+    mov rdx, 0x8e
+    mov ecx, 1
+    call rt_set_gate
+"""
+
+
+@pytest.mark.parametrize(("raise_it", "rip_offset"), [
+    ("    int3\n", 0),  # benign first event (a trap: the #PF names the INT3 itself)
+    ("    int 0x40\n", 0),  # software INT n, benign
+    ("    xor ecx, ecx\n    div ecx\n", 2),  # #DE: contributory, then #PF
+], ids=["int3", "int_n", "de"])
+def test_a_pf_while_delivering_a_benign_or_contributory_event_is_delivered_serially(
+        raise_it: str, rip_offset: int) -> None:
+    """A #PF while pushing the frame of a benign event (INT3, INT n) or a contributory fault
+    (#DE) is not a #DF: the #PF is delivered, at the instruction that raised the first event,
+    with CR2 = the first push (RSP - 8) (SDM vol. 3 table 6-5; APM vol. 2 8.2.9)."""
+    text = PF_ON_IST + "    mov rsp, 0x1000\nfault_site:\n" + raise_it + "    GUEST_SYNC 0x600d\n    ret\n"
+    program, report = run("exceptions_serial.s", text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    exc = report.exception
+    check(exc, PF, PFERR_WRITE, program.symbols["fault_site"] + rip_offset)
+    assert exc["cr2"] == 0xFF8
+
+
+def test_a_pf_while_delivering_a_pf_is_a_double_fault() -> None:
+    """#PF + #PF is a #DF (SDM vol. 3 table 6-5): a #PF whose own frame cannot be pushed."""
+    text = "guest_main:\n    mov rsp, 0x1000\n    mov rax, qword ptr [0x10]\n    GUEST_SYNC 0x600d\n    ret\n"
+    _, report = run("exceptions_pf_pf.s", text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None and report.exception["vector"] == DF
+
+
+@pytest.mark.parametrize(("attrs", "vector"), [
+    (0x00, GP),  # type 0 and not present: the type is checked first, #GP
+    (0x0E, 11),  # a not-present interrupt gate: #NP
+])
+def test_int_gate_checks_come_in_the_cpus_order(attrs: int, vector: int) -> None:
+    """INT 0x40 (software: EXT = 0 in the error code) through a bad gate: its type is checked
+    before its present bit, so a type-0 gate is #GP even when not present (SDM vol. 2 INT n
+    pseudocode, IA-32e mode); the fault names the INT."""
+    text = (f"guest_main:\n    mov rdi, RT_IDT\n    mov byte ptr [rdi + 0x40*16 + 5], {attrs:#x}\n"
+            "fault_site:\n    int 0x40\n    GUEST_SYNC 0x600d\n    ret\n")
+    program, report = run("exceptions_gate.s", text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    check(report.exception, vector, 0x40 * 8 + 2, program.symbols["fault_site"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from testbed.errors import TestbedError
 from testbed.hw.exits import (
     EXITINTINFO_ERROR_VALID,
     EXITINTINFO_TYPE_EXCEPTION,
@@ -42,6 +43,8 @@ from testbed.x86 import (
 from testbed.x86.addr import Gva
 
 _U64S = struct.Struct("<Q")
+#: SDM vol. 3 table 6-4's "page faults" class: #PF and #VE
+_PAGE_FAULT_CLASS = frozenset({Vector.PF, Vector.VE})
 
 # Contexts in which the hypervisor runs (they decide how RIP and injections take effect).
 _CTX_NONE = 0
@@ -122,13 +125,22 @@ class EventDelivery(Mmu):
         except _DeliveryFault as fault:
             if fault.cr2 is not None:
                 self.write_reg(Reg.CR2, fault.cr2)
-            # SDM table 6-5, simplified: a fault while delivering becomes #DF when either is
-            # contributory or a #PF; a fault while delivering #DF is a triple fault.
+            # SDM vol. 3 table 6-5 (AMD APM vol. 2 8.2.9): a fault while delivering #DF is a
+            # triple fault; #DF only for contributory + contributory, #PF + contributory and
+            # #PF + #PF (#VE counts as a page fault); every other pair - a benign first event
+            # (INT n, #BP, #UD, ...) with anything, contributory + #PF - is handled serially: the
+            # second is delivered, as a fault of the instruction that raised the first.
             if vector == Vector.DF:
                 self._triple_fault()
                 return
-            benign = vector not in CONTRIBUTORY_VECTORS and vector != Vector.PF
-            if benign and fault.vector != Vector.PF and fault.vector not in CONTRIBUTORY_VECTORS:
+            first_pf = vector in _PAGE_FAULT_CLASS
+            second_contributory = fault.vector in CONTRIBUTORY_VECTORS
+            double = ((vector in CONTRIBUTORY_VECTORS and second_contributory)
+                      or (first_pf and (second_contributory or fault.vector in _PAGE_FAULT_CLASS)))
+            if not double:
+                if software:
+                    # A trap's RIP is past the INT: the fault's frame names the INT itself.
+                    self.write_reg(Reg.RIP, self.read_reg(Reg.RIP) - self._software_int_length(vector))
                 self._deliver_now(fault.vector, fault.error_code)
                 return
             try:
@@ -137,6 +149,34 @@ class EventDelivery(Mmu):
                 self._vectoring_npf(Vector.DF, 0, False, nested)
             except _DeliveryFault:
                 self._triple_fault()
+
+    def _push_frame(self, base: int, data: bytes) -> None:
+        """Write the exception frame at `base` as the CPU pushes it, from the top down: a page
+        fault names the first push that faults (CR2 = its address), in the higher of the
+        frame's two pages first."""
+        end = base + len(data)
+        split = (end - 1) & ~0xFFF  # the start of the page holding the frame's last byte
+        parts = [(max(base, split), end)] + ([(base, split)] if base < split else [])
+        for lo, hi in parts:
+            try:
+                self.write_virtual(Gva(lo), data[lo - base : hi - base])
+            except _DeliveryFault as fault:
+                if fault.vector == Vector.PF:
+                    fault.cr2 = hi - 8
+                raise
+
+    def _software_int_length(self, vector: int) -> int:
+        """The length of the INT n (CD ib: 2), INT3 (CC: 1, or CD 03: 2) or INTO (CE: 1) that
+        raised software `vector`, RIP being past it."""
+        if vector == Vector.OF:
+            return 1
+        if vector == Vector.BP:
+            try:
+                before = self.fetch_bytes(Gva(self.read_reg(Reg.RIP) - 2), 2)
+            except (_DeliveryFault, TestbedError):
+                return 1
+            return 2 if before == b"\xcd\x03" else 1
+        return 2
 
     def _vectoring_npf(self, vector: int, error_code: int | None, software: bool, nested: _NestedFault) -> None:
         """Delivering `vector` touched a GPA outside guest memory (the IDT, the TSS or the stack,
@@ -169,11 +209,15 @@ class EventDelivery(Mmu):
         gate = self.read_virtual(Gva(idt_base + vector * 16), 16)
         lo, hi = struct.unpack("<QQ", gate)
         attrs = (lo >> 40) & 0xFF
-        if not attrs & 0x80 or (attrs & 0xF) not in (0xE, 0xF):
-            raise _DeliveryFault(Vector.NP if not attrs & 0x80 else Vector.GP, vector * 8 + 2 + ext)
+        # The INT n pseudocode's order in IA-32e mode (SDM vol. 2): the gate's type (#GP), a
+        # software interrupt's DPL < CPL (#GP, EXT = 0), then present (#NP).
+        if (attrs & 0xF) not in (0xE, 0xF):
+            raise _DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
         cpl = self.cpl()
         if software and ((attrs >> 5) & 3) < cpl:
             raise _DeliveryFault(Vector.GP, vector * 8 + 2)
+        if not attrs & 0x80:
+            raise _DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
         selector = (lo >> 16) & 0xFFFF
         target = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFFFFFF) << 32)
         ist = (lo >> 32) & 7
@@ -195,7 +239,7 @@ class EventDelivery(Mmu):
             frame.append(error_code)
         data = b"".join(_U64S.pack(v & U64) for v in reversed(frame))
         new_rsp -= len(data)
-        self.write_virtual(Gva(new_rsp), data)
+        self._push_frame(new_rsp, data)
         if new_cpl < cpl:
             self._set_cpl(new_cpl)
             self.write_reg(Reg.SS, new_cpl)  # NULL selector with RPL = new CPL

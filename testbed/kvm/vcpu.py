@@ -575,9 +575,9 @@ class KvmVcpu:
         # kvm_emulate_hypercall() and _dispatch_hypercall() inlined for their common case (no
         # trace record, no seed-era in-kernel PAGE_ENC_STATUS): the same emulate_hypercall()
         # decides; two Python frames less on the most frequent exit.
+        self.stat_hypercalls += 1  # ____kvm_emulate_hypercall(): on entry, user exits included
         outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, self._pv, self.vm.hypercall_exit_mask)
         if outcome.user_exit is None:
-            self.stat_hypercalls += 1
             return outcome.ret & U64 if long_mode else outcome.ret & U32  # complete_ret()
         self._hypercall_user_exit(outcome.user_exit, long_mode, hw.complete_hypercall)
         return None
@@ -589,12 +589,12 @@ class KvmVcpu:
         VMCALL/VMMCALL exit, the GHCB's VMMCALL (sev.c) and, next, a TD's TDVMCALL.
         `complete(ret)` writes the result where the caller's ABI wants it (RAX, the GHCB's
         RAX): at once for in-kernel hypercalls, after userspace answered for a user exit."""
+        self.stat_hypercalls += 1  # ____kvm_emulate_hypercall(): on entry, user exits included
         outcome = self._dispatch_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit)
         if self.tracer.enabled:
             self.tracer.emit("kvm", "hypercall", nr=nr, args=[a0, a1, a2, a3], cpl=cpl, ret=outcome.ret,
                              user_exit=outcome.user_exit is not None)
         if outcome.user_exit is None:
-            self.stat_hypercalls += 1
             complete(outcome.ret & U64 if op_64_bit else outcome.ret & U32)  # complete_ret(), inlined
             return
         self._hypercall_user_exit(outcome.user_exit, op_64_bit, complete)
@@ -604,7 +604,6 @@ class KvmVcpu:
 
         def complete_hypercall_exit() -> None:
             # complete_hypercall_exit(): ret is written raw, KVM does not interpret it.
-            self.stat_hypercalls += 1
             complete(complete_ret(run.ret, op_64_bit))
 
         self._exit_to_userspace(run, complete_hypercall_exit)

@@ -44,10 +44,11 @@ from testbed.x86.addr import Gfn, Gpa
 
 __all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
 
-#: KVM_X86_VALID_QUIRKS (arch/x86/kvm/x86.h): KVM_X86_QUIRK_LINT0_REENABLED (bit 0) through
-#: KVM_X86_QUIRK_IGNORE_GUEST_PAT (bit 9), as arch/x86/include/uapi/asm/kvm.h defines them. The
-#: testbed models the effect of FIX_HYPERCALL_INSN only; the others are accepted and recorded.
-KVM_X86_VALID_QUIRKS = (1 << 10) - 1
+#: KVM_X86_VALID_QUIRKS (arch/x86/include/asm/kvm_host.h): KVM_X86_QUIRK_LINT0_REENABLED (bit 0)
+#: through KVM_X86_QUIRK_VMCS12_FREEZE_IN_SMM_CC (bit 10, kvm-x86 2026), as
+#: arch/x86/include/uapi/asm/kvm.h defines them. The testbed models the effect of
+#: FIX_HYPERCALL_INSN only; the others are accepted and recorded.
+KVM_X86_VALID_QUIRKS = (1 << 11) - 1
 KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9
 #: "KVMKVMKVM\0\0\0" as EBX, ECX, EDX of the signature leaf (KVM_SIGNATURE)
 KVM_SIGNATURE_REGS = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i : i + 4], "little") for i in (0, 4, 8))

@@ -92,6 +92,9 @@ def test_native_and_ghcb_hypercalls_share_one_dispatcher(monkeypatch: pytest.Mon
     assert seen == [(KVM_HC_MAP_GPA_RANGE, 0x2000, 1, 0, 0, 0, True)] * 2
     assert isinstance(native, HypercallExit) and native.nr == KVM_HC_MAP_GPA_RANGE
     assert native.args[:3] == (0x2000, 1, 0)
+    # stat.hypercalls counts on entry (____kvm_emulate_hypercall), user exits included: both
+    # are counted before userspace answered either
+    assert kvm.stat_hypercalls == 2 and ghcb_ret == []
 
 
 def test_unknown_exit_code_is_an_internal_error() -> None:

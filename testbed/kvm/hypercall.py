@@ -55,12 +55,14 @@ class PvCpuid:
 
 
 class HypercallOutcome(NamedTuple):
-    """Either an in-kernel result (`ret`) or a user exit to complete later.
+    """Either an in-kernel result (`ret`) or a user exit to complete later; `not_modelled`
+    names what KVM would do next that the testbed does not model (the run ends there).
 
     A NamedTuple rather than a frozen dataclass: it is built on every hypercall."""
 
     ret: int
     user_exit: HypercallExit | None = None
+    not_modelled: str | None = None
 
 
 def neg(errno: int) -> int:
@@ -85,14 +87,17 @@ def emulate_hypercall(
     op_64_bit: bool,
     pv: PvCpuid,
     exit_mask: int,
+    apic_map: bool = False,
 ) -> HypercallOutcome:
     """Dispatch hypercall `nr` as ____kvm_emulate_hypercall() does.
 
     (No keyword-only parameters: the native-hypercall fastpath calls it positionally, which
     CPython does measurably faster than with keywords.)
 
-    `exit_mask` is the VM's KVM_CAP_EXIT_HYPERCALL bitmask. The returned `ret` is not yet
-    truncated for 32-bit callers: the completion does that (as KVM's does).
+    `exit_mask` is the VM's KVM_CAP_EXIT_HYPERCALL bitmask; `apic_map`: the VM has an in-kernel
+    local APIC, so KVM has an APIC map (a TD: tdx_vcpu_create requires a split irqchip). The
+    returned `ret` is not yet truncated for 32-bit callers: the completion does that (as KVM's
+    does).
     """
     if not op_64_bit:
         nr &= U32
@@ -132,9 +137,18 @@ def emulate_hypercall(
         if pv.has(KVM_FEATURE_PV_SEND_IPI):
             # kvm_pv_send_ipi(kvm, a0 = ipi_bitmap_low, a1 = ipi_bitmap_high, a2 = min, a3 = icr)
             # (arch/x86/kvm/lapic.c): an ICR with destination-mode or shorthand bits is
-            # -KVM_EINVAL, checked before the APIC map; the testbed has no in-kernel local APIC,
-            # so the map is NULL and the count stays -EOPNOTSUPP.
-            ret = neg(KVM_EINVAL) if a3 & (APIC_DEST_MASK | APIC_SHORT_MASK) else neg(KVM_EOPNOTSUPP)
+            # -KVM_EINVAL, checked before the APIC map; without an in-kernel local APIC the map
+            # is NULL and the count stays -EOPNOTSUPP; with one, the count of IPIs delivered.
+            if a3 & (APIC_DEST_MASK | APIC_SHORT_MASK):
+                ret = neg(KVM_EINVAL)
+            elif not apic_map:
+                ret = neg(KVM_EOPNOTSUPP)
+            elif pv_send_ipi_count(a0, a2):
+                return HypercallOutcome(1, None, "KVM_HC_SEND_IPI to this vCPU (APIC ID 0): KVM delivers "
+                                                 f"the interrupt (vector 0x{a3 & 0xFF:x}), which the testbed "
+                                                 "does not model")
+            else:
+                ret = 0
     elif nr == KVM_HC_SCHED_YIELD:
         if pv.has(KVM_FEATURE_PV_SCHED_YIELD):
             ret = 0
@@ -149,6 +163,15 @@ def emulate_hypercall(
         run = HypercallExit(nr=KVM_HC_TESTBED_DONATE_ENC_STATUS, args=(a0, a1, a2, 0, 0, 0), ret=0, flags=flags)
         return HypercallOutcome(0, run)
     return HypercallOutcome(ret)
+
+
+def pv_send_ipi_count(ipi_bitmap_low: int, min_id: int) -> int:
+    """__pv_send_ipi() over the APIC map of a VM with one vCPU, APIC ID 0 (max_apic_id 0): a
+    `min` (u32) above 0 reaches nothing, and the high bitmap starts a cluster above it; else
+    bit 0 of the low bitmap is the IPI to vCPU 0."""
+    if min_id & U32:
+        return 0
+    return ipi_bitmap_low & 1
 
 
 def complete_ret(ret: int, op_64_bit: bool) -> int:

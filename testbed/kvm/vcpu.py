@@ -594,6 +594,9 @@ class KvmVcpu:
         if self.tracer.enabled:
             self.tracer.emit("kvm", "hypercall", nr=nr, args=[a0, a1, a2, a3], cpl=cpl, ret=outcome.ret,
                              user_exit=outcome.user_exit is not None)
+        if outcome.not_modelled is not None:
+            self._exit_to_userspace(InternalErrorExit(KVM_INTERNAL_ERROR_EMULATION, outcome.not_modelled), None)
+            return
         if outcome.user_exit is None:
             complete(outcome.ret & U64 if op_64_bit else outcome.ret & U32)  # complete_ret(), inlined
             return
@@ -615,7 +618,8 @@ class KvmVcpu:
         ____kvm_emulate_hypercall()."""
         if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
             return page_enc_status_hc(self.vm, a0, a1, a2)
-        return emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, self._pv, self.vm.hypercall_exit_mask)
+        return emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, self._pv, self.vm.hypercall_exit_mask,
+                                 self.vm.in_kernel_lapic)
 
     # ---------------------------------------------------------------------- #UD
     def handle_ud(self) -> None:

@@ -489,6 +489,13 @@ class KvmVm:
         self.pv_features = table.pv_features()
 
     @property
+    def in_kernel_lapic(self) -> bool:
+        """KVM emulates the local APIC (an APIC map exists): only for a TD here, which KVM
+        refuses to create without a split irqchip (tdx_vcpu_create); the VMM creates none for
+        the other VM types (README: no local APIC is modelled)."""
+        return self.type == KvmVmType.KVM_X86_TDX_VM
+
+    @property
     def protected_state(self) -> bool:
         """Guest register state is encrypted (SEV-ES, SNP, TDX): KVM cannot read it."""
         return self.type in (KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM, KvmVmType.KVM_X86_TDX_VM)

@@ -79,9 +79,10 @@ def test_native_and_ghcb_hypercalls_share_one_dispatcher(monkeypatch: pytest.Mon
     seen: list[Any] = []
     original = kvm_vcpu.emulate_hypercall
 
-    def spy(nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool, pv: Any, exit_mask: int) -> Any:
+    def spy(nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool, pv: Any, exit_mask: int,
+            apic_map: bool = False) -> Any:
         seen.append((nr, a0, a1, a2, a3, cpl, op_64_bit))
-        return original(nr, a0, a1, a2, a3, cpl, op_64_bit, pv, exit_mask)
+        return original(nr, a0, a1, a2, a3, cpl, op_64_bit, pv, exit_mask, apic_map)
 
     monkeypatch.setattr(kvm_vcpu, "emulate_hypercall", spy)
     hw.regs.update({Reg.RAX: KVM_HC_MAP_GPA_RANGE, Reg.RBX: 0x2000, Reg.RCX: 1, Reg.RDX: 0})

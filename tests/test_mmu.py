@@ -121,3 +121,50 @@ def test_walk_large_pages_and_reserved_ps_in_pml4() -> None:
     bad = {0x1000: 0x2000 | 7 | (1 << 7)}
     fault = walk(lambda pa: bad.get(pa, 0), 0x1000, 0x12345, ACCESS_READ, False, mode)
     assert isinstance(fault, PageFault) and fault.error_code == PFERR_PRESENT | PFERR_RSVD
+
+
+#: Clear EFER.NXE, then read or call a page whose PTE has bit 63 set (or is not present).
+NXE_OFF = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA
+    mov qword ptr [rdi], 0xc3
+    call rt_pte_address
+.if PTE_NX
+    movabs rcx, 0x8000000000000000
+    or qword ptr [rax], rcx
+.else
+    and qword ptr [rax], -2
+.endif
+    mov ecx, 0xC0000080
+    rdmsr
+    btr eax, 11
+    wrmsr
+    mov rdi, GUEST_FREE_GPA
+    mov rax, cr3
+    mov cr3, rax
+.if FETCH
+    call rdi
+.else
+    mov rax, qword ptr [rdi + 0x28]
+.endif
+    GUEST_SYNC 0x600d
+    ret
+"""
+
+
+@pytest.mark.parametrize(("pte_nx", "fetch", "error_code"), [
+    (1, 0, PFERR_PRESENT | PFERR_RSVD),  # bit 63 is reserved without NXE
+    (1, 1, PFERR_PRESENT | PFERR_RSVD),  # ... and no I/D bit
+    (0, 1, 0),  # a not-present fetch: no I/D bit without NXE (or SMEP)
+], ids=["read_bit63", "fetch_bit63", "fetch_not_present"])
+@pytest.mark.parametrize("vm_type", ["default", "sev"])
+def test_with_efer_nxe_clear_bit_63_is_reserved_and_no_fetch_bit_is_reported(
+        vm_type: str, pte_nx: int, fetch: int, error_code: int) -> None:
+    """EFER.NXE = 0: bit 63 of a paging entry is reserved (#PF with P|RSVD) and the error code's
+    I/D bit is not set (SDM vol. 3 4.5 tables 4-14..4-19, 4.7; APM vol. 2 8.4.2), in the fill's
+    walk (C and Python read EFER with CR0 and CR3)."""
+    report = run_guest("<nxe>", VmOptions(vm_type=vm_type, memory=16 << 20, timeout=5.0,
+                                          defines={"PTE_NX": pte_nx, "FETCH": fetch}), text=NXE_OFF)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (14, error_code)

@@ -84,7 +84,7 @@ def test_native_walk_equals_the_python_walker(case: dict[str, Any]) -> None:
 
 def _detached(memory: GuestMemory, mode: PagingMode, attrs: MemoryAttributes | None) -> Any:
     """A NativeMmu without an engine (no hook), configured as the MMU configures it."""
-    mmu = native.NativeMmu(0, 0, 0, [0, 0, 0], lambda _va, _access: None)
+    mmu = native.NativeMmu(0, 0, 0, [0, 0, 0, 0], lambda _va, _access: None)
     model = 2 if memory.guest_memfd else 1 if memory.encrypted else 0
     mmu.configure(memory.dram_address(), memory.private_address() if memory.private is not None else 0,
                   memory.size, model, memory.owner if memory.encrypted else None,

@@ -221,6 +221,14 @@ static PyObject *nativemmu_walk(PyObject *Py_UNUSED(module), PyObject *args)
 #define XLAT_BITS 12
 #define XLAT_N (1 << XLAT_BITS)
 #define NREGS 3
+#define MSR_EFER 0xC0000080u
+#define EFER_NXE (1ull << 11)
+
+/* Unicorn's uc_x86_msr: what UC_X86_REG_MSR reads (rid in, value out) */
+typedef struct {
+    uint32_t rid;
+    uint64_t value;
+} UcMsr;
 #define NBUFS 7
 
 typedef struct {
@@ -232,9 +240,10 @@ typedef struct {
     PyObject_HEAD
     void *uc;
     reg_batch_fn read_batch;
-    int reg_ids[NREGS]; /* CS, CR3, CR0 */
+    int reg_ids[NREGS + 1]; /* CS, CR3, CR0, then UC_X86_REG_MSR for EFER */
     uint64_t regs[NREGS];
-    void *reg_ptrs[NREGS];
+    UcMsr efer; /* uc_x86_msr: EFER, read in the same batch (NXE) */
+    void *reg_ptrs[NREGS + 1];
     PyObject *fallback; /* the Python fill: (vaddr, access) -> (upa, perms) | None */
     size_t hook;
     int configured;
@@ -289,7 +298,7 @@ static inline void xlat_record(NativeMmu *self, uint64_t vpage, uint64_t upa)
 }
 
 static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t cs, uint64_t cr3, uint64_t cr0,
-                          TlbEntry *entry);
+                          uint64_t efer, TlbEntry *entry);
 
 /* The common-case fill; 0 = done (entry set), 1 = ask Python. No Python object is touched. */
 static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbEntry *entry)
@@ -299,18 +308,19 @@ static int fast_fill(NativeMmu *self, void *uc, uint64_t vaddr, int access, TlbE
     if ((uint64_t)(((int64_t)(vaddr << 16)) >> 16) != vaddr)
         return 1; /* non-canonical: #GP, Python's */
     self->regs[0] = 0; /* CS fills only the low bytes of its slot */
-    if (self->read_batch(uc, self->reg_ids, self->reg_ptrs, NREGS) != 0)
+    if (self->read_batch(uc, self->reg_ids, self->reg_ptrs, NREGS + 1) != 0)
         return 1;
-    return fill_with_regs(self, vaddr, access, self->regs[0], self->regs[1], self->regs[2], entry);
+    return fill_with_regs(self, vaddr, access, self->regs[0], self->regs[1], self->regs[2], self->efer.value,
+                          entry);
 }
 
 /* The fill after the register read (also reached from Python by `fill`, for the tests). */
 static int fill_with_regs(NativeMmu *self, uint64_t vaddr, int access, uint64_t cs, uint64_t cr3, uint64_t cr0,
-                          TlbEntry *entry)
+                          uint64_t efer, TlbEntry *entry)
 {
     int user = (cs & 3) == 3;
     WalkOut o;
-    walk_core(&self->mem, cr3, vaddr, access, user, (cr0 & CR0_WP) != 0, 1, &o);
+    walk_core(&self->mem, cr3, vaddr, access, user, (cr0 & CR0_WP) != 0, (efer & EFER_NXE) != 0, &o);
     if (o.kind != WALK_OK)
         return 1;
     const WalkMem *m = &self->mem;
@@ -436,18 +446,19 @@ static int NativeMmu_init(NativeMmu *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "NativeMmu: the fallback fill must be callable");
         return -1;
     }
-    if (!PySequence_Check(ids) || PySequence_Size(ids) != NREGS) {
-        PyErr_SetString(PyExc_ValueError, "NativeMmu: expected the register ids of CS, CR3 and CR0");
+    if (!PySequence_Check(ids) || PySequence_Size(ids) != NREGS + 1) {
+        PyErr_SetString(PyExc_ValueError, "NativeMmu: expected the register ids of CS, CR3, CR0 and MSR");
         return -1;
     }
-    for (int i = 0; i < NREGS; i++) {
+    for (int i = 0; i <= NREGS; i++) {
         PyObject *item = PySequence_GetItem(ids, i);
         if (item == NULL)
             return -1;
         self->reg_ids[i] = (int)PyLong_AsLong(item);
         Py_DECREF(item);
-        self->reg_ptrs[i] = &self->regs[i];
+        self->reg_ptrs[i] = i < NREGS ? (void *)&self->regs[i] : (void *)&self->efer;
     }
+    self->efer.rid = MSR_EFER;
     if (PyErr_Occurred())
         return -1;
     self->uc = (void *)(uintptr_t)uc;
@@ -674,9 +685,9 @@ static PyObject *NativeMmu_walk(NativeMmu *self, PyObject *args)
     return walk_result(&o);
 }
 
-/* walk_now(va, access, user): walk() with the vCPU's CR3 and CR0.WP read here in one batch
- * (NXE on, as walk's default) -- one call where Python would read two registers first; None
- * without an engine, when the read fails, or where the fill would ask Python. */
+/* walk_now(va, access, user): walk() with the vCPU's CR3, CR0.WP and EFER.NXE read here in one
+ * batch -- one call where Python would read three registers first; None without an engine,
+ * when the read fails, or where the fill would ask Python. */
 static PyObject *NativeMmu_walk_now(NativeMmu *self, PyObject *args)
 {
     unsigned long long va;
@@ -687,20 +698,22 @@ static PyObject *NativeMmu_walk_now(NativeMmu *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "NativeMmu.walk_now before configure()");
         return NULL;
     }
-    if (self->uc == NULL || self->read_batch(self->uc, self->reg_ids, self->reg_ptrs, NREGS) != 0)
+    if (self->uc == NULL || self->read_batch(self->uc, self->reg_ids, self->reg_ptrs, NREGS + 1) != 0)
         Py_RETURN_NONE;
     WalkOut o;
-    walk_core(&self->mem, self->regs[1], va, access, user, (self->regs[2] & CR0_WP) != 0, 1, &o);
+    walk_core(&self->mem, self->regs[1], va, access, user, (self->regs[2] & CR0_WP) != 0,
+              (self->efer.value & EFER_NXE) != 0, &o);
     return walk_result(&o);
 }
 
-/* fill(vaddr, access, cs, cr3, cr0): the fill the hook would do with these registers, without an
- * engine: (upa, perms), or None where the hook hands the fill to Python. */
+/* fill(vaddr, access, cs, cr3, cr0[, efer]): the fill the hook would do with these registers
+ * (EFER: NXE set unless given), without an engine: (upa, perms), or None where the hook hands the
+ * fill to Python. */
 static PyObject *NativeMmu_fill(NativeMmu *self, PyObject *args)
 {
-    unsigned long long vaddr, cs, cr3, cr0;
+    unsigned long long vaddr, cs, cr3, cr0, efer = EFER_NXE;
     int access;
-    if (!PyArg_ParseTuple(args, "KiKKK", &vaddr, &access, &cs, &cr3, &cr0))
+    if (!PyArg_ParseTuple(args, "KiKKK|K", &vaddr, &access, &cs, &cr3, &cr0, &efer))
         return NULL;
     if (!self->configured) {
         PyErr_SetString(PyExc_RuntimeError, "NativeMmu.fill before configure()");
@@ -712,7 +725,7 @@ static PyObject *NativeMmu_fill(NativeMmu *self, PyObject *args)
     }
     TlbEntry entry;
     if (self->python_only || (uint64_t)(((int64_t)(vaddr << 16)) >> 16) != vaddr ||
-        fill_with_regs(self, vaddr, access, cs, cr3, cr0, &entry) != 0)
+        fill_with_regs(self, vaddr, access, cs, cr3, cr0, efer, &entry) != 0)
         Py_RETURN_NONE;
     return Py_BuildValue("(KI)", (unsigned long long)entry.paddr, (unsigned int)entry.perms);
 }

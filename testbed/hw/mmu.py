@@ -44,7 +44,7 @@ from testbed.hw.unicorn_binding import (
     UnicornBinding,
 )
 from testbed.hw.vcpu_state import VcpuState
-from testbed.x86 import CR0_WP, PAGE_SHIFT, PAGE_SIZE, PFERR_FETCH, Reg, Vector, vector_name
+from testbed.x86 import CR0_WP, EFER_NXE, MSR_EFER, PAGE_SHIFT, PAGE_SIZE, PFERR_FETCH, Reg, Vector, vector_name
 from testbed.x86.addr import Gfn, Gpa, Gva
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, Translation, walk
 
@@ -405,15 +405,18 @@ class Mmu(UnicornBinding):
 
     # ------------------------------------------------------------------------- MMU
     def _paging_walk(self, va: int, access: int, user: bool, cr3: int | None = None,
-                     cr0: int | None = None) -> Translation | PageFault:
-        if cr3 is None or cr0 is None:
+                     cr0: int | None = None, efer: int | None = None) -> Translation | PageFault:
+        if cr3 is None or cr0 is None or efer is None:
             cr3 = self.read_reg(Reg.CR3)
             cr0 = self.read_reg(Reg.CR0)
+            efer = self.get_msr(MSR_EFER)
         mem = self._mem
         # SEV: the CPU always walks page tables as private. Unencrypted memory: read the
-        # entries straight from the buffer (the walk's hot loop).
+        # entries straight from the buffer (the walk's hot loop). With EFER.NXE clear, bit 63
+        # is reserved and I/D is not reported (SDM vol. 3 4.5, 4.7).
         reader = self._pte_reader_plain if not mem.encrypted else self._pte_reader_private
-        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP), mem_size=mem.size)
+        return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP), nxe=bool(efer & EFER_NXE),
+                    mem_size=mem.size)
 
     def translate(self, va: Gva, access: int = ACCESS_READ, supervisor: bool = True) -> Translation:
         """Walk the guest page tables as the CPU would; raises _DeliveryFault(#PF) on failure,
@@ -484,9 +487,9 @@ class Mmu(UnicornBinding):
             self._pending_fault = _PendingFault(Vector.GP, 0, None)
             return None
         # CS (for the CPL), CR3 and CR0 in one batched read.
-        cs, cr3, cr0 = self._read_fill_regs()
+        cs, cr3, cr0, efer = self._read_fill_regs()
         user = (cs & 3) == 3
-        result = self._paging_walk(vaddr, access, user, cr3, cr0)
+        result = self._paging_walk(vaddr, access, user, cr3, cr0, efer)
         if isinstance(result, PageFault):
             if result.table_gpa is not None:
                 # The walk itself reads a GPA outside guest memory: on hardware with nested

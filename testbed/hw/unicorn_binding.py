@@ -35,7 +35,7 @@ from unicorn.unicorn_py3 import unicorn as ucpy
 from testbed.errors import MachineClosedError, TestbedError
 from testbed.hw.memory import GuestMemory
 from testbed.hw.watchdog import WATCHDOG, Alarm
-from testbed.x86 import U64, Reg
+from testbed.x86 import MSR_EFER, U64, Reg
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE
 
 _fastexit: Any
@@ -142,6 +142,12 @@ def _raw_function(name: str) -> Any:
     fn.argtypes = None
     fn.restype = ctypes.c_int
     return fn
+
+
+class _UcMsr(ctypes.Structure):
+    """Unicorn's uc_x86_msr: what UC_X86_REG_MSR reads (rid in, value out)."""
+
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
 class _ReleasedEngine:
@@ -354,9 +360,13 @@ class UnicornBinding(ABC):
         self._arg_vals = (ctypes.c_uint64 * 4)()
         self._arg_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX, ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI)
         self._arg_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._arg_vals) + 8 * i for i in range(4)))
+        # CS, CR3, CR0 and EFER (a uc_x86_msr) in one batch: what a TLB fill reads
         self._fill_regs = (ctypes.c_uint64 * 3)()
-        self._fill_ids = (ctypes.c_int * 3)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0)
-        self._fill_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)))
+        self._fill_efer = _UcMsr(MSR_EFER, 0)
+        self._fill_ids = (ctypes.c_int * 4)(ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0,
+                                            ux.UC_X86_REG_MSR)
+        self._fill_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)),
+                                                ctypes.addressof(self._fill_efer))
         self._snap = (ctypes.c_uint64 * 7)()
         self._snap_ids = (ctypes.c_int * 7)(
             ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
@@ -443,7 +453,8 @@ class UnicornBinding(ABC):
         if _nativemmu is not None and not os.environ.get("TESTBED_NO_NATIVE_MMU"):
             self._native_mmu = _nativemmu.NativeMmu(
                 self._h.value, entry_address("uc_hook_add"), entry_address("uc_reg_read_batch"),
-                [ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0], self._guard(self._tlb_fill, None),
+                [ux.UC_X86_REG_CS, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR0, ux.UC_X86_REG_MSR],
+                self._guard(self._tlb_fill, None),
             )
         else:
             self._add_hook(ucc.UC_HOOK_TLB_FILL, _TLB_CFUNC, self._guard(self._on_tlb_fill_raw, False))
@@ -651,12 +662,12 @@ class UnicornBinding(ABC):
             return int(self._fastexit.read3())
         return self.read_reg(Reg.RFLAGS)
 
-    def _read_fill_regs(self) -> tuple[int, int, int]:
-        """CS, CR3 and CR0 in one batched read (what a TLB fill needs)."""
+    def _read_fill_regs(self) -> tuple[int, int, int, int]:
+        """CS, CR3, CR0 and EFER in one batched read (what a TLB fill needs)."""
         s = self._fill_regs
         s[0] = 0  # CS fills only the low bytes of its slot
-        self._reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 3)
-        return int(s[0]), int(s[1]), int(s[2])
+        self._reg_read_batch(self._h, self._fill_ids, self._fill_ptrs, 4)
+        return int(s[0]), int(s[1]), int(s[2]), int(self._fill_efer.value)
 
     def _reg_by_name(self, name: str) -> int:
         """A register by its capstone name (0 for one not modelled: segment bases and others)."""

@@ -68,9 +68,10 @@ def describe(code: bytes, address: int = 0) -> str:
 def effective_addresses(code: bytes, address: int, read_reg: Callable[[str], int]) -> list[int]:
     """Linear addresses the first instruction of `code` accesses in memory, in operand order.
 
-    `read_reg` gives a register's value by capstone's name ("rax", "rip" is handled here).
-    Explicit memory operands come from the decode; the stack accesses of push/pop/call/ret
-    are implicit. Segment bases are taken as 0 (flat 64-bit mode).
+    `read_reg` gives a register's value by capstone's name ("rax", "rip" is handled here), and
+    "fs_base" / "gs_base" the FS and GS bases. Explicit memory operands come from the decode, with
+    an FS or GS override's base added (the only segment bases 64-bit mode uses); the stack
+    accesses of push/pop/call/ret are implicit.
     """
     mask = (1 << 64) - 1
     for insn in _CS_DETAIL.disasm(code, address, 1):
@@ -85,6 +86,10 @@ def effective_addresses(code: bytes, address: int, read_reg: Callable[[str], int
                 value += address + insn.size if base == "rip" else read_reg(base)
             if mem.index:
                 value += read_reg(insn.reg_name(mem.index)) * mem.scale
+            if mem.segment:
+                segment = insn.reg_name(mem.segment)
+                if segment in ("fs", "gs"):
+                    value += read_reg(f"{segment}_base")
             out.append(value & mask)
         if insn.mnemonic in _PUSHES:
             out.append((read_reg("rsp") - 8) & mask)

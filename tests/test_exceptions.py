@@ -283,3 +283,15 @@ def test_int_gate_checks_come_in_the_cpus_order(attrs: int, vector: int) -> None
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None
     check(report.exception, vector, 0x40 * 8 + 2, program.symbols["fault_site"])
+
+
+@pytest.mark.parametrize(("segment", "msr"), [("fs", 0xC0000100), ("gs", 0xC0000101)])
+def test_cr2_of_an_fs_or_gs_access_includes_the_segment_base(segment: str, msr: int) -> None:
+    """CR2 holds the faulting linear address: an access through FS or GS adds the segment's base
+    (SDM vol. 3 4.7; 3.4.4: FS and GS keep their bases in 64-bit mode)."""
+    text = (f"guest_main:\n    mov ecx, {msr:#x}\n    xor edx, edx\n    mov eax, 0x1000\n    wrmsr\n"
+            f"    mov ebx, 0x88\n    mov rax, qword ptr {segment}:[rbx - 0x1000 + 0x10]\n    GUEST_SYNC 1\n    ret\n")
+    _, report = run("exceptions_segment_cr2.s", text=text)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["cr2"]) == (PF, 0x98)

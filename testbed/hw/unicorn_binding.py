@@ -94,7 +94,7 @@ _REG_NAMES = {r.name.lower(): uc for r, uc in _UC_REG.items()}
 _REG_NAMES.update({
     name: getattr(ux, f"UC_X86_REG_{name.upper()}")
     for name in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "r8d", "r9d", "r10d", "r11d", "r12d",
-                 "r13d", "r14d", "r15d")
+                 "r13d", "r14d", "r15d", "fs_base", "gs_base")
 })
 
 #: Reg -> Unicorn register id, indexable by the IntEnum (list indexing avoids Enum hashing).

@@ -295,3 +295,32 @@ def test_cr2_of_an_fs_or_gs_access_includes_the_segment_base(segment: str, msr: 
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None
     assert (report.exception["vector"], report.exception["cr2"]) == (PF, 0x98)
+
+
+def test_the_handlers_cpl_is_its_code_segments_dpl_not_the_gate_selectors_rpl() -> None:
+    """A gate whose selector names the kernel code segment (DPL 0) with RPL 3 runs its handler at
+    CPL 0 with CS = 0x08 (SDM vol. 3 6.12.1: the new CPL is the code segment's DPL, and CS.RPL
+    is set to it); a gate naming a data segment is #GP(selector)."""
+    text = """
+guest_main:
+    GUEST_SET_HANDLER 3, bp_handler
+    mov rdi, RT_IDT
+    mov word ptr [rdi + 3*16 + 2], 0x0b
+    int3
+.if DATA_SELECTOR
+    mov word ptr [rdi + 3*16 + 2], 0x10
+fault_site:
+    int3
+.endif
+    ret
+bp_handler:
+    mov bx, cs
+    GUEST_SYNC rbx
+    ret
+"""
+    _, report = run("exceptions_gate_rpl.s", text=text, DATA_SELECTOR=0)
+    assert report.outcome == "done" and report.syncs() == [0x08], report.detail
+    program, report = run("exceptions_gate_rpl.s", text=text, DATA_SELECTOR=1)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    check(report.exception, GP, 0x10, program.symbols["fault_site"])

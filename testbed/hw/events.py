@@ -150,6 +150,30 @@ class EventDelivery(Mmu):
             except _DeliveryFault:
                 self._triple_fault()
 
+    def _gate_code_segment(self, selector: int, cpl: int, ext: int) -> int:
+        """The checks the INT n pseudocode (IA-32e mode, SDM vol. 2) makes of a gate's code
+        segment, and the handler's CPL: the descriptor's DPL (a conforming segment keeps the
+        CPL). A null selector is #GP(EXT); beyond the table's limit, not a code segment, DPL >
+        CPL or not a 64-bit code segment (L = 1, D = 0) #GP(selector + EXT); not present
+        #NP(selector + EXT)."""
+        if not selector & 0xFFFC:
+            raise _DeliveryFault(Vector.GP, ext)
+        error = (selector & 0xFFFC) | ext
+        base, limit = self.descriptor_table("ldt" if selector & 4 else "gdt")
+        index = selector & 0xFFF8
+        if index + 7 > limit:
+            raise _DeliveryFault(Vector.GP, error)
+        desc = _U64S.unpack(self.read_virtual(Gva(base + index), 8))[0]
+        access = (desc >> 40) & 0xFF
+        dpl = (access >> 5) & 3
+        if access & 0x18 != 0x18 or dpl > cpl:  # S = 1 and executable: a code segment
+            raise _DeliveryFault(Vector.GP, error)
+        if not access & 0x80:
+            raise _DeliveryFault(Vector.NP, error)
+        if not (desc >> 53) & 1 or (desc >> 54) & 1:
+            raise _DeliveryFault(Vector.GP, error)
+        return cpl if access & 0x04 else dpl  # conforming: no privilege change
+
     def _push_frame(self, base: int, data: bytes) -> None:
         """Write the exception frame at `base` as the CPU pushes it, from the top down: a page
         fault names the first push that faults (CR2 = its address), in the higher of the
@@ -221,7 +245,7 @@ class EventDelivery(Mmu):
         selector = (lo >> 16) & 0xFFFF
         target = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFFFFFF) << 32)
         ist = (lo >> 32) & 7
-        new_cpl = selector & 3
+        new_cpl = self._gate_code_segment(selector, cpl, ext)
         rsp = self.read_reg(Reg.RSP)
         ss = self.read_reg(Reg.SS)
         rflags = self.read_reg(Reg.RFLAGS)
@@ -244,7 +268,7 @@ class EventDelivery(Mmu):
             self._set_cpl(new_cpl)
             self.write_reg(Reg.SS, new_cpl)  # NULL selector with RPL = new CPL
         from_compat = not self.mode_of(cs & 0xFFFF)
-        self.write_reg(Reg.CS, selector)
+        self.write_reg(Reg.CS, (selector & 0xFFFC) | new_cpl)  # CS.RPL = the new CPL
         if from_compat:
             # Unicorn's CS write changes only the selector: QEMU's HF_CS64 and CS.base stay
             # those of the 32-bit code, so the 64-bit handler would run as 32-bit code at

@@ -102,7 +102,8 @@ _UC_REG_BY_INDEX = tuple(_UC_REG[Reg(i)] for i in range(len(Reg)))
 
 _CS = ux.UC_X86_REG_CS
 _SEGMENTS = frozenset({Reg.CS, Reg.SS, Reg.DS, Reg.ES, Reg.FS, Reg.GS})
-_TABLE_REGS = {"gdt": ux.UC_X86_REG_GDTR, "idt": ux.UC_X86_REG_IDTR}
+_TABLE_REGS = {"gdt": ux.UC_X86_REG_GDTR, "idt": ux.UC_X86_REG_IDTR, "tr": ux.UC_X86_REG_TR,
+               "ldt": ux.UC_X86_REG_LDTR}
 _ACCESS_FROM_UC = {ucc.UC_MEM_READ: ACCESS_READ, ucc.UC_MEM_WRITE: ACCESS_WRITE, ucc.UC_MEM_FETCH: ACCESS_FETCH}
 
 _INVALID_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
@@ -683,9 +684,8 @@ class UnicornBinding(ABC):
         return self.read_reg(Reg.CS) & 3
 
     def descriptor_table(self, which: str) -> tuple[int, int]:
-        """(base, limit) of GDTR ("gdt"), IDTR ("idt") or TR ("tr")."""
-        reg = ux.UC_X86_REG_TR if which == "tr" else _TABLE_REGS[which]
-        _, base, limit, _ = self._uc.reg_read(reg)
+        """(base, limit) of GDTR ("gdt"), IDTR ("idt"), TR ("tr") or LDTR ("ldt")."""
+        _, base, limit, _ = self._uc.reg_read(_TABLE_REGS[which])
         return int(base), int(limit)
 
     def set_msr(self, msr: int, value: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from guest_compat import far_return_to_64, far_return_to_compat, load_compat_segment
 
 from testbed.cli import main
 from testbed.hw.exits import Vendor
@@ -265,3 +266,22 @@ def test_fix_up_write_to_read_only_page_injects_pf() -> None:
     assert report.outcome == "done", f"{report.outcome}: {report.detail}"
     assert report.syncs() == [0x555, 1, 3, 0], f"syncs {[hex(s) for s in report.syncs()]}"
     assert machine.memory.host_read(program.symbols["hypercall_site"], 3) == VMCALL
+
+
+def test_fix_up_decodes_at_cs_base_plus_rip_and_patches_at_rip() -> None:
+    """In a 32-bit code segment with a non-zero base the emulator decodes the VMCALL at CS.base +
+    EIP, but emulator_fix_hypercall() writes the native bytes at kvm_rip_read() - EIP itself, not
+    the instruction (x86.c): the guest re-executes the unpatched VMCALL, and KVM patches EIP
+    again, never returning from KVM_RUN (here: until the timeout)."""
+    base = 0x1000
+    text = ("guest_main:\n    push rbx\n" + load_compat_segment(base) + "    mov eax, KVM_HC_VAPIC_POLL_IRQ\n"
+            + far_return_to_compat("compat", base) + "compat:\n    .byte 0x0f, 0x01, 0xc1\n"
+            + far_return_to_64("back64") + "back64:\n    GUEST_SYNC rax\n    pop rbx\n    ret\n")
+    options = VmOptions(vendor=Vendor.AMD, memory=8 << 20, timeout=0.3)
+    program = build_program("compat_fix.s", options, text=text)
+    site = program.symbols["compat"]
+    with Machine(program, options) as machine:
+        report = machine.run()
+        assert report.outcome == "timeout", report.detail
+        assert machine.memory.host_read(site, 3) == b"\x0f\x01\xc1"  # the VMCALL itself: unpatched
+        assert machine.memory.host_read(site - base, 3) == b"\x0f\x01\xd9"  # EIP as a linear address

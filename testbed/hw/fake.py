@@ -49,6 +49,7 @@ class FakeVcpu:
         self.regs: dict[Reg, int] = dict.fromkeys(Reg, 0)
         self.regs[Reg.CS] = cs
         self.long_mode = long_mode
+        self.cs_base = 0
         self.hypervisor: Hypervisor | None = None
         self.exits: list[FakeExit] = []
         self.delivered: list[FakeExit] = []
@@ -117,6 +118,10 @@ class FakeVcpu:
     def mode_of(self, cs_selector: int) -> bool:
         """is_64bit_mode() for a selector: the fake has one mode."""
         return self.long_mode
+
+    def linear_rip(self, rip: int) -> int:
+        """CS.base + RIP: the fake's code segment has base `cs_base` (0 unless a test sets it)."""
+        return self.cs_base + rip
 
     def hypercall_regs(self) -> tuple[int, int, bool]:
         """(RAX, CS, 64-bit mode)."""

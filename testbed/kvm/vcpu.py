@@ -633,7 +633,8 @@ class KvmVcpu:
         """
         hw = self.hw
         rip = hw.read_reg(Reg.RIP)
-        code = self._read_guest_virt(rip, 15, ACCESS_FETCH)
+        # The emulator fetches at CS.base + RIP (RIP is CS-relative outside 64-bit mode).
+        code = self._read_guest_virt(hw.linear_rip(rip), 15, ACCESS_FETCH)
         insn = decode_one(code, rip) if code is not None else None
         if self.tracer.enabled:
             self.tracer.emit("kvm", "emulate_ud", rip=rip, host_bytes=(code or b"")[:4],
@@ -652,6 +653,9 @@ class KvmVcpu:
             hw.inject_exception(Vector.UD)
             return
         native = VMMCALL_BYTES if hw.vendor is Vendor.AMD else VMCALL_BYTES
+        # emulator_fix_hypercall() writes at kvm_rip_read(), RIP itself, not CS.base + RIP: with
+        # a non-zero CS base the patch misses the instruction, which faults again (KVM's own
+        # behaviour, modelled as is: the guest then loops on #UD inside KVM_RUN).
         if not self._write_guest_virt(rip, native):
             return  # the write faulted: #PF was injected
         hw.flush_code()

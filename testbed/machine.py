@@ -296,8 +296,10 @@ class Machine:
         vm_type = VM_TYPES[options.vm_type]
         self.sev = vm_type in (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVmType.KVM_X86_SNP_VM)
         self.c_bit_mask = (1 << options.c_bit) if self.sev else 0
-        # MAXPHYADDR 48 (bits 51:48 of an entry are reserved), the C-bit excepted.
-        self.paging = PagingMode(phys_bits=48 if options.c_bit >= 48 else 52, enc_mask=self.c_bit_mask)
+        # MAXPHYADDR 48 (bits 51:48 of an entry are reserved), the C-bit excepted: also with a
+        # C-bit below 48 (EPYC 7001/7002: C-bit 47, MAXPHYADDR 48), where the C-bit is one of
+        # the address bits the CPU takes out (APM vol. 2 15.34.1).
+        self.paging = PagingMode(phys_bits=48, enc_mask=self.c_bit_mask)
         self.tdx = vm_type == KvmVmType.KVM_X86_TDX_VM
         if self.tdx:
             # TDX: the shared bit is GPA bit GPAW - 1 and means *shared* (the inverse of the

@@ -168,3 +168,31 @@ def test_with_efer_nxe_clear_bit_63_is_reserved_and_no_fetch_bit_is_reported(
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None
     assert (report.exception["vector"], report.exception["error_code"]) == (14, error_code)
+
+
+#: A PTE with bit 50 set: above MAXPHYADDR 48.
+PTE_BIT_50 = """
+guest_main:
+    mov rdi, GUEST_FREE_GPA
+    call rt_pte_address
+    movabs rcx, 1 << 50
+    or qword ptr [rax], rcx
+    mov rdi, GUEST_FREE_GPA
+    invlpg [rdi]
+    mov rax, qword ptr [rdi + 0x28]
+    GUEST_SYNC 0x600d
+    ret
+"""
+
+
+@pytest.mark.parametrize("c_bit", [51, 47])
+@pytest.mark.parametrize("vm_type", ["default", "sev"])
+def test_bits_above_maxphyaddr_48_are_reserved_whatever_the_c_bit(vm_type: str, c_bit: int) -> None:
+    """MAXPHYADDR is 48 with the C-bit at 51 or at 47 (EPYC 7001/7002): bit 50 of a PTE is
+    reserved, a #PF with P|RSVD (SDM vol. 3 4.5; APM vol. 2 15.34.1), not an access to a GPA
+    outside guest memory."""
+    report = run_guest("<maxphy>", VmOptions(vm_type=vm_type, c_bit=c_bit, memory=16 << 20, timeout=5.0),
+                       text=PTE_BIT_50)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (14, PFERR_PRESENT | PFERR_RSVD)

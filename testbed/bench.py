@@ -400,7 +400,8 @@ def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
         elif kind == "c_hook_py":
             from testbed.hw import _fastexit
 
-            def handler(rip: int, rax: int, _cs: int, _rbx: int, _rcx: int, _rdx: int, _rsi: int) -> bool:
+            def handler(rip: int, rax: int, _cs: int, _rbx: int, _rcx: int, _rdx: int, _rsi: int,
+                        _rflags: int) -> bool:
                 fast.write2(rax, rip + VMMCALL_LENGTH)
                 return True
 
@@ -408,7 +409,7 @@ def bare_exit_rate(kind: ExitCeiling, loops: int) -> float:
                 uc._uch.value, entry_address("uc_hook_add"), entry_address("uc_reg_read_batch"),
                 entry_address("uc_reg_write_batch"),
                 [rip_id, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
-                 ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI], 2,
+                 ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI, ux.UC_X86_REG_RFLAGS], 2,
                 [ux.UC_X86_REG_RAX, rip_id, ux.UC_X86_REG_RFLAGS], handler)
             keep.append(fast)
         else:

@@ -541,3 +541,61 @@ def test_sw_protected_private_access_after_map_gpa_private() -> None:
     assert syncs[:2] == [0, 0], f"conversions returned {[hex(s) for s in syncs[:2]]}"
     assert [e["reason"] for e in report.user_exits if e["reason"] == "memory_fault"] == []
     assert report.shared_ranges == []
+
+
+# ------------------------------------------------------------------ single-stepping over exits
+#: Set RFLAGS.TF, run INSN_BYTES (an instruction KVM emulates and skips), then a NOP; the #DB
+#: handler records the first trap's RIP and DR6, and clears TF.
+SINGLE_STEP = """
+.equ DB_COUNT, GUEST_FREE_GPA
+guest_main:
+    push rbx
+    mov rax, DB_COUNT
+    mov qword ptr [rax], 0
+    GUEST_SET_HANDLER 1, db_handler
+    mov rax, KVM_HC_VAPIC_POLL_IRQ
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq
+    .byte INSN_BYTES
+after_insn:
+    nop
+    mov rbx, DB_COUNT
+    mov rcx, qword ptr [rbx + 8]
+    lea rdx, [rip + after_insn]
+    sub rcx, rdx
+    GUEST_SYNC rcx
+    mov rcx, qword ptr [rbx + 16]
+    GUEST_SYNC rcx
+    pop rbx
+    ret
+db_handler:
+    mov rax, DB_COUNT
+    inc qword ptr [rax]
+    cmp qword ptr [rax], 1
+    jne 1f
+    mov rcx, qword ptr [rdi + EX_RIP]
+    mov qword ptr [rax + 8], rcx
+    mov rcx, dr6
+    mov qword ptr [rax + 16], rcx
+1:
+    and qword ptr [rdi + EX_RFLAGS], -257
+    ret
+"""
+
+
+@pytest.mark.parametrize(("vendor", "insn"), [
+    (Vendor.AMD, "0x0f, 0x01, 0xd9"),  # VMMCALL
+    (Vendor.INTEL, "0x0f, 0x01, 0xc1"),  # VMCALL
+    (Vendor.AMD, "0x0f, 0x09"),  # WBINVD: KVM skips it
+], ids=["vmmcall", "vmcall", "wbinvd"])
+def test_a_trap_flag_over_an_instruction_kvm_skips_is_a_db_after_it(vendor: Vendor, insn: str) -> None:
+    """With RFLAGS.TF set, an instruction KVM emulates and skips is followed by #DB with DR6.BS,
+    at the next instruction (x86.c kvm_skip_emulated_instruction -> kvm_vcpu_do_singlestep),
+    as after any instruction the CPU retires."""
+    report = run_guest("single_step.s", VmOptions(vendor=vendor, memory=MEMORY, timeout=TIMEOUT),
+                       text=SINGLE_STEP.replace("INSN_BYTES", insn))
+    assert report.outcome == "done", f"{report.outcome}: {report.detail}"
+    offset, dr6 = report.syncs()
+    assert offset == 0, f"first #DB at after_insn{offset - (1 << 64) if offset >> 63 else offset:+d}"
+    assert dr6 & (1 << 14), f"DR6 0x{dr6:x}: BS clear"

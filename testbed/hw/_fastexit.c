@@ -26,7 +26,7 @@ typedef int (*hook_add_fn)(void *uc, size_t *hh, int type, void *callback, void 
                            uint64_t end, ...);
 
 #define UC_HOOK_INSN_INVALID (1 << 14)
-#define NSNAP 7
+#define NSNAP 8
 #define NWRITE 3
 
 typedef struct {
@@ -89,7 +89,7 @@ static int FastExit_init(FastExit *self, PyObject *args, PyObject *kwds)
     }
     if (!PySequence_Check(ids) || PySequence_Size(ids) != NSNAP || !PySequence_Check(wids) ||
         PySequence_Size(wids) != NWRITE || cs_index < 0 || cs_index >= NSNAP) {
-        PyErr_SetString(PyExc_ValueError, "expected 7 snapshot register ids, the CS index and 3 write ids");
+        PyErr_SetString(PyExc_ValueError, "expected 8 snapshot register ids, the CS index and 3 write ids");
         return -1;
     }
     for (int i = 0; i < NSNAP; i++) {

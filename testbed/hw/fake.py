@@ -144,9 +144,10 @@ class FakeVcpu:
         self.regs[Reg.RIP] = (self.regs[Reg.RIP] + 4) & U64
         self.tdcalls += 1
 
-    def skip_instruction(self) -> None:
-        """RIP past the intercepted instruction."""
+    def skip_instruction(self) -> bool:
+        """RIP past the intercepted instruction (the fake retires nothing itself: False)."""
         self.regs[Reg.RIP] = (self.regs[Reg.RIP] + self._cur_len) & U64
+        return False
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """Record the event KVM injects."""

@@ -49,6 +49,7 @@ from testbed.x86 import (
     PAGE_SIZE,
     PVALIDATE_BYTES,
     RFLAGS_CF,
+    RFLAGS_TF,
     TDCALL_BYTES,
     VMCALL_BYTES,
     VMGEXIT_BYTES,
@@ -261,14 +262,18 @@ class Intercepts(EventDelivery):
         self._unmodelled: str | None = None
 
     # -------------------------------------------------- what the hypervisor may set
-    def skip_instruction(self) -> None:
-        """Advance past the intercepted instruction (kvm_skip_emulated_instruction)."""
+    def skip_instruction(self) -> bool:
+        """Advance past the intercepted instruction (kvm_skip_emulated_instruction). True when
+        the emulator retires the instruction itself (CPUID, IN/OUT: their single-step trap
+        included), False when RIP was moved past it (KVM then owes the trap flag's #DB)."""
         if self._ctx == _CTX_CPUID:
             self._cpuid_skip = True
-        elif self._ctx == _CTX_IO or self._native_io:
+            return True
+        if self._ctx == _CTX_IO or self._native_io:
             self._native_io = False  # IN/OUT completed natively after the hook
-        else:
-            self.write_reg(Reg.RIP, self._cur_rip + self._cur_len)
+            return True
+        self.write_reg(Reg.RIP, self._cur_rip + self._cur_len)
+        return False
 
     def set_io_in_result(self, value: int) -> None:
         """The value an intercepted IN instruction returns."""
@@ -667,7 +672,8 @@ class Intercepts(EventDelivery):
             self.write_reg(Reg.RIP, address)
 
     # ----------------------------------------------------------- invalid instructions
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
+                         rflags: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot.
 
         The native hypercall outside SEV-ES, by far the most frequent exit, is recognised
@@ -708,7 +714,7 @@ class Intercepts(EventDelivery):
                     long_mode = self.mode_of(sel)
                 fastpath = self._hypercall_fastpath
                 try:
-                    if fastpath is not None and not self._tracer.enabled:
+                    if fastpath is not None and not self._tracer.enabled and not rflags & RFLAGS_TF:
                         # The hypervisor's fastpath (exits.HypercallFastpath): the registers
                         # handed over, no vmexit frame and no read-back through the snapshot;
                         # its answer written back here, RAX and RIP in one batch.

@@ -87,6 +87,7 @@ _UC_REG = {
     Reg.CR2: ux.UC_X86_REG_CR2,
     Reg.CR3: ux.UC_X86_REG_CR3,
     Reg.CR4: ux.UC_X86_REG_CR4,
+    Reg.DR6: ux.UC_X86_REG_DR6,
 }
 
 #: capstone register names -> Unicorn ids, for effective-address computation.
@@ -368,12 +369,12 @@ class UnicornBinding(ABC):
                                             ux.UC_X86_REG_MSR)
         self._fill_ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(self._fill_regs) + 8 * i for i in range(3)),
                                                 ctypes.addressof(self._fill_efer))
-        self._snap = (ctypes.c_uint64 * 7)()
-        self._snap_ids = (ctypes.c_int * 7)(
+        self._snap = (ctypes.c_uint64 * 8)()
+        self._snap_ids = (ctypes.c_int * 8)(
             ux.UC_X86_REG_RIP, ux.UC_X86_REG_RAX, ux.UC_X86_REG_CS, ux.UC_X86_REG_RBX, ux.UC_X86_REG_RCX,
-            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI,
+            ux.UC_X86_REG_RDX, ux.UC_X86_REG_RSI, ux.UC_X86_REG_RFLAGS,
         )
-        self._snap_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._snap) + 8 * i for i in range(7)))
+        self._snap_ptrs = (ctypes.c_void_p * 8)(*(ctypes.addressof(self._snap) + 8 * i for i in range(8)))
         #: RAX, CS, RBX, RCX, RDX, RSI saved at the current exit (the VMCB save area), or None
         self._snapshot: tuple[int, int, int, int, int, int, bool] | None = None
         # One buffer for the batched reads (RAX, CS) and writes (RAX, RIP[, RFLAGS]) of an exit.
@@ -432,7 +433,8 @@ class UnicornBinding(ABC):
         ...
 
     @abstractmethod
-    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int) -> bool:
+    def _on_invalid_exit(self, rip: int, rax: int, cs: int, rbx: int, rcx: int, rdx: int, rsi: int,
+                         rflags: int) -> bool:
         """An instruction Unicorn cannot execute, with the exit's register snapshot; True resumes."""
         ...
 
@@ -498,14 +500,14 @@ class UnicornBinding(ABC):
         """The INSN_INVALID hook through ctypes (when the C fast path is not built)."""
         try:
             # One batched read of what a hypercall exit needs (RIP, RAX, CS, RBX, RCX, RDX,
-            # RSI): the state the hardware saves into the VMCB/VMCS at the exit, which KVM
-            # then reads from there (hypercall_regs / hypercall_args).
+            # RSI, RFLAGS): the state the hardware saves into the VMCB/VMCS at the exit, which
+            # KVM then reads from there (hypercall_regs / hypercall_args, the trap flag).
             s = self._snap
             s[2] = 0  # CS fills only the low bytes of its slot
-            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 7)
+            self._reg_read_batch(self._h, self._snap_ids, self._snap_ptrs, 8)
         except BaseException as exc:  # re-raised from run(); must not unwind through C
             return self._hook_failed(exc)
-        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6])
+        return self._on_invalid_exit(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
 
     def _hook_failed(self, exc: BaseException) -> bool:
         # Re-raised from run(); an exception must not unwind through Unicorn's C frames.

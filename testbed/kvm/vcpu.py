@@ -96,7 +96,19 @@ from testbed.kvm.uapi import (
 )
 from testbed.kvm.vm import KvmVm
 from testbed.trace import Tracer
-from testbed.x86 import CR0_WP, PAGE_SIZE, RFLAGS_DF, U32, U64, VMCALL_BYTES, VMMCALL_BYTES, Reg, Vector
+from testbed.x86 import (
+    CR0_WP,
+    DR6_BS,
+    PAGE_SIZE,
+    RFLAGS_DF,
+    RFLAGS_TF,
+    U32,
+    U64,
+    VMCALL_BYTES,
+    VMMCALL_BYTES,
+    Reg,
+    Vector,
+)
 from testbed.x86.paging import ACCESS_FETCH, ACCESS_READ, ACCESS_WRITE, PageFault, PagingMode, walk
 from testbed.x86.pio import (
     LEGACY_PREFIXES,
@@ -305,7 +317,7 @@ class KvmVcpu:
             if not write:
                 hw.write_reg(Reg.RAX, data & U32)
                 hw.write_reg(Reg.RDX, (data >> 32) & U32)
-            hw.skip_instruction()
+            self._skip_emulated_instruction()
 
         self.msr_access(index, write, value, complete)
 
@@ -471,8 +483,8 @@ class KvmVcpu:
                 int(SvmExitCode.SVM_EXIT_NPF): self.handle_npf,
                 int(SvmExitCode.SVM_EXIT_MSR): lambda i1, i2: self.handle_msr(bool(i1)),
                 # kvm_emulate_wbinvd() / invd_interception(): no caches to flush, skipped
-                int(SvmExitCode.SVM_EXIT_WBINVD): lambda i1, i2: self.hw.skip_instruction(),
-                int(SvmExitCode.SVM_EXIT_INVD): lambda i1, i2: self.hw.skip_instruction(),
+                int(SvmExitCode.SVM_EXIT_WBINVD): lambda i1, i2: self._skip_emulated_instruction(),
+                int(SvmExitCode.SVM_EXIT_INVD): lambda i1, i2: self._skip_emulated_instruction(),
             }
         return {
             int(VmxExitReason.EXIT_REASON_VMCALL): self._exit_hypercall,
@@ -484,8 +496,9 @@ class KvmVcpu:
             int(VmxExitReason.EXIT_REASON_EPT_VIOLATION): self.handle_npf,
             int(VmxExitReason.EXIT_REASON_MSR_READ): lambda i1, i2: self.handle_msr(False),
             int(VmxExitReason.EXIT_REASON_MSR_WRITE): lambda i1, i2: self.handle_msr(True),
-            int(VmxExitReason.EXIT_REASON_WBINVD): lambda i1, i2: self.hw.skip_instruction(),  # kvm_emulate_wbinvd
-            int(VmxExitReason.EXIT_REASON_INVD): lambda i1, i2: self.hw.skip_instruction(),  # kvm_emulate_invd
+            # kvm_emulate_wbinvd / kvm_emulate_invd
+            int(VmxExitReason.EXIT_REASON_WBINVD): lambda i1, i2: self._skip_emulated_instruction(),
+            int(VmxExitReason.EXIT_REASON_INVD): lambda i1, i2: self._skip_emulated_instruction(),
         }
 
     def _exit_hypercall(self, _info1: int, _info2: int) -> None:
@@ -557,7 +570,30 @@ class KvmVcpu:
             a0 = a1 = a2 = a3 = 0
         ret = self.native_hypercall(nr, cs, op_64_bit, a0, a1, a2, a3)
         if ret is not None:
-            hw.complete_hypercall(ret)
+            self._complete_hypercall(ret)
+
+    def _complete_hypercall(self, ret: int) -> None:
+        """RAX = ret and RIP past the VMCALL/VMMCALL (kvm_emulate_hypercall's
+        kvm_skip_emulated_instruction), with the trap flag's #DB after it."""
+        self.hw.complete_hypercall(ret)
+        self._single_step()
+
+    def _skip_emulated_instruction(self) -> None:
+        """kvm_skip_emulated_instruction(): RIP past the instruction KVM emulated; with RFLAGS.TF
+        set, kvm_vcpu_do_singlestep() queues #DB (DR6.BS) - unless the emulator retired the
+        instruction itself, and with it its own single-step trap."""
+        if not self.hw.skip_instruction():
+            self._single_step()
+
+    def _single_step(self) -> None:
+        """kvm_vcpu_do_singlestep(): after an instruction KVM skipped with RFLAGS.TF set, #DB with
+        DR6.BS, delivered as the guest is entered. Not for a guest with protected state, whose
+        RIP and RFLAGS KVM neither reads nor moves."""
+        hw = self.hw
+        if self.vm.protected_state or not hw.read_reg(Reg.RFLAGS) & RFLAGS_TF:
+            return
+        hw.write_reg(Reg.DR6, hw.read_reg(Reg.DR6) | DR6_BS)
+        hw.inject_exception(Vector.DB)
 
     def native_hypercall(self, nr: int, cs: int, long_mode: bool, a0: int, a1: int, a2: int,
                          a3: int) -> int | None:
@@ -567,10 +603,9 @@ class KvmVcpu:
         userspace. The hardware calls it directly as KVM's exit fastpath (hw/exits.py
         HypercallFastpath: the registers handed over, the completion written in the same hook)
         when nothing traces; `handle_hypercall` ends here too."""
-        hw = self.hw
         cpl = cs & 3
         if self.tracer.enabled or self.vm.page_enc_status_protocol:
-            self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, hw.complete_hypercall)
+            self.kvm_emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, self._complete_hypercall)
             return None
         # kvm_emulate_hypercall() and _dispatch_hypercall() inlined for their common case (no
         # trace record, no seed-era in-kernel PAGE_ENC_STATUS): the same emulate_hypercall()
@@ -579,7 +614,7 @@ class KvmVcpu:
         outcome = emulate_hypercall(nr, a0, a1, a2, a3, cpl, long_mode, self._pv, self.vm.hypercall_exit_mask)
         if outcome.user_exit is None:
             return outcome.ret & U64 if long_mode else outcome.ret & U32  # complete_ret()
-        self._hypercall_user_exit(outcome.user_exit, long_mode, hw.complete_hypercall)
+        self._hypercall_user_exit(outcome.user_exit, long_mode, self._complete_hypercall)
         return None
 
     def kvm_emulate_hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int, cpl: int, op_64_bit: bool,
@@ -732,7 +767,7 @@ class KvmVcpu:
                 value = int.from_bytes(run.reply(size), "little")
                 rax = 0 if size == 4 else hw.read_reg(Reg.RAX) & ~((1 << (8 * size)) - 1)
                 hw.write_reg(Reg.RAX, rax | value)
-                hw.skip_instruction()
+                self._skip_emulated_instruction()
 
             # An IN the hardware let complete natively (no site hook) returns all ones (no device).
             hw.set_io_in_result((1 << (8 * size)) - 1)
@@ -741,7 +776,7 @@ class KvmVcpu:
             value = hw.read_reg(Reg.RAX) & ((1 << (8 * size)) - 1)
             # kvm_fast_pio_out() -> complete_fast_pio_out(): the OUT is skipped on the next KVM_RUN.
             self._exit_to_userspace(IoOutExit(size=size, port=port, count=1, data=value.to_bytes(size, "little")),
-                                    hw.skip_instruction)
+                                    self._skip_emulated_instruction)
 
     def handle_string_pio(self) -> None:
         """INS/OUTS: x86_emulate_instruction(vcpu, 0), which decodes the instruction from guest
@@ -777,7 +812,7 @@ class KvmVcpu:
         if io.rep and rcx == 0:
             if io.addr_size == 4 and hw.vendor is Vendor.INTEL:
                 hw.write_reg(Reg.RCX, 0)  # string_registers_quirk(): Intel clears RCX's upper half
-            hw.skip_instruction()
+            self._skip_emulated_instruction()
             return
         step = -io.size if hw.read_reg(Reg.RFLAGS) & RFLAGS_DF else io.size
         index = Reg.RDI if io.is_in else Reg.RSI
@@ -789,7 +824,7 @@ class KvmVcpu:
             if io.rep:
                 self._assign(Reg.RCX, left, io.addr_size)
             if left == 0:
-                hw.skip_instruction()
+                self._skip_emulated_instruction()
             # else RIP stays: the next iteration runs the instruction again
 
         if not io.is_in:
@@ -842,7 +877,7 @@ class KvmVcpu:
         hw.write_reg(Reg.RBX, ebx)
         hw.write_reg(Reg.RCX, ecx)
         hw.write_reg(Reg.RDX, edx)
-        hw.skip_instruction()
+        self._skip_emulated_instruction()
 
     def handle_halt(self) -> None:
         """kvm_emulate_halt(): with no in-kernel local APIC, HLT exits as KVM_EXIT_HLT."""

@@ -46,6 +46,7 @@ class Reg(IntEnum):
     CR2 = 25
     CR3 = 26
     CR4 = 27
+    DR6 = 28
 
 
 GPRS: tuple[Reg, ...] = tuple(Reg(i) for i in range(16))
@@ -108,6 +109,8 @@ EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
+#: DR6.BS: the #DB was a single step (RFLAGS.TF)
+DR6_BS = 1 << 14
 
 # CPUID leaf 0x21: the TDX module's signature, EBX:EDX:ECX = "IntelTDX    " (Linux's
 # tdx_early_init checks it; the module answers it, the VMM's CPUID table reports leaf 0's maximum).

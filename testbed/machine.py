@@ -282,6 +282,9 @@ class Machine:
         memory: GuestMemory | None = getattr(self, "memory", None)
         if memory is not None:
             memory.close()
+        kvm_vm: KvmVm | None = getattr(self, "kvm_vm", None)
+        if kvm_vm is not None:
+            kvm_vm.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -258,6 +258,8 @@ def testbed_vm(request: pytest.FixtureRequest,
         for vm in state.vms:
             vm.close()
     finally:
+        # The item (and its stash) lives for the whole session: drop the closed VMs with it.
+        state.vms.clear()
         for stream in streams:
             stream.close(keep=state.failed)
 

@@ -109,6 +109,38 @@ def test_fifty_machines_keep_resident_memory_at_one_machine() -> None:
     assert WATCHDOG.armed == 0  # closed machines leave nothing armed
 
 
+def _mappings_and_fds() -> tuple[int, int]:
+    with open("/proc/self/maps", encoding="ascii") as f:
+        maps = sum(1 for _ in f)
+    return maps, len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("vm_type", ["default", "sev", "sev-snp", "tdx"])
+def test_a_closed_machine_kept_alive_holds_no_mapping_or_fd(vm_type: str) -> None:
+    """close() unmaps every per-frame array (memory owner/present, RMP, memory attributes with
+    their file descriptor, dirty bitmap, the vCPU's code tables) at once: twenty closed machines
+    still referenced (as a test harness keeps them) add no mapping and no fd."""
+    vendor = "intel" if vm_type == "tdx" else "amd"
+    options = VmOptions(vm_type=vm_type, vendor=vendor, memory=8 << 20, timeout=60, seed=1)
+    program = build_program("<touch>", options, text=TOUCH_GUEST)
+    kept: list[Machine] = []
+
+    def one() -> None:
+        with Machine(program, options) as machine:
+            assert machine.run().outcome == "done"
+        kept.append(machine)
+
+    one()
+    gc.collect()
+    before = _mappings_and_fds()
+    for _ in range(20):
+        one()
+    gc.collect()
+    maps, fds = _mappings_and_fds()
+    assert (maps - before[0], fds - before[1]) <= (2, 0), f"20 closed machines: +{maps - before[0]} mappings, " \
+                                                          f"+{fds - before[1]} fds"
+
+
 @pytest.mark.parametrize("path", ["fastexit", "ctypes"])
 def test_unclosed_machine_is_garbage_collected(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """A machine dropped without close() is collected, its vCPU and memory with it (no hidden cycle)."""

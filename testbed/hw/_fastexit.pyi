@@ -12,7 +12,7 @@ class FastExit:
         snapshot_ids: Sequence[int],
         cs_index: int,
         write_ids: Sequence[int],
-        handler: Callable[[int, int, int, int, int, int, int], bool],
+        handler: Callable[[int, int, int, int, int, int, int, int], bool],
         /,
     ) -> None: ...
     def write2(self, rax: int, rip: int, /) -> None: ...

@@ -108,6 +108,12 @@ class UnicornVcpu(RunLoop):
         self.on_guest_ud = None
         self.hw_msrs.clear()
         self._pending_events.clear()
+        # The per-frame tables (shared with the C fill, released with the engine above) and
+        # the RMP: unmapped now, not when the closed vCPU is collected.
+        for table in (self._exec_frames, self._scanned_frames, self._scan_vas):
+            table.close()
+        if self.rmp is not None:
+            self.rmp.close()
         mem = self._mem
         mem.on_ownership_change = None
         mem.on_host_write = None

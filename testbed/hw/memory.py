@@ -43,6 +43,7 @@ Two host-side views (this module never imports Unicorn; the kvm and vmm layers g
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import struct
@@ -156,6 +157,16 @@ def frame_array(nframes: int) -> mmap.mmap:
                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def release_mapping(mapping: mmap.mmap | None) -> None:
+    """Unmap one of the sparse per-frame arrays (and close its fd, if it maps a file) when its
+    owner is closed. A mapping still exported (a live memoryview of it) is left to the garbage
+    collector: closing it would fail, and nothing may read it through the closed owner."""
+    if mapping is None:
+        return
+    with contextlib.suppress(BufferError):
+        mapping.close()
+
+
 class StagePrivacy(Protocol):
     """The one question the hardware asks KVM about memory: is `gfn` mapped private in the
     stage-2 tables (the NPT/EPT KVM builds from its memory attributes, kvm_mem_is_private())?
@@ -251,13 +262,16 @@ class GuestMemory:
             self.on_resize()
 
     def close(self) -> None:
-        """Release every backing (idempotent). Close the vCPU that maps them first."""
+        """Release every backing and the per-frame arrays (idempotent). Close the vCPU that maps
+        them first."""
         if self.closed:
             return
         self.closed = True
         for backing in self._backings:
             backing.close()
         self._backings.clear()
+        release_mapping(self.owner)
+        release_mapping(self.present)
 
     # -- addresses ------------------------------------------------------------------------
     @property

@@ -30,7 +30,14 @@ from testbed.decode import effective_addresses
 from testbed.errors import GuestMemoryError, TestbedError
 from testbed.hw import vcpu_state
 from testbed.hw.exits import NPF_FETCH, NPF_GUEST_ENC, NPF_GUEST_FINAL, NPF_GUEST_PAGE, NPF_WRITE
-from testbed.hw.memory import PRESENT_PRIVATE, PRESENT_SHARED, GuestMemory, HostMemory, StagePrivacy
+from testbed.hw.memory import (
+    PRESENT_PRIVATE,
+    PRESENT_SHARED,
+    GuestMemory,
+    HostMemory,
+    StagePrivacy,
+    release_mapping,
+)
 from testbed.hw.psp import GuestFirmware
 from testbed.hw.rmp import Rmp
 from testbed.hw.tdx_module import TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION, TdxModule
@@ -106,6 +113,10 @@ class _FrameSet:
         """Empty the set (the pages go back to the kernel and read as zeros)."""
         self.bits.madvise(mmap.MADV_DONTNEED)
 
+    def close(self) -> None:
+        """Unmap the set (the vCPU is closed)."""
+        release_mapping(self.bits)
+
 
 class _FrameVas:
     """Per frame, the guest-virtual page its intercepted sites were last hooked at (| 1; 0:
@@ -125,6 +136,10 @@ class _FrameVas:
     def clear(self) -> None:
         """Forget every page (the pages go back to the kernel and read as zeros)."""
         self.bits.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Unmap the table (the vCPU is closed)."""
+        release_mapping(self.bits)
 
 
 @dataclass

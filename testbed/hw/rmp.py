@@ -15,7 +15,7 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
-from testbed.hw.memory import frame_array
+from testbed.hw.memory import frame_array, release_mapping
 
 PVALIDATE_SUCCESS = 0
 PVALIDATE_FAIL_INPUT = 1
@@ -61,6 +61,11 @@ class Rmp:
         # Sparse (hw/memory.py frame_array): a 64 GiB guest's entries cost what changes.
         self.assigned = frame_array(nframes)
         self.validated = frame_array(nframes)
+
+    def close(self) -> None:
+        """Unmap the entries (the machine is closed)."""
+        release_mapping(self.assigned)
+        release_mapping(self.validated)
 
     def assign(self, first: int, end: int, assigned: bool) -> None:
         """RMPUPDATE by the host: (un)assign frames [first, end); either way Validated clears."""

@@ -30,7 +30,7 @@ import errno
 import mmap
 from collections.abc import Callable
 
-from testbed.hw.memory import HostMemory, frame_array
+from testbed.hw.memory import HostMemory, frame_array, release_mapping
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.x86 import PAGE_SHIFT
 
@@ -89,6 +89,10 @@ class DirtyLog:
         self.flush = flush if flush is not None else (lambda: None)
         #: pages marked by KVM's own writes (kvm_write_guest), for the report
         self.kvm_marks = 0
+
+    def close(self) -> None:
+        """Unmap the bitmap (the VM is closed)."""
+        release_mapping(self.bitmap)
 
     # -- KVM_SET_USER_MEMORY_REGION2 flags ----------------------------------------------
     def set_logging(self, enabled: bool) -> None:

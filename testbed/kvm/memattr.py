@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 
+from testbed.hw.memory import release_mapping
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, U64
@@ -72,6 +73,10 @@ class MemoryAttributes:
         else:
             self.private = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.updates = 0
+
+    def close(self) -> None:
+        """Unmap the attribute array and with it its file descriptor (the VM is closed)."""
+        release_mapping(self.private)
 
     def set(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""

@@ -488,6 +488,13 @@ class KvmVm:
         self.cpuid = table
         self.pv_features = table.pv_features()
 
+    def close(self) -> None:
+        """Unmap the VM's per-page arrays (the memory attributes, whose mapping holds a file
+        descriptor, and the dirty bitmap): the machine is closed."""
+        if self.mem_attrs is not None:
+            self.mem_attrs.close()
+        self.dirty_log.close()
+
     @property
     def in_kernel_lapic(self) -> bool:
         """KVM emulates the local APIC (an APIC map exists): only for a TD here, which KVM

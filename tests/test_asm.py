@@ -221,6 +221,58 @@ def test_hazardous_input_is_refused_at_its_line(statement: str, message: str) ->
     assert message in text
 
 
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        ("mov eax, 0x1ffffffff", "does not fit in 32 bits"),
+        ("mov al, 0x1ff", "does not fit in 8 bits"),
+        ("mov ax, 0x12345", "does not fit in 16 bits"),
+        ("add eax, 0x1ffffffff", "does not fit in 32 bits"),
+        ("cmp al, 300", "does not fit in 8 bits"),
+        ("cmp al, -129", "does not fit in 8 bits"),
+        ("push 0x100000000", "does not fit its encoding"),
+        ("ret 0x10000", "does not fit its encoding"),
+        ("enter 0x10000, 0", "do not fit"),
+        ("mov rax, [rbx + 0x100000000]", "displacement does not fit in 32 bits"),
+        ("mov rax, [rbx - 0x80000001]", "displacement does not fit in 32 bits"),
+        ("lea rax, [rip + 0x100000000]", "displacement does not fit in 32 bits"),
+        ("mov rax, [rbx + rsp*2]", "RSP cannot be an index register"),
+        (".word 0x10000", ".word value 0x10000 does not fit in 16 bits"),
+        (".word -32769", "does not fit in 16 bits"),
+        (".space -5", ".space count -5 is negative"),
+        (".fill -1, 1, 0", ".fill count -1 is negative"),
+        (".fill 2, 9, 0", ".fill size 9 is not between 0 and 8"),
+        (".align 3", "the alignment must be a power of two"),
+        (".balign 6", "the alignment must be a power of two"),
+    ],
+)
+def test_an_operand_keystone_would_encode_as_another_value_is_refused_at_its_line(statement: str,
+                                                                                    message: str) -> None:
+    """Keystone 0.9.2 silently encodes these as another value (an immediate modulo its width, a
+    displacement dropped, RSP as "no index", a .word or a negative count that vanishes, an
+    alignment ignored): each is refused at its line instead."""
+    with pytest.raises(AsmError) as excinfo:
+        assemble_source(f"nop\n{statement}\nnop", filename="g.s", base=BASE)
+    file, line, text = asm_error(excinfo)
+    assert (file, line) == ("g.s", 2)
+    assert message in text
+
+
+@pytest.mark.parametrize(("statement", "decoded"), [
+    ("mov eax, 0xffffffff", "mov eax, 0xffffffff"),
+    ("mov eax, -1", "mov eax, 0xffffffff"),
+    ("cmp al, -128", "cmp al, 0x80"),
+    ("mov rax, qword ptr [rbx + 0x7fffffff]", "mov rax, qword ptr [rbx + 0x7fffffff]"),
+    ("mov rax, qword ptr [rbx - 0x80000000]", "mov rax, qword ptr [rbx - 0x80000000]"),
+    ("push -1", "push -1"),
+    ("ret 0xffff", "ret 0xffff"),
+    ("mov rax, qword ptr [rsp + rbx*2]", "mov rax, qword ptr [rsp + rbx*2]"),
+])
+def test_operands_at_the_edges_of_their_encoding_assemble_as_written(statement: str, decoded: str) -> None:
+    """The values at the ends of each range still assemble, to themselves."""
+    assert disassemble(assemble_source(statement, filename="g.s", base=BASE)) == [decoded]
+
+
 def test_unknown_macro_parameter_is_refused() -> None:
     """A `\\name` that is not a parameter of the enclosing macro is refused at its line."""
     with pytest.raises(AsmError) as excinfo:

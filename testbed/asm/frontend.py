@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.asm.engine import _KeystoneError, _ks_asm
-from testbed.asm.guards import _check_literals, _check_operands, _hoist_operands
+from testbed.asm.guards import _check_encodable, _check_literals, _check_operands, _hoist_operands
 from testbed.asm.guest_api import (
     _GUEST_API_VALUE_MACROS,
     _assert_message,
@@ -295,6 +295,8 @@ class _Preprocessor:
             _check_operands("", rest[assignment.end() :], False, loc)
         elif directive not in _FREE_FORM_DIRECTIVES:
             _check_operands(directive, operands, mnemonic in self.macros, loc)
+            if mnemonic not in self.macros:
+                _check_encodable(mnemonic.lower(), directive, operands, loc)
         elif directive in _NAME_DIRECTIVES and not _NAME_OPERAND[directive].fullmatch(operands):
             # Hazard: Keystone hangs on e.g. `.purgem foo: x`.
             raise AsmError(file, line, f"{directive} expects {_NAME_OPERAND_HELP[directive]}")

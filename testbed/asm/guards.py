@@ -169,3 +169,98 @@ def _hoist_operands(operands: str, new_name: Callable[[], str]) -> tuple[str, li
     return ",".join(pieces), hoisted
 
 
+
+
+# Hazard: Keystone 0.9.2 silently encodes an immediate wider than its operand modulo the operand's
+# size (`mov eax, 0x1ffffffff` is `mov eax, 0xffffffff`, `cmp al, 300` is `cmp al, 0x2c`, `push
+# 0x100000000` is `push word 0`), drops a displacement outside 32 bits (`[rbx + 0x100000000]` is
+# `[rbx]`), encodes RSP as an index as no index at all (`[rbx + rsp*2]` is `[rbx + riz*2]`), makes a
+# `.word` out of range vanish, and ignores negative counts (`.space -5`), alignments that are no
+# power of two (`.align 3`) and `.fill` sizes above 8. Only plain integer literals are checked here
+# (expressions and symbols are Keystone's). Canaries: tests/test_asm.py (test_*_is_refused_at_its_line).
+_REG_WIDTH = {
+    **{r: 8 for r in ("al", "bl", "cl", "dl", "ah", "bh", "ch", "dh", "sil", "dil", "spl", "bpl",
+                      *(f"r{i}b" for i in range(8, 16)))},
+    **{r: 16 for r in ("ax", "bx", "cx", "dx", "si", "di", "sp", "bp", *(f"r{i}w" for i in range(8, 16)))},
+    **{r: 32 for r in ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", *(f"r{i}d" for i in range(8, 16)))},
+}
+#: instructions whose second operand is an immediate of the first (register) operand's width
+_IMMEDIATE_OF_WIDTH = frozenset({"mov", "add", "sub", "and", "or", "xor", "cmp", "test", "adc", "sbb"})
+_LITERAL = re.compile(r"\s*(-)?\s*(0[xX][0-9a-fA-F]+|0[bB][01]+|[0-9][0-9a-fA-F]*[hH]|[0-9]+)\s*$")
+_INDEX_SP = re.compile(r"\b[re]?sp\s*\*|\*\s*[re]?sp\b", re.IGNORECASE)
+_WORD_DIRECTIVES = frozenset({".word", ".short", ".value", ".2byte"})
+_COUNT_DIRECTIVES = frozenset({".space", ".skip", ".zero", ".fill"})
+
+
+def _literal(text: str) -> int | None:
+    """The value of `text` if it is one plain integer literal (maybe negated), else None."""
+    m = _LITERAL.match(text)
+    if m is None:
+        return None
+    value = _integer_value(m.group(2))
+    if value is None:
+        return None
+    return -value if m.group(1) else value
+
+
+def _fits(value: int, bits: int) -> bool:
+    """Whether `value` is a `bits`-wide signed or unsigned number."""
+    return -(1 << (bits - 1)) <= value < (1 << bits)
+
+
+def _check_encodable(mnemonic: str, directive: str, operands: str, loc: SourceLocation) -> None:
+    """Refuse the plain literals Keystone would encode as another value (see the hazard above)."""
+    pieces = [p.strip() for p in _split_top_level(operands)] if operands.strip() else []
+    if directive:
+        if directive in _WORD_DIRECTIVES:
+            for piece in pieces:
+                value = _literal(piece)
+                if value is not None and not _fits(value, 16):
+                    raise AsmError(loc.file, loc.line, f"{directive} value {piece} does not fit in 16 bits")
+        elif directive in _COUNT_DIRECTIVES and pieces:
+            count = _literal(pieces[0])
+            if count is not None and count < 0:
+                raise AsmError(loc.file, loc.line, f"{directive} count {pieces[0]} is negative")
+            size = _literal(pieces[1]) if directive == ".fill" and len(pieces) > 1 else None
+            if size is not None and not 0 <= size <= 8:
+                raise AsmError(loc.file, loc.line, f".fill size {pieces[1]} is not between 0 and 8")
+        elif directive in (".align", ".balign") and pieces:
+            alignment = _literal(pieces[0])
+            if alignment is not None and (alignment < 0 or alignment & (alignment - 1)):
+                raise AsmError(loc.file, loc.line, f"{directive} {pieces[0]}: the alignment must be a power of two")
+        return
+    for piece in pieces:
+        for address in _ADDRESS.findall(_strip_literals(piece)):
+            if _INDEX_SP.search(address):
+                raise AsmError(loc.file, loc.line, f"[{address.strip()}]: RSP cannot be an index register")
+        for content in _ADDRESS.findall(piece):
+            plain = _strip_literals(content)
+            registers = [w for w in re.findall(r"[A-Za-z_]\w*", plain) if _REGISTER.fullmatch(w.lower())]
+            if not registers:
+                continue  # an absolute address (moffs): Keystone's own checks
+            total, literal_only = 0, True
+            for sign, start, end in _signed_terms(plain):
+                term = content[start:end].strip()
+                value = _literal(term)
+                if value is not None:
+                    total += -value if sign == "-" else value
+                elif not re.fullmatch(r"[A-Za-z_]\w*(\s*\*\s*\d+)?|\d+\s*\*\s*[A-Za-z_]\w*", term):
+                    literal_only = False
+            if literal_only and not -(1 << 31) <= total < (1 << 31):
+                raise AsmError(loc.file, loc.line, f"[{content.strip()}]: the displacement does not fit in "
+                                                   "32 bits (signed)")
+    if len(pieces) == 2 and mnemonic in _IMMEDIATE_OF_WIDTH:
+        width = _REG_WIDTH.get(pieces[0].lower())
+        value = _literal(pieces[1])
+        if width is not None and value is not None and not _fits(value, width):
+            raise AsmError(loc.file, loc.line, f"{mnemonic} {pieces[0]}, {pieces[1]}: the immediate does not fit "
+                                               f"in {width} bits")
+    if len(pieces) == 1:
+        value = _literal(pieces[0])
+        if value is not None and ((mnemonic == "push" and not -(1 << 31) <= value < (1 << 31))
+                                  or (mnemonic in ("ret", "retn", "retf") and not _fits(value, 16))):
+            raise AsmError(loc.file, loc.line, f"{mnemonic} {pieces[0]}: the immediate does not fit its encoding")
+    if mnemonic == "enter" and len(pieces) == 2:
+        size, level = _literal(pieces[0]), _literal(pieces[1])
+        if (size is not None and not 0 <= size < 1 << 16) or (level is not None and not 0 <= level < 1 << 8):
+            raise AsmError(loc.file, loc.line, f"enter {operands.strip()}: the immediates do not fit (16 and 8 bits)")

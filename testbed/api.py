@@ -19,6 +19,7 @@ raises a `VmExitError` subclass carrying the outcome `testbed run --json` report
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -324,8 +325,13 @@ class Vm:
     def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool) -> None:
         """The selftests' vm_guest_mem_fallocate(): with `punch_hole`, fallocate(PUNCH_HOLE)
         on the guest_memfd pages of [gpa, gpa + size) (a later private access finds zeros);
-        allocating is a no-op (backings are allocated lazily). Nothing on other VM types."""
+        allocating is a no-op (backings are allocated lazily). Nothing on other VM types.
+        KvmIoctlError (EINVAL) for an offset or length that is not page aligned, as
+        kvm_gmem_fallocate() answers."""
         self._check_gpa(gpa, size)
+        if gpa % 0x1000 or size % 0x1000:
+            raise KvmIoctlError("fallocate(guest_memfd)", errno.EINVAL,
+                                f"offset 0x{gpa:x} length 0x{size:x}: not page aligned (kvm_gmem_fallocate)")
         if punch_hole:
             self.machine.memory.discard_private(gpa >> 12, (size + 0xFFF) >> 12)
 
@@ -485,6 +491,7 @@ class Vcpu:
         entered KVM sees kvm_vcpu_has_events(), so a TD's MapGPA in progress stops with RETRY at
         its next chunk (tdx.c tdx_complete_vmcall_map_gpa). The testbed delivers nothing: the
         event is consumed when the guest is entered."""
+        self._machine._check_open()
         self._machine.kvm_vcpu.inject_event()
 
     def run_to_ucall(self, timeout: float | None = None) -> Ucall:

@@ -181,6 +181,25 @@ def test_set_memory_attributes_is_kvms_ioctl() -> None:
             vm.set_memory_attributes(0, 4096, private=True)  # no private memory on the default VM
 
 
+def test_memory_ioctls_refuse_what_kvm_refuses() -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES reads address and size as __u64: a negative one wraps and is
+    EINVAL (kvm_vm_ioctl_set_mem_attributes); fallocate on guest_memfd needs a page-aligned offset
+    and length (kvm_gmem_fallocate: EINVAL); a closed VM refuses inject_pending_event as every
+    other call."""
+    with testbed.Vm(vm_type="sw-protected", **SMALL) as vm:
+        vcpu = vm.load("syncs.s", text=SYNCS)
+        for gpa, size in ((-8192, 16384), (-4096, 4096)):
+            with pytest.raises(KvmIoctlError) as info:
+                vm.set_memory_attributes(gpa, size)
+            assert info.value.errno == errno.EINVAL
+        for gpa, size in ((0x1001, 4096), (0x1000, 100)):
+            with pytest.raises(KvmIoctlError) as info:
+                vm.guest_mem_fallocate(gpa, size, punch_hole=True)
+            assert info.value.errno == errno.EINVAL
+    with pytest.raises(MachineClosedError):
+        vcpu.inject_pending_event()
+
+
 MAP_GPA = """
 .macro MAP_ONE
     mov rax, KVM_HC_MAP_GPA_RANGE

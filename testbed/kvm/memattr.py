@@ -28,6 +28,7 @@ def validate_attributes(address: int, size: int, attributes: int, flags: int, su
     a VM with private memory, 0 otherwise), size non-zero without wrapping, address and size
     page aligned. Each failure is EINVAL."""
     name = "KVM_SET_MEMORY_ATTRIBUTES"
+    address, size = address & U64, size & U64  # struct kvm_memory_attributes: __u64 address, size
     if flags:
         raise KvmIoctlError(name, errno.EINVAL, f"flags 0x{flags:x} must be 0")
     if attributes & ~supported:

@@ -200,3 +200,13 @@ def test_rep_ins_with_ecx_zero_clears_rcx_on_intel(vendor: str, rcx: int) -> Non
     assert report.outcome == "done", report.detail
     assert report.syncs() == [rcx]
     assert not [e for e in report.user_exits if e.get("port") == 0x80]
+
+
+def test_a_rep_ins_that_unmaps_its_own_code_gets_the_fetch_pf() -> None:
+    """A REP INS that overwrites the guest's page tables makes KVM's decode of the next INS
+    exit fault: x86_emulate_instruction() injects that fetch #PF (here its delivery fails too:
+    a triple fault), rather than an emulation failure about bytes that are no INS/OUTS."""
+    text = ("guest_main:\n    mov dx, 0x80\n    mov rdi, 0x300000\n    mov rcx, 0x400000\n    rep insb\n"
+            "    ret\n")
+    report = testbed.run_guest("<ins>", VmOptions(memory=16 << 20, timeout=5.0), text=text)
+    assert report.outcome == "shutdown", f"{report.outcome}: {report.detail}"

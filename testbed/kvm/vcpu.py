@@ -800,6 +800,11 @@ class KvmVcpu:
         long_mode = hw.is_64bit_mode()
         code = self._read_guest_virt(rip, MAX_INSN_LENGTH, ACCESS_FETCH) or b""
         prefixes = prefix_count(code, LEGACY_PREFIXES | REX_PREFIXES if long_mode else LEGACY_PREFIXES)
+        if prefixes >= len(code) and len(code) < MAX_INSN_LENGTH:
+            # The decoder's fetch faults (the guest's tables changed under the instruction, e.g.
+            # the INS overwrote them): x86_emulate_instruction() injects that #PF.
+            self._read_guest_virt(rip + len(code), 1, ACCESS_FETCH, fault=True)
+            return
         if prefixes >= len(code) or code[prefixes] not in STRING_IO_OPCODES:
             self._emulation_failure(f"string I/O exit at 0x{rip:x} whose bytes are no INS/OUTS")
             return

@@ -503,10 +503,12 @@ def cmd_golden(args: Any) -> int:
     import sys
 
     from testbed.cli import run_options_from_args
+    from testbed.options import read_source_file
 
     vm_types = vm_types_from(args.vm_type)
     failures = 0
     for guest in args.guests:
+        read_source_file(guest)  # a missing or unreadable guest is a usage error (status 2), for check too
         for vm_type in vm_types:
             args.vm_type = vm_type
             options = run_options_from_args(args)

@@ -169,6 +169,9 @@ def test_check_reports_missing_and_malformed_goldens(tmp_path: Path, capsys: pyt
     guest.write_text("guest_main:\n    ret\n")
     assert main(["golden", "check", str(guest)]) == 1
     assert "g.default.jsonl: no golden trace" in capsys.readouterr().out
+    # a missing guest is a usage error naming it (status 2), as for `golden update`
+    assert main(["golden", "check", str(tmp_path / "absent.s")]) == 2
+    assert "absent.s: no such guest source file" in capsys.readouterr().err
     bad = tmp_path / "golden" / "g.default.jsonl"
     bad.parent.mkdir()
     bad.write_text('{"golden": 1}\n{"event": "end"}\nnot json\n')

@@ -400,6 +400,13 @@ def test_export_sizes(kind: str) -> None:
 
 
 # -------------------------------------------------------------------------------- the CLI
+def test_the_largest_seed_migrates_with_the_target_key_wrapped() -> None:
+    """--seed takes any u64; the target's default key (seed + 1) wraps to 0 past the largest
+    rather than being refused as a value the user never gave."""
+    assert main(["migrate", str(GUESTS / "migrate_churn.s"), "--vm-type", "sw-protected", "--rounds", "1",
+                 "--seed", str((1 << 64) - 1), "--memory", "16M"]) == 0
+
+
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     """`testbed migrate --json` prints outcome, lost/corrupted pages and per-round figures; exit 0."""
     assert main(["migrate", str(GUESTS / "migrate_churn.s"), "--vm-type", "sw-protected", "--rounds", "1",

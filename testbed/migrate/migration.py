@@ -240,7 +240,9 @@ class Migration:
         self.final_resync = final_resync
         self.timeout = timeout if timeout is not None else self.options.timeout
         seed = self.options.seed
-        self.target_seed = target_seed if target_seed is not None else ((seed if seed is not None else 0) + 1)
+        # The seed is a u64: the default target key wraps past the largest seed.
+        self.target_seed = target_seed if target_seed is not None else (((seed if seed is not None else 0) + 1)
+                                                                        % (1 << 64))
         self.guest_pages = machine.memory.size >> PAGE_SHIFT  # the RAM KVM's memslots hold
         self.report = MigrationReport(outcome="running", vm_type=self.options.vm_type, tracker=self.options.tracker,
                                       resync={"source": "donated" if self.options.tracker == DonatedTracker.name

@@ -190,10 +190,15 @@ class VmOptions:
 
 
 def guest_defines(options: VmOptions) -> dict[str, int | str]:
-    """Layout defines plus the user's (-D NAME=VALUE); user values win."""
+    """Layout defines plus the user's (-D NAME=VALUE), which may not name a layout define."""
     # With memory hotplug the runtime is built for the largest memory (its identity map and
     # conversion bound reach max_memory), as Linux reserves its direct map for hotpluggable RAM.
     defines: dict[str, int | str] = dict(Layout(options.max_memory or options.memory).defines())
+    clash = sorted(set(options.defines) & set(defines))
+    if clash:
+        # The runtime is built from these: a -D of one would silently build another layout.
+        raise UsageError(f"define {clash[0]}: the testbed sets it from the VM's layout (--memory), a guest "
+                         "cannot redefine it")
     if options.hc_protocol == "page-enc-status":
         defines["HC_PROTOCOL_PAGE_ENC_STATUS"] = 1
     defines.update(options.defines)

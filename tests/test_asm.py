@@ -686,10 +686,10 @@ def test_error_in_taken_if_branch_is_reported_there() -> None:
 
 
 def test_duplicate_label_is_reported_at_its_second_definition() -> None:
-    """A label defined twice is reported, by name, at the second definition."""
+    """A label defined twice is reported, by name, at the second definition, naming the first."""
     with pytest.raises(AsmError) as excinfo:
         assemble_source("loop: nop\nnop\nloop: nop\n", filename="g.s", base=BASE)
-    assert asm_error(excinfo) == ("g.s", 3, "symbol redefined: loop")
+    assert asm_error(excinfo) == ("g.s", 3, "symbol redefined: loop (first defined: loop at g.s:1)")
 
 
 def test_macro_used_before_its_definition_is_reported_as_such(tmp_path: Path) -> None:

@@ -120,6 +120,31 @@ def test_status_2_for_an_assembly_error_at_file_line(capsys: pytest.CaptureFixtu
     assert "frobnicate" in err
 
 
+@pytest.mark.parametrize(("source", "defines", "expected"), [
+    ("guest_main:\n    ret\nset_memory_shared:\n    ret\n", (),
+     "symbol redefined: set_memory_shared (first defined: set_memory_shared at {guest}:3)"),
+    ("", (), "symbol missing: guest_main (the guest defines no guest_main, which the runtime calls)"),
+    ("guest_main:\nrax:\n    ret\n", (), "{guest}:2: label 'rax': a register name cannot be a symbol"),
+    ("guest_main:\n.equ rcx, 5\n    ret\n", (), "{guest}:2: .equ rcx: a register name cannot be a symbol"),
+    ("guest_main:\n    mov rbx, FOO\n    ret\n", ("-D", "FOO=rax"), "define FOO=rax: a register is not a value"),
+    ("guest_main:\n    ret\n", ("-D", "rax=5"), "define rax: a register name cannot be a symbol"),
+    ("guest_main:\n    ret\n", ("-D", "GUEST_MEM_SIZE=1"),
+     "define GUEST_MEM_SIZE: the testbed sets it from the VM's layout"),
+], ids=["runtime_symbol", "no_guest_main", "register_label", "register_equ", "register_value", "register_name",
+        "layout_define"])
+def test_symbol_mistakes_are_usage_errors_that_name_the_cause(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                              source: str, defines: tuple[str, ...],
+                                                              expected: str) -> None:
+    """A guest redefining a runtime symbol (named with its own line), a guest without guest_main, a
+    register used as a symbol, a define whose value is a register, a define of the layout: each is
+    status 2 naming the cause (Keystone would resolve the register, or blame the runtime's line)."""
+    guest = tmp_path / "g.s"
+    guest.write_text(source)
+    status, _, err = run_cli(capsys, str(guest), *SMALL, *defines)
+    assert status == EXIT_USAGE, f"status {status}; stderr: {err}"
+    assert expected.format(guest=guest) in err, err
+
+
 # ------------------------------------------------------------------------------------ --json
 
 

@@ -39,6 +39,7 @@ from testbed.asm.syntax import (
     _NAME_OPERAND_HELP,
     _PREFIXES,
     _REAL_NUMBER,
+    _REGISTER,
     _RESERVED_PREFIX,
     _SUPPORTED_DIRECTIVES,
     _UNSUPPORTED,
@@ -303,6 +304,14 @@ class _Preprocessor:
         for name in written_labels:
             if name.startswith(_RESERVED_PREFIX):
                 raise AsmError(file, line, f"label {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+            if _REGISTER.fullmatch(name.lower()):
+                # Hazard: Keystone accepts the label, then reads the name as the register (or
+                # drops the term: `lea rbx, [rip + rax]` is `lea rbx, [rip]`).
+                raise AsmError(file, line, f"label {name!r}: a register name cannot be a symbol")
+        if directive in (".equ", ".set", ".equiv") or assignment:
+            equ_name = (assignment.group(1) if assignment else operands.split(",", 1)[0]).strip()
+            if _REGISTER.fullmatch(equ_name.lower()):
+                raise AsmError(file, line, f"{directive or '='} {equ_name}: a register name cannot be a symbol")
 
         if mnemonic in _GUEST_API_VALUE_MACROS and mnemonic in self.macros and not in_macro and operands:
             checked = _guest_api_operands(mnemonic, operands, self.constants, loc)
@@ -513,6 +522,14 @@ def _check_define(name: str, value: str) -> None:
         raise UsageError(f"define {name!r}: the name must be an identifier (letters, digits, _)")
     if name.startswith(_RESERVED_PREFIX):
         raise UsageError(f"define {name!r}: names starting {_RESERVED_PREFIX} are reserved")
+    # Hazard: Keystone resolves a register-named symbol, or a define whose value is a register,
+    # as the register (`-D rax=5` leaves `mov rbx, rax` a register move; `-D FOO=rax` makes FOO
+    # "missing"), silently or with a misleading message.
+    if _REGISTER.fullmatch(name.lower()):
+        raise UsageError(f"define {name}: a register name cannot be a symbol")
+    if _REGISTER.fullmatch(value.lower()):
+        raise UsageError(f"define {name}={value}: a register is not a value (a define must be a number or "
+                         "an expression)")
     if not _DEFINE_VALUE.fullmatch(value) or "//" in value or "/*" in value:
         raise UsageError(f"define {name}={value!r}: the value must be a number or an expression")
     try:

@@ -206,9 +206,15 @@ def _describe(error: _KeystoneError, item: _Item, index: int, pre: _Preprocessor
     elif error.code == _KS_SYMBOL_MISSING:
         names = sorted(refs & missing) or sorted(missing)
         message = f"symbol missing: {', '.join(names)}" if names else "symbol missing"
+        if "guest_main" in names:
+            message += " (the guest defines no guest_main, which the runtime calls)"
     elif error.code == _KS_SYMBOL_REDEFINED:
         names = sorted(set(item.labels) | (macro.body_labels if macro else set()))
         message = f"symbol redefined: {', '.join(names)}" if names else "symbol redefined"
+        first = [f"{name} at {pre.labels[name].loc}" for name in names
+                 if name in pre.labels and pre.labels[name].loc != item.loc]
+        if first:
+            message += f" (first defined: {', '.join(first)})"
     elif error.code == _KS_MNEMONIC and not macro and item.mnemonic:
         message = f"invalid mnemonic: {item.mnemonic}"
         if (instead := _MISSING_MNEMONICS.get(item.mnemonic.lower())) is not None:

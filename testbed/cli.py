@@ -163,7 +163,7 @@ def run_options_from_args(args: argparse.Namespace) -> Any:
         refuse_conversions=list(args.refuse_conversion),
         pending_event_every=args.pending_event_every,
         pv_features=args.pv_features,
-        **({"tracker": args.tracker} if args.tracker else {}),
+        **({"tracker": args.tracker} if args.tracker is not None else {}),
     )
 
 

@@ -112,7 +112,7 @@ def cmd_disasm(args: argparse.Namespace) -> int:
     options = vm_options_from_args(args)
     options.validate()
     program = build_program(args.guest, options)
-    symbol = args.symbol or "guest_main"
+    symbol = args.symbol if args.symbol is not None else "guest_main"
     if symbol not in program.symbols:
         raise UsageError(f"{args.guest}: no symbol {symbol!r}")
     address = program.symbols[symbol]

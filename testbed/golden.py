@@ -492,8 +492,8 @@ def vm_types_from(text: str) -> list[str]:
     """--vm-type for golden: one type, a comma-separated list, or `all`."""
     from testbed.options import parse_vm_type
 
-    names = list(VM_TYPES) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
+    names = list(VM_TYPES) if text.strip() == "all" else [t.strip() for t in text.split(",")]
+    if not names or not all(names):
         raise UsageError(f"--vm-type {text!r}: expected a VM type, a comma-separated list or 'all'")
     return [parse_vm_type(n) for n in names]
 

@@ -389,10 +389,15 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from testbed.asm import parse_define
     from testbed.options import parse_int, parse_size, parse_timeout
 
-    def split(text: str | None) -> list[str] | None:
-        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+    def split(text: str | None, flag: str) -> list[str] | None:
+        if text is None:
+            return None
+        names = [t.strip() for t in text.split(",")]
+        if not all(names):
+            raise UsageError(f"{flag} {text!r}: an empty name in the list")
+        return names
 
-    combos = combinations(split(args.vm_types), split(args.vendors), args.reference)
+    combos = combinations(split(args.vm_types, "--vm-types"), split(args.vendors, "--vendors"), args.reference)
     options: dict[str, Any] = {"memory": parse_size(args.memory, "memory size"),
                                "timeout": parse_timeout(args.timeout), "kvm_version": args.kvm_version,
                                "defines": dict(parse_define(d) for d in args.define)}

@@ -181,8 +181,11 @@ def parse_pv_features(value: int | str | None) -> int | None:
         return value
     if value.strip().lower() == "none":
         return 0
+    names = [t.strip().lower() for t in value.split(",")]
+    if not all(names):
+        raise UsageError(f"pv_features {value!r}: an empty feature name (write 'none' for no features)")
     mask = 0
-    for name in filter(None, (t.strip().lower() for t in value.split(","))):
+    for name in names:
         if name not in PV_FEATURE_NAMES:
             raise UsageError(f"unknown PV feature {name!r}: expected {', '.join(PV_FEATURE_NAMES)} or none")
         mask |= 1 << PV_FEATURE_NAMES[name]
@@ -262,6 +265,8 @@ def parse_refuse_range(text: str) -> tuple[int, int, bool | None]:
     """'0x600000:4:private' -> (0x600000, 4, True); NPAGES defaults to 1, direction to both."""
     parts = text.split(":")
     directions: dict[str, bool | None] = {"private": True, "shared": False, "both": None}
+    if len(parts) > 3:
+        raise UsageError(f"--refuse-conversion {_short(text, 60)!r}: expected GPA[:NPAGES[:private|shared]]")
     try:
         gpa = parse_int(parts[0], "--refuse-conversion GPA")
         npages = parse_int(parts[1], "--refuse-conversion NPAGES") if len(parts) > 1 and parts[1] else 1

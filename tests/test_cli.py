@@ -295,6 +295,10 @@ BAD_INPUT = [
     (["{guest}", "--ghcb-version", "3"], "GHCB version 3"),
     (["{guest}", "--refuse-conversion", "9" * 5000], "--refuse-conversion"),
     (["{guest}", "--pv-features", "pv_everything"], "unknown PV feature 'pv_everything'"),
+    (["{guest}", "--pv-features", ""], "an empty feature name"),
+    (["{guest}", "--pv-features", "pv_unhalt,"], "an empty feature name"),
+    (["{guest}", "--tracker", ""], "unknown tracker ''"),
+    (["{guest}", "--refuse-conversion", "0x1000:1:private:x"], "expected GPA[:NPAGES[:private|shared]]"),
 ]
 
 
@@ -304,7 +308,8 @@ BAD_INPUT = [
     "guest_name_too_long", "guest_name_with_nul", "guest_not_utf8", "trace_dev_full", "trace_is_a_directory",
     "c_bit_99", "c_bit_negative", "c_bit_5000_digits", "seed_negative", "seed_2_64", "seed_5000_digits",
     "max_ranges_0", "max_ranges_huge", "max_ranges_word", "ghcb_version_3", "refuse_5000_digits",
-    "pv_feature_unknown"])
+    "pv_feature_unknown", "pv_features_empty", "pv_features_trailing_comma", "tracker_empty",
+    "refuse_extra_field"])
 def test_bad_input_is_one_clear_line_with_status_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, host_24g: None, args: list[str], message: str
 ) -> None:

@@ -175,6 +175,16 @@ def test_an_out_of_range_count_is_one_usage_line(
     assert len(lines) == 1 and "--count" in lines[0] and len(lines[0]) < 300, err[:300]
 
 
+@pytest.mark.parametrize("symbol", ["", "no_such_label"])
+def test_an_unknown_or_empty_symbol_is_one_usage_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, symbol: str
+) -> None:
+    """--symbol names a label of the guest: an unknown one, or an empty one (not guest_main), exits 2."""
+    status, _, err = disasm(capsys, monkeypatch, str(GUEST), "--symbol", symbol, *SMALL)
+    assert status == EXIT_USAGE, f"status {status}; stderr {err[:300]!r}"
+    assert f"no symbol {symbol!r}" in err
+
+
 def test_the_largest_count_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """--count 4096 lists 4096 instructions (the guest image is followed by mapped zero bytes)."""
     status, out, err = disasm(capsys, monkeypatch, str(GUEST), "--count", "4096", *SMALL)

@@ -172,6 +172,9 @@ def test_check_reports_missing_and_malformed_goldens(tmp_path: Path, capsys: pyt
     # a missing guest is a usage error naming it (status 2), as for `golden update`
     assert main(["golden", "check", str(tmp_path / "absent.s")]) == 2
     assert "absent.s: no such guest source file" in capsys.readouterr().err
+    # so is an empty VM type in the list
+    assert main(["golden", "check", str(guest), "--vm-type", "default,,"]) == 2
+    assert "--vm-type 'default,,'" in capsys.readouterr().err
     bad = tmp_path / "golden" / "g.default.jsonl"
     bad.parent.mkdir()
     bad.write_text('{"golden": 1}\n{"event": "end"}\nnot json\n')

@@ -247,6 +247,8 @@ def test_cli_matrix_json(capsys: pytest.CaptureFixture[str]) -> None:
     (["--workers", "0"], "--workers"),
     (["--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "exclude each other"),
     (["--vm-types", "default", "--reference", "tdx"], "--reference tdx"),
+    (["--vm-types", ""], "--vm-types '': an empty name in the list"),
+    (["--vendors", "amd,"], "--vendors 'amd,': an empty name in the list"),
 ])
 def test_cli_matrix_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Bad matrix options are one line on stderr and exit status 2."""

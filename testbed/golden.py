@@ -341,14 +341,19 @@ def write(path: Path, golden: Golden) -> None:
 def read(path: Path) -> Golden:
     """Read a golden trace; UsageError naming the file and line for anything malformed."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: no golden trace (record it with `testbed golden update` "
                          f"or pytest --testbed-update-golden)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read golden trace {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read golden trace {path}: {exc.strerror or exc}") from None
     objs: list[dict[str, Any]] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                             f"{exc.start + 1})") from None
         if not line.strip():
             continue
         try:

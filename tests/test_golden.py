@@ -164,7 +164,8 @@ def test_compare_names_differing_fields() -> None:
 
 
 def test_check_reports_missing_and_malformed_goldens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A missing golden is a check failure (exit 1) naming the file; a malformed one a usage error naming its line."""
+    """A missing golden is a check failure (exit 1) naming the file; a malformed one (bad JSON, bytes
+    that are no UTF-8) a usage error naming its line; a missing guest a usage error naming it."""
     guest = tmp_path / "g.s"
     guest.write_text("guest_main:\n    ret\n")
     assert main(["golden", "check", str(guest)]) == 1
@@ -184,6 +185,9 @@ def test_check_reports_missing_and_malformed_goldens(tmp_path: Path, capsys: pyt
     assert "g.default.jsonl:3: not JSON" in capsys.readouterr().err
     bad.write_text('{"golden": 99}\n')
     with pytest.raises(UsageError, match="not a golden trace of format 1"):
+        read(bad)
+    bad.write_bytes(b'{"golden": 1}\n{"event": "x\xfc"}\n')  # binary bytes: located at their line
+    with pytest.raises(UsageError, match=r"g\.default\.jsonl:2: not UTF-8 text \(byte 0xfc at column 14\)"):
         read(bad)
 
 

@@ -187,7 +187,7 @@ def test_check_reports_missing_and_malformed_goldens(tmp_path: Path, capsys: pyt
     with pytest.raises(UsageError, match="not a golden trace of format 1"):
         read(bad)
     bad.write_bytes(b'{"golden": 1}\n{"event": "x\xfc"}\n')  # binary bytes: located at their line
-    with pytest.raises(UsageError, match=r"g\.default\.jsonl:2: not UTF-8 text \(byte 0xfc at column 14\)"):
+    with pytest.raises(UsageError, match=r"g\.default\.jsonl:2: not UTF-8 text \(byte 0xfc at column 13\)"):
         read(bad)
 
 

@@ -301,11 +301,15 @@ class Vm:
         """`n` bytes at `gpa` as the VMM sees them: plaintext of shared pages, ciphertext of a
         legacy SEV private page, and for a private page of a guest_memfd VM (sw-protected,
         sev-snp) an UnmappableMemoryError (README: Memory)."""
+        self._check_gpa(gpa, n)
         return self.machine.memory.host_read(gpa, n)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Write through the VMM's view (refused on a guest_memfd VM's private page and on an
         SNP guest-assigned page; on legacy SEV the guest then decrypts garbage)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UsageError(f"data {data!r:.40}: expected bytes, not {type(data).__name__}")
+        self._check_gpa(gpa, len(data))
         self.machine.memory.host_write(gpa, bytes(data))
 
     def is_private(self, gpa: int) -> bool:
@@ -400,7 +404,10 @@ class Vm:
 
     def _check_gpa(self, gpa: int, size: int) -> None:
         mem = self.machine.memory
-        if not isinstance(gpa, int) or not isinstance(size, int) or gpa < 0 or size < 0 or gpa + size > mem.size:
+        for name, value in (("gpa", gpa), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"{name} {value!r}: expected an int, not {type(value).__name__}")
+        if gpa < 0 or size < 0 or gpa + size > mem.size:
             raise UsageError(f"gpa 0x{gpa:x} + 0x{size:x} is outside guest memory (0x{mem.size:x} bytes)")
 
     # ---------------------------------------------------------- the default VMM

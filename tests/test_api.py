@@ -200,6 +200,20 @@ def test_memory_ioctls_refuse_what_kvm_refuses() -> None:
         vcpu.inject_pending_event()
 
 
+def test_host_memory_calls_name_a_wrong_type() -> None:
+    """A float or str address, a non-bytes payload: UsageError naming the argument and its type,
+    not a TypeError from inside the memory model (or a crash formatting the message)."""
+    with testbed.Vm(**SMALL) as vm:
+        vm.load("syncs.s", text=SYNCS)
+        for call, what in ((lambda: vm.read(0.5, 4), "gpa 0.5: expected an int, not float"),  # type: ignore[arg-type]
+                           (lambda: vm.read("0", 4), "gpa '0': expected an int, not str"),  # type: ignore[arg-type]
+                           (lambda: vm.write(0x1000, "abc"), "expected bytes, not str"),  # type: ignore[arg-type]
+                           (lambda: vm.guest_mem_fallocate(4096.0, 4096, True),  # type: ignore[arg-type]
+                            "gpa 4096.0: expected an int, not float")):
+            with pytest.raises(UsageError, match=what):
+                call()
+
+
 MAP_GPA = """
 .macro MAP_ONE
     mov rax, KVM_HC_MAP_GPA_RANGE

@@ -297,6 +297,44 @@ def test_ghcb_msr_refusal_is_a_user_exit_of_reason_inval_when_enabled() -> None:
 #: the GHCB's "issue exception" answer for #GP: SVM_EVTINJ_VALID | SVM_EVTINJ_TYPE_EXEPT | 13
 SVM_EVTINJ_GP = 0x8000030D
 
+PSC_OVER_A_PRIVATE_PAGE = """
+guest_main:
+    push rbx
+    mov rdi, GUEST_FREE_GPA
+    mov qword ptr [rdi], 0x1234            # page A: private, validated at boot, holds data
+    mov rdi, GUEST_FREE_GPA + 0x1000       # page B: made shared
+    mov rsi, 1
+    call set_memory_shared
+    mov rdi, GUEST_FREE_GPA                # one PSC to private over [A, B]: A is private already
+    mov rsi, 2
+    mov rdx, 1
+    call rt_snp_psc
+    mov rax, GUEST_FREE_GPA
+    mov rax, qword ptr [rax]               # A is still validated: its data reads back
+    GUEST_SYNC rax
+    mov rax, GUEST_FREE_GPA                # PVALIDATE A: no RMP update happened, CF = 1
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff
+    setc bl
+    movzx rbx, bl
+    GUEST_SYNC rax
+    GUEST_SYNC rbx
+    pop rbx
+    ret
+"""
+
+
+def test_a_psc_over_a_page_already_private_leaves_its_rmp_entry() -> None:
+    """A Page State Change to private over [A, B] where A is private already changes only B's
+    attribute: KVM prepares (RMPUPDATEs) only what changed (sev_gmem_prepare/invalidate), so A
+    stays validated - its data reads back and PVALIDATE of it reports no update (CF = 1), which
+    Linux's pval_pages treats as a double validation."""
+    _, report = run_text(PSC_OVER_A_PRIVATE_PAGE, "sev-snp")
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0x1234, 0, 1]
+
+
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)
 

@@ -40,6 +40,7 @@ from testbed.kvm.uapi import (
     KvmVmType,
 )
 from testbed.kvm.version import REFERENCE, KvmVersion
+from testbed.x86 import U64
 from testbed.x86.addr import Gfn, Gpa
 
 __all__ = ["CpuidEntry", "CpuidTable", "KvmIoctlError", "KvmVm"]
@@ -287,15 +288,28 @@ class KvmVm:
             # Valid (attributes 0) on a VM without private memory: nothing to change.
             validate_attributes(address, size, attributes, flags, supported=0)
             return
-        before = self.mem_attrs.updates
-        self.mem_attrs.set(address, size, attributes, flags)
-        if self.mem_attrs.updates != before:
-            # kvm_vm_set_mem_attributes() zaps the range's stage-2 mappings; on SNP KVM makes
-            # gmem pages private in the RMP when it maps them and shared again when they are
-            # freed (sev_gmem_prepare / sev_gmem_invalidate): the hardware does both.
+        attrs = self.mem_attrs
+        updates = attrs.updates
+        first = (address & U64) >> 12
+        last = min(((address & U64) + (size & U64)) >> 12, attrs.guest_pages)
+        before = bytes(attrs.private[first:last]) if first < last else b""
+        attrs.set(address, size, attributes, flags)
+        if attrs.updates == updates:
+            return
+        # kvm_vm_set_mem_attributes() zaps the stage-2 mappings of what changed; on SNP KVM makes
+        # gmem pages private in the RMP when it maps them and shared again when they are freed
+        # (sev_gmem_prepare / sev_gmem_invalidate): the hardware does both, for the GFNs whose
+        # attribute changed only - a GFN already private keeps its RMP entry, Validated included
+        # (its "conversion" frees and prepares nothing).
+        private = bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        changed, kept = (b"\x00", b"\x01") if private else (b"\x01", b"\x00")
+        pos = before.find(changed)
+        while pos >= 0:
+            end = before.find(kept, pos)
+            end = len(before) if end < 0 else end
             for hw in self._vcpu_hw:
-                hw.stage2_changed(Gfn(address >> 12), Gfn((address + size) >> 12),
-                                  bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE))
+                hw.stage2_changed(Gfn(first + pos), Gfn(first + end), private)
+            pos = before.find(changed, end)
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
         """KVM_SET_USER_MEMORY_REGION adding a RAM slot (kvm_set_memory_region, virt/kvm/kvm_main.c:

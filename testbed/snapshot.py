@@ -106,7 +106,7 @@ def _slot_names(cls: type) -> Iterator[str]:
 _MISSING = object()
 
 # Record kinds
-_DICT, _LIST, _SET, _BYTEARRAY, _DEQUE, _OBJECT, _CELL, _FRAME_ARRAY = range(8)
+_DICT, _LIST, _SET, _BYTEARRAY, _DEQUE, _OBJECT, _CELL, _FRAME_ARRAY, _CUSTOM = range(9)
 
 
 @dataclasses.dataclass(slots=True)
@@ -146,6 +146,15 @@ class _Graph:
         if not isinstance(obj, (types.FunctionType, types.MethodType, types.CellType)):
             slots = tuple((n, getattr(obj, n, _MISSING)) for n in _slot_names(type(obj)) if n not in excluded)
             stack.extend(v for _, v in slots)
+        save = getattr(type(obj), "_snapshot_save", None)
+        if save is not None:
+            # State a C extension keeps out of the walk's sight (the native trackers): the
+            # object saves and restores it itself; None means it cannot be saved now.
+            state = save(obj)
+            if state is None:
+                raise SnapshotError(f"{type(obj).__name__} cannot be snapshotted in its present state")
+            self.records.append(_Record(obj, _CUSTOM, state, attrs, slots))
+            return
         if isinstance(obj, dict):
             items: Any = list(obj.items())
             for k, v in items:
@@ -229,6 +238,8 @@ class _Graph:
                         object.__delattr__(obj, name)
                 else:
                     object.__setattr__(obj, name, sub(value))
+            if kind == _CUSTOM:
+                obj._snapshot_restore(rec.items)  # after its attributes: it may use them
 
     @property
     def objects(self) -> int:
@@ -314,6 +325,11 @@ def restore(machine: Machine, snapshot: Snapshot) -> None:
     if not snapshot.belongs_to(machine):
         raise SnapshotError("a snapshot restores only into the machine it was taken from")
     _check_quiet(machine, "restore")
+    if machine.memory.size != snapshot.memory.size:
+        # GuestMemory is not walked (its backings are the images): a hotplug since the snapshot
+        # would leave the grown size with the old memslots (README: not restorable).
+        raise SnapshotError(f"the guest memory grew to 0x{machine.memory.size:x} bytes (memory hotplug) after "
+                            f"this snapshot of 0x{snapshot.memory.size:x}: it cannot be restored")
     cpu = machine.cpu
     machine.memory.restore_image(snapshot.memory)
     cpu._restore_context(snapshot._context)
@@ -408,7 +424,8 @@ class MachinePool:
     def release(self, key: tuple[Any, ...], machine: Machine, snapshot: Snapshot, program: Program) -> None:
         """Take back a machine whose use ended (restored at the next acquire)."""
         entry = _Entry(machine, snapshot, program)
-        if machine.closed or snapshot.closed or machine.cpu._running:
+        if (machine.closed or snapshot.closed or machine.cpu._running
+                or machine.memory.size != snapshot.memory.size):  # hotplugged: not restorable
             _discard(entry)
             return
         evicted: list[_Entry] = []

@@ -244,3 +244,53 @@ def test_pool_keys_separate_configurations() -> None:
     assert pool_key(program, a) != pool_key(program, VmOptions(memory=MEMORY, seed=7))
     with open("/dev/null", "w", encoding="utf-8") as sink:
         assert pool_key(program, VmOptions(memory=MEMORY, trace=sink)) is None
+
+
+@pytest.mark.parametrize("vm_type", ["sev", "sev-snp"])
+def test_attributes_made_shared_in_whole_pages_of_the_array_come_back_shared(vm_type: str) -> None:
+    """On a VM whose attributes start private (a copy-on-write mapping of a file of 0x01 bytes),
+    a 16 MiB run made shared fills whole pages of the attribute array with zeros: restoring a
+    snapshot of that keeps them shared (MADV_DONTNEED alone would read the file's 0x01 again)."""
+    with testbed.Vm(vm_type=vm_type, memory="64M") as vm:
+        vm.load(GUESTS_DIR / "conversions.s")
+        vm.set_memory_attributes(16 << 20, 16 << 20, private=False)
+        snapshot = vm.snapshot()
+        vm.set_memory_attributes(16 << 20, 16 << 20, private=True)
+        vm.restore(snapshot)
+        assert not vm.is_private(16 << 20) and not vm.is_private(31 << 20) and vm.is_private(40 << 20)
+
+
+def test_a_snapshot_is_not_restored_after_a_hotplug_and_a_hotplugged_machine_is_not_pooled() -> None:
+    """Memory hotplug grows guest memory, which a snapshot does not hold: restoring one taken
+    before is a SnapshotError (README), and a machine hotplugged under load(reuse=True) is not
+    handed to the next VM of the boot configuration."""
+    from testbed.vmm.hotplug import hotplug
+
+    options = {"vm_type": "sev", "memory": 8 << 20, "max_memory": 64 << 20,
+               "defines": {"BOOT_MEM": 8 << 20, "DONATED": 0}}
+    with testbed.Vm(**options) as vm:
+        vm.load(GUESTS_DIR / "donate_hotplug.s")
+        snapshot = vm.snapshot()
+        hotplug(vm.machine, 64 << 20)
+        with pytest.raises(SnapshotError, match="memory hotplug"):
+            vm.restore(snapshot)
+    with testbed.Vm(**options) as vm:
+        vm.load(GUESTS_DIR / "donate_hotplug.s", reuse=True)
+        hotplug(vm.machine, 64 << 20)
+    with testbed.Vm(**options) as vm:
+        vm.load(GUESTS_DIR / "donate_hotplug.s", reuse=True)
+        assert vm.machine.memory.size == 8 << 20
+
+
+@pytest.mark.parametrize("tracker", ["native-bitmap", "native-ranges", "native-tree"])
+def test_a_native_trackers_ranges_are_restored(tracker: str) -> None:
+    """The native trackers keep their ranges in C, out of the snapshot walk's sight: they save and
+    restore them themselves, so a restore gives back the ranges of the snapshot."""
+    with testbed.Vm(vm_type="sev-snp", memory=MEMORY, tracker=tracker) as vm:
+        vcpu = vm.load(GUESTS_DIR / "conversions.s")
+        at_boot = vm.shared_ranges()
+        snapshot = vm.snapshot()
+        run_report(vm, vcpu, 30.0)
+        assert vm.shared_ranges() != at_boot
+        vm.restore(snapshot)
+        assert vm.shared_ranges() == at_boot

@@ -131,14 +131,20 @@ class FrameArrayImage:
         del holder  # release the export
         resident = resident_pages(address, self.size).translate(_BIT0)
         pages: list[tuple[int, bytes]] = []
+        zeros: list[int] = []
         page = resident.find(1)
         while page >= 0:
             off = page << PAGE_SHIFT
             chunk = array[off : off + PAGE_SIZE]
             if chunk.count(0) != len(chunk):
                 pages.append((off, chunk))
+            else:
+                zeros.append(off)
             page = resident.find(1, page + 1)
         self.pages = tuple(pages)
+        #: resident pages of zeros: after MADV_DONTNEED a file-backed private mapping (the
+        #: all-private memory attributes, kvm/memattr.py) reads its file again, not zeros
+        self.zero_pages = tuple(zeros)
 
     def restore_into(self, array: mmap.mmap) -> None:
         """Make `array` (the same size) hold the saved bytes again, in place."""
@@ -149,5 +155,9 @@ class FrameArrayImage:
             array.madvise(mmap.MADV_DONTNEED, 0, tail)
         if tail < self.size:
             array[tail:] = bytes(self.size - tail)
+        for off in self.zero_pages:
+            chunk = array[off : off + PAGE_SIZE]  # reads the zero page on an anonymous mapping
+            if chunk.count(0) != len(chunk):
+                array[off : off + len(chunk)] = bytes(len(chunk))
         for off, chunk in self.pages:
             array[off : off + len(chunk)] = chunk

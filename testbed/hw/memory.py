@@ -608,7 +608,7 @@ class GuestMemory:
             raise
         owner = self.owner
         return MemoryImage(tuple(images), FrameArrayImage(owner) if isinstance(owner, mmap.mmap) else bytes(owner),
-                           FrameArrayImage(self.present) if self.present is not None else None)
+                           FrameArrayImage(self.present) if self.present is not None else None, self.size)
 
     def restore_image(self, image: MemoryImage) -> None:
         """Put memory back as `image` saw it: each backing maps its image copy-on-write at its
@@ -633,9 +633,11 @@ class MemoryImage:
     frames' ownership. close() frees the images' memfds."""
 
     def __init__(self, backings: tuple[BackingImage, ...], owner: FrameArrayImage | bytes,
-                 present: FrameArrayImage | None = None) -> None:
+                 present: FrameArrayImage | None = None, size: int = 0) -> None:
         self.backings = backings
         self.owner = owner
+        #: the guest memory's size then (memory hotplug grows it: such an image is not restored)
+        self.size = size
         #: guest_memfd: GuestMemory.present (which backing pages exist) at that moment
         self.present = present
 

@@ -118,6 +118,17 @@ class _NativeTracker(SharedTracker):
         self._c.clear()
         self._poisoned = False
 
+    def _snapshot_save(self) -> list[tuple[int, int]] | None:
+        """testbed/snapshot.py: the C object's state, which the snapshot's walk cannot see - its
+        shared ranges; None when poisoned (a poison cannot be replayed into the C object)."""
+        return None if self.poisoned else self._c.ranges()
+
+    def _snapshot_restore(self, ranges: list[tuple[int, int]]) -> None:
+        """Put the shared ranges `_snapshot_save` returned back into the C object."""
+        self._c.clear()
+        for gfn, npages in ranges:
+            self._c.set_shared(gfn, npages)
+
 
 class NativeBitmapTracker(_NativeTracker):
     """One bit per page in u64 words (C); the reference model is BitmapTracker. Never poisons."""

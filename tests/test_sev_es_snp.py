@@ -335,6 +335,19 @@ def test_a_psc_over_a_page_already_private_leaves_its_rmp_entry() -> None:
     assert report.syncs() == [0x1234, 0, 1]
 
 
+@pytest.mark.parametrize("rax", [0x0000_8000_0000_3000, 0xFFFF_7FFF_FFFF_F000])
+def test_pvalidate_of_a_non_canonical_address_is_gp(rax: int) -> None:
+    """A non-canonical RAX is never translated: PVALIDATE raises #GP(0) and touches no RMP entry
+    (a non-canonical address is a #GP, never a #PF), instead of validating through the
+    alias its low 48 bits would walk to."""
+    text = (f"guest_main:\n    movabs rax, {rax:#x}\n    xor ecx, ecx\n    xor edx, edx\n"
+            "    .byte 0xf2, 0x0f, 0x01, 0xff\n    ret\n")
+    _, report = run_text(text, "sev-snp")
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (13, 0)
+
+
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)
 

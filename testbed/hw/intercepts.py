@@ -810,6 +810,10 @@ class Intercepts(EventDelivery):
         assert self.rmp is not None
         size = rcx & 0xFFFFFFFF
         validate = bool(rdx & 1)
+        if not -(1 << 47) <= (rax if rax < (1 << 63) else rax - (1 << 64)) < (1 << 47):
+            # A non-canonical address is never translated: #GP(0), the RMP untouched.
+            self._deliver_now(Vector.GP, 0)
+            return
         gpa = self._supervisor_read_gpa(rax & ~0xFFF)
         if gpa is None:
             return  # the walk faulted: delivered

@@ -348,6 +348,49 @@ def test_pvalidate_of_a_non_canonical_address_is_gp(rax: int) -> None:
     assert (report.exception["vector"], report.exception["error_code"]) == (13, 0)
 
 
+#: Map 0xffff800000000000 with a 2 MiB page at GPA 0x40000000, beyond guest RAM, and PVALIDATE it.
+PVALIDATE_BEYOND_RAM = """guest_main:
+    mov rdi, RT_DATA
+    mov r10, qword ptr [rdi + 0x800]
+    mov rdi, GUEST_FREE_GPA + 0x1000
+    xor eax, eax
+    mov rcx, 1024
+    rep stosq
+    mov rdi, GUEST_FREE_GPA + 0x2000
+    mov rax, 0x40000000                    # beyond guest RAM (8 MiB)
+    or rax, 0x87
+    or rax, r10
+    mov qword ptr [rdi], rax
+    mov rdi, GUEST_FREE_GPA + 0x1000
+    mov rax, GUEST_FREE_GPA + 0x2000
+    or rax, 7
+    or rax, r10
+    mov qword ptr [rdi], rax
+    mov rdi, RT_PML4
+    mov rax, GUEST_FREE_GPA + 0x1000
+    or rax, 7
+    or rax, r10
+    mov qword ptr [rdi + 256*8], rax
+    mov rax, cr3
+    mov cr3, rax
+    mov rax, 0xffff800000000000
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf2, 0x0f, 0x01, 0xff
+    GUEST_SYNC rax
+    ret
+"""
+
+
+def test_pvalidate_of_a_mapping_beyond_guest_memory_is_a_nested_fault() -> None:
+    """The guest's walk succeeds (the PDE is present), so PVALIDATE of a GPA beyond guest RAM is a
+    nested page fault on that GPA - the same end as a data access there (no memslot: the README's
+    internal error) - not a #PF in the guest."""
+    _, report = run_text(PVALIDATE_BEYOND_RAM, "sev-snp")
+    assert report.outcome == "internal_error", report.detail
+    assert "gpa 0x40000000 outside guest memory" in report.detail
+
+
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)
 

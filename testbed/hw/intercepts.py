@@ -22,6 +22,7 @@ from testbed.errors import TestbedError
 from testbed.hw.events import _CTX_CPUID, _CTX_INVALID, _CTX_IO, _CTX_NONE, EventDelivery
 from testbed.hw.exits import (
     NPF_GUEST_ENC,
+    NPF_GUEST_FINAL,
     SVM_IOIO_ADDR_SHIFT,
     SVM_IOIO_PORT_SHIFT,
     SVM_IOIO_REP,
@@ -847,10 +848,27 @@ class Intercepts(EventDelivery):
             if walked is not None and walked[0] == 0 and walked[1] < self._mem.size:
                 return int(walked[1])
         try:
-            return self.translate(Gva(va), ACCESS_READ, supervisor=True).gpa
+            gpa = self.translate(Gva(va), ACCESS_READ, supervisor=True).gpa
+        except _NestedFault as nested:
+            # A table of the walk lies outside guest memory: the nested walk faults (an NPF
+            # exit, KVM's no-memslot path), not a #PF.
+            self._npf_linear = va
+            self._exit(self._npf_exit_code(), nested.npf_error, nested.gpa)
+            return None
         except _DeliveryFault as fault:
             self._deliver_now(fault.vector, fault.error_code, cr2=fault.cr2)
             return None
+        if gpa >= self._mem.size:
+            # The final GPA lies outside guest memory: the nested walk faults as a data access
+            # there does (mmu.py _tlb_fill), not a #PF.
+            self._npf_linear = va
+            self._exit(self._npf_exit_code(), NPF_GUEST_ENC | NPF_GUEST_FINAL, gpa)
+            return None
+        return gpa
+
+    def _npf_exit_code(self) -> int:
+        """The nested page fault's exit: NPF on AMD, EPT violation on Intel."""
+        return int(SvmExitCode.SVM_EXIT_NPF if self.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION)
 
     def _raise_ud(self, rip: int, linear: int, insn: bytes) -> None:
         """#UD for the instruction at `rip` (`linear`: CS.base + RIP, where its bytes `insn` are)."""

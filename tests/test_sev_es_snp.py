@@ -391,6 +391,64 @@ def test_pvalidate_of_a_mapping_beyond_guest_memory_is_a_nested_fault() -> None:
     assert "gpa 0x40000000 outside guest memory" in report.detail
 
 
+#: Map 0xffff800000000000 through new tables in guest memory, read it, then rescind the PDPT's
+#: page (PVALIDATE, validate = 0) and read again.
+PAGE_TABLE_NOT_VALIDATED = """guest_main:
+    mov rdi, RT_DATA
+    mov r10, qword ptr [rdi + 0x800]       # C-bit mask
+    mov rdi, GUEST_FREE_GPA + 0x1000       # zero PDPT and PD pages
+    xor eax, eax
+    mov rcx, 1024
+    rep stosq
+    mov rdi, GUEST_FREE_GPA + 0x2000
+    mov rax, 0x600000                      # PD[0]: 2M page -> GPA 0x600000 (validated data)
+    or rax, 0x87
+    or rax, r10
+    mov qword ptr [rdi], rax
+    mov rdi, GUEST_FREE_GPA + 0x1000
+    mov rax, GUEST_FREE_GPA + 0x2000
+    or rax, 7
+    or rax, r10
+    mov qword ptr [rdi], rax
+    mov rdi, RT_PML4
+    mov rax, GUEST_FREE_GPA + 0x1000
+    or rax, 7
+    or rax, r10
+    mov qword ptr [rdi + 256*8], rax
+    mov rdi, GUEST_FREE_GPA
+    mov qword ptr [rdi], 0x55
+    mov rbx, 0xffff800000000000
+    mov rax, qword ptr [rbx]               # through the new tables: works
+    GUEST_SYNC rax
+    mov rax, GUEST_FREE_GPA + 0x1000       # rescind the PDPT page (a page-table page)
+    xor ecx, ecx
+    xor edx, edx
+    .byte 0xf2, 0x0f, 0x01, 0xff
+    setc cl
+    GUEST_SYNC rax, rcx
+    mov rax, cr3
+    mov cr3, rax                           # flush the TLB
+    mov rbx, 0xffff800000000000
+    mov rax, qword ptr [rbx]               # the walk reads an unvalidated private page: #VC 0x404 on hardware
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+def test_a_walk_through_a_page_table_not_validated_is_vc_404(fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk's own accesses are private on SNP and RMP-checked like data: a page table in a
+    page the guest rescinded makes the next access through it #VC PAGE_NOT_VALIDATED (APM vol. 2
+    15.36.10, table "RMP Memory Access Checks": page-table accesses, Validated -> #VC)."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    _, report = run_text(PAGE_TABLE_NOT_VALIDATED, "sev-snp")
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+    assert report.syncs()[0] == 0x55  # the first read, through validated tables, worked
+
+
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)
 

@@ -73,6 +73,7 @@ typedef struct {
     int attrs_unknown;      /* a stage 2 exists but its array is not readable: ask Python */
     uint64_t addr_mask, rsvd_mask, enc_mask;
     int enc_means_private;
+    const uint8_t *validated; /* SNP: a table in a frame not validated is Python's (#VC 0x404) */
 } WalkMem;
 
 typedef struct {
@@ -107,6 +108,8 @@ static int read_entry(const WalkMem *m, uint64_t gpa, uint64_t *out)
     default: /* guest_memfd: the backing the GFN's attribute selects */
         if (m->attrs_unknown)
             return 2;
+        if (m->validated != NULL && !m->validated[frame])
+            return 2; /* SNP: a page-table access to a page not validated is a #VC */
         buf = (m->attrs != NULL && m->attrs[frame]) ? m->priv : m->dram;
         break;
     }
@@ -537,6 +540,7 @@ static PyObject *NativeMmu_configure(NativeMmu *self, PyObject *args)
     m->enc_means_private = enc_private;
     masks_for(phys_bits, enc_mask, &m->addr_mask, &m->rsvd_mask);
     self->validated = p_valid;
+    m->validated = snp ? p_valid : NULL;
     self->exec_bits = p_exec;
     self->scanned_bits = p_scan;
     self->snp = snp;

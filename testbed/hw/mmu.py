@@ -430,6 +430,18 @@ class Mmu(UnicornBinding):
         # entries straight from the buffer (the walk's hot loop). With EFER.NXE clear, bit 63
         # is reserved and I/D is not reported (SDM vol. 3 4.5, 4.7).
         reader = self._pte_reader_plain if not mem.encrypted else self._pte_reader_private
+        rmp = self.rmp
+        if rmp is not None:
+            # SNP: the walk's own accesses are private (APM 15.36.10: "page table access ... the
+            # effective C-bit is always 1"), so each table is RMP-checked: a page the guest has
+            # not validated is #VC PAGE_NOT_VALIDATED.
+            validated, read_table = rmp.validated, reader
+
+            def reader(pa: int) -> int:
+                if not validated[pa >> PAGE_SHIFT]:
+                    raise _DeliveryFault(Vector.VC, SVM_EXIT_PAGE_NOT_VALIDATED, va)
+                return read_table(pa)
+
         return walk(reader, cr3, va, access, user, self._paging, wp=bool(cr0 & CR0_WP), nxe=bool(efer & EFER_NXE),
                     mem_size=mem.size)
 
@@ -504,7 +516,11 @@ class Mmu(UnicornBinding):
         # CS (for the CPL), CR3 and CR0 in one batched read.
         cs, cr3, cr0, efer = self._read_fill_regs()
         user = (cs & 3) == 3
-        result = self._paging_walk(vaddr, access, user, cr3, cr0, efer)
+        try:
+            result = self._paging_walk(vaddr, access, user, cr3, cr0, efer)
+        except _DeliveryFault as fault:  # SNP: a page table in a frame not validated
+            self._pending_fault = _PendingFault(fault.vector, fault.error_code, vaddr)
+            return None
         if isinstance(result, PageFault):
             if result.table_gpa is not None:
                 # The walk itself reads a GPA outside guest memory: on hardware with nested

@@ -196,7 +196,7 @@ class EventDelivery(Mmu):
             return 1
         if vector == Vector.BP:
             try:
-                before = self.fetch_bytes(Gva(self.read_reg(Reg.RIP) - 2), 2)
+                before = self.fetch_bytes(Gva(self.linear_rip(self.read_reg(Reg.RIP)) - 2), 2)
             except (_DeliveryFault, TestbedError):
                 return 1
             return 2 if before == b"\xcd\x03" else 1

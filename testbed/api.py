@@ -144,6 +144,12 @@ def _raise_for(end: VmEnd) -> VmExitError:
     return VmExitError(end.outcome, end.detail, end.exit, info)
 
 
+def _check_bool(name: str, value: object) -> None:
+    """A flag argument must be a bool: a truthy string or number is a mistake, not a yes."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} {value!r}: expected True or False, not {type(value).__name__}")
+
+
 def _timeout(value: float | None, default: float) -> float:
     if value is None:
         return default
@@ -324,6 +330,10 @@ class Vm:
         """KVM_SET_MEMORY_ATTRIBUTES on [gpa, gpa + size): the attribute only, as the selftests'
         vm_set_memory_attributes(); the VMM's tracker and memory are untouched. KvmIoctlError
         (EINVAL) for what KVM rejects (unaligned, wrapping, attributes the VM does not have)."""
+        _check_bool("private", private)
+        for name, value in (("gpa", gpa), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UsageError(f"{name} {value!r}: expected an int, not {type(value).__name__}")
         self.machine.kvm_vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
 
     def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool) -> None:
@@ -332,6 +342,7 @@ class Vm:
         allocating is a no-op (backings are allocated lazily). Nothing on other VM types.
         KvmIoctlError (EINVAL) for an offset or length that is not page aligned, as
         kvm_gmem_fallocate() answers."""
+        _check_bool("punch_hole", punch_hole)
         self._check_gpa(gpa, size)
         if gpa % 0x1000 or size % 0x1000:
             raise KvmIoctlError("fallocate(guest_memfd)", errno.EINVAL,
@@ -362,6 +373,7 @@ class Vm:
         """KVM_MEM_LOG_DIRTY_PAGES on the RAM slot: from now on every guest write to a page and
         every write KVM makes to guest memory sets the page's bit (writes through `vm.write`
         are userspace's, not logged). Enabling starts a clean log; False stops logging."""
+        _check_bool("enabled", enabled)
         self.machine.kvm_vm.set_dirty_logging(enabled)
 
     def get_dirty_log(self) -> bytes:

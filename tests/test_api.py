@@ -201,15 +201,22 @@ def test_memory_ioctls_refuse_what_kvm_refuses() -> None:
 
 
 def test_host_memory_calls_name_a_wrong_type() -> None:
-    """A float or str address, a non-bytes payload: UsageError naming the argument and its type,
-    not a TypeError from inside the memory model (or a crash formatting the message)."""
+    """A float or str address, a non-bytes payload, a truthy string for a flag: UsageError naming
+    the argument and its type, not a TypeError from inside the memory model (or a crash
+    formatting the message) or a silent yes."""
     with testbed.Vm(**SMALL) as vm:
         vm.load("syncs.s", text=SYNCS)
         for call, what in ((lambda: vm.read(0.5, 4), "gpa 0.5: expected an int, not float"),  # type: ignore[arg-type]
                            (lambda: vm.read("0", 4), "gpa '0': expected an int, not str"),  # type: ignore[arg-type]
                            (lambda: vm.write(0x1000, "abc"), "expected bytes, not str"),  # type: ignore[arg-type]
                            (lambda: vm.guest_mem_fallocate(4096.0, 4096, True),  # type: ignore[arg-type]
-                            "gpa 4096.0: expected an int, not float")):
+                            "gpa 4096.0: expected an int, not float"),
+                           (lambda: vm.set_memory_attributes(0, 4096, private="yes"),  # type: ignore[arg-type]
+                            "private 'yes': expected True or False, not str"),
+                           (lambda: vm.set_memory_attributes(4096.0, 4096),  # type: ignore[arg-type]
+                            "gpa 4096.0: expected an int, not float"),
+                           (lambda: vm.enable_dirty_logging("x"),  # type: ignore[arg-type]
+                            "enabled 'x': expected True or False, not str")):
             with pytest.raises(UsageError, match=what):
                 call()
 

@@ -348,17 +348,19 @@ def test_pvalidate_of_a_non_canonical_address_is_gp(rax: int) -> None:
     assert (report.exception["vector"], report.exception["error_code"]) == (13, 0)
 
 
-#: Map 0xffff800000000000 with a 2 MiB page at GPA 0x40000000, beyond guest RAM, and PVALIDATE it.
-PVALIDATE_BEYOND_RAM = """guest_main:
+def map_high(gpa: str) -> str:
+    """Guest code mapping 0xffff800000000000 to a 2 MiB page at `gpa` through a new PDPT and PD
+    (GUEST_FREE_GPA + 0x1000 and + 0x2000, private: with the C-bit) in PML4[256]."""
+    return f"""
     mov rdi, RT_DATA
-    mov r10, qword ptr [rdi + 0x800]
-    mov rdi, GUEST_FREE_GPA + 0x1000
+    mov r10, qword ptr [rdi + 0x800]       # C-bit mask
+    mov rdi, GUEST_FREE_GPA + 0x1000       # zero the PDPT and PD pages
     xor eax, eax
     mov rcx, 1024
     rep stosq
     mov rdi, GUEST_FREE_GPA + 0x2000
-    mov rax, 0x40000000                    # beyond guest RAM (8 MiB)
-    or rax, 0x87
+    mov rax, {gpa}
+    or rax, 0x87                           # PD[0]: a 2 MiB page
     or rax, r10
     mov qword ptr [rdi], rax
     mov rdi, GUEST_FREE_GPA + 0x1000
@@ -371,7 +373,11 @@ PVALIDATE_BEYOND_RAM = """guest_main:
     or rax, 7
     or rax, r10
     mov qword ptr [rdi + 256*8], rax
-    mov rax, cr3
+"""
+
+
+#: PVALIDATE 0xffff800000000000 mapped to GPA 0x40000000, beyond guest RAM (8 MiB).
+PVALIDATE_BEYOND_RAM = ("guest_main:" + map_high("0x40000000") + """    mov rax, cr3
     mov cr3, rax
     mov rax, 0xffff800000000000
     xor ecx, ecx
@@ -379,7 +385,7 @@ PVALIDATE_BEYOND_RAM = """guest_main:
     .byte 0xf2, 0x0f, 0x01, 0xff
     GUEST_SYNC rax
     ret
-"""
+""")
 
 
 def test_pvalidate_of_a_mapping_beyond_guest_memory_is_a_nested_fault() -> None:
@@ -393,29 +399,7 @@ def test_pvalidate_of_a_mapping_beyond_guest_memory_is_a_nested_fault() -> None:
 
 #: Map 0xffff800000000000 through new tables in guest memory, read it, then rescind the PDPT's
 #: page (PVALIDATE, validate = 0) and read again.
-PAGE_TABLE_NOT_VALIDATED = """guest_main:
-    mov rdi, RT_DATA
-    mov r10, qword ptr [rdi + 0x800]       # C-bit mask
-    mov rdi, GUEST_FREE_GPA + 0x1000       # zero PDPT and PD pages
-    xor eax, eax
-    mov rcx, 1024
-    rep stosq
-    mov rdi, GUEST_FREE_GPA + 0x2000
-    mov rax, 0x600000                      # PD[0]: 2M page -> GPA 0x600000 (validated data)
-    or rax, 0x87
-    or rax, r10
-    mov qword ptr [rdi], rax
-    mov rdi, GUEST_FREE_GPA + 0x1000
-    mov rax, GUEST_FREE_GPA + 0x2000
-    or rax, 7
-    or rax, r10
-    mov qword ptr [rdi], rax
-    mov rdi, RT_PML4
-    mov rax, GUEST_FREE_GPA + 0x1000
-    or rax, 7
-    or rax, r10
-    mov qword ptr [rdi + 256*8], rax
-    mov rdi, GUEST_FREE_GPA
+PAGE_TABLE_NOT_VALIDATED = "guest_main:" + map_high("0x600000") + """    mov rdi, GUEST_FREE_GPA
     mov qword ptr [rdi], 0x55
     mov rbx, 0xffff800000000000
     mov rax, qword ptr [rbx]               # through the new tables: works

@@ -67,6 +67,7 @@ GHCB_FIELDS = {
     "GHCB_SW_EXITINFO1": ghcb.GhcbSave.sw_exit_info_1,
     "GHCB_SW_EXITINFO2": ghcb.GhcbSave.sw_exit_info_2,
     "GHCB_SW_SCRATCH": ghcb.GhcbSave.sw_scratch,
+    "GHCB_XCR0": ghcb.GhcbSave.xcr0,
     "GHCB_VALID": ghcb.GHCB_VALID_BITMAP_OFFSET,
     "GHCB_SHARED_BUF": ghcb.GHCB_SHARED_BUFFER_OFFSET,
     "GHCB_VERSION": ghcb.GHCB_PROTOCOL_VERSION_OFFSET,

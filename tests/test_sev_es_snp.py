@@ -433,6 +433,34 @@ def test_a_walk_through_a_page_table_not_validated_is_vc_404(fill: str, monkeypa
     assert report.syncs()[0] == 0x55  # the first read, through validated tables, worked
 
 
+IN32_AND_CPUID_D = """
+guest_main:
+    mov rax, 0xAAAAAAAABBBBBBBB
+    mov dx, 0x80
+    in eax, dx
+    GUEST_SYNC rax
+    mov rax, 0xAAAAAAAABBBBBBBB
+    in ax, dx
+    GUEST_SYNC rax
+    mov eax, 0xd
+    xor ecx, ecx
+    cpuid
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", ["default", *ES_TYPES])
+def test_in_and_cpuid_through_the_vc_handler_answer_as_the_cpu(vm_type: str) -> None:
+    """Through the runtime's #VC handler a 32-bit IN writes EAX, zero-extended into RAX (a 16-bit
+    one merges AX), as the CPU and Linux's vc_handle_ioio do; CPUID leaf 0xD sends XCR0 (1 without
+    CR4.OSXSAVE), which KVM requires for it (vc_handle_cpuid, sev_es_validate_vmgexit): the same
+    answers as a plain VM."""
+    _, report = run_text(IN32_AND_CPUID_D, vm_type)
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [0xFFFFFFFF, 0xAAAAAAAABBBBFFFF, 0]
+
+
 ENOSYS = (-1000) & (2**64 - 1)
 EPERM = (-1) & (2**64 - 1)
 

@@ -595,6 +595,7 @@ __guest_assert_ok_\site:
 .equ GHCB_SW_EXITINFO1, 0x398
 .equ GHCB_SW_EXITINFO2, 0x3a0
 .equ GHCB_SW_SCRATCH, 0x3a8
+.equ GHCB_XCR0, 0x3e8
 .equ GHCB_VALID, 0x3f0
 .equ GHCB_SHARED_BUF, 0x800
 .equ GHCB_VERSION, 0xffa

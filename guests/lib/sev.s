@@ -139,6 +139,18 @@ rt_vc_wbinvd:
 rt_vc_cpuid:
     VC_TO_GHCB EX_RAX, GHCB_RAX
     VC_TO_GHCB EX_RCX, GHCB_RCX
+    # vc_handle_cpuid(): XCR0 too (KVM needs it for leaf 0xD): XGETBV(0) with CR4.OSXSAVE, else 1
+    mov rbx, 1
+    mov rax, cr4
+    bt rax, 18
+    jnc rt_vc_cpuid_xcr0
+    xor ecx, ecx
+    xgetbv
+    shl rdx, 32
+    mov ebx, eax
+    or rbx, rdx
+rt_vc_cpuid_xcr0:
+    GHCB_SET GHCB_XCR0, rbx
     VC_EXIT SVM_EXIT_CPUID, 0
     VC_FROM_GHCB GHCB_RAX, EX_RAX
     VC_FROM_GHCB GHCB_RBX, EX_RBX
@@ -315,7 +327,8 @@ rt_vc_ioio_go:
     jnz rt_vc_unhandled
     test rsi, 1
     jz rt_vc_ioio_done
-    # IN: merge the low `size` bytes of the GHCB's RAX into the saved RAX
+    # IN: merge the low `size` bytes of the GHCB's RAX into the saved RAX, as the CPU writes AL
+    # or AX; a 32-bit IN writes EAX, which zero-extends into RAX
     mov rcx, r11
     shl rcx, 3
     mov rax, 1
@@ -324,6 +337,11 @@ rt_vc_ioio_go:
     mov rbx, RT_GHCB
     mov rbx, qword ptr [rbx + GHCB_RAX]
     and rbx, rax
+    cmp r11, 4
+    jne rt_vc_ioio_merge
+    mov qword ptr [r15 + EX_RAX], rbx
+    jmp rt_vc_ioio_done
+rt_vc_ioio_merge:
     not rax
     and qword ptr [r15 + EX_RAX], rax
     or qword ptr [r15 + EX_RAX], rbx

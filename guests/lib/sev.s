@@ -9,6 +9,7 @@
 # requests, as Linux's arch/x86/coco/sev does.
 
 .equ RT_GHCB_READY, RT_DATA + 0x820
+.equ RT_GHCB_PROTOCOL, RT_DATA + 0x828  # the negotiated GHCB protocol version (1 or 2)
 
 # rdi = GHCB MSR value to send; returns the GHCB MSR value the hypervisor left in rax
 rt_ghcb_msr_call:
@@ -50,11 +51,15 @@ rt_ghcb_vmgexit:
 # Clear the valid bitmap and set the usage/version fields.
 rt_ghcb_clear:
     push rax
+    push rbx
     mov rax, RT_GHCB
     mov qword ptr [rax + GHCB_VALID], 0
     mov qword ptr [rax + GHCB_VALID + 8], 0
-    mov word ptr [rax + GHCB_VERSION], 2
+    mov rbx, RT_GHCB_PROTOCOL
+    mov rbx, qword ptr [rbx]
+    mov word ptr [rax + GHCB_VERSION], bx  # sev_es_ghcb_hv_call(): ghcb_version
     mov dword ptr [rax + GHCB_USAGE], 0
+    pop rbx
     pop rax
     ret
 
@@ -587,7 +592,8 @@ rt_setup_ghcb:
     jz rt_setup_ghcb_done
     mov qword ptr [rdi + 0x820], 0
     # Negotiate the GHCB protocol as sev_es_negotiate_protocol(): SEV information request;
-    # the answer carries [63:48] max and [47:32] min version. We speak version 2.
+    # the answer carries [63:48] max and [47:32] min version. We speak versions 1 and 2
+    # (GHCB_PROTOCOL_MIN/MAX) and use min(max, 2).
     mov rdi, 0x002
     call rt_ghcb_msr_call
     mov rbx, rax
@@ -596,17 +602,27 @@ rt_setup_ghcb:
     jne rt_setup_ghcb_badproto
     mov rbx, rax
     shr rbx, 48                        # max
-    cmp rbx, 2
+    cmp rbx, 1
     jb rt_setup_ghcb_badproto
-    mov rbx, rax
-    shr rbx, 32
-    and rbx, 0xffff                    # min
-    cmp rbx, 2
+    mov rcx, rax
+    shr rcx, 32
+    and rcx, 0xffff                    # min
+    cmp rcx, 2
     ja rt_setup_ghcb_badproto
+    cmp rbx, 2
+    jbe rt_setup_ghcb_version
+    mov rbx, 2
+rt_setup_ghcb_version:
+    mov rdi, RT_GHCB_PROTOCOL
+    mov qword ptr [rdi], rbx
     mov rdi, RT_DATA
     mov rax, qword ptr [rdi + 0x808]
     test rax, 4                        # SNP?
     jz rt_setup_ghcb_es
+    # SNP needs version 2: get_hv_features() answers 0 below it, so Linux ends with
+    # GHCB_SNP_UNSUPPORTED
+    cmp rbx, 2
+    jb rt_setup_ghcb_nosnp
     # SNP: the hypervisor must offer SNP (GHCB_MSR_HV_FT_REQ, bit 0), as Linux checks
     mov rdi, 0x080
     call rt_ghcb_msr_call

@@ -19,7 +19,7 @@ from unicorn import x86_const as ux
 from testbed.api import Vm, run_report
 from testbed.cli import main
 from testbed.hw.cpu import _CAL_GDT, cs_base_offset, hflags_offset
-from testbed.hw.exits import NPF_GUEST_PAGE, SvmExitCode
+from testbed.hw.exits import EPT_QUAL_GLA_VALID, EPT_QUAL_READ, NPF_GUEST_PAGE, SvmExitCode, VmxExitReason
 from testbed.kvm.uapi import KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION
 from testbed.machine import VmOptions, build_program, run_guest
 from testbed.vmm.vmm import RunReport
@@ -110,6 +110,23 @@ def test_cr3_outside_memory_ends_as_an_event_delivery_error(vm_type: str) -> Non
     assert (info2, reason, gpa, cpu) == (OUTSIDE, SvmExitCode.SVM_EXIT_NPF, OUTSIDE, 0)
     assert info1 & NPF_GUEST_PAGE
     assert report.user_exits[-1]["reason"] == "internal_error"
+
+
+@pytest.mark.parametrize("vm_type", PLAIN)
+def test_cr3_outside_memory_on_intel_reports_the_vmx_exit_info(vm_type: str) -> None:
+    """On VMX, kvm_prepare_event_vectoring_exit() fills the data from vmx_get_exit_info(): info2
+    is the IDT-vectoring information (the #PF being delivered, with its error code), the reason
+    EXIT_REASON_EPT_VIOLATION and info1 the exit qualification (a read of a paging-structure
+    entry: the linear address valid, not the translated one), not SVM's EXITINFO layout."""
+    report = run_guest("<hostile>", VmOptions(vm_type=vm_type, vendor="intel", memory=MEMORY, timeout=5, seed=1),
+                       text=CR3_OUTSIDE)
+    assert report.outcome == "internal_error", report.detail
+    internal = report.extra["internal"]
+    assert internal["suberror"] == KVM_INTERNAL_ERROR_DELIVERY_EV
+    info2, reason, info1, gpa, cpu = internal["data"]
+    # valid | error code valid | hardware exception | vector 14
+    assert (info2, reason, gpa, cpu) == (0x80000B0E, VmxExitReason.EXIT_REASON_EPT_VIOLATION, OUTSIDE, 0)
+    assert info1 == EPT_QUAL_READ | EPT_QUAL_GLA_VALID  # bit 8 clear: a paging-structure access
 
 
 @pytest.mark.parametrize("vm_type", PLAIN)

@@ -84,6 +84,27 @@ NPF_GUEST_ENC = 1 << 34  # PFERR_GUEST_ENC_MASK: the access had the C-bit set
 NPF_GUEST_FINAL = 1 << 32  # PFERR_GUEST_FINAL_MASK: the access to the final guest-physical address
 NPF_GUEST_PAGE = 1 << 33  # PFERR_GUEST_PAGE_MASK: an access to a guest paging-structure entry
 
+# VMX EPT-violation exit qualification (SDM vol. 3C 28.2.1, table 28-7).
+EPT_QUAL_READ = 1 << 0
+EPT_QUAL_WRITE = 1 << 1
+EPT_QUAL_FETCH = 1 << 2
+EPT_QUAL_GLA_VALID = 1 << 7
+EPT_QUAL_GLA_TRANSLATED = 1 << 8
+
+
+def ept_violation_qualification(error: int) -> int:
+    """The EPT-violation exit qualification of the access an NPF error code (the PFERR_* bits
+    the testbed carries on both vendors) describes, as VMX reports it: the access (read, write or
+    fetch: bits 0-2), no EPT permission for the GPA (bits 3-5: the testbed's EPT violations are
+    of GPAs without a mapping), and for an access during a linear-address translation bit 7, with
+    bit 8 set when it was to the final address rather than a paging-structure entry (KVM's
+    __vmx_handle_ept_violation() maps them back to PFERR_GUEST_FINAL/PAGE). The advanced-exit
+    bits 9-11 and NMI unblocking (bit 12) are 0."""
+    qual = EPT_QUAL_WRITE if error & NPF_WRITE else EPT_QUAL_FETCH if error & NPF_FETCH else EPT_QUAL_READ
+    if error & (NPF_GUEST_FINAL | NPF_GUEST_PAGE):
+        qual |= EPT_QUAL_GLA_VALID | (EPT_QUAL_GLA_TRANSLATED if error & NPF_GUEST_FINAL else 0)
+    return qual
+
 # SVM EXITINTINFO (APM vol. 2 15.7.2) / VMX IDT-vectoring information (SDM vol. 3 24.9.3): the
 # event the CPU was delivering when the exit happened. Same layout on both vendors.
 EXITINTINFO_VALID = 1 << 31

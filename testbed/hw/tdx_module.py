@@ -48,7 +48,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from testbed.hw.exits import NPF_GUEST_ENC, NPF_WRITE, VmxExitReason
+from testbed.hw.exits import (
+    EPT_QUAL_FETCH,
+    EPT_QUAL_GLA_TRANSLATED,
+    EPT_QUAL_GLA_VALID,
+    EPT_QUAL_READ,
+    EPT_QUAL_WRITE,
+    NPF_GUEST_ENC,
+    NPF_WRITE,
+    VmxExitReason,
+)
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE, TDX_CPUID_LEAF_ID, TDX_IDENT, U64, Reg, Vector
 
 # TDCALL leaves (arch/x86/include/asm/shared/tdx.h).
@@ -100,13 +109,6 @@ VE_REASON_IO = int(VmxExitReason.EXIT_REASON_IO_INSTRUCTION)
 VE_REASON_MSR_READ = int(VmxExitReason.EXIT_REASON_MSR_READ)
 VE_REASON_MSR_WRITE = int(VmxExitReason.EXIT_REASON_MSR_WRITE)
 VE_REASON_EPT_VIOLATION = int(VmxExitReason.EXIT_REASON_EPT_VIOLATION)
-
-#: EPT-violation exit qualification bits (SDM vol. 3 28.2.1 table 28-7)
-EPT_QUAL_READ = 1 << 0
-EPT_QUAL_WRITE = 1 << 1
-EPT_QUAL_FETCH = 1 << 2
-EPT_QUAL_GLA_VALID = 1 << 7
-EPT_QUAL_GLA_TRANSLATED = 1 << 8
 
 #: The extended exit qualification of an EPT violation TD exit (Linux's
 #: arch/x86/kvm/vmx/tdx.h TDX_EXT_EXIT_QUAL_TYPE_*): a private access to a PENDING page is

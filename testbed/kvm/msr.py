@@ -114,6 +114,13 @@ MSR_AMD64_SEV_ES_GHCB = 0xC0010130
 _MCE_BANKS = 32
 
 
+#: The x2APIC MSR range (APIC_BASE_MSR .. APIC_BASE_MSR + 0xff, lapic.h): kvm_get_msr_common() /
+#: kvm_set_msr_common() hand it to kvm_x2apic_msr_read()/_write(), which fail with 1 when KVM
+#: has no in-kernel local APIC.
+X2APIC_MSR_FIRST = 0x800
+X2APIC_MSR_LAST = 0x8FF
+
+
 def _x2apic(reg: int) -> int:
     return 0x800 + (reg >> 4)
 
@@ -216,7 +223,10 @@ class MsrFilter:
                 raise KvmIoctlError(name, errno.EINVAL, f"range at 0x{r.base:x}: {r.nmsrs} MSRs")
 
     def allowed(self, index: int, access: int) -> bool:
-        """kvm_msr_allowed(): the first range that covers the access decides; else the default."""
+        """kvm_msr_allowed(): the x2APIC MSRs are never filtered ("x2APIC MSRs do not support
+        filtering"); otherwise the first range that covers the access decides, else the default."""
+        if X2APIC_MSR_FIRST <= index <= X2APIC_MSR_LAST:
+            return True
         for r in self.ranges:
             verdict = r.covers(index, access)
             if verdict is not None:

@@ -38,6 +38,7 @@ from testbed.hw.exits import (
     VcpuHardware,
     Vendor,
     VmxExitReason,
+    ept_violation_qualification,
 )
 from testbed.hw.memory import HostMemory
 from testbed.kvm.hypercall import (
@@ -64,6 +65,8 @@ from testbed.kvm.msr import (
     SEV_ES_UNINTERCEPTED_MSRS,
     TDX_EMULATED_MSRS,
     TDX_READ_ONLY_MSRS,
+    X2APIC_MSR_FIRST,
+    X2APIC_MSR_LAST,
     PvMsrState,
     kvm_msr_reason,
     msr_value,
@@ -275,6 +278,15 @@ class KvmVcpu:
             ret = KVM_MSR_RET_ERR
         elif td and index == MSR_IA32_FEAT_CTL:
             ret, data = MSR_OK, FEAT_CTL_LOCKED  # no MCG_LMCE_P: not FEAT_CTL_LMCE_ENABLED
+        elif X2APIC_MSR_FIRST <= index <= X2APIC_MSR_LAST:
+            if self.vm.in_kernel_lapic:
+                # kvm_x2apic_msr_read()/_write() of the in-kernel APIC's registers: not modelled.
+                self._exit_to_userspace(InternalErrorExit(
+                    KVM_INTERNAL_ERROR_EMULATION,
+                    f"{'WRMSR' if write else 'RDMSR'} 0x{index:x}: the in-kernel local APIC's x2APIC "
+                    "registers are not modelled by the testbed"), None)
+                return
+            ret = KVM_MSR_RET_ERR  # kvm_x2apic_msr_read()/_write(): no in-kernel LAPIC, "return 1"
         else:
             feature = PV_MSR_FEATURES.get(index)
             has = feature is not None and self._pv.has(feature)
@@ -931,13 +943,18 @@ class KvmVcpu:
         vectoring = self.hw.exit_int_info()
         if vectoring & EXITINTINFO_VALID:
             vector = vectoring & 0xFF
-            code = SvmExitCode.SVM_EXIT_NPF if self.hw.vendor is Vendor.AMD else VmxExitReason.EXIT_REASON_EPT_VIOLATION
-            # run->internal.data as kvm_prepare_event_vectoring_exit() fills it: exit info 2,
-            # exit reason, exit info 1, the GPA, last_vmentry_cpu (0: one pCPU).
+            # run->internal.data as kvm_prepare_event_vectoring_exit() fills it: info2, the exit
+            # reason, info1, the GPA, last_vmentry_cpu (0: one pCPU). get_exit_info() gives on
+            # SVM EXITINFO2 (the GPA) and EXITINFO1 (the NPF error code); on VMX
+            # (vmx_get_exit_info) the IDT-vectoring information and the exit qualification.
+            if self.hw.vendor is Vendor.AMD:
+                data = (gpa, int(SvmExitCode.SVM_EXIT_NPF), error, gpa, 0)
+            else:
+                data = (vectoring & U32, int(VmxExitReason.EXIT_REASON_EPT_VIOLATION),
+                        ept_violation_qualification(error), gpa, 0)
             self._exit_to_userspace(InternalErrorExit(
                 KVM_INTERNAL_ERROR_DELIVERY_EV,
-                f"delivering vector {vector} touched gpa 0x{gpa:x} outside guest memory",
-                (gpa, int(code), error, gpa, 0)), None)
+                f"delivering vector {vector} touched gpa 0x{gpa:x} outside guest memory", data), None)
             return
         if error & NPF_GUEST_PAGE:
             if self.vm.sev or self.vm.tdx:

@@ -30,6 +30,7 @@ from testbed.kvm.msr import (
     KVM_MSR_EXIT_REASON_FILTER,
     KVM_MSR_EXIT_REASON_INVAL,
     KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_MSR_EXIT_REASON_VALID_MASK,
     KVM_MSR_FILTER_DEFAULT_DENY,
     KVM_MSR_FILTER_READ,
     KVM_MSR_FILTER_WRITE,
@@ -231,6 +232,40 @@ def test_unknown_msr_user_exit_when_enabled() -> None:
         ("x86_rdmsr", UNKNOWN_MSR, KVM_MSR_EXIT_REASON_UNKNOWN, 1),
         ("x86_wrmsr", UNKNOWN_MSR, KVM_MSR_EXIT_REASON_UNKNOWN, 1),
     ], exits
+
+
+X2APIC_TPR = 0x808
+X2APIC_SVR = 0x80F  # in tdx_has_emulated_msr(); the TPR is not (the CPU virtualises it for a TD)
+
+
+@VENDORS
+def test_x2apic_msr_without_in_kernel_lapic_is_inval_and_never_filtered(vendor: Vendor) -> None:
+    """An x2APIC MSR (0x800-0x8ff) goes to kvm_x2apic_msr_read()/_write(), which return 1 without
+    an in-kernel local APIC: reason INVAL, not UNKNOWN (kvm_msr_reason); and a filter denying it
+    does not apply ("x2APIC MSRs do not support filtering", kvm_msr_allowed)."""
+    options = VmOptions(memory=MEMORY, vendor=vendor.value, defines={"MSR_WRITE": 0})
+    machine = Machine(build_program("msr_table.s", options, text=table_guest([X2APIC_TPR])), options)
+    machine.kvm_vm.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_VALID_MASK)
+    machine.kvm_vm.set_msr_filter(MsrFilter.deny(X2APIC_TPR))
+    report = machine.run()
+    assert report.outcome == "done", report.detail
+    assert report.syncs() == [1, 0, 1], f"syncs {report.syncs()}"  # the VMM answered error: #GP
+    exits = [e for e in report.user_exits if e["reason"] in ("x86_rdmsr", "x86_wrmsr")]
+    assert [(e["reason"], e["index"], e["msr_reason"]) for e in exits] == [
+        ("x86_rdmsr", X2APIC_TPR, KVM_MSR_EXIT_REASON_INVAL), ("x86_wrmsr", X2APIC_TPR, KVM_MSR_EXIT_REASON_INVAL)]
+    assert MsrFilter.deny(0x800, 0x8FF).allowed(0x8FF, KVM_MSR_FILTER_READ)
+    assert not MsrFilter.deny(0x7FF, 0x900).allowed(0x900, KVM_MSR_FILTER_READ)
+
+
+def test_x2apic_msr_of_a_td_is_not_modelled() -> None:
+    """A TD has KVM's in-kernel local APIC: TDVMCALL<RDMSR> of an x2APIC register tdx_has_emulated_msr()
+    lists would read it (kvm_x2apic_msr_read), which the testbed does not model: the run ends naming
+    it instead of answering #GP."""
+    report = run_guest("msr_table.s", VmOptions(memory=MEMORY, vm_type="tdx", vendor="intel", timeout=10.0,
+                                                defines={"MSR_WRITE": 0}), text=table_guest([X2APIC_SVR]))
+    assert report.outcome == "internal_error", report.detail
+    assert report.detail == ("RDMSR 0x80f: the in-kernel local APIC's x2APIC registers are not modelled by "
+                             "the testbed")
 
 
 def test_pv_msr_without_feature_exits_as_inval() -> None:

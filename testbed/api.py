@@ -31,6 +31,7 @@ from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmExit
 from testbed.vmm.ucall import GuestFailure, Ucall
 from testbed.vmm.vmm import RunReport, VmEnd
+from testbed.x86.addr import Gfn
 
 if TYPE_CHECKING:
     from testbed.asm import Program
@@ -337,18 +338,30 @@ class Vm:
         self.machine.kvm_vm.set_memory_attributes(gpa, size, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
 
     def guest_mem_fallocate(self, gpa: int, size: int, punch_hole: bool) -> None:
-        """The selftests' vm_guest_mem_fallocate(): with `punch_hole`, fallocate(PUNCH_HOLE)
-        on the guest_memfd pages of [gpa, gpa + size) (a later private access finds zeros);
-        allocating is a no-op (backings are allocated lazily). Nothing on other VM types.
-        KvmIoctlError (EINVAL) for an offset or length that is not page aligned, as
-        kvm_gmem_fallocate() answers."""
+        """The selftests' vm_guest_mem_fallocate() on the guest_memfd pages of [gpa, gpa + size):
+        allocating creates the private pages that do not exist yet (kvm_gmem_allocate, the
+        ones that do keep their contents); with `punch_hole` (fallocate(PUNCH_HOLE)) the
+        private pages are freed and KVM zaps them from stage 2 (kvm_gmem_punch_hole): a later
+        private access faults in a fresh zeroed page - on SNP assigned but not validated, in a
+        TD pending (hw gmem_invalidated). Nothing on other VM types. KvmIoctlError (EINVAL)
+        for a length of 0 (vfs_fallocate) or an offset or length that is not page aligned
+        (kvm_gmem_fallocate)."""
         _check_bool("punch_hole", punch_hole)
         self._check_gpa(gpa, size)
-        if gpa % 0x1000 or size % 0x1000:
+        if size <= 0 or gpa % 0x1000 or size % 0x1000:
             raise KvmIoctlError("fallocate(guest_memfd)", errno.EINVAL,
-                                f"offset 0x{gpa:x} length 0x{size:x}: not page aligned (kvm_gmem_fallocate)")
-        if punch_hole:
-            self.machine.memory.discard_private(gpa >> 12, (size + 0xFFF) >> 12)
+                                f"offset 0x{gpa:x} length 0x{size:x}: "
+                                + ("a length of 0 (vfs_fallocate)" if size <= 0 else
+                                   "not page aligned (kvm_gmem_fallocate)"))
+        memory = self.machine.memory
+        first, npages = gpa >> 12, size >> 12
+        if not punch_hole:
+            memory.materialise(first, npages, True)
+            return
+        freed = [Gfn(g) for g in range(first, first + npages) if memory.private_allocated(g)]
+        memory.discard_private(first, npages)
+        if freed:
+            self.machine.kvm_vm.gmem_invalidated(freed)
 
     def guest_mem_allocated(self, gpa: int) -> bool:
         """lseek(SEEK_DATA) on the guest_memfd at `gpa`'s page: whether its private page is

@@ -332,6 +332,7 @@ class Machine:
                             kvm_version=options.kvm_version, ghcb_version=options.ghcb_version,
                             page_enc_status_protocol=options.hc_protocol == "page-enc-status",
                             gpaw=options.gpaw)
+        self.kvm_vm.unplug_ram = self.memory.unplug  # KVM deleting the topmost RAM slot
         # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
         status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
         self.ud_explanations: list[dict[str, object]] = []

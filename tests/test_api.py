@@ -200,6 +200,67 @@ def test_memory_ioctls_refuse_what_kvm_refuses() -> None:
         vcpu.inject_pending_event()
 
 
+PUNCHED = """
+guest_main:
+    mov rdi, GPA
+    mov rsi, 0x5a
+    mov rdx, 0x1000
+    call guest_memset
+    GUEST_SYNC 1
+    mov rax, GPA
+    mov rax, qword ptr [rax]
+    GUEST_SYNC 2, rax
+    mov rax, GPA
+    mov qword ptr [rax], 0x77
+    GUEST_SYNC 3
+    ret
+"""
+PUNCHED_GPA = 0x700000
+
+
+@pytest.mark.parametrize("vm_type", ["sw-protected", "sev-snp", "tdx"])
+def test_a_punched_private_page_faults_in_anew(vm_type: str) -> None:
+    """fallocate(PUNCH_HOLE) on guest_memfd while the attribute stays private: KVM zaps the page
+    from stage 2 (kvm_gmem_punch_hole -> kvm_mmu_unmap_gfn_range), so the next private access
+    faults in a fresh page - zeros on sw-protected, allocated again; on SNP not validated
+    (sev_gmem_invalidate / sev_gmem_prepare: #VC PAGE_NOT_VALIDATED); in a TD pending
+    (TDH.MEM.PAGE.REMOVE, then tdx_handle_ept_violation: the VM is dead, EIO)."""
+    vendor = "intel" if vm_type == "tdx" else "amd"
+    with testbed.Vm(vm_type=vm_type, vendor=vendor, **SMALL) as vm:
+        vcpu = vm.load("punched.s", text=PUNCHED, defines={"GPA": PUNCHED_GPA})
+        if vm_type == "sw-protected":
+            vm.set_memory_attributes(PUNCHED_GPA, 0x1000, private=True)
+        assert list(vcpu.run_to_ucall().args) == [1] and vm.guest_mem_allocated(PUNCHED_GPA)
+        vm.guest_mem_fallocate(PUNCHED_GPA, 0x1000, punch_hole=True)
+        assert not vm.guest_mem_allocated(PUNCHED_GPA) and vm.is_private(PUNCHED_GPA)
+        if vm_type == "sw-protected":
+            assert list(vcpu.run_to_ucall().args) == [2, 0]
+            assert list(vcpu.run_to_ucall().args) == [3] and vm.guest_mem_allocated(PUNCHED_GPA)
+        elif vm_type == "sev-snp":
+            with pytest.raises(testbed.GuestExceptionError) as vc:
+                vcpu.run_to_ucall()
+            assert (vc.value.vector, vc.value.error_code) == (29, 0x404)
+        else:
+            with pytest.raises(testbed.KvmRunError) as eio:
+                vcpu.run_to_ucall()
+            assert eio.value.errno == errno.EIO and "before accepting" in str(eio.value)
+
+
+def test_fallocate_allocates_and_refuses_a_zero_length() -> None:
+    """fallocate without PUNCH_HOLE allocates the guest_memfd pages (kvm_gmem_allocate: SEEK_DATA
+    then finds them); a length of 0 is EINVAL (vfs_fallocate: len <= 0)."""
+    with testbed.Vm(vm_type="sw-protected", **SMALL) as vm:
+        vm.load("syncs.s", text=SYNCS)
+        assert not vm.guest_mem_allocated(0x600000)
+        vm.guest_mem_fallocate(0x600000, 0x2000, punch_hole=False)
+        assert vm.guest_mem_allocated(0x600000) and vm.guest_mem_allocated(0x601000)
+        assert not vm.guest_mem_allocated(0x602000)
+        for punch in (False, True):
+            with pytest.raises(KvmIoctlError) as info:
+                vm.guest_mem_fallocate(0x600000, 0, punch_hole=punch)
+            assert info.value.errno == errno.EINVAL
+
+
 def test_host_memory_calls_name_a_wrong_type() -> None:
     """A float or str address, a non-bytes payload, a truthy string for a flag: UsageError naming
     the argument and its type, not a TypeError from inside the memory model (or a crash

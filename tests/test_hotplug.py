@@ -8,13 +8,18 @@ bad alignment, EEXIST for an overlap) and a GPA with no memslot (mmu.c kvm_handl
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from testbed.api import Vm
 from testbed.errors import UsageError
+from testbed.hw.exits import Vendor
+from testbed.hw.memory import GuestMemory
 from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.uapi import KVM_CAP_VM_TYPES, InternalErrorExit, KvmVmType
+from testbed.kvm.vm import KvmVm
 from testbed.machine import Machine, VmOptions, build_program, run_guest
 from testbed.tracker import (
     NATIVE_TRACKER_KINDS,
@@ -136,6 +141,7 @@ def test_a_slot_kvm_refuses_leaves_the_tracker_as_it_was() -> None:
 
 UNPLUGGED = """
 guest_main:
+    GUEST_SYNC 0
     mov rax, BOOT_MEM + 0x1000
     mov qword ptr [rax], 1
     ret
@@ -199,3 +205,75 @@ def test_the_native_fill_takes_the_plugged_memory() -> None:
         before = machine.cpu._py_tlb_fills
         assert machine.run().outcome == "done"
         assert machine.cpu._py_tlb_fills == before
+
+
+def _kvm_vm(vm_type: KvmVmType) -> KvmVm:
+    memory = GuestMemory(BOOT, capacity=TOP, guest_memfd=vm_type != KvmVmType.KVM_X86_DEFAULT_VM)
+    return KvmVm(vm_type, Vendor.AMD, memory)
+
+
+def _errno(call: Callable[[], None]) -> int:
+    try:
+        call()
+    except KvmIoctlError as exc:
+        return exc.errno
+    return 0
+
+
+def test_set_user_memory_region_answers_as_kvm_set_memory_region() -> None:
+    """kvm_set_memory_region()/kvm_vm_ioctl_set_memory_region(): a slot id from KVM_USER_MEM_SLOTS
+    (32764 on x86) up is EINVAL; an existing slot is looked at before any overlap - a new size is
+    EINVAL (not EEXIST), the same region is "nothing to change" (0), a guest_memfd slot is
+    immutable (EINVAL); deleting a slot that does not exist is EINVAL; a new slot overlapping one
+    is EEXIST."""
+    vm = _kvm_vm(KvmVmType.KVM_X86_DEFAULT_VM)
+    assert _errno(lambda: vm.set_user_memory_region(32764, BOOT, 0x1000)) == errno.EINVAL
+    assert _errno(lambda: vm.set_user_memory_region(32763, BOOT, 0x1000)) == 0
+    assert _errno(lambda: vm.set_user_memory_region(32763, 0, 0)) == 0  # deleted again
+    vm.set_user_memory_region(1, BOOT, 0x100000)
+    assert _errno(lambda: vm.set_user_memory_region(1, 0, 0x2000)) == errno.EINVAL  # resize, over slot 0
+    assert _errno(lambda: vm.set_user_memory_region(1, BOOT, 0x100000)) == 0  # the same region again
+    assert _errno(lambda: vm.set_user_memory_region(1, 0, 0x100000)) == errno.EEXIST  # a move onto slot 0
+    assert _errno(lambda: vm.set_user_memory_region(2, BOOT + 0x80000, 0x100000)) == errno.EEXIST
+    assert _errno(lambda: vm.set_user_memory_region(5, 0, 0)) == errno.EINVAL
+    assert vm.memslots == {0: (0, BOOT), 1: (BOOT, 0x100000)}
+    gmem = _kvm_vm(KvmVmType.KVM_X86_SW_PROTECTED_VM)
+    assert _errno(lambda: gmem.set_user_memory_region(0, 0, BOOT)) == errno.EINVAL  # guest_memfd: immutable
+
+
+def test_vm_types_follow_the_vendor() -> None:
+    """KVM_CAP_VM_TYPES: DEFAULT and SW_PROTECTED everywhere, the SEV types on AMD
+    (sev_hardware_setup), TDX on Intel (vmx/main.c vt_init)."""
+    amd = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.AMD, GuestMemory(BOOT)).check_extension(KVM_CAP_VM_TYPES)
+    intel = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.INTEL, GuestMemory(BOOT)).check_extension(KVM_CAP_VM_TYPES)
+    both = 1 << KvmVmType.KVM_X86_DEFAULT_VM | 1 << KvmVmType.KVM_X86_SW_PROTECTED_VM
+    sev = 1 << KvmVmType.KVM_X86_SEV_VM | 1 << KvmVmType.KVM_X86_SEV_ES_VM | 1 << KvmVmType.KVM_X86_SNP_VM
+    assert (amd, intel) == (both | sev, both | 1 << KvmVmType.KVM_X86_TDX_VM)
+
+
+PLUGGED = """
+guest_main:
+    GUEST_SYNC 0
+    mov rax, BOOT_MEM + 0x1000
+    mov qword ptr [rax], 0x1234
+    GUEST_SYNC 1
+    mov rax, BOOT_MEM + 0x1000
+    mov rax, qword ptr [rax]
+    GUEST_SYNC 2, rax
+    ret
+"""
+
+
+def test_deleting_the_hotplugged_slot_takes_its_ram_away() -> None:
+    """KVM_MR_DELETE of the topmost slot: its GPAs have no memslot any more, so the guest's next
+    access there is a no-slot fault (kvm_handle_noslot_fault: emulated MMIO, which the testbed
+    ends as an internal error), not a read of the old page."""
+    with Vm(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT}, timeout=20) as vm:
+        vcpu = vm.load("plugged.s", text=PLUGGED)
+        assert list(vcpu.run_to_ucall().args) == [0]
+        hotplug(vm.machine, TOP)
+        assert list(vcpu.run_to_ucall().args) == [1]
+        vm.machine.kvm_vm.set_user_memory_region(1, BOOT, 0)
+        assert vm.machine.memory.size == BOOT and list(vm.machine.kvm_vm.memslots) == [0]
+        end = vcpu.run()
+    assert isinstance(end, InternalErrorExit) and "outside guest memory" in end.detail, end

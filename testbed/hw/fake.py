@@ -55,6 +55,8 @@ class FakeVcpu:
         self.delivered: list[FakeExit] = []
         self.injected: list[tuple[int, int | None]] = []
         self.stage2_changes: list[tuple[int, int, bool]] = []
+        #: the GFN lists of KVM's gmem_invalidated notices (a punched hole)
+        self.gmem_invalidations: list[list[int]] = []
         self.launched: list[tuple[str, int, int]] = []
         self.ghcb = GhcbMsrRegister()
         self.intercept_ud = False
@@ -188,6 +190,10 @@ class FakeVcpu:
     def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None:
         """Record KVM's notice that GFNs [first, end) changed attributes."""
         self.stage2_changes.append((first, end, private))
+
+    def gmem_invalidated(self, gfns: list[Gfn]) -> None:
+        """Record KVM's notice that guest_memfd freed the private pages of `gfns`."""
+        self.gmem_invalidations.append(list(gfns))
 
     def set_dirty_log(self, bitmap: Any) -> None:
         """Record KVM's dirty bitmap (None: logging off)."""

@@ -261,6 +261,16 @@ class GuestMemory:
         if self.on_resize is not None:
             self.on_resize()
 
+    def unplug(self, size: int) -> None:
+        """The topmost memslot deleted (KVM_MR_DELETE): guest RAM ends at `size` again, the GPAs
+        above have no memslot (the backing keeps its bytes: the VMM's memory, as after KVM's
+        deletion). The caller flushes the vCPUs' TLBs."""
+        if size % PAGE_SIZE or not 0 < size <= self.size:
+            raise GuestMemoryError(f"cannot shrink guest memory from 0x{self.size:x} to 0x{size:x}")
+        self.size = size
+        if self.on_resize is not None:
+            self.on_resize()
+
     def close(self) -> None:
         """Release every backing and the per-frame arrays (idempotent). Close the vCPU that maps
         them first."""

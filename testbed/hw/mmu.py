@@ -674,6 +674,23 @@ class Mmu(UnicornBinding):
             self._tdx.page_remove(first, end)  # TDH.MEM.PAGE.REMOVE: converted back, it is pending
         self.flush_tlb()
 
+    def gmem_invalidated(self, gfns: list[Gfn]) -> None:
+        """guest_memfd freed the private pages of `gfns` (fallocate PUNCH_HOLE): KVM zaps their
+        stage-2 mappings (kvm_gmem_punch_hole -> kvm_gmem_invalidate_start ->
+        kvm_mmu_unmap_gfn_range, a TLB flush here). Where the attribute is still private the
+        next private access faults a new page in: on SNP the freed page went back to shared in
+        the RMP (sev_gmem_invalidate) and the new one is assigned but not validated
+        (sev_gmem_prepare: RMPUPDATE clears Validated); in a TD the page was removed
+        (tdx_sept_remove_private_spte: TDH.MEM.PAGE.REMOVE) and comes back pending (AUG)."""
+        stage2 = self._stage2
+        for gfn in gfns:
+            if stage2 is not None and stage2.is_private(gfn):
+                if self.rmp is not None:
+                    self.rmp.assign(gfn, Gfn(gfn + 1), True)
+                if self._tdx is not None:
+                    self._tdx.page_remove(gfn, Gfn(gfn + 1))
+        self.flush_tlb()
+
     # ------------------------------------------------------------- the TDX module's side
     def is_private_gfn(self, gfn: int) -> bool:
         """Whether stage 2 (KVM's attributes) maps `gfn` private."""

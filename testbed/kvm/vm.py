@@ -8,6 +8,7 @@ errno the ioctl would return.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from testbed.hw.exits import VcpuHardware, Vendor
@@ -15,6 +16,7 @@ from testbed.hw.memory import HostMemory, StagePrivacy
 from testbed.kvm.dirty_log import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_MANUAL_CAPS,
+    KVM_USER_MEM_SLOTS,
     DirtyLog,
     DirtyMarkingMemory,
 )
@@ -186,6 +188,9 @@ class KvmVm:
         #: GHCB protocol version for SEV-ES/SNP (KVM_SEV_INIT2's ghcb_version, default 2)
         self.ghcb_version = ghcb_version
         self.vendor = vendor
+        #: the hardware's RAM shrinks to this many bytes when the topmost slot is deleted (set by
+        #: the composition root: GuestMemory.unplug)
+        self.unplug_ram: Callable[[int], None] | None = None
         #: the RAM's dirty log (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET/CLEAR_DIRTY_LOG), sized for the
         #: memory the VM can grow to (the testbed logs hotplugged RAM in the same bitmap)
         self.dirty_log = DirtyLog(memory.capacity >> 12, flush=self._flush_remote_tlbs)
@@ -244,7 +249,11 @@ class KvmVm:
         if cap == KVM_CAP_MEMORY_ATTRIBUTES:
             return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.mem_attrs is not None else 0
         if cap == KVM_CAP_VM_TYPES:
-            return sum(1 << t for t in KvmVmType if t != KvmVmType.KVM_X86_TDX_VM)
+            # kvm_caps.supported_vm_types: DEFAULT and SW_PROTECTED everywhere; the SEV types from
+            # sev_hardware_setup() on AMD, TDX from vt_init() on Intel.
+            everywhere = (KvmVmType.KVM_X86_DEFAULT_VM, KvmVmType.KVM_X86_SW_PROTECTED_VM)
+            amd = self.vendor is Vendor.AMD
+            return sum(1 << t for t in KvmVmType if t in everywhere or (t == KvmVmType.KVM_X86_TDX_VM) != amd)
         if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             return KVM_DIRTY_LOG_MANUAL_CAPS
         return 0
@@ -320,25 +329,42 @@ class KvmVm:
         reserved at creation; SEV-SNP and TDX VMs take none (their new RAM would need RMP /
         Secure-EPT state). The caller (vmm/hotplug.py) then grows the hardware's RAM to the new end."""
         name = "KVM_SET_USER_MEMORY_REGION"
-        if memory_size == 0 and slot in self.memslots and slot != 0:
-            # memory_size 0 deletes the slot (kvm_set_memory_region: KVM_MR_DELETE); the testbed
-            # keeps RAM contiguous, so only the topmost slot goes.
-            base, size = self.memslots[slot]
-            if base + size != max(b + n for b, n in self.memslots.values()):
-                raise KvmIoctlError(name, errno.EINVAL, f"testbed: only the topmost slot can be deleted, not {slot}")
-            del self.memslots[slot]
-            return
-        if not 0 <= slot < 32768 or guest_phys_addr % 4096 or memory_size <= 0 or memory_size % 4096:
+        if not 0 <= slot < KVM_USER_MEM_SLOTS or guest_phys_addr % 4096 or memory_size < 0 or memory_size % 4096:
             raise KvmIoctlError(name, errno.EINVAL,
                                 f"slot {slot} at 0x{guest_phys_addr:x} size 0x{memory_size:x}")
+        old = self.memslots.get(slot)
+        if memory_size == 0:
+            # memory_size 0 deletes the slot (kvm_set_memory_region: KVM_MR_DELETE; EINVAL if
+            # there is none); the testbed keeps RAM contiguous, so only the topmost slot goes.
+            if old is None:
+                raise KvmIoctlError(name, errno.EINVAL, f"slot {slot} does not exist: nothing to delete")
+            base, size = old
+            if slot == 0 or base + size != max(b + n for b, n in self.memslots.values()):
+                raise KvmIoctlError(name, errno.EINVAL, f"testbed: only the topmost slot above slot 0 can be "
+                                    f"deleted, not {slot}")
+            del self.memslots[slot]
+            if self.unplug_ram is not None and self.memory.size > base:
+                self.unplug_ram(base)  # the GPAs have no memslot any more: the MMU refuses them
+                self._flush_remote_tlbs()
+            return
         end = guest_phys_addr + memory_size
+        if old is not None:
+            # Modify an existing slot (kvm_set_memory_region): a guest_memfd slot is immutable, a
+            # new size is EINVAL, the same region is "nothing to change", a new base a move.
+            if self.guest_memfd:
+                raise KvmIoctlError(name, errno.EINVAL, f"slot {slot} is a guest_memfd slot: it can only be deleted")
+            if memory_size != old[1]:
+                raise KvmIoctlError(name, errno.EINVAL, f"slot {slot} exists with 0x{old[1]:x} bytes: its size "
+                                    "cannot change")
+            if guest_phys_addr == old[0]:
+                return
         for other, (base, size) in self.memslots.items():
-            if other == slot:
-                raise KvmIoctlError(name, errno.EINVAL, f"slot {slot} exists: the testbed adds slots, never "
-                                    "moves or resizes one")
-            if guest_phys_addr < base + size and base < end:
+            if other != slot and guest_phys_addr < base + size and base < end:
                 raise KvmIoctlError(name, errno.EEXIST,
                                     f"0x{guest_phys_addr:x}+0x{memory_size:x} overlaps slot {other}")
+        if old is not None:
+            raise KvmIoctlError(name, errno.EINVAL, f"testbed: slot {slot} cannot move (RAM stays one range "
+                                "from GPA 0)")
         top = max(base + size for base, size in self.memslots.values())
         capacity = self.memory.capacity
         if guest_phys_addr != top or end > capacity:
@@ -348,6 +374,12 @@ class KvmVm:
         if self.snp or self.tdx:
             raise KvmIoctlError(name, errno.EINVAL, "testbed: no memory hotplug on SEV-SNP or TDX VMs")
         self.memslots[slot] = (guest_phys_addr, memory_size)
+
+    def gmem_invalidated(self, gfns: list[Gfn]) -> None:
+        """guest_memfd freed the private pages of `gfns` (kvm_gmem_punch_hole ->
+        kvm_gmem_invalidate_start): every vCPU zaps them (hw.gmem_invalidated)."""
+        for hw in self._vcpu_hw:
+            hw.gmem_invalidated(gfns)
 
     def get_page_enc_bitmap(self, start_gfn: int, num_pages: int) -> bytes:
         """KVM_GET_PAGE_ENC_BITMAP of the seed-era series (svm_get_page_enc_bitmap): the
@@ -465,6 +497,11 @@ class KvmVm:
         """
         return self.type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SNP_VM,
                              KvmVmType.KVM_X86_TDX_VM)
+
+    @property
+    def guest_memfd(self) -> bool:
+        """The VM types whose RAM slots are guest_memfd slots (KVM_MEM_GUEST_MEMFD)."""
+        return self.type in (KvmVmType.KVM_X86_SW_PROTECTED_VM, KvmVmType.KVM_X86_SNP_VM, KvmVmType.KVM_X86_TDX_VM)
 
     @property
     def tdx(self) -> bool:

@@ -389,16 +389,17 @@ class Vm:
         _check_bool("enabled", enabled)
         self.machine.kvm_vm.set_dirty_logging(enabled)
 
-    def get_dirty_log(self) -> bytes:
-        """KVM_GET_DIRTY_LOG: one bit per 4 KiB page (bit i of byte j = page 8j + i), set for
+    def get_dirty_log(self, slot: int = 0) -> bytes:
+        """KVM_GET_DIRTY_LOG of memslot `slot` (0: the boot RAM; a hotplugged slot has its own):
+        one bit per 4 KiB page of the slot (bit i of byte j = the slot's page 8j + i), set for
         the pages written since the last call, which are write-protected again. KvmIoctlError
         (ENOENT) while logging is off. `testbed.kvm.dirty_log.dirty_pages(log)` lists them."""
-        return self.machine.kvm_vm.get_dirty_log()
+        return self.machine.kvm_vm.get_dirty_log(slot)
 
-    def clear_dirty_log(self, first_page: int, num_pages: int, bitmap: bytes) -> None:
+    def clear_dirty_log(self, first_page: int, num_pages: int, bitmap: bytes, slot: int = 0) -> None:
         """KVM_CLEAR_DIRTY_LOG (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): clear and
-        re-protect the pages of `bitmap` (bit 0 = first_page, a multiple of 64)."""
-        self.machine.kvm_vm.clear_dirty_log(first_page, num_pages, bitmap)
+        re-protect the pages of `bitmap` (bit 0 = the slot's page first_page, a multiple of 64)."""
+        self.machine.kvm_vm.clear_dirty_log(first_page, num_pages, bitmap, slot)
 
     def send_start(self, session: TransportSession) -> SendContext:
         """KVM_SEV_SEND_START with the transport keys of `session`: the context whose

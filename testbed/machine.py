@@ -467,6 +467,10 @@ class Machine:
         cpu.write_reg(Reg.RIP, entry)
         cpu.write_reg(Reg.RSP, state.rsp)
         cpu.write_reg(Reg.RFLAGS, 0x2)
+        # KVM_SEV_LAUNCH_UPDATE_VMSA (SNP: SNP_LAUNCH_FINISH, TDX: KVM_TDX_INIT_VCPU): from here
+        # the registers are the guest's (the testbed writes them after the launch's memory
+        # commands, before any run: the same state).
+        self.kvm_vm.protect_vcpu_state(cpu)
         if self.pinning is not None:
             self.pinning.launched()
 

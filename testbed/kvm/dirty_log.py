@@ -18,10 +18,12 @@ reads its NPT: `bitmap`, mutated in place and never rebound (hw/mmu.py, hw/_nati
 folds KVM's write-protection fault into the TLB fill that takes it (the page's bit is set and
 the fill grants write), counted in `faults`.
 
-The testbed has one memslot (slot 0, all of RAM). KVM_MEM_LOG_DIRTY_PAGES on a guest_memfd
-slot is refused by KVM (check_memory_region_flags: "Dirty logging private memory is not
-currently supported"); the testbed logs the private pages of sw-protected and sev-snp VMs too,
-a deliberate deviation (README) that the migration model needs.
+The testbed's RAM is slot 0 and, after a memory hotplug, the slots above it; one array indexed by
+GFN holds every slot's bits (the hardware reads it) and the ioctls cut each slot's part out.
+KVM_MEM_LOG_DIRTY_PAGES on a guest_memfd slot is refused by KVM (check_memory_region_flags:
+"Dirty logging private memory is not currently supported"); the testbed logs the private pages
+of sw-protected and sev-snp VMs too, a deliberate deviation (README) that the migration model
+needs.
 """
 
 from __future__ import annotations
@@ -76,8 +78,16 @@ def dirty_pages(bitmap: bytes, first_page: int = 0) -> list[int]:
 class DirtyLog:
     """The RAM slot's dirty bitmap and the slot's KVM_MEM_LOG_DIRTY_PAGES flag."""
 
-    def __init__(self, npages: int, flush: Callable[[], None] | None = None) -> None:
+    def __init__(self, npages: int, flush: Callable[[], None] | None = None, *,
+                 slots: Callable[[], dict[int, tuple[int, int]]] | None = None, nr_as_ids: int = 2) -> None:
         self.npages = npages
+        #: the VM's RAM slots, id -> (GPA, bytes) (KvmVm.memslots); slot 0 covers all pages
+        #: when not given. The bits live in one array indexed by GFN (the hardware's view); the
+        #: ioctls cut each slot's part out of it, as KVM keeps one bitmap per memslot.
+        self.slots = slots if slots is not None else (lambda: {0: (0, npages << PAGE_SHIFT)})
+        #: kvm_arch_nr_memslot_as_ids(): 2 (SMM's address space) unless the VM has private
+        #: memory (kvm_arch_has_private_mem: sw-protected, SNP, TDX), then 1
+        self.nr_as_ids = nr_as_ids
         #: memslot->dirty_bitmap: bit per page, LSB first; shared with the hardware's fills
         #: (a sparse mapping: a 64 GiB guest's 2 MiB bitmap costs the pages that get bits)
         self.bitmap: mmap.mmap = frame_array(bitmap_bytes(npages))
@@ -108,11 +118,10 @@ class DirtyLog:
         self.enabled = enabled
         self._zero()
         if enabled and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET:
-            # bitmap_set(memslot->dirty_bitmap, 0, npages): the slot's pages only
-            full, rest = divmod(self.npages, 8)
-            self.bitmap[:full] = b"\xff" * full
-            if rest:
-                self.bitmap[full] = (1 << rest) - 1
+            # bitmap_set(memslot->dirty_bitmap, 0, npages): each slot's pages only
+            for base, size in self.slots().values():
+                first = base >> PAGE_SHIFT
+                self._set_bits(first, size >> PAGE_SHIFT, (1 << (size >> PAGE_SHIFT)) - 1)
 
     def _zero(self) -> None:
         self.bitmap.madvise(mmap.MADV_DONTNEED)  # reads as zeros again, pages returned
@@ -137,31 +146,48 @@ class DirtyLog:
         return 0 <= gfn < self.npages and bool(self.bitmap[gfn >> 3] >> (gfn & 7) & 1)
 
     # -- the ioctls -----------------------------------------------------------------------
-    @staticmethod
-    def _check_slot_id(name: str, slot: int) -> None:
+    def _check_slot_id(self, name: str, slot: int) -> None:
         as_id, sid = slot >> 16, slot & 0xFFFF
-        if slot < 0 or as_id >= 1 or sid >= KVM_USER_MEM_SLOTS:
+        if slot < 0 or as_id >= self.nr_as_ids or sid >= KVM_USER_MEM_SLOTS:
             raise KvmIoctlError(name, errno.EINVAL, f"slot 0x{slot:x}: address space or slot id out of range")
 
-    def _check_slot(self, name: str, slot: int) -> None:
+    def _check_slot(self, name: str, slot: int) -> tuple[int, int]:
+        """The slot's first GFN and page count; ENOENT for a slot id_to_memslot() does not find
+        (none in SMM's address space 1 here) or one without a dirty_bitmap (logging off)."""
         self._check_slot_id(name, slot)
-        if slot & 0xFFFF != 0 or not self.enabled:
-            # id_to_memslot() found no slot, or the slot has no dirty_bitmap (logging off)
-            raise KvmIoctlError(name, errno.ENOENT, f"slot {slot & 0xFFFF} has no dirty bitmap "
-                                "(KVM_MEM_LOG_DIRTY_PAGES is not set on it)")
+        found = self.slots().get(slot & 0xFFFF) if slot >> 16 == 0 else None
+        if found is None or not self.enabled:
+            raise KvmIoctlError(name, errno.ENOENT, f"slot 0x{slot:x} has no dirty bitmap "
+                                "(no such memslot, or KVM_MEM_LOG_DIRTY_PAGES is not set on it)")
+        return found[0] >> PAGE_SHIFT, found[1] >> PAGE_SHIFT
+
+    def _bits(self, first: int, count: int) -> int:
+        """Bits [first, first + count) of the array as an int (bit 0 = GFN first)."""
+        lo, hi = first >> 3, min((first + count + 7) >> 3, len(self.bitmap))
+        return (int.from_bytes(self.bitmap[lo:hi], "little") >> (first & 7)) & ((1 << count) - 1)
+
+    def _set_bits(self, first: int, count: int, value: int) -> None:
+        """Bits [first, first + count) of the array := `value`'s low bits."""
+        lo, hi = first >> 3, min((first + count + 7) >> 3, len(self.bitmap))
+        shift, mask = first & 7, (1 << count) - 1
+        old = int.from_bytes(self.bitmap[lo:hi], "little")
+        new = (old & ~(mask << shift)) | ((value & mask) << shift)
+        self.bitmap[lo:hi] = new.to_bytes(hi - lo, "little")
 
     def get(self, slot: int = 0) -> bytes:
-        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's bitmap. Without manual
-        protection the bits are taken and cleared and their pages write-protected again, with
-        a TLB flush when any was set; with it, the bitmap is returned as it is. EINVAL for a
-        slot id out of range, ENOENT for a slot without a bitmap (logging off)."""
+        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's bitmap, its pages rounded up
+        to whole longs (kvm_dirty_bitmap_bytes). Without manual protection the bits are taken
+        and cleared and their pages write-protected again, with a TLB flush when any was set;
+        with it, the bitmap is returned as it is. EINVAL for an address space or slot id out of
+        range, ENOENT for no such slot or one without a bitmap (logging off)."""
         name = "KVM_GET_DIRTY_LOG"
-        self._check_slot(name, slot)
-        data = bytes(self.bitmap)
+        first, npages = self._check_slot(name, slot)
+        bits = self._bits(first, npages)
+        data = bits.to_bytes(bitmap_bytes(npages), "little")
         if self.manual_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             return data
-        if data.count(0) != len(data):
-            self._zero()
+        if bits:
+            self._set_bits(first, npages, 0)
             self.flush()
         return data
 
@@ -175,8 +201,7 @@ class DirtyLog:
         self._check_slot_id(name, slot)  # (KVM's order: the id, the alignment, then the slot's bitmap)
         if first_page & 63:
             raise KvmIoctlError(name, errno.EINVAL, f"first_page {first_page} is not a multiple of 64")
-        self._check_slot(name, slot)
-        n = self.npages
+        slot_first, n = self._check_slot(name, slot)
         if (first_page < 0 or num_pages < 0 or first_page > n or num_pages > n - first_page
                 or (num_pages < n - first_page and num_pages & 63)):
             raise KvmIoctlError(name, errno.EINVAL, f"pages [{first_page}, +{num_pages}) do not fit the slot's "
@@ -184,18 +209,11 @@ class DirtyLog:
         nbytes = bitmap_bytes(num_pages)
         if len(bitmap) < nbytes:
             raise KvmIoctlError(name, errno.EFAULT, f"bitmap of {len(bitmap)} bytes, {nbytes} needed")
-        base = first_page >> 3
-        cleared = False
-        own = self.bitmap
-        for j in range(nbytes):
-            mask = bitmap[j]
-            if not mask or base + j >= len(own):
-                continue
-            old = own[base + j]
-            if old & mask:
-                own[base + j] = old & ~mask & 0xFF
-                cleared = True
-        if cleared:
+        count = min(nbytes * 8, n - first_page)
+        mask = int.from_bytes(bitmap[:nbytes], "little") & ((1 << count) - 1)
+        old = self._bits(slot_first + first_page, count) if mask else 0
+        if old & mask:
+            self._set_bits(slot_first + first_page, count, old & ~mask)
             self.flush()
 
     def enable_manual_protect(self, flags: int) -> None:

@@ -39,6 +39,9 @@ from testbed.kvm.uapi import KvmVmType
 from testbed.x86 import PAGE_SHIFT, PAGE_SIZE
 from testbed.x86.addr import Gfn
 
+#: include/linux/psp-sev.h: the largest blob psp_copy_user_blob() copies
+SEV_FW_BLOB_MAX_SIZE = 0x4000
+
 if TYPE_CHECKING:
     from testbed.kvm.vcpu import KvmVcpu
     from testbed.kvm.vm import KvmVm
@@ -94,8 +97,10 @@ def _hw(vm: KvmVm, command: str) -> VcpuHardware:
     return vcpus[0]
 
 
-def _page_params(command: str, gpa: int, length: int, size: int) -> None:
-    """The length checks of sev_send_update_data / sev_receive_update_data, then the pin."""
+def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[bytes, ...] = ()) -> None:
+    """The length checks of sev_send_update_data / sev_receive_update_data, the blobs copied
+    from userspace (receive: psp_copy_user_blob() refuses one above SEV_FW_BLOB_MAX_SIZE with
+    EINVAL), then the pin."""
     if not isinstance(gpa, int) or not isinstance(length, int) or length <= 0:
         raise KvmIoctlError(command, errno.EINVAL, f"guest_len {length!r} must be a positive integer")
     offset = gpa & (PAGE_SIZE - 1)
@@ -103,9 +108,19 @@ def _page_params(command: str, gpa: int, length: int, size: int) -> None:
         # "Check if we are crossing the page boundary"
         raise KvmIoctlError(command, errno.EINVAL,
                             f"0x{gpa:x}+0x{length:x} crosses a page boundary (guest_len + offset > PAGE_SIZE)")
+    _check_blobs(command, blobs)
     if gpa < 0 or gpa + length > size:
         # sev_pin_page(): the userspace address is not in the memslot
         raise KvmIoctlError(command, errno.EFAULT, f"gpa 0x{gpa:x} is outside guest memory (0x{size:x} bytes)")
+
+
+def _check_blobs(command: str, blobs: tuple[bytes, ...]) -> None:
+    """psp_copy_user_blob() (drivers/crypto/ccp/sev-dev.c): a blob longer than
+    SEV_FW_BLOB_MAX_SIZE is EINVAL before the firmware sees it."""
+    for name, blob in zip(("hdr_len", "trans_len"), blobs, strict=False):
+        if len(blob) > SEV_FW_BLOB_MAX_SIZE:
+            raise KvmIoctlError(command, errno.EINVAL, f"{name} {len(blob)}: above SEV_FW_BLOB_MAX_SIZE "
+                                f"({SEV_FW_BLOB_MAX_SIZE})")
 
 
 class SendContext:
@@ -164,7 +179,7 @@ class ReceiveContext:
         header, packet = bytes(header), bytes(packet)
         if not header or not packet:
             raise KvmIoctlError(command, errno.EINVAL, "hdr_len and trans_len must be non-zero")
-        _page_params(command, gpa, length, self._vm.memory.size)
+        _page_params(command, gpa, length, self._vm.memory.size, (header, packet))
         attrs = self._vm.mem_attrs
         if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
             raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
@@ -178,8 +193,10 @@ class ReceiveContext:
         _firmware(self._vm, command, not_sev=errno.EINVAL)
         if len(header) != HDR_LEN or not packet:
             raise KvmIoctlError(command, errno.EINVAL, f"a {HDR_LEN}-byte header and a packet are needed")
+        _check_blobs(command, (bytes(header), bytes(packet)))
         with _sev_cmd(command):
             self._fw.receive_update_vmsa(bytes(header), bytes(packet))
+        self._vm.protect_vcpu_state(_hw(self._vm, command))
 
     def receive_finish(self) -> None:
         """KVM_SEV_RECEIVE_FINISH: the guest is RUNNING and may be entered."""
@@ -193,9 +210,9 @@ def send_start(vm: KvmVm, session: TransportSession) -> SendContext:
     """KVM_SEV_SEND_START: ENOTTY unless an SEV guest (the testbed: any type in
     MIGRATABLE_TYPES); the firmware moves the guest to SUPDATE."""
     command = "KVM_SEV_SEND_START"
+    fw = _firmware(vm, command)  # "if (!sev_guest(kvm)) return -ENOTTY;" before the arguments
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
-    fw = _firmware(vm, command)
     with _sev_cmd(command):
         fw.send_start(session)
     return SendContext(vm, fw)
@@ -205,9 +222,9 @@ def receive_start(vm: KvmVm, session: TransportSession) -> ReceiveContext:
     """KVM_SEV_RECEIVE_START: ENOTTY unless an SEV guest; a fresh guest context in RUPDATE.
     On SNP all RAM is assigned in the RMP, as SNP_LAUNCH_START leaves it (kvm/vm.py)."""
     command = "KVM_SEV_RECEIVE_START"
+    fw = _firmware(vm, command)  # "if (!sev_guest(kvm)) return -ENOTTY;" before the arguments
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
-    fw = _firmware(vm, command)
     with _sev_cmd(command):
         fw.receive_start(session)
     if vm.snp:
@@ -228,7 +245,7 @@ class KvmVcpuState:
 def get_vcpu_state(vcpu: KvmVcpu) -> KvmVcpuState:
     """KVM_GET_REGS/SREGS/MSRS (registers only where KVM may read them) and KVM's SEV state."""
     vm = vcpu.vm
-    regs = None if vm.protected_state else vcpu.hw.save_state()
+    regs = None if vm.vcpu_state_protected(vcpu.hw) else vcpu.hw.save_state()
     kvm: dict[str, Any] = {"pv_msrs": dict(vcpu.pv_msrs.values)}
     sev = vcpu.sev_state
     if sev is not None:
@@ -238,15 +255,17 @@ def get_vcpu_state(vcpu: KvmVcpu) -> KvmVcpuState:
 
 
 def set_vcpu_state(vcpu: KvmVcpu, state: KvmVcpuState) -> None:
-    """KVM_SET_REGS/SREGS/MSRS and KVM's SEV state. Registers for a protected-state VM are
-    EINVAL (kvm_arch_vcpu_ioctl_set_regs: guest_state_protected), as is a state of the wrong
-    kind (one with SEV state for a VM without, and the reverse)."""
+    """KVM_SET_REGS/SREGS/MSRS and KVM's SEV state. Registers of a vCPU whose state is the
+    guest's are EINVAL (kvm_arch_vcpu_ioctl_set_regs: has_protected_state &&
+    guest_state_protected: after the launch's VMSA or RECEIVE_UPDATE_VMSA, not on a target still
+    waiting for it), as is a state of the wrong kind (one with SEV state for a VM without, and
+    the reverse)."""
     name = "KVM_SET_REGS"
     if not isinstance(state, KvmVcpuState):
         raise KvmIoctlError(name, errno.EINVAL, f"expected a KvmVcpuState, not {type(state).__name__}")
     vm = vcpu.vm
     if state.regs is not None:
-        if vm.protected_state:
+        if vm.vcpu_state_protected(vcpu.hw):
             raise KvmIoctlError(name, errno.EINVAL, "the guest's register state is protected (SEV-ES/SNP): "
                                 "it moves in the VMSA packet (receive_vcpu_state)")
         vcpu.hw.load_state(state.regs)

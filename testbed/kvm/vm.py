@@ -193,7 +193,8 @@ class KvmVm:
         self.unplug_ram: Callable[[int], None] | None = None
         #: the RAM's dirty log (KVM_MEM_LOG_DIRTY_PAGES, KVM_GET/CLEAR_DIRTY_LOG), sized for the
         #: memory the VM can grow to (the testbed logs hotplugged RAM in the same bitmap)
-        self.dirty_log = DirtyLog(memory.capacity >> 12, flush=self._flush_remote_tlbs)
+        self.dirty_log = DirtyLog(memory.capacity >> 12, flush=self._flush_remote_tlbs, slots=lambda: self.memslots,
+                                  nr_as_ids=1 if self.guest_memfd else 2)
         #: KVM's accessors of guest memory: a write marks the page dirty (kvm_write_guest)
         self.memory: DirtyMarkingMemory = DirtyMarkingMemory(memory, self.dirty_log)
         self.hypercall_exit_mask = 0
@@ -225,6 +226,8 @@ class KvmVm:
         #: the hardware of each vCPU (KVM_CREATE_VCPU): told when stage-2 mappings change,
         #: and driven by the launch commands
         self._vcpu_hw: list[VcpuHardware] = []
+        #: the vCPUs whose state is the guest's (guest_state_protected)
+        self._protected_vcpus: list[VcpuHardware] = []
         #: KVM_MEMORY_ENCRYPT_REG_REGION: the (userspace address, size) ranges registered and
         #: pinned (sev->regions_list), in order
         self.enc_regions: list[tuple[int, int]] = []
@@ -422,6 +425,17 @@ class KvmVm:
         self._vcpu_hw.append(hw)
         if self.dirty_log.enabled:
             hw.set_dirty_log(self.dirty_log.bitmap)
+
+    def vcpu_state_protected(self, hw: VcpuHardware) -> bool:
+        """vcpu->arch.guest_state_protected on a VM with protected state: KVM_GET/SET_REGS and
+        their kin are EINVAL (kvm_arch_vcpu_ioctl_get_regs) once the VMSA is encrypted."""
+        return self.protected_state and any(h is hw for h in self._protected_vcpus)
+
+    def protect_vcpu_state(self, hw: VcpuHardware) -> None:
+        """The vCPU's state became the guest's: KVM_SEV_LAUNCH_UPDATE_VMSA (SNP: LAUNCH_FINISH,
+        TDX: KVM_TDX_INIT_VCPU) or RECEIVE_UPDATE_VMSA set guest_state_protected."""
+        if self.protected_state and not self.vcpu_state_protected(hw):
+            self._protected_vcpus.append(hw)
 
     def stage2(self) -> StagePrivacy | None:
         """What the hardware asks about a GFN (kvm_mem_is_private()); None on a VM without

@@ -16,6 +16,7 @@ import pytest
 import testbed
 from testbed.hw.exits import Vendor
 from testbed.hw.fake import FakeVcpu
+from testbed.hw.memory import GuestMemory
 from testbed.kvm.dirty_log import (
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET,
@@ -55,11 +56,19 @@ def test_get_dirty_log_without_logging_is_enoent() -> None:
     assert exc.value.errno == errno.ENOENT
 
 
-@pytest.mark.parametrize(("slot", "err"), [(1, errno.ENOENT), (1 << 16, errno.EINVAL), (32764, errno.EINVAL)])
-def test_get_dirty_log_slot_checks(slot: int, err: int) -> None:
+@pytest.mark.parametrize(("vm_type", "slot", "err"), [
+    (KvmVmType.KVM_X86_DEFAULT_VM, 1, errno.ENOENT), (KvmVmType.KVM_X86_DEFAULT_VM, 32764, errno.EINVAL),
+    # SMM's address space 1 exists unless the VM has private memory (kvm_arch_nr_memslot_as_ids):
+    # no slot there (ENOENT) on default/SEV/SEV-ES; out of range (EINVAL) on sw-protected/SNP/TDX
+    (KvmVmType.KVM_X86_DEFAULT_VM, 1 << 16, errno.ENOENT), (KvmVmType.KVM_X86_SEV_ES_VM, 1 << 16, errno.ENOENT),
+    (KvmVmType.KVM_X86_SW_PROTECTED_VM, 1 << 16, errno.EINVAL), (KvmVmType.KVM_X86_SNP_VM, 1 << 16, errno.EINVAL),
+    (KvmVmType.KVM_X86_DEFAULT_VM, 2 << 16, errno.EINVAL),
+])
+def test_get_dirty_log_slot_checks(vm_type: KvmVmType, slot: int, err: int) -> None:
     """An address space or slot id out of range is EINVAL, a slot that does not exist ENOENT
-    (kvm_get_dirty_log_protect: as_id / KVM_USER_MEM_SLOTS, then id_to_memslot)."""
-    _, vm, _ = make()
+    (kvm_get_dirty_log_protect: as_id >= kvm_arch_nr_memslot_as_ids() / KVM_USER_MEM_SLOTS,
+    then id_to_memslot)."""
+    _, vm, _ = make(vm_type)
     vm.set_dirty_logging(True)
     with pytest.raises(KvmIoctlError) as exc:
         vm.get_dirty_log(slot)
@@ -245,3 +254,36 @@ def test_native_and_python_fills_log_the_same_pages(monkeypatch: pytest.MonkeyPa
     python, none = _run_logged("sev")
     assert native == python
     assert in_c > 0 and none == 0  # the C fill took write faults itself
+
+
+def test_each_memslot_has_its_own_bitmap() -> None:
+    """kvm_get_dirty_log_protect() copies the slot's own bitmap (kvm_dirty_bitmap_bytes of its
+    npages) and kvm_clear_dirty_log_protect() checks ranges against the slot's npages - the boot
+    RAM's slot 0, not the capacity reserved for hotplug; a hotplugged slot's pages are in its
+    own bitmap, bit 0 at its first page; KVM_DIRTY_LOG_INITIALLY_SET sets the slots' pages only."""
+    hw = FakeVcpu(Vendor.AMD, MEM)
+    memory = GuestMemory(MEM, capacity=4 * MEM)
+    vm = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.AMD, memory.userspace_view())
+    KvmVcpu(vm, hw)
+    vm.set_dirty_logging(True)
+    assert len(vm.get_dirty_log(0)) == bitmap_bytes(PAGES)
+    with pytest.raises(KvmIoctlError) as exc:
+        vm.clear_dirty_log(PAGES, 64, bytes(8))
+    assert exc.value.errno == errno.EINVAL  # first_page beyond slot 0's pages
+    with pytest.raises(KvmIoctlError) as exc:
+        vm.get_dirty_log(1)
+    assert exc.value.errno == errno.ENOENT  # not plugged yet
+    vm.set_user_memory_region(1, MEM, MEM)
+    memory.plug(2 * MEM)
+    vm.memory.write(MEM + 3 * 4096, b"x")  # KVM's write into the new slot's page 3
+    vm.memory.write(5 * 4096, b"y")  # and into slot 0's page 5
+    assert dirty_pages(vm.get_dirty_log(1)) == [3]
+    assert dirty_pages(vm.get_dirty_log(0)) == [5]
+    assert dirty_pages(vm.get_dirty_log(1)) == []  # collected: cleared
+    vm.set_dirty_logging(False)
+    vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_dirty_logging(True)
+    assert dirty_pages(vm.get_dirty_log(1)) == list(range(PAGES))
+    assert not vm.dirty_log.is_dirty(2 * PAGES)  # the unplugged reservation has no bits
+    vm.clear_dirty_log(0, 64, (0b101).to_bytes(8, "little"), slot=1)  # pages 0 and 2
+    assert dirty_pages(vm.get_dirty_log(1))[:3] == [1, 3, 4]

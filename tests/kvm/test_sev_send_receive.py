@@ -26,7 +26,14 @@ from testbed.hw.psp import (
     SEV_RET_INVALID_PARAM,
 )
 from testbed.kvm.ioctl import KvmIoctlError
-from testbed.kvm.migration import ReceiveContext, SendContext, SevCommandError, TransportSession
+from testbed.kvm.migration import (
+    ReceiveContext,
+    SendContext,
+    SevCommandError,
+    TransportSession,
+    receive_start,
+    send_start,
+)
 from testbed.layout import Layout
 from testbed.machine import Machine, VmOptions
 
@@ -255,19 +262,42 @@ def test_command_errnos_and_firmware_states() -> None:
         assert fw.value.errno == errno.EIO and fw.value.fw_error == SEV_RET_INVALID_GUEST_STATE
 
 
+def test_blobs_above_the_firmware_maximum_and_the_vm_type_come_first() -> None:
+    """sev_receive_update_data copies the header and the packet with psp_copy_user_blob(), which
+    refuses one above SEV_FW_BLOB_MAX_SIZE (0x4000) with EINVAL before the firmware runs (no
+    firmware status); SEND_START/RECEIVE_START on a VM that is not an SEV guest are ENOTTY
+    before their arguments are read ("if (!sev_guest(kvm)) return -ENOTTY;" comes first)."""
+    with source("sev") as src, target(src) as dst:
+        session = TransportSession.create(9)
+        ctx = src.send_start(session)
+        rctx = dst.receive_start(session)
+        header, packet = ctx.send_update_data(FREE)
+        for bad in ((header, packet + bytes(0x4001 - len(packet))), (header + bytes(0x4001 - len(header)), packet)):
+            with pytest.raises(KvmIoctlError) as exc:
+                rctx.receive_update_data(*bad, FREE)
+            assert exc.value.errno == errno.EINVAL and not isinstance(exc.value, SevCommandError)
+        rctx.receive_update_data(header, packet, FREE)  # nothing was consumed: the real one still lands
+    with testbed.Vm(memory=MEMORY) as plain:
+        plain.load("<plain>", text="guest_main:\n    GUEST_DONE\n")
+        for start in (send_start, receive_start):
+            with pytest.raises(KvmIoctlError) as exc:
+                start(plain.machine.kvm_vm, None)  # type: ignore[arg-type]
+            assert exc.value.errno == errno.ENOTTY
+
+
 def test_protected_vcpu_state_moves_only_in_the_vmsa_packet() -> None:
-    """SEV-ES: KVM cannot read or write the registers (KVM_GET/SET_REGS are EINVAL for a
-    guest_state_protected vCPU), so they travel in the firmware's VMSA packet; a tampered VMSA
-    packet is BAD_MEASUREMENT, and a page packet offered as a VMSA (or the reverse) is refused
-    (INVALID_PARAM)."""
+    """SEV-ES: KVM cannot read or write the registers of a launched vCPU (KVM_GET/SET_REGS are
+    EINVAL once guest_state_protected), so they travel in the firmware's VMSA packet; the
+    target's vCPU is not protected until RECEIVE_UPDATE_VMSA loads it (its registers are the
+    VMM's until then); a tampered VMSA packet is BAD_MEASUREMENT, and a page packet offered as
+    a VMSA (or the reverse) is refused (INVALID_PARAM)."""
     session = TransportSession.create(8)
     with source("sev-es") as src, target(src) as dst:
         state = src.get_vcpu_state()
         assert state.regs is None and "sev" in state.kvm
         regs_from_elsewhere = dst.machine.cpu.save_state()
-        with pytest.raises(KvmIoctlError) as exc:
-            dst.set_vcpu_state(type(state)(regs_from_elsewhere, state.kvm))
-        assert exc.value.errno == errno.EINVAL
+        assert dst.get_vcpu_state().regs == regs_from_elsewhere  # not launched: readable
+        dst.set_vcpu_state(type(state)(regs_from_elsewhere, state.kvm))  # and writable
         ctx = src.send_start(session)
         rctx = dst.receive_start(session)
         header, packet = ctx.send_vcpu_state()
@@ -285,3 +315,7 @@ def test_protected_vcpu_state_moves_only_in_the_vmsa_packet() -> None:
         assert fw.value.fw_error == SEV_RET_INVALID_PARAM
         rctx.receive_vcpu_state(header, packet)
         assert dst.machine.cpu.save_state() == src.machine.cpu.save_state()
+        assert dst.get_vcpu_state().regs is None  # the guest's now
+        with pytest.raises(KvmIoctlError) as exc:
+            dst.set_vcpu_state(type(state)(regs_from_elsewhere, state.kvm))
+        assert exc.value.errno == errno.EINVAL

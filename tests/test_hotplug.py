@@ -18,7 +18,13 @@ from testbed.errors import UsageError
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import GuestMemory
 from testbed.kvm.ioctl import KvmIoctlError
-from testbed.kvm.uapi import KVM_CAP_VM_TYPES, InternalErrorExit, KvmVmType
+from testbed.kvm.uapi import (
+    KVM_CAP_VM_TYPES,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    InternalErrorExit,
+    KvmVmType,
+    MemoryFaultExit,
+)
 from testbed.kvm.vm import KvmVm
 from testbed.machine import Machine, VmOptions, build_program, run_guest
 from testbed.tracker import (
@@ -141,7 +147,6 @@ def test_a_slot_kvm_refuses_leaves_the_tracker_as_it_was() -> None:
 
 UNPLUGGED = """
 guest_main:
-    GUEST_SYNC 0
     mov rax, BOOT_MEM + 0x1000
     mov qword ptr [rax], 1
     ret
@@ -154,6 +159,19 @@ def test_touching_memory_not_yet_plugged_has_no_memslot() -> None:
     report = run_guest("unplugged.s", VmOptions(memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT}),
                        text=UNPLUGGED)
     assert report.outcome == "internal_error" and "outside guest memory" in report.detail
+
+
+def test_a_private_access_without_a_memslot_is_a_memory_fault_exit() -> None:
+    """KVM accepts attributes for any GFN; a private access to one no memslot covers is not MMIO:
+    kvm_mmu_faultin_pfn()/kvm_handle_noslot_fault() prepare KVM_EXIT_MEMORY_FAULT (flag PRIVATE,
+    the page) instead (on sw-protected the attribute makes the access private:
+    kvm_mmu_page_fault's PFERR_PRIVATE_ACCESS)."""
+    with Vm(vm_type="sw-protected", memory=BOOT, max_memory=TOP, defines={"BOOT_MEM": BOOT}, timeout=20) as vm:
+        vcpu = vm.load("unplugged.s", text=UNPLUGGED)
+        vm.set_memory_attributes(BOOT + 0x1000, 0x1000, private=True)
+        end = vcpu.run()
+    assert isinstance(end, MemoryFaultExit), end
+    assert (end.flags, end.gpa, end.size) == (KVM_MEMORY_EXIT_FLAG_PRIVATE, BOOT + 0x1000, 0x1000)
 
 
 def test_hotplug_limits() -> None:

@@ -932,9 +932,14 @@ class KvmVcpu:
         code (a TD's EPT violation: the shared bit of the GPA, kvm/tdx.py).
         """
         attrs = self.vm.mem_attrs
-        if gpa < self.vm.memory.size and attrs is not None:
+        if attrs is not None:
+            # kvm_mmu_faultin_pfn(): a private/shared mismatch exits before the memslot is looked
+            # at, and kvm_handle_noslot_fault() sends a private access without a memslot to
+            # userspace the same way (no MMIO is private).
             is_private = bool(error & NPF_GUEST_ENC) if private is None else private
-            if is_private != attrs.is_private(gpa >> 12):
+            if self.vm.type == KvmVmType.KVM_X86_SW_PROTECTED_VM and attrs.is_private(gpa >> 12):
+                is_private = True  # kvm_mmu_page_fault(): PFERR_PRIVATE_ACCESS from the attribute
+            if is_private != attrs.is_private(gpa >> 12) or (is_private and gpa >= self.vm.memory.size):
                 flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if is_private else 0
                 if self.tracer.enabled:
                     self.tracer.emit("kvm", "memory_fault", gpa=gpa, private=is_private)

@@ -390,11 +390,13 @@ PVALIDATE_BEYOND_RAM = ("guest_main:" + map_high("0x40000000") + """    mov rax,
 
 def test_pvalidate_of_a_mapping_beyond_guest_memory_is_a_nested_fault() -> None:
     """The guest's walk succeeds (the PDE is present), so PVALIDATE of a GPA beyond guest RAM is a
-    nested page fault on that GPA - the same end as a data access there (no memslot: the README's
-    internal error) - not a #PF in the guest."""
+    nested page fault on that GPA, not a #PF in the guest; PVALIDATE is a private access, and a
+    private access without a memslot is KVM_EXIT_MEMORY_FAULT (kvm_handle_noslot_fault:
+    fault->is_private), which the VMM cannot convert (QEMU's kvm_convert_memory: no region)."""
     _, report = run_text(PVALIDATE_BEYOND_RAM, "sev-snp")
-    assert report.outcome == "internal_error", report.detail
-    assert "gpa 0x40000000 outside guest memory" in report.detail
+    assert report.outcome == "memory_fault", report.detail
+    assert report.detail == ("guest made a private access to gpa 0x40000000, outside guest memory (no memslot): "
+                             "there is no memory to convert")
 
 
 #: Map 0xffff800000000000 through new tables in guest memory, read it, then rescind the PDPT's

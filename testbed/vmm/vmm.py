@@ -400,6 +400,10 @@ class Vmm:
         ) == 0:
             return None
         kind = "private" if private else "shared"
+        if exit.gpa >= self.memory.size:
+            # kvm_convert_memory(): no memory region there - a private conversion fails.
+            return VmEnd("memory_fault", f"guest made a {kind} access to gpa 0x{exit.gpa:x}, outside guest memory "
+                         "(no memslot): there is no memory to convert", exit=exit)
         why = ("the VMM refused to convert it" if self.implicit_conversion == "convert"
                else "implicit conversions are refused")
         return VmEnd("memory_fault", f"guest made a {kind} access to gpa 0x{exit.gpa:x}, which the host holds as "

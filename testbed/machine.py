@@ -24,6 +24,7 @@ from testbed.hw.exits import RunStop, StopReason, Vendor
 from testbed.hw.memory import GuestMemory, UnmappableMemoryError
 from testbed.kvm.hypercall import neg
 from testbed.kvm.ioctl import KvmIoctlError
+from testbed.kvm.migration import MIGRATABLE_TYPES
 from testbed.kvm.msr import KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER
 from testbed.kvm.uapi import (
     KVM_CAP_DISABLE_QUIRKS2,
@@ -390,6 +391,8 @@ class Machine:
             self.pinning.register_ram(self.kvm_vm.memory_encrypt_reg_region, self.memory.dram_address(),
                                       self.memory.size)
         self.kvm_vcpu.reset()
+        if self.kvm_vm.type in MIGRATABLE_TYPES:
+            self.cpu.sev_firmware().incoming()  # no guest context until RECEIVE_START (handle 0)
         if self.pinning is not None:
             self.pinning.launched()
 

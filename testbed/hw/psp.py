@@ -14,7 +14,10 @@ In the real flow SEND_START / RECEIVE_START derive the TEK and TIK from the plat
 exchange (the session blob carries them wrapped); here both sides are handed one
 `TransportSession`. The guest state machine is the specification's: SEND_* need SUPDATE (from
 RUNNING via SEND_START), RECEIVE_* need RUPDATE (from RECEIVE_START); the wrong state is
-INVALID_GUEST_STATE. RECEIVE_FINISH leaves the target RUNNING, SEND_FINISH the source SENT.
+INVALID_GUEST_STATE. RECEIVE_FINISH leaves the target RUNNING, SEND_FINISH the source SENT. A
+migration target starts with no guest context (UNINIT: KVM's handle 0, every other command is
+INVALID_GUEST); RECEIVE_START where a context owns the VM's ASID already is ASID_OWNED (KVM's
+ACTIVATE in sev_bind_asid).
 
 Not in the real stack: the same commands on guest_memfd VMs (sw-protected, SNP). SNP migrates
 through a guest migration agent and guest_memfd private memory has no upstream migration path;
@@ -46,6 +49,8 @@ SEV_RET_INVALID_GUEST_STATE = 0x02
 SEV_RET_INVALID_LEN = 0x04
 SEV_RET_INVALID_ADDRESS = 0x09
 SEV_RET_BAD_MEASUREMENT = 0x0B
+SEV_RET_ASID_OWNED = 0x0C
+SEV_RET_INVALID_GUEST = 0x10
 SEV_RET_INVALID_PARAM = 0x16
 SEV_RET_INVALID_PAGE_STATE = 0x1A
 
@@ -53,7 +58,8 @@ SEV_RET_NAMES = {
     SEV_RET_INVALID_PLATFORM_STATE: "INVALID_PLATFORM_STATE", SEV_RET_INVALID_GUEST_STATE: "INVALID_GUEST_STATE",
     SEV_RET_INVALID_LEN: "INVALID_LEN", SEV_RET_INVALID_ADDRESS: "INVALID_ADDRESS",
     SEV_RET_BAD_MEASUREMENT: "BAD_MEASUREMENT", SEV_RET_INVALID_PARAM: "INVALID_PARAM",
-    SEV_RET_INVALID_PAGE_STATE: "INVALID_PAGE_STATE",
+    SEV_RET_INVALID_PAGE_STATE: "INVALID_PAGE_STATE", SEV_RET_ASID_OWNED: "ASID_OWNED",
+    SEV_RET_INVALID_GUEST: "INVALID_GUEST",
 }
 
 #: PACKET_HEADER: FLAGS (u32), IV (16 bytes), MAC (32 bytes)
@@ -67,6 +73,8 @@ PACKET_FLAG_VALIDATED = 1 << 1
 PACKET_FLAG_VMSA = 1 << 2
 
 # Guest states (SEV API "Guest States")
+#: no guest context: a migration target before RECEIVE_START (KVM's sev->handle is 0)
+GSTATE_UNINIT = "UNINIT"
 GSTATE_RUNNING = "RUNNING"
 GSTATE_SUPDATE = "SUPDATE"
 GSTATE_SENT = "SENT"
@@ -163,7 +171,18 @@ class GuestFirmware:
         self.received = 0
 
     # ------------------------------------------------------------------- checks
+    def incoming(self) -> None:
+        """No guest context yet: the VM was never launched and waits for RECEIVE_START."""
+        self.state = GSTATE_UNINIT
+
+    def _no_guest(self, command: str) -> None:
+        """A command on handle 0 (no LAUNCH_START or RECEIVE_START made a guest context)."""
+        if self.state == GSTATE_UNINIT:
+            raise FirmwareError(command, SEV_RET_INVALID_GUEST, "no guest context (handle 0): the VM was never "
+                                "launched or received")
+
     def _need(self, command: str, state: str) -> TransportSession:
+        self._no_guest(command)
         if self.state != state or self._session is None:
             raise FirmwareError(command, SEV_RET_INVALID_GUEST_STATE, f"guest state {self.state}, needs {state}")
         return self._session
@@ -177,6 +196,7 @@ class GuestFirmware:
     # -------------------------------------------------------------------- source
     def send_start(self, session: TransportSession) -> None:
         """SEND_START: RUNNING -> SUPDATE with the session's keys."""
+        self._no_guest("SEND_START")
         if self.state != GSTATE_RUNNING:
             raise FirmwareError("SEND_START", SEV_RET_INVALID_GUEST_STATE, f"guest state {self.state}, needs RUNNING")
         self._session = session
@@ -216,6 +236,7 @@ class GuestFirmware:
 
     def send_cancel(self) -> None:
         """SEND_CANCEL: back to RUNNING (the migration was abandoned)."""
+        self._no_guest("SEND_CANCEL")
         if self.state not in (GSTATE_SUPDATE, GSTATE_SENT):
             raise FirmwareError("SEND_CANCEL", SEV_RET_INVALID_GUEST_STATE, f"guest state {self.state}")
         self.state = GSTATE_RUNNING
@@ -223,10 +244,13 @@ class GuestFirmware:
 
     # -------------------------------------------------------------------- target
     def receive_start(self, session: TransportSession) -> None:
-        """RECEIVE_START: a new guest context in RUPDATE with the session's keys."""
-        if self.state != GSTATE_RUNNING or self.received or self.sent:
-            raise FirmwareError("RECEIVE_START", SEV_RET_INVALID_GUEST_STATE,
-                                f"guest state {self.state}: RECEIVE_START needs a fresh guest")
+        """RECEIVE_START: a new guest context in RUPDATE with the session's keys. KVM then binds
+        the VM's ASID to it (sev_bind_asid: ACTIVATE), which fails when a guest context of
+        this VM - a launched guest, an earlier RECEIVE_START - owns the ASID already: ASID_OWNED,
+        and KVM decommissions the new context (nothing changes here)."""
+        if self.state != GSTATE_UNINIT:
+            raise FirmwareError("RECEIVE_START", SEV_RET_ASID_OWNED,
+                                f"guest state {self.state}: the VM's ASID is bound to its guest context already")
         self._session = session
         self.state = GSTATE_RUPDATE
 

@@ -21,7 +21,9 @@ import testbed
 from testbed.api import Vcpu, Vm
 from testbed.hw.psp import (
     HDR_LEN,
+    SEV_RET_ASID_OWNED,
     SEV_RET_BAD_MEASUREMENT,
+    SEV_RET_INVALID_GUEST,
     SEV_RET_INVALID_GUEST_STATE,
     SEV_RET_INVALID_PARAM,
 )
@@ -227,8 +229,10 @@ def test_command_errnos_and_firmware_states() -> None:
     """ENOTTY for SEND_START on a VM that is not an SEV guest, but EINVAL for
     RECEIVE_UPDATE_DATA there (sev.c's own inconsistency); EINVAL for an empty header or
     packet and (testbed) for a page not private in the target's attributes; the firmware's
-    state machine: a command after SEND_FINISH, or a second RECEIVE_START, is EIO with
-    INVALID_GUEST_STATE."""
+    state machine: a command after SEND_FINISH is EIO with INVALID_GUEST_STATE; RECEIVE_START
+    where a guest context already owns the VM's ASID (a second one, or on a launched guest)
+    fails KVM's ACTIVATE (sev_bind_asid) with ASID_OWNED; SEND_START on a target never launched
+    nor received names handle 0: INVALID_GUEST."""
     session = TransportSession.create(6)
     with testbed.Vm(memory=MEMORY) as plain:
         plain.load("<plain>", text="guest_main:\n    GUEST_DONE\n")
@@ -241,6 +245,14 @@ def test_command_errnos_and_firmware_states() -> None:
         with pytest.raises(KvmIoctlError) as exc:
             fake.receive_update_data(b"h" * HDR_LEN, b"p", 0)
         assert exc.value.errno == errno.EINVAL
+    with source("sev") as src, target(src) as dst:
+        with pytest.raises(SevCommandError) as fw:
+            dst.send_start(session)
+        assert fw.value.errno == errno.EIO and fw.value.fw_error == SEV_RET_INVALID_GUEST
+        with pytest.raises(SevCommandError) as fw:
+            src.receive_start(session)
+        assert fw.value.errno == errno.EIO and fw.value.fw_error == SEV_RET_ASID_OWNED
+        src.send_start(session).send_cancel()  # the launched guest is untouched: it can still send
     with source("sw-protected") as src, target(src) as dst:
         ctx = src.send_start(session)
         rctx = dst.receive_start(session)
@@ -254,8 +266,8 @@ def test_command_errnos_and_firmware_states() -> None:
             rctx.receive_update_data(header, packet, FREE)
         assert exc.value.errno == errno.EINVAL
         with pytest.raises(SevCommandError) as fw:
-            dst.receive_start(session)
-        assert fw.value.fw_error == SEV_RET_INVALID_GUEST_STATE
+            dst.receive_start(session)  # the ASID is bound to the first one's context (sev_bind_asid)
+        assert fw.value.fw_error == SEV_RET_ASID_OWNED
         ctx.send_finish()
         with pytest.raises(SevCommandError) as fw:
             ctx.send_update_data(FREE)

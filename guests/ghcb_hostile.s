@@ -20,7 +20,7 @@
 #   9  SNP: a shared page that is not the        -> answered 2/1 (GHCB_ERR_NOT_REGISTERED) in
 #      registered GHCB used as GHCB                 that page, the guest runs on and reports
 #                                                   0xbad (7.1: KVM_RUN fails with -EINVAL)
-#  10  PSC for a GFN beyond guest memory         -> forwarded by KVM, refused by the VMM:
+#  10  PSC to private of a GFN beyond guest RAM  -> forwarded by KVM, refused by the VMM:
 #                                                   0, 0x10000000000 (VMGEXIT_PSC_ERROR_GENERIC)
 .ifndef SCENARIO
 .equ SCENARIO, 0
@@ -125,7 +125,7 @@ guest_main:
 .if SCENARIO == 10
     mov rbx, 0
     mov rcx, GUEST_MEM_SIZE + 0x100000
-    mov rax, 2 << 52
+    mov rax, 1 << 52                       # SNP_PAGE_STATE_PRIVATE (to shared, no RAM: QEMU says yes)
     or rcx, rax
     xor edx, edx
     call psc_request

@@ -417,7 +417,7 @@ class Machine:
         if self.tdx:
             # KVM_TDX_INIT_VM: the CPUID configuration TDH.MNG.INIT hands the TDX module.
             self.cpu.tdx_init_vm({key: (e.eax, e.ebx, e.ecx, e.edx) for key, e in vm.cpuid.entries.items()})
-        self.msr = MsrHandler()
+        self.msr = MsrHandler(encrypted_memory=self.kvm_vm.type != KvmVmType.KVM_X86_DEFAULT_VM)
         if pv & (1 << KVM_FEATURE_MIGRATION_CONTROL):
             # hypercalls.rst: advertising MIGRATION_CONTROL obliges userspace to handle the MSR
             # through a filter, which KVM turns into KVM_EXIT_X86_RDMSR/WRMSR exits.

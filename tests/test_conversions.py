@@ -11,7 +11,9 @@ import struct
 
 import pytest
 
+import testbed
 from testbed.hw.exits import Vendor
+from testbed.kvm.uapi import KVM_MEMORY_EXIT_FLAG_PRIVATE, MemoryFaultExit
 from testbed.layout import RT_GHCB, UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, Machine, VmOptions, build_program
 
@@ -144,6 +146,20 @@ def test_implicit_conversion_refused_ends_the_run() -> None:
                              "implicit conversions are refused")
     assert report.user_exits[-1] == {"reason": "memory_fault", "flags": 0, "gpa": UCALL_GPA, "size": 4096}
     assert report.shared_ranges == []
+
+
+def test_a_memory_fault_with_an_unknown_flag_stops_the_vm() -> None:
+    """QEMU's kvm_cpu_exec(): KVM_EXIT_MEMORY_FAULT with a flag other than PRIVATE is "Unknown
+    flag" and stops the VM (internal error) - no conversion happens."""
+    with testbed.Vm(vm_type="sev-snp", memory=MEM, timeout=20) as vm:
+        vm.load("syncs.s", text="guest_main:\n    GUEST_DONE\n")
+        gpa = Layout(MEM).free_gpa
+        assert vm.is_private(gpa)
+        with pytest.raises(testbed.VmExitError) as end:
+            vm.handle(MemoryFaultExit(flags=KVM_MEMORY_EXIT_FLAG_PRIVATE | 1, gpa=gpa, size=4096))
+        assert vm.is_private(gpa)
+    assert end.value.outcome == "internal_error"
+    assert end.value.detail == "KVM_EXIT_MEMORY_FAULT: unknown flag 0x9"
 
 
 def test_hostile_guest_poisons_a_bounded_tracker_without_crashing() -> None:

@@ -284,7 +284,7 @@ def test_map_gpa_range_updates_shared_ranges() -> None:
         (GPA, NPAGES, 1 << 63),  # reserved attrs bit 63
         (GPA, NPAGES, 3),  # page-size hint 3: neither 4K, 2M nor 1G
         ((16 << 20) - 0x1000, 2, 0),  # last page + one beyond guest memory
-        (1 << 40, 1, 0),  # far outside guest memory
+        (1 << 40, 1, KVM_MAP_GPA_RANGE_ENCRYPTED),  # to private far outside guest memory
     ],
     ids=["attrs_bit5", "attrs_bit63", "page_size_3", "straddles_end", "outside_memory"],
 )

@@ -31,7 +31,7 @@ def test_shared_then_private_updates_the_tracker() -> None:
         (0x1000, 1, 1 << 63),  # reserved attribute bit 63
         (0x1000, 1, 3),  # page-size hint that is neither 4K, 2M nor 1G
         ((PAGES - 1) << 12, 2, 0),  # runs past the end of guest memory
-        (PAGES << 12, 1, 0),  # starts outside guest memory
+        (PAGES << 12, 1, KVM_MAP_GPA_RANGE_ENCRYPTED),  # to private outside guest memory
     ],
 )
 def test_malformed_requests_are_refused_with_einval(gpa: int, npages: int, attrs: int) -> None:
@@ -48,3 +48,13 @@ def test_per_call_bound() -> None:
     h = handler(max_pages=8)
     assert h.handle(0, 9, 0) == KVM_EINVAL
     assert h.handle(0, 8, 0) == 0
+
+
+def test_to_shared_wholly_outside_guest_memory_is_accepted_and_ignored() -> None:
+    """QEMU's kvm_convert_memory(): no memory region behind the range - "Ignore converting
+    non-assigned region to shared" (OVMF's MapGPA of the PCI MMIO hole) - answers 0 and records
+    nothing; a range only partly outside is still refused, as is to-private outside."""
+    h = handler()
+    assert h.handle(PAGES << 12, 16, 0) == 0 and h.handle((PAGES + 100) << 12, 1, 0) == 0
+    assert h.tracker.shared_ranges() == [] and h.rejected == 0
+    assert h.handle((PAGES - 1) << 12, 2, 0) == KVM_EINVAL

@@ -113,7 +113,7 @@ def test_snp_registers_and_shares_its_ghcb() -> None:
         (5, 0, 0),  # cur_entry > end_entry: nothing to do
         (6, 2, 3),  # scratch outside the shared buffer -> INVALID_SCRATCH_AREA
         (7, 0x600D, 0x600D),  # GHCB outside memory: KVM resumes the guest untouched
-        (10, 0, 0x100_0000_0000),  # PSC beyond guest memory: the VMM refuses -> GENERIC
+        (10, 0, 0x100_0000_0000),  # PSC to private beyond guest memory: the VMM refuses -> GENERIC
     ],
 )
 def test_hostile_ghcb_requests_are_answered_as_kvm_does(scenario: int, info1: int, info2: int) -> None:
@@ -230,13 +230,21 @@ guest_main:
 """
 
 
-def test_ap_creation_checks_the_vmsa_gpa_against_maxphyaddr_36_without_leaf_0x80000008() -> None:
-    """The VM's CPUID has no leaf 0x80000008, so page_address_valid() checks the VMSA GPA
-    against MAXPHYADDR 36 (cpuid.c cpuid_query_maxphyaddr), not the leaf's absent value: KVM
-    accepts this request, which the testbed does not model (an internal error naming it), not
-    INVALID_INPUT (sev.c sev_snp_ap_creation)."""
-    machine, report = run_text(AP_CREATE, "sev-snp")
-    assert machine.kvm_vm.maxphyaddr == 36
+@pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "no-leaf"])
+def test_ap_creation_checks_the_vmsa_gpa_against_maxphyaddr(leaf: bool) -> None:
+    """page_address_valid() checks the VMSA GPA against the guest's MAXPHYADDR: CPUID
+    0x80000008.EAX[7:0] (48, as the VMM sets it) or, when the VMM's table has no such leaf, 36
+    (cpuid.c cpuid_query_maxphyaddr) - not the absent leaf's 0. KVM accepts this request either
+    way, which the testbed does not model (an internal error naming it), not INVALID_INPUT
+    (sev.c sev_snp_ap_creation)."""
+    options = VmOptions(vm_type="sev-snp", seed=5, memory=MEM)
+    machine = Machine(build_program("<test>", options, text=AP_CREATE), options)
+    if not leaf:
+        table = machine.kvm_vm.cpuid
+        del table.entries[(0x80000008, 0)]
+        machine.kvm_vm.set_cpuid(table)  # KVM_SET_CPUID2 again before the first KVM_RUN
+    assert machine.kvm_vm.maxphyaddr == (48 if leaf else 36)
+    report = machine.run()
     assert report.outcome == "internal_error" and "SVM_VMGEXIT_AP_CREATION" in report.detail, report.detail
 
 

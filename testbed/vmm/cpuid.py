@@ -51,6 +51,10 @@ SEV_BIT = 1 << 1
 SEV_ES_BIT = 1 << 3
 SEV_SNP_BIT = 1 << 4
 PHYS_ADDR_REDUCTION = 5
+#: CPUID 0x80000008.EAX: the guest's MAXPHYADDR (the MMU's, hw: PagingMode(phys_bits=48)) and
+#: linear-address width
+MAXPHYADDR = 48
+VIRTUAL_ADDRESS_BITS = 48
 # CPUID 0x80000001.EDX bits.
 EXT_EDX_PAGE1GB = 1 << 26
 EXT_EDX_LM = 1 << 29
@@ -69,7 +73,8 @@ def build_cpuid(
     kvm_base: int | None = KVM_CPUID_SIGNATURE,
     tdx_gpaw: int | None = None,
 ) -> CpuidTable:
-    """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x80000001, 0x8000001F.
+    """Leaves 0, 1, base/base+1 (KVM signature and PV features), 0x80000000, 0x80000001, 0x80000008,
+    0x8000001F.
 
     `kvm_base` places the KVM leaves (QEMU moves them to 0x40000100 when it also exposes
     Hyper-V at 0x40000000); None leaves the signature out, so KVM finds no PV features.
@@ -92,6 +97,9 @@ def build_cpuid(
     # EDX: LM, and Page1GB (1 GiB pages, which the MMU walks and the runtime's identity map
     # uses), as QEMU's EPYC-Genoa and SapphireRapids models have them.
     table.set(CpuidEntry(0x80000001, 0, 0, 0, 0, EXT_EDX_PAGE1GB | EXT_EDX_LM))
+    # Address sizes, as QEMU's cpu_x86_cpuid() always fills them: EAX[7:0] MAXPHYADDR (48, the
+    # MMU's), [15:8] the linear-address width (48: 4-level paging); a TD's GPAW in [23:16] below.
+    table.set(CpuidEntry(0x80000008, 0, MAXPHYADDR | (VIRTUAL_ADDRESS_BITS << 8), 0, 0, 0))
     if vendor is Vendor.AMD:
         sev_ebx = (c_bit & 0x3F) | (PHYS_ADDR_REDUCTION << 6) if sev_features else 0
         table.set(CpuidEntry(0x8000001F, 0, sev_features, sev_ebx, 0, 0))
@@ -102,5 +110,5 @@ def build_cpuid(
         table.set(CpuidEntry(0, 0, TDX_CPUID_LEAF_ID, ebx, ecx, edx))
         tb, tc, td = _regs(TDX_IDENT)
         table.set(CpuidEntry(TDX_CPUID_LEAF_ID, 0, 0, tb, tc, td))
-        table.set(CpuidEntry(0x80000008, 0, tdx_gpaw | (tdx_gpaw << 16), 0, 0, 0))
+        table.set(CpuidEntry(0x80000008, 0, tdx_gpaw | (VIRTUAL_ADDRESS_BITS << 8) | (tdx_gpaw << 16), 0, 0, 0))
     return table

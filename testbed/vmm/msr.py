@@ -18,8 +18,11 @@ from testbed.kvm.uapi import MsrExit, RdmsrExit
 class MsrHandler:
     """Userspace's MSR state: the migration-control register the guest writes when ready."""
 
-    def __init__(self) -> None:
-        self.migration_control = 0
+    def __init__(self, encrypted_memory: bool = True) -> None:
+        #: Documentation/virt/kvm/x86/msr.rst: "When a guest is started, bit 0 will be 0 if the
+        #: guest has encrypted memory and 1 if the guest does not have encrypted memory" (the
+        #: testbed counts every VM type whose private memory the host cannot read)
+        self.migration_control = 0 if encrypted_memory else KVM_MIGRATION_READY
 
     @staticmethod
     def msr_filter() -> MsrFilter:

@@ -20,6 +20,7 @@ from testbed.hw.memory import HostMemory
 from testbed.kvm.uapi import (
     KVM_HC_MAP_GPA_RANGE,
     KVM_HC_TESTBED_DONATE_ENC_STATUS,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_SYSTEM_EVENT_SEV_TERM,
     KVM_SYSTEM_EVENT_TDX_FATAL,
     ApResetHoldExit,
@@ -42,6 +43,7 @@ from testbed.vmm.donate import DonateHandler
 from testbed.vmm.map_gpa import MapGpaHandler
 from testbed.vmm.msr import MsrHandler
 from testbed.vmm.pinning import PinAccounting
+from testbed.vmm.tdx import TdxUserspace
 from testbed.vmm.ucall import Ucall, UcallError, read_ucall, resolve_failure
 from testbed.x86 import vector_name
 
@@ -223,6 +225,8 @@ class Vmm:
         self.record_exits = record_exits
         self.implicit_conversion = implicit_conversion
         self.msr = msr if msr is not None else MsrHandler()
+        #: QEMU's answers to KVM_EXIT_TDX (vmm/tdx.py)
+        self.tdx = TdxUserspace(memory)
         #: where the final shared ranges come from: the VMM's tracker, unless KVM keeps them
         #: (the seed-era page-enc-status protocol: vmm/page_enc.py reads KVM's bitmap)
         self.shared_source: SharedSource = shared_source if shared_source is not None else map_gpa.tracker
@@ -394,6 +398,9 @@ class Vmm:
 
     def _memory_fault(self, exit: MemoryFaultExit) -> VmEnd | None:
         # QEMU's kvm_convert_memory(): an implicit conversion, then KVM_RUN retries.
+        if exit.flags & ~KVM_MEMORY_EXIT_FLAG_PRIVATE:
+            # kvm_cpu_exec(): "KVM_EXIT_MEMORY_FAULT: Unknown flag" stops the VM.
+            return VmEnd("internal_error", f"KVM_EXIT_MEMORY_FAULT: unknown flag 0x{exit.flags:x}", exit=exit)
         private = exit.private
         if self.implicit_conversion == "convert" and self.map_gpa.convert(
             exit.gpa >> 12, max(1, exit.size >> 12), private
@@ -422,10 +429,9 @@ def handle_exit(vmm: Vmm, exit: KvmExit) -> Ucall | VmEnd | None:
                 exit.ret = vmm.donate.handle(args[0], args[1], args[2])
             return None
         case TdxExit():
-            # KVM_EXIT_TDX (GetQuote, GetTdVmCallInfo leaf 1, SetupEventNotifyInterrupt): the
-            # testbed's VMM has no quote service and no event-notify interrupt, so it leaves
-            # KVM's preset answer - SUBFUNC_UNSUPPORTED, and for GetTdVmCallInfo SUCCESS with
-            # R11..R14 = 0 (no optional leaves) - as a QEMU without them answers.
+            # KVM_EXIT_TDX (GetQuote, GetTdVmCallInfo leaf 1, SetupEventNotifyInterrupt): QEMU
+            # master's answers, with no quote-generation service (vmm/tdx.py).
+            vmm.tdx.handle(exit)
             return None
         case IoOutExit(port=port):
             if port != UCALL_PORT:

@@ -327,6 +327,27 @@ def test_migration_control_is_handled_by_the_vmm(vm_type: str) -> None:
     assert machine.msr.migration_ready
 
 
+MIGRATION_CONTROL_AT_START = """
+guest_main:
+    mov ecx, MSR_KVM_MIGRATION_CONTROL
+    rdmsr
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize(("vm_type", "ready"), [("default", 1), ("sev", 0), ("sw-protected", 0)])
+def test_migration_control_starts_as_msr_rst_says(vm_type: str, ready: int) -> None:
+    """Documentation/virt/kvm/x86/msr.rst: "When a guest is started, bit 0 will be 0 if the guest
+    has encrypted memory and 1 if the guest does not have encrypted memory" (the testbed counts
+    every VM whose private memory the host cannot read as encrypted)."""
+    report = run_guest("migration_start.s", VmOptions(vm_type=vm_type, memory=MEMORY,
+                                                      pv_features=MIGRATION_CONTROL_FEATURE,
+                                                      defines={"MSR_KVM_MIGRATION_CONTROL": MSR_KVM_MIGRATION_CONTROL}),
+                       text=MIGRATION_CONTROL_AT_START)
+    assert report.outcome == "done" and report.syncs() == [ready], f"{report.outcome}: {report.detail}"
+
+
 @pytest.mark.parametrize("vm_type", ["sev-es", "sev-snp"])
 def test_migration_control_through_ghcb(vm_type: str) -> None:
     """SEV-ES/SNP: the GHCB's MSR exit reaches the same filter and user exit (msr_interception())."""

@@ -481,8 +481,9 @@ def test_get_td_vm_call_info() -> None:
 
 def test_get_quote_front_door_and_the_default_vmm_answer() -> None:
     """GetQuote: a buffer GPA without the shared bit is INVALID_OPERAND; else KVM_EXIT_TDX with
-    the GPA stripped and the size, ret preset SUBFUNC_UNSUPPORTED, which the default VMM (no
-    quote service) leaves (tdx.c tdx_get_quote, tdx_complete_simple)."""
+    the GPA stripped and the size, ret preset SUBFUNC_UNSUPPORTED (tdx.c tdx_get_quote), and the
+    VMM's answer reaches R10 (tdx_complete_simple): QEMU's, ALIGN_ERROR for a size that is not
+    4 KiB aligned (vmm/tdx.py)."""
     hw, _vm, kvm = make()
     tdvmcall(hw, r11=TDVMCALL_GET_QUOTE, r12=0x5000, r13=0x1000)
     assert isinstance(run_one(kvm), RunStop)
@@ -494,7 +495,7 @@ def test_get_quote_front_door_and_the_default_vmm_answer() -> None:
     vmm = Vmm(BytesMemory(MEM), MapGpaHandler(make_tracker("bitmap", guest_pages=MEM >> 12), MEM >> 12))
     assert vmm.handle(run) is None
     assert isinstance(run_one(kvm), RunStop)
-    assert hw.regs[Reg.R10] == TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED and resumed(hw, 2)
+    assert hw.regs[Reg.R10] == TDVMCALL_STATUS_ALIGN_ERROR and resumed(hw, 2)
 
 
 def test_setup_event_notify_interrupt() -> None:

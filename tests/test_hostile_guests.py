@@ -259,10 +259,12 @@ def test_canary_cs_write_changes_only_the_selector() -> None:
 # ------------------------------------------------------------------ malformed ucalls
 @pytest.mark.parametrize("vm_type", ALL_TYPES)
 @pytest.mark.parametrize(("cmd", "nargs", "address", "detail", "reason"), [
-    (99, 0, "UCALL_GPA", "ucall at 0x1000: unknown command 99 (known: 1-4)", "unknown command 99"),
+    (99, 0, "UCALL_GPA", "ucall at 0x1000: unknown command 99 (known: 1-5)", "unknown command 99"),
     (1, 7, "UCALL_GPA", "ucall at 0x1000 claims 7 arguments (at most 6); cmd 0x1", None),
     (1, 0, "0x7fffc4", "ucall address 0x7fffc4 is outside guest memory", None),
-], ids=["unknown-command", "too-many-args", "bad-address"])
+    (3, 0, "UCALL_GPA", "ucall at 0x1000: UCALL_PRINTF is not supported: the testbed's struct ucall carries no "
+     "string buffer", "UCALL_PRINTF is not supported: the testbed's struct ucall carries no string buffer"),
+], ids=["unknown-command", "too-many-args", "bad-address", "printf"])
 def test_malformed_ucall_is_the_guests_failure(vm_type: str, cmd: int, nargs: int, address: str,
                                                detail: str, reason: str | None) -> None:
     """A ucall the host cannot take ends the run as `bad_ucall` naming what is wrong, never an

@@ -54,14 +54,16 @@ def message(memory: Bytes, gpa: int, cmd: int, args: list[int], nargs: int | Non
 
 
 def test_commands_are_numbered_as_the_selftests_number_them() -> None:
-    """UCALL_NONE 0, SYNC 1, ABORT 2, DONE 3, UNHANDLED 4
-    (tools/testing/selftests/kvm/include/ucall_common.h, enum { UCALL_NONE, ... })."""
+    """UCALL_NONE 0, SYNC 1, ABORT 2, PRINTF 3, DONE 4, UNHANDLED 5
+    (tools/testing/selftests/kvm/include/ucall_common.h, enum { UCALL_NONE, UCALL_SYNC,
+    UCALL_ABORT, UCALL_PRINTF, UCALL_DONE, UCALL_UNHANDLED })."""
     assert [(c.name, c.value) for c in UcallCmd] == [
-        ("UCALL_NONE", 0), ("UCALL_SYNC", 1), ("UCALL_ABORT", 2), ("UCALL_DONE", 3), ("UCALL_UNHANDLED", 4)]
+        ("UCALL_NONE", 0), ("UCALL_SYNC", 1), ("UCALL_ABORT", 2), ("UCALL_PRINTF", 3), ("UCALL_DONE", 4),
+        ("UCALL_UNHANDLED", 5)]
 
 
-@pytest.mark.parametrize(("number", "name"), [(0, "none"), (1, "sync"), (2, "abort"), (3, "done"),
-                                              (4, "unhandled"), (99, "cmd_99")])
+@pytest.mark.parametrize(("number", "name"), [(0, "none"), (1, "sync"), (2, "abort"), (3, "printf"), (4, "done"),
+                                              (5, "unhandled"), (99, "cmd_99")])
 def test_read_ucall_names_the_command(number: int, name: str) -> None:
     """A message decodes to its command's name (cmd_<n> for a number the host does not know)."""
     memory = Bytes(0x2000)

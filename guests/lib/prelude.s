@@ -69,8 +69,9 @@
 .equ UCALL_NONE, 0
 .equ UCALL_SYNC, 1
 .equ UCALL_ABORT, 2
-.equ UCALL_DONE, 3
-.equ UCALL_UNHANDLED, 4
+.equ UCALL_PRINTF, 3
+.equ UCALL_DONE, 4
+.equ UCALL_UNHANDLED, 5
 # struct ucall in the ucall page: cmd, nargs, args[UCALL_MAX_ARGS]
 .equ UCALL_CMD, 0
 .equ UCALL_NARGS, 8

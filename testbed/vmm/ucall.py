@@ -8,9 +8,11 @@ which is why the message is in memory and not in registers.
     struct ucall { u64 cmd; u64 nargs; u64 args[6]; }
 
 Commands are numbered as the selftests number them (tools/testing/selftests/kvm/include/
-ucall_common.h): UCALL_NONE 0, UCALL_SYNC 1, UCALL_ABORT 2, UCALL_DONE 3, UCALL_UNHANDLED 4.
-guests/lib/prelude.s defines the same numbers and layout; tests/test_constants.py checks that
-both sides agree.
+ucall_common.h): UCALL_NONE 0, UCALL_SYNC 1, UCALL_ABORT 2, UCALL_PRINTF 3, UCALL_DONE 4,
+UCALL_UNHANDLED 5. guests/lib/prelude.s defines the same numbers and layout;
+tests/test_constants.py checks that both sides agree. UCALL_PRINTF is refused by name (a
+bad ucall): the testbed's struct ucall has no string buffer, which would sit in encrypted guest
+memory under SEV.
 
 An abort carries no text: strings would sit in guest memory, encrypted under SEV. The guest
 sends the call-site id of the failed assert (testbed/asm.py numbers them) with the values, and
@@ -48,12 +50,13 @@ class UcallCmd(IntEnum):
     UCALL_NONE = 0
     UCALL_SYNC = 1
     UCALL_ABORT = 2
-    UCALL_DONE = 3
-    UCALL_UNHANDLED = 4
+    UCALL_PRINTF = 3
+    UCALL_DONE = 4
+    UCALL_UNHANDLED = 5
 
 
 def cmd_name(cmd: int) -> str:
-    """"none", "sync", "abort", "done", "unhandled", or "cmd_<n>" for a number the host does not know."""
+    """"none", "sync", "abort", "printf", "done", "unhandled", or "cmd_<n>" for a number the host does not know."""
     try:
         return UcallCmd(cmd).name.removeprefix("UCALL_").lower()
     except ValueError:

@@ -347,8 +347,12 @@ class Vmm:
                 detail = f"{source['file']}:{source['line']}{symbol}: {detail}"
             return VmEnd("unhandled_exception", detail, {"exception": exception})
         self.report.ucalls.append(entry)
+        if name == "printf":
+            reason = "UCALL_PRINTF is not supported: the testbed's struct ucall carries no string buffer"
+            return VmEnd("bad_ucall", f"ucall at 0x{ucall.gpa:x}: {reason}",
+                         {"bad_ucall": {"gpa": ucall.gpa, "reason": reason}})
         return VmEnd("bad_ucall", f"ucall at 0x{ucall.gpa:x}: unknown command {name.removeprefix('cmd_')} "
-                     "(known: 1-4)", {"bad_ucall": {"gpa": ucall.gpa, "reason": f"unknown command {ucall.number}"}})
+                     "(known: 1-5)", {"bad_ucall": {"gpa": ucall.gpa, "reason": f"unknown command {ucall.number}"}})
 
     def map_gpa_answered(self) -> None:
         """Count a MAP_GPA_RANGE exit answered; every `pending_event_every`-th makes an event

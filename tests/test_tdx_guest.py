@@ -9,6 +9,8 @@ reads the GPA width (TDG.VP.INFO), accepts its memory, and routes CPUID/IO/MSR/H
 from __future__ import annotations
 
 import errno
+import io
+import json
 from typing import Any
 
 import pytest
@@ -18,9 +20,11 @@ from test_conversions import expected_pages, to_ranges
 import testbed
 from testbed.hw.exits import Vendor
 from testbed.kvm import tdx as kvm_tdx
+from testbed.kvm.uapi import KVM_HC_VAPIC_POLL_IRQ
 from testbed.layout import UCALL_GPA, Layout
 from testbed.machine import GUESTS_DIR, VmOptions, run_guest
 from testbed.vmm.vmm import RunReport
+from testbed.x86 import Reg
 
 MEM = 8 << 20  # a TD accepts its boot memory: a small one boots faster
 TIMEOUT = 20.0
@@ -264,3 +268,73 @@ def test_tracker_equals_what_the_guest_converted_in_a_td(shape: int) -> None:
     the ucall page), as on the other VM types (tests/test_conversions.py)."""
     report = done(td(GUESTS_DIR / "conversions.s", memory=CONV_MEM, defines={"SHAPE": shape}, seed=7))
     assert report.shared_ranges == to_ranges(expected_pages(shape) | {UCALL_GPA >> 12})
+
+
+def _text_td(text: str) -> RunReport:
+    return run_guest("<td>", VmOptions(vm_type="tdx", vendor=Vendor.INTEL, memory=MEM, timeout=TIMEOUT), text=text)
+
+
+def test_hlt_with_interrupts_enabled_is_refused_without_a_tdvmcall() -> None:
+    """Linux's handle_halt() (since 6.15): "HLT emulation with IRQs enabled" is -EIO, a fault, and
+    no TDVMCALL<HLT> reaches the host; the runtime reports the #VE unhandled (vector 20, exit
+    reason 12)."""
+    trace = io.StringIO()
+    report = run_guest("<td>", VmOptions(vm_type="tdx", vendor=Vendor.INTEL, memory=MEM, timeout=TIMEOUT,
+                                         trace=trace), text="guest_main:\n    sti\n    hlt\n    ret\n")
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None and (report.exception["vector"], report.exception["error_code"]) == (20, 12)
+    events = [json.loads(line) for line in trace.getvalue().splitlines()]
+    assert not [e for e in events if e["event"] == "tdvmcall" and e["r11"] == 12]
+
+
+LEAK_MARKERS = """
+guest_main:
+    push rbx
+    movabs rbx, 0x5EC2E7000000000B
+    movabs rdx, 0x5EC2E7000000000D
+    movabs rsi, 0x5EC2E7000000005E
+    movabs rdi, 0x5EC2E700000000D1
+    movabs r8,  0x5EC2E70000000008
+    movabs r9,  0x5EC2E70000000009
+    movabs r13, 0x5EC2E70000000013
+    movabs r14, 0x5EC2E70000000014
+    movabs r15, 0x5EC2E70000000015
+    mov eax, 0x40000000
+    xor ecx, ecx
+    cpuid                              # #VE -> TDVMCALL<CPUID>
+    movabs rdi, 0x5EC2E700000000D1
+    movabs r15, 0x5EC2E70000000015
+    mov eax, KVM_HC_VAPIC_POLL_IRQ
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    KVM_HYPERCALL                      # tdx_kvm_hypercall: R10 = nr, R11-R14 = a0-a3
+    pop rbx
+    GUEST_DONE
+"""
+
+
+def test_a_tdvmcall_exposes_zero_in_every_register_it_does_not_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux builds a struct tdx_module_args naming only the call's registers (handle_cpuid,
+    tdx_kvm_hypercall, __tdx_hypercall via __tdcall_saved_ret), so every other exposed register
+    reaches the host as 0: no guest value leaks through a TDVMCALL."""
+    seen: list[dict[str, int]] = []
+    handle = kvm_tdx.TdxVcpu.handle_tdcall
+
+    def spy(self: kvm_tdx.TdxVcpu) -> None:
+        seen.append({r.name.lower(): self._reg(r) for r in (Reg.RDX, Reg.RBX, Reg.RSI, Reg.RDI, Reg.R8, Reg.R9,
+                                                               Reg.R10, Reg.R11, Reg.R12, Reg.R13, Reg.R14, Reg.R15)})
+        handle(self)
+
+    monkeypatch.setattr(kvm_tdx.TdxVcpu, "handle_tdcall", spy)
+    report = done(_text_td(LEAK_MARKERS))
+    cpuid = [s for s in seen if s["r10"] == 0 and s["r11"] == 10]
+    hypercall = [s for s in seen if s["r10"] == KVM_HC_VAPIC_POLL_IRQ]
+    assert len(cpuid) == 1 and len(hypercall) == 1, seen
+    assert {k: v for k, v in cpuid[0].items() if k not in ("r11", "r12")} == dict.fromkeys(
+        ("rdx", "rbx", "rsi", "rdi", "r8", "r9", "r10", "r13", "r14", "r15"), 0)
+    assert cpuid[0]["r12"] == 0x40000000
+    assert {k: v for k, v in hypercall[0].items() if k != "r10"} == dict.fromkeys(
+        ("rdx", "rbx", "rsi", "rdi", "r8", "r9", "r11", "r12", "r13", "r14", "r15"), 0)
+    assert report.outcome == "done"

@@ -119,12 +119,20 @@ tdx_msg_tdvmcall:
     .quad 0, 0, 0, 0, 0, 0, 0, 0       # the last message's 64 bytes stay inside the image
 
 # --- TDG.VP.VMCALL (__tdx_hypercall) ---------------------------------------------------------
-# In: R10 (0 = GHCI standard, else a KVM hypercall number), R11 (sub-function), R12-R15 and the
-# other exposed registers as the call needs. RCX = the exposure bitmap (TDVMCALL_EXPOSE_REGS_MASK,
-# as Linux), RAX = 0. Out: rax = R10, the call's status; R11-R15 as the VMM left them. Every
-# exposed register (RDX, RBX, RSI, RDI, R8-R15) may come back changed: callers keep what they
-# need elsewhere. Clobbers RCX. A failing TDCALL panics (__tdx_hypercall_failed).
+# In: R10 (0 = GHCI standard, else a KVM hypercall number), R11 (sub-function), R12-R15 (the
+# caller zeroes those its call does not use). RCX = the exposure bitmap (TDVMCALL_EXPOSE_REGS_MASK,
+# as Linux), RAX = 0. RDX, RBX, RSI, RDI, R8 and R9 go to the host as 0: Linux builds a struct
+# tdx_module_args naming only the call's registers, so every other exposed one is 0 (no guest
+# value leaks to the host). Out: rax = R10, the call's status; R11-R15 as the VMM left them.
+# Every exposed register (RDX, RBX, RSI, RDI, R8-R15) may come back changed: callers keep what
+# they need elsewhere. Clobbers RCX. A failing TDCALL panics (__tdx_hypercall_failed).
 __tdx_hypercall:
+    xor edx, edx
+    xor ebx, ebx
+    xor esi, esi
+    xor edi, edi
+    xor r8d, r8d
+    xor r9d, r9d
     mov ecx, TDVMCALL_EXPOSE_REGS_MASK
     xor eax, eax
     TDCALL
@@ -157,6 +165,7 @@ tdx_kvm_hypercall:
     mov r12, rcx
     mov r13, rdx
     mov r14, rsi
+    xor r15d, r15d
     call __tdx_hypercall
     pop r15
     pop r14
@@ -218,13 +227,17 @@ rt_ve_user:
     je rt_ve_cpuid
     jmp rt_ve_unhandled
 
-# handle_halt: R12 = interrupts blocked (RFLAGS.IF clear)
+# handle_halt: only with interrupts disabled (Linux since 6.15: "HLT emulation with IRQs enabled"
+# is -EIO, a fault, and no TDVMCALL); R12 = 1, interrupts blocked.
 rt_ve_halt:
+    bt qword ptr [rbp + EX_RFLAGS], 9
+    jc rt_ve_unhandled
     xor r10d, r10d
     mov r11, EXIT_REASON_HLT
-    xor r12d, r12d
-    bt qword ptr [rbp + EX_RFLAGS], 9
-    setnc r12b
+    mov r12d, 1
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
     call __tdx_hypercall
     test rax, rax
     jnz rt_ve_unhandled
@@ -235,6 +248,9 @@ rt_ve_read_msr:
     xor r10d, r10d
     mov r11, EXIT_REASON_MSR_READ
     mov r12d, dword ptr [rbp + EX_RCX]
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r15d, r15d
     call __tdx_hypercall
     test rax, rax
     jnz rt_ve_unhandled
@@ -253,6 +269,8 @@ rt_ve_write_msr:
     shl r13, 32
     mov eax, dword ptr [rbp + EX_RAX]
     or r13, rax
+    xor r14d, r14d
+    xor r15d, r15d
     call __tdx_hypercall
     test rax, rax
     jnz rt_ve_unhandled
@@ -270,6 +288,8 @@ rt_ve_cpuid:
     mov r11, EXIT_REASON_CPUID
     mov r12, rax
     mov r13d, dword ptr [rbp + EX_RCX]
+    xor r14d, r14d
+    xor r15d, r15d
     call __tdx_hypercall
     test rax, rax
     jnz rt_ve_unhandled
@@ -503,6 +523,8 @@ tdx_map_gpa_loop:
     mov r12, qword ptr [rsp]
     mov r13, qword ptr [rsp + 8]
     sub r13, r12
+    xor r14d, r14d
+    xor r15d, r15d
     call __tdx_hypercall
     cmp rax, TDVMCALL_STATUS_RETRY
     je tdx_map_gpa_retry

@@ -443,6 +443,121 @@ def test_a_walk_through_a_page_table_not_validated_is_vc_404(fill: str, monkeypa
     assert report.syncs()[0] == 0x55  # the first read, through validated tables, worked
 
 
+PAGE_TABLE_SHARED = "guest_main:" + map_high("0x600000") + """    mov rdi, GUEST_FREE_GPA + 0x1000
+    mov rsi, 1
+    call set_memory_shared                 # the PDPT page: PSC to shared, its mapping C=0
+    GUEST_SYNC rax
+    mov rdi, GUEST_FREE_GPA + 0x1000       # its entry again (A set: the walk only reads it)
+    mov rax, GUEST_FREE_GPA + 0x2000
+    or rax, 0x27
+    mov qword ptr [rdi], rax
+    mov rax, cr3
+    mov cr3, rax
+    mov rbx, 0xffff800000000000
+    mov rax, qword ptr [rbx]               # the walk reads the (shared) PDPT as private
+    GUEST_SYNC rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+def test_a_walk_through_a_shared_page_table_is_a_nested_fault(fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page table in a page the guest made shared fails the walk's private RMP check with a
+    nested page fault on the table's GPA, not #VC: KVM sees a private access to a shared GFN
+    (npf_interception -> PFERR_PRIVATE_ACCESS, kvm_mmu_faultin_pfn) and exits
+    KVM_EXIT_MEMORY_FAULT; the VMM converts the page, and the retried walk finds it assigned
+    but not validated: #VC PAGE_NOT_VALIDATED."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    _, report = run_text(PAGE_TABLE_SHARED, "sev-snp")
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+    faults = [e for e in report.user_exits if e["reason"] == "memory_fault"]
+    assert faults == [{"reason": "memory_fault", "flags": 8, "gpa": FREE + 0x1000, "size": 4096}]
+
+
+RMPADJUST = """
+guest_main:
+    mov rax, GUEST_FREE_GPA
+    xor ecx, ecx
+    mov edx, 1
+    .byte 0xf3, 0x0f, 0x01, 0xfe           # rmpadjust
+    ret
+"""
+
+
+@pytest.mark.parametrize("vm_type", ["sev-snp", "sev-es"])
+def test_rmpadjust_is_not_modelled_on_snp_and_ud_elsewhere(vm_type: str) -> None:
+    """RMPADJUST exists only with SNP (elsewhere #UD, as Unicorn raises); on SNP at CPL 0 it
+    would set a lower VMPL's permissions, which the testbed does not model: the run ends naming
+    it rather than with a #UD the real CPU never raises there."""
+    _, report = run_text(RMPADJUST, vm_type)
+    if vm_type == "sev-snp":
+        assert report.outcome == "internal_error", report.detail
+        assert "RMPADJUST is not modelled" in report.detail
+    else:
+        assert report.outcome == "unhandled_exception" and report.exception is not None
+        assert report.exception["vector"] == 6
+
+
+def guest_request(code: int, req: str, *, rax: str | None = None, rbx: str | None = None) -> str:
+    """A guest sending an SNP (extended) guest request from two shared pages at GUEST_FREE_GPA
+    (msg_type SNP_MSG_REPORT_REQ), with RAX/RBX set valid in the GHCB when given, then syncing
+    SW_EXITINFO1/2."""
+    regs = "".join(f"    mov rbx, {value}\n    GHCB_SET GHCB_{name}, rbx\n"
+                   for name, value in (("RAX", rax), ("RBX", rbx)) if value is not None)
+    return f"""
+guest_main:
+    push rbx
+    mov rdi, GUEST_FREE_GPA
+    mov rsi, 3
+    call set_memory_shared
+    GUEST_ASSERT_EQ rax, 0
+    mov rdi, GUEST_FREE_GPA
+    mov byte ptr [rdi + 52], 5
+    mov rdi, GUEST_FREE_GPA + 0x2000
+    mov qword ptr [rdi], -1
+    call rt_ghcb_clear
+{regs}    mov rdi, {code:#x}
+    mov rsi, {req}
+    mov rdx, GUEST_FREE_GPA + 0x1000
+    call rt_ghcb_exit
+    mov rax, RT_GHCB
+    mov r12, qword ptr [rax + GHCB_SW_EXITINFO1]
+    mov r13, qword ptr [rax + GHCB_SW_EXITINFO2]
+    GUEST_SYNC r12, r13
+    pop rbx
+    ret
+"""
+
+
+SNP_GUEST_REQUEST, SNP_EXT_GUEST_REQUEST = 0x80000011, 0x80000012
+
+
+@pytest.mark.parametrize(("text", "outcome", "detail"), [
+    (guest_request(SNP_EXT_GUEST_REQUEST, "GUEST_FREE_GPA"), "done", [2, 5]),  # RAX/RBX not valid
+    (guest_request(SNP_EXT_GUEST_REQUEST, "GUEST_FREE_GPA", rax="GUEST_FREE_GPA + 0x2008", rbx=1), "done", [2, 5]),
+    (guest_request(SNP_GUEST_REQUEST, "0x4000000"), "kvm_run_error", "kvm_read_guest of the request page"),
+    (guest_request(SNP_EXT_GUEST_REQUEST, "0x4000000"), "kvm_run_error", "kvm_read_guest of msg_type"),
+    (guest_request(SNP_EXT_GUEST_REQUEST, "GUEST_FREE_GPA", rax="GUEST_FREE_GPA + 0x2000", rbx=1), "internal_error",
+     "SVM_VMGEXIT_EXT_GUEST_REQUEST"),
+], ids=["ext-report-regs-invalid", "ext-report-unaligned", "req-unreadable", "ext-unreadable", "ext-to-firmware"])
+def test_guest_requests_get_kvms_checks_before_the_firmware(text: str, outcome: str, detail: object) -> None:
+    """snp_handle_ext_guest_req() / snp_handle_guest_req() (sev.c): a report request without valid
+    RAX/RBX or with an unaligned RAX is INVALID_INPUT (2, 5) and the guest runs on; a message
+    type or request page KVM cannot read fails KVM_RUN with EIO; a request passing the checks
+    reaches the firmware (not modelled) after KVM zeroed the certificate table's terminator."""
+    machine, report = run_text(text, "sev-snp")
+    assert report.outcome == outcome, report.detail
+    if outcome == "done":
+        assert [list(u["args"]) for u in report.ucalls if u["cmd"] == "sync"] == [detail]
+    else:
+        assert str(detail) in report.detail
+    if outcome == "internal_error":
+        assert machine.memory.userspace_view().read(FREE + 0x2000, 24) == bytes(24)
+
+
 IN32_AND_CPUID_D = """
 guest_main:
     mov rax, 0xAAAAAAAABBBBBBBB

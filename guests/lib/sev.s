@@ -644,10 +644,9 @@ rt_setup_ghcb_version:
     xor ecx, ecx
     xor edx, edx                       # rescind
     .byte 0xf2, 0x0f, 0x01, 0xff       # pvalidate
-    jc rt_setup_ghcb_psc               # CF: already in that state, nothing changed
+    jc rt_sev_terminate                # CF: nothing changed (PVALIDATE_FAIL_NOUPDATE): Linux terminates
     test eax, eax
     jnz rt_sev_terminate
-rt_setup_ghcb_psc:
     mov rdi, RT_GHCB                   # gfn << 12 is the GPA itself
     mov rax, SNP_PAGE_STATE_SHARED
     shl rax, 52

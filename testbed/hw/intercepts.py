@@ -51,6 +51,7 @@ from testbed.x86 import (
     PVALIDATE_BYTES,
     RFLAGS_CF,
     RFLAGS_TF,
+    RMPADJUST_BYTES,
     TDCALL_BYTES,
     VMCALL_BYTES,
     VMGEXIT_BYTES,
@@ -786,6 +787,16 @@ class Intercepts(EventDelivery):
                     # not) move the encrypted RIP. Also when KVM_RUN returns to userspace here:
                     # the completion writes only the GHCB (or the GHCB MSR).
                     self.write_reg(Reg.RIP, rip + 4)
+                    return self._resume()
+                if insn == RMPADJUST_BYTES and self._snp:
+                    # RMPADJUST (APM vol. 3): CPL 0 only (#GP(0)); at VMPL0 it sets a lower VMPL's
+                    # permissions on a validated page - VMPLs are not modelled, so the run ends
+                    # naming it (Linux's boot checks it runs at VMPL0 with one: enforce_vmpl0).
+                    self._cur_len = 4
+                    if cs & 3:
+                        self._deliver_now(Vector.GP, 0)
+                    else:
+                        self.stop_unmodelled(f"RMPADJUST is not modelled (no VMPLs) at rip 0x{rip:x}")
                     return self._resume()
             elif head == VMCALL_BYTES:
                 self._cur_len = 3

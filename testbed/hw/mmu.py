@@ -433,11 +433,16 @@ class Mmu(UnicornBinding):
         rmp = self.rmp
         if rmp is not None:
             # SNP: the walk's own accesses are private (APM 15.36.10: "page table access ... the
-            # effective C-bit is always 1"), so each table is RMP-checked: a page the guest has
-            # not validated is #VC PAGE_NOT_VALIDATED.
-            validated, read_table = rmp.validated, reader
+            # effective C-bit is always 1"), so each table is RMP-checked: a page not assigned to
+            # the guest (shared in stage 2) fails the check with a nested page fault on the
+            # table's GPA (KVM: a private access to a shared GFN, KVM_EXIT_MEMORY_FAULT); an
+            # assigned page the guest has not validated is #VC PAGE_NOT_VALIDATED.
+            validated, read_table, stage2 = rmp.validated, reader, self._stage2
+            npf_error = _npf_error(ACCESS_READ, True) | NPF_GUEST_PAGE
 
             def reader(pa: int) -> int:
+                if stage2 is not None and not stage2.is_private(Gfn(pa >> PAGE_SHIFT)):
+                    raise _NestedFault(va, pa, npf_error)
                 if not validated[pa >> PAGE_SHIFT]:
                     raise _DeliveryFault(Vector.VC, SVM_EXIT_PAGE_NOT_VALIDATED, va)
                 return read_table(pa)
@@ -518,6 +523,10 @@ class Mmu(UnicornBinding):
         user = (cs & 3) == 3
         try:
             result = self._paging_walk(vaddr, access, user, cr3, cr0, efer)
+        except _NestedFault as nested:  # SNP: a page table in a frame not assigned (shared)
+            self._pending_npf = (nested.gpa, nested.npf_error)
+            self._npf_linear = vaddr
+            return None
         except _DeliveryFault as fault:  # SNP: a page table in a frame not validated
             self._pending_fault = _PendingFault(fault.vector, fault.error_code, vaddr)
             return None

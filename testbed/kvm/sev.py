@@ -140,6 +140,13 @@ _KNOWN_EXITS = _NO_INPUT_EXITS | frozenset({
 
 #: The values kvm_is_valid_map_gpa_range_ret() (x86.h) accepts from userspace for the PSC paths.
 _VALID_MAP_GPA_RANGE_RETS = frozenset({0, errno.EINVAL, errno.EAGAIN})
+#: struct snp_guest_msg_hdr (arch/x86/include/asm/sev.h): the offset of msg_type
+#: (authtag 32, msg_seqno 8, rsvd1 8, algo, hdr_version, hdr_sz (u16), msg_type)
+SNP_GUEST_MSG_TYPE_OFFSET = 52
+#: SNP_MSG_REPORT_REQ (enum msg_type)
+SNP_MSG_REPORT_REQ = 5
+#: the GHCB spec's certificate table ends with 24 bytes of zeroes (snp_handle_ext_guest_req)
+SNP_CERT_TABLE_TERMINATOR = 24
 
 
 class SevFatalError(TestbedError):
@@ -694,6 +701,8 @@ class SevEsHandler:
                 self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_INPUT)
                 self._finish(ctx)
                 return
+            if not self._guest_request_checks(ctx):
+                return
             # snp_handle_guest_req(): the request goes to the PSP firmware, which the testbed lacks.
             self._not_modelled(ctx)
         elif code == SwExitCode.SVM_VMGEXIT_UNSUPPORTED_EVENT:
@@ -730,6 +739,37 @@ class SevEsHandler:
             )
         else:  # RDPMC, RDTSCP: KVM injects #GP / #UD, which this seam cannot express
             self._not_modelled(ctx)
+
+    def _guest_request_checks(self, ctx: _Vmgexit) -> bool:
+        """KVM's part of an SNP guest request before the firmware (sev.c): for an extended
+        request, snp_handle_ext_guest_req() reads the message type at req_gpa +
+        offsetof(struct snp_guest_msg_hdr, msg_type) (-EIO if it cannot); for a report request
+        RAX/RBX must be valid in the GHCB and RAX page aligned (else INVALID_INPUT, the guest
+        resumes), and with RBX pages it zeroes the certificate table's 24-byte terminator at RAX
+        (kvm_clear_guest: -EIO); then snp_handle_guest_req() reads the request page (-EIO).
+        False when the request ended here."""
+        memory = self.ops.memory
+        req_gpa = ctx.exit_info_1
+        if ctx.exit_code == SwExitCode.SVM_VMGEXIT_EXT_GUEST_REQUEST:
+            if req_gpa + SNP_GUEST_MSG_TYPE_OFFSET + 1 > memory.size:
+                raise SevFatalError("vmgexit: extended guest request: kvm_read_guest of msg_type failed", req_gpa,
+                                    errno.EIO)
+            msg_type = memory.read(req_gpa + SNP_GUEST_MSG_TYPE_OFFSET, 1)[0]
+            if msg_type == SNP_MSG_REPORT_REQ:
+                data_gpa, data_npages = ctx.regs.rax, ctx.regs.rbx
+                if not (ctx.valid(GhcbSave.rax) and ctx.valid(GhcbSave.rbx)) or data_gpa & (PAGE_SIZE - 1):
+                    self._bad_input(ctx, GhcbErr.GHCB_ERR_INVALID_INPUT)
+                    self._finish(ctx)
+                    return False
+                if data_npages:
+                    if data_gpa + SNP_CERT_TABLE_TERMINATOR > memory.size:
+                        raise SevFatalError("vmgexit: extended guest request: kvm_clear_guest of the certificate "
+                                            "table failed", data_gpa, errno.EIO)
+                    memory.write(data_gpa, bytes(SNP_CERT_TABLE_TERMINATOR))
+        if req_gpa + PAGE_SIZE > memory.size:
+            raise SevFatalError("vmgexit: guest request: kvm_read_guest of the request page failed", req_gpa,
+                                errno.EIO)
+        return True
 
     def _not_modelled(self, ctx: _Vmgexit) -> None:
         try:

@@ -80,6 +80,20 @@ def test_absolute_load_into_rax_uses_movabs(ks: Ks) -> None:
     assert encode(ks, "mov rax, [0x200000]") == bytes.fromhex("48a10000200000000000")
 
 
+@pytest.mark.parametrize(("source", "encoded", "means"), [
+    ("push 0xffff", "6aff", "push -1: a sign-extended byte"),
+    ("pushf", "669c", "the 16-bit pushf (RSP moves by 2)"),
+    ("iret", "66cf", "the 16-bit iret"),
+    ("lea rax, [rip + rcx]", "488d0500000000", "lea rax, [rip]: the index dropped"),
+    ("mov byte ptr [rbx], 256", "c60300", "mov byte ptr [rbx], 0"),
+    ("imul eax, ebx, 0x100000000", "69c300000000", "imul eax, ebx, 0"),
+])
+def test_silent_misencodings_the_front_end_refuses(ks: Ks, source: str, encoded: str, means: str) -> None:
+    """Canaries of the encodings testbed/asm/guards.py refuses (each is another instruction or
+    value than its source says, with no error from Keystone); if one changes, revisit the guard."""
+    assert encode(ks, source) == bytes.fromhex(encoded), means
+
+
 def test_numeric_local_labels_are_rejected(ks: Ks) -> None:
     """Numeric local labels (`1:`) are an error."""
     with pytest.raises(KsError):

@@ -297,7 +297,7 @@ class _Preprocessor:
         elif directive not in _FREE_FORM_DIRECTIVES:
             _check_operands(directive, operands, mnemonic in self.macros, loc)
             if mnemonic not in self.macros:
-                _check_encodable(mnemonic.lower(), directive, operands, loc)
+                _check_encodable(mnemonic.lower(), directive, operands, loc, self.absolute)
         elif directive in _NAME_DIRECTIVES and not _NAME_OPERAND[directive].fullmatch(operands):
             # Hazard: Keystone hangs on e.g. `.purgem foo: x`.
             raise AsmError(file, line, f"{directive} expects {_NAME_OPERAND_HELP[directive]}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from testbed.asm.program import SourceLocation
 from testbed.asm.syntax import (
@@ -11,6 +11,7 @@ from testbed.asm.syntax import (
     _REGISTER,
     _integer_value,
     _references,
+    _split_labels,
     _split_top_level,
     _strip_literals,
 )
@@ -77,6 +78,10 @@ def _check_literals(text: str, loc: SourceLocation) -> None:
     plain = _strip_literals(text)
     if not _DIGIT.search(plain):
         return
+    # The operands alone: a minus right after the mnemonic or directive is unary
+    # (`.quad -0x8000000000000001`), as after a comma.
+    rest = _split_labels(plain)[1]
+    plain = rest[len(rest.split(None, 1)[0]):].strip() if rest.split(None, 1) else rest
     for m in _INTEGER.finditer(plain):
         value = _integer_value(m.group("number"))
         if value is None:
@@ -208,8 +213,44 @@ def _fits(value: int, bits: int) -> bool:
     return -(1 << (bits - 1)) <= value < (1 << bits)
 
 
-def _check_encodable(mnemonic: str, directive: str, operands: str, loc: SourceLocation) -> None:
-    """Refuse the plain literals Keystone would encode as another value (see the hazard above)."""
+# Hazard: Keystone 0.9.2 also encodes, without an error (canaries in tests/test_keystone_canary.py,
+# refusals in tests/test_asm.py):
+# - a memory operand holding only an absolute address (literals and constants defined before) as
+#   RIP-relative: `mov rbx, [0x200000]` is `mov rbx, [rip + 0x200000]`, `lea rax, [K]` likewise;
+#   only MOV with AL/AX/EAX/RAX has the absolute moffs form (a label is encoded absolute);
+# - RIP-relative with an index register as no index: `lea rax, [rip + rcx]` is `lea rax, [rip]`;
+# - an immediate wider than a BYTE/WORD/DWORD PTR memory destination, or than a three-operand
+#   IMUL's register, modulo its size (`mov byte ptr [rbx], 256` stores 0);
+# - PUSH 0xff80..0xffff as a sign-extended byte (`push 0xffff` pushes -1);
+# - PUSHF, POPF and IRET as their 16-bit forms (66 9c: RSP moves by 2), INTO and SALC, which do
+#   not exist in 64-bit mode;
+# - a statement using `$` (the current address) that another statement follows: it vanishes.
+_MEM_WIDTH = {"byte": 8, "word": 16, "dword": 32}
+_SIZED_MEMORY = re.compile(r"\s*(byte|word|dword)\s+ptr\b", re.IGNORECASE)
+_ACCUMULATORS = frozenset({"al", "ax", "eax", "rax"})
+_SIXTEEN_BIT_FORMS = {"pushf": "pushfq", "popf": "popfq", "iret": "iretq"}
+_NOT_IN_64_BIT = frozenset({"into", "salc"})
+
+
+def _absolute_address(content: str, absolute: Container[str]) -> bool:
+    """Whether a register-free address is a constant: every name in it defined before (a define
+    or an absolute `.equ`), so Keystone knows its value - and encodes it RIP-relative."""
+    return all(name in absolute for name in _references(content))
+
+
+def _check_encodable(mnemonic: str, directive: str, operands: str, loc: SourceLocation,
+                     absolute: Container[str] = frozenset()) -> None:
+    """Refuse the plain literals and forms Keystone would encode as another instruction or value
+    (see the hazards above); `absolute`: the names defined before as constants."""
+    if not directive:
+        if mnemonic in _SIXTEEN_BIT_FORMS and not operands.strip():
+            raise AsmError(loc.file, loc.line, f"{mnemonic}: Keystone assembles the 16-bit form; write "
+                                               f"{_SIXTEEN_BIT_FORMS[mnemonic]}")
+        if mnemonic in _NOT_IN_64_BIT:
+            raise AsmError(loc.file, loc.line, f"{mnemonic} does not exist in 64-bit mode (#UD)")
+        if "$" in _strip_literals(operands):
+            raise AsmError(loc.file, loc.line, "`$` (the current address) makes Keystone drop the statement: "
+                                               "use a label")
     pieces = [p.strip() for p in _split_top_level(operands)] if operands.strip() else []
     if directive:
         if directive in _WORD_DIRECTIVES:
@@ -237,7 +278,16 @@ def _check_encodable(mnemonic: str, directive: str, operands: str, loc: SourceLo
             plain = _strip_literals(content)
             registers = [w for w in re.findall(r"[A-Za-z_]\w*", plain) if _REGISTER.fullmatch(w.lower())]
             if not registers:
-                continue  # an absolute address (moffs): Keystone's own checks
+                others = [p for p in pieces if p is not piece]
+                moffs = mnemonic == "mov" and len(others) == 1 and others[0].lower() in _ACCUMULATORS
+                if not moffs and content.strip() and _absolute_address(content, absolute):
+                    raise AsmError(loc.file, loc.line, f"[{content.strip()}]: Keystone encodes an absolute address "
+                                   "as RIP-relative here (only MOV with AL/AX/EAX/RAX has the absolute form): "
+                                   "load the address into a register, or use a label")
+                continue
+            if "rip" in (r.lower() for r in registers) and len(registers) > 1:
+                raise AsmError(loc.file, loc.line, f"[{content.strip()}]: RIP-relative addressing takes no index "
+                                                   "register (Keystone drops it)")
             total, literal_only = 0, True
             for sign, start, end in _signed_terms(plain):
                 term = content[start:end].strip()
@@ -251,15 +301,25 @@ def _check_encodable(mnemonic: str, directive: str, operands: str, loc: SourceLo
                                                    "32 bits (signed)")
     if len(pieces) == 2 and mnemonic in _IMMEDIATE_OF_WIDTH:
         width = _REG_WIDTH.get(pieces[0].lower())
+        sized = _SIZED_MEMORY.match(pieces[0])
+        if width is None and sized is not None:
+            width = _MEM_WIDTH[sized.group(1).lower()]
         value = _literal(pieces[1])
         if width is not None and value is not None and not _fits(value, width):
             raise AsmError(loc.file, loc.line, f"{mnemonic} {pieces[0]}, {pieces[1]}: the immediate does not fit "
                                                f"in {width} bits")
+    if len(pieces) == 3 and mnemonic == "imul":
+        width, value = _REG_WIDTH.get(pieces[0].lower()), _literal(pieces[2])
+        if width is not None and value is not None and not _fits(value, width):
+            raise AsmError(loc.file, loc.line, f"imul {operands.strip()}: the immediate does not fit in {width} bits")
     if len(pieces) == 1:
         value = _literal(pieces[0])
         if value is not None and ((mnemonic == "push" and not -(1 << 31) <= value < (1 << 31))
                                   or (mnemonic in ("ret", "retn", "retf") and not _fits(value, 16))):
             raise AsmError(loc.file, loc.line, f"{mnemonic} {pieces[0]}: the immediate does not fit its encoding")
+        if value is not None and mnemonic == "push" and 0xFF80 <= value <= 0xFFFF:
+            raise AsmError(loc.file, loc.line, f"push {pieces[0]}: Keystone encodes it as a sign-extended byte "
+                                               f"(push {value - 0x10000}); load it into a register first")
     if mnemonic == "enter" and len(pieces) == 2:
         size, level = _literal(pieces[0]), _literal(pieces[1])
         if (size is not None and not 0 <= size < 1 << 16) or (level is not None and not 0 <= level < 1 << 8):

@@ -59,6 +59,16 @@ def disassemble(code: bytes, address: int = 0, limit: int = 0) -> list[Insn]:
     return out
 
 
+def immediate_target(code: bytes, address: int) -> int | None:
+    """The immediate operand of the first instruction of `code` at `address` - a relative
+    branch's absolute target - or None (no instruction, or no immediate)."""
+    for insn in _CS_DETAIL.disasm(code[:16], address, 1):
+        for op in insn.operands:
+            if op.type == capstone.x86.X86_OP_IMM:
+                return int(op.imm) & ((1 << 64) - 1)
+    return None
+
+
 def describe(code: bytes, address: int = 0) -> str:
     """One-line decode of the first instruction, or "undecodable"."""
     insn = decode_one(code, address)

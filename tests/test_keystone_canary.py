@@ -94,6 +94,14 @@ def test_silent_misencodings_the_front_end_refuses(ks: Ks, source: str, encoded:
     assert encode(ks, source) == bytes.fromhex(encoded), means
 
 
+def test_loop_out_of_rel8_reach_wraps_silently(ks: Ks) -> None:
+    """`loop L` to a label 200 bytes ahead encodes rel8 0xc8 (a branch backwards) without an
+    error, and `jmp 0x100000000` from 0x100000 encodes a jump to 0: testbed/asm/branches.py
+    checks both after assembly."""
+    assert encode(ks, "loop L1\n.space 200\nL1: nop")[:2] == bytes.fromhex("e2c8")
+    assert encode(ks, "jmp 0x100000000", base=0x100000) == bytes.fromhex("e9fbffefff")  # rel32 -0x100005: to 0
+
+
 def test_numeric_local_labels_are_rejected(ks: Ks) -> None:
     """Numeric local labels (`1:`) are an error."""
     with pytest.raises(KsError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from testbed.asm.branches import verify_branches
 from testbed.asm.engine import _KeystoneError, _ks_asm
 from testbed.asm.frontend import IncludeRecord, _check_define, _define_items, _Preprocessor
 from testbed.asm.guest_api import _constant
@@ -509,6 +510,7 @@ def _assemble_unit_now(
     values = struct.unpack_from(f"<{len(table)}Q", encoding, size)
     addresses = {name: value for name, value in zip(table_names, values, strict=True) if value != 2**64 - 1}
 
+    verify_branches(pre.branch_checks, encoding, base, addresses, pre.constants)
     # Hidden labels (numeric local labels' names) are not the program's symbols.
     symbols = {
         label: addresses[label]

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.asm.branches import BranchCheck, branch_check
 from testbed.asm.engine import _KeystoneError, _ks_asm
 from testbed.asm.guards import _check_encodable, _check_literals, _check_operands, _hoist_operands
 from testbed.asm.guest_api import (
@@ -143,6 +144,8 @@ class _Preprocessor:
         self.macros: dict[str, _Macro] = {}
         self.blocks: list[_Block] = []
         self.positions: list[tuple[str, SourceLocation, bool]] = []  # (hidden label, loc, conditional)
+        #: branches whose encoded target the assembler verifies (testbed/asm/branches.py)
+        self.branch_checks: list[BranchCheck] = []
         self.include_stack: list[Path] = []
         self.hoisted = 0
         # Every include resolved (IncludeRecord), so a cache of the result can tell whether it
@@ -178,6 +181,7 @@ class _Preprocessor:
         other.macros = dict(self.macros)
         other.blocks = []
         other.positions = list(self.positions)
+        other.branch_checks = list(self.branch_checks)
         other.include_stack = []
         other.included = list(self.included)
         other.errors = dict(self.errors)
@@ -403,6 +407,10 @@ class _Preprocessor:
         if emits and (not blocks or all(b.closer == ".endif" for b in blocks)):
             position = f"{_RESERVED_PREFIX}line_{len(self.positions)}"
             self.positions.append((position, loc, bool(self.blocks)))
+            if not directive and not assignment and mnemonic not in self.macros:
+                check = branch_check(mnemonic.lower(), operands, position, loc, self.absolute)
+                if check is not None:
+                    self.branch_checks.append(check)
 
         self.update_blocks(directive, operands, loc)
         self.items.append(

@@ -2,7 +2,9 @@
 
 The host API (README, "The host API"): `Vm`, `Vcpu`, `Ucall`, the errors a run ends with
 (`VmExitError`, `GuestAssertionError`, `GuestExceptionError`, `VmTimeoutError`,
-`KvmRunError`), the exit types (`testbed.exits`, also each by name: `HypercallExit`, ...),
+`KvmRunError`) and the other errors the host API raises (`MachineClosedError`, `KvmIoctlError`,
+`UnmappableMemoryError`, `ControlPlaneError`, `SnapshotError`), the exit types
+(`testbed.exits`, also each by name: `HypercallExit`, ...),
 `VmOptions`, `run_guest`, `RunReport`. Names load on first use, so `import testbed` stays cheap.
 """
 
@@ -28,6 +30,11 @@ _EXPORTS = {
     "RunReport": "testbed.vmm.vmm",
     "TestbedError": "testbed.errors",
     "UsageError": "testbed.errors",
+    "MachineClosedError": "testbed.errors",
+    "KvmIoctlError": "testbed.kvm.ioctl",
+    "UnmappableMemoryError": "testbed.hw.memory",
+    "ControlPlaneError": "testbed.control_plane",
+    "SnapshotError": "testbed.snapshot",
     **{name: "testbed.kvm.uapi" for name in (
         "HypercallExit", "IoInExit", "IoOutExit", "HltExit", "ShutdownExit", "InternalErrorExit",
         "SystemEventExit", "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "TdxExit", "KvmExit")},
@@ -36,6 +43,7 @@ _EXPORTS = {
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS
     "exits", "Vm", "Vcpu", "VmExitError", "GuestAssertionError", "GuestExceptionError", "VmTimeoutError",
     "KvmRunError", "run_guest", "Ucall", "GuestFailure", "VmOptions", "RunReport", "TestbedError", "UsageError",
+    "MachineClosedError", "KvmIoctlError", "UnmappableMemoryError", "ControlPlaneError", "SnapshotError",
     "HypercallExit", "IoInExit", "IoOutExit", "HltExit", "ShutdownExit", "InternalErrorExit", "SystemEventExit",
     "RdmsrExit", "WrmsrExit", "ApResetHoldExit", "MemoryFaultExit", "TdxExit", "KvmExit",
 ]
@@ -66,8 +74,12 @@ if TYPE_CHECKING:
     from testbed.api import (
         run_guest as run_guest,
     )
+    from testbed.control_plane import ControlPlaneError as ControlPlaneError
+    from testbed.errors import MachineClosedError as MachineClosedError
     from testbed.errors import TestbedError as TestbedError
     from testbed.errors import UsageError as UsageError
+    from testbed.hw.memory import UnmappableMemoryError as UnmappableMemoryError
+    from testbed.kvm.ioctl import KvmIoctlError as KvmIoctlError
     from testbed.kvm.uapi import (
         ApResetHoldExit as ApResetHoldExit,
     )
@@ -108,6 +120,7 @@ if TYPE_CHECKING:
         WrmsrExit as WrmsrExit,
     )
     from testbed.machine import VmOptions as VmOptions
+    from testbed.snapshot import SnapshotError as SnapshotError
     from testbed.vmm.ucall import GuestFailure as GuestFailure
     from testbed.vmm.ucall import Ucall as Ucall
     from testbed.vmm.vmm import RunReport as RunReport

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _add_vm_options(p: argparse.ArgumentParser) -> None:
+def _add_vm_options(p: argparse.ArgumentParser,
+                    vm_type_help: str = "default, sw-protected, sev, sev-es, sev-snp, tdx") -> None:
     p.add_argument("--vendor", choices=[v.value for v in Vendor], default="amd", help="CPU vendor (default amd)")
-    p.add_argument("--vm-type", default="default", help="default, sw-protected, sev, sev-es, sev-snp, tdx")
+    p.add_argument("--vm-type", default="default", help=vm_type_help)
     p.add_argument("--memory", default="64M", help="guest memory (default 64M)")
     p.add_argument("--define", "-D", action="append", default=[], metavar="NAME=VALUE", help="assembler define")
     # Numbers are parsed by VmOptions (testbed/options.py), as from Python: one set of rules
@@ -345,6 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("testbed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`testbed ... | head`): not a testbed bug. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):  # a stdout with no file behind it
+            pass
+        return EXIT_GUEST_FAILURE
     except Exception as exc:  # a testbed bug: still one line, never a traceback
         print(f"testbed: internal error (a testbed bug, please report it): {type(exc).__name__}: "
               f"{_one_line(str(exc))}", file=sys.stderr)

@@ -488,7 +488,8 @@ def add_golden_subparser(sub: Any) -> None:
     golden.add_argument("guests", type=Path, nargs="+", metavar="GUEST.s", help="guest sources")
     golden.add_argument("--golden-dir", type=Path, default=None,
                         help="where the traces live (default: golden/ beside each guest)")
-    _add_vm_options(golden)
+    _add_vm_options(golden, vm_type_help="a VM type (default, sw-protected, sev, sev-es, sev-snp, tdx), a "
+                                          "comma-separated list, or all")
     add_run_options(golden)
     golden.set_defaults(func=cmd_golden)
 

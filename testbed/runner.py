@@ -54,7 +54,7 @@ def warm_worker() -> None:
 
 def run_task(task: Task) -> Result:
     """Run one task in this process and return its small JSON result (never raises for what
-    the guest does; a usage error becomes `{"error": text}`)."""
+    the guest does; options that do not validate become `{"error": text}`)."""
     from testbed.matrix import observe
 
     return observe(task)

@@ -440,3 +440,19 @@ def test_vm_releases_its_machine_and_refuses_misuse() -> None:
     del vm, vcpu, engine
     gc.collect()
     assert machine() is None
+
+
+def test_every_error_the_readme_names_is_exported() -> None:
+    """README ("The host API"): "every name below is exported by `import testbed`" - the errors
+    the host API raises included, each the class its module defines."""
+    from testbed.control_plane import ControlPlaneError
+    from testbed.errors import MachineClosedError as Closed
+    from testbed.hw.memory import UnmappableMemoryError
+    from testbed.kvm.ioctl import KvmIoctlError as Ioctl
+    from testbed.snapshot import SnapshotError
+
+    assert (testbed.MachineClosedError, testbed.KvmIoctlError, testbed.UnmappableMemoryError,
+            testbed.ControlPlaneError, testbed.SnapshotError) == (Closed, Ioctl, UnmappableMemoryError,
+                                                                  ControlPlaneError, SnapshotError)
+    assert {"MachineClosedError", "KvmIoctlError", "UnmappableMemoryError", "ControlPlaneError",
+            "SnapshotError"} <= set(testbed.__all__)

@@ -441,3 +441,30 @@ def test_tdx_on_amd_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("testbed: ") and "Intel" in lines[0], err
+
+
+class _ClosedPipe(io.StringIO):
+    """A stdout whose reader went away (`testbed ... | head`): every write is EPIPE."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_goes_away_is_not_a_testbed_bug(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Output into a closed pipe ends the command quietly (status 1), not with "internal error (a
+    testbed bug)"."""
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    status = main(["run", str(GUESTS_DIR / "hypercall_insn.s"), "--json"])
+    assert status == EXIT_GUEST_FAILURE
+    assert "internal error" not in capsys.readouterr().err
+
+
+def test_python_dash_m_testbed_is_the_testbed_command() -> None:
+    """`python -m testbed` runs the same CLI as the `testbed` console script."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "testbed", "--help"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.startswith("usage: testbed"), done.stderr

@@ -445,3 +445,13 @@ def test_a_boot_that_runs_out_of_time_is_a_timeout(capsys: pytest.CaptureFixture
     doc = json.loads(capsys.readouterr().out)
     assert (status, doc["outcome"]) == (3, "timeout")
     assert doc["detail"].startswith("during the boot: ")
+
+
+def test_a_source_that_runs_out_of_time_during_the_migration_is_a_timeout(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A guest that spins on the source past `--timeout` (the whole migration's time) ends the
+    migration as a timeout, exit status 3 (README: "3 on timeout"), not as source_ended (1)."""
+    status = main(["migrate", str(GUESTS / "cli_spin.s"), "--vm-type", "sev", "--timeout", "0.5", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert (status, doc["outcome"]) == (3, "timeout"), doc["detail"]
+    assert "ended on the source before the migration completed (timeout" in doc["detail"]

@@ -410,7 +410,7 @@ class Migration:
             try:
                 result = vcpu._kvm_run(self._deadline, max(remaining, 1e-6), handled=handled)
             except TestbedError as exc:
-                self._source_ended(str(exc), finished=False)
+                self._source_ended(str(exc), finished=False, timeout=getattr(exc, "outcome", "") == "timeout")
             if isinstance(result, RunStop):
                 continue
             if not seen or result is not seen[-1]:
@@ -426,14 +426,15 @@ class Migration:
         if vmm.ended is not None:
             end = vmm.ended
             self._source_ended(f"{end.outcome}" + (f": {end.detail}" if end.detail else ""),
-                               finished=end.outcome == "done")
+                               finished=end.outcome == "done", timeout=end.outcome == "timeout")
 
-    def _source_ended(self, how: str, finished: bool = True) -> None:
+    def _source_ended(self, how: str, finished: bool = True, timeout: bool = False) -> None:
         # A guest that finished too soon wants a shorter migration; one that failed (an assertion,
-        # an exception) wants its own failure looked at, not other rounds.
+        # an exception) wants its own failure looked at, not other rounds. Out of time is a
+        # timeout (exit status 3), as a run's.
         advice = "; use fewer --rounds or a smaller --slice" if finished else ""
-        raise MigrationError("source_ended", f"the guest's run ended on the source before the migration "
-                             f"completed ({how}){advice}")
+        raise MigrationError("timeout" if timeout else "source_ended", f"the guest's run ended on the source "
+                             f"before the migration completed ({how}){advice}")
 
     # ------------------------------------------------------------ stop-and-copy
     def stop_and_copy(self) -> RoundStats:

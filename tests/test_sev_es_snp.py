@@ -429,17 +429,24 @@ PAGE_TABLE_NOT_VALIDATED = "guest_main:" + map_high("0x600000") + """    mov rdi
 """
 
 
+def ends_with_vc_404(text: str, fill: str, monkeypatch: pytest.MonkeyPatch) -> RunReport:
+    """Run `text` on SNP with the C fill or the Python one (TESTBED_NO_NATIVE_MMU); its report,
+    after checking the run ended in #VC PAGE_NOT_VALIDATED."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    _, report = run_text(text, "sev-snp")
+    assert report.outcome == "unhandled_exception", report.detail
+    assert report.exception is not None
+    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+    return report
+
+
 @pytest.mark.parametrize("fill", ["c", "python"])
 def test_a_walk_through_a_page_table_not_validated_is_vc_404(fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The walk's own accesses are private on SNP and RMP-checked like data: a page table in a
     page the guest rescinded makes the next access through it #VC PAGE_NOT_VALIDATED (APM vol. 2
     15.36.10, table "RMP Memory Access Checks": page-table accesses, Validated -> #VC)."""
-    if fill == "python":
-        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
-    _, report = run_text(PAGE_TABLE_NOT_VALIDATED, "sev-snp")
-    assert report.outcome == "unhandled_exception", report.detail
-    assert report.exception is not None
-    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+    report = ends_with_vc_404(PAGE_TABLE_NOT_VALIDATED, fill, monkeypatch)
     assert report.syncs()[0] == 0x55  # the first read, through validated tables, worked
 
 
@@ -467,12 +474,7 @@ def test_a_walk_through_a_shared_page_table_is_a_nested_fault(fill: str, monkeyp
     (npf_interception -> PFERR_PRIVATE_ACCESS, kvm_mmu_faultin_pfn) and exits
     KVM_EXIT_MEMORY_FAULT; the VMM converts the page, and the retried walk finds it assigned
     but not validated: #VC PAGE_NOT_VALIDATED."""
-    if fill == "python":
-        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
-    _, report = run_text(PAGE_TABLE_SHARED, "sev-snp")
-    assert report.outcome == "unhandled_exception", report.detail
-    assert report.exception is not None
-    assert (report.exception["vector"], report.exception["error_code"]) == (29, 0x404)
+    report = ends_with_vc_404(PAGE_TABLE_SHARED, fill, monkeypatch)
     faults = [e for e in report.user_exits if e["reason"] == "memory_fault"]
     assert faults == [{"reason": "memory_fault", "flags": 8, "gpa": FREE + 0x1000, "size": 4096}]
 

@@ -23,7 +23,7 @@ import pytest
 
 from testbed.cli import EXIT_USAGE, main
 from testbed.demo import CELLS, INSNS, run_cell
-from testbed.errors import UsageError
+from testbed.errors import GuestMemoryError, UsageError
 from testbed.hw.cipher import FrameCipher
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import GuestMemory
@@ -176,7 +176,84 @@ def test_host_write_into_private_frame_gives_guest_garbage_memory_level() -> Non
     assert mem.host_read(6 * PAGE, len(secret)) == host_bytes
 
 
+def test_launch_update_data_encrypts_exactly_its_range() -> None:
+    """LAUNCH_UPDATE_DATA encrypts [gpa, gpa + len) in place and nothing else (sev.c
+    sev_launch_update_data hands the firmware the exact length): the rest of a frame it covers in
+    part keeps its bytes in DRAM (the host reads them unchanged, the guest's C=1 view decrypts them
+    into garbage); an address or length not 16-byte aligned is refused."""
+    mem = encrypted_memory()
+    mem.host_write(6 * PAGE, b"\x5a" * PAGE)
+    mem.launch_encrypt(6 * PAGE, 0x100)
+    assert mem.cpu_read(6 * PAGE, 0x100, private=True) == b"\x5a" * 0x100
+    assert mem.host_read(6 * PAGE + 0x100, 0x100) == b"\x5a" * 0x100  # not launched: DRAM as it was
+    assert mem.cpu_read(6 * PAGE + 0x100, 0x100, private=True) != b"\x5a" * 0x100
+    assert mem.host_read(6 * PAGE, 0x10) != b"\x5a" * 0x10  # launched: ciphertext
+    for gpa, length in ((7 * PAGE + 8, 0x100), (7 * PAGE, 0x101)):
+        with pytest.raises(GuestMemoryError, match="16-byte"):
+            mem.launch_encrypt(gpa, length)
+
+
 # ---------------------------------------------------------------------------- guest views
+
+
+STALE_CODE = """
+.equ P, GUEST_FREE_GPA
+.equ ALIAS, GUEST_FREE_GPA + 0x1000
+guest_main:
+    push rbx
+    push r12
+    push r13
+    mov rbx, P
+    mov dword ptr [rbx], 0x000001b8     # code A: mov eax, 1; ret
+    mov byte ptr [rbx + 4], 0
+    mov byte ptr [rbx + 5], 0xc3
+    call rbx
+    GUEST_SYNC rax
+    mov rdi, P                          # ALIAS -> P's frame with C=0
+    call rt_pte_address
+    mov rcx, qword ptr [rax]
+    mov rdx, RT_DATA
+    mov rdx, qword ptr [rdx + 0x800]
+    not rdx
+    and rcx, rdx
+    mov rdi, ALIAS
+    call rt_pte_address
+    mov qword ptr [rax], rcx
+    mov rdi, ALIAS
+    invlpg [rdi]
+    mov r12, qword ptr [rdi]            # code A's ciphertext
+    mov r13, qword ptr [rdi + 8]
+    mov byte ptr [rbx + 1], 2           # code B through C=1: mov eax, 2; ret
+    call rbx
+    GUEST_SYNC rax
+    mov rdi, ALIAS                      # A's ciphertext back through C=0
+    mov qword ptr [rdi], r12
+    mov qword ptr [rdi + 8], r13
+    mov rax, qword ptr [rbx]            # a C=1 data read decrypts A
+    GUEST_SYNC rax
+    call rbx                            # and so must the fetch
+    GUEST_SYNC rax
+    pop r13
+    pop r12
+    pop rbx
+    ret
+"""
+
+
+@pytest.mark.parametrize("fill", ["c", "python"])
+@pytest.mark.parametrize("vm_type", ["sev", "sev-es"])
+def test_a_fetch_decrypts_what_a_data_read_does(vm_type: str, fill: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Code rewritten through a C=0 alias (its ciphertext put back) is what a C=1 data read and an
+    instruction fetch both decrypt (fetches are always private, APM 15.34.5): the blocks translated
+    from the frame before are dropped when its DRAM bytes are decrypted into it again."""
+    if fill == "python":
+        monkeypatch.setenv("TESTBED_NO_NATIVE_MMU", "1")
+    report = run_guest("stale.s", VmOptions(vm_type=vm_type, memory=MEMORY, seed=1, timeout=20), text=STALE_CODE)
+    assert report.outcome == "done", report.detail
+    a, b, data, fetched = report.syncs()
+    assert (a, b, data & 0xFFFFFFFFFFFF, fetched) == (1, 2, 0xC300000001B8, 1)
+
+
 
 
 def test_c0_alias_of_private_frame_reads_ciphertext() -> None:

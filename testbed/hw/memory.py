@@ -578,19 +578,35 @@ class GuestMemory:
 
     # -- launch -----------------------------------------------------------------------------
     def launch_encrypt(self, gpa: int, length: int) -> None:
-        """SEV LAUNCH_UPDATE_DATA: encrypt the loaded image in place (frames become private)."""
+        """SEV LAUNCH_UPDATE_DATA: encrypt [gpa, gpa + length) in place, exactly (the firmware takes
+        a 16-byte aligned address and length: GuestMemoryError otherwise); its frames become
+        private. The rest of a frame the range covers in part keeps its DRAM bytes, which the
+        guest's C=1 view decrypts (garbage) and the host still reads as they were."""
         self.check_range(gpa, length, "launch update")
+        if gpa % 16 or length % 16:
+            raise GuestMemoryError(f"LAUNCH_UPDATE_DATA of 0x{length:x} bytes: the SEV firmware needs a 16-byte "
+                                   "aligned address and length", gpa)
         first = gpa >> PAGE_SHIFT
         last = (gpa + length - 1) >> PAGE_SHIFT
         if self.cipher is None or self.private is None:
             return
+        end = gpa + length
         for frame in range(first, last + 1):
             off = frame << PAGE_SHIFT
-            if self.owner[frame] == OWNER_DRAM:
+            if self.owner[frame] != OWNER_DRAM:
+                continue
+            lo, hi = max(gpa, off) - off, min(end, off + PAGE_SIZE) - off
+            if lo == 0 and hi == PAGE_SIZE:
                 # The image was written as plaintext into DRAM: it *is* the plaintext.
-                self.private[off : off + PAGE_SIZE] = self.dram[off : off + PAGE_SIZE]
-                self.dram[off : off + PAGE_SIZE] = self.cipher.encrypt(off, self.private[off : off + PAGE_SIZE])
-                self.owner[frame] = OWNER_PRIVATE
+                plain = bytearray(self.dram[off : off + PAGE_SIZE])
+            else:
+                # Only [lo, hi) is encrypted; the other bytes stay in DRAM as they were, and a C=1
+                # read decrypts them (XTS blocks are independent: re-encrypting gives them back).
+                plain = bytearray(self.cipher.decrypt(off, self.dram[off : off + PAGE_SIZE]))
+                plain[lo:hi] = self.dram[off + lo : off + hi]
+            self.private[off : off + PAGE_SIZE] = plain
+            self.dram[off : off + PAGE_SIZE] = self.cipher.encrypt(off, bytes(plain))
+            self.owner[frame] = OWNER_PRIVATE
 
     def populate_private(self, gpa: int, length: int) -> None:
         """guest_memfd population from the VMM's copy (KVM_SEV_SNP_LAUNCH_UPDATE: kvm_gmem_populate()

@@ -186,6 +186,9 @@ class Mmu(UnicornBinding):
         self._xlat: dict[int, int] = {}  # guest-virtual page -> unicorn-physical page (last Python fill)
         self._exec_frames = _FrameSet(memory.nframes)  # frames code has been fetched from
         self._scanned_frames = _FrameSet(memory.nframes)  # exec frames whose intercepted sites are hooked
+        #: frames written after code was fetched from them, whose translated blocks may survive
+        #: until the next flush_code (legacy SEV: an ownership move must drop them)
+        self._translated_frames: set[int] = set()
         self._scan_vas = _FrameVas(memory.nframes)  # ... and the guest-virtual page they are hooked at
         self._py_tlb_fills = 0
         #: KVM's dirty bitmap while dirty logging is on (kvm/dirty_log.py), read where the
@@ -590,6 +593,9 @@ class Mmu(UnicornBinding):
         elif access == ACCESS_WRITE and frame in self._exec_frames:
             self._exec_frames.discard(frame)
             self._scanned_frames.discard(frame)
+            # Translated blocks of the frame may outlive this (an executable TLB entry elsewhere
+            # runs them): an ownership move must still find it (_on_ownership_change).
+            self._translated_frames.add(frame)
             # This fill takes execute away at `vaddr` only; another address mapping the frame
             # may keep an executable TLB entry and run the new code unscanned.
             self._request_tlb_flush()
@@ -671,8 +677,16 @@ class Mmu(UnicornBinding):
         return page
 
     def _on_ownership_change(self, frame: int) -> None:
-        # A translation to the alias that lost the frame must not survive (DESIGN.md).
-        self.flush_tlb()
+        # A translation to the alias that lost the frame must not survive (DESIGN.md). Code
+        # translated from the frame is stale too: a move to the private alias decrypts the DRAM
+        # bytes into it, which a C=0 write may have changed, and an instruction fetch reads
+        # through C=1 what a data read does (APM 15.34.5): the frame is rescanned and retranslated.
+        if frame in self._exec_frames or frame in self._scanned_frames or frame in self._translated_frames:
+            self._exec_frames.discard(frame)
+            self._scanned_frames.discard(frame)
+            self.flush_code()  # (and the TLB)
+        else:
+            self.flush_tlb()
 
     def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None:
         """KVM changed the attributes of GFNs [first, end): it zaps their stage-2 mappings (a
@@ -780,6 +794,7 @@ class Mmu(UnicornBinding):
         super().flush_code()
         self._exec_frames.clear()
         self._scanned_frames.clear()
+        self._translated_frames.clear()
         self._scan_vas.clear()
         self._sync_native_dirty_log()  # a snapshot restore may have changed the bitmap reference
         self._sync_native_fill()

@@ -57,5 +57,6 @@ def prepare(memory: HostMemory, image: bytes, c_bit_mask: int) -> BootState:
 
 #: Regions the launch flow encrypts for an SEV guest: boot GDT, boot tables, image.
 def launch_regions(image_len: int) -> list[tuple[int, int]]:
-    """(gpa, length) of everything the VMM prepared."""
-    return [(BOOT_GDT_GPA, 0x1000), (BOOT_PT_GPA, 0x2000), (IMAGE_GPA, max(image_len, 1))]
+    """(gpa, length) of everything the VMM prepared, in whole pages as QEMU launches its memory
+    regions (the firmware takes 16-byte multiples; the image's last page is launched whole)."""
+    return [(BOOT_GDT_GPA, 0x1000), (BOOT_PT_GPA, 0x2000), (IMAGE_GPA, (max(image_len, 1) + 0xFFF) & ~0xFFF)]

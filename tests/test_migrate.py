@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,39 @@ def test_hostile_guest_corrupting_its_donated_structure(vm_type: str) -> None:
     assert "donated" in sources[1:] and sources[-1] == "memory-attributes"
     info = report.to_json()
     assert info["target_donation"]["accepted"] is False and "count 2147483647" in info["target_donation"]["reason"]
+
+
+def test_the_fallback_from_an_invalid_donated_structure_holds_after_a_new_donation() -> None:
+    """Once the donated structure was found invalid the migration resyncs from KVM's attributes
+    for every round left, even after the guest donates a valid structure again (the tracker is
+    valid again, the guest is not trusted again)."""
+    options = migration_options(VmOptions(vm_type="sev-snp", memory="8M", seed=1, tracker="donated"))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "donate_conversions.s")
+        migration = Migration(vm, vcpu, rounds=4, slice_exits=8)
+        try:
+            migration.start()
+            migration.precopy_round()
+            tracker = vm.machine.map_gpa.tracker
+            assert isinstance(tracker, DonatedTracker) and tracker.region is not None
+            gpa, size = tracker.region.gpa, tracker.region.size
+            header = vm.read(gpa, 32)
+            magic, version, generation, _count, capacity, request = struct.unpack("<IIQIIQ", header)
+            # a consistent (even) generation with a count above the capacity
+            vm.write(gpa, struct.pack("<IIQIIQ", magic, version, generation & ~1, 0x7FFFFFFF, capacity, request))
+            assert tracker.read_now() == "invalid"
+            vm.write(gpa, header)  # (the guest's own code reads the count back)
+            assert migration.precopy_round().status_source == "memory-attributes"
+            assert vm.machine.vmm.donate is not None and vm.machine.vmm.donate.handle(gpa, size, 0) == 0
+            assert tracker.read_now() == "valid"
+            assert migration.precopy_round().status_source == "memory-attributes"
+            assert migration.report.resync["reason"].startswith("donated structure invalid: count 2147483647")
+            migration.stop_and_copy()
+            report = migration.finish()
+        finally:
+            migration.close()
+    _check(report)
+    assert report.rounds[-1].status_source == "memory-attributes"
 
 
 # ------------------------------------------------------------------------------ the oracle

@@ -282,10 +282,11 @@ def test_a_snapshot_is_not_restored_after_a_hotplug_and_a_hotplugged_machine_is_
         assert vm.machine.memory.size == 8 << 20
 
 
-@pytest.mark.parametrize("tracker", ["native-bitmap", "native-ranges", "native-tree"])
-def test_a_native_trackers_ranges_are_restored(tracker: str) -> None:
-    """The native trackers keep their ranges in C, out of the snapshot walk's sight: they save and
-    restore them themselves, so a restore gives back the ranges of the snapshot."""
+@pytest.mark.parametrize("tracker", ["bitmap", "ranges", "tree", "native-bitmap", "native-ranges", "native-tree"])
+def test_a_trackers_ranges_are_restored(tracker: str) -> None:
+    """A restore gives back the tracker's ranges of the snapshot, for every tracker: the native ones
+    keep them in C and the bitmap in a bitarray, out of the walk's sight, and save and restore them
+    themselves; the others are restored by the walk."""
     with testbed.Vm(vm_type="sev-snp", memory=MEMORY, tracker=tracker) as vm:
         vcpu = vm.load(GUESTS_DIR / "conversions.s")
         at_boot = vm.shared_ranges()

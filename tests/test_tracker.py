@@ -226,6 +226,23 @@ def test_adjacent_ranges_merge_and_holes_split(kind: str, batch: bool) -> None:
     assert tracker.shared_ranges() == [(0, GUEST_PAGES)]
 
 
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_shared_is_taken_by_its_truth_value(kind: str, batch: bool) -> None:
+    """`shared` is a truth value for every tracker (base.py's convert tests `if shared`): 2 shares
+    a page and 0 makes it private, one page or a span, batched or not."""
+    tracker = FACTORIES[kind](GUEST_PAGES, 16)
+    for gfn, npages in ((3, 1), (10, 4)):
+        ops: list[tuple[int, int, object]] = [(gfn, npages, 2)]
+        if batch:
+            tracker.apply(ops)  # type: ignore[arg-type]
+        else:
+            tracker.convert(gfn, npages, 2)  # type: ignore[arg-type]
+    assert tracker.shared_ranges() == [(3, 1), (10, 4)]
+    tracker.convert(3, 1, 0)  # type: ignore[arg-type]
+    assert tracker.shared_ranges() == [(10, 4)]
+
+
 @pytest.mark.parametrize("kind", list(FACTORIES))
 @FAST
 @given(sequence=ops())

@@ -117,6 +117,23 @@ HOSTILE = {
 }
 
 
+def test_a_count_above_the_hosts_bound_is_invalid() -> None:
+    """The page-rounded donation has room for more records than the host's bound (max_ranges):
+    a count inside the capacity but above the bound is invalid, so the snapshot never holds more
+    than max_ranges records (memory_bound_bytes); at the bound it is read."""
+    guest = FakeGuest()
+    tracker = DonatedTracker(PAGES, max_ranges=1000)
+    size = tracker.max_donation_bytes  # 0x4000: room for 1022 records
+    capacity = (size - ENCS_RECORDS) // 16
+    assert capacity == 1022
+    guest.put([(16 + i, 1) for i in range(1000)], size=size)
+    tracker.donate(GPA, size, guest.read, guest.write, guest.is_private)
+    assert tracker.read_now() == "valid" and tracker.shared_ranges() == [(16, 1000)]
+    guest.put([(16 + i, 1) for i in range(1001)], size=size, generation=2)
+    assert tracker.read_now() == "invalid"
+    assert tracker.reason == "count 1001 > the host's bound of 1000 records"
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_corruption_poisons_with_the_reason(case: str) -> None:
     """A structure corrupted after the donation poisons the tracker with the reason; the ranges

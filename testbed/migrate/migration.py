@@ -256,6 +256,9 @@ class Migration:
         self._deferred: set[int] = set()
         #: in stop-and-copy: a status export must be current (no last export reused)
         self._stopping = False
+        #: why the donated structure was first found invalid: the fallback then holds for the rest
+        #: of the migration, even if the guest donates a valid structure again (_export_donated)
+        self._donated_invalid: str | None = None
         self._vmm_dirty: set[int] = set()
         #: takes the VMM's write logging off the source again (resume_source, close)
         self._unhook: Callable[[], None] = lambda: None
@@ -600,13 +603,19 @@ class Migration:
         broken guest): the full-resync fallback, every round from then on."""
         resync = self.report.resync
         state = tracker.read_now()
+        if state == "invalid" and self._donated_invalid is None:
+            self._donated_invalid = tracker.reason
+        if self._donated_invalid is not None:
+            # Sticky: a guest that broke its structure once is not trusted with the status again
+            # in this migration (a re-donation makes the tracker valid, not the guest honest; and
+            # the rounds in between were sent from the attributes, so nothing is gained).
+            why = self._donated_invalid
+            return self._full_resync(f"the guest's donated encryption-status structure is invalid ({why})",
+                                     {"reason": f"donated structure invalid: {why}"})
         if state == "valid":
             status = dataclasses.replace(export_tracker(tracker, "donated"), source="donated")
             resync["donated_reads"] = resync.get("donated_reads", 0) + 1
             return status
-        if state == "invalid":
-            return self._full_resync(f"the guest's donated encryption-status structure is invalid ({tracker.reason})",
-                                     {"reason": f"donated structure invalid: {tracker.reason}"})
         attrs = self.source.machine.kvm_vm.mem_attrs
         if state == "updating" and self._previous is not None and not self._stopping:
             resync["retried_reads"] = resync.get("retried_reads", 0) + 1

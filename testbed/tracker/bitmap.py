@@ -59,9 +59,9 @@ class BitmapTracker(SharedTracker):
 
     def convert(self, gfn: int, npages: int, shared: bool) -> None:
         if isinstance(gfn, int) and npages == 1 and 0 <= gfn < self._guest_pages:
-            self._bits[gfn] = shared
+            self._bits[gfn] = bool(shared)
         else:
-            self._store_span(gfn, npages, shared)
+            self._store_span(gfn, npages, bool(shared))
 
     def _store_span(self, gfn: int, npages: int, value: bool | int) -> None:
         check_range(gfn, npages, self._guest_pages)
@@ -81,7 +81,7 @@ class BitmapTracker(SharedTracker):
                 # the comparison or makes bitarray refuse the index, with TypeError, before
                 # anything is stored.
                 if npages == 1 and 0 <= gfn < limit:
-                    bits[gfn] = shared
+                    bits[gfn] = bool(shared)
                 else:
                     self.convert(gfn, npages, shared)
         except TypeError:
@@ -118,6 +118,15 @@ class BitmapTracker(SharedTracker):
     def clear(self) -> None:
         self._bits.setall(0)
         self._poisoned = False
+
+    def _snapshot_save(self) -> bitarray:
+        """testbed/snapshot.py: the bits, which the snapshot's walk does not enter (a bitarray is
+        a C buffer, not a container it knows)."""
+        return self._bits.copy()
+
+    def _snapshot_restore(self, bits: bitarray) -> None:
+        """Put the bits `_snapshot_save` returned back, in place (the same bitarray object)."""
+        self._bits[:] = bits
 
     def _grow(self, guest_pages: int) -> None:
         # Memory hotplug: the map reallocates to the new size (new pages private), as the

@@ -21,8 +21,10 @@ The structure (little-endian; guests/lib/donate.s writes it)::
 
 Bounded by construction: the donated size is page aligned and at most `max_donation_bytes`
 (the host's own record bound, `max_ranges`, in this format), the header must say
-`32 + capacity * 16 <= size` and `count <= capacity` before a record is read, so the host never
-reads past the donated size whatever the guest writes, and its work per read is bounded too.
+`32 + capacity * 16 <= size`, `count <= capacity` and `count <= max_ranges` (the page rounding
+leaves room for a few more records than the bound) before a record is read, so the host never
+reads past the donated size whatever the guest writes, its work per read is bounded too, and
+its snapshot never holds more than `max_ranges` records (`memory_bound_bytes`).
 
 Validated on every read: magic and version; capacity and count as above; every record
 `npages >= 1`, inside guest memory, sorted by gfn and not overlapping the previous one
@@ -216,6 +218,8 @@ class DonatedTracker(SharedTracker):
                           f"(at most {(size - ENCS_RECORDS) // ENCS_RECORD_SIZE})"), generation
         if count > capacity:
             return None, f"count {count} > capacity {capacity}", generation
+        if count > self._max_ranges:
+            return None, f"count {count} > the host's bound of {self._max_ranges} records", generation
         try:
             body = self._bounded_read(read, region, gpa + ENCS_RECORDS, count * ENCS_RECORD_SIZE)
         except TestbedError as exc:

@@ -7,16 +7,17 @@ hw/memory.py) and maps it all into the emulator, but its RAM is `memory` bytes: 
 is refused by the MMU as a GPA without a memslot (KVM_EXIT_INTERNAL_ERROR, as for any GPA
 outside RAM). `hotplug(machine, size)` then
 
-1. grows the shared-page tracker to the new size first (`SharedTracker.resize`): the bitmap
-   reallocates, ranges and tree raise their bound, the donated tracker raises its bound and,
-   if the guest's structure is now smaller than the host requires, asks the guest to donate
-   more (the header's host_request; guests/lib/donate.s grows at its next conversion); the
-   native trackers grow the same way in C. A tracker that cannot grow refuses, and nothing
-   has changed;
-2. adds the slot (KvmVm.set_user_memory_region: it must start at the end of RAM and end
-   within the reservation), registers it for encryption on legacy SEV (QEMU's
-   sev_ram_block_added -> KVM_MEMORY_ENCRYPT_REG_REGION, pinned) and grows the hardware's RAM;
-3. raises the bound of the VMM's MAP_GPA_RANGE handler.
+1. adds the slot (KvmVm.set_user_memory_region: it must start at the end of RAM and end
+   within the reservation): KVM refuses a bad slot or size before anything else changed;
+2. grows the shared-page tracker (`SharedTracker.resize`): the bitmap reallocates, ranges and
+   tree raise their bound, the donated tracker raises its bound and, if the guest's structure
+   is now smaller than the host requires, asks the guest to donate more (the header's
+   host_request; guests/lib/donate.s grows at its next conversion); the native trackers grow
+   the same way in C. A tracker that cannot grow refuses, the slot is deleted again
+   (memory_size 0), and nothing has changed;
+3. registers the new RAM for encryption on legacy SEV (QEMU's sev_ram_block_added ->
+   KVM_MEMORY_ENCRYPT_REG_REGION, pinned), grows the hardware's RAM and raises the bound of
+   the VMM's MAP_GPA_RANGE handler.
 
 What is supported: growth only, contiguous from the end of RAM, up to `max_memory`, on the
 default, sw-protected, sev and sev-es VM types (SEV-SNP and TDX would need RMP / Secure-EPT

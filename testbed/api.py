@@ -291,8 +291,11 @@ class Vm:
         this VM with `restore` any number of times. Between runs only: after `load`, or after a
         run whose exit was answered and completed (SnapshotError otherwise). close() the
         snapshot (or drop it) to free its memory images."""
-        from testbed.snapshot import take
+        from testbed.snapshot import SnapshotError, take
 
+        if self._vcpu is not None and self._vcpu._early_exit is not None:
+            raise SnapshotError("the vCPU has an exit unanswered (returned by complete_io): answer it and run "
+                                "the vCPU once more before taking a snapshot")
         return take(self.machine)
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -302,6 +305,8 @@ class Vm:
         from testbed.snapshot import restore
 
         restore(self.machine, snapshot)
+        if self._vcpu is not None:
+            self._vcpu._early_exit = None  # the snapshot had none (snapshot() refuses one)
 
     # ------------------------------------------------------------- host's view
     def read(self, gpa: int, n: int) -> bytes:
@@ -441,6 +446,10 @@ class Vm:
         """The default VMM's handling of `exit` (vmm/vmm.py handle_exit): fills the reply slot
         and returns the Ucall when the exit was one (sync or done), else None. An exit that ends
         the run raises its VmExitError (GuestAssertionError for a failed assert, ...)."""
+        from testbed.kvm.uapi import EXIT_TYPES
+
+        if not isinstance(exit, EXIT_TYPES):
+            raise UsageError(f"vm.handle({exit!r}): expected an exit vcpu.run() returned, not {type(exit).__name__}")
         return _ucall_or_raise(self.machine.vmm.handle(exit))
 
 
@@ -451,6 +460,18 @@ class Vcpu:
     def __init__(self, vm: Vm, machine: Machine) -> None:
         self.vm = vm
         self._machine = machine
+        #: an exit a completion run by complete_io() raised (KVM_RUN with immediate_exit returns
+        #: it instead of -EINTR): the next run returns it before entering the guest
+        self._early_exit: KvmExit | None = None
+
+    def _check_open(self) -> None:
+        """MachineClosedError once the Vm is closed: a pooled machine (reuse=True) lives on
+        and may serve another Vm, which this vCPU must not drive."""
+        if self.vm._closed:
+            from testbed.errors import MachineClosedError
+
+            raise MachineClosedError("this vCPU's VM is closed: its emulator and guest memory were released")
+        self._machine._check_open()
 
     def _boot(self, address: int, timeout: float) -> None:
         machine = self._machine
@@ -485,7 +506,10 @@ class Vcpu:
     def _kvm_run(self, deadline: float, timeout: float, boot: bool = False,
                  handled: Callable[[KvmExit], bool] | None = None) -> KvmExit | RunStop:
         machine = self._machine
-        machine._check_open()
+        self._check_open()
+        if self._early_exit is not None:
+            early, self._early_exit = self._early_exit, None
+            return early
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise VmTimeoutError("timeout", f"no exit within {timeout:g} s")
@@ -524,14 +548,38 @@ class Vcpu:
         entered KVM sees kvm_vcpu_has_events(), so a TD's MapGPA in progress stops with RETRY at
         its next chunk (tdx.c tdx_complete_vmcall_map_gpa). The testbed delivers nothing: the
         event is consumed when the guest is entered."""
-        self._machine._check_open()
+        self._check_open()
         self._machine.kvm_vcpu.inject_event()
+
+    def complete_io(self) -> KvmExit | None:
+        """KVM_RUN with kvm_run->immediate_exit = 1 (the selftests' vcpu_run_complete_io): the
+        completion of the last exit runs with what userspace wrote into its reply slot and the
+        guest is not entered, so the vCPU's state is consistent - RIP past a port I/O
+        instruction - before it is read, saved or copied ("When KVM exits to userspace with
+        KVM_EXIT_IO, KVM guarantees guest state is consistent only after userspace re-enters
+        the kernel with KVM_RUN", lib/x86/processor.c vcpu_save_state). Returns None (KVM_RUN's
+        -EINTR), or the exit the completion itself raised (the next step of a string I/O),
+        which KVM_RUN returns instead; KvmRunError when the completion fails."""
+        self._check_open()
+        if self._early_exit is not None:
+            return self._early_exit  # still unanswered: nothing to complete
+        machine = self._machine
+        try:
+            again = machine.kvm_vcpu.complete_pending()
+        except KvmIoctlError as exc:
+            error = KvmRunError(exc.errno, str(exc))
+            machine.vmm.finish(VmEnd(error.outcome, error.detail, {"errno": exc.errno}))
+            raise error from None
+        self._early_exit = again
+        return again
 
     def run_to_ucall(self, timeout: float | None = None) -> Ucall:
         """Run, answering every exit with the default VMM, until the guest makes a ucall;
-        return it (cmd "sync" or "done"). A failed assert raises GuestAssertionError, an
-        unhandled exception GuestExceptionError, any other end VmExitError; VmTimeoutError if no
-        ucall comes within `timeout` seconds (default the Vm's timeout)."""
+        complete its port I/O (complete_io, as the selftests' get_ucall does: the vCPU's state
+        is then consistent, RIP past the OUT) and return it (cmd "sync" or "done"). A failed
+        assert raises GuestAssertionError, an unhandled exception GuestExceptionError, any other
+        end VmExitError; VmTimeoutError if no ucall comes within `timeout` seconds (default the
+        Vm's timeout)."""
         limit = _timeout(timeout, self._machine.options.timeout)
         deadline = time.monotonic() + limit
         vmm = self._machine.vmm
@@ -564,6 +612,7 @@ class Vcpu:
             else:
                 ucall = self.vm.handle(result)  # an exit KVM_RUN returned before the guest ran
             if ucall is not None:
+                self.complete_io()
                 return ucall
 
 

@@ -17,6 +17,7 @@ import errno
 import gc
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,12 @@ import testbed
 from testbed.errors import MachineClosedError, UsageError
 from testbed.hw.memory import UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
-from testbed.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KvmExitReason
+from testbed.kvm.uapi import (
+    KVM_CAP_DISABLE_QUIRKS2,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_X86_QUIRK_OUT_7E_INC_RIP,
+    KvmExitReason,
+)
 from testbed.layout import Layout
 from testbed.pytest_plugin import TestbedCombination
 
@@ -246,6 +252,32 @@ def test_a_punched_private_page_faults_in_anew(vm_type: str) -> None:
             assert eio.value.errno == errno.EIO and "before accepting" in str(eio.value)
 
 
+@pytest.mark.parametrize("vm_type", ["sw-protected", "sev-snp"])
+@pytest.mark.parametrize("punch", [False, True])
+def test_an_attribute_round_trip_keeps_the_private_page_unless_it_was_freed(vm_type: str, punch: bool) -> None:
+    """private -> shared -> private with KVM_SET_MEMORY_ATTRIBUTES alone keeps the guest_memfd
+    page: the guest reads its data again, and on SNP the page is still validated (mmu.c
+    kvm_arch_pre_set_memory_attributes only unmaps; the RMP changes when the folio is freed,
+    sev_gmem_invalidate). With a punched hole in between the page is new: zeros, and on SNP
+    not validated (#VC 0x404)."""
+    with testbed.Vm(vm_type=vm_type, **SMALL) as vm:
+        vcpu = vm.load("punched.s", text=PUNCHED, defines={"GPA": PUNCHED_GPA})
+        if vm_type == "sw-protected":
+            vm.set_memory_attributes(PUNCHED_GPA, 0x1000, private=True)
+        assert list(vcpu.run_to_ucall().args) == [1]
+        vm.set_memory_attributes(PUNCHED_GPA, 0x1000, private=False)
+        if punch:
+            vm.guest_mem_fallocate(PUNCHED_GPA, 0x1000, punch_hole=True)
+        vm.set_memory_attributes(PUNCHED_GPA, 0x1000, private=True)
+        assert vm.guest_mem_allocated(PUNCHED_GPA) is not punch
+        if punch and vm_type == "sev-snp":
+            with pytest.raises(testbed.GuestExceptionError) as vc:
+                vcpu.run_to_ucall()
+            assert (vc.value.vector, vc.value.error_code) == (29, 0x404)
+        else:
+            assert list(vcpu.run_to_ucall().args) == [2, 0 if punch else 0x5A5A5A5A5A5A5A5A]
+
+
 def test_fallocate_allocates_and_refuses_a_zero_length() -> None:
     """fallocate without PUNCH_HOLE allocates the guest_memfd pages (kvm_gmem_allocate: SEEK_DATA
     then finds them); a length of 0 is EINVAL (vfs_fallocate: len <= 0)."""
@@ -354,6 +386,81 @@ def test_in_is_answered_in_its_data_slot(vm_type: str) -> None:
         assert vcpu.run_to_ucall().args[0] & 0xFF == 0xFF
 
 
+PIO_REDIRECT = """
+guest_main:
+    mov dx, 0x80
+    mov eax, 0x11
+    xor r15d, r15d
+port_io:
+    .ifdef IN_PORT
+    in al, dx
+    .else
+    out dx, al
+    .endif
+    add r15, 0x55
+    GUEST_SYNC r15, rax
+    ret
+elsewhere:
+    add r15, 0x77
+    GUEST_SYNC r15, rax
+    ret
+"""
+
+
+@pytest.mark.parametrize("direction", ["out", "in"])
+def test_a_rip_moved_at_a_port_io_exit_gets_no_completion(direction: str) -> None:
+    """Userspace that moves RIP at a port I/O exit gets neither the IN's RAX nor the skip past the
+    instruction: the guest resumes at the new RIP (x86.c complete_fast_pio_out/in:
+    `if (unlikely(!kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip))) return 1;`); left where
+    it was, the completion runs."""
+    defines = {"IN_PORT": 1} if direction == "in" else {}
+    for moved in (False, True):
+        with testbed.Vm(**SMALL) as vm:
+            vcpu = vm.load("pio.s", text=PIO_REDIRECT, defines=defines)
+            exit = vcpu.run()
+            assert isinstance(exit, testbed.IoInExit if direction == "in" else testbed.IoOutExit)
+            assert exit.port == 0x80
+            if isinstance(exit, testbed.IoInExit):
+                exit.data = b"\x5a"
+            state = vm.get_vcpu_state()
+            assert state.regs is not None and state.regs.rip == vm.machine.program.symbols["port_io"]
+            if moved:
+                regs = dataclasses.replace(state.regs, rip=vm.machine.program.symbols["elsewhere"])
+                vm.set_vcpu_state(dataclasses.replace(state, regs=regs))
+            ucall = vcpu.run_to_ucall()
+        rax = 0x5A if direction == "in" and not moved else 0x11
+        assert ucall.args == [0x77 if moved else 0x55, rax]
+
+
+OUT_7E = """
+guest_main:
+    mov eax, 0x11
+port_7e:
+    out 0x7e, al
+after_7e:
+    GUEST_SYNC 1
+    ret
+"""
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_out_0x7e_is_skipped_before_its_exit_while_the_quirk_is_on(quirk: bool) -> None:
+    """An OUT to port 0x7e exits with RIP already past it while KVM_X86_QUIRK_OUT_7E_INC_RIP is
+    on (the default), and its completion does nothing; with the quirk
+    disabled (KVM_CAP_DISABLE_QUIRKS2) it is an ordinary OUT (x86.c kvm_fast_pio_out,
+    complete_fast_pio_out_port_0x7e)."""
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("out7e.s", text=OUT_7E)
+        if not quirk:
+            vm.machine.kvm_vm.enable_cap(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_OUT_7E_INC_RIP)
+        exit = vcpu.run()
+        assert isinstance(exit, testbed.IoOutExit) and (exit.port, exit.data) == (0x7E, b"\x11")
+        symbols = vm.machine.program.symbols
+        state = vm.get_vcpu_state()
+        assert state.regs is not None and state.regs.rip == symbols["after_7e" if quirk else "port_7e"]
+        assert vcpu.run_to_ucall().args == [1]
+
+
 def test_exits_are_read_only_but_reply_slots() -> None:
     """Exits are frozen but for the slots userspace fills in kvm_run (hypercall.ret, io data, msr data/error)."""
     hc = testbed.HypercallExit(nr=12, args=(0x1000, 1, 0, 0, 0, 0))
@@ -371,6 +478,44 @@ def test_exits_are_read_only_but_reply_slots() -> None:
     assert hc.to_json() == {"reason": "hypercall", "nr": 12, "args": [0x1000, 1, 0, 0, 0, 0], "ret": 5, "flags": 0}
     assert out.to_json()["direction"] == "out" and out.to_json()["value"] == 0x1000
     assert {t.reason for t in testbed.exits.EXIT_TYPES} >= {"hypercall", "io", "memory_fault", "x86_rdmsr"}
+
+
+@pytest.mark.parametrize(("make", "slot", "value"), [
+    (lambda: testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0)), "ret", None),
+    (lambda: testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0)), "ret", "0"),
+    (lambda: testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0)), "ret", 1.5),
+    (lambda: testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0)), "ret", True),
+    (lambda: testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0)), "ret", 1 << 64),
+    (lambda: testbed.IoInExit(size=1, port=0x70), "data", "x"),
+    (lambda: testbed.RdmsrExit(index=0x10, msr_reason=4), "data", b"\x01"),
+], ids=["none", "str", "float", "bool", "wide", "in-str", "msr-bytes"])
+def test_a_reply_slot_takes_only_what_kvm_run_can_hold(make: Callable[[], Any], slot: str, value: object) -> None:
+    """A reply slot refuses what kvm_run's __u64 fields (or IN's data bytes) cannot hold, at the
+    assignment, naming the slot; the slot keeps its value."""
+    exit = make()
+    before = getattr(exit, slot)
+    with pytest.raises(UsageError, match=f"{type(exit).__name__}.{slot} = "):
+        setattr(exit, slot, value)
+    assert getattr(exit, slot) == before
+
+
+def test_a_reply_slot_takes_negative_errnos_and_u64s() -> None:
+    """-22 (as C stores -KVM_EINVAL into __u64) and 2**64 - 1 are valid replies; IN's data takes bytes or an int."""
+    exit = testbed.HypercallExit(nr=12, args=(0, 1, 0, 0, 0, 0))
+    exit.ret = -22
+    exit.ret = (1 << 64) - 1
+    io = testbed.IoInExit(size=2, port=0x70)
+    io.data = b"\x01\x02"
+    io.data = 0x0201
+    assert io.reply(2) == b"\x01\x02"
+
+
+def test_handle_refuses_what_is_no_exit() -> None:
+    """vm.handle() of something vcpu.run() never returns is a UsageError naming it, not an AttributeError."""
+    with testbed.Vm(**SMALL) as vm:
+        vm.load("syncs.s", text=SYNCS)
+        with pytest.raises(UsageError, match="expected an exit"):
+            vm.handle("foo")  # type: ignore[arg-type]
 
 
 def test_report_user_exits_are_each_exits_to_json() -> None:
@@ -440,6 +585,57 @@ def test_vm_releases_its_machine_and_refuses_misuse() -> None:
     del vm, vcpu, engine
     gc.collect()
     assert machine() is None
+
+
+def test_run_to_ucall_completes_the_ucalls_port_io() -> None:
+    """run_to_ucall completes the ucall's OUT before returning, as the selftests' get_ucall does
+    (vcpu_run_complete_io): RIP is past the OUT, the state can be snapshotted, and a restore
+    runs on to the next ucall instead of replaying this one."""
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("syncs.s", text=SYNCS)
+        assert vcpu.run_to_ucall().args == [1, 2]
+        snapshot = vm.snapshot()
+        assert vcpu.run_to_ucall().args == [3, 4, 5, 6, 7, 8]
+        vm.restore(snapshot)
+        assert vcpu.run_to_ucall().args == [3, 4, 5, 6, 7, 8]
+
+
+def test_complete_io_runs_the_completion_without_entering_the_guest() -> None:
+    """vcpu.complete_io() is KVM_RUN with immediate_exit: after vcpu.run() returned the ucall's OUT
+    (RIP at the OUT, no snapshot possible), it moves RIP past the OUT and returns None; the guest
+    has not run (the next ucall is still to come)."""
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("syncs.s", text=SYNCS)
+        exit = vcpu.run()
+        assert isinstance(exit, testbed.IoOutExit)
+        state = vm.get_vcpu_state()
+        assert state.regs is not None
+        at_out = state.regs.rip
+        with pytest.raises(testbed.SnapshotError, match="unanswered"):
+            vm.snapshot()
+        assert vcpu.complete_io() is None
+        state = vm.get_vcpu_state()
+        assert state.regs is not None and state.regs.rip == at_out + 1  # out dx, eax
+        vm.snapshot().close()
+        assert vcpu.run_to_ucall().args == [3, 4, 5, 6, 7, 8]
+
+
+def test_a_vcpu_of_a_closed_pooled_vm_cannot_run() -> None:
+    """Closing a Vm loaded with reuse=True returns its machine to the pool, but its Vcpu is dead:
+    running it is MachineClosedError, and the next Vm the pool serves sees all its own ucalls."""
+    with testbed.Vm(**SMALL) as vm:
+        old = vm.load("syncs.s", text=SYNCS, reuse=True)
+        assert old.run_to_ucall().args == [1, 2]
+    with pytest.raises(MachineClosedError):
+        old.run_to_ucall()
+    with pytest.raises(MachineClosedError):
+        old.complete_io()
+    with testbed.Vm(**SMALL) as vm:
+        vcpu = vm.load("syncs.s", text=SYNCS, reuse=True)
+        with pytest.raises(MachineClosedError):
+            old.run()
+        assert vcpu.run_to_ucall().args == [1, 2]
+        assert vcpu.run_to_ucall().args == [3, 4, 5, 6, 7, 8]
 
 
 def test_every_error_the_readme_names_is_exported() -> None:

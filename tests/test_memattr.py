@@ -9,7 +9,15 @@ import pytest
 from testbed.hw.exits import Vendor
 from testbed.hw.memory import GuestMemory
 from testbed.kvm.memattr import MemoryAttributes
-from testbed.kvm.uapi import KVM_CAP_DISABLE_QUIRKS2, KVM_CAP_MEMORY_ATTRIBUTES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmVmType
+from testbed.kvm.uapi import (
+    KVM_CAP_DISABLE_QUIRKS,
+    KVM_CAP_DISABLE_QUIRKS2,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_USER_MEMORY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KvmVmType,
+)
 from testbed.kvm.vm import KVM_X86_VALID_QUIRKS, KvmIoctlError, KvmVm
 
 P = KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -94,6 +102,28 @@ def test_private_attribute_only_where_supported(vm_type: KvmVmType) -> None:
         with pytest.raises(KvmIoctlError) as info:
             vm.set_memory_attributes(0x1000, 0x1000, P)
         assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("vendor", list(Vendor), ids=[v.value for v in Vendor])
+def test_disable_quirks_v1_drops_unknown_bits_without_an_error(vendor: Vendor) -> None:
+    """KVM_CAP_DISABLE_QUIRKS (v1) is advertised (1) and takes any value: the supported bits are
+    disabled, the rest dropped, never EINVAL (x86.c kvm_vm_ioctl_enable_cap: "disabled_quirks |=
+    cap->args[0] & kvm_caps.supported_quirks")."""
+    vm = make_vm(KvmVmType.KVM_X86_DEFAULT_VM, vendor)
+    assert vm.check_extension(KVM_CAP_DISABLE_QUIRKS) == 1
+    vm.enable_cap(KVM_CAP_DISABLE_QUIRKS, (1 << 64) - 1)
+    assert vm.disabled_quirks == vm.check_extension(KVM_CAP_DISABLE_QUIRKS2)
+
+
+@pytest.mark.parametrize("vm_type", list(KvmVmType))
+def test_the_capabilities_the_testbed_models_are_advertised(vm_type: KvmVmType) -> None:
+    """KVM_CAP_USER_MEMORY and KVM_CAP_MEMORY_FAULT_INFO are 1 on every VM (kvm_main.c
+    kvm_vm_ioctl_check_extension_generic; x86.c kvm_vm_ioctl_check_extension), as the testbed
+    has KVM_SET_USER_MEMORY_REGION and KVM_EXIT_MEMORY_FAULT."""
+    vendor = Vendor.INTEL if vm_type is KvmVmType.KVM_X86_TDX_VM else Vendor.AMD
+    vm = make_vm(vm_type, vendor)
+    assert vm.check_extension(KVM_CAP_USER_MEMORY) == 1
+    assert vm.check_extension(KVM_CAP_MEMORY_FAULT_INFO) == 1
 
 
 @pytest.mark.parametrize("vendor", list(Vendor), ids=[v.value for v in Vendor])

@@ -690,9 +690,15 @@ class Mmu(UnicornBinding):
 
     def stage2_changed(self, first: Gfn, end: Gfn, private: bool) -> None:
         """KVM changed the attributes of GFNs [first, end): it zaps their stage-2 mappings (a
-        TLB flush here) and, on SNP, moves them in the RMP (rmp_make_private/shared)."""
-        if self.rmp is not None:
-            self.rmp.assign(first, end, private)
+        TLB flush here; mmu.c kvm_arch_pre_set_memory_attributes -> kvm_unmap_gfn_range). On
+        SNP that changes no RMP entry: a private page guest_memfd still holds stays assigned
+        and validated while the GFN is shared, and is mapped again as it was when the GFN turns
+        private again; only freeing it (gmem_invalidated: sev_gmem_invalidate) makes it shared
+        and unvalidated, and the page faulted in after that is assigned, not validated
+        (sev_gmem_prepare) - so a GFN turning private is assigned here, Validated kept. In a TD
+        the zap removes a private page (TDH.MEM.PAGE.REMOVE): converted back, it is pending."""
+        if self.rmp is not None and private:
+            self.rmp.keep_assigned(first, end)
         if self._tdx is not None and not private:
             self._tdx.page_remove(first, end)  # TDH.MEM.PAGE.REMOVE: converted back, it is pending
         self.flush_tlb()
@@ -700,18 +706,21 @@ class Mmu(UnicornBinding):
     def gmem_invalidated(self, gfns: list[Gfn]) -> None:
         """guest_memfd freed the private pages of `gfns` (fallocate PUNCH_HOLE): KVM zaps their
         stage-2 mappings (kvm_gmem_punch_hole -> kvm_gmem_invalidate_start ->
-        kvm_mmu_unmap_gfn_range, a TLB flush here). Where the attribute is still private the
-        next private access faults a new page in: on SNP the freed page went back to shared in
-        the RMP (sev_gmem_invalidate) and the new one is assigned but not validated
-        (sev_gmem_prepare: RMPUPDATE clears Validated); in a TD the page was removed
-        (tdx_sept_remove_private_spte: TDH.MEM.PAGE.REMOVE) and comes back pending (AUG)."""
+        kvm_mmu_unmap_gfn_range, a TLB flush here). On SNP the freed page goes back to shared in
+        the RMP, Validated cleared (sev_gmem_invalidate), whatever the GFN's attribute; where it
+        is private the next private access faults a new page in, assigned but not validated
+        (sev_gmem_prepare). In a TD a private page was removed (tdx_sept_remove_private_spte:
+        TDH.MEM.PAGE.REMOVE) and comes back pending (AUG)."""
         stage2 = self._stage2
         for gfn in gfns:
-            if stage2 is not None and stage2.is_private(gfn):
-                if self.rmp is not None:
-                    self.rmp.assign(gfn, Gfn(gfn + 1), True)
-                if self._tdx is not None:
-                    self._tdx.page_remove(gfn, Gfn(gfn + 1))
+            private = stage2 is not None and stage2.is_private(gfn)
+            if self.rmp is not None:
+                # sev_gmem_invalidate: the freed page is shared and unvalidated; while the GFN
+                # is private the next private fault brings a new page, assigned (the testbed
+                # assigns it now), never validated.
+                self.rmp.assign(gfn, Gfn(gfn + 1), private)
+            if private and self._tdx is not None:
+                self._tdx.page_remove(gfn, Gfn(gfn + 1))
         self.flush_tlb()
 
     # ------------------------------------------------------------- the TDX module's side

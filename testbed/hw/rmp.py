@@ -75,6 +75,14 @@ class Rmp:
         self.assigned[first:end] = (b"\x01" if assigned else b"\x00") * (end - first)
         _clear(self.validated, first, end)
 
+    def keep_assigned(self, first: int, end: int) -> None:
+        """Frames [first, end) are assigned, Validated left as it is: a page guest_memfd never
+        freed keeps its entry; a freed one was unassigned and unvalidated (assign False), and
+        comes back assigned and unvalidated (sev_gmem_prepare, at its next private fault)."""
+        end = min(end, self.nframes)
+        if first < end:
+            self.assigned[first:end] = b"\x01" * (end - first)
+
     def launch_validate(self, first: int, end: int) -> None:
         """SNP_LAUNCH_UPDATE: measured pages enter the guest assigned and validated."""
         end = min(end, self.nframes)

@@ -15,6 +15,8 @@ from dataclasses import FrozenInstanceError, dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
+from testbed.errors import UsageError
+
 # -- hypercall numbers (include/uapi/linux/kvm_para.h) ------------------------------------
 KVM_HC_VAPIC_POLL_IRQ = 1
 KVM_HC_MMU_OP = 2
@@ -64,6 +66,9 @@ KVM_FEATURE_MIGRATION_CONTROL = 17
 KVM_CAP_ENFORCE_PV_FEATURE_CPUID = 190
 KVM_CAP_EXIT_HYPERCALL = 201
 KVM_CAP_DISABLE_QUIRKS2 = 213
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_DISABLE_QUIRKS = 116
+KVM_CAP_MEMORY_FAULT_INFO = 232
 KVM_CAP_MEMORY_ATTRIBUTES = 233
 KVM_CAP_VM_TYPES = 235
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
@@ -71,6 +76,7 @@ KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
 TESTBED_EXIT_HYPERCALL_VALID_MASK = KVM_EXIT_HYPERCALL_VALID_MASK | (1 << KVM_HC_TESTBED_DONATE_ENC_STATUS)
 
 # -- quirks (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------------
+KVM_X86_QUIRK_OUT_7E_INC_RIP = 1 << 3
 KVM_X86_QUIRK_FIX_HYPERCALL_INSN = 1 << 5
 
 # -- kvm_run.hypercall.flags ----------------------------------------------------------------
@@ -130,12 +136,23 @@ class _Replies:
 
     __slots__ = ()
     _REPLY: ClassVar[frozenset[str]] = frozenset()
+    #: `data` takes bytes too (IN's data area)
+    _BYTES_REPLY: ClassVar[bool] = False
 
     def __setattr__(self, name: str, value: object) -> None:
         if name not in self._REPLY:
             replies = ", ".join(sorted(self._REPLY))
             raise FrozenInstanceError(f"cannot assign to field {name!r} of {type(self).__name__}: "
                                       f"only the reply slot ({replies}) is writable")
+        # kvm_run's reply fields are integers (__u64 and the like; negative values are taken
+        # as their two's complement, as C would store -22) - and IN's data area bytes: anything
+        # else could not be written into kvm_run, and would only fail inside the next KVM_RUN.
+        if isinstance(value, bytes | bytearray | memoryview) and name == "data" and self._BYTES_REPLY:
+            pass
+        elif isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < 1 << 64:
+            want = "bytes or an int" if name == "data" and self._BYTES_REPLY else "an int (a __u64)"
+            shown = f"{value!r}" if isinstance(value, int) else type(value).__name__
+            raise UsageError(f"{type(self).__name__}.{name} = {shown}: the reply slot takes {want}")
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -191,6 +208,7 @@ class IoInExit(_Replies):
     the guest on the next KVM_RUN (x86.c complete_fast_pio_in / complete_emulator_pio_in)."""
 
     _REPLY: ClassVar[frozenset[str]] = frozenset({"data"})
+    _BYTES_REPLY: ClassVar[bool] = True
     reason: ClassVar[str] = "io"
     exit_reason: ClassVar[KvmExitReason] = KvmExitReason.KVM_EXIT_IO
     direction: ClassVar[int] = KVM_EXIT_IO_IN

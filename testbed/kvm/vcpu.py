@@ -84,6 +84,7 @@ from testbed.kvm.uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_X86_QUIRK_FIX_HYPERCALL_INSN,
+    KVM_X86_QUIRK_OUT_7E_INC_RIP,
     HltExit,
     HypercallExit,
     InternalErrorExit,
@@ -146,6 +147,9 @@ class KvmVcpu:
         #: run()'s internal fast path (see run)
         self._handled: Callable[[KvmExit], bool] | None = None
         self._pending_completion: Callable[[], None] | None = None
+        #: the linear RIP where the last KVM_RUN returned to userspace with an exit (None inside
+        #: a run): port I/O completions check it (handle_pio)
+        self._exit_linear_rip: int | None = None
         #: set when an exit handler fails: KVM_RUN returns this error, with no exit reason
         self._run_error: KvmIoctlError | None = None
         self.stat_hypercalls = 0
@@ -384,6 +388,7 @@ class KvmVcpu:
             raise error
         if self._exit is not None:
             run, self._exit = self._exit, None
+            self._exit_linear_rip = self.hw.linear_rip(self.hw.read_reg(Reg.RIP))
             return run
         if self._halted is not None:
             return self._halted_stop()
@@ -427,10 +432,14 @@ class KvmVcpu:
             # complete_userspace_io returned -errno (e.g. snp_complete_one_psc): KVM_RUN fails
             # before entering the guest.
             raise KvmIoctlError("KVM_RUN", exc.errno, f"completion: {exc}") from None
+        finally:
+            self._exit_linear_rip = None
         if self._run_error is not None:
             error, self._run_error = self._run_error, None
             raise error
         run, self._exit = self._exit, None
+        if run is not None:  # the completion exited again: KVM_RUN returns it
+            self._exit_linear_rip = self.hw.linear_rip(self.hw.read_reg(Reg.RIP))
         return run
 
     def inject_event(self) -> None:
@@ -768,7 +777,12 @@ class KvmVcpu:
 
     # ---------------------------------------------------------------- port I/O
     def handle_pio(self, port: int, size: int, is_in: bool) -> None:
-        """kvm_fast_pio(): no in-kernel device on any port, so every access exits to userspace."""
+        """kvm_fast_pio(): no in-kernel device on any port, so every access exits to userspace.
+        The completion runs only if RIP is where KVM_RUN left it (complete_fast_pio_in/out:
+        `kvm_is_linear_rip(vcpu, vcpu->arch.pio.linear_rip)`): userspace that moved RIP gets
+        neither the IN's RAX nor the skip. An OUT to port 0x7e with KVM_X86_QUIRK_OUT_7E_INC_RIP
+        (on by default) is skipped before the exit, and its completion does nothing
+        (complete_fast_pio_out_port_0x7e)."""
         hw = self.hw
         if is_in:
             run = IoInExit(size=size, port=port, count=1, data=bytearray(size))
@@ -776,6 +790,8 @@ class KvmVcpu:
             def complete_fast_pio_in(run: IoInExit = run) -> None:
                 # complete_fast_pio_in(): RAX from the data area (below 32 bits merged, a 32-bit
                 # IN zero-extends), then kvm_skip_emulated_instruction().
+                if self._rip_moved_since_exit():
+                    return
                 value = int.from_bytes(run.reply(size), "little")
                 rax = 0 if size == 4 else hw.read_reg(Reg.RAX) & ~((1 << (8 * size)) - 1)
                 hw.write_reg(Reg.RAX, rax | value)
@@ -784,11 +800,30 @@ class KvmVcpu:
             # An IN the hardware let complete natively (no site hook) returns all ones (no device).
             hw.set_io_in_result((1 << (8 * size)) - 1)
             self._exit_to_userspace(run, complete_fast_pio_in)
-        else:
-            value = hw.read_reg(Reg.RAX) & ((1 << (8 * size)) - 1)
-            # kvm_fast_pio_out() -> complete_fast_pio_out(): the OUT is skipped on the next KVM_RUN.
-            self._exit_to_userspace(IoOutExit(size=size, port=port, count=1, data=value.to_bytes(size, "little")),
-                                    self._skip_emulated_instruction)
+            return
+        value = hw.read_reg(Reg.RAX) & ((1 << (8 * size)) - 1)
+        out = IoOutExit(size=size, port=port, count=1, data=value.to_bytes(size, "little"))
+        if port == 0x7E and self.vm.quirk_enabled(KVM_X86_QUIRK_OUT_7E_INC_RIP):
+            # kvm_fast_pio_out(): "Workaround userspace that relies on old KVM behavior of %rip
+            # being incremented prior to exiting to userspace to handle 'OUT 0x7e'."
+            self._skip_emulated_instruction()
+            self._exit_to_userspace(out, None)
+            return
+
+        def complete_fast_pio_out() -> None:
+            # complete_fast_pio_out(): the OUT is skipped on the next KVM_RUN, unless userspace
+            # moved RIP.
+            if not self._rip_moved_since_exit():
+                self._skip_emulated_instruction()
+
+        self._exit_to_userspace(out, complete_fast_pio_out)
+
+    def _rip_moved_since_exit(self) -> bool:
+        """Whether the linear RIP differs from where the last KVM_RUN returned to userspace
+        (kvm_is_linear_rip against the RIP saved at the exit; the internal fast path, which
+        completes inside KVM_RUN, never moves it)."""
+        saved = self._exit_linear_rip
+        return saved is not None and self.hw.linear_rip(self.hw.read_reg(Reg.RIP)) != saved
 
     def handle_string_pio(self) -> None:
         """INS/OUTS: x86_emulate_instruction(vcpu, 0), which decodes the instruction from guest

@@ -59,7 +59,7 @@ def machine_state(machine: Machine) -> dict[str, Any]:
     if attrs is not None:
         state["attrs"] = bytes(attrs.private)
     if cpu.rmp is not None:
-        state["rmp"] = (bytes(cpu.rmp.assigned), bytes(cpu.rmp.validated))
+        state["rmp"] = (bytes(cpu.rmp._assigned_diff), cpu.rmp._base, bytes(cpu.rmp.validated))
     return state
 
 

@@ -827,7 +827,7 @@ class Mmu(UnicornBinding):
         host side); nothing is written, so nothing of the guest's is corrupted."""
         assert self.rmp is not None
         for frame in range(gpa >> PAGE_SHIFT, ((gpa + max(length, 1) - 1) >> PAGE_SHIFT) + 1):
-            if self.rmp.assigned[frame]:
+            if self.rmp.is_assigned(frame):
                 raise GuestMemoryError("RMP violation: host write to a page assigned to the SNP guest",
                                        frame << PAGE_SHIFT)
 

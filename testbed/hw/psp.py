@@ -211,7 +211,7 @@ class GuestFirmware:
         flags = 0
         mem = self._mem
         if mem.guest_memfd:
-            if self._rmp is not None and not self._rmp.assigned[frame]:
+            if self._rmp is not None and not self._rmp.is_assigned(frame):
                 raise FirmwareError(command, SEV_RET_INVALID_PAGE_STATE, f"gpa 0x{gpa:x} is not assigned to the guest")
             assert mem.private is not None
             plaintext = bytes(mem.private[gpa : gpa + length])  # the guest_memfd page (zeros if never allocated)
@@ -272,8 +272,7 @@ class GuestFirmware:
             mem.private[gpa : gpa + length] = plaintext
             mem.materialise(frame, 1, True)
             if self._rmp is not None:
-                self._rmp.assigned[frame] = 1
-                self._rmp.validated[frame] = 1 if flags & PACKET_FLAG_VALIDATED else 0
+                self._rmp.receive_assigned(frame, bool(flags & PACKET_FLAG_VALIDATED))
         else:
             mem.cpu_write(gpa, plaintext, private=True)
         if mem.on_host_write is not None:

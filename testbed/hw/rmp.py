@@ -58,21 +58,37 @@ class Rmp:
 
     def __init__(self, nframes: int) -> None:
         self.nframes = nframes
-        # Sparse (hw/memory.py frame_array): a 64 GiB guest's entries cost what changes.
-        self.assigned = frame_array(nframes)
+        # Sparse (hw/memory.py frame_array): a 64 GiB guest's entries cost what changes. The
+        # Assigned bits are stored as their difference from `_base` (all frames assigned at
+        # once, as SNP_LAUNCH_START does, flips the base and frees the array: no 16 MiB write).
+        self._assigned_diff = frame_array(nframes)
+        self._base = 0
         self.validated = frame_array(nframes)
 
     def close(self) -> None:
         """Unmap the entries (the machine is closed)."""
-        release_mapping(self.assigned)
+        release_mapping(self._assigned_diff)
         release_mapping(self.validated)
+
+    def is_assigned(self, frame: int) -> bool:
+        """The frame's Assigned bit."""
+        return (self._assigned_diff[frame] ^ self._base) == 1
+
+    def _set_assigned(self, first: int, end: int, assigned: bool) -> None:
+        if first == 0 and end == self.nframes:
+            self._base = int(assigned)
+            _clear(self._assigned_diff, 0, end)
+        elif int(assigned) == self._base:
+            _clear(self._assigned_diff, first, end)
+        else:
+            self._assigned_diff[first:end] = b"\x01" * (end - first)
 
     def assign(self, first: int, end: int, assigned: bool) -> None:
         """RMPUPDATE by the host: (un)assign frames [first, end); either way Validated clears."""
         end = min(end, self.nframes)
         if first >= end:
             return
-        self.assigned[first:end] = (b"\x01" if assigned else b"\x00") * (end - first)
+        self._set_assigned(first, end, assigned)
         _clear(self.validated, first, end)
 
     def keep_assigned(self, first: int, end: int) -> None:
@@ -81,13 +97,19 @@ class Rmp:
         comes back assigned and unvalidated (sev_gmem_prepare, at its next private fault)."""
         end = min(end, self.nframes)
         if first < end:
-            self.assigned[first:end] = b"\x01" * (end - first)
+            self._set_assigned(first, end, True)
 
     def launch_validate(self, first: int, end: int) -> None:
         """SNP_LAUNCH_UPDATE: measured pages enter the guest assigned and validated."""
         end = min(end, self.nframes)
-        self.assigned[first:end] = b"\x01" * (end - first)
-        self.validated[first:end] = b"\x01" * (end - first)
+        if first < end:
+            self._set_assigned(first, end, True)
+            self.validated[first:end] = b"\x01" * (end - first)
+
+    def receive_assigned(self, frame: int, validated: bool) -> None:
+        """SNP migration's receive: the frame is assigned, validated as the packet says."""
+        self._set_assigned(frame, frame + 1, True)
+        self.validated[frame] = 1 if validated else 0
 
     def pvalidate(self, frame: int, size: int, validate: bool) -> PvalidateResult:
         """PVALIDATE on an assigned frame (the caller handled translation and assignment)."""

@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of exiting, so main() owns the exit status."""
 
     def error(self, message: str) -> Any:
-        raise UsageError(f"{self.prog}: {message}")
+        # main() prints "testbed: " before it: name the subcommand only ("testbed: run: ...").
+        where = self.prog.removeprefix("testbed").strip()
+        raise UsageError(f"{where}: {message}" if where else message)
 
 
 def _add_vm_options(p: argparse.ArgumentParser,

@@ -330,6 +330,17 @@ def test_bad_input_is_one_clear_line_with_status_2(
     assert len(err) < 1000, f"a {len(err)}-character message echoes the input instead of naming it"
 
 
+@pytest.mark.parametrize(("argv", "line"), [
+    (["bench", "--bogus"], "testbed: unrecognized arguments: --bogus"),
+    (["run"], "testbed: run: the following arguments are required: guest"),
+])
+def test_an_argument_error_names_the_command_once(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                  line: str) -> None:
+    """argparse's errors are one line with "testbed: " once, then the subcommand that refused them."""
+    assert main(argv) == EXIT_USAGE
+    assert capsys.readouterr().err == line + "\n"
+
+
 def test_a_trace_write_error_mid_run_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A trace file that fails after some events (EIO) ends the run with status 2 naming the file."""

@@ -31,7 +31,6 @@ from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmExit
 from testbed.vmm.ucall import GuestFailure, Ucall
 from testbed.vmm.vmm import RunReport, VmEnd
-from testbed.x86.addr import Gfn
 
 if TYPE_CHECKING:
     from testbed.asm import Program
@@ -363,10 +362,9 @@ class Vm:
         if not punch_hole:
             memory.materialise(first, npages, True)
             return
-        freed = [Gfn(g) for g in range(first, first + npages) if memory.private_allocated(g)]
-        memory.discard_private(first, npages)
-        if freed:
-            self.machine.kvm_vm.gmem_invalidated(freed)
+        ram = self.machine.gmem_ram
+        if ram is not None:
+            ram.discard_private(first, npages)
 
     def guest_mem_allocated(self, gpa: int) -> bool:
         """lseek(SEEK_DATA) on the guest_memfd at `gpa`'s page: whether its private page is

@@ -65,7 +65,7 @@ from testbed.x86 import (
     MSR_EFER,
     Reg,
 )
-from testbed.x86.addr import Gpa, Gva
+from testbed.x86.addr import Gfn, Gpa, Gva
 from testbed.x86.paging import PagingMode
 
 SEV_STATUS_SEV = 1 << 0
@@ -245,6 +245,30 @@ def _locate(program: Program, address: int) -> dict[str, Any] | None:
     return {"file": where.file, "line": where.line, "symbol": where.symbol, "offset": where.offset}
 
 
+class GuestMemfdRam:
+    """guest_memfd RAM as the VMM discards it (vmm/map_gpa.py RamDiscard): the VMM's own pages
+    are freed (ram_block_discard_range); a private discard is fallocate(PUNCH_HOLE) on the
+    guest_memfd, which KVM sees - kvm_gmem_punch_hole zaps the freed pages from stage 2 and,
+    on SNP, the freed folios go back to shared in the RMP (sev_gmem_invalidate)."""
+
+    def __init__(self, memory: GuestMemory, kvm_vm: KvmVm) -> None:
+        self.memory = memory
+        self.kvm_vm = kvm_vm
+
+    def discard_shared(self, first_gfn: int, npages: int) -> None:
+        """QEMU's ram_block_discard_range() of the VMM's pages."""
+        self.memory.discard_shared(first_gfn, npages)
+
+    def discard_private(self, first_gfn: int, npages: int) -> None:
+        """fallocate(PUNCH_HOLE) on the guest_memfd (ram_block_discard_guest_memfd_range)."""
+        memory = self.memory
+        end = min(first_gfn + npages, memory.nframes)
+        freed = [Gfn(g) for g in range(max(first_gfn, 0), end) if memory.private_allocated(g)]
+        memory.discard_private(first_gfn, npages)
+        if freed:
+            self.kvm_vm.gmem_invalidated(freed)
+
+
 class Machine:
     """One VM ready to run `program`.
 
@@ -350,8 +374,10 @@ class Machine:
         tracker = make_tracker(options.tracker, guest_pages=self.layout.nframes, **extra)
         # The refusal the completion path accepts: positive EINVAL for SNP's PSC completions,
         # the hypercall ABI's -KVM_EINVAL where the guest's own hypercall reads it (map_gpa.py).
+        #: the guest_memfd RAM the VMM discards on conversions (None: no guest_memfd)
+        self.gmem_ram = GuestMemfdRam(self.memory, self.kvm_vm) if self.memory.guest_memfd else None
         self.map_gpa = MapGpaHandler(tracker, self.layout.nframes, vm=self.kvm_vm,
-                                     ram=self.memory if self.memory.guest_memfd else None,
+                                     ram=self.gmem_ram,
                                      refusal=KVM_EINVAL if self.snp or self.kvm_vm.tdx else neg(KVM_EINVAL),
                                      refused=[(gpa >> 12, (gpa >> 12) + n, to)
                                               for gpa, n, to in options.refuse_conversions])

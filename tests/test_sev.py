@@ -282,6 +282,18 @@ def test_c0_alias_on_plain_vm_reads_plaintext() -> None:
     assert report.syncs() == [0, 0x5EC12E7, 0x5EC12E7, 0x5EC12E7], [hex(s) for s in report.syncs()]
 
 
+def test_snp_c0_alias_round_trip_meets_a_fresh_unvalidated_page() -> None:
+    """On SNP the C=0 access is a memory fault the VMM answers by converting the page to shared,
+    punching it out of guest_memfd as QEMU does (ram_block_discard_guest_memfd_range): KVM sees
+    the punch (kvm_gmem_punch_hole; the folio goes back to shared in the RMP, sev_gmem_invalidate),
+    so when the C=1 read converts it back the page is a new one, not validated: #VC 0x404."""
+    options = VmOptions(vendor=Vendor.AMD, vm_type="sev-snp", memory=MEMORY, timeout=5.0, seed=1)
+    report = run_guest(GUESTS_DIR / "sev_cbit_alias.s", options)
+    assert report.outcome == "unhandled_exception", report.detail
+    assert (report.exception or {}).get("vector") == 29 and report.exception.get("error_code") == 0x404
+    assert report.syncs()[:2] == [1 << 51, 0x5EC12E7]
+
+
 def test_host_write_into_private_page_gives_guest_garbage() -> None:
     """A host write into the guest's private frame between two runs makes the guest's C=1 read garbage."""
     options = sev_options()

@@ -54,7 +54,8 @@ def warm_worker() -> None:
 
 def run_task(task: Task) -> Result:
     """Run one task in this process and return its small JSON result (never raises for what
-    the guest does; options that do not validate become `{"error": text}`)."""
+    the guest does; options that do not validate, or a guest the host cannot back, become
+    `{"error": text}`: a cell that could not run, never equal to any other)."""
     from testbed.matrix import observe
 
     return observe(task)

@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+import testbed.options
 from testbed.cli import main
-from testbed.matrix import Cell, combinations, compare, merge, run_matrix
+from testbed.kvm.uapi import KVM_SYSTEM_EVENT_SEV_TERM, SystemEventExit
+from testbed.matrix import Cell, combinations, compare, end_record, merge, run_matrix, ucall_identity
 from testbed.runner import DaskExecutor, PoolExecutor, SerialExecutor
+from testbed.vmm.vmm import RunReport, VmEnd
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 #: cli_spin.s spins until the timeout by design: every cell would cost the whole timeout
@@ -96,12 +99,30 @@ guest_main:
 """
 
 
+#: reads SEV_STATUS and asks for termination (GHCB MSR protocol) with reason code SEV_STATUS & 7:
+#: 3 on SEV-ES (SEV | SEV-ES), 7 on SEV-SNP - the same outcome, `terminated`, ended differently
+TERMINATE_WITH_SEV_STATUS = """\
+guest_main:
+    mov ecx, 0xC0010131
+    rdmsr
+    and eax, 7
+    shl rax, 16
+    or rax, GHCB_MSR_TERM_REQ
+    mov ecx, MSR_AMD64_SEV_ES_GHCB
+    xor edx, edx
+    wrmsr
+    rep vmmcall
+    GUEST_SYNC 0xbad
+    ret
+"""
+
+
 def _obs(outcome: str = "done", conversions: list[list[Any]] | None = None, exits: int | None = None,
-         vm_type: str = "default") -> dict[str, Any]:
+         vm_type: str = "default", end: dict[str, Any] | None = None, vendor: str = "amd") -> dict[str, Any]:
     conv = conversions or []
     return {"outcome": outcome, "exception": None, "ucalls": [{"cmd": "done", "args": []}], "conversions": conv,
             "conversion_exits": len(conv) if exits is None else exits, "truncated": False,
-            "guest_shared": [], "shared_ranges": [], "vm_type": vm_type}
+            "guest_shared": [], "shared_ranges": [], "vm_type": vm_type, "vendor": vendor, "end": end or {}}
 
 
 def test_every_pinned_difference_names_a_bundled_guest() -> None:
@@ -178,6 +199,129 @@ def test_outcome_difference_is_divergent() -> None:
     assert cell.divergent and cell.difference == "outcome shutdown vs done"
 
 
+def test_errored_cells_are_never_equal() -> None:
+    """A cell that could not run equals nothing, not even another errored cell; a cell whose reference
+    could not run is not compared (not equal, not a divergence); the error text is in the cell's JSON."""
+    ref = Cell("default", "amd", {"error": "memory 32.0 GiB: too much"})
+    cell = Cell("tdx", "intel", {"error": "memory 32.0 GiB: too much"})
+    compare(ref, ref)
+    compare(cell, ref)
+    for c in (ref, cell):
+        assert not c.equal and not c.compared and not c.divergent
+        assert c.difference == "could not run: memory 32.0 GiB: too much"
+        assert c.to_json()["outcome"] == "error" and c.to_json()["error"] == "memory 32.0 GiB: too much"
+    ran = Cell("sev", "amd", _obs())
+    compare(ran, ref)
+    assert not ran.equal and not ran.compared and not ran.divergent
+    assert ran.difference == "not compared: the reference could not run"
+
+
+def test_a_cell_the_host_cannot_back_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError while a cell runs (the host could not back the guest) makes that cell an error,
+    not an exception that ends the whole matrix."""
+    import testbed.matrix
+
+    def no_memory(*_args: object) -> None:
+        raise MemoryError("mmap failed")
+
+    monkeypatch.setattr(testbed.matrix, "_observe", no_memory)
+    task = {"guest": "g.s", "source": "guest_main:\n    GUEST_DONE\n",
+            "options": {"memory": 16 << 20, "timeout": 10.0, "seed": 1, "vm_type": "default", "vendor": "amd"}}
+    assert testbed.matrix.observe(task) == {"error": "out of host memory: mmap failed"}
+
+
+#: (what differs, the cell's end, the reference's end, the difference named): how a run ended
+#: beyond its outcome, as a KVM developer would want it flagged
+END_DIFFERENCES = [
+    ("termination reason",
+     {"system_event": 6, "termination": {"via": "msr", "msr": 0x70100, "reason_set": 0, "reason_code": 7}},
+     {"system_event": 6, "termination": {"via": "msr", "msr": 0x30100, "reason_set": 0, "reason_code": 3}},
+     "end: GHCB MSR 0x70100 (reason set 0, code 7) vs GHCB MSR 0x30100 (reason set 0, code 3)"),
+    ("termination protocol",
+     {"system_event": 6, "termination": {"via": "ghcb", "reason_set": 0, "reason_code": 3}},
+     {"system_event": 6, "termination": {"via": "msr", "msr": 0x30100, "reason_set": 0, "reason_code": 3}},
+     "end: GHCB termination request (reason set 0, code 3) vs GHCB MSR 0x30100 (reason set 0, code 3)"),
+    ("system event data", {"system_event": 1, "data": [1]}, {"system_event": 1, "data": [2]},
+     "end: system event 1 data [0x1] vs system event 1 data [0x2]"),
+    ("TD fatal error", {"system_event": 7, "tdx_fatal": {"error_code": 1 << 32, "message": "a", "gpa": None}},
+     {"system_event": 7, "tdx_fatal": {"error_code": 2 << 32, "message": "a", "gpa": None}},
+     "end: TD fatal error 0x100000000 'a' vs TD fatal error 0x200000000 'a'"),
+    ("memory fault gpa", {"memory_fault": {"gpa": 0x5000, "flags": 8, "size": 0x1000}},
+     {"memory_fault": {"gpa": 0x6000, "flags": 8, "size": 0x1000}},
+     "end: memory fault gpa 0x5000 flags 0x8 size 0x1000 vs memory fault gpa 0x6000 flags 0x8 size 0x1000"),
+    ("memory fault flags", {"memory_fault": {"gpa": 0x5000, "flags": 0, "size": 0x1000}},
+     {"memory_fault": {"gpa": 0x5000, "flags": 8, "size": 0x1000}},
+     "end: memory fault gpa 0x5000 flags 0x0 size 0x1000 vs memory fault gpa 0x5000 flags 0x8 size 0x1000"),
+    ("internal suberror", {"internal": {"suberror": 1, "data": []}}, {"internal": {"suberror": 4, "data": []}},
+     "end: internal error suberror 1 vs internal error suberror 4"),
+    ("internal data", {"internal": {"suberror": 4, "data": [0x6e, 0]}},
+     {"internal": {"suberror": 4, "data": [0x6f, 0]}},
+     "end: internal error suberror 4 data [0x6e, 0x0] vs internal error suberror 4 data [0x6f, 0x0]"),
+    ("delivery GPA", {"internal": {"suberror": 3, "data": [0x50000000, 0x400, 1 << 33, 0x50000000, 0]}},
+     {"internal": {"suberror": 3, "data": [0x40000000, 0x400, 1 << 33, 0x40000000, 0]}},
+     "end: internal error suberror 3 gpa 0x50000000 vs internal error suberror 3 gpa 0x40000000"),
+    ("errno", {"errno": 22}, {"errno": 14}, "end: errno 22 vs errno 14"),
+    ("bad ucall", {"bad_ucall": "unknown command 9"}, {"bad_ucall": "unknown command 7"},
+     "end: bad ucall: unknown command 9 vs bad ucall: unknown command 7"),
+    ("exception site", {"at": "g.s:7"}, {"at": "g.s:9"}, "end: at g.s:7 vs at g.s:9"),
+    ("page-fault address", {"at": "g.s:7", "cr2": 0x1000}, {"at": "g.s:7", "cr2": 0x2000},
+     "end: at g.s:7, cr2 0x1000 vs at g.s:7, cr2 0x2000"),
+]
+
+
+@pytest.mark.parametrize(("what", "mine", "theirs", "difference"), END_DIFFERENCES, ids=[d[0] for d in END_DIFFERENCES])
+def test_a_different_end_is_divergent(what: str, mine: dict[str, Any], theirs: dict[str, Any],
+                                      difference: str) -> None:
+    """Cells with the same outcome that ended differently (termination reason, system event, memory
+    fault, internal error, errno, bad ucall, exception site) are a divergence, the end named."""
+    ref = Cell("sev-es", "amd", _obs(outcome="terminated", end=theirs))
+    cell = Cell("sev-snp", "amd", _obs(outcome="terminated", end=mine))
+    compare(cell, ref)
+    assert cell.divergent, what
+    assert cell.difference == difference
+    assert cell.to_json()["end"] == mine
+
+
+def test_end_representation_is_not_a_difference() -> None:
+    """What differs only by representation is not compared: an internal error's data across vendors
+    (SVM vs VMX layouts; a delivery error's GPA still is), and the GHCB's own GPA in a GHCB-page
+    termination request (its reason is)."""
+    amd = Cell("default", "amd", _obs(outcome="internal_error", end={"internal": {
+        "suberror": 3, "data": [0x40000000, 0x400, 1 << 33, 0x40000000, 0]}}))
+    intel = Cell("default", "intel", _obs(outcome="internal_error", vendor="intel", end={"internal": {
+        "suberror": 3, "data": [0x80000B0E, 48, 0x81, 0x40000000, 0]}}))
+    compare(intel, amd)
+    assert intel.equal
+    unexpected = Cell("default", "intel", _obs(outcome="internal_error", vendor="intel",
+                                               end={"internal": {"suberror": 4, "data": [48, 0]}}))
+    compare(unexpected, Cell("default", "amd", _obs(outcome="internal_error",
+                                                   end={"internal": {"suberror": 4, "data": [0x6e, 0]}})))
+    assert unexpected.equal
+
+    def ghcb_page_end(ghcb_gpa: int, code: int) -> dict[str, Any]:
+        report = RunReport(outcome="terminated", termination={"reason_set": 1, "reason_code": code})
+        return end_record(report, VmEnd("terminated", exit=SystemEventExit(KVM_SYSTEM_EVENT_SEV_TERM, (ghcb_gpa,))))
+
+    assert ghcb_page_end(0x205000, 2) == ghcb_page_end(0x3ff000, 2) == {
+        "system_event": KVM_SYSTEM_EVENT_SEV_TERM, "termination": {"via": "ghcb", "reason_set": 1, "reason_code": 2}}
+    assert ghcb_page_end(0x205000, 2) != ghcb_page_end(0x205000, 3)
+
+
+def test_assert_identity_names_the_file() -> None:
+    """An assert's identity is its file's name (not its directory, the checkout's), its line and its
+    caller's: an assert at the same line of another file is another assert."""
+    entry = {"cmd": "abort", "args": [1, 2], "file": "/ckout/guests/lib/sev.s", "line": 5, "message": "x",
+             "caller": {"file": "/ckout/guests/g.s", "line": 9}}
+    assert ucall_identity(entry) == {"cmd": "abort", "args": [1, 2], "line": 5, "file": "sev.s", "caller": "g.s:9"}
+    ref = Cell("sev", "amd", {**_obs(outcome="guest_assert"), "ucalls": [ucall_identity(entry)]})
+    cell = Cell("tdx", "intel", {**_obs(outcome="guest_assert"), "ucalls": [
+        ucall_identity({**entry, "file": "/other/guests/g.s"})]})
+    compare(cell, ref)
+    assert cell.divergent
+    assert cell.difference == ("ucall 0: abort(0x1, 0x2) at g.s:5 called from g.s:9 vs "
+                               "abort(0x1, 0x2) at sev.s:5 called from g.s:9")
+
+
 def test_merge_joins_contiguous_same_direction_requests_only() -> None:
     """Contiguous requests of one direction and kind merge; a gap, a turn or another kind starts a range."""
     stream = [["shared", "hypercall", 10, 2], ["shared", "hypercall", 12, 3], ["shared", "hypercall", 16, 1],
@@ -238,10 +382,81 @@ def test_cli_matrix_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert [(c["vm_type"], c["vendor"], c["outcome"], c["equal"]) for c in guest["cells"]] == [
         ("sev", "amd", "unhandled_exception", True), ("sev-es", "amd", "terminated", False)]
     assert guest["cells"][1]["difference"] == "outcome terminated vs unhandled_exception (vector 13, error 0x0)"
-    assert {"shared_ranges", "difference", "known", "notes"} <= set(guest["cells"][0])
+    assert {"shared_ranges", "difference", "known", "notes", "error", "detail", "end", "expected"} <= set(
+        guest["cells"][0])
+    assert (guest["cells"][0]["error"], guest["cells"][0]["expected"]) == (None, None)
+    assert (doc["errors"], doc["expect"], doc["unexpected"]) == (0, None, 0)
+
+
+def test_cli_matrix_termination_reason_diverges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two cells that terminate with different GHCB termination reasons diverge (exit 1), and the JSON
+    holds each cell's end record and detail."""
+    guest = tmp_path / "term.s"
+    guest.write_text(TERMINATE_WITH_SEV_STATUS)
+    status = main(["matrix", str(guest), "--vm-types", "sev-es,sev-snp", "--workers", "1", "--memory", "16M",
+                   "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 1 and doc["divergent"] == 1
+    es, snp = doc["guests"][0]["cells"]
+    assert (es["outcome"], snp["outcome"]) == ("terminated", "terminated")
+    assert es["end"] == {"system_event": KVM_SYSTEM_EVENT_SEV_TERM,
+                         "termination": {"via": "msr", "msr": 0x30100, "reason_set": 0, "reason_code": 3}}
+    assert es["detail"] == "guest requested termination (GHCB MSR 0x30100)"
+    assert snp["difference"] == ("end: GHCB MSR 0x70100 (reason set 0, code 7) vs "
+                                 "GHCB MSR 0x30100 (reason set 0, code 3)")
+
+
+def test_cli_matrix_cells_that_could_not_run_exit_2(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A matrix whose cells all could not run exits 2, never 0: every cell is `error`, not equal, with
+    its error text in the JSON, and one line on stderr names the first."""
+    monkeypatch.setattr(testbed.options, "read_address_space_limit", lambda: 8 << 20)  # ulimit -v 8 MiB
+    status = main(["matrix", str(GUESTS / "sev_detect.s"), "--vm-types", "default,sev-snp", "--vendors", "amd",
+                   "--workers", "1", "--memory", "16M", "--json"])
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert status == 2 and doc["errors"] == 2 and doc["divergent"] == 0
+    cells = doc["guests"][0]["cells"]
+    assert [(c["outcome"], c["equal"]) for c in cells] == [("error", False), ("error", False)]
+    assert cells[1]["error"] == ("memory 16.0 MiB: a sev-snp guest maps 32.0 MiB but the process's address space "
+                                 "is limited to 8.0 MiB (ulimit -v)")
+    assert cells[1]["difference"] == f"could not run: {cells[1]['error']}"
+    assert err.count("\n") == 1 and "2 of 2 matrix cell(s) could not run" in err and "Traceback" not in err
+
+
+def test_cli_matrix_table_shows_a_cell_that_could_not_run(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """In the table, a cell that could not run shows its error (the reference ran): exit 2, not 1."""
+    monkeypatch.setattr(testbed.options, "read_address_space_limit", lambda: 24 << 20)  # default fits, SNP not
+    status = main(["matrix", str(GUESTS / "sev_detect.s"), "--vm-types", "default,sev-snp", "--vendors", "amd",
+                   "--workers", "1", "--memory", "16M"])
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert status == 2
+    assert "could not run: memory 16.0 MiB: a sev-snp guest maps 32.0 MiB" in out
+    assert "1 cell(s) could not run" in out
+
+
+def test_cli_matrix_expect(capsys: pytest.CaptureFixture[str]) -> None:
+    """--expect OUTCOME fails (exit 1) a matrix whose cells all agree on another outcome, marking each
+    cell in the JSON and the table; it passes (exit 0) when every cell ends with it."""
+    argv = ["matrix", str(GUESTS / "exceptions_unhandled.s"), "--vm-types", "default,sev-es", "--vendors", "amd",
+            "--workers", "1", "--memory", "16M"]
+    assert main([*argv, "--json"]) == 0  # the documented trap: all cells fail the same way
+    assert main([*argv, "--json", "--expect", "done"]) == 1
+    doc = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (doc["expect"], doc["unexpected"], doc["divergent"]) == ("done", 2, 0)
+    assert [(c["outcome"], c["expected"]) for c in doc["guests"][0]["cells"]] == [
+        ("unhandled_exception", False), ("unhandled_exception", False)]
+    assert main([*argv, "--expect", "done"]) == 1
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "✗ expected done" in out and "2 cell(s) not ending done" in out
+    assert main([*argv, "--json", "--expect", "unhandled_exception"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["unexpected"] == 0 and all(c["expected"] for c in doc["guests"][0]["cells"])
 
 
 @pytest.mark.parametrize(("argv", "message"), [
+    (["--expect", "nope"], "--expect 'nope': not an outcome; expected one of done, "),
     (["--vm-types", "sev", "--vendors", "intel"], "no VM type x vendor"),
     (["--vm-types", "nope"], "unknown VM type 'nope'"),
     (["--workers", "0"], "--workers"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -364,3 +365,54 @@ def test_a_vm_runs_with_a_native_tracker(kind: str) -> None:
     native, python = reports[kind], reports[kind.removeprefix("native-")]
     assert native.outcome == python.outcome == "done", native.detail
     assert native.shared_ranges == python.shared_ranges and len(native.shared_ranges) > 2
+
+
+MUTATING_APPLY = """
+import sys
+from testbed.tracker import _native
+
+class Shrinks:
+    def __init__(self, ops): self.ops = ops
+    def __bool__(self):
+        self.ops.clear()
+        self.ops.extend((g, 1, True) for g in range(40, 60))
+        return True
+
+for make in (lambda: _native.Bitmap(64), lambda: _native.Ranges(64, 16), lambda: _native.Tree(64, 16)):
+    ops = [(1, 1, True)]
+    ops.append((2, 1, Shrinks(ops)))
+    ops.extend((g, 1, True) for g in range(3, 30))
+    tracker = make()
+    print(tracker.apply(ops), tracker.ranges())
+"""
+
+
+def test_apply_walks_a_snapshot_of_a_list_its_entries_change() -> None:
+    """An entry whose truth test (__bool__) empties and refills the list being applied cannot make
+    the C loop read freed entries: apply walks the list as it was (29 entries, pages 1..29),
+    checked under Python's debug allocator, which fills freed memory."""
+    result = subprocess.run([sys.executable, "-c", MUTATING_APPLY], check=False, capture_output=True, text=True,
+                            timeout=60, env={"PYTHONMALLOC": "debug", "PATH": ""},
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["29 [(1, 29)]"] * 3
+
+
+def test_a_refused_reinit_leaves_the_tracker_as_it_was() -> None:
+    """A second __init__ that fails (no memory for 2**52 pages; a max_ranges of 0) leaves the C
+    object as it was: its ranges, its bound, and usable (it once freed the bitmap and kept the
+    size, then crashed on the next store)."""
+    from testbed.tracker import _native
+
+    bitmap = _native.Bitmap(64)
+    bitmap.set_shared(3, 1)
+    with pytest.raises(MemoryError):
+        bitmap.__init__(1 << 52)
+    bitmap.set_shared(5, 1)
+    assert bitmap.ranges() == [(3, 1), (5, 1)]
+    for tracker in (_native.Ranges(64, 8), _native.Tree(64, 8)):
+        with pytest.raises(ValueError, match="max_ranges"):
+            tracker.__init__(64, 0)
+        for gfn in range(0, 16, 2):  # 8 ranges: at the bound kept, not poisoned by a bound of 0
+            tracker.set_shared(gfn, 1)
+        assert tracker.range_count() == 8

@@ -94,11 +94,25 @@ typedef int (*convert_fn)(PyObject *self, uint64_t gfn, uint64_t end, int shared
 static inline __attribute__((always_inline)) PyObject *
 apply_ops(PyObject *self, PyObject *seq, uint64_t guest_pages, convert_fn convert)
 {
-    PyObject *fast = PySequence_Fast(seq, "apply() needs a sequence");
-    if (!fast)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), k;
-    PyObject **items = PySequence_Fast_ITEMS(fast);
+    /* A tuple of the entries, which nothing can change under the loop: PyObject_IsTrue on an
+     * entry's `shared` may run Python code (__bool__) that empties or grows a list being
+     * walked; a tuple copy holds its own reference to every entry. */
+    PyObject *fast;
+    if (PyTuple_CheckExact(seq)) {
+        Py_INCREF(seq);
+        fast = seq;
+    } else {
+        fast = PySequence_Tuple(seq);
+        if (!fast) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "apply() needs a sequence");
+            }
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(fast), k;
+    PyObject **items = &PyTuple_GET_ITEM(fast, 0);
     for (k = 0; k < n; k++) {
         PyObject *t = items[k];
         uint64_t gfn, end;
@@ -277,17 +291,20 @@ Bitmap_init(Bitmap *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "guest_pages must be in [1, 2**52]");
         return -1;
     }
-    PyMem_Free(self->words);
-    self->nwords = (pages + 63) / 64;
+    uint64_t nwords = (pages + 63) / 64;
     /* Zeroed now, not calloc'd: calloc maps a large bitmap lazily, and the first conversion in
      * each 4 KiB of it would pay a page fault. The kernel's bitmap (vzalloc) has its pages
-     * allocated and zeroed up front too. */
-    self->words = PyMem_Malloc((size_t)self->nwords * 8);
-    if (!self->words) {
+     * allocated and zeroed up front too. Allocated before the old one is freed: a failed
+     * (re-)__init__ leaves the object as it was. */
+    uint64_t *words = PyMem_Malloc((size_t)nwords * 8);
+    if (!words) {
         PyErr_NoMemory();
         return -1;
     }
-    memset(self->words, 0, (size_t)self->nwords * 8);
+    memset(words, 0, (size_t)nwords * 8);
+    PyMem_Free(self->words);
+    self->words = words;
+    self->nwords = nwords;
     self->guest_pages = pages;
     return 0;
 }
@@ -738,14 +755,17 @@ static int
 parse_bounded(PyObject *args, PyObject *kwds, uint64_t *pages, Py_ssize_t *max, Py_ssize_t max_max)
 {
     unsigned long long p;
+    Py_ssize_t m;
     static char *kwlist[] = {"guest_pages", "max_ranges", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Kn", kwlist, &p, max))
+    /* Into locals: a refused (re-)__init__ leaves the object as it was. */
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Kn", kwlist, &p, &m))
         return 0;
-    if (p < 1 || p > (1ULL << 52) || *max < 1 || *max > max_max) {
+    if (p < 1 || p > (1ULL << 52) || m < 1 || m > max_max) {
         PyErr_Format(PyExc_ValueError, "guest_pages must be in [1, 2**52] and max_ranges in [1, %zd]", max_max);
         return 0;
     }
     *pages = p;
+    *max = m;
     return 1;
 }
 

@@ -724,6 +724,11 @@ class Mmu(UnicornBinding):
         self.flush_tlb()
 
     # ------------------------------------------------------------- the TDX module's side
+    @property
+    def tdx_module(self) -> TdxModule | None:
+        """The TDX module of a TD's vCPU (None on other VM types)."""
+        return self._tdx
+
     def is_private_gfn(self, gfn: int) -> bool:
         """Whether stage 2 (KVM's attributes) maps `gfn` private."""
         return self._stage2 is not None and self._stage2.is_private(Gfn(gfn))

@@ -194,6 +194,15 @@ class TdxModule:
         self._vmcall_control = 0
         self._hidden_gprs: tuple[tuple[Reg, int], ...] = ()
 
+    def hidden_gpr(self, reg: Reg) -> int | None:
+        """During a TDG.VP.VMCALL exit, the TD's own value of `reg` when the module shows KVM a
+        zero for it (the TD did not expose it); None otherwise. For the testbed's observers
+        (golden traces locate a runtime exit on the guest's stack), never for KVM."""
+        for hidden, value in self._hidden_gprs:
+            if hidden == reg:
+                return value
+        return None
+
     # ------------------------------------------------------------------ the TD's setup
     def configure_cpuid(self, entries: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
         """TDH.MNG.INIT's CPUID configuration (KVM_TDX_INIT_VM passes userspace's values)."""

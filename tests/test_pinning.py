@@ -117,6 +117,29 @@ def test_guest_mem_allocated_follows_the_guest_memfd_pages() -> None:
         assert not vm.guest_mem_allocated(TOUCH_GPA)
 
 
+PVALIDATE_2M = """
+guest_main:
+    mov rax, TOUCH_GPA
+    mov ecx, 1                  # 2 MiB
+    mov edx, 1                  # validate
+    .byte 0xf2, 0x0f, 0x01, 0xff    # pvalidate
+    GUEST_SYNC rax
+    ret
+"""
+
+
+def test_a_2m_pvalidate_faults_in_one_guest_memfd_page() -> None:
+    """A 2 MiB PVALIDATE fails FAIL_SIZEMISMATCH (6) against 4 KiB RMP entries, and its private
+    fault allocates one 4 KiB guest_memfd page, not 512 (guest_memfd.c kvm_gmem_get_folio: order-0
+    folios only, "TODO: Support huge pages")."""
+    with testbed.Vm(vm_type="sev-snp", memory=SNP_MEM) as vm:
+        vcpu = vm.load("pv2m.s", text=PVALIDATE_2M, defines={"TOUCH_GPA": SNP_TOUCH_GPA})
+        before = _memory(vm)["pinned_final_pages"]
+        assert vcpu.run_to_ucall().args == [6]
+        assert vm.guest_mem_allocated(SNP_TOUCH_GPA) and not vm.guest_mem_allocated(SNP_TOUCH_GPA + 0x1000)
+        assert _memory(vm)["pinned_final_pages"] == before + 1
+
+
 def test_reg_region_is_checked_as_kvm_checks_it() -> None:
     """KVM_MEMORY_ENCRYPT_REG_REGION: ENOTTY outside SEV, EINVAL for an empty or wrapping
     range (svm/sev.c sev_mem_enc_register_region, sev_pin_memory)."""

@@ -838,9 +838,12 @@ class Intercepts(EventDelivery):
             self._exit(SvmExitCode.SVM_EXIT_NPF, NPF_GUEST_ENC, gpa)
             return  # RIP unchanged: retried if the VMM converted the page
         else:
-            # The nested walk of a private access faults the guest_memfd page(s) in (KVM's
-            # private fault: kvm_gmem_get_pfn), validated or not: the first private fault.
-            self._mem.materialise(frame, 512 if size == 1 else 1, True)
+            # The nested walk of a private access faults the guest_memfd page in (KVM's private
+            # fault: kvm_gmem_get_pfn), validated or not: the first private fault. One 4 KiB page
+            # for a 2 MiB PVALIDATE too: guest_memfd allocates order-0 folios only
+            # (kvm_gmem_get_folio: "TODO: Support huge pages"), and the 4 KiB RMP entry then
+            # fails the 2 MiB size (FAIL_SIZEMISMATCH).
+            self._mem.materialise(frame, 1, True)
             result = self.rmp.pvalidate(frame, size, validate)
         if self._tracer.enabled:
             self._tracer.emit("hw", "pvalidate", gpa=gpa, size=size, validate=validate, eax=result.eax,

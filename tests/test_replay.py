@@ -3,8 +3,12 @@
 1. The seed's boot log parses to 26 events and replays to the same three shared ranges in
    every tracker.
 2. Odd lines: other messages are ignored; a malformed hypercall line is reported with its line
-   number and skipped; calls KVM would refuse (npages 0, outside guest memory) are rejected.
-3. The subcommand: JSON and table output, exit 0 / 1 (trackers disagree) / 2 (usage error).
+   number and skipped; calls are answered as the series' v9 svm_page_enc_status_hc() (patch
+   08/18, 8 Dec 2020) answered them: npages 0 and a range past the bitmap are ignored (returned
+   0), only a range that wraps is rejected (-EINVAL).
+3. The subcommand: JSON and table output, exit 0 / 1 (a tracker disagrees with the unbounded
+   model, poisoned ones with its state where they had to poison) / 2 (usage error, a log with
+   no usable line).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from hypothesis import strategies as st
 
 from testbed.errors import UsageError
 from testbed.replay import (
+    IGNORED,
+    REJECTED,
     PageEncEvent,
     SkippedLine,
     add_replay_subparser,
@@ -100,17 +106,22 @@ def test_malformed_line_is_reported_with_its_number_and_skipped(text: str) -> No
     assert [e.line for e in parsed.events] == [1, 3]
 
 
-def test_calls_kvm_refuses_are_rejected_not_applied() -> None:
-    """npages = 0 and a range past guest memory are rejected, as KVM returns -EINVAL."""
+def test_calls_are_answered_as_v9_svm_page_enc_status_hc() -> None:
+    """npages 0 and a range past the bitmap are ignored (returned 0), a wrapping range rejected (-EINVAL)."""
     lines = [
-        "page_enc_status_hc invoked, gpa = 1000, npages = 0, enc = 0",
+        "page_enc_status_hc invoked, gpa = 1000, npages = 0, enc = 0",  # "if (!npages) return 0;"
+        # "if (sev->page_enc_bmap_size < gfn_end) goto unlock; ... return 0;"
         "page_enc_status_hc invoked, gpa = fff000, npages = 2, enc = 0",
+        # "if (gfn_end <= gfn_start) return -EINVAL;" (gfn_t wraps)
+        "page_enc_status_hc invoked, gpa = 3000, npages = fffffffffffffffe, enc = 0",
         "page_enc_status_hc invoked, gpa = 5000, npages = 1, enc = 0",
     ]
     tracker = make_tracker("ranges", guest_pages=0x1000)
-    rejected = replay(parse_log(lines).events, tracker)
-    assert [(r.line, r.reason.split(" =")[0]) for r in rejected] == [(1, "npages"), (2, "gfn+npages")]
-    assert rejected[0].text == lines[0]
+    skipped = replay(parse_log(lines).events, tracker)
+    assert [(r.line, r.kind) for r in skipped] == [(1, IGNORED), (2, IGNORED), (3, REJECTED)]
+    assert skipped[0].reason == "ignored (returned 0): npages = 0" and skipped[0].text == lines[0]
+    assert skipped[1].reason.startswith("ignored (returned 0): gfn 0xfff + npages 0x2 = 0x1001 is past")
+    assert skipped[2].reason.startswith("rejected (-EINVAL):")
     assert tracker.shared_ranges() == [(5, 1)]
 
 
@@ -180,13 +191,15 @@ def test_cli_json_reports_ranges_trackers_and_events(tmp_path: Path, capsys: pyt
 
 
 def test_cli_reports_malformed_lines_in_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Malformed lines appear in the JSON with their line number and text; the replay still succeeds."""
+    """Malformed lines appear in the JSON with line, text and reason; the rest replays, marked incomplete."""
     path = tmp_path / "log"
     path.write_text(f"{LINE}\nboot noise\n[ 2.0] page_enc_status_hc invoked, gpa = ??\n")
     assert main([str(path), "--json", "--tracker", "tree"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["malformed"] == [{"line": 3, "text": "[ 2.0] page_enc_status_hc invoked, gpa = ??"}]
+    assert out["malformed"] == [{"line": 3, "text": "[ 2.0] page_enc_status_hc invoked, gpa = ??",
+                                 "reason": "malformed page_enc_status_hc line"}]
     assert list(out["trackers"]) == ["tree"]
+    assert out["events"] == 1 and out["complete"] is False
 
 
 def test_cli_table_lists_the_ranges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,10 +211,10 @@ def test_cli_table_lists_the_ranges(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert kind in out
 
 
-def test_cli_poisoned_trackers_are_reported_not_compared(
+def test_cli_poisoned_trackers_leave_the_final_ranges_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With --max-ranges 1 the list and tree poison; the bitmap's ranges are reported, exit 0."""
+    """With --max-ranges 1 the list and tree poison; the final ranges (the bitmap's) are still reported, exit 0."""
     assert main([write_seed(tmp_path), "--json", "--max-ranges", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["trackers"]["ranges"]["poisoned"] and out["trackers"]["tree"]["poisoned"]
@@ -252,6 +265,177 @@ def test_cli_disagreeing_trackers_exit_1(
     monkeypatch.setattr("testbed.replay.make_tracker", rigged)
     assert main([write_seed(tmp_path), "--json"]) == 1
     assert "trackers disagree" in capsys.readouterr().err
+
+
+def test_cli_json_names_the_disagreeing_tracker_and_every_trackers_ranges(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json carries "disagree" and each tracker's own shared_ranges, not only exit 1 and stderr."""
+    real = make_tracker
+
+    def rigged(kind: str, *, guest_pages: int, max_ranges: int) -> object:
+        if kind == "tree":
+            return _LyingTracker(guest_pages, max_ranges)
+        return real(kind, guest_pages=guest_pages, max_ranges=max_ranges)
+
+    monkeypatch.setattr("testbed.replay.make_tracker", rigged)
+    assert main([write_seed(tmp_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["disagree"] == ["tree"]
+    assert out["trackers"]["tree"]["shared_ranges"] == [[0, 1]] and out["trackers"]["tree"]["agrees"] is False
+    assert out["trackers"]["bitmap"]["shared_ranges"] == [list(r) for r in SEED_SHARED]
+    assert out["trackers"]["bitmap"]["agrees"] is True and out["complete"] is True
+    assert captured.err.count("\n") == 1 and "tree: its shared ranges are not the model's" in captured.err
+
+
+def _runs_model(lines: list[str], max_ranges: int) -> tuple[int, list[tuple[int, int]]]:
+    """An independent model: the log line after which the shared pages form more than
+    `max_ranges` runs, and the runs just before it."""
+    shared: set[int] = set()
+
+    def runs() -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for gfn in sorted(shared):
+            if out and out[-1][0] + out[-1][1] == gfn:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((gfn, 1))
+        return out
+
+    for ev in parse_log(lines).events:
+        before = runs()
+        pages = set(range(ev.gfn, ev.gfn + ev.npages))
+        shared = shared | pages if ev.shared else shared - pages
+        if len(runs()) > max_ranges:
+            return ev.line, before
+    raise AssertionError("never exceeds")
+
+
+def test_cli_poisoned_trackers_are_checked_against_the_frozen_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """List and tree poison at the same event, the model's, and keep its state from just before (tracker/base.py)."""
+    line, frozen = _runs_model(seed_lines(), 1)
+    assert main([write_seed(tmp_path), "--json", "--max-ranges", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["poison_line"] == line
+    for kind in ("ranges", "tree"):
+        tracker = out["trackers"][kind]
+        assert tracker["poisoned"] and tracker["poisoned_at_line"] == line and tracker["agrees"], kind
+        assert tracker["shared_ranges"] == [list(r) for r in frozen], kind
+    assert out["trackers"]["bitmap"]["poisoned_at_line"] is None and out["complete"] is True
+
+
+class _StaleTracker(RangesTracker):
+    """A list tracker whose poisoned snapshot forgets its last record."""
+
+    def shared_ranges(self) -> list[tuple[int, int]]:
+        ranges = super().shared_ranges()
+        return ranges[:-1] if self.poisoned else ranges
+
+
+def test_cli_a_poisoned_tracker_with_a_wrong_snapshot_disagrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poisoned tracker is compared, not excused: a wrong frozen snapshot exits 1 and is named."""
+    real = make_tracker
+
+    def rigged(kind: str, *, guest_pages: int, max_ranges: int) -> object:
+        if kind == "ranges":
+            return _StaleTracker(guest_pages, max_ranges)
+        return real(kind, guest_pages=guest_pages, max_ranges=max_ranges)
+
+    monkeypatch.setattr("testbed.replay.make_tracker", rigged)
+    assert main([write_seed(tmp_path), "--json", "--max-ranges", "2"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["disagree"] == ["ranges"]
+    assert out["trackers"]["ranges"]["problem"].startswith("its poisoned snapshot is not the state before line")
+
+
+BINARY = bytes(range(256)) * 12  # NULs, control bytes, invalid UTF-8: like `head -c 3000 /bin/ls`
+
+
+def test_cli_binary_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file without one page_enc_status_hc line (a binary) exits 2 with one line, not "0 events" and 0."""
+    path = tmp_path / "ls.bin"
+    path.write_bytes(BINARY)
+    assert main([str(path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"testbed replay: error: {path}: no page_enc_status_hc line in its ")
+    assert "Traceback" not in captured.err
+
+
+def test_cli_log_with_only_malformed_hypercall_lines_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When no hypercall line parses the replay exits 2 naming the first as LOG:LINE."""
+    path = tmp_path / "boot.log"
+    path.write_text("noise\n[ 1.0] page_enc_status_hc invoked, gpa = zz\n[ 1.1] page_enc_status_hc invoked\n")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"testbed replay: error: {path}:2: malformed page_enc_status_hc line "
+                   "(none of the 2 page_enc_status_hc lines parses)\n")
+
+
+def test_cli_reads_invalid_utf8_from_standard_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes that are not UTF-8 on stdin are replaced, as in a file: no UnicodeDecodeError."""
+    data = b"\xe9t\xe9 latin-1 noise\n" + LINE.encode() + b"\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(["-", "--json", "--tracker", "bitmap"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["events"] == 1 and out["shared_ranges"] == []
+
+
+def test_cli_line_numbers_count_newlines_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A form feed or a lone CR inside a line does not shift LOG:LINE (str.splitlines would)."""
+    path = tmp_path / "boot.log"
+    path.write_bytes(b"noise\x0cmore\rstill line 1\r\n[ 2.0] page_enc_status_hc invoked, gpa = ??\r\n"
+                     + LINE.encode() + b"\r\n")
+    assert main([str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [m["line"] for m in out["malformed"]] == [2]
+    assert out["events"] == 1
+
+
+def test_cli_labels_ignored_and_rejected_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The table and JSON call a past-the-bitmap or empty call "ignored (returned 0)", a wrap "-EINVAL"."""
+    path = tmp_path / "boot.log"
+    path.write_text("\n".join([
+        LINE,
+        "[ 2.0] page_enc_status_hc invoked, gpa = 2000, npages = 0, enc = 0",
+        "[ 3.0] page_enc_status_hc invoked, gpa = 3000, npages = ffffffffffffffff, enc = 0",
+        "[ 4.0] page_enc_status_hc invoked, gpa = 40000000, npages = 1, enc = 0",
+    ]) + "\n")
+    assert main([str(path), "--guest-size", "1G"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:2: ignored (returned 0): npages = 0:" in out
+    assert f"{path}:3: rejected (-EINVAL): gfn 0x3 + npages 0xffffffffffffffff wraps past 2^64:" in out
+    assert f"{path}:4: ignored (returned 0): gfn 0x40000 + npages 0x1 = 0x40001 is past" in out
+    assert main([str(path), "--json", "--guest-size", "1G"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [m["line"] for m in result["ignored"]] == [2, 4] and [m["line"] for m in result["rejected"]] == [3]
+    assert result["applied"] == 1
+
+
+def test_inferred_guest_size_ignores_calls_kvm_does_not_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrapping range does not inflate the inferred guest; a call past the 1 TiB cap says --guest-size."""
+    path = tmp_path / "boot.log"
+    path.write_text("page_enc_status_hc invoked, gpa = 5000, npages = 1, enc = 0\n"
+                    "page_enc_status_hc invoked, gpa = 3000, npages = ffffffffffffffff, enc = 0\n")
+    assert main([str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["guest_pages"] == 1 << 18
+    path.write_text("page_enc_status_hc invoked, gpa = 5000, npages = 1, enc = 0\n"
+                    "page_enc_status_hc invoked, gpa = 20000000000, npages = 1, enc = 0\n")
+    assert main([str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["guest_pages"] == 1 << 28 and result["guest_size_inferred"] is True
+    assert "give --guest-size" in result["ignored"][0]["reason"]
 
 
 def test_add_replay_subparser_registers_an_int_returning_handler() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from testbed.hw.exits import Vendor
 from testbed.kvm.page_enc import PageEncBitmap
 from testbed.kvm.uapi import (
     KVM_EINVAL,
@@ -184,23 +185,60 @@ KVM_HC_PAGE_ENC_STATUS = 12
 
 
 class PageEncStatusVm(Protocol):
-    """What the seed-era handler needs from the VM: its page-encryption bitmap (kvm/page_enc.py)."""
+    """What the seed-era handler needs from the VM: whether it is an SEV guest (sev_guest()),
+    its vendor (kvm_x86_ops.page_enc_status_hc exists on SVM only) and its page-encryption
+    bitmap (kvm/page_enc.py)."""
+
+    @property
+    def sev(self) -> bool: ...
+
+    @property
+    def vendor(self) -> Vendor: ...
 
     @property
     def page_enc_bitmap(self) -> PageEncBitmap: ...
 
 
 def page_enc_status_hc(vm: PageEncStatusVm, gpa: int, npages: int, enc: int) -> HypercallOutcome:
-    """svm_page_enc_status_hc() of the 2020 SEV live-migration series (v6, patch 08/14).
+    """KVM_HC_PAGE_ENC_STATUS(a0 = gpa, a1 = npages, a2 = enc) as the SEV live-migration series
+    v9 (Ashish Kalra, 8 Dec 2020; never merged) handles it: patch 08/18 "KVM: X86: Introduce
+    KVM_HC_PAGE_ENC_STATUS hypercall" (x86.c's case and svm_page_enc_status_hc() in
+    arch/x86/kvm/svm/sev.c), with the bitmap sized by 12/18 (kvm/page_enc.py). Its
+    Documentation/virt/kvm/hypercalls.rst: "a0: the guest physical address of the start page /
+    a1: the number of pages / a2: encryption attribute ... 1: Encryption attribute is set /
+    0: Encryption attribute is cleared".
 
-    Handled inside KVM: the page-encryption bitmap KVM keeps (one bit per guest page, sized
-    from the memslots, so a guest cannot grow it) is updated and 0 returned; userspace
-    fetches the bitmap later (KVM_GET_PAGE_ENC_BITMAP). An unaligned GPA, zero pages or a
-    range beyond the bitmap returns -KVM_EINVAL.
+    Handled inside KVM, in the order v9 tests:
+
+    * x86.c: ``ret = -KVM_ENOSYS; if (kvm_x86_ops.page_enc_status_hc) ret = ...`` - VMX sets
+      ``.page_enc_status_hc = NULL``, so an Intel VM gets -KVM_ENOSYS;
+    * ``if (!sev_guest(kvm)) return -EINVAL;`` - a VM that is not SEV;
+    * ``if (!npages) return 0;`` - zero pages: success, nothing changes;
+    * ``gfn_start = gpa_to_gfn(gpa); gfn_end = gfn_start + npages;`` - an unaligned GPA is
+      truncated to its frame, not refused; the sum is a u64 (gfn_t);
+    * ``if (gfn_end <= gfn_start) return -EINVAL;`` - only a range that wraps is -EINVAL;
+    * ``gfn_to_pfn()`` of gfn_start and gfn_end: -EINVAL only for an error pfn that is not
+      "no slot" (a GFN outside every memslot is allowed: guest MMIO). Every testbed memslot is
+      backed, so this never fails here;
+    * ``if (sev->page_enc_bmap_size < gfn_end) goto unlock; ... return 0;`` - a range reaching
+      past the bitmap is dropped whole and the guest is told 0;
+    * else ``__bitmap_set`` (any nonzero enc: ``if (enc)``) or ``__bitmap_clear`` of
+      [gfn_start, gfn_end), and 0.
+
+    The caller (kvm/vcpu.py) applies the CPL check of kvm_emulate_hypercall() first.
     """
-    bitmap = vm.page_enc_bitmap
-    gfn = gpa >> PAGE_SHIFT
-    if gpa & (PAGE_SIZE - 1) or not npages or gfn + npages > bitmap.guest_pages:
+    if vm.vendor is not Vendor.AMD:
+        return _ENOSYS  # vmx_x86_ops.page_enc_status_hc = NULL
+    if not vm.sev:
         return HypercallOutcome(neg(KVM_EINVAL))
-    bitmap.set_encrypted(gfn, npages, bool(enc))
+    if not npages:
+        return HypercallOutcome(0)
+    gfn_start = (gpa & U64) >> PAGE_SHIFT
+    gfn_end = (gfn_start + npages) & U64
+    if gfn_end <= gfn_start:
+        return HypercallOutcome(neg(KVM_EINVAL))
+    bitmap = vm.page_enc_bitmap
+    if bitmap.guest_pages < gfn_end:
+        return HypercallOutcome(0)  # goto unlock: ignored, and 0
+    bitmap.set_encrypted(gfn_start, gfn_end - gfn_start, bool(enc))
     return HypercallOutcome(0)

@@ -1,8 +1,9 @@
 """The encryption-status resync of live migration: export, XOR with the last export, re-send.
 
-The seed thread's loop, each pre-copy round: "re-sync the page encryption status, XOR it with
-the last synced bitmap, re-transfer the pages whose status changed". What crosses the export
-interface depends on where the status lives:
+The seed thread's loop (Ashish Kalra, 7 Jan 2021): "after each memory region migration cycle
+we pause live migration, re-sync the page encryption bitmap, XOR it to the last synced bitmap,
+and then re-transfer any modified pages accordingly". What crosses the export interface
+depends on where the status lives:
 
 * a bitmap tracker (`bitmap`, `native-bitmap`): the bitmap itself, guest_pages / 8 bytes;
 * a list or tree tracker (`ranges`, `tree`, `native-ranges`): the 16-byte records of

@@ -1,10 +1,12 @@
 """The bitmap tracker: one bit per guest page, as the original SEV live-migration series kept.
 
 Its size is fixed by guest memory (guest_pages / 8 bytes: 2 MiB for 64 GiB, 32 MiB for 1 TiB),
-so it is bounded by construction -- the series computed it from the memslots, never from the
-hypercalls -- and it never poisons. It maps onto KVM/QEMU's dirty-bitmap sync (the seed's
-"re-sync, XOR with the last synced bitmap"), and a conversion is one bit store; the price is
-memory proportional to the guest and an export that scans the whole map.
+so it is bounded by construction -- the series' v9 sized it from the memslots, never from the
+hypercalls (v6 still grew it from the hypercall) -- and it never poisons. It maps onto
+KVM/QEMU's dirty-bitmap sync (the seed's VMM loop: "re-sync the page encryption bitmap, XOR it
+to the last synced bitmap, and then re-transfer any modified pages accordingly"), and a
+conversion is one bit store; the price is memory proportional to the guest and an export that
+scans the whole map.
 """
 
 from __future__ import annotations

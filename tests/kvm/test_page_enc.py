@@ -1,7 +1,9 @@
 """The seed-era page-encryption bitmap: KVM keeps it (kvm/page_enc.py), the VMM reads it with
 KVM_GET_PAGE_ENC_BITMAP and builds its tracker from it (vmm/page_enc.py). Over plain objects,
-no Unicorn. Source: the 2020 SEV live-migration series (v6), svm_page_enc_status_hc() and
-svm_get_page_enc_bitmap() (arch/x86/kvm/svm.c of that series; never merged upstream)."""
+no Unicorn. Source: the SEV live-migration series v9 (8 Dec 2020; never merged upstream),
+patch 08/18 "KVM: X86: Introduce KVM_HC_PAGE_ENC_STATUS hypercall" (svm_page_enc_status_hc()
+in arch/x86/kvm/svm/sev.c, the x86.c case, Documentation/virt/kvm/hypercalls.rst), 12/18
+(the bitmap sized from the memslots) and svm_get_page_enc_bitmap()."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from testbed.hw.fake import FakeVcpu
 from testbed.kvm.hypercall import neg, page_enc_status_hc
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.page_enc import PageEncBitmap
-from testbed.kvm.uapi import KVM_EINVAL, KvmVmType
+from testbed.kvm.uapi import KVM_EINVAL, KVM_ENOSYS, KvmVmType
 from testbed.kvm.vm import KvmVm
 from testbed.tracker import make_tracker
 from testbed.vmm.page_enc import PageEncBitmapSource
@@ -44,12 +46,68 @@ def test_bitmap_starts_all_encrypted_and_the_hypercall_flips_bits() -> None:
     assert vm.get_page_enc_bitmap(3, 2) == bytes([0b10])  # bit 0 is start_gfn
 
 
-@pytest.mark.parametrize(("gpa", "npages"), [(0x1001, 1), (0x1000, 0), ((PAGES - 1) << 12, 2)])
-def test_hypercall_rejects_bad_ranges_without_touching_the_bitmap(gpa: int, npages: int) -> None:
-    """An unaligned GPA, zero pages or a range past the bitmap returns -KVM_EINVAL and changes nothing."""
+ALL_ENCRYPTED = b"\xff" * (PAGES // 8)
+
+
+def _bits(vm: KvmVm) -> str:
+    """The bitmap as a string of 0/1, gfn 0 first."""
+    return "".join(str(b >> i & 1) for b in vm.get_page_enc_bitmap(0, PAGES) for i in range(8))
+
+
+def test_hypercall_follows_v9_svm_page_enc_status_hc() -> None:
+    """(gpa, npages, enc) as v9 08/18 decides: npages 0 is 0, an unaligned gpa is truncated, only a wrap is
+    -EINVAL, a range past the bitmap is dropped with 0, any nonzero enc sets."""
+    # hypercalls.rst: "a0: the guest physical address of the start page / a1: the number of pages /
+    # a2: encryption attribute ... 1: Encryption attribute is set / 0: Encryption attribute is cleared"
+    cases = [  # (gpa, npages) with enc = 0, the return value, the pages left cleared (shared)
+        # "if (!npages) return 0;": success, nothing changes
+        (0x3000, 0, 0, []),
+        # "gfn_start = gpa_to_gfn(gpa);": 0x3fff is page 3, not refused
+        (0x3FFF, 1, 0, [3]),
+        # "if (gfn_end <= gfn_start) return -EINVAL;": gfn_t arithmetic wraps past 2^64
+        (0x5000, (1 << 64) - 5, neg(KVM_EINVAL), []),
+        # "if (sev->page_enc_bmap_size < gfn_end) goto unlock; ... return 0;": dropped whole
+        ((PAGES - 1) << 12, 2, 0, []),
+        (PAGES << 12, 1, 0, []),
+        # ending exactly at the bitmap's end is inside it
+        ((PAGES - 2) << 12, 2, 0, [PAGES - 2, PAGES - 1]),
+    ]
+    for gpa, npages, ret, cleared in cases:
+        vm = _vm()
+        assert page_enc_status_hc(vm, gpa, npages, 0).ret == ret, (hex(gpa), npages)
+        want = "".join("0" if gfn in cleared else "1" for gfn in range(PAGES))
+        assert _bits(vm) == want, (hex(gpa), npages)
+    # "if (enc) __bitmap_set(...)": enc = 2 encrypts again
     vm = _vm()
-    assert page_enc_status_hc(vm, gpa, npages, 0).ret == neg(KVM_EINVAL)
-    assert vm.get_page_enc_bitmap(0, PAGES) == b"\xff" * (PAGES // 8)
+    page_enc_status_hc(vm, 0x3000, 1, 0)
+    assert page_enc_status_hc(vm, 0x3000, 1, 2).ret == 0
+    assert vm.get_page_enc_bitmap(0, PAGES) == ALL_ENCRYPTED
+
+
+def test_hypercall_past_the_bitmap_does_not_grow_it() -> None:
+    """A call past the memslot-sized bitmap leaves its size alone (v9 12/18; v6 resized it from the hypercall)."""
+    vm = _vm()
+    assert page_enc_status_hc(vm, (PAGES + 100) << 12, 1, 0).ret == 0
+    assert vm.page_enc_bitmap.guest_pages == PAGES
+    assert vm.get_page_enc_bitmap(0, PAGES) == ALL_ENCRYPTED
+    with pytest.raises(KvmIoctlError):
+        vm.get_page_enc_bitmap(0, PAGES + 1)
+
+
+def test_hypercall_on_a_vm_that_is_not_sev_is_einval() -> None:
+    """v9: "if (!sev_guest(kvm)) return -EINVAL;" - a plain AMD VM's bitmap is never touched."""
+    hw = FakeVcpu(Vendor.AMD, MEM)
+    vm = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.AMD, hw.memory, page_enc_status_protocol=True)
+    assert page_enc_status_hc(vm, 0x3000, 1, 0).ret == neg(KVM_EINVAL)
+    assert vm.get_page_enc_bitmap(0, PAGES) == ALL_ENCRYPTED
+
+
+def test_hypercall_on_intel_is_enosys() -> None:
+    """v9 x86.c: "ret = -KVM_ENOSYS; if (kvm_x86_ops.page_enc_status_hc)", and VMX sets it to NULL."""
+    hw = FakeVcpu(Vendor.INTEL, MEM)
+    vm = KvmVm(KvmVmType.KVM_X86_DEFAULT_VM, Vendor.INTEL, hw.memory, page_enc_status_protocol=True)
+    assert page_enc_status_hc(vm, 0x3000, 1, 0).ret == neg(KVM_ENOSYS)
+    assert vm.get_page_enc_bitmap(0, PAGES) == ALL_ENCRYPTED
 
 
 def test_get_page_enc_bitmap_refuses_what_does_not_exist() -> None:
@@ -90,7 +148,7 @@ def test_vmm_tracker_bound_applies_to_the_bitmap_it_reads() -> None:
 
 
 def test_page_enc_bitmap_is_sized_by_guest_memory() -> None:
-    """The bitmap has one bit per guest page, fixed at creation (a guest cannot grow it)."""
+    """The bitmap has one bit per guest page, fixed at creation (no hypercall resizes it)."""
     bitmap = PageEncBitmap(PAGES)
     assert len(bitmap.get(0, PAGES)) == PAGES // 8
     with pytest.raises(KvmIoctlError):

@@ -672,8 +672,13 @@ class KvmVcpu:
         """The one dispatch every path uses (VMCALL/VMMCALL exits, the GHCB's VMMCALL): the
         seed-era in-kernel KVM_HC_PAGE_ENC_STATUS when that protocol is chosen, else
         ____kvm_emulate_hypercall()."""
-        if self.vm.page_enc_status_protocol and cpl == 0 and (nr & U32) == KVM_HC_PAGE_ENC_STATUS:
-            return page_enc_status_hc(self.vm, a0, a1, a2)
+        if self.vm.page_enc_status_protocol and cpl == 0:
+            # v9's kvm_emulate_hypercall(): outside 64-bit mode nr and a0..a3 are truncated to
+            # 32 bits before `switch (nr)`; in 64-bit mode nr is compared whole.
+            if not op_64_bit:
+                nr, a0, a1, a2 = nr & U32, a0 & U32, a1 & U32, a2 & U32
+            if nr == KVM_HC_PAGE_ENC_STATUS:
+                return page_enc_status_hc(self.vm, a0, a1, a2)
         return emulate_hypercall(nr, a0, a1, a2, a3, cpl, op_64_bit, self._pv, self.vm.hypercall_exit_mask,
                                  self.vm.in_kernel_lapic)
 

@@ -153,3 +153,24 @@ def test_page_enc_bitmap_is_sized_by_guest_memory() -> None:
     assert len(bitmap.get(0, PAGES)) == PAGES // 8
     with pytest.raises(KvmIoctlError):
         bitmap.get(0, PAGES + 1)
+
+
+@pytest.mark.parametrize(("nr", "op_64_bit", "dispatched"), [
+    (12, True, True), ((1 << 32) | 12, True, False), ((1 << 32) | 12, False, True),
+])
+def test_a_32_bit_callers_hypercall_is_truncated_before_the_switch(nr: int, op_64_bit: bool,
+                                                                   dispatched: bool) -> None:
+    """v9's kvm_emulate_hypercall() truncates nr and a0..a2 to 32 bits outside 64-bit mode before
+    `switch (nr)`; in 64-bit mode nr is compared whole, so upper bits make it another (unknown)
+    number: -KVM_ENOSYS, the bitmap untouched."""
+    from testbed.kvm.vcpu import KvmVcpu
+
+    hw = FakeVcpu(Vendor.AMD, MEM)
+    vm = KvmVm(KvmVmType.KVM_X86_SEV_VM, Vendor.AMD, hw.memory, page_enc_status_protocol=True)
+    vcpu = KvmVcpu(vm, hw)
+    gpa = (0xDEAD << 32 if not op_64_bit else 0) | 0x3000
+    outcome = vcpu._dispatch_hypercall(nr, gpa, 1, 0, 0, 0, op_64_bit)
+    if dispatched:
+        assert outcome.ret == 0 and vm.get_page_enc_bitmap(0, 8) == bytes([0b11110111])
+    else:
+        assert outcome.ret == neg(KVM_ENOSYS) and vm.get_page_enc_bitmap(0, 8) == b"\xff"

@@ -88,14 +88,16 @@ class GuestAssertionError(VmExitError):
 
 class GuestExceptionError(VmExitError):
     """The guest took an exception it had no handler for (outcome unhandled_exception);
-    `exception` holds vector, error_code, rip (cr2 for a #PF; file, line, symbol, offset where
-    rip is in the program), also as `vector`, `error_code`, `rip`."""
+    `exception` holds vector, error_code (None for a vector that pushes none), rip (cr2 for a
+    #PF, exit_reason for a #VE; file, line, symbol, offset where rip is in the program), also as
+    `vector`, `error_code`, `exit_reason`, `rip`."""
 
     def __init__(self, detail: str, exception: dict[str, Any]) -> None:
         super().__init__("unhandled_exception", detail, info={"exception": exception})
         self.exception = exception
         self.vector: int = exception.get("vector", -1)
-        self.error_code: int = exception.get("error_code", 0)
+        self.error_code: int | None = exception.get("error_code")
+        self.exit_reason: int | None = exception.get("exit_reason")
         self.rip: int = exception.get("rip", 0)
 
 

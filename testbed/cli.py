@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure exit rates and compute speed against bare Unicorn")
     bench.add_argument("--quick", action="store_true", help="fewer rounds, passes and iterations (a smoke run)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--rounds", type=int, default=None, metavar="N",
+                       help="interleaved rounds, at least 5 (default 7, --quick 5); more narrow what is undecided")
     bench.set_defaults(func=cmd_bench)
 
     # Commands whose code lives in their own modules.
@@ -295,7 +297,12 @@ def _print_report(report: Any, args: argparse.Namespace, out: IO[str], expect: s
                       f"{len(report.ucalls) // 2} (--trace has every one)")
     if report.exception:
         e = report.exception
-        text = f"vector {e['vector']} error 0x{e['error_code']:x} rip 0x{e['rip']:x}"
+        text = f"vector {e['vector']}"
+        if e.get("error_code") is not None:
+            text += f" error 0x{e['error_code']:x}"
+        if e.get("exit_reason") is not None:
+            text += f" exit reason {e['exit_reason']}"
+        text += f" rip 0x{e['rip']:x}"
         if "cr2" in e:
             text += f" cr2 0x{e['cr2']:x}"
         if "file" in e:
@@ -323,7 +330,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`testbed bench`."""
     from testbed.bench import run_bench
 
-    return run_bench(sys.stdout, quick=args.quick, as_json=args.json)
+    return run_bench(sys.stdout, quick=args.quick, as_json=args.json, rounds=args.rounds)
 
 
 def _one_line(text: str) -> str:

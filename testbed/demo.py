@@ -34,6 +34,7 @@ TDX_CELLS: tuple[tuple[Vendor, str], ...] = ((Vendor.INTEL, "tdx"),)
 VE_REASON_VMCALL = 18
 #: The cells that end in the guest's own exception, by (VM type, instruction): (vector, error
 #: code or None for any). Every other cell finishes with RAX = 0.
+#: (vector, the #VE's exit reason or None)
 EXPECTED_EXCEPTIONS: dict[tuple[str, str], tuple[int, int | None]] = {
     ("sev", "VMCALL"): (int(Vector.UD), None),
     ("tdx", "VMCALL"): (int(Vector.VE), VE_REASON_VMCALL),
@@ -81,7 +82,7 @@ def run_cell(vendor: Vendor, vm_type: str, insn: int, seed: int = 1) -> DemoCell
     syncs = report.syncs()
     native = "VMMCALL" if vendor is Vendor.AMD else "VMCALL"
     if vector == Vector.VE and machine.tdx:
-        action = f"none: the TDX module raises #VE (exit reason {exception.get('error_code')}) in the guest; " \
+        action = f"none: the TDX module raises #VE (exit reason {exception.get('exit_reason')}) in the guest; " \
             "KVM never sees it"
     elif vector == Vector.UD:
         # ud_explanations records a #UD KVM did not intercept (the hardware delivered it).
@@ -125,8 +126,8 @@ def cell_as_expected(c: DemoCell) -> bool:
         return False
     if c.exception is None:  # a cell built without the exception (tests): the outcome says it
         return True
-    vector, error_code = expected
-    return c.exception.get("vector") == vector and error_code in (None, c.exception.get("error_code"))
+    vector, reason = expected
+    return c.exception.get("vector") == vector and reason in (None, c.exception.get("exit_reason"))
 
 
 def as_expected(cells: list[DemoCell]) -> bool:
@@ -161,9 +162,10 @@ def print_demo(out: IO[str], cells: list[DemoCell]) -> None:
         console.print(view)
         if td and c.insn != "VMCALL":
             console.print(
-                f"Explanation: {c.insn} is not an instruction of an Intel CPU: the TD takes #UD, and the TDX "
-                "module delivers it in the guest - KVM cannot intercept a TD's exceptions "
-                "(tdx_handle_exception_nmi), and could not read the private code page to fix it up anyway."
+                f"Explanation: {c.insn} is not an instruction of an Intel CPU: the CPU delivers #UD in the TD "
+                "with no VM exit - the TDX module owns a TD's exception bitmap and intercepts only #MC "
+                "(td_vmcs_init.c) - so neither the module nor KVM sees it, and KVM could not read the "
+                "private code page to fix it up anyway."
             )
             continue
         if td:

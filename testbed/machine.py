@@ -356,7 +356,7 @@ class Machine:
         self.kvm_vm = KvmVm(vm_type, options.vendor, self.memory.userspace_view(), c_bit=options.c_bit,
                             kvm_version=options.kvm_version, ghcb_version=options.ghcb_version,
                             page_enc_status_protocol=options.hc_protocol == "page-enc-status",
-                            gpaw=options.gpaw)
+                            gpaw=options.gpaw, ram_hva=self.memory.dram_address())
         self.kvm_vm.unplug_ram = self.memory.unplug  # KVM deleting the topmost RAM slot
         # SEV_STATUS (MSR 0xC0010131) is the hardware's, read-only in the guest.
         status = SEV_STATUS_SEV | (SEV_STATUS_SEV_ES if self.sev_es else 0) | (SEV_STATUS_SNP if self.snp else 0)
@@ -404,6 +404,9 @@ class Machine:
             if self.memory.guest_memfd:
                 self.pinning.backing_changed(self.memory.private_pages, self.memory.shared_pages)
                 self.memory.on_backing_pages = self.pinning.backing_changed
+            else:  # legacy: KVM's sev->pages_locked
+                self.pinning.locked_changed(self.kvm_vm.pages_locked)
+                self.kvm_vm.on_pages_locked = self.pinning.locked_changed
         if self.incoming:
             self._prepare_incoming()
         else:
@@ -514,7 +517,9 @@ class Machine:
                                   "explanation: what the host would read if it decoded this #UD")
         if entry is None:
             return
-        entry["kvm_intercepts_ud"] = not self.sev
+        # Recorded only for a #UD the hardware delivered straight to the guest (hw/intercepts.py
+        # calls this on the branch where the #UD intercept is off): KVM did not intercept it.
+        entry["kvm_intercepts_ud"] = False
         self.ud_explanations.append(entry)
         self.tracer.emit("hw", "ud_host_view", **entry)
 

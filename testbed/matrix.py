@@ -119,7 +119,8 @@ def _observe(task: Task, options: VmOptions) -> Result:
         "outcome": report.outcome,
         "detail": report.detail,
         "exception": None if exception is None else {"vector": exception["vector"],
-                                                      "error_code": exception["error_code"]},
+                                                      "error_code": exception.get("error_code"),
+                                                      "exit_reason": exception.get("exit_reason")},
         "end": end,
         "ucalls": [ucall_identity(u) for u in report.ucalls],
         "conversions": merge(raw),
@@ -295,7 +296,13 @@ def _fmt_conv(c: Sequence[Any] | None) -> str:
 def _fmt_outcome(o: Result) -> str:
     text = str(o["outcome"])
     if o.get("exception"):
-        text += f" (vector {o['exception']['vector']}, error 0x{o['exception']['error_code']:x})"
+        e = o["exception"]
+        text += f" (vector {e['vector']}"
+        if e.get("error_code") is not None:
+            text += f", error 0x{e['error_code']:x}"
+        if e.get("exit_reason") is not None:
+            text += f", exit reason {e['exit_reason']}"
+        text += ")"
     return text
 
 

@@ -38,7 +38,7 @@ def test_td_vmcall_is_a_ve_the_host_never_sees() -> None:
     cell = run_cell(Vendor.INTEL, "tdx", 0)
     assert cell.outcome == "unhandled_exception", f"{cell.outcome}: {cell.detail}"
     assert cell.exception is not None
-    assert (cell.exception["vector"], cell.exception["error_code"]) == (VE, EXIT_REASON_VMCALL)
+    assert (cell.exception["vector"], cell.exception["exit_reason"]) == (VE, EXIT_REASON_VMCALL)
     assert cell.result is None
     assert cell.kvm_action.startswith("none:") and "#VE" in cell.kvm_action, cell.kvm_action
     hv = cell.host_view
@@ -77,7 +77,7 @@ def test_demo_json_carries_the_tdx_row(capsys: pytest.CaptureFixture[str], monke
     cells = {c["insn"]: c for c in doc["cells"]}
     assert [(c["vendor"], c["vm_type"]) for c in doc["cells"]] == [("intel", "tdx")] * len(INSNS)
     vmcall = cells["VMCALL"]
-    assert (vmcall["outcome"], vmcall["exception"]["vector"], vmcall["exception"]["error_code"]) == \
+    assert (vmcall["outcome"], vmcall["exception"]["vector"], vmcall["exception"]["exit_reason"]) == \
         ("unhandled_exception", VE, EXIT_REASON_VMCALL)
     assert vmcall["host_view"]["host_view"] == "unmappable" and vmcall["host_view"]["host_bytes"] is None
     assert cells["VMMCALL"]["exception"]["vector"] == UD
@@ -94,19 +94,19 @@ def test_demo_human_output_shows_the_unreadable_host_view(capsys: pytest.Capture
     out = capsys.readouterr().out
     for text in ("intel/tdx VMCALL at rip", "#VE (exit reason 18)", "KVM never sees it",
                  "host (guest_memfd: unreadable)", "not mappable by the host", "vmcall", "td_generic_ve_exit",
-                 "intel/tdx VMMCALL at rip", "the TDX module delivers it in the guest"):
+                 "intel/tdx VMMCALL at rip", "intercepts only #MC (td_vmcs_init.c)"):
         assert text in out, f"{text!r} missing from:\n{out}"
 
 
 @pytest.mark.parametrize(("outcome", "exception"), [
     ("done", None),
-    ("unhandled_exception", {"vector": UD, "error_code": 0}),
-    ("unhandled_exception", {"vector": VE, "error_code": 30}),
+    ("unhandled_exception", {"vector": UD, "error_code": None}),
+    ("unhandled_exception", {"vector": VE, "error_code": None, "exit_reason": 30}),
 ], ids=["finished", "ud", "ve-other-reason"])
 def test_verdict_fails_when_td_vmcall_is_not_the_reason_18_ve(outcome: str, exception: dict[str, int] | None) -> None:
     """The demo's verdict holds only for the #VE with exit reason 18 at a TD's VMCALL."""
     good = DemoCell("intel", "tdx", "VMCALL", "unhandled_exception", None, "", None,
-                    exception={"vector": VE, "error_code": EXIT_REASON_VMCALL})
+                    exception={"vector": VE, "error_code": None, "exit_reason": EXIT_REASON_VMCALL})
     bad = DemoCell("intel", "tdx", "VMCALL", outcome, 0 if exception is None else None, "", None, exception=exception)
     assert as_expected([good]) and not as_expected([bad])
 
@@ -118,6 +118,6 @@ def test_print_demo_keeps_td_text_literal(monkeypatch: pytest.MonkeyPatch) -> No
           "host_view": "unmappable", "host_bytes": None, "host_decode": "not mappable by the host"}
     out = io.StringIO()
     print_demo(out, [DemoCell("intel", "tdx", "VMCALL", "unhandled_exception", None, "none: [#VE]", hv,
-                              exception={"vector": VE, "error_code": EXIT_REASON_VMCALL})])
+                              exception={"vector": VE, "error_code": None, "exit_reason": EXIT_REASON_VMCALL})])
     text = out.getvalue()
     assert "none: [#VE]" in text and "None" not in text, text

@@ -399,7 +399,7 @@ def test_32bit_caller_in_a_td_is_a_ve_kvm_never_sees() -> None:
                                                        timeout=TIMEOUT, defines=defines), text=text)
     assert report.outcome == "unhandled_exception", f"{report.outcome}: {report.detail}"
     assert report.exception is not None
-    assert (report.exception["vector"], report.exception["error_code"]) == (20, 18)
+    assert (report.exception["vector"], report.exception["exit_reason"]) == (20, 18)
     assert hypercall_exits(report)[1:] == [] and report.syncs() == []
 
 

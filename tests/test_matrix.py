@@ -30,17 +30,17 @@ EXPECTED_DIVERGENT: dict[str, dict[str, str]] = {
         "sev/amd": "ucall 0: sync(0xfffffffffffffff2) vs sync(0x0)",
         "sev-es/amd": "ucall 0: sync(0xfffffffffffffff2) vs sync(0x0)",
         "sev-snp/amd": "ucall 0: sync(0xfffffffffffffff2) vs sync(0x0)",
-        "tdx/intel": "outcome unhandled_exception (vector 20, error 0x12) vs done",
+        "tdx/intel": "outcome unhandled_exception (vector 20, exit reason 18) vs done",
     },
     "ghcb_hostile.s": {
         "sev-es/amd": "outcome done vs unhandled_exception (vector 13",
         "sev-snp/amd": "outcome done vs unhandled_exception (vector 13",
-        "tdx/intel": "outcome unhandled_exception (vector 20, error 0x20)",
+        "tdx/intel": "outcome unhandled_exception (vector 20, exit reason 32)",
     },
     "ghcb_kvm_version.s": {
         "sev-es/amd": "outcome done vs unhandled_exception (vector 13",
         "sev-snp/amd": "outcome done vs unhandled_exception (vector 13",
-        "tdx/intel": "outcome unhandled_exception (vector 20, error 0x20)",
+        "tdx/intel": "outcome unhandled_exception (vector 20, exit reason 32)",
     },
     # the control plane refuses a legacy image on the UPM types (testbed/control_plane.py)
     "legacy_image.s": {combo: "outcome refused vs done"
@@ -64,7 +64,7 @@ EXPECTED_DIVERGENT: dict[str, dict[str, str]] = {
     "sev_terminate.s": {
         "sev-es/amd": "outcome terminated vs unhandled_exception (vector 13",
         "sev-snp/amd": "outcome terminated vs unhandled_exception (vector 13",
-        "tdx/intel": "outcome unhandled_exception (vector 20, error 0x20)",
+        "tdx/intel": "outcome unhandled_exception (vector 20, exit reason 32)",
     },
     "stale_ciphertext.s": {
         "sev/amd": "ucall 0: sync(0xae5fedd12691891) vs sync(0x5a5a1234)",

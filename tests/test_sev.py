@@ -78,7 +78,7 @@ def test_sev_vmcall_is_ud_at_the_site_with_ciphertext_host_view() -> None:
     assert report.outcome == "unhandled_exception", report.detail
     where = program.locate(site)
     assert where is not None and where.symbol == "hypercall_site"
-    assert report.exception == {"vector": 6, "error_code": 0, "rip": site, "file": where.file, "line": where.line,
+    assert report.exception == {"vector": 6, "error_code": None, "rip": site, "file": where.file, "line": where.line,
                                 "symbol": "hypercall_site", "offset": 0}, (
         f"exception {report.exception}, expected #UD at 0x{site:x}"
     )

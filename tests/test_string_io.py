@@ -130,7 +130,7 @@ def test_string_io_in_a_td_is_a_ve_the_runtime_refuses() -> None:
     exits, error = run_string_io("tdx", "intel")
     assert exits == []
     assert isinstance(error, testbed.VmExitError) and error.outcome == "unhandled_exception"
-    assert "unexpected #VE (error code 0x1e)" in error.detail
+    assert "unexpected #VE (exit reason 30) at rip" in error.detail
 
 
 @pytest.mark.parametrize(("code", "long_mode", "expected"), [

@@ -126,7 +126,7 @@ def test_vmcall_in_a_td_is_an_unhandled_ve() -> None:
     report = td(GUEST, defines={"OP": 1})
     assert report.outcome == "unhandled_exception", report.detail
     assert report.exception is not None
-    assert (report.exception["vector"], report.exception["error_code"]) == (20, 18)
+    assert (report.exception["vector"], report.exception["exit_reason"]) == (20, 18)
     assert sync_args(done(td(GUEST, vm_type="default", defines={"OP": 1}))) == [[ENOSYS_RET]]
 
 
@@ -282,7 +282,7 @@ def test_hlt_with_interrupts_enabled_is_refused_without_a_tdvmcall() -> None:
     report = run_guest("<td>", VmOptions(vm_type="tdx", vendor=Vendor.INTEL, memory=MEM, timeout=TIMEOUT,
                                          trace=trace), text="guest_main:\n    sti\n    hlt\n    ret\n")
     assert report.outcome == "unhandled_exception", report.detail
-    assert report.exception is not None and (report.exception["vector"], report.exception["error_code"]) == (20, 12)
+    assert report.exception is not None and (report.exception["vector"], report.exception["exit_reason"]) == (20, 12)
     events = [json.loads(line) for line in trace.getvalue().splitlines()]
     assert not [e for e in events if e["event"] == "tdvmcall" and e["r11"] == 12]
 

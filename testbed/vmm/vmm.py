@@ -45,7 +45,7 @@ from testbed.vmm.msr import MsrHandler
 from testbed.vmm.pinning import PinAccounting
 from testbed.vmm.tdx import TdxUserspace
 from testbed.vmm.ucall import Ucall, UcallError, read_ucall, resolve_failure
-from testbed.x86 import vector_name
+from testbed.x86 import ERROR_CODE_VECTORS, Vector, vector_name
 
 if TYPE_CHECKING:
     from testbed.asm import Program
@@ -335,8 +335,18 @@ class Vmm:
             return VmEnd("guest_assert", str(failure), {"ucall": ucall})
         if name == "unhandled":
             vector, error, rip, cr2 = [*ucall.args, 0, 0, 0, 0][:4]
-            exception: dict[str, Any] = {"vector": vector, "error_code": error, "rip": rip}
-            detail = f"unexpected {vector_name(vector)} (error code 0x{error:x}) at rip 0x{rip:x}"
+            # The runtime passes the error code in the second argument, 0 for a vector that
+            # pushes none, and a #VE's exit reason (TDG.VP.VEINFO.GET) there: each is reported
+            # as what it is, never as an error code the CPU did not push.
+            exception: dict[str, Any] = {"vector": vector, "error_code": None, "rip": rip}
+            code = ""
+            if vector in ERROR_CODE_VECTORS:
+                exception["error_code"] = error
+                code = f" (error code 0x{error:x})"
+            elif vector == Vector.VE:
+                exception["exit_reason"] = error
+                code = f" (exit reason {error})"
+            detail = f"unexpected {vector_name(vector)}{code} at rip 0x{rip:x}"
             if vector == 14:  # the runtime passes CR2 as the 4th argument
                 exception["cr2"] = cr2
                 detail += f", cr2 0x{cr2:x}"

@@ -10,21 +10,28 @@ guest sizes of 1 GiB, 64 GiB and 1 TiB, in one run:
 * is_shared ns per lookup (loop included), export time, and bytes used: memory_bytes() for
   ours, a deep sys.getsizeof walk of the peer's object graph for the peers.
 
-Every timed figure is measured in rounds (at least five: testbed.bench.MIN_ROUNDS) on fresh
-trackers, with the GC off while timing (as timeit does); the rounds go round-robin over the
-trackers so that a burst of load from elsewhere hits them all, and each figure is reported as
-the median of its rounds with their min-max. Results are printed as tables through the
+Every timed figure is measured in rounds (at least five: testbed.bench.MIN_ROUNDS; lookups and
+export too) on fresh trackers, with the GC off while timing (as timeit does), and every round
+rests on at least testbed.bench's timer floor (1000 ticks of perf_counter, at least 20 ms:
+timed_replays repeats the replay on fresh trackers until it does; a figure that cannot clear
+it is a BenchError, not a number). The rounds go round-robin over the trackers, the order
+reversed every other round, so that a burst of load from elsewhere hits them all, and each
+figure is reported as the median of its rounds with their min-max. Results are printed as tables through the
 project's escaped console (testbed/textout.py), written to OUT/results.json, and plotted to
 OUT/throughput.png and OUT/memory.png (matplotlib, Agg). The seed workload `boot` has 20
 conversions -- too few to time -- so it reports memory, lookups and export only.
 
-Absolute rates on a shared machine swing by 1.5x from one second to the next. So comparisons
-are paired: on dma_churn each of our trackers' batch rounds is preceded by its bare loop (a raw
-bitarray store loop for the bitmap, a plain coalescing bisect list for ranges and tree), and
-the ratio is taken per round; tree against intervaltree is a per-round ratio too (adjacent in
-every round). A target is judged as testbed.bench.verdict judges: met when every round meets
-it, missed when every round misses it, undecided when the rounds straddle the bound or are too
-few -- the noise is then wider than the distance to the target.
+Absolute rates on a shared machine swing by 1.5x from one second to the next. So the targets
+are ratios, paired per round: on dma_churn each of our trackers' batch rounds is timed next to
+its bare loop (a raw bitarray store loop for the bitmap, a plain coalescing bisect list for
+ranges and tree; before it on even rounds, after it on odd ones), and the ratio is taken per
+round (ranges >= 2.5/2.9x its bare loop, bitmap >= 10/16x: the old 2.5 M/s and 10 M/s over the
+bare loops' speeds on the machine they were set on); tree against intervaltree is a per-round
+ratio too (per call, adjacent in every round, the order alternating). Raw rates are reported,
+never judged. A pairing that does not cover every round is an error, never a shorter list. A
+target is judged as testbed.bench.verdict judges: met when every round meets it, missed when
+every round misses it, undecided when the rounds straddle the bound or are too few -- the noise
+is then wider than the distance to the target -- and the table says which.
 
     python tools/bench_trackers.py [--out bench-out] [--quick] [--check]
 
@@ -55,7 +62,8 @@ except ImportError:  # a checkout that is not pip-installed
 
 from bitarray import bitarray
 
-from testbed.bench import MIN_ROUNDS, Spread, Verdict, verdict
+from testbed.bench import MIN_ROUNDS, BenchError, Spread, Verdict, paired_ratios, undecided_reason, verdict
+from testbed.bench import measure as floor_measure
 from testbed.textout import plain_console, plain_table, styled
 from testbed.tracker import (
     DEFAULT_MAX_RANGES,
@@ -71,16 +79,18 @@ SIZES = {"1G": GIB_PAGES, "64G": 64 * GIB_PAGES, "1T": 1024 * GIB_PAGES}
 PEERS = ("intervaltree", "portion")
 TIMED_WORKLOADS = ("dma_churn", "discontiguous", "hostile")
 
-# Targets (see the module docstring of testbed/tracker/__init__.py for the trade-offs).
-RANGES_MIN_RATE = 2.5e6
-BITMAP_MIN_RATE = 10e6
-TREE_MIN_RATIO = 10.0
-SEED_MEMORY_MAX = 16 * 1024
-# Reference speeds of the bare loops, measured on the project's build machine when idle: a run
-# divides its rates by how fast the same raw bitarray loop ran in it, so that a busy machine can
-# be told from a slow tracker.
+# Reference speeds of the bare loops, measured on the project's build machine when idle; shown
+# beside this run's (the speed factor), never used to judge a target.
 CALIBRATION_RAW_BITARRAY = 16e6
 CALIBRATION_RAW_BISECT = 2.9e6
+# Targets (see the module docstring of testbed/tracker/__init__.py for the trade-offs), each a
+# ratio per round to the loop measured next to it. The rate targets were set as 2.5 M/s (ranges)
+# and 10 M/s (bitmap) on the build machine whose bare loops ran at the reference speeds above:
+# as ratios to the bare loop paired with each round, 2.5 / 2.9 and 10 / 16.
+RANGES_VS_BARE_MIN = 2.5e6 / CALIBRATION_RAW_BISECT
+BITMAP_VS_BARE_MIN = 10e6 / CALIBRATION_RAW_BITARRAY
+TREE_MIN_RATIO = 10.0
+SEED_MEMORY_MAX = 16 * 1024
 
 
 class Tracker(Protocol):
@@ -198,23 +208,75 @@ def drive(tracker: Tracker, ops: Sequence[tuple[int, int, bool]]) -> None:
             set_private(gfn, npages)
 
 
-def time_calls(tracker: Tracker, ops: Sequence[tuple[int, int, bool]]) -> float:
-    return timed(lambda: drive(tracker, ops))
+#: The number of runs that last cleared the floor, by figure without its round: the next round
+#: starts there instead of doubling up from one run again (bench.measure's scale counts multiples).
+_RUNS: dict[str, int] = {}
 
 
-def time_batch(tracker: SharedTracker, ops: Sequence[tuple[int, int, bool]]) -> float:
-    return timed(lambda: tracker.apply(ops))
+def timed_replays(figure: str, prepare: Callable[[], Callable[[], object]], units: int) -> float:
+    """Seconds per run of `figure`, resting on at least testbed.bench's timer floor (1000 ticks
+    of perf_counter, at least 20 ms): bench.measure with scale = how many runs, each prepared
+    by `prepare()` outside the timed part (a fresh tracker and its buffers: a replay changes
+    what it replays on) and timed with the GC off, as timeit does; the figure is the sum of
+    those timed parts (each well above the timer's resolution). `units` is what one run
+    counts (conversions, lookups, exports). A figure that never clears the floor is a
+    BenchError naming it, never a number. A figure's later rounds start at the number of runs
+    its last round needed (_RUNS, keyed by the figure's name up to " (round")."""
+    family = figure.split(" (round ", maxsplit=1)[0]
+    base = _RUNS.get(family, 1)
+
+    def once(scale: int) -> tuple[int, float]:
+        runs = base * scale
+        spent = 0.0
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(runs):
+                run = prepare()
+                start = time.perf_counter()
+                run()
+                spent += time.perf_counter() - start
+        finally:
+            gc.enable()
+        return runs * units, spent
+
+    done, seconds = floor_measure(figure, once)
+    _RUNS[family] = done // units
+    return seconds * units / done
 
 
-def time_export(tracker: Tracker, buf: bytearray) -> float:
-    """One export into a pre-sized buffer; a peer pays for listing its ranges in the format."""
+def time_calls(figure: str, name: str, guest_pages: int, ops: Sequence[tuple[int, int, bool]],
+               last: list[Tracker]) -> float:
+    """Seconds per replay of `ops` through the per-call driver on a fresh tracker `name`; the
+    last tracker replayed is left in `last` (its final state is the workload's)."""
+
+    def prepare() -> Callable[[], object]:
+        tracker = make(name, guest_pages)
+        last[:] = [tracker]
+        return lambda: drive(tracker, ops)
+
+    return timed_replays(figure, prepare, len(ops))
+
+
+def time_batch(figure: str, name: str, guest_pages: int, ops: Sequence[tuple[int, int, bool]]) -> float:
+    """Seconds per replay of `ops` through SharedTracker.apply on a fresh tracker `name`."""
+
+    def prepare() -> Callable[[], object]:
+        tracker = make_tracker(name, guest_pages=guest_pages)
+        return lambda: tracker.apply(ops)
+
+    return timed_replays(figure, prepare, len(ops))
+
+
+def time_export(figure: str, tracker: Tracker, buf: bytearray) -> float:
+    """Seconds per export into a pre-sized buffer; a peer pays for listing its ranges in the format."""
     if isinstance(tracker, SharedTracker):
-        return timed(lambda: tracker.export(buf))
-    return timed(lambda: export_ranges(tracker.shared_ranges(), buf, poisoned=False))
+        return timed_replays(figure, lambda: lambda: tracker.export(buf), 1)
+    return timed_replays(figure, lambda: lambda: export_ranges(tracker.shared_ranges(), buf, poisoned=False), 1)
 
 
 def raw_bitarray(ops: Sequence[tuple[int, int, bool]], bits: Any) -> None:
-    """Calibration: bare bitarray stores, no validation, no call (16 M/s on an idle build machine)."""
+    """Bare loop: bitarray stores, no validation, no call (16 M/s on an idle build machine)."""
     for gfn, npages, shared in ops:
         if npages == 1:
             bits[gfn] = shared
@@ -222,14 +284,24 @@ def raw_bitarray(ops: Sequence[tuple[int, int, bool]], bits: Any) -> None:
             bits[gfn : gfn + npages] = shared
 
 
-def time_raw_bitarray(ops: Sequence[tuple[int, int, bool]], guest_pages: int) -> float:
-    bits = bitarray(guest_pages)  # allocated and zeroed outside the timed region, as a tracker is
-    bits.setall(0)
-    return timed(lambda: raw_bitarray(ops, bits))
+def time_raw_bitarray(figure: str, ops: Sequence[tuple[int, int, bool]], guest_pages: int) -> float:
+    """Seconds per replay of the bare bitarray loop, each on a fresh zeroed bitarray."""
+
+    def prepare() -> Callable[[], object]:
+        bits = bitarray(guest_pages)  # allocated and zeroed outside the timed part, as a tracker is
+        bits.setall(0)
+        return lambda: raw_bitarray(ops, bits)
+
+    return timed_replays(figure, prepare, len(ops))
+
+
+def time_raw_bisect(figure: str, ops: Sequence[tuple[int, int, bool]]) -> float:
+    """Seconds per replay of the bare bisect-list loop (it starts empty each time)."""
+    return timed_replays(figure, lambda: lambda: raw_bisect(ops), len(ops))
 
 
 def raw_bisect(ops: Sequence[tuple[int, int, bool]]) -> None:
-    """Calibration: a plain coalescing starts/ends list, no validation, bound or fast path."""
+    """Bare loop: a plain coalescing starts/ends list, no validation, bound or fast path."""
     starts: list[int] = []
     ends: list[int] = []
     for gfn, npages, shared in ops:
@@ -258,17 +330,6 @@ def raw_bisect(ops: Sequence[tuple[int, int, bool]]) -> None:
                 ends[i:j] = keep_e
 
 
-def timed(fn: Callable[[], object]) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
-
-
 @dataclass
 class Result:
     workload: str
@@ -288,9 +349,15 @@ class Result:
     #: the rate of each round (conversions/s), batch and per call, in round order
     batch_rounds: list[float] = dataclass_field(default_factory=list)
     call_rounds: list[float] = dataclass_field(default_factory=list)
-    #: dma_churn, our trackers: each batch round as a ratio to its bare loop timed right before it
+    #: dma_churn, our trackers: each batch round as a ratio to its bare loop timed next to it
     #: (raw bitarray for the bitmap, raw bisect list for ranges and tree)
     batch_vs_bare_rounds: list[float] = dataclass_field(default_factory=list)
+    #: a tracker with a peer (PAIRED_PEER: tree and intervaltree): its per-call rate over the
+    #: peer's, per round, both timed next to each other in that round
+    call_vs_peer_rounds: list[float] = dataclass_field(default_factory=list)
+    #: ns per is_shared lookup and µs per export, per round (is_shared_ns, export_us: medians)
+    is_shared_rounds: list[float] = dataclass_field(default_factory=list)
+    export_rounds: list[float] = dataclass_field(default_factory=list)
 
 
 #: portion rebuilds its immutable union on every operation -- O(n) each, O(n^2) for the hostile
@@ -301,6 +368,28 @@ PEER_PREFIX: dict[tuple[str, str | None], int] = {("portion", "hostile"): 1000, 
 PEER_REPEATS = MIN_ROUNDS
 #: The bare loop each of our trackers' batch rounds is paired with on dma_churn.
 BARE_LOOP = {"bitmap": "raw bitarray", "ranges": "raw bisect list", "tree": "raw bisect list"}
+#: Our tracker whose per-call rounds are paired with a peer's (adjacent in every round).
+PAIRED_PEER = {"tree": "intervaltree"}
+
+
+def round_steps(trackers: Sequence[str], bare: Callable[[str], bool], index: int) -> list[tuple[str, str]]:
+    """The (tracker, step) measurements of round `index`, in order: per tracker its bare loop
+    (where `bare(name)`), its batch replay (ours) and its per-call replay, the trackers in the
+    given order - a tracker and its PAIRED_PEER must be neighbours there - and the whole list
+    reversed on odd rounds. So each batch round sits next to its bare loop (before it on even
+    rounds, after it on odd ones) and tree's per-call replay next to intervaltree's, in
+    alternating order."""
+    for ours, peer in PAIRED_PEER.items():
+        if ours in trackers and peer in trackers and abs(trackers.index(ours) - trackers.index(peer)) != 1:
+            raise ValueError(f"{ours} and its peer {peer} must be neighbours in {list(trackers)}")
+    steps: list[tuple[str, str]] = []
+    for name in trackers:
+        if bare(name):
+            steps.append((name, "bare"))
+        if name not in PEERS:
+            steps.append((name, "batch"))
+        steps.append((name, "calls"))
+    return steps if index % 2 == 0 else steps[::-1]
 
 
 def measure(
@@ -314,12 +403,13 @@ def measure(
 ) -> tuple[list[Result], dict[str, float]]:
     """Every tracker on one workload and guest size.
 
-    The repeats go round-robin over the trackers (repeat 1 of each, then repeat 2 of each...)
-    so that load from other processes, which comes and goes over seconds, falls on all of them
-    alike and the ratios within the run stay fair. On dma_churn the two calibration loops join
-    the round (their median rates, conversions/s, are returned beside the results), and each of
-    our trackers' batch rounds is paired with its bare loop timed right before it (`calibrate`
-    False leaves the calibration loops out).
+    The rounds go round-robin over the trackers (round_steps: round 1 of each, then round 2 of
+    each..., the order reversed every other round) so that load from other processes, which
+    comes and goes over seconds, falls on all of them alike. Every timed figure rests on at
+    least the timer floor (timed_replays). On dma_churn (`calibrate`) each of our trackers'
+    batch rounds is paired with its bare loop timed next to it, and the ratio taken per round;
+    tree's per-call rounds are paired with intervaltree's the same way. The bare loops' median
+    rates (conversions/s) are returned beside the results.
     """
     guest_pages = SIZES[size]
     ops: dict[str, list[tuple[int, int, bool]]] = {}
@@ -328,39 +418,51 @@ def measure(
         ops[name] = all_ops if prefix is None else all_ops[:prefix]
     calls: dict[str, list[float]] = {name: [] for name in trackers}
     batches: dict[str, list[float]] = {name: [] for name in trackers}
+    bares: dict[str, list[float]] = {name: [] for name in trackers}
     paired: dict[str, list[float]] = {name: [] for name in trackers}
+    vs_peer: dict[str, list[float]] = {name: [] for name in trackers}
     final: dict[str, Tracker] = {}
     errors: dict[str, str] = {}
     timed_workload = workload in TIMED_WORKLOADS
     calibration: dict[str, list[float]] = {"raw bitarray": [], "raw bisect list": []}
+
+    def bare(name: str) -> bool:
+        return workload == "dma_churn" and calibrate and name in BARE_LOOP
+
     for r in range(repeats if timed_workload else 1):
-        if workload == "dma_churn" and calibrate:
-            calibration["raw bitarray"].append(time_raw_bitarray(all_ops, guest_pages))
-            calibration["raw bisect list"].append(timed(lambda: raw_bisect(all_ops)))
-        for name in trackers:
-            if name in errors or (name in PEERS and r >= PEER_REPEATS):
+        active = [n for n in trackers if n not in errors and not (n in PEERS and r >= PEER_REPEATS)]
+        for name, step in round_steps(active, bare, r) if timed_workload else [(n, "calls") for n in active]:
+            if name in errors:
                 continue
+            figure = f"{workload}/{size}/{name} {step} (round {r + 1})"
             try:
-                tracker = make(name, guest_pages)
-                if timed_workload:
-                    calls[name].append(time_calls(tracker, ops[name]))
-                    if name not in PEERS:  # ours (the native kinds too: bench_native_trackers.py)
-                        fresh = make_tracker(name, guest_pages=guest_pages)
-                        # The machine's speed swings within seconds: time the bare loop right
-                        # next to the round it is paired with.
-                        bare = 0.0
-                        if workload == "dma_churn" and calibrate and name in BARE_LOOP:
-                            bare = (time_raw_bitarray(all_ops, guest_pages) if BARE_LOOP[name] == "raw bitarray"
-                                    else timed(lambda: raw_bisect(all_ops)))
-                        seconds = time_batch(fresh, ops[name])
-                        batches[name].append(seconds)
-                        if bare:
-                            paired[name].append((len(ops[name]) / seconds) / (len(all_ops) / bare))
-                else:
+                if not timed_workload:
+                    tracker = make(name, guest_pages)
                     drive(tracker, ops[name])
-                final[name] = tracker
+                    final[name] = tracker
+                elif step == "calls":
+                    last: list[Tracker] = []
+                    calls[name].append(time_calls(figure, name, guest_pages, ops[name], last))
+                    final[name] = last[0]
+                elif step == "batch":
+                    batches[name].append(time_batch(figure, name, guest_pages, ops[name]))
+                else:
+                    loop = BARE_LOOP[name]
+                    seconds = (time_raw_bitarray(figure, all_ops, guest_pages) if loop == "raw bitarray"
+                               else time_raw_bisect(figure, all_ops))
+                    bares[name].append(seconds)
+                    calibration[loop].append(seconds)
+            except BenchError:
+                raise  # a figure under the timer floor is the benchmark's failure, not the tracker's
             except Exception as err:  # a crash is a result to report (the hostile target), not an abort
                 errors[name] = repr(err)
+        for ours, peer in PAIRED_PEER.items():  # this round's pair, if both ran in it
+            if timed_workload and ours in active and peer in active and ours not in errors and peer not in errors:
+                vs_peer[ours].append((len(ops[ours]) / calls[ours][-1]) / (len(ops[peer]) / calls[peer][-1]))
+    for name in trackers:
+        if bares[name] and name not in errors:
+            paired[name] = paired_ratios([len(ops[name]) / t for t in batches[name]],
+                                         [len(all_ops) / t for t in bares[name]])
     results = []
     for name in trackers:
         n = len(ops[name])
@@ -369,21 +471,23 @@ def measure(
             results.append(Result(workload, size, guest_pages, name, n, None, None, 0, 0, 0, None, 0, False, failure))
             continue
         call_rounds = [n / t for t in calls[name]]
-        batch_rounds = [n / t for t in batches[name]] or call_rounds
+        batch_rounds = [n / t for t in batches[name]] or call_rounds  # a peer has no batch API: per call
         rate_call = statistics.median(call_rounds) if call_rounds else None
         rate_batch = statistics.median(batch_rounds) if batch_rounds else None
-        result = state_figures(final[name], workload, size, n, rate_batch, rate_call, repeats)
+        result = state_figures(final[name], workload, size, n, rate_batch, rate_call, max(repeats, MIN_ROUNDS))
         result.call_rounds, result.batch_rounds = call_rounds, batch_rounds
         result.batch_vs_bare_rounds = paired[name]
+        result.call_vs_peer_rounds = vs_peer[name]
         results.append(result)
     return results, {k: len(all_ops) / statistics.median(v) for k, v in calibration.items() if v}
 
 
 def state_figures(
     tracker: Tracker, workload: str, size: str, n: int, rate_batch: float | None, rate_call: float | None,
-    repeats: int,
+    rounds: int,
 ) -> Result:
-    """Lookups, export and bytes of a tracker holding a workload's final state."""
+    """Lookups, export and bytes of a tracker holding a workload's final state; lookups and
+    export in `rounds` rounds (at least MIN_ROUNDS), each above the timer floor."""
     guest_pages = SIZES[size]
     ranges = tracker.shared_ranges()
     # Lookups: half anywhere, half inside shared ranges; fewer for the peers (portion's are O(n)).
@@ -394,11 +498,8 @@ def state_figures(
     if ranges:
         picks = [ranges[rng.randrange(len(ranges))] for _ in range(n_lookups // 2)]
         probes += [g + rng.randrange(npages) for g, npages in picks]
-    is_shared = tracker.is_shared
-    lookup = statistics.median(timed(lambda: [is_shared(g) for g in probes]) for _ in range(3))
     if isinstance(tracker, SharedTracker):
         buf = bytearray(tracker.export(bytearray()).size_needed_bytes)
-        export = statistics.median(time_export(tracker, buf) for _ in range(repeats))
         nbytes = tracker.memory_bytes()
         bound: int | None = tracker.memory_bound_bytes()
         poisoned = tracker.poisoned
@@ -406,15 +507,21 @@ def state_figures(
     else:
         assert isinstance(tracker, IntervalTreePeer | PortionPeer)
         buf = bytearray(len(ranges) * 16)
-        export = statistics.median(time_export(tracker, buf) for _ in range(repeats))
         nbytes = deep_sizeof(tracker.footprint())
         bound = None
         poisoned = False
         name = tracker.name
-    return Result(
+    is_shared = tracker.is_shared
+    figure = f"{workload}/{size}/{name}"
+    lookups = [timed_replays(f"{figure} is_shared (round {r + 1})", lambda: lambda: [is_shared(g) for g in probes],
+                             len(probes)) * 1e9 / len(probes) for r in range(rounds)]
+    exports = [time_export(f"{figure} export (round {r + 1})", tracker, buf) * 1e6 for r in range(rounds)]
+    result = Result(
         workload, size, guest_pages, name, n, rate_batch, rate_call,
-        lookup / len(probes) * 1e9, export * 1e6, nbytes, bound, len(ranges), poisoned,
+        statistics.median(lookups), statistics.median(exports), nbytes, bound, len(ranges), poisoned,
     )
+    result.is_shared_rounds, result.export_rounds = lookups, exports
+    return result
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -444,6 +551,8 @@ class Check:
     target: str
     verdict: Verdict
     detail: str
+    #: why an undecided target is undecided (testbed.bench.undecided_reason), per guest size
+    reason: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -474,22 +583,34 @@ def speed_factor(calibration: dict[str, dict[str, float]], size: str) -> float:
     return raw / CALIBRATION_RAW_BITARRAY if raw else 1.0
 
 
-def rate_check(label: str, sizes: list[str], rows: list[Result], floor: float) -> Check:
-    detail = ", ".join(f"{s}: {_spread_text(r.batch_rounds, _rate)}" for s, r in zip(sizes, rows, strict=True))
-    return Check(label, combine([_spread_verdict(r.batch_rounds, floor) for r in rows]), detail)
+def ratio_check(label: str, sizes: Sequence[str], rounds: Sequence[Sequence[float]], bound: float) -> Check:
+    """A ratio target judged per guest size from its per-round ratios (combine): met / missed
+    only when every round of every size agrees; when undecided, the check says why for each
+    size that is (too few rounds, the spread straddles the bound, not measured)."""
+    verdicts = [_spread_verdict(r, bound) for r in rounds]
+    detail = ", ".join(f"{s}: {_spread_text(r, lambda v: f'{v:.2f}x')}" for s, r in zip(sizes, rounds, strict=True))
+    combined = combine(verdicts)
+    reasons = [f"{s}: {undecided_reason(Spread.of(r) if r else None, '>=', bound)}"
+               for s, r, v in zip(sizes, rounds, verdicts, strict=True) if v == "undecided"]
+    return Check(label, combined, detail, "; ".join(reasons) if combined == "undecided" else None)
 
 
-def paired_call_ratios(ours: Result, peer: Result) -> list[float]:
-    """Per-round ratios of two trackers' per-call rates, over the rounds both ran (adjacent in each)."""
-    return [a / b for a, b in zip(ours.call_rounds, peer.call_rounds, strict=False) if b]
+def peer_ratio_rounds(ours: Result, peer: Result) -> list[float]:
+    """`ours`' per-call rate over `peer`'s, per round (measured next to each other in each round
+    both ran: Result.call_vs_peer_rounds). A pairing that does not cover every round the peer
+    ran is an error, never a silently shorter list."""
+    if len(ours.call_vs_peer_rounds) != len(peer.call_rounds):
+        raise ValueError(f"{ours.tracker} vs {peer.tracker} on {ours.workload}/{ours.size}: "
+                         f"{len(ours.call_vs_peer_rounds)} paired rounds for the peer's {len(peer.call_rounds)}")
+    return ours.call_vs_peer_rounds
 
 
 def targets(results: list[Result], sizes: list[str]) -> list[Check]:
     checks: list[Check] = []
     churn = {s: {r.tracker: r for r in results if r.workload == "dma_churn" and r.size == s} for s in sizes}
-    checks.append(rate_check(
-        f"ranges >= {RANGES_MIN_RATE / 1e6:.1f} M conversions/s on dma_churn (batch)", sizes,
-        [churn[s]["ranges"] for s in sizes], RANGES_MIN_RATE,
+    checks.append(ratio_check(
+        f"ranges batch >= {RANGES_VS_BARE_MIN:.2f}x the raw bisect list on dma_churn (paired rounds)", sizes,
+        [churn[s]["ranges"].batch_vs_bare_rounds for s in sizes], RANGES_VS_BARE_MIN,
     ))
     for workload in ("boot", "dma_churn", "discontiguous"):
         mem = [find(results, workload, s, "ranges").bytes for s in sizes]
@@ -498,15 +619,13 @@ def targets(results: list[Result], sizes: list[str]) -> list[Check]:
             "met" if max(mem) <= SEED_MEMORY_MAX and max(mem) <= 1.1 * min(mem) else "missed",
             ", ".join(f"{s}: {m} B" for s, m in zip(sizes, mem, strict=True)),
         ))
-    checks.append(rate_check(
-        f"bitmap >= {BITMAP_MIN_RATE / 1e6:.0f} M conversions/s on dma_churn (batch)", sizes,
-        [churn[s]["bitmap"] for s in sizes], BITMAP_MIN_RATE,
+    checks.append(ratio_check(
+        f"bitmap batch >= {BITMAP_VS_BARE_MIN:.2f}x the raw bitarray loop on dma_churn (paired rounds)", sizes,
+        [churn[s]["bitmap"].batch_vs_bare_rounds for s in sizes], BITMAP_VS_BARE_MIN,
     ))
-    ratios = {s: paired_call_ratios(churn[s]["tree"], churn[s]["intervaltree"]) for s in sizes}
-    checks.append(Check(
-        f"tree >= {TREE_MIN_RATIO:.0f}x intervaltree on dma_churn (per call, same driver, paired rounds)",
-        combine([_spread_verdict(ratios[s], TREE_MIN_RATIO) for s in sizes]),
-        ", ".join(f"{s}: {_spread_text(ratios[s], lambda v: f'{v:.1f}x')}" for s in sizes),
+    checks.append(ratio_check(
+        f"tree >= {TREE_MIN_RATIO:.0f}x intervaltree on dma_churn (per call, same driver, paired rounds)", sizes,
+        [peer_ratio_rounds(churn[s]["tree"], churn[s]["intervaltree"]) for s in sizes], TREE_MIN_RATIO,
     ))
     hostile = [r for r in results if r.workload == "hostile" and r.tracker in TRACKER_KINDS]
     ok = all(
@@ -556,8 +675,9 @@ def print_report(
     console.print(results_table("shared-page trackers (medians of the rounds, min-max)", columns, results, lambda r: (
         r.workload, r.size, r.tracker, str(r.conversions), _spread_text(r.batch_rounds, _rate),
         _spread_text(r.call_rounds, _rate),
-        f"{r.is_shared_ns:.0f} ns", f"{r.export_us:.1f} µs", _bytes(r.bytes), str(r.ranges),
-        "ERROR" if r.error else ("yes" if r.poisoned else ""),
+        _spread_text(r.is_shared_rounds, lambda v: f"{v:.0f} ns"),
+        _spread_text(r.export_rounds, lambda v: f"{v:.1f} µs"),
+        _bytes(r.bytes), str(r.ranges), "ERROR" if r.error else ("yes" if r.poisoned else ""),
     )))
 
     ratios = plain_table("ratios of medians within this run (dma_churn)", "ratio", *sizes, right=tuple(sizes))
@@ -599,12 +719,19 @@ def print_report(
             *(_spread_text(find(results, "dma_churn", s, name).batch_vs_bare_rounds, lambda v: f"{v:.2f}x")
               for s in sizes),
         )
+    for ours, peer in PAIRED_PEER.items():
+        calib.add_row(f"{ours} / {peer} per call (paired)",
+                      *(_spread_text(find(results, "dma_churn", s, ours).call_vs_peer_rounds, lambda v: f"{v:.1f}x")
+                        for s in sizes))
     console.print(calib)
 
     style = {"met": "green", "missed": "red", "undecided": "yellow"}
     verdicts = plain_table("targets (met / missed only when every round agrees)", "verdict", "target", "rounds")
     for check in checks:
-        verdicts.add_row(styled(check.verdict, style[check.verdict]), check.target, check.detail)
+        word = styled(check.verdict, style[check.verdict])
+        if check.reason:
+            word.append(f" ({check.reason})")
+        verdicts.add_row(word, check.target, check.detail)
     console.print(verdicts)
 
 
@@ -659,11 +786,6 @@ def plot(results: list[Result], sizes: list[str], trackers: list[str], out: Path
         for name in trackers:
             ys = [find(results, workload, s, name).batch_per_s or float("nan") for s in sizes]
             ax.plot(x, ys, marker=style[name][0], ls=style[name][1], label=label(name))
-        if workload == "dma_churn":
-            ax.axhline(RANGES_MIN_RATE, color="grey", ls="--", lw=0.8)
-            ax.axhline(BITMAP_MIN_RATE, color="grey", ls=":", lw=0.8)
-            ax.text(x[0], RANGES_MIN_RATE * 1.1, "ranges target", fontsize=7, color="grey")
-            ax.text(x[0], BITMAP_MIN_RATE * 1.1, "bitmap target", fontsize=7, color="grey")
         _style_axis(ax, x, sizes, workload)
     paths.append(_finish_figure(fig, axes, len(trackers), "conversions/s (batch; peers per call)",
                                 "Tracker throughput against guest size (medians)", note, out / "throughput.png"))

@@ -4,10 +4,15 @@ key, and the testbed's page-by-page check of what the guest sees on both sides.
 
 Kernel sources modelled: virt/kvm/kvm_main.c kvm_get_dirty_log_protect (the dirty log the
 rounds collect); arch/x86/kvm/svm/sev.c sev_send_update_data / sev_receive_update_data (the
-firmware step, testbed/kvm/migration.py); arch/x86/kernel/kvm.c kvm_init_platform (the guest
-writes KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL; Documentation/virt/kvm/x86/
+firmware step, testbed/kvm/migration.py), sev_es_sync_vmsa (the x87/SSE state and XCR0 an
+SEV-ES VMSA holds; QEMU moves them with KVM_GET_XSAVE / KVM_GET_XCRS elsewhere) and
+KVM_SEV_SEND_CANCEL (Documentation/virt/kvm/x86/amd-memory-encryption.rst: a cancelled
+migration "can restart with a new target later"); arch/x86/kernel/kvm.c kvm_init_platform (the
+guest writes KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL; Documentation/virt/kvm/x86/
 hypercalls.rst makes userspace handle that MSR through a filter); x86.c
 kvm_arch_vcpu_ioctl_run (immediate_exit completes a pending exit before the state is saved).
+QEMU: the SEV migration series' sev_save_outgoing_page sends every page of the encrypted list
+through SEND_UPDATE_DATA (no zero check on ciphertext).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 import testbed
 from testbed.cli import main
 from testbed.hw.psp import TransportSession
+from testbed.layout import Layout
 from testbed.machine import VmOptions
-from testbed.migrate import Migration, migrate, migration_options
+from testbed.migrate import Migration, MigrationError, migrate, migration_options
 from testbed.migrate.oracle import compare, compare_machines, guest_view
 from testbed.migrate.status import bits_to_ranges, export_tracker, ranges_to_bits, xor_ranges
 from testbed.tracker import make_tracker
@@ -43,6 +49,10 @@ PAGE = 4096
 def _check(report: Any) -> None:
     assert report.outcome == "done", f"{report.outcome}: {report.detail}"
     assert (report.lost_pages, report.corrupted_pages) == (0, 0), report.mismatches
+    # The host-side state of every page (KVM's status, the trackers, the RMP) and the vCPU
+    # arrived as they were (oracle.py compare_host_state, compare_vcpus).
+    assert (report.status_pages, report.tracker_pages, report.rmp_pages) == (0, 0, 0), report.mismatches
+    assert report.vcpu_mismatches == [] and report.passed
 
 
 def _private_mem_host(vm: testbed.Vm, uc: Ucall) -> None:
@@ -484,8 +494,161 @@ def test_a_boot_that_runs_out_of_time_is_a_timeout(capsys: pytest.CaptureFixture
 def test_a_source_that_runs_out_of_time_during_the_migration_is_a_timeout(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A guest that spins on the source past `--timeout` (the whole migration's time) ends the
-    migration as a timeout, exit status 3 (README: "3 on timeout"), not as source_ended (1)."""
+    migration as a timeout, exit status 3 (README: "3 on timeout"), not as source_ended (1),
+    and says so: time ran out with the guest still running, not "the guest's run ended"."""
     status = main(["migrate", str(GUESTS / "cli_spin.s"), "--vm-type", "sev", "--timeout", "0.5", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert (status, doc["outcome"]) == (3, "timeout"), doc["detail"]
-    assert "ended on the source before the migration completed (timeout" in doc["detail"]
+    assert doc["detail"].startswith("the migration ran out of time in ") and "(0.5 s, --timeout)" in doc["detail"]
+    assert "did not end" in doc["detail"] and "run ended" not in doc["detail"] and "1e-06" not in doc["detail"]
+
+
+def test_donated_tracker_with_a_guest_that_never_donates_is_refused_naming_the_donation(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--tracker donated on sev-es with a guest that never donates is refused naming the donation, not source_ended."""
+    # The VMM's wait for the donation (at most 256 exits) ends with the guest's run; README promises a refusal.
+    status = main(["migrate", str(GUESTS / "migrate_churn.s"), "--vm-type", "sev-es", "--tracker", "donated",
+                   "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert (status, doc["outcome"]) == (1, "refused"), doc["detail"]
+    assert "while the VMM waited for its donated encryption-status structure" in doc["detail"]
+    assert "needs a guest that donates one" in doc["detail"] and "--rounds" not in doc["detail"]
+
+
+# ------------------------------------------------------------------------ the vCPU state
+@pytest.mark.parametrize("vm_type", ["sev", "sev-es", "sev-snp", "default"])
+def test_x87_sse_state_and_xcr0_survive_the_migration(vm_type: str) -> None:
+    """XMM0-15, MXCSR, FCW, the x87 stack and XCR0 set on the source are there on the target."""
+    # guests/migrate_fpu.s checks them after the migration. QEMU moves them with KVM_GET_XSAVE/KVM_GET_XCRS;
+    # an SEV-ES/SNP VMSA holds them (arch/x86/kvm/svm/sev.c sev_es_sync_vmsa: x87_*, mxcsr, fpreg_xmm, xcr0).
+    report = migrate(GUESTS / "migrate_fpu.s", VmOptions(vm_type=vm_type, memory="8M", seed=1), rounds=1)
+    _check(report)
+    assert report.source_syncs and report.target_syncs  # set on the source, checked on the target
+
+
+def test_a_vcpu_that_arrives_different_is_reported() -> None:
+    """A register that arrives different on the target is a reported vCPU mismatch and the report does not pass."""
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "migrate_fpu.s")
+        migration = Migration(vm, vcpu, rounds=0, slice_exits=4)
+        try:
+            migration.start()
+            assert migration.target is not None
+            target = migration.target
+            real_set = target.set_vcpu_state
+
+            def lossy(state: Any) -> None:  # a VMM that drops XMM3 on the way
+                regs = state.regs
+                xmm = (*regs.xmm[:3], 0, *regs.xmm[4:])
+                real_set(dataclasses.replace(state, regs=dataclasses.replace(regs, xmm=xmm)))
+
+            target.set_vcpu_state = lossy  # type: ignore[method-assign]
+            migration.stop_and_copy()
+            report = migration.report
+        finally:
+            migration.close()
+    assert report.vcpu_mismatches == [{"field": "xmm[3]", "source": "0x5ec0000000000003", "target": "0x0"}]
+    assert not report.passed and (report.lost_pages, report.corrupted_pages) == (0, 0)
+
+
+# ------------------------------------------------------------------------ SNP's RMP
+def test_snp_validation_rescinded_without_a_write_reaches_the_target() -> None:
+    """SNP: a validation rescinded without a write (no dirty bit, no conversion) is re-sent from the RMP change."""
+    # guests/migrate_pvalidate.s re-validates the page on the target: PVALIDATE must update the RMP (CF = 0).
+    report = migrate(GUESTS / "migrate_pvalidate.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1), rounds=2)
+    _check(report)
+    assert report.rounds[-1].rmp_changes == 1  # the rescind in round 2's slice, re-sent at the stop
+    assert report.source_syncs[-1] >= 18  # the rescind (iteration 18) ran on the source
+
+
+def test_the_oracle_counts_an_rmp_entry_that_did_not_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the RMP re-send the oracle counts the rescinded page's RMP entry (rmp_pages, a mismatch of kind rmp)."""
+    monkeypatch.setattr(Migration, "_rmp_entries", lambda self: None)
+    report = migrate(GUESTS / "migrate_pvalidate.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1), rounds=2)
+    assert report.rmp_pages == 1 and not report.passed
+    page = (Layout(8 << 20).defines()["GUEST_FREE_GPA"] + 0x5000) >> 12
+    assert {"gfn": page, "kind": "rmp", "source": "assigned", "target": "assigned, validated"} in report.mismatches
+    assert report.outcome == "guest_assert"  # and the guest's own check on the target fails
+
+
+# ------------------------------------------------------------------------ host-side state
+def test_a_status_change_that_never_reached_the_target_is_counted() -> None:
+    """Without the final resync the flip page's lost conversion is counted in KVM's status and the trackers' sets."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev", memory="8M", seed=1), rounds=1,
+                     final_resync=False)
+    assert report.status_pages >= 1 and report.tracker_pages >= 1 and not report.passed
+    kinds = {(m["gfn"], m["kind"]) for m in report.mismatches}
+    assert {(0x600, "status"), (0x600, "tracker")} <= kinds
+
+
+def test_pages_still_deferred_at_the_stop_fail_the_migration() -> None:
+    """SNP without the final resync: pages unsendable at the stop fail the migration (send_failed, SEND_CANCEL)."""
+    report = migrate(GUESTS / "migrate_churn.s", VmOptions(vm_type="sev-snp", memory="8M", seed=1), rounds=1,
+                     final_resync=False)
+    assert report.outcome == "send_failed", report.detail
+    assert "could not be sent at the stop" in report.detail and report.extra["unsent_gfns"]
+    assert report.extra["send_cancel"] == "issued" and report.extra["source_outcome"] == "done"
+
+
+# ------------------------------------------------------------------------ legacy zero pages
+@pytest.mark.parametrize("vm_type", ["sev", "sev-es"])
+def test_a_legacy_page_the_guest_only_read_is_sent(vm_type: str) -> None:
+    """Legacy SEV: a frame the guest only read through C=1 is sent (no zero page) and reads the same on the target."""
+    # QEMU's series sends every page of the encrypted list through SEND_UPDATE_DATA (sev_save_outgoing_page).
+    report = migrate(GUESTS / "migrate_c1_read.s", VmOptions(vm_type=vm_type, memory="8M", seed=1), rounds=1)
+    _check(report)
+
+
+# ------------------------------------------------------------------------ failures and SEND_CANCEL
+def test_a_failed_migration_is_cancelled_and_a_new_one_can_start() -> None:
+    """A failed migration issues SEND_CANCEL: the source's firmware is RUNNING and a second migration completes."""
+    # amd-memory-encryption.rst, KVM_SEV_SEND_CANCEL: "a cancelled migration can restart with a new target later".
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "migrate_churn.s")
+
+        def tamper(gpa: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+            return header, bytes([packet[0] ^ 1]) + packet[1:]
+
+        first = Migration(vm, vcpu, rounds=1, slice_exits=8, tamper=tamper)
+        try:
+            with pytest.raises(MigrationError) as failed:
+                first.start()
+        finally:
+            first.close()
+        assert failed.value.outcome == "receive_refused"
+        assert first.report.extra["send_cancel"] == "issued"
+        assert vm.machine.cpu.sev_firmware().state == "RUNNING"
+        second = Migration(vm, vcpu, rounds=1, slice_exits=8)
+        try:
+            second.start()
+            while second.precopy_rounds_left:
+                second.precopy_round()
+            second.stop_and_copy()
+            report = second.finish()
+        finally:
+            second.close()
+    _check(report)
+
+
+def test_a_guest_sent_already_cannot_start_another_migration() -> None:
+    """SEND_START on a guest already SENT is a MigrationError (start_failed) saying why, not a raw SevCommandError."""
+    options = migration_options(VmOptions(vm_type="sev", memory="8M", seed=1))
+    with testbed.Vm(options) as vm:
+        vcpu = vm.load(GUESTS / "migrate_churn.s")
+        first = Migration(vm, vcpu, rounds=0, slice_exits=8)
+        try:
+            first.start()
+            first.stop_and_copy()
+        finally:
+            first.close()
+        again = Migration(vm, vcpu, rounds=0, slice_exits=8)
+        try:
+            with pytest.raises(MigrationError) as failed:
+                again.start()
+        finally:
+            again.close()
+    assert failed.value.outcome == "start_failed"
+    assert "KVM_SEV_SEND_START" in failed.value.detail and "guest state SENT" in failed.value.detail
+    assert "send_cancel" not in again.report.extra  # nothing was started: nothing to cancel

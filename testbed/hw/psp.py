@@ -83,11 +83,14 @@ GSTATE_RUPDATE = "RUPDATE"
 
 class FirmwareError(TestbedError):
     """A firmware command failed with SEV status `status` (KVM returns -EIO and the status in
-    kvm_sev_cmd.error)."""
+    kvm_sev_cmd.error). `needed`: for INVALID_LEN, the (header, transport) lengths the
+    firmware wrote back into the command buffer."""
 
-    def __init__(self, command: str, status: int, detail: str) -> None:
+    def __init__(self, command: str, status: int, detail: str,
+                 needed: tuple[int, int] | None = None) -> None:
         self.command = command
         self.status = status
+        self.needed = needed
         name = SEV_RET_NAMES.get(status, f"0x{status:x}")
         super().__init__(f"{command}: firmware status {name} (0x{status:x}): {detail}")
 
@@ -202,10 +205,21 @@ class GuestFirmware:
         self._session = session
         self.state = GSTATE_SUPDATE
 
-    def send_update_data(self, gpa: int, length: int) -> tuple[bytes, bytes]:
-        """SEND_UPDATE_DATA: the guest's view (C=1) of [gpa, gpa + length), sealed."""
+    def send_update_data(self, gpa: int, length: int, hdr_len: int = HDR_LEN,
+                         trans_len: int | None = None) -> tuple[bytes, bytes]:
+        """SEND_UPDATE_DATA: the guest's view (C=1) of [gpa, gpa + length), sealed. A header
+        buffer shorter than the packet header (HDR_LEN bytes) or a transport buffer shorter
+        than the data (`trans_len`, default `length`: the testbed never compresses) is
+        INVALID_LEN with the lengths needed written back (`FirmwareError.needed`) - the answer
+        KVM's length query (a zeroed command: every length 0) relies on, and QEMU's
+        sev_send_get_packet_len checks for ("if (*fw_err != SEV_RET_INVALID_LEN)"). The state
+        is checked first."""
         command = "SEND_UPDATE_DATA"
         session = self._need(command, GSTATE_SUPDATE)
+        if hdr_len < HDR_LEN or (trans_len if trans_len is not None else length) < length:
+            raise FirmwareError(command, SEV_RET_INVALID_LEN, f"buffers of {hdr_len} (header) and "
+                                f"{trans_len} (transport) bytes: {HDR_LEN} and {length} are needed",
+                                needed=(HDR_LEN, length))
         self._check_range(command, gpa, length)
         frame = gpa >> PAGE_SHIFT
         flags = 0
@@ -235,12 +249,22 @@ class GuestFirmware:
         self._session = None
 
     def send_cancel(self) -> None:
-        """SEND_CANCEL: back to RUNNING (the migration was abandoned)."""
+        """SEND_CANCEL: SUPDATE -> RUNNING (the migration was abandoned; a new one may start).
+        Only between SEND_START and SEND_FINISH: a guest already SENT (or RUNNING) is
+        INVALID_GUEST_STATE (Documentation/virt/kvm/x86/amd-memory-encryption.rst,
+        KVM_SEV_SEND_CANCEL: "After completion of SEND_START, but before SEND_FINISH, the
+        source VMM can issue the SEND_CANCEL command to stop a migration")."""
         self._no_guest("SEND_CANCEL")
-        if self.state not in (GSTATE_SUPDATE, GSTATE_SENT):
-            raise FirmwareError("SEND_CANCEL", SEV_RET_INVALID_GUEST_STATE, f"guest state {self.state}")
+        if self.state != GSTATE_SUPDATE:
+            raise FirmwareError("SEND_CANCEL", SEV_RET_INVALID_GUEST_STATE,
+                                f"guest state {self.state}, needs {GSTATE_SUPDATE}")
         self.state = GSTATE_RUNNING
         self._session = None
+
+    def rmp_entries(self, nframes: int) -> bytes | None:
+        """SNP: the RMP entries of frames [0, nframes) as one byte each (bit 0 Assigned, bit 1
+        Validated: hw/rmp.py `entries`); None without an RMP."""
+        return self._rmp.entries(nframes) if self._rmp is not None else None
 
     # -------------------------------------------------------------------- target
     def receive_start(self, session: TransportSession) -> None:

@@ -91,6 +91,17 @@ class Rmp:
         self._set_assigned(first, end, assigned)
         _clear(self.validated, first, end)
 
+    def entries(self, end: int) -> bytes:
+        """The entries of frames [0, end) as one byte each: bit 0 Assigned, bit 1 Validated
+        (what the host reads from the RMP table: arch/x86/virt/svm/sev.c struct rmpentry has
+        both; live migration compares them round to round, testbed/migrate/migration.py)."""
+        end = min(end, self.nframes)
+        assigned = int.from_bytes(self._assigned_diff[:end], "little")
+        if self._base:
+            assigned ^= int.from_bytes(b"\x01" * end, "little")
+        validated = int.from_bytes(self.validated[:end], "little")
+        return (assigned | (validated << 1)).to_bytes(end, "little")
+
     def keep_assigned(self, first: int, end: int) -> None:
         """Frames [first, end) are assigned, Validated left as it is: a page guest_memfd never
         freed keeps its entry; a freed one was unassigned and unvalidated (assign False), and

@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - depends on the build
 #: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
 PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
 
+#: CR4.OSXSAVE: XSETBV/XGETBV are allowed (the XCR0 calibration sets it)
+CR4_OSXSAVE = 1 << 18
+
 #: Page permissions of a TLB entry (Unicorn's UC_PROT_*), for the MMU.
 PROT_READ = ucc.UC_PROT_READ
 PROT_WRITE = ucc.UC_PROT_WRITE
@@ -101,6 +104,12 @@ _REG_NAMES.update({
 #: Reg -> Unicorn register id, indexable by the IntEnum (list indexing avoids Enum hashing).
 _UC_REG_BY_INDEX = tuple(_UC_REG[Reg(i)] for i in range(len(Reg)))
 
+#: x87/SSE registers of the vCPU state record (fpu_state): FCW, FSW, FTW, FOP, FIP, FDP, MXCSR
+_FPU_SCALARS = (ux.UC_X86_REG_FPCW, ux.UC_X86_REG_FPSW, ux.UC_X86_REG_FPTAG, ux.UC_X86_REG_FOP,
+                ux.UC_X86_REG_FIP, ux.UC_X86_REG_FDP, ux.UC_X86_REG_MXCSR)
+#: the physical x87 registers R0-R7 (FP0-7; ST(i) is R((TOP + i) % 8))
+_FPU_STACK = tuple(getattr(ux, f"UC_X86_REG_FP{i}") for i in range(8))
+_XMM = tuple(getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16))
 _CS = ux.UC_X86_REG_CS
 _SEGMENTS = frozenset({Reg.CS, Reg.SS, Reg.DS, Reg.ES, Reg.FS, Reg.GS})
 _TABLE_REGS = {"gdt": ux.UC_X86_REG_GDTR, "idt": ux.UC_X86_REG_IDTR, "tr": ux.UC_X86_REG_TR,
@@ -326,6 +335,35 @@ def hflags_offset() -> int:
     after = bytes(uc.context_save())
     candidates = _context_fields(before, after, lambda a, b: a & 3 == 0 and b & 3 == 3 and (a ^ b) == 3)
     return _unique("hflags", candidates)
+
+
+def xcr0_offset() -> int:
+    """Offset of QEMU's `env->xcr0` (XCR0, what XSETBV writes and XGETBV reads).
+
+    Unicorn has no register id for XCR0 and the testbed does not intercept XSETBV, so the
+    vCPU state record (hw/vcpu_state.py: what KVM_GET_XCRS / the VMSA's XCR0 carry) reads and
+    writes it here. Measured by XSETBV of 1 and of 3 (x87; x87|SSE) from fresh engines: the
+    one u64 that holds the value written in both runs, and changed when 1 was written.
+    """
+    if "xcr0" in _CALIBRATION:
+        return _CALIBRATION["xcr0"]
+    candidates: set[int] | None = None
+    for value in (1, 3):
+        uc = unicorn.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        uc.mem_map(0, 0x10000)
+        uc.reg_write(ux.UC_X86_REG_CR4, uc.reg_read(ux.UC_X86_REG_CR4) | CR4_OSXSAVE)
+        # xor ecx, ecx; xor edx, edx; mov eax, value; xsetbv; xor eax, eax (RAX keeps no copy)
+        code = b"\x31\xc9\x31\xd2\xb8" + value.to_bytes(4, "little") + b"\x0f\x01\xd1\x31\xc0"
+        uc.mem_write(0x2000, code)
+        before = bytes(uc.context_save())
+        uc.emu_start(0x2000, 0x2000 + len(code))
+        after = bytes(uc.context_save())
+        # (Unicorn's engine starts with XCR0 = 3, so only the write of 1 changes the field.)
+        found = {off for off in range(0, min(len(before), len(after)) - 8, 4)
+                 if struct.unpack_from("<Q", after, off)[0] == value
+                 and (value != 1 or struct.unpack_from("<Q", before, off)[0] != value)}
+        candidates = found if candidates is None else candidates & found
+    return _unique("xcr0", candidates or set())
 
 
 class UnicornBinding(ABC):
@@ -710,6 +748,45 @@ class UnicornBinding(ABC):
     def set_tr(self, selector: int, base: int, limit: int, flags: int = 0x8B) -> None:
         """Load the task register (KVM_SET_SREGS); `flags` as `task_register` reads them."""
         self._uc.reg_write(ux.UC_X86_REG_TR, (selector, base, limit, flags))
+
+    # ------------------------------------------------------- x87/SSE state (KVM_GET_XSAVE)
+    def fpu_state(self) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """The x87/SSE state Unicorn exposes, as the FXSAVE area holds it (KVM_GET_XSAVE's
+        legacy region; the VMSA's x87/XMM fields, sev.c sev_es_sync_vmsa): (FCW, FSW with TOP,
+        FTW as 2-bit tags, FOP, FIP, FDP, MXCSR), the physical registers R0-R7 as (mantissa,
+        sign|exponent), and XMM0-15. No YMM: Unicorn's CPU model has no AVX (a VEX
+        instruction is #UD), so the upper halves are state no guest can reach."""
+        uc = self._uc
+        scalars = tuple(int(uc.reg_read(r)) for r in _FPU_SCALARS)
+        st = tuple((int(m), int(e)) for m, e in (uc.reg_read(r) for r in _FPU_STACK))
+        xmm = tuple(int(uc.reg_read(r)) for r in _XMM)
+        return scalars, st, xmm
+
+    def set_fpu_state(self, scalars: tuple[int, ...], st: tuple[tuple[int, int], ...],
+                      xmm: tuple[int, ...]) -> None:
+        """Load what `fpu_state` returned (KVM_SET_XSAVE): the registers first, then FSW (which
+        sets TOP) and the tags."""
+        uc = self._uc
+        for reg, value in zip(_FPU_STACK, st, strict=True):
+            uc.reg_write(reg, value)
+        for reg, v in zip(_XMM, xmm, strict=True):
+            uc.reg_write(reg, v)
+        for reg, v in zip(_FPU_SCALARS, scalars, strict=True):
+            uc.reg_write(reg, v)
+
+    def xcr0(self) -> int:
+        """XCR0 (KVM_GET_XCRS), from QEMU's state (see xcr0_offset)."""
+        _, field = self._context_field(self._xcr0_off(), ctypes.c_uint64)
+        return int(field.value)
+
+    def set_xcr0(self, value: int) -> None:
+        """Set XCR0 (KVM_SET_XCRS) in QEMU's state, as XSETBV would (no validity checks)."""
+        ctx, field = self._context_field(self._xcr0_off(), ctypes.c_uint64)
+        field.value = value & U64
+        self._uc.context_restore(ctx)
+
+    def _xcr0_off(self) -> int:
+        return xcr0_offset()  # measured once per process
 
     # ------------------------------------------- QEMU state Unicorn does not expose
     def _context_address(self) -> tuple[Any, int]:

@@ -8,13 +8,21 @@ are sev.c's, including its inconsistencies: RECEIVE_UPDATE_DATA on a non-SEV VM 
 every other command says ENOTTY), pins the page and hands the command to the firmware
 (testbed/hw/psp.py), whose failure makes the ioctl return EIO with the firmware's status in
 kvm_sev_cmd.error (`SevCommandError.fw_error`). The page is named by its GPA here (KVM takes the
-userspace address of the memslot's page and pins it: a page outside the memslot is EFAULT).
+userspace address of the memslot's page and pins it with sev_pin_page -> sev_pin_user_pages,
+which turns any pin failure into ENOMEM - "if (npinned != npages) { ... return -ENOMEM; }" - so
+a page outside the memslot is ENOMEM on both sides, after the parameter checks). With
+hdr_len or trans_len 0, SEND_UPDATE_DATA is the length query
+(__sev_send_update_data_query_lengths): a zeroed command to the firmware, whose lengths are
+copied back whatever it answers (`SevCommandError.lengths`); the firmware's INVALID_LEN is
+what QEMU's sev_send_get_packet_len expects.
 
 Deliberate deviations (README): the commands are accepted on sev-snp and sw-protected VMs,
 which have no such path in the real stack (SNP migrates through a guest migration agent,
 guest_memfd has no upstream migration); RECEIVE_UPDATE_DATA on a VM with memory attributes
 needs the GFN private first (EINVAL otherwise, the rule snp_launch_update applies to its
-range); SEND/RECEIVE_UPDATE_VMSA follow the shape of the SEV-ES migration series, never merged.
+range); SEND/RECEIVE_UPDATE_VMSA follow the shape of the SEV-ES migration series, never merged;
+`get_rmp_entries` (the SNP RMP's Assigned/Validated bits for the VMM) has no upstream ioctl;
+`set_page_enc_bitmap` is the seed-era series' KVM_SET_PAGE_ENC_BITMAP, never merged.
 
 vCPU state: for a VM whose state KVM can read, userspace moves it with KVM_GET/SET_REGS,
 SREGS and MSRS (`get_vcpu_state` / `set_vcpu_state`); for SEV-ES and SNP those fail with EINVAL
@@ -41,6 +49,10 @@ from testbed.x86.addr import Gfn
 
 #: include/linux/psp-sev.h: the largest blob psp_copy_user_blob() copies
 SEV_FW_BLOB_MAX_SIZE = 0x4000
+#: include/linux/slab.h KMALLOC_MAX_SIZE (1 << (MAX_PAGE_ORDER + PAGE_SHIFT), x86-64 defaults):
+#: sev_send_update_data's kzalloc(hdr_len) / kzalloc(trans_len) of more fails (ENOMEM)
+KMALLOC_MAX_SIZE = 1 << 22
+U32_MAX = (1 << 32) - 1
 
 if TYPE_CHECKING:
     from testbed.kvm.vcpu import KvmVcpu
@@ -52,9 +64,11 @@ __all__ = [
     "SendContext",
     "SevCommandError",
     "TransportSession",
+    "get_rmp_entries",
     "get_vcpu_state",
     "receive_start",
     "send_start",
+    "set_page_enc_bitmap",
     "set_vcpu_state",
 ]
 
@@ -65,10 +79,12 @@ MIGRATABLE_TYPES = (KvmVmType.KVM_X86_SEV_VM, KvmVmType.KVM_X86_SEV_ES_VM, KvmVm
 
 class SevCommandError(KvmIoctlError):
     """KVM_MEMORY_ENCRYPT_OP returned -EIO: the firmware failed the command with status
-    `fw_error` (kvm_sev_cmd.error, SEV_RET_*)."""
+    `fw_error` (kvm_sev_cmd.error, SEV_RET_*). `lengths`: what a SEND_UPDATE_DATA length query
+    wrote back to hdr_len and trans_len (None for any other command)."""
 
-    def __init__(self, command: str, exc: FirmwareError) -> None:
+    def __init__(self, command: str, exc: FirmwareError, lengths: tuple[int, int] | None = None) -> None:
         self.fw_error = exc.status
+        self.lengths = lengths
         super().__init__(command, errno.EIO, str(exc))
 
 
@@ -100,7 +116,7 @@ def _hw(vm: KvmVm, command: str) -> VcpuHardware:
 def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[bytes, ...] = ()) -> None:
     """The length checks of sev_send_update_data / sev_receive_update_data, the blobs copied
     from userspace (receive: psp_copy_user_blob() refuses one above SEV_FW_BLOB_MAX_SIZE with
-    EINVAL), then the pin."""
+    EINVAL), then the pin (sev_pin_page: ENOMEM when the page cannot be pinned)."""
     if not isinstance(gpa, int) or not isinstance(length, int) or length <= 0:
         raise KvmIoctlError(command, errno.EINVAL, f"guest_len {length!r} must be a positive integer")
     offset = gpa & (PAGE_SIZE - 1)
@@ -110,8 +126,10 @@ def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[by
                             f"0x{gpa:x}+0x{length:x} crosses a page boundary (guest_len + offset > PAGE_SIZE)")
     _check_blobs(command, blobs)
     if gpa < 0 or gpa + length > size:
-        # sev_pin_page(): the userspace address is not in the memslot
-        raise KvmIoctlError(command, errno.EFAULT, f"gpa 0x{gpa:x} is outside guest memory (0x{size:x} bytes)")
+        # sev_pin_page() -> sev_pin_user_pages(): pin_user_pages_fast() pins nothing outside the
+        # memslot's mapping, and "if (npinned != npages) { ... return -ENOMEM; }"
+        raise KvmIoctlError(command, errno.ENOMEM, f"gpa 0x{gpa:x} is outside guest memory (0x{size:x} bytes): "
+                            "the page cannot be pinned")
 
 
 def _check_blobs(command: str, blobs: tuple[bytes, ...]) -> None:
@@ -130,14 +148,48 @@ class SendContext:
         self._vm = vm
         self._fw = firmware
 
-    def send_update_data(self, gpa: int, length: int = PAGE_SIZE) -> tuple[bytes, bytes]:
-        """KVM_SEV_SEND_UPDATE_DATA: (packet header, transport data) of the guest's view of
-        [gpa, gpa + length), which must not cross a page (EINVAL) and lie in RAM (EFAULT)."""
+    def send_update_data(self, gpa: int, length: int = PAGE_SIZE, hdr_len: int | None = None,
+                         trans_len: int | None = None) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_DATA (arch/x86/kvm/svm/sev.c sev_send_update_data): (packet
+        header, transport data) of the guest's view of [gpa, gpa + length), which must not
+        cross a page (EINVAL) and lie in RAM (ENOMEM: the pin fails).
+
+        `hdr_len` / `trans_len` are the sizes of userspace's buffers (None: exactly what the
+        packet needs, HDR_LEN and `length`; u32, EINVAL otherwise). Either 0 is the length
+        query, before any other check ("if (!params.trans_len || !params.hdr_len) return
+        __sev_send_update_data_query_lengths(...)"): the firmware gets a zeroed command and
+        answers INVALID_LEN with the header length and the transport length for its zero-byte
+        GUEST_LENGTH (0: QEMU's sev_send_get_packet_len reads only hdr_len and sizes the
+        transport by the page); KVM copies both back whatever the firmware answered, so the
+        ioctl fails with EIO and `SevCommandError.lengths` holds them. A buffer above
+        KMALLOC_MAX_SIZE cannot be allocated (ENOMEM); one too small for the packet is EIO
+        with INVALID_LEN, nothing copied back. Larger buffers come back at their size, the
+        packet first and zeros after (the kzalloc'd buffer KVM copies out whole)."""
         command = "KVM_SEV_SEND_UPDATE_DATA"
         _firmware(self._vm, command)
+        for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= U32_MAX):
+                raise KvmIoctlError(command, errno.EINVAL, f"{name} {value!r}: a __u32 is expected")
+        if hdr_len == 0 or trans_len == 0:
+            try:
+                self._fw.send_update_data(0, 0, 0, 0)
+            except FirmwareError as exc:
+                raise SevCommandError(command, exc, lengths=exc.needed or (0, 0)) from None
+            raise AssertionError("the firmware answered a zero-length SEND_UPDATE_DATA")  # pragma: no cover
         _page_params(command, gpa, length, self._vm.memory.size)
+        for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+            if value is not None and value > KMALLOC_MAX_SIZE:
+                raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
+                                    f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
         with _sev_cmd(command):
-            return self._fw.send_update_data(gpa, length)
+            header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
+                                                       trans_len)
+        if hdr_len is not None:
+            header = header.ljust(hdr_len, b"\0")
+        if trans_len is not None:
+            packet = packet.ljust(trans_len, b"\0")
+        return header, packet
 
     def send_vcpu_state(self) -> tuple[bytes, bytes]:
         """KVM_SEV_SEND_UPDATE_VMSA (the SEV-ES migration series' shape): the vCPU's state,
@@ -170,10 +222,11 @@ class ReceiveContext:
         self._fw = firmware
 
     def receive_update_data(self, header: bytes, packet: bytes, gpa: int, length: int = PAGE_SIZE) -> None:
-        """KVM_SEV_RECEIVE_UPDATE_DATA: EINVAL for a non-SEV VM (sev.c says EINVAL here), an
-        empty header or packet, a zero length or a range crossing a page, and (testbed) a GFN
-        not private in the memory attributes; EFAULT outside RAM; EIO with the firmware's
-        status for a packet that does not verify. Nothing is written on any error."""
+        """KVM_SEV_RECEIVE_UPDATE_DATA (sev.c sev_receive_update_data): EINVAL for a non-SEV VM
+        (sev.c says EINVAL here), an empty header or packet, a zero length or a range crossing
+        a page, and (testbed) a GFN not private in the memory attributes; ENOMEM outside RAM
+        (sev_pin_page, after the blobs are copied); EIO with the firmware's status for a packet
+        that does not verify. Nothing is written on any error."""
         command = "KVM_SEV_RECEIVE_UPDATE_DATA"
         _firmware(self._vm, command, not_sev=errno.EINVAL)
         header, packet = bytes(header), bytes(packet)
@@ -204,6 +257,35 @@ class ReceiveContext:
         _firmware(self._vm, command)
         with _sev_cmd(command):
             self._fw.receive_finish()
+
+
+def get_rmp_entries(vm: KvmVm) -> bytes | None:
+    """Testbed extension (no upstream ioctl: SNP live migration is not upstream): the RMP entry
+    of every GFN of RAM as one byte, bit 0 Assigned and bit 1 Validated - what the host kernel
+    reads from the RMP table (arch/x86/virt/svm/sev.c struct rmpentry, __snp_lookup_rmpentry).
+    The VMM compares them round to round: a PVALIDATE changes an entry without a write
+    (testbed/migrate/migration.py). None on a VM without an RMP (not SEV-SNP)."""
+    command = "KVM_SEV_SNP_GET_RMP_ENTRIES (testbed)"
+    if not vm.snp:
+        return None
+    return _hw(vm, command).sev_firmware().rmp_entries(vm.memory.size >> PAGE_SHIFT)
+
+
+def set_page_enc_bitmap(vm: KvmVm, start_gfn: int, num_pages: int, bitmap: bytes) -> None:
+    """KVM_SET_PAGE_ENC_BITMAP of the seed-era series ("KVM: x86: Introduce
+    KVM_SET_PAGE_ENC_BITMAP ioctl", never merged): load [start_gfn, start_gfn + num_pages)
+    of the page-encryption bitmap (bit set = encrypted, bit 0 of byte 0 = start_gfn), as the
+    incoming VMM does with the source's (QEMU's sev_load_incoming_bitmap). ENOTTY on a KVM
+    without that protocol, EINVAL outside the bitmap or for a buffer too short."""
+    name = "KVM_SET_PAGE_ENC_BITMAP"
+    if not vm.page_enc_status_protocol:
+        raise KvmIoctlError(name, errno.ENOTTY, "the page-encryption bitmap is the seed-era page-enc-status KVM's")
+    bits = vm.page_enc_bitmap
+    if start_gfn < 0 or num_pages < 0 or start_gfn + num_pages > bits.guest_pages or len(bitmap) * 8 < num_pages:
+        raise KvmIoctlError(name, errno.EINVAL, f"gfn 0x{start_gfn:x} + {num_pages} pages ({len(bitmap)} bytes of "
+                            f"bitmap) is outside the bitmap ({bits.guest_pages} pages)")
+    for i in range(num_pages):
+        bits.set_encrypted(start_gfn + i, 1, bool(bitmap[i >> 3] >> (i & 7) & 1))
 
 
 def send_start(vm: KvmVm, session: TransportSession) -> SendContext:

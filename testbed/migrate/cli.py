@@ -1,8 +1,10 @@
 """`testbed migrate GUEST.s`: live-migrate a running guest to a second VM and check every page.
 
-Exit status: 0 when the guest finished on the target with no page lost or corrupted; 1 for
-any other outcome (a guest failure, pages lost or corrupted, a refused or failed migration);
-2 for a usage or assembly error; 3 when the guest timed out.
+Exit status: 0 when the guest finished on the target with no page lost or corrupted and the
+host-side state (KVM's status, the trackers, the SNP RMP) and the vCPU state arrived as they
+were; 1 for any other outcome (a guest failure, pages lost or corrupted, a host-side or vCPU
+difference, a refused or failed migration); 2 for a usage or assembly error; 3 when the guest
+or the migration ran out of time.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         out.write(f"pages compared {report.compared_pages}, lost {report.lost_pages}, "
                   f"corrupted {report.corrupted_pages}; downtime {report.downtime_s * 1e3:.1f} ms, "
                   f"total {report.total_s:.2f} s\n")
+        if report.status_pages or report.tracker_pages or report.rmp_pages:
+            out.write(f"host-side state differs: status {report.status_pages}, tracker {report.tracker_pages}, "
+                      f"rmp {report.rmp_pages} pages\n")
+        for what, why in report.extra.get("not_compared", {}).items():
+            out.write(f"not compared: {what} ({why})\n")
+        for v in report.vcpu_mismatches:
+            out.write(f"  vCPU {v['field']}: source {v['source']}, target {v['target']}\n")
         resync = report.resync
         if resync.get("fallback"):
             out.write(f"status resync: {resync['source']} ({resync.get('reason')})\n")

@@ -14,11 +14,19 @@ The VMM's side (what QEMU's migration thread does for an SEV guest), over the ho
    (`slice_exits` user exits: the slice stands for the guest running while the round's pages
    are sent) and the pages dirty or changed are sent with the status of the export - a page
    the guest converted during the slice goes out stale, and the next round repairs it.
+   On SEV-SNP each collect also reads the source's RMP entries and re-sends the pages whose
+   entry changed since the last read (a PVALIDATE writes nothing: `_collect`).
 4. Stop-and-copy: the source stops (its pending exit completed, KVM_RUN with immediate_exit),
-   the last dirty log and status are collected and sent, the vCPU state follows (through the
-   firmware on SEV-ES/SNP, whose registers the host cannot read), SEND_FINISH/RECEIVE_FINISH.
-5. The testbed compares the guest's view of every page on both sides (testbed/migrate/oracle.py),
+   the last dirty log and status are collected and sent (a page still unsendable fails the
+   migration), the vCPU state follows - registers, x87/SSE and XCR0 (hw/vcpu_state.py) -
+   through the firmware on SEV-ES/SNP, whose registers the host cannot read, then
+   SEND_FINISH/RECEIVE_FINISH.
+5. The testbed compares the guest's view of every page on both sides, the host-side state of
+   every page (KVM's status, the trackers, the RMP) and the vCPU (testbed/migrate/oracle.py),
    then the guest resumes on the target and finishes its run there.
+
+Any failure after SEND_START issues SEND_CANCEL (`_abandon`): the source keeps the guest and a
+new migration can start.
 
 The VMM also marks the pages *it* writes (a host handler's `vm.write`) dirty, as QEMU keeps
 its own writes in its migration bitmap: KVM's log sees only the guest's and KVM's writes.
@@ -35,7 +43,8 @@ structure found invalid falls back as a poisoned tracker does. The target VMM ta
 donation over (same GPA and size: it arrived with the memory).
 
 Pages that hold nothing on either side are not sent (`RoundStats.zero_pages`, QEMU's zero
-pages): see `_send_pages`. SEV-SNP sends every private page: its RMP state travels with it.
+pages): see `_send_pages` (a legacy frame only while DRAM still owns it: one the guest touched
+through C=1 is sent). SEV-SNP sends every private page: its RMP state travels with it.
 """
 
 from __future__ import annotations
@@ -51,10 +60,16 @@ from bitarray import bitarray
 
 from testbed.errors import TestbedError, UsageError
 from testbed.hw.exits import RunStop
-from testbed.hw.memory import UnmappableMemoryError
+from testbed.hw.memory import OWNER_PRIVATE, UnmappableMemoryError
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.uapi import KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_FEATURE_MIGRATION_CONTROL, KvmExit
-from testbed.migrate.oracle import Comparison, compare_machines
+from testbed.migrate.oracle import (
+    Comparison,
+    compare_host_state,
+    compare_machines,
+    compare_vcpus,
+    differing_bytes,
+)
 from testbed.migrate.status import (
     StatusExport,
     export_memory_attributes,
@@ -83,6 +98,8 @@ DONATION_WAIT_EXITS = 256
 STOP_WAIT_EXITS = 256
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+#: mismatches listed in the report (page view first, then host state; the counts cover all)
+MAX_MISMATCHES = 16
 
 #: A host handler for the guest's GUEST_SYNCs (the host half of a selftest-style guest).
 UcallHandler = Callable[["Vm", Ucall], None]
@@ -91,14 +108,20 @@ Tamper = Callable[[int, bytes, bytes], tuple[bytes, bytes]]
 
 
 class MigrationError(TestbedError):
-    """The migration did not complete; `outcome` names how (`refused`, `receive_refused`,
-    `source_ended`)."""
+    """The migration did not complete; `outcome` names how: `refused` (the VMM will not migrate
+    this guest), `start_failed` (SEND_START or RECEIVE_START failed), `send_failed` (the
+    source could not send a page or the vCPU state), `receive_refused` (the target's firmware
+    refused a packet), `source_ended` (the guest's run ended on the source first), `timeout`.
+    Every failure after SEND_START cancels the outgoing migration (SEND_CANCEL): the source
+    keeps the guest, and a new migration can start."""
 
     def __init__(self, outcome: str, detail: str, **info: Any) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
         self.info = info
+        #: source_ended: how the guest's run ended (its outcome and detail)
+        self.how = ""
 
 
 class MigrationRefusedError(MigrationError):
@@ -125,6 +148,9 @@ class RoundStats:
     deferred_pages: int = 0
     #: pages not sent because they hold nothing yet on either side (zero pages, _send_pages)
     zero_pages: int = 0
+    #: SEV-SNP: pages whose RMP entry (Assigned, Validated) changed since the last round's
+    #: read, re-sent with it (a testbed extension: _collect)
+    rmp_changes: int = 0
     time_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -145,6 +171,14 @@ class MigrationReport:
     lost_pages: int = 0
     corrupted_pages: int = 0
     compared_pages: int = 0
+    #: pages whose status in KVM (memory attributes, or the page-encryption bitmap) differs
+    status_pages: int = 0
+    #: pages the VMM trackers' shared sets hold differently
+    tracker_pages: int = 0
+    #: SEV-SNP: pages whose RMP entry differs (oracle.py HostStateComparison)
+    rmp_pages: int = 0
+    #: registers (and KVM's per-vCPU state) that differ: {"field", "source", "target"}
+    vcpu_mismatches: list[dict[str, str]] = field(default_factory=list)
     rounds: list[RoundStats] = field(default_factory=list)
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     #: "tracker", or how the status was resynced when the tracker could not be used
@@ -158,8 +192,11 @@ class MigrationReport:
 
     @property
     def passed(self) -> bool:
-        """The guest finished on the target and no page was lost or corrupted."""
-        return self.outcome == "done" and self.lost_pages == 0 and self.corrupted_pages == 0
+        """The guest finished on the target, no page was lost or corrupted, and the host-side
+        state (KVM's status, the trackers, the RMP) and the vCPU arrived as they were."""
+        return (self.outcome == "done" and self.lost_pages == 0 and self.corrupted_pages == 0
+                and self.status_pages == 0 and self.tracker_pages == 0 and self.rmp_pages == 0
+                and not self.vcpu_mismatches)
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` object."""
@@ -171,6 +208,10 @@ class MigrationReport:
             "lost_pages": self.lost_pages,
             "corrupted_pages": self.corrupted_pages,
             "compared_pages": self.compared_pages,
+            "status_pages": self.status_pages,
+            "tracker_pages": self.tracker_pages,
+            "rmp_pages": self.rmp_pages,
+            "vcpu_mismatches": self.vcpu_mismatches,
             "rounds": [r.to_json() for r in self.rounds],
             "mismatches": self.mismatches,
             "resync": self.resync,
@@ -270,6 +311,12 @@ class Migration:
         self._deadline = 0.0
         #: private pages go through the firmware where the VM has private memory
         self.firmware = self.options.vm_type != "default"
+        #: SEV-SNP: the source's RMP entries as last read (_collect re-sends what changed)
+        self._rmp_previous: bytes | None = None
+        #: SEND_FINISH was issued (after it a failure cancels nothing: the source is SENT)
+        self._send_finished = False
+        #: SEND_CANCEL was issued (a failure after SEND_START: _abandon)
+        self._cancelled = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -291,7 +338,38 @@ class Migration:
                                    "KVM_MIGRATION_READY): its shared pages may not all be reported yet")
 
     def start(self) -> RoundStats:
-        """Check, enable dirty logging, build the target, SEND/RECEIVE_START, send round 0."""
+        """Check, enable dirty logging, build the target, SEND/RECEIVE_START, send round 0.
+        A failure after SEND_START cancels the outgoing migration (`_abandon`)."""
+        return self._cancelling(self._start)
+
+    def _cancelling(self, step: Callable[[], RoundStats]) -> RoundStats:
+        """Run one step of the migration; if it fails after SEND_START and before SEND_FINISH,
+        issue SEND_CANCEL first (`_abandon`), then let the failure through."""
+        try:
+            return step()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """KVM_SEV_SEND_CANCEL on a migration that failed after SEND_START and before
+        SEND_FINISH: the source's firmware goes back to RUNNING, so the guest runs on there and
+        a new migration can start. Documentation/virt/kvm/x86/amd-memory-encryption.rst,
+        KVM_SEV_SEND_CANCEL: "After completion of SEND_START, but before SEND_FINISH, the
+        source VMM can issue the SEND_CANCEL command to stop a migration. This is necessary so
+        that a cancelled migration can restart with a new target later." (QEMU's series calls
+        sev_cancel_migration from its migration-failed path.)"""
+        if self._send is None or self._send_finished or self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            self._send.send_cancel()
+        except KvmIoctlError as exc:
+            self.report.extra["send_cancel"] = f"failed: {exc}"
+        else:
+            self.report.extra["send_cancel"] = "issued"
+
+    def _start(self) -> RoundStats:
         from testbed.api import Vm
         from testbed.machine import Machine
 
@@ -328,16 +406,38 @@ class Migration:
             from testbed.kvm.migration import TransportSession
 
             session = TransportSession.create(self.target_seed)
-            self._send = source.send_start(session)
-            self._receive = self.target.receive_start(session)
+            try:
+                self._send = source.send_start(session)
+            except KvmIoctlError as exc:
+                raise MigrationError(
+                    "start_failed", f"the source refused to start sending (KVM_SEV_SEND_START: {exc}): a guest "
+                    "that was sent already, or whose last migration was never finished or cancelled, cannot "
+                    "be sent", errno=exc.errno, fw_error=getattr(exc, "fw_error", None)) from None
+            try:
+                self._receive = self.target.receive_start(session)
+            except KvmIoctlError as exc:
+                raise MigrationError(
+                    "start_failed", f"the target refused to start receiving (KVM_SEV_RECEIVE_START: {exc}): "
+                    "the migration failed, the source keeps the guest", errno=exc.errno,
+                    fw_error=getattr(exc, "fw_error", None)) from None
         stats = RoundStats(0, "bulk")
         t0 = time.perf_counter()
         attrs = machine.kvm_vm.mem_attrs
         donated = machine.map_gpa.tracker if isinstance(machine.map_gpa.tracker, DonatedTracker) else None
         # No attributes to resync from before the guest donates (SEV-ES): wait for it.
-        if (donated is not None and attrs is None and donated.read_now() != "valid"
-                and self._quiesce(DONATION_WAIT_EXITS, ("none", "updating")) != "valid"):
-            raise MigrationRefusedError(
+        if donated is not None and attrs is None and donated.read_now() != "valid":
+            try:
+                state = self._quiesce(DONATION_WAIT_EXITS, ("none", "updating"))
+            except MigrationError as exc:
+                if exc.outcome != "source_ended":
+                    raise
+                raise MigrationRefusedError(
+                    f"the guest's run ended on the source ({exc.how}) while the VMM waited for its donated "
+                    f"encryption-status structure ({donated.reason}): --tracker donated needs a guest that donates "
+                    "one (guests/lib/donate.s), and this VM type keeps no memory attributes to resync the status "
+                    "from: the migration is refused") from None
+            if state != "valid":
+                raise MigrationRefusedError(
                     f"the guest's donated encryption-status structure is not readable after {DONATION_WAIT_EXITS} "
                     f"exits ({donated.reason}) and this VM type keeps no memory attributes: the migration is refused")
         if (attrs is not None and self.options.hc_protocol != "page-enc-status" and not machine.sev
@@ -352,9 +452,18 @@ class Migration:
             tracker.apply((gfn, n, True) for gfn, n in full.shared_ranges())
             stats.status_bytes += full.nbytes
             self.report.resync["initial"] = "memory-attributes (sw-protected RAM starts shared)"
+            # The target VMM's tracker likewise starts from its KVM's attributes (all shared):
+            # the rounds then convert only what differs, through its tracker.
+            target_attrs = target_machine.kvm_vm.mem_attrs
+            assert target_attrs is not None
+            target_tracker = target_machine.map_gpa.tracker
+            target_tracker.clear()
+            target_tracker.apply((gfn, n, True) for gfn, n in
+                                 export_memory_attributes(target_attrs.private, self.guest_pages).shared_ranges())
         # (The donated structure needs no such load: the guest records the RAM it starts with
         # shared itself when it declares itself ready for migration, guests/lib/donate.s.)
         status = self._export(stats)
+        self._rmp_previous = self._rmp_entries()
         source.get_dirty_log()  # start the log from here: round 0 sends every page
         self._vmm_dirty.clear()
         self.run_slice()  # the guest runs on while the bulk of memory goes out
@@ -372,6 +481,9 @@ class Migration:
         guest run a slice, send the pages dirty or changed with the status collected."""
         if self.target is None:
             raise UsageError("Migration.start() first")
+        return self._cancelling(self._precopy_round)
+
+    def _precopy_round(self) -> RoundStats:
         stats = RoundStats(self._round, "precopy")
         t0 = time.perf_counter()
         pages, status = self._collect(stats, resync=True)
@@ -410,10 +522,14 @@ class Migration:
             seen.clear()
             ucalls.clear()
             remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out()
             try:
-                result = vcpu._kvm_run(self._deadline, max(remaining, 1e-6), handled=handled)
+                result = vcpu._kvm_run(self._deadline, remaining, handled=handled)
             except TestbedError as exc:
-                self._source_ended(str(exc), finished=False, timeout=getattr(exc, "outcome", "") == "timeout")
+                if getattr(exc, "outcome", "") == "timeout":
+                    self._timed_out()
+                self._source_ended(str(exc), finished=False)
             if isinstance(result, RunStop):
                 continue
             if not seen or result is not seen[-1]:
@@ -428,22 +544,38 @@ class Migration:
                     self.on_ucall(self.source, uc)
         if vmm.ended is not None:
             end = vmm.ended
+            if end.outcome == "timeout":
+                self._timed_out()
             self._source_ended(f"{end.outcome}" + (f": {end.detail}" if end.detail else ""),
-                               finished=end.outcome == "done", timeout=end.outcome == "timeout")
+                               finished=end.outcome == "done")
 
-    def _source_ended(self, how: str, finished: bool = True, timeout: bool = False) -> None:
+    def _source_ended(self, how: str, finished: bool = True) -> None:
         # A guest that finished too soon wants a shorter migration; one that failed (an assertion,
-        # an exception) wants its own failure looked at, not other rounds. Out of time is a
-        # timeout (exit status 3), as a run's.
+        # an exception) wants its own failure looked at, not other rounds.
         advice = "; use fewer --rounds or a smaller --slice" if finished else ""
-        raise MigrationError("timeout" if timeout else "source_ended", f"the guest's run ended on the source "
-                             f"before the migration completed ({how}){advice}")
+        error = MigrationError("source_ended", f"the guest's run ended on the source before the migration "
+                               f"completed ({how}){advice}")
+        error.how = how
+        raise error
+
+    def _timed_out(self) -> None:
+        """The migration's time ran out with the guest still running on the source: a timeout
+        (exit status 3, as a run's), not an end of the guest's run."""
+        phase = "round 0 (bulk)" if self._round == 0 else (
+            "the stop" if self._stopping else f"pre-copy round {self._round}")
+        raise MigrationError("timeout", f"the migration ran out of time in {phase}: the timeout "
+                             f"({self.timeout:g} s, --timeout) passed with the guest still running on the source "
+                             "(it did not end); the source keeps it")
 
     # ------------------------------------------------------------ stop-and-copy
     def stop_and_copy(self) -> RoundStats:
         """Stop the source, send what is left and the vCPU state, compare the guest's views."""
         if self.target is None or self.target_vcpu is None:
             raise UsageError("Migration.start() first")
+        return self._cancelling(self._stop_and_copy)
+
+    def _stop_and_copy(self) -> RoundStats:
+        assert self.target is not None
         machine = self.source.machine
         tracker = machine.map_gpa.tracker
         # Stop where the guest's structure is consistent (even generation): the last read must
@@ -476,34 +608,84 @@ class Migration:
             again = sorted(self._deferred)
             self._deferred.clear()
             self._send_pages(again, now, stats)
+        if self._deferred:
+            # Still refused with the status the stop has (stale without the final resync): the
+            # target would resume without them. The migration fails; the source keeps the guest.
+            left = sorted(self._deferred)
+            listed = ", ".join(f"0x{g:x}" for g in left[:8]) + (", ..." if len(left) > 8 else "")
+            raise MigrationError(
+                "send_failed", f"{len(left)} page(s) could not be sent at the stop (gfn {listed}): their send "
+                f"failed twice with the status the stop round has ({stats.status_source}), so the target "
+                "would resume without them; the migration failed, the source keeps the guest",
+                unsent_gfns=left[:16])
         if isinstance(tracker, DonatedTracker) and tracker.region is not None:
             self._adopt_donation(tracker)
         # The vCPU state: through the firmware where the host cannot read it.
         target_machine = self.target.machine
         if machine.kvm_vm.protected_state:
-            header, packet = self._send.send_vcpu_state()
-            self._receive.receive_vcpu_state(header, packet)
+            header, packet = self._source_command("KVM_SEV_SEND_UPDATE_VMSA", self._send.send_vcpu_state)
+            self._target_command("the vCPU state (RECEIVE_UPDATE_VMSA)",
+                                 lambda: self._receive.receive_vcpu_state(header, packet))
         # The registers where KVM may read them (KVM_GET/SET_REGS, SREGS, MSRS), and KVM's own
         # per-vCPU state (host state: the SNP registered GHCB, the PV MSRs) in every case.
         self.target.set_vcpu_state(self.source.get_vcpu_state())
         # The VMM's own state: the migration-control MSR's value (QEMU migrates it with the vCPU).
         target_machine.msr.migration_control = machine.msr.migration_control
         if self.firmware:
-            self._send.send_finish()
-            self._receive.receive_finish()
+            self._source_command("KVM_SEV_SEND_FINISH", self._send.send_finish)
+            self._send_finished = True
+            self._target_command("RECEIVE_FINISH", self._receive.receive_finish)
         stats.time_s = time.perf_counter() - t_stop
         self.report.rounds.append(stats)
         self.report.downtime_s = stats.time_s
         self._round += 1
-        # The oracle (not the VMM): the guest's view of every page, source at the stop and target.
+        # The oracle (not the VMM): the guest's view of every page, source at the stop and target;
+        # then what the guest cannot see yet - the host-side state of each page - and the vCPU.
         result: Comparison = compare_machines(machine, target_machine)
         self.report.compared_pages = result.compared_pages
         self.report.lost_pages = result.lost_pages
         self.report.corrupted_pages = result.corrupted_pages
         self.report.mismatches = result.mismatches
+        host = compare_host_state(machine, target_machine, self.guest_pages)
+        self.report.status_pages = host.status_pages
+        self.report.tracker_pages = host.tracker_pages
+        self.report.rmp_pages = host.rmp_pages
+        assert host.mismatches is not None
+        room = MAX_MISMATCHES - len(self.report.mismatches)
+        self.report.mismatches.extend(host.mismatches[:max(room, 0)])
+        if host.not_compared:
+            self.report.extra["not_compared"] = host.not_compared
+        self.report.vcpu_mismatches = compare_vcpus(machine, target_machine)
         tracker = target_machine.map_gpa.tracker
         self.report.extra["target_shared_ranges"] = [[g, n] for g, n in tracker.shared_ranges()]
         return stats
+
+    def _source_command(self, command: str, call: Callable[[], Any]) -> Any:
+        """A source-side firmware command of the stop; its failure fails the migration
+        (send_failed: SEND_CANCEL follows, the source keeps the guest)."""
+        try:
+            return call()
+        except KvmIoctlError as exc:
+            raise MigrationError("send_failed", f"the source's {command} failed ({exc}): the migration failed, the "
+                                 "source keeps the guest", errno=exc.errno,
+                                 fw_error=getattr(exc, "fw_error", None)) from None
+
+    def _target_command(self, what: str, call: Callable[[], Any]) -> Any:
+        """A target-side firmware command of the stop; its failure is receive_refused."""
+        try:
+            return call()
+        except KvmIoctlError as exc:
+            raise MigrationError("receive_refused", f"the target's firmware refused {what} ({exc}): the migration "
+                                 "failed, the source keeps the guest", errno=exc.errno,
+                                 fw_error=getattr(exc, "fw_error", None)) from None
+
+    def _rmp_entries(self) -> bytes | None:
+        """SEV-SNP: the source's RMP entries (kvm/migration.py get_rmp_entries); None elsewhere."""
+        if not self.source.machine.snp:
+            return None
+        from testbed.kvm.migration import get_rmp_entries
+
+        return get_rmp_entries(self.source.machine.kvm_vm)
 
     def _adopt_donation(self, source: DonatedTracker) -> None:
         """The target VMM takes over the guest's donation (same GPA and size: the structure
@@ -673,12 +855,25 @@ class Migration:
         else:
             status = self._previous
             stats.status_source = "stale (no resync)"
+        # SEV-SNP: a PVALIDATE changes the page's RMP entry without a write (the dirty log does not
+        # see it, nor the status: rescinding validation converts nothing). The VMM reads the RMP
+        # entries (as the host kernel reads them) and re-sends the pages whose entry changed since
+        # its last read: the packet carries the Validated bit (hw/psp.py). A testbed extension:
+        # SNP live migration is not upstream (README, "Deliberate deviations").
+        rmp = self._rmp_entries()
+        if rmp is not None and self._rmp_previous is not None:
+            changed = differing_bytes(self._rmp_previous, rmp)
+            stats.rmp_changes = len(changed)
+            pages.update(changed)
+        self._rmp_previous = rmp
         return pages, status
 
     def _send_pages(self, pages: Any, status: StatusExport, stats: RoundStats) -> None:
         """Send `pages` with the encryption status `status` says (private through the firmware,
         shared raw); the target's page states follow the status first. A page that holds
         nothing yet on either side is not sent (`_never_written`: QEMU's zero pages)."""
+        from testbed.kvm.migration import set_page_enc_bitmap
+
         assert self.target is not None and self._target_private is not None
         source, target = self.source, self.target
         shared = status.shared_bits(self.guest_pages)
@@ -690,19 +885,28 @@ class Migration:
         # sw-protected: a guest_memfd page never allocated reads as zeros (no RMP state to carry,
         # unlike SNP, whose every private page travels with its validated state).
         gmem = memory.guest_memfd and not source.machine.snp
+        # The seed-era protocol keeps the status in KVM: the target VMM loads it there too
+        # (KVM_SET_PAGE_ENC_BITMAP, what QEMU's sev_load_incoming_bitmap does with the bitmap).
+        page_enc = self.options.hc_protocol == "page-enc-status"
         for gfn in pages:
             gpa = gfn * PAGE_SIZE
             private = not shared[gfn]
             # The target VMM applies the status: attributes (and the discard), its tracker.
             if target_private[gfn] != private and target_map.convert(gfn, 1, private) == 0:
                 target_private[gfn] = private
+                if page_enc:
+                    set_page_enc_bitmap(target.machine.kvm_vm, gfn, 1, b"\x01" if private else b"\x00")
             private = private and self.firmware  # a VM without private memory: all raw
             # Nothing on either side: an unallocated guest_memfd page (sw-protected), a legacy
-            # frame the host sees as zeros (the guest never wrote it through C=1: its C=1 view is
-            # the decryption of zeros under each VM's key, which the page check counts equal).
+            # frame still owned by DRAM that the host sees as zeros (the guest never touched it
+            # through C=1: its C=1 view is the decryption of zeros under each VM's key, which the
+            # page check counts equal). A frame the guest has read or written through C=1 is
+            # the private alias's, whatever the host sees: it is sent (QEMU's series sends every
+            # page of the encrypted list through SEND_UPDATE_DATA, sev_save_outgoing_page).
             if not written[gfn] and private and (
                     (gmem and not source.guest_mem_allocated(gpa))
-                    or (legacy and source.read(gpa, PAGE_SIZE) == ZERO_PAGE)):
+                    or (legacy and memory.owner[gfn] != OWNER_PRIVATE
+                        and source.read(gpa, PAGE_SIZE) == ZERO_PAGE)):
                 stats.zero_pages += 1
                 continue
             try:
@@ -770,7 +974,8 @@ def migrate(source: Path | str, options: VmOptions | None = None, *, text: str |
             report = migration.report
             report.outcome, report.detail = exc.outcome, exc.detail
             report.extra.update(exc.info)
-            if exc.outcome == "receive_refused":
+            if exc.outcome in ("receive_refused", "send_failed", "start_failed"):
+                # The migration was cancelled (SEND_CANCEL): the source finishes the guest's run.
                 report.extra["source_outcome"] = migration.resume_source()[0]
             report.total_s = time.perf_counter() - start
             return report

@@ -20,13 +20,21 @@ One page is the same on both sides whatever its bytes: a legacy SEV frame nothin
 written to (DRAM-owned, all zero) that the guest maps with C=1 on both sides. Each VM's CPU
 decrypts those zeros under its own key into garbage no guest wrote, so the two differ; the
 migration does not send such a page (a zero page, migration.py `_send_pages`) and
-`compare_machines` counts it equal. A page written on only one side is compared byte for byte
-like any other. `guest_view` / `compare` (digests of the bytes as read) keep the garbage.
+`compare_machines` counts it equal. A page touched through C=1 on only one side (a read moves
+the frame to the guest) is compared byte for byte like any other. `guest_view` / `compare`
+(digests of the bytes as read) keep the garbage.
+
+Beyond the guest's view (`compare_host_state`, `compare_vcpus`): KVM's status of each page
+(memory attributes, or the seed-era page-encryption bitmap), the VMM trackers' shared sets,
+SNP's RMP entries, and the vCPU's registers (x87/SSE and XCR0 included) with KVM's per-vCPU
+state - a status change, a PVALIDATE or a register that never reached the target, which the
+guest would only notice later or never.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -333,3 +341,142 @@ def compare(source: list[PageView], target: list[PageView]) -> Comparison:
         if len(listed) < MAX_LISTED:
             listed.append({"gfn": gfn, "kind": kind, "source": _status(s.private), "target": _status(t.private)})
     return Comparison(len(source), lost, corrupted, listed)
+
+
+# ------------------------------------------------------------ beyond the guest's page view
+def compare_vcpus(source: Machine, target: Machine) -> list[dict[str, str]]:
+    """The vCPU of each side as the hardware holds it (hw/vcpu_state.py: registers, x87/SSE,
+    XCR0 - read directly, as the oracle reads pages, whatever the VMM may read) and KVM's own
+    per-vCPU state (the PV MSRs, SEV-ES's GHCB-set XCR0/XSS, ...): one entry per field that
+    differs, {"field", "source", "target"} (register values in hex)."""
+    from testbed.kvm.migration import get_vcpu_state
+
+    out = [{"field": name, "source": f"0x{a:x}", "target": f"0x{b:x}"}
+           for name, a, b in source.cpu.save_state().differences(target.cpu.save_state())]
+    s_kvm, t_kvm = get_vcpu_state(source.kvm_vcpu).kvm, get_vcpu_state(target.kvm_vcpu).kvm
+    for key in sorted(set(s_kvm) | set(t_kvm)):
+        if s_kvm.get(key) != t_kvm.get(key):
+            out.append({"field": f"kvm.{key}", "source": repr(s_kvm.get(key)), "target": repr(t_kvm.get(key))})
+    return out
+
+
+@dataclass
+class HostStateComparison:
+    """The host-side state of each page, source at the stop against target after receive: what
+    the guest's own view (`compare_machines`) cannot show until the guest acts on it."""
+
+    #: pages whose encryption status in KVM differs: the memory attributes, or the seed-era
+    #: page-encryption bitmap (a status change that never reached the target: its next
+    #: access faults, or a later migration from the target exports the old status)
+    status_pages: int = 0
+    #: pages the VMM's tracker (its shared set: what the next export says) holds differently
+    tracker_pages: int = 0
+    #: SNP: pages whose RMP entry differs - Validated on any page, Assigned on a page private
+    #: on both sides (a shared GFN's Assigned bit is a guest_memfd page's the guest cannot
+    #: reach: converted back, it is assigned again, Validated as it was)
+    rmp_pages: int = 0
+    #: the first MAX_LISTED differences: gfn, kind ("status", "tracker", "rmp"), source, target
+    mismatches: list[dict[str, Any]] | None = None
+    #: what could not be compared, and why
+    not_compared: dict[str, str] | None = None
+
+    @property
+    def total(self) -> int:
+        """Pages counted in any of the three."""
+        return self.status_pages + self.tracker_pages + self.rmp_pages
+
+
+def compare_host_state(source: Machine, target: Machine, guest_pages: int) -> HostStateComparison:
+    """KVM's status, the VMM tracker's shared set and (SNP) the RMP of every page of the first
+    `guest_pages`, source against target (HostStateComparison says what each count is)."""
+    result = HostStateComparison(mismatches=[], not_compared={})
+    assert result.mismatches is not None and result.not_compared is not None
+    listed = result.mismatches
+
+    def note(gfn: int, kind: str, s: str, t: str) -> None:
+        if len(listed) < MAX_LISTED:
+            listed.append({"gfn": gfn, "kind": kind, "source": s, "target": t})
+
+    # KVM's status: the memory attributes, or the seed-era page-encryption bitmap.
+    s_attrs, t_attrs = source.kvm_vm.mem_attrs, target.kvm_vm.mem_attrs
+    s_bits = t_bits = b""
+    if s_attrs is not None and t_attrs is not None:
+        s_bits, t_bits = bytes(s_attrs.private[:guest_pages]), bytes(t_attrs.private[:guest_pages])
+        for gfn in differing_bytes(s_bits, t_bits):
+            result.status_pages += 1
+            note(gfn, "status", _status(s_bits[gfn] == 1), _status(t_bits[gfn] == 1))
+    elif source.kvm_vm.page_enc_status_protocol:
+        s_enc = _bits(source.kvm_vm.page_enc_bitmap.get(0, guest_pages), guest_pages)
+        t_enc = _bits(target.kvm_vm.page_enc_bitmap.get(0, guest_pages), guest_pages)
+        for gfn in differing_bytes(s_enc, t_enc):
+            result.status_pages += 1
+            note(gfn, "status", _status(s_enc[gfn] == 1), _status(t_enc[gfn] == 1))
+    # The VMM's tracker: the shared set its next export would give.
+    s_shared, why = _tracker_shared(source, guest_pages)
+    t_shared, t_why = _tracker_shared(target, guest_pages)
+    if s_shared is None or t_shared is None:
+        result.not_compared["tracker"] = (f"the source's {why}" if s_shared is None else f"the target's {t_why}")
+    else:
+        for gfn in differing_bytes(s_shared, t_shared):
+            result.tracker_pages += 1
+            note(gfn, "tracker", _status(not s_shared[gfn]), _status(not t_shared[gfn]))
+    # SNP: the RMP entries.
+    s_rmp, t_rmp = source.cpu.rmp, target.cpu.rmp
+    if s_rmp is not None and t_rmp is not None:
+        s_ent, t_ent = s_rmp.entries(guest_pages), t_rmp.entries(guest_pages)
+        for gfn in differing_bytes(s_ent, t_ent):
+            s_e, t_e = s_ent[gfn], t_ent[gfn]
+            both_private = bool(s_bits) and s_bits[gfn] == 1 and t_bits[gfn] == 1
+            if (s_e ^ t_e) & 2 or both_private:
+                result.rmp_pages += 1
+                note(gfn, "rmp", _rmp_entry(s_e), _rmp_entry(t_e))
+    return result
+
+
+def differing_bytes(a: bytes, b: bytes) -> list[int]:
+    """The indices where two equal-length byte strings differ: one comparison when they are
+    equal, else an XOR of the two as integers scanned for non-zero bytes (no Python loop over
+    every page of a large guest)."""
+    if a == b:
+        return []
+    if len(a) != len(b):
+        raise TestbedError(f"comparing {len(a)} bytes with {len(b)}")
+    xor = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+    return [m.start() for m in _NONZERO.finditer(xor)]
+
+
+_NONZERO = re.compile(b"[^\x00]")
+
+
+def _bits(raw: bytes, n: int) -> bytes:
+    """A little-endian bitmap as one byte (0/1) per bit, the first `n`."""
+    from bitarray import bitarray
+
+    bits = bitarray(endian="little")
+    bits.frombytes(raw)
+    return bits[:n].unpack()
+
+
+def _tracker_shared(machine: Machine, guest_pages: int) -> tuple[bytes | None, str]:
+    """The VMM's shared set (vmm.shared_source: its tracker, or KVM's bitmap read into one) as
+    one byte per page, 1 = shared; (None, why) when it is not the guest's set (poisoned)."""
+    from bitarray import bitarray
+
+    from testbed.tracker.donated import DonatedTracker
+
+    shared_source = machine.vmm.shared_source
+    if isinstance(shared_source, DonatedTracker):
+        shared_source.read_now()
+    ranges = shared_source.shared_ranges()
+    if shared_source.poisoned:
+        reason = getattr(shared_source, "reason", None)
+        return None, "tracker is poisoned" + (f" ({reason})" if reason else "") + ": its shared set is not the guest's"
+    bits = bitarray(guest_pages, endian="little")
+    bits.setall(0)
+    for gfn, n in ranges:
+        bits[gfn:min(gfn + n, guest_pages)] = 1
+    return bits.unpack(), ""
+
+
+def _rmp_entry(entry: int) -> str:
+    return ("assigned" if entry & 1 else "unassigned") + (", validated" if entry & 2 else "")

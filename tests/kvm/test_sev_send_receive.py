@@ -1,10 +1,12 @@
 """The migration firmware step (testbed/hw/psp.py) behind KVM's KVM_SEV_SEND_* and
 KVM_SEV_RECEIVE_* (testbed/kvm/migration.py).
 
-Modelled on arch/x86/kvm/svm/sev.c (sev_send_start, sev_send_update_data, sev_send_finish,
-sev_receive_start, sev_receive_update_data, sev_receive_finish: their parameter checks and
-errnos) and the SEV API specification's SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA (a packet
-sealed under the transport keys; a MAC that does not verify is refused, nothing written).
+Modelled on arch/x86/kvm/svm/sev.c (sev_send_start, sev_send_update_data with
+__sev_send_update_data_query_lengths, sev_send_finish, sev_send_cancel, sev_receive_start,
+sev_receive_update_data, sev_receive_finish: their parameter checks and errnos; sev_pin_page ->
+sev_pin_user_pages turns a failed pin into ENOMEM; sev_es_sync_vmsa puts the x87/SSE state and
+XCR0 in the VMSA) and the SEV API specification's SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA (a
+packet sealed under the transport keys; a MAC that does not verify is refused, nothing written).
 sev-snp and sw-protected have no such path in the real stack: the testbed models the same
 step for them (README, "Deliberate deviations").
 """
@@ -25,16 +27,20 @@ from testbed.hw.psp import (
     SEV_RET_BAD_MEASUREMENT,
     SEV_RET_INVALID_GUEST,
     SEV_RET_INVALID_GUEST_STATE,
+    SEV_RET_INVALID_LEN,
     SEV_RET_INVALID_PARAM,
 )
 from testbed.kvm.ioctl import KvmIoctlError
 from testbed.kvm.migration import (
+    KMALLOC_MAX_SIZE,
     ReceiveContext,
     SendContext,
     SevCommandError,
     TransportSession,
+    get_rmp_entries,
     receive_start,
     send_start,
+    set_page_enc_bitmap,
 )
 from testbed.layout import Layout
 from testbed.machine import Machine, VmOptions
@@ -206,12 +212,13 @@ def test_corrupted_packet_is_refused_and_nothing_is_written(corrupt: str) -> Non
     (FREE, 4097, errno.EINVAL),  # guest_len > PAGE_SIZE
     (FREE + 16, 4096, errno.EINVAL),  # guest_len + offset > PAGE_SIZE: crosses a page
     (FREE + 0xFF0, 32, errno.EINVAL),
-    (MEMORY, 4096, errno.EFAULT),  # not in the memslot: sev_pin_page fails
+    (MEMORY, 4096, errno.ENOMEM),  # not in the memslot: sev_pin_user_pages "npinned != npages"
 ])
 def test_send_and_receive_length_checks(gpa: int, length: int, err: int) -> None:
     """sev_send_update_data / sev_receive_update_data: a zero length, a length above a page and
     a range that crosses a page boundary are EINVAL; a page outside guest memory cannot be
-    pinned (EFAULT). Checked before the firmware runs, on both sides."""
+    pinned (ENOMEM: sev_pin_user_pages returns -ENOMEM whenever fewer pages were pinned than
+    asked). Checked before the firmware runs, on both sides."""
     with source("sev") as src, target(src) as dst:
         session = TransportSession.create(4)
         ctx = src.send_start(session)
@@ -330,4 +337,99 @@ def test_protected_vcpu_state_moves_only_in_the_vmsa_packet() -> None:
         assert dst.get_vcpu_state().regs is None  # the guest's now
         with pytest.raises(KvmIoctlError) as exc:
             dst.set_vcpu_state(type(state)(regs_from_elsewhere, state.kvm))
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_send_update_data_length_query_and_buffer_sizes() -> None:
+    """hdr_len/trans_len 0 is the length query (EIO, INVALID_LEN, lengths back); bad buffer sizes fail as in sev.c."""
+    # sev.c sev_send_update_data: "if (!params.trans_len || !params.hdr_len) return
+    # __sev_send_update_data_query_lengths(...)" comes before every other check, and copies the lengths back
+    # whatever the firmware answered; QEMU's sev_send_get_packet_len expects SEV_RET_INVALID_LEN. Too small
+    # for the packet: EIO/INVALID_LEN, nothing copied back; above KMALLOC_MAX_SIZE: kzalloc fails, ENOMEM.
+    with source("sev") as src:
+        ctx = src.send_start(TransportSession.create(11))
+        for kwargs in ({"hdr_len": 0}, {"trans_len": 0}, {"hdr_len": 0, "trans_len": 0}):
+            with pytest.raises(SevCommandError) as query:
+                ctx.send_update_data(MEMORY, **kwargs)  # outside RAM: the query comes first
+            assert query.value.errno == errno.EIO and query.value.fw_error == SEV_RET_INVALID_LEN
+            assert query.value.lengths == (HDR_LEN, 0)
+        for kwargs in ({"hdr_len": HDR_LEN - 1}, {"trans_len": 4095}):
+            with pytest.raises(SevCommandError) as small:
+                ctx.send_update_data(FREE, **kwargs)
+            assert small.value.fw_error == SEV_RET_INVALID_LEN and small.value.lengths is None
+        with pytest.raises(KvmIoctlError) as big:
+            ctx.send_update_data(FREE, trans_len=KMALLOC_MAX_SIZE + 1)
+        assert big.value.errno == errno.ENOMEM
+        with pytest.raises(KvmIoctlError) as wide:
+            ctx.send_update_data(FREE, hdr_len=1 << 32)
+        assert wide.value.errno == errno.EINVAL
+        header, packet = ctx.send_update_data(FREE, hdr_len=64, trans_len=5000)
+        assert len(header) == 64 and header[HDR_LEN:] == bytes(64 - HDR_LEN)
+        assert len(packet) == 5000 and packet[4096:] == bytes(5000 - 4096)
+        exact = ctx.send_update_data(FREE)
+        assert (len(exact[0]), len(exact[1])) == (HDR_LEN, 4096)
+        ctx.send_finish()
+        with pytest.raises(SevCommandError) as after:
+            ctx.send_update_data(FREE, hdr_len=0)
+        assert after.value.fw_error == SEV_RET_INVALID_GUEST_STATE and after.value.lengths == (0, 0)
+
+
+def test_send_cancel_only_between_send_start_and_send_finish() -> None:
+    """SEND_CANCEL takes SUPDATE back to RUNNING (SEND_START works again); anywhere else it is INVALID_GUEST_STATE."""
+    # amd-memory-encryption.rst, KVM_SEV_SEND_CANCEL: "After completion of SEND_START, but before SEND_FINISH".
+    with source("sev") as src:
+        fw = src.machine.cpu.sev_firmware()
+        ctx = src.send_start(TransportSession.create(12))
+        ctx.send_cancel()
+        assert fw.state == "RUNNING"
+        with pytest.raises(SevCommandError) as twice:
+            ctx.send_cancel()
+        assert twice.value.fw_error == SEV_RET_INVALID_GUEST_STATE
+        again = src.send_start(TransportSession.create(13))
+        again.send_update_data(FREE)
+        again.send_finish()
+        assert fw.state == "SENT"
+        with pytest.raises(SevCommandError) as late:
+            again.send_cancel()
+        assert late.value.errno == errno.EIO and late.value.fw_error == SEV_RET_INVALID_GUEST_STATE
+        assert fw.state == "SENT"
+
+
+def test_vmsa_packet_carries_x87_sse_state_and_xcr0() -> None:
+    """SEV-ES: the x87/SSE state and XCR0 set on the source's vCPU arrive on the target's in the VMSA packet."""
+    # sev.c sev_es_sync_vmsa copies x87_fcw/fsw/ftw/fop/rip/dp, mxcsr, fpreg_x87, fpreg_xmm and xcr0 into it.
+    with source("sev-es") as src, target(src) as dst:
+        hw = src.machine.cpu
+        st = tuple((0x8000000000000000 | i, 0x3FFF + i) for i in range(8))
+        xmm = tuple((0xA5 << 120) | i for i in range(16))
+        hw.set_fpu_state((0x027F, 0x3000, 0x0FFF, 0x55, 0x1234, 0x5678, 0x7F80), st, xmm)
+        hw.set_xcr0(1)
+        session = TransportSession.create(14)
+        ctx = src.send_start(session)
+        rctx = dst.receive_start(session)
+        rctx.receive_vcpu_state(*ctx.send_vcpu_state())
+        got = dst.machine.cpu.save_state()
+        assert got == hw.save_state()
+        assert got.xmm == xmm and got.x87 == st and got.xcr0 == 1
+        assert (got.fpu[0], got.fpu[1], got.fpu[6]) == (0x027F, 0x3000, 0x7F80)
+
+
+def test_rmp_entries_and_page_enc_bitmap_ioctls() -> None:
+    """The RMP read gives Assigned/Validated per GFN (None off SNP); KVM_SET_PAGE_ENC_BITMAP loads bits, or fails."""
+    # KVM_SET_PAGE_ENC_BITMAP is the seed-era series' (never merged); the RMP read is a testbed extension.
+    with source("sev-snp") as snp:
+        entries = get_rmp_entries(snp.machine.kvm_vm)
+        assert entries is not None and len(entries) == MEMORY >> 12
+        assert entries[FREE >> 12] == 3  # the guest's own page: assigned, validated
+        with pytest.raises(KvmIoctlError) as exc:
+            set_page_enc_bitmap(snp.machine.kvm_vm, 0, 1, b"\x00")
+        assert exc.value.errno == errno.ENOTTY
+    with testbed.Vm(vm_type="sev", memory=MEMORY, hc_protocol="page-enc-status") as vm:
+        vm.load("<page-enc>", text="guest_main:\n    GUEST_DONE\n")
+        kvm_vm = vm.machine.kvm_vm
+        assert get_rmp_entries(kvm_vm) is None
+        set_page_enc_bitmap(kvm_vm, 8, 3, b"\x05")  # 8 and 10 encrypted, 9 not
+        assert kvm_vm.get_page_enc_bitmap(8, 3) == b"\x05"
+        with pytest.raises(KvmIoctlError) as exc:
+            set_page_enc_bitmap(kvm_vm, (MEMORY >> 12) - 1, 2, b"\x00")
         assert exc.value.errno == errno.EINVAL

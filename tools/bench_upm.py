@@ -2,13 +2,17 @@
 
 For each guest size (1 GiB, 64 GiB) and seed workload (testbed/workloads.py: `boot`,
 `dma_churn`), a generated guest touches a few percent of its memory privately (guest_memset
-over 2 MiB chunks spread evenly over RAM: the "working set") and then performs the workload's
-conversions with set_memory_shared / set_memory_private, writing each page it made shared (a
-device's DMA into it). Each (VM type, size, workload) runs in a fresh process so RSS growth is
-its own: `sev` (legacy: KVM_MEMORY_ENCRYPT_REG_REGION pins all RAM at launch) against
-`sev-snp` (guest_memfd: pinned on the first private fault, released on conversion).
+over 2 MiB chunks spread evenly over the RAM above 32 MiB that no conversion of either
+workload touches: the "working set", the same for both and private to the end) and then
+performs the workload's conversions with set_memory_shared / set_memory_private, writing one
+byte to the first page of each range it made shared (a device's DMA into it; the rest of a
+shared range is never written, so it costs the VMM nothing). Each (VM type, size, workload)
+runs in a fresh process so RSS growth is its own: `sev` (legacy: KVM_MEMORY_ENCRYPT_REG_REGION
+pins all RAM at launch) against `sev-snp` (guest_memfd: pinned on the first private fault,
+released on conversion).
 
     python tools/bench_upm.py [--quick] [--json]
+    python tools/bench_upm.py --write-guest 1G dma_churn FILE.s [--churn 300]   # the guest alone
 """
 
 from __future__ import annotations
@@ -35,16 +39,37 @@ def _rss_kib() -> int:
     return 0
 
 
+#: the working set's chunks start above this (below: the runtime, its tables and the image)
+TOUCH_BASE = 32 << 20
+
+
+def working_set(size: int, touch_percent: float, convs: list[tuple[int, int, bool]]) -> list[int]:
+    """The GPAs of the working set's 2 MiB chunks: `touch_percent` of RAM, spread evenly over the
+    chunk-aligned slots above TOUCH_BASE that none of `convs` overlaps (a chunk inside a range
+    the workload converts would leave the working set, and one sharing a 2 MiB accept unit
+    with such a range would be accepted by the conversion, not by the touch)."""
+    nchunks = max(1, int(size * touch_percent / 100) // CHUNK)
+    taken = {chunk for gfn, n, _shared in convs
+             for chunk in range((gfn << 12) // CHUNK, (((gfn + n) << 12) - 1) // CHUNK + 1)}
+    free = [gpa for gpa in range(TOUCH_BASE, size - CHUNK + 1, CHUNK) if gpa // CHUNK not in taken]
+    if nchunks > len(free):
+        raise SystemExit(f"--touch-percent {touch_percent}: {nchunks} chunks of 2 MiB, only {len(free)} free")
+    return [free[i * len(free) // nchunks] for i in range(nchunks)]
+
+
 def _guest(size: int, workload: str, touch_percent: float, churn: int, free_gpa: int) -> str:
     from testbed import workloads
 
     pages = size >> 12
-    nchunks = max(1, int(size * touch_percent / 100) // CHUNK)
-    stride = (size - (32 << 20)) // nchunks // CHUNK * CHUNK
-    touch = [(32 << 20) + i * stride for i in range(nchunks)]
-    extra = {"conversions": churn} if workload == "dma_churn" else {}
-    convs = [(gfn, n, shared) for gfn, n, shared in workloads.make_workload(workload, pages, seed=1, **extra)
-             if gfn << 12 >= free_gpa + (1 << 20)]
+
+    def conversions(name: str) -> list[tuple[int, int, bool]]:
+        extra = {"conversions": churn} if name == "dma_churn" else {}
+        return [(gfn, n, shared) for gfn, n, shared in workloads.make_workload(name, pages, seed=1, **extra)
+                if gfn << 12 >= free_gpa + (1 << 20)]
+
+    convs = conversions(workload)
+    # dma_churn's ranges hold boot's: the same working set for both workloads
+    touch = working_set(size, touch_percent, conversions("dma_churn"))
     lines = ["guest_main:", "    lea r12, [rip + touch_table]", f"    mov r13, {len(touch)}", "1:",
              "    mov rdi, [r12]", "    mov rsi, 0x5a", f"    mov rdx, {CHUNK}", "    call guest_memset",
              "    add r12, 8", "    dec r13", "    jnz 1b", "    GUEST_SYNC 1",
@@ -95,7 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--touch-percent", type=float, default=2.0)
     parser.add_argument("--churn", type=int, default=2000, help="dma_churn conversions after boot")
     parser.add_argument("--one", nargs=3, metavar=("VM_TYPE", "SIZE", "WORKLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--write-guest", nargs=3, metavar=("SIZE", "WORKLOAD", "FILE"),
+                        help="write the guest for SIZE (1G, 64G) and WORKLOAD to FILE and stop (for "
+                             "`testbed run FILE --memory SIZE --vm-type sev --plot-memory PNG`)")
     args = parser.parse_args(argv)
+    if args.write_guest:
+        from testbed.layout import Layout
+
+        size_name, workload_name, path = args.write_guest
+        guest_size = SIZES[size_name]
+        with open(path, "w") as guest_file:
+            guest_file.write(_guest(guest_size, workload_name, args.touch_percent, args.churn,
+                                    Layout(guest_size).free_gpa))
+        return 0
     if args.one:
         print(json.dumps(one(*args.one, args.touch_percent, args.churn)))
         return 0

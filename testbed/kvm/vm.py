@@ -8,6 +8,7 @@ errno the ioctl would return.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -172,12 +173,28 @@ class CpuidTable:
         return e.eax if e is not None else 0
 
 
+_ULONG_MAX = (1 << 64) - 1
+_INT_MAX = 0x7FFFFFFF
+
+
+def _npages(addr: int, size: int) -> int:
+    """The pages [addr, addr + size) covers (sev_pin_memory: the range need not be aligned)."""
+    return ((addr + size - 1) >> 12) - (addr >> 12) + 1
+
+
+def host_totalram_pages() -> int:
+    """This host's RAM in 4 KiB pages (sysconf _SC_PHYS_PAGES, the kernel's totalram_pages()
+    as /proc/meminfo MemTotal shows it): a value for `KvmVm(totalram_pages=...)`."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 12
+
+
 class KvmVm:
     """One VM: what KVM_CREATE_VM returns and its VM-wide state."""
 
     def __init__(self, vm_type: KvmVmType, vendor: Vendor, memory: HostMemory, c_bit: int = 51,
                  kvm_version: KvmVersion = REFERENCE, *, ghcb_version: int = 2,
-                 page_enc_status_protocol: bool = False, gpaw: int = 48) -> None:
+                 page_enc_status_protocol: bool = False, gpaw: int = 48, ram_hva: int | None = None,
+                 memlock_limit_pages: int | None = None, totalram_pages: int | None = None) -> None:
         self.type = vm_type
         #: TDX: the guest physical address width, 48 or 52 (KVM_TDX_INIT_VM's CPUID
         #: 0x80000008.EAX[23:16]); the shared bit is GPA bit gpaw - 1 (kvm->arch.gfn_direct_bits)
@@ -234,6 +251,24 @@ class KvmVm:
         #: KVM_MEMORY_ENCRYPT_REG_REGION: the (userspace address, size) ranges registered and
         #: pinned (sev->regions_list), in order
         self.enc_regions: list[tuple[int, int]] = []
+        #: sev->pages_locked: the pages sev_pin_memory() holds pinned for this VM now - every
+        #: registered region, plus a LAUNCH_UPDATE_DATA range while that command runs. A page
+        #: pinned twice counts twice, as the kernel counts it.
+        self.pages_locked = 0
+        #: told of every change of pages_locked (the delta): the VMM's pin accounting
+        #: (vmm/pinning.py) listens, set by the composition root; KVM imports nothing of it
+        self.on_pages_locked: Callable[[int], None] | None = None
+        #: the VMM's userspace address of guest RAM: [ram_hva, ram_hva + capacity) is what the
+        #: modelled VMM has mapped (its only mapping the model knows), so what sev_pin_memory()
+        #: can pin; None: nothing is mapped (a bare KvmVm), every REG_REGION fails to pin
+        self.ram_hva = ram_hva
+        #: rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT of the VMM, checked by sev_check_pin_count();
+        #: None: the VMM has CAP_IPC_LOCK (no limit), the default (README: deliberate deviations)
+        self.memlock_limit_pages = memlock_limit_pages
+        #: totalram_pages() of the modelled host, checked by sev_check_pin_count(); None: not
+        #: checked, the default (README: deliberate deviations - the testbed's backing is sparse,
+        #: so a legacy guest larger than this host runs); `host_totalram_pages()` is this host's
+        self.totalram_pages = totalram_pages
         #: KVM_SET_USER_MEMORY_REGION: slot -> (guest_phys_addr, memory_size); slot 0 is the RAM
         #: the VM was created with, later slots are hotplugged RAM (vmm/hotplug.py)
         self.memslots: dict[int, tuple[int, int]] = {0: (0, memory.size)}
@@ -465,26 +500,84 @@ class KvmVm:
     def memory_encrypt_reg_region(self, addr: int, size: int) -> int:
         """KVM_MEMORY_ENCRYPT_REG_REGION (svm/sev.c sev_mem_enc_register_region): pin the
         userspace range [addr, addr + size) for the VM's lifetime (sev_pin_memory, FOLL_LONGTERM)
-        and record it in the regions list. ENOTTY unless an SEV VM (sev_guest()); EINVAL for a
-        size of 0, a wrap or a value above ULONG_MAX (sev_pin_memory's checks). Returns the
-        number of pages pinned (region->npages)."""
+        and record it in the regions list. ENOTTY unless an SEV VM (sev_guest()); the errors of
+        `_pin_memory` (EINVAL, ENOMEM). Returns the number of pages pinned (region->npages)."""
         name = "KVM_MEMORY_ENCRYPT_REG_REGION"
         if not self.sev:
             raise KvmIoctlError(name, errno.ENOTTY, "not an SEV VM")
-        ulong_max = (1 << 64) - 1
-        if addr < 0 or size < 0 or addr > ulong_max or size > ulong_max:
-            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{addr:x} or size 0x{size:x} out of range")
-        if size == 0 or addr + size > ulong_max:
-            raise KvmIoctlError(name, errno.EINVAL, f"empty or wrapping range 0x{addr:x}+0x{size:x}")
-        first = addr >> 12
-        last = (addr + size - 1) >> 12
+        npages = self._pin_memory(name, addr, size, self._vmm_maps(addr, size))
         self.enc_regions.append((addr, size))
-        return last - first + 1
+        return npages
+
+    def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
+        """KVM_MEMORY_ENCRYPT_UNREG_REGION (svm/sev.c sev_mem_enc_unregister_region): unpin the
+        first registered region with exactly this address and size (find_enc_region), as QEMU's
+        sev_ram_block_removed() asks when a RAM block goes. ENOTTY unless an SEV VM; EINVAL when
+        no region matches exactly (a part or a superset of one is not a match)."""
+        name = "KVM_MEMORY_ENCRYPT_UNREG_REGION"
+        if not self.sev:
+            raise KvmIoctlError(name, errno.ENOTTY, "not an SEV VM")
+        try:
+            index = self.enc_regions.index((addr, size))
+        except ValueError:
+            raise KvmIoctlError(name, errno.EINVAL, f"no registered region 0x{addr:x}+0x{size:x}") from None
+        del self.enc_regions[index]
+        self._locked(-_npages(addr, size))  # __unregister_enc_region_locked -> sev_unpin_memory
+
+    def _vmm_maps(self, addr: int, size: int) -> bool:
+        """Whether every page of [addr, addr + size) lies in the VMM's mapping of guest RAM."""
+        if self.ram_hva is None or size <= 0:
+            return False
+        return (self.ram_hva >> 12 <= addr >> 12
+                and (addr + size - 1) >> 12 < (self.ram_hva + self.memory.capacity) >> 12)
+
+    def _pin_memory(self, name: str, addr: int, size: int, mapped: bool) -> int:
+        """sev_pin_memory() (svm/sev.c): EINVAL for an empty or wrapping range, more than
+        INT_MAX pages, or more pages locked than the host has (sev_check_pin_count:
+        totalram_pages()); ENOMEM above the VMM's RLIMIT_MEMLOCK without CAP_IPC_LOCK
+        (sev_check_pin_count) or when pin_user_pages_fast() pins fewer pages than asked
+        (sev_pin_user_pages: `mapped` False, a page the VMM has not mapped). On success
+        pages_locked grows by the pages covered; returns that count."""
+        if addr < 0 or size < 0 or addr > _ULONG_MAX or size > _ULONG_MAX:
+            raise KvmIoctlError(name, errno.EINVAL, f"address 0x{addr:x} or size 0x{size:x} out of range")
+        if size == 0 or addr + size > _ULONG_MAX:
+            raise KvmIoctlError(name, errno.EINVAL, f"empty or wrapping range 0x{addr:x}+0x{size:x}")
+        npages = _npages(addr, size)
+        if npages > _INT_MAX:
+            raise KvmIoctlError(name, errno.EINVAL, f"{npages} pages: more than INT_MAX")
+        total = self.pages_locked + npages
+        if self.totalram_pages is not None and total > self.totalram_pages:
+            raise KvmIoctlError(name, errno.EINVAL, f"{total} pages locked would exceed the host's "
+                                f"{self.totalram_pages} pages of RAM (totalram_pages)")
+        if self.memlock_limit_pages is not None and total > self.memlock_limit_pages:
+            raise KvmIoctlError(name, errno.ENOMEM, f"SEV: {total} total pages would exceed the lock limit "
+                                f"of {self.memlock_limit_pages}")
+        if not mapped:
+            raise KvmIoctlError(name, errno.ENOMEM, f"SEV: Failure locking {npages} pages (0x{addr:x}+0x{size:x} "
+                                "is not mapped by the VMM)")
+        self._locked(npages)
+        return npages
+
+    def _locked(self, delta: int) -> None:
+        self.pages_locked += delta
+        if self.on_pages_locked is not None:
+            self.on_pages_locked(delta)
 
     def sev_launch_update_data(self, gpa: Gpa, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA (sev.c sev_launch_update_data): the firmware encrypts
-        [gpa, gpa + length) in place and adds it to the measurement."""
-        self._platform("KVM_SEV_LAUNCH_UPDATE_DATA").launch_update_data(gpa, length)
+        [gpa, gpa + length) in place and adds it to the measurement. The VMM's buffer is its
+        mapping of that RAM (the testbed's launch encrypts in place): KVM pins it first
+        (sev_pin_memory, counted in pages_locked and checked as for REG_REGION; ENOMEM outside
+        the RAM the VMM mapped) and unpins it before returning, whatever the firmware said."""
+        name = "KVM_SEV_LAUNCH_UPDATE_DATA"
+        hw = self._platform(name)
+        uaddr = (self.ram_hva or 0) + gpa
+        mapped = gpa >= 0 and gpa + length <= self.memory.capacity
+        npages = self._pin_memory(name, uaddr, length, mapped)
+        try:
+            hw.launch_update_data(gpa, length)
+        finally:
+            self._locked(-npages)  # sev_unpin_memory
 
     def sev_snp_launch_start(self) -> None:
         """KVM_SEV_SNP_LAUNCH_START: all RAM starts private (guest_memfd, attributes PRIVATE),
@@ -567,7 +660,11 @@ class KvmVm:
 
     def close(self) -> None:
         """Unmap the VM's per-page arrays (the memory attributes, whose mapping holds a file
-        descriptor, and the dirty bitmap): the machine is closed."""
+        descriptor, and the dirty bitmap): the machine is closed. The regions still registered
+        are unpinned, as sev_vm_destroy() does for a VMM that never unregistered them."""
+        for addr, size in self.enc_regions:
+            self._locked(-_npages(addr, size))
+        self.enc_regions.clear()
         if self.mem_attrs is not None:
             self.mem_attrs.close()
         self.dirty_log.close()

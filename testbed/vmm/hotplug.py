@@ -7,17 +7,20 @@ hw/memory.py) and maps it all into the emulator, but its RAM is `memory` bytes: 
 is refused by the MMU as a GPA without a memslot (KVM_EXIT_INTERNAL_ERROR, as for any GPA
 outside RAM). `hotplug(machine, size)` then
 
-1. adds the slot (KvmVm.set_user_memory_region: it must start at the end of RAM and end
-   within the reservation): KVM refuses a bad slot or size before anything else changed;
-2. grows the shared-page tracker (`SharedTracker.resize`): the bitmap reallocates, ranges and
+1. registers the new RAM for encryption on legacy SEV, as QEMU does when the DIMM's RAM block
+   is added, before its memslot (sev_ram_block_added -> KVM_MEMORY_ENCRYPT_REG_REGION,
+   pinned): KVM refuses a pin beyond the VMM's memlock limit or the host's RAM before
+   anything else changed (KvmVm.memlock_limit_pages, totalram_pages);
+2. adds the slot (KvmVm.set_user_memory_region: it must start at the end of RAM and end
+   within the reservation);
+3. grows the shared-page tracker (`SharedTracker.resize`): the bitmap reallocates, ranges and
    tree raise their bound, the donated tracker raises its bound and, if the guest's structure
    is now smaller than the host requires, asks the guest to donate more (the header's
    host_request; guests/lib/donate.s grows at its next conversion); the native trackers grow
-   the same way in C. A tracker that cannot grow refuses, the slot is deleted again
-   (memory_size 0), and nothing has changed;
-3. registers the new RAM for encryption on legacy SEV (QEMU's sev_ram_block_added ->
-   KVM_MEMORY_ENCRYPT_REG_REGION, pinned), grows the hardware's RAM and raises the bound of
-   the VMM's MAP_GPA_RANGE handler.
+   the same way in C. A slot or tracker refusal deletes the slot again (memory_size 0) and
+   unregisters the RAM (sev_ram_block_removed -> KVM_MEMORY_ENCRYPT_UNREG_REGION): nothing
+   has changed;
+4. grows the hardware's RAM and raises the bound of the VMM's MAP_GPA_RANGE handler.
 
 What is supported: growth only, contiguous from the end of RAM, up to `max_memory`, on the
 default, sw-protected, sev and sev-es VM types (SEV-SNP and TDX would need RMP / Secure-EPT
@@ -80,7 +83,7 @@ def check_max_memory(options: SizedOptions) -> None:
 
 def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None:
     """Grow the guest's RAM to `size` bytes with a new memslot (module docstring); HotplugError
-    (nothing changed) if the tracker cannot grow or KVM refuses the slot."""
+    (nothing changed) if KVM refuses to pin the RAM or the slot, or the tracker cannot grow."""
     memory = machine.memory
     old = memory.size
     if size <= old:
@@ -91,20 +94,27 @@ def hotplug(machine: HotplugMachine, size: int, slot: int | None = None) -> None
         raise HotplugError(f"hotplug to 0x{size:x} bytes: above the 0x{memory.capacity:x} bytes reserved "
                            "(VmOptions.max_memory)")
     pages = size >> PAGE_SHIFT
-    # KVM first: it refuses a bad slot or size before anything else changed; a tracker that then
-    # cannot grow has the slot deleted again (memory_size 0), so a refusal changes nothing.
+    # KVM first: the RAM block's registration (legacy SEV), then the slot, each refused before
+    # anything else changed; a later refusal undoes the earlier steps, so a refusal changes nothing.
+    hva = memory.dram_address() + old
+    pinning = machine.pinning
     try:
-        machine.kvm_vm.set_user_memory_region(slot, old, size - old)
+        if pinning is not None:
+            pinning.register_ram(machine.kvm_vm.memory_encrypt_reg_region, hva, size - old)
     except KvmIoctlError as exc:
         raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
     try:
-        tracker.resize(pages)
-    except TrackerResizeError as exc:
-        machine.kvm_vm.set_user_memory_region(slot, old, 0)
+        machine.kvm_vm.set_user_memory_region(slot, old, size - old)
+        try:
+            tracker.resize(pages)
+        except TrackerResizeError:
+            machine.kvm_vm.set_user_memory_region(slot, old, 0)
+            raise
+    except (KvmIoctlError, TrackerResizeError) as exc:
+        if pinning is not None:
+            pinning.unregister_ram(machine.kvm_vm.memory_encrypt_unreg_region, hva, size - old)
         raise HotplugError(f"hotplug to 0x{size:x} bytes refused: {exc}") from None
-    if machine.pinning is not None:
-        machine.pinning.register_ram(machine.kvm_vm.memory_encrypt_reg_region, memory.dram_address() + old,
-                                     size - old)
-        machine.pinning.guest_pages = pages
+    if pinning is not None:
+        pinning.guest_pages = pages
     memory.plug(size)  # (the vCPU's native TLB fill is told the new size: GuestMemory.on_resize)
     machine.map_gpa.guest_pages = pages  # (and with it the per-call bound, unless the VMM set one)

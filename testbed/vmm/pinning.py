@@ -5,7 +5,11 @@ Two regimes, as the seed thread on deferring page pinning settles them:
 * legacy `sev` / `sev-es`: the VMM registers all guest RAM with KVM_MEMORY_ENCRYPT_REG_REGION
   at launch (QEMU's sev_ram_block_added(), target/i386/sev.c; KVM's
   sev_mem_enc_register_region() pins every page with FOLL_LONGTERM, svm/sev.c). The pinned
-  count is the whole guest from the start and never drops while the VM lives.
+  count is KVM's own, sev->pages_locked (KvmVm.pages_locked, told through
+  `KvmVm.on_pages_locked`): the whole guest from the start, plus the range a
+  KVM_SEV_LAUNCH_UPDATE_DATA pins while it runs, a region registered twice counted twice;
+  it drops only when a region is unregistered (KVM_MEMORY_ENCRYPT_UNREG_REGION) or the VM
+  is destroyed (sev_vm_destroy).
 * guest_memfd (`sw-protected`, `sev-snp`, `tdx`): nothing is registered. A private page is
   allocated - and, being guest_memfd memory, unmovable and unswappable: pinned - on the first
   private fault (kvm_mmu_faultin_pfn_gmem -> kvm_gmem_get_pfn, virt/kvm/guest_memfd.c) or by
@@ -53,8 +57,9 @@ class _Window(list[list[int]]):
 class PinAccounting:
     """Pinned (private) and shared host pages of one VM, their peaks, and samples over time.
 
-    `model` is "legacy" (everything pinned at launch by `register_region`) or "guest_memfd"
-    (pages pinned and released as the backing reports them through `backing_changed`)."""
+    `model` is "legacy" (KVM's pages_locked, reported through `locked_changed`) or
+    "guest_memfd" (pages pinned and released as the backing reports them through
+    `backing_changed`)."""
 
     def __init__(self, model: PinModel, guest_pages: int, *, keep: int = SAMPLE_WINDOW) -> None:
         self.model: PinModel = model
@@ -64,23 +69,39 @@ class PinAccounting:
         self.pinned_peak = 0
         self.shared_peak = 0
         self.total_peak = 0
-        #: KVM_MEMORY_ENCRYPT_REG_REGION calls the VMM made: (size in bytes, pages pinned)
-        self.regions: list[tuple[int, int]] = []
+        #: the VMM's KVM_MEMORY_ENCRYPT_REG_REGION calls that succeeded and were not undone:
+        #: (userspace address, size in bytes, pages pinned); what is pinned is KVM's count
+        #: (`locked_changed`), not their sum
+        self.regions: list[tuple[int, int, int]] = []
         self._exits = 0
         self.samples = _Window(keep)
 
     # -- what changes the counts -------------------------------------------------------------
-    def register_region(self, size: int, npages: int) -> None:
-        """Legacy: the VMM registered `size` bytes of guest RAM (KVM pinned `npages`)."""
-        self.regions.append((size, npages))
-        self._change(npages, 0)
-
     def register_ram(self, reg_region: Callable[[int, int], int], hva: int, size: int) -> None:
         """Legacy: KVM_MEMORY_ENCRYPT_REG_REGION over the RAM block [hva, hva + size), as QEMU's
         sev_ram_block_added() does for every block (at launch, on an incoming VM, on a
-        hotplug), and the pages KVM pinned counted; guest_memfd pins nothing this way."""
+        hotplug), recorded with the pages KVM pinned (a refusal, KvmIoctlError, records
+        nothing); guest_memfd pins nothing this way."""
         if self.model == "legacy":
-            self.register_region(size, reg_region(hva, size))
+            self.regions.append((hva, size, reg_region(hva, size)))
+
+    def unregister_ram(self, unreg_region: Callable[[int, int], None], hva: int, size: int) -> None:
+        """Legacy: KVM_MEMORY_ENCRYPT_UNREG_REGION over the RAM block [hva, hva + size), as QEMU's
+        sev_ram_block_removed() does when a block goes (a hotplug undone), and its record
+        dropped; KvmIoctlError (EINVAL) if KVM has no such region."""
+        if self.model == "legacy":
+            unreg_region(hva, size)
+            for index, region in enumerate(self.regions):
+                if region[:2] == (hva, size):  # the first, as KVM's find_enc_region takes
+                    del self.regions[index]
+                    break
+
+    def locked_changed(self, delta: int) -> None:
+        """Legacy: KVM's sev->pages_locked moved by `delta` pages (KvmVm.on_pages_locked): a
+        region registered or unregistered, a LAUNCH_UPDATE_DATA range pinned and unpinned, the
+        regions left unpinned when the VM is destroyed."""
+        if self.model == "legacy":
+            self._change(delta, 0)
 
     def backing_changed(self, private_delta: int, shared_delta: int) -> None:
         """guest_memfd: the backing allocated or freed pages (GuestMemory.on_backing_pages)."""
@@ -119,7 +140,7 @@ class PinAccounting:
             "shared_final_pages": self.shared,
             "total_peak_pages": self.total_peak,
             "total_final_pages": self.pinned + self.shared,
-            "registered_regions": [{"size": size, "pages": pages} for size, pages in self.regions],
+            "registered_regions": [{"size": size, "pages": pages} for _hva, size, pages in self.regions],
             "samples_columns": ["exit", "pinned_pages", "shared_pages"],
             "samples": [list(s) for s in self.samples],
             "samples_dropped": self.samples.dropped,

@@ -132,6 +132,18 @@ def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[by
                             "the page cannot be pinned")
 
 
+@contextmanager
+def _pinned_page(vm: KvmVm, command: str, gpa: int) -> Iterator[None]:
+    """sev_pin_memory(kvm, params.guest_uaddr & PAGE_MASK, PAGE_SIZE, &n, ...) for the command's
+    duration: the page counts in sev->pages_locked and is checked against the memlock limit as
+    any pin is (KvmVm._pin_memory), and is unpinned when the command ends, whatever it said."""
+    npages = vm._pin_memory(command, (vm.ram_hva or 0) + (gpa & ~(PAGE_SIZE - 1)), PAGE_SIZE, True)
+    try:
+        yield
+    finally:
+        vm._locked(-npages)  # sev_unpin_memory
+
+
 def _check_blobs(command: str, blobs: tuple[bytes, ...]) -> None:
     """psp_copy_user_blob() (drivers/crypto/ccp/sev-dev.c): a blob longer than
     SEV_FW_BLOB_MAX_SIZE is EINVAL before the firmware sees it."""
@@ -178,13 +190,14 @@ class SendContext:
                 raise SevCommandError(command, exc, lengths=exc.needed or (0, 0)) from None
             raise AssertionError("the firmware answered a zero-length SEND_UPDATE_DATA")  # pragma: no cover
         _page_params(command, gpa, length, self._vm.memory.size)
-        for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
-            if value is not None and value > KMALLOC_MAX_SIZE:
-                raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
-                                    f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
-        with _sev_cmd(command):
-            header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
-                                                       trans_len)
+        with _pinned_page(self._vm, command, gpa):
+            for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+                if value is not None and value > KMALLOC_MAX_SIZE:
+                    raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
+                                        f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
+            with _sev_cmd(command):
+                header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
+                                                           trans_len)
         if hdr_len is not None:
             header = header.ljust(hdr_len, b"\0")
         if trans_len is not None:
@@ -237,7 +250,7 @@ class ReceiveContext:
         if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
             raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
                                 "set KVM_MEMORY_ATTRIBUTE_PRIVATE on it before receiving a private page")
-        with _sev_cmd(command):
+        with _pinned_page(self._vm, command, gpa), _sev_cmd(command):
             self._fw.receive_update_data(header, packet, gpa, length)
 
     def receive_vcpu_state(self, header: bytes, packet: bytes) -> None:

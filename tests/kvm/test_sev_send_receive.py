@@ -433,3 +433,22 @@ def test_rmp_entries_and_page_enc_bitmap_ioctls() -> None:
         with pytest.raises(KvmIoctlError) as exc:
             set_page_enc_bitmap(kvm_vm, (MEMORY >> 12) - 1, 2, b"\x00")
         assert exc.value.errno == errno.EINVAL
+
+
+def test_send_update_data_pins_its_page_for_the_command() -> None:
+    """SEND_UPDATE_DATA pins the guest page with sev_pin_memory(kvm, params.guest_uaddr &
+    PAGE_MASK, PAGE_SIZE, ...) for the command: it counts in pages_locked against the memlock
+    limit (ENOMEM when the registered RAM already fills it) and is unpinned after."""
+    with source("sev") as src:
+        kvm_vm = src.machine.kvm_vm
+        locked = kvm_vm.pages_locked
+        ctx = src.send_start(TransportSession.create(3))
+        ctx.send_update_data(FREE)
+        assert kvm_vm.pages_locked == locked
+        kvm_vm.memlock_limit_pages = locked
+        with pytest.raises(KvmIoctlError) as info:
+            ctx.send_update_data(FREE)
+        assert info.value.errno == errno.ENOMEM and kvm_vm.pages_locked == locked
+        kvm_vm.memlock_limit_pages = locked + 1
+        ctx.send_update_data(FREE)
+        assert kvm_vm.pages_locked == locked

@@ -331,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path("bench-out/native"), help="results.json goes here")
     parser.add_argument("--plots", type=Path, default=Path("docs/plots"), help="PNG plots go here")
-    parser.add_argument("--quick", action="store_true", help="fewer conversions and rounds (about 3 min: every round clears the timer floor)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer conversions and rounds (about 3 min: every round clears the timer floor)")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"rounds per figure (default 7, quick {MIN_ROUNDS}; fewer than {MIN_ROUNDS} "
                              "leaves the paired target undecided)")

@@ -949,3 +949,210 @@ def test_the_collector_is_paused_during_an_assembly_and_restored_after() -> None
     finally:
         assembler._assemble_unit_now = original  # type: ignore[assignment]
     assert seen == [False, False, False]
+
+
+# --------------------------------------------------------------------------------------------
+# Forms found by a third review (2026-12-01: a differential sweep against GNU as 2.40)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "encoded"), [
+    ("lock add dword ptr [rbx], 0x100000000", "f08103" + "00000000"),
+    ("mov al, 0x100h", "b000"),
+    ("mov al, (256)", "b000"),
+    ("mov rax, [rbx + 0x40000000*2]", "488b8300000080"),
+    (".equ A, 0xffff\npush A", "666aff"),
+    (".equ A, 0x100\nmov al, A", "b000"),
+    ("mov rdi, K\n.equ K, 0x80000000", "48c7c700000080"),
+    (".equ A, 0x10000\n.word A", ""),
+    (".macro PUSHV v\npush \\v\n.endm\nPUSHV 0x80000000", "66680000"),
+    ("jmp qword ptr L\nL: .quad 0", "eb00" + "00" * 8),
+    ("mov rax, [rbx + rsp]", "488b0423"),
+    ("mov eax, [eip + 8]", "8b4008"),
+    ("mov rax, [rbx + rcx*(4)]", "488b03"),
+    ("mov rbx, fs:0x28", "64488b1d28000000"),
+    ("ljmp tbyte ptr [rbx]", "ff2b"),
+    ("imul eax, 0x1ffffffff", "69c0ffffffff"),
+])
+def test_keystone_mis_encodes_these_forms_silently(source: str, encoded: str) -> None:
+    """Canaries of the forms the front end refuses since the third review (each is another
+    instruction or value than its source says, with no error from Keystone 0.9.2)."""
+    assert engine._ks_asm(source + "\n", BASE) == bytes.fromhex(encoded)
+
+
+@pytest.mark.parametrize(("source", "keystone", "gnu_as"), [
+    (".quad 1 << 12 - 1", 0x800, 0xFFF),
+    (".quad 6 & 3 + 1", 4, 3),
+    (".quad 3 == 3", 1, -1),
+    ("movabs rax, 6 | 1 ^ 3", 6, 4),
+    ("movabs rax, -8 >> 1", -4, 0x7FFFFFFFFFFFFFFC),
+])
+def test_keystone_and_gnu_as_compute_these_expressions_differently(source: str, keystone: int, gnu_as: int) -> None:
+    """Keystone's operator precedence, comparisons and (in an instruction) right shift are not GNU
+    as's (the values GNU as 2.40 gives are in the table): the front end refuses such an
+    expression (testbed/asm/guards.py agree)."""
+    code = engine._ks_asm(source + "\n", BASE)
+    assert struct.unpack("<q", code[-8:])[0] == keystone != gnu_as
+
+
+def test_keystone_empties_the_unit_for_a_label_named_like_an_operand_keyword() -> None:
+    """An instruction naming a label called `byte` makes Keystone return no bytes at all for
+    the whole unit, with no error."""
+    assert engine._ks_asm("nop\nbyte: nop\njmp byte\n", BASE) == b""
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "message"),
+    [
+        # a prefix does not hide the operands from the checks
+        ("lock add dword ptr [rbx], 0x100000000", 1, "does not fit in 32 bits"),
+        ("lock sub byte ptr [rbx], -129", 1, "does not fit in 8 bits"),
+        ("xacquire lock add dword ptr [rbx], 0x100000000", 1, "does not fit in 32 bits"),
+        ("lock add rax, rbx", 1, "lock needs a memory destination"),
+        # macro, .irp and .rept bodies are checked as expanded
+        (".macro PUSHV v\npush \\v\n.endm\nnop\nPUSHV 0x80000000", 5, "push 0x80000000 (in macro PUSHV at g.s:2)"),
+        (".macro LD a\nmov rax, [rbx + \\a]\n.endm\nLD 0x100000000", 4, "displacement does not fit in 32 bits"),
+        (".macro OUTER x\nINNER \\x\n.endm\n.macro INNER y\nmov al, \\y\n.endm\nOUTER 300", 7,
+         "(in macro INNER at g.s:5, in macro OUTER at g.s:2): the immediate does not fit in 8 bits"),
+        (".irp v, 1, 256\nmov al, \\v\n.endr", 2, "mov al, 256 (with v = 256)"),
+        (".set i, 250\n.rept 10\nmov al, i\n.set i, i + 1\n.endr", 3, "does not fit in 8 bits"),
+        (".macro M\nloop L\n.endm\nM\n.space 200\nL: nop", 2, "loop in a .macro, .rept or .irp body"),
+        (".rept 1\njrcxz L\n.endr\n.space 200\nL: nop", 2, "jrcxz in a .macro, .rept or .irp body"),
+        (".macro J\njmp 0x100000000\n.endm\nnop\nJ", 5, "jmp 0x100000000 (in macro J at g.s:2)"),
+        (".macro J t\ncall \\t\n.endm\nJ 0xffffffff80000000", 4, "call 0xffffffff80000000"),
+        # 0x...h literals
+        ("push 0x80000000h", 1, "0x80000000h"),
+        ("mov rax, [rbx + 0x100000000h]", 1, "0x100000000h"),
+        (".word 0x10000h", 1, "0x10000h"),
+        ("mov al, 0x100h", 1, "0x100h"),
+        (".quad 2**3", 1, "`**` is no operator"),
+        (".space 4, 0x1ff", 1, "fill value 0x1ff does not fit in a byte"),
+        (".equ F, -129\n.skip 2, F", 2, "fill value F does not fit in a byte"),
+        # constant expressions
+        ("mov al, (256)", 1, "does not fit in 8 bits"),
+        ("mov al, +256", 1, "does not fit in 8 bits"),
+        ("mov rax, [rbx + 0x40000000*2]", 1, "displacement does not fit in 32 bits"),
+        ("cmp ax, 0x8000 * 2", 1, "does not fit in 16 bits"),
+        # expressions GNU as computes otherwise
+        (".equ M, 1 << 12 - 1", 1, "Keystone computes 0x800 where GNU as computes 0xfff"),
+        ("mov eax, 6 & 3 + 1", 1, "Keystone computes 0x4 where GNU as computes 0x3"),
+        ("mov al, 6 | 1 ^ 3", 1, "add parentheses"),
+        (".quad 3 == 3", 1, "GNU as computes -0x1"),
+        ("mov rax, -8 >> 1", 1, "add parentheses"),
+        ("mov rax, [rbx + 1 << 4 + 1]", 1, "Keystone computes 0x20 where GNU as computes 0x11"),
+        (".if 6 & 3 + 1 - 4\nnop\n.endif", 1, "add parentheses"),
+        (".macro M v\n.set q, \\v << 2 + 1\nmov eax, q\n.endm\nnop\nM 1", 6, "(in macro M at g.s:2)"),
+        # symbols whose values the front end knows
+        (".equ A, 0xffff\npush A", 2, "sign-extended byte"),
+        (".equ A, 0x80000000\npush A", 2, "does not fit its encoding"),
+        (".equ K, 0x80000000\nmov rax, [rbx + K]", 2, "displacement does not fit in 32 bits"),
+        (".equ A, 0x100\nmov al, A", 2, "does not fit in 8 bits"),
+        (".equ A, 0x80\n.equ B, A * 2\nmov al, B", 3, "does not fit in 8 bits"),
+        (".equ A, 0x10000\nret A", 2, "does not fit its encoding"),
+        (".equ A, 0x10000\n.word A", 2, "does not fit in 16 bits"),
+        (".equ A, 0x100000000\nimul eax, ebx, A", 2, "does not fit in 32 bits"),
+        # symbols defined later: a sign-extended 32-bit field
+        ("mov rdi, K\n.equ K, 0x80000000", 1, "K is defined after this statement"),
+        ("push K\n.equ K, 0xffffffff", 1, "K is defined after this statement"),
+        ("mov rax, 0+K\n.equ K, 0x80000000", 1, "defined after this statement"),
+        ("mov rax, [rbx + K]\n.equ K, 0x80000000", 1, "defined after this statement"),
+        ("test rax, K\n.equ K, 0x80000000", 1, "defined after this statement"),
+        # `ptr` without brackets
+        ("jmp qword ptr L\nL: .quad 0", 1, "`ptr` needs a memory operand in brackets"),
+        ("call qword ptr L\nL: .quad 0", 1, "`ptr` needs a memory operand in brackets"),
+        ("mov rax, qword ptr L\nL: .quad 0", 1, "`ptr` needs a memory operand in brackets"),
+        ("push qword ptr L\nL: .quad 0", 1, "`ptr` needs a memory operand in brackets"),
+        ("jmp qword ptr 0x1000", 1, "`ptr` needs a memory operand in brackets"),
+        # RSP anywhere but first
+        ("mov rax, [rbx + rsp]", 1, "RSP can only be the base register"),
+        ("mov rax, [rax + rsp + 8]", 1, "RSP can only be the base register"),
+        ("mov rax, [r12 + rsp]", 1, "RSP can only be the base register"),
+        ("mov eax, [ebx + esp]", 1, "ESP can only be the base register"),
+        ("mov rax, [rbx + 8 + rsp]", 1, "RSP can only be the base register"),
+        # eip / ip
+        ("mov eax, [eip + 8]", 1, "eip"),
+        ("lea rax, [eip + L]\nL: nop", 1, "eip"),
+        ("mov eax, [ip + 8]", 1, "ip"),
+        # scales
+        ("mov rax, [rbx + rcx*(4)]", 1, "scale"),
+        ("mov rax, [rbx + rcx*(2+2)]", 1, "scale"),
+        ("mov rax, [rbx + rcx*2*2]", 1, "scale"),
+        ("mov rax, [rbx + rcx*-1]", 1, "scale"),
+        ("mov rax, [rbx + (rcx)]", 1, "scale"),
+        # a segment override without brackets
+        ("mov rbx, fs:0x28", 1, "fs:0x28"),
+        ("mov rbx, ds:0x200000", 1, "ds:0x200000"),
+        ("mov rax, qword ptr fs:L\nL: nop", 1, "fs:L"),
+        # far indirect jumps and calls
+        ("ljmp tbyte ptr [rbx]", 1, "16:64"),
+        ("lcall qword ptr [rbx]", 1, "16:64"),
+        ("ljmp dword ptr [rbx]", 1, "fword"),
+        # two-operand imul
+        ("imul eax, 0x1ffffffff", 1, "does not fit in 32 bits"),
+        ("imul ax, 0x10000", 1, "does not fit in 16 bits"),
+        # a symbol named like an operand keyword, where Keystone reads the keyword
+        ("byte: nop\njmp byte", 2, "byte: a symbol named like an operand keyword"),
+        ("nop\ndword:\nmov rax, dword", 3, "dword: a symbol named like an operand keyword"),
+        (".equ qword, 5\nmov rax, qword + 1", 2, "qword: a symbol named like an operand keyword"),
+        ("far = 8\nmov rax, -far", 2, "far: a symbol named like an operand keyword"),
+        (".equ FAR, 8\nmov rax, [rbx - FAR]", 2, "FAR: a symbol named like an operand keyword"),
+        (".macro M v\njmp \\v\n.endm\nword: nop\nM word", 5, "jmp word (in macro M at g.s:2): word: a symbol"),
+        # one name as both a constant and a label
+        (".equ X, 5\nnop\nX: nop", 3, "X is already a symbol defined by .equ at g.s:1"),
+        ("X: nop\n.equ X, 5", 2, "X is already a label at g.s:1"),
+        ("X: nop\nX = 5", 2, "X is already a label at g.s:1"),
+    ],
+)
+def test_a_form_the_third_review_found_is_refused_at_its_line(source: str, line: int, message: str) -> None:
+    """Each form Keystone 0.9.2 would silently encode as another instruction or value (see
+    test_keystone_mis_encodes_these_forms_silently) is an error at its line instead: a macro
+    expansion's at the line that expands it, naming the body line; a .rept/.irp body's at its
+    own line."""
+    with pytest.raises(AsmError) as excinfo:
+        assemble_source(source, filename="g.s", base=BASE)
+    file, at, text = asm_error(excinfo)
+    assert (file, at, message in text) == ("g.s", line, True), text
+
+
+def test_a_define_named_like_an_operand_keyword_is_refused_where_keystone_misreads_it() -> None:
+    """-D FAR=8 may stand alone as an operand; after an operator Keystone would load from memory."""
+    assert disassemble(assemble_source("mov rax, FAR", base=BASE, defines={"FAR": 8})) == ["mov rax, 8"]
+    with pytest.raises(AsmError, match="FAR: a symbol named like an operand keyword"):
+        assemble_source("mov rax, 1 + FAR", base=BASE, defines={"FAR": 8})
+
+
+@pytest.mark.parametrize(("source", "decoded"), [
+    ("lock add dword ptr [rbx], 1", ["lock add dword ptr [rbx], 1"]),
+    (".macro PUSHV v\npush \\v\n.endm\nPUSHV 0x7fffffff\nPUSHV rax", ["push 0x7fffffff", "push rax"]),
+    (".irp v, 1, 255\nmov al, \\v\n.endr", ["mov al, 1", "mov al, 0xff"]),
+    (".macro J\nloop_target: nop\n.endm\nJ", ["nop"]),
+    ("mov al, (255)", ["mov al, 0xff"]),
+    ("mov al, 0xffffffffffffffff", ["mov al, 0xff"]),
+    ("mov al, 2 * 3 + 1", ["mov al, 7"]),
+    ("mov eax, (1 << 12) - 1", ["mov eax, 0xfff"]),
+    ("mov rax, [rbx + (1 << 4) + 1]", ["mov rax, qword ptr [rbx + 0x11]"]),
+    ("mov rax, [rbx + 0x40000000 - 1 + 0x40000000]", ["mov rax, qword ptr [rbx + 0x7fffffff]"]),
+    (".equ A, 0x7fffffff\npush A", ["push 0x7fffffff"]),
+    (".equ A, 0x80000000\nmov rdi, A", ["movabs rdi, 0x80000000"]),
+    (".equ A, 0xff\nmov al, A", ["mov al, 0xff"]),
+    ("mov rdi, K\n.equ K, 0x7fffffff", ["mov rdi, 0x7fffffff"]),
+    ("mov rdi, K\n.equ K, -1", ["mov rdi, 0xffffffffffffffff"]),
+    ("push K\n.equ K, 0xffff", ["push 0xffff"]),
+    ("mov eax, K\n.equ K, 0x80000000", ["mov eax, 0x80000000"]),
+    ("mov rax, [rsp + rbx]", ["mov rax, qword ptr [rsp + rbx]"]),
+    ("mov rax, [8 + rsp + rbx]", ["mov rax, qword ptr [rsp + rbx + 8]"]),
+    ("mov rax, [rbx + 4*rcx]", ["mov rax, qword ptr [rbx + rcx*4]"]),
+    ("mov rax, [rbx + rcx*0x8 + 16]", ["mov rax, qword ptr [rbx + rcx*8 + 0x10]"]),
+    ("mov rax, qword ptr fs:[rbx + 8]", ["mov rax, qword ptr fs:[rbx + 8]"]),
+    ("mov rax, fs:[rbx]", ["mov rax, qword ptr fs:[rbx]"]),
+    ("jmp qword ptr [rip + L]\nL: .quad 0", ["jmp qword ptr [rip]"]),
+    ("ljmp fword ptr [rbx]", ["jmp ptr [rbx]"]),
+    ("ljmp [rbx]", ["jmp ptr [rbx]"]),
+    ("imul eax, 0x7fffffff", ["imul eax, eax, 0x7fffffff"]),
+    ("imul eax, ebx", ["imul eax, ebx"]),
+    ("mov rax, qword ptr [rip + word]\nword: .quad 0", ["mov rax, qword ptr [rip]"]),
+    (".equ far, 8\nmov rax, far\nmov rax, [rbx + far]", ["mov rax, 8", "mov rax, qword ptr [rbx + 8]"]),
+])
+def test_forms_next_to_the_refused_ones_assemble_as_written(source: str, decoded: list[str]) -> None:
+    """The neighbours of each refused form still assemble, to what they say."""
+    assert disassemble(assemble_source(source, filename="g.s", base=BASE))[: len(decoded)] == decoded

@@ -41,3 +41,25 @@ def test_a_branch_keystone_wraps_is_refused_at_its_line(text: str, message: str)
 def test_branches_within_reach_assemble(text: str) -> None:
     """Branches whose targets fit their encoding assemble (and Jcc to a label is relaxed to rel32)."""
     build_program("<t>", VmOptions(), text=text)
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    (".macro FAR_JUMP\n    jmp 0x100000000\n.endm\nguest_main:\n    FAR_JUMP\n    ret\n", 5,
+     "jmp 0x100000000 (in macro FAR_JUMP at <t>:2): the target 0x100000000 is out of a branch's reach"),
+    ("guest_main:\n.rept 2\n    call 0xffffffff80000000\n.endr\n    ret\n", 2, "call 0xffffffff80000000"),
+    (".macro SPIN\n    loopne spin_top\n.endm\nguest_main:\nspin_top:\n    SPIN\n    ret\n", 2,
+     "loopne in a .macro, .rept or .irp body"),
+], ids=["macro-jmp", "rept-call", "macro-loopne"])
+def test_a_branch_in_an_expansion_keystone_would_wrap_is_refused(text: str, line: int, message: str) -> None:
+    """A branch inside a macro or .rept expansion has no position of its own: a rel8-only one is
+    refused in the body, and one to an absolute address must be within reach of the whole
+    expansion (checked after assembly, reported at the statement that expands it)."""
+    with pytest.raises(AsmError) as info:
+        build_program("<t>", VmOptions(), text=text)
+    assert str(info.value).startswith(f"<t>:{line}: ") and message in str(info.value), str(info.value)
+
+
+def test_a_branch_to_an_absolute_address_in_reach_of_an_expansion_assembles() -> None:
+    """An absolute target in reach of every byte of the expansion is accepted."""
+    build_program("<t>", VmOptions(), text=".macro NEAR_JUMP\n    jmp 0x200000\n.endm\nguest_main:\n"
+                                           "    NEAR_JUMP\n    ret\n")

@@ -401,6 +401,14 @@ def test_reused_front_end_equals_the_reference(guest: Path) -> None:
     assert reused.items == fresh.items
     assert reused.positions == fresh.positions and reused.labels == fresh.labels
     assert reused.asserts == fresh.asserts and reused.included == fresh.included
+    _same_checks(reused, fresh)
+
+
+def _same_checks(reused: _Preprocessor, fresh: _Preprocessor) -> None:
+    """The checks after assembly and what they read are the reference's too."""
+    assert reused.branch_checks == fresh.branch_checks and reused.span_checks == fresh.span_checks
+    assert reused.deferred == fresh.deferred and reused.constants == fresh.constants
+    assert reused.equ_defs == fresh.equ_defs and reused.unsettled == fresh.unsettled
 
 
 def test_the_runtime_is_replayed_for_a_plain_guest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,6 +467,15 @@ def test_a_guest_redefining_what_the_runtime_reads_is_processed_in_full() -> Non
     assert not assembler._replayable(prefix, pre, suffix)
 
 
+def test_every_guard_is_in_the_key() -> None:
+    """The toolchain part of an entry's key covers every module whose change can change what is
+    assembled or refused (the guards, the expansion checks, the expression evaluator, the
+    decoder of the branch checks): a changed guard misses the entries made before it."""
+    names = {path.name for path in cache._toolchain_sources()}
+    assert {"guards.py", "expand.py", "evaluate.py", "branches.py", "frontend.py", "decode.py"} <= names
+    assert all(path.is_file() for path in cache._toolchain_sources())
+
+
 def test_program_digest_is_stable() -> None:
     """The digest used by these tests covers code, base, symbols, asserts and lines."""
     program = build_program(GUESTS_DIR / "hypercall_insn.s", VmOptions())
@@ -476,6 +493,7 @@ def _front_end_equals_reference(guest: Path, options: VmOptions) -> bool:
     assert reused.items == fresh.items
     assert reused.positions == fresh.positions and reused.labels == fresh.labels
     assert reused.asserts == fresh.asserts and reused.included == fresh.included
+    _same_checks(reused, fresh)
     return was_reused
 
 

@@ -43,6 +43,8 @@ Where each part lives (a reader finds each in a file named for it):
 * frontend.py      the source front end: includes, defines, assert sites, numeric local labels.
 * syntax.py        directive tables and statement parsing helpers.
 * guards.py        the mis-assembly guards (operands Keystone hangs on or mis-encodes).
+* evaluate.py      constant expressions computed as Keystone (and GNU as) compute them.
+* expand.py        macro, .rept and .irp bodies expanded for the guards (Keystone expands them).
 * guest_api.py     the guest API's operand rules and assert-site messages.
 * locate_error.py  locating Keystone's errors by probing and bisection.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import operator
@@ -16,14 +17,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from testbed.asm.branches import verify_branches
+from testbed.asm.branches import BranchCheck, SpanCheck, verify_branches, verify_spans
 from testbed.asm.engine import _KeystoneError, _ks_asm
 from testbed.asm.frontend import IncludeRecord, _check_define, _define_items, _Preprocessor
+from testbed.asm.guards import Deferred
 from testbed.asm.guest_api import _constant
 from testbed.asm.lexer import _decode_source
 from testbed.asm.locate_error import _locate_error
 from testbed.asm.program import Program, SourceLocation
-from testbed.asm.syntax import _RESERVED_PREFIX, _Item, _Label, _Macro, _render, _strip_literals
+from testbed.asm.syntax import _OPERAND_KEYWORDS, _RESERVED_PREFIX, _Item, _Label, _Macro, _render, _strip_literals
 from testbed.errors import TestbedError, UsageError
 
 _NO_DEFINES: Mapping[str, int | str] = MappingProxyType({})
@@ -102,6 +104,9 @@ def _start(defines: Mapping[str, int | str], include_dirs: Sequence[Path]) -> _P
     for item in pre.items:
         if item.define is not None:
             pre.absolute.add(item.define[0])
+            pre.equ_defs[item.define[0]] = item.loc
+            if item.define[0].lower() in _OPERAND_KEYWORDS:
+                pre.keyword_symbols.add(item.define[0].lower())
             if (value := _constant(item.define[1], pre.constants)) is not None:
                 pre.constants[item.define[0]] = value
     return pre
@@ -158,6 +163,15 @@ class _Suffix:
     texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
     image_features: frozenset[str] = frozenset()  # its GUEST_IMAGE_FEATURE notes
     image_legacy: SourceLocation | None = None  # its GUEST_IMAGE_LEGACY, if any
+    # The checks it added (positions renumbered like the items'), the names it defined by .equ
+    # (and where), the names it unsettled, and the constants it changed (None: removed).
+    branch_checks: tuple[BranchCheck, ...] = ()
+    span_checks: tuple[SpanCheck, ...] = ()
+    deferred: tuple[Deferred, ...] = ()
+    equ_defs: tuple[tuple[str, SourceLocation], ...] = ()
+    unsettled: frozenset[str] = frozenset()
+    constants: tuple[tuple[str, int | None], ...] = ()
+    keyword_symbols: frozenset[str] = frozenset()
 
 
 def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
@@ -261,6 +275,14 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         texts=tuple(t for raw in texts for t in (raw, _strip_literals(raw))),
         image_features=frozenset(pre.image_features - prefix.image_features),
         image_legacy=pre.image_legacy if prefix.image_legacy is None else None,
+        branch_checks=tuple(pre.branch_checks[len(prefix.branch_checks):]),
+        span_checks=tuple(pre.span_checks[len(prefix.span_checks):]),
+        deferred=tuple(pre.deferred[len(prefix.deferred):]),
+        equ_defs=tuple((name, loc) for name, loc in pre.equ_defs.items() if name not in prefix.equ_defs),
+        unsettled=frozenset(pre.unsettled - prefix.unsettled),
+        constants=tuple((name, pre.constants.get(name)) for name in _changed(prefix.constants, pre.constants,
+                                                                              operator.eq)),
+        keyword_symbols=frozenset(pre.keyword_symbols - prefix.keyword_symbols),
     )
 
 
@@ -298,10 +320,15 @@ def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> b
         _changed(prefix.constants, pre.constants, operator.eq)
         | _changed(prefix.macros, pre.macros, _same_macro)
         | (prefix.absolute ^ pre.absolute)
+        | (pre.equ_defs.keys() - prefix.equ_defs.keys())
+        | (prefix.unsettled ^ pre.unsettled)
+        | (prefix.keyword_symbols ^ pre.keyword_symbols)
     )
     # Labels are only added (setdefault): the suffix keeps its own unless the middle defined one too.
-    if any(label.name in pre.labels for label in suffix.new_labels):
+    if any(label.name in pre.labels or label.name in pre.equ_defs for label in suffix.new_labels):
         return False
+    if any(name in pre.labels for name, _loc in suffix.equ_defs):
+        return False  # a name both a label and an .equ: the reference path reports it
     # As a whole name: every lookup key is a _REFERENCE match (greedy over [\w.$@], never
     # starting right after [\w.]), a mnemonic, or an operand or name delimited by whitespace,
     # a comma or a colon.
@@ -377,6 +404,23 @@ def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
     pre.included.extend(suffix.included)
     pre.image_features |= suffix.image_features
     pre.image_legacy = pre.image_legacy or suffix.image_legacy
+    if line_shift:
+        pre.branch_checks.extend(dataclasses.replace(c, position=_renumber(c.position, line_shift, 0))
+                                 for c in suffix.branch_checks)
+        pre.span_checks.extend(dataclasses.replace(c, position=_renumber(c.position, line_shift, 0))
+                               for c in suffix.span_checks)
+    else:
+        pre.branch_checks.extend(suffix.branch_checks)
+        pre.span_checks.extend(suffix.span_checks)
+    pre.deferred.extend(suffix.deferred)
+    pre.equ_defs.update(suffix.equ_defs)
+    pre.unsettled |= suffix.unsettled
+    pre.keyword_symbols |= suffix.keyword_symbols
+    for name, value in suffix.constants:
+        if value is None:
+            pre.constants.pop(name, None)
+        else:
+            pre.constants[name] = value
 
 
 def _front_end(
@@ -511,6 +555,7 @@ def _assemble_unit_now(
     addresses = {name: value for name, value in zip(table_names, values, strict=True) if value != 2**64 - 1}
 
     verify_branches(pre.branch_checks, encoding, base, addresses, pre.constants)
+    verify_spans(pre.span_checks, [name for name, _loc, _cond in pre.positions], addresses, base + size)
     # Hidden labels (numeric local labels' names) are not the program's symbols.
     symbols = {
         label: addresses[label]

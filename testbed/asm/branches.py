@@ -8,12 +8,17 @@ wrap too (`jmp 0x100000000` from the image is `jmp 0`). The front end cannot kno
 it records such branches (`BranchCheck`: the statement's hidden position label and its target)
 and the assembler decodes each one where it was placed and compares the target it encodes with
 the one the source names: a difference is an error at the statement's line.
+
+A branch inside a macro, .rept or .irp expansion has no position of its own: a rel8-only one is
+refused in a body (frontend.py, expand.py), and for one to an absolute address the statement
+that expands it is checked (`SpanCheck`): the target must be within rel32 reach of every byte
+the statement placed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from testbed.asm.program import SourceLocation
@@ -75,3 +80,35 @@ def verify_branches(checks: list[BranchCheck], code: bytes, base: int, addresses
             raise AsmError(check.loc.file, check.loc.line,
                            f"{check.mnemonic} {check.target}: the target 0x{expected:x} is out of the branch's "
                            f"reach from 0x{address:x} (Keystone encoded a branch to 0x{encoded:x})")
+
+
+@dataclass(frozen=True)
+class SpanCheck:
+    """An absolute branch target inside the expansion a top-level statement places at `position`."""
+
+    position: str
+    statement: str  # the branch as expanded, and where it comes from, for the message
+    target: int
+    loc: SourceLocation
+
+
+def verify_spans(checks: Sequence[SpanCheck], positions: Sequence[str], addresses: Mapping[str, int],
+                 end: int) -> None:
+    """AsmError at the first expansion with a branch whose absolute target a rel32 displacement
+    from somewhere in its bytes cannot reach; `positions` in source order, `end` the code's."""
+    if not checks:
+        return
+    order = {name: i for i, name in enumerate(positions)}
+    for check in checks:
+        start = addresses.get(check.position)
+        if start is None:
+            continue  # not assembled
+        following = next((addresses[name] for name in positions[order[check.position] + 1:] if name in addresses),
+                         end)
+        for after in (start + 2, max(following, start + 2)):  # where the branch ends: rel32 counts from there
+            offset = (check.target - after) & _U64
+            if (1 << 31) <= offset < (1 << 64) - (1 << 31):
+                raise AsmError(check.loc.file, check.loc.line,
+                               f"{check.statement}: the target 0x{check.target & _U64:x} is out of a branch's reach "
+                               f"from the expansion at 0x{start:x}..0x{following:x} (Keystone wraps a rel32 "
+                               "displacement silently)")

@@ -2,7 +2,8 @@
 
 An entry's key is a SHA-256 over everything an assembly reads: the sources (names and texts),
 the defines, the load address, the include directories, the assembler's own sources
-(testbed/asm/*.py) and Keystone's version. The files the sources include are found only while
+(testbed/asm/*.py and testbed/decode.py: a changed guard misses every entry) and Keystone's and
+Capstone's versions. The files the sources include are found only while
 assembling, so an entry records each include (the file read, its SHA-256, and the candidate
 paths tried before it and absent) and is used only if all of them still hold.
 
@@ -77,27 +78,36 @@ def cache_dir() -> Path | None:
     return root / "asm"
 
 
+def _toolchain_sources() -> list[Path]:
+    """The testbed's files an assembly's result depends on: the assembler with its guards, and
+    the decoder its branch checks read."""
+    return [*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parent.parent / "decode.py"]
+
+
 @functools.cache
 def _toolchain() -> str:
-    """The assembler's sources and the installed Keystone: a change to either invalidates every
-    entry. Keystone is identified by its Python binding's files and its library's size and
-    mtime (found without importing it: only the worker process imports Keystone; and
-    importlib.metadata costs ~20 ms a process)."""
+    """The assembler's sources (with the guards, testbed/asm/*.py, and the decoder its branch
+    checks read, testbed/decode.py), the installed Keystone and Capstone: a change to any
+    invalidates every entry (an entry is a program that passed the checks then). A package is
+    identified by its Python files and its libraries' sizes and mtimes (found without importing
+    it: only the worker process imports Keystone; and importlib.metadata costs ~20 ms a
+    process)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in _toolchain_sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    try:
-        spec = importlib.util.find_spec("keystone")
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        for package in map(Path, locations):
-            for path in sorted(package.iterdir()):
-                if path.suffix == ".py":
-                    digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-                elif path.is_file():
-                    stat = path.stat()
-                    digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
-    except (ImportError, OSError, ValueError):
-        digest.update(b"keystone unknown")
+    for name in ("keystone", "capstone"):
+        try:
+            spec = importlib.util.find_spec(name)
+            locations = list(spec.submodule_search_locations or []) if spec is not None else []
+            for package in map(Path, locations):
+                for path in sorted(package.iterdir()):
+                    if path.suffix == ".py":
+                        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+                    elif path.is_file():
+                        stat = path.stat()
+                        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+        except (ImportError, OSError, ValueError):
+            digest.update(f"{name} unknown".encode())
     return digest.hexdigest()
 
 

@@ -10,9 +10,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.asm.branches import BranchCheck, branch_check
+from testbed.asm.branches import REL8_ONLY, BranchCheck, SpanCheck, branch_check
 from testbed.asm.engine import _KeystoneError, _ks_asm
-from testbed.asm.guards import _check_encodable, _check_literals, _check_operands, _hoist_operands
+from testbed.asm.evaluate import evaluate
+from testbed.asm.expand import _IF_TESTS, Expander, Expansion, body_facts
+from testbed.asm.guards import (
+    Deferred,
+    Scope,
+    _check_encodable,
+    _check_literals,
+    _check_operands,
+    _hoist_operands,
+    agree,
+    check_deferred,
+    strip_prefixes,
+)
 from testbed.asm.guest_api import (
     _GUEST_API_VALUE_MACROS,
     _assert_message,
@@ -38,12 +50,14 @@ from testbed.asm.syntax import (
     _NAME_DIRECTIVES,
     _NAME_OPERAND,
     _NAME_OPERAND_HELP,
+    _OPERAND_KEYWORDS,
     _PREFIXES,
     _REAL_NUMBER,
     _REGISTER,
     _RESERVED_PREFIX,
     _SUPPORTED_DIRECTIVES,
     _UNSUPPORTED,
+    Line,
     _Item,
     _Label,
     _Macro,
@@ -66,11 +80,21 @@ class _Block:
     loc: SourceLocation
     params: frozenset[str] = frozenset()  # macro / .irp parameters usable inside
     macro: _Macro | None = None
+    # A top-level .rept/.irp/.irpc, checked as expanded at its .endr (testbed/asm/expand.py): the
+    # directive, its operands, its position label, the unit's constants when it opened, and its
+    # body's statements.
+    repeat: tuple[str, str, str, dict[str, int], frozenset[str]] | None = None
+    body: list[Line] | None = None
 
 
 # An AT&T-style register (`%eax`), outside string literals.
 _ATT_REGISTER = re.compile(r"%[A-Za-z]")
+# Hazard: Keystone 0.9.2 reads `0x100h` as 0x100 (GNU as rejects it), and the front end's checks
+# would not see a number in it: `mov al, 0x100h` is `mov al, 0`, `.word 0x10000h` vanishes.
+_PREFIXED_AND_SUFFIXED = re.compile(r"(?<![\w.$@])0[xXbB][0-9a-fA-F]*[hH](?![\w.$@])")
 _NO_PARAMS: frozenset[str] = frozenset()
+#: What the checks know of names in a body as written: nothing (its expansions are checked).
+_BODY_SCOPE = Scope({})
 _ANY_DIGIT = re.compile(r"\d")
 
 # Numeric local labels as GNU as has them: `N:` may be defined any number of times; `Nb` is the
@@ -159,6 +183,19 @@ class _Preprocessor:
         # Names defined so far by .equ/.set/.equiv/= (or -D) from constants only: what an
         # .if or .rept may use (see _ABSOLUTE_DIRECTIVES).
         self.absolute: set[str] = set()
+        # Where each name defined by .equ/.set/.equiv/= (or -D) was first defined (a label may
+        # not take the same name), and the names whose value at a use the front end cannot
+        # know: defined more than once, or in a body expanded elsewhere.
+        self.equ_defs: dict[str, SourceLocation] = {}
+        self.unsettled: set[str] = set()
+        # Fields given a symbol defined later, checked when the unit's constants are known
+        # (guards.Deferred), and absolute branch targets inside expansions (branches.SpanCheck).
+        self.deferred: list[Deferred] = []
+        self.span_checks: list[SpanCheck] = []
+        # Symbols named like an operand keyword (`word:`, -D FAR=...), in lower case: the front
+        # end's analysis reads such a name as the keyword, so where an instruction may use one
+        # is limited (guards._check_keyword_symbols).
+        self.keyword_symbols: set[str] = set()
         # The image's note (Program.features): features declared by GUEST_IMAGE_FEATURE NAME,
         # and where GUEST_IMAGE_LEGACY withdrew MAP_GPA_RANGE (None if it did not).
         self.image_features: set[str] = set()
@@ -187,6 +224,11 @@ class _Preprocessor:
         other.errors = dict(self.errors)
         other.constants = dict(self.constants)
         other.absolute = set(self.absolute)
+        other.equ_defs = dict(self.equ_defs)
+        other.unsettled = set(self.unsettled)
+        other.deferred = list(self.deferred)
+        other.span_checks = list(self.span_checks)
+        other.keyword_symbols = set(self.keyword_symbols)
         other.image_features = set(self.image_features)
         return other
 
@@ -215,6 +257,11 @@ class _Preprocessor:
         if self.blocks:
             block = self.blocks[-1]
             raise AsmError(block.loc.file, block.loc.line, f"block is not closed: missing {block.closer}")
+        check_deferred(self.deferred, self.constants, self.unsettled)
+
+    def scope(self) -> Scope:
+        """What the checks know of names at the current statement."""
+        return Scope(self.constants, self.absolute, self.labels, self.keyword_symbols)
 
     def include(self, operands: str, loc: SourceLocation) -> None:
         m = re.fullmatch(r'"([^"]+)"', operands.strip())
@@ -256,6 +303,12 @@ class _Preprocessor:
             # Hazard: Keystone hangs on `.double 1.5e` (and encodes `mov rax, 1e` as a double).
             raise AsmError(file, line, "malformed number: an exponent without digits")
         _check_literals(text, loc)
+        if "**" in stripped:
+            # Hazard: Keystone 0.9.2 hangs on `**` in a directive (`.quad 2**3`), whatever the values.
+            raise AsmError(file, line, "`**` is no operator (Keystone hangs on it): write the power out, e.g. 1 << 3")
+        if m := _PREFIXED_AND_SUFFIXED.search(stripped):
+            raise AsmError(file, line, f"{m.group()}: a number is 0x-prefixed or h-suffixed, not both (Keystone reads "
+                           f"{m.group()} as {m.group()[:-1]}, GNU as rejects it)")
         written_labels = _split_labels(text)[0]
         # Keystone rejects numeric local labels (test_numeric_local_labels_are_rejected): they
         # become hidden unique names here.
@@ -267,6 +320,7 @@ class _Preprocessor:
         operands = rest[len(mnemonic) :].strip()
         directive = mnemonic.lower() if mnemonic.startswith(".") else ""
         in_macro = bool(blocks) and any(b.closer == ".endm" for b in blocks)
+        in_body = bool(blocks) and any(b.closer in (".endm", ".endr") for b in blocks)
         params = frozenset(p for b in blocks for p in b.params) if blocks else _NO_PARAMS
 
         if rest and not (rest[0].isalpha() or rest[0] in "_." or (rest[0] == "\\" and params)):
@@ -301,7 +355,14 @@ class _Preprocessor:
         elif directive not in _FREE_FORM_DIRECTIVES:
             _check_operands(directive, operands, mnemonic in self.macros, loc)
             if mnemonic not in self.macros:
-                _check_encodable(mnemonic.lower(), directive, operands, loc, self.absolute)
+                # In a body only what holds whatever the expansion: the rest is checked where it
+                # is expanded (testbed/asm/expand.py).
+                self.deferred.extend(_check_encodable(mnemonic.lower(), directive, operands, loc,
+                                                      _BODY_SCOPE if in_body else self.scope(), defer=not in_body))
+                if in_body and not directive and strip_prefixes(mnemonic.lower(), operands)[0] in REL8_ONLY:
+                    raise AsmError(file, line, f"{strip_prefixes(mnemonic.lower(), operands)[0]} in a .macro, .rept or "
+                                   ".irp body: its rel8 target cannot be checked after assembly (Keystone wraps one "
+                                   "128 to ~255 bytes away silently): write it outside the body, or use dec and jnz")
         elif directive in _NAME_DIRECTIVES and not _NAME_OPERAND[directive].fullmatch(operands):
             # Hazard: Keystone hangs on e.g. `.purgem foo: x`.
             raise AsmError(file, line, f"{directive} expects {_NAME_OPERAND_HELP[directive]}")
@@ -312,10 +373,26 @@ class _Preprocessor:
                 # Hazard: Keystone accepts the label, then reads the name as the register (or
                 # drops the term: `lea rbx, [rip + rax]` is `lea rbx, [rip]`).
                 raise AsmError(file, line, f"label {name!r}: a register name cannot be a symbol")
+            if name.lower() in _OPERAND_KEYWORDS:
+                self.keyword_symbols.add(name.lower())  # checked where an instruction names it (guards)
+            if name in self.equ_defs:
+                # Hazard: which value a use gets (the .equ's or the label's) depends on where it is.
+                raise AsmError(file, line, f"label {name}: {name} is already a symbol defined by .equ at "
+                               f"{self.equ_defs[name]}")
+        equ_name = ""
         if directive in (".equ", ".set", ".equiv") or assignment:
             equ_name = (assignment.group(1) if assignment else operands.split(",", 1)[0]).strip()
             if _REGISTER.fullmatch(equ_name.lower()):
                 raise AsmError(file, line, f"{directive or '='} {equ_name}: a register name cannot be a symbol")
+            if equ_name.lower() in _OPERAND_KEYWORDS:
+                self.keyword_symbols.add(equ_name.lower())
+            if equ_name in self.labels or equ_name in written_labels:
+                at = self.labels[equ_name].loc if equ_name in self.labels else loc
+                raise AsmError(file, line, f"{directive or '='} {equ_name}: {equ_name} is already a label at {at}")
+        if directive == ".word":
+            # Hazard: Keystone 0.9.2 drops a `.word` whose value is out of range (a constant's
+            # too), silently; `.short` is the same directive and reports it.
+            text = "".join(f"{name}: " for name in labels) + ".short" + rest[len(mnemonic):]
 
         if mnemonic in _GUEST_API_VALUE_MACROS and mnemonic in self.macros and not in_macro and operands:
             checked = _guest_api_operands(mnemonic, operands, self.constants, loc)
@@ -365,6 +442,12 @@ class _Preprocessor:
             defines_here.add(operands.split(",", 1)[0].strip())
         elif assignment:
             defines_here.add(assignment.group(1))
+        if directive in _ABSOLUTE_DIRECTIVES and not in_body and "\\" not in operands:
+            condition = evaluate(operands, self.constants)
+            if condition.gas is not None and condition.value is not None and (
+                    directive == ".rept" or _IF_TESTS.get(directive, bool)(condition.value)
+                    != _IF_TESTS.get(directive, bool)(condition.gas)):
+                agree(operands, condition, loc)
         if directive in _ABSOLUTE_DIRECTIVES and not in_macro and "\\" not in operands:
             unknown = sorted(_references(operands) - self.absolute)
             if unknown:
@@ -375,23 +458,33 @@ class _Preprocessor:
         for name in defines_here:
             self.constants.pop(name, None)
             self.absolute.discard(name)
-        if not self.blocks and (directive in (".equ", ".set", ".equiv") or assignment):
-            name, value_text = (
-                (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
-            )
+        if equ_name and "\\" not in equ_name:
+            if equ_name in self.equ_defs or in_body:
+                self.unsettled.add(equ_name)
+            self.equ_defs.setdefault(equ_name, loc)
+        if equ_name and not in_body:
+            value_text = rest[assignment.end() :] if assignment else operands.split(",", 1)[1]
+            computed = evaluate(value_text, self.constants)
+            agree(value_text, computed, loc)
             value = _constant(value_text, self.constants)
-            if value is not None:
-                self.constants[name.strip()] = value
+            if value is None:
+                value = computed.value
+            if value is not None and not self.blocks:
+                self.constants[equ_name] = value
         if directive in (".equ", ".set", ".equiv") or assignment:
             name, value_text = (
                 (assignment.group(1), rest[assignment.end() :]) if assignment else operands.split(",", 1)
             )
             if "\\" not in name and not _references(value_text) - self.absolute:
                 self.absolute.add(name.strip())
+        body_lines = [Line(one, loc) for one in [*hoisted, text]] if in_body else []
         for block in blocks:
             if block.macro is not None:
                 block.macro.body_refs |= refs
                 block.macro.body_labels |= set(plain_labels)
+                self.add_to_body(block.macro, body_lines, rest, mnemonic, operands)
+            if block.body is not None:
+                block.body.extend(body_lines)
         for name in plain_labels:
             self.labels.setdefault(name, _Label(name, loc, conditional=bool(self.blocks)))
 
@@ -411,8 +504,11 @@ class _Preprocessor:
                 check = branch_check(mnemonic.lower(), operands, position, loc, self.absolute)
                 if check is not None:
                     self.branch_checks.append(check)
+        if mnemonic in self.macros and not in_body:
+            self.expanded(Expander(self.macros, self.constants, self.absolute, self.labels, loc, self.keyword_symbols)
+                          .call(self.macros[mnemonic], operands, loc), position, loc)
 
-        self.update_blocks(directive, operands, loc)
+        self.update_blocks(directive, operands, loc, position)
         self.items.append(
             _Item(
                 text="\n".join([*([f"{position}:"] if position else []), *hoisted, text]),
@@ -423,6 +519,28 @@ class _Preprocessor:
                 closers=tuple(b.closer for b in reversed(blocks)) if blocks else (),
             )
         )
+
+    def add_to_body(self, macro: _Macro, lines: list[Line], rest: str, mnemonic: str, operands: str) -> None:
+        """Keep a statement of `macro`'s body (with its hidden `.equ` lines) for the checks of its
+        expansions."""
+        macro.body.extend(lines)
+        for line in lines:
+            defined, emits = body_facts(line.text)
+            macro.body_defines.update(defined)
+            macro.emits = macro.emits or emits
+        if mnemonic and not mnemonic.startswith(".") and not _ASSIGNMENT.match(rest):
+            macro.body_calls.append((mnemonic, operands))
+
+    def expanded(self, found: Expansion, position: str, loc: SourceLocation) -> None:
+        """Take in what checking an expansion found: its checks for later and of its absolute
+        branch targets (at the expanding statement's `position`), and the names it set."""
+        self.deferred.extend(found.deferred)
+        if position:
+            self.span_checks.extend(SpanCheck(position, f"{t.statement} ({t.context})", t.value, loc)
+                                    for t in found.targets)
+        for name in found.defined:
+            self.constants.pop(name, None)
+            self.unsettled.add(name)
 
     def image_note(self, mnemonic: str, operands: str, loc: SourceLocation, in_macro: bool) -> None:
         """Record a GUEST_IMAGE_FEATURE / GUEST_IMAGE_LEGACY note (the image's, for the control
@@ -493,10 +611,13 @@ class _Preprocessor:
                 f" comma-separated arguments, {given} given",
             )
 
-    def update_blocks(self, directive: str, operands: str, loc: SourceLocation) -> None:
+    def update_blocks(self, directive: str, operands: str, loc: SourceLocation, position: str = "") -> None:
         if directive in _BLOCK_OPENERS:
             params: frozenset[str] = frozenset()
             macro = None
+            repeat = None
+            if directive in (".rept", ".irp", ".irpc") and not any(b.closer in (".endm", ".endr") for b in self.blocks):
+                repeat = (directive, operands, position, dict(self.constants), frozenset(self.absolute))
             if directive == ".macro":
                 name, macro_params = _parse_macro_params(operands, loc.file, loc.line)
                 macro = _Macro(name, macro_params, loc, len(self.items))
@@ -505,13 +626,18 @@ class _Preprocessor:
                 params = frozenset(p.name for p in macro_params)
             elif directive in (".irp", ".irpc"):
                 params = frozenset([operands.split(",", 1)[0].strip()])
-            self.blocks.append(_Block(_BLOCK_OPENERS[directive], loc, params, macro))
+            self.blocks.append(_Block(_BLOCK_OPENERS[directive], loc, params, macro, repeat,
+                                      [] if repeat is not None else None))
         elif directive in _BLOCK_CLOSERS:
             closer = _BLOCK_CLOSERS[directive]
             if not self.blocks or self.blocks[-1].closer != closer:
                 expected = f"expected {self.blocks[-1].closer}" if self.blocks else "no block is open"
                 raise AsmError(loc.file, loc.line, f"{directive} does not match ({expected})")
-            self.blocks.pop()
+            block = self.blocks.pop()
+            if block.repeat is not None and block.body is not None:
+                kind, header, at, constants, absolute = block.repeat
+                self.expanded(Expander(self.macros, constants, absolute, self.labels, None, self.keyword_symbols)
+                              .block(kind, header, block.body), at, block.loc)
         elif directive in (".else", ".elseif") and (not self.blocks or self.blocks[-1].closer != ".endif"):
             raise AsmError(loc.file, loc.line, f"{directive} outside an .if block")
         elif directive == ".purgem" and not any(b.closer == ".endm" for b in self.blocks):

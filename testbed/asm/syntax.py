@@ -139,6 +139,15 @@ class _Param:
     name: str
     required: bool  # no default value
     vararg: bool
+    default: str = ""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One statement of a .macro/.rept/.irp body as Keystone gets it, and where it is written."""
+
+    text: str
+    loc: SourceLocation
 
 
 @dataclass
@@ -149,6 +158,13 @@ class _Macro:
     index: int  # of its .macro item: Keystone knows a macro only after its definition
     body_refs: set[str] = field(default_factory=set)
     body_labels: set[str] = field(default_factory=set)
+    # Its body, for the checks of an expansion (testbed/asm/expand.py): the statements, the names
+    # they define (as written), the statements that may call another macro (name, operands), and
+    # whether any statement can emit bytes or call a macro.
+    body: list[Line] = field(default_factory=list)
+    body_defines: set[str] = field(default_factory=set)
+    body_calls: list[tuple[str, str]] = field(default_factory=list)
+    emits: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,7 +251,10 @@ def _parse_macro_params(text: str, file: str, line: int) -> tuple[str, tuple[_Pa
         if not pm or pm.end() == pos:
             raise AsmError(file, line, f"cannot parse macro parameters {rest.strip()!r}")
         qualifier = (pm.group(2) or "").lower()
-        params.append(_Param(pm.group(1), qualifier == "req" or pm.group(3) is None, qualifier == "vararg"))
+        default = pm.group(3) or ""
+        if len(default) >= 2 and default[0] == default[-1] == '"':
+            default = default[1:-1]
+        params.append(_Param(pm.group(1), qualifier == "req" or pm.group(3) is None, qualifier == "vararg", default))
         pos = pm.end()
     return m.group(1), tuple(params)
 

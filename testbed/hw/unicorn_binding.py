@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _nativemmu = None
 
 #: Unicorn-physical base of the private (plaintext) alias; the DRAM alias sits at 0.
-PRIVATE_ALIAS_BASE = 1 << 39  # below 2^40: Unicorn treats RAM above its 40-bit physical space as slow I/O
+PRIVATE_ALIAS_BASE = 1 << 39  # clear of guest-physical addresses; RAM maps up to 2^52 at one speed (emulator-facts)
 
 #: CR4.OSXSAVE: XSETBV/XGETBV are allowed (the XCR0 calibration sets it)
 CR4_OSXSAVE = 1 << 18

@@ -716,19 +716,30 @@ def test_rss_over_touched_is_the_growth_beyond_the_backings_resident_pages(monke
 
 
 # ------------------------------------------------------------------ the tracker benchmark
-def _tracker_bench() -> Any:
-    """tools/bench_trackers.py as a module (tools/ is not a package)."""
+def _tool(name: str) -> Any:
+    """tools/NAME.py as a module (tools/ is not a package), loaded once."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_trackers.py"
-    spec = importlib.util.spec_from_file_location("bench_trackers", path)
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    if "bench_trackers" not in sys.modules:
+    if name not in sys.modules:
         module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_trackers"] = module  # dataclasses look their module up there
+        sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
-    return sys.modules["bench_trackers"]
+    return sys.modules[name]
+
+
+def _tracker_bench() -> Any:
+    """tools/bench_trackers.py as a module."""
+    return _tool("bench_trackers")
+
+
+def _native_bench() -> Any:
+    """tools/bench_native_trackers.py as a module (it imports bench_trackers: loaded first)."""
+    _tracker_bench()
+    return _tool("bench_native_trackers")
 
 
 def _row(tb: Any, tracker: str, size: str = "1G", **rounds: list[float]) -> Any:
@@ -848,20 +859,13 @@ def test_tracker_measure_pairs_every_round_and_times_lookups_and_export_in_round
 
 def test_native_paired_rounds_clear_the_timer_floor(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench_native_trackers' paired rounds clear the timer floor on both sides."""
-    import importlib.util
-    from pathlib import Path
 
     from testbed.tracker import NATIVE_TRACKER_KINDS
     from testbed.workloads import make_workload
 
     if not NATIVE_TRACKER_KINDS:
         pytest.skip("the native trackers are not built")
-    _tracker_bench()
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_native_trackers.py"
-    spec = importlib.util.spec_from_file_location("bench_native_trackers", path)
-    assert spec is not None and spec.loader is not None
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
+    native = _native_bench()
     monkeypatch.setattr(bench, "MIN_MEASURED_S", 0.005)
     # The tool collects garbage before each replay; in this process (the whole suite's heap) a
     # collection costs far more than the replay it precedes, so the test skips it.
@@ -874,17 +878,10 @@ def test_native_paired_rounds_clear_the_timer_floor(monkeypatch: pytest.MonkeyPa
 
 def test_native_crossover_runs_end_where_they_began(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench_native_trackers' crossover run (churn, then its undo) leaves the tracker as set up, so runs can repeat."""
-    import importlib.util
-    from pathlib import Path
 
     from testbed.tracker import make_tracker
 
-    _tracker_bench()
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_native_trackers.py"
-    spec = importlib.util.spec_from_file_location("bench_native_trackers", path)
-    assert spec is not None and spec.loader is not None
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
+    native = _native_bench()
     ops = native.crossover_ops(64, 500)
     setup, churn = ops[:64], ops[64:]
     reference = make_tracker("ranges", guest_pages=native.CROSSOVER_GUEST, max_ranges=256)

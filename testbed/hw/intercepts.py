@@ -840,8 +840,8 @@ class Intercepts(EventDelivery):
         else:
             # The nested walk of a private access faults the guest_memfd page in (KVM's private
             # fault: kvm_gmem_get_pfn), validated or not: the first private fault. One 4 KiB page
-            # for a 2 MiB PVALIDATE too: guest_memfd allocates order-0 folios only
-            # (kvm_gmem_get_folio: "TODO: Support huge pages"), and the 4 KiB RMP entry then
+            # for a 2 MiB PVALIDATE too: guest_memfd allocates order-0 folios only (its huge
+            # page support is not upstream: kvm_gmem_get_folio), and the 4 KiB RMP entry then
             # fails the 2 MiB size (FAIL_SIZEMISMATCH).
             self._mem.materialise(frame, 1, True)
             result = self.rmp.pvalidate(frame, size, validate)

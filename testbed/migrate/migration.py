@@ -660,24 +660,24 @@ class Migration:
         self.report.extra["target_shared_ranges"] = [[g, n] for g, n in tracker.shared_ranges()]
         return stats
 
-    def _source_command(self, command: str, call: Callable[[], Any]) -> Any:
-        """A source-side firmware command of the stop; its failure fails the migration
-        (send_failed: SEND_CANCEL follows, the source keeps the guest)."""
+    @staticmethod
+    def _firmware_command(outcome: str, failed: str, call: Callable[[], Any]) -> Any:
+        """A firmware command of the stop; its failure fails the migration with `outcome`
+        (send_failed: the source's command, SEND_CANCEL follows; receive_refused: the target's),
+        `failed` saying which command, and the source keeps the guest."""
         try:
             return call()
         except KvmIoctlError as exc:
-            raise MigrationError("send_failed", f"the source's {command} failed ({exc}): the migration failed, the "
-                                 "source keeps the guest", errno=exc.errno,
-                                 fw_error=getattr(exc, "fw_error", None)) from None
+            raise MigrationError(outcome, f"{failed} ({exc}): the migration failed, the source keeps the guest",
+                                 errno=exc.errno, fw_error=getattr(exc, "fw_error", None)) from None
+
+    def _source_command(self, command: str, call: Callable[[], Any]) -> Any:
+        """A source-side firmware command of the stop (send_failed on failure)."""
+        return self._firmware_command("send_failed", f"the source's {command} failed", call)
 
     def _target_command(self, what: str, call: Callable[[], Any]) -> Any:
-        """A target-side firmware command of the stop; its failure is receive_refused."""
-        try:
-            return call()
-        except KvmIoctlError as exc:
-            raise MigrationError("receive_refused", f"the target's firmware refused {what} ({exc}): the migration "
-                                 "failed, the source keeps the guest", errno=exc.errno,
-                                 fw_error=getattr(exc, "fw_error", None)) from None
+        """A target-side firmware command of the stop (receive_refused on failure)."""
+        return self._firmware_command("receive_refused", f"the target's firmware refused {what}", call)
 
     def _rmp_entries(self) -> bytes | None:
         """SEV-SNP: the source's RMP entries (kvm/migration.py get_rmp_entries); None elsewhere."""

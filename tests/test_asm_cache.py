@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.asm import assembler, cache
 from testbed.asm.frontend import _Preprocessor
@@ -440,13 +443,14 @@ def test_replayed_hidden_names_follow_the_middle() -> None:
     """The replayed last source's hidden names (hoisted operands, line positions) are numbered
     after the middle's, as the reference front end numbers them; the program is the same."""
     sources = [
-        ("<a>", ".equ K, 8\n"), ("<b>", "mov rax, -K\nmov rcx, [rbx - K]\n"), ("<c>", "there: mov rdx, -K\nnop\n")
+        ("<a>", ".equ K, 8\n"), ("<b>", "mov rax, -K\nnop\nmov rcx, [rbx - K]\n"),
+        ("<c>", "there: mov rdx, -K\nnop\n")
     ]
-    assembler._front_end(sources, {}, [])
+    # Recorded after no middle: the replay after <b> moves the line counter by 3, the expr one by 2.
     pre, reused = assembler._front_end(sources, {}, [])
     fresh = assembler._front_end_uncached(sources, {}, [])
     assert reused and pre.items == fresh.items and pre.positions == fresh.positions
-    assert "__tb_expr_3" in pre.items[-2].text
+    assert "__tb_line_3:" in pre.items[-2].text and "__tb_expr_3" in pre.items[-2].text
     program, _ = assembler._assemble_unit(sources, 0x1000, {}, [])
     assert program == assembler._assemble_unit(sources, 0x1000, {}, [], reuse=False)[0]
 
@@ -465,6 +469,18 @@ def test_a_guest_redefining_what_the_runtime_reads_is_processed_in_full() -> Non
     suffix = assembler._suffixes[(key, tuple(sources[-1]))]  # this unit's runtime, whatever ran before
     assert suffix is not None
     assert not assembler._replayable(prefix, pre, suffix)
+
+
+@settings(max_examples=300)
+@given(text=st.text(alphabet="ab$@._ \t,:+-[]()é1\n", max_size=30),
+       name=st.text(alphabet="ab$@._é1", min_size=1, max_size=4))
+def test_the_whole_name_set_finds_what_the_whole_name_match_finds(text: str, name: str) -> None:
+    """_replayable's set lookup of a changed name in the runtime's text answers exactly as
+    the whole-name regex it replaces (names of [\\w.$@] characters, at any position)."""
+    suffix = assembler._Suffix(positions=0, hoisted=0, items=(), new_positions=(), new_labels=(), hoisted_after=0,
+                               included=(), texts=(text,), names=frozenset(assembler._whole_names(text)))
+    expected = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) is not None
+    assert assembler._occurs(name, suffix) == expected
 
 
 def test_every_guard_is_in_the_key() -> None:

@@ -161,6 +161,8 @@ class _Suffix:
     hoisted_after: int
     included: tuple[IncludeRecord, ...]
     texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
+    #: every name _replayable's whole-name match could find in `texts` (_whole_names)
+    names: frozenset[str] = frozenset()
     image_features: frozenset[str] = frozenset()  # its GUEST_IMAGE_FEATURE notes
     image_legacy: SourceLocation | None = None  # its GUEST_IMAGE_LEGACY, if any
     # The checks it added (positions renumbered like the items'), the names it defined by .equ
@@ -172,6 +174,8 @@ class _Suffix:
     unsettled: frozenset[str] = frozenset()
     constants: tuple[tuple[str, int | None], ...] = ()
     keyword_symbols: frozenset[str] = frozenset()
+    #: how a replay renumbers its items and positions (_plan), None: item by item
+    plan: _Plan | None = None
 
 
 def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
@@ -273,6 +277,7 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         hoisted_after=pre.hoisted,
         included=new_included,
         texts=tuple(t for raw in texts for t in (raw, _strip_literals(raw))),
+        names=frozenset().union(*(_whole_names(t) for raw in texts for t in (raw, _strip_literals(raw)))),
         image_features=frozenset(pre.image_features - prefix.image_features),
         image_legacy=pre.image_legacy if prefix.image_legacy is None else None,
         branch_checks=tuple(pre.branch_checks[len(prefix.branch_checks):]),
@@ -283,6 +288,7 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         constants=tuple((name, pre.constants.get(name)) for name in _changed(prefix.constants, pre.constants,
                                                                               operator.eq)),
         keyword_symbols=frozenset(pre.keyword_symbols - prefix.keyword_symbols),
+        plan=_plan(new_items, tuple(pre.positions[len(prefix.positions):])),
     )
 
 
@@ -332,9 +338,30 @@ def _replayable(prefix: _Preprocessor, pre: _Preprocessor, suffix: _Suffix) -> b
     # As a whole name: every lookup key is a _REFERENCE match (greedy over [\w.$@], never
     # starting right after [\w.]), a mnemonic, or an operand or name delimited by whitespace,
     # a comma or a colon.
-    return not any(
-        re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) for name in changed for text in suffix.texts
-    )
+    return not any(_occurs(name, suffix) for name in changed)
+
+
+#: A maximal run of the characters a name may hold (as the whole-name match reads them).
+_NAME_RUN = re.compile(r"[\w.$@]+")
+
+
+def _whole_names(text: str) -> set[str]:
+    """Every string the whole-name match `(?<![\\w.])NAME(?![\\w.$@])` finds in `text`, for
+    NAME made of [\\w.$@]: such a match lies in one maximal run of those characters, ends
+    where the run ends, and starts where it starts or right after a `$` or `@` in it."""
+    names: set[str] = set()
+    for run in _NAME_RUN.findall(text):
+        names.add(run)
+        names.update(run[i + 1:] for i, ch in enumerate(run[:-1]) if ch in "$@")
+    return names
+
+
+def _occurs(name: str, suffix: _Suffix) -> bool:
+    """Whether `name` occurs as a whole name in the suffix's texts (one set lookup; a name of
+    other characters is searched for)."""
+    if _NAME_RUN.fullmatch(name):
+        return name in suffix.names
+    return any(re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) for text in suffix.texts)
 
 
 #: A text split at its counter-numbered names: the literal pieces and, between them, each
@@ -349,17 +376,9 @@ _TEMPLATES_MAX = 1 << 16
 def _template(text: str) -> _Template:
     got = _templates.get(text)
     if got is None:
-        pieces: list[str] = []
-        names: list[tuple[bool, int]] = []
-        at = 0
-        for m in _COUNTED_NAME.finditer(text):
-            pieces.append(text[at : m.start()])
-            names.append((m[1] == "line", int(m[2])))
-            at = m.end()
-        pieces.append(text[at:])
         if len(_templates) >= _TEMPLATES_MAX:
             _templates.clear()
-        got = _templates[text] = (tuple(pieces), tuple(names))
+        got = _templates[text] = _split(text)
     return got
 
 
@@ -376,6 +395,54 @@ def _renumber(text: str, line_shift: int, expr_shift: int) -> str:
     return "".join(out)
 
 
+#: Joins the texts a replay renumbers into one template (a character no source text holds).
+_JOIN = "\x00"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A suffix's renumbering done as two joins: the texts of its items that hold hidden
+    names (at `indices`), and its position names, each joined by _JOIN into one template."""
+
+    indices: tuple[int, ...]
+    items: _Template
+    positions: _Template
+
+
+def _split(text: str) -> _Template:
+    """The template of one text, not kept in _templates (a plan's joined texts are large and
+    never looked up again)."""
+    pieces: list[str] = []
+    names: list[tuple[bool, int]] = []
+    at = 0
+    for m in _COUNTED_NAME.finditer(text):
+        pieces.append(text[at : m.start()])
+        names.append((m[1] == "line", int(m[2])))
+        at = m.end()
+    pieces.append(text[at:])
+    return tuple(pieces), tuple(names)
+
+
+def _plan(items: Sequence[_Item], positions: Sequence[tuple[str, SourceLocation, bool]]) -> _Plan | None:
+    indices = tuple(i for i, item in enumerate(items) if _RESERVED_PREFIX in item.text)
+    texts = [items[i].text for i in indices]
+    names = [name for name, _loc, _cond in positions]
+    if any(_JOIN in text for text in (*texts, *names)):
+        return None
+    return _Plan(indices, _split(_JOIN.join(texts)), _split(_JOIN.join(names)))
+
+
+def _fill(template: _Template, line_shift: int, expr_shift: int) -> str:
+    """The template's text with each hidden name's number moved by its counter's shift."""
+    pieces, names = template
+    line, expr = f"{_RESERVED_PREFIX}line_", f"{_RESERVED_PREFIX}expr_"
+    parts = [""] * (2 * len(names) + 1)
+    parts[0::2] = pieces
+    parts[1::2] = [f"{line}{number + line_shift}" if is_line else f"{expr}{number + expr_shift}"
+                   for is_line, number in names]
+    return "".join(parts)
+
+
 def _with_text(item: _Item, text: str) -> _Item:
     """dataclasses.replace(item, text=text) without the generic path (a replay renumbers ~2,000
     items): the same frozen instance type, every other field shared."""
@@ -388,7 +455,17 @@ def _with_text(item: _Item, text: str) -> _Item:
 def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
     line_shift = len(pre.positions) - suffix.positions
     expr_shift = pre.hoisted - suffix.hoisted
-    if line_shift or expr_shift:
+    plan = suffix.plan
+    if (line_shift or expr_shift) and plan is not None:
+        items = list(suffix.items)
+        texts = _fill(plan.items, line_shift, expr_shift).split(_JOIN) if plan.indices else []
+        for i, text in zip(plan.indices, texts, strict=True):
+            items[i] = _with_text(items[i], text)
+        pre.items.extend(items)
+        names = _fill(plan.positions, line_shift, expr_shift).split(_JOIN) if suffix.new_positions else []
+        pre.positions.extend((name, loc, cond) for name, (_old, loc, cond) in zip(names, suffix.new_positions,
+                                                                                  strict=True))
+    elif line_shift or expr_shift:
         pre.items.extend(
             _with_text(item, _renumber(item.text, line_shift, expr_shift)) if _RESERVED_PREFIX in item.text
             else item for item in suffix.items

@@ -1156,3 +1156,29 @@ def test_a_define_named_like_an_operand_keyword_is_refused_where_keystone_misrea
 def test_forms_next_to_the_refused_ones_assemble_as_written(source: str, decoded: list[str]) -> None:
     """The neighbours of each refused form still assemble, to what they say."""
     assert disassemble(assemble_source(source, filename="g.s", base=BASE))[: len(decoded)] == decoded
+
+
+def test_a_define_keystone_accepted_is_not_sent_again_and_a_refused_one_always_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A define's value is checked alone by Keystone once per process (the answer cannot
+    change); a value it refuses is refused again, with Keystone asked each time."""
+    from testbed.asm import frontend
+
+    sent: list[str] = []
+    real = frontend._ks_asm
+
+    def keystone(text: str, base: int, *, probe: bool = False) -> bytes:
+        sent.append(text)
+        if "REFUSED" in text:  # as Keystone answers a value it cannot parse
+            raise engine._KeystoneError("KS_ERR_ASM_INVALIDOPERAND", "invalid operand")
+        return real(text, base, probe=probe)
+
+    monkeypatch.setattr(frontend, "_ks_asm", keystone)
+    monkeypatch.setattr(frontend, "_KEYSTONE_ACCEPTED", set())
+    assert parse_define("ONCE_ONLY=0x40 + 2") == ("ONCE_ONLY", "0x40 + 2")
+    assert parse_define("ONCE_ONLY=0x40 + 2") == ("ONCE_ONLY", "0x40 + 2")
+    assert sent == [".equ ONCE_ONLY, 0x40 + 2\n"]
+    for _ in range(2):
+        with pytest.raises(UsageError, match=r"define REFUSED=7: not a valid expression \(invalid operand\)"):
+            parse_define("REFUSED=7")
+    assert sent[1:] == [".equ REFUSED, 7\n"] * 2

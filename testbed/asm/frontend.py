@@ -651,6 +651,12 @@ class _Preprocessor:
 _DEFINE_VALUE = re.compile(r"[A-Za-z0-9_.$@+\-*/%~!&|^<>=() ]+")
 
 
+#: Defines Keystone accepted alone (a pure function of the text: every front end checks the
+#: same ~20 layout defines, one Keystone round trip each). Bounded; a refusal is not kept.
+_KEYSTONE_ACCEPTED: set[tuple[str, str]] = set()
+_KEYSTONE_ACCEPTED_MAX = 4096
+
+
 def _check_define(name: str, value: str) -> None:
     if not _IDENTIFIER.fullmatch(name):
         raise UsageError(f"define {name!r}: the name must be an identifier (letters, digits, _)")
@@ -673,10 +679,15 @@ def _check_define(name: str, value: str) -> None:
     # Hazard: Keystone silently drops `.equ X, 1+` when more statements follow, so each value
     # is checked alone, where Keystone does report it.
     # Canary: test_directive_error_followed_by_statements_is_lost.
+    if (name, value) in _KEYSTONE_ACCEPTED:
+        return
     try:
         _ks_asm(f".equ {name}, {value}\n", 0)
     except _KeystoneError as e:
         raise UsageError(f"define {name}={value}: not a valid expression ({e.message})") from None
+    if len(_KEYSTONE_ACCEPTED) >= _KEYSTONE_ACCEPTED_MAX:
+        _KEYSTONE_ACCEPTED.clear()
+    _KEYSTONE_ACCEPTED.add((name, value))
 
 
 def _define_items(defines: Mapping[str, int | str]) -> list[_Item]:

@@ -88,13 +88,20 @@ def read_source(path: Path | str) -> str:
     return _decode_source(data, str(path), None)
 
 
-def _table_item(name: str, loc: SourceLocation, conditional: bool) -> _Item:
+def _table_text(name: str, conditional: bool) -> str:
     """One 8-byte entry of the hidden symbol table: the address of `name`, or all-ones."""
     if not conditional:
-        return _Item(f".quad {name}", loc)
+        return f".quad {name}"
     # A label inside a block may never be defined (an .if branch not taken, a macro never
     # expanded): .ifdef keeps the entry 8 bytes long either way.
-    return _Item(f".ifdef {name}\n.quad {name}\n.else\n.quad -1\n.endif", loc)
+    return f".ifdef {name}\n.quad {name}\n.else\n.quad -1\n.endif"
+
+
+def _table_items(pre: _Preprocessor) -> list[_Item]:
+    """The table's entries as items, each at its label's or statement's location: made only
+    to locate an error (_locate_error reads items)."""
+    return [_Item(_table_text(label.name, label.conditional), label.loc) for label in pre.labels.values()] + [
+        _Item(_table_text(name, cond), loc) for name, loc, cond in pre.positions]
 
 
 def _start(defines: Mapping[str, int | str], include_dirs: Sequence[Path]) -> _Preprocessor:
@@ -610,20 +617,19 @@ def _assemble_unit_now(
     # 8 bytes per entry whatever is assembled. Canaries: test_quad_of_a_label_is_its_absolute_address,
     # test_ifdef_is_false_for_a_label_never_assembled.
     table_names = [label.name for label in pre.labels.values()]
-    table = [_table_item(label.name, label.loc, label.conditional) for label in pre.labels.values()]
+    table = [_table_text(label.name, label.conditional) for label in pre.labels.values()]
     table_names += [name for name, _loc, _cond in pre.positions]
-    table += [_table_item(name, loc, cond) for name, loc, cond in pre.positions]
-    items = [*pre.items, *table]
+    table += [_table_text(name, cond) for name, _loc, cond in pre.positions]
 
     included = tuple(pre.included)
-    if not items:
+    if not pre.items and not table:
         return Program(code=b"", base=base, symbols=MappingProxyType({}), asserts=MappingProxyType({})), included
     try:
-        encoding = _ks_asm(_render(items), base)
+        encoding = _ks_asm(_render(pre.items, table), base)
     except _KeystoneError as failure:
         if reused:  # locate the error exactly as the reference path does
             return _assemble_unit(sources, base, defines, include_dirs, reuse=False)
-        raise _locate_error(items, pre, base, failure) from None
+        raise _locate_error([*pre.items, *_table_items(pre)], pre, base, failure) from None
 
     size = len(encoding) - 8 * len(table)
     if size < 0:

@@ -132,16 +132,14 @@ def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[by
                             "the page cannot be pinned")
 
 
-@contextmanager
-def _pinned_page(vm: KvmVm, command: str, gpa: int) -> Iterator[None]:
+def _pin_page(vm: KvmVm, command: str, gpa: int) -> int:
     """sev_pin_memory(kvm, params.guest_uaddr & PAGE_MASK, PAGE_SIZE, &n, ...) for the command's
     duration: the page counts in sev->pages_locked and is checked against the memlock limit as
-    any pin is (KvmVm._pin_memory), and is unpinned when the command ends, whatever it said."""
-    npages = vm._pin_memory(command, (vm.ram_hva or 0) + (gpa & ~(PAGE_SIZE - 1)), PAGE_SIZE, True)
-    try:
-        yield
-    finally:
-        vm._locked(-npages)  # sev_unpin_memory
+    any pin is (KvmVm._pin_memory). Returns the pages pinned, which the caller unpins when the
+    command ends, whatever it said (`finally: vm._locked(-npages)`, sev_unpin_memory: a plain
+    try/finally, as a context manager's generator costs more than the pin on migration's
+    per-page path)."""
+    return vm._pin_memory(command, (vm.ram_hva or 0) + (gpa & ~(PAGE_SIZE - 1)), PAGE_SIZE, True)
 
 
 def _check_blobs(command: str, blobs: tuple[bytes, ...]) -> None:
@@ -178,26 +176,36 @@ class SendContext:
         with INVALID_LEN, nothing copied back. Larger buffers come back at their size, the
         packet first and zeros after (the kzalloc'd buffer KVM copies out whole)."""
         command = "KVM_SEV_SEND_UPDATE_DATA"
-        _firmware(self._vm, command)
-        for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or not 0 <= value <= U32_MAX):
-                raise KvmIoctlError(command, errno.EINVAL, f"{name} {value!r}: a __u32 is expected")
+        vm = self._vm
+        _firmware(vm, command)
+        # Userspace gave buffer sizes (None: exactly what the packet needs, as for every page a
+        # migration sends): their checks below.
+        buffers = hdr_len is not None or trans_len is not None
+        if buffers:
+            for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                          or not 0 <= value <= U32_MAX):
+                    raise KvmIoctlError(command, errno.EINVAL, f"{name} {value!r}: a __u32 is expected")
         if hdr_len == 0 or trans_len == 0:
             try:
                 self._fw.send_update_data(0, 0, 0, 0)
             except FirmwareError as exc:
                 raise SevCommandError(command, exc, lengths=exc.needed or (0, 0)) from None
             raise AssertionError("the firmware answered a zero-length SEND_UPDATE_DATA")  # pragma: no cover
-        _page_params(command, gpa, length, self._vm.memory.size)
-        with _pinned_page(self._vm, command, gpa):
-            for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
-                if value is not None and value > KMALLOC_MAX_SIZE:
-                    raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
-                                        f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
-            with _sev_cmd(command):
-                header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
-                                                           trans_len)
+        _page_params(command, gpa, length, vm.memory.size)
+        npages = _pin_page(vm, command, gpa)
+        try:
+            if buffers:
+                for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+                    if value is not None and value > KMALLOC_MAX_SIZE:
+                        raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
+                                            f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
+            header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
+                                                       trans_len)
+        except FirmwareError as exc:  # the firmware failed the command: EIO (as _sev_cmd)
+            raise SevCommandError(command, exc) from None
+        finally:
+            vm._locked(-npages)  # sev_unpin_memory
         if hdr_len is not None:
             header = header.ljust(hdr_len, b"\0")
         if trans_len is not None:
@@ -241,17 +249,23 @@ class ReceiveContext:
         (sev_pin_page, after the blobs are copied); EIO with the firmware's status for a packet
         that does not verify. Nothing is written on any error."""
         command = "KVM_SEV_RECEIVE_UPDATE_DATA"
-        _firmware(self._vm, command, not_sev=errno.EINVAL)
+        vm = self._vm
+        _firmware(vm, command, not_sev=errno.EINVAL)
         header, packet = bytes(header), bytes(packet)
         if not header or not packet:
             raise KvmIoctlError(command, errno.EINVAL, "hdr_len and trans_len must be non-zero")
-        _page_params(command, gpa, length, self._vm.memory.size, (header, packet))
-        attrs = self._vm.mem_attrs
+        _page_params(command, gpa, length, vm.memory.size, (header, packet))
+        attrs = vm.mem_attrs
         if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
             raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
                                 "set KVM_MEMORY_ATTRIBUTE_PRIVATE on it before receiving a private page")
-        with _pinned_page(self._vm, command, gpa), _sev_cmd(command):
+        npages = _pin_page(vm, command, gpa)
+        try:
             self._fw.receive_update_data(header, packet, gpa, length)
+        except FirmwareError as exc:  # the firmware failed the command: EIO (as _sev_cmd)
+            raise SevCommandError(command, exc) from None
+        finally:
+            vm._locked(-npages)  # sev_unpin_memory
 
     def receive_vcpu_state(self, header: bytes, packet: bytes) -> None:
         """KVM_SEV_RECEIVE_UPDATE_VMSA: the firmware verifies the VMSA packet and loads it."""

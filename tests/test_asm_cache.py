@@ -478,7 +478,8 @@ def test_the_whole_name_set_finds_what_the_whole_name_match_finds(text: str, nam
     """_replayable's set lookup of a changed name in the runtime's text answers exactly as
     the whole-name regex it replaces (names of [\\w.$@] characters, at any position)."""
     suffix = assembler._Suffix(positions=0, hoisted=0, items=(), new_positions=(), new_labels=(), hoisted_after=0,
-                               included=(), texts=(text,), names=frozenset(assembler._whole_names(text)))
+                               included=(), texts=(text,), names=frozenset(assembler._whole_names(text)),
+                               plan=assembler._plan((), ()))
     expected = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) is not None
     assert assembler._occurs(name, suffix) == expected
 

@@ -169,7 +169,9 @@ class _Suffix:
     included: tuple[IncludeRecord, ...]
     texts: tuple[str, ...]  # its text and its includes', as written and with literals masked
     #: every name _replayable's whole-name match could find in `texts` (_whole_names)
-    names: frozenset[str] = frozenset()
+    names: frozenset[str]
+    #: how a replay renumbers its items and positions (_plan)
+    plan: _Plan
     image_features: frozenset[str] = frozenset()  # its GUEST_IMAGE_FEATURE notes
     image_legacy: SourceLocation | None = None  # its GUEST_IMAGE_LEGACY, if any
     # The checks it added (positions renumbered like the items'), the names it defined by .equ
@@ -181,8 +183,6 @@ class _Suffix:
     unsettled: frozenset[str] = frozenset()
     constants: tuple[tuple[str, int | None], ...] = ()
     keyword_symbols: frozenset[str] = frozenset()
-    #: how a replay renumbers its items and positions (_plan), None: item by item
-    plan: _Plan | None = None
 
 
 def _remember(memo: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
@@ -269,12 +269,13 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
             or any(_RESERVED_PREFIX in name for item in new_items for name in (*item.refs, *item.labels))):
         return None
     new_included = tuple(pre.included[included:])
-    texts = [text]
+    raw_texts = [text]
     for _name, _absent, found, _digest in new_included:
         try:
-            texts.append(Path(found).read_text(encoding="utf-8"))
+            raw_texts.append(Path(found).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+    texts = tuple(t for raw in raw_texts for t in (raw, _strip_literals(raw)))
     return _Suffix(
         positions=len(prefix.positions),
         hoisted=prefix.hoisted,
@@ -283,8 +284,9 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         new_labels=tuple(list(pre.labels.values())[labels:]),
         hoisted_after=pre.hoisted,
         included=new_included,
-        texts=tuple(t for raw in texts for t in (raw, _strip_literals(raw))),
-        names=frozenset().union(*(_whole_names(t) for raw in texts for t in (raw, _strip_literals(raw)))),
+        texts=texts,
+        names=frozenset().union(*map(_whole_names, texts)),
+        plan=_plan(new_items, pre.positions[len(prefix.positions):]),
         image_features=frozenset(pre.image_features - prefix.image_features),
         image_legacy=pre.image_legacy if prefix.image_legacy is None else None,
         branch_checks=tuple(pre.branch_checks[len(prefix.branch_checks):]),
@@ -295,7 +297,6 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         constants=tuple((name, pre.constants.get(name)) for name in _changed(prefix.constants, pre.constants,
                                                                               operator.eq)),
         keyword_symbols=frozenset(pre.keyword_symbols - prefix.keyword_symbols),
-        plan=_plan(new_items, tuple(pre.positions[len(prefix.positions):])),
     )
 
 
@@ -372,37 +373,18 @@ def _occurs(name: str, suffix: _Suffix) -> bool:
 
 
 #: A text split at its counter-numbered names: the literal pieces and, between them, each
-#: name's (kind is "line", its number) -- renumbering is then a join, no regex per replay.
+#: name's (kind is "line", its number) -- renumbering is then a join (_fill).
 _Template = tuple[tuple[str, ...], tuple[tuple[bool, int], ...]]
-#: Templates of the suffixes' texts, by text (bounded like the memos; texts repeat across
-#: define sets, and a suffix is replayed once per guest).
-_templates: dict[str, _Template] = {}
-_TEMPLATES_MAX = 1 << 16
-
-
-def _template(text: str) -> _Template:
-    got = _templates.get(text)
-    if got is None:
-        if len(_templates) >= _TEMPLATES_MAX:
-            _templates.clear()
-        got = _templates[text] = _split(text)
-    return got
 
 
 def _renumber(text: str, line_shift: int, expr_shift: int) -> str:
-    """`text` with each hidden __tb_line_N / __tb_expr_N name's N moved by its counter's shift."""
-    pieces, names = _template(text)
-    if not names:
-        return text
-    out = [pieces[0]]
-    for (is_line, number), piece in zip(names, pieces[1:], strict=True):
-        out.append(f"{_RESERVED_PREFIX}line_{number + line_shift}" if is_line
-                   else f"{_RESERVED_PREFIX}expr_{number + expr_shift}")
-        out.append(piece)
-    return "".join(out)
+    """`text` with each hidden __tb_line_N / __tb_expr_N name's N moved by its counter's shift
+    (a replayed check's position: the items and positions go through their _Plan)."""
+    return _fill(_split(text), line_shift, expr_shift)
 
 
-#: Joins the texts a replay renumbers into one template (a character no source text holds).
+#: Joins the texts a replay renumbers into one template: no item text holds it (the lexer
+#: refuses a NUL anywhere in a source, lexer.py, and generated text has none).
 _JOIN = "\x00"
 
 
@@ -417,8 +399,7 @@ class _Plan:
 
 
 def _split(text: str) -> _Template:
-    """The template of one text, not kept in _templates (a plan's joined texts are large and
-    never looked up again)."""
+    """The template of one text."""
     pieces: list[str] = []
     names: list[tuple[bool, int]] = []
     at = 0
@@ -430,13 +411,10 @@ def _split(text: str) -> _Template:
     return tuple(pieces), tuple(names)
 
 
-def _plan(items: Sequence[_Item], positions: Sequence[tuple[str, SourceLocation, bool]]) -> _Plan | None:
+def _plan(items: Sequence[_Item], positions: Sequence[tuple[str, SourceLocation, bool]]) -> _Plan:
     indices = tuple(i for i, item in enumerate(items) if _RESERVED_PREFIX in item.text)
-    texts = [items[i].text for i in indices]
-    names = [name for name, _loc, _cond in positions]
-    if any(_JOIN in text for text in (*texts, *names)):
-        return None
-    return _Plan(indices, _split(_JOIN.join(texts)), _split(_JOIN.join(names)))
+    return _Plan(indices, _split(_JOIN.join(items[i].text for i in indices)),
+                 _split(_JOIN.join(name for name, _loc, _cond in positions)))
 
 
 def _fill(template: _Template, line_shift: int, expr_shift: int) -> str:
@@ -462,8 +440,8 @@ def _with_text(item: _Item, text: str) -> _Item:
 def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
     line_shift = len(pre.positions) - suffix.positions
     expr_shift = pre.hoisted - suffix.hoisted
-    plan = suffix.plan
-    if (line_shift or expr_shift) and plan is not None:
+    if line_shift or expr_shift:
+        plan = suffix.plan
         items = list(suffix.items)
         texts = _fill(plan.items, line_shift, expr_shift).split(_JOIN) if plan.indices else []
         for i, text in zip(plan.indices, texts, strict=True):
@@ -472,13 +450,6 @@ def _replay(pre: _Preprocessor, suffix: _Suffix) -> None:
         names = _fill(plan.positions, line_shift, expr_shift).split(_JOIN) if suffix.new_positions else []
         pre.positions.extend((name, loc, cond) for name, (_old, loc, cond) in zip(names, suffix.new_positions,
                                                                                   strict=True))
-    elif line_shift or expr_shift:
-        pre.items.extend(
-            _with_text(item, _renumber(item.text, line_shift, expr_shift)) if _RESERVED_PREFIX in item.text
-            else item for item in suffix.items
-        )
-        pre.positions.extend((_renumber(name, line_shift, expr_shift), loc, cond)
-                             for name, loc, cond in suffix.new_positions)
     else:
         pre.items.extend(suffix.items)
         pre.positions.extend(suffix.new_positions)

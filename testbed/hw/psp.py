@@ -28,6 +28,7 @@ a received page enters the RMP assigned and with the validated state it had on t
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import random
@@ -133,16 +134,18 @@ class TransportSession:
             ctx.reset_nonce(iv)
         return bytes(ctx.update(data))
 
+    @functools.cached_property
+    def _keyed_mac(self) -> hmac.HMAC:
+        """An HMAC-SHA-256 keyed with the TIK and fed nothing: copied for each packet."""
+        return hmac.new(self.tik, digestmod="sha256")
+
     def _mac(self, flags: int, iv: bytes, packet: bytes) -> bytes:
         """HMAC-SHA-256 under the TIK over FLAGS, IV and the packet, from one HMAC keyed for the
         session and copied per packet (hmac's copy(), for messages that share a prefix: here
         the key's pads): the same bytes as hmac.digest(tik, FLAGS + IV + packet, "sha256")
         without the key set-up of a new HMAC each packet. Kept like the CTR context: the keys
         do not change in a session."""
-        keyed: hmac.HMAC | None = self.__dict__.get("_keyed_mac")
-        if keyed is None:
-            keyed = self.__dict__["_keyed_mac"] = hmac.new(self.tik, digestmod="sha256")
-        mac = keyed.copy()
+        mac = self._keyed_mac.copy()
         mac.update(struct.pack("<I", flags) + iv)
         mac.update(packet)
         return mac.digest()

@@ -34,9 +34,8 @@ XCR0/XSS as the GHCB set them, the PV MSRs) is host state and moves in the clear
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from testbed.hw.exits import VcpuHardware
@@ -88,14 +87,20 @@ class SevCommandError(KvmIoctlError):
         super().__init__(command, errno.EIO, str(exc))
 
 
-@contextmanager
-def _sev_cmd(command: str) -> Iterator[None]:
+class _SevCommand:
     """A firmware failure inside is what KVM_MEMORY_ENCRYPT_OP returns for it: -EIO with the
-    firmware status (SevCommandError)."""
-    try:
-        yield
-    except FirmwareError as exc:
-        raise SevCommandError(command, exc) from None
+    firmware status (SevCommandError). A class, not a generator: it wraps every page a
+    migration sends and receives."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(exc, FirmwareError):
+            raise SevCommandError(self.command, exc) from None
 
 
 def _firmware(vm: KvmVm, command: str, not_sev: int = errno.ENOTTY) -> GuestFirmware:
@@ -132,14 +137,23 @@ def _page_params(command: str, gpa: int, length: int, size: int, blobs: tuple[by
                             "the page cannot be pinned")
 
 
-def _pin_page(vm: KvmVm, command: str, gpa: int) -> int:
+class _PinnedPage:
     """sev_pin_memory(kvm, params.guest_uaddr & PAGE_MASK, PAGE_SIZE, &n, ...) for the command's
     duration: the page counts in sev->pages_locked and is checked against the memlock limit as
-    any pin is (KvmVm._pin_memory). Returns the pages pinned, which the caller unpins when the
-    command ends, whatever it said (`finally: vm._locked(-npages)`, sev_unpin_memory: a plain
-    try/finally, as a context manager's generator costs more than the pin on migration's
-    per-page path)."""
-    return vm._pin_memory(command, (vm.ram_hva or 0) + (gpa & ~(PAGE_SIZE - 1)), PAGE_SIZE, True)
+    any pin is (KvmVm._pin_memory), and is unpinned when the command ends, whatever it said
+    (sev_unpin_memory). A class, not a generator: it wraps every page a migration moves."""
+
+    def __init__(self, vm: KvmVm, command: str, gpa: int) -> None:
+        self.vm, self.command, self.gpa = vm, command, gpa
+        self.npages = 0
+
+    def __enter__(self) -> None:
+        vm = self.vm
+        self.npages = vm._pin_memory(self.command, (vm.ram_hva or 0) + (self.gpa & ~(PAGE_SIZE - 1)), PAGE_SIZE,
+                                     True)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.vm._locked(-self.npages)
 
 
 def _check_blobs(command: str, blobs: tuple[bytes, ...]) -> None:
@@ -178,14 +192,10 @@ class SendContext:
         command = "KVM_SEV_SEND_UPDATE_DATA"
         vm = self._vm
         _firmware(vm, command)
-        # Userspace gave buffer sizes (None: exactly what the packet needs, as for every page a
-        # migration sends): their checks below.
-        buffers = hdr_len is not None or trans_len is not None
-        if buffers:
-            for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                          or not 0 <= value <= U32_MAX):
-                    raise KvmIoctlError(command, errno.EINVAL, f"{name} {value!r}: a __u32 is expected")
+        for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= U32_MAX):
+                raise KvmIoctlError(command, errno.EINVAL, f"{name} {value!r}: a __u32 is expected")
         if hdr_len == 0 or trans_len == 0:
             try:
                 self._fw.send_update_data(0, 0, 0, 0)
@@ -193,19 +203,14 @@ class SendContext:
                 raise SevCommandError(command, exc, lengths=exc.needed or (0, 0)) from None
             raise AssertionError("the firmware answered a zero-length SEND_UPDATE_DATA")  # pragma: no cover
         _page_params(command, gpa, length, vm.memory.size)
-        npages = _pin_page(vm, command, gpa)
-        try:
-            if buffers:
-                for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
-                    if value is not None and value > KMALLOC_MAX_SIZE:
-                        raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
-                                            f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
-            header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
-                                                       trans_len)
-        except FirmwareError as exc:  # the firmware failed the command: EIO (as _sev_cmd)
-            raise SevCommandError(command, exc) from None
-        finally:
-            vm._locked(-npages)  # sev_unpin_memory
+        with _PinnedPage(vm, command, gpa):
+            for name, value in (("hdr_len", hdr_len), ("trans_len", trans_len)):
+                if value is not None and value > KMALLOC_MAX_SIZE:
+                    raise KvmIoctlError(command, errno.ENOMEM, f"{name} {value}: kzalloc() of more than "
+                                        f"KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}) fails")
+            with _SevCommand(command):
+                header, packet = self._fw.send_update_data(gpa, length, HDR_LEN if hdr_len is None else hdr_len,
+                                                           trans_len)
         if hdr_len is not None:
             header = header.ljust(hdr_len, b"\0")
         if trans_len is not None:
@@ -217,21 +222,21 @@ class SendContext:
         sealed by the firmware (the host cannot read an SEV-ES/SNP guest's registers)."""
         command = "KVM_SEV_SEND_UPDATE_VMSA"
         _firmware(self._vm, command)
-        with _sev_cmd(command):
+        with _SevCommand(command):
             return self._fw.send_update_vmsa()
 
     def send_finish(self) -> None:
         """KVM_SEV_SEND_FINISH: the outgoing context is closed (the source guest is SENT)."""
         command = "KVM_SEV_SEND_FINISH"
         _firmware(self._vm, command)
-        with _sev_cmd(command):
+        with _SevCommand(command):
             self._fw.send_finish()
 
     def send_cancel(self) -> None:
         """KVM_SEV_SEND_CANCEL: the migration is abandoned; the source guest runs on."""
         command = "KVM_SEV_SEND_CANCEL"
         _firmware(self._vm, command)
-        with _sev_cmd(command):
+        with _SevCommand(command):
             self._fw.send_cancel()
 
 
@@ -259,13 +264,8 @@ class ReceiveContext:
         if attrs is not None and not attrs.is_private(Gfn(gpa >> PAGE_SHIFT)):
             raise KvmIoctlError(command, errno.EINVAL, f"gpa 0x{gpa:x} is not private in the memory attributes: "
                                 "set KVM_MEMORY_ATTRIBUTE_PRIVATE on it before receiving a private page")
-        npages = _pin_page(vm, command, gpa)
-        try:
+        with _PinnedPage(vm, command, gpa), _SevCommand(command):
             self._fw.receive_update_data(header, packet, gpa, length)
-        except FirmwareError as exc:  # the firmware failed the command: EIO (as _sev_cmd)
-            raise SevCommandError(command, exc) from None
-        finally:
-            vm._locked(-npages)  # sev_unpin_memory
 
     def receive_vcpu_state(self, header: bytes, packet: bytes) -> None:
         """KVM_SEV_RECEIVE_UPDATE_VMSA: the firmware verifies the VMSA packet and loads it."""
@@ -274,7 +274,7 @@ class ReceiveContext:
         if len(header) != HDR_LEN or not packet:
             raise KvmIoctlError(command, errno.EINVAL, f"a {HDR_LEN}-byte header and a packet are needed")
         _check_blobs(command, (bytes(header), bytes(packet)))
-        with _sev_cmd(command):
+        with _SevCommand(command):
             self._fw.receive_update_vmsa(bytes(header), bytes(packet))
         self._vm.protect_vcpu_state(_hw(self._vm, command))
 
@@ -282,7 +282,7 @@ class ReceiveContext:
         """KVM_SEV_RECEIVE_FINISH: the guest is RUNNING and may be entered."""
         command = "KVM_SEV_RECEIVE_FINISH"
         _firmware(self._vm, command)
-        with _sev_cmd(command):
+        with _SevCommand(command):
             self._fw.receive_finish()
 
 
@@ -322,7 +322,7 @@ def send_start(vm: KvmVm, session: TransportSession) -> SendContext:
     fw = _firmware(vm, command)  # "if (!sev_guest(kvm)) return -ENOTTY;" before the arguments
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
-    with _sev_cmd(command):
+    with _SevCommand(command):
         fw.send_start(session)
     return SendContext(vm, fw)
 
@@ -334,7 +334,7 @@ def receive_start(vm: KvmVm, session: TransportSession) -> ReceiveContext:
     fw = _firmware(vm, command)  # "if (!sev_guest(kvm)) return -ENOTTY;" before the arguments
     if not isinstance(session, TransportSession):
         raise KvmIoctlError(command, errno.EINVAL, f"expected a TransportSession, not {type(session).__name__}")
-    with _sev_cmd(command):
+    with _SevCommand(command):
         fw.receive_start(session)
     if vm.snp:
         vm.sev_snp_launch_start()  # all RAM assigned in the RMP, as at launch

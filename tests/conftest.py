@@ -11,13 +11,41 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import pytest
-from hypothesis import settings
 
-settings.register_profile("default", derandomize=True)
-settings.register_profile("explore", derandomize=False)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+def _leave_hypothesis_unrewritten(config: pytest.Config) -> None:
+    """pytest marks every package of a distribution with a pytest11 plugin for assertion
+    rewriting, Hypothesis's included: rewritten, its ~80 modules are parsed and compiled from
+    source in each worker (~0.5-1 s each time; pytest never writes the rewritten code under
+    PYTHONDONTWRITEBYTECODE) for asserts no test of ours makes. Unmarked, it loads from its
+    installed bytecode. pytest has no public way to unmark: if its hook's attributes change,
+    this does nothing, and tests/test_quality.py (test_hypothesis_is_not_assertion_rewritten)
+    says so."""
+    hook = getattr(config.pluginmanager, "rewrite_hook", None)
+    marked = getattr(hook, "_must_rewrite", None)
+    if isinstance(marked, set) and "hypothesis" not in sys.modules:
+        marked.discard("hypothesis")
+        cache = getattr(hook, "_marked_for_rewrite_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
+@pytest.hookimpl(tryfirst=True)  # before Hypothesis's own plugin applies --hypothesis-profile
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's Hypothesis profiles, loaded before any test module is imported - in each
+    process that runs tests: an xdist controller only hands tests out, and importing Hypothesis
+    there cost it ~1 s."""
+    if not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no":
+        return
+    _leave_hypothesis_unrewritten(config)
+    from hypothesis import settings
+
+    settings.register_profile("default", derandomize=True)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: Young collections every 20,000 net allocations instead of 700: collecting the suite
 #: (assertion rewriting builds and drops whole ASTs) and the assembler's front end allocate
@@ -31,5 +59,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     objects per worker) lives until the end: gc.freeze moves it to the permanent generation, so
     the full collections the tests' own allocations trigger stop walking it each time. The
     garbage collection left is collected first: frozen, it would be kept for good."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """At its end pytest collects garbage five times over, to surface exceptions raised in
+    finalizers (_pytest/unraisableexception.py), each walk over the whole heap (~0.1 s per
+    process). One collection here frees the same garbage - its finalizers still report to
+    pytest's hook, installed until then - and freezing what is left, all of it alive, leaves
+    those five only what is freed after this."""
     gc.collect()
     gc.freeze()

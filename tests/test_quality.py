@@ -71,3 +71,15 @@ def test_an_unusable_cache_directory_leaves_mypy_its_own(tmp_path: Path, monkeyp
     assert mypy_cache() == []
     monkeypatch.setenv("TESTBED_CACHE_DIR", str(tmp_path / "c"))
     assert mypy_cache() == ["--cache-dir", str(tmp_path / "c" / "mypy")]
+
+
+def test_hypothesis_is_not_assertion_rewritten(pytestconfig: pytest.Config) -> None:
+    """Hypothesis loads from its installed bytecode, not rewritten from source in each worker
+    (tests/conftest.py unmarks it through pytest's private hook attributes: this fails when
+    a pytest release renames them)."""
+    import hypothesis.core
+    from _pytest.assertion.rewrite import AssertionRewritingHook
+
+    assert not isinstance(hypothesis.core.__loader__, AssertionRewritingHook)
+    rewriting = pytestconfig.getoption("assertmode") == "rewrite"
+    assert isinstance(sys.modules[__name__].__loader__, AssertionRewritingHook) == rewriting

@@ -38,7 +38,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """The suite's Hypothesis profiles, loaded before any test module is imported - in each
     process that runs tests: an xdist controller only hands tests out, and importing Hypothesis
     there cost it ~1 s."""
-    if not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no":
+    controller = config.getoption("dist", "no") != "no" and not config.getoption("collectonly")
+    if controller and not hasattr(config, "workerinput"):
         return
     _leave_hypothesis_unrewritten(config)
     from hypothesis import settings

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -48,11 +49,27 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.register_profile("explore", derandomize=False)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-#: Young collections every 20,000 net allocations instead of 700: collecting the suite
-#: (assertion rewriting builds and drops whole ASTs) and the assembler's front end allocate
-#: millions of short-lived objects, almost all freed by their reference counts, and each young
-#: collection also walks what is still alive. Cycles are still collected, only less often.
+
+#: Young collections every 20,000 net allocations instead of 700: the assembler's front end and
+#: the tests allocate millions of short-lived objects, almost all freed by their reference
+#: counts, and each young collection also walks what is still alive. Cycles are still
+#: collected, only less often.
 gc.set_threshold(20_000, 20, 20)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[None]:
+    """No cyclic collection while the suite is collected: assertion rewriting holds each test
+    module's whole AST alive while it builds more, so every young collection walked tens of
+    thousands of live nodes (~1 s per worker); collecting makes almost no cyclic garbage, and
+    what it makes is collected at its end (pytest_collection_finish)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

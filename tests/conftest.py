@@ -34,13 +34,19 @@ def _leave_hypothesis_unrewritten(config: pytest.Config) -> None:
             cache.clear()
 
 
+def _only_hands_out_tests(config: pytest.Config) -> bool:
+    """This process is an xdist controller that neither collects nor runs tests (a worker has
+    `workerinput`; under --collect-only the controller collects itself)."""
+    distributed = config.getoption("dist", "no") != "no" and not config.getoption("collectonly")
+    return distributed and not hasattr(config, "workerinput")
+
+
 @pytest.hookimpl(tryfirst=True)  # before Hypothesis's own plugin applies --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
     """The suite's Hypothesis profiles, loaded before any test module is imported - in each
     process that runs tests: an xdist controller only hands tests out, and importing Hypothesis
     there cost it ~1 s."""
-    controller = config.getoption("dist", "no") != "no" and not config.getoption("collectonly")
-    if controller and not hasattr(config, "workerinput"):
+    if _only_hands_out_tests(config):
         return
     _leave_hypothesis_unrewritten(config)
     from hypothesis import settings
@@ -72,13 +78,19 @@ def pytest_collection(session: pytest.Session) -> Iterator[None]:
             gc.enable()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """The collected suite (its modules, items, fixtures and the libraries they imported: ~100k
-    objects per worker) lives until the end: gc.freeze moves it to the permanent generation, so
-    the full collections the tests' own allocations trigger stop walking it each time. The
-    garbage collection left is collected first: frozen, it would be kept for good."""
+def _collect_then_freeze() -> None:
+    """Collect the garbage there is, then move everything left (all of it alive) to the
+    permanent generation, out of the walks of later collections. Garbage is collected first:
+    frozen, it would be kept for good."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The collected suite (its modules, items, fixtures and the libraries they imported: ~100k
+    objects per worker) lives until the end: frozen, the full collections the tests' own
+    allocations trigger stop walking it each time."""
+    _collect_then_freeze()
 
 
 @pytest.hookimpl(trylast=True)
@@ -86,7 +98,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """At its end pytest collects garbage five times over, to surface exceptions raised in
     finalizers (_pytest/unraisableexception.py), each walk over the whole heap (~0.1 s per
     process). One collection here frees the same garbage - its finalizers still report to
-    pytest's hook, installed until then - and freezing what is left, all of it alive, leaves
-    those five only what is freed after this."""
-    gc.collect()
-    gc.freeze()
+    pytest's hook, installed until then - and the freeze leaves those five only what is freed
+    after this."""
+    _collect_then_freeze()

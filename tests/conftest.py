@@ -45,10 +45,11 @@ def _only_hands_out_tests(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     """The suite's Hypothesis profiles, loaded before any test module is imported - in each
     process that runs tests: an xdist controller only hands tests out, and importing Hypothesis
-    there cost it ~1 s."""
+    there cost it ~1 s. Every process leaves Hypothesis unrewritten, the controller too:
+    Hypothesis's own terminal summary imports it there at the session's end."""
+    _leave_hypothesis_unrewritten(config)
     if _only_hands_out_tests(config):
         return
-    _leave_hypothesis_unrewritten(config)
     from hypothesis import settings
 
     settings.register_profile("default", derandomize=True)

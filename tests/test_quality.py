@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +84,18 @@ def test_hypothesis_is_not_assertion_rewritten(pytestconfig: pytest.Config) -> N
     assert not isinstance(hypothesis.core.__loader__, AssertionRewritingHook)
     rewriting = pytestconfig.getoption("assertmode") == "rewrite"
     assert isinstance(sys.modules[__name__].__loader__, AssertionRewritingHook) == rewriting
+
+
+def test_an_xdist_controller_leaves_hypothesis_unrewritten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller that only hands tests out unmarks Hypothesis too: Hypothesis's own terminal
+    summary imports it there at the session's end, on the run's critical path (~0.5 s rewritten)."""
+    import conftest
+
+    hook = SimpleNamespace(_must_rewrite={"hypothesis", "testbed"}, _marked_for_rewrite_cache={"hypothesis": True})
+    options = {"dist": "load", "collectonly": False}
+    controller = SimpleNamespace(pluginmanager=SimpleNamespace(rewrite_hook=hook),
+                                 getoption=lambda name, default=None: options.get(name, default))
+    monkeypatch.delitem(sys.modules, "hypothesis")  # as in a controller, which has not imported it
+    conftest.pytest_configure(controller)
+    assert "hypothesis" not in sys.modules  # the controller loads no profile: it runs no test
+    assert hook._must_rewrite == {"testbed"} and hook._marked_for_rewrite_cache == {}

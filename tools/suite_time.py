@@ -12,8 +12,9 @@ most changes do (README, "The test suite's time"); the pairs' ratio much less.
     python tools/suite_time.py [--runs N] [--warmups N] [--bound SECONDS] [--json]
     python tools/suite_time.py --base REF [--runs N]    # REF: a commit, branch or tag
 
-The base tree is a detached `git worktree` of REF in a temporary directory, its C extensions
-built in place (setup.py build_ext --inplace), removed afterwards. Each run starts in its
+The base tree is a detached `git worktree` of REF in a temporary directory, set up as
+`pip install -e` leaves a checkout without installing it (its C extensions built in place, its
+egg-info written where its setup.py puts it), removed afterwards. Each run starts in its
 tree's root, where `python -m pytest` imports that tree's testbed: checked before the first
 run. A run whose tests fail stops the measurement (a failing suite has no time to compare).
 """
@@ -145,9 +146,13 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def _make_base_tree(ref: str, tree: Path) -> None:
-    """A detached worktree of `ref` at `tree`, its extensions built in place."""
+    """A detached worktree of `ref` at `tree` as `pip install -e` leaves a checkout: its
+    extensions built in place and its egg-info written where its own setup.py puts it (a root
+    testbed.egg-info made pytest rewrite the whole library in each worker: README, "The test
+    suite's time"), without installing it."""
     for step, where in ((["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), ref], ROOT),
-                        ([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], tree)):
+                        ([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], tree),
+                        ([sys.executable, "setup.py", "-q", "egg_info"], tree)):
         done = subprocess.run(step, cwd=where, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SuiteTimeError(f"base {ref}: `{' '.join(step[:5])}` failed: {done.stderr.strip()[-400:]}")

@@ -44,6 +44,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tool_module import load_tool
 
 from testbed import bench
 from testbed.bench import (
@@ -716,30 +717,15 @@ def test_rss_over_touched_is_the_growth_beyond_the_backings_resident_pages(monke
 
 
 # ------------------------------------------------------------------ the tracker benchmark
-def _tool(name: str) -> Any:
-    """tools/NAME.py as a module (tools/ is not a package), loaded once."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    if name not in sys.modules:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _tracker_bench() -> Any:
     """tools/bench_trackers.py as a module."""
-    return _tool("bench_trackers")
+    return load_tool("bench_trackers")
 
 
 def _native_bench() -> Any:
     """tools/bench_native_trackers.py as a module (it imports bench_trackers: loaded first)."""
     _tracker_bench()
-    return _tool("bench_native_trackers")
+    return load_tool("bench_native_trackers")
 
 
 def _row(tb: Any, tracker: str, size: str = "1G", **rounds: list[float]) -> Any:

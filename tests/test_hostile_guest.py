@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tool_module import load_tool
 
 from testbed.vmm.vmm import OUTCOMES
 
@@ -44,16 +42,7 @@ def test_random_td_code_never_crashes_the_host(code: list[int]) -> None:
     assert outcome in OUTCOMES, outcome
 
 
-def _campaign() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "tools" / "hostile_campaign.py"
-    spec = importlib.util.spec_from_file_location("hostile_campaign", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CAMPAIGN = _campaign()
+CAMPAIGN = load_tool("hostile_campaign")
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from tool_module import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool() -> Any:
-    """tools/suite_time.py as a module (tools/ is not a package), loaded once."""
-    if "suite_time" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("suite_time", ROOT / "tools" / "suite_time.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["suite_time"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["suite_time"]
 
 
 def _tree(path: Path) -> Path:
@@ -34,7 +22,7 @@ def _tree(path: Path) -> Path:
 def test_runs_alternate_between_the_trees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After one warm-up run of each, each round runs both trees, the first one alternating, so a
     drifting machine weighs on both."""
-    st = _tool()
+    st = load_tool("suite_time")
     log = tmp_path / "log"
     monkeypatch.setenv("SUITE_TIME_LOG", str(log))
     trees = {"this": _tree(tmp_path / "a"), "base": _tree(tmp_path / "b")}
@@ -47,7 +35,7 @@ def test_runs_alternate_between_the_trees(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_cpu_counts_the_command_and_its_children() -> None:
     """A run's CPU time is its process's and its waited children's (a grandchild spinning 0.2 s shows)."""
-    st = _tool()
+    st = load_tool("suite_time")
     spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass"
     grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}], check=True)"
     run = st.run_once(ROOT, [sys.executable, "-c", grandchild])
@@ -56,14 +44,14 @@ def test_cpu_counts_the_command_and_its_children() -> None:
 
 def test_a_failing_suite_has_no_time(tmp_path: Path) -> None:
     """A run that exits non-zero stops the measurement, naming the tree and the status."""
-    st = _tool()
+    st = load_tool("suite_time")
     with pytest.raises(st.SuiteTimeError, match=r"exited with status 3"):
         st.run_once(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"])
 
 
 def test_a_tree_that_imports_another_trees_testbed_is_refused(tmp_path: Path) -> None:
     """A tree where python imports testbed from elsewhere (the installed checkout) is no tree to time."""
-    st = _tool()
+    st = load_tool("suite_time")
     with pytest.raises(st.SuiteTimeError, match="imports testbed from") as info:
         st.check_imports_its_own(tmp_path)
     assert str(tmp_path) in str(info.value)
@@ -79,7 +67,7 @@ def test_a_tree_that_imports_another_trees_testbed_is_refused(tmp_path: Path) ->
 def test_the_target_verdict_follows_the_bench_rule(walls: list[float], verdict: str) -> None:
     """met only when every run is within the bound, missed when none is, undecided when they
     straddle it or there are fewer than testbed.bench.MIN_ROUNDS runs (the reason is given)."""
-    st = _tool()
+    st = load_tool("suite_time")
     doc = st.report({"this": [st.Run(w, 2 * w) for w in walls]}, 30.0)
     assert doc["target"]["verdict"] == verdict
     assert (doc["target"]["undecided_reason"] is None) == (verdict != "undecided")
@@ -89,7 +77,7 @@ def test_the_target_verdict_follows_the_bench_rule(walls: list[float], verdict: 
 
 def test_ratios_are_taken_pair_by_pair() -> None:
     """this/base is each round's ratio, summarised as median [min - max]; CPU likewise."""
-    st = _tool()
+    st = load_tool("suite_time")
     doc = st.report({"this": [st.Run(9.0, 18.0), st.Run(8.0, 20.0), st.Run(12.0, 22.0)],
                      "base": [st.Run(10.0, 20.0), st.Run(10.0, 20.0), st.Run(10.0, 20.0)]})
     assert doc["this_vs_base"]["wall"] == {"median": 0.9, "min": 0.8, "max": 1.2, "n": 3}
@@ -100,7 +88,7 @@ def test_ratios_are_taken_pair_by_pair() -> None:
 
 def test_a_base_that_cannot_be_checked_out_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     """--base with a ref git does not know exits 2 naming the ref, and leaves no worktree behind."""
-    st = _tool()
+    st = load_tool("suite_time")
 
     def worktrees() -> str:
         return subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True,

@@ -559,9 +559,9 @@ def test_unhandled_exception_and_timeout_raise() -> None:
     with testbed.Vm(**SMALL) as vm:
         vcpu = vm.load("spin.s", text="guest_main:\nspin:\n    jmp spin\n")
         with pytest.raises(testbed.VmTimeoutError):
-            vcpu.run(timeout=0.2)
+            vcpu.run(timeout=0.05)
         with pytest.raises(testbed.VmTimeoutError):
-            vcpu.run_to_ucall(timeout=0.2)
+            vcpu.run_to_ucall(timeout=0.05)
 
 
 def test_vm_releases_its_machine_and_refuses_misuse() -> None:

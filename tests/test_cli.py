@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from testbed.cli import EXIT_GUEST_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, main
+from testbed.cli import EXIT_GUEST_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, main, parse_args
 from testbed.machine import GUESTS_DIR
 
 SMALL = ["--memory", "16M", "--timeout", "5"]
@@ -73,8 +73,8 @@ def test_status_1_for_an_unhandled_exception(capsys: pytest.CaptureFixture[str])
 
 
 def test_status_3_for_a_timeout(capsys: pytest.CaptureFixture[str]) -> None:
-    """A guest spinning forever under --timeout 0.25 exits with status 3 and outcome timeout."""
-    status, report = run_json(capsys, str(GUESTS_DIR / "cli_spin.s"), "--memory", "16M", "--timeout", "0.25")
+    """A guest spinning forever under --timeout 0.1 exits with status 3 and outcome timeout."""
+    status, report = run_json(capsys, str(GUESTS_DIR / "cli_spin.s"), "--memory", "16M", "--timeout", "0.1")
     assert status == EXIT_TIMEOUT == 3, f"status {status}"
     assert report["outcome"] == "timeout"
     assert [u["cmd"] for u in report["ucalls"]] == ["sync"], "the guest's sync before spinning is kept"
@@ -229,7 +229,7 @@ def test_expect_exits_0_exactly_when_the_outcome_matches(
     capsys: pytest.CaptureFixture[str], guest: str, defines: list[str], expect: str, status: int
 ) -> None:
     """--expect OUTCOME exits 0 when the run ends with OUTCOME and 1 for any other outcome (a timeout too)."""
-    timeout = "0.2" if guest == "cli_spin.s" else "1"  # the spinning guest runs to its timeout
+    timeout = "0.05" if guest == "cli_spin.s" else "1"  # the spinning guest runs to its timeout
     got, report = run_json(capsys, str(GUESTS_DIR / guest), *defines, "--memory", "8M", "--timeout", timeout,
                            "--expect", expect)
     assert got == status, f"status {got} for outcome {report['outcome']} with --expect {expect}"
@@ -479,3 +479,17 @@ def test_python_dash_m_testbed_is_the_testbed_command() -> None:
     done = subprocess.run([sys.executable, "-m", "testbed", "--help"], capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0 and done.stdout.startswith("usage: testbed"), done.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "g.s"], ["migrate", "g.s"], ["matrix", "g.s"]])
+def test_one_calls_appended_options_never_reach_the_next(command: list[str]) -> None:
+    """main() parses every call with one parser (cli.parse_args): a -D or --refuse-conversion of
+    one call is not in the next call's arguments, and a call's list is not the parser's default."""
+    first = parse_args([*command, "-D", "A=1", "-D", "B=2"])
+    again = parse_args(command)
+    assert (first.define, again.define) == (["A=1", "B=2"], [])
+    again.define.append("C=3")  # a caller that edits its arguments edits only its own
+    assert parse_args(command).define == []
+    if command[0] == "run":
+        assert parse_args([*command, "--refuse-conversion", "0x1000"]).refuse_conversion == ["0x1000"]
+        assert parse_args(command).refuse_conversion == []

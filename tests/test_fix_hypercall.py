@@ -277,7 +277,7 @@ def test_fix_up_decodes_at_cs_base_plus_rip_and_patches_at_rip() -> None:
     text = ("guest_main:\n    push rbx\n" + load_compat_segment(base) + "    mov eax, KVM_HC_VAPIC_POLL_IRQ\n"
             + far_return_to_compat("compat", base) + "compat:\n    .byte 0x0f, 0x01, 0xc1\n"
             + far_return_to_64("back64") + "back64:\n    GUEST_SYNC rax\n    pop rbx\n    ret\n")
-    options = VmOptions(vendor=Vendor.AMD, memory=8 << 20, timeout=0.3)
+    options = VmOptions(vendor=Vendor.AMD, memory=8 << 20, timeout=0.1)
     program = build_program("compat_fix.s", options, text=text)
     site = program.symbols["compat"]
     with Machine(program, options) as machine:

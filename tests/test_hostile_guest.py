@@ -53,6 +53,6 @@ def test_hostile_campaign_slice(seed: int) -> None:
     rng = random.Random(seed)
     vm_type = CAMPAIGN.VM_TYPES[seed % len(CAMPAIGN.VM_TYPES)]
     text = CAMPAIGN.guest(rng, vm_type)
-    outcome, problem = CAMPAIGN.run_one(text, vm_type, timeout=0.3)
+    outcome, problem = CAMPAIGN.run_one(text, vm_type, timeout=0.15)
     assert problem == "", f"{problem}\n{text}"
     assert outcome in OUTCOMES

@@ -549,10 +549,10 @@ spin_next:
     jmp spin
 word: .quad 0
 """
-    with testbed.Vm(memory="16M", timeout=0.2) as vm:
+    with testbed.Vm(memory="16M", timeout=0.1) as vm:
         vcpu = vm.load("<spin>", text=spin)
         with pytest.raises(VmTimeoutError):
-            vcpu.run(0.2)
+            vcpu.run(0.1)
         cpu = vm.machine.cpu
         assert not cpu._tlb_flush_pending and cpu._stop_hook is None
         vm.snapshot()

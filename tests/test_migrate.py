@@ -496,10 +496,10 @@ def test_a_source_that_runs_out_of_time_during_the_migration_is_a_timeout(
     """A guest that spins on the source past `--timeout` (the whole migration's time) ends the
     migration as a timeout, exit status 3 (README: "3 on timeout"), not as source_ended (1),
     and says so: time ran out with the guest still running, not "the guest's run ended"."""
-    status = main(["migrate", str(GUESTS / "cli_spin.s"), "--vm-type", "sev", "--timeout", "0.5", "--json"])
+    status = main(["migrate", str(GUESTS / "cli_spin.s"), "--vm-type", "sev", "--timeout", "0.2", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert (status, doc["outcome"]) == (3, "timeout"), doc["detail"]
-    assert doc["detail"].startswith("the migration ran out of time in ") and "(0.5 s, --timeout)" in doc["detail"]
+    assert doc["detail"].startswith("the migration ran out of time in ") and "(0.2 s, --timeout)" in doc["detail"]
     assert "did not end" in doc["detail"] and "run ended" not in doc["detail"] and "1e-06" not in doc["detail"]
 
 

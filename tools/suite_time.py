@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.bench import MIN_ROUNDS, Spread, paired_ratios, undecided_reason, verdict
+from testbed.bench import MIN_ROUNDS, Measurement, Spread, interleave, paired_ratios, undecided_reason, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,10 +88,11 @@ def check_imports_its_own(tree: Path) -> None:
 
 def measure(trees: dict[str, Path], runs: int, command: Sequence[str] = COMMAND,
             warmups: int = 1) -> dict[str, list[Run]]:
-    """`runs` runs per tree, interleaved: the order of the trees alternates from one round to
-    the next, so a machine that speeds up or slows down during the measurement weighs on both.
-    First `warmups` uncounted runs of each tree: a tree whose assembler differs assembles its
-    programs into the user cache on its first run (README, "The test suite's time")."""
+    """`runs` runs per tree, interleaved as `testbed bench` interleaves its figures
+    (bench.interleave: the order of the trees alternates from one round to the next), so a
+    machine that speeds up or slows down during the measurement weighs on both. First `warmups`
+    uncounted runs of each tree: a tree whose assembler differs assembles its programs into the
+    user cache on its first run (README, "The test suite's time")."""
     if runs < 1:
         raise SuiteTimeError(f"runs must be at least 1, not {runs}")
     for tree in trees.values():
@@ -100,28 +101,32 @@ def measure(trees: dict[str, Path], runs: int, command: Sequence[str] = COMMAND,
         for tree in trees.values():
             run_once(tree, command)
     results: dict[str, list[Run]] = {name: [] for name in trees}
-    names = list(trees)
-    for i in range(runs):
-        for name in names if i % 2 == 0 else reversed(names):
+
+    def timed(name: str) -> Measurement:
+        def take() -> float:
             results[name].append(run_once(trees[name], command))
+            return results[name][-1].wall_s
+        return Measurement(name, "s", take)
+
+    interleave(runs, [[timed(name) for name in trees]])
     return results
 
 
 def report(results: dict[str, list[Run]], bound: float = BOUND_S) -> dict[str, Any]:
     """Each tree's wall and CPU spread, the ratios of `this` to `base` pair by pair (when both
     were run), and the verdict on `this` tree's wall against `bound`."""
+    wall_spreads = {name: Spread.of([r.wall_s for r in runs]) for name, runs in results.items()}
     out: dict[str, Any] = {"trees": {}}
     for name, runs in results.items():
-        out["trees"][name] = {"wall_s": Spread.of([r.wall_s for r in runs]).as_dict(),
+        out["trees"][name] = {"wall_s": wall_spreads[name].as_dict(),
                               "cpu_s": Spread.of([r.cpu_s for r in runs]).as_dict(),
                               "runs": [[r.wall_s, r.cpu_s] for r in runs]}
     if "base" in results:
         walls = paired_ratios([r.wall_s for r in results["this"]], [r.wall_s for r in results["base"]])
         cpus = paired_ratios([r.cpu_s for r in results["this"]], [r.cpu_s for r in results["base"]])
         out["this_vs_base"] = {"wall": Spread.of(walls).as_dict(), "cpu": Spread.of(cpus).as_dict()}
-    spread = Spread.of([r.wall_s for r in results["this"]])
-    out["target"] = {"bound_s": bound, "verdict": verdict(spread, "<=", bound, MIN_ROUNDS),
-                     "undecided_reason": undecided_reason(spread, "<=", bound, MIN_ROUNDS)}
+    out["target"] = {"bound_s": bound, "verdict": verdict(wall_spreads["this"], "<=", bound, MIN_ROUNDS),
+                     "undecided_reason": undecided_reason(wall_spreads["this"], "<=", bound, MIN_ROUNDS)}
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import operator
@@ -285,7 +286,7 @@ def _record_suffix(prefix: _Preprocessor, file: str, text: str) -> _Suffix | Non
         hoisted_after=pre.hoisted,
         included=new_included,
         texts=texts,
-        names=frozenset().union(*map(_whole_names, texts)),
+        names=frozenset().union(*map(_text_names, texts)),
         plan=_plan(new_items, pre.positions[len(prefix.positions):]),
         image_features=frozenset(pre.image_features - prefix.image_features),
         image_legacy=pre.image_legacy if prefix.image_legacy is None else None,
@@ -362,6 +363,14 @@ def _whole_names(text: str) -> set[str]:
         names.add(run)
         names.update(run[i + 1:] for i, ch in enumerate(run[:-1]) if ch in "$@")
     return names
+
+
+@functools.lru_cache(maxsize=16)
+def _text_names(text: str) -> frozenset[str]:
+    """_whole_names of one of a record's texts, kept for the next record of the same text: the
+    runtime and its includes are the same texts under every set of defines (~30 ms of a
+    ~0.2 s record)."""
+    return frozenset(_whole_names(text))
 
 
 def _occurs(name: str, suffix: _Suffix) -> bool:

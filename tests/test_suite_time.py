@@ -33,6 +33,19 @@ def test_runs_alternate_between_the_trees(tmp_path: Path, monkeypatch: pytest.Mo
     assert [len(runs) for runs in results.values()] == [3, 3]
 
 
+def test_each_tree_runs_with_its_own_cache_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cache_dirs every run of a tree, warm-up included, has TESTBED_CACHE_DIR set to that
+    tree's directory (two assemblers' programs do not fit one cache's bound)."""
+    st = load_tool("suite_time")
+    log = tmp_path / "log"
+    monkeypatch.setenv("SUITE_TIME_LOG", str(log))
+    trees = {"this": _tree(tmp_path / "a"), "base": _tree(tmp_path / "b")}
+    command = [sys.executable, "-c", "import os, pathlib; open(os.environ['SUITE_TIME_LOG'], 'a').write("
+               "pathlib.Path.cwd().name + '=' + pathlib.Path(os.environ['TESTBED_CACHE_DIR']).name + ' ')"]
+    st.measure(trees, 2, command, warmups=1, cache_dirs={"this": tmp_path / "ca", "base": tmp_path / "cb"})
+    assert log.read_text().split() == ["a=ca", "b=cb", "a=ca", "b=cb", "b=cb", "a=ca"]
+
+
 def test_cpu_counts_the_command_and_its_children() -> None:
     """A run's CPU time is its process's and its waited children's (a grandchild spinning 0.2 s shows)."""
     st = load_tool("suite_time")

@@ -16,7 +16,9 @@ The base tree is a detached `git worktree` of REF in a temporary directory, set 
 `pip install -e` leaves a checkout without installing it (its C extensions built in place, its
 egg-info written where its setup.py puts it), removed afterwards. Each run starts in its
 tree's root, where `python -m pytest` imports that tree's testbed: checked before the first
-run. A run whose tests fail stops the measurement (a failing suite has no time to compare).
+run. Each tree runs with its own assembly cache (TESTBED_CACHE_DIR in the temporary
+directory, filled by its warm-up run): two assemblers' programs would not fit one. A run
+whose tests fail stops the measurement (a failing suite has no time to compare).
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_once(tree: Path, command: Sequence[str] = COMMAND) -> Run:
-    """One run of `command` in `tree`; SuiteTimeError naming the tree when it fails."""
+def run_once(tree: Path, command: Sequence[str] = COMMAND, cache_dir: Path | None = None) -> Run:
+    """One run of `command` in `tree` (with TESTBED_CACHE_DIR=`cache_dir` when given);
+    SuiteTimeError naming the tree when it fails."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["TESTBED_CACHE_DIR"] = str(cache_dir)
     cpu = _children_cpu()
     start = time.perf_counter()
-    status = subprocess.run(list(command), cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    status = subprocess.run(list(command), cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             check=False).returncode
     wall = time.perf_counter() - start
     if status != 0:
@@ -87,24 +93,28 @@ def check_imports_its_own(tree: Path) -> None:
 
 
 def measure(trees: dict[str, Path], runs: int, command: Sequence[str] = COMMAND,
-            warmups: int = 1) -> dict[str, list[Run]]:
+            warmups: int = 1, cache_dirs: dict[str, Path] | None = None) -> dict[str, list[Run]]:
     """`runs` runs per tree, interleaved as `testbed bench` interleaves its figures
     (bench.interleave: the order of the trees alternates from one round to the next), so a
     machine that speeds up or slows down during the measurement weighs on both. First `warmups`
     uncounted runs of each tree: a tree whose assembler differs assembles its programs into the
-    user cache on its first run (README, "The test suite's time")."""
+    cache on its first run (README, "The test suite's time"). With `cache_dirs`, each tree runs
+    with its own cache directory: two assemblers' programs (~650 each) do not fit one cache's
+    bound (testbed/asm/cache.py MAX_ENTRIES), where each tree's runs would evict the other's
+    least recently used programs and assemble them again in every measured run."""
     if runs < 1:
         raise SuiteTimeError(f"runs must be at least 1, not {runs}")
     for tree in trees.values():
         check_imports_its_own(tree)
+    dirs = cache_dirs or {}
     for _ in range(warmups):
-        for tree in trees.values():
-            run_once(tree, command)
+        for name, tree in trees.items():
+            run_once(tree, command, dirs.get(name))
     results: dict[str, list[Run]] = {name: [] for name in trees}
 
     def timed(name: str) -> Measurement:
         def take() -> float:
-            results[name].append(run_once(trees[name], command))
+            results[name].append(run_once(trees[name], command, dirs.get(name)))
             return results[name][-1].wall_s
         return Measurement(name, "s", take)
 
@@ -179,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.base:
                     _make_base_tree(args.base, base)
                     trees["base"] = base
-                doc = report(measure(trees, args.runs, warmups=args.warmups), args.bound)
+                caches = {name: Path(scratch) / f"cache-{name}" for name in trees}
+                doc = report(measure(trees, args.runs, warmups=args.warmups, cache_dirs=caches), args.bound)
             finally:
                 if args.base:  # also after a failed `worktree add`: then there is nothing to remove
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],

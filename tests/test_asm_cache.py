@@ -519,7 +519,7 @@ def test_a_runtime_recorded_under_other_defines_is_replayed_when_they_do_not_rea
     """A new set of defines that differs only in names the runtime never reads (a guest's own
     -D) replays the runtime recorded under the other set (no new record), and gives the
     reference front end's items; a define the runtime reads (GUEST_MIGRATION_READY) records
-    anew, and gives the reference's items too."""
+    anew, and gives the reference's items too; every record's whole-name set is its texts'."""
     monkeypatch.setattr(assembler, "_prefixes", {})
     monkeypatch.setattr(assembler, "_suffixes", {})
     monkeypatch.setattr(assembler, "_donors", {})
@@ -540,6 +540,11 @@ def test_a_runtime_recorded_under_other_defines_is_replayed_when_they_do_not_rea
     assert len(records) == 2  # the runtime reads GUEST_MIGRATION_READY: recorded anew
     assert _front_end_equals_reference(guest, VmOptions(memory=16 << 20, defines={"HC_NR": "1"}))
     assert len(records) == 3  # GUEST_MEM_SIZE and the layout the runtime reads differ
+    # The later records took their whole-name sets from the first's texts (_text_names): each
+    # is still exactly its own texts' set.
+    recorded = [r for r in assembler._suffixes.values() if r is not None]
+    assert len(recorded) == 3 and len({r.texts for r in recorded}) == 1
+    assert all(r.names == frozenset().union(*map(assembler._whole_names, r.texts)) for r in recorded)
 
 
 def test_a_program_from_a_replayed_runtime_is_the_reference_program(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -478,7 +478,7 @@ def test_the_whole_name_set_finds_what_the_whole_name_match_finds(text: str, nam
     """_replayable's set lookup of a changed name in the runtime's text answers exactly as
     the whole-name regex it replaces (names of [\\w.$@] characters, at any position)."""
     suffix = assembler._Suffix(positions=0, hoisted=0, items=(), new_positions=(), new_labels=(), hoisted_after=0,
-                               included=(), texts=(text,), names=frozenset(assembler._whole_names(text)),
+                               included=(), texts=(text,), names=assembler._whole_names(text),
                                plan=assembler._plan((), ()))
     expected = re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.$@])", text) is not None
     assert assembler._occurs(name, suffix) == expected
@@ -540,11 +540,12 @@ def test_a_runtime_recorded_under_other_defines_is_replayed_when_they_do_not_rea
     assert len(records) == 2  # the runtime reads GUEST_MIGRATION_READY: recorded anew
     assert _front_end_equals_reference(guest, VmOptions(memory=16 << 20, defines={"HC_NR": "1"}))
     assert len(records) == 3  # GUEST_MEM_SIZE and the layout the runtime reads differ
-    # The later records took their whole-name sets from the first's texts (_text_names): each
-    # is still exactly its own texts' set.
+    # The later records took their whole-name sets from the first's texts (_whole_names keeps
+    # them): each is still exactly its own texts' set, computed afresh (__wrapped__).
     recorded = [r for r in assembler._suffixes.values() if r is not None]
     assert len(recorded) == 3 and len({r.texts for r in recorded}) == 1
-    assert all(r.names == frozenset().union(*map(assembler._whole_names, r.texts)) for r in recorded)
+    afresh = assembler._whole_names.__wrapped__
+    assert all(r.names == frozenset().union(*map(afresh, r.texts)) for r in recorded)
 
 
 def test_a_program_from_a_replayed_runtime_is_the_reference_program(monkeypatch: pytest.MonkeyPatch) -> None:

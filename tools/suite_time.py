@@ -97,8 +97,8 @@ def measure(trees: dict[str, Path], runs: int, command: Sequence[str] = COMMAND,
     """`runs` runs per tree, interleaved as `testbed bench` interleaves its figures
     (bench.interleave: the order of the trees alternates from one round to the next), so a
     machine that speeds up or slows down during the measurement weighs on both. First `warmups`
-    uncounted runs of each tree: a tree whose assembler differs assembles its programs into the
-    cache on its first run (README, "The test suite's time"). With `cache_dirs`, each tree runs
+    uncounted runs of each tree: a tree's first run on a cache without its assembler's programs
+    assembles them all (README, "The test suite's time"). With `cache_dirs`, each tree runs
     with its own cache directory: two assemblers' programs (~650 each) do not fit one cache's
     bound (testbed/asm/cache.py MAX_ENTRIES), where each tree's runs would evict the other's
     least recently used programs and assemble them again in every measured run."""
